@@ -1,0 +1,118 @@
+"""Orbax model checkpoints.
+
+A model checkpoint is a folder::
+
+    CKPT/
+      emit_jax.json     model config (ours) + the source config.json (kept for export)
+      params/           Orbax (OCDBT) tree of every parameter, each in its own dtype
+      assets/           tokenizer / processor / generation files copied from the HF folder
+
+It is assembled in a temporary sibling folder and renamed into place only when complete, so an
+interrupted write never leaves something that looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from emit_jax.hf import CheckpointError, copy_assets
+from emit_jax.models.config import ConfigError, InternVLConfig
+from emit_jax.models.internvl import InternVL
+
+META_FILE = "emit_jax.json"
+PARAMS_DIR = "params"
+ASSETS_DIR = "assets"
+FORMAT_VERSION = 1
+
+
+def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | None = None,
+               assets_from: str | os.PathLike | None = None) -> str:
+    """Write ``model`` as an Orbax model checkpoint at ``path`` (must not exist or be empty)."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise FileExistsError(f"{path}: exists and is not empty; choose a new checkpoint path")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    try:
+        pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(tmp, PARAMS_DIR), pure)
+        ckptr.wait_until_finished()
+        ckptr.close()
+        os.makedirs(os.path.join(tmp, ASSETS_DIR))
+        if assets_from is not None:
+            copy_assets(assets_from, os.path.join(tmp, ASSETS_DIR))
+        meta = {"format_version": FORMAT_VERSION, "kind": "model",
+                "config": model.config.to_json_dict(), "hf_config": hf_config}
+        with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+        if os.path.isdir(path):
+            os.rmdir(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    meta_path = os.path.join(os.fspath(path), META_FILE)
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"{meta_path}: not found; {path} is not an emit_jax model checkpoint")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{meta_path}: unsupported format_version "
+                                  f"{meta.get('format_version')!r} (this version reads "
+                                  f"{FORMAT_VERSION})")
+        return meta
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({e})") from None
+
+
+def load_model(path: str | os.PathLike, dtype: str | None = None) -> tuple[InternVL, dict]:
+    """Restore ``(model, meta)`` from a model checkpoint. ``dtype`` casts the parameters (and the
+    compute dtype); ``None`` keeps the stored dtypes."""
+    path = os.fspath(path)
+    meta = read_meta(path)
+    try:
+        cfg = InternVLConfig.from_json_dict(meta["config"])
+    except (KeyError, TypeError, ConfigError) as e:
+        raise CheckpointError(f"{os.path.join(path, META_FILE)}: bad model config ({e})") from None
+    if dtype is not None:
+        cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
+    params_path = os.path.join(os.path.abspath(path), PARAMS_DIR)
+    if not os.path.isdir(params_path):
+        raise CheckpointError(f"{params_path}: missing parameter folder")
+    abstract = nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        restored = ckptr.restore(params_path)
+    except Exception as e:  # orbax raises several types for damaged folders
+        raise CheckpointError(f"{params_path}: cannot restore ({type(e).__name__}: {e})") from None
+    finally:
+        ckptr.close()
+    restored = nnx.restore_int_paths(restored)
+    want = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(state))
+    got = jax.tree.map(lambda x: x.shape, restored)
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+        raise CheckpointError(f"{params_path}: parameters do not match the stored model config")
+    if dtype is not None:
+        restored = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), restored)
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state), meta
+
+
+def assets_dir(path: str | os.PathLike) -> str:
+    return os.path.join(os.fspath(path), ASSETS_DIR)

@@ -1,0 +1,28 @@
+"""Shared command-line plumbing: bad input becomes one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from emit_jax.hf import CheckpointError
+from emit_jax.models.config import ConfigError
+
+USER_ERRORS = (ConfigError, CheckpointError, OSError)
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e) or type(e).__name__
+
+
+def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None,
+        prog: str = "emit_jax") -> int:
+    """Call ``main(argv)``; a user error (bad config or checkpoint, a path that is missing,
+    exists already, is unwritable, a full disk) prints ``prog: error: <message>`` and returns 2."""
+    try:
+        return int(main(argv) or 0)
+    except USER_ERRORS as e:
+        print(f"{prog}: error: {_message(e)}", file=sys.stderr)
+        return 2

@@ -1,0 +1,336 @@
+"""Hugging Face interop: ``load`` a transformers InternVL folder into the NNX model, ``save`` it back.
+
+- Reads ``config.json`` plus ``model.safetensors`` or ``model.safetensors.index.json`` + shards,
+  one tensor at a time (the model is built abstractly first, so host memory never holds a second
+  full copy of the weights). Both key layouts are accepted: the on-disk one transformers writes
+  (``language_model.model.*``, ``vision_tower.*``, ``multi_modal_projector.*``,
+  ``language_model.lm_head.weight``) and the in-memory v5 one (``model.language_model.*`` ...).
+- Writes ``config.json`` + safetensors shards (with an index when there is more than one) that
+  ``transformers.InternVLForConditionalGeneration.from_pretrained`` loads with no custom code and
+  no missing or unexpected keys. dtypes are kept per tensor, so bf16 stays bf16 bit for bit.
+- Only safetensors is ever read: no pickle, no ``torch.load``, no remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from emit_jax.models.config import ConfigError, InternVLConfig, dtype_name, read_hf_config
+from emit_jax.models.internvl import InternVL
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+# Files that travel with a checkpoint: tokenizer, processor, chat template, generation defaults.
+ASSET_PATTERNS = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.json", "chat_template.jinja",
+    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+    "generation_config.json",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be used; the message names the file."""
+
+
+# ----------------------------------------------------------------------------- key mapping
+def _path_str(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def hf_key(path: tuple) -> str:
+    """NNX parameter path -> the key transformers writes on disk."""
+    s = _path_str(path)
+    leaf = path[-1]
+    head, _, _ = s.rpartition(".")
+    if head.startswith("vision_tower."):
+        head = head.replace("vision_tower.layers.", "vision_tower.encoder.layer.", 1)
+        head = head.replace("vision_tower.embeddings.patch_embeddings",
+                            "vision_tower.embeddings.patch_embeddings.projection", 1)
+    elif head.startswith("language_model."):
+        head = "language_model.model." + head[len("language_model."):]
+    elif head == "lm_head":
+        head = "language_model.lm_head"
+    elif path == ("language_model",):
+        head = "language_model.model"
+    name = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+    return f"{head}.{name}" if head else name
+
+
+def normalize_hf_key(key: str) -> str:
+    """Accept transformers' in-memory (v5) names as well as the on-disk ones."""
+    if key.startswith("model.language_model."):
+        rest = key[len("model.language_model."):]
+        return "language_model.model." + rest[len("model."):] if rest.startswith("model.") \
+            else "language_model.model." + rest
+    if key == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    for prefix in ("model.vision_tower.", "model.multi_modal_projector."):
+        if key.startswith(prefix):
+            return key[len("model."):]
+    return key
+
+
+def to_hf_layout(path: tuple, x: np.ndarray) -> np.ndarray:
+    """Our layout -> transformers' (Linear kernels ``[in, out] -> [out, in]``, conv
+    ``[kh, kw, cin, cout] -> [cout, cin, kh, kw]``)."""
+    if path[-1] == "kernel":
+        if x.ndim == 2:
+            return np.ascontiguousarray(x.T)
+        if x.ndim == 4:
+            return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
+    return x
+
+
+def from_hf_layout(path: tuple, x: np.ndarray) -> np.ndarray:
+    if path[-1] == "kernel":
+        if x.ndim == 2:
+            return np.ascontiguousarray(x.T)
+        if x.ndim == 4:
+            return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
+    return x
+
+
+# ----------------------------------------------------------------------------- reading
+class SafetensorsReader:
+    """Lazily reads tensors from a folder's ``model.safetensors`` or sharded index."""
+
+    def __init__(self, hf_dir: str | os.PathLike):
+        self.dir = os.fspath(hf_dir)
+        index = os.path.join(self.dir, SAFE_INDEX)
+        single = os.path.join(self.dir, SAFE_SINGLE)
+        self.key_file: dict[str, str] = {}
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+            for k, fname in weight_map.items():
+                if os.path.basename(fname) != fname:
+                    raise CheckpointError(f"{index}: shard name {fname!r} leaves the folder")
+                self.key_file[k] = os.path.join(self.dir, fname)
+        elif os.path.isfile(single):
+            for k in self._open(single).keys():
+                self.key_file[k] = single
+        else:
+            found = sorted(os.listdir(self.dir)) if os.path.isdir(self.dir) else []
+            bad = [f for f in found if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+            extra = (f"; {bad[0]} is a pickle-based format, which is never loaded (convert it to "
+                     "safetensors)") if bad else ""
+            raise CheckpointError(f"{self.dir}: no {SAFE_SINGLE} or {SAFE_INDEX}{extra}")
+        self._handles: dict[str, object] = {}
+        self.keys = {normalize_hf_key(k): k for k in self.key_file}
+
+    def _open(self, path: str):
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: shard listed in the index is missing")
+        try:
+            return safe_open(path, framework="numpy")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+    def get(self, norm_key: str) -> np.ndarray:
+        raw = self.keys[norm_key]
+        path = self.key_file[raw]
+        if path not in self._handles:
+            self._handles[path] = self._open(path)
+        try:
+            return self._handles[path].get_tensor(raw)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot read tensor {raw!r} ({e})") from None
+
+    def close(self):
+        self._handles.clear()
+
+
+def _abstract_model(cfg: InternVLConfig):
+    abstract = nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract)
+
+
+def load(hf_dir: str | os.PathLike, dtype: str | None = None, *,
+         put: Callable[[tuple, np.ndarray], jax.Array] | None = None) -> InternVL:
+    """Build the NNX model from ``hf_dir/config.json`` and fill it from its safetensors.
+
+    dtype: ``None`` keeps every tensor's stored dtype (bf16 stays bf16); ``'float32'`` /
+    ``'bfloat16'`` casts parameters and sets the compute dtype. ``put(path, array)`` places each
+    parameter (e.g. ``jax.device_put`` with a sharding); default: the default device.
+    """
+    cfg, _ = read_hf_config(hf_dir)
+    reader = SafetensorsReader(hf_dir)
+    try:
+        return _load(cfg, reader, dtype, put)
+    finally:
+        reader.close()
+
+
+def _load(cfg: InternVLConfig, reader: SafetensorsReader, dtype, put) -> InternVL:
+    emb_key = "language_model.model.embed_tokens.weight"
+    head_key = "language_model.lm_head.weight"
+    if cfg.tie_word_embeddings and head_key in reader.keys and emb_key in reader.keys:
+        # transformers' rule: both present with different values -> not tied.
+        if not np.array_equal(reader.get(head_key), reader.get(emb_key)):
+            cfg = cfg.replace(tie_word_embeddings=False)
+    if dtype is not None:
+        cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
+    graphdef, state = _abstract_model(cfg)
+    flat = nnx.to_flat_state(state)
+    expected = {hf_key(path): path for path, _ in flat}
+    have = set(reader.keys)
+    ignorable = {head_key} if cfg.tie_word_embeddings else set()
+    missing = sorted(set(expected) - have)
+    unexpected = sorted(have - set(expected) - ignorable)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{reader.dir}: weights do not match config.json: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:3]})")
+    put = put or (lambda path, x: jnp.asarray(x))
+    values = []
+    for path, var in flat:
+        key = hf_key(path)
+        arr = from_hf_layout(path, reader.get(key))
+        want = tuple(var.shape)
+        if tuple(arr.shape) != want:
+            raise CheckpointError(
+                f"{reader.key_file[reader.keys[key]]}: tensor {key} has shape {tuple(arr.shape)} "
+                f"(in our layout), config.json implies {want}")
+        if dtype is not None:
+            arr = arr.astype(jnp.dtype(dtype))
+        values.append((path, put(path, arr)))
+        del arr
+    for path, value in values:
+        _set_flat(state, path, value)
+    return nnx.merge(graphdef, state)
+
+
+def _set_flat(state, path, value):
+    node = state
+    for p in path[:-1]:
+        node = node[p]
+    var = node[path[-1]]
+    if isinstance(var, nnx.Variable):
+        var.set_value(value)
+    else:
+        node[path[-1]] = value
+
+
+# ----------------------------------------------------------------------------- writing
+def iter_hf_tensors(model: InternVL) -> Iterator[tuple[str, tuple, jax.Array]]:
+    """(hf key, nnx path, array in our layout) for every parameter."""
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        yield hf_key(path), path, var.get_value()
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.I)
+    if not m:
+        raise ValueError(f"bad shard size {size!r} (e.g. '5GB', '500MB', 1000000)")
+    mult = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+            "GIB": 2**30}[m.group(2).upper() if m.group(2) else None]
+    return int(float(m.group(1)) * mult)
+
+
+def write_safetensors(tensors: Iterable[tuple[str, Callable[[], np.ndarray], int]],
+                      out_dir: str, max_shard_size: int | str = "5GB") -> list[str]:
+    """Stream ``(key, load_fn, nbytes)`` into shards of at most ``max_shard_size`` bytes (one
+    shard in host memory at a time); writes the index when there is more than one shard.
+    Returns the file names written."""
+    limit = _parse_size(max_shard_size)
+    plan: list[list[tuple[str, Callable[[], np.ndarray]]]] = [[]]
+    size = 0
+    total = 0
+    for key, fn, nbytes in tensors:
+        if plan[-1] and size + nbytes > limit:
+            plan.append([])
+            size = 0
+        plan[-1].append((key, fn))
+        size += nbytes
+        total += nbytes
+    n = len(plan)
+    names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                                          for i in range(n)]
+    weight_map = {}
+    for name, shard in zip(names, plan):
+        arrays = {key: np.ascontiguousarray(fn()) for key, fn in shard}
+        save_file(arrays, os.path.join(out_dir, name), metadata={"format": "pt"})
+        for key in arrays:
+            weight_map[key] = name
+        del arrays
+    if n > 1:
+        with open(os.path.join(out_dir, SAFE_INDEX), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total},
+                       "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    return names
+
+
+def save(model: InternVL, out_dir: str | os.PathLike, *, base_config: dict | None = None,
+         max_shard_size: int | str = "5GB", assets_from: str | os.PathLike | None = None) -> str:
+    """Write ``config.json`` + safetensors for transformers' InternVLForConditionalGeneration.
+
+    base_config: the source folder's config.json (keeps fields this port does not model).
+    assets_from: a folder whose tokenizer / processor / generation files are copied along.
+    The folder is assembled in a temporary sibling and renamed into place, so an interrupted
+    save never leaves a half-written ``out_dir``.
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new folder")
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+    try:
+        cfg = model.config
+        hf_cfg = cfg.to_hf_dict(base_config)
+        # Per-tensor dtypes may be mixed; record the majority as the folder's dtype.
+        tensors = []
+        counts: dict[str, int] = {}
+        for key, path, arr in iter_hf_tensors(model):
+            counts[dtype_name(arr.dtype)] = counts.get(dtype_name(arr.dtype), 0) + arr.size
+            tensors.append((key, (lambda p=path, a=arr: to_hf_layout(p, np.asarray(
+                jax.device_get(a)))), arr.size * arr.dtype.itemsize))
+        if counts:
+            hf_cfg["dtype"] = max(counts, key=counts.get)
+        write_safetensors(tensors, tmp, max_shard_size)
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf_cfg, f, indent=2)
+        if assets_from is not None:
+            copy_assets(assets_from, tmp)
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def copy_assets(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy tokenizer / processor / generation files from ``src`` to ``dst``."""
+    copied = []
+    src = os.fspath(src)
+    for name in ASSET_PATTERNS:
+        p = os.path.join(src, name)
+        if os.path.isfile(p):
+            shutil.copy2(p, os.path.join(os.fspath(dst), name))
+            copied.append(name)
+    return copied
+
+
+__all__ = ["load", "save", "hf_key", "normalize_hf_key", "SafetensorsReader", "CheckpointError",
+           "ConfigError", "copy_assets", "write_safetensors"]

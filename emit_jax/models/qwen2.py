@@ -1,0 +1,212 @@
+"""Qwen2 decoder (Flax NNX), parameter-compatible with transformers' ``Qwen2Model``.
+
+RMSNorm, rotary position embeddings (default RoPE, the config's theta), grouped-query attention
+with q/k/v bias and no o-proj bias, SwiGLU feed-forward. One forward serves three uses:
+
+- full sequence (training, log-probs): ``cache=None``;
+- prefill into a preallocated KV cache;
+- decoding one (or a few) tokens against that cache.
+
+Padding is handled by masks: ``attention_mask [B, T]`` marks real tokens (1) and padding (0), so
+left-padded batches work; positions default to ``cumsum(mask) - 1`` so a left-padded row gets the
+same positions (and outputs) as the unpadded sequence.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from emit_jax.models.config import TextConfig, dtype_from_name
+from emit_jax.models.layers import axes_meta, RMSNorm, linear
+
+_NEG = -1e30  # finite "minus infinity": a fully masked row (pure padding) stays NaN-free
+
+
+class KVCache(NamedTuple):
+    """Preallocated key/value cache for all layers.
+
+    k, v: ``[L, B, S, KVH, Dh]``; mask: ``[B, S]`` bool, slots holding real tokens;
+    positions: ``[B]`` int32, the RoPE position the next token of each row gets;
+    end: ``[]`` int32, number of slots written (the same for every row: rows are left-padded).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+    positions: jax.Array
+    end: jax.Array
+
+    @classmethod
+    def create(cls, cfg: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_size)
+        return cls(
+            k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+            mask=jnp.zeros((batch, max_len), bool), positions=jnp.zeros((batch,), jnp.int32),
+            end=jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float):
+    """``positions [B, T]`` -> cos, sin ``[B, T, head_dim]`` in float32 (HF's layout: the
+    frequencies repeated twice, paired with ``rotate_half``)."""
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.int32).astype(jnp.float32) / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x [B, T, H, Dh]`` rotated by ``cos/sin [B, T, Dh]``."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def attention(q, k, v, mask):
+    """GQA attention. q ``[B, T, H, Dh]``, k/v ``[B, S, KVH, Dh]``, mask ``[B, T, S]`` bool.
+    Scores and softmax in float32. Returns ``[B, T, H, Dh]``."""
+    b, t, h, dh = q.shape
+    kvh = k.shape[2]
+    q = q.reshape(b, t, kvh, h // kvh, dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * (dh ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, dh)
+
+
+class Qwen2Attention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, hd = cfg.hidden_size, cfg.head_size
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = linear(d, cfg.num_attention_heads * hd, ("embed", "heads"), **kw)
+        self.k_proj = linear(d, cfg.num_key_value_heads * hd, ("embed", "kv_heads"), **kw)
+        self.v_proj = linear(d, cfg.num_key_value_heads * hd, ("embed", "kv_heads"), **kw)
+        self.o_proj = linear(cfg.num_attention_heads * hd, d, ("heads", "embed"), use_bias=False, **kw)
+
+    def __call__(self, x, cos, sin, mask, kv=None, end=None):
+        """x ``[B, T, D]``; cos/sin ``[B, T, Dh]``; mask ``[B, T, S]``.
+        ``kv``: ``(k_all, v_all, layer)``, the whole cache ``[L, B, S, KVH, Dh]`` and this layer's
+        index; the T new keys/values are written at slot ``end`` and attention runs over all S
+        slots. Returns ``(out [B, T, D], (k_all, v_all, layer) or None)``."""
+        b, t, _ = x.shape
+        c = self.cfg
+        q = self.q_proj(x).reshape(b, t, c.num_attention_heads, c.head_size)
+        k = self.k_proj(x).reshape(b, t, c.num_key_value_heads, c.head_size)
+        v = self.v_proj(x).reshape(b, t, c.num_key_value_heads, c.head_size)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k_all, v_all, i = kv
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (i, 0, end, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (i, 0, end, 0, 0))
+            kv = (k_all, v_all, i)
+            k, v = k_all[i].astype(q.dtype), v_all[i].astype(q.dtype)
+        out = attention(q, k, v, mask).reshape(b, t, c.num_attention_heads * c.head_size)
+        return self.o_proj(out), kv
+
+
+class Qwen2MLP(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=False)
+        self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+        self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = Qwen2Attention(cfg, **kw)
+        self.mlp = Qwen2MLP(cfg, **kw)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
+                                                param_dtype=param_dtype)
+
+    def __call__(self, x, cos, sin, mask, kv=None, end=None):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, end)
+        x = x + a.astype(x.dtype)
+        x = x + self.mlp(self.post_attention_layernorm(x)).astype(x.dtype)
+        return x, kv
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+    """``[B, T]`` mask -> positions ``cumsum - 1`` (padding slots get 0)."""
+    m = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
+
+
+class Qwen2Model(nnx.Module):
+    """Embeddings + decoder layers + final norm (no LM head)."""
+
+    def __init__(self, cfg: TextConfig, *, dtype="float32", param_dtype="float32", rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt, pdt = dtype_from_name(dtype), dtype_from_name(param_dtype)
+        self.compute_dtype = dt
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt, rngs=rngs,
+            embedding_init=nnx.initializers.normal(0.02),
+            embedding_metadata=axes_meta(("vocab", "embed")))
+        self.layers = nnx.List([Qwen2DecoderLayer(cfg, dtype=dt, param_dtype=pdt, rngs=rngs)
+                                for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt)
+
+    def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None, cache: KVCache | None = None,
+                 output_hidden_states: bool = False):
+        """``inputs_embeds [B, T, D]`` -> ``(hidden [B, T, D], cache, hidden_states)``.
+
+        Without a cache, attention is causal within the T tokens, restricted to keys where
+        ``attention_mask`` is 1. With a cache the T tokens are written at slot ``cache.end`` and
+        attend to every earlier real slot; ``positions`` default to ``cache.positions + cumsum``.
+        """
+        b, t, _ = inputs_embeds.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        attention_mask = attention_mask.astype(bool)
+        if cache is None:
+            if positions is None:
+                positions = default_positions(attention_mask)
+            q_idx = jnp.arange(t)
+            causal = q_idx[:, None] >= q_idx[None, :]
+            mask = causal[None] & attention_mask[:, None, :]
+        else:
+            if positions is None:
+                positions = cache.positions[:, None] + default_positions(attention_mask)
+            end = cache.end
+            new_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, end))
+            slot = jnp.arange(cache.max_len)
+            q_slot = end + jnp.arange(t)
+            causal = slot[None, :] <= q_slot[:, None]  # [T, S]
+            mask = causal[None] & new_mask[:, None, :]
+        cos, sin = rope_cos_sin(positions, self.cfg.head_size, self.cfg.rope_theta)
+        x = inputs_embeds.astype(self.compute_dtype)
+        hidden = [x] if output_hidden_states else None
+        kv = None if cache is None else (cache.k, cache.v, 0)
+        for i, layer in enumerate(self.layers):
+            if kv is not None:
+                kv = (kv[0], kv[1], i)
+            x, kv = layer(x, cos, sin, mask, kv, None if cache is None else cache.end)
+            if output_hidden_states:
+                hidden.append(x)
+        x = self.norm(x)
+        if cache is not None:
+            last_pos = jnp.max(jnp.where(attention_mask, positions, -1), axis=-1)
+            cache = KVCache(
+                k=kv[0], v=kv[1], mask=new_mask,
+                positions=jnp.maximum(last_pos + 1, cache.positions),
+                end=cache.end + t)
+        return x, cache, (tuple(hidden) if output_hidden_states else None)

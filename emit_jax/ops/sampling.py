@@ -1,0 +1,123 @@
+"""Autoregressive sampling: one jitted program = prefill into a preallocated KV cache, then a
+``lax.while_loop`` of single-token decode steps.
+
+Prompts are left-padded to a common length ``T`` (``attention_mask`` marks real tokens). Each row
+stops at its own EOS; finished rows emit ``pad_token_id`` with log-prob 0. Greedy when
+``temperature == 0``; otherwise temperature, then top-k, then top-p (nucleus) filtering.
+Deterministic for a fixed ``rng``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from emit_jax.models.internvl import InternVL
+
+
+class SampleOutput(NamedTuple):
+    tokens: jax.Array  # [B, N] int32, pad_token_id after a row's EOS
+    logprobs: jax.Array  # [B, N] float32, log p(token) under the temperature-scaled policy
+    lengths: jax.Array  # [B] int32, generated tokens per row (EOS included)
+
+
+def _filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Mask ``logits [B, V]`` outside the top-k / top-p set with -inf."""
+    neg = jnp.finfo(logits.dtype).min
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        cum = jnp.cumsum(probs, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always kept)
+        keep = (cum - probs) < top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, neg, logits)
+    return logits
+
+
+def _select(logits, rng, temperature, top_k, top_p):
+    """``logits [B, V]`` -> (token [B], logprob [B])."""
+    logits = logits.astype(jnp.float32)
+    if temperature == 0.0:
+        token = jnp.argmax(logits, axis=-1)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        scaled = logits / temperature
+        logp = jax.nn.log_softmax(scaled, axis=-1)
+        token = jax.random.categorical(rng, _filter_logits(scaled, top_k, top_p), axis=-1)
+    return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=(
+    "max_new_tokens", "eos_token_id", "pad_token_id", "temperature", "top_k", "top_p"))
+def _sample(graphdef, state, input_ids, attention_mask, pixel_values, rng, *, max_new_tokens,
+            eos_token_id, pad_token_id, temperature, top_k, top_p):
+    model = nnx.merge(graphdef, state)
+    b, t = input_ids.shape
+    cache = model.init_cache(b, t + max_new_tokens)
+    out = model.forward(input_ids, pixel_values, attention_mask, cache=cache, compute_logits=False)
+    last_logits = model.logits_from_hidden(out.last_hidden[:, -1])
+    rng, sub = jax.random.split(rng)
+    token, logp = _select(last_logits, sub, temperature, top_k, top_p)
+    tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token)
+    logprobs = jnp.zeros((b, max_new_tokens), jnp.float32).at[:, 0].set(logp)
+    done = (token == eos_token_id) if eos_token_id is not None else jnp.zeros((b,), bool)
+    lengths = jnp.ones((b,), jnp.int32)
+
+    def cond(carry):
+        step, _, _, done, _, _, _, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, cache, token, done, tokens, logprobs, lengths, rng = carry
+        o = model.forward(token[:, None], attention_mask=jnp.ones((b, 1), bool), cache=cache,
+                          compute_logits=False)
+        rng, sub = jax.random.split(rng)
+        nxt, lp = _select(model.logits_from_hidden(o.last_hidden[:, -1]), sub, temperature,
+                          top_k, top_p)
+        nxt = jnp.where(done, pad_token_id, nxt)
+        lp = jnp.where(done, 0.0, lp)
+        tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step))
+        logprobs = jax.lax.dynamic_update_slice(logprobs, lp[:, None], (0, step))
+        lengths = lengths + (~done).astype(jnp.int32)
+        if eos_token_id is not None:
+            done = done | (nxt == eos_token_id)
+        return step + 1, o.cache, nxt, done, tokens, logprobs, lengths, rng
+
+    carry = (jnp.int32(1), out.cache, token, done, tokens, logprobs, lengths, rng)
+    _, _, _, _, tokens, logprobs, lengths, _ = jax.lax.while_loop(cond, body, carry)
+    return SampleOutput(tokens, logprobs, lengths)
+
+
+def generate(model: InternVL, input_ids, attention_mask=None, pixel_values=None, *,
+             max_new_tokens: int, eos_token_id: int | None = None, pad_token_id: int = 0,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             rng: jax.Array | None = None) -> SampleOutput:
+    """Sample up to ``max_new_tokens`` continuations of left-padded ``input_ids [B, T]``.
+
+    ``pixel_values [N, 3, H, W]`` fill the image tokens. Returns :class:`SampleOutput`.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids, dtype=bool)
+    attention_mask = jnp.asarray(attention_mask).astype(bool)
+    if rng is None:
+        rng = jax.random.key(0)
+    graphdef, state = nnx.split(model)
+    return _sample(graphdef, state, input_ids, attention_mask, pixel_values, rng,
+                   max_new_tokens=int(max_new_tokens), eos_token_id=eos_token_id,
+                   pad_token_id=int(pad_token_id), temperature=float(temperature),
+                   top_k=int(top_k), top_p=float(top_p))

@@ -1,0 +1,34 @@
+"""emit_jax: EMIT (difficulty-aware GRPO for industrial anomaly detection) in JAX / Flax NNX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="emit_jax",
+    version="0.1.0",
+    description=("JAX/Flax NNX reimplementation of EMIT: InternVL3 adapted to industrial anomaly "
+                 "detection with contrastive heat-map tokens, a soft prompt and difficulty-aware GRPO"),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["emit_jax", "emit_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "chex>=0.1.90",
+        "ml_collections>=1.0",
+        "numpy>=1.26",
+        "transformers>=5.0",
+        "safetensors>=0.4",
+        "grain>=0.2.12",
+        "qwix>=0.1.5",
+        "pillow>=10",
+    ],
+    extras_require={
+        # torch is pinned: the CPU wheel is used for the parity tests; never a multi-GB CUDA build.
+        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0"],
+    },
+    entry_points={},
+    classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
+)
