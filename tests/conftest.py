@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny random transformers InternVL models saved as real HF folders."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def hf_config(*, heads=4, kv_heads=2, hidden=64, tied=False, vit="layer_norm", image_size=56,
+              vision_layers=2, text_layers=2, vocab=320, image_token_id=317, mean_pool=True,
+              rope_theta=10000.0):
+    """A transformers InternVLConfig at toy size. ``vit``: 'layer_norm' (InternViT-300M style,
+    qkv bias) or 'rms_norm' (InternViT-6B style, qk-norm, no qkv bias)."""
+    text = dict(model_type="qwen2", hidden_size=hidden, intermediate_size=2 * hidden + 8,
+                num_hidden_layers=text_layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, vocab_size=vocab, rope_theta=rope_theta,
+                max_position_embeddings=512, tie_word_embeddings=tied)
+    vision = dict(hidden_size=32, intermediate_size=80, num_hidden_layers=vision_layers,
+                  num_attention_heads=4, image_size=image_size, patch_size=14,
+                  norm_type=vit, use_qk_norm=(vit == "rms_norm"),
+                  attention_bias=(vit == "layer_norm"), use_mean_pooling=mean_pool)
+    return transformers.InternVLConfig(text_config=text, vision_config=vision,
+                                       image_token_id=image_token_id, tie_word_embeddings=tied)
+
+
+def randomize_(model, seed=0, scale=0.15):
+    """Give every parameter a non-trivial random value (HF initialises cls/pos to 0, norms to
+    1, layer scale to 0.1, which would hide mapping mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "lambda" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif "embed_tokens" in name or "lm_head" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def make_hf_model(cfg, seed=0, dtype=None):
+    torch.manual_seed(seed)
+    model = transformers.InternVLForConditionalGeneration(cfg).eval()
+    randomize_(model, seed)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
+
+
+@pytest.fixture
+def save_hf(tmp_path):
+    """save_hf(model, name, **save_pretrained kwargs) -> folder path."""
+    def _save(model, name="hf", **kw):
+        path = tmp_path / name
+        model.save_pretrained(path, **kw)
+        return str(path)
+    return _save
+
+
+def token_batch(vocab, image_token_id, n_image_tokens_per_row, *, batch=2, length=24, pad=(0, 5),
+                seed=0):
+    """Left-padded ids/mask with ``n_image_tokens_per_row[i]`` image tokens after 2 text tokens.
+    ``pad[i]`` leading padding slots in row i."""
+    rs = np.random.RandomState(seed)
+    ids = rs.randint(0, image_token_id - 1, (batch, length))
+    mask = np.ones((batch, length), np.int64)
+    for i in range(batch):
+        p = pad[i] if i < len(pad) else 0
+        mask[i, :p] = 0
+        ids[i, :p] = 0
+        n = n_image_tokens_per_row[i] if i < len(n_image_tokens_per_row) else 0
+        ids[i, p + 2:p + 2 + n] = image_token_id
+    return ids, mask
+
+
+def hf_positions(mask):
+    """Positions as transformers' generate builds them for left padding."""
+    pos = np.cumsum(mask, -1) - 1
+    return np.where(mask == 0, 1, pos)
