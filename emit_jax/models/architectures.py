@@ -81,3 +81,23 @@ def get_config(name: str, **kw) -> InternVLConfig:
     if name not in ARCHITECTURES:
         raise KeyError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[name](**kw).validate()
+
+
+def _main() -> None:
+    """``python -m emit_jax.models.architectures``: parameter counts (no weights allocated)."""
+    from flax import nnx
+
+    from emit_jax.models.internvl import InternVL
+    from emit_jax.models.layers import count_params
+
+    print("| name | vision | LLM | parameters |")
+    for name in ARCHITECTURES:
+        cfg = get_config(name)
+        model = nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(0)))
+        total = count_params(model)
+        vision = count_params(nnx.state(model.vision_tower, nnx.Param))
+        print(f"| {name} | {vision:,} | {total - vision:,} | {total:,} |")
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,83 @@
+"""``python -m emit_jax.demo [--arch tiny] [--workdir DIR]``: what the main command runs until the
+trainer lands.
+
+End to end on the CPU, with no downloads: build the named architecture with random weights, run
+an image + text prompt through it (greedy decoding with the KV cache, checked against the full
+forward), write it as a Hugging Face folder, convert that to an Orbax checkpoint, export it back,
+and check that every tensor survived bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from emit_jax import checkpoint, cli, hf
+from emit_jax.models import architectures
+from emit_jax.models.internvl import InternVL
+from emit_jax.models.layers import count_params
+from emit_jax.ops.sampling import generate
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m emit_jax.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="tiny", choices=sorted(architectures.ARCHITECTURES))
+    p.add_argument("--workdir", default=None, help="where the HF folder and checkpoint go "
+                   "(default: a temporary folder)")
+    p.add_argument("--new-tokens", type=int, default=16)
+    args = p.parse_args(argv)
+
+    cfg = architectures.get_config(args.arch)
+    t0 = time.time()
+    model = InternVL(cfg, rngs=nnx.Rngs(0))
+    print(f"[1/4] built {args.arch}: {count_params(model):,} parameters "
+          f"({time.time() - t0:.1f}s, {jax.devices()[0].platform})")
+
+    # One image (one tile) and a short prompt around its visual tokens.
+    n_vis = cfg.tokens_per_tile
+    rs = np.random.RandomState(0)
+    pixels = jnp.asarray(rs.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size), jnp.float32)
+    ids = np.concatenate([rs.randint(0, 1000, 4), np.full(n_vis, cfg.image_token_id),
+                          rs.randint(0, 1000, 8)])[None]
+    t0 = time.time()
+    out = generate(model, ids, pixel_values=pixels, max_new_tokens=args.new_tokens)
+    out.tokens.block_until_ready()
+    full = model(jnp.concatenate([jnp.asarray(ids), out.tokens], 1), pixels)
+    greedy = jnp.argmax(full[:, ids.shape[1] - 1:-1], -1)
+    agree = bool(jnp.all(greedy == out.tokens))
+    print(f"[2/4] generated {args.new_tokens} tokens with the KV cache in {time.time() - t0:.1f}s "
+          f"(incl. compile); equal to the full forward's greedy tokens: {agree}")
+
+    work = args.workdir or tempfile.mkdtemp(prefix="emit_jax_demo_")
+    os.makedirs(work, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    hf_dir = os.path.join(work, f"hf-{stamp}")
+    ckpt = os.path.join(work, f"ckpt-{stamp}")
+    back = os.path.join(work, f"hf-export-{stamp}")
+    t0 = time.time()
+    hf.save(model, hf_dir, max_shard_size="20MB")
+    loaded = hf.load(hf_dir)
+    checkpoint.save_model(loaded, ckpt, hf_config=None, assets_from=hf_dir)
+    restored, _ = checkpoint.load_model(ckpt)
+    hf.save(restored, back, max_shard_size="20MB")
+    print(f"[3/4] HF folder -> Orbax checkpoint -> HF folder in {time.time() - t0:.1f}s: {back}")
+
+    a = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    b = dict(nnx.to_flat_state(nnx.state(hf.load(back), nnx.Param)))
+    same = all(np.asarray(v.get_value()).tobytes() == np.asarray(b[k].get_value()).tobytes()
+               for k, v in a)
+    print(f"[4/4] every tensor bit-identical after the round trip: {same}")
+    return 0 if (agree and same) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main, prog="emit_jax.demo"))
