@@ -16,13 +16,15 @@ transformers = pytest.importorskip("transformers")
 
 def hf_config(*, heads=4, kv_heads=2, hidden=64, tied=False, vit="layer_norm", image_size=56,
               vision_layers=2, text_layers=2, vocab=320, image_token_id=317, mean_pool=True,
-              rope_theta=10000.0):
+              rope_theta=10000.0, rope_parameters=None):
     """A transformers InternVLConfig at toy size. ``vit``: 'layer_norm' (InternViT-300M style,
     qkv bias) or 'rms_norm' (InternViT-6B style, qk-norm, no qkv bias)."""
     text = dict(model_type="qwen2", hidden_size=hidden, intermediate_size=2 * hidden + 8,
                 num_hidden_layers=text_layers, num_attention_heads=heads,
                 num_key_value_heads=kv_heads, vocab_size=vocab, rope_theta=rope_theta,
                 max_position_embeddings=512, tie_word_embeddings=tied)
+    if rope_parameters is not None:
+        text["rope_parameters"] = dict(rope_parameters, rope_theta=rope_theta)
     vision = dict(hidden_size=32, intermediate_size=80, num_hidden_layers=vision_layers,
                   num_attention_heads=4, image_size=image_size, patch_size=14,
                   norm_type=vit, use_qk_norm=(vit == "rms_norm"),

@@ -80,3 +80,21 @@ def test_image_token_count_mismatch_is_an_error(save_hf):
     pix = np.zeros((1, 3, 56, 56), np.float32)  # 4 visual tokens, 3 image tokens
     with pytest.raises(ValueError, match="image tokens do not match"):
         jm(jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask))
+
+
+def test_dynamic_rope_config_below_its_limit(save_hf):
+    """InternVL3-1B's config carries rope_scaling {dynamic, factor 2}: identical to default RoPE
+    below max_position_embeddings, which is where this port runs it."""
+    cfg = hf_config(rope_parameters={"rope_type": "dynamic", "factor": 2.0})
+    model = make_hf_model(cfg, seed=9)
+    folder = save_hf(model)
+    jm = hf.load(folder)
+    assert jm.config.text.rope_type == "dynamic" and jm.config.text.rope_factor == 2.0
+    ids, mask = token_batch(cfg.text_config.vocab_size, cfg.image_token_id, (0, 0), length=40,
+                            pad=(0, 3))
+    _compare(model, jm, ids, mask)
+    out = hf.save(jm, folder + "-out")
+    import json, os
+    with open(os.path.join(out, "config.json")) as f:
+        rope = json.load(f)["text_config"]["rope_parameters"]
+    assert rope["rope_type"] == "dynamic" and rope["factor"] == 2.0

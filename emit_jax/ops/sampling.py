@@ -114,6 +114,16 @@ def generate(model: InternVL, input_ids, attention_mask=None, pixel_values=None,
     if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids, dtype=bool)
     attention_mask = jnp.asarray(attention_mask).astype(bool)
+    if pixel_values is not None:
+        cfg = model.config
+        n_tiles, _, h, w = pixel_values.shape
+        per_tile = (h // cfg.vision.patch_size) * (w // cfg.vision.patch_size)
+        per_tile = int(per_tile * cfg.downsample_ratio ** 2)
+        n_tokens = int(jnp.sum(input_ids == cfg.image_token_id))
+        if n_tokens != n_tiles * per_tile:
+            raise ValueError(
+                f"image features and image tokens do not match: {n_tokens} image tokens (id "
+                f"{cfg.image_token_id}) in input_ids, {n_tiles} tiles x {per_tile} visual tokens")
     if rng is None:
         rng = jax.random.key(0)
     graphdef, state = nnx.split(model)
