@@ -24,6 +24,7 @@ setup(
         "grain>=0.2.12",
         "qwix>=0.1.5",
         "pillow>=10",
+        "matplotlib>=3.7",
     ],
     extras_require={
         # torch is pinned: the CPU wheel is used for the parity tests; never a multi-GB CUDA build.

@@ -43,7 +43,7 @@ def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | No
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
     try:
-        pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        pure = nnx.to_pure_dict(nnx.state(model))  # parameters (+ BatchNorm statistics)
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, PARAMS_DIR), pure)
         ckptr.wait_until_finished()
@@ -53,6 +53,8 @@ def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | No
             copy_assets(assets_from, os.path.join(tmp, ASSETS_DIR))
         meta = {"format_version": FORMAT_VERSION, "kind": "model",
                 "config": model.config.to_json_dict(), "hf_config": hf_config}
+        if hasattr(model, "emit_config"):
+            meta["emit_config"] = model.emit_config.to_json_dict()
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
         if os.path.isdir(path):
@@ -81,7 +83,8 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 
 def load_model(path: str | os.PathLike, dtype: str | None = None) -> tuple[InternVL, dict]:
-    """Restore ``(model, meta)`` from a model checkpoint. ``dtype`` casts the parameters (and the
+    """Restore ``(model, meta)`` (an ``InternVL``, or ``EMIT`` when the checkpoint has one)
+    from a model checkpoint. ``dtype`` casts the parameters (and the
     compute dtype); ``None`` keeps the stored dtypes."""
     path = os.fspath(path)
     meta = read_meta(path)
@@ -94,7 +97,13 @@ def load_model(path: str | os.PathLike, dtype: str | None = None) -> tuple[Inter
     params_path = os.path.join(os.path.abspath(path), PARAMS_DIR)
     if not os.path.isdir(params_path):
         raise CheckpointError(f"{params_path}: missing parameter folder")
-    abstract = nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(0)))
+    build = lambda: InternVL(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+    if meta.get("emit_config") is not None:
+        from emit_jax.models.emit import EMIT, EMITConfig
+
+        ecfg = EMITConfig.from_json_dict(meta["emit_config"])
+        build = lambda: EMIT(InternVL(cfg, rngs=nnx.Rngs(0)), ecfg, rngs=nnx.Rngs(0))  # noqa: E731
+    abstract = nnx.eval_shape(build)
     graphdef, state = nnx.split(abstract)
     ckptr = ocp.StandardCheckpointer()
     try:
@@ -109,7 +118,8 @@ def load_model(path: str | os.PathLike, dtype: str | None = None) -> tuple[Inter
     if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
         raise CheckpointError(f"{params_path}: parameters do not match the stored model config")
     if dtype is not None:
-        restored = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), restored)
+        restored = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype))
+                                if jnp.issubdtype(x.dtype, jnp.floating) else x, restored)
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state), meta
 

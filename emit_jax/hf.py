@@ -31,6 +31,7 @@ from emit_jax.models.config import ConfigError, InternVLConfig, dtype_name, read
 from emit_jax.models.internvl import InternVL
 
 SAFE_SINGLE = "model.safetensors"
+EMIT_EXTRAS = "emit_extras.safetensors"  # soft prompt + heat-map projector, beside the InternVL weights
 SAFE_INDEX = "model.safetensors.index.json"
 # Files that travel with a checkpoint: tokenizer, processor, chat template, generation defaults.
 ASSET_PATTERNS = (
@@ -165,6 +166,9 @@ def load(hf_dir: str | os.PathLike, dtype: str | None = None, *,
          put: Callable[[tuple, np.ndarray], jax.Array] | None = None) -> InternVL:
     """Build the NNX model from ``hf_dir/config.json`` and fill it from its safetensors.
 
+    Returns an ``InternVL``, or an ``EMIT`` model when the folder also holds
+    ``emit_extras.safetensors`` (soft prompt, BatchNorm, conv; written by :func:`save`).
+
     dtype: ``None`` keeps every tensor's stored dtype (bf16 stays bf16); ``'float32'`` /
     ``'bfloat16'`` casts parameters and sets the compute dtype. ``put(path, array)`` places each
     parameter (e.g. ``jax.device_put`` with a sharding); default: the default device.
@@ -172,9 +176,13 @@ def load(hf_dir: str | os.PathLike, dtype: str | None = None, *,
     cfg, _ = read_hf_config(hf_dir)
     reader = SafetensorsReader(hf_dir)
     try:
-        return _load(cfg, reader, dtype, put)
+        model = _load(cfg, reader, dtype, put)
     finally:
         reader.close()
+    extras = os.path.join(os.fspath(hf_dir), EMIT_EXTRAS)
+    if os.path.isfile(extras):
+        model = _load_emit_extras(model, extras, dtype, put)
+    return model
 
 
 def _load(cfg: InternVLConfig, reader: SafetensorsReader, dtype, put) -> InternVL:
@@ -294,6 +302,9 @@ def save(model: InternVL, out_dir: str | os.PathLike, *, base_config: dict | Non
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new folder")
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+    emit_model = None
+    if not isinstance(model, InternVL):
+        emit_model, model = model, model.mllm
     try:
         cfg = model.config
         hf_cfg = cfg.to_hf_dict(base_config)
@@ -309,6 +320,8 @@ def save(model: InternVL, out_dir: str | os.PathLike, *, base_config: dict | Non
         write_safetensors(tensors, tmp, max_shard_size)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf_cfg, f, indent=2)
+        if emit_model is not None:
+            _save_emit_extras(emit_model, os.path.join(tmp, EMIT_EXTRAS))
         if assets_from is not None:
             copy_assets(assets_from, tmp)
         if os.path.isdir(out_dir):
@@ -318,6 +331,66 @@ def save(model: InternVL, out_dir: str | os.PathLike, *, base_config: dict | Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+# ----------------------------------------------------------------------------- EMIT extras
+# (our path, key in emit_extras.safetensors); conv kernels stored in PyTorch layout.
+_EMIT_KEYS = (
+    (("soft_prompt",), "soft_prompt"),
+    (("projector", "bn", "scale"), "projector.bn.weight"),
+    (("projector", "bn", "bias"), "projector.bn.bias"),
+    (("projector", "bn", "mean"), "projector.bn.running_mean"),
+    (("projector", "bn", "var"), "projector.bn.running_var"),
+    (("projector", "conv", "kernel"), "projector.conv.weight"),
+    (("projector", "conv", "bias"), "projector.conv.bias"),
+)
+
+
+def _save_emit_extras(model, path: str) -> None:
+    state = dict(nnx.to_flat_state(nnx.state(model)))
+    arrays = {}
+    for ours, key in _EMIT_KEYS:
+        arr = np.asarray(jax.device_get(state[ours].get_value()))
+        arrays[key] = np.ascontiguousarray(to_hf_layout(ours, arr))
+    meta = {"format": "pt", "emit_config": json.dumps(model.emit_config.to_json_dict())}
+    save_file(arrays, path, metadata=meta)
+
+
+def _load_emit_extras(mllm: InternVL, path: str, dtype, put):
+    from emit_jax.models.emit import EMIT, EMITConfig
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        ecfg = EMITConfig.from_json_dict(json.loads(meta["emit_config"]))
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a valid EMIT extras file ({type(e).__name__}: {e})") from None
+    if ecfg.comp_token_id is None or ecfg.comp_token_id >= mllm.config.text.vocab_size:
+        raise CheckpointError(f"{path}: comp_token_id {ecfg.comp_token_id} is outside the "
+                              f"vocabulary of config.json ({mllm.config.text.vocab_size})")
+    model = EMIT(mllm, ecfg, rngs=nnx.Rngs(0))
+    state = nnx.state(model)
+    put = put or (lambda p, x: jnp.asarray(x))
+    for ours, key in _EMIT_KEYS:
+        if key not in tensors:
+            raise CheckpointError(f"{path}: missing tensor {key!r}")
+        var = _get_flat(state, ours)
+        arr = from_hf_layout(ours, tensors[key])
+        if tuple(arr.shape) != tuple(var.shape):
+            raise CheckpointError(f"{path}: {key} has shape {arr.shape}, expected {var.shape}")
+        if dtype is not None and ours[-1] != "mean" and ours[-1] != "var":
+            arr = arr.astype(jnp.dtype(dtype))
+        var.set_value(put(ours, arr))
+    nnx.update(model, state)
+    return model
+
+
+def _get_flat(state, path):
+    node = state
+    for p in path:
+        node = node[p]
+    return node
 
 
 def copy_assets(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:

@@ -149,7 +149,7 @@ class InternVL(nnx.Module):
 
 
 def merge_image_features(embeds: jax.Array, input_ids: jax.Array, image_features: jax.Array,
-                         image_token_id: int) -> jax.Array:
+                         image_token_id: int, kind: str = "image") -> jax.Array:
     """Replace the ``image_token_id`` positions of ``embeds [B, T, D]`` by the rows of
     ``image_features [N, K, D]`` in flattened order. Raises when the counts differ (checked when
     ``input_ids`` is concrete, i.e. outside jit)."""
@@ -160,9 +160,9 @@ def merge_image_features(embeds: jax.Array, input_ids: jax.Array, image_features
         n_tokens = int(jnp.sum(is_img))
         if n_tokens != feats.shape[0]:
             raise ValueError(
-                f"image features and image tokens do not match: {n_tokens} image tokens "
-                f"(id {image_token_id}) in input_ids, {feats.shape[0]} visual features "
-                f"({image_features.shape[0]} tiles x {image_features.shape[1]} tokens)")
+                f"{kind} features and {kind} tokens do not match: {n_tokens} {kind} tokens "
+                f"(id {image_token_id}) in input_ids, {feats.shape[0]} features "
+                f"({image_features.shape[0]} x {image_features.shape[1]})")
     idx = jnp.clip(jnp.cumsum(is_img) - 1, 0, max(feats.shape[0] - 1, 0))
     merged = jnp.where(is_img[:, None], feats[idx], embeds.reshape(-1, d))
     return merged.reshape(b, t, d)

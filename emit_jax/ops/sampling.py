@@ -57,12 +57,15 @@ def _select(logits, rng, temperature, top_k, top_p):
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=(
     "max_new_tokens", "eos_token_id", "pad_token_id", "temperature", "top_k", "top_p"))
-def _sample(graphdef, state, input_ids, attention_mask, pixel_values, rng, *, max_new_tokens,
+def _sample(graphdef, state, input_ids, attention_mask, pixel_values, ce_pixels, rng, *,
+            max_new_tokens,
             eos_token_id, pad_token_id, temperature, top_k, top_p):
     model = nnx.merge(graphdef, state)
     b, t = input_ids.shape
     cache = model.init_cache(b, t + max_new_tokens)
-    out = model.forward(input_ids, pixel_values, attention_mask, cache=cache, compute_logits=False)
+    extra = {} if ce_pixels is None else {"ce_pixels": ce_pixels}
+    out = model.forward(input_ids, pixel_values, attention_mask, cache=cache, compute_logits=False,
+                        **extra)
     last_logits = model.logits_from_hidden(out.last_hidden[:, -1])
     rng, sub = jax.random.split(rng)
     token, logp = _select(last_logits, sub, temperature, top_k, top_p)
@@ -97,12 +100,15 @@ def _sample(graphdef, state, input_ids, attention_mask, pixel_values, rng, *, ma
 
 
 def generate(model: InternVL, input_ids, attention_mask=None, pixel_values=None, *,
+             ce_pixels=None,
              max_new_tokens: int, eos_token_id: int | None = None, pad_token_id: int = 0,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              rng: jax.Array | None = None) -> SampleOutput:
     """Sample up to ``max_new_tokens`` continuations of left-padded ``input_ids [B, T]``.
 
-    ``pixel_values [N, 3, H, W]`` fill the image tokens. Returns :class:`SampleOutput`.
+    ``pixel_values [N, 3, H, W]`` fill the image tokens; with an EMIT model, ``ce_pixels
+    [n_ce, 2, 3, H, W]`` fill its ``<COMP_CONTEXT>`` slots at prefill. Returns
+    :class:`SampleOutput`.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -127,7 +133,7 @@ def generate(model: InternVL, input_ids, attention_mask=None, pixel_values=None,
     if rng is None:
         rng = jax.random.key(0)
     graphdef, state = nnx.split(model)
-    return _sample(graphdef, state, input_ids, attention_mask, pixel_values, rng,
+    return _sample(graphdef, state, input_ids, attention_mask, pixel_values, ce_pixels, rng,
                    max_new_tokens=int(max_new_tokens), eos_token_id=eos_token_id,
                    pad_token_id=int(pad_token_id), temperature=float(temperature),
                    top_k=int(top_k), top_p=float(top_p))

@@ -1,0 +1,1 @@
+"""Data: image preprocessing (more arrives with the IAD data pipeline)."""

@@ -1,0 +1,401 @@
+"""EMIT's additions to InternVL (EMIT_SPEC 4.4, 5, 6, 7): contrastive embeddings from a local-window
+heat map, the soft prompt, and their ``<COMP_CONTEXT>`` slots in the token sequence.
+
+Per CE sample (a normal reference image and a query image, each one 448 px tile):
+
+1. the query and the four rot90 rotations of the reference go through the model's own ViT with
+   no gradient; hidden states of ``ce_layers`` (4/8/16/20 of InternViT-300M's 24 blocks) feed
+   :func:`emit_jax.ops.heatmap.anomaly_map` -> heat map ``[h, w]`` (32x32 at 448 px);
+2. :class:`HeatmapProjector`: BatchNorm over the single channel, Conv(1 -> D, 4x4, stride 2,
+   pad 1), flattened row-major -> ``(h/2)(w/2)`` tokens (256);
+3. ``ref_tokens = [soft_prompt (9); CE tokens (256)]`` overwrite, in flattened batch order, the
+   ``<COMP_CONTEXT>`` positions of the input ids (265 per CE sample).
+
+BatchNorm (EMIT_SPEC 5.5): ``bn_mode='standard'`` (default) uses batch statistics in train mode
+and the running statistics in eval mode, and touches nothing on batches without a CE sample.
+``bn_mode='official'`` additionally reproduces the reference code's dummy pass: every forward
+in train mode with no CE sample pushes a zero heat map through BatchNorm, pulling the running
+statistics towards mean 0 / variance 0 exactly as the released model's were
+(:meth:`EMIT.forward` does it; the ablation switches leave it alone).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import warnings
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from emit_jax.models.config import dtype_from_name
+from emit_jax.models.internvl import InternVL, ModelOutput, merge_image_features
+from emit_jax.models.layers import axes_meta
+from emit_jax.ops.heatmap import anomaly_map
+
+HINT_TEXT = "Below are some hints for your reference:"
+COMP_TOKEN = "<COMP_CONTEXT>"
+# Prompts containing one of these (and holding exactly two images) get CE + SP (EMIT_SPEC 7).
+TRIGGER_PHRASES = ("Where is the defect?", "Is there any defect in the object?")
+EVAL_CE_DATASETS = ("MVTec", "VisA")
+OFFICIAL_LAYERS = (4, 8, 16, 20)  # of InternViT-300M's 24 blocks
+OFFICIAL_WINDOW = 6  # at the 32 x 32 patch grid of a 448 px tile
+OFFICIAL_SOFT_PROMPT = "soft_prompt_init_9x3584_float32.npy"
+
+
+def scaled_layers(depth: int, layers: Sequence[int] = OFFICIAL_LAYERS, ref_depth: int = 24):
+    """EMIT's layer choice carried to a ViT of another depth: ``round(l * depth / 24)``, kept
+    distinct and within 1..depth (6 blocks -> 1, 2, 4, 5)."""
+    out = []
+    for l in layers:
+        v = min(depth, max(1, int(round(l * depth / ref_depth))))
+        while v in out and v < depth:
+            v += 1
+        out.append(v)
+    return tuple(sorted(set(out)))
+
+
+@dataclasses.dataclass(frozen=True)
+class EMITConfig:
+    ce_layers: tuple[int, ...] | None = None  # None: OFFICIAL_LAYERS scaled to the ViT depth
+    # neighbor_dis: half-width of the (2k+1)^2 window in patches; None: the official 6 at a 32-patch
+    # grid, scaled to the model's grid (3 for the tiny 16x16)
+    window: int | None = None
+    rotations: int = 4  # rot90 copies of the reference (k = 0..rotations-1)
+    zero_fill: bool = True  # official: masked similarities count as 0 (EMIT_SPEC 5.2)
+    heatmap_strategy: str = "auto"
+    num_soft_tokens: int = 9
+    use_soft_prompt: bool = True  # ablation switches (paper Table 3)
+    use_contrastive: bool = True
+    bn_mode: str = "standard"  # or "official" (EMIT_SPEC 5.5)
+    bn_momentum: float = 0.1  # PyTorch convention: new = (1 - m) * old + m * batch
+    bn_eps: float = 1e-5
+    comp_token_id: int | None = None
+
+    def validate(self) -> "EMITConfig":
+        if self.bn_mode not in ("standard", "official"):
+            raise ValueError(f"bn_mode must be 'standard' or 'official', got {self.bn_mode!r}")
+        if (self.window is not None and self.window < 0) or self.rotations < 1 \
+                or self.num_soft_tokens < 0:
+            raise ValueError(f"bad EMIT config {self}")
+        return self
+
+    def layers_for(self, depth: int) -> tuple[int, ...]:
+        layers = tuple(self.ce_layers) if self.ce_layers else scaled_layers(depth)
+        if any(not 1 <= l <= depth for l in layers):
+            raise ValueError(f"ce_layers {layers} outside the ViT's 1..{depth} blocks")
+        return layers
+
+    def window_for(self, grid: int) -> int:
+        if self.window is not None:
+            return self.window
+        return max(1, int(round(OFFICIAL_WINDOW * grid / 32)))
+
+    def to_json_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["ce_layers"] = list(self.ce_layers) if self.ce_layers else None
+        return d
+
+    @classmethod
+    def from_json_dict(cls, d: dict) -> "EMITConfig":
+        d = dict(d)
+        if d.get("ce_layers") is not None:
+            d["ce_layers"] = tuple(d["ce_layers"])
+        return cls(**d).validate()
+
+
+# ------------------------------------------------------------------------------ projector
+class HeatmapBatchNorm(nnx.Module):
+    """PyTorch ``BatchNorm2d(1)`` semantics on ``[B, h, w]``: biased batch variance to
+    normalise, unbiased to update the running variance; ``use_running_average`` toggled by
+    ``model.train()`` / ``model.eval()``."""
+
+    def __init__(self, momentum: float = 0.1, eps: float = 1e-5):
+        self.momentum = momentum
+        self.eps = eps
+        self.use_running_average = False
+        self.scale = nnx.Param(jnp.ones((1,), jnp.float32), **axes_meta(("norm",)))
+        self.bias = nnx.Param(jnp.zeros((1,), jnp.float32), **axes_meta(("norm",)))
+        self.mean = nnx.BatchStat(jnp.zeros((1,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((1,), jnp.float32))
+
+    def update_stats(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Batch mean / biased variance of ``x``; folds them into the running statistics."""
+        x = x.astype(jnp.float32)
+        n = x.size
+        mean = jnp.mean(x)
+        var = jnp.mean(jnp.square(x - mean))
+        m = self.momentum
+        self.mean[...] = (1 - m) * self.mean[...] + m * mean
+        self.var[...] = (1 - m) * self.var[...] + m * var * (n / max(n - 1, 1))
+        return mean, var
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.use_running_average:
+            mean, var = self.mean[...][0], self.var[...][0]
+        else:
+            mean, var = self.update_stats(x)
+        y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.eps)
+        return y * self.scale[...][0] + self.bias[...][0]
+
+
+class HeatmapProjector(nnx.Module):
+    """heat map ``[B, h, w]`` -> BN -> Conv(1 -> D, 4, stride 2, pad 1) -> ``[B, (h/2)(w/2), D]``."""
+
+    def __init__(self, hidden: int, *, momentum=0.1, eps=1e-5, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.bn = HeatmapBatchNorm(momentum, eps)
+        self.conv = nnx.Conv(
+            1, hidden, kernel_size=(4, 4), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs,
+            # PyTorch kaiming_normal_(mode='fan_in', nonlinearity='leaky_relu', a=0): std sqrt(2/16)
+            kernel_init=nnx.initializers.variance_scaling(2.0, "fan_in", "normal"),
+            bias_init=nnx.initializers.zeros,
+            kernel_metadata=axes_meta(("conv_h", "conv_w", "conv_in", "embed")),
+            bias_metadata=axes_meta(("embed",)))
+
+    def __call__(self, heat: jax.Array) -> jax.Array:
+        x = self.bn(heat)[..., None]  # [B, h, w, 1]
+        x = self.conv(x)  # [B, h/2, w/2, D]
+        b, h2, w2, d = x.shape
+        return x.reshape(b, h2 * w2, d)
+
+
+# ------------------------------------------------------------------------------ heat map
+def rotations_of(images: jax.Array, n: int = 4) -> jax.Array:
+    """``[B, C, H, W]`` -> ``[B, n, C, H, W]``: rot90 by k = 0..n-1 (counter-clockwise,
+    ``out[i][j] = in[j][W-1-i]`` for k = 1), as ``torch.rot90(x, k, (2, 3))``."""
+    return jnp.stack([jnp.rot90(images, k, axes=(2, 3)) for k in range(n)], axis=1)
+
+
+def contrastive_heatmap(vit, ce_pixels: jax.Array, layers: Sequence[int], window: int, *,
+                        rotations: int = 4, zero_fill: bool = True,
+                        strategy: str = "auto") -> jax.Array:
+    """``ce_pixels [n, 2, 3, H, W]`` (slot 0 the normal reference, slot 1 the query) ->
+    heat map ``[n, H/p, W/p]`` float32. No gradient reaches the ViT."""
+    n, two, c, hh, ww = ce_pixels.shape
+    if two != 2:
+        raise ValueError(f"ce_pixels must be [n, 2, 3, H, W] (reference, query); got {ce_pixels.shape}")
+    if hh != ww and rotations > 1:
+        raise ValueError(f"CE images must be square to rotate; got {hh}x{ww}")
+    ref, query = ce_pixels[:, 0], ce_pixels[:, 1]
+    refs = rotations_of(ref, rotations).reshape(n * rotations, c, hh, ww)
+    _, hidden = vit(jnp.concatenate([query, refs], 0), output_hidden_states=True,
+                    num_layers=max(layers))
+    feats = jax.lax.stop_gradient(jnp.stack([hidden[l][:, 1:] for l in layers]))  # [L, N, P, D]
+    L, _, p, d = feats.shape
+    g = int(round(p ** 0.5))
+    q = feats[:, :n].reshape(L, n, g, g, d)
+    r = feats[:, n:].reshape(L, n, rotations, g, g, d)
+    return anomaly_map(q, r, window, zero_fill, strategy)
+
+
+# ------------------------------------------------------------------------------ soft prompt
+def official_soft_prompt() -> np.ndarray:
+    """The authors' 9 x 3584 initial value (bf16 in their release, stored as float32)."""
+    ref = importlib.resources.files("emit_jax.assets").joinpath(OFFICIAL_SOFT_PROMPT)
+    with ref.open("rb") as f:
+        return np.load(f)
+
+
+def soft_prompt_from_hint(embedding: np.ndarray, hint_ids: Sequence[int], n: int = 9) -> np.ndarray:
+    """Fit the embeddings of the hint text's tokens to ``n`` rows: row i copies the embedding
+    of token ``hint_ids[i * len // n]``. In order; a hint shorter than ``n`` repeats its earliest
+    tokens (8 tokens -> the first appears twice), a longer one is subsampled evenly."""
+    if len(hint_ids) == 0:
+        raise ValueError("hint_ids is empty")
+    idx = [hint_ids[i * len(hint_ids) // n] for i in range(n)]
+    return np.asarray(embedding)[np.asarray(idx)]
+
+
+# ------------------------------------------------------------------------------ sequence rules
+def use_comp(num_images: int, text: str, *, mode: str = "train", image_path: str | None = None) -> bool:
+    """EMIT_SPEC 7. Train: exactly two images and a trigger phrase in the user turn. Eval
+    (MMAD): also the sub-dataset (first path component, ``DS-MVTec`` read as ``MVTec``) must be
+    MVTec or VisA."""
+    if num_images != 2 or not any(p in text for p in TRIGGER_PHRASES):
+        return False
+    if mode == "train":
+        return True
+    if mode != "eval":
+        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+    if image_path is None:
+        raise ValueError("use_comp(mode='eval') needs the query's image_path")
+    first = image_path.replace("\\", "/").lstrip("./").split("/")[0]
+    return ("MVTec" if first == "DS-MVTec" else first) in EVAL_CE_DATASETS
+
+
+def comp_insert_index(prompt_ids: Sequence[int], im_end_id: int) -> int:
+    """Where the comp slots go: before the last ``<|im_end|>`` of the prompt (the user turn's
+    closing tag when the prompt ends with ``<|im_end|>\\n<|im_start|>assistant\\n``; there it
+    equals the training code's ``len - 5``)."""
+    ids = list(prompt_ids)
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] == im_end_id:
+            return i
+    raise ValueError(f"no <|im_end|> (id {im_end_id}) in the prompt")
+
+
+def insert_comp_slots(prompt_ids: Sequence[int], n_slots: int, comp_token_id: int,
+                      im_end_id: int) -> list[int]:
+    """``prompt_ids`` with ``n_slots`` ``<COMP_CONTEXT>`` ids before the user turn's close."""
+    i = comp_insert_index(prompt_ids, im_end_id)
+    ids = list(prompt_ids)
+    return ids[:i] + [comp_token_id] * n_slots + ids[i:]
+
+
+def add_comp_token(mllm: InternVL) -> tuple[InternVL, int]:
+    """Append ``<COMP_CONTEXT>`` to the vocabulary: the new id is the old vocabulary size; its
+    output row (lm_head, or the tied matrix) is the mean of the previous rows (EMIT_SPEC 2.3);
+    its input row is always overwritten, so with an untied head it is set to the mean too."""
+    cfg = mllm.config
+    new_id = cfg.text.vocab_size
+    text = dataclasses.replace(cfg.text, vocab_size=new_id + 1)
+    new_cfg = cfg.replace(text=text)
+    abstract = nnx.eval_shape(lambda: InternVL(new_cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    old = nnx.state(mllm)
+    pure = nnx.to_pure_dict(old)
+
+    def grow(table, axis):  # append the mean row / column
+        mean = jnp.mean(table.astype(jnp.float32), axis=axis, keepdims=True).astype(table.dtype)
+        return jnp.concatenate([table, mean], axis=axis)
+
+    emb = pure["language_model"]["embed_tokens"]["embedding"]
+    pure["language_model"]["embed_tokens"]["embedding"] = grow(emb, 0)
+    if pure.get("lm_head"):
+        pure["lm_head"]["kernel"] = grow(pure["lm_head"]["kernel"], 1)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state), new_id
+
+
+# ------------------------------------------------------------------------------ the model
+class EMIT(nnx.Module):
+    """InternVL + soft prompt + contrastive-embedding projector.
+
+    ``model(input_ids, pixel_values, attention_mask, ce_pixels=None) -> logits``; ``ce_pixels
+    [n_ce, 2, 3, H, W]`` are the (reference, query) pairs of the CE samples, in batch order, and
+    ``input_ids`` hold ``num_comp_slots`` ``comp_token_id`` positions per CE sample.
+    """
+
+    def __init__(self, mllm: InternVL, cfg: EMITConfig, *, rngs: nnx.Rngs,
+                 soft_prompt: np.ndarray | None = None):
+        cfg.validate()
+        if cfg.comp_token_id is None:
+            raise ValueError("EMITConfig.comp_token_id is unset; use EMIT.create (adds the token)")
+        self.mllm = mllm
+        self.emit_config = cfg
+        mc = mllm.config
+        d = mc.text.hidden_size
+        pdt, dt = dtype_from_name(mc.param_dtype), dtype_from_name(mc.dtype)
+        self.ce_layers = cfg.layers_for(mc.vision.num_hidden_layers)
+        if soft_prompt is None:
+            soft_prompt = nnx.initializers.normal(0.02)(rngs.params(), (cfg.num_soft_tokens, d))
+        soft_prompt = jnp.asarray(soft_prompt)
+        if soft_prompt.shape != (cfg.num_soft_tokens, d):
+            raise ValueError(f"soft prompt init has shape {soft_prompt.shape}, expected "
+                             f"{(cfg.num_soft_tokens, d)}")
+        self.soft_prompt = nnx.Param(soft_prompt.astype(pdt), **axes_meta((None, "embed")))
+        self.projector = HeatmapProjector(d, momentum=cfg.bn_momentum, eps=cfg.bn_eps, dtype=dt,
+                                          param_dtype=pdt, rngs=rngs)
+
+    @classmethod
+    def create(cls, mllm: InternVL, cfg: EMITConfig = EMITConfig(), *, rngs: nnx.Rngs | None = None,
+               hint_ids: Sequence[int] | None = None) -> "EMIT":
+        """Add ``<COMP_CONTEXT>`` to ``mllm`` (unless ``cfg.comp_token_id`` is set) and
+        initialise the soft prompt: the official 9 x 3584 value at hidden size 3584, else the
+        embeddings of the hint text's ``hint_ids`` (:func:`soft_prompt_from_hint`), else a
+        N(0, 0.02) draw with a warning."""
+        rngs = rngs or nnx.Rngs(0)
+        if cfg.comp_token_id is None:
+            mllm, comp_id = add_comp_token(mllm)
+            cfg = dataclasses.replace(cfg, comp_token_id=comp_id)
+        d = mllm.config.text.hidden_size
+        init = None
+        if d == 3584 and cfg.num_soft_tokens == 9:
+            init = official_soft_prompt()
+        elif hint_ids is not None:
+            table = np.asarray(mllm.language_model.embed_tokens.embedding[...], np.float32)
+            init = soft_prompt_from_hint(table, hint_ids, cfg.num_soft_tokens)
+        else:
+            warnings.warn("EMIT.create: no hint_ids and hidden size != 3584; the soft prompt "
+                          "starts from N(0, 0.02)")
+        return cls(mllm, cfg, rngs=rngs, soft_prompt=init)
+
+    # -------------------------------------------------------------- pieces
+    @property
+    def config(self):
+        """The base model's config (what samplers and loaders read)."""
+        return self.mllm.config
+
+    @property
+    def num_ce_tokens(self) -> int:
+        g = self.mllm.config.vision.grid
+        return (g // 2) * (g // 2)
+
+    @property
+    def num_comp_slots(self) -> int:
+        c = self.emit_config
+        return (c.num_soft_tokens if c.use_soft_prompt else 0) + \
+            (self.num_ce_tokens if c.use_contrastive else 0)
+
+    def heatmap(self, ce_pixels: jax.Array) -> jax.Array:
+        c = self.emit_config
+        window = c.window_for(self.mllm.config.vision.grid)
+        return contrastive_heatmap(self.mllm.vision_tower, ce_pixels, self.ce_layers, window,
+                                   rotations=c.rotations, zero_fill=c.zero_fill,
+                                   strategy=c.heatmap_strategy)
+
+    def ref_tokens(self, ce_pixels: jax.Array) -> jax.Array:
+        """``[n_ce, num_comp_slots, D]``: soft prompt rows first, then the CE tokens."""
+        c = self.emit_config
+        n = ce_pixels.shape[0]
+        d = self.mllm.config.text.hidden_size
+        parts = []
+        if c.use_soft_prompt:
+            parts.append(jnp.broadcast_to(self.soft_prompt[...], (n, c.num_soft_tokens, d)))
+        if c.use_contrastive:
+            parts.append(self.projector(self.heatmap(ce_pixels)))
+        if not parts:
+            return jnp.zeros((n, 0, d), self.soft_prompt[...].dtype)
+        dt = dtype_from_name(self.mllm.config.dtype)
+        return jnp.concatenate([p.astype(dt) for p in parts], axis=1)
+
+    def dummy_bn_update(self) -> None:
+        """The official no-CE-batch side effect: a zero heat map through BatchNorm in train mode."""
+        g = self.mllm.config.vision.grid
+        self.projector.bn.update_stats(jnp.zeros((1, g, g), jnp.float32))
+
+    def embed(self, input_ids, pixel_values=None, ce_pixels=None):
+        embeds = self.mllm.embed(input_ids, pixel_values)
+        c = self.emit_config
+        if ce_pixels is not None and self.num_comp_slots:
+            tokens = self.ref_tokens(ce_pixels)
+            embeds = merge_image_features(embeds, input_ids, tokens, c.comp_token_id, kind="comp")
+        return embeds
+
+    # -------------------------------------------------------------- forward
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, *, ce_pixels=None,
+                positions=None, cache=None, output_hidden_states=False,
+                compute_logits=True) -> ModelOutput:
+        embeds = self.embed(input_ids, pixel_values, ce_pixels)
+        c = self.emit_config
+        if (ce_pixels is None and cache is None and c.bn_mode == "official" and c.use_contrastive
+                and not self.projector.bn.use_running_average):
+            self.dummy_bn_update()  # the reference code's dummy pass on batches with no CE sample
+        return self.mllm.forward(inputs_embeds=embeds, attention_mask=attention_mask,
+                                 positions=positions, cache=cache,
+                                 output_hidden_states=output_hidden_states,
+                                 compute_logits=compute_logits)
+
+    def __call__(self, input_ids, pixel_values=None, attention_mask=None, ce_pixels=None):
+        return self.forward(input_ids, pixel_values, attention_mask, ce_pixels=ce_pixels).logits
+
+    def logits_from_hidden(self, hidden):
+        return self.mllm.logits_from_hidden(hidden)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None):
+        return self.mllm.init_cache(batch, max_len, dtype)

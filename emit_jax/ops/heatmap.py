@@ -1,0 +1,176 @@
+"""EMIT's local-window anomaly heat map (EMIT_SPEC 5.2-5.3).
+
+For every query patch (i, j) and layer l: the maximal cosine similarity to any reference patch
+(r, i', j') with |i' - i| <= window and |j' - j| <= window, over all R reference copies (each in
+its own grid); then the mean over layers, and the heat map is one minus that::
+
+    H(i, j) = 1 - mean_l  S_l(i, j)
+    S_l(i, j) = max_{r, |i'-i|<=k, |j'-j|<=k} cos(Fq_l(i, j), Fr_l(r, i', j'))        (Eq. 1)
+
+``zero_fill=True`` is the official code: entries outside the window are *set to 0* before the
+max, so wherever the window does not cover the whole grid S_l is ``max(0, windowed max)``.
+
+Three exact strategies, all jitted, none materialising a ``[h*w, R*h*w, D]`` tensor:
+
+- ``dense``: one matmul per layer ``[h*w, D] x [D, R*h*w]`` plus a window mask, then max.
+  Wasteful in FLOPs when the window is small, but a single large GEMM.
+- ``banded``: for each of the ``2k+1`` row offsets, a batched matmul of each query row against
+  the reference row at that offset (``[w, D] x [D, R*w]``), column-masked; a running max.
+  ``(2k+1)/h`` of the dense FLOPs, still matmul-shaped. The default when that ratio is small.
+- ``shifted``: for each of the ``(2k+1)^2`` offsets an elementwise product-and-sum against the
+  shifted reference: the fewest FLOPs, but bandwidth-bound; useful for tiny D.
+
+Inputs in bf16 are normalised in float32 and multiplied with float32 accumulation.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+STRATEGIES = ("auto", "dense", "banded", "shifted")
+BLOCK_ROWS = 8  # query rows per GEMM in the banded strategy
+_EPS = 1e-8
+
+
+def window_has_outside(h: int, w: int, window: int) -> np.ndarray:
+    """``[h, w]`` bool: the window of patch (i, j) leaves some grid cell out, so the official
+    zero fill puts a 0 among the candidates."""
+    i = np.arange(h)[:, None]
+    j = np.arange(w)[None, :]
+    return (np.maximum(i, h - 1 - i) > window) | (np.maximum(j, w - 1 - j) > window)
+
+
+def near_mask(h: int, w: int, window: int) -> np.ndarray:
+    """``[h*w, h*w]`` bool: reference patch q is inside the window of query patch p."""
+    ii, jj = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    ii, jj = ii.reshape(-1), jj.reshape(-1)
+    return (np.abs(ii[:, None] - ii[None, :]) <= window) & (np.abs(jj[:, None] - jj[None, :]) <= window)
+
+
+def choose_strategy(h: int, w: int, window: int) -> str:
+    """``banded`` when the row band is under 60% of the grid, else ``dense``."""
+    band = 2 * min(window, h - 1) + 1
+    return "banded" if band < 0.6 * h else "dense"
+
+
+def flops(L: int, B: int, R: int, h: int, w: int, D: int, window: int, strategy: str) -> int:
+    """Multiply-add FLOPs (x2) of the similarity products a strategy executes."""
+    if strategy == "auto":
+        strategy = choose_strategy(h, w, window)
+    if strategy == "dense":
+        pairs = (h * w) * (R * h * w)
+    elif strategy == "banded":
+        pairs = sum((min(h, min(a + BLOCK_ROWS, h) + window) - max(0, a - window))
+                    * (min(a + BLOCK_ROWS, h) - a) for a in range(0, h, BLOCK_ROWS)) * w * R * w
+    else:
+        pairs = (2 * min(window, h - 1) + 1) * (2 * min(window, w - 1) + 1) * h * w * R
+    return 2 * L * B * pairs * D
+
+
+def _normalize(x: jax.Array) -> jax.Array:
+    """Unit vectors along the last axis (float32 maths, result in the input dtype)."""
+    x32 = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True))
+    return (x32 / jnp.maximum(norm, _EPS)).astype(x.dtype)
+
+
+def _layer_dense(q, r, window, zero_fill):
+    """q ``[B, h, w, D]``, r ``[B, R, h, w, D]`` -> S ``[B, h, w]``."""
+    b, h, w, d = q.shape
+    R = r.shape[1]
+    s = jnp.einsum("bpd,bqd->bpq", q.reshape(b, h * w, d), r.reshape(b, R * h * w, d),
+                   preferred_element_type=jnp.float32)  # [B, hw, R*hw]
+    near = jnp.asarray(np.tile(near_mask(h, w, window), (1, R)))
+    s = jnp.where(near[None], s, 0.0 if zero_fill else -jnp.inf)
+    return jnp.max(s, axis=-1).reshape(b, h, w)
+
+
+def _floor(m, h, w, window, zero_fill):
+    if not zero_fill:
+        return m
+    outside = jnp.asarray(window_has_outside(h, w, window))
+    return jnp.where(outside[None], jnp.maximum(m, 0.0), m)
+
+
+def _layer_banded(q, r, window, zero_fill, block_rows=BLOCK_ROWS):
+    """Row-band strategy: query rows in blocks of ``block_rows``; each block is one GEMM against
+    the reference rows within ``window`` of it (contiguous in a rows-outer layout), masked."""
+    b, h, w, d = q.shape
+    R = r.shape[1]
+    rt = jnp.transpose(r, (0, 2, 1, 3, 4))  # [B, h, R, w, D]: a row band is contiguous
+    jj = np.arange(w)
+    col_ok = np.abs(jj[:, None] - jj[None, :]) <= window  # [w (query), w (ref)]
+    out = []
+    for a in range(0, h, block_rows):
+        z = min(a + block_rows, h)
+        lo, hi = max(0, a - window), min(h, z - 1 + window + 1)
+        qb = q[:, a:z].reshape(b, (z - a) * w, d)
+        rb = rt[:, lo:hi].reshape(b, (hi - lo) * R * w, d)
+        s = jnp.einsum("bpd,bqd->bpq", qb, rb, preferred_element_type=jnp.float32)
+        s = s.reshape(b, z - a, w, hi - lo, R, w)
+        ii = np.arange(a, z)[:, None] - np.arange(lo, hi)[None, :]
+        ok = (np.abs(ii) <= window)[:, None, :, None] & col_ok[None, :, None, :]  # [t, w, n, w]
+        s = jnp.where(jnp.asarray(ok)[None, :, :, :, None, :], s, -jnp.inf)
+        out.append(jnp.max(s, axis=(3, 4, 5)))
+    best = jnp.concatenate(out, axis=1)
+    return _floor(best, h, w, window, zero_fill)
+
+
+def _layer_shifted(q, r, window, zero_fill):
+    b, h, w, d = q.shape
+    kr, kc = min(window, h - 1), min(window, w - 1)
+    r_pad = jnp.pad(r, ((0, 0), (0, 0), (kr, kr), (kc, kc), (0, 0)))
+    valid = jnp.pad(jnp.ones((h, w), bool), ((kr, kr), (kc, kc)))
+    offsets = np.array([(a, c) for a in range(2 * kr + 1) for c in range(2 * kc + 1)], np.int32)
+
+    def body(best, off):
+        rs = jax.lax.dynamic_slice(r_pad, (0, 0, off[0], off[1], 0), r.shape)
+        ok = jax.lax.dynamic_slice(valid, (off[0], off[1]), (h, w))
+        s = jnp.einsum("bijd,brijd->brij", q, rs, preferred_element_type=jnp.float32)
+        s = jnp.where(ok[None, None], s, -jnp.inf)
+        return jnp.maximum(best, jnp.max(s, axis=1)), None
+
+    init = jnp.full((b, h, w), -jnp.inf, jnp.float32)
+    best, _ = jax.lax.scan(body, init, jnp.asarray(offsets))
+    return _floor(best, h, w, window, zero_fill)
+
+
+_LAYER_FNS = {"dense": _layer_dense, "banded": _layer_banded, "shifted": _layer_shifted}
+
+
+@functools.partial(jax.jit, static_argnames=("window", "zero_fill", "strategy"))
+def _anomaly_map(query, reference, *, window, zero_fill, strategy):
+    qn = _normalize(query)
+    rn = _normalize(reference)
+    fn = functools.partial(_LAYER_FNS[strategy], window=window, zero_fill=zero_fill)
+    sims = jax.lax.map(lambda qr: fn(*qr), (qn, rn))  # [L, B, h, w], one layer at a time
+    return 1.0 - jnp.mean(sims, axis=0)
+
+
+def anomaly_map(query: jax.Array, reference: jax.Array, window: int, zero_fill: bool = True,
+                strategy: str = "auto") -> jax.Array:
+    """Heat map ``[B, h, w]`` float32 from per-layer patch features.
+
+    query: ``[L, B, h, w, D]`` (CLS dropped); reference: ``[L, B, R, h, w, D]`` (R copies of the
+    reference, e.g. its four rot90 rotations, each in its own grid). ``window``: the half-width
+    k of the (2k+1)x(2k+1) neighbourhood. ``strategy``: ``auto`` | ``dense`` | ``banded`` |
+    ``shifted`` (all exact; ``auto`` picks by shape, see :func:`choose_strategy`).
+    """
+    if query.ndim != 5 or reference.ndim != 6:
+        raise ValueError(f"query must be [L, B, h, w, D] and reference [L, B, R, h, w, D]; got "
+                         f"{query.shape} and {reference.shape}")
+    L, B, h, w, D = query.shape
+    if reference.shape[:2] != (L, B) or reference.shape[3:] != (h, w, D):
+        raise ValueError(f"reference {reference.shape} does not match query {query.shape}")
+    if window < 0:
+        raise ValueError(f"window must be >= 0, got {window}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "auto":
+        strategy = choose_strategy(h, w, window)
+    return _anomaly_map(query, reference, window=int(window), zero_fill=bool(zero_fill),
+                        strategy=strategy)

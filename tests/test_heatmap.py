@@ -1,0 +1,98 @@
+"""The heat-map kernel against a plain NumPy implementation of its definition (EMIT_SPEC 5.2-5.3)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from emit_jax.ops.heatmap import anomaly_map, choose_strategy, flops
+
+
+def numpy_reference(query, reference, window, zero_fill):
+    """Literal definition: loops over layers, samples, query patches; the official code's zero
+    fill (masked similarities are 0 candidates) or the paper's Eq. (1)."""
+    L, B, h, w, D = query.shape
+    R = reference.shape[2]
+    q = query.astype(np.float64)
+    r = reference.astype(np.float64)
+    q = q / np.maximum(np.linalg.norm(q, axis=-1, keepdims=True), 1e-8)
+    r = r / np.maximum(np.linalg.norm(r, axis=-1, keepdims=True), 1e-8)
+    out = np.zeros((L, B, h, w))
+    for l in range(L):
+        for b in range(B):
+            for i in range(h):
+                for j in range(w):
+                    cos = np.einsum("d,rxyd->rxy", q[l, b, i, j], r[l, b])  # [R, h, w]
+                    xi = np.abs(np.arange(h) - i)[:, None] <= window
+                    yj = np.abs(np.arange(w) - j)[None, :] <= window
+                    near = np.broadcast_to(xi & yj, (R, h, w))
+                    if zero_fill:
+                        out[l, b, i, j] = np.where(near, cos, 0.0).max()
+                    else:
+                        out[l, b, i, j] = cos[near].max()
+    return 1.0 - out.mean(0)
+
+
+SHAPES = [  # (L, B, R, h, w, D, window)
+    (2, 2, 4, 6, 6, 16, 1),      # square, R = 4
+    (3, 1, 1, 5, 7, 8, 2),       # non-square grid, R = 1
+    (1, 2, 4, 4, 5, 8, 9),       # window >= grid: no zero among the candidates
+    (2, 1, 4, 8, 8, 12, 0),      # window 0: the same position only
+    (4, 1, 4, 12, 10, 24, 3),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("zero_fill", [True, False])
+@pytest.mark.parametrize("strategy", ["dense", "banded", "shifted", "auto"])
+def test_matches_numpy_definition(shape, zero_fill, strategy):
+    L, B, R, h, w, D, k = shape
+    rs = np.random.RandomState(sum(shape))
+    q = rs.randn(L, B, h, w, D).astype(np.float32)
+    # references correlated with the query so that maxima are often positive and often negative
+    r = (0.3 * q[:, :, None] + rs.randn(L, B, R, h, w, D)).astype(np.float32)
+    if zero_fill is False:
+        r = -np.abs(r) * np.sign(q[:, :, None])  # mostly negative cosines: the 0 fill matters
+    want = numpy_reference(q, r, k, zero_fill)
+    got = np.asarray(anomaly_map(jnp.asarray(q), jnp.asarray(r), k, zero_fill, strategy))
+    assert got.shape == (B, h, w) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+def test_zero_fill_changes_the_result_where_it_should():
+    rs = np.random.RandomState(0)
+    v = rs.randn(8).astype(np.float32)
+    q = np.broadcast_to(v, (1, 1, 6, 6, 8))
+    r = np.broadcast_to(-v, (1, 1, 2, 6, 6, 8))  # every cosine is -1
+    official = np.asarray(anomaly_map(jnp.asarray(q), jnp.asarray(r), 1, True))
+    paper = np.asarray(anomaly_map(jnp.asarray(q), jnp.asarray(r), 1, False))
+    np.testing.assert_allclose(official, 1.0, atol=1e-6)  # capped: max(0, -1) = 0
+    np.testing.assert_allclose(paper, 2.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["dense", "banded", "shifted"])
+def test_bf16_inputs_accumulate_in_fp32(strategy):
+    L, B, R, h, w, D, k = 2, 1, 4, 8, 8, 64, 2
+    rs = np.random.RandomState(1)
+    q = rs.randn(L, B, h, w, D).astype(np.float32)
+    r = (0.5 * q[:, :, None] + rs.randn(L, B, R, h, w, D)).astype(np.float32)
+    qb, rb = jnp.asarray(q, jnp.bfloat16), jnp.asarray(r, jnp.bfloat16)
+    want = numpy_reference(np.asarray(qb, np.float32), np.asarray(rb, np.float32), k, True)
+    got = anomaly_map(qb, rb, k, True, strategy)
+    assert got.dtype == jnp.float32
+    # bf16 rounding of the normalised vectors only (sums are fp32)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-2)
+
+
+def test_strategy_choice_and_flops():
+    assert choose_strategy(32, 32, 6) == "banded"
+    assert choose_strategy(8, 8, 6) == "dense"
+    dense = flops(4, 1, 4, 32, 32, 1024, 6, "dense")
+    assert dense == 2 * 4 * 1024 * 4096 * 1024
+    assert flops(4, 1, 4, 32, 32, 1024, 6, "banded") == dense * 13 // 32
+
+
+def test_bad_shapes_are_rejected():
+    with pytest.raises(ValueError, match="does not match"):
+        anomaly_map(jnp.zeros((1, 1, 4, 4, 8)), jnp.zeros((1, 1, 2, 4, 5, 8)), 1)
+    with pytest.raises(ValueError, match="strategy"):
+        anomaly_map(jnp.zeros((1, 1, 4, 4, 8)), jnp.zeros((1, 1, 2, 4, 4, 8)), 1, strategy="x")
