@@ -1,0 +1,334 @@
+"""EMIT's components: contrastive embeddings, BatchNorm + conv projector, soft prompt, the
+<COMP_CONTEXT> slots and their interop (EMIT_SPEC 4.4-7)."""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors import safe_open
+
+from conftest import hf_config, make_hf_model
+from test_heatmap import numpy_reference
+from emit_jax import checkpoint, hf
+from emit_jax.hf import to_hf_layout
+from emit_jax.models import architectures
+from emit_jax.models.config import TextConfig, VisionConfig
+from emit_jax.models.emit import (EMIT, EMITConfig, HINT_TEXT, add_comp_token, comp_insert_index,
+                                  insert_comp_slots, official_soft_prompt, rotations_of,
+                                  scaled_layers, soft_prompt_from_hint, use_comp)
+from emit_jax.models.internvl import InternVL
+from emit_jax.ops.sampling import generate
+
+IM_END = 7
+
+
+def small_mllm(image_size=56, vision_layers=2, vocab=64, hidden=32, seed=0):
+    cfg = architectures.tiny()
+    cfg = cfg.replace(
+        vision=dataclasses.replace(cfg.vision, image_size=image_size, num_hidden_layers=vision_layers),
+        text=dataclasses.replace(cfg.text, vocab_size=vocab, hidden_size=hidden, intermediate_size=48,
+                                 num_hidden_layers=2),
+        image_token_id=vocab - 1)
+    return InternVL(cfg, rngs=nnx.Rngs(seed))
+
+
+def prompt_with_slots(model, n_ce_rows, length=12, seed=0):
+    """Left-aligned ids: text, comp slots, <|im_end|>, 3 trailing tokens (ChatML-like)."""
+    rs = np.random.RandomState(seed)
+    rows = []
+    for i in range(len(n_ce_rows)):
+        ids = list(rs.randint(10, 40, length)) + [IM_END, 1, 2, 3]
+        if n_ce_rows[i]:
+            ids = insert_comp_slots(ids, model.num_comp_slots, model.emit_config.comp_token_id, IM_END)
+        rows.append(ids)
+    width = max(map(len, rows))
+    ids = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):  # left padding
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+# ------------------------------------------------------------------ rules and small pieces
+def test_scaled_layers():
+    assert scaled_layers(24) == (4, 8, 16, 20)
+    assert scaled_layers(6) == (1, 2, 4, 5)
+    assert scaled_layers(12) == (2, 4, 8, 10)
+    assert EMITConfig().layers_for(24) == (4, 8, 16, 20)
+    assert EMITConfig().window_for(32) == 6 and EMITConfig().window_for(16) == 3
+
+
+def test_use_comp_rule():
+    ad = "Is there any defect in the object?\nA. Yes\nB. No\n"
+    dl = "Where is the defect?\nA. top left\n"
+    assert use_comp(2, ad) and use_comp(2, dl)
+    assert not use_comp(1, ad)  # one image
+    assert not use_comp(2, "What type of defect is it?")
+    assert use_comp(2, ad, mode="eval", image_path="DS-MVTec/pill/image/crack/000.png")
+    assert use_comp(2, dl, mode="eval", image_path="VisA/candle/Data/Images/Anomaly/000.JPG")
+    assert not use_comp(2, ad, mode="eval", image_path="MVTec-LOCO/box/test/x.png")
+    assert not use_comp(2, ad, mode="eval", image_path="GoodsAD/cigarette_box/x.jpg")
+
+
+def test_comp_slots_go_before_the_user_turns_close():
+    # system ... <|im_end|> \n user ... <|im_end|> \n <|im_start|> assistant \n
+    prompt = [5, 9, IM_END, 1, 6, 20, 21, 22, IM_END, 1, 6, 30, 1]
+    assert comp_insert_index(prompt, IM_END) == len(prompt) - 5
+    out = insert_comp_slots(prompt, 3, 99, IM_END)
+    assert out == prompt[:8] + [99, 99, 99] + prompt[8:]
+    with pytest.raises(ValueError, match="im_end"):
+        comp_insert_index([1, 2, 3], IM_END)
+
+
+def test_rotations_match_torch_rot90():
+    x = np.random.RandomState(0).randn(2, 3, 5, 5).astype(np.float32)
+    ours = np.asarray(rotations_of(jnp.asarray(x), 4))
+    for k in range(4):
+        np.testing.assert_array_equal(ours[:, k], torch.rot90(torch.tensor(x), k, (2, 3)).numpy())
+    # EMIT_SPEC 5.1: for k = 1, out[i][j] = in[j][W-1-i]
+    assert ours[0, 1, 0, 1, 3] == x[0, 0, 3, 5 - 1 - 1]
+
+
+def test_soft_prompt_inits():
+    sp = official_soft_prompt()
+    assert sp.shape == (9, 3584) and sp.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(sp, axis=1),
+                               [0.948, 0.940, 0.956, 0.902, 0.944, 0.952, 0.945, 0.864, 0.751],
+                               atol=1e-3)
+    table = np.arange(20 * 4, dtype=np.float32).reshape(20, 4)
+    rows = soft_prompt_from_hint(table, [3, 5, 7, 11, 13, 15, 17, 19], 9)  # 8 hint tokens
+    np.testing.assert_array_equal(rows, table[[3, 3, 5, 7, 11, 13, 15, 17, 19]])
+    assert soft_prompt_from_hint(table, list(range(18)), 9).tolist() == table[:18:2].tolist()
+
+
+def test_official_soft_prompt_used_at_hidden_3584():
+    cfg = architectures.tiny()
+    cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=56, num_hidden_layers=1),
+                      text=TextConfig(vocab_size=40, hidden_size=3584, intermediate_size=16,
+                                      num_hidden_layers=1, num_attention_heads=28,
+                                      num_key_value_heads=4), image_token_id=39)
+    model = EMIT.create(InternVL(cfg, rngs=nnx.Rngs(0)))
+    np.testing.assert_array_equal(np.asarray(model.soft_prompt[...]), official_soft_prompt())
+
+
+def test_soft_prompt_from_hint_ids_below_3584():
+    mllm = small_mllm()
+    hint_ids = [11, 12, 13, 14, 15, 16, 17, 18]
+    model = EMIT.create(mllm, hint_ids=hint_ids)
+    table = np.asarray(model.mllm.language_model.embed_tokens.embedding[...])
+    np.testing.assert_array_equal(np.asarray(model.soft_prompt[...]),
+                                  table[[11, 11, 12, 13, 14, 15, 16, 17, 18]])
+    assert HINT_TEXT == "Below are some hints for your reference:"
+
+
+def test_add_comp_token_rows_and_unchanged_logits():
+    for tied in (False, True):
+        mllm = small_mllm()
+        mllm = InternVL(mllm.config.replace(tie_word_embeddings=tied), rngs=nnx.Rngs(1))
+        grown, comp_id = add_comp_token(mllm)
+        assert comp_id == 64 and grown.config.text.vocab_size == 65
+        head = (grown.language_model.embed_tokens.embedding[...] if tied
+                else grown.lm_head.kernel[...].T)
+        old = (mllm.language_model.embed_tokens.embedding[...] if tied else mllm.lm_head.kernel[...].T)
+        np.testing.assert_allclose(np.asarray(head[comp_id]), np.asarray(old).mean(0), atol=1e-6)
+        ids = jnp.asarray([[3, 4, 5, 6]])
+        np.testing.assert_allclose(np.asarray(grown(ids))[..., :64], np.asarray(mllm(ids)), atol=1e-5)
+
+
+# ------------------------------------------------------------------ projector vs torch
+def test_batchnorm_matches_torch_train_and_eval():
+    model = EMIT.create(small_mllm(), hint_ids=[1, 2])
+    bn = model.projector.bn
+    tbn = torch.nn.BatchNorm2d(1)
+    rs = np.random.RandomState(0)
+    for step in range(3):
+        x = (rs.rand(3, 4, 4) * (step + 1)).astype(np.float32)
+        model.train()
+        ours = np.asarray(bn(jnp.asarray(x)))
+        tbn.train()
+        ref = tbn(torch.tensor(x)[:, None])[:, 0].detach().numpy()
+        np.testing.assert_allclose(ours, ref, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(bn.mean[...]), tbn.running_mean.numpy(), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(bn.var[...]), tbn.running_var.numpy(), atol=1e-6)
+    model.eval()
+    tbn.eval()
+    x = rs.rand(2, 4, 4).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(bn(jnp.asarray(x))),
+                               tbn(torch.tensor(x)[:, None])[:, 0].detach().numpy(), atol=1e-5)
+
+
+def test_conv_projector_matches_torch_and_init():
+    model = EMIT.create(small_mllm(hidden=64), hint_ids=[1])
+    conv = model.projector.conv
+    k = np.asarray(conv.kernel[...])
+    assert k.shape == (4, 4, 1, 64)
+    assert abs(k.std() - np.sqrt(2 / 16)) < 0.05 and np.all(np.asarray(conv.bias[...]) == 0)
+    tconv = torch.nn.Conv2d(1, 64, 4, 2, 1)
+    with torch.no_grad():
+        tconv.weight.copy_(torch.tensor(to_hf_layout(("kernel",), k)))
+        tconv.bias.copy_(torch.randn(64))
+        conv.bias[...] = jnp.asarray(tconv.bias.numpy())
+    model.eval()
+    heat = np.random.RandomState(1).rand(2, 8, 8).astype(np.float32)
+    ours = np.asarray(model.projector(jnp.asarray(heat)))  # [2, 16, 64]
+    bn = model.projector.bn
+    normed = (heat - np.asarray(bn.mean[...])) / np.sqrt(np.asarray(bn.var[...]) + 1e-5)
+    ref = tconv(torch.tensor(normed[:, None], dtype=torch.float32)).detach()
+    ref = ref.permute(0, 2, 3, 1).reshape(2, 16, 64).numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+# ------------------------------------------------------------------ heat map from the ViT
+def test_contrastive_heatmap_equals_transformers_vit_plus_numpy(save_hf):
+    """Features from transformers' InternVL ViT (query + torch.rot90 references), the windowed
+    definition in NumPy: equal to EMIT.heatmap on the converted model."""
+    cfg = hf_config(vision_layers=3, image_size=84)
+    tmodel = make_hf_model(cfg, seed=4)
+    mllm = hf.load(save_hf(tmodel))
+    ecfg = EMITConfig(ce_layers=(1, 3), window=2)
+    model = EMIT.create(mllm, ecfg, hint_ids=[1, 2, 3])
+    rs = np.random.RandomState(0)
+    ce = rs.randn(2, 2, 3, 84, 84).astype(np.float32)
+    ours = np.asarray(model.heatmap(jnp.asarray(ce)))
+    vit = tmodel.model.vision_tower
+    with torch.no_grad():
+        ref = torch.tensor(ce[:, 0])
+        rots = torch.cat([torch.rot90(ref, k, (2, 3)) for k in range(4)])  # [k-major]
+        hq = vit(pixel_values=torch.tensor(ce[:, 1]), output_hidden_states=True).hidden_states
+        hr = vit(pixel_values=rots, output_hidden_states=True).hidden_states
+    g = 6
+    q = np.stack([hq[l][:, 1:].numpy().reshape(2, g, g, -1) for l in (1, 3)])
+    r = np.stack([hr[l][:, 1:].numpy().reshape(4, 2, g, g, -1).transpose(1, 0, 2, 3, 4)
+                  for l in (1, 3)])
+    want = numpy_reference(q, r, 2, True)
+    np.testing.assert_allclose(ours, want, atol=1e-4)
+
+
+def test_identical_images_give_a_flat_zero_map():
+    model = EMIT.create(small_mllm(), hint_ids=[1])
+    img = np.random.RandomState(2).randn(1, 3, 56, 56).astype(np.float32)
+    heat = np.asarray(model.heatmap(jnp.asarray(np.stack([img, img], 1))))
+    np.testing.assert_allclose(heat, 0.0, atol=1e-5)
+
+
+def test_no_gradient_reaches_the_vit_through_ce():
+    model = EMIT.create(small_mllm(), hint_ids=[1])
+    ce = jnp.asarray(np.random.RandomState(3).randn(1, 2, 3, 56, 56), jnp.float32)
+
+    def loss(m):
+        return jnp.sum(m.ref_tokens(ce) ** 2)
+
+    grads = nnx.grad(loss)(model)
+    vit_grads = jax.tree.leaves(nnx.state(grads)["mllm"]["vision_tower"])
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in vit_grads)
+    assert float(jnp.abs(nnx.state(grads)["projector"]["conv"]["kernel"][...]).max()) > 0
+    assert float(jnp.abs(nnx.state(grads)["soft_prompt"][...]).max()) > 0
+
+
+# ------------------------------------------------------------------ assembly
+def test_ref_tokens_fill_the_comp_slots_in_batch_order():
+    model = EMIT.create(small_mllm(), hint_ids=[1, 2])
+    model.eval()
+    assert model.num_comp_slots == 9 + 4
+    ids, mask = prompt_with_slots(model, [1, 0, 1])
+    ce = jnp.asarray(np.random.RandomState(5).randn(2, 2, 3, 56, 56), jnp.float32)
+    embeds = np.asarray(model.embed(jnp.asarray(ids), None, ce))
+    base = np.asarray(model.mllm.embed(jnp.asarray(ids)))
+    ref = np.asarray(model.ref_tokens(ce))
+    slots = ids == model.emit_config.comp_token_id
+    np.testing.assert_array_equal(embeds[~slots], base[~slots])
+    np.testing.assert_allclose(embeds[0][slots[0]], ref[0], atol=1e-6)
+    np.testing.assert_allclose(embeds[2][slots[2]], ref[1], atol=1e-6)
+    np.testing.assert_allclose(ref[0, :9], np.asarray(model.soft_prompt[...]), atol=1e-6)
+    with pytest.raises(ValueError, match="comp tokens do not match"):
+        model.embed(jnp.asarray(ids), None, ce[:1])
+
+
+@pytest.mark.parametrize("use_sp,use_ce,slots", [(True, False, 9), (False, True, 4), (False, False, 0)])
+def test_ablation_switches(use_sp, use_ce, slots):
+    model = EMIT.create(small_mllm(), EMITConfig(use_soft_prompt=use_sp, use_contrastive=use_ce),
+                        hint_ids=[1])
+    model.eval()
+    assert model.num_comp_slots == slots
+    ce = jnp.asarray(np.random.RandomState(6).randn(1, 2, 3, 56, 56), jnp.float32)
+    tokens = np.asarray(model.ref_tokens(ce))
+    assert tokens.shape == (1, slots, 32)
+    if use_sp:
+        np.testing.assert_allclose(tokens[0, :9], np.asarray(model.soft_prompt[...]), atol=1e-6)
+    ids, mask = prompt_with_slots(model, [1])
+    logits = model(jnp.asarray(ids), None, jnp.asarray(mask), ce)
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_official_bn_mode_reproduces_the_dummy_pass():
+    ids = jnp.asarray([[10, 11, 12, IM_END, 1]])
+    for mode, changes in (("standard", False), ("official", True)):
+        model = EMIT.create(small_mllm(), EMITConfig(bn_mode=mode), hint_ids=[1])
+        model.train()
+        model(ids)  # a batch with no CE sample
+        var = float(model.projector.bn.var[...][0])
+        assert (var < 1.0) == changes, (mode, var)
+        if changes:  # zero heat map: mean stays 0, var decays by (1 - momentum)
+            assert abs(var - 0.9) < 1e-6 and float(model.projector.bn.mean[...][0]) == 0.0
+        model.eval()
+        before = float(model.projector.bn.var[...][0])
+        model(ids)
+        assert float(model.projector.bn.var[...][0]) == before  # eval never updates
+
+
+def test_generate_with_ce_equals_full_forward_greedy():
+    model = EMIT.create(small_mllm(), hint_ids=[1])
+    model.eval()
+    ids, mask = prompt_with_slots(model, [1, 1])
+    ce = jnp.asarray(np.random.RandomState(8).randn(2, 2, 3, 56, 56), jnp.float32)
+    out = generate(model, ids, mask, ce_pixels=ce, max_new_tokens=6)
+    full_ids = jnp.concatenate([jnp.asarray(ids), out.tokens], 1)
+    full_mask = jnp.concatenate([jnp.asarray(mask), jnp.ones_like(out.tokens)], 1)
+    logits = model(full_ids, None, full_mask, ce)
+    greedy = np.asarray(jnp.argmax(logits[:, ids.shape[1] - 1:-1], -1))
+    np.testing.assert_array_equal(np.asarray(out.tokens), greedy)
+
+
+# ------------------------------------------------------------------ interop
+def _extras(model):
+    st = dict(nnx.to_flat_state(nnx.state(model)))
+    keys = [k for k in st if k[0] in ("soft_prompt", "projector")]
+    return {k: np.asarray(st[k].get_value()) for k in keys}
+
+
+def test_emit_round_trips_through_hf_folder_and_transformers_loads_it(tmp_path, save_hf):
+    import transformers
+
+    mllm = hf.load(save_hf(make_hf_model(hf_config(), seed=2)))
+    model = EMIT.create(mllm, hint_ids=[1, 2, 3])
+    model.train()
+    model.projector.bn.update_stats(jnp.asarray(np.random.RandomState(0).rand(2, 4, 4), jnp.float32))
+    out = hf.save(model, tmp_path / "emit_hf")
+    assert os.path.isfile(os.path.join(out, hf.EMIT_EXTRAS))
+    with safe_open(os.path.join(out, hf.EMIT_EXTRAS), "numpy") as f:
+        assert set(f.keys()) == {"soft_prompt", "projector.bn.weight", "projector.bn.bias",
+                                 "projector.bn.running_mean", "projector.bn.running_var",
+                                 "projector.conv.weight", "projector.conv.bias"}
+        assert f.get_tensor("projector.conv.weight").shape == (64, 1, 4, 4)  # hidden 64
+    back = hf.load(out)
+    assert isinstance(back, EMIT) and back.emit_config == model.emit_config
+    a, b = _extras(model), _extras(back)
+    assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+    comp = model.emit_config.comp_token_id
+    np.testing.assert_array_equal(np.asarray(back.mllm.lm_head.kernel[...][:, comp]),
+                                  np.asarray(model.mllm.lm_head.kernel[...][:, comp]))
+    t, info = transformers.InternVLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert t.config.text_config.vocab_size == comp + 1
+    # and through an Orbax checkpoint
+    checkpoint.save_model(back, tmp_path / "ck")
+    again, meta = checkpoint.load_model(tmp_path / "ck")
+    assert isinstance(again, EMIT) and meta["emit_config"]["comp_token_id"] == comp
+    c = _extras(again)
+    assert all(a[k].tobytes() == c[k].tobytes() for k in a)
