@@ -88,7 +88,9 @@ def test_strategy_choice_and_flops():
     assert choose_strategy(8, 8, 6) == "dense"
     dense = flops(4, 1, 4, 32, 32, 1024, 6, "dense")
     assert dense == 2 * 4 * 1024 * 4096 * 1024
-    assert flops(4, 1, 4, 32, 32, 1024, 6, "banded") == dense * 13 // 32
+    # blocks of 8 query rows reach 14, 20, 20, 14 reference rows: 544 of 32 x 32 row pairs
+    assert flops(4, 1, 4, 32, 32, 1024, 6, "banded") == dense * 544 // 1024
+    assert flops(4, 1, 4, 32, 32, 1024, 6, "shifted") == 2 * 4 * 4 * 1024 * 169 * 1024
 
 
 def test_bad_shapes_are_rejected():
