@@ -332,3 +332,28 @@ def test_emit_round_trips_through_hf_folder_and_transformers_loads_it(tmp_path, 
     assert isinstance(again, EMIT) and meta["emit_config"]["comp_token_id"] == comp
     c = _extras(again)
     assert all(a[k].tobytes() == c[k].tobytes() for k in a)
+
+
+def test_tokenizer_gets_comp_token_and_hint_ids():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from emit_jax.models.emit import COMP_TOKEN, hint_token_ids
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([HINT_TEXT, "a pill with a crack"] * 20,
+                            trainers.BpeTrainer(vocab_size=63, special_tokens=["<unk>"]))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    mllm = small_mllm(vocab=len(hf_tok))
+    hint = hint_token_ids(hf_tok)
+    model = EMIT.create(mllm, tokenizer=hf_tok)
+    comp = model.emit_config.comp_token_id
+    assert comp == len(hf_tok) - 1 == hf_tok.convert_tokens_to_ids(COMP_TOKEN)
+    assert hf_tok(f"x {COMP_TOKEN} y")["input_ids"].count(comp) == 1
+    table = np.asarray(model.mllm.language_model.embed_tokens.embedding[...])
+    idx = [hint[i * len(hint) // 9] for i in range(9)]
+    np.testing.assert_array_equal(np.asarray(model.soft_prompt[...]), table[idx])
+    other = small_mllm(vocab=len(hf_tok) + 5)
+    with pytest.raises(ValueError, match="the model expects"):
+        EMIT.create(other, tokenizer=hf_tok)

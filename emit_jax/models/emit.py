@@ -272,6 +272,25 @@ def add_comp_token(mllm: InternVL) -> tuple[InternVL, int]:
     return nnx.merge(graphdef, state), new_id
 
 
+def add_comp_token_to_tokenizer(tokenizer, expected_id: int | None = None) -> int:
+    """Register ``<COMP_CONTEXT>`` as a special token of a transformers tokenizer and return its
+    id; with ``expected_id`` (the model's ``comp_token_id``) a mismatch is an error, since the
+    model's added row must be the token's row."""
+    tokenizer.add_special_tokens({"additional_special_tokens": [COMP_TOKEN]},
+                                 replace_extra_special_tokens=False)
+    tid = tokenizer.convert_tokens_to_ids(COMP_TOKEN)
+    if expected_id is not None and tid != expected_id:
+        raise ValueError(f"tokenizer gives {COMP_TOKEN} id {tid}, the model expects {expected_id} "
+                         f"(tokenizer has {len(tokenizer)} entries; the model's vocabulary must be "
+                         "the tokenizer's before the token is added)")
+    return tid
+
+
+def hint_token_ids(tokenizer, text: str = HINT_TEXT) -> list[int]:
+    """The hint text's token ids (no special tokens)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 # ------------------------------------------------------------------------------ the model
 class EMIT(nnx.Module):
     """InternVL + soft prompt + contrastive-embedding projector.
@@ -304,15 +323,20 @@ class EMIT(nnx.Module):
 
     @classmethod
     def create(cls, mllm: InternVL, cfg: EMITConfig = EMITConfig(), *, rngs: nnx.Rngs | None = None,
-               hint_ids: Sequence[int] | None = None) -> "EMIT":
+               hint_ids: Sequence[int] | None = None, tokenizer=None) -> "EMIT":
         """Add ``<COMP_CONTEXT>`` to ``mllm`` (unless ``cfg.comp_token_id`` is set) and
         initialise the soft prompt: the official 9 x 3584 value at hidden size 3584, else the
         embeddings of the hint text's ``hint_ids`` (:func:`soft_prompt_from_hint`), else a
-        N(0, 0.02) draw with a warning."""
+        N(0, 0.02) draw with a warning. With a ``tokenizer`` the hint ids come from it and
+        ``<COMP_CONTEXT>`` is registered in it too (ids checked to agree)."""
         rngs = rngs or nnx.Rngs(0)
+        if tokenizer is not None and hint_ids is None:
+            hint_ids = hint_token_ids(tokenizer)
         if cfg.comp_token_id is None:
             mllm, comp_id = add_comp_token(mllm)
             cfg = dataclasses.replace(cfg, comp_token_id=comp_id)
+        if tokenizer is not None:
+            add_comp_token_to_tokenizer(tokenizer, cfg.comp_token_id)
         d = mllm.config.text.hidden_size
         init = None
         if d == 3584 and cfg.num_soft_tokens == 9:
