@@ -5,10 +5,12 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from emit_jax.data.image import ImageError
+from emit_jax.data.mvtec import DataError
 from emit_jax.hf import CheckpointError
 from emit_jax.models.config import ConfigError
 
-USER_ERRORS = (ConfigError, CheckpointError, OSError)
+USER_ERRORS = (ConfigError, CheckpointError, DataError, ImageError, OSError)
 
 
 def _message(e: BaseException) -> str:

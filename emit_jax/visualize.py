@@ -102,5 +102,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    cli.USER_ERRORS = cli.USER_ERRORS + (ImageError,)
     sys.exit(cli.run(main, prog="emit_jax.visualize"))

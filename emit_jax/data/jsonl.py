@@ -1,0 +1,121 @@
+"""EMIT's JSONL training files (ms-swift custom-dataset format, EMIT_SPEC 9.1).
+
+Stage 1 (SFT)::  {"id", "images": [reference, query], "messages": [{"role": "user", ...},
+                  {"role": "assistant", "content": "B"}], <metadata>}
+Stage 2 (GRPO):: {"id", "images": [...], "messages": [{"role": "user", ...}], "solution": "B",
+                  <metadata>}
+
+Metadata keys (forwarded to reward functions): ``task_type``, ``adlabel``, ``mask_path``,
+``defect_location``, ``object_type``, ``anomaly_type``, ``chat_type``; we add ``options``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Iterable, Iterator, Sequence
+
+from emit_jax.data.mvtec import DataError, Report
+from emit_jax.data.prompts import LETTERS, TASKS
+from emit_jax.data.tasks import Question
+
+
+def question_to_record(q: Question, stage: int, idx: int) -> dict:
+    rec = {"id": f"{q.meta.get('object_type', 'x')}-{idx:06d}", "images": list(q.images),
+           "messages": [{"role": "user", "content": q.user}]}
+    if stage == 1:
+        rec["messages"].append({"role": "assistant", "content": q.answer})
+    else:
+        rec["solution"] = q.answer
+    rec.update({k: v for k, v in q.meta.items()})
+    rec["options"] = list(q.options)
+    return rec
+
+
+def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> int:
+    """Write atomically (temp file + rename); returns the number of records."""
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=os.path.dirname(path))
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                n += 1
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return n
+
+
+def _check(rec, where: str, data_root: str | None) -> dict:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object")
+    msgs = rec.get("messages")
+    if not isinstance(msgs, list) or not msgs or msgs[0].get("role") != "user" \
+            or not isinstance(msgs[0].get("content"), str):
+        raise DataError(f"{where}: 'messages' must start with a user turn")
+    images = rec.get("images", [])
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise DataError(f"{where}: 'images' must be a list of paths")
+    if msgs[0]["content"].count("<image>") != len(images):
+        raise DataError(f"{where}: {msgs[0]['content'].count('<image>')} <image> tags but "
+                        f"{len(images)} images")
+    if data_root is not None:
+        root = os.path.realpath(data_root)
+        resolved = []
+        for p in images:
+            full = os.path.realpath(os.path.join(root, p))
+            if os.path.commonpath([root, full]) != root:
+                raise DataError(f"{where}: image path {p!r} resolves outside the data root {root}")
+            resolved.append(full)
+        rec = dict(rec, images=resolved)
+    task = rec.get("task_type")
+    if task is not None and task not in TASKS:
+        raise DataError(f"{where}: unknown task_type {task!r}")
+    answer = rec.get("solution") or (msgs[1].get("content") if len(msgs) > 1 else None)
+    options = rec.get("options")
+    if answer is not None:
+        n_opts = len(options) if isinstance(options, list) else 4
+        if not isinstance(answer, str) or answer.strip() not in LETTERS[:n_opts]:
+            raise DataError(f"{where}: answer {answer!r} is not one of the options "
+                            f"{list(LETTERS[:n_opts])}")
+    return rec
+
+
+def read_jsonl(path: str | os.PathLike, *, data_root: str | None = None,
+               report: Report | None = None) -> Iterator[dict]:
+    """Validated records; problems name the file and line (``report`` policy error/skip).
+    With ``data_root`` image paths are resolved inside it, and one escaping it is an error."""
+    path = os.fspath(path)
+    report = report or Report()
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = _check(json.loads(line), where, data_root)
+                rid = rec.get("id")
+                if rid is not None:
+                    if rid in seen:
+                        raise DataError(f"{where}: duplicate id {rid!r}")
+                    seen.add(rid)
+            except json.JSONDecodeError as e:
+                report.problem(f"{where}: malformed JSON ({e.msg})")
+                continue
+            except DataError as e:
+                report.problem(str(e))
+                continue
+            yield rec
+
+
+def records(questions: Sequence[Question], stage: int) -> list[dict]:
+    return [question_to_record(q, stage, i) for i, q in enumerate(questions)]

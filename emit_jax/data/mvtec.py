@@ -1,0 +1,156 @@
+"""MVTec-AD-style datasets (MVTec AD, MPDD, VisA and BTAD in that layout, the embedded dataset)::
+
+    <root>/<class>/train/good/*.png
+    <root>/<class>/test/good/*.png            (BTAD: ok/)
+    <root>/<class>/test/<defect>/*.png
+    <root>/<class>/ground_truth/<defect>/<stem>_mask.png
+
+``scan`` lists every image as an :class:`ImageItem`. Masks are paired by file stem
+(``000.png`` <-> ``000_mask.png`` or ``000.png``); the official generator zips the two sorted
+lists, which agrees whenever every image has its mask. Defect folders ``ko`` and ``anomalous``
+have an unknown type (``defect=None``, EMIT_SPEC 9.2). Problems are reported through a
+:class:`Report` under the ``error`` (raise) or ``skip`` (count and continue) policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterator
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+GOOD_DIRS = ("good", "ok")
+UNKNOWN_TYPE_DIRS = ("ko", "anomalous")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and line)."""
+
+
+@dataclasses.dataclass
+class Report:
+    """Counts what a reader or builder skipped under ``policy='skip'``."""
+
+    policy: str = "error"
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if self.policy not in ("error", "skip"):
+            raise ValueError(f"policy must be 'error' or 'skip', got {self.policy!r}")
+
+    def problem(self, message: str) -> None:
+        """Raise (policy 'error') or record and continue (policy 'skip')."""
+        if self.policy == "error":
+            raise DataError(message)
+        self.skipped.append(message)
+
+    def summary(self) -> str:
+        return f"skipped {len(self.skipped)}" + (f" (first: {self.skipped[0]})" if self.skipped else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageItem:
+    path: str  # absolute
+    dataset: str
+    object_type: str
+    split: str  # "train" | "test", or the split named in splits.json
+    defect: str | None  # None: a normal image, or an anomaly of unknown type (see is_anomalous)
+    is_anomalous: bool
+    mask_path: str | None = None
+    description: str | None = None  # object description text (text-as-query samples)
+
+
+def _images(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."))
+
+
+def _class_dirs(root: str) -> list[str]:
+    if any(os.path.isdir(os.path.join(root, d)) for d in ("train", "test")):
+        return [root]  # a single class folder
+    return sorted(os.path.join(root, d) for d in os.listdir(root)
+                  if os.path.isdir(os.path.join(root, d, "test"))
+                  or os.path.isdir(os.path.join(root, d, "train")))
+
+
+def _find_mask(gt_dir: str, stem: str) -> str | None:
+    for name in (f"{stem}_mask.png", f"{stem}.png", f"{stem}_mask.jpg"):
+        p = os.path.join(gt_dir, name)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def _read_splits(root: str) -> dict[str, str] | None:
+    path = os.path.join(root, "splits.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return {os.path.normpath(p): split for split, paths in data.items() for p in paths}
+    except (json.JSONDecodeError, AttributeError, TypeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a valid splits file ({e})") from None
+
+
+def _description(root: str, path: str) -> str | None:
+    txt = os.path.splitext(path)[0] + ".txt"
+    if os.path.isfile(txt):
+        with open(txt, encoding="utf-8") as f:
+            return f.read().strip()
+    return None
+
+
+def scan(root: str | os.PathLike, *, dataset: str | None = None,
+         report: Report | None = None) -> list[ImageItem]:
+    """Every image of an MVTec-style dataset (``root`` holds class folders, or is one)."""
+    root = os.path.abspath(os.fspath(root))
+    report = report or Report()
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: no such dataset folder")
+    dataset = dataset or os.path.basename(root.rstrip("/"))
+    splits = _read_splits(root)
+    items: list[ImageItem] = []
+    classes = _class_dirs(root)
+    if not classes:
+        raise DataError(f"{root}: no class folders with train/ or test/ (expected MVTec AD layout)")
+    for cdir in classes:
+        obj = os.path.basename(cdir)
+        for split in ("train", "test"):
+            sdir = os.path.join(cdir, split)
+            if not os.path.isdir(sdir):
+                continue
+            for sub in sorted(os.listdir(sdir)):
+                folder = os.path.join(sdir, sub)
+                if not os.path.isdir(folder):
+                    continue
+                good = sub.lower() in GOOD_DIRS
+                if split == "train" and not good:
+                    report.problem(f"{folder}: training folders must be normal ('good'); skipped")
+                    continue
+                for path in _images(folder):
+                    mask = None
+                    if not good:
+                        stem = os.path.splitext(os.path.basename(path))[0]
+                        mask = _find_mask(os.path.join(cdir, "ground_truth", sub), stem)
+                        if mask is None:
+                            report.problem(f"{path}: no mask in {os.path.join(cdir, 'ground_truth', sub)}")
+                            continue
+                    rel = os.path.normpath(os.path.relpath(path, root))
+                    item_split = splits.get(rel, "unlisted") if splits is not None else split
+                    items.append(ImageItem(
+                        path=path, dataset=dataset, object_type=obj, split=item_split,
+                        defect=None if good or sub.lower() in UNKNOWN_TYPE_DIRS else sub,
+                        is_anomalous=not good, mask_path=mask,
+                        description=_description(root, path)))
+    return items
+
+
+def iter_classes(items: list[ImageItem]) -> Iterator[tuple[str, list[ImageItem]]]:
+    by: dict[str, list[ImageItem]] = {}
+    for it in items:
+        by.setdefault(it.object_type, []).append(it)
+    yield from sorted(by.items())

@@ -1,0 +1,210 @@
+"""MVTec-style reading, the four tasks, the 3x3 rule, references and EMIT's JSONL."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from emit_jax.data import jsonl, prompts, tasks
+from emit_jax.data.build import build
+from emit_jax.data.mvtec import DataError, Report, scan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _img(path, rgb, size=48, mode="RGB"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new(mode, (size, size), rgb).save(path)
+
+
+def make_mvtec(root, classes=("widget", "bolt")):
+    """An exact MVTec AD layout: train/good, test/good, test/<defect>, ground_truth masks.
+    Defect 'dent' sits in the top-left cell, 'smear' spans right + bottom right (more pixels
+    in bottom right)."""
+    for ci, c in enumerate(classes):
+        for i in range(4):
+            _img(f"{root}/{c}/train/good/{i:03d}.png", (200 - 10 * i, 180, 160 + ci * 20))
+        for i in range(2):
+            _img(f"{root}/{c}/test/good/{i:03d}.png", (190, 182 + i, 160 + ci * 20))
+        for d, boxes in (("dent", [(2, 2, 10, 10)]), ("smear", [(34, 20, 46, 30), (34, 33, 46, 47)])):
+            for i in range(2):
+                img = Image.new("RGB", (48, 48), (200, 180, 160 + ci * 20))
+                mask = Image.new("L", (48, 48), 0)
+                for b in boxes:
+                    img.paste((20, 20, 20), b)
+                    mask.paste(255, b)
+                os.makedirs(f"{root}/{c}/test/{d}", exist_ok=True)
+                os.makedirs(f"{root}/{c}/ground_truth/{d}", exist_ok=True)
+                img.save(f"{root}/{c}/test/{d}/{i:03d}.png")
+                mask.save(f"{root}/{c}/ground_truth/{d}/{i:03d}_mask.png")
+    return str(root)
+
+
+def test_scan_reads_the_mvtec_layout(tmp_path):
+    items = scan(make_mvtec(tmp_path / "ds"))
+    assert len(items) == 2 * (4 + 2 + 4)
+    anomalies = [i for i in items if i.is_anomalous]
+    assert len(anomalies) == 8 and all(i.mask_path.endswith("_mask.png") for i in anomalies)
+    assert {i.defect for i in anomalies} == {"dent", "smear"}
+    assert all(i.dataset == "ds" for i in items)
+
+
+def test_missing_mask_error_and_skip(tmp_path):
+    root = make_mvtec(tmp_path / "ds", classes=("widget",))
+    os.remove(f"{root}/widget/ground_truth/dent/001_mask.png")
+    with pytest.raises(DataError, match="001.png: no mask"):
+        scan(root)
+    report = Report("skip")
+    items = scan(root, report=report)
+    assert len(report.skipped) == 1 and len(items) == 9
+
+
+def test_mask_to_grid_rule():
+    m = np.zeros((10, 11), np.uint8)  # rows [0,3) [3,6) [6,10); cols [0,3) [3,7) [7,11)
+    m[0:2, 0:2] = 1  # top left: 4 px
+    m[7:10, 8:11] = 255  # bottom right: 9 px
+    counts = tasks.mask_cell_counts(m)
+    assert counts.tolist() == [4, 0, 0, 0, 0, 0, 0, 0, 9]
+    assert tasks.defect_regions(counts) == ["bottom right", "top left"]
+    opts, idx = tasks.localization_options(counts, random.Random(0))
+    assert opts[idx] in prompts.REGION_SYNONYMS["bottom right"]
+    others = [o for i, o in enumerate(opts) if i != idx]
+    assert not any(o in prompts.REGION_SYNONYMS["top left"] for o in others)  # defect cells excluded
+    assert tasks.localization_options(np.zeros(9, int), random.Random(0)) is None
+    assert tasks.localization_options(np.ones(9, int), random.Random(0)) is None
+    # fewer than 3 free cells: drawn with replacement (the official quirk)
+    c = np.array([1, 1, 1, 1, 1, 1, 1, 0, 0])
+    opts, idx = tasks.localization_options(c, random.Random(1))
+    assert len(opts) == 4
+
+
+def test_process_string_and_qblock():
+    assert prompts.process_string("missing_parts") == "Missing parts."
+    assert prompts.process_string("PCB_1") == "Pcb."
+    assert prompts.qblock("Q?", ["Yes.", "No."]) == "Q? \nA. Yes.\nB. No.\n"
+
+
+def test_questions_per_image_and_seeded(tmp_path):
+    items = scan(make_mvtec(tmp_path / "ds"))
+    refs = tasks.select_references(items, tasks.pixel_embedder())
+    dk = {"widget": {"good": "A widget.", "dent": "A dent\nis dark."}, "bolt": {"good": "A bolt."}}
+    qs = tasks.build_questions(items, stage=2, seed=3, references=refs, domain_knowledge=dk)
+    by_task = {}
+    for q in qs:
+        by_task.setdefault(q.task, []).append(q)
+    assert len(by_task["anomaly_discrimination"]) == 20  # every image
+    assert len(by_task["defect_classification"]) == 8 and len(by_task["defect_localization"]) == 8
+    assert len(by_task["object_classification"]) == 12  # normal images
+    for q in by_task["defect_localization"]:
+        region = "top left" if q.meta["anomaly_type"] == "dent" else "bottom right"
+        assert q.options[ord(q.answer) - 65] in prompts.REGION_SYNONYMS[region]
+    for q in by_task["anomaly_discrimination"]:
+        want = "Yes." if q.meta["adlabel"] else "No."
+        assert q.options[ord(q.answer) - 65] == want and len(q.images) == 2
+        assert q.images[0] != q.images[1] and "widget" in q.images[0] or "bolt" in q.images[0]
+        assert prompts.INSTR_THINK in q.user and "Image-1: <image>\nImage-2: <image>\n" in q.user
+    oc = by_task["object_classification"][0]
+    assert oc.images == (oc.images[0],) and oc.user.startswith("Query image: <image>\n")
+    widget_q = next(q for q in qs if q.meta["object_type"] == "widget" and q.task != "object_classification")
+    assert "<Normal Characteristics>\n Description: A widget." in widget_q.user
+    assert "<Dent Defect>\n Description: A dent is dark." in widget_q.user
+    again = tasks.build_questions(items, stage=2, seed=3, references=refs, domain_knowledge=dk)
+    assert [q.user for q in again] == [q.user for q in qs]
+    other = tasks.build_questions(items, stage=2, seed=4, references=refs, domain_knowledge=dk)
+    assert [q.answer for q in other] != [q.answer for q in qs]
+
+
+def test_stage1_is_ad_and_dl_direct(tmp_path):
+    items = scan(make_mvtec(tmp_path / "ds"))
+    refs = tasks.select_references(items, tasks.pixel_embedder())
+    qs = tasks.build_questions(items, stage=1, references=refs)
+    assert {q.task for q in qs} == {"anomaly_discrimination", "defect_localization"}
+    assert all(prompts.INSTR_DIRECT in q.user for q in qs)
+
+
+def test_reference_selection_rules():
+    from emit_jax.data.mvtec import ImageItem
+
+    def item(name, anomalous=False):
+        return ImageItem(path=name, dataset="d", object_type="c", split="test", defect=None,
+                         is_anomalous=anomalous)
+    vec = {"n0": [1, 0], "n1": [0.9, 0.1], "n2": [0, 1], "a": [1, 0.01]}
+    embed = lambda paths: np.array([vec[p] for p in paths])  # noqa: E731
+    items = [item("n0"), item("n1"), item("n2"), item("a", True)]
+    refs = tasks.select_references(items, embed)
+    assert refs["n0"] == "n1" and refs["n2"] == "n1" and refs["a"] == "n0"
+    official = tasks.select_references(items, embed, skip_rank1_for_anomalous=True)
+    assert official["a"] == "n1" and official["n0"] == "n1"  # rank 2 for the anomaly
+
+
+def test_mask_size_mismatch_is_reported(tmp_path):
+    root = make_mvtec(tmp_path / "ds", classes=("widget",))
+    Image.new("L", (20, 20), 255).save(f"{root}/widget/ground_truth/dent/000_mask.png")
+    items = scan(root)
+    refs = tasks.select_references(items, tasks.pixel_embedder())
+    with pytest.raises(DataError, match="000_mask.png: mask is 20x20"):
+        tasks.build_questions(items, stage=2, references=refs)
+    report = Report("skip")
+    tasks.build_questions(items, stage=2, references=refs, report=report)
+    assert len(report.skipped) == 1
+
+
+def test_empty_mask_is_relabelled_normal(tmp_path):
+    root = make_mvtec(tmp_path / "ds")
+    Image.new("L", (48, 48), 0).save(f"{root}/widget/ground_truth/dent/000_mask.png")
+    items = scan(root)
+    refs = tasks.select_references(items, tasks.pixel_embedder())
+    qs = [q for q in tasks.build_questions(items, stage=2, references=refs)
+          if q.meta.get("mask_path", "") and q.meta["mask_path"].endswith("widget/ground_truth/dent/000_mask.png")]
+    assert {q.task for q in qs} == {"anomaly_discrimination", "object_classification"}
+    assert all(q.meta["adlabel"] == 0 for q in qs)
+
+
+def test_build_cli_writes_emit_jsonl(tmp_path):
+    root = make_mvtec(tmp_path / "ds")
+    out = tmp_path / "train.jsonl"
+    r = subprocess.run([sys.executable, "-m", "emit_jax.data.build", "--source", root, "--out",
+                        str(out), "--stage", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    recs = list(jsonl.read_jsonl(out))
+    assert summary["records"] == len(recs) == 48
+    rec = recs[0]
+    assert set(rec) >= {"id", "images", "messages", "solution", "task_type", "adlabel", "mask_path",
+                        "defect_location", "object_type", "anomaly_type", "chat_type"}
+    assert rec["messages"][0]["role"] == "user" and len(rec["messages"]) == 1
+    out1 = tmp_path / "sft.jsonl"
+    assert build(root, str(out1), 1)["records"] == 20 + 8
+    rec1 = next(jsonl.read_jsonl(out1))
+    assert rec1["messages"][1]["role"] == "assistant" and rec1["messages"][1]["content"] in "AB"
+
+
+@pytest.mark.parametrize("line,needle", [
+    ('{"images": [], "messages": [{"role": "user", "content": "hi"}], "solution": "E"}', "not one of"),
+    ('{"images": ["a.png"], "messages": [{"role": "user", "content": "no tag"}]}', "<image> tags"),
+    ('{"images": [], "messages": [{"role": "user", "content": "x"}], "task_type": "dance"}', "unknown task_type"),
+    ('{"images": [], "messages": [', "malformed JSON"),
+    ('{"images": ["../../etc/passwd"], "messages": [{"role": "user", "content": "<image>"}]}', "outside the data root"),
+])
+def test_jsonl_bad_lines_name_file_and_line(tmp_path, line, needle):
+    good = '{"id": "a", "images": [], "messages": [{"role": "user", "content": "x"}], "solution": "A"}'
+    path = tmp_path / "bad.jsonl"
+    path.write_text(good + "\n" + line + "\n")
+    with pytest.raises(DataError, match=f"bad.jsonl:2: .*{needle}"):
+        list(jsonl.read_jsonl(path, data_root=str(tmp_path)))
+    report = Report("skip")
+    assert len(list(jsonl.read_jsonl(path, data_root=str(tmp_path), report=report))) == 1
+    assert len(report.skipped) == 1
+
+
+def test_duplicate_ids(tmp_path):
+    good = '{"id": "a", "images": [], "messages": [{"role": "user", "content": "x"}], "solution": "A"}'
+    path = tmp_path / "dup.jsonl"
+    path.write_text(good + "\n" + good + "\n")
+    with pytest.raises(DataError, match="dup.jsonl:2: duplicate id"):
+        list(jsonl.read_jsonl(path))
