@@ -21,6 +21,11 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+                # 16/32-bit greyscale: scale to 8 bits (PIL's convert would clip at 255)
+                arr = np.asarray(im, np.float64)
+                arr = arr / 257.0 if im.mode.startswith("I;16") or arr.max() > 255 else arr
+                im = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
             return im.convert("RGB")
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
@@ -43,3 +48,67 @@ def to_display(tile: np.ndarray) -> np.ndarray:
     """Inverse of :func:`to_tile`'s normalisation -> ``[H, W, 3]`` in [0, 1] for plotting."""
     x = tile.transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
     return np.clip(x, 0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------ dynamic tiling
+def target_ratios(min_num: int = 1, max_num: int = 6) -> list[tuple[int, int]]:
+    """Candidate (cols, rows) grids with ``min_num <= cols*rows <= max_num``, ordered by tile
+    count; ties keep the order InternVL's reference code gets from iterating the same set."""
+    ratios = set((i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1)
+                 for j in range(1, n + 1) if min_num <= i * j <= max_num)
+    return sorted(ratios, key=lambda x: x[0] * x[1])
+
+
+def closest_ratio(width: int, height: int, ratios, image_size: int) -> tuple[int, int]:
+    """InternVL's grid choice (EMIT_SPEC 3.1): the closest cols/rows ratio to width/height; a
+    later candidate with an equal difference wins only if the image area exceeds half the
+    candidate's tiled area."""
+    aspect = width / height
+    best_diff, best = float("inf"), (1, 1)
+    area = width * height
+    for ratio in ratios:
+        diff = abs(aspect - ratio[0] / ratio[1])
+        if diff < best_diff:
+            best_diff, best = diff, ratio
+        elif diff == best_diff and area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
+            best = ratio
+    return best
+
+
+def dynamic_tiles(image: Image.Image, image_size: int = 448, max_num: int = 6, min_num: int = 1,
+                  use_thumbnail: bool = True) -> list[Image.Image]:
+    """InternVL's ``dynamic_preprocess``: resize to the chosen grid (PIL bicubic), cut row-major
+    ``image_size`` tiles, and append a thumbnail of the whole image when there is more than
+    one tile. 1..max_num(+1) tiles; the last one is what the CE branch sees."""
+    w, h = image.size
+    cols, rows = closest_ratio(w, h, target_ratios(min_num, max_num), image_size)
+    resized = image.resize((image_size * cols, image_size * rows), Image.BICUBIC)
+    tiles = [resized.crop(((k % cols) * image_size, (k // cols) * image_size,
+                           (k % cols + 1) * image_size, (k // cols + 1) * image_size))
+             for k in range(cols * rows)]
+    if use_thumbnail and len(tiles) > 1:
+        tiles.append(image.resize((image_size, image_size), Image.BICUBIC))
+    return tiles
+
+
+def jpeg_reencode(tile: Image.Image, quality: int) -> Image.Image:
+    """The training augmentation (EMIT_SPEC 3.2): JPEG at ``quality`` and back."""
+    import io
+
+    buf = io.BytesIO()
+    tile.convert("RGB").save(buf, format="JPEG", quality=int(quality))
+    buf.seek(0)
+    with Image.open(buf) as im:
+        return im.convert("RGB")
+
+
+def preprocess(image: Image.Image, image_size: int = 448, max_num: int = 6, *,
+               train: bool = False, rng: np.random.Generator | None = None,
+               use_thumbnail: bool = True) -> np.ndarray:
+    """``[n_tiles, 3, image_size, image_size]`` float32: dynamic tiles, each (training only)
+    JPEG re-encoded at a quality drawn from 75..100, then normalised."""
+    tiles = dynamic_tiles(image.convert("RGB"), image_size, max_num, use_thumbnail=use_thumbnail)
+    if train:
+        rng = rng if rng is not None else np.random.default_rng()
+        tiles = [jpeg_reencode(t, int(rng.integers(75, 101))) for t in tiles]
+    return np.stack([to_tile(t, image_size) for t in tiles])
