@@ -1,0 +1,152 @@
+"""The input pipeline (grain): EMIT JSONL records -> model-ready batches.
+
+Per record (:class:`RecordEncoder`): decode the images, InternVL dynamic tiling at the model's
+tile size (``max_tiles``, thumbnail), the JPEG re-encode augmentation when training, ImageNet
+normalisation; the CE view (each image squashed to one tile) for samples the use_comp rule
+selects; ChatML + ``<image>`` expansion + ``<COMP_CONTEXT>`` slots via
+:func:`emit_jax.data.tokenizer.encode_chat`.
+
+Batches (:func:`collate`) pad token sequences to the smallest of ``length_buckets`` that fits
+(right padding for the loss path, left padding for generation) and the tile stack to a multiple
+of ``tile_bucket``, so the jitted step sees few distinct shapes. :func:`make_dataset` shuffles
+with a seed, shards by process (``process_index::process_count``) for multihost runs, and
+returns a grain iterator whose ``get_state()`` / ``set_state()`` go into checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from emit_jax.data.image import load_image, preprocess, to_tile
+from emit_jax.models.emit import use_comp
+
+IGNORE = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    image_size: int = 448
+    max_tiles: int = 6
+    tokens_per_tile: int = 256
+    train: bool = True  # JPEG augmentation + the training newline quirk
+    comp_slots: int = 0  # 9 + CE tokens for an EMIT model; 0 for a plain InternVL
+    comp_token_id: int | None = None
+    with_answer: bool = True  # stage 1: the assistant letter is the label; stage 2: prompt only
+    length_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
+    tile_bucket: int = 4
+    pad_side: str = "right"  # "left" for generation
+
+
+class RecordEncoder:
+    """JSONL record -> dict of numpy arrays (+ the fields rewards need)."""
+
+    def __init__(self, tokenizer, cfg: PipelineConfig):
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+
+    def __call__(self, record: dict, rng: np.random.Generator | None = None) -> dict:
+        from emit_jax.data.tokenizer import encode_chat
+
+        cfg = self.cfg
+        user = record["messages"][0]["content"]
+        images = [load_image(p) for p in record.get("images", [])]
+        tiles = [preprocess(im, cfg.image_size, cfg.max_tiles, train=cfg.train, rng=rng)
+                 for im in images]
+        comp = cfg.comp_slots > 0 and use_comp(len(images), user, mode="train")
+        answer = None
+        if cfg.with_answer and len(record["messages"]) > 1:
+            answer = record["messages"][1]["content"]
+        enc = encode_chat(self.tokenizer, user, tiles_per_image=[len(t) for t in tiles],
+                          tokens_per_tile=cfg.tokens_per_tile, assistant=answer,
+                          mode="train" if cfg.train else "eval",
+                          comp_slots=cfg.comp_slots if comp else 0,
+                          comp_token_id=cfg.comp_token_id)
+        pix = np.concatenate(tiles) if tiles else \
+            np.zeros((0, 3, cfg.image_size, cfg.image_size), np.float32)
+        out = {"input_ids": np.asarray(enc["input_ids"], np.int32),
+               "labels": np.asarray(enc["labels"], np.int32),
+               "pixel_values": pix.astype(np.float32),
+               "use_comp": bool(comp),
+               "solution": record.get("solution") or answer or "",
+               "task_type": record.get("task_type") or "",
+               "id": str(record.get("id", ""))}
+        if comp:
+            out["ce_pixels"] = np.stack([to_tile(images[0], cfg.image_size),
+                                         to_tile(images[1], cfg.image_size)]).astype(np.float32)
+        return out
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"sequence of {n} tokens exceeds the largest length bucket {buckets[-1]}")
+
+
+def collate(examples: Sequence[dict], cfg: PipelineConfig, pad_id: int = 0) -> dict[str, Any]:
+    """Pad a list of encoded examples into one batch.
+
+    input_ids / labels / attention_mask ``[B, L]`` (L a length bucket); pixel_values
+    ``[N, 3, S, S]`` with N the tile count rounded up to ``tile_bucket`` (``num_tiles`` real);
+    ce_pixels ``[M, 2, 3, S, S]`` for the CE samples in batch order (``num_ce`` real).
+    """
+    b = len(examples)
+    L = bucket(max(len(e["input_ids"]) for e in examples), cfg.length_buckets)
+    ids = np.full((b, L), pad_id, np.int32)
+    labels = np.full((b, L), IGNORE, np.int32)
+    mask = np.zeros((b, L), np.int32)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        sl = slice(0, n) if cfg.pad_side == "right" else slice(L - n, L)
+        ids[i, sl] = e["input_ids"]
+        labels[i, sl] = e["labels"]
+        mask[i, sl] = 1
+    s = cfg.image_size
+    tiles = [e["pixel_values"] for e in examples if len(e["pixel_values"])]
+    n_tiles = sum(len(t) for t in tiles)
+    n_pad = max(cfg.tile_bucket, -(-n_tiles // cfg.tile_bucket) * cfg.tile_bucket)
+    pix = np.zeros((n_pad, 3, s, s), np.float32)
+    if tiles:
+        pix[:n_tiles] = np.concatenate(tiles)
+    ce = [e["ce_pixels"] for e in examples if e.get("use_comp")]
+    m_pad = max(1, len(ce))
+    ce_pix = np.zeros((m_pad, 2, 3, s, s), np.float32)
+    if ce:
+        ce_pix[:len(ce)] = np.stack(ce)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pix,
+            "num_tiles": np.int32(n_tiles), "ce_pixels": ce_pix, "num_ce": np.int32(len(ce)),
+            "use_comp": np.array([bool(e.get("use_comp")) for e in examples]),
+            "solution": [e["solution"] for e in examples],
+            "task_type": [e["task_type"] for e in examples], "id": [e["id"] for e in examples]}
+
+
+class _Encode(grain.transforms.RandomMap):
+    def __init__(self, encoder: RecordEncoder):
+        self.encoder = encoder
+
+    def random_map(self, record, rng: np.random.Generator):
+        return self.encoder(record, rng)
+
+
+def make_dataset(records: Sequence[dict], tokenizer, cfg: PipelineConfig, *, batch_size: int,
+                 seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
+                 process_index: int = 0, process_count: int = 1, drop_remainder: bool = True,
+                 pad_id: int = 0) -> grain.IterDataset:
+    """A grain dataset of batches. Each process sees ``records[process_index::process_count]``
+    of every (seeded) shuffle; iterate with ``iter(ds)`` and checkpoint the iterator's
+    ``get_state()``."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    ds = grain.MapDataset.source(list(records))
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs)
+    ds = ds[process_index::process_count]
+    ds = ds.random_map(_Encode(RecordEncoder(tokenizer, cfg)), seed=seed)
+    it = ds.to_iter_dataset()
+    return it.batch(batch_size, drop_remainder=drop_remainder,
+                    batch_fn=lambda exs: collate(exs, cfg, pad_id))
