@@ -10,7 +10,19 @@ from emit_jax.data.mvtec import DataError
 from emit_jax.hf import CheckpointError
 from emit_jax.models.config import ConfigError
 
-USER_ERRORS = (ConfigError, CheckpointError, DataError, ImageError, OSError)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors = [ConfigError, CheckpointError, DataError, ImageError, OSError]
+    for mod, name in (("emit_jax.data.tokenizer", "TokenizerError"),
+                      ("emit_jax.data.mmad", "MMADError")):
+        try:
+            errors.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+USER_ERRORS = _user_errors()
 
 
 def _message(e: BaseException) -> str:

@@ -1,0 +1,204 @@
+"""``python -m emit_jax.evaluate --checkpoint CKPT --data PATH [--limit N] [--out results.json]``
+
+Runs a model on multiple-choice anomaly-detection questions and prints the paper's Table 1
+layout (a column per task, the average, question counts; EMIT's scoring: balanced accuracy for
+anomaly discrimination, Object Structure/Details merged, per sub-dataset then averaged).
+
+- ``--data`` an MMAD folder (``mmad.json`` + ``domain_knowledge.json`` + images): EMIT's
+  evaluation protocol (similar template as reference, domain knowledge, CE + SP only for
+  MVTec/VisA two-image questions with a trigger phrase);
+- ``--data`` an MVTec-AD-style folder: questions made by the task builder (the four tasks;
+  ``--split`` picks from a ``splits.json``, default ``test``).
+
+``--checkpoint`` is a Hugging Face folder (config.json + safetensors + tokenizer files; an
+``emit_extras.safetensors`` makes it an EMIT model) or an emit_jax Orbax model checkpoint
+(tokenizer from its ``assets/``). Greedy decoding by default; ``--think`` uses the
+<think>/<answer> instruction. Per-question answers go to ``--out`` as JSON (MMAD's answers-file
+rows plus the raw response).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from emit_jax import cli
+
+MVTEC_TYPES = {"anomaly_discrimination": "Anomaly Detection",
+               "defect_classification": "Defect Classification",
+               "defect_localization": "Defect Localization",
+               "object_classification": "Object Classification"}
+
+
+def load_for_eval(checkpoint: str, dtype: str | None = None):
+    """(model, tokenizer) from an HF folder or an Orbax model checkpoint."""
+    from emit_jax import checkpoint as ckpt
+    from emit_jax import hf
+    from emit_jax.data.tokenizer import load_tokenizer
+    from emit_jax.hf import CheckpointError
+
+    if os.path.isfile(os.path.join(checkpoint, "config.json")):
+        model, tok_dir = hf.load(checkpoint, dtype=dtype), checkpoint
+    else:
+        model, _ = ckpt.load_model(checkpoint, dtype=dtype)
+        tok_dir = ckpt.assets_dir(checkpoint)
+    tokenizer = load_tokenizer(tok_dir)
+    mcfg = model.config
+    img_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    if img_id != mcfg.image_token_id:
+        raise CheckpointError(f"{tok_dir}: tokenizer's <IMG_CONTEXT> is id {img_id}, the model's "
+                         f"image_token_id is {mcfg.image_token_id}")
+    return model, tokenizer
+
+
+class Runner:
+    """Greedy (or sampled) answers for (user text, image paths, use_comp) queries."""
+
+    def __init__(self, model, tokenizer, *, max_tiles: int = 6, max_new_tokens: int = 16,
+                 length_buckets=(256, 512, 1024, 2048, 4096, 8192, 16384)):
+        self.model, self.tok = model, tokenizer
+        self.max_tiles, self.max_new_tokens = max_tiles, max_new_tokens
+        self.buckets = length_buckets
+        self.emit = hasattr(model, "emit_config")
+        cfg = model.config
+        self.size, self.per_tile = cfg.vision.image_size, cfg.tokens_per_tile
+        self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def answer(self, text: str, images: list[str], use_comp: bool) -> str:
+        from emit_jax.data.image import load_image, preprocess, to_tile
+        from emit_jax.data.tokenizer import encode_chat
+        from emit_jax.ops.sampling import generate
+
+        pil = [load_image(p) for p in images]
+        tiles = [preprocess(im, self.size, self.max_tiles) for im in pil]
+        comp = self.emit and use_comp
+        enc = encode_chat(self.tok, text, tiles_per_image=[len(t) for t in tiles],
+                          tokens_per_tile=self.per_tile, mode="eval",
+                          comp_slots=self.model.num_comp_slots if comp else 0,
+                          comp_token_id=self.model.emit_config.comp_token_id if comp else None)
+        ids = enc["input_ids"]
+        L = next((b for b in self.buckets if b >= len(ids)), len(ids))
+        row = np.full((1, L), self.pad, np.int32)
+        mask = np.zeros((1, L), np.int32)
+        row[0, L - len(ids):] = ids
+        mask[0, L - len(ids):] = 1
+        pix = jnp.asarray(np.concatenate(tiles)) if tiles else None
+        ce = jnp.asarray(np.stack([to_tile(pil[0], self.size), to_tile(pil[1], self.size)])[None]) \
+            if comp else None
+        out = generate(self.model, row, mask, pix, ce_pixels=ce, max_new_tokens=self.max_new_tokens,
+                       eos_token_id=self.eos, pad_token_id=self.pad)
+        toks = np.asarray(out.tokens[0, :int(out.lengths[0])]).tolist()
+        return self.tok.decode(toks, skip_special_tokens=True)
+
+
+def mmad_queries(root: str, think: bool, limit: int | None):
+    from emit_jax.data import mmad
+
+    records = mmad.load_mmad(root)
+    dk = mmad.load_domain_knowledge(root)
+    for k, prompt in enumerate(mmad.iter_prompts(records, dk, think=think)):
+        if limit is not None and k >= limit:
+            break
+        yield prompt.text, prompt.images, prompt.use_comp, \
+            (lambda ans, response, p=prompt: p.answer_row(ans, response=response)), \
+            dict(prompt.question.options)
+
+
+def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, seed: int):
+    from emit_jax.data import tasks
+    from emit_jax.data.build import load_domain_knowledge
+    from emit_jax.data.mvtec import scan
+    from emit_jax.models.emit import use_comp
+
+    items = scan(root)
+    has_splits = os.path.isfile(os.path.join(root, "splits.json"))
+    split = split or ("test" if has_splits else None)
+    pool = None
+    if split and split != "all":
+        # queries from the split; references from the normal training images
+        pool = (lambda it: it.split == "train") if has_splits else None
+    refs = tasks.select_references(items, tasks.pixel_embedder(), pool=pool)
+    queries = [it for it in items if not split or split == "all" or it.split == split]
+    dk_path = os.path.join(root, "domain_knowledge.json")
+    dk = load_domain_knowledge(dk_path if os.path.isfile(dk_path) else None, queries[0].dataset
+                               if queries else None)
+    qs = tasks.build_questions(queries, stage=2, seed=seed, references=refs, domain_knowledge=dk,
+                               think=think)
+    for k, q in enumerate(qs):
+        if limit is not None and k >= limit:
+            break
+        key = f"{q.meta['dataset']}/{os.path.relpath(q.images[-1], root)}"
+        options = {chr(65 + i): o for i, o in enumerate(q.options)}
+
+        def row(ans, response, q=q, key=key, options=options):
+            return {"image": key, "question": {"type": "text", "text": q.user},
+                    "question_type": MVTEC_TYPES[q.task], "options": options,
+                    "correct_answer": q.answer, "gpt_answer": ans, "response": response}
+        yield q.user, list(q.images), use_comp(len(q.images), q.user, mode="train"), row, options
+
+
+def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str | None = None,
+             think: bool = False, max_tiles: int = 6, max_new_tokens: int | None = None,
+             split: str | None = None, seed: int = 0, log=print) -> dict:
+    from emit_jax.eval.scoring import format_table, parse_answer, summarize
+
+    model, tokenizer = load_for_eval(checkpoint)
+    model.eval()
+    runner = Runner(model, tokenizer, max_tiles=max_tiles,
+                    max_new_tokens=max_new_tokens or (512 if think else 8))
+    is_mmad = os.path.isfile(os.path.join(data, "mmad.json"))
+    queries = mmad_queries(data, think, limit) if is_mmad else \
+        mvtec_queries(data, think, limit, split, seed)
+    rows, t0 = [], time.time()
+    for text, images, comp, make_row, options in queries:
+        response = runner.answer(text, images, comp)
+        rows.append(make_row(parse_answer(response, options, think=think), response))
+    if not rows:
+        from emit_jax.data.mvtec import DataError
+
+        raise DataError(f"{data}: no questions to evaluate")
+    summary = summarize(rows)
+    table = format_table(summary, title=f"{os.path.basename(os.path.normpath(data))} "
+                         f"({'MMAD' if is_mmad else 'MVTec-style'}, {len(rows)} questions)")
+    log(table)
+    result = {"checkpoint": checkpoint, "data": data, "format": "mmad" if is_mmad else "mvtec",
+              "think": think, "questions": len(rows), "seconds": time.time() - t0,
+              "average": summary.average, "per_group": summary.accuracy, "answers": rows}
+    if out:
+        d = os.path.dirname(os.path.abspath(out))
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1, default=str)
+        os.replace(tmp, out)
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m emit_jax.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="MMAD folder or MVTec-AD-style folder")
+    p.add_argument("--limit", type=int, default=None, help="first N questions only")
+    p.add_argument("--out", default=None, help="per-question answers + summary (JSON)")
+    p.add_argument("--think", action="store_true", help="<think>/<answer> instruction and parsing")
+    p.add_argument("--max-tiles", type=int, default=6)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--split", default=None, help="MVTec-style: split from splits.json (default test)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    evaluate(a.checkpoint, a.data, limit=a.limit, out=a.out, think=a.think, max_tiles=a.max_tiles,
+             max_new_tokens=a.max_new_tokens, split=a.split, seed=a.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main, prog="emit_jax.evaluate"))
