@@ -11,6 +11,9 @@ import random
 import re
 from typing import Mapping, Sequence
 
+# EMIT_SPEC 4.1: sysprompt.txt, 62 bytes, no trailing newline; both stages and evaluation.
+SYSTEM_PROMPT = "You are an industrial inspector who checks products by images."
+
 TWO_IMAGE_TEMPLATE = (
     "Image-1: <image>\nImage-2: <image>\nI have uploaded two images for review, each featuring a "
     "product. The product shown in the first image appears to be in perfect condition, free of any "

@@ -75,7 +75,7 @@ from emit_jax.models.emit import COMP_TOKEN, HINT_TEXT, insert_comp_slots
 log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------ constants
-SYSTEM_PROMPT = "You are an industrial inspector who checks products by images."  # 62 bytes
+SYSTEM_PROMPT = prompts.SYSTEM_PROMPT  # 62 bytes
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
