@@ -10,6 +10,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["emit_jax", "emit_jax.*"]),
+    package_data={"emit_jax": ["assets/*", "data/embedded_assets/*/*"]},
+    include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",
@@ -25,6 +27,8 @@ setup(
         "qwix>=0.1.5",
         "pillow>=10",
         "matplotlib>=3.7",
+        "tensorflow-datasets>=4.9.4",  # builders -> ArrayRecord, read without TensorFlow
+        "importlib_resources",  # needed by tensorflow-datasets builders without TensorFlow
     ],
     extras_require={
         # torch is pinned: the CPU wheel is used for the parity tests; never a multi-GB CUDA build.

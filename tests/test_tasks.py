@@ -208,3 +208,34 @@ def test_duplicate_ids(tmp_path):
     path.write_text(good + "\n" + good + "\n")
     with pytest.raises(DataError, match="dup.jsonl:2: duplicate id"):
         list(jsonl.read_jsonl(path))
+
+
+def test_text_as_query_samples_from_real_pill_descriptions(tmp_path):
+    """The EMIT authors' real object descriptions (.txt beside the pill images) stand in for the
+    query image: one image (the reference), the description in the prompt, no CE."""
+    import importlib.resources
+    import shutil
+
+    from emit_jax.models.emit import use_comp
+
+    assets = importlib.resources.files("emit_jax.data").joinpath("embedded_assets/pill")
+    good = tmp_path / "ds" / "pill" / "train" / "good"
+    good.mkdir(parents=True)
+    names = sorted(n.name for n in assets.iterdir() if n.name.endswith(".png"))[:4]
+    for n in names:
+        for ext in (".png", ".txt"):
+            with assets.joinpath(n[:-4] + ext).open("rb") as src, open(good / (n[:-4] + ext), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    items = scan(tmp_path / "ds")
+    assert all(it.description for it in items)
+    refs = tasks.select_references(items, tasks.pixel_embedder())
+    qs = tasks.build_questions(items, stage=2, references=refs, text_samples=True)
+    text_qs = [q for q in qs if q.meta["chat_type"] == "text"]
+    assert len(text_qs) == 4 and all(q.task == "anomaly_discrimination" for q in text_qs)
+    for q in text_qs:
+        desc = next(it.description for it in items if it.path == q.meta["query"])
+        assert " ".join(desc.split("\n")) in q.user and q.meta["query"] not in q.images
+        assert len(q.images) == 1 and q.user.count("<image>") == 1
+        assert "Description of the second product: " in q.user
+        assert not use_comp(len(q.images), q.user)
+        assert q.options[ord(q.answer) - 65] == "No."

@@ -15,9 +15,19 @@ class ImageError(ValueError):
     """An image file that cannot be used; the message names the file."""
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open ``path`` as RGB; a missing, truncated or non-image file raises :class:`ImageError`."""
-    path = os.fspath(path)
+def load_image_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
+    """Decode an encoded image (PNG/JPEG/...) held in memory; errors name ``name``."""
+    import io
+
+    return load_image(io.BytesIO(data), name=name)
+
+
+def load_image(path, *, name: str | None = None) -> Image.Image:
+    """Open ``path`` (a file path or a binary file object) as RGB; a missing, truncated or
+    non-image file raises :class:`ImageError`. 16-bit greyscale is scaled to 8 bits."""
+    if name is None:
+        path = os.fspath(path)
+        name = path
     try:
         with Image.open(path) as im:
             im.load()
@@ -28,9 +38,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                 im = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
             return im.convert("RGB")
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
+        raise ImageError(f"{name}: no such file") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ImageError(f"{path}: not a readable image ({e})") from None
+        raise ImageError(f"{name}: not a readable image ({e})") from None
 
 
 def to_tile(image: Image.Image, size: int) -> np.ndarray:

@@ -96,11 +96,15 @@ def _read_splits(root: str) -> dict[str, str] | None:
         raise DataError(f"{path}: not a valid splits file ({e})") from None
 
 
-def _description(root: str, path: str) -> str | None:
-    txt = os.path.splitext(path)[0] + ".txt"
-    if os.path.isfile(txt):
-        with open(txt, encoding="utf-8") as f:
-            return f.read().strip()
+def _description(root: str, path: str, obj: str, split: str, sub: str) -> str | None:
+    """An object description for text-as-query samples: ``<image>.txt`` beside the image, or
+    ``<root>/descriptions/<class>/<split>_<folder>_<stem>.txt`` (the embedded dataset)."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    for txt in (os.path.splitext(path)[0] + ".txt",
+                os.path.join(root, "descriptions", obj, f"{split}_{sub}_{stem}.txt")):
+        if os.path.isfile(txt):
+            with open(txt, encoding="utf-8") as f:
+                return f.read().strip()
     return None
 
 
@@ -145,7 +149,7 @@ def scan(root: str | os.PathLike, *, dataset: str | None = None,
                         path=path, dataset=dataset, object_type=obj, split=item_split,
                         defect=None if good or sub.lower() in UNKNOWN_TYPE_DIRS else sub,
                         is_anomalous=not good, mask_path=mask,
-                        description=_description(root, path)))
+                        description=_description(root, path, obj, split, sub)))
     return items
 
 

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from emit_jax.data.image import load_image, preprocess, to_tile
+from emit_jax.data.image import load_image, load_image_bytes, preprocess, to_tile
 from emit_jax.models.emit import use_comp
 
 IGNORE = -100
@@ -53,7 +53,11 @@ class RecordEncoder:
 
         cfg = self.cfg
         user = record["messages"][0]["content"]
-        images = [load_image(p) for p in record.get("images", [])]
+        if "image_bytes" in record:  # from a tfds data source (emit_jax.data.tfds_builders)
+            images = [load_image_bytes(b, f"{record.get('id', '?')}[{k}]")
+                      for k, b in enumerate(record["image_bytes"])]
+        else:
+            images = [load_image(p) for p in record.get("images", [])]
         tiles = [preprocess(im, cfg.image_size, cfg.max_tiles, train=cfg.train, rng=rng)
                  for im in images]
         comp = cfg.comp_slots > 0 and use_comp(len(images), user, mode="train")
@@ -141,7 +145,7 @@ def make_dataset(records: Sequence[dict], tokenizer, cfg: PipelineConfig, *, bat
     ``get_state()``."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    ds = grain.MapDataset.source(list(records))
+    ds = grain.MapDataset.source(records)  # any random-access sequence (a list, a tfds source)
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)

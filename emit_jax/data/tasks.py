@@ -214,7 +214,8 @@ def _questions_for(it, tasks, think, seed, references, dk_all, defect_names, obj
         if not regions:
             anomalous = False  # an empty mask: relabelled normal (EMIT_SPEC 9.5)
     ref = references.get(it.path)
-    meta = {"object_type": it.object_type, "dataset": it.dataset, "adlabel": int(anomalous),
+    meta = {"query": it.path, "object_type": it.object_type, "dataset": it.dataset,
+            "adlabel": int(anomalous),
             "anomaly_type": it.defect if anomalous else None, "mask_path": it.mask_path,
             "defect_location": regions, "split": it.split}
     queries = [("image", None)]
