@@ -239,3 +239,32 @@ def test_text_as_query_samples_from_real_pill_descriptions(tmp_path):
         assert "Description of the second product: " in q.user
         assert not use_comp(len(q.images), q.user)
         assert q.options[ord(q.answer) - 65] == "No."
+
+
+def test_references_under_the_models_own_vit(tmp_path):
+    """The default embedding with a checkpoint: the model's ViT (mean patch token); the build
+    CLI picks it with --checkpoint."""
+    import dataclasses
+
+    from flax import nnx
+
+    from emit_jax import checkpoint
+    from emit_jax.models import architectures
+    from emit_jax.models.internvl import InternVL
+
+    cfg = architectures.tiny()
+    cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=28, num_hidden_layers=1),
+                      text=dataclasses.replace(cfg.text, vocab_size=64, num_hidden_layers=1),
+                      image_token_id=63)
+    model = InternVL(cfg, rngs=nnx.Rngs(0))
+    root = make_mvtec(tmp_path / "ds")
+    items = scan(root)
+    embed = tasks.vit_embedder(model)
+    vecs = embed([items[0].path, items[1].path])
+    assert vecs.shape == (2, cfg.vision.hidden_size)
+    refs = tasks.select_references(items, embed)
+    assert all(refs[it.path] != it.path for it in items)
+    ckpt = tmp_path / "ck"
+    checkpoint.save_model(model, ckpt)
+    summary = build(root, str(tmp_path / "o.jsonl"), 2, checkpoint=str(ckpt))
+    assert summary["embedding"] == "vit" and summary["records"] == 48
