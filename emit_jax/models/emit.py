@@ -122,22 +122,30 @@ class HeatmapBatchNorm(nnx.Module):
         self.mean = nnx.BatchStat(jnp.zeros((1,), jnp.float32))
         self.var = nnx.BatchStat(jnp.ones((1,), jnp.float32))
 
-    def update_stats(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Batch mean / biased variance of ``x``; folds them into the running statistics."""
+    def update_stats(self, x: jax.Array, valid: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
+        """Batch mean / biased variance of ``x [B, h, w]`` (only rows where ``valid [B]``, when
+        given: padding rows of a batch never enter the statistics); folds them into the
+        running statistics."""
         x = x.astype(jnp.float32)
-        n = x.size
-        mean = jnp.mean(x)
-        var = jnp.mean(jnp.square(x - mean))
+        if valid is None:
+            w = jnp.ones_like(x)
+        else:
+            w = jnp.broadcast_to(valid.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1)),
+                                 x.shape)
+        n = jnp.maximum(jnp.sum(w), 1.0)
+        mean = jnp.sum(x * w) / n
+        var = jnp.sum(jnp.square(x - mean) * w) / n
         m = self.momentum
         self.mean[...] = (1 - m) * self.mean[...] + m * mean
-        self.var[...] = (1 - m) * self.var[...] + m * var * (n / max(n - 1, 1))
+        self.var[...] = (1 - m) * self.var[...] + m * var * (n / jnp.maximum(n - 1, 1.0))
         return mean, var
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
         if self.use_running_average:
             mean, var = self.mean[...][0], self.var[...][0]
         else:
-            mean, var = self.update_stats(x)
+            mean, var = self.update_stats(x, valid)
         y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.eps)
         return y * self.scale[...][0] + self.bias[...][0]
 
@@ -157,8 +165,8 @@ class HeatmapProjector(nnx.Module):
             kernel_metadata=axes_meta(("conv_h", "conv_w", "conv_in", "embed")),
             bias_metadata=axes_meta(("embed",)))
 
-    def __call__(self, heat: jax.Array) -> jax.Array:
-        x = self.bn(heat)[..., None]  # [B, h, w, 1]
+    def __call__(self, heat: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+        x = self.bn(heat, valid)[..., None]  # [B, h, w, 1]
         x = self.conv(x)  # [B, h/2, w/2, D]
         b, h2, w2, d = x.shape
         return x.reshape(b, h2 * w2, d)
@@ -373,8 +381,9 @@ class EMIT(nnx.Module):
                                    rotations=c.rotations, zero_fill=c.zero_fill,
                                    strategy=c.heatmap_strategy)
 
-    def ref_tokens(self, ce_pixels: jax.Array) -> jax.Array:
-        """``[n_ce, num_comp_slots, D]``: soft prompt rows first, then the CE tokens."""
+    def ref_tokens(self, ce_pixels: jax.Array, num_ce: jax.Array | None = None) -> jax.Array:
+        """``[n_ce, num_comp_slots, D]``: soft prompt rows first, then the CE tokens. With
+        ``num_ce``, rows past it are padding (kept out of BatchNorm's statistics)."""
         c = self.emit_config
         n = ce_pixels.shape[0]
         d = self.mllm.config.text.hidden_size
@@ -382,7 +391,8 @@ class EMIT(nnx.Module):
         if c.use_soft_prompt:
             parts.append(jnp.broadcast_to(self.soft_prompt[...], (n, c.num_soft_tokens, d)))
         if c.use_contrastive:
-            parts.append(self.projector(self.heatmap(ce_pixels)))
+            valid = None if num_ce is None else jnp.arange(n) < num_ce
+            parts.append(self.projector(self.heatmap(ce_pixels), valid))
         if not parts:
             return jnp.zeros((n, 0, d), self.soft_prompt[...].dtype)
         dt = dtype_from_name(self.mllm.config.dtype)
@@ -393,19 +403,19 @@ class EMIT(nnx.Module):
         g = self.mllm.config.vision.grid
         self.projector.bn.update_stats(jnp.zeros((1, g, g), jnp.float32))
 
-    def embed(self, input_ids, pixel_values=None, ce_pixels=None):
+    def embed(self, input_ids, pixel_values=None, ce_pixels=None, num_ce=None):
         embeds = self.mllm.embed(input_ids, pixel_values)
         c = self.emit_config
         if ce_pixels is not None and self.num_comp_slots:
-            tokens = self.ref_tokens(ce_pixels)
+            tokens = self.ref_tokens(ce_pixels, num_ce)
             embeds = merge_image_features(embeds, input_ids, tokens, c.comp_token_id, kind="comp")
         return embeds
 
     # -------------------------------------------------------------- forward
     def forward(self, input_ids, pixel_values=None, attention_mask=None, *, ce_pixels=None,
-                positions=None, cache=None, output_hidden_states=False,
+                num_ce=None, positions=None, cache=None, output_hidden_states=False,
                 compute_logits=True) -> ModelOutput:
-        embeds = self.embed(input_ids, pixel_values, ce_pixels)
+        embeds = self.embed(input_ids, pixel_values, ce_pixels, num_ce)
         c = self.emit_config
         if (ce_pixels is None and cache is None and c.bn_mode == "official" and c.use_contrastive
                 and not self.projector.bn.use_running_average):
