@@ -145,6 +145,30 @@ def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, 
         yield q.user, list(q.images), use_comp(len(q.images), q.user, mode="train"), row, options
 
 
+def evaluate_records(model, tokenizer, records, *, limit: int | None = None, max_tiles: int = 1,
+                     max_new_tokens: int = 8, think: bool = False, root: str | None = None):
+    """Greedy answers for EMIT JSONL records (``solution``, ``options``, ``task_type``) ->
+    (Summary, rows). Used for held-out accuracy during training."""
+    from emit_jax.eval.scoring import parse_answer, summarize
+    from emit_jax.models.emit import use_comp
+
+    runner = Runner(model, tokenizer, max_tiles=max_tiles, max_new_tokens=max_new_tokens)
+    rows = []
+    for k, rec in enumerate(records):
+        if limit is not None and k >= limit:
+            break
+        text = rec["messages"][0]["content"]
+        options = {chr(65 + i): o for i, o in enumerate(rec.get("options", []))}
+        response = runner.answer(text, rec["images"], use_comp(len(rec["images"]), text))
+        query = rec.get("query") or rec["images"][-1]
+        key = f"{rec.get('dataset', 'data')}/{os.path.relpath(query, root) if root else query}"
+        rows.append({"image": key, "question_type": MVTEC_TYPES[rec["task_type"]],
+                     "correct_answer": rec.get("solution"), "options": options,
+                     "gpt_answer": parse_answer(response, options, think=think),
+                     "response": response})
+    return summarize(rows), rows
+
+
 def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str | None = None,
              think: bool = False, max_tiles: int = 6, max_new_tokens: int | None = None,
              split: str | None = None, seed: int = 0, log=print) -> dict:

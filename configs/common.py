@@ -1,0 +1,32 @@
+"""Shared defaults of the embedded-default recipes (tiny model, 2-core CPU)."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.arch = "tiny"
+    c.init_from = ""  # an HF folder or an emit_jax Orbax checkpoint; "" = random init of `arch`
+    c.tokenizer = ""  # a tokenizer folder; "" = the tiny tokenizer trained into the workdir
+    c.param_dtype = ""
+    c.image_size = 0  # 0 = the architecture's
+    c.seed = 0
+    c.stages = ("base", "sft")
+    c.data = ml_collections.ConfigDict(dict(
+        source="embedded", seed=0, max_tiles=1, text_samples=True,
+        length_buckets=(512, 768, 1024, 1536, 2048, 4096)))
+    # the base-model stage: the whole tiny MLLM, all four tasks (direct + templated think answers)
+    c.base = ml_collections.ConfigDict(dict(steps=300, batch_size=8, lr=2e-3, warmup_ratio=0.05,
+                                            weight_decay=0.01, b1=0.9, b2=0.95, clip_norm=1.0))
+    # EMIT stage 1: soft prompt + projector only (the paper's lr 1e-5 is for 8B; tiny needs more)
+    c.sft = ml_collections.ConfigDict(dict(steps=60, batch_size=8, lr=1e-3, warmup_ratio=0.03,
+                                           weight_decay=1e-4, b1=0.9, b2=0.95, clip_norm=1.0))
+    c.emit = ml_collections.ConfigDict(dict(bn_mode="standard", use_soft_prompt=True,
+                                            use_contrastive=True, num_soft_tokens=9))
+    c.checkpoint_every = 50
+    c.log_every = 10
+    c.eval_limit = 200
+    c.eval_think = True
+    c.eval_max_new_tokens = 48
+    c.export_hf = True
+    return c

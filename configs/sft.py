@@ -1,0 +1,25 @@
+"""EMIT stage 1 on the embedded default dataset (tiny architecture, 2-core CPU).
+
+    python -m emit_jax.train --config configs/sft.py --workdir runs/sft
+
+Runs the base-model stage (the tiny MLLM learns the four tasks without soft prompt or
+contrastive tokens), then stage 1 (soft prompt + heat-map projector, MLLM frozen), then prints
+held-out accuracy per task and exports the model to runs/sft/hf.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import base_config  # noqa: E402
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.stages = ("base", "sft")
+    c.eval_think = False
+    c.eval_max_new_tokens = 8
+    if arg == "smoke":  # a few steps of each stage (CI)
+        c.base.steps, c.sft.steps, c.eval_limit, c.log_every = 3, 2, 4, 1
+    return c

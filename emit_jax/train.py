@@ -1,0 +1,208 @@
+"""``python -m emit_jax.train --config configs/grpo.py [--config.key=value ...] [--workdir DIR]``
+
+Runs the stages a config lists, in order, each resumable and skipped when already finished:
+
+- ``base`` (the embedded default only): the tiny MLLM fine-tuned on the embedded tasks without
+  soft prompt or contrastive tokens, so that a frozen MLLM in stage 1 knows something;
+- ``sft``: EMIT stage 1 — ``<COMP_CONTEXT>`` added, soft prompt + heat-map projector trained by
+  cross-entropy on anomaly-discrimination and localization answers, the MLLM frozen;
+- ``grpo``: EMIT stage 2 — difficulty-aware GRPO (see ``emit_jax.training.grpo``).
+
+Each stage writes ``WORKDIR/<stage>/`` (Orbax checkpoints every K steps, metrics.jsonl, and on
+completion ``model/``, an emit_jax model checkpoint). At the end the held-out table is printed
+(and saved to ``WORKDIR/results.json``) and the final model is exported to ``WORKDIR/hf``
+(switch off with ``--config.export_hf=False``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>)")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _stage_done(workdir: str, stage: str) -> bool:
+    return os.path.isfile(os.path.join(workdir, stage, "done.json"))
+
+
+def _finish_stage(workdir: str, stage: str, model, info: dict) -> None:
+    from emit_jax import checkpoint
+
+    d = os.path.join(workdir, stage)
+    target = os.path.join(d, "model")
+    if not os.path.isdir(target):
+        checkpoint.save_model(model, target, assets_from=os.path.join(workdir, "tokenizer"))
+    with open(os.path.join(d, "done.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1, default=str)
+
+
+def _load_stage(workdir: str, stage: str):
+    from emit_jax import checkpoint
+
+    model, _ = checkpoint.load_model(os.path.join(workdir, stage, "model"))
+    return model
+
+
+def build_initial_model(cfg, tokenizer):
+    """The model a run starts from: ``init_from`` (HF folder or Orbax checkpoint), or the named
+    architecture with random weights, its vocabulary fitted to the tokenizer."""
+    from flax import nnx
+
+    from emit_jax import checkpoint, hf
+    from emit_jax.models import architectures
+    from emit_jax.models.internvl import InternVL
+
+    if cfg.init_from:
+        if os.path.isfile(os.path.join(cfg.init_from, "config.json")):
+            return hf.load(cfg.init_from, dtype=cfg.get("param_dtype") or None)
+        return checkpoint.load_model(cfg.init_from)[0]
+    mcfg = architectures.get_config(cfg.arch)
+    img = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    # the tokenizer's last entry is <COMP_CONTEXT>, which EMIT appends to the model at stage 1
+    vocab = len(tokenizer) - 1
+    mcfg = mcfg.replace(text=dataclasses.replace(mcfg.text, vocab_size=vocab), image_token_id=img)
+    if cfg.get("image_size"):
+        mcfg = mcfg.replace(vision=dataclasses.replace(mcfg.vision, image_size=cfg.image_size))
+    return InternVL(mcfg.validate(), rngs=nnx.Rngs(cfg.seed))
+
+
+def _optim(section):
+    from emit_jax.training.sft import OptimConfig
+
+    fields = {f.name for f in dataclasses.fields(OptimConfig)}
+    return OptimConfig(**{k: v for k, v in section.items() if k in fields})
+
+
+def _pipeline(model, cfg, *, train: bool, with_answer: bool):
+    from emit_jax.data.pipeline import PipelineConfig
+
+    mcfg = model.config
+    emit = hasattr(model, "emit_config")
+    return PipelineConfig(image_size=mcfg.vision.image_size, max_tiles=cfg.data.max_tiles,
+                          tokens_per_tile=mcfg.tokens_per_tile, train=train,
+                          comp_slots=model.num_comp_slots if emit else 0,
+                          comp_token_id=model.emit_config.comp_token_id if emit else None,
+                          with_answer=with_answer,
+                          length_buckets=tuple(cfg.data.length_buckets))
+
+
+def run(cfg, workdir: str) -> dict:
+    from flax import nnx
+
+    from emit_jax.data.embedded import ensure_cached
+    from emit_jax.models.emit import EMIT, EMITConfig
+    from emit_jax.training.data import stage_records, tokenizer_for
+    from emit_jax.training.sft import run_sft
+
+    os.makedirs(workdir, exist_ok=True)
+    t_start = time.time()
+    source = ensure_cached(seed=cfg.data.seed) if cfg.data.source == "embedded" else cfg.data.source
+    _log(f"[data] {source}")
+    if cfg.get("tokenizer"):
+        from emit_jax.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    else:
+        tokenizer = tokenizer_for(workdir, source)
+    if not os.path.isdir(os.path.join(workdir, "tokenizer")):
+        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+    records = stage_records(source, workdir, seed=cfg.data.seed, text_samples=cfg.data.text_samples)
+    _log("[data] " + ", ".join(f"{k} {len(v)}" for k, v in records.items()))
+    pad = tokenizer.pad_token_id or 0
+    model = None
+    results: dict = {"workdir": workdir, "stages": {}}
+    for stage in cfg.stages:
+        if _stage_done(workdir, stage):
+            model = _load_stage(workdir, stage)
+            _log(f"[{stage}] already finished; loaded {workdir}/{stage}/model")
+            continue
+        if model is None:
+            model = build_initial_model(cfg, tokenizer)
+        t0 = time.time()
+        if stage == "base":
+            info = run_sft(model, records["base"], tokenizer,
+                           _pipeline(model, cfg, train=True, with_answer=True), _optim(cfg.base),
+                           os.path.join(workdir, "base"), wrt=nnx.Param, name="base",
+                           seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
+                           log_every=cfg.log_every, pad_id=pad)
+        elif stage == "sft":
+            if not hasattr(model, "emit_config"):
+                ecfg = EMITConfig(**{k: v for k, v in cfg.emit.items()})
+                model = EMIT.create(model, ecfg, tokenizer=tokenizer, rngs=nnx.Rngs(cfg.seed))
+            wrt = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("soft_prompt"),
+                                             nnx.PathContains("projector")))
+            info = run_sft(model, records["sft"], tokenizer,
+                           _pipeline(model, cfg, train=True, with_answer=True), _optim(cfg.sft),
+                           os.path.join(workdir, "sft"), wrt=wrt, name="sft", seed=cfg.seed,
+                           checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
+                           pad_id=pad)
+        elif stage == "grpo":
+            from emit_jax.training.grpo import run_grpo
+
+            model, info = run_grpo(model, records["grpo"], tokenizer, cfg,
+                                   os.path.join(workdir, "grpo"))
+        else:
+            raise ValueError(f"unknown stage {stage!r} (base, sft, grpo)")
+        info["seconds"] = time.time() - t0
+        _finish_stage(workdir, stage, model, info)
+        results["stages"][stage] = info
+        _log(f"[{stage}] finished in {info['seconds']:.0f}s")
+    if model is not None and cfg.eval_limit:
+        from emit_jax.eval.scoring import format_table
+        from emit_jax.evaluate import evaluate_records
+
+        model.eval()
+        summary, rows = evaluate_records(model, tokenizer, records["test"], limit=cfg.eval_limit,
+                                         max_tiles=cfg.data.max_tiles,
+                                         think="grpo" in cfg.stages and cfg.eval_think,
+                                         max_new_tokens=cfg.eval_max_new_tokens, root=source)
+        table = format_table(summary, title=f"held-out test split ({len(rows)} questions)")
+        print(table, flush=True)
+        results.update(test_average=summary.average, test_table=table, answers=rows)
+    if model is not None and cfg.export_hf and not os.path.isdir(os.path.join(workdir, "hf")):
+        from emit_jax import hf
+
+        hf.save(model, os.path.join(workdir, "hf"), assets_from=os.path.join(workdir, "tokenizer"))
+        _log(f"[export] {workdir}/hf")
+    results["seconds"] = time.time() - t_start
+    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1, default=str)
+    return results
+
+
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every write at INFO
+    cfg = _CONFIG.value
+    if cfg is None:
+        raise app.UsageError("--config is required (e.g. --config configs/grpo.py)")
+    workdir = _WORKDIR.value or os.path.join(
+        "runs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
+
+    def on_term(signum, frame):  # SIGTERM: stop like Ctrl-C; the last checkpoint is complete
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        run(cfg, workdir)
+    except KeyboardInterrupt as e:
+        _log(f"interrupted ({e}); rerun the same command to resume from the last checkpoint")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Training building blocks: data preparation, the SFT learner, checkpoints, progress."""

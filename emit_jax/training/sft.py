@@ -1,0 +1,128 @@
+"""Supervised fine-tuning: the base-model stage and EMIT's stage 1.
+
+Loss: token cross-entropy over the label positions (the answer and the closing ``<|im_end|>``),
+mean over all label tokens of the batch (PyTorch ``CrossEntropyLoss`` with ignore index -100).
+Only parameters matching ``wrt`` are differentiated and updated (stage 1: soft prompt and
+projector; the MLLM frozen).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from emit_jax.data.pipeline import IGNORE, PipelineConfig, make_dataset
+from emit_jax.training.state import Progress, StageCheckpoints
+
+ARRAY_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "ce_pixels", "num_ce")
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 1e-5
+    warmup_ratio: float = 0.03
+    weight_decay: float = 1e-4
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """AdamW with linear warm-up and cosine decay to 0, global-norm clipping."""
+    warm = max(0, int(round(cfg.warmup_ratio * cfg.steps)))
+    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warm, 1), max(cfg.steps, warm + 1), 0.0) \
+        if warm else optax.cosine_decay_schedule(cfg.lr, max(cfg.steps, 1))
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                       optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                   weight_decay=cfg.weight_decay))
+
+
+def to_device(batch: dict) -> dict:
+    return {k: jnp.asarray(batch[k]) for k in ARRAY_KEYS if k in batch}
+
+
+def forward_logits(model, b: dict) -> jax.Array:
+    kw = {}
+    if hasattr(model, "emit_config"):
+        kw = {"ce_pixels": b["ce_pixels"], "num_ce": b["num_ce"]}
+    return model.forward(b["input_ids"], b["pixel_values"], b["attention_mask"], **kw).logits
+
+
+def sft_loss(model, b: dict):
+    """(mean label-token NLL, (label tokens, correct argmax tokens))."""
+    logits = forward_logits(model, b)[:, :-1].astype(jnp.float32)
+    targets = b["labels"][:, 1:]
+    mask = targets != IGNORE
+    safe = jnp.where(mask, targets, 0)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    gold = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    nll = (logz - gold) * mask
+    n = jnp.maximum(jnp.sum(mask), 1)
+    correct = jnp.sum((jnp.argmax(logits, -1) == safe) & mask)
+    return jnp.sum(nll) / n, (jnp.sum(mask), correct)
+
+
+def make_train_step(wrt):
+    @nnx.jit
+    def step(model, optimizer, b):
+        grad_fn = nnx.value_and_grad(sft_loss, argnums=nnx.DiffState(0, wrt), has_aux=True)
+        (loss, (n, correct)), grads = grad_fn(model, b)
+        optimizer.update(model, grads)
+        return loss, n, correct
+    return step
+
+
+def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, stage_dir: str, *,
+            wrt=nnx.Param, name: str = "sft", seed: int = 0, checkpoint_every: int = 50,
+            log_every: int = 5, process_index: int = 0, process_count: int = 1,
+            pad_id: int = 0) -> dict[str, Any]:
+    """Train ``model`` in place for ``ocfg.steps`` steps (resuming from ``stage_dir``)."""
+    if not records:
+        raise ValueError(f"{name}: no training records")
+    model.train()
+    optimizer = nnx.Optimizer(model, make_optimizer(ocfg), wrt=wrt)
+    ckpt = StageCheckpoints(os.path.join(stage_dir, "ckpt"), every=checkpoint_every)
+    ds = make_dataset(records, tokenizer, pcfg, batch_size=ocfg.batch_size, seed=seed,
+                      process_index=process_index, process_count=process_count, pad_id=pad_id)
+    it = iter(ds)
+    start = 0
+    meta = ckpt.restore(model, optimizer)
+    if meta is not None:
+        start = int(meta["step"])
+        it.set_state(meta["data"])
+    step_fn = make_train_step(wrt)
+    progress = Progress(name, ocfg.steps, os.path.join(stage_dir, "metrics.jsonl"), start)
+    history = []
+    loss_acc = n_acc = c_acc = tok_acc = 0.0
+    for step in range(start + 1, ocfg.steps + 1):
+        batch = next(it)
+        loss, n, correct = step_fn(model, optimizer, to_device(batch))
+        loss_acc += float(loss)
+        n_acc += float(n)
+        c_acc += float(correct)
+        tok_acc += float(batch["attention_mask"].sum())
+        if not math.isfinite(float(loss)):
+            raise FloatingPointError(f"{name}: non-finite loss at step {step}")
+        if step % log_every == 0 or step == ocfg.steps:
+            k = log_every if step % log_every == 0 else step % log_every
+            metrics = {"loss": loss_acc / k, "label_acc": c_acc / max(n_acc, 1)}
+            progress.update(step, metrics, int(tok_acc))
+            history.append({"step": step, **metrics})
+            loss_acc = n_acc = c_acc = 0.0
+        ckpt.save(step, model, optimizer, {"step": step, "data": it.get_state()},
+                  force=step == ocfg.steps)
+    ckpt.close()
+    progress.close()
+    model.eval()
+    return {"steps": ocfg.steps, "history": history}

@@ -1,0 +1,87 @@
+"""Checkpoints of a training stage (Orbax ``CheckpointManager``) and progress output.
+
+A stage directory holds ``ckpt/<step>/`` with the trainable model state and optimizer state
+(``state``), the grain iterator state and counters (``meta``, JSON). Running the same command
+again restores the latest complete step and continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+
+class StageCheckpoints:
+    def __init__(self, directory: str, *, every: int, keep: int = 2, async_save: bool = True):
+        os.makedirs(directory, exist_ok=True)
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=max(1, every),
+                                            enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=opts,
+                                             item_names=("state", "meta"))
+
+    @property
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, model, optimizer, meta: dict, *, force: bool = False) -> bool:
+        state = {"model": nnx.to_pure_dict(nnx.state(model)),
+                 "opt": nnx.to_pure_dict(nnx.state(optimizer))}
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+
+    def restore(self, model, optimizer, step: int | None = None) -> dict | None:
+        """Restore into ``model`` / ``optimizer`` in place; returns the saved meta (or None)."""
+        step = self.latest_step if step is None else step
+        if step is None:
+            return None
+        target = {"model": nnx.to_pure_dict(nnx.state(model)),
+                  "opt": nnx.to_pure_dict(nnx.state(optimizer))}
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        ms, os_ = nnx.state(model), nnx.state(optimizer)
+        nnx.replace_by_pure_dict(ms, out["state"]["model"])
+        nnx.replace_by_pure_dict(os_, out["state"]["opt"])
+        nnx.update(model, ms)
+        nnx.update(optimizer, os_)
+        return dict(out["meta"])
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+class Progress:
+    """One line per update on stderr (step, metrics, tokens/s, ETA) and a JSONL log."""
+
+    def __init__(self, name: str, total: int, log_path: str | None = None, start: int = 0):
+        self.name, self.total, self.start = name, total, start
+        self.t0 = time.time()
+        self.log = open(log_path, "a", encoding="utf-8") if log_path else None
+
+    def update(self, step: int, metrics: dict, tokens: int = 0) -> None:
+        done = step - self.start
+        dt = max(time.time() - self.t0, 1e-9)
+        eta = (self.total - step) * dt / max(done, 1)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+        tps = f" {tokens / dt * 1:.0f} tok/s" if tokens else ""
+        print(f"[{self.name}] step {step}/{self.total} {shown}{tps} eta {eta:.0f}s",
+              file=sys.stderr, flush=True)
+        if self.log:
+            self.log.write(json.dumps({"stage": self.name, "step": step, "time": time.time(),
+                                       **{k: float(v) for k, v in metrics.items()
+                                          if isinstance(v, (int, float))}}) + "\n")
+            self.log.flush()
+
+    def close(self):
+        if self.log:
+            self.log.close()
