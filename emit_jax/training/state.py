@@ -18,7 +18,11 @@ from flax import nnx
 
 
 class StageCheckpoints:
-    def __init__(self, directory: str, *, every: int, keep: int = 2, async_save: bool = True):
+    def __init__(self, directory: str, *, every: int, keep: int = 2, async_save: bool = True,
+                 state_filter=...):
+        """``state_filter``: which model variables are saved (default all; GRPO saves only the
+        trainable ones: LoRA factors, the fully trained modules, BatchNorm statistics)."""
+        self.filter = state_filter
         os.makedirs(directory, exist_ok=True)
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=max(1, every),
                                             enable_async_checkpointing=async_save)
@@ -30,7 +34,7 @@ class StageCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, model, optimizer, meta: dict, *, force: bool = False) -> bool:
-        state = {"model": nnx.to_pure_dict(nnx.state(model)),
+        state = {"model": nnx.to_pure_dict(nnx.state(model, self.filter)),
                  "opt": nnx.to_pure_dict(nnx.state(optimizer))}
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
@@ -40,12 +44,12 @@ class StageCheckpoints:
         step = self.latest_step if step is None else step
         if step is None:
             return None
-        target = {"model": nnx.to_pure_dict(nnx.state(model)),
+        target = {"model": nnx.to_pure_dict(nnx.state(model, self.filter)),
                   "opt": nnx.to_pure_dict(nnx.state(optimizer))}
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        ms, os_ = nnx.state(model), nnx.state(optimizer)
+        ms, os_ = nnx.state(model, self.filter), nnx.state(optimizer)
         nnx.replace_by_pure_dict(ms, out["state"]["model"])
         nnx.replace_by_pure_dict(os_, out["state"]["opt"])
         nnx.update(model, ms)

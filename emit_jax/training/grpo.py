@@ -1,0 +1,244 @@
+"""EMIT stage 2: difficulty-aware GRPO with LoRA (qwix).
+
+One optimiser step (``prompts_per_step`` prompts x G completions):
+
+1. the policy (LoRA applied, eval mode: BatchNorm on running statistics) samples G completions
+   per prompt with the jitted sampler (temperature / top-k / top-p, stop at ``<|im_end|>``);
+2. rewards (``emit_jax.rl.rewards``: accuracy 3, cosine length 1, format 1, repetition 1);
+3. difficulty-aware resampling: groups with no correct completion are regenerated up to
+   ``max_resample_times`` (``emit_jax.rl.grpo.resample_groups``);
+4. group-normalised advantages times the difficulty weight ``1 + #incorrect / G``;
+5. the token-level clipped loss with ``beta`` x KL against the reference policy, which is the
+   same model with the adapters off (the original module objects: no second copy of the
+   weights) — the soft prompt, projector and mlp1 are trained in full, the reference keeps
+   their original values; gradients only for LoRA factors and those modules.
+
+Plain GRPO is ``resample=False, reweight=False``. The final policy is merged (LoRA into the base
+kernels) for the stage's model checkpoint and the HF export.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from emit_jax.data.pipeline import PipelineConfig, RecordEncoder, collate
+from emit_jax.training.state import Progress, StageCheckpoints
+
+TRAINED_IN_FULL = ("soft_prompt", "projector", "multi_modal_projector")
+
+
+def lora_provider(cfg):
+    import qwix
+
+    return qwix.LoraProvider(module_path=cfg.targets, rank=int(cfg.rank), alpha=float(cfg.alpha),
+                             dropout=float(cfg.get("dropout", 0.0)),
+                             **({"weight_qtype": cfg.weight_qtype} if cfg.get("weight_qtype") else {}))
+
+
+def trainable_filter():
+    full = nnx.Any(*[nnx.PathContains(n) for n in TRAINED_IN_FULL])
+    return nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, full))
+
+
+def merge_lora(policy, reference):
+    """A plain model (``reference``'s structure) whose kernels include the LoRA updates
+    ``kernel + A @ B * alpha / rank`` and whose fully trained modules hold the policy's values."""
+    pstate = dict(nnx.to_flat_state(nnx.state(policy)))
+    merged = nnx.clone(reference)
+    mstate = nnx.state(merged)
+    flat = dict(nnx.to_flat_state(mstate))
+    for path, var in flat.items():
+        if path not in pstate:
+            continue
+        value = pstate[path].get_value()
+        a = pstate.get(path[:-1] + (path[-1] + "_lora_a",))
+        b = pstate.get(path[:-1] + (path[-1] + "_lora_b",))
+        if a is not None and b is not None:
+            scale = a.get_metadata().get("lora_scale") or _lora_scale(policy)
+            value = (value + (a.get_value() @ b.get_value()) * scale).astype(value.dtype)
+        var.set_value(value)
+    nnx.update(merged, mstate)
+    return merged
+
+
+def _lora_scale(policy) -> float:
+    return float(getattr(policy, "_emit_lora_scale", 1.0))
+
+
+def _put(batch: dict, keys=("input_ids", "attention_mask", "pixel_values")) -> dict:
+    return {k: jnp.asarray(batch[k]) for k in keys}
+
+
+def _ce(batch):
+    n = int(batch["num_ce"])
+    return (jnp.asarray(batch["ce_pixels"][:n]) if n else None), n
+
+
+def run_grpo(model, records, tokenizer, cfg, stage_dir: str):
+    """Train ``model`` (an EMIT model after stage 1) with difficulty-aware GRPO.
+    Returns (merged model, info)."""
+    import qwix
+
+    from emit_jax.ops.sampling import generate
+    from emit_jax.rl import grpo as G_
+    from emit_jax.rl import rewards as R_
+    from emit_jax.training.sft import OptimConfig, make_optimizer
+    import grain
+
+    g = cfg.grpo
+    G = int(g.G)
+    mcfg = model.config
+    emit = hasattr(model, "emit_config")
+    pcfg = PipelineConfig(image_size=mcfg.vision.image_size, max_tiles=cfg.data.max_tiles,
+                          tokens_per_tile=mcfg.tokens_per_tile, train=True,
+                          comp_slots=model.num_comp_slots if emit else 0,
+                          comp_token_id=model.emit_config.comp_token_id if emit else None,
+                          with_answer=False, pad_side="left", tile_bucket=1,
+                          length_buckets=tuple(cfg.data.length_buckets))
+    encoder = RecordEncoder(tokenizer, pcfg)
+    pad = tokenizer.pad_token_id or 0
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    order = grain.MapDataset.source(records).shuffle(seed=cfg.seed).repeat(None)
+    it = iter(order.to_iter_dataset())
+
+    # LoRA: trace the model once on a real prompt
+    reference = model
+    reference.eval()
+    sample = collate([encoder(records[0], np.random.default_rng(0))], pcfg, pad)
+    ce, n_ce = _ce(sample)
+    kw = {"ce_pixels": ce} if emit else {}
+    policy = qwix.apply_lora_to_model(reference, lora_provider(g.lora),
+                                      jnp.asarray(sample["input_ids"]),
+                                      jnp.asarray(sample["pixel_values"]),
+                                      jnp.asarray(sample["attention_mask"]), rngs=nnx.Rngs(cfg.seed),
+                                      **kw)
+    policy._emit_lora_scale = float(g.lora.alpha) / float(g.lora.rank)
+    wrt = trainable_filter()
+    ocfg = OptimConfig(steps=int(g.steps), lr=float(g.lr), warmup_ratio=float(g.warmup_ratio),
+                       weight_decay=float(g.weight_decay), b1=0.9, b2=0.95, clip_norm=1.0)
+    optimizer = nnx.Optimizer(policy, make_optimizer(ocfg), wrt=wrt)
+    ckpt = StageCheckpoints(os.path.join(stage_dir, "ckpt"), every=cfg.checkpoint_every,
+                            state_filter=nnx.Any(wrt, nnx.BatchStat))
+    start = 0
+    meta = ckpt.restore(policy, optimizer)
+    if meta is not None:
+        start = int(meta["step"])
+        it.set_state(meta["data"])
+
+    names, weights = list(g.reward_names), [float(w) for w in g.reward_weights]
+
+    def encode_group(recs, step, round_):
+        rng = np.random.default_rng([cfg.seed, step, round_])
+        exs = [encoder(r, rng) for r in recs for _ in range(G)]
+        return collate(exs, pcfg, pad)
+
+    def sample_completions(recs, step, round_):
+        """G completions per record -> (batch, tokens [n*G, N], lengths, texts)."""
+        batch = encode_group(recs, step, round_)
+        ce, _ = _ce(batch)
+        policy.eval()
+        out = generate(policy, batch["input_ids"], batch["attention_mask"],
+                       jnp.asarray(batch["pixel_values"]), ce_pixels=ce,
+                       max_new_tokens=int(g.max_new_tokens), eos_token_id=eos, pad_token_id=pad,
+                       temperature=float(g.temperature), top_k=int(g.top_k), top_p=float(g.top_p),
+                       rng=jax.random.fold_in(jax.random.key(cfg.seed), step * 16 + round_))
+        toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
+        texts = []
+        for i in range(len(toks)):
+            body = toks[i, :lens[i]]
+            if len(body) and body[-1] == eos:
+                body = body[:-1]
+            texts.append(tokenizer.decode(body.tolist(), skip_special_tokens=True))
+        return batch, toks, lens, texts
+
+    @nnx.jit
+    def train_step(policy, optimizer, reference, b, comp_tokens, comp_mask, adv):
+        def loss_fn(p):
+            full_ids = jnp.concatenate([b["input_ids"], comp_tokens], axis=1)
+            full_mask = jnp.concatenate([b["attention_mask"], comp_mask], axis=1)
+            kw = {"ce_pixels": b["ce_pixels"], "num_ce": b["num_ce"]} if emit else {}
+            n_prompt = b["input_ids"].shape[1]
+
+            def logp_of(m):
+                logits = m.forward(full_ids, b["pixel_values"], full_mask, **kw).logits
+                logits = logits[:, n_prompt - 1:-1].astype(jnp.float32)
+                return G_.token_logprobs(logits, comp_tokens)
+
+            logp = logp_of(p)
+            ref = jax.lax.stop_gradient(logp_of(reference)) if float(g.beta) else None
+            loss, metrics = G_.grpo_loss(logp, None, ref, adv, comp_mask.astype(jnp.float32),
+                                         eps_low=float(g.eps_low), eps_high=float(g.eps_high),
+                                         beta=float(g.beta), kl=g.kl, agg=g.agg)
+            return loss, metrics
+
+        (loss, metrics), grads = nnx.value_and_grad(
+            loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(policy)
+        optimizer.update(policy, grads)
+        return loss, metrics
+
+    progress = Progress("grpo", int(g.steps), os.path.join(stage_dir, "metrics.jsonl"), start)
+    totals = Counter()
+    history = []
+    for step in range(start + 1, int(g.steps) + 1):
+        t0 = time.time()
+        recs = [next(it) for _ in range(int(g.prompts_per_step))]
+        batch, toks, lens, texts = sample_completions(recs, step, 0)
+        solutions = [r.get("solution", "") for r in recs for _ in range(G)]
+        correct = np.array([R_.is_correct(t, s) for t, s in zip(texts, solutions)])
+        rounds = np.zeros(len(recs), int)
+        if g.resample:
+            for round_ in range(1, int(g.max_resample_times) + 1):
+                bad = [i for i in range(len(recs)) if not correct[i * G:(i + 1) * G].any()]
+                if not bad:
+                    break
+                b2, t2, l2, x2 = sample_completions([recs[i] for i in bad], step, round_)
+                for j, i in enumerate(bad):
+                    sl, sj = slice(i * G, (i + 1) * G), slice(j * G, (j + 1) * G)
+                    texts[sl] = x2[sj]
+                    toks[sl] = t2[sj]  # always [*, max_new_tokens]
+                    lens[sl] = l2[sj]
+                    correct[sl] = [R_.is_correct(t, s) for t, s in zip(x2[sj], solutions[sl])]
+                    rounds[i] += 1
+                # prompts may have been re-encoded with other augmentations: keep the first
+                # encoding for the loss (same tokens; pixels differ only by JPEG noise)
+        lengths = [int(l) for l in lens]
+        total, parts = R_.combine(names, weights, texts, solution=solutions, lengths=lengths)
+        adv = G_.group_advantages(jnp.asarray(total, jnp.float32), G)
+        adv = G_.apply_difficulty(adv, jnp.asarray(correct), G, enabled=bool(g.reweight))
+        comp_mask = (np.arange(toks.shape[1])[None, :] < lens[:, None]).astype(np.int32)
+        policy.train()
+        b = _put(batch)
+        b["ce_pixels"] = jnp.asarray(batch["ce_pixels"])
+        b["num_ce"] = jnp.asarray(batch["num_ce"])
+        loss, metrics = train_step(policy, optimizer, reference, b, jnp.asarray(toks),
+                                   jnp.asarray(comp_mask), adv)
+        no_correct = sum(not correct[i * G:(i + 1) * G].any() for i in range(len(recs)))
+        weight = 1 + (~correct.reshape(-1, G)).sum(1) / G
+        m = {"loss": float(loss), "reward": float(np.mean(total)), "acc": float(correct.mean()),
+             "resampled": int((rounds > 0).sum()), "no_correct_groups": int(no_correct),
+             "difficulty_weight": float(weight.mean()), "completion_len": float(np.mean(lengths)),
+             **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()},
+             **{k: float(v) for k, v in metrics.items()}, "step_s": time.time() - t0}
+        totals.update({"resampled_groups": m["resampled"], "groups": len(recs),
+                       "groups_without_correct": no_correct})
+        progress.update(step, {k: m[k] for k in ("reward", "acc", "loss", "resampled",
+                                                 "completion_len", "step_s")},
+                        int(comp_mask.sum()))
+        history.append({"step": step, **m})
+        if not np.isfinite(m["loss"]):
+            raise FloatingPointError(f"grpo: non-finite loss at step {step}")
+        ckpt.save(step, policy, optimizer, {"step": step, "data": it.get_state()},
+                  force=step == int(g.steps))
+    ckpt.close()
+    progress.close()
+    merged = merge_lora(policy, reference)
+    merged.eval()
+    return merged, {"steps": int(g.steps), "history": history, "counts": dict(totals)}
