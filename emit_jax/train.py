@@ -112,10 +112,16 @@ def run(cfg, workdir: str) -> dict:
     t_start = time.time()
     source = ensure_cached(seed=cfg.data.seed) if cfg.data.source == "embedded" else cfg.data.source
     _log(f"[data] {source}")
-    if cfg.get("tokenizer"):
+    tok_src = cfg.get("tokenizer") or ""
+    if not tok_src and cfg.init_from:  # a real checkpoint brings its own tokenizer files
+        from emit_jax import checkpoint as _ck
+
+        tok_src = cfg.init_from if os.path.isfile(os.path.join(cfg.init_from, "config.json")) \
+            else _ck.assets_dir(cfg.init_from)
+    if tok_src:
         from emit_jax.data.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(cfg.tokenizer)
+        tokenizer = load_tokenizer(tok_src)
     else:
         tokenizer = tokenizer_for(workdir, source)
     if not os.path.isdir(os.path.join(workdir, "tokenizer")):
