@@ -209,7 +209,8 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str):
                     rounds[i] += 1
                 # prompts may have been re-encoded with other augmentations: keep the first
                 # encoding for the loss (same tokens; pixels differ only by JPEG noise)
-        lengths = [int(l) for l in lens]
+        # the cosine reward's L: completion tokens without the stop token (EMIT_SPEC 11.4)
+        lengths = [int(l) - int(l > 0 and toks[i, l - 1] == eos) for i, l in enumerate(lens)]
         total, parts = R_.combine(names, weights, texts, solution=solutions, lengths=lengths)
         adv = G_.group_advantages(jnp.asarray(total, jnp.float32), G)
         adv = G_.apply_difficulty(adv, jnp.asarray(correct), G, enabled=bool(g.reweight))

@@ -105,23 +105,31 @@ def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, 
     progress = Progress(name, ocfg.steps, os.path.join(stage_dir, "metrics.jsonl"), start)
     history = []
     loss_acc = n_acc = c_acc = tok_acc = 0.0
-    for step in range(start + 1, ocfg.steps + 1):
-        batch = next(it)
-        loss, n, correct = step_fn(model, optimizer, to_device(batch))
-        loss_acc += float(loss)
-        n_acc += float(n)
-        c_acc += float(correct)
-        tok_acc += float(batch["attention_mask"].sum())
-        if not math.isfinite(float(loss)):
-            raise FloatingPointError(f"{name}: non-finite loss at step {step}")
-        if step % log_every == 0 or step == ocfg.steps:
-            k = log_every if step % log_every == 0 else step % log_every
-            metrics = {"loss": loss_acc / k, "label_acc": c_acc / max(n_acc, 1)}
-            progress.update(step, metrics, int(tok_acc))
-            history.append({"step": step, **metrics})
-            loss_acc = n_acc = c_acc = 0.0
-        ckpt.save(step, model, optimizer, {"step": step, "data": it.get_state()},
-                  force=step == ocfg.steps)
+    done = start
+    try:
+        for step in range(start + 1, ocfg.steps + 1):
+            batch = next(it)
+            loss, n, correct = step_fn(model, optimizer, to_device(batch))
+            done = step
+            loss_acc += float(loss)
+            n_acc += float(n)
+            c_acc += float(correct)
+            tok_acc += float(batch["attention_mask"].sum())
+            if not math.isfinite(float(loss)):
+                raise FloatingPointError(f"{name}: non-finite loss at step {step}")
+            if step % log_every == 0 or step == ocfg.steps:
+                k = log_every if step % log_every == 0 else step % log_every
+                metrics = {"loss": loss_acc / k, "label_acc": c_acc / max(n_acc, 1)}
+                progress.update(step, metrics, int(tok_acc))
+                history.append({"step": step, **metrics})
+                loss_acc = n_acc = c_acc = 0.0
+            ckpt.save(step, model, optimizer, {"step": step, "data": it.get_state()},
+                      force=step == ocfg.steps)
+    except KeyboardInterrupt:  # SIGTERM / Ctrl-C: save the last finished step, then stop
+        if done > start and ckpt.latest_step != done:
+            ckpt.save(done, model, optimizer, {"step": done, "data": it.get_state()}, force=True)
+        ckpt.close()
+        raise
     ckpt.close()
     progress.close()
     model.eval()

@@ -1,0 +1,1 @@
+"""Reinforcement learning for EMIT stage 2: verifiable rewards (``rewards``) and GRPO math."""
