@@ -88,6 +88,7 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
     for i, q in enumerate(think):
         r = jsonl.question_to_record(q, 1, len(base) + i)
         r["messages"][1]["content"] = _rationale(q)
+        r["solution"] = q.answer  # the letter, for validation and rewards
         base.append(r)
     recs["base"] = base
     recs["sft"] = jsonl.records(tasks.build_questions(train, stage=1, **kw), 1)

@@ -150,7 +150,7 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str):
                        max_new_tokens=int(g.max_new_tokens), eos_token_id=eos, pad_token_id=pad,
                        temperature=float(g.temperature), top_k=int(g.top_k), top_p=float(g.top_p),
                        rng=jax.random.fold_in(jax.random.key(cfg.seed), step * 16 + round_))
-        toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
+        toks, lens = np.array(out.tokens), np.array(out.lengths)  # writable copies
         texts = []
         for i in range(len(toks)):
             body = toks[i, :lens[i]]
