@@ -14,9 +14,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.stages = ("base", "sft")
     c.data = ml_collections.ConfigDict(dict(
         source="embedded", seed=0, max_tiles=1, text_samples=True,
+        dk_sentences=1,  # first sentence of each domain-knowledge entry: a length budget for tiny
         length_buckets=(512, 768, 1024, 1536, 2048, 4096)))
     # the base-model stage: the whole tiny MLLM, all four tasks (direct + templated think answers)
-    c.base = ml_collections.ConfigDict(dict(steps=300, batch_size=8, lr=2e-3, warmup_ratio=0.05,
+    c.base = ml_collections.ConfigDict(dict(steps=150, batch_size=8, lr=2e-3, warmup_ratio=0.05,
                                             weight_decay=0.01, b1=0.9, b2=0.95, clip_norm=1.0))
     # EMIT stage 1: soft prompt + projector only (the paper's lr 1e-5 is for 8B; tiny needs more)
     c.sft = ml_collections.ConfigDict(dict(steps=60, batch_size=8, lr=1e-3, warmup_ratio=0.03,

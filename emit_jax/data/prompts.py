@@ -85,14 +85,24 @@ def qblock(question: str, options: Sequence[str]) -> str:
     return f"{question} \n" + "\n".join(lines) + "\n"
 
 
-def domain_knowledge_text(entries: Mapping[str, str], rng: random.Random) -> str:
+def first_sentences(text: str, n: int) -> str:
+    """The first ``n`` sentences of ``text`` (``n <= 0``: all of it)."""
+    if n <= 0:
+        return text
+    parts = re.split(r"(?<=[.!?])\s+", text.strip())
+    return " ".join(parts[:n])
+
+
+def domain_knowledge_text(entries: Mapping[str, str], rng: random.Random,
+                          max_sentences: int = 0) -> str:
     """Format one class's domain knowledge (``{defect: text, 'good': text}``) as EMIT does:
     ``<Normal Characteristics>`` / ``<{Title} Defect>`` entries, newlines inside the text turned
     into spaces, shuffled per prompt, joined with ``\\n``. A defect key ``None``/``"None"`` is
-    titled ``General``."""
+    titled ``General``. ``max_sentences`` > 0 keeps only that many sentences of each entry (a
+    length budget for small models; EMIT uses the full text)."""
     items = []
     for key, text in entries.items():
-        body = " ".join(str(text).split("\n"))
+        body = first_sentences(" ".join(str(text).split("\n")), max_sentences)
         if key == "good":
             items.append(f"<Normal Characteristics>\n Description: {body}")
         else:

@@ -177,11 +177,13 @@ def build_questions(items: Sequence[ImageItem], *, stage: int, seed: int = 0,
                     defect_names: Sequence[str] | None = None,
                     object_names: Sequence[str] | None = None,
                     tasks: Sequence[str] | None = None, think: bool | None = None,
-                    text_samples: bool = False, report: Report | None = None) -> list[Question]:
+                    text_samples: bool = False, report: Report | None = None,
+                    dk_sentences: int = 0) -> list[Question]:
     """Questions for ``items``. Stage 1: Anomaly Discrimination + Defect Localization, direct
     answers; stage 2: all four tasks with the think instruction (``tasks`` / ``think``
     override). ``domain_knowledge``: class -> {defect: text, 'good': text}. ``text_samples``:
-    also a text-as-query copy of each image that has an object description."""
+    also a text-as-query copy of each image that has an object description. ``dk_sentences``:
+    keep only that many sentences of each domain-knowledge entry (0: all, as EMIT)."""
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage}")
     report = report or Report()
@@ -199,14 +201,14 @@ def build_questions(items: Sequence[ImageItem], *, stage: int, seed: int = 0,
     for it in items:
         try:
             out.extend(_questions_for(it, tasks, think, seed, references, dk_all, defect_names,
-                                      object_names, text_samples))
+                                      object_names, text_samples, dk_sentences))
         except (DataError, ImageError) as e:
             report.problem(str(e))
     return out
 
 
 def _questions_for(it, tasks, think, seed, references, dk_all, defect_names, object_names,
-                   text_samples):
+                   text_samples, dk_sentences=0):
     anomalous, regions, counts = it.is_anomalous, [], None
     if anomalous:
         counts = mask_cell_counts(read_mask(it))
@@ -224,8 +226,8 @@ def _questions_for(it, tasks, think, seed, references, dk_all, defect_names, obj
     out = []
     for chat_type, description in queries:
         key = (it.path, chat_type)
-        dk = prompts.domain_knowledge_text(dk_all.get(it.object_type, {}), _rng(seed, *key, "dk")) \
-            if dk_all else ""
+        dk = prompts.domain_knowledge_text(dk_all.get(it.object_type, {}), _rng(seed, *key, "dk"),
+                                           dk_sentences) if dk_all else ""
 
         def add(task, options, idx, images):
             user = prompts.render(task, options, think=think, dk=dk, description=description)

@@ -62,8 +62,8 @@ def _rationale(q: tasks.Question) -> str:
     return f"<think>{body}</think><answer>{q.answer}</answer>"
 
 
-def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_samples: bool = True
-                  ) -> dict[str, list[dict]]:
+def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_samples: bool = True,
+                  dk_sentences: int = 0) -> dict[str, list[dict]]:
     """{'base', 'sft', 'grpo', 'validation', 'test'} -> records (cached as JSONL in workdir)."""
     out_dir = os.path.join(workdir, "data")
     names = ("base", "sft", "grpo", "validation", "test")
@@ -79,7 +79,7 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
                                    pool=lambda it: split(it, "train"))
     dk_path = os.path.join(dataset_root, "domain_knowledge.json")
     dk = load_domain_knowledge(dk_path if os.path.isfile(dk_path) else None, items[0].dataset)
-    kw = dict(seed=seed, references=refs, domain_knowledge=dk)
+    kw = dict(seed=seed, references=refs, domain_knowledge=dk, dk_sentences=dk_sentences)
     recs: dict[str, list[dict]] = {}
     direct = tasks.build_questions(train, stage=2, think=False, **kw)
     think = tasks.build_questions(train, stage=2, think=True, text_samples=text_samples,
