@@ -190,26 +190,26 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str):
     for step in range(start + 1, int(g.steps) + 1):
         t0 = time.time()
         recs = [next(it) for _ in range(int(g.prompts_per_step))]
-        batch, toks, lens, texts = sample_completions(recs, step, 0)
-        solutions = [r.get("solution", "") for r in recs for _ in range(G)]
-        correct = np.array([R_.is_correct(t, s) for t, s in zip(texts, solutions)])
-        rounds = np.zeros(len(recs), int)
-        if g.resample:
-            for round_ in range(1, int(g.max_resample_times) + 1):
-                bad = [i for i in range(len(recs)) if not correct[i * G:(i + 1) * G].any()]
-                if not bad:
-                    break
-                b2, t2, l2, x2 = sample_completions([recs[i] for i in bad], step, round_)
-                for j, i in enumerate(bad):
-                    sl, sj = slice(i * G, (i + 1) * G), slice(j * G, (j + 1) * G)
-                    texts[sl] = x2[sj]
-                    toks[sl] = t2[sj]  # always [*, max_new_tokens]
-                    lens[sl] = l2[sj]
-                    correct[sl] = [R_.is_correct(t, s) for t, s in zip(x2[sj], solutions[sl])]
-                    rounds[i] += 1
-                # prompts may have been re-encoded with other augmentations: keep the first
-                # encoding for the loss (same tokens; pixels differ only by JPEG noise)
-        # the cosine reward's L: completion tokens without the stop token (EMIT_SPEC 11.4)
+        first_batch = {}
+
+        def generate_fn(indices, round_, recs=recs, step=step):
+            batch, toks, lens, texts = sample_completions([recs[i] for i in indices], step, round_)
+            if round_ == 0:
+                first_batch["b"] = batch  # the encoding the loss uses
+            return [[(texts[k * G + j], toks[k * G + j], int(lens[k * G + j])) for j in range(G)]
+                    for k in range(len(indices))]
+
+        result = G_.resample_groups(
+            generate_fn, recs, G, lambda r, c: R_.is_correct(c[0], r.get("solution", "")),
+            max_resample_times=int(g.max_resample_times), on_failure="keep",
+            enabled=bool(g.resample), pass_round=True)
+        batch = first_batch["b"]
+        flat = result.flat_completions()
+        texts = [c[0] for c in flat]
+        toks = np.stack([c[1] for c in flat])
+        lens = np.array([c[2] for c in flat])
+        correct = np.array(result.flat_correct())
+        solutions = [recs[i].get("solution", "") for i in result.prompt_indices for _ in range(G)]
         lengths = [int(l) - int(l > 0 and toks[i, l - 1] == eos) for i, l in enumerate(lens)]
         total, parts = R_.combine(names, weights, texts, solution=solutions, lengths=lengths)
         adv = G_.group_advantages(jnp.asarray(total, jnp.float32), G)
@@ -221,15 +221,15 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str):
         b["num_ce"] = jnp.asarray(batch["num_ce"])
         loss, metrics = train_step(policy, optimizer, reference, b, jnp.asarray(toks),
                                    jnp.asarray(comp_mask), adv)
-        no_correct = sum(not correct[i * G:(i + 1) * G].any() for i in range(len(recs)))
-        weight = 1 + (~correct.reshape(-1, G)).sum(1) / G
+        weight = G_.difficulty_weights(jnp.asarray(correct), G)
         m = {"loss": float(loss), "reward": float(np.mean(total)), "acc": float(correct.mean()),
-             "resampled": int((rounds > 0).sum()), "no_correct_groups": int(no_correct),
-             "difficulty_weight": float(weight.mean()), "completion_len": float(np.mean(lengths)),
+             "resampled": result.groups_resampled,
+             "no_correct_groups": result.groups_without_correct,
+             "difficulty_weight": float(jnp.mean(weight)) if g.reweight else 1.0,
+             "completion_len": float(np.mean(lengths)),
              **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()},
              **{k: float(v) for k, v in metrics.items()}, "step_s": time.time() - t0}
-        totals.update({"resampled_groups": m["resampled"], "groups": len(recs),
-                       "groups_without_correct": no_correct})
+        totals.update({**{k: int(v) for k, v in result.counts().items()}, "groups": len(recs)})
         progress.update(step, {k: m[k] for k in ("reward", "acc", "loss", "resampled",
                                                  "completion_len", "step_s")},
                         int(comp_mask.sum()))
