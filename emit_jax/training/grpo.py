@@ -187,57 +187,65 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str):
     progress = Progress("grpo", int(g.steps), os.path.join(stage_dir, "metrics.jsonl"), start)
     totals = Counter()
     history = []
-    for step in range(start + 1, int(g.steps) + 1):
-        t0 = time.time()
-        recs = [next(it) for _ in range(int(g.prompts_per_step))]
-        first_batch = {}
+    done, data_state = start, it.get_state()
+    try:
+        for step in range(start + 1, int(g.steps) + 1):
+            t0 = time.time()
+            recs = [next(it) for _ in range(int(g.prompts_per_step))]
+            first_batch = {}
 
-        def generate_fn(indices, round_, recs=recs, step=step):
-            batch, toks, lens, texts = sample_completions([recs[i] for i in indices], step, round_)
-            if round_ == 0:
-                first_batch["b"] = batch  # the encoding the loss uses
-            return [[(texts[k * G + j], toks[k * G + j], int(lens[k * G + j])) for j in range(G)]
-                    for k in range(len(indices))]
+            def generate_fn(indices, round_, recs=recs, step=step):
+                batch, toks, lens, texts = sample_completions([recs[i] for i in indices], step, round_)
+                if round_ == 0:
+                    first_batch["b"] = batch  # the encoding the loss uses
+                return [[(texts[k * G + j], toks[k * G + j], int(lens[k * G + j])) for j in range(G)]
+                        for k in range(len(indices))]
 
-        result = G_.resample_groups(
-            generate_fn, recs, G, lambda r, c: R_.is_correct(c[0], r.get("solution", "")),
-            max_resample_times=int(g.max_resample_times), on_failure="keep",
-            enabled=bool(g.resample), pass_round=True)
-        batch = first_batch["b"]
-        flat = result.flat_completions()
-        texts = [c[0] for c in flat]
-        toks = np.stack([c[1] for c in flat])
-        lens = np.array([c[2] for c in flat])
-        correct = np.array(result.flat_correct())
-        solutions = [recs[i].get("solution", "") for i in result.prompt_indices for _ in range(G)]
-        lengths = [int(l) - int(l > 0 and toks[i, l - 1] == eos) for i, l in enumerate(lens)]
-        total, parts = R_.combine(names, weights, texts, solution=solutions, lengths=lengths)
-        adv = G_.group_advantages(jnp.asarray(total, jnp.float32), G)
-        adv = G_.apply_difficulty(adv, jnp.asarray(correct), G, enabled=bool(g.reweight))
-        comp_mask = (np.arange(toks.shape[1])[None, :] < lens[:, None]).astype(np.int32)
-        policy.train()
-        b = _put(batch)
-        b["ce_pixels"] = jnp.asarray(batch["ce_pixels"])
-        b["num_ce"] = jnp.asarray(batch["num_ce"])
-        loss, metrics = train_step(policy, optimizer, reference, b, jnp.asarray(toks),
-                                   jnp.asarray(comp_mask), adv)
-        weight = G_.difficulty_weights(jnp.asarray(correct), G)
-        m = {"loss": float(loss), "reward": float(np.mean(total)), "acc": float(correct.mean()),
-             "resampled": result.groups_resampled,
-             "no_correct_groups": result.groups_without_correct,
-             "difficulty_weight": float(jnp.mean(weight)) if g.reweight else 1.0,
-             "completion_len": float(np.mean(lengths)),
-             **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()},
-             **{k: float(v) for k, v in metrics.items()}, "step_s": time.time() - t0}
-        totals.update({**{k: int(v) for k, v in result.counts().items()}, "groups": len(recs)})
-        progress.update(step, {k: m[k] for k in ("reward", "acc", "loss", "resampled",
-                                                 "completion_len", "step_s")},
-                        int(comp_mask.sum()))
-        history.append({"step": step, **m})
-        if not np.isfinite(m["loss"]):
-            raise FloatingPointError(f"grpo: non-finite loss at step {step}")
-        ckpt.save(step, policy, optimizer, {"step": step, "data": it.get_state()},
-                  force=step == int(g.steps))
+            result = G_.resample_groups(
+                generate_fn, recs, G, lambda r, c: R_.is_correct(c[0], r.get("solution", "")),
+                max_resample_times=int(g.max_resample_times), on_failure="keep",
+                enabled=bool(g.resample), pass_round=True)
+            batch = first_batch["b"]
+            flat = result.flat_completions()
+            texts = [c[0] for c in flat]
+            toks = np.stack([c[1] for c in flat])
+            lens = np.array([c[2] for c in flat])
+            correct = np.array(result.flat_correct())
+            solutions = [recs[i].get("solution", "") for i in result.prompt_indices for _ in range(G)]
+            lengths = [int(l) - int(l > 0 and toks[i, l - 1] == eos) for i, l in enumerate(lens)]
+            total, parts = R_.combine(names, weights, texts, solution=solutions, lengths=lengths)
+            adv = G_.group_advantages(jnp.asarray(total, jnp.float32), G)
+            adv = G_.apply_difficulty(adv, jnp.asarray(correct), G, enabled=bool(g.reweight))
+            comp_mask = (np.arange(toks.shape[1])[None, :] < lens[:, None]).astype(np.int32)
+            policy.train()
+            b = _put(batch)
+            b["ce_pixels"] = jnp.asarray(batch["ce_pixels"])
+            b["num_ce"] = jnp.asarray(batch["num_ce"])
+            loss, metrics = train_step(policy, optimizer, reference, b, jnp.asarray(toks),
+                                       jnp.asarray(comp_mask), adv)
+            weight = G_.difficulty_weights(jnp.asarray(correct), G)
+            m = {"loss": float(loss), "reward": float(np.mean(total)), "acc": float(correct.mean()),
+                 "resampled": result.groups_resampled,
+                 "no_correct_groups": result.groups_without_correct,
+                 "difficulty_weight": float(jnp.mean(weight)) if g.reweight else 1.0,
+                 "completion_len": float(np.mean(lengths)),
+                 **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()},
+                 **{k: float(v) for k, v in metrics.items()}, "step_s": time.time() - t0}
+            totals.update({**{k: int(v) for k, v in result.counts().items()}, "groups": len(recs)})
+            progress.update(step, {k: m[k] for k in ("reward", "acc", "loss", "resampled",
+                                                     "completion_len", "step_s")},
+                            int(comp_mask.sum()))
+            history.append({"step": step, **m})
+            if not np.isfinite(m["loss"]):
+                raise FloatingPointError(f"grpo: non-finite loss at step {step}")
+            done, data_state = step, it.get_state()
+            ckpt.save(step, policy, optimizer, {"step": step, "data": data_state},
+                      force=step == int(g.steps))
+    except KeyboardInterrupt:  # SIGTERM / Ctrl-C: save the last finished step, then stop
+        if done > start and ckpt.latest_step != done:
+            ckpt.save(done, policy, optimizer, {"step": done, "data": data_state}, force=True)
+        ckpt.close()
+        raise
     ckpt.close()
     progress.close()
     merged = merge_lora(policy, reference)

@@ -105,12 +105,11 @@ def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, 
     progress = Progress(name, ocfg.steps, os.path.join(stage_dir, "metrics.jsonl"), start)
     history = []
     loss_acc = n_acc = c_acc = tok_acc = 0.0
-    done = start
+    done, data_state = start, it.get_state()
     try:
         for step in range(start + 1, ocfg.steps + 1):
             batch = next(it)
             loss, n, correct = step_fn(model, optimizer, to_device(batch))
-            done = step
             loss_acc += float(loss)
             n_acc += float(n)
             c_acc += float(correct)
@@ -123,11 +122,12 @@ def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, 
                 progress.update(step, metrics, int(tok_acc))
                 history.append({"step": step, **metrics})
                 loss_acc = n_acc = c_acc = 0.0
-            ckpt.save(step, model, optimizer, {"step": step, "data": it.get_state()},
+            done, data_state = step, it.get_state()
+            ckpt.save(step, model, optimizer, {"step": step, "data": data_state},
                       force=step == ocfg.steps)
     except KeyboardInterrupt:  # SIGTERM / Ctrl-C: save the last finished step, then stop
         if done > start and ckpt.latest_step != done:
-            ckpt.save(done, model, optimizer, {"step": done, "data": it.get_state()}, force=True)
+            ckpt.save(done, model, optimizer, {"step": done, "data": data_state}, force=True)
         ckpt.close()
         raise
     ckpt.close()
