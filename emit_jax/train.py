@@ -35,8 +35,18 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _stage_done(workdir: str, stage: str) -> bool:
-    return os.path.isfile(os.path.join(workdir, stage, "done.json"))
+def _stage_steps(cfg, stage: str) -> int:
+    return int({"base": cfg.base, "sft": cfg.sft}.get(stage, cfg.get("grpo") or {}).get("steps", 0))
+
+
+def _stage_done(workdir: str, stage: str, steps: int) -> bool:
+    """Finished with at least ``steps`` steps (a larger step count continues from the stage's
+    last checkpoint)."""
+    path = os.path.join(workdir, stage, "done.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        return int(json.load(f).get("steps", 0)) >= steps
 
 
 def _finish_stage(workdir: str, stage: str, model, info: dict) -> None:
@@ -44,8 +54,11 @@ def _finish_stage(workdir: str, stage: str, model, info: dict) -> None:
 
     d = os.path.join(workdir, stage)
     target = os.path.join(d, "model")
-    if not os.path.isdir(target):
-        checkpoint.save_model(model, target, assets_from=os.path.join(workdir, "tokenizer"))
+    if os.path.isdir(target):  # an earlier, shorter run of this stage: replace its model
+        import shutil
+
+        shutil.rmtree(target)
+    checkpoint.save_model(model, target, assets_from=os.path.join(workdir, "tokenizer"))
     with open(os.path.join(d, "done.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1, default=str)
 
@@ -133,7 +146,7 @@ def run(cfg, workdir: str) -> dict:
     model = None
     results: dict = {"workdir": workdir, "stages": {}}
     for stage in cfg.stages:
-        if _stage_done(workdir, stage):
+        if _stage_done(workdir, stage, _stage_steps(cfg, stage)):
             model = _load_stage(workdir, stage)
             _log(f"[{stage}] already finished; loaded {workdir}/{stage}/model")
             continue

@@ -49,3 +49,17 @@ def test_rerun_resumes_and_skips_finished_stages(run_dir):
     assert r.returncode == 0, r.stderr[-4000:]
     for stage in ("base", "sft", "grpo"):
         assert f"[{stage}] already finished" in r.stderr
+
+
+def test_more_steps_continue_from_the_last_checkpoint(tmp_path, run_dir):
+    _, cache, _ = run_dir
+    d = tmp_path / "w"
+    common = ["--config", "configs/sft.py:smoke", "--workdir", str(d), "--config.stages=('base',)",
+              "--config.eval_limit=0", "--config.export_hf=False"]
+    r1 = train(*common, "--config.base.steps=2", env={"EMIT_JAX_CACHE": str(cache)})
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = train(*common, "--config.base.steps=4", env={"EMIT_JAX_CACHE": str(cache)})
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "[base] step 3/4" in r2.stderr and "[base] step 1/4" not in r2.stderr
+    steps = [json.loads(l)["step"] for l in (d / "base" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
