@@ -50,17 +50,21 @@ def trainable_filter():
 
 def merge_lora(policy, reference):
     """A plain model (``reference``'s structure) whose kernels include the LoRA updates
-    ``kernel + A @ B * alpha / rank`` and whose fully trained modules hold the policy's values."""
+    ``kernel + A @ B * alpha / rank`` and whose fully trained modules hold the policy's values.
+    With QLoRA the update is added to the reference's full-precision kernel."""
     pstate = dict(nnx.to_flat_state(nnx.state(policy)))
     merged = nnx.clone(reference)
     mstate = nnx.state(merged)
     flat = dict(nnx.to_flat_state(mstate))
     for path, var in flat.items():
-        if path not in pstate:
-            continue
-        value = pstate[path].get_value()
         a = pstate.get(path[:-1] + (path[-1] + "_lora_a",))
         b = pstate.get(path[:-1] + (path[-1] + "_lora_b",))
+        if path in pstate:
+            value = pstate[path].get_value()
+        elif a is not None:  # QLoRA: the policy holds a quantized copy; merge into the original
+            value = var.get_value()
+        else:
+            continue
         if a is not None and b is not None:
             scale = a.get_metadata().get("lora_scale") or _lora_scale(policy)
             value = (value + (a.get_value() @ b.get_value()) * scale).astype(value.dtype)
