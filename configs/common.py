@@ -15,6 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         source="embedded", seed=0, max_tiles=1, text_samples=True,
         dk_sentences=1,  # first sentence of each domain-knowledge entry: a length budget for tiny
+        base_think=True,  # base stage: also templated <think> answers (GRPO's format reward)
         length_buckets=(512, 768, 1024, 1536, 2048, 4096)))
     # the base-model stage: the whole tiny MLLM, all four tasks (direct + templated think answers)
     c.base = ml_collections.ConfigDict(dict(steps=150, batch_size=8, lr=2e-3, warmup_ratio=0.05,

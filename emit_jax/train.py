@@ -140,7 +140,8 @@ def run(cfg, workdir: str) -> dict:
     if not os.path.isdir(os.path.join(workdir, "tokenizer")):
         tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
     records = stage_records(source, workdir, seed=cfg.data.seed, text_samples=cfg.data.text_samples,
-                            dk_sentences=cfg.data.get("dk_sentences", 0))
+                            dk_sentences=cfg.data.get("dk_sentences", 0),
+                            base_think=cfg.data.get("base_think", True))
     _log("[data] " + ", ".join(f"{k} {len(v)}" for k, v in records.items()))
     pad = tokenizer.pad_token_id or 0
     model = None

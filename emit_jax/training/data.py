@@ -63,7 +63,7 @@ def _rationale(q: tasks.Question) -> str:
 
 
 def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_samples: bool = True,
-                  dk_sentences: int = 0) -> dict[str, list[dict]]:
+                  dk_sentences: int = 0, base_think: bool = True) -> dict[str, list[dict]]:
     """{'base', 'sft', 'grpo', 'validation', 'test'} -> records (cached as JSONL in workdir)."""
     out_dir = os.path.join(workdir, "data")
     names = ("base", "sft", "grpo", "validation", "test")
@@ -85,7 +85,7 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
     think = tasks.build_questions(train, stage=2, think=True, text_samples=text_samples,
                                   **dict(kw, seed=seed + 1))
     base = jsonl.records(direct, 1)
-    for i, q in enumerate(think):
+    for i, q in enumerate(think if base_think else []):
         r = jsonl.question_to_record(q, 1, len(base) + i)
         r["messages"][1]["content"] = _rationale(q)
         r["solution"] = q.answer  # the letter, for validation and rewards
