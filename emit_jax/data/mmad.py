@@ -79,8 +79,8 @@ DK_PREFIX = ("The following provides domain knowledge regarding the characterist
 
 #: ``utils.string_list`` / ``utils.dataset_list`` of EMIT: CE + soft prompt switch on for a
 #: 2-image prompt containing a trigger whose EMIT dataset is listed.
-COMP_TRIGGERS = ("Where is the defect?", "Is there any defect in the object?")
-COMP_DATASETS = ("MVTec", "VisA")
+COMP_TRIGGERS = prompts.TRIGGER_PHRASES
+COMP_DATASETS = prompts.EVAL_CE_DATASETS
 
 #: Evaluation user text, 1-shot (Anomaly Detection, Defect*). ``{dk}`` is the whole block
 #: (prefix included), ``{instr}`` the mode instruction, ``{question}`` the question block.

@@ -52,6 +52,11 @@ Q_DEFECT_TYPE = "There is a defect in the object. What is the type of the defect
 Q_LOCATION = "There is a defect in the object. Where is the defect?"
 Q_OBJECT = "What kind of product is in the image?"
 
+# EMIT_SPEC 7: two-image prompts holding one of these get CE + SP; at MMAD evaluation only for
+# these sub-datasets (DS-MVTec read as MVTec).
+TRIGGER_PHRASES = ("Where is the defect?", "Is there any defect in the object?")
+EVAL_CE_DATASETS = ("MVTec", "VisA")
+
 TASKS = ("anomaly_discrimination", "defect_classification", "defect_localization",
          "object_classification")
 QUESTIONS = dict(zip(TASKS, (Q_ANOMALY, Q_DEFECT_TYPE, Q_LOCATION, Q_OBJECT)))

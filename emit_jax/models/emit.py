@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emit_jax.data.prompts import EVAL_CE_DATASETS, TRIGGER_PHRASES  # EMIT_SPEC 7
 from emit_jax.models.config import dtype_from_name
 from emit_jax.models.internvl import InternVL, ModelOutput, merge_image_features
 from emit_jax.models.layers import axes_meta
@@ -38,9 +39,6 @@ from emit_jax.ops.heatmap import anomaly_map
 
 HINT_TEXT = "Below are some hints for your reference:"
 COMP_TOKEN = "<COMP_CONTEXT>"
-# Prompts containing one of these (and holding exactly two images) get CE + SP (EMIT_SPEC 7).
-TRIGGER_PHRASES = ("Where is the defect?", "Is there any defect in the object?")
-EVAL_CE_DATASETS = ("MVTec", "VisA")
 OFFICIAL_LAYERS = (4, 8, 16, 20)  # of InternViT-300M's 24 blocks
 OFFICIAL_WINDOW = 6  # at the 32 x 32 patch grid of a 448 px tile
 OFFICIAL_SOFT_PROMPT = "soft_prompt_init_9x3584_float32.npy"

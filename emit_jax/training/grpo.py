@@ -246,9 +246,7 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str):
             ckpt.save(step, policy, optimizer, {"step": step, "data": data_state},
                       force=step == int(g.steps))
     except KeyboardInterrupt:  # SIGTERM / Ctrl-C: save the last finished step, then stop
-        if done > start and ckpt.latest_step != done:
-            ckpt.save(done, policy, optimizer, {"step": done, "data": data_state}, force=True)
-        ckpt.close()
+        ckpt.save_interrupted(done, start, policy, optimizer, {"step": done, "data": data_state})
         raise
     ckpt.close()
     progress.close()

@@ -126,9 +126,7 @@ def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, 
             ckpt.save(step, model, optimizer, {"step": step, "data": data_state},
                       force=step == ocfg.steps)
     except KeyboardInterrupt:  # SIGTERM / Ctrl-C: save the last finished step, then stop
-        if done > start and ckpt.latest_step != done:
-            ckpt.save(done, model, optimizer, {"step": done, "data": data_state}, force=True)
-        ckpt.close()
+        ckpt.save_interrupted(done, start, model, optimizer, {"step": done, "data": data_state})
         raise
     ckpt.close()
     progress.close()

@@ -39,6 +39,13 @@ class StageCheckpoints:
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
+    def save_interrupted(self, step: int, start: int, model, optimizer, meta: dict) -> None:
+        """On SIGTERM / Ctrl-C: save the last finished ``step`` unless it is saved already (or
+        nothing ran since ``start``), then wait for the write and close."""
+        if step > start and self.latest_step != step:
+            self.save(step, model, optimizer, meta, force=True)
+        self.close()
+
     def restore(self, model, optimizer, step: int | None = None) -> dict | None:
         """Restore into ``model`` / ``optimizer`` in place; returns the saved meta (or None)."""
         step = self.latest_step if step is None else step
