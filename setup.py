@@ -27,6 +27,8 @@ setup(
         "qwix>=0.1.5",
         "pillow>=10",
         "matplotlib>=3.7",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        "tqdm>=4.60",
         "tensorflow-datasets>=4.9.4",  # builders -> ArrayRecord, read without TensorFlow
         "importlib_resources",  # needed by tensorflow-datasets builders without TensorFlow
     ],

@@ -25,6 +25,7 @@ LORA_TARGETS = (r".*(self_attn/(q_proj|k_proj|v_proj|o_proj)|mlp/(gate_proj|up_p
 def grpo_section() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         steps=40, prompts_per_step=2, G=4, max_new_tokens=40,
+        iterations=1,  # mu: optimiser updates per sampled batch (old log-probs stored when > 1)
         temperature=1.0, top_k=50, top_p=0.9,
         beta=5e-3, eps_low=0.2, eps_high=0.2, kl="k3", agg="sequence_mean",
         resample=True, max_resample_times=3, reweight=True,
@@ -40,9 +41,16 @@ def get_config(arg=None):
     c = base_config()
     c.stages = ("base", "sft", "grpo")
     c.grpo = grpo_section()
+    # the "SFT instead of GRPO" ablation (stage sft2; emit_jax.experiments.table1): same LoRA and
+    # trainable modules, cross-entropy on stage 2's questions with templated think answers
+    c.sft2 = ml_collections.ConfigDict(dict(steps=c.grpo.steps, batch_size=c.grpo.prompts_per_step
+                                            * c.grpo.G, lr=c.grpo.lr, warmup_ratio=0.01,
+                                            weight_decay=0.1, b1=0.9, b2=0.95, clip_norm=1.0))
     if arg == "smoke":  # a few steps of each stage (CI)
-        c.base.steps, c.sft.steps, c.grpo.steps = 3, 2, 2
+        c.stages = ("warmup", "base", "sft", "grpo")  # CI covers the optional warm-up too
+        c.warmup.steps, c.base.steps, c.sft.steps, c.grpo.steps, c.sft2.steps = 2, 3, 2, 2, 2
         c.grpo.max_new_tokens, c.eval_limit, c.log_every, c.eval_max_new_tokens = 8, 4, 1, 8
+        c.grpo.iterations = 2  # CI covers the mu > 1 path (stored old log-probs)
     elif arg == "plain":  # the paper's "GRPO" baseline: no resampling, no reweighting
         c.grpo.resample, c.grpo.reweight = False, False
     return c

@@ -29,6 +29,7 @@ def get_config(arg=None):
     c.data.source = ""
     c.data.max_tiles = 6
     c.data.dk_sentences = 0
+    c.data.domain_knowledge = True
     c.data.length_buckets = (2048, 4096, 6144, 8192, 10240)
     c.grpo = grpo_section()
     c.grpo.update(dict(steps=1000, prompts_per_step=8, G=8, max_new_tokens=512, lr=1e-5,

@@ -29,6 +29,7 @@ def get_config(arg=None):
     c.data.max_tiles = 6
     c.data.text_samples = False
     c.data.dk_sentences = 0  # the full domain knowledge, as EMIT
+    c.data.domain_knowledge = True
     c.data.length_buckets = (2048, 4096, 6144, 8192, 10240)
     c.sft.update(dict(steps=6000, batch_size=64, lr=1e-5, warmup_ratio=0.03, weight_decay=1e-4,
                       b1=0.9, b2=0.95, clip_norm=1.0))

@@ -2,16 +2,21 @@
 
 Runs the stages a config lists, in order, each resumable and skipped when already finished:
 
+- ``warmup`` (the embedded default only): the tiny LLM learns the answer format on short
+  text-only versions of the embedded tasks (``emit_jax.training.data.warmup_records``);
 - ``base`` (the embedded default only): the tiny MLLM fine-tuned on the embedded tasks without
   soft prompt or contrastive tokens, so that a frozen MLLM in stage 1 knows something;
 - ``sft``: EMIT stage 1 — ``<COMP_CONTEXT>`` added, soft prompt + heat-map projector trained by
   cross-entropy on anomaly-discrimination and localization answers, the MLLM frozen;
+- ``sft2``: the ablation "SFT instead of GRPO": stage 2's data with templated think answers,
+  cross-entropy, the same LoRA adapters and fully trained modules as GRPO;
 - ``grpo``: EMIT stage 2 — difficulty-aware GRPO (see ``emit_jax.training.grpo``).
 
-Each stage writes ``WORKDIR/<stage>/`` (Orbax checkpoints every K steps, metrics.jsonl, and on
-completion ``model/``, an emit_jax model checkpoint). At the end the held-out table is printed
-(and saved to ``WORKDIR/results.json``) and the final model is exported to ``WORKDIR/hf``
-(switch off with ``--config.export_hf=False``).
+Each stage writes ``WORKDIR/<stage>/`` (Orbax checkpoints every K steps, ``metrics.jsonl``,
+TensorBoard events in ``tb/`` — ``tensorboard --logdir WORKDIR`` — and on completion ``model/``,
+an emit_jax model checkpoint). At the end the held-out table is printed (and saved to
+``WORKDIR/results.json`` and ``results.png``), the curves are drawn into ``WORKDIR/curves.png``
+and the final model is exported to ``WORKDIR/hf`` (switch off with ``--config.export_hf=False``).
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ def _log(msg: str) -> None:
 
 
 def _stage_steps(cfg, stage: str) -> int:
-    return int({"base": cfg.base, "sft": cfg.sft}.get(stage, cfg.get("grpo") or {}).get("steps", 0))
+    section = cfg.get(stage) if stage in ("warmup", "base", "sft", "sft2", "grpo") else None
+    return int((section or {}).get("steps", 0))
 
 
 def _stage_done(workdir: str, stage: str, steps: int) -> bool:
@@ -141,7 +147,8 @@ def run(cfg, workdir: str) -> dict:
         tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
     records = stage_records(source, workdir, seed=cfg.data.seed, text_samples=cfg.data.text_samples,
                             dk_sentences=cfg.data.get("dk_sentences", 0),
-                            base_think=cfg.data.get("base_think", True))
+                            base_think=cfg.data.get("base_think", True),
+                            domain_knowledge=cfg.data.get("domain_knowledge", True))
     _log("[data] " + ", ".join(f"{k} {len(v)}" for k, v in records.items()))
     pad = tokenizer.pad_token_id or 0
     model = None
@@ -154,10 +161,10 @@ def run(cfg, workdir: str) -> dict:
         if model is None:
             model = build_initial_model(cfg, tokenizer)
         t0 = time.time()
-        if stage == "base":
-            info = run_sft(model, records["base"], tokenizer,
-                           _pipeline(model, cfg, train=True, with_answer=True), _optim(cfg.base),
-                           os.path.join(workdir, "base"), wrt=nnx.Param, name="base",
+        if stage in ("warmup", "base"):  # the whole tiny MLLM, cross-entropy on the answers
+            info = run_sft(model, records[stage], tokenizer,
+                           _pipeline(model, cfg, train=True, with_answer=True), _optim(cfg[stage]),
+                           os.path.join(workdir, stage), wrt=nnx.Param, name=stage,
                            seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
                            log_every=cfg.log_every, pad_id=pad)
         elif stage == "sft":
@@ -171,13 +178,31 @@ def run(cfg, workdir: str) -> dict:
                            os.path.join(workdir, "sft"), wrt=wrt, name="sft", seed=cfg.seed,
                            checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
                            pad_id=pad)
+        elif stage == "sft2":  # the ablation: stage 2 by SFT (same LoRA / trainable set as GRPO)
+            from emit_jax.data.pipeline import RecordEncoder, collate
+            from emit_jax.training.data import with_rationales
+            from emit_jax.training.grpo import apply_lora, merge_lora, trainable_filter
+
+            recs2 = with_rationales(records["grpo"])
+            pcfg = _pipeline(model, cfg, train=True, with_answer=True)
+            import numpy as np
+
+            sample = collate([RecordEncoder(tokenizer, pcfg)(recs2[0], np.random.default_rng(0))],
+                             pcfg, pad)
+            policy = apply_lora(model, sample, cfg.grpo.lora, seed=cfg.seed)
+            info = run_sft(policy, recs2, tokenizer, pcfg, _optim(cfg.sft2),
+                           os.path.join(workdir, "sft2"), wrt=trainable_filter(), name="sft2",
+                           seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
+                           log_every=cfg.log_every, pad_id=pad)
+            model = merge_lora(policy, model)
+            model.eval()
         elif stage == "grpo":
             from emit_jax.training.grpo import run_grpo
 
             model, info = run_grpo(model, records["grpo"], tokenizer, cfg,
                                    os.path.join(workdir, "grpo"))
         else:
-            raise ValueError(f"unknown stage {stage!r} (base, sft, grpo)")
+            raise ValueError(f"unknown stage {stage!r} (warmup, base, sft, sft2, grpo)")
         info["seconds"] = time.time() - t0
         _finish_stage(workdir, stage, model, info)
         results["stages"][stage] = info
@@ -189,16 +214,30 @@ def run(cfg, workdir: str) -> dict:
         model.eval()
         summary, rows = evaluate_records(model, tokenizer, records["test"], limit=cfg.eval_limit,
                                          max_tiles=cfg.data.max_tiles,
-                                         think="grpo" in cfg.stages and cfg.eval_think,
+                                         think=cfg.eval_think and bool({"grpo", "sft2"} & set(cfg.stages)),
                                          max_new_tokens=cfg.eval_max_new_tokens, root=source)
         table = format_table(summary, title=f"held-out test split ({len(rows)} questions)")
         print(table, flush=True)
-        results.update(test_average=summary.average, test_table=table, answers=rows)
+        from emit_jax.data.mmad import paper_task_name
+
+        from emit_jax.training.metrics import plot_table
+
+        header = ["Task"] + [paper_task_name(t) for t in summary.tasks] + ["Average"]
+        plot_table([["accuracy %"] + [f"{summary.average[t]:.1f}" for t in summary.tasks]
+                    + [f"{summary.average['Average']:.1f}"]], header,
+                   os.path.join(workdir, "results.png"), title=f"held-out test split ({len(rows)} questions)")
+        results.update(test_average=summary.average["Average"],
+                       test_tasks={paper_task_name(t): summary.average[t] for t in summary.tasks},
+                       test_table=table, answers=rows)
     if model is not None and cfg.export_hf and not os.path.isdir(os.path.join(workdir, "hf")):
         from emit_jax import hf
 
         hf.save(model, os.path.join(workdir, "hf"), assets_from=os.path.join(workdir, "tokenizer"))
         _log(f"[export] {workdir}/hf")
+    from emit_jax.training.metrics import plot_curves
+
+    if plot_curves(workdir, os.path.join(workdir, "curves.png")):
+        _log(f"[plots] {workdir}/curves.png, {workdir}/results.png")
     results["seconds"] = time.time() - t_start
     with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1, default=str)

@@ -38,6 +38,7 @@ class PipelineConfig:
     with_answer: bool = True  # stage 1: the assistant letter is the label; stage 2: prompt only
     length_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
     tile_bucket: int = 4
+    ce_bucket: int = 1  # CE rows padded to a multiple of this (fixed shapes for the sampler)
     pad_side: str = "right"  # "left" for generation
 
 
@@ -117,7 +118,7 @@ def collate(examples: Sequence[dict], cfg: PipelineConfig, pad_id: int = 0) -> d
     if tiles:
         pix[:n_tiles] = np.concatenate(tiles)
     ce = [e["ce_pixels"] for e in examples if e.get("use_comp")]
-    m_pad = max(1, len(ce))
+    m_pad = max(cfg.ce_bucket, -(-len(ce) // cfg.ce_bucket) * cfg.ce_bucket, 1)
     ce_pix = np.zeros((m_pad, 2, 3, s, s), np.float32)
     if ce:
         ce_pix[:len(ce)] = np.stack(ce)

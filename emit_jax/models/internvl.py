@@ -151,14 +151,15 @@ class InternVL(nnx.Module):
 def merge_image_features(embeds: jax.Array, input_ids: jax.Array, image_features: jax.Array,
                          image_token_id: int, kind: str = "image") -> jax.Array:
     """Replace the ``image_token_id`` positions of ``embeds [B, T, D]`` by the rows of
-    ``image_features [N, K, D]`` in flattened order. Raises when the counts differ (checked when
-    ``input_ids`` is concrete, i.e. outside jit)."""
+    ``image_features [N, K, D]`` in flattened order; rows past the last token are padding (fixed
+    batch shapes). Raises when the tokens are more than the features or not whole rows (checked
+    when ``input_ids`` is concrete, i.e. outside jit)."""
     b, t, d = embeds.shape
     feats = image_features.reshape(-1, image_features.shape[-1]).astype(embeds.dtype)
     is_img = (input_ids == image_token_id).reshape(-1)
     if not isinstance(input_ids, jax.core.Tracer):
         n_tokens = int(jnp.sum(is_img))
-        if n_tokens != feats.shape[0]:
+        if n_tokens > feats.shape[0] or n_tokens % max(image_features.shape[1], 1):
             raise ValueError(
                 f"{kind} features and {kind} tokens do not match: {n_tokens} {kind} tokens "
                 f"(id {image_token_id}) in input_ids, {feats.shape[0]} features "

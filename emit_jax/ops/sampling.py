@@ -106,7 +106,8 @@ def generate(model: InternVL, input_ids, attention_mask=None, pixel_values=None,
              rng: jax.Array | None = None) -> SampleOutput:
     """Sample up to ``max_new_tokens`` continuations of left-padded ``input_ids [B, T]``.
 
-    ``pixel_values [N, 3, H, W]`` fill the image tokens; with an EMIT model, ``ce_pixels
+    ``pixel_values [N, 3, H, W]`` fill the image tokens in order (tiles past the last image
+    token are padding, so batches can keep one shape); with an EMIT model, ``ce_pixels
     [n_ce, 2, 3, H, W]`` fill its ``<COMP_CONTEXT>`` slots at prefill. Returns
     :class:`SampleOutput`.
     """
@@ -126,7 +127,7 @@ def generate(model: InternVL, input_ids, attention_mask=None, pixel_values=None,
         per_tile = (h // cfg.vision.patch_size) * (w // cfg.vision.patch_size)
         per_tile = int(per_tile * cfg.downsample_ratio ** 2)
         n_tokens = int(jnp.sum(input_ids == cfg.image_token_id))
-        if n_tokens != n_tiles * per_tile:
+        if n_tokens > n_tiles * per_tile or n_tokens % per_tile:
             raise ValueError(
                 f"image features and image tokens do not match: {n_tokens} image tokens (id "
                 f"{cfg.image_token_id}) in input_ids, {n_tiles} tiles x {per_tile} visual tokens")

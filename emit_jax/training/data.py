@@ -5,6 +5,12 @@ into the shared cache): a tiny byte-level BPE trained on EMIT's prompt corpus pl
 domain knowledge and descriptions, and JSONL files per stage.
 
 Stage data:
+- ``warmup`` (embedded default only): the same questions with the images replaced by one
+  sentence stating what they show ("The second product is a nut with a hole at the top.") at the
+  end of the user turn (where stage 1 puts the contrastive tokens), the
+  options reshuffled several times: short, text-only sequences that teach a randomly initialised
+  LLM the answer format and to pick the letter of the option that matches what it knows — what
+  a pretrained LLM brings to EMIT. Direct answers (the base stage teaches the think format).
 - ``base`` (embedded default only: teaches the tiny MLLM the task before EMIT's stages): all
   four tasks, half with direct answers and half with a templated ``<think>`` rationale (object,
   defect and region from the annotations) followed by ``<answer>X</answer>``, so the model knows
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 
 from emit_jax.data import jsonl, prompts, tasks
 from emit_jax.data.build import load_domain_knowledge
@@ -50,23 +57,71 @@ def tokenizer_for(workdir: str, dataset_root: str | None):
     return load_tokenizer(tok_dir, require_comp=True)
 
 
-def _rationale(q: tasks.Question) -> str:
-    m = q.meta
-    obj = m["object_type"].replace("_", " ")
-    if not m["adlabel"]:
-        body = f"The product is a {obj}. Compared with the reference it looks normal and intact."
-    else:
-        where = m["defect_location"][0] if m["defect_location"] else "surface"
-        kind = (m["anomaly_type"] or "defect").replace("_", " ")
-        body = f"The product is a {obj}. Compared with the reference there is a {kind} at the {where}."
-    return f"<think>{body}</think><answer>{q.answer}</answer>"
+def _facts(meta: dict) -> tuple[str, str | None, str]:
+    """(object, defect kind or None, where) from a question's meta / a record."""
+    obj = meta["object_type"].replace("_", " ")
+    if not meta["adlabel"]:
+        return obj, None, ""
+    where = meta["defect_location"][0] if meta["defect_location"] else "surface"
+    return obj, (meta["anomaly_type"] or "defect").replace("_", " "), where
+
+
+def rationale(meta: dict, letter: str) -> str:
+    """The templated think answer for a question's ``meta`` (or a record) and its letter."""
+    obj, kind, where = _facts(meta)
+    body = f"The product is a {obj}. Compared with the reference " + (
+        "it looks normal and intact." if kind is None else f"there is a {kind} at the {where}.")
+    return f"<think>{body}</think><answer>{letter}</answer>"
+
+
+def _statement(meta: dict) -> str:
+    obj, kind, where = _facts(meta)
+    return f"The second product is a {obj} in perfect condition." if kind is None else \
+        f"The second product is a {obj} with a {kind} at the {where}."
+
+
+def with_rationales(records: list[dict]) -> list[dict]:
+    """Stage-2 records (``solution`` letters) with templated think answers as assistant turns
+    (the SFT-instead-of-GRPO ablation trains on these)."""
+    return [dict(r, messages=[r["messages"][0], {"role": "assistant",
+                                                  "content": rationale(r, r["solution"])}])
+            for r in records]
+
+
+def warmup_records(questions, *, seed: int = 0, shuffles: int = 4,
+                   think_every: int = 0) -> list[dict]:
+    """Text-only versions of ``questions`` (see the module docstring): per question ``shuffles``
+    option orders with direct answers (``"B"``: the letter is the whole lesson); with
+    ``think_every`` = k > 0 every k-th one has a templated think answer instead."""
+    out = []
+    for i, q in enumerate(questions):
+        rng = random.Random(f"{seed}-{i}")
+        for k in range(shuffles):
+            opts = list(q.options)
+            rng.shuffle(opts)
+            letter = prompts.LETTERS[opts.index(q.options[prompts.LETTERS.index(q.answer)])]
+            think = think_every > 0 and k % think_every == think_every - 1
+            block = prompts.qblock(prompts.QUESTIONS[q.task], opts)
+            instr = prompts.INSTR_THINK if think else prompts.INSTR_DIRECT
+            # the statement closes the user turn, where EMIT's <COMP_CONTEXT> slots go
+            user = (f"Select your answer by responding with the letter corresponding to the "
+                    f"correct option, such as 'A'. {instr}\n\nQuestion: {block}{_statement(q.meta)}")
+            answer = rationale(q.meta, letter) if think else letter
+            out.append({"id": f"warmup-{i:05d}-{k}", "images": [],
+                        "messages": [{"role": "user", "content": user},
+                                     {"role": "assistant", "content": answer}],
+                        "solution": letter, "options": opts,
+                        **{key: q.meta[key] for key in ("object_type", "task_type", "adlabel")}})
+    return out
 
 
 def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_samples: bool = True,
-                  dk_sentences: int = 0, base_think: bool = True) -> dict[str, list[dict]]:
-    """{'base', 'sft', 'grpo', 'validation', 'test'} -> records (cached as JSONL in workdir)."""
+                  dk_sentences: int = 0, base_think: bool = True,
+                  domain_knowledge: bool = True) -> dict[str, list[dict]]:
+    """{'warmup', 'base', 'sft', 'grpo', 'validation', 'test'} -> records (cached as JSONL in workdir).
+    ``domain_knowledge=False`` leaves the domain-knowledge block out of every prompt."""
     out_dir = os.path.join(workdir, "data")
-    names = ("base", "sft", "grpo", "validation", "test")
+    names = ("warmup", "base", "sft", "grpo", "validation", "test")
     paths = {n: os.path.join(out_dir, f"{n}.jsonl") for n in names}
     if all(os.path.isfile(p) for p in paths.values()):
         return {n: list(jsonl.read_jsonl(p)) for n, p in paths.items()}
@@ -78,7 +133,8 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
     refs = tasks.select_references(items, tasks.pixel_embedder(),
                                    pool=lambda it: split(it, "train"))
     dk_path = os.path.join(dataset_root, "domain_knowledge.json")
-    dk = load_domain_knowledge(dk_path if os.path.isfile(dk_path) else None, items[0].dataset)
+    dk = load_domain_knowledge(dk_path if os.path.isfile(dk_path) else None, items[0].dataset) \
+        if domain_knowledge else None
     kw = dict(seed=seed, references=refs, domain_knowledge=dk, dk_sentences=dk_sentences)
     recs: dict[str, list[dict]] = {}
     direct = tasks.build_questions(train, stage=2, think=False, **kw)
@@ -87,10 +143,11 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
     base = jsonl.records(direct, 1)
     for i, q in enumerate(think if base_think else []):
         r = jsonl.question_to_record(q, 1, len(base) + i)
-        r["messages"][1]["content"] = _rationale(q)
+        r["messages"][1]["content"] = rationale(q.meta, q.answer)
         r["solution"] = q.answer  # the letter, for validation and rewards
         base.append(r)
     recs["base"] = base
+    recs["warmup"] = warmup_records(direct, seed=seed)
     recs["sft"] = jsonl.records(tasks.build_questions(train, stage=1, **kw), 1)
     recs["grpo"] = jsonl.records(tasks.build_questions(train, stage=2, text_samples=text_samples,
                                                        **dict(kw, seed=seed + 2)), 2)

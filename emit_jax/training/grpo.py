@@ -30,7 +30,8 @@ import optax
 from flax import nnx
 
 from emit_jax.data.pipeline import PipelineConfig, RecordEncoder, collate
-from emit_jax.training.state import Progress, StageCheckpoints
+from emit_jax.training.metrics import MetricWriter
+from emit_jax.training.state import StageCheckpoints
 
 TRAINED_IN_FULL = ("soft_prompt", "projector", "multi_modal_projector")
 
@@ -77,6 +78,23 @@ def _lora_scale(policy) -> float:
     return float(getattr(policy, "_emit_lora_scale", 1.0))
 
 
+def apply_lora(model, sample: dict, lora_cfg, *, seed: int = 0):
+    """The LoRA policy over ``model`` (which stays the reference: its modules are shared, not
+    copied), traced once on the collated ``sample`` batch."""
+    import qwix
+
+    model.eval()
+    ce, _ = _ce(sample)
+    kw = {"ce_pixels": ce} if hasattr(model, "emit_config") else {}
+    policy = qwix.apply_lora_to_model(model, lora_provider(lora_cfg),
+                                      jnp.asarray(sample["input_ids"]),
+                                      jnp.asarray(sample["pixel_values"]),
+                                      jnp.asarray(sample["attention_mask"]), rngs=nnx.Rngs(seed),
+                                      **kw)
+    policy._emit_lora_scale = float(lora_cfg.alpha) / float(lora_cfg.rank)
+    return policy
+
+
 def _put(batch: dict, keys=("input_ids", "attention_mask", "pixel_values")) -> dict:
     return {k: jnp.asarray(batch[k]) for k in keys}
 
@@ -89,8 +107,6 @@ def _ce(batch):
 def run_grpo(model, records, tokenizer, cfg, stage_dir: str):
     """Train ``model`` (an EMIT model after stage 1) with difficulty-aware GRPO.
     Returns (merged model, info)."""
-    import qwix
-
     from emit_jax.ops.sampling import generate
     from emit_jax.rl import grpo as G_
     from emit_jax.rl import rewards as R_
@@ -105,7 +121,11 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str):
                           tokens_per_tile=mcfg.tokens_per_tile, train=True,
                           comp_slots=model.num_comp_slots if emit else 0,
                           comp_token_id=model.emit_config.comp_token_id if emit else None,
-                          with_answer=False, pad_side="left", tile_bucket=1,
+                          with_answer=False, pad_side="left",
+                          # one pixel and one CE shape per step: the sampler and the step compile
+                          # once per length bucket, not once per mix of tasks
+                          tile_bucket=int(g.prompts_per_step) * G * 2 * int(cfg.data.max_tiles),
+                          ce_bucket=int(g.prompts_per_step) * G,
                           length_buckets=tuple(cfg.data.length_buckets))
     encoder = RecordEncoder(tokenizer, pcfg)
     pad = tokenizer.pad_token_id or 0
@@ -113,21 +133,14 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str):
     order = grain.MapDataset.source(records).shuffle(seed=cfg.seed).repeat(None)
     it = iter(order.to_iter_dataset())
 
-    # LoRA: trace the model once on a real prompt
     reference = model
-    reference.eval()
-    sample = collate([encoder(records[0], np.random.default_rng(0))], pcfg, pad)
-    ce, n_ce = _ce(sample)
-    kw = {"ce_pixels": ce} if emit else {}
-    policy = qwix.apply_lora_to_model(reference, lora_provider(g.lora),
-                                      jnp.asarray(sample["input_ids"]),
-                                      jnp.asarray(sample["pixel_values"]),
-                                      jnp.asarray(sample["attention_mask"]), rngs=nnx.Rngs(cfg.seed),
-                                      **kw)
-    policy._emit_lora_scale = float(g.lora.alpha) / float(g.lora.rank)
+    policy = apply_lora(reference, collate([encoder(records[0], np.random.default_rng(0))], pcfg, pad),
+                        g.lora, seed=cfg.seed)
     wrt = trainable_filter()
-    ocfg = OptimConfig(steps=int(g.steps), lr=float(g.lr), warmup_ratio=float(g.warmup_ratio),
-                       weight_decay=float(g.weight_decay), b1=0.9, b2=0.95, clip_norm=1.0)
+    # the schedule counts optimiser updates: mu per sampled batch
+    ocfg = OptimConfig(steps=int(g.steps) * int(g.get("iterations", 1)), lr=float(g.lr),
+                       warmup_ratio=float(g.warmup_ratio), weight_decay=float(g.weight_decay),
+                       b1=0.9, b2=0.95, clip_norm=1.0)
     optimizer = nnx.Optimizer(policy, make_optimizer(ocfg), wrt=wrt)
     ckpt = StageCheckpoints(os.path.join(stage_dir, "ckpt"), every=cfg.checkpoint_every,
                             state_filter=nnx.Any(wrt, nnx.BatchStat))
@@ -163,24 +176,41 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str):
             texts.append(tokenizer.decode(body.tolist(), skip_special_tokens=True))
         return batch, toks, lens, texts
 
+    def completion_logits(m, b, comp_tokens, comp_mask):
+        """[B, N, V] float32 logits predicting each completion token."""
+        full_ids = jnp.concatenate([b["input_ids"], comp_tokens], axis=1)
+        full_mask = jnp.concatenate([b["attention_mask"], comp_mask], axis=1)
+        kw = {"ce_pixels": b["ce_pixels"], "num_ce": b["num_ce"]} if emit else {}
+        n_prompt = b["input_ids"].shape[1]
+        logits = m.forward(full_ids, b["pixel_values"], full_mask, **kw).logits
+        return logits[:, n_prompt - 1:-1].astype(jnp.float32)
+
+    iterations = int(g.get("iterations", 1))
+
     @nnx.jit
-    def train_step(policy, optimizer, reference, b, comp_tokens, comp_mask, adv):
+    def score(policy, reference, b, comp_tokens, comp_mask):
+        """Per-token log-probs of the reference (adapters off) and, for mu > 1, of the policy
+        before this batch's updates (on a clone: BatchNorm statistics move only in training)."""
+        ref = G_.token_logprobs(completion_logits(reference, b, comp_tokens, comp_mask), comp_tokens) \
+            if float(g.beta) else jnp.zeros(comp_tokens.shape, jnp.float32)
+        old = G_.token_logprobs(completion_logits(nnx.clone(policy), b, comp_tokens, comp_mask),
+                                comp_tokens) if iterations > 1 else jnp.zeros(comp_tokens.shape, jnp.float32)
+        return ref, old
+
+    @nnx.jit
+    def train_step(policy, optimizer, b, comp_tokens, comp_mask, adv, ref, old):
+        mask = comp_mask.astype(jnp.float32)
+
         def loss_fn(p):
-            full_ids = jnp.concatenate([b["input_ids"], comp_tokens], axis=1)
-            full_mask = jnp.concatenate([b["attention_mask"], comp_mask], axis=1)
-            kw = {"ce_pixels": b["ce_pixels"], "num_ce": b["num_ce"]} if emit else {}
-            n_prompt = b["input_ids"].shape[1]
-
-            def logp_of(m):
-                logits = m.forward(full_ids, b["pixel_values"], full_mask, **kw).logits
-                logits = logits[:, n_prompt - 1:-1].astype(jnp.float32)
-                return G_.token_logprobs(logits, comp_tokens)
-
-            logp = logp_of(p)
-            ref = jax.lax.stop_gradient(logp_of(reference)) if float(g.beta) else None
-            loss, metrics = G_.grpo_loss(logp, None, ref, adv, comp_mask.astype(jnp.float32),
+            logits = completion_logits(p, b, comp_tokens, comp_mask)
+            logp = G_.token_logprobs(logits, comp_tokens)
+            loss, metrics = G_.grpo_loss(logp, old if iterations > 1 else None,
+                                         ref if float(g.beta) else None, adv, mask,
                                          eps_low=float(g.eps_low), eps_high=float(g.eps_high),
                                          beta=float(g.beta), kl=g.kl, agg=g.agg)
+            lp = jax.nn.log_softmax(jax.lax.stop_gradient(logits), axis=-1)
+            ent = -jnp.sum(jnp.exp(lp) * lp, axis=-1)
+            metrics["entropy"] = jnp.sum(ent * mask) / jnp.maximum(jnp.sum(mask), 1.0)
             return loss, metrics
 
         (loss, metrics), grads = nnx.value_and_grad(
@@ -188,7 +218,7 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str):
         optimizer.update(policy, grads)
         return loss, metrics
 
-    progress = Progress("grpo", int(g.steps), os.path.join(stage_dir, "metrics.jsonl"), start)
+    progress = MetricWriter(stage_dir, stage="grpo", total_steps=int(g.steps), start_step=start)
     totals = Counter()
     history = []
     done, data_state = start, it.get_state()
@@ -199,7 +229,9 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str):
             first_batch = {}
 
             def generate_fn(indices, round_, recs=recs, step=step):
-                batch, toks, lens, texts = sample_completions([recs[i] for i in indices], step, round_)
+                # a resampling round pads its prompts to the full count (one sampler shape)
+                full = list(indices) + [indices[-1]] * (len(recs) - len(indices))
+                batch, toks, lens, texts = sample_completions([recs[i] for i in full], step, round_)
                 if round_ == 0:
                     first_batch["b"] = batch  # the encoding the loss uses
                 return [[(texts[k * G + j], toks[k * G + j], int(lens[k * G + j])) for j in range(G)]
@@ -225,20 +257,25 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str):
             b = _put(batch)
             b["ce_pixels"] = jnp.asarray(batch["ce_pixels"])
             b["num_ce"] = jnp.asarray(batch["num_ce"])
-            loss, metrics = train_step(policy, optimizer, reference, b, jnp.asarray(toks),
-                                       jnp.asarray(comp_mask), adv)
+            ctoks, cmask = jnp.asarray(toks), jnp.asarray(comp_mask)
+            ref, old = score(policy, reference, b, ctoks, cmask)
+            for _ in range(iterations):  # mu updates on this batch against the stored old log-probs
+                loss, metrics = train_step(policy, optimizer, b, ctoks, cmask, adv, ref, old)
             weight = G_.difficulty_weights(jnp.asarray(correct), G)
+            tasks_ = [recs[i].get("task_type", "") for i in result.prompt_indices for _ in range(G)]
+            per_task = {f"acc/{t}": float(np.mean([c for c, tt in zip(correct, tasks_) if tt == t]))
+                        for t in sorted(set(tasks_)) if t}
             m = {"loss": float(loss), "reward": float(np.mean(total)), "acc": float(correct.mean()),
                  "resampled": result.groups_resampled,
                  "no_correct_groups": result.groups_without_correct,
                  "difficulty_weight": float(jnp.mean(weight)) if g.reweight else 1.0,
                  "completion_len": float(np.mean(lengths)),
                  **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()},
-                 **{k: float(v) for k, v in metrics.items()}, "step_s": time.time() - t0}
+                 **{k: float(v) for k, v in metrics.items()}, **per_task,
+                 "step_s": time.time() - t0}
             totals.update({**{k: int(v) for k, v in result.counts().items()}, "groups": len(recs)})
-            progress.update(step, {k: m[k] for k in ("reward", "acc", "loss", "resampled",
-                                                     "completion_len", "step_s")},
-                            int(comp_mask.sum()))
+            progress.write(step, m, tokens=int(comp_mask.sum()),
+                           show=("reward", "acc", "loss", "resampled", "completion_len", "step_s"))
             history.append({"step": step, **m})
             if not np.isfinite(m["loss"]):
                 raise FloatingPointError(f"grpo: non-finite loss at step {step}")
@@ -246,6 +283,7 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str):
             ckpt.save(step, policy, optimizer, {"step": step, "data": data_state},
                       force=step == int(g.steps))
     except KeyboardInterrupt:  # SIGTERM / Ctrl-C: save the last finished step, then stop
+        progress.close()
         ckpt.save_interrupted(done, start, policy, optimizer, {"step": done, "data": data_state})
         raise
     ckpt.close()

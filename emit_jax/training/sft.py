@@ -20,7 +20,8 @@ import optax
 from flax import nnx
 
 from emit_jax.data.pipeline import IGNORE, PipelineConfig, make_dataset
-from emit_jax.training.state import Progress, StageCheckpoints
+from emit_jax.training.metrics import MetricWriter
+from emit_jax.training.state import StageCheckpoints
 
 ARRAY_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "ce_pixels", "num_ce")
 
@@ -49,14 +50,18 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 
 def to_device(batch: dict) -> dict:
-    return {k: jnp.asarray(batch[k]) for k in ARRAY_KEYS if k in batch}
+    """The model inputs of a collated batch; a text-only batch (no tiles) carries no pixels."""
+    out = {k: jnp.asarray(batch[k]) for k in ARRAY_KEYS if k in batch}
+    if "num_tiles" in batch and int(batch["num_tiles"]) == 0:
+        out.pop("pixel_values", None)
+    return out
 
 
 def forward_logits(model, b: dict) -> jax.Array:
     kw = {}
     if hasattr(model, "emit_config"):
         kw = {"ce_pixels": b["ce_pixels"], "num_ce": b["num_ce"]}
-    return model.forward(b["input_ids"], b["pixel_values"], b["attention_mask"], **kw).logits
+    return model.forward(b["input_ids"], b.get("pixel_values"), b["attention_mask"], **kw).logits
 
 
 def sft_loss(model, b: dict):
@@ -102,7 +107,7 @@ def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, 
         start = int(meta["step"])
         it.set_state(meta["data"])
     step_fn = make_train_step(wrt)
-    progress = Progress(name, ocfg.steps, os.path.join(stage_dir, "metrics.jsonl"), start)
+    progress = MetricWriter(stage_dir, stage=name, total_steps=ocfg.steps, start_step=start)
     history = []
     loss_acc = n_acc = c_acc = tok_acc = 0.0
     done, data_state = start, it.get_state()
@@ -119,13 +124,15 @@ def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, 
             if step % log_every == 0 or step == ocfg.steps:
                 k = log_every if step % log_every == 0 else step % log_every
                 metrics = {"loss": loss_acc / k, "label_acc": c_acc / max(n_acc, 1)}
-                progress.update(step, metrics, int(tok_acc))
+                progress.write(step, metrics, tokens=int(tok_acc))
+                tok_acc = 0.0
                 history.append({"step": step, **metrics})
                 loss_acc = n_acc = c_acc = 0.0
             done, data_state = step, it.get_state()
             ckpt.save(step, model, optimizer, {"step": step, "data": data_state},
                       force=step == ocfg.steps)
     except KeyboardInterrupt:  # SIGTERM / Ctrl-C: save the last finished step, then stop
+        progress.close()
         ckpt.save_interrupted(done, start, model, optimizer, {"step": done, "data": data_state})
         raise
     ckpt.close()

@@ -1,4 +1,4 @@
-"""Checkpoints of a training stage (Orbax ``CheckpointManager``) and progress output.
+"""Checkpoints of a training stage (Orbax ``CheckpointManager``).
 
 A stage directory holds ``ckpt/<step>/`` with the trainable model state and optimizer state
 (``state``), the grain iterator state and counters (``meta``, JSON). Running the same command
@@ -7,10 +7,7 @@ again restores the latest complete step and continues from it.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -69,30 +66,3 @@ class StageCheckpoints:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-class Progress:
-    """One line per update on stderr (step, metrics, tokens/s, ETA) and a JSONL log."""
-
-    def __init__(self, name: str, total: int, log_path: str | None = None, start: int = 0):
-        self.name, self.total, self.start = name, total, start
-        self.t0 = time.time()
-        self.log = open(log_path, "a", encoding="utf-8") if log_path else None
-
-    def update(self, step: int, metrics: dict, tokens: int = 0) -> None:
-        done = step - self.start
-        dt = max(time.time() - self.t0, 1e-9)
-        eta = (self.total - step) * dt / max(done, 1)
-        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
-        tps = f" {tokens / dt * 1:.0f} tok/s" if tokens else ""
-        print(f"[{self.name}] step {step}/{self.total} {shown}{tps} eta {eta:.0f}s",
-              file=sys.stderr, flush=True)
-        if self.log:
-            self.log.write(json.dumps({"stage": self.name, "step": step, "time": time.time(),
-                                       **{k: float(v) for k, v in metrics.items()
-                                          if isinstance(v, (int, float))}}) + "\n")
-            self.log.flush()
-
-    def close(self):
-        if self.log:
-            self.log.close()

@@ -1,0 +1,197 @@
+"""The paper's Tables 1 and 2 in miniature, on the embedded default dataset.
+
+    python -m emit_jax.experiments.table1 --seeds 3 [--workdir runs/table1]
+        [--config configs/grpo.py] [--set grpo.steps=40 ...]
+
+Per seed (the model initialisation, the data order and the sampling keys change; the dataset
+stays the same) it trains, sharing every stage the rows have in common:
+
+=============================  ==========================================================
+row                            stages
+=============================  ==========================================================
+base model                     base (the tiny MLLM, no soft prompt, no CE)
++ stage 1 (SP + CE)            ... -> sft (EMIT stage 1: soft prompt + heat-map projector)
++ GRPO                         ... -> grpo, ``resample=False, reweight=False`` (plain GRPO)
++ difficulty-aware GRPO        ... -> grpo as configured (EMIT)
++ SFT instead of GRPO          ... -> sft2 (stage 2's data, templated think answers, LoRA)
+=============================  ==========================================================
+
+and evaluates each on the held-out test split (``emit_jax.train``'s evaluation: rows with a
+stage 2 answer in the think format, the others directly). It prints accuracy per task as
+mean ± std over seeds (population std, ``numpy.std``) and writes ``WORKDIR/table1.md`` and
+``WORKDIR/table1.json``. Finished runs are reused: rerunning the command after an interruption
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+
+import numpy as np
+
+TASK_COLUMNS = ("Anomaly Discrimination", "Defect Classification", "Defect Localization",
+                "Object Classification")
+
+#: row name -> (run directory under the seed's directory, last stage, config overrides); a row
+#: runs the config's stages up to and including its last stage (stage 2 rows: the stages before
+#: ``sft`` ends, then their own)
+ROWS = {
+    "base model": ("common", "base", {}),
+    "+ stage 1 (SP + CE)": ("common", "sft", {}),
+    "+ GRPO": ("grpo_plain", "grpo", {"grpo.resample": False, "grpo.reweight": False}),
+    "+ difficulty-aware GRPO": ("grpo_emit", "grpo", {}),
+    "+ SFT instead of GRPO": ("sft2", "sft2", {}),
+}
+SHARED = ("warmup", "base", "sft", "tokenizer", "data")
+
+
+def row_stages(config_stages, last: str) -> tuple[str, ...]:
+    """The stages a row runs: the config's stage-1 prefix (up to ``sft``), cut at ``last``, or
+    followed by ``last`` for a stage-2 row."""
+    prefix = []
+    for s in config_stages:
+        if s in ("grpo", "sft2"):
+            break
+        prefix.append(s)
+    if last in prefix:
+        return tuple(prefix[:prefix.index(last) + 1])
+    return (*prefix, last)
+
+
+def load_config(path: str, overrides: dict):
+    """``configs/grpo.py`` or ``configs/grpo.py:smoke`` (the argument given to ``get_config``),
+    with ``overrides`` (``{"grpo.steps": 20}``) applied."""
+    import importlib.util
+
+    path, _, arg = path.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such config file")
+    spec = importlib.util.spec_from_file_location("emit_table1_config", path)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config(arg or None)
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"--set {key}: the config has no such field")
+        node[leaf] = value
+    return cfg
+
+
+def parse_sets(items) -> dict:
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k] = v
+    return out
+
+
+def _link_shared(seed_dir: str, run_dir: str) -> None:
+    """The variant's workdir sees the seed's finished shared stages (symlinks)."""
+    os.makedirs(run_dir, exist_ok=True)
+    for name in SHARED:
+        src = os.path.join(seed_dir, "common", name)
+        dst = os.path.join(run_dir, name)
+        if os.path.exists(src) and not os.path.lexists(dst):
+            os.symlink(os.path.relpath(src, run_dir), dst)
+
+
+def run_row(cfg_path: str, overrides: dict, seed: int, seed_dir: str, row: str) -> dict:
+    from emit_jax import train
+
+    sub, last, extra = ROWS[row]
+    cfg = load_config(cfg_path, {**overrides, **extra, "seed": seed, "export_hf": False})
+    cfg.stages = stages = row_stages(cfg.stages, last)
+    run_dir = os.path.join(seed_dir, sub)
+    tag = "_".join(stages)
+    cached = os.path.join(run_dir, f"table1_{tag}.json")
+    if os.path.isfile(cached):
+        with open(cached, encoding="utf-8") as f:
+            return json.load(f)
+    if sub != "common":
+        _link_shared(seed_dir, run_dir)
+    res = train.run(cfg, run_dir)
+    out = {"row": row, "seed": seed, "average": res.get("test_average"),
+           "tasks": res.get("test_tasks", {}), "seconds": res.get("seconds")}
+    tmp = cached + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=1)
+    os.replace(tmp, cached)
+    return out
+
+
+def summarize(results: list[dict]) -> tuple[str, dict]:
+    """Markdown table (mean ± std over seeds per row and task) and its JSON form."""
+    seeds = sorted({r["seed"] for r in results})
+    header = ["Row", *TASK_COLUMNS, "Average"]
+    lines = ["| " + " | ".join(header) + " |", "|:--" + "|--:" * (len(header) - 1) + "|"]
+    data = {}
+    for row in ROWS:
+        rs = [r for r in results if r["row"] == row]
+        if not rs:
+            continue
+        cells, data[row] = [], {}
+        for col in (*TASK_COLUMNS, "Average"):
+            vals = [r["average"] if col == "Average" else r["tasks"].get(col) for r in rs]
+            vals = [float(v) for v in vals if v is not None]
+            if not vals:
+                cells.append("–")
+                continue
+            m, s = float(np.mean(vals)), float(np.std(vals))
+            data[row][col] = {"mean": m, "std": s, "values": vals}
+            cells.append(f"{m:.1f} ± {s:.1f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    note = f"held-out test split, {len(seeds)} seed(s) {seeds}: mean ± std (accuracy %, AD balanced)"
+    return "\n".join(lines) + f"\n\n{note}\n", data
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m emit_jax.experiments.table1",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
+    ap.add_argument("--workdir", default="runs/table1")
+    ap.add_argument("--config", default=os.path.join("configs", "grpo.py"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. --set grpo.steps=20 (repeatable)")
+    ap.add_argument("--rows", default=",".join(ROWS),
+                    help="comma-separated subset of the rows (default: all)")
+    args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error("--seeds must be >= 1")
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        ap.error(f"unknown row(s) {unknown}; known: {list(ROWS)}")
+    overrides = parse_sets(args.set)
+    load_config(args.config, overrides)  # fail early on a bad config or override
+    results = []
+    for seed in range(args.seeds):
+        seed_dir = os.path.join(args.workdir, f"seed{seed}")
+        for row in rows:
+            print(f"[table1] seed {seed}: {row}", file=sys.stderr, flush=True)
+            results.append(run_row(args.config, overrides, seed, seed_dir, row))
+    table, data = summarize(results)
+    print(table)
+    os.makedirs(args.workdir, exist_ok=True)
+    with open(os.path.join(args.workdir, "table1.md"), "w", encoding="utf-8") as f:
+        f.write(table)
+    with open(os.path.join(args.workdir, "table1.json"), "w", encoding="utf-8") as f:
+        json.dump({"rows": data, "runs": results, "overrides": overrides}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
