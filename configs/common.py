@@ -23,10 +23,12 @@ def base_config() -> ml_collections.ConfigDict:
     # pick the option matching the stated fact (held-out text-only accuracy at chance), so the
     # default recipe leaves it out.
     c.warmup = ml_collections.ConfigDict(dict(steps=300, batch_size=32, lr=2e-3, warmup_ratio=0.05,
-                                              weight_decay=0.01, b1=0.9, b2=0.95, clip_norm=1.0))
+                                              weight_decay=0.01, b1=0.9, b2=0.95, clip_norm=1.0,
+                                              tasks=()))  # () = all four tasks
     # the base-model stage: the whole tiny MLLM, all four tasks (direct + templated think answers)
     c.base = ml_collections.ConfigDict(dict(steps=150, batch_size=8, lr=2e-3, warmup_ratio=0.05,
-                                            weight_decay=0.01, b1=0.9, b2=0.95, clip_norm=1.0))
+                                            weight_decay=0.01, b1=0.9, b2=0.95, clip_norm=1.0,
+                                            statements=False))  # mix the warm-up's records in
     # EMIT stage 1: soft prompt + projector only (the paper's lr 1e-5 is for 8B; tiny needs more)
     c.sft = ml_collections.ConfigDict(dict(steps=60, batch_size=8, lr=1e-3, warmup_ratio=0.03,
                                            weight_decay=1e-4, b1=0.9, b2=0.95, clip_norm=1.0))

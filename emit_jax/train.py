@@ -45,6 +45,18 @@ def _stage_steps(cfg, stage: str) -> int:
     return int((section or {}).get("steps", 0))
 
 
+def _text_stage_records(cfg, records: dict, stage: str) -> list[dict]:
+    """The records of the ``warmup`` / ``base`` stage. ``warmup.tasks`` picks the statement
+    tasks; ``base.statements`` mixes those statement records into the base stage too, so what the
+    warm-up taught (statement at the end of the user turn -> answer letter) is kept while the
+    base stage learns the image tasks."""
+    tasks = tuple(cfg.warmup.get("tasks", ())) if "warmup" in cfg else ()
+    statements = [r for r in records["warmup"] if not tasks or r["task_type"] in tasks]
+    if stage == "warmup":
+        return statements
+    return records["base"] + (statements if cfg.base.get("statements", False) else [])
+
+
 def _stage_done(workdir: str, stage: str, steps: int) -> bool:
     """Finished with at least ``steps`` steps (a larger step count continues from the stage's
     last checkpoint)."""
@@ -162,7 +174,7 @@ def run(cfg, workdir: str) -> dict:
             model = build_initial_model(cfg, tokenizer)
         t0 = time.time()
         if stage in ("warmup", "base"):  # the whole tiny MLLM, cross-entropy on the answers
-            info = run_sft(model, records[stage], tokenizer,
+            info = run_sft(model, _text_stage_records(cfg, records, stage), tokenizer,
                            _pipeline(model, cfg, train=True, with_answer=True), _optim(cfg[stage]),
                            os.path.join(workdir, stage), wrt=nnx.Param, name=stage,
                            seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,

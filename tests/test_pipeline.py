@@ -99,3 +99,35 @@ def test_bucket_overflow_is_an_error():
     assert bucket(300, (256, 512)) == 512
     with pytest.raises(ValueError, match="largest length bucket 512"):
         bucket(600, (256, 512))
+
+
+def test_label_positions_give_the_full_cross_entropy(tok, records):
+    """sft_loss on the gathered label positions (to_device adds them) equals the loss over the
+    full [B, T, V] logits, on a real tiny model and batch."""
+    from flax import nnx
+
+    from emit_jax.models import architectures
+    from emit_jax.models.internvl import InternVL
+    from emit_jax.training.sft import label_positions, sft_loss, to_device
+
+    batch = next(iter(make_dataset(records, tok, cfg(), batch_size=3, seed=0)))
+    lp = label_positions(batch["labels"])
+    k = lp["label_pos"].shape[1]
+    assert k == 8 and lp["label_mask"].sum() == (batch["labels"][:, 1:] != IGNORE).sum()
+    for i in range(3):  # the gathered ids are the next tokens at those positions
+        n = lp["label_mask"][i].sum()
+        np.testing.assert_array_equal(batch["labels"][i, lp["label_pos"][i, :n] + 1],
+                                      lp["label_ids"][i, :n])
+    mcfg = architectures.get_config("tiny")
+    mcfg = mcfg.replace(text=mcfg.text.__class__(**{**mcfg.text.__dict__,
+                                                    "vocab_size": len(tok)}),
+                        vision=mcfg.vision.__class__(**{**mcfg.vision.__dict__, "image_size": 28,
+                                                        "patch_size": 7}),
+                        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    model = InternVL(mcfg.validate(), rngs=nnx.Rngs(0))
+    gathered = to_device(batch)
+    full = {k2: v for k2, v in gathered.items() if not k2.startswith("label_")}
+    (l1, (n1, c1)), (l2, (n2, c2)) = sft_loss(model, gathered), sft_loss(model, full)
+    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
+    assert int(n1) == int(n2) == lp["label_mask"].sum() and int(c1) == int(c2)
+    assert np.isfinite(float(l1)) and float(l1) > 0

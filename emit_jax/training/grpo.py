@@ -182,8 +182,10 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str):
         full_mask = jnp.concatenate([b["attention_mask"], comp_mask], axis=1)
         kw = {"ce_pixels": b["ce_pixels"], "num_ce": b["num_ce"]} if emit else {}
         n_prompt = b["input_ids"].shape[1]
-        logits = m.forward(full_ids, b["pixel_values"], full_mask, **kw).logits
-        return logits[:, n_prompt - 1:-1].astype(jnp.float32)
+        hidden = m.forward(full_ids, b["pixel_values"], full_mask, compute_logits=False,
+                           **kw).last_hidden
+        # only the completion positions go through the vocabulary projection
+        return m.logits_from_hidden(hidden[:, n_prompt - 1:-1]).astype(jnp.float32)
 
     iterations = int(g.get("iterations", 1))
 

@@ -23,7 +23,8 @@ from emit_jax.data.pipeline import IGNORE, PipelineConfig, make_dataset
 from emit_jax.training.metrics import MetricWriter
 from emit_jax.training.state import StageCheckpoints
 
-ARRAY_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "ce_pixels", "num_ce")
+ARRAY_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "ce_pixels", "num_ce",
+              "label_pos", "label_ids", "label_mask")
 
 
 @dataclasses.dataclass
@@ -49,33 +50,75 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
                                    weight_decay=cfg.weight_decay))
 
 
+def label_positions(labels: np.ndarray, min_k: int = 8) -> dict[str, np.ndarray]:
+    """Where the loss is: ``labels [B, T]`` (IGNORE elsewhere) -> ``label_pos [B, K]`` (the
+    positions whose next token is a label), ``label_ids [B, K]`` (that token) and ``label_mask
+    [B, K]``. K is the largest per-row count rounded up to a power of two (at least ``min_k``), so
+    a few shapes cover a run. The vocabulary projection then runs on K positions per row instead
+    of T: the [B, T, V] logits are never built (V is 151,674 for InternVL3)."""
+    labels = np.asarray(labels)
+    nxt = labels[:, 1:] != IGNORE
+    k = max(min_k, 1 << int(max(1, nxt.sum(1).max(initial=1)) - 1).bit_length())
+    B = labels.shape[0]
+    pos = np.zeros((B, k), np.int32)
+    ids = np.zeros((B, k), np.int32)
+    msk = np.zeros((B, k), bool)
+    for i in range(B):
+        where = np.flatnonzero(nxt[i])
+        pos[i, :len(where)] = where
+        ids[i, :len(where)] = labels[i, where + 1]
+        msk[i, :len(where)] = True
+    return {"label_pos": pos, "label_ids": ids, "label_mask": msk}
+
+
 def to_device(batch: dict) -> dict:
-    """The model inputs of a collated batch; a text-only batch (no tiles) carries no pixels."""
+    """The model inputs of a collated batch (plus :func:`label_positions`); a text-only batch
+    (no tiles) carries no pixels."""
+    if "labels" in batch and "label_pos" not in batch:
+        batch = {**batch, **label_positions(batch["labels"])}
     out = {k: jnp.asarray(batch[k]) for k in ARRAY_KEYS if k in batch}
     if "num_tiles" in batch and int(batch["num_tiles"]) == 0:
         out.pop("pixel_values", None)
     return out
 
 
-def forward_logits(model, b: dict) -> jax.Array:
+def _forward(model, b: dict, compute_logits: bool):
     kw = {}
     if hasattr(model, "emit_config"):
         kw = {"ce_pixels": b["ce_pixels"], "num_ce": b["num_ce"]}
-    return model.forward(b["input_ids"], b.get("pixel_values"), b["attention_mask"], **kw).logits
+    return model.forward(b["input_ids"], b.get("pixel_values"), b["attention_mask"],
+                         compute_logits=compute_logits, **kw)
+
+
+def forward_logits(model, b: dict) -> jax.Array:
+    """``[B, T, V]`` logits of every position."""
+    return _forward(model, b, True).logits
+
+
+def _nll(logits, targets, mask):
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = (logz - gold) * mask
+    n = jnp.maximum(jnp.sum(mask), 1)
+    correct = jnp.sum((jnp.argmax(logits, -1) == targets) & mask)
+    return jnp.sum(nll) / n, (jnp.sum(mask), correct)
 
 
 def sft_loss(model, b: dict):
-    """(mean label-token NLL, (label tokens, correct argmax tokens))."""
+    """(mean label-token NLL, (label tokens, correct argmax tokens)).
+
+    With ``label_pos``/``label_ids``/``label_mask`` in ``b`` (:func:`to_device` adds them) only
+    the label positions go through the vocabulary projection; without them, all positions do
+    (same value)."""
+    if "label_pos" in b:
+        hidden = _forward(model, b, False).last_hidden  # [B, T, D]
+        h = jnp.take_along_axis(hidden, b["label_pos"][..., None], axis=1)  # [B, K, D]
+        logits = model.logits_from_hidden(h).astype(jnp.float32)
+        return _nll(logits, b["label_ids"], b["label_mask"])
     logits = forward_logits(model, b)[:, :-1].astype(jnp.float32)
     targets = b["labels"][:, 1:]
     mask = targets != IGNORE
-    safe = jnp.where(mask, targets, 0)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    gold = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    nll = (logz - gold) * mask
-    n = jnp.maximum(jnp.sum(mask), 1)
-    correct = jnp.sum((jnp.argmax(logits, -1) == safe) & mask)
-    return jnp.sum(nll) / n, (jnp.sum(mask), correct)
+    return _nll(logits, jnp.where(mask, targets, 0), mask)
 
 
 def make_train_step(wrt):
