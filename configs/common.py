@@ -18,10 +18,11 @@ def base_config() -> ml_collections.ConfigDict:
         base_think=True,  # base stage: also templated <think> answers (GRPO's format reward)
         domain_knowledge=False,  # tiny: no domain-knowledge block (EMIT has one; 8B configs do)
         length_buckets=(512, 768, 1024, 1536, 2048, 4096)))
-    # optional text-only warm-up stage (add "warmup" to stages): short text versions of the tasks.
-    # Measured 2026-11-22 (2-core CPU): 200-700 steps of batch 32 did not teach the tiny LLM to
-    # pick the option matching the stated fact (held-out text-only accuracy at chance), so the
-    # default recipe leaves it out.
+    # optional text-only warm-up stage (add "warmup" to stages): short text versions of the tasks,
+    # the images replaced by a sentence at the end of the user turn. Measured 2026-11-22 (2-core
+    # CPU, docs/TRAINING_NOTES.md): 100 steps of batch 32 at lr 1e-3 on the AD records teach the
+    # tiny LLM to answer AD from the sentence (held-out 100 %), but stage 1 does not learn to
+    # reach that pathway from the heat map, so the default recipe leaves it out.
     c.warmup = ml_collections.ConfigDict(dict(steps=300, batch_size=32, lr=2e-3, warmup_ratio=0.05,
                                               weight_decay=0.01, b1=0.9, b2=0.95, clip_norm=1.0,
                                               tasks=()))  # () = all four tasks
