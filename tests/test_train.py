@@ -111,6 +111,9 @@ def test_table1_summary_is_mean_and_std_over_seeds():
     assert ad["mean"] == pytest.approx(70.0) and ad["std"] == pytest.approx(np.std([60, 70, 80]))
     assert "70.0 ± 8.2" in table and "3 seed(s)" in table
     assert "Object Classification" not in data["+ GRPO"]
+    assert "collapsed" not in table
+    runs[1]["letters"], runs[2]["letters"] = {"A": 30}, {"A": 20, "C": 10}
+    assert "collapsed model): + GRPO (seed 1: A)" in summarize(runs)[0]
 
 
 def test_table1_row_stages():

@@ -124,8 +124,13 @@ def run_row(cfg_path: str, overrides: dict, seed: int, seed_dir: str, row: str) 
     if sub != "common":
         _link_shared(seed_dir, run_dir)
     res = train.run(cfg, run_dir)
+    letters: dict[str, int] = {}
+    for a in res.get("answers", ()):
+        key = str(a.get("gpt_answer"))
+        letters[key] = letters.get(key, 0) + 1
     out = {"row": row, "seed": seed, "average": res.get("test_average"),
-           "tasks": res.get("test_tasks", {}), "seconds": res.get("seconds")}
+           "tasks": res.get("test_tasks", {}), "seconds": res.get("seconds"),
+           "letters": letters}  # how often each answer letter was given (collapse shows here)
     tmp = cached + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1)
@@ -155,6 +160,11 @@ def summarize(results: list[dict]) -> tuple[str, dict]:
             cells.append(f"{m:.1f} ± {s:.1f}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     note = f"held-out test split, {len(seeds)} seed(s) {seeds}: mean ± std (accuracy %, AD balanced)"
+    constant = [f"{r['row']} (seed {r['seed']}: {next(iter(r['letters']))})" for r in results
+                if len(r.get("letters") or {}) == 1]
+    if constant:  # a model that gives one letter to every question scores by the data alone
+        note += ("\nthe same answer letter for every question (a collapsed model): "
+                 + "; ".join(constant))
     return "\n".join(lines) + f"\n\n{note}\n", data
 
 
