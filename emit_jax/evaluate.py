@@ -23,13 +23,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 import jax.numpy as jnp
 import numpy as np
 
 from emit_jax import cli
+from emit_jax.fileio import atomic_output
 
 MVTEC_TYPES = {"anomaly_discrimination": "Anomaly Detection",
                "defect_classification": "Defect Classification",
@@ -197,12 +197,8 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
               "think": think, "questions": len(rows), "seconds": time.time() - t0,
               "average": summary.average, "per_group": summary.accuracy, "answers": rows}
     if out:
-        d = os.path.dirname(os.path.abspath(out))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with atomic_output(out) as f:
             json.dump(result, f, indent=1, default=str)
-        os.replace(tmp, out)
     return result
 
 

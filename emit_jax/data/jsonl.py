@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Iterable, Iterator, Sequence
 
 from emit_jax.data.mvtec import DataError, Report
 from emit_jax.data.prompts import LETTERS, TASKS
 from emit_jax.data.tasks import Question
+from emit_jax.fileio import atomic_output
 
 
 def question_to_record(q: Question, stage: int, idx: int) -> dict:
@@ -35,20 +35,11 @@ def question_to_record(q: Question, stage: int, idx: int) -> dict:
 
 def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> int:
     """Write atomically (temp file + rename); returns the number of records."""
-    path = os.path.abspath(os.fspath(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=os.path.dirname(path))
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_output(path) as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += 1
     return n
 
 

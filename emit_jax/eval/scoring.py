@@ -25,12 +25,12 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from emit_jax.data.mmad import (PAPER_TASK_NAMES, SUB_DATASETS, TASKS, is_normal_image,
                                 paper_task_name, task_of)
+from emit_jax.fileio import atomic_output
 
 VALID_LETTERS = ("A", "B", "C", "D", "E")
 _LETTER_RE = re.compile(r"\b([A-E])\b")
@@ -344,23 +344,6 @@ def format_table(summary: Summary, *, digits: int = 1, paper_names: bool = True,
     return "\n".join(lines + notes)
 
 
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_answers_json(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
     """Write the answers file (a JSON list, one element per question: ``image``, ``question``
     ``{"type": "text", "text": ...}``, ``question_type``, ``options``, ``correct_answer``,
@@ -371,7 +354,8 @@ def write_answers_json(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]
         missing = [f for f in ANSWER_FIELDS if f not in r]
         if missing:
             raise ValueError(f"answer row {k}: missing field(s) {missing}")
-    _atomic_write_text(path, json.dumps(rows, indent=4, ensure_ascii=False) + "\n")
+    with atomic_output(path) as f:
+        f.write(json.dumps(rows, indent=4, ensure_ascii=False) + "\n")
 
 
 def read_answers_json(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -415,4 +399,5 @@ def write_accuracy_csv(path: str | os.PathLike, summary: Summary) -> None:
     n = len(summary.groups)
     avg = [math.fsum(table[g][k] for g in summary.groups) / n if n else 0.0 for k in range(len(cols))]
     lines.append(",".join(["Average"] + [repr(float(v)) for v in avg]))
-    _atomic_write_text(path, "\n".join(lines) + "\n")
+    with atomic_output(path) as f:
+        f.write("\n".join(lines) + "\n")

@@ -30,8 +30,11 @@ import ast
 import json
 import os
 import sys
+from collections import Counter
 
 import numpy as np
+
+from emit_jax.fileio import atomic_output
 
 TASK_COLUMNS = ("Anomaly Discrimination", "Defect Classification", "Defect Localization",
                 "Object Classification")
@@ -124,17 +127,12 @@ def run_row(cfg_path: str, overrides: dict, seed: int, seed_dir: str, row: str) 
     if sub != "common":
         _link_shared(seed_dir, run_dir)
     res = train.run(cfg, run_dir)
-    letters: dict[str, int] = {}
-    for a in res.get("answers", ()):
-        key = str(a.get("gpt_answer"))
-        letters[key] = letters.get(key, 0) + 1
+    letters = dict(Counter(str(a.get("gpt_answer")) for a in res.get("answers", ())))
     out = {"row": row, "seed": seed, "average": res.get("test_average"),
            "tasks": res.get("test_tasks", {}), "seconds": res.get("seconds"),
            "letters": letters}  # how often each answer letter was given (collapse shows here)
-    tmp = cached + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_output(cached) as f:
         json.dump(out, f, indent=1)
-    os.replace(tmp, cached)
     return out
 
 

@@ -19,10 +19,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 
-STAGE_ORDER = ("base", "sft", "sft2", "grpo")
+from emit_jax.fileio import atomic_output
+
+STAGE_ORDER = ("warmup", "base", "sft", "sft2", "grpo")
 _BAR_KEYS = ("reward", "acc", "loss")
 
 
@@ -162,17 +163,8 @@ def read_metrics(path) -> list[dict]:
 
 def _save_atomic(fig, out_path: str) -> str:
     """Save ``fig`` as PNG via a temp file in the target directory and ``os.replace``."""
-    d = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_output(out_path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     return out_path
 
 
