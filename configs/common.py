@@ -29,12 +29,20 @@ def base_config() -> ml_collections.ConfigDict:
     # the base-model stage: the whole tiny MLLM, all four tasks (direct + templated think answers)
     c.base = ml_collections.ConfigDict(dict(steps=150, batch_size=8, lr=2e-3, warmup_ratio=0.05,
                                             weight_decay=0.01, b1=0.9, b2=0.95, clip_norm=1.0,
-                                            statements=False))  # mix the warm-up's records in
+                                            statements=False,  # mix the warm-up's records in
+                                            train_vision=True))  # False: the ViT stays as built
     # EMIT stage 1: soft prompt + projector only (the paper's lr 1e-5 is for 8B; tiny needs more)
     c.sft = ml_collections.ConfigDict(dict(steps=60, batch_size=8, lr=1e-3, warmup_ratio=0.03,
-                                           weight_decay=1e-4, b1=0.9, b2=0.95, clip_norm=1.0))
+                                           weight_decay=1e-4, b1=0.9, b2=0.95, clip_norm=1.0,
+                                           tasks=()))  # () = all stage-1 tasks (AD + DL)
     c.emit = ml_collections.ConfigDict(dict(bn_mode="standard", use_soft_prompt=True,
                                             use_contrastive=True, num_soft_tokens=9))
+    # device mesh (emit_jax.parallel) when more than one device is present: the batch goes over
+    # data x fsdp, parameters over fsdp (width) and tensor (heads / MLP / vocabulary); -1 = the rest
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    # emit_jax.models.memory: layer rematerialisation and query-chunked LLM attention (same
+    # values; less memory, more compute). Off for tiny; the 8B configs turn both on.
+    c.memory = ml_collections.ConfigDict(dict(remat=False, attention_chunk=0))
     c.checkpoint_every = 50
     c.log_every = 10
     c.eval_limit = 200

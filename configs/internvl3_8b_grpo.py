@@ -35,6 +35,7 @@ def get_config(arg=None):
     c.grpo.update(dict(steps=1000, prompts_per_step=8, G=8, max_new_tokens=512, lr=1e-5,
                        warmup_ratio=0.01, weight_decay=0.1))
     c.emit.update(dict(bn_mode="official"))
+    c.memory.update(dict(remat=True, attention_chunk=1024))  # see python -m emit_jax.plan
     c.checkpoint_every = 500
     c.eval_limit = 0
     return c

@@ -34,6 +34,7 @@ def get_config(arg=None):
     c.sft.update(dict(steps=6000, batch_size=64, lr=1e-5, warmup_ratio=0.03, weight_decay=1e-4,
                       b1=0.9, b2=0.95, clip_norm=1.0))
     c.emit.update(dict(bn_mode="official"))
+    c.memory.update(dict(remat=True, attention_chunk=1024))  # see python -m emit_jax.plan
     c.checkpoint_every = 2000
     c.eval_limit = 0
     return c

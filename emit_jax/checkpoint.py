@@ -41,13 +41,26 @@ def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | No
         raise FileExistsError(f"{path}: exists and is not empty; choose a new checkpoint path")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    from emit_jax.parallel import barrier
+
+    multi = jax.process_count() > 1
+    if multi:  # every process writes its shards into the same directory; process 0 finishes it
+        tmp = os.path.join(parent, ".tmp-" + os.path.basename(path) + "-multihost")
+        if jax.process_index() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier("save_model:" + path)
+    else:
+        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
     try:
         pure = nnx.to_pure_dict(nnx.state(model))  # parameters (+ BatchNorm statistics)
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, PARAMS_DIR), pure)
         ckptr.wait_until_finished()
         ckptr.close()
+        if multi and jax.process_index() != 0:
+            barrier("save_model_done:" + path)
+            return path
         os.makedirs(os.path.join(tmp, ASSETS_DIR))
         if assets_from is not None:
             copy_assets(assets_from, os.path.join(tmp, ASSETS_DIR))
@@ -63,6 +76,7 @@ def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | No
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    barrier("save_model_done:" + path)
     return path
 
 
@@ -107,7 +121,14 @@ def load_model(path: str | os.PathLike, dtype: str | None = None) -> tuple[Inter
     graphdef, state = nnx.split(abstract)
     ckptr = ocp.StandardCheckpointer()
     try:
-        restored = ckptr.restore(params_path)
+        # restore onto this process's first device whatever mesh wrote it (a run on another
+        # device or process count shards it again by the logical axes)
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        stored = ckptr.metadata(params_path)
+        stored = getattr(stored, "item_metadata", stored)
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev),
+                              stored.tree if hasattr(stored, "tree") else stored)
+        restored = ckptr.restore(params_path, target)
     except Exception as e:  # orbax raises several types for damaged folders
         raise CheckpointError(f"{params_path}: cannot restore ({type(e).__name__}: {e})") from None
     finally:

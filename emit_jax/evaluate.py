@@ -62,8 +62,8 @@ class Runner:
     """Greedy (or sampled) answers for (user text, image paths, use_comp) queries."""
 
     def __init__(self, model, tokenizer, *, max_tiles: int = 6, max_new_tokens: int = 16,
-                 length_buckets=(256, 512, 1024, 2048, 4096, 8192, 16384)):
-        self.model, self.tok = model, tokenizer
+                 length_buckets=(256, 512, 1024, 2048, 4096, 8192, 16384), mesh=None):
+        self.model, self.tok, self.mesh = model, tokenizer, mesh
         self.max_tiles, self.max_new_tokens = max_tiles, max_new_tokens
         self.buckets = length_buckets
         self.emit = hasattr(model, "emit_config")
@@ -94,7 +94,7 @@ class Runner:
         ce = jnp.asarray(np.stack([to_tile(pil[0], self.size), to_tile(pil[1], self.size)])[None]) \
             if comp else None
         out = generate(self.model, row, mask, pix, ce_pixels=ce, max_new_tokens=self.max_new_tokens,
-                       eos_token_id=self.eos, pad_token_id=self.pad)
+                       eos_token_id=self.eos, pad_token_id=self.pad, mesh=self.mesh)
         toks = np.asarray(out.tokens[0, :int(out.lengths[0])]).tolist()
         return self.tok.decode(toks, skip_special_tokens=True)
 
@@ -146,13 +146,14 @@ def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, 
 
 
 def evaluate_records(model, tokenizer, records, *, limit: int | None = None, max_tiles: int = 1,
-                     max_new_tokens: int = 8, think: bool = False, root: str | None = None):
+                     max_new_tokens: int = 8, think: bool = False, root: str | None = None,
+                     mesh=None):
     """Greedy answers for EMIT JSONL records (``solution``, ``options``, ``task_type``) ->
     (Summary, rows). Used for held-out accuracy during training."""
     from emit_jax.eval.scoring import parse_answer, summarize
     from emit_jax.models.emit import use_comp
 
-    runner = Runner(model, tokenizer, max_tiles=max_tiles, max_new_tokens=max_new_tokens)
+    runner = Runner(model, tokenizer, max_tiles=max_tiles, max_new_tokens=max_new_tokens, mesh=mesh)
     rows = []
     for k, rec in enumerate(records):
         if limit is not None and k >= limit:

@@ -34,6 +34,10 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>)")
+_COORDINATOR = flags.DEFINE_string("coordinator", "", "multihost: host:port of process 0 "
+                                   "(default: EMIT_COORDINATOR, SLURM, or TPU auto-detection)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "multihost: number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "multihost: this process's index")
 
 
 def _log(msg: str) -> None:
@@ -67,18 +71,28 @@ def _stage_done(workdir: str, stage: str, steps: int) -> bool:
         return int(json.load(f).get("steps", 0)) >= steps
 
 
+def jax_primary() -> bool:
+    from emit_jax import parallel
+
+    return parallel.is_primary()
+
+
 def _finish_stage(workdir: str, stage: str, model, info: dict) -> None:
     from emit_jax import checkpoint
 
     d = os.path.join(workdir, stage)
     target = os.path.join(d, "model")
-    if os.path.isdir(target):  # an earlier, shorter run of this stage: replace its model
+    if os.path.isdir(target) and jax_primary():  # an earlier, shorter run: replace its model
         import shutil
 
         shutil.rmtree(target)
+    from emit_jax import parallel
+
     checkpoint.save_model(model, target, assets_from=os.path.join(workdir, "tokenizer"))
-    with open(os.path.join(d, "done.json"), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1, default=str)
+    if parallel.is_primary():
+        with open(os.path.join(d, "done.json"), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=1, default=str)
+    parallel.barrier("finish:" + stage)
 
 
 def _load_stage(workdir: str, stage: str):
@@ -131,18 +145,33 @@ def _pipeline(model, cfg, *, train: bool, with_answer: bool):
                           length_buckets=tuple(cfg.data.length_buckets))
 
 
-def run(cfg, workdir: str) -> dict:
-    from flax import nnx
+def make_mesh(cfg):
+    """The device mesh of ``cfg.mesh`` (axes data / fsdp / tensor, -1 = the rest); None on a
+    single device, where the plain jitted programs run."""
+    import jax
+
+    if jax.device_count() == 1:
+        return None
+    from emit_jax import parallel
+
+    spec = dict(cfg.mesh) if "mesh" in cfg else None
+    mesh = parallel.make_mesh(spec)
+    _log(f"[mesh] {dict(mesh.shape)} over {jax.device_count()} devices, "
+         f"{jax.process_count()} process(es)")
+    return mesh
+
+
+def _prepare_data(cfg, workdir: str, *, write: bool = True):
+    """(dataset root, tokenizer, stage records); ``write=False`` keeps the record files out of
+    the workdir (a secondary process of a multi-process run)."""
+    import tempfile
 
     from emit_jax.data.embedded import ensure_cached
-    from emit_jax.models.emit import EMIT, EMITConfig
     from emit_jax.training.data import stage_records, tokenizer_for
-    from emit_jax.training.sft import run_sft
 
-    os.makedirs(workdir, exist_ok=True)
-    t_start = time.time()
     source = ensure_cached(seed=cfg.data.seed) if cfg.data.source == "embedded" else cfg.data.source
-    _log(f"[data] {source}")
+    if write:
+        _log(f"[data] {source}")
     tok_src = cfg.get("tokenizer") or ""
     if not tok_src and cfg.init_from:  # a real checkpoint brings its own tokenizer files
         from emit_jax import checkpoint as _ck
@@ -155,14 +184,40 @@ def run(cfg, workdir: str) -> dict:
         tokenizer = load_tokenizer(tok_src)
     else:
         tokenizer = tokenizer_for(workdir, source)
-    if not os.path.isdir(os.path.join(workdir, "tokenizer")):
+    if write and not os.path.isdir(os.path.join(workdir, "tokenizer")):
         tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
-    records = stage_records(source, workdir, seed=cfg.data.seed, text_samples=cfg.data.text_samples,
-                            dk_sentences=cfg.data.get("dk_sentences", 0),
-                            base_think=cfg.data.get("base_think", True),
-                            domain_knowledge=cfg.data.get("domain_knowledge", True))
-    _log("[data] " + ", ".join(f"{k} {len(v)}" for k, v in records.items()))
+    kw = dict(seed=cfg.data.seed, text_samples=cfg.data.text_samples,
+              dk_sentences=cfg.data.get("dk_sentences", 0),
+              base_think=cfg.data.get("base_think", True),
+              domain_knowledge=cfg.data.get("domain_knowledge", True))
+    if write:
+        records = stage_records(source, workdir, **kw)
+        _log("[data] " + ", ".join(f"{k} {len(v)}" for k, v in records.items()))
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            records = stage_records(source, scratch, **kw)
+    return source, tokenizer, records
+
+
+def run(cfg, workdir: str) -> dict:
+    from flax import nnx
+
+    from emit_jax.models.emit import EMIT, EMITConfig
+    from emit_jax.training.sft import run_sft
+
+    from emit_jax import parallel
+
+    os.makedirs(workdir, exist_ok=True)
+    t_start = time.time()
+    # multi-process: process 0 builds the dataset cache, the tokenizer and the record files;
+    # the others then read the same (deterministic) data, writing nothing into the workdir
+    if not parallel.is_primary():
+        parallel.barrier("data")
+    source, tokenizer, records = _prepare_data(cfg, workdir, write=parallel.is_primary())
+    if parallel.is_primary():
+        parallel.barrier("data")
     pad = tokenizer.pad_token_id or 0
+    mesh = make_mesh(cfg)
     model = None
     results: dict = {"workdir": workdir, "stages": {}}
     for stage in cfg.stages:
@@ -174,22 +229,26 @@ def run(cfg, workdir: str) -> dict:
             model = build_initial_model(cfg, tokenizer)
         t0 = time.time()
         if stage in ("warmup", "base"):  # the whole tiny MLLM, cross-entropy on the answers
+            wrt = nnx.Param if cfg[stage].get("train_vision", True) else \
+                nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision_tower")))
             info = run_sft(model, _text_stage_records(cfg, records, stage), tokenizer,
                            _pipeline(model, cfg, train=True, with_answer=True), _optim(cfg[stage]),
-                           os.path.join(workdir, stage), wrt=nnx.Param, name=stage,
+                           os.path.join(workdir, stage), wrt=wrt, name=stage,
                            seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
-                           log_every=cfg.log_every, pad_id=pad)
+                           log_every=cfg.log_every, pad_id=pad, mesh=mesh)
         elif stage == "sft":
             if not hasattr(model, "emit_config"):
                 ecfg = EMITConfig(**{k: v for k, v in cfg.emit.items()})
                 model = EMIT.create(model, ecfg, tokenizer=tokenizer, rngs=nnx.Rngs(cfg.seed))
             wrt = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("soft_prompt"),
                                              nnx.PathContains("projector")))
-            info = run_sft(model, records["sft"], tokenizer,
+            sft_tasks = tuple(cfg.sft.get("tasks", ()))
+            sft_records = [r for r in records["sft"] if not sft_tasks or r["task_type"] in sft_tasks]
+            info = run_sft(model, sft_records, tokenizer,
                            _pipeline(model, cfg, train=True, with_answer=True), _optim(cfg.sft),
                            os.path.join(workdir, "sft"), wrt=wrt, name="sft", seed=cfg.seed,
                            checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
-                           pad_id=pad)
+                           pad_id=pad, mesh=mesh)
         elif stage == "sft2":  # the ablation: stage 2 by SFT (same LoRA / trainable set as GRPO)
             from emit_jax.data.pipeline import RecordEncoder, collate
             from emit_jax.training.data import with_rationales
@@ -205,14 +264,14 @@ def run(cfg, workdir: str) -> dict:
             info = run_sft(policy, recs2, tokenizer, pcfg, _optim(cfg.sft2),
                            os.path.join(workdir, "sft2"), wrt=trainable_filter(), name="sft2",
                            seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
-                           log_every=cfg.log_every, pad_id=pad)
+                           log_every=cfg.log_every, pad_id=pad, mesh=mesh)
             model = merge_lora(policy, model)
             model.eval()
         elif stage == "grpo":
             from emit_jax.training.grpo import run_grpo
 
             model, info = run_grpo(model, records["grpo"], tokenizer, cfg,
-                                   os.path.join(workdir, "grpo"))
+                                   os.path.join(workdir, "grpo"), mesh=mesh)
         else:
             raise ValueError(f"unknown stage {stage!r} (warmup, base, sft, sft2, grpo)")
         info["seconds"] = time.time() - t0
@@ -220,6 +279,7 @@ def run(cfg, workdir: str) -> dict:
         results["stages"][stage] = info
         _log(f"[{stage}] finished in {info['seconds']:.0f}s")
     if model is not None and cfg.eval_limit:
+        from emit_jax.data.mmad import paper_task_name
         from emit_jax.eval.scoring import format_table
         from emit_jax.evaluate import evaluate_records
 
@@ -227,32 +287,38 @@ def run(cfg, workdir: str) -> dict:
         summary, rows = evaluate_records(model, tokenizer, records["test"], limit=cfg.eval_limit,
                                          max_tiles=cfg.data.max_tiles,
                                          think=cfg.eval_think and bool({"grpo", "sft2"} & set(cfg.stages)),
-                                         max_new_tokens=cfg.eval_max_new_tokens, root=source)
+                                         max_new_tokens=cfg.eval_max_new_tokens, root=source,
+                                         mesh=mesh)
         table = format_table(summary, title=f"held-out test split ({len(rows)} questions)")
-        print(table, flush=True)
-        from emit_jax.data.mmad import paper_task_name
-
-        from emit_jax.training.metrics import plot_table
-
-        header = ["Task"] + [paper_task_name(t) for t in summary.tasks] + ["Average"]
-        plot_table([["accuracy %"] + [f"{summary.average[t]:.1f}" for t in summary.tasks]
-                    + [f"{summary.average['Average']:.1f}"]], header,
-                   os.path.join(workdir, "results.png"), title=f"held-out test split ({len(rows)} questions)")
         results.update(test_average=summary.average["Average"],
                        test_tasks={paper_task_name(t): summary.average[t] for t in summary.tasks},
                        test_table=table, answers=rows)
+        if parallel.is_primary():
+            print(table, flush=True)
+            from emit_jax.training.metrics import plot_table
+
+            header = ["Task"] + [paper_task_name(t) for t in summary.tasks] + ["Average"]
+            plot_table([["accuracy %"] + [f"{summary.average[t]:.1f}" for t in summary.tasks]
+                        + [f"{summary.average['Average']:.1f}"]], header,
+                       os.path.join(workdir, "results.png"),
+                       title=f"held-out test split ({len(rows)} questions)")
     if model is not None and cfg.export_hf and not os.path.isdir(os.path.join(workdir, "hf")):
         from emit_jax import hf
 
-        hf.save(model, os.path.join(workdir, "hf"), assets_from=os.path.join(workdir, "tokenizer"))
-        _log(f"[export] {workdir}/hf")
-    from emit_jax.training.metrics import plot_curves
-
-    if plot_curves(workdir, os.path.join(workdir, "curves.png")):
-        _log(f"[plots] {workdir}/curves.png, {workdir}/results.png")
+        parallel.replicate_module(model, mesh)  # every process: a collective
+        if parallel.is_primary():
+            hf.save(model, os.path.join(workdir, "hf"), assets_from=os.path.join(workdir, "tokenizer"))
+            _log(f"[export] {workdir}/hf")
     results["seconds"] = time.time() - t_start
-    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1, default=str)
+    if parallel.is_primary():
+        from emit_jax.fileio import atomic_output
+        from emit_jax.training.metrics import plot_curves
+
+        if plot_curves(workdir, os.path.join(workdir, "curves.png")):
+            _log(f"[plots] {workdir}/curves.png, {workdir}/results.png")
+        with atomic_output(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    parallel.barrier("run_done")
     return results
 
 
@@ -269,8 +335,14 @@ def main(argv) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_term)
+    from emit_jax import parallel
+
+    parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    from emit_jax.models.memory import memory_options
+
     try:
-        run(cfg, workdir)
+        with memory_options(**dict(cfg.get("memory") or {})):
+            run(cfg, workdir)
     except KeyboardInterrupt as e:
         _log(f"interrupted ({e}); rerun the same command to resume from the last checkpoint")
         sys.exit(130)

@@ -57,6 +57,10 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default="", help="MVTec-style folder (default: the embedded set)")
+    ap.add_argument("--layers", default="", help="comma-separated ViT blocks (default: EMIT's, "
+                    "scaled to the ViT depth)")
+    ap.add_argument("--window", type=int, default=None, help="window half-width in patches "
+                    "(default: EMIT's, scaled to the patch grid)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
 
@@ -71,7 +75,8 @@ def main(argv=None) -> int:
     else:
         model = InternVL(architectures.get_config(args.arch), rngs=nnx.Rngs(args.seed))
     cfg = model.config
-    ecfg = EMITConfig()
+    ecfg = EMITConfig(ce_layers=tuple(int(x) for x in args.layers.split(",")) if args.layers
+                      else None, window=args.window).validate()
     layers = ecfg.layers_for(cfg.vision.num_hidden_layers)
     window = ecfg.window_for(cfg.vision.grid)
     root = args.data or ensure_cached()

@@ -20,6 +20,8 @@ import numpy as np
 from flax import nnx
 
 from emit_jax.models.config import VisionConfig, dtype_from_name
+from emit_jax.models import memory
+from emit_jax.parallel import constrain_hidden
 from emit_jax.models.layers import axes_meta, RMSNorm, gelu, layer_norm, linear
 
 
@@ -183,8 +185,10 @@ class InternViT(nnx.Module):
         x = self.embeddings(pixel_values.astype(self.compute_dtype))
         hidden = [x]
         layers = self.layers if num_layers is None else self.layers[:num_layers]
+        remat = memory.current().remat
         for layer in layers:
-            x = layer(x)
+            x = nnx.remat(lambda m, h: m(h))(layer, x) if remat else layer(x)
+            x = constrain_hidden(x)  # block boundary (no-op without a mesh)
             hidden.append(x)
         if self.layernorm is not None and num_layers is None:
             x = self.layernorm(x)

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emit_jax.models.config import TextConfig, dtype_from_name
+from emit_jax.models import memory
+from emit_jax.parallel import constrain_hidden
 from emit_jax.models.layers import axes_meta, RMSNorm, linear
 
 _NEG = -1e30  # finite "minus infinity": a fully masked row (pure padding) stays NaN-free
@@ -72,9 +74,27 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def attention(q, k, v, mask):
+def attention(q, k, v, mask, chunk: int | None = None):
     """GQA attention. q ``[B, T, H, Dh]``, k/v ``[B, S, KVH, Dh]``, mask ``[B, T, S]`` bool.
-    Scores and softmax in float32. Returns ``[B, T, H, Dh]``."""
+    Scores and softmax in float32. Returns ``[B, T, H, Dh]``. ``chunk`` (default: the
+    ``emit_jax.models.memory`` option) > 0 runs the queries in chunks of that many, each
+    rematerialised, so only one ``[B, H, chunk, S]`` block of scores is live."""
+    chunk = memory.current().attention_chunk if chunk is None else chunk
+    t = q.shape[1]
+    if not chunk or t <= chunk:
+        return _attention(q, k, v, mask)
+    b, _, h, dh = q.shape
+    pad = (-t) % chunk
+    n = (t + pad) // chunk
+    qs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, chunk, h, dh).swapaxes(0, 1)
+    # padded query rows attend to nothing (uniform softmax over masked scores) and are dropped
+    ms = jnp.pad(mask, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, -1).swapaxes(0, 1)
+    one = jax.checkpoint(lambda qm: _attention(qm[0], k, v, qm[1]))
+    out = jax.lax.map(one, (qs, ms))  # [n, B, chunk, H, Dh]
+    return out.swapaxes(0, 1).reshape(b, n * chunk, h, dh)[:, :t]
+
+
+def _attention(q, k, v, mask):
     b, t, h, dh = q.shape
     kvh = k.shape[2]
     q = q.reshape(b, t, kvh, h // kvh, dh)
@@ -199,7 +219,11 @@ class Qwen2Model(nnx.Module):
         for i, layer in enumerate(self.layers):
             if kv is not None:
                 kv = (kv[0], kv[1], i)
-            x, kv = layer(x, cos, sin, mask, kv, None if cache is None else cache.end)
+            if cache is None and memory.current().remat:  # keep only the layer's input
+                x, kv = nnx.remat(lambda m, h: m(h, cos, sin, mask))(layer, x)
+            else:
+                x, kv = layer(x, cos, sin, mask, kv, None if cache is None else cache.end)
+            x = constrain_hidden(x)  # block boundary: batch-sharded under a mesh, else no-op
             if output_hidden_states:
                 hidden.append(x)
         x = self.norm(x)

@@ -57,10 +57,24 @@ def _select(logits, rng, temperature, top_k, top_p):
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=(
     "max_new_tokens", "eos_token_id", "pad_token_id", "temperature", "top_k", "top_p"))
-def _sample(graphdef, state, input_ids, attention_mask, pixel_values, ce_pixels, rng, *,
-            max_new_tokens,
-            eos_token_id, pad_token_id, temperature, top_k, top_p):
-    model = nnx.merge(graphdef, state)
+def _sample(graphdef, state, input_ids, attention_mask, pixel_values, ce_pixels, rng, **kw):
+    return _sample_impl(nnx.merge(graphdef, state), input_ids, attention_mask, pixel_values,
+                        ce_pixels, rng, **kw)
+
+
+def _sharded_sample(model, input_ids, attention_mask, pixel_values, ce_pixels, rng,
+                    max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p):
+    return _sample_impl(model, input_ids, attention_mask, pixel_values, ce_pixels, rng,
+                        max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                        pad_token_id=pad_token_id, temperature=temperature, top_k=top_k,
+                        top_p=top_p)
+
+
+_SHARDED: dict = {}  # mesh -> the sharded sampler (one compilation cache per mesh)
+
+
+def _sample_impl(model, input_ids, attention_mask, pixel_values, ce_pixels, rng, *,
+                 max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p):
     b, t = input_ids.shape
     cache = model.init_cache(b, t + max_new_tokens)
     extra = {} if ce_pixels is None else {"ce_pixels": ce_pixels}
@@ -103,13 +117,15 @@ def generate(model: InternVL, input_ids, attention_mask=None, pixel_values=None,
              ce_pixels=None,
              max_new_tokens: int, eos_token_id: int | None = None, pad_token_id: int = 0,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             rng: jax.Array | None = None) -> SampleOutput:
+             rng: jax.Array | None = None, mesh=None) -> SampleOutput:
     """Sample up to ``max_new_tokens`` continuations of left-padded ``input_ids [B, T]``.
 
     ``pixel_values [N, 3, H, W]`` fill the image tokens in order (tiles past the last image
     token are padding, so batches can keep one shape); with an EMIT model, ``ce_pixels
     [n_ce, 2, 3, H, W]`` fill its ``<COMP_CONTEXT>`` slots at prefill. Returns
-    :class:`SampleOutput`.
+    :class:`SampleOutput`. With ``mesh`` (``emit_jax.parallel``) the program is jitted with the
+    parameters sharded by their logical axes, the prompts split over data x fsdp, and the
+    outputs replicated.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -133,6 +149,14 @@ def generate(model: InternVL, input_ids, attention_mask=None, pixel_values=None,
                 f"{cfg.image_token_id}) in input_ids, {n_tiles} tiles x {per_tile} visual tokens")
     if rng is None:
         rng = jax.random.key(0)
+    if mesh is not None:
+        from emit_jax.parallel import sharded_jit
+
+        fn = _SHARDED.setdefault(mesh, sharded_jit(_sharded_sample, mesh,
+                                                   mutable=nnx.Not(nnx.Param)))
+        return fn(model, input_ids, attention_mask, pixel_values, ce_pixels, rng,
+                  int(max_new_tokens), eos_token_id, int(pad_token_id), float(temperature),
+                  int(top_k), float(top_p))
     graphdef, state = nnx.split(model)
     return _sample(graphdef, state, input_ids, attention_mask, pixel_values, ce_pixels, rng,
                    max_new_tokens=int(max_new_tokens), eos_token_id=eos_token_id,

@@ -26,7 +26,6 @@ from collections import Counter
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from emit_jax.data.pipeline import PipelineConfig, RecordEncoder, collate
@@ -83,7 +82,10 @@ def apply_lora(model, sample: dict, lora_cfg, *, seed: int = 0):
     copied), traced once on the collated ``sample`` batch."""
     import qwix
 
+    from emit_jax.parallel import localize_module
+
     model.eval()
+    localize_module(model)  # qwix traces eagerly: per process, not over a multi-process mesh
     ce, _ = _ce(sample)
     kw = {"ce_pixels": ce} if hasattr(model, "emit_config") else {}
     policy = qwix.apply_lora_to_model(model, lora_provider(lora_cfg),
@@ -104,7 +106,70 @@ def _ce(batch):
     return (jnp.asarray(batch["ce_pixels"][:n]) if n else None), n
 
 
-def run_grpo(model, records, tokenizer, cfg, stage_dir: str):
+def completion_logits(m, b, comp_tokens, comp_mask):
+    """``[B, N, V]`` float32 logits predicting each completion token ``comp_tokens [B, N]``
+    after the left-padded prompts ``b["input_ids"] [B, T]``; only the completion positions go
+    through the vocabulary projection."""
+    full_ids = jnp.concatenate([b["input_ids"], comp_tokens], axis=1)
+    full_mask = jnp.concatenate([b["attention_mask"], comp_mask], axis=1)
+    kw = {"ce_pixels": b["ce_pixels"], "num_ce": b["num_ce"]} if hasattr(m, "emit_config") else {}
+    n_prompt = b["input_ids"].shape[1]
+    hidden = m.forward(full_ids, b["pixel_values"], full_mask, compute_logits=False,
+                       **kw).last_hidden
+    return m.logits_from_hidden(hidden[:, n_prompt - 1:-1]).astype(jnp.float32)
+
+
+def make_grpo_fns(g, wrt, *, mesh=None, rules=None):
+    """The two jitted programs of a GRPO step, over ``mesh`` when given (parameters, LoRA
+    factors and optimizer state sharded by their logical axes, the batch over data x fsdp):
+
+    - ``score(policy, reference, b, comp_tokens, comp_mask) -> (ref, old)`` per-token log-probs
+      ``[B, N]`` of the reference (adapters off; zeros when beta = 0) and, for mu > 1, of the
+      policy before this batch's updates (zeros otherwise);
+    - ``train_step(policy, optimizer, b, comp_tokens, comp_mask, adv, ref, old) -> (loss,
+      metrics)``: the clipped token-level loss with KL, one optimizer update in place.
+    """
+    from emit_jax.parallel import sharded_jit
+    from emit_jax.rl import grpo as G_
+
+    iterations = int(g.get("iterations", 1))
+    beta = float(g.beta)
+
+    def score(policy, reference, b, comp_tokens, comp_mask):
+        # the mu > 1 policy pass runs on a clone: BatchNorm statistics move only in training
+        ref = G_.token_logprobs(completion_logits(reference, b, comp_tokens, comp_mask), comp_tokens) \
+            if beta else jnp.zeros(comp_tokens.shape, jnp.float32)
+        old = G_.token_logprobs(completion_logits(nnx.clone(policy), b, comp_tokens, comp_mask),
+                                comp_tokens) if iterations > 1 else jnp.zeros(comp_tokens.shape, jnp.float32)
+        return ref, old
+
+    def train_step(policy, optimizer, b, comp_tokens, comp_mask, adv, ref, old):
+        mask = comp_mask.astype(jnp.float32)
+
+        def loss_fn(p):
+            logits = completion_logits(p, b, comp_tokens, comp_mask)
+            logp = G_.token_logprobs(logits, comp_tokens)
+            loss, metrics = G_.grpo_loss(logp, old if iterations > 1 else None,
+                                         ref if beta else None, adv, mask,
+                                         eps_low=float(g.eps_low), eps_high=float(g.eps_high),
+                                         beta=beta, kl=g.kl, agg=g.agg)
+            lp = jax.nn.log_softmax(jax.lax.stop_gradient(logits), axis=-1)
+            ent = -jnp.sum(jnp.exp(lp) * lp, axis=-1)
+            metrics["entropy"] = jnp.sum(ent * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+            return loss, metrics
+
+        (loss, metrics), grads = nnx.value_and_grad(
+            loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(policy)
+        optimizer.update(policy, grads)
+        return loss, metrics
+
+    # only what a program changes comes back out: nothing of the weights for score, the
+    # trainable set (and optimizer, BatchNorm statistics, RNG counters) for train_step
+    return (sharded_jit(score, mesh, rules, mutable=nnx.Not(nnx.Param)),
+            sharded_jit(train_step, mesh, rules, mutable=nnx.Any(wrt, nnx.Not(nnx.Param))))
+
+
+def run_grpo(model, records, tokenizer, cfg, stage_dir: str, *, mesh=None):
     """Train ``model`` (an EMIT model after stage 1) with difficulty-aware GRPO.
     Returns (merged model, info)."""
     from emit_jax.ops.sampling import generate
@@ -142,6 +207,11 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str):
                        warmup_ratio=float(g.warmup_ratio), weight_decay=float(g.weight_decay),
                        b1=0.9, b2=0.95, clip_norm=1.0)
     optimizer = nnx.Optimizer(policy, make_optimizer(ocfg), wrt=wrt)
+    if mesh is not None:
+        from emit_jax.parallel import shard_module
+
+        # together, so the base weights the policy and the reference share stay one copy
+        shard_module((policy, reference, optimizer), mesh)
     ckpt = StageCheckpoints(os.path.join(stage_dir, "ckpt"), every=cfg.checkpoint_every,
                             state_filter=nnx.Any(wrt, nnx.BatchStat))
     start = 0
@@ -166,7 +236,8 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str):
                        jnp.asarray(batch["pixel_values"]), ce_pixels=ce,
                        max_new_tokens=int(g.max_new_tokens), eos_token_id=eos, pad_token_id=pad,
                        temperature=float(g.temperature), top_k=int(g.top_k), top_p=float(g.top_p),
-                       rng=jax.random.fold_in(jax.random.key(cfg.seed), step * 16 + round_))
+                       rng=jax.random.fold_in(jax.random.key(cfg.seed), step * 16 + round_),
+                       mesh=mesh)
         toks, lens = np.array(out.tokens), np.array(out.lengths)  # writable copies
         texts = []
         for i in range(len(toks)):
@@ -176,49 +247,8 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str):
             texts.append(tokenizer.decode(body.tolist(), skip_special_tokens=True))
         return batch, toks, lens, texts
 
-    def completion_logits(m, b, comp_tokens, comp_mask):
-        """[B, N, V] float32 logits predicting each completion token."""
-        full_ids = jnp.concatenate([b["input_ids"], comp_tokens], axis=1)
-        full_mask = jnp.concatenate([b["attention_mask"], comp_mask], axis=1)
-        kw = {"ce_pixels": b["ce_pixels"], "num_ce": b["num_ce"]} if emit else {}
-        n_prompt = b["input_ids"].shape[1]
-        hidden = m.forward(full_ids, b["pixel_values"], full_mask, compute_logits=False,
-                           **kw).last_hidden
-        # only the completion positions go through the vocabulary projection
-        return m.logits_from_hidden(hidden[:, n_prompt - 1:-1]).astype(jnp.float32)
-
+    score, train_step = make_grpo_fns(g, wrt, mesh=mesh)
     iterations = int(g.get("iterations", 1))
-
-    @nnx.jit
-    def score(policy, reference, b, comp_tokens, comp_mask):
-        """Per-token log-probs of the reference (adapters off) and, for mu > 1, of the policy
-        before this batch's updates (on a clone: BatchNorm statistics move only in training)."""
-        ref = G_.token_logprobs(completion_logits(reference, b, comp_tokens, comp_mask), comp_tokens) \
-            if float(g.beta) else jnp.zeros(comp_tokens.shape, jnp.float32)
-        old = G_.token_logprobs(completion_logits(nnx.clone(policy), b, comp_tokens, comp_mask),
-                                comp_tokens) if iterations > 1 else jnp.zeros(comp_tokens.shape, jnp.float32)
-        return ref, old
-
-    @nnx.jit
-    def train_step(policy, optimizer, b, comp_tokens, comp_mask, adv, ref, old):
-        mask = comp_mask.astype(jnp.float32)
-
-        def loss_fn(p):
-            logits = completion_logits(p, b, comp_tokens, comp_mask)
-            logp = G_.token_logprobs(logits, comp_tokens)
-            loss, metrics = G_.grpo_loss(logp, old if iterations > 1 else None,
-                                         ref if float(g.beta) else None, adv, mask,
-                                         eps_low=float(g.eps_low), eps_high=float(g.eps_high),
-                                         beta=float(g.beta), kl=g.kl, agg=g.agg)
-            lp = jax.nn.log_softmax(jax.lax.stop_gradient(logits), axis=-1)
-            ent = -jnp.sum(jnp.exp(lp) * lp, axis=-1)
-            metrics["entropy"] = jnp.sum(ent * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-            return loss, metrics
-
-        (loss, metrics), grads = nnx.value_and_grad(
-            loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(policy)
-        optimizer.update(policy, grads)
-        return loss, metrics
 
     progress = MetricWriter(stage_dir, stage="grpo", total_steps=int(g.steps), start_step=start)
     totals = Counter()

@@ -63,6 +63,13 @@ class MetricWriter:
                  tensorboard: bool = True, progress: bool = True, stream=None):
         self.stage, self.total, self.start = stage, int(total_steps), int(start_step)
         self.stream = sys.stderr if stream is None else stream
+        import jax
+
+        # in a multi-process run only process 0 writes (the others run the same steps)
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            self._log = self._tb = self._bar = None
+            return
         os.makedirs(stage_dir, exist_ok=True)
         self.path = os.path.join(stage_dir, "metrics.jsonl")
         self._log = open(self.path, "a", encoding="utf-8")
@@ -87,6 +94,8 @@ class MetricWriter:
     def write(self, step: int, scalars: dict, *, tokens: int = 0, show=None) -> None:
         """Log ``scalars`` (name -> number) at ``step``; non-numeric values are ignored.
         ``show``: the keys the plain progress line prints (default all)."""
+        if not self.enabled:
+            return
         step = int(step)
         vals = {k: f for k, f in ((str(k), _to_float(v)) for k, v in scalars.items())
                 if f is not None}
@@ -131,7 +140,7 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-        if not self._log.closed:
+        if self._log is not None and not self._log.closed:
             self._log.close()
 
     def __enter__(self) -> "MetricWriter":

@@ -121,25 +121,35 @@ def sft_loss(model, b: dict):
     return _nll(logits, jnp.where(mask, targets, 0), mask)
 
 
-def make_train_step(wrt):
-    @nnx.jit
+def make_train_step(wrt, mesh=None, rules=None):
+    """``step(model, optimizer, b) -> (loss, label tokens, correct tokens)``, updating both in
+    place: one jitted program; over ``mesh`` with the parameters and optimizer state sharded by
+    their logical axes and the batch over data x fsdp (``emit_jax.parallel.sharded_jit``)."""
+    from emit_jax.parallel import sharded_jit
+
     def step(model, optimizer, b):
         grad_fn = nnx.value_and_grad(sft_loss, argnums=nnx.DiffState(0, wrt), has_aux=True)
         (loss, (n, correct)), grads = grad_fn(model, b)
         optimizer.update(model, grads)
         return loss, n, correct
-    return step
+    return sharded_jit(step, mesh, rules, mutable=nnx.Any(wrt, nnx.Not(nnx.Param)))
 
 
 def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, stage_dir: str, *,
             wrt=nnx.Param, name: str = "sft", seed: int = 0, checkpoint_every: int = 50,
             log_every: int = 5, process_index: int = 0, process_count: int = 1,
-            pad_id: int = 0) -> dict[str, Any]:
-    """Train ``model`` in place for ``ocfg.steps`` steps (resuming from ``stage_dir``)."""
+            pad_id: int = 0, mesh=None) -> dict[str, Any]:
+    """Train ``model`` in place for ``ocfg.steps`` steps (resuming from ``stage_dir``). With
+    ``mesh`` (``emit_jax.parallel.make_mesh``) the model and optimizer state are sharded by
+    their logical axes and each step runs as one program over the mesh."""
     if not records:
         raise ValueError(f"{name}: no training records")
     model.train()
     optimizer = nnx.Optimizer(model, make_optimizer(ocfg), wrt=wrt)
+    if mesh is not None:
+        from emit_jax.parallel import shard_module
+
+        shard_module((model, optimizer), mesh)  # before restore: Orbax restores into these
     ckpt = StageCheckpoints(os.path.join(stage_dir, "ckpt"), every=checkpoint_every)
     ds = make_dataset(records, tokenizer, pcfg, batch_size=ocfg.batch_size, seed=seed,
                       process_index=process_index, process_count=process_count, pad_id=pad_id)
@@ -149,7 +159,7 @@ def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, 
     if meta is not None:
         start = int(meta["step"])
         it.set_state(meta["data"])
-    step_fn = make_train_step(wrt)
+    step_fn = make_train_step(wrt, mesh)
     progress = MetricWriter(stage_dir, stage=name, total_steps=ocfg.steps, start_step=start)
     history = []
     loss_acc = n_acc = c_acc = tok_acc = 0.0

@@ -1,0 +1,47 @@
+"""Memory switches of the model's training forward: layer rematerialisation and query-chunked
+attention. Read at trace time from a context (``memory_options``), so the same modules serve
+a laptop run (both off, the fastest) and InternVL3-8B (both on, see ``python -m emit_jax.plan``).
+
+- ``remat``: every Qwen2 decoder layer and InternViT layer runs under ``nnx.remat`` when there is
+  no KV cache (training, scoring): the backward pass keeps only each layer's input and recomputes
+  the layer's internals.
+- ``attention_chunk`` = C > 0: LLM attention runs over chunks of C queries (``lax.map`` of a
+  ``jax.checkpoint``-ed chunk), so the float32 scores exist for one ``[B, heads, C, S]`` chunk
+  at a time, forward and backward. Results equal the unchunked attention (rows are independent).
+
+The trainer sets them from ``cfg.memory`` for the whole run; programs already compiled keep the
+options they were traced with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryOptions:
+    remat: bool = False
+    attention_chunk: int = 0
+
+    def __post_init__(self):
+        if int(self.attention_chunk) < 0:
+            raise ValueError(f"memory.attention_chunk must be >= 0, got {self.attention_chunk}")
+
+
+_OPTIONS: contextvars.ContextVar = contextvars.ContextVar("emit_jax_memory", default=MemoryOptions())
+
+
+def current() -> MemoryOptions:
+    return _OPTIONS.get()
+
+
+@contextlib.contextmanager
+def memory_options(remat: bool = False, attention_chunk: int = 0):
+    """``with memory_options(remat=True, attention_chunk=1024): ...`` (traced code inside)."""
+    token = _OPTIONS.set(MemoryOptions(bool(remat), int(attention_chunk)))
+    try:
+        yield _OPTIONS.get()
+    finally:
+        _OPTIONS.reset(token)

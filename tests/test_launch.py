@@ -1,0 +1,240 @@
+"""The launch scripts (launch/): syntax, local.sh's process handling, tpu_pod.sh's dry run and
+the SLURM batch script under stub ``srun`` / ``scontrol``. No JAX, no multi-process training."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = ROOT / "launch"
+SCRIPTS = ["local.sh", "slurm_a100.sbatch", "tpu_pod.sh"]
+
+PRINT_ENV = ("import os; print(os.environ['EMIT_PROCESS_ID'], os.environ['EMIT_NUM_PROCESSES'], "
+             "os.environ['EMIT_COORDINATOR'], os.environ['XLA_FLAGS'])")
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("EMIT_", "SLURM_", "TPU_", "XLA_FLAGS", "CUDA_VISIBLE_DEVICES",
+                                "MASTER_ADDR", "DRY_RUN", "JAX_PLATFORMS"))}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _run(args, env, timeout=60, cwd=ROOT):
+    return subprocess.run([str(a) for a in args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _stub(bin_dir: Path, name: str, body: str) -> None:
+    path = bin_dir / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_syntax_and_executable(script):
+    path = LAUNCH / script
+    assert os.access(path, os.X_OK), f"{path} is not executable"
+    r = _run(["bash", "-n", path], _env())
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_shellcheck(script):
+    r = _run(["shellcheck", "-s", "bash", LAUNCH / script], _env())
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------------------- local.sh
+def test_local_usage():
+    r = _run([LAUNCH / "local.sh", "-h"], _env())
+    assert r.returncode == 0 and "usage: launch/local.sh" in r.stdout
+    r = _run([LAUNCH / "local.sh", "-n", "2"], _env())  # no command
+    assert r.returncode == 2 and "no command" in r.stderr
+    r = _run([LAUNCH / "local.sh", "-n", "two", "--", "true"], _env())
+    assert r.returncode == 2
+
+
+def test_local_cpu_processes_get_their_ids(tmp_path):
+    logs = tmp_path / "logs"
+    r = _run([LAUNCH / "local.sh", "-n", 2, "-d", 1, "--cpu", "--", sys.executable, "-c",
+              PRINT_ENV], _env(LOG_DIR=logs), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [(logs / f"proc_{i}.log").read_text().strip().splitlines() for i in range(2)]
+    fields = [ls[-1].split() for ls in lines]
+    assert [f[0] for f in fields] == ["0", "1"]
+    assert all(f[1] == "2" for f in fields)
+    coordinator = fields[0][2]
+    host, port = coordinator.split(":")
+    assert host == "127.0.0.1" and port.isdigit() and fields[1][2] == coordinator
+    assert all(f[3] == "--xla_force_host_platform_device_count=1" for f in fields)
+    assert "0 2 127.0.0.1:" in r.stdout  # process 0's output is also shown on the terminal
+    assert "1 2 127.0.0.1:" not in r.stdout
+
+
+def test_local_port_devices_and_gpu_slices(tmp_path):
+    logs = tmp_path / "logs"
+    r = _run([LAUNCH / "local.sh", "-n", 2, "-d", 3, "-p", 23456, "--cpu", "--",
+              sys.executable, "-c", PRINT_ENV + "; print(os.environ['JAX_PLATFORMS'])"],
+             _env(LOG_DIR=logs), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    text = (logs / "proc_1.log").read_text()
+    assert "1 2 127.0.0.1:23456 --xla_force_host_platform_device_count=3" in text
+    assert "cpu" in text.split()
+    # without --cpu: process i gets its slice of the visible GPUs (nothing imports JAX here)
+    show = ("import os; print('GPUS', os.environ['EMIT_PROCESS_ID'], "
+            "os.environ['CUDA_VISIBLE_DEVICES'], os.environ.get('JAX_PLATFORMS', '-'))")
+    r = _run([LAUNCH / "local.sh", "-n", 2, "-d", 2, "--", sys.executable, "-c", show],
+             _env(LOG_DIR=logs, CUDA_VISIBLE_DEVICES="4,5,6,7"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "GPUS 0 4,5 -" in (logs / "proc_0.log").read_text()
+    assert "GPUS 1 6,7 -" in (logs / "proc_1.log").read_text()
+    r = _run([LAUNCH / "local.sh", "-n", 2, "-d", 4, "--", "true"],
+             _env(LOG_DIR=logs, CUDA_VISIBLE_DEVICES="0,1"), cwd=tmp_path)
+    assert r.returncode == 2 and "need 8 GPUs" in r.stderr
+
+
+def test_local_failing_child_fails_the_launch(tmp_path):
+    code = "import os,sys; sys.exit(3 if os.environ['EMIT_PROCESS_ID']=='1' else 0)"
+    r = _run([LAUNCH / "local.sh", "-n", 2, "-d", 1, "--cpu", "--", sys.executable, "-c", code],
+             _env(LOG_DIR=tmp_path / "logs"), cwd=tmp_path)
+    assert r.returncode == 3, r.stderr
+    assert "process 1 exited with status 3" in r.stderr
+
+
+def test_local_failure_stops_the_others(tmp_path):
+    """Process 1 fails while 0 and 2 would run for a minute (2 ignoring SIGTERM): both are
+    stopped, and the launch returns process 1's status at once."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    code = ("import os, signal, sys, time\n"
+            "i = os.environ['EMIT_PROCESS_ID']\n"
+            f"open(os.path.join({str(pids)!r}, i), 'w').write(str(os.getpid()))\n"
+            "if i == '2': signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "if i == '1': time.sleep(0.5); sys.exit(7)\n"
+            "time.sleep(60)\n")
+    t0 = time.time()
+    r = _run([LAUNCH / "local.sh", "-n", 3, "--cpu", "--", sys.executable, "-c", code],
+             _env(LOG_DIR=tmp_path / "logs", KILL_GRACE=1), cwd=tmp_path, timeout=30)
+    assert r.returncode == 7, r.stderr
+    assert time.time() - t0 < 20
+    for i in ("0", "2"):
+        pid = int((pids / i).read_text())
+        assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), f"process {i} still runs"
+    assert "SIGKILL" in r.stderr  # process 2 ignored SIGTERM
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+# ------------------------------------------------------------------------------ tpu_pod.sh
+def test_tpu_dry_run_prints_gcloud_commands(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "gcloud_ran"
+    _stub(bin_dir, "gcloud", f"touch {marker}\nexit 1\n")  # a dry run must not call it
+    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", DRY_RUN=1, TPU_NAME="emit-v5p",
+               TPU_ZONE="us-east5-a")
+    r = _run([LAUNCH / "tpu_pod.sh", "run"], env)
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip().splitlines()[-1]
+    assert line.startswith("gcloud compute tpus tpu-vm ssh emit-v5p")
+    assert "--worker=all" in line and "--zone=us-east5-a" in line
+    assert ("python -m emit_jax.train --config=configs/internvl3_8b_grpo.py "
+            "--workdir=runs/internvl3_8b_grpo --config.mesh.data=1 --config.mesh.fsdp=-1 "
+            "--config.mesh.tensor=1") in line
+    assert "export TPU_NAME=emit-v5p" in line  # what makes parallel.initialize detect the pod
+    r = _run([LAUNCH / "tpu_pod.sh", "--dry-run", "--type", "v5p-32", "--project", "proj",
+              "create"], env)
+    assert r.returncode == 0, r.stderr
+    assert ("gcloud compute tpus tpu-vm create emit-v5p --zone=us-east5-a --project=proj "
+            "--accelerator-type=v5p-32 --version=v2-alpha-tpuv5") in r.stdout
+    r = _run([LAUNCH / "tpu_pod.sh", "setup"], env)
+    assert r.returncode == 0, r.stderr
+    assert "--worker=all" in r.stdout and "pip install -e ." in r.stdout
+    r = _run([LAUNCH / "tpu_pod.sh", "delete"], env)
+    assert "gcloud compute tpus tpu-vm delete emit-v5p --zone=us-east5-a --quiet" in r.stdout
+    assert not marker.exists()
+
+
+def test_tpu_run_passes_arguments_and_needs_a_zone(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    out = tmp_path / "args"
+    # a real run through a stub gcloud: every argument on its own line
+    _stub(bin_dir, "gcloud", f'printf "%s\\n" "$@" > {out}\n')
+    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", TPU_NAME="pod", TPU_ZONE="z",
+               CONFIG="configs/grpo.py", EXTRA_ARGS="--config.log_every=1", MESH_DATA=2)
+    r = _run([LAUNCH / "tpu_pod.sh", "run", "--", "--config.data.source=/mnt/my data"], env)
+    assert r.returncode == 0, r.stderr
+    args = out.read_text().splitlines()
+    assert args[:5] == ["compute", "tpus", "tpu-vm", "ssh", "pod"] and "--worker=all" in args
+    command = [a for a in args if a.startswith("--command=")][0]
+    assert ("exec python -m emit_jax.train --config=configs/grpo.py --workdir=runs/grpo "
+            "--config.mesh.data=2 --config.mesh.fsdp=-1 --config.mesh.tensor=1 "
+            "--config.log_every=1 --config.data.source=/mnt/my\\ data") in command
+    r = _run([LAUNCH / "tpu_pod.sh", "run"], _env(DRY_RUN=1, TPU_NAME="pod"))
+    assert r.returncode == 2 and "zone" in r.stderr
+
+
+# ------------------------------------------------------------------------ slurm_a100.sbatch
+def test_slurm_batch_script_under_stubs(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir, "scontrol", 'echo "scontrol $*" >&2\nprintf "gpu012\\ngpu013\\n"\n')
+    _stub(bin_dir, "srun", 'echo "SRUN $*"\n'
+          'echo "ENV MASTER_ADDR=$MASTER_ADDR PORT=$EMIT_COORDINATOR_PORT '
+          'COORD=${EMIT_COORDINATOR:-unset}"\n')
+    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu[012-013]",
+               SLURM_JOB_NUM_NODES=2, SLURM_SUBMIT_DIR=ROOT, SLURM_JOB_ID=42,
+               EMIT_COORDINATOR="stale:1",  # from the submitting shell: must not leak through
+               EXTRA_ARGS="--config.init_from=runs/sft/model --config.data.source=/data/mpdd")
+    r = _run(["bash", LAUNCH / "slurm_a100.sbatch", "--config.grpo.steps=5"], env)
+    assert r.returncode == 0, r.stderr
+    srun = [ln for ln in r.stdout.splitlines() if ln.startswith("SRUN ")]
+    assert len(srun) == 1
+    assert "--ntasks-per-node=1" in srun[0] and "--nodes=2" in srun[0]
+    assert ("-m emit_jax.train --config=configs/internvl3_8b_grpo.py "
+            "--workdir=runs/internvl3_8b_grpo --config.mesh.data=2 --config.mesh.fsdp=-1 "
+            "--config.mesh.tensor=1 --config.init_from=runs/sft/model "
+            "--config.data.source=/data/mpdd --config.grpo.steps=5") in srun[0]
+    assert "ENV MASTER_ADDR=gpu012 PORT=12355 COORD=unset" in r.stdout
+    assert "show hostnames gpu[012-013]" in r.stderr
+
+    env.update(CONFIG="configs/grpo.py", WORKDIR=str(tmp_path / "run"), MESH_DATA="1",
+               EMIT_COORDINATOR_PORT="23456", EXTRA_ARGS="")
+    r = _run(["bash", LAUNCH / "slurm_a100.sbatch"], env)
+    assert r.returncode == 0, r.stderr
+    assert (f"--config=configs/grpo.py --workdir={tmp_path / 'run'} --config.mesh.data=1 "
+            "--config.mesh.fsdp=-1 --config.mesh.tensor=1") in r.stdout
+    assert "PORT=23456" in r.stdout
+
+
+def test_slurm_batch_script_needs_an_allocation():
+    r = _run(["bash", LAUNCH / "slurm_a100.sbatch"], _env())
+    assert r.returncode != 0 and "SLURM" in r.stderr
+
+
+def test_sbatch_header():
+    text = (LAUNCH / "slurm_a100.sbatch").read_text()
+    header = [ln for ln in text.splitlines() if ln.startswith("#SBATCH")]
+    for want in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--cpus-per-task=",
+                 "--time="):
+        assert any(want in ln for ln in header), want
+    # sbatch reads #SBATCH lines only before the first command
+    first_cmd = next(i for i, ln in enumerate(text.splitlines())
+                     if ln.strip() and not ln.startswith("#"))
+    assert all(text.splitlines().index(ln) < first_cmd for ln in header)
