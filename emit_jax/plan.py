@@ -45,32 +45,59 @@ Components (``phase`` says when each one is live; total = resident + max(rollout
 
 - rollout (grpo only), while the sampler runs: ``kv cache`` = 2 (k, v) x L x b x (P + N) x
   KVH/t_kv x Dh x c, and ``prefill`` = the larger of one decoder layer's forward working set on
-  the prompts, ``b P [H/t_h (P + N)(8 + c) + c (3F/t_f + 2 H Dh/t_h + 2 KVH Dh/t_kv) +
-  D (4 + 4c)]`` (float32 scores and softmax plus compute-dtype probabilities: the attention
-  matrix is materialised), and one ViT layer's forward working set on the image tiles (and on
-  the 5 x CE tiles of the heat map, whose 4 read-out layers are kept).
+  the prompts, ``b P [c (3F/t_f + 2 H Dh/t_h + 2 KVH Dh/t_kv) + D (4 + 4c) + S] + A_pre`` with
+  S = P + N (the cache length) and the attention scores ``A_pre = b P H/t_h S (8 + c)``
+  (float32 scores and softmax plus compute-dtype probabilities: the whole matrix) or, with
+  ``memory.attention_chunk`` = C < P, ``b C H/t_h S (8 + c) + b P_C S`` (one chunk of queries at
+  a time + the padded mask chunks, P_C = P rounded up to a multiple of C); and one ViT layer's
+  forward working set on the image tiles (and on the 5 x CE tiles of the heat map, whose 4
+  read-out layers are kept). Remat does not apply to the sampler (it has a KV cache).
 
-- train, during one optimizer step. The code has no rematerialisation, so every layer's
-  residuals stay alive for the backward pass. ``gradients`` of the trainable set (sharded like
-  the parameters); ``activations`` = max(ViT forward working set, ViT residuals + mlp1
-  residuals + L x one decoder layer's residuals + backward workspace + the final norm's), with
-  the per-token residuals that ``jax.ad_checkpoint``'s ``saved_residuals`` lists for
-  ``Qwen2DecoderLayer`` / ``VisionLayer`` (checked at float32 and bfloat16):
+- train, during one optimizer step: ``gradients`` of the trainable set (sharded like the
+  parameters) and ``activations`` = max(ViT forward working set, ViT saved + mlp1 residuals +
+  LLM saved + LLM backward workspace, ViT backward), with the per-token residuals that
+  ``jax.ad_checkpoint``'s ``saved_residuals`` lists for ``Qwen2DecoderLayer`` /
+  ``VisionLayer`` (checked at float32 and bfloat16):
 
-      decoder layer  2 (4 + 2c) D + c (2 H Dh/t_h + 2 KVH Dh/t_kv + 4 Dh) + 6 c F/t_f
-                     + (9 + c) H/t_h T           (mask 1 + masked scores 4 + exp 4 + probs c)
-      ViT block      2 (12 + c) Dv + c (4 Dv/t_vh + 2 Dv) + 4 c Fv/t_vf + (4 + c) Hv/t_vh p
-      mlp1           (12 + c) 4 Dv + 5 c D        (per visual token)
-      workspace      b T (decoder layer without attention + 4 H/t_h T + 4 D)
+      r_lin   2 (4 + 2c) D + c (2 H Dh/t_h + 2 KVH Dh/t_kv + 4 Dh) + 6 c F/t_f + 16 + 8 H/t_h
+              (a decoder layer without its attention scores)
+      r_att   (9 + c) H/t_h T    (mask 1 + masked scores 4 + exp 4 + probs c; no chunks)
+              c H/t_h Dh (T_C - T) / T   (chunks: the chunk map saves its padded queries only)
+      ViT     2 (12 + c) Dv + c (4 Dv/t_vh + 2 Dv) + 4 c Fv/t_vf + (4 + c) Hv/t_vh p
+      mlp1    (12 + c) 4 Dv + 5 c D        (per visual token)
 
-  (ViT and mlp1 residuals only when they have trainable weights upstream: base; sft2 / grpo
-  with LoRA on the ViT and mlp1 in full). ``logits``: ``b K V/t_v (3 x 4 + c)`` (the
+  and, per device, layer = b T (r_lin + r_att), final = b T D (4 + 2c) (the final norm),
+  mask = b T T (+ b T_C T for the padded mask chunks: one array for all layers), and the
+  attention backward A = 4 b H/t_h T T (float32 gradient of the scores) or, with chunks,
+  b H/t_h C T (12 + 2c) (one chunk's scores recomputed, its probabilities and gradients):
+
+      memory.remat off   LLM saved = L x layer + mask + final
+                         workspace = b T (r_lin + 4 D) + A
+      memory.remat on    LLM saved = L b T D c (each layer's input) + 8 b T Dh (rotary
+                         tables) + mask + final
+                         workspace = layer (recomputed) + b T (2 r_lin + 4 D) + A
+
+  (with remat the workspace counts the non-attention residuals twice: XLA's memory-minimising
+  CPU schedule holds about one more layer's worth of them, as if the next layer's
+  recomputation overlapped the current one's backward). ViT saved = Lv x tiles x p x ViT
+  without remat, Lv tiles p Dv c with it (then ViT backward = ViT saved + 2 tiles p ViT: one
+  block recomputed and its gradients); ViT and mlp1 count only when they have trainable weights
+  upstream (base; sft2 / grpo with LoRA on the ViT and mlp1 in full). T_C = T rounded up to a
+  multiple of C; chunks apply when 0 < C < T. ``logits``: ``b K V/t_v (3 x 4 + c)`` (the
   compute-dtype projection, its float32 copy, the log-sum-exp residual, the float32 gradient),
   K = the completion length N for grpo, ``--label_tokens`` (default 128) label positions for
   the SFT stages (``sft.label_positions``: only those go through the vocabulary projection).
-  Against XLA's compiled ``memory_analysis`` of the tiny model's train step on CPU, activations
-  + logits come out 10-20 % above XLA's temporaries at 2k-4k tokens (40 % at 512): an
-  upper-side estimate.
+  ``memory.remat`` / ``memory.attention_chunk`` come from the config (``--set memory.remat=True
+  --set memory.attention_chunk=1024`` overrides them; a config without ``memory``: both off).
+
+  Against XLA's compiled ``memory_analysis`` (CPU) of the train step of two small models (4
+  decoder layers of width 128 or 512, 1-2 sequences of 1k-4k tokens; tests/test_plan.py runs
+  three such checks), activations + logits / XLA's temporaries, under XLA's default schedule
+  and (in brackets) its memory-minimising one (``--xla_cpu_enable_concurrency_optimized_
+  scheduler=false``): no switches 1.2-1.3 (1.8-2.3); chunks 1.4-1.5 (1.2-1.3); remat + chunks
+  0.9-1.25 (0.97-1.2); remat alone (1.04-1.17), while the default CPU schedule hoists the
+  recomputation and keeps nearly every layer's residuals (0.44-0.57: XLA's temporaries hardly
+  move from the no-remat ones). Details in docs/MEMORY_PLAN.md.
 
 Symbols: b = sequences per device (the global batch split over data x fsdp where they divide
 it), T = train length (prompt P + N for grpo, P for SFT; P = the largest ``data.length_buckets``
@@ -163,9 +190,12 @@ def load_config(spec: str, overrides: Sequence[str] = ()):
                 node = node[p]
             if last not in node:
                 raise KeyError(last)
-            node[last] = value
         except (KeyError, TypeError):
             raise PlanError(f"--set {item!r}: no config field {key!r}") from None
+        try:
+            node[last] = value
+        except (TypeError, ValueError) as e:  # ml_collections keeps a field's type
+            raise PlanError(f"--set {item!r}: {key} {value!r}: {e}") from None
     return cfg
 
 
@@ -509,8 +539,8 @@ def activation_terms(mcfg, s: Setup, sp: _Split, *, vit_trained: bool, mm_traine
     final = b * T * D * (4 + 2 * c)  # the final norm's
     if s.remat:  # layer inputs + the shared mask / rotary tables; one layer recomputed at a time
         llm_saved = L * b * T * D * c + b * T * 8 * Dh + mask + final
-        # + a second layer's non-attention residuals: XLA starts recomputing the next layer
-        # before this one's backward is done (what its memory-minimising schedule shows)
+        # + a second layer's non-attention residuals: what XLA's memory-minimising schedule
+        # shows (as if the next layer's recomputation overlapped this one's backward)
         llm_ws = layer + b * T * (2 * llm_lin + 4 * D) + att_ws
     else:
         llm_saved = L * layer + mask + final
