@@ -29,7 +29,7 @@ import contextvars
 import dataclasses
 import math
 import os
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -222,14 +222,6 @@ def _place(a, s: NamedSharding):
     return global_batch(a, s)
 
 
-def describe(node, mesh: Mesh, rules=None) -> list[str]:
-    """One line per parameter: path, shape, logical axes, the spec it gets."""
-    lines = []
-    for path, v in nnx.to_flat_state(nnx.state(node)):
-        shape = getattr(v.get_value(), "shape", ())
-        lines.append(f"{'/'.join(map(str, path))} {tuple(shape)} {_var_axes(v)} -> "
-                     f"{logical_to_spec(_var_axes(v), shape, mesh, rules)}")
-    return lines
 
 
 # ----------------------------------------------------------------------------- activations
@@ -246,9 +238,6 @@ def use_mesh(mesh: Mesh | None, rules=None):
         _ACTIVE.reset(token)
 
 
-def active_mesh() -> Mesh | None:
-    cur = _ACTIVE.get()
-    return None if cur is None else cur[0]
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
@@ -296,23 +285,14 @@ class sharded_jit:  # noqa: N801 - used like a decorator / function
     it, as an optimizer step does); the rest is input only, so frozen weights are neither copied
     nor returned (a LoRA policy and its reference keep sharing theirs). Array arguments are
     split along their first axis over ``data`` x ``fsdp`` (:func:`batch_spec`); other Python
-    values are static. Outputs are replicated unless ``out_shardings`` is given. Without a mesh
-    this is ``nnx.jit``.
+    values are static. Outputs are replicated. Without a mesh this is ``nnx.jit``.
     """
 
-    def __init__(self, fn: Callable, mesh: Mesh | None = None, rules=None, *,
-                 mutable=..., out_shardings=None, replicate_argnums: Iterable[int] = ()):
+    def __init__(self, fn: Callable, mesh: Mesh | None = None, rules=None, *, mutable=...):
         self.fn, self.mesh, self.rules = fn, mesh, rules
         self.mutable = mutable
-        self.out_shardings = out_shardings
-        self.replicate = set(replicate_argnums)
         self._cache: dict = {}
         self._plain = nnx.jit(fn) if mesh is None else None
-
-    def _array_sharding(self, i, x):
-        if i in self.replicate:
-            return NamedSharding(self.mesh, P())
-        return jax.tree.map(lambda a: batch_sharding(a, self.mesh), x)
 
     def __call__(self, *args):
         if self.mesh is None:
@@ -325,7 +305,7 @@ class sharded_jit:  # noqa: N801 - used like a decorator / function
         dyn = tuple(args[i] for i in dyn_idx)
         st_sh = state_shardings(state, self.mesh, self.rules)
         fr_sh = state_shardings(frozen, self.mesh, self.rules)
-        dyn_sh = tuple(self._array_sharding(i, a) for i, a in zip(dyn_idx, dyn))
+        dyn_sh = tuple(jax.tree.map(lambda a: batch_sharding(a, self.mesh), d) for d in dyn)
         ckey = (graphdef, tuple(node_idx), tuple(dyn_idx), _static_key(static),
                 tuple(jax.tree.structure(d) for d in dyn), jax.tree.structure(st_sh),
                 jax.tree.structure(fr_sh),
@@ -346,10 +326,8 @@ class sharded_jit:  # noqa: N801 - used like a decorator / function
                 out = fn(*full)
                 return nnx.state(ns, mutable), out
 
-            out_sh = NamedSharding(self.mesh, P()) if self.out_shardings is None \
-                else self.out_shardings
             jitted = jax.jit(pure, in_shardings=(st_sh, fr_sh, *dyn_sh),
-                             out_shardings=(st_sh, out_sh))
+                             out_shardings=(st_sh, NamedSharding(self.mesh, P())))
             self._cache[ckey] = jitted
         with use_mesh(self.mesh, self.rules):
             placed = _place_tree((state, frozen), (st_sh, fr_sh))
@@ -385,7 +363,6 @@ class DistributedArgs:
     coordinator: str = ""
     num_processes: int = 0
     process_id: int = -1
-    local_device_ids: tuple[int, ...] | None = None
 
 
 def distributed_args_from_env(env: Mapping[str, str] | None = None) -> DistributedArgs | None:
@@ -495,8 +472,6 @@ def localize_module(node):
     return node
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
 
 
 def to_host(x) -> np.ndarray:
@@ -510,6 +485,6 @@ def to_host(x) -> np.ndarray:
 
 __all__ = ["MESH_AXES", "DEFAULT_RULES", "parse_mesh", "mesh_shape", "make_mesh",
            "logical_to_spec", "state_shardings", "batch_spec", "batch_sharding", "shard_module",
-           "describe", "use_mesh", "active_mesh", "constrain", "constrain_hidden", "sharded_jit",
-           "global_batch", "initialize", "distributed_args_from_env", "replicated", "to_host",
+           "use_mesh", "constrain", "constrain_hidden", "sharded_jit",
+           "global_batch", "initialize", "distributed_args_from_env", "to_host",
            "is_primary", "barrier", "replicate_module", "localize_module"]

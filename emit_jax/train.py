@@ -71,23 +71,18 @@ def _stage_done(workdir: str, stage: str, steps: int) -> bool:
         return int(json.load(f).get("steps", 0)) >= steps
 
 
-def jax_primary() -> bool:
-    from emit_jax import parallel
-
-    return parallel.is_primary()
-
-
 def _finish_stage(workdir: str, stage: str, model, info: dict) -> None:
     from emit_jax import checkpoint
 
+    from emit_jax import parallel
+
     d = os.path.join(workdir, stage)
     target = os.path.join(d, "model")
-    if os.path.isdir(target) and jax_primary():  # an earlier, shorter run: replace its model
+    if os.path.isdir(target) and parallel.is_primary():  # an earlier, shorter run: replace it
         import shutil
 
         shutil.rmtree(target)
-    from emit_jax import parallel
-
+    parallel.barrier("replace:" + stage)  # nobody checks the target before it is gone
     checkpoint.save_model(model, target, assets_from=os.path.join(workdir, "tokenizer"))
     if parallel.is_primary():
         with open(os.path.join(d, "done.json"), "w", encoding="utf-8") as f:

@@ -10,7 +10,6 @@ difference, the size of the update itself, and the shardings the arrays ended up
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -25,22 +24,12 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from emit_jax import parallel  # noqa: E402
-from emit_jax.models import architectures  # noqa: E402
-from emit_jax.models.emit import EMIT  # noqa: E402
-from emit_jax.models.internvl import InternVL  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_lora import TARGETS, small_emit  # noqa: E402  (the LoRA tests' small EMIT model)
 
 MESHES = ("data=8", "fsdp=8", "data=2,fsdp=2,tensor=2", "fsdp=4,tensor=2")
-TARGETS = (r".*(self_attn/(q_proj|k_proj|v_proj|o_proj)|mlp/(gate_proj|up_proj|down_proj)"
-           r"|attention/(q_proj|k_proj|v_proj|projection_layer)|mlp/(fc1|fc2))")
 B, T = 8, 32
-
-
-def small_emit():
-    cfg = architectures.tiny()
-    cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=56, num_hidden_layers=2),
-                      text=dataclasses.replace(cfg.text, vocab_size=64, num_hidden_layers=2),
-                      image_token_id=63)
-    return EMIT.create(InternVL(cfg, rngs=nnx.Rngs(0)), hint_ids=[1, 2])
 
 
 def make_batch(model) -> dict:
