@@ -295,6 +295,40 @@ def test_generate_with_ce_equals_full_forward_greedy():
     np.testing.assert_array_equal(np.asarray(out.tokens), greedy)
 
 
+def test_padding_between_real_rows_is_skipped_by_the_masks():
+    """A batch assembled from several processes has padding tiles / CE rows between its real
+    ones (``parallel.assemble_batch``): with ``tile_valid`` and a bool ``num_ce`` the forward
+    pass, and BatchNorm's training statistics, equal those of the prefix-padded batch."""
+    mllm = small_mllm()
+    tokens_per_tile = mllm.config.tokens_per_tile
+    model = EMIT.create(mllm, hint_ids=[1])
+    ids, mask = prompt_with_slots(model, [1, 1, 0])
+    img = mllm.config.image_token_id
+    ids = np.concatenate([np.full((3, tokens_per_tile), img, np.int32), ids], 1)  # a tile per row
+    mask = np.concatenate([np.ones((3, tokens_per_tile), np.int32), mask], 1)
+    rs = np.random.RandomState(3)
+    tiles = rs.randn(3, 3, 56, 56).astype(np.float32)
+    ce = rs.randn(2, 2, 3, 56, 56).astype(np.float32)
+    pad_t, pad_c = np.full((1, 3, 56, 56), 7.0, np.float32), np.full((1, 2, 3, 56, 56), 7.0, np.float32)
+    # prefix padding (one process) vs padding after each process's block (rows 0 | rows 1-2)
+    prefix = dict(pixel_values=np.concatenate([tiles, pad_t]), ce_pixels=np.concatenate([ce, pad_c]),
+                  num_ce=2)
+    blocks = dict(pixel_values=np.concatenate([tiles[:1], pad_t, tiles[1:], pad_t]),
+                  tile_valid=np.array([1, 0, 1, 1, 0], bool),
+                  ce_pixels=np.concatenate([ce[:1], pad_c, ce[1:], pad_c]),
+                  num_ce=np.array([1, 0, 1, 0], bool))
+    outs, stats = [], []
+    for kw in (prefix, blocks):
+        m = nnx.clone(model)
+        m.train()  # BatchNorm on batch statistics: the padding must stay out of them
+        kw = {k: jnp.asarray(v) for k, v in kw.items()}
+        outs.append(np.asarray(m.forward(jnp.asarray(ids), attention_mask=jnp.asarray(mask), **kw).logits))
+        stats.append((float(m.projector.bn.mean[...][0]), float(m.projector.bn.var[...][0])))
+    np.testing.assert_allclose(outs[1], outs[0], atol=2e-5)
+    np.testing.assert_allclose(stats[1], stats[0], rtol=1e-6)
+    assert stats[0][0] != 0.0  # the statistics moved
+
+
 # ------------------------------------------------------------------ interop
 def _extras(model):
     st = dict(nnx.to_flat_state(nnx.state(model)))

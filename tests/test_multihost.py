@@ -66,6 +66,11 @@ def _metrics(workdir, stage):
 def test_two_processes_match_one(runs):
     multi, single, logs = runs
     assert "over 8 devices, 2 process(es)" in logs
+    # stage 1 loaded per process: each its own half of the 8-row batch (data 2 x fsdp 2 shards)
+    assert "process 0 loads rows 0-3 of each 8-row batch" in logs
+    assert "process 1 loads rows 4-7 of each 8-row batch" in logs
+    ms, ss = _metrics(multi, "sft"), _metrics(single, "sft")
+    assert ms[0]["loss"] == pytest.approx(ss[0]["loss"], rel=1e-5)
     # the same GRPO steps: losses and rewards agree (float32 sums in another order)
     m, s = _metrics(multi, "grpo"), _metrics(single, "grpo")
     assert [r["step"] for r in m] == [r["step"] for r in s] == [1, 2]

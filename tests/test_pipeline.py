@@ -95,6 +95,42 @@ def test_training_augmentation_is_seeded(tok, records):
     np.testing.assert_array_equal(a, b)
 
 
+def test_processes_together_read_the_one_process_batch(tok, records):
+    """Step s of 2 processes x batch 2 holds the records of step s of 1 process x batch 4, with
+    the same (seeded, per-record) augmentation: multihost loading does not change the data."""
+    ids = special_ids(tok)
+    c = cfg(train=True, comp_slots=5, comp_token_id=ids["<COMP_CONTEXT>"])
+    one = iter(make_dataset(records, tok, c, batch_size=4, seed=3))
+    two = [iter(make_dataset(records, tok, c, batch_size=2, seed=3, process_index=p,
+                             process_count=2)) for p in (0, 1)]
+    for _ in range(3):
+        whole, parts = next(one), [next(t) for t in two]
+        assert sorted(whole["id"]) == sorted(i for part in parts for i in part["id"])
+        for n, rid in enumerate(whole["id"]):  # the same tiles and CE pair for the same record
+            part = next(p for p in parts if rid in p["id"])
+            m = part["id"].index(rid)
+            np.testing.assert_array_equal(_row_tiles(whole, n, ids), _row_tiles(part, m, ids))
+            np.testing.assert_array_equal(whole["ce_pixels"][n], part["ce_pixels"][m])
+
+
+def test_data_position_moves_to_another_process_count():
+    from emit_jax.training.sft import _data_state
+
+    saved = {"data": {"next_index": 8}, "data_processes": 2}  # 2 processes x 8 records each
+    assert _data_state(saved, 1) == {"next_index": 16}
+    assert _data_state(saved, 4) == {"next_index": 4}
+    assert _data_state({"data": {"next_index": 5}}, 1) == {"next_index": 5}  # older checkpoints
+    with pytest.raises(ValueError, match="does not split over 3 processes"):
+        _data_state(saved, 3)
+
+
+def _row_tiles(batch, row, ids, tokens_per_tile=4):
+    """The tiles of ``row``: a collated batch stacks them in row order."""
+    per_row = (batch["input_ids"] == ids["<IMG_CONTEXT>"]).sum(1) // tokens_per_tile
+    start = int(per_row[:row].sum())
+    return batch["pixel_values"][start:start + int(per_row[row])]
+
+
 def test_bucket_overflow_is_an_error():
     assert bucket(300, (256, 512)) == 512
     with pytest.raises(ValueError, match="largest length bucket 512"):

@@ -142,16 +142,19 @@ def make_dataset(records: Sequence[dict], tokenizer, cfg: PipelineConfig, *, bat
                  process_index: int = 0, process_count: int = 1, drop_remainder: bool = True,
                  pad_id: int = 0) -> grain.IterDataset:
     """A grain dataset of batches. Each process sees ``records[process_index::process_count]``
-    of every (seeded) shuffle; iterate with ``iter(ds)`` and checkpoint the iterator's
-    ``get_state()``."""
+    of every (seeded) shuffle, so step ``s`` of ``P`` processes with ``batch_size`` b covers the
+    same records as step ``s`` of one process with batch ``P * b``; iterate with ``iter(ds)`` and
+    checkpoint the iterator's ``get_state()``."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     ds = grain.MapDataset.source(records)  # any random-access sequence (a list, a tfds source)
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
-    ds = ds[process_index::process_count]
+    # the augmentation's randomness follows the element's global index (encoding is lazy, so
+    # each process still encodes only its own elements): any process count sees the same samples
     ds = ds.random_map(_Encode(RecordEncoder(tokenizer, cfg)), seed=seed)
+    ds = ds[process_index::process_count]
     it = ds.to_iter_dataset()
     return it.batch(batch_size, drop_remainder=drop_remainder,
                     batch_fn=lambda exs: collate(exs, cfg, pad_id))

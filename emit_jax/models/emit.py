@@ -170,6 +170,16 @@ class HeatmapProjector(nnx.Module):
         return x.reshape(b, h2 * w2, d)
 
 
+def ce_valid(num_ce, n: int) -> jax.Array | None:
+    """The real rows of ``n`` CE rows: ``num_ce`` is None (all), a count (the first ``num_ce``)
+    or already a bool mask ``[n]``."""
+    if num_ce is None:
+        return None
+    if jnp.ndim(num_ce) == 1:
+        return jnp.asarray(num_ce, bool)
+    return jnp.arange(n) < num_ce
+
+
 # ------------------------------------------------------------------------------ heat map
 def rotations_of(images: jax.Array, n: int = 4) -> jax.Array:
     """``[B, C, H, W]`` -> ``[B, n, C, H, W]``: rot90 by k = 0..n-1 (counter-clockwise,
@@ -380,16 +390,17 @@ class EMIT(nnx.Module):
                                    strategy=c.heatmap_strategy)
 
     def ref_tokens(self, ce_pixels: jax.Array, num_ce: jax.Array | None = None) -> jax.Array:
-        """``[n_ce, num_comp_slots, D]``: soft prompt rows first, then the CE tokens. With
-        ``num_ce``, rows past it are padding (kept out of BatchNorm's statistics)."""
+        """``[n_ce, num_comp_slots, D]``: soft prompt rows first, then the CE tokens. ``num_ce``
+        marks the real rows (the rest is padding, kept out of BatchNorm's statistics): a count
+        (the first ``num_ce`` rows) or a bool mask ``[n_ce]``."""
         c = self.emit_config
         n = ce_pixels.shape[0]
         d = self.mllm.config.text.hidden_size
+        valid = ce_valid(num_ce, n)
         parts = []
         if c.use_soft_prompt:
             parts.append(jnp.broadcast_to(self.soft_prompt[...], (n, c.num_soft_tokens, d)))
         if c.use_contrastive:
-            valid = None if num_ce is None else jnp.arange(n) < num_ce
             parts.append(self.projector(self.heatmap(ce_pixels), valid))
         if not parts:
             return jnp.zeros((n, 0, d), self.soft_prompt[...].dtype)
@@ -401,19 +412,21 @@ class EMIT(nnx.Module):
         g = self.mllm.config.vision.grid
         self.projector.bn.update_stats(jnp.zeros((1, g, g), jnp.float32))
 
-    def embed(self, input_ids, pixel_values=None, ce_pixels=None, num_ce=None):
-        embeds = self.mllm.embed(input_ids, pixel_values)
+    def embed(self, input_ids, pixel_values=None, ce_pixels=None, num_ce=None, tile_valid=None):
+        embeds = self.mllm.embed(input_ids, pixel_values, tile_valid=tile_valid)
         c = self.emit_config
         if ce_pixels is not None and self.num_comp_slots:
             tokens = self.ref_tokens(ce_pixels, num_ce)
-            embeds = merge_image_features(embeds, input_ids, tokens, c.comp_token_id, kind="comp")
+            mask = num_ce if num_ce is not None and jnp.ndim(num_ce) == 1 else None
+            embeds = merge_image_features(embeds, input_ids, tokens, c.comp_token_id, kind="comp",
+                                          valid=mask)
         return embeds
 
     # -------------------------------------------------------------- forward
     def forward(self, input_ids, pixel_values=None, attention_mask=None, *, ce_pixels=None,
                 num_ce=None, positions=None, cache=None, output_hidden_states=False,
-                compute_logits=True) -> ModelOutput:
-        embeds = self.embed(input_ids, pixel_values, ce_pixels, num_ce)
+                compute_logits=True, tile_valid=None) -> ModelOutput:
+        embeds = self.embed(input_ids, pixel_values, ce_pixels, num_ce, tile_valid)
         c = self.emit_config
         if (ce_pixels is None and cache is None and c.bn_mode == "official" and c.use_contrastive
                 and not self.projector.bn.use_running_average):

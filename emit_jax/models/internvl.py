@@ -97,15 +97,18 @@ class InternVL(nnx.Module):
         return self.multi_modal_projector(feats)
 
     def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
-              image_features: jax.Array | None = None) -> jax.Array:
+              image_features: jax.Array | None = None, tile_valid: jax.Array | None = None
+              ) -> jax.Array:
         """Token embeddings ``[B, T, D]`` with the image-token positions replaced, in order, by
-        the visual tokens of ``pixel_values`` (or of precomputed ``image_features [N, K, D]``)."""
+        the visual tokens of ``pixel_values`` (or of precomputed ``image_features [N, K, D]``);
+        ``tile_valid [N]`` marks the real tiles when padding lies between them."""
         embeds = self.language_model.embed_tokens(input_ids)
         if image_features is None and pixel_values is not None:
             image_features = self.get_image_features(pixel_values)
         if image_features is None:
             return embeds
-        return merge_image_features(embeds, input_ids, image_features, self.config.image_token_id)
+        return merge_image_features(embeds, input_ids, image_features, self.config.image_token_id,
+                                    valid=tile_valid)
 
     # ------------------------------------------------------------------ LLM
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
@@ -118,7 +121,7 @@ class InternVL(nnx.Module):
                 attention_mask: jax.Array | None = None, *, positions: jax.Array | None = None,
                 cache: KVCache | None = None, inputs_embeds: jax.Array | None = None,
                 image_features: jax.Array | None = None, output_hidden_states: bool = False,
-                compute_logits: bool = True) -> ModelOutput:
+                compute_logits: bool = True, tile_valid: jax.Array | None = None) -> ModelOutput:
         """General forward. Exactly one of ``input_ids [B, T]`` / ``inputs_embeds [B, T, D]``.
 
         ``attention_mask [B, T]``: 1 for tokens, 0 for (left) padding. ``positions [B, T]``
@@ -129,7 +132,7 @@ class InternVL(nnx.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, pixel_values, image_features)
+            inputs_embeds = self.embed(input_ids, pixel_values, image_features, tile_valid)
         elif pixel_values is not None or image_features is not None:
             raise ValueError("pixel_values/image_features need input_ids to locate the image tokens")
         hidden, cache, all_hidden = self.language_model(
@@ -148,12 +151,24 @@ class InternVL(nnx.Module):
         return KVCache.create(self.config.text, batch, max_len, dtype)
 
 
+def valid_first(rows: jax.Array, valid: jax.Array | None) -> jax.Array:
+    """``rows [N, ...]`` reordered so the rows where ``valid [N]`` holds come first, in order
+    (the padding after). A batch assembled from several processes' padded blocks has padding
+    between its real rows; this puts them back in the flattened order the tokens use."""
+    if valid is None:
+        return rows
+    return rows[jnp.argsort(jnp.logical_not(valid), stable=True)]
+
+
 def merge_image_features(embeds: jax.Array, input_ids: jax.Array, image_features: jax.Array,
-                         image_token_id: int, kind: str = "image") -> jax.Array:
+                         image_token_id: int, kind: str = "image",
+                         valid: jax.Array | None = None) -> jax.Array:
     """Replace the ``image_token_id`` positions of ``embeds [B, T, D]`` by the rows of
     ``image_features [N, K, D]`` in flattened order; rows past the last token are padding (fixed
-    batch shapes). Raises when the tokens are more than the features or not whole rows (checked
-    when ``input_ids`` is concrete, i.e. outside jit)."""
+    batch shapes). With ``valid [N]`` (bool) only the rows it marks are used, in order, wherever
+    the padding lies (:func:`valid_first`). Raises when the tokens are more than the features or
+    not whole rows (checked when ``input_ids`` is concrete, i.e. outside jit)."""
+    image_features = valid_first(image_features, valid)
     b, t, d = embeds.shape
     feats = image_features.reshape(-1, image_features.shape[-1]).astype(embeds.dtype)
     is_img = (input_ids == image_token_id).reshape(-1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from typing import Any
 
 import jax
@@ -23,8 +24,8 @@ from emit_jax.data.pipeline import IGNORE, PipelineConfig, make_dataset
 from emit_jax.training.metrics import MetricWriter
 from emit_jax.training.state import StageCheckpoints
 
-ARRAY_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "ce_pixels", "num_ce",
-              "label_pos", "label_ids", "label_mask")
+ARRAY_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "tile_valid", "ce_pixels",
+              "num_ce", "label_pos", "label_ids", "label_mask")
 
 
 @dataclasses.dataclass
@@ -83,9 +84,9 @@ def to_device(batch: dict) -> dict:
 
 
 def _forward(model, b: dict, compute_logits: bool):
-    kw = {}
+    kw = {"tile_valid": b["tile_valid"]} if "tile_valid" in b else {}
     if hasattr(model, "emit_config"):
-        kw = {"ce_pixels": b["ce_pixels"], "num_ce": b["num_ce"]}
+        kw.update(ce_pixels=b["ce_pixels"], num_ce=b["num_ce"])
     return model.forward(b["input_ids"], b.get("pixel_values"), b["attention_mask"],
                          compute_logits=compute_logits, **kw)
 
@@ -121,6 +122,21 @@ def sft_loss(model, b: dict):
     return _nll(logits, jnp.where(mask, targets, 0), mask)
 
 
+def _data_state(meta: dict, process_count: int) -> dict:
+    """The saved grain iterator state for this run's process count. Every process's iterator
+    stands at the same local index (full batches, records dealt round-robin), so a state saved
+    by ``P`` processes continues with ``Q`` at ``index * P / Q``."""
+    state = dict(meta["data"])
+    saved = int(meta.get("data_processes", 1))
+    if saved != process_count and "next_index" in state:
+        total = int(state["next_index"]) * saved
+        if total % process_count:
+            raise ValueError(f"the checkpoint's data position ({total} records over {saved} "
+                             f"process(es)) does not split over {process_count} processes")
+        state["next_index"] = total // process_count
+    return state
+
+
 def make_train_step(wrt, mesh=None, rules=None):
     """``step(model, optimizer, b) -> (loss, label tokens, correct tokens)``, updating both in
     place: one jitted program; over ``mesh`` with the parameters and optimizer state sharded by
@@ -137,11 +153,12 @@ def make_train_step(wrt, mesh=None, rules=None):
 
 def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, stage_dir: str, *,
             wrt=nnx.Param, name: str = "sft", seed: int = 0, checkpoint_every: int = 50,
-            log_every: int = 5, process_index: int = 0, process_count: int = 1,
-            pad_id: int = 0, mesh=None) -> dict[str, Any]:
+            log_every: int = 5, pad_id: int = 0, mesh=None) -> dict[str, Any]:
     """Train ``model`` in place for ``ocfg.steps`` steps (resuming from ``stage_dir``). With
     ``mesh`` (``emit_jax.parallel.make_mesh``) the model and optimizer state are sharded by
-    their logical axes and each step runs as one program over the mesh."""
+    their logical axes and each step runs as one program over the mesh. With several processes
+    each reads only the rows of the batch its devices hold (``parallel.process_rows``) and the
+    global batch is assembled from the pieces (``parallel.assemble_batch``)."""
     if not records:
         raise ValueError(f"{name}: no training records")
     model.train()
@@ -151,14 +168,29 @@ def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, 
 
         shard_module((model, optimizer), mesh)  # before restore: Orbax restores into these
     ckpt = StageCheckpoints(os.path.join(stage_dir, "ckpt"), every=checkpoint_every)
-    ds = make_dataset(records, tokenizer, pcfg, batch_size=ocfg.batch_size, seed=seed,
+    batch_size, device_batch = ocfg.batch_size, to_device
+    process_index, process_count, rows = 0, 1, None
+    if mesh is not None:
+        from emit_jax.parallel import assemble_batch, process_rows
+
+        rows = process_rows(ocfg.batch_size, mesh)
+    if rows is not None:  # several processes, each holding its own rows: each loads just those
+        process_index, process_count = jax.process_index(), jax.process_count()
+        batch_size = rows[1] - rows[0]
+        print(f"[{name}] process {process_index} loads rows {rows[0]}-{rows[1] - 1} of each "
+              f"{ocfg.batch_size}-row batch", file=sys.stderr, flush=True)
+
+        def device_batch(b):
+            return assemble_batch({**b, **label_positions(b["labels"])}, mesh, pad_id=pad_id,
+                                  pad_side=pcfg.pad_side)
+    ds = make_dataset(records, tokenizer, pcfg, batch_size=batch_size, seed=seed,
                       process_index=process_index, process_count=process_count, pad_id=pad_id)
     it = iter(ds)
     start = 0
     meta = ckpt.restore(model, optimizer)
     if meta is not None:
         start = int(meta["step"])
-        it.set_state(meta["data"])
+        it.set_state(_data_state(meta, process_count))
     step_fn = make_train_step(wrt, mesh)
     progress = MetricWriter(stage_dir, stage=name, total_steps=ocfg.steps, start_step=start)
     history = []
@@ -167,11 +199,11 @@ def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, 
     try:
         for step in range(start + 1, ocfg.steps + 1):
             batch = next(it)
-            loss, n, correct = step_fn(model, optimizer, to_device(batch))
+            loss, n, correct = step_fn(model, optimizer, device_batch(batch))
             loss_acc += float(loss)
             n_acc += float(n)
             c_acc += float(correct)
-            tok_acc += float(batch["attention_mask"].sum())
+            tok_acc += float(batch["attention_mask"].sum()) * process_count
             if not math.isfinite(float(loss)):
                 raise FloatingPointError(f"{name}: non-finite loss at step {step}")
             if step % log_every == 0 or step == ocfg.steps:
@@ -182,11 +214,13 @@ def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, 
                 history.append({"step": step, **metrics})
                 loss_acc = n_acc = c_acc = 0.0
             done, data_state = step, it.get_state()
-            ckpt.save(step, model, optimizer, {"step": step, "data": data_state},
+            ckpt.save(step, model, optimizer,
+                      {"step": step, "data": data_state, "data_processes": process_count},
                       force=step == ocfg.steps)
     except KeyboardInterrupt:  # SIGTERM / Ctrl-C: save the last finished step, then stop
         progress.close()
-        ckpt.save_interrupted(done, start, model, optimizer, {"step": done, "data": data_state})
+        ckpt.save_interrupted(done, start, model, optimizer,
+                              {"step": done, "data": data_state, "data_processes": process_count})
         raise
     ckpt.close()
     progress.close()
