@@ -34,7 +34,8 @@ setup(
     ],
     extras_require={
         # torch is pinned: the CPU wheel is used for the parity tests; never a multi-GB CUDA build.
-        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0"],
+        # pytest-xdist: the suite runs on 2 workers (pytest.ini), one file per worker at a time
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "torch==2.13.0"],
     },
     entry_points={},
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],

@@ -44,6 +44,12 @@ def base_config() -> ml_collections.ConfigDict:
     # values; less memory, more compute). Off for tiny; the 8B configs turn both on.
     c.memory = ml_collections.ConfigDict(dict(remat=False, attention_chunk=0))
     c.checkpoint_every = 50
+    # a step with a non-finite loss or gradient changes nothing and is counted; "skip" goes on
+    # (stopping after 5 in a row), "stop" stops at the first with the last good state saved
+    c.nonfinite = "skip"
+    # JAX's persistent compilation cache ("" = off; $JAX_COMPILATION_CACHE_DIR wins): a resumed
+    # or repeated run loads its compiled steps instead of compiling them again
+    c.compile_cache = "~/.cache/emit_jax/xla"
     c.log_every = 10
     c.eval_limit = 200
     c.eval_think = True

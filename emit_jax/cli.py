@@ -25,10 +25,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 USER_ERRORS = _user_errors()
 
 
-def _message(e: BaseException) -> str:
+def message(e: BaseException) -> str:
+    """The one-line text of a user error (an ``OSError`` as ``<file>: <strerror>``)."""
     if isinstance(e, OSError) and e.filename and e.strerror:
-        return f"{e.filename}: {e.strerror}"
-    return str(e) or type(e).__name__
+        text = f"{e.filename}: {e.strerror}"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None,
@@ -38,5 +41,5 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     try:
         return int(main(argv) or 0)
     except USER_ERRORS as e:
-        print(f"{prog}: error: {_message(e)}", file=sys.stderr)
+        print(f"{prog}: error: {message(e)}", file=sys.stderr)
         return 2

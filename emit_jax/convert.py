@@ -13,6 +13,7 @@ import sys
 import time
 
 from emit_jax import checkpoint, cli, hf
+from emit_jax.fileio import check_free_space
 from emit_jax.models.config import read_hf_config
 
 
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     _, raw = read_hf_config(args.hf)
     model = hf.load(args.hf, dtype=args.dtype)
+    check_free_space(args.out, hf.state_bytes(model) + 2**20)
     checkpoint.save_model(model, args.out, hf_config=raw, assets_from=args.hf)
     from emit_jax.models.layers import count_params
     print(f"converted {args.hf} -> {args.out}: {count_params(model):,} parameters "

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from emit_jax import cli
-from emit_jax.fileio import atomic_output
+from emit_jax.fileio import atomic_output, check_writable
 
 MVTEC_TYPES = {"anomaly_discrimination": "Anomaly Detection",
                "defect_classification": "Defect Classification",
@@ -43,13 +43,20 @@ def load_for_eval(checkpoint: str, dtype: str | None = None):
     from emit_jax import hf
     from emit_jax.data.tokenizer import load_tokenizer
     from emit_jax.hf import CheckpointError
+    from emit_jax.models.config import read_hf_config
 
-    if os.path.isfile(os.path.join(checkpoint, "config.json")):
-        model, tok_dir = hf.load(checkpoint, dtype=dtype), checkpoint
+    # the cheap checks first (config, tokenizer), then the weights
+    is_hf = os.path.isfile(os.path.join(checkpoint, "config.json"))
+    if is_hf:
+        read_hf_config(checkpoint)
+    else:
+        ckpt.read_meta(checkpoint)
+    tok_dir = checkpoint if is_hf else ckpt.assets_dir(checkpoint)
+    tokenizer = load_tokenizer(tok_dir)
+    if is_hf:
+        model = hf.load(checkpoint, dtype=dtype)
     else:
         model, _ = ckpt.load_model(checkpoint, dtype=dtype)
-        tok_dir = ckpt.assets_dir(checkpoint)
-    tokenizer = load_tokenizer(tok_dir)
     mcfg = model.config
     img_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     if img_id != mcfg.image_token_id:
@@ -100,19 +107,25 @@ class Runner:
 
 
 def mmad_queries(root: str, think: bool, limit: int | None):
+    """The MMAD questions as (text, images, use_comp, make_row, options); ``mmad.json`` and
+    ``domain_knowledge.json`` are read and checked now, the prompts made as they are taken."""
     from emit_jax.data import mmad
 
     records = mmad.load_mmad(root)
     dk = mmad.load_domain_knowledge(root)
-    for k, prompt in enumerate(mmad.iter_prompts(records, dk, think=think)):
-        if limit is not None and k >= limit:
-            break
-        yield prompt.text, prompt.images, prompt.use_comp, \
-            (lambda ans, response, p=prompt: p.answer_row(ans, response=response)), \
-            dict(prompt.question.options)
+
+    def queries():
+        for k, prompt in enumerate(mmad.iter_prompts(records, dk, think=think)):
+            if limit is not None and k >= limit:
+                break
+            yield prompt.text, prompt.images, prompt.use_comp, \
+                (lambda ans, response, p=prompt: p.answer_row(ans, response=response)), \
+                dict(prompt.question.options)
+    return queries()
 
 
 def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, seed: int):
+    """The questions of an MVTec-style folder, built now (every image and mask read)."""
     from emit_jax.data import tasks
     from emit_jax.data.build import load_domain_knowledge
     from emit_jax.data.mvtec import scan
@@ -132,6 +145,7 @@ def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, 
                                if queries else None)
     qs = tasks.build_questions(queries, stage=2, seed=seed, references=refs, domain_knowledge=dk,
                                think=think)
+    out = []
     for k, q in enumerate(qs):
         if limit is not None and k >= limit:
             break
@@ -142,7 +156,9 @@ def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, 
             return {"image": key, "question": {"type": "text", "text": q.user},
                     "question_type": MVTEC_TYPES[q.task], "options": options,
                     "correct_answer": q.answer, "gpt_answer": ans, "response": response}
-        yield q.user, list(q.images), use_comp(len(q.images), q.user, mode="train"), row, options
+        out.append((q.user, list(q.images), use_comp(len(q.images), q.user, mode="train"), row,
+                    options))
+    return out
 
 
 def evaluate_records(model, tokenizer, records, *, limit: int | None = None, max_tiles: int = 1,
@@ -175,13 +191,20 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
              split: str | None = None, seed: int = 0, log=print) -> dict:
     from emit_jax.eval.scoring import format_table, parse_answer, summarize
 
+    # bad input fails before the model is loaded: the output path, then the data
+    if out:
+        check_writable(out)
+    is_mmad = os.path.isfile(os.path.join(data, "mmad.json"))
+    queries = mmad_queries(data, think, limit) if is_mmad else \
+        mvtec_queries(data, think, limit, split, seed)
+    if not is_mmad and not queries:
+        from emit_jax.data.mvtec import DataError
+
+        raise DataError(f"{data}: no questions to evaluate")
     model, tokenizer = load_for_eval(checkpoint)
     model.eval()
     runner = Runner(model, tokenizer, max_tiles=max_tiles,
                     max_new_tokens=max_new_tokens or (512 if think else 8))
-    is_mmad = os.path.isfile(os.path.join(data, "mmad.json"))
-    queries = mmad_queries(data, think, limit) if is_mmad else \
-        mvtec_queries(data, think, limit, split, seed)
     rows, t0 = [], time.time()
     for text, images, comp, make_row, options in queries:
         response = runner.answer(text, images, comp)

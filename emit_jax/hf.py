@@ -254,6 +254,25 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * mult)
 
 
+def state_bytes(model) -> int:
+    """Bytes of every array of ``model`` (parameters and statistics) as stored."""
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(nnx.state(model)) if hasattr(x, "dtype"))
+
+
+def _save_file(arrays: dict, path: str, metadata: dict) -> None:
+    """``safetensors.numpy.save_file``; a failed write (full disk, ...) becomes an ``OSError``
+    naming ``path`` rather than the library's ``SafetensorError``."""
+    try:
+        save_file(arrays, path, metadata=metadata)
+    except SafetensorError as e:
+        m = re.search(r"os error (\d+)", str(e))
+        if m:
+            code = int(m.group(1))
+            raise OSError(code, os.strerror(code), path) from None
+        raise CheckpointError(f"{path}: cannot write safetensors ({e})") from None
+
+
 def write_safetensors(tensors: Iterable[tuple[str, Callable[[], np.ndarray], int]],
                       out_dir: str, max_shard_size: int | str = "5GB") -> list[str]:
     """Stream ``(key, load_fn, nbytes)`` into shards of at most ``max_shard_size`` bytes (one
@@ -276,7 +295,7 @@ def write_safetensors(tensors: Iterable[tuple[str, Callable[[], np.ndarray], int
     weight_map = {}
     for name, shard in zip(names, plan):
         arrays = {key: np.ascontiguousarray(fn()) for key, fn in shard}
-        save_file(arrays, os.path.join(out_dir, name), metadata={"format": "pt"})
+        _save_file(arrays, os.path.join(out_dir, name), metadata={"format": "pt"})
         for key in arrays:
             weight_map[key] = name
         del arrays
@@ -353,7 +372,7 @@ def _save_emit_extras(model, path: str) -> None:
         arr = np.asarray(jax.device_get(state[ours].get_value()))
         arrays[key] = np.ascontiguousarray(to_hf_layout(ours, arr))
     meta = {"format": "pt", "emit_config": json.dumps(model.emit_config.to_json_dict())}
-    save_file(arrays, path, metadata=meta)
+    _save_file(arrays, path, metadata=meta)
 
 
 def _load_emit_extras(mllm: InternVL, path: str, dtype, put):

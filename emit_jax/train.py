@@ -85,7 +85,9 @@ def _finish_stage(workdir: str, stage: str, model, info: dict) -> None:
     parallel.barrier("replace:" + stage)  # nobody checks the target before it is gone
     checkpoint.save_model(model, target, assets_from=os.path.join(workdir, "tokenizer"))
     if parallel.is_primary():
-        with open(os.path.join(d, "done.json"), "w", encoding="utf-8") as f:
+        from emit_jax.fileio import atomic_output
+
+        with atomic_output(os.path.join(d, "done.json"), "w") as f:
             json.dump(info, f, indent=1, default=str)
     parallel.barrier("finish:" + stage)
 
@@ -230,7 +232,8 @@ def run(cfg, workdir: str) -> dict:
                            _pipeline(model, cfg, train=True, with_answer=True), _optim(cfg[stage]),
                            os.path.join(workdir, stage), wrt=wrt, name=stage,
                            seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
-                           log_every=cfg.log_every, pad_id=pad, mesh=mesh)
+                           log_every=cfg.log_every, pad_id=pad, mesh=mesh,
+                           on_nonfinite=cfg.get("nonfinite", "skip"))
         elif stage == "sft":
             if not hasattr(model, "emit_config"):
                 ecfg = EMITConfig(**{k: v for k, v in cfg.emit.items()})
@@ -243,7 +246,7 @@ def run(cfg, workdir: str) -> dict:
                            _pipeline(model, cfg, train=True, with_answer=True), _optim(cfg.sft),
                            os.path.join(workdir, "sft"), wrt=wrt, name="sft", seed=cfg.seed,
                            checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
-                           pad_id=pad, mesh=mesh)
+                           pad_id=pad, mesh=mesh, on_nonfinite=cfg.get("nonfinite", "skip"))
         elif stage == "sft2":  # the ablation: stage 2 by SFT (same LoRA / trainable set as GRPO)
             from emit_jax.data.pipeline import RecordEncoder, collate
             from emit_jax.training.data import with_rationales
@@ -259,7 +262,8 @@ def run(cfg, workdir: str) -> dict:
             info = run_sft(policy, recs2, tokenizer, pcfg, _optim(cfg.sft2),
                            os.path.join(workdir, "sft2"), wrt=trainable_filter(), name="sft2",
                            seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
-                           log_every=cfg.log_every, pad_id=pad, mesh=mesh)
+                           log_every=cfg.log_every, pad_id=pad, mesh=mesh,
+                           on_nonfinite=cfg.get("nonfinite", "skip"))
             model = merge_lora(policy, model)
             model.eval()
         elif stage == "grpo":
@@ -317,6 +321,17 @@ def run(cfg, workdir: str) -> dict:
     return results
 
 
+def _compile_cache(cfg) -> None:
+    """Turn on JAX's persistent compilation cache at ``cfg.compile_cache`` (unless
+    ``$JAX_COMPILATION_CACHE_DIR`` chose one already, or the key is empty)."""
+    path = cfg.get("compile_cache", "")
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or not path:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+
+
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every write at INFO
@@ -330,17 +345,30 @@ def main(argv) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_term)
-    from emit_jax import parallel
-
-    parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    _compile_cache(cfg)
+    from emit_jax import cli, parallel
+    from emit_jax.models.config import ConfigError
     from emit_jax.models.memory import memory_options
+    from emit_jax.training.nonfinite import NonFiniteError
+    from emit_jax.training.validate import validate_config
 
     try:
+        try:
+            parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        except ValueError as e:  # inconsistent multihost arguments
+            raise ConfigError(str(e)) from None
+        validate_config(cfg)  # after initialize: the mesh is checked against every device
         with memory_options(**dict(cfg.get("memory") or {})):
             run(cfg, workdir)
     except KeyboardInterrupt as e:
         _log(f"interrupted ({e}); rerun the same command to resume from the last checkpoint")
         sys.exit(130)
+    except cli.USER_ERRORS as e:  # bad config, data, checkpoint or path: one line, exit 2
+        _log(f"emit_jax.train: error: {cli.message(e)}")
+        sys.exit(2)
+    except NonFiniteError as e:  # the non-finite policy stopped the run; its last good step is saved
+        _log(f"emit_jax.train: error: {cli.message(e)}")
+        sys.exit(3)
 
 
 if __name__ == "__main__":

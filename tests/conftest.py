@@ -89,3 +89,56 @@ def hf_positions(mask):
     """Positions as transformers' generate builds them for left padding."""
     pos = np.cumsum(mask, -1) - 1
     return np.where(mask == 0, 1, pos)
+
+
+# ------------------------------------------------------------------ scheduling (pytest-xdist)
+SMOKE_FILES = ("test_train.py", "test_resume.py")  # they share the session's smoke_run
+
+
+def pytest_collection_modifyitems(config, items):
+    """One xdist group per test file (so module-scoped fixtures run once), except that the
+    files using :func:`smoke_run` form one group (so it runs once)."""
+    for item in items:
+        name = os.path.basename(str(item.fspath))
+        item.add_marker(pytest.mark.xdist_group("smoke" if name in SMOKE_FILES else name))
+
+
+# ------------------------------------------------------------------ the main job, smoke size
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+_XLA_CACHE: list[str] = []
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment for a training subprocess: JAX's persistent compilation cache in one
+    folder for the whole test session (a resumed run loads the steps an earlier one compiled;
+    the executables are the same, so results are too) and nothing in the user's home."""
+    import tempfile
+
+    if not _XLA_CACHE:
+        _XLA_CACHE.append(tempfile.mkdtemp(prefix="emit-jax-xla-"))
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=_XLA_CACHE[0],
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
+
+
+def train(*args, env=None, timeout=1500):
+    """``python -m emit_jax.train ARGS`` from the repository root; the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "emit_jax.train", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env=subprocess_env(**(env or {})))
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One uninterrupted ``configs/grpo.py:smoke`` run (every stage, eval, export):
+    (workdir, data cache, CompletedProcess). Shared by the training and resume tests."""
+    d = tmp_path_factory.mktemp("run")
+    cache = tmp_path_factory.mktemp("cache")
+    r = train("--config", "configs/grpo.py:smoke", "--workdir", str(d),
+              env={"EMIT_JAX_CACHE": str(cache)})
+    assert r.returncode == 0, r.stderr[-4000:]
+    return d, cache, r

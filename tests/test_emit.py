@@ -17,7 +17,7 @@ from test_heatmap import numpy_reference
 from emit_jax import checkpoint, hf
 from emit_jax.hf import to_hf_layout
 from emit_jax.models import architectures
-from emit_jax.models.config import TextConfig, VisionConfig
+from emit_jax.models.config import TextConfig
 from emit_jax.models.emit import (EMIT, EMITConfig, HINT_TEXT, add_comp_token, comp_insert_index,
                                   insert_comp_slots, official_soft_prompt, rotations_of,
                                   scaled_layers, soft_prompt_from_hint, use_comp)

@@ -16,10 +16,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["-m", "emit_jax.train", "--config", "configs/grpo.py:smoke",
         "--config.mesh.data=2", "--config.mesh.tensor=2", "--config.stages=('sft','grpo')",
         "--config.sft.steps=1", "--config.grpo.steps=2", "--config.grpo.max_new_tokens=6",
-        "--config.eval_limit=0", "--config.export_hf=False", "--config.image_size=56"]
+        "--config.eval_limit=0", "--config.export_hf=False", "--config.image_size=56",
+        "--config.compile_cache="]
 
 
 def _env(**kw):
+    # compile_cache="" too: two processes writing one persistent cache at once gain nothing
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **kw)
     for k in ("EMIT_COORDINATOR", "EMIT_NUM_PROCESSES", "EMIT_PROCESS_ID"):
         env.pop(k, None)

@@ -12,20 +12,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def train(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "emit_jax.train", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=1500,
-                          env=dict(os.environ, **(env or {})))
+from conftest import subprocess_env, train
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("run")
-    cache = tmp_path_factory.mktemp("cache")
-    r = train("--config", "configs/grpo.py:smoke", "--workdir", str(d),
-              env={"EMIT_JAX_CACHE": str(cache)})
-    assert r.returncode == 0, r.stderr[-4000:]
-    return d, cache, r
+def run_dir(smoke_run):
+    return smoke_run
 
 
 def test_all_stages_run_and_export(run_dir):
@@ -63,14 +55,15 @@ def test_rerun_resumes_and_skips_finished_stages(run_dir):
 def test_more_steps_continue_from_the_last_checkpoint(tmp_path, run_dir):
     _, cache, _ = run_dir
     d = tmp_path / "w"
-    common = ["--config", "configs/sft.py:smoke", "--workdir", str(d), "--config.stages=('base',)",
-              "--config.eval_limit=0", "--config.export_hf=False"]
-    r1 = train(*common, "--config.base.steps=2", env={"EMIT_JAX_CACHE": str(cache)})
+    # the smoke run's warm-up stage (its compiled step is in the session's compilation cache)
+    common = ["--config", "configs/grpo.py:smoke", "--workdir", str(d),
+              "--config.stages=('warmup',)", "--config.eval_limit=0", "--config.export_hf=False"]
+    r1 = train(*common, "--config.warmup.steps=2", env={"EMIT_JAX_CACHE": str(cache)})
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = train(*common, "--config.base.steps=4", env={"EMIT_JAX_CACHE": str(cache)})
+    r2 = train(*common, "--config.warmup.steps=4", env={"EMIT_JAX_CACHE": str(cache)})
     assert r2.returncode == 0, r2.stderr[-3000:]
-    assert "[base] step 3/4" in r2.stderr and "[base] step 1/4" not in r2.stderr
-    steps = [json.loads(l)["step"] for l in (d / "base" / "metrics.jsonl").read_text().splitlines()]
+    assert "[warmup] step 3/4" in r2.stderr and "[warmup] step 1/4" not in r2.stderr
+    steps = [json.loads(l)["step"] for l in (d / "warmup" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
 
 
@@ -86,7 +79,7 @@ def test_table1_reuses_shared_stages_and_reports_mean_std(tmp_path, run_dir):
     r = subprocess.run([sys.executable, "-m", "emit_jax.experiments.table1", "--seeds", "1",
                         "--workdir", str(tmp_path / "t1"), "--config", "configs/grpo.py:smoke",
                         "--rows", rows, "--set", "sft2.steps=2"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=1500, env=dict(os.environ, EMIT_JAX_CACHE=str(cache)))
+                       text=True, timeout=1500, env=subprocess_env(EMIT_JAX_CACHE=str(cache)))
     assert r.returncode == 0, r.stderr[-4000:]
     assert "[warmup] already finished" in r.stderr and "[sft2] step 2/2" in r.stderr
     out = json.loads((tmp_path / "t1" / "table1.json").read_text())

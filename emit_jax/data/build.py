@@ -66,6 +66,9 @@ def build(source: str, out: str, stage: int, *, seed: int = 0, split: str | None
           domain_knowledge: str | None = None, embedding: str = "auto", checkpoint: str | None = None,
           official_reference: bool = False, text_samples: bool = False,
           max_per_type: int | None = None, policy: str = "error") -> dict:
+    from emit_jax.fileio import check_writable
+
+    check_writable(out)  # before the work, not after it
     report = Report(policy)
     items = scan(source, report=report)
     has_splits = os.path.isfile(os.path.join(source, "splits.json"))

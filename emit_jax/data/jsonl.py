@@ -43,28 +43,39 @@ def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> int:
     return n
 
 
+def resolve_inside(data_root: str | os.PathLike, path: str, where: str = "") -> str:
+    """``data_root/path`` as an absolute path (``path`` relative to the root, or absolute); a
+    path that leaves the root — by ``..``, by being absolute elsewhere, or through a symlink
+    — raises :class:`DataError` naming ``where`` and the path."""
+    root = os.path.abspath(os.fspath(data_root))
+    full = os.path.abspath(os.path.join(root, path))
+    real_root, real = os.path.realpath(root), os.path.realpath(full)
+    if os.path.commonpath([root, full]) != root or os.path.commonpath([real_root, real]) != real_root:
+        raise DataError(f"{where + ': ' if where else ''}image path {path!r} resolves outside the "
+                        f"data root {root}")
+    return full
+
+
 def _check(rec, where: str, data_root: str | None) -> dict:
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object")
     msgs = rec.get("messages")
-    if not isinstance(msgs, list) or not msgs or msgs[0].get("role") != "user" \
-            or not isinstance(msgs[0].get("content"), str):
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+        raise DataError(f"{where}: 'messages' must be a list of JSON objects")
+    if not msgs or msgs[0].get("role") != "user" or not isinstance(msgs[0].get("content"), str):
         raise DataError(f"{where}: 'messages' must start with a user turn")
     images = rec.get("images", [])
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         raise DataError(f"{where}: 'images' must be a list of paths")
+    for p in images:
+        if "\x00" in p:
+            raise DataError(f"{where}: image path {p!r} contains a NUL character")
     if msgs[0]["content"].count("<image>") != len(images):
         raise DataError(f"{where}: {msgs[0]['content'].count('<image>')} <image> tags but "
                         f"{len(images)} images")
     if data_root is not None:
-        root = os.path.realpath(data_root)
-        resolved = []
-        for p in images:
-            full = os.path.realpath(os.path.join(root, p))
-            if os.path.commonpath([root, full]) != root:
-                raise DataError(f"{where}: image path {p!r} resolves outside the data root {root}")
-            resolved.append(full)
-        rec = dict(rec, images=resolved)
+        rec = dict(rec, images=[resolve_inside(data_root, p, f"{where}: record {rec.get('id')!r}")
+                                for p in images])
     task = rec.get("task_type")
     if task is not None and task not in TASKS:
         raise DataError(f"{where}: unknown task_type {task!r}")
@@ -87,21 +98,34 @@ def read_jsonl(path: str | os.PathLike, *, data_root: str | None = None,
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:  # decoded line by line, so a bad byte names its line
+        for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
             try:
-                rec = _check(json.loads(line), where, data_root)
-                rid = rec.get("id")
-                if rid is not None:
-                    if rid in seen:
-                        raise DataError(f"{where}: duplicate id {rid!r}")
-                    seen.add(rid)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                report.problem(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
                 report.problem(f"{where}: malformed JSON ({e.msg})")
                 continue
+            except (ValueError, RecursionError) as e:  # a 5000-digit number, deep nesting
+                report.problem(f"{where}: malformed JSON ({e})")
+                continue
+            try:
+                rec = _check(obj, where, data_root)
+                rid = rec.get("id")
+                if rid is not None:
+                    if isinstance(rid, (dict, list)):
+                        raise DataError(f"{where}: 'id' must be a string, got "
+                                        f"{type(rid).__name__}")
+                    if rid in seen:
+                        raise DataError(f"{where}: duplicate id {rid!r}")
+                    seen.add(rid)
             except DataError as e:
                 report.problem(str(e))
                 continue

@@ -325,6 +325,9 @@ class _Obj(dict):
     duplicates: tuple[str, ...] = ()
 
 
+_Obj.__name__ = "dict"  # messages say "got {type(x).__name__}": a JSON object reads "dict"
+
+
 def _object_pairs(pairs: list[tuple[str, Any]]) -> _Obj:
     obj = _Obj()
     dups = []
@@ -346,6 +349,8 @@ def _read_json(path: str) -> Any:
         raise MMADError(f"{path}: malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except UnicodeDecodeError as e:
         raise MMADError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (ValueError, RecursionError) as e:  # a number of over 4300 digits, deep nesting
+        raise MMADError(f"{path}: malformed JSON: {e}") from None
     except OSError as e:
         raise MMADError(f"{path}: cannot read ({e.strerror or e})") from None
 

@@ -29,10 +29,19 @@ Embedder = Callable[[Sequence[str]], np.ndarray]  # image paths -> [N, D]
 # ------------------------------------------------------------------------------ the 3x3 grid
 def mask_cell_counts(mask: np.ndarray) -> np.ndarray:
     """Non-zero pixels per cell of the 3x3 grid, in ``prompts.REGIONS`` order. Row bands are
-    ``[0, h//3), [h//3, 2h//3), [2h//3, h)``; columns likewise (EMIT_SPEC 9.5)."""
+    ``[0, h//3), [h//3, 2h//3), [2h//3, h)``; columns likewise (EMIT_SPEC 9.5).
+
+    ``mask``: [H, W], [H, W, C] with C in (1, 3, 4) (the first channel counts) or [C, H, W]
+    (any channel); H or W may be 0 or smaller than 3 (the empty bands count 0). Any other
+    shape (not 2-D or 3-D, or [0, H, W]) raises ValueError. The counts are >= 0 and sum to the
+    mask plane's non-zero pixels."""
     m = np.asarray(mask)
     if m.ndim == 3:
+        if m.shape[-1] not in (1, 3, 4) and m.shape[0] == 0:
+            raise ValueError(f"mask of shape {m.shape} has no channels")
         m = m[..., 0] if m.shape[-1] in (1, 3, 4) else m.max(axis=0)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2-D (or 3-D with a channel axis), got shape {m.shape}")
     h, w = m.shape
     rb = (0, h // 3, 2 * h // 3, h)
     cb = (0, w // 3, 2 * w // 3, w)

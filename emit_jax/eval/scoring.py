@@ -241,6 +241,9 @@ def summarize(rows: Iterable[Mapping[str, Any]], *, invalid: InvalidPolicy = "em
         missing = [f for f in ("image", "question_type", "correct_answer", "gpt_answer") if f not in r]
         if missing:
             raise ValueError(f"answer row {k}: missing field(s) {missing}")
+        not_str = [f for f in ("image", "question_type") if not isinstance(r[f], str)]
+        if not_str:
+            raise ValueError(f"answer row {k}: field(s) {not_str} must be strings")
     groups_seen: list[str] = []
     tasks_seen: list[str] = []
     for r in rows:
@@ -367,6 +370,10 @@ def read_answers_json(path: str | os.PathLike) -> list[dict[str, Any]]:
             rows = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (ValueError, RecursionError) as e:  # a number of over 4300 digits, deep nesting
+        raise ValueError(f"{path}: malformed JSON: {e}") from None
     if not isinstance(rows, list):
         raise ValueError(f"{path}: must be a JSON list of answers, got {type(rows).__name__}")
     for k, r in enumerate(rows):
@@ -375,6 +382,9 @@ def read_answers_json(path: str | os.PathLike) -> list[dict[str, Any]]:
         missing = [f for f in ("image", "question_type", "correct_answer", "gpt_answer") if f not in r]
         if missing:
             raise ValueError(f"{path}: element {k}: missing field(s) {missing}")
+        not_str = [f for f in ("image", "question_type") if not isinstance(r[f], str)]
+        if not_str:
+            raise ValueError(f"{path}: element {k}: field(s) {not_str} must be strings")
     return rows
 
 

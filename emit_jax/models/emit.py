@@ -214,7 +214,7 @@ def official_soft_prompt() -> np.ndarray:
     """The authors' 9 x 3584 initial value (bf16 in their release, stored as float32)."""
     ref = importlib.resources.files("emit_jax.assets").joinpath(OFFICIAL_SOFT_PROMPT)
     with ref.open("rb") as f:
-        return np.load(f)
+        return np.load(f, allow_pickle=False)
 
 
 def soft_prompt_from_hint(embedding: np.ndarray, hint_ids: Sequence[int], n: int = 9) -> np.ndarray:

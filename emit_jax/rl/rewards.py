@@ -202,8 +202,8 @@ def cosine_from_accuracy(acc: float, length: int, *,
     T = max_len - soft_cache_length (256). acc = +1: cosfn(t, T, a_T=0.5, a_0=1.0);
     acc = 0: cosfn(t, T, a_T=0.0, a_0=-0.5); acc = -1: -1.0. t is *not* clipped at T
     (§15 #16: past L = 512 the curve comes back up), but cos is bounded, so the value stays in
-    [0.5, 1] (correct) / [-0.5, 0] (wrong). Any other ``acc`` raises ValueError, as the
-    reference does.
+    [0.5, 1] (correct) / [-0.5, 0] (wrong) for every integer ``length`` (negative or beyond float
+    range included). Any other ``acc`` raises ValueError, as the reference does.
     """
     T = max(0, max_len - soft_cache_length)
     if T <= 0:
@@ -218,7 +218,9 @@ def cosine_from_accuracy(acc: float, length: int, *,
     else:
         raise ValueError(f"invalid accuracy reward {acc!r}")
     t = max(0, int(length) - soft_cache_length)
-    return float(cosfn(t, T, lo, hi))
+    # cos(pi t / T) has period 2T in t: reducing t first keeps a huge length (an int beyond
+    # float range) finite instead of raising OverflowError; the value is unchanged.
+    return float(cosfn(t % (2 * T), T, lo, hi))
 
 
 def cosine_reward(completion: str, solution: str, length: int, *,

@@ -123,8 +123,8 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
     out_dir = os.path.join(workdir, "data")
     names = ("warmup", "base", "sft", "grpo", "validation", "test")
     paths = {n: os.path.join(out_dir, f"{n}.jsonl") for n in names}
-    if all(os.path.isfile(p) for p in paths.values()):
-        return {n: list(jsonl.read_jsonl(p)) for n, p in paths.items()}
+    if all(os.path.isfile(p) for p in paths.values()):  # image paths must stay in the dataset
+        return {n: list(jsonl.read_jsonl(p, data_root=dataset_root)) for n, p in paths.items()}
     items = scan(dataset_root)
     has_splits = os.path.isfile(os.path.join(dataset_root, "splits.json"))
     split = (lambda it, s: it.split == s) if has_splits else \

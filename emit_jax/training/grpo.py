@@ -28,8 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emit_jax import faults
 from emit_jax.data.pipeline import PipelineConfig, RecordEncoder, collate
+from emit_jax.training import nonfinite, preemption
 from emit_jax.training.metrics import MetricWriter
+from emit_jax.training.nonfinite import NonFiniteCounter, NonFiniteError
 from emit_jax.training.state import StageCheckpoints
 
 TRAINED_IN_FULL = ("soft_prompt", "projector", "multi_modal_projector")
@@ -127,7 +130,8 @@ def make_grpo_fns(g, wrt, *, mesh=None, rules=None):
       ``[B, N]`` of the reference (adapters off; zeros when beta = 0) and, for mu > 1, of the
       policy before this batch's updates (zeros otherwise);
     - ``train_step(policy, optimizer, b, comp_tokens, comp_mask, adv, ref, old) -> (loss,
-      metrics)``: the clipped token-level loss with KL, one optimizer update in place.
+      metrics, finite)``: the clipped token-level loss with KL, one optimizer update in place
+      (none, and no other change, when the loss or a gradient is non-finite).
     """
     from emit_jax.parallel import sharded_jit
     from emit_jax.rl import grpo as G_
@@ -158,15 +162,19 @@ def make_grpo_fns(g, wrt, *, mesh=None, rules=None):
             metrics["entropy"] = jnp.sum(ent * mask) / jnp.maximum(jnp.sum(mask), 1.0)
             return loss, metrics
 
+        before = nonfinite.snapshot((policy, optimizer), mutable)
         (loss, metrics), grads = nnx.value_and_grad(
             loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(policy)
         optimizer.update(policy, grads)
-        return loss, metrics
+        ok = nonfinite.all_finite(loss, grads)
+        nonfinite.keep_if_finite((policy, optimizer), mutable, before, ok)  # a bad step: no trace
+        return loss, metrics, ok
 
     # only what a program changes comes back out: nothing of the weights for score, the
     # trainable set (and optimizer, BatchNorm statistics, RNG counters) for train_step
+    mutable = nnx.Any(wrt, nnx.Not(nnx.Param))
     return (sharded_jit(score, mesh, rules, mutable=nnx.Not(nnx.Param)),
-            sharded_jit(train_step, mesh, rules, mutable=nnx.Any(wrt, nnx.Not(nnx.Param))))
+            sharded_jit(train_step, mesh, rules, mutable=mutable))
 
 
 def run_grpo(model, records, tokenizer, cfg, stage_dir: str, *, mesh=None):
@@ -213,7 +221,7 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str, *, mesh=None):
         # together, so the base weights the policy and the reference share stay one copy
         shard_module((policy, reference, optimizer), mesh)
     ckpt = StageCheckpoints(os.path.join(stage_dir, "ckpt"), every=cfg.checkpoint_every,
-                            state_filter=nnx.Any(wrt, nnx.BatchStat))
+                            state_filter=nnx.Any(wrt, nnx.BatchStat), name="grpo")
     start = 0
     meta = ckpt.restore(policy, optimizer)
     if meta is not None:
@@ -253,70 +261,83 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str, *, mesh=None):
     progress = MetricWriter(stage_dir, stage="grpo", total_steps=int(g.steps), start_step=start)
     totals = Counter()
     history = []
+    counter = NonFiniteCounter("grpo", cfg.get("nonfinite", "skip"),
+                               skipped=(meta or {}).get("nonfinite_skipped", 0))
     done, data_state = start, it.get_state()
+
+    totals.update((meta or {}).get("counts", {}))
+
+    def meta_at(step):
+        return {"step": step, "data": data_state, "nonfinite_skipped": counter.skipped,
+                "counts": dict(totals)}
     try:
-        for step in range(start + 1, int(g.steps) + 1):
-            t0 = time.time()
-            recs = [next(it) for _ in range(int(g.prompts_per_step))]
-            first_batch = {}
+        with preemption.guard():
+            for step in range(start + 1, int(g.steps) + 1):
+                t0 = time.time()
+                recs = [next(it) for _ in range(int(g.prompts_per_step))]
+                first_batch = {}
 
-            def generate_fn(indices, round_, recs=recs, step=step):
-                # a resampling round pads its prompts to the full count (one sampler shape)
-                full = list(indices) + [indices[-1]] * (len(recs) - len(indices))
-                batch, toks, lens, texts = sample_completions([recs[i] for i in full], step, round_)
-                if round_ == 0:
-                    first_batch["b"] = batch  # the encoding the loss uses
-                return [[(texts[k * G + j], toks[k * G + j], int(lens[k * G + j])) for j in range(G)]
-                        for k in range(len(indices))]
+                def generate_fn(indices, round_, recs=recs, step=step):
+                    # a resampling round pads its prompts to the full count (one sampler shape)
+                    full = list(indices) + [indices[-1]] * (len(recs) - len(indices))
+                    batch, toks, lens, texts = sample_completions([recs[i] for i in full], step, round_)
+                    if round_ == 0:
+                        first_batch["b"] = batch  # the encoding the loss uses
+                    return [[(texts[k * G + j], toks[k * G + j], int(lens[k * G + j])) for j in range(G)]
+                            for k in range(len(indices))]
 
-            result = G_.resample_groups(
-                generate_fn, recs, G, lambda r, c: R_.is_correct(c[0], r.get("solution", "")),
-                max_resample_times=int(g.max_resample_times), on_failure="keep",
-                enabled=bool(g.resample), pass_round=True)
-            batch = first_batch["b"]
-            flat = result.flat_completions()
-            texts = [c[0] for c in flat]
-            toks = np.stack([c[1] for c in flat])
-            lens = np.array([c[2] for c in flat])
-            correct = np.array(result.flat_correct())
-            solutions = [recs[i].get("solution", "") for i in result.prompt_indices for _ in range(G)]
-            lengths = [int(l) - int(l > 0 and toks[i, l - 1] == eos) for i, l in enumerate(lens)]
-            total, parts = R_.combine(names, weights, texts, solution=solutions, lengths=lengths)
-            adv = G_.group_advantages(jnp.asarray(total, jnp.float32), G)
-            adv = G_.apply_difficulty(adv, jnp.asarray(correct), G, enabled=bool(g.reweight))
-            comp_mask = (np.arange(toks.shape[1])[None, :] < lens[:, None]).astype(np.int32)
-            policy.train()
-            b = _put(batch)
-            b["ce_pixels"] = jnp.asarray(batch["ce_pixels"])
-            b["num_ce"] = jnp.asarray(batch["num_ce"])
-            ctoks, cmask = jnp.asarray(toks), jnp.asarray(comp_mask)
-            ref, old = score(policy, reference, b, ctoks, cmask)
-            for _ in range(iterations):  # mu updates on this batch against the stored old log-probs
-                loss, metrics = train_step(policy, optimizer, b, ctoks, cmask, adv, ref, old)
-            weight = G_.difficulty_weights(jnp.asarray(correct), G)
-            tasks_ = [recs[i].get("task_type", "") for i in result.prompt_indices for _ in range(G)]
-            per_task = {f"acc/{t}": float(np.mean([c for c, tt in zip(correct, tasks_) if tt == t]))
-                        for t in sorted(set(tasks_)) if t}
-            m = {"loss": float(loss), "reward": float(np.mean(total)), "acc": float(correct.mean()),
-                 "resampled": result.groups_resampled,
-                 "no_correct_groups": result.groups_without_correct,
-                 "difficulty_weight": float(jnp.mean(weight)) if g.reweight else 1.0,
-                 "completion_len": float(np.mean(lengths)),
-                 **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()},
-                 **{k: float(v) for k, v in metrics.items()}, **per_task,
-                 "step_s": time.time() - t0}
-            totals.update({**{k: int(v) for k, v in result.counts().items()}, "groups": len(recs)})
-            progress.write(step, m, tokens=int(comp_mask.sum()),
-                           show=("reward", "acc", "loss", "resampled", "completion_len", "step_s"))
-            history.append({"step": step, **m})
-            if not np.isfinite(m["loss"]):
-                raise FloatingPointError(f"grpo: non-finite loss at step {step}")
-            done, data_state = step, it.get_state()
-            ckpt.save(step, policy, optimizer, {"step": step, "data": data_state},
-                      force=step == int(g.steps))
-    except KeyboardInterrupt:  # SIGTERM / Ctrl-C: save the last finished step, then stop
-        progress.close()
-        ckpt.save_interrupted(done, start, policy, optimizer, {"step": done, "data": data_state})
+                result = G_.resample_groups(
+                    generate_fn, recs, G, lambda r, c: R_.is_correct(c[0], r.get("solution", "")),
+                    max_resample_times=int(g.max_resample_times), on_failure="keep",
+                    enabled=bool(g.resample), pass_round=True)
+                batch = first_batch["b"]
+                flat = result.flat_completions()
+                texts = [c[0] for c in flat]
+                toks = np.stack([c[1] for c in flat])
+                lens = np.array([c[2] for c in flat])
+                correct = np.array(result.flat_correct())
+                solutions = [recs[i].get("solution", "") for i in result.prompt_indices for _ in range(G)]
+                lengths = [int(l) - int(l > 0 and toks[i, l - 1] == eos) for i, l in enumerate(lens)]
+                total, parts = R_.combine(names, weights, texts, solution=solutions, lengths=lengths)
+                adv = G_.group_advantages(jnp.asarray(total, jnp.float32), G)
+                adv = G_.apply_difficulty(adv, jnp.asarray(correct), G, enabled=bool(g.reweight))
+                comp_mask = (np.arange(toks.shape[1])[None, :] < lens[:, None]).astype(np.int32)
+                policy.train()
+                b = _put(batch)
+                b["ce_pixels"] = jnp.asarray(batch["ce_pixels"])
+                b["num_ce"] = jnp.asarray(batch["num_ce"])
+                ctoks, cmask = jnp.asarray(toks), jnp.asarray(comp_mask)
+                ref, old = score(policy, reference, b, ctoks, cmask)
+                if faults.fires("nan", "grpo", step):
+                    adv = adv * jnp.float32(jnp.nan)
+                finite = True
+                for _ in range(iterations):  # mu updates on this batch against the stored old log-probs
+                    loss, metrics, ok = train_step(policy, optimizer, b, ctoks, cmask, adv, ref, old)
+                    finite &= bool(ok)
+                counter.record(step, finite)  # raises when the policy says stop
+                weight = G_.difficulty_weights(jnp.asarray(correct), G)
+                tasks_ = [recs[i].get("task_type", "") for i in result.prompt_indices for _ in range(G)]
+                per_task = {f"acc/{t}": float(np.mean([c for c, tt in zip(correct, tasks_) if tt == t]))
+                            for t in sorted(set(tasks_)) if t}
+                m = {"loss": float(loss), "reward": float(np.mean(total)), "acc": float(correct.mean()),
+                     "resampled": result.groups_resampled,
+                     "no_correct_groups": result.groups_without_correct,
+                     "difficulty_weight": float(jnp.mean(weight)) if g.reweight else 1.0,
+                     "completion_len": float(np.mean(lengths)),
+                     **{f"reward_{k}": float(np.mean(v)) for k, v in parts.items()},
+                     **{k: float(v) for k, v in metrics.items()}, **per_task,
+                     "nonfinite_skipped": counter.skipped, "step_s": time.time() - t0}
+                totals.update({**{k: int(v) for k, v in result.counts().items()}, "groups": len(recs)})
+                progress.write(step, m, tokens=int(comp_mask.sum()),
+                               show=("reward", "acc", "loss", "resampled", "completion_len", "step_s"))
+                history.append({"step": step, **m})
+                done, data_state = step, it.get_state()
+                ckpt.save(step, policy, optimizer, meta_at(step), force=step == int(g.steps))
+                if preemption.stop_requested():
+                    raise preemption.Preempted(f"grpo: stopped after step {step}")
+    except (KeyboardInterrupt, NonFiniteError):  # a signal, or the non-finite policy: save the
+        progress.close()                          # last finished (good) step, then stop
+        ckpt.save_interrupted(done, start, policy, optimizer, meta_at(done))
         raise
     ckpt.close()
     progress.close()

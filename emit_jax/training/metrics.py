@@ -48,13 +48,34 @@ def _is_tty(stream) -> bool:
         return False
 
 
+def _truncate_after(path: str, step: int) -> None:
+    """Keep the lines of ``path`` (metrics JSONL) up to ``step``; drop later and broken ones."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
+            keep.append(line)
+    if len(keep) != len(lines):
+        with atomic_output(path, "w") as f:
+            f.write("".join(line + "\n" for line in keep))
+
+
 class MetricWriter:
     """Per-stage metric sink: ``STAGE_DIR/metrics.jsonl``, TensorBoard (``STAGE_DIR/tb``) and a
     progress display on ``stream`` (default ``sys.stderr``).
 
     ``total_steps`` is the stage's last step; ``start_step`` the step a (resumed) run starts from,
     used for the bar's origin and the ETA. The JSONL file is opened in append mode, so a resumed
-    run continues it. ``write(..., tokens=n)`` adds ``n`` tokens processed since the previous
+    run continues it from ``start_step``: lines of later steps (written after the checkpoint it
+    resumes from, before a kill) and a cut-off last line are dropped first, so each step appears
+    once. ``write(..., tokens=n)`` adds ``n`` tokens processed since the previous
     write (``add_tokens`` may be used in between); tokens/s is their sum over the wall time since
     the previous write. Usable as a context manager.
     """
@@ -72,6 +93,7 @@ class MetricWriter:
             return
         os.makedirs(stage_dir, exist_ok=True)
         self.path = os.path.join(stage_dir, "metrics.jsonl")
+        _truncate_after(self.path, self.start)
         self._log = open(self.path, "a", encoding="utf-8")
         self._t0 = self._t_last = time.time()
         self._tokens = 0

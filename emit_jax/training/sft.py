@@ -9,7 +9,7 @@ projector; the MLLM frozen).
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 import os
 import sys
 from typing import Any
@@ -20,8 +20,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from emit_jax import faults
 from emit_jax.data.pipeline import IGNORE, PipelineConfig, make_dataset
+from emit_jax.training import nonfinite, preemption
 from emit_jax.training.metrics import MetricWriter
+from emit_jax.training.nonfinite import NonFiniteCounter, NonFiniteError
 from emit_jax.training.state import StageCheckpoints
 
 ARRAY_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "tile_valid", "ce_pixels",
@@ -122,6 +125,18 @@ def sft_loss(model, b: dict):
     return _nll(logits, jnp.where(mask, targets, 0), mask)
 
 
+def _poisoned(batch: dict) -> dict:
+    """``emit_jax.faults`` ``nan``: the batch's pixel tiles and CE pairs become NaN."""
+    return {**batch, **{k: batch[k] * np.float32("nan") for k in ("pixel_values", "ce_pixels")
+                        if k in batch}}
+
+
+def _assemble(batch: dict, **kw) -> dict:
+    from emit_jax.parallel import assemble_batch
+
+    return assemble_batch({**batch, **label_positions(batch["labels"])}, **kw)
+
+
 def _data_state(meta: dict, process_count: int) -> dict:
     """The saved grain iterator state for this run's process count. Every process's iterator
     stands at the same local index (full batches, records dealt round-robin), so a state saved
@@ -138,27 +153,39 @@ def _data_state(meta: dict, process_count: int) -> dict:
 
 
 def make_train_step(wrt, mesh=None, rules=None):
-    """``step(model, optimizer, b) -> (loss, label tokens, correct tokens)``, updating both in
-    place: one jitted program; over ``mesh`` with the parameters and optimizer state sharded by
+    """``step(model, optimizer, b) -> (loss, label tokens, correct tokens, finite)``, updating
+    both in place unless the loss or a gradient is non-finite (then nothing changes,
+    ``emit_jax.training.nonfinite``): one jitted program; over ``mesh`` with the parameters and optimizer state sharded by
     their logical axes and the batch over data x fsdp (``emit_jax.parallel.sharded_jit``)."""
     from emit_jax.parallel import sharded_jit
 
+    mutable = nnx.Any(wrt, nnx.Not(nnx.Param))
+
     def step(model, optimizer, b):
+        before = nonfinite.snapshot((model, optimizer), mutable)
         grad_fn = nnx.value_and_grad(sft_loss, argnums=nnx.DiffState(0, wrt), has_aux=True)
         (loss, (n, correct)), grads = grad_fn(model, b)
         optimizer.update(model, grads)
-        return loss, n, correct
-    return sharded_jit(step, mesh, rules, mutable=nnx.Any(wrt, nnx.Not(nnx.Param)))
+        ok = nonfinite.all_finite(loss, grads)
+        nonfinite.keep_if_finite((model, optimizer), mutable, before, ok)  # a bad step: no trace
+        return loss, n, correct, ok
+    return sharded_jit(step, mesh, rules, mutable=mutable)
 
 
 def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, stage_dir: str, *,
             wrt=nnx.Param, name: str = "sft", seed: int = 0, checkpoint_every: int = 50,
-            log_every: int = 5, pad_id: int = 0, mesh=None) -> dict[str, Any]:
+            log_every: int = 5, pad_id: int = 0, mesh=None,
+            on_nonfinite: str = "skip") -> dict[str, Any]:
     """Train ``model`` in place for ``ocfg.steps`` steps (resuming from ``stage_dir``). With
     ``mesh`` (``emit_jax.parallel.make_mesh``) the model and optimizer state are sharded by
     their logical axes and each step runs as one program over the mesh. With several processes
     each reads only the rows of the batch its devices hold (``parallel.process_rows``) and the
-    global batch is assembled from the pieces (``parallel.assemble_batch``)."""
+    global batch is assembled from the pieces (``parallel.assemble_batch``).
+
+    Interruptions: SIGTERM / SIGINT stop after the current step with that step saved
+    (``emit_jax.training.preemption``); a step with a non-finite loss or gradient changes
+    nothing and is counted, ``on_nonfinite`` = ``"skip"`` goes on, ``"stop"`` stops with the last
+    good state saved (``emit_jax.training.nonfinite``)."""
     if not records:
         raise ValueError(f"{name}: no training records")
     model.train()
@@ -167,11 +194,11 @@ def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, 
         from emit_jax.parallel import shard_module
 
         shard_module((model, optimizer), mesh)  # before restore: Orbax restores into these
-    ckpt = StageCheckpoints(os.path.join(stage_dir, "ckpt"), every=checkpoint_every)
+    ckpt = StageCheckpoints(os.path.join(stage_dir, "ckpt"), every=checkpoint_every, name=name)
     batch_size, device_batch = ocfg.batch_size, to_device
     process_index, process_count, rows = 0, 1, None
     if mesh is not None:
-        from emit_jax.parallel import assemble_batch, process_rows
+        from emit_jax.parallel import process_rows
 
         rows = process_rows(ocfg.batch_size, mesh)
     if rows is not None:  # several processes, each holding its own rows: each loads just those
@@ -180,9 +207,8 @@ def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, 
         print(f"[{name}] process {process_index} loads rows {rows[0]}-{rows[1] - 1} of each "
               f"{ocfg.batch_size}-row batch", file=sys.stderr, flush=True)
 
-        def device_batch(b):
-            return assemble_batch({**b, **label_positions(b["labels"])}, mesh, pad_id=pad_id,
-                                  pad_side=pcfg.pad_side)
+        device_batch = functools.partial(_assemble, mesh=mesh, pad_id=pad_id,
+                                         pad_side=pcfg.pad_side)
     ds = make_dataset(records, tokenizer, pcfg, batch_size=batch_size, seed=seed,
                       process_index=process_index, process_count=process_count, pad_id=pad_id)
     it = iter(ds)
@@ -193,34 +219,42 @@ def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, 
         it.set_state(_data_state(meta, process_count))
     step_fn = make_train_step(wrt, mesh)
     progress = MetricWriter(stage_dir, stage=name, total_steps=ocfg.steps, start_step=start)
+    counter = NonFiniteCounter(name, on_nonfinite, skipped=(meta or {}).get("nonfinite_skipped", 0))
     history = []
-    loss_acc = n_acc = c_acc = tok_acc = 0.0
+    loss_acc = n_acc = c_acc = tok_acc = good = 0.0
     done, data_state = start, it.get_state()
+
+    def meta_at(step):
+        return {"step": step, "data": data_state, "data_processes": process_count,
+                "nonfinite_skipped": counter.skipped}
     try:
-        for step in range(start + 1, ocfg.steps + 1):
-            batch = next(it)
-            loss, n, correct = step_fn(model, optimizer, device_batch(batch))
-            loss_acc += float(loss)
-            n_acc += float(n)
-            c_acc += float(correct)
-            tok_acc += float(batch["attention_mask"].sum()) * process_count
-            if not math.isfinite(float(loss)):
-                raise FloatingPointError(f"{name}: non-finite loss at step {step}")
-            if step % log_every == 0 or step == ocfg.steps:
-                k = log_every if step % log_every == 0 else step % log_every
-                metrics = {"loss": loss_acc / k, "label_acc": c_acc / max(n_acc, 1)}
-                progress.write(step, metrics, tokens=int(tok_acc))
-                tok_acc = 0.0
-                history.append({"step": step, **metrics})
-                loss_acc = n_acc = c_acc = 0.0
-            done, data_state = step, it.get_state()
-            ckpt.save(step, model, optimizer,
-                      {"step": step, "data": data_state, "data_processes": process_count},
-                      force=step == ocfg.steps)
-    except KeyboardInterrupt:  # SIGTERM / Ctrl-C: save the last finished step, then stop
-        progress.close()
-        ckpt.save_interrupted(done, start, model, optimizer,
-                              {"step": done, "data": data_state, "data_processes": process_count})
+        with preemption.guard():
+            for step in range(start + 1, ocfg.steps + 1):
+                batch = next(it)
+                if faults.fires("nan", name, step):
+                    batch = _poisoned(batch)
+                loss, n, correct, ok = step_fn(model, optimizer, device_batch(batch))
+                if counter.record(step, bool(ok)):  # raises when the policy says stop
+                    loss_acc += float(loss)
+                    n_acc += float(n)
+                    c_acc += float(correct)
+                    good += 1
+                tok_acc += float(batch["attention_mask"].sum()) * process_count
+                if step % log_every == 0 or step == ocfg.steps:
+                    metrics = {"loss": loss_acc / good if good else float("nan"),
+                               "label_acc": c_acc / max(n_acc, 1),
+                               "nonfinite_skipped": counter.skipped}
+                    progress.write(step, metrics, tokens=int(tok_acc))
+                    tok_acc = 0.0
+                    history.append({"step": step, **metrics})
+                    loss_acc = n_acc = c_acc = good = 0.0
+                done, data_state = step, it.get_state()
+                ckpt.save(step, model, optimizer, meta_at(step), force=step == ocfg.steps)
+                if preemption.stop_requested():
+                    raise preemption.Preempted(f"{name}: stopped after step {step}")
+    except (KeyboardInterrupt, NonFiniteError):  # a signal, or the non-finite policy: save the
+        progress.close()                          # last finished (good) step, then stop
+        ckpt.save_interrupted(done, start, model, optimizer, meta_at(done))
         raise
     ckpt.close()
     progress.close()

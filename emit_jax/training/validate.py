@@ -1,0 +1,228 @@
+"""Checking a training config before anything is built.
+
+``python -m emit_jax.train`` calls :func:`validate_config` first, so a bad value (a negative or
+NaN learning rate, ``grpo.G`` below 2, an unknown stage or reward, a mesh that does not fit the
+devices, a batch that does not split over the mesh's batch shards, a missing data folder) is one
+line naming the key, not a traceback minutes into a run::
+
+    emit_jax.train: error: config grpo.G: 1 is below 2 (GRPO compares G >= 2 completions per prompt)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from emit_jax.models.config import ConfigError
+
+STAGES = ("warmup", "base", "sft", "sft2", "grpo")
+SFT_STAGES = ("warmup", "base", "sft", "sft2")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _fail(key: str, value, problem: str):
+    raise ConfigError(f"config {key}: {value!r} {problem}")
+
+
+def _get(section, key: str, path: str, default=...):
+    if key in section:
+        return section[key]
+    if default is ...:
+        raise ConfigError(f"config {path}: missing")
+    return default
+
+
+def _int(section, key: str, path: str, *, low: int | None = None, default=...):
+    """An integer (not a bool) ``>= low``."""
+    v = _get(section, key, path, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+        _fail(path, v, "is not an integer")
+    if low is not None and v < low:
+        _fail(path, v, f"is below {low}")
+    return v
+
+
+def _float(section, key: str, path: str, *, low: float | None = None, low_open: bool = False,
+           high: float | None = None, high_open: bool = False, default=...):
+    """A finite number in ``[low, high]`` (``low_open`` / ``high_open``: the bound excluded)."""
+    v = _get(section, key, path, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        _fail(path, v, "is not a number")
+    if not math.isfinite(v):
+        _fail(path, v, "is not a finite number")
+    if low is not None and (v < low or (low_open and v == low)):
+        _fail(path, v, f"must be {'>' if low_open else '>='} {low}")
+    if high is not None and (v > high or (high_open and v == high)):
+        _fail(path, v, f"must be {'<' if high_open else '<='} {high}")
+    return v
+
+
+def _optim_section(sec, name: str) -> None:
+    """The AdamW settings of an SFT-type stage (``training.sft.OptimConfig``)."""
+    _int(sec, "steps", f"{name}.steps", low=1)
+    _int(sec, "batch_size", f"{name}.batch_size", low=1)
+    _float(sec, "lr", f"{name}.lr", low=0.0, low_open=True)
+    _float(sec, "warmup_ratio", f"{name}.warmup_ratio", low=0.0, high=1.0, default=0.0)
+    _float(sec, "weight_decay", f"{name}.weight_decay", low=0.0, default=0.0)
+    _float(sec, "b1", f"{name}.b1", low=0.0, high=1.0, high_open=True, default=0.9)
+    _float(sec, "b2", f"{name}.b2", low=0.0, high=1.0, high_open=True, default=0.95)
+    _float(sec, "eps", f"{name}.eps", low=0.0, low_open=True, default=1e-8)
+    _float(sec, "clip_norm", f"{name}.clip_norm", low=0.0, low_open=True, default=1.0)
+
+
+def _grpo_section(g) -> None:
+    from emit_jax.rl import grpo as G_
+    from emit_jax.rl import rewards as R_
+
+    _int(g, "steps", "grpo.steps", low=1)
+    _int(g, "prompts_per_step", "grpo.prompts_per_step", low=1)
+    G = _int(g, "G", "grpo.G")
+    if G < 2:
+        _fail("grpo.G", G, "is below 2 (GRPO compares G >= 2 completions per prompt)")
+    _int(g, "iterations", "grpo.iterations", low=1, default=1)
+    _int(g, "max_new_tokens", "grpo.max_new_tokens", low=1)
+    _float(g, "temperature", "grpo.temperature", low=0.0, low_open=True)
+    _int(g, "top_k", "grpo.top_k", low=0)
+    _float(g, "top_p", "grpo.top_p", low=0.0, low_open=True, high=1.0)
+    _float(g, "beta", "grpo.beta", low=0.0)
+    _float(g, "eps_low", "grpo.eps_low", low=0.0)
+    _float(g, "eps_high", "grpo.eps_high", low=0.0)
+    _int(g, "max_resample_times", "grpo.max_resample_times", low=0)
+    _float(g, "lr", "grpo.lr", low=0.0, low_open=True)
+    _float(g, "warmup_ratio", "grpo.warmup_ratio", low=0.0, high=1.0)
+    _float(g, "weight_decay", "grpo.weight_decay", low=0.0)
+    for key, canon in (("kl", G_._canon_kl), ("agg", G_._canon_agg)):
+        try:
+            canon(_get(g, key, f"grpo.{key}"))
+        except ValueError as e:
+            raise ConfigError(f"config grpo.{key}: {e}") from None
+    names = list(_get(g, "reward_names", "grpo.reward_names"))
+    weights = list(_get(g, "reward_weights", "grpo.reward_weights"))
+    unknown = [n for n in names if n not in R_.REWARDS]
+    if unknown:
+        _fail("grpo.reward_names", tuple(names), f"names unknown reward(s) {unknown}; "
+              f"registered: {sorted(R_.REWARDS)}")
+    if len(set(names)) != len(names):
+        _fail("grpo.reward_names", tuple(names), "repeats a reward")
+    if len(weights) != len(names):
+        _fail("grpo.reward_weights", tuple(weights), f"has {len(weights)} entries for "
+              f"{len(names)} reward_names")
+    for i, w in enumerate(weights):
+        _float({"w": w}, "w", f"grpo.reward_weights[{i}]")
+    lora = _get(g, "lora", "grpo.lora")
+    _int(lora, "rank", "grpo.lora.rank", low=1)
+    _float(lora, "alpha", "grpo.lora.alpha", low=0.0, low_open=True)
+    _float(lora, "dropout", "grpo.lora.dropout", low=0.0, high=1.0, high_open=True, default=0.0)
+
+
+def _mesh(cfg, stages, num_devices: int | None) -> None:
+    """The mesh must parse and fit the devices; each stage's batch must split over its
+    ``data x fsdp`` batch shards (``parallel.batch_spec`` shards the batch axis over them)."""
+    from emit_jax import parallel
+
+    spec = dict(cfg.mesh) if "mesh" in cfg and cfg.mesh is not None else None
+    try:
+        parallel.parse_mesh(spec)
+        if num_devices is None:
+            import jax
+
+            num_devices = jax.device_count()
+        shape = dict(zip(parallel.MESH_AXES, parallel.mesh_shape(spec, num_devices)))
+    except ValueError as e:
+        raise ConfigError(f"config mesh: {e}") from None
+    shards = math.prod(shape[a] for a in parallel.BATCH_AXES)
+    if shards == 1:
+        return
+    how = " x ".join(f"{a} {shape[a]}" for a in parallel.BATCH_AXES)
+    for s in stages:
+        if s == "grpo":
+            p, G = int(cfg.grpo.prompts_per_step), int(cfg.grpo.G)
+            n, what = p * G, f"grpo.prompts_per_step x grpo.G: {p} x {G} = {p * G} sequences"
+        else:
+            n = int(cfg[s].batch_size)
+            what = f"{s}.batch_size: {n} rows"
+        if n % shards:
+            raise ConfigError(f"config {what} do not split over the mesh's {shards} batch "
+                              f"shards ({how} of {num_devices} devices); use a multiple of "
+                              f"{shards} or change config.mesh")
+
+
+def validate_config(cfg, *, num_devices: int | None = None) -> None:
+    """Raise :class:`ConfigError` naming the first key of the training config ``cfg`` (an
+    ``ml_collections.ConfigDict`` as in ``configs/``) that has a bad value; return None if all
+    is well. ``num_devices``: the device count the mesh is checked against (default
+    ``jax.device_count()``). Nothing is built, loaded or written."""
+    from emit_jax.models import architectures
+
+    stages = _get(cfg, "stages", "stages")
+    if isinstance(stages, str) or not stages:
+        _fail("stages", stages, f"must be a non-empty tuple of stage names from {STAGES}")
+    stages = tuple(stages)
+    for s in stages:
+        if s not in STAGES:
+            _fail("stages", stages, f"names unknown stage {s!r}; known: {', '.join(STAGES)}")
+        if s not in cfg or cfg[s] is None:
+            _fail("stages", stages, f"lists {s!r} but the config has no {s} section")
+    if len(set(stages)) != len(stages):
+        _fail("stages", stages, "repeats a stage")
+    for s in stages:
+        if s in SFT_STAGES:
+            _optim_section(cfg[s], s)
+        else:
+            _grpo_section(cfg.grpo)
+    if "sft2" in stages:
+        if "grpo" not in cfg or "lora" not in cfg.grpo:
+            raise ConfigError("config stages: 'sft2' uses grpo.lora, but the config has none")
+        _grpo_section(cfg.grpo)
+    if "sft" in stages or "sft2" in stages or "grpo" in stages:
+        from emit_jax.models.emit import EMITConfig
+
+        try:
+            EMITConfig(**dict(_get(cfg, "emit", "emit"))).validate()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config emit: {e}") from None
+
+    # model and data sources
+    init_from = _get(cfg, "init_from", "init_from", "")
+    if init_from:
+        if not os.path.isdir(init_from):
+            _fail("init_from", init_from, "is not a folder (an HF folder or an emit_jax checkpoint)")
+    else:
+        arch = _get(cfg, "arch", "arch")
+        if arch not in architectures.ARCHITECTURES:
+            _fail("arch", arch, f"is not a known architecture {sorted(architectures.ARCHITECTURES)}")
+        size = _int(cfg, "image_size", "image_size", low=0, default=0)
+        patch = architectures.ARCHITECTURES[arch]().vision.patch_size
+        if size and size % patch:
+            _fail("image_size", size, f"is not a multiple of the patch size {patch}")
+    tok = _get(cfg, "tokenizer", "tokenizer", "")
+    if tok and not os.path.isdir(tok):
+        _fail("tokenizer", tok, "is not a folder")
+    dtype = _get(cfg, "param_dtype", "param_dtype", "")
+    if dtype and dtype not in DTYPES:
+        _fail("param_dtype", dtype, f"is not one of {DTYPES} (or '' for the stored dtypes)")
+    data = _get(cfg, "data", "data")
+    source = _get(data, "source", "data.source")
+    if not isinstance(source, str) or not source:
+        _fail("data.source", source, "must be 'embedded' or a dataset folder "
+              "(--config.data.source=DIR)")
+    if source != "embedded" and not os.path.isdir(source):
+        _fail("data.source", source, "is not a folder (expected an MVTec-AD-style dataset)")
+    _int(data, "max_tiles", "data.max_tiles", low=1)
+    buckets = tuple(_get(data, "length_buckets", "data.length_buckets"))
+    if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets) \
+            or list(buckets) != sorted(set(buckets)):
+        _fail("data.length_buckets", buckets, "must be increasing positive integers")
+    _int(cfg, "seed", "seed")
+    _int(cfg, "checkpoint_every", "checkpoint_every", low=1)
+    _int(cfg, "log_every", "log_every", low=1)
+    from emit_jax.training.nonfinite import POLICIES
+
+    policy = _get(cfg, "nonfinite", "nonfinite", "skip")
+    if policy not in POLICIES:
+        _fail("nonfinite", policy, f"must be one of {', '.join(POLICIES)}")
+    if _int(cfg, "eval_limit", "eval_limit", low=0, default=0):
+        _int(cfg, "eval_max_new_tokens", "eval_max_new_tokens", low=1)
+    mem = _get(cfg, "memory", "memory", None) or {}
+    _int(mem, "attention_chunk", "memory.attention_chunk", low=0, default=0)
+    _mesh(cfg, stages, num_devices)
