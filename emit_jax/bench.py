@@ -1,6 +1,18 @@
-"""``python -m emit_jax.bench heatmap [--arch internvl3_8b] [--strategy auto] [--json]``
+"""``python -m emit_jax.bench {heatmap,rollout,grpo_step,train_step,matmul} [--arch ...] [--json]``
 
-Benchmarks (scripts, not tests). ``heatmap`` times :func:`emit_jax.ops.heatmap.anomaly_map` at
+Benchmarks (scripts, not tests); one JSON object per line.
+
+- ``rollout``: the jitted sampler (prefill + ``while_loop`` decode over a preallocated KV cache),
+  ``--batch`` 16 prompts of ``--prompt-len`` 128 random tokens, exactly ``--new-tokens`` 128
+  sampled tokens each (no EOS), temperature 1; new tokens/s (median over ``--repeats``).
+- ``grpo_step``: one GRPO step as the peers time it (``--prompts`` 2 x ``--G`` 8, 128 / 128
+  tokens, beta 0.01, full fine-tuning with AdamW 1e-5 and a separate frozen reference):
+  generation, reference log-probs, rewards + advantages, loss + update; seconds per step and per
+  phase (each phase waits for its outputs).
+- ``train_step``: one SFT step (cross-entropy on every token, AdamW) on ``--batch`` x
+  ``--seq-len`` tokens; achieved FLOP/s (XLA's count of the compiled step, and 6 N T) against
+  this machine's measured matmul peak (``matmul``), i.e. MFU.
+- ``heatmap`` times :func:`emit_jax.ops.heatmap.anomaly_map` at
 an architecture's real CE shape (InternVL3-8B: 4 layers, 32 x 32 patches, D 1024, 4 rotations,
 window 6) on random features, and reports milliseconds per sample and the achieved GFLOP/s of
 the similarity products the strategy executes (``window_gflop``: the products inside the window,
@@ -54,6 +66,196 @@ def bench_heatmap(arch: str, strategy: str, batch: int, repeats: int, dtype: str
     }
 
 
+def _device() -> str:
+    d = jax.devices()[0]
+    return f"{d.platform}:{d.device_kind} x{jax.device_count()}"
+
+
+def _median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+def _timed(fn, repeats: int):
+    """(first call s, [steady call s]): ``fn()`` must block on its outputs."""
+    t = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return first, times
+
+
+def _model(arch: str, seed: int = 0):
+    from flax import nnx
+
+    from emit_jax.models import architectures
+    from emit_jax.models.internvl import InternVL
+
+    return InternVL(architectures.get_config(arch), rngs=nnx.Rngs(seed))
+
+
+def _prompts(batch: int, length: int, vocab: int, seed: int = 0):
+    import numpy as np
+
+    rs = np.random.RandomState(seed)
+    ids = rs.randint(0, vocab - 3, size=(batch, length)).astype(np.int32)
+    return jnp.asarray(ids), jnp.ones((batch, length), jnp.int32)
+
+
+def bench_matmul(n: int = 2048, repeats: int = 10) -> dict:
+    """This machine's fp32 matmul peak: the best of ``repeats`` ``[n, n] @ [n, n]``."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    _, times = _timed(lambda: f(a, a).block_until_ready(), repeats)
+    return {"bench": "matmul", "n": n, "peak_gflops": 2 * n ** 3 / min(times) / 1e9,
+            "device": _device()}
+
+
+def bench_rollout(arch: str, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    from emit_jax.ops.sampling import generate
+
+    model = _model(arch)
+    model.eval()
+    ids, mask = _prompts(batch, prompt_len, model.config.text.vocab_size)
+    keys = iter(jax.random.split(jax.random.key(0), repeats + 1))
+
+    def call():
+        out = generate(model, ids, mask, max_new_tokens=new_tokens, eos_token_id=None,
+                       temperature=1.0, top_k=0, top_p=1.0, rng=next(keys))
+        jax.block_until_ready(out.tokens)
+        assert out.tokens.shape == (batch, new_tokens)
+    first, times = _timed(call, repeats)
+    med = _median(times)
+    return {"bench": "rollout", "arch": arch, "batch": batch, "prompt_len": prompt_len,
+            "new_tokens": new_tokens, "new_tokens_per_s": batch * new_tokens / med,
+            "s_per_call_median": med, "s_per_call_all": times, "first_call_s": first,
+            "device": _device()}
+
+
+def bench_grpo_step(arch: str, prompts: int, G: int, prompt_len: int, new_tokens: int,
+                    steps: int, beta: float = 0.01) -> dict:
+    """The peers' GRPO step (TRL / Tunix in ../shared/bench): full fine-tuning, separate
+    reference, reward ``(sum of the completion's tokens) % 7`` (theirs: text length % 7)."""
+    import ml_collections
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from emit_jax.ops.sampling import generate
+    from emit_jax.rl import grpo as G_
+    from emit_jax.training.grpo import make_grpo_fns
+
+    policy = _model(arch)
+    reference = _model(arch)  # an identical, separate copy (as the peers keep one)
+    policy.eval(), reference.eval()
+    g = ml_collections.ConfigDict(dict(beta=beta, eps_low=0.2, eps_high=0.2, kl="k3",
+                                       agg="token_mean", iterations=1))
+    opt = nnx.Optimizer(policy, optax.chain(optax.clip_by_global_norm(1.0),
+                                            optax.adamw(1e-5, weight_decay=0.0)), wrt=nnx.Param)
+    score, train_step = make_grpo_fns(g, nnx.Param)
+    vocab = policy.config.text.vocab_size
+    phases: dict[str, list[float]] = {"generate": [], "ref_logprobs": [], "rewards": [],
+                                      "update": []}
+    totals = []
+    spread = 0
+    before = [np.asarray(x) for x in jax.tree.leaves(nnx.state(policy, nnx.Param))[:4]]
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        ids, mask = _prompts(prompts, prompt_len, vocab, seed=step)
+        ids, mask = jnp.repeat(ids, G, 0), jnp.repeat(mask, G, 0)
+        out = generate(policy, ids, mask, max_new_tokens=new_tokens, eos_token_id=None,
+                       temperature=1.0, top_k=0, top_p=1.0, rng=jax.random.key(step))
+        toks = jax.block_until_ready(out.tokens)
+        t1 = time.perf_counter()
+        b = {"input_ids": ids, "attention_mask": mask, "pixel_values": None}
+        cmask = jnp.ones_like(toks)
+        ref, old = score(policy, reference, b, toks, cmask)
+        jax.block_until_ready(ref)
+        t2 = time.perf_counter()
+        rewards = (np.asarray(toks).sum(1) % 7).astype(np.float32)
+        spread += int(sum(len(set(rewards[i:i + G])) > 1 for i in range(0, len(rewards), G)))
+        adv = G_.group_advantages(jnp.asarray(rewards), G)
+        t3 = time.perf_counter()
+        loss, _, _ = train_step(policy, opt, b, toks, cmask, adv, ref, old)
+        jax.block_until_ready(jax.tree.leaves(nnx.state(policy, nnx.Param)))
+        t4 = time.perf_counter()
+        if step:  # step 0 compiles
+            for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                phases[k].append(dt)
+            totals.append(t4 - t0)
+        else:
+            first = t4 - t0
+    after = [np.asarray(x) for x in jax.tree.leaves(nnx.state(policy, nnx.Param))[:4]]
+    return {"bench": "grpo_step", "arch": arch, "prompts": prompts, "G": G,
+            "prompt_len": prompt_len, "new_tokens": new_tokens, "beta": beta,
+            "s_per_step_median": _median(totals), "s_per_step_all": totals, "first_step_s": first,
+            "phase_s_median": {k: _median(v) for k, v in phases.items()},
+            "groups_with_reward_spread": f"{spread}/{prompts * (steps + 1)}",
+            "loss_last": float(loss),
+            "params_moved": any(not np.array_equal(a, c) for a, c in zip(before, after)),
+            "device": _device()}
+
+
+def _xla_flops_fwd_bwd(model, b) -> float | None:
+    """XLA's FLOP count of the compiled forward + backward pass (the optimizer's elementwise
+    update is negligible next to it)."""
+    from flax import nnx
+
+    from emit_jax.training.sft import sft_loss
+
+    graphdef, state = nnx.split(model)
+
+    def grads(state, b):
+        m = nnx.merge(graphdef, state)
+        return nnx.grad(lambda m: sft_loss(m, b)[0])(m)
+    try:
+        cost = jax.jit(grads).lower(state, b).compile().cost_analysis()
+    except Exception:  # noqa: BLE001 - a backend without cost analysis
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) or None
+
+
+def bench_train_step(arch: str, batch: int, seq_len: int, repeats: int, peak: float | None) -> dict:
+    import numpy as np
+    from flax import nnx
+
+    from emit_jax.models.layers import count_params
+    from emit_jax.training.sft import OptimConfig, make_optimizer, make_train_step, to_device
+
+    model = _model(arch)
+    model.train()
+    opt = nnx.Optimizer(model, make_optimizer(OptimConfig(steps=1000, lr=1e-4)), wrt=nnx.Param)
+    ids, mask = _prompts(batch, seq_len, model.config.text.vocab_size)
+    labels = np.asarray(ids).copy()
+    labels[:, 0] = -100  # every later token is a label
+    b = to_device({"input_ids": np.asarray(ids), "labels": labels,
+                   "attention_mask": np.asarray(mask)})
+    step = make_train_step(nnx.Param)
+
+    def call():
+        out = step(model, opt, b)
+        jax.block_until_ready(out)
+    first, times = _timed(call, repeats)
+    med = _median(times)
+    n_text = count_params(nnx.state(model.language_model, nnx.Param))
+    tokens = batch * seq_len
+    flops_6nd = 6 * n_text * tokens
+    xla_flops = _xla_flops_fwd_bwd(model, b)
+    peak = peak if peak is not None else bench_matmul()["peak_gflops"]
+    achieved = flops_6nd / med / 1e9
+    return {"bench": "train_step", "arch": arch, "batch": batch, "seq_len": seq_len,
+            "s_per_step_median": med, "first_call_s": first, "tokens_per_s": tokens / med,
+            "llm_params": n_text, "flops_6nt": flops_6nd, "xla_flops": xla_flops,
+            "achieved_gflops": achieved, "peak_gflops": peak, "mfu": achieved / peak,
+            "achieved_gflops_xla": xla_flops / med / 1e9 if xla_flops else None,
+            "mfu_xla": xla_flops / med / 1e9 / peak if xla_flops else None,
+            "device": _device()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m emit_jax.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,10 +267,46 @@ def main(argv=None) -> int:
     h.add_argument("--repeats", type=int, default=5)
     h.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     h.add_argument("--json", action="store_true", help="one JSON object per line (default: also JSON)")
+    r = sub.add_parser("rollout")
+    r.add_argument("--arch", default="small")
+    r.add_argument("--batch", type=int, default=16)
+    r.add_argument("--prompt-len", type=int, default=128)
+    r.add_argument("--new-tokens", type=int, default=128)
+    r.add_argument("--repeats", type=int, default=5)
+    gs = sub.add_parser("grpo_step")
+    gs.add_argument("--arch", default="small")
+    gs.add_argument("--prompts", type=int, default=2)
+    gs.add_argument("--G", type=int, default=8)
+    gs.add_argument("--prompt-len", type=int, default=128)
+    gs.add_argument("--new-tokens", type=int, default=128)
+    gs.add_argument("--steps", type=int, default=4, help="timed steps after the compiling one")
+    t = sub.add_parser("train_step")
+    t.add_argument("--arch", default="small")
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--repeats", type=int, default=5)
+    t.add_argument("--peak-gflops", type=float, default=None,
+                   help="the matmul peak to divide by (default: measured now)")
+    m = sub.add_parser("matmul")
+    m.add_argument("--n", type=int, default=2048)
+    m.add_argument("--repeats", type=int, default=10)
+    for q in (r, gs, t, m):
+        q.add_argument("--json", action="store_true", help="one JSON object per line (the default)")
     args = p.parse_args(argv)
-    strategies = ["dense", "banded", "shifted"] if args.strategy == "all" else [args.strategy]
-    for s in strategies:
-        print(json.dumps(bench_heatmap(args.arch, s, args.batch, args.repeats, args.dtype)))
+    if args.what == "heatmap":
+        strategies = ["dense", "banded", "shifted"] if args.strategy == "all" else [args.strategy]
+        rows = [bench_heatmap(args.arch, s, args.batch, args.repeats, args.dtype) for s in strategies]
+    elif args.what == "rollout":
+        rows = [bench_rollout(args.arch, args.batch, args.prompt_len, args.new_tokens, args.repeats)]
+    elif args.what == "grpo_step":
+        rows = [bench_grpo_step(args.arch, args.prompts, args.G, args.prompt_len, args.new_tokens,
+                                args.steps)]
+    elif args.what == "train_step":
+        rows = [bench_train_step(args.arch, args.batch, args.seq_len, args.repeats, args.peak_gflops)]
+    else:
+        rows = [bench_matmul(args.n, args.repeats)]
+    for row in rows:
+        print(json.dumps(row), flush=True)
     return 0
 
 

@@ -95,6 +95,7 @@ def hf_positions(mask):
 SMOKE_FILES = ("test_train.py", "test_resume.py")  # they share the session's smoke_run
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """One xdist group per test file (so module-scoped fixtures run once), except that the
     files using :func:`smoke_run` form one group (so it runs once)."""

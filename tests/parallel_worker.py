@@ -74,7 +74,7 @@ def sft_step(mesh_spec):
     mesh = parallel.make_mesh(mesh_spec) if mesh_spec else None
     if mesh is not None:
         parallel.shard_module((model, opt), mesh)
-    loss, _, _ = make_train_step(nnx.Param, mesh)(model, opt, make_batch(model))
+    loss, _, _, _ = make_train_step(nnx.Param, mesh)(model, opt, make_batch(model))
     return float(loss), model, opt
 
 
@@ -110,7 +110,7 @@ def grpo_step(mesh_spec):
     policy.train()
     before = params(policy)
     ref_lp, old_lp = score(policy, ref, b, comp, cmask)
-    loss, metrics = step(policy, opt, b, comp, cmask, adv, ref_lp, old_lp)
+    loss, metrics, _ = step(policy, opt, b, comp, cmask, adv, ref_lp, old_lp)
     update = max(float(np.abs(v - before[k]).max()) for k, v in params(policy).items())
     pk = policy.mllm.language_model.layers[0].mlp.up_proj.kernel.get_value()
     rk = ref.mllm.language_model.layers[0].mlp.up_proj.kernel.get_value()

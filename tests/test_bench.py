@@ -20,3 +20,26 @@ def test_heatmap_bench_runs_tiny():
                                 "window": 3}
         assert row["ms_per_sample"] > 0 and row["achieved_gflops"] > 0
         assert row["gflop_executed"] >= row["window_gflop"]
+
+
+def _bench(*args):
+    r = subprocess.run([sys.executable, "-m", "emit_jax.bench", *args, "--json"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_rollout_grpo_and_train_step_benches_run_tiny():
+    row = _bench("rollout", "--arch", "tiny", "--batch", "2", "--prompt-len", "8",
+                 "--new-tokens", "4", "--repeats", "1")
+    assert row["new_tokens_per_s"] > 0 and row["batch"] == 2 and row["new_tokens"] == 4
+    row = _bench("grpo_step", "--arch", "tiny", "--prompts", "1", "--G", "2", "--prompt-len", "8",
+                 "--new-tokens", "4", "--steps", "1")
+    assert set(row["phase_s_median"]) == {"generate", "ref_logprobs", "rewards", "update"}
+    assert row["s_per_step_median"] >= sum(row["phase_s_median"].values()) * 0.99
+    assert row["params_moved"] or row["groups_with_reward_spread"].startswith("0/")
+    row = _bench("train_step", "--arch", "tiny", "--batch", "2", "--seq-len", "16", "--repeats",
+                 "1", "--peak-gflops", "100")
+    # XLA's count of the forward + backward and 6 N T agree to a few percent at this size
+    assert abs(row["xla_flops"] / row["flops_6nt"] - 1) < 0.2
+    assert 0 < row["mfu"] < 1 and row["peak_gflops"] == 100

@@ -68,8 +68,21 @@ def tiny(dtype: str = "float32") -> InternVLConfig:
                           tie_word_embeddings=True, param_dtype=dtype, dtype=dtype)
 
 
+def small(dtype: str = "float32") -> InternVLConfig:
+    """The peers' benchmark model (../shared/bench): a Qwen2 decoder of hidden 512, 8 layers, 8
+    heads / 2 KV heads (head dim 64), MLP 1376, vocabulary 32,000, tied embeddings, q/k/v bias,
+    float32 — 38.5M parameters — behind ``tiny``'s vision tower (unused by text-only work).
+    Token 31997 is the image token (the peers use 31998 / 31999 as pad / EOS)."""
+    text = TextConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376,
+                      num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                      rope_theta=1_000_000.0, max_position_embeddings=8192)
+    return InternVLConfig(vision=tiny().vision, text=text, image_token_id=31997,
+                          tie_word_embeddings=True, param_dtype=dtype, dtype=dtype)
+
+
 ARCHITECTURES = {
     "tiny": tiny,
+    "small": small,
     "internvl3_1b": internvl3_1b,
     "internvl3_2b": internvl3_2b,
     "internvl3_8b": internvl3_8b,
