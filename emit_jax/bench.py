@@ -12,6 +12,10 @@ Benchmarks (scripts, not tests); one JSON object per line.
 - ``train_step``: one SFT step (cross-entropy on every token, AdamW) on ``--batch`` x
   ``--seq-len`` tokens; achieved FLOP/s (XLA's count of the compiled step, and 6 N T) against
   this machine's measured matmul peak (``matmul``), i.e. MFU.
+- ``compare``: ours and the peers of ``../shared/bench`` (transformers ``generate``, TRL
+  ``GRPOTrainer``, Tunix's sampler and GRPO learner, the PyTorch heat maps), run alternately
+  for ``--rounds`` rounds, each in its own process (the peers in their own virtualenvs, named by
+  ``--python-hf`` / ``--python-tunix``); prints the medians and our speed-up per workload.
 - ``heatmap`` times :func:`emit_jax.ops.heatmap.anomaly_map` at
 an architecture's real CE shape (InternVL3-8B: 4 layers, 32 x 32 patches, D 1024, 4 rotations,
 window 6) on random features, and reports milliseconds per sample and the achieved GFLOP/s of
@@ -256,6 +260,73 @@ def bench_train_step(arch: str, batch: int, seq_len: int, repeats: int, peak: fl
             "device": _device()}
 
 
+PEER_MODEL = ["512", "8", "8", "2", "1376", "32000"]  # hidden layers heads kv_heads mlp vocab
+
+
+def _run_json(cmd: list[str], env: dict | None = None, timeout: int = 3600) -> dict | None:
+    """Run ``cmd``; its last stdout line parsed as JSON (None, with the error on stderr, when it
+    fails)."""
+    import os
+    import subprocess
+
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       env=dict(os.environ, **(env or {})))
+    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    if r.returncode or not lines:
+        print(f"compare: {' '.join(cmd[:3])} ... failed ({r.returncode}): "
+              f"{r.stderr.strip().splitlines()[-1:] if r.stderr.strip() else ''}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])
+
+
+def compare(peers_dir: str, python_hf: str | None, python_tunix: str | None, rounds: int,
+            workloads: list[str]) -> list[dict]:
+    """Alternate ours and each peer per workload; medians over ``rounds`` and the ratios."""
+    import os
+
+    me = [sys.executable, "-m", "emit_jax.bench"]
+    peer = lambda name: os.path.join(peers_dir, name)  # noqa: E731
+    jobs: dict[str, list[tuple[str, list[str], dict, str, bool]]] = {
+        # (who, command, env, metric, higher is better)
+        "rollout": [("emit_jax", me + ["rollout"], {}, "new_tokens_per_s", True)],
+        "grpo_step": [("emit_jax", me + ["grpo_step"], {}, "s_per_step_median", False)],
+        "heatmap": [("emit_jax", me + ["heatmap", "--arch", "internvl3_8b"], {}, "ms_per_sample",
+                     False)],
+    }
+    if python_hf:
+        jobs["rollout"].append(("transformers", [python_hf, peer("peer_hf_generate.py"),
+                                                 *PEER_MODEL, "16", "128", "128"], {},
+                                "new_tokens_per_s", True))
+        jobs["grpo_step"].append(("trl", [python_hf, peer("peer_trl_grpo.py"), *PEER_MODEL, "2",
+                                          "8", "128", "128", "4"], {}, "s_per_step_median", False))
+        jobs["heatmap"].append(("torch_matmul", [python_hf, peer("matmul_heatmap_torch.py")], {},
+                                "ms_per_sample", False))
+    if python_tunix:
+        jobs["rollout"].append(("tunix", [python_tunix, peer("peer_tunix_grpo.py")],
+                                {"PEER_WORKLOAD": "sampler"}, "new_tokens_per_s", True))
+        jobs["grpo_step"].append(("tunix", [python_tunix, peer("peer_tunix_grpo.py")],
+                                  {"PEER_WORKLOAD": "grpo"}, "s_per_step_median", False))
+    rows = []
+    for workload in workloads:
+        values: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            for who, cmd, env, metric, _ in jobs[workload]:
+                out = _run_json(cmd, env)
+                if out is not None and metric in out:
+                    values.setdefault(who, []).append(float(out[metric]))
+        ours = values.get("emit_jax")
+        for who, _, _, metric, higher in jobs[workload]:
+            if who not in values:
+                continue
+            med = _median(values[who])
+            row = {"workload": workload, "impl": who, "metric": metric, "median": med,
+                   "values": values[who]}
+            if ours and who != "emit_jax":
+                row["emit_jax_speedup"] = (_median(ours) / med) if higher else (med / _median(ours))
+            rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m emit_jax.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -290,7 +361,14 @@ def main(argv=None) -> int:
     m = sub.add_parser("matmul")
     m.add_argument("--n", type=int, default=2048)
     m.add_argument("--repeats", type=int, default=10)
-    for q in (r, gs, t, m):
+    c = sub.add_parser("compare")
+    c.add_argument("--peers-dir", default="../shared/bench")
+    c.add_argument("--python-hf", default=None,
+                   help="python of a virtualenv with torch, transformers, trl, datasets")
+    c.add_argument("--python-tunix", default=None, help="python of a virtualenv with google-tunix")
+    c.add_argument("--rounds", type=int, default=3)
+    c.add_argument("--workloads", default="rollout,grpo_step,heatmap")
+    for q in (r, gs, t, m, c):
         q.add_argument("--json", action="store_true", help="one JSON object per line (the default)")
     args = p.parse_args(argv)
     if args.what == "heatmap":
@@ -303,8 +381,15 @@ def main(argv=None) -> int:
                                 args.steps)]
     elif args.what == "train_step":
         rows = [bench_train_step(args.arch, args.batch, args.seq_len, args.repeats, args.peak_gflops)]
-    else:
+    elif args.what == "matmul":
         rows = [bench_matmul(args.n, args.repeats)]
+    else:
+        rows = compare(args.peers_dir, args.python_hf, args.python_tunix, args.rounds,
+                       [w for w in args.workloads.split(",") if w])
+        for row in rows:
+            ratio = f"  emit_jax x{row['emit_jax_speedup']:.2f}" if "emit_jax_speedup" in row else ""
+            print(f"{row['workload']:10s} {row['impl']:14s} {row['metric']:18s} "
+                  f"{row['median']:12.4g}{ratio}", file=sys.stderr)
     for row in rows:
         print(json.dumps(row), flush=True)
     return 0

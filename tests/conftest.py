@@ -91,19 +91,6 @@ def hf_positions(mask):
     return np.where(mask == 0, 1, pos)
 
 
-# ------------------------------------------------------------------ scheduling (pytest-xdist)
-SMOKE_FILES = ("test_train.py", "test_resume.py")  # they share the session's smoke_run
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(config, items):
-    """One xdist group per test file (so module-scoped fixtures run once), except that the
-    files using :func:`smoke_run` form one group (so it runs once)."""
-    for item in items:
-        name = os.path.basename(str(item.fspath))
-        item.add_marker(pytest.mark.xdist_group("smoke" if name in SMOKE_FILES else name))
-
-
 # ------------------------------------------------------------------ the main job, smoke size
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,7 +123,7 @@ def train(*args, env=None, timeout=1500):
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """One uninterrupted ``configs/grpo.py:smoke`` run (every stage, eval, export):
-    (workdir, data cache, CompletedProcess). Shared by the training and resume tests."""
+    (workdir, data cache, CompletedProcess)."""
     d = tmp_path_factory.mktemp("run")
     cache = tmp_path_factory.mktemp("cache")
     r = train("--config", "configs/grpo.py:smoke", "--workdir", str(d),

@@ -1,18 +1,18 @@
 """Integration: a few steps of every stage of the main job on the tiny config (CI), resume by
-rerunning the same command, and the trained pieces behave (frozen MLLM in stage 1, LoRA +
-full modules in stage 2, the reference untouched)."""
+rerunning the same command (also after kill -9 / SIGTERM at four points: bit-identical
+parameters), non-finite steps through the command line, and the Table 1 driver."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-from conftest import subprocess_env, train
+from conftest import ROOT, subprocess_env, train
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +117,133 @@ def test_table1_row_stages():
     assert row_stages(full, "sft") == ("warmup", "base", "sft")
     assert row_stages(full, "sft2") == ("warmup", "base", "sft", "sft2")
     assert row_stages(("base", "sft", "grpo"), "grpo") == ("base", "sft", "grpo")
+
+
+# ------------------------------------------------------------------ exact resume
+# The main job (smoke size, every stage) is stopped four times — SIGTERM in the
+# warm-up, ``kill -9`` while a checkpoint of the base stage is being written, ``kill -9`` during
+# stage 1 and during GRPO — and each time the same command is run again. The final parameters of
+# every stage are bit-identical to the uninterrupted run (``smoke_run``), and each stage's metrics
+# log holds every step once.
+ARGS = ["-m", "emit_jax.train", "--config", "configs/grpo.py:smoke", "--config.checkpoint_every=1",
+        "--config.eval_limit=0", "--config.export_hf=False"]
+STEPS = {"warmup": 2, "base": 3, "sft": 2, "grpo": 2}  # configs/grpo.py:smoke
+
+
+def _start(workdir, cache, faults=""):
+    env = subprocess_env(EMIT_JAX_CACHE=str(cache), PYTHONUNBUFFERED="1")
+    env.pop("EMIT_FAULTS", None)
+    if faults:
+        env["EMIT_FAULTS"] = faults
+    return subprocess.Popen([sys.executable, *ARGS, "--workdir", str(workdir)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _signal_at(proc, prefix, sig):
+    """Send ``sig`` when stderr shows a line starting with ``prefix``; returns (returncode,
+    stderr, seconds from the signal to the exit)."""
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith(prefix):
+            proc.send_signal(sig)
+            t = time.time()
+            rest = proc.stderr.read()
+            rc = proc.wait(timeout=300)
+            return rc, "".join(lines) + rest, time.time() - t
+    rc = proc.wait(timeout=300)
+    raise AssertionError(f"never saw {prefix!r} (exit {rc}):\n" + "".join(lines)[-3000:])
+
+
+def _params(path):
+    from flax import nnx
+
+    from emit_jax import checkpoint
+
+    model, _ = checkpoint.load_model(path)
+    return {"/".join(map(str, k)): np.asarray(v.get_value())
+            for k, v in nnx.to_flat_state(nnx.state(model))}
+
+
+@pytest.fixture(scope="module")
+def interrupted(smoke_run, tmp_path_factory):
+    _, cache, _ = smoke_run
+    w = tmp_path_factory.mktemp("interrupted")
+    events = {}
+    # 1. SIGTERM in the warm-up: stops after the step it is in, that step saved
+    rc, err, secs = _signal_at(_start(w, cache), "[warmup] step 1/", signal.SIGTERM)
+    events["sigterm"] = (rc, err, secs, sorted(os.listdir(w / "warmup" / "ckpt")))
+    # 2. kill -9 while the checkpoint of base step 2 is being written
+    p = _start(w, cache, faults="kill_in_save@base:2")
+    _, err = p.communicate(timeout=900)
+    events["kill_in_save"] = (p.returncode, err, sorted(os.listdir(w / "base" / "ckpt")))
+    # 3. and 4. kill -9 at arbitrary points of stage 1 and GRPO
+    events["kill_sft"] = _signal_at(_start(w, cache), "[sft] step 1/", signal.SIGKILL)
+    events["kill_grpo"] = _signal_at(_start(w, cache), "[grpo] step 1/", signal.SIGKILL)
+    p = _start(w, cache)
+    _, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err[-4000:]
+    events["final"] = err
+    return w, events
+
+
+def test_sigterm_saves_the_step_and_exits_promptly(interrupted):
+    _, ev = interrupted
+    rc, err, secs, steps = ev["sigterm"]
+    assert rc == 130, err[-3000:]
+    assert "interrupted" in err and "rerun the same command to resume" in err
+    assert secs < 60, secs  # bounded: the rest of one step plus one checkpoint write
+    assert any(s.isdigit() and int(s) >= 1 for s in steps), steps
+
+
+def test_kill_during_a_checkpoint_write_leaves_it_unused(interrupted):
+    _, ev = interrupted
+    rc, err, steps = ev["kill_in_save"]
+    assert rc == -signal.SIGKILL, err[-3000:]
+    # the write of step 2 was cut: only its temporary folder exists, never taken for a step
+    assert "2" not in steps and any(s.startswith("2.") and "tmp" in s for s in steps), steps
+    assert ev["kill_sft"][0] == ev["kill_grpo"][0] == -signal.SIGKILL
+
+
+def test_final_parameters_are_bit_identical_to_the_uninterrupted_run(interrupted, smoke_run):
+    w, _ = interrupted
+    ref, _, _ = smoke_run
+    for stage in STEPS:
+        got, want = _params(w / stage / "model"), _params(ref / stage / "model")
+        assert got.keys() == want.keys(), stage
+        diff = [k for k in want if not np.array_equal(got[k], want[k])]
+        assert not diff, (stage, diff[:5])
+
+
+def test_metrics_hold_each_step_once(interrupted):
+    w, _ = interrupted
+    for stage, n in STEPS.items():
+        with open(w / stage / "metrics.jsonl", encoding="utf-8") as f:
+            steps = [json.loads(line)["step"] for line in f]
+        assert steps == list(range(1, n + 1)), (stage, steps)
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_a_non_finite_step_is_skipped_or_stops_the_run(smoke_run, tmp_path, policy):
+    """``EMIT_FAULTS=nan@sft:2`` gives stage 1's second step NaN inputs."""
+    _, cache, _ = smoke_run
+    r = train("--config", "configs/grpo.py:smoke", "--workdir", str(tmp_path),
+              "--config.stages=('sft',)", "--config.checkpoint_every=1", "--config.eval_limit=0",
+              "--config.export_hf=False", f"--config.nonfinite={policy}",
+              env={"EMIT_JAX_CACHE": str(cache), "EMIT_FAULTS": "nan@sft:2"})
+    with open(tmp_path / "sft" / "metrics.jsonl", encoding="utf-8") as f:
+        last = [json.loads(line) for line in f][-1]
+    if policy == "skip":
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "warning: sft: step 2 skipped, non-finite loss or gradient (1 skipped so far)" in r.stderr
+        assert last["step"] == 2 and last["nonfinite_skipped"] == 1
+        params = _params(tmp_path / "sft" / "model")
+        assert all(np.isfinite(v).all() for v in params.values())
+    else:
+        assert r.returncode == 3, r.stderr[-3000:]
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert lines[-1].startswith("emit_jax.train: error: sft: non-finite loss or gradient at "
+                                    "step 2 (nonfinite='stop'); the last good state is saved")
+        assert "Traceback" not in r.stderr
+        assert sorted(os.listdir(tmp_path / "sft" / "ckpt")) == ["1"]  # the last good step
+        assert not os.path.exists(tmp_path / "sft" / "model")
