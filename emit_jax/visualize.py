@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from emit_jax import cli
-from emit_jax.data.image import ImageError, load_image, to_display, to_tile
+from emit_jax.data.image import load_image, to_display, to_tile
 from emit_jax.models.emit import EMITConfig, contrastive_heatmap
 
 

@@ -4,7 +4,6 @@ computes what the policy computes."""
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np

@@ -23,7 +23,6 @@ from collections import Counter
 
 from emit_jax import cli
 from emit_jax.data import jsonl, tasks
-from emit_jax.data.image import ImageError
 from emit_jax.data.mvtec import DataError, Report, scan
 
 

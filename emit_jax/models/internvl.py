@@ -15,7 +15,7 @@ from flax import nnx
 
 from emit_jax.models.config import InternVLConfig, dtype_from_name
 from emit_jax.models.internvit import InternViT
-from emit_jax.models.layers import axes_meta, gelu, layer_norm, linear
+from emit_jax.models.layers import gelu, layer_norm, linear
 from emit_jax.models.qwen2 import KVCache, Qwen2Model
 
 
