@@ -565,5 +565,6 @@ def to_host(x) -> np.ndarray:
 __all__ = ["MESH_AXES", "DEFAULT_RULES", "parse_mesh", "mesh_shape", "make_mesh",
            "logical_to_spec", "state_shardings", "batch_spec", "batch_sharding", "shard_module",
            "use_mesh", "constrain", "constrain_hidden", "sharded_jit",
-           "global_batch", "process_rows", "assemble_batch", "initialize", "distributed_args_from_env", "to_host",
+           "global_batch", "process_rows", "assemble_batch", "initialize",
+           "distributed_args_from_env", "to_host",
            "is_primary", "barrier", "replicate_module", "localize_module"]

@@ -138,6 +138,7 @@ def make_grpo_fns(g, wrt, *, mesh=None, rules=None):
 
     iterations = int(g.get("iterations", 1))
     beta = float(g.beta)
+    mutable = nnx.Any(wrt, nnx.Not(nnx.Param))  # what train_step changes
 
     def score(policy, reference, b, comp_tokens, comp_mask):
         # the mu > 1 policy pass runs on a clone: BatchNorm statistics move only in training
@@ -165,14 +166,11 @@ def make_grpo_fns(g, wrt, *, mesh=None, rules=None):
         before = nonfinite.snapshot((policy, optimizer), mutable)
         (loss, metrics), grads = nnx.value_and_grad(
             loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(policy)
-        optimizer.update(policy, grads)
-        ok = nonfinite.all_finite(loss, grads)
-        nonfinite.keep_if_finite((policy, optimizer), mutable, before, ok)  # a bad step: no trace
+        ok = nonfinite.update_if_finite(policy, optimizer, grads, loss, mutable, before)
         return loss, metrics, ok
 
     # only what a program changes comes back out: nothing of the weights for score, the
     # trainable set (and optimizer, BatchNorm statistics, RNG counters) for train_step
-    mutable = nnx.Any(wrt, nnx.Not(nnx.Param))
     return (sharded_jit(score, mesh, rules, mutable=nnx.Not(nnx.Param)),
             sharded_jit(train_step, mesh, rules, mutable=mutable))
 
@@ -263,9 +261,8 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str, *, mesh=None):
     history = []
     counter = NonFiniteCounter("grpo", cfg.get("nonfinite", "skip"),
                                skipped=(meta or {}).get("nonfinite_skipped", 0))
-    done, data_state = start, it.get_state()
-
     totals.update((meta or {}).get("counts", {}))
+    done, data_state = start, it.get_state()
 
     def meta_at(step):
         return {"step": step, "data": data_state, "nonfinite_skipped": counter.skipped,

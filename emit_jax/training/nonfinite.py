@@ -56,6 +56,16 @@ def keep_if_finite(nodes, filt, before: dict, ok: jax.Array) -> None:
     nnx.update(nodes, state)
 
 
+def update_if_finite(model, optimizer, grads, loss, mutable, before: dict) -> jax.Array:
+    """``optimizer.update(model, grads)``, then put ``before`` (the :func:`snapshot` of
+    ``mutable`` taken ahead of the forward pass) back unless ``loss`` and ``grads`` are finite.
+    Returns that scalar bool."""
+    optimizer.update(model, grads)
+    ok = all_finite(loss, grads)
+    keep_if_finite((model, optimizer), mutable, before, ok)  # a bad step: no trace
+    return ok
+
+
 class NonFiniteCounter:
     """Host-side bookkeeping of skipped steps for one stage."""
 

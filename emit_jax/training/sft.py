@@ -155,8 +155,9 @@ def _data_state(meta: dict, process_count: int) -> dict:
 def make_train_step(wrt, mesh=None, rules=None):
     """``step(model, optimizer, b) -> (loss, label tokens, correct tokens, finite)``, updating
     both in place unless the loss or a gradient is non-finite (then nothing changes,
-    ``emit_jax.training.nonfinite``): one jitted program; over ``mesh`` with the parameters and optimizer state sharded by
-    their logical axes and the batch over data x fsdp (``emit_jax.parallel.sharded_jit``)."""
+    ``emit_jax.training.nonfinite``): one jitted program; over ``mesh`` with the parameters and
+    optimizer state sharded by their logical axes and the batch over data x fsdp
+    (``emit_jax.parallel.sharded_jit``)."""
     from emit_jax.parallel import sharded_jit
 
     mutable = nnx.Any(wrt, nnx.Not(nnx.Param))
@@ -165,9 +166,7 @@ def make_train_step(wrt, mesh=None, rules=None):
         before = nonfinite.snapshot((model, optimizer), mutable)
         grad_fn = nnx.value_and_grad(sft_loss, argnums=nnx.DiffState(0, wrt), has_aux=True)
         (loss, (n, correct)), grads = grad_fn(model, b)
-        optimizer.update(model, grads)
-        ok = nonfinite.all_finite(loss, grads)
-        nonfinite.keep_if_finite((model, optimizer), mutable, before, ok)  # a bad step: no trace
+        ok = nonfinite.update_if_finite(model, optimizer, grads, loss, mutable, before)
         return loss, n, correct, ok
     return sharded_jit(step, mesh, rules, mutable=mutable)
 

@@ -78,10 +78,11 @@ class StageCheckpoints:
             os.makedirs(aside, exist_ok=True)
             target = os.path.join(aside, f"{step}-{int(time.time())}")
             shutil.move(os.path.join(self.directory, str(step)), target)
-            msg = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            from emit_jax.cli import message
+
             print(f"warning: {self.name or 'stage'} checkpoint step {step} is unreadable "
-                  f"({type(error).__name__}: {msg[:200]}); moved to {target}, trying the previous "
-                  f"step", file=sys.stderr, flush=True)
+                  f"({type(error).__name__}: {message(error)[:200]}); moved to {target}, trying "
+                  f"the previous step", file=sys.stderr, flush=True)
         from emit_jax.parallel import barrier
 
         barrier(f"ckpt-aside:{self.directory}:{step}")
