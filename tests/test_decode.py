@@ -109,3 +109,40 @@ def test_sampling_is_deterministic_per_key_and_respects_top_k():
     k1 = generate(model, ids, mask, max_new_tokens=8, temperature=0.7, top_k=1,
                   rng=jax.random.key(3))
     np.testing.assert_array_equal(np.asarray(g.tokens), np.asarray(k1.tokens))
+
+
+def _empirical(logits, n, **kw):
+    """Frequencies of ``n`` draws of ``sampling._select`` from one row of ``logits``."""
+    from emit_jax.ops import sampling
+
+    keys = jax.random.split(jax.random.key(0), n)
+    draw = jax.jit(jax.vmap(lambda k: sampling._select(logits[None], k, 1.0, **kw)[0][0]))
+    tok = np.asarray(draw(keys))
+    return np.bincount(tok, minlength=logits.shape[-1]) / n
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (4, 1.0), (0, 0.7), (5, 0.8)])
+def test_sampling_draws_follow_the_filtered_softmax(top_k, top_p):
+    """Inverse-CDF draws against the NumPy distribution top-k -> top-p -> softmax: every
+    frequency within 4.5 binomial standard deviations, and no filtered token ever drawn."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=12).astype(np.float32) * 1.5
+    logits[3] = -1e30  # a token with probability 0
+    order = np.argsort(-logits, kind="stable")
+    keep = np.ones(12, bool)
+    if top_k:
+        keep[order[top_k:]] = False
+    z = np.where(keep, logits, -np.inf)
+    p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    if top_p < 1.0:
+        ps = p[order]
+        kept = (np.cumsum(ps) - ps) < top_p
+        keep[order[~kept]] = False
+        z = np.where(keep, logits, -np.inf)
+        p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    n = 20000
+    freq = _empirical(jnp.asarray(logits), n, top_k=top_k, top_p=top_p)
+    assert np.all(freq[~keep] == 0)
+    sd = np.sqrt(p * (1 - p) / n)
+    np.testing.assert_array_less(np.abs(freq - p), 4.5 * sd + 1e-9)
+    assert keep.sum() >= 2  # the case really samples

@@ -3,8 +3,9 @@
 
 Prompts are left-padded to a common length ``T`` (``attention_mask`` marks real tokens). Each row
 stops at its own EOS; finished rows emit ``pad_token_id`` with log-prob 0. Greedy when
-``temperature == 0``; otherwise temperature, then top-k, then top-p (nucleus) filtering.
-Deterministic for a fixed ``rng``.
+``temperature == 0``; otherwise temperature, then top-k, then top-p (nucleus) filtering,
+then one draw per row by inverse CDF (one uniform per row; with top-k only among the k
+candidates). Deterministic for a fixed ``rng``.
 """
 
 from __future__ import annotations
@@ -42,17 +43,54 @@ def _filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return logits
 
 
+def _inverse_cdf(logits: jax.Array, rng: jax.Array, exp: jax.Array | None = None) -> jax.Array:
+    """One draw per row from ``softmax(logits [B, K])`` by inverting the cumulative
+    distribution with a single uniform per row -> index [B] int32. ``exp``: the caller's
+    ``exp(logits - max)`` when it has it.
+
+    Same distribution as ``jax.random.categorical`` (Gumbel-max), whose ``B x K`` Gumbel
+    noise costs about 9.5 ms per decode step at 16 x 32,000 on a 2-core CPU against 2.6 ms
+    here (``python -m emit_jax.bench rollout``). ``u`` lies in (0, 1], so the chosen index
+    always has positive probability: a masked (-inf / finfo.min) entry never comes out."""
+    if exp is None:
+        exp = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    cdf = jnp.cumsum(exp, axis=-1)                                         # [B, K]
+    u = (1.0 - jax.random.uniform(rng, (logits.shape[0], 1), cdf.dtype)) * cdf[:, -1:]
+    idx = jnp.sum(cdf < u, axis=-1)
+    return jnp.minimum(idx, logits.shape[-1] - 1).astype(jnp.int32)
+
+
+def _top_p_sorted(sorted_logits: jax.Array, top_p: float) -> jax.Array:
+    """``_filter_logits``'s nucleus rule on logits already sorted in descending order."""
+    if top_p >= 1.0:
+        return sorted_logits
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    return jnp.where(keep, sorted_logits, jnp.finfo(sorted_logits.dtype).min)
+
+
 def _select(logits, rng, temperature, top_k, top_p):
-    """``logits [B, V]`` -> (token [B], logprob [B])."""
-    logits = logits.astype(jnp.float32)
+    """``logits [B, V]`` -> (token [B], logprob [B]); the log-prob is under the
+    temperature-scaled policy before top-k / top-p (what GRPO's ratio uses). Without
+    filtering the draw reuses the log-softmax's ``exp``: one pass over the vocabulary."""
+    x = logits.astype(jnp.float32)
+    if temperature != 0.0:
+        x = x / temperature
+    m = jnp.max(x, axis=-1, keepdims=True)
+    e = jnp.exp(x - m)
+    log_z = m[:, 0] + jnp.log(jnp.sum(e, axis=-1))                        # [B]
     if temperature == 0.0:
-        token = jnp.argmax(logits, axis=-1)
-        logp = jax.nn.log_softmax(logits, axis=-1)
+        token = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    elif top_k and top_k < x.shape[-1]:
+        vals, idx = jax.lax.top_k(x, top_k)  # [B, k], sorted: the nucleus needs no vocab sort
+        j = _inverse_cdf(_top_p_sorted(vals, top_p), rng)
+        token = jnp.take_along_axis(idx, j[:, None], axis=-1)[:, 0]
+    elif top_p < 1.0:
+        token = _inverse_cdf(_filter_logits(x, 0, top_p), rng)
     else:
-        scaled = logits / temperature
-        logp = jax.nn.log_softmax(scaled, axis=-1)
-        token = jax.random.categorical(rng, _filter_logits(scaled, top_k, top_p), axis=-1)
-    return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+        token = _inverse_cdf(x, rng, exp=e)
+    token = token.astype(jnp.int32)
+    return token, jnp.take_along_axis(x, token[:, None], axis=-1)[:, 0] - log_z
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=(
@@ -73,6 +111,23 @@ def _sharded_sample(model, input_ids, attention_mask, pixel_values, ce_pixels, r
 _SHARDED: dict = {}  # mesh -> the sharded sampler (one compilation cache per mesh)
 
 
+def _output_head(model):
+    """``hidden [B, D] -> logits [B, V]`` for the decode loop. With tied embeddings the
+    ``[V, D]`` table is transposed once per call, outside the loop (the optimisation barrier
+    keeps XLA from folding the transpose back into every step's dot): on a 2-core CPU
+    ``[16, 512] @ [512, 32000]`` takes 2.5 ms against 3.9 ms for ``@ [32000, 512].T``."""
+    mllm = getattr(model, "mllm", model)
+    if getattr(mllm, "lm_head", None) is not None:
+        return model.logits_from_hidden
+    emb = mllm.language_model.embed_tokens
+    w_t = jax.lax.optimization_barrier(jnp.transpose(emb.embedding[...]))  # [D, V]
+
+    def head(hidden):
+        h, w = emb.promote_dtype((hidden, w_t), dtype=emb.dtype, inexact=True)
+        return jnp.dot(h, w)
+    return head
+
+
 def _sample_impl(model, input_ids, attention_mask, pixel_values, ce_pixels, rng, *,
                  max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p):
     b, t = input_ids.shape
@@ -80,7 +135,8 @@ def _sample_impl(model, input_ids, attention_mask, pixel_values, ce_pixels, rng,
     extra = {} if ce_pixels is None else {"ce_pixels": ce_pixels}
     out = model.forward(input_ids, pixel_values, attention_mask, cache=cache, compute_logits=False,
                         **extra)
-    last_logits = model.logits_from_hidden(out.last_hidden[:, -1])
+    head = _output_head(model)
+    last_logits = head(out.last_hidden[:, -1])
     rng, sub = jax.random.split(rng)
     token, logp = _select(last_logits, sub, temperature, top_k, top_p)
     tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token)
@@ -97,8 +153,7 @@ def _sample_impl(model, input_ids, attention_mask, pixel_values, ce_pixels, rng,
         o = model.forward(token[:, None], attention_mask=jnp.ones((b, 1), bool), cache=cache,
                           compute_logits=False)
         rng, sub = jax.random.split(rng)
-        nxt, lp = _select(model.logits_from_hidden(o.last_hidden[:, -1]), sub, temperature,
-                          top_k, top_p)
+        nxt, lp = _select(head(o.last_hidden[:, -1]), sub, temperature, top_k, top_p)
         nxt = jnp.where(done, pad_token_id, nxt)
         lp = jnp.where(done, 0.0, lp)
         tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step))
