@@ -186,6 +186,50 @@ def evaluate_records(model, tokenizer, records, *, limit: int | None = None, max
     return summarize(rows), rows
 
 
+def evaluate_adfm(model, tokenizer, records, *, limit: int | None = None, max_tiles: int = 1,
+                  max_new_tokens: int = 64, mesh=None) -> tuple[dict, list[dict]]:
+    """Greedy AD-FM answers for AD-FM records (:mod:`emit_jax.data.adfm`) -> (summary, rows).
+
+    summary: ``accuracy`` (% of records with R_cls = 1), ``balanced_accuracy`` (mean of the
+    anomalous and normal recalls, MMAD's AD metric), ``mean_iou`` (anomalous records with GT
+    boxes: :func:`emit_jax.rl.adfm.localization_iou` of the well-formed boxes in ``<think>``
+    against the GT, one-to-one, over ``max(m, n)``; x 100), ``hit_rate`` (% of those records
+    with a predicted box of IoU >= 0.1 to some GT box, ADFM_SPEC 5.5), ``boxes_per_answer``
+    and the counts."""
+    from emit_jax.models.emit import use_comp
+    from emit_jax.rl import adfm as A
+
+    runner = Runner(model, tokenizer, max_tiles=max_tiles, max_new_tokens=max_new_tokens, mesh=mesh)
+    rows = []
+    for k, rec in enumerate(records):
+        if limit is not None and k >= limit:
+            break
+        text = rec["messages"][0]["content"]
+        response = runner.answer(text, rec["images"], use_comp(len(rec["images"]), text))
+        pred = A.parse_boxes(A.think_content(response) or "", ordered_only=True)
+        gt = [list(b) for b in rec.get("bbox_answer") or []]
+        rows.append({"query": rec.get("query") or rec["images"][-1], "solution": rec["solution"],
+                     "response": response, "correct": A.is_correct(response, rec["solution"]),
+                     "pred_boxes": [list(b) for b in pred], "bbox_answer": gt,
+                     "iou": A.localization_iou(pred, gt) if gt else None,
+                     "hit": bool(gt) and any(A.iou(p, g) >= 0.1 for p in pred for g in gt)})
+    anomalous = [r for r in rows if A.normalize_gt(r["solution"]) == "a"]
+    normal = [r for r in rows if A.normalize_gt(r["solution"]) == "b"]
+    located = [r for r in rows if r["iou"] is not None]
+
+    def pct(xs):
+        return 100.0 * float(np.mean(xs)) if len(xs) else float("nan")
+    recalls = [pct([r["correct"] for r in part]) for part in (anomalous, normal) if part]
+    summary = {"questions": len(rows), "anomalous": len(anomalous), "normal": len(normal),
+               "accuracy": pct([r["correct"] for r in rows]),
+               "balanced_accuracy": float(np.mean(recalls)) if recalls else float("nan"),
+               "mean_iou": pct([r["iou"] for r in located]),
+               "hit_rate": pct([r["hit"] for r in located]), "located": len(located),
+               "boxes_per_answer": float(np.mean([len(r["pred_boxes"]) for r in rows]))
+               if rows else float("nan")}
+    return summary, rows
+
+
 def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str | None = None,
              think: bool = False, max_tiles: int = 6, max_new_tokens: int | None = None,
              split: str | None = None, seed: int = 0, log=print) -> dict:

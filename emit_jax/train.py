@@ -58,7 +58,12 @@ def _text_stage_records(cfg, records: dict, stage: str) -> list[dict]:
     statements = [r for r in records["warmup"] if not tasks or r["task_type"] in tasks]
     if stage == "warmup":
         return statements
-    return records["base"] + (statements if cfg.base.get("statements", False) else [])
+    extra = []
+    if cfg.base.get("adfm", False):  # AD-FM's three-stage format, from templated answers
+        from emit_jax.data.adfm import with_rationales
+
+        extra = with_rationales(records["adfm"])
+    return records["base"] + (statements if cfg.base.get("statements", False) else []) + extra
 
 
 def _stage_done(workdir: str, stage: str, steps: int) -> bool:
@@ -97,6 +102,22 @@ def _load_stage(workdir: str, stage: str):
 
     model, _ = checkpoint.load_model(os.path.join(workdir, stage, "model"))
     return model
+
+
+def _adfm_frame(cfg) -> tuple[int, int]:
+    """The model's input frame ``(W, H)`` for AD-FM boxes: ``image_size``, else the HF
+    checkpoint's vision config, else the architecture's."""
+    size = cfg.get("image_size") or 0
+    hf_config = os.path.join(cfg.init_from or "", "config.json")
+    if not size and cfg.init_from and os.path.isfile(hf_config):
+        with open(hf_config, encoding="utf-8") as f:
+            size = json.load(f).get("vision_config", {}).get("image_size", 0)
+            size = size[0] if isinstance(size, (list, tuple)) else size
+    if not size:
+        from emit_jax.models import architectures
+
+        size = architectures.get_config(cfg.arch).vision.image_size
+    return int(size), int(size)
 
 
 def build_initial_model(cfg, tokenizer):
@@ -186,7 +207,8 @@ def _prepare_data(cfg, workdir: str, *, write: bool = True):
     kw = dict(seed=cfg.data.seed, text_samples=cfg.data.text_samples,
               dk_sentences=cfg.data.get("dk_sentences", 0),
               base_think=cfg.data.get("base_think", True),
-              domain_knowledge=cfg.data.get("domain_knowledge", True))
+              domain_knowledge=cfg.data.get("domain_knowledge", True),
+              adfm_frame=_adfm_frame(cfg) if cfg.data.get("adfm", False) else None)
     if write:
         records = stage_records(source, workdir, **kw)
         _log("[data] " + ", ".join(f"{k} {len(v)}" for k, v in records.items()))
@@ -269,7 +291,7 @@ def run(cfg, workdir: str) -> dict:
         elif stage == "grpo":
             from emit_jax.training.grpo import run_grpo
 
-            model, info = run_grpo(model, records["grpo"], tokenizer, cfg,
+            model, info = run_grpo(model, records[cfg.grpo.get("records", "grpo")], tokenizer, cfg,
                                    os.path.join(workdir, "grpo"), mesh=mesh)
         else:
             raise ValueError(f"unknown stage {stage!r} (warmup, base, sft, sft2, grpo)")
@@ -301,6 +323,19 @@ def run(cfg, workdir: str) -> dict:
                         + [f"{summary.average['Average']:.1f}"]], header,
                        os.path.join(workdir, "results.png"),
                        title=f"held-out test split ({len(rows)} questions)")
+    if model is not None and cfg.get("eval_adfm", 0) and "adfm_test" in records:
+        from emit_jax.evaluate import evaluate_adfm
+
+        model.eval()
+        adfm_summary, adfm_rows = evaluate_adfm(
+            model, tokenizer, records["adfm_test"], limit=int(cfg.eval_adfm),
+            max_tiles=cfg.data.max_tiles, mesh=mesh,
+            max_new_tokens=int(cfg.get("eval_adfm_tokens") or cfg.grpo.max_new_tokens))
+        results.update(adfm_test=adfm_summary, adfm_answers=adfm_rows)
+        if parallel.is_primary():
+            print("AD-FM held-out (" + ", ".join(
+                f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in adfm_summary.items()) + ")", flush=True)
     if model is not None and cfg.export_hf and not os.path.isdir(os.path.join(workdir, "hf")):
         from emit_jax import hf
 

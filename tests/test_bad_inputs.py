@@ -646,6 +646,10 @@ def test_shipped_configs_pass():
     ("data.length_buckets", (1024, 512), "must be increasing positive integers"),
     ("init_from", "/no/such/checkpoint", "init_from: '/no/such/checkpoint' is not a folder"),
     ("memory.attention_chunk", -1, "memory.attention_chunk: -1 is below 0"),
+    ("grpo.correct", "vibes", "grpo.correct: 'vibes' must be 'accuracy' or 'adfm_cls'"),
+    ("grpo.records", "mmad", "grpo.records: 'mmad' must be 'grpo'"),
+    ("grpo.records", "adfm", "data.adfm: False must be True when grpo.records='adfm'"),
+    ("eval_adfm", 10, "data.adfm: False must be True"),
 ])
 def test_validate_config_names_key_and_problem(key, value, needle):
     from emit_jax.models.config import ConfigError

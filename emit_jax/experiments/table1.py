@@ -77,7 +77,11 @@ def load_config(path: str, overrides: dict):
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    cfg = mod.get_config(arg or None)
+    return apply_overrides(mod.get_config(arg or None), overrides)
+
+
+def apply_overrides(cfg, overrides: dict):
+    """``cfg`` with ``{"grpo.steps": 20, ...}`` set; an unknown field raises KeyError."""
     for key, value in overrides.items():
         node = cfg
         *parents, leaf = key.split(".")

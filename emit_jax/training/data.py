@@ -18,6 +18,9 @@ Stage data:
 - ``sft`` (stage 1): anomaly discrimination + defect localization, direct answers.
 - ``grpo`` (stage 2): all four tasks, think instruction, ``solution`` letters.
 - ``validation`` / ``test``: stage-2 style questions of those splits.
+- ``adfm`` / ``adfm_test`` (only with ``adfm_frame``): AD-FM records of the train / test split
+  (:mod:`emit_jax.data.adfm`: three-stage prompt, ``solution`` A/B, ``bbox_answer`` in the
+  model frame).
 """
 
 from __future__ import annotations
@@ -117,11 +120,15 @@ def warmup_records(questions, *, seed: int = 0, shuffles: int = 4,
 
 def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_samples: bool = True,
                   dk_sentences: int = 0, base_think: bool = True,
-                  domain_knowledge: bool = True) -> dict[str, list[dict]]:
+                  domain_knowledge: bool = True,
+                  adfm_frame: tuple[int, int] | None = None) -> dict[str, list[dict]]:
     """{'warmup', 'base', 'sft', 'grpo', 'validation', 'test'} -> records (cached as JSONL in workdir).
-    ``domain_knowledge=False`` leaves the domain-knowledge block out of every prompt."""
+    ``domain_knowledge=False`` leaves the domain-knowledge block out of every prompt.
+    ``adfm_frame`` ``(W, H)``: also the AD-FM sets ``adfm`` and ``adfm_test``, boxes in that
+    frame (the model's input size)."""
     out_dir = os.path.join(workdir, "data")
-    names = ("warmup", "base", "sft", "grpo", "validation", "test")
+    names = ("warmup", "base", "sft", "grpo", "validation", "test") + \
+        (("adfm", "adfm_test") if adfm_frame else ())
     paths = {n: os.path.join(out_dir, f"{n}.jsonl") for n in names}
     if all(os.path.isfile(p) for p in paths.values()):  # image paths must stay in the dataset
         return {n: list(jsonl.read_jsonl(p, data_root=dataset_root)) for n, p in paths.items()}
@@ -154,6 +161,14 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
     for s in ("validation", "test"):
         part = [it for it in items if split(it, s)]
         recs[s] = jsonl.records(tasks.build_questions(part, stage=2, think=False, **kw), 2)
+    if adfm_frame:
+        from emit_jax.data import adfm
+
+        recs["adfm"] = adfm.records(train, references=refs, frame=adfm_frame)
+        recs["adfm_test"] = adfm.records([it for it in items if split(it, "test")],
+                                         references=refs, frame=adfm_frame, prefix="adfm-test")
+        # a fixed shuffle: an evaluation limit then takes a mix of classes, normal and anomalous
+        random.Random(f"adfm-{seed}").shuffle(recs["adfm_test"])
     for n in names:
         jsonl.write_jsonl(recs[n], paths[n])
     return recs

@@ -38,6 +38,20 @@ from emit_jax.training.state import StageCheckpoints
 TRAINED_IN_FULL = ("soft_prompt", "projector", "multi_modal_projector")
 
 
+def correctness(name: str):
+    """What "correct" means for resampling, reweighting and the accuracy metrics: ``accuracy``
+    (EMIT: the answer letter matches) or ``adfm_cls`` (AD-FM: R_cls = 1)."""
+    if name == "accuracy":
+        from emit_jax.rl import rewards
+
+        return rewards.is_correct
+    if name == "adfm_cls":
+        from emit_jax.rl import adfm
+
+        return adfm.is_correct
+    raise ValueError(f"grpo.correct must be 'accuracy' or 'adfm_cls', got {name!r}")
+
+
 def lora_provider(cfg):
     import qwix
 
@@ -227,6 +241,10 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str, *, mesh=None):
         it.set_state(meta["data"])
 
     names, weights = list(g.reward_names), [float(w) for w in g.reward_weights]
+    is_correct = correctness(g.get("correct", "accuracy"))
+    # record fields the rewards read (AD-FM's GT boxes) and constant reward options
+    forwarded = [k for k in ("bbox_answer",) if any(k in r for r in records)]
+    reward_kwargs = dict(g.get("reward_kwargs", {}))
 
     def encode_group(recs, step, round_):
         rng = np.random.default_rng([cfg.seed, step, round_])
@@ -284,7 +302,7 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str, *, mesh=None):
                             for k in range(len(indices))]
 
                 result = G_.resample_groups(
-                    generate_fn, recs, G, lambda r, c: R_.is_correct(c[0], r.get("solution", "")),
+                    generate_fn, recs, G, lambda r, c: is_correct(c[0], r.get("solution", "")),
                     max_resample_times=int(g.max_resample_times), on_failure="keep",
                     enabled=bool(g.resample), pass_round=True)
                 batch = first_batch["b"]
@@ -295,7 +313,10 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str, *, mesh=None):
                 correct = np.array(result.flat_correct())
                 solutions = [recs[i].get("solution", "") for i in result.prompt_indices for _ in range(G)]
                 lengths = [int(l) - int(l > 0 and toks[i, l - 1] == eos) for i, l in enumerate(lens)]
-                total, parts = R_.combine(names, weights, texts, solution=solutions, lengths=lengths)
+                fields = {k: [recs[i].get(k) for i in result.prompt_indices for _ in range(G)]
+                          for k in forwarded}
+                total, parts = R_.combine(names, weights, texts, solution=solutions, lengths=lengths,
+                                          **fields, **reward_kwargs)
                 adv = G_.group_advantages(jnp.asarray(total, jnp.float32), G)
                 adv = G_.apply_difficulty(adv, jnp.asarray(correct), G, enabled=bool(g.reweight))
                 comp_mask = (np.arange(toks.shape[1])[None, :] < lens[:, None]).astype(np.int32)

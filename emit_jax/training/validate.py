@@ -109,6 +109,12 @@ def _grpo_section(g) -> None:
               f"{len(names)} reward_names")
     for i, w in enumerate(weights):
         _float({"w": w}, "w", f"grpo.reward_weights[{i}]")
+    correct = g.get("correct", "accuracy")
+    if correct not in ("accuracy", "adfm_cls"):
+        _fail("grpo.correct", correct, "must be 'accuracy' or 'adfm_cls'")
+    rec = g.get("records", "grpo")
+    if rec not in ("grpo", "adfm"):
+        _fail("grpo.records", rec, "must be 'grpo' (EMIT's four tasks) or 'adfm'")
     lora = _get(g, "lora", "grpo.lora")
     _int(lora, "rank", "grpo.lora.rank", low=1)
     _float(lora, "alpha", "grpo.lora.alpha", low=0.0, low_open=True)
@@ -170,6 +176,11 @@ def validate_config(cfg, *, num_devices: int | None = None) -> None:
             _optim_section(cfg[s], s)
         else:
             _grpo_section(cfg.grpo)
+    uses_adfm = ("grpo" in stages and cfg.grpo.get("records", "grpo") == "adfm") or \
+        ("base" in stages and cfg.base.get("adfm", False)) or bool(cfg.get("eval_adfm", 0))
+    if uses_adfm and not ("data" in cfg and cfg.data.get("adfm", False)):
+        _fail("data.adfm", False, "must be True when grpo.records='adfm', base.adfm=True or "
+              "eval_adfm > 0 (the AD-FM records are only built then)")
     if "sft2" in stages:
         if "grpo" not in cfg or "lora" not in cfg.grpo:
             raise ConfigError("config stages: 'sft2' uses grpo.lora, but the config has none")
