@@ -72,3 +72,25 @@ def test_with_rationales_adds_the_assistant_turn(recs):
     assert [m["role"] for m in sft[0]["messages"]] == ["user", "assistant"]
     assert sft[0]["messages"][1]["content"] == D.rationale(out[0])
     assert "messages" in out[0] and len(out[0]["messages"]) == 1  # the input is not changed
+
+
+def test_build_cli_writes_adfm_records(recs, tmp_path, capsys):
+    """``python -m emit_jax.data.build --adfm-frame 448``: AD-FM records for a user's dataset,
+    boxes in the 448 frame (the embedded 224 masks scaled x2)."""
+    import json
+
+    from emit_jax.data import build
+
+    items, _ = recs
+    root = items[0].path.split("/pill/")[0]
+    out = tmp_path / "adfm.jsonl"
+    assert build.main(["--source", root, "--out", str(out), "--stage", "2", "--split", "all",
+                       "--max-per-type", "2", "--adfm-frame", "448"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in open(out, encoding="utf-8")]
+    assert summary["records"] == len(rows) > 0 and summary["anomalous"] > 0
+    for r in rows:
+        assert r["frame"] == [448, 448] and "448x448" in r["messages"][0]["content"]
+        for x1, y1, x2, y2 in r["bbox_answer"]:
+            assert 0 <= x1 < x2 <= 448 and 0 <= y1 < y2 <= 448
+    assert sum(len(r["bbox_answer"]) for r in rows) == summary["boxes"] > 0

@@ -64,7 +64,10 @@ def subsample(items, max_per_type: int | None, seed: int):
 def build(source: str, out: str, stage: int, *, seed: int = 0, split: str | None = None,
           domain_knowledge: str | None = None, embedding: str = "auto", checkpoint: str | None = None,
           official_reference: bool = False, text_samples: bool = False,
-          max_per_type: int | None = None, policy: str = "error") -> dict:
+          max_per_type: int | None = None, policy: str = "error",
+          adfm_frame: int | None = None) -> dict:
+    """EMIT records of ``stage`` from ``source``; ``adfm_frame`` (the model's input size,
+    e.g. 448 for InternVL3): AD-FM records instead, GT boxes in that frame."""
     from emit_jax.fileio import check_writable
 
     check_writable(out)  # before the work, not after it
@@ -93,6 +96,17 @@ def build(source: str, out: str, stage: int, *, seed: int = 0, split: str | None
     dk_path = domain_knowledge or (os.path.join(source, "domain_knowledge.json")
                                    if os.path.isfile(os.path.join(source, "domain_knowledge.json"))
                                    else None)
+    if adfm_frame:
+        from emit_jax.data import adfm
+
+        if adfm_frame < 1:
+            raise DataError(f"--adfm-frame must be a positive size, got {adfm_frame}")
+        recs = adfm.records(items, references=refs, frame=(adfm_frame, adfm_frame), report=report)
+        n = jsonl.write_jsonl(recs, out)
+        return {"out": out, "records": n, "images": len(items),
+                "anomalous": sum(r["solution"] == "A" for r in recs),
+                "boxes": sum(len(r["bbox_answer"]) for r in recs),
+                "skipped": len(report.skipped), "embedding": embedding}
     dk = load_domain_knowledge(dk_path, items[0].dataset)
     qs = tasks.build_questions(items, stage=stage, seed=seed, references=refs,
                                domain_knowledge=dk, text_samples=text_samples, report=report)
@@ -118,11 +132,15 @@ def main(argv=None) -> int:
     p.add_argument("--text-samples", action="store_true")
     p.add_argument("--max-per-type", type=int, default=None)
     p.add_argument("--policy", choices=["error", "skip"], default="error")
+    p.add_argument("--adfm-frame", type=int, default=None, metavar="SIZE",
+                   help="write AD-FM records (three-stage prompt, solution A/B, bbox_answer "
+                        "boxes in a SIZE x SIZE model frame) instead of EMIT's")
     a = p.parse_args(argv)
     summary = build(a.source, a.out, a.stage, seed=a.seed, split=a.split,
                     domain_knowledge=a.domain_knowledge, embedding=a.embedding,
                     checkpoint=a.checkpoint, official_reference=a.official_reference,
-                    text_samples=a.text_samples, max_per_type=a.max_per_type, policy=a.policy)
+                    text_samples=a.text_samples, max_per_type=a.max_per_type, policy=a.policy,
+                    adfm_frame=a.adfm_frame)
     print(json.dumps(summary))
     return 0
 
