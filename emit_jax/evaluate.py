@@ -161,22 +161,28 @@ def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, 
     return out
 
 
+def _record_answers(runner: Runner, records, limit: int | None):
+    """``(record, greedy response)`` for the first ``limit`` JSONL records (all when None)."""
+    from emit_jax.models.emit import use_comp
+
+    for k, rec in enumerate(records):
+        if limit is not None and k >= limit:
+            return
+        text = rec["messages"][0]["content"]
+        yield rec, runner.answer(text, rec["images"], use_comp(len(rec["images"]), text))
+
+
 def evaluate_records(model, tokenizer, records, *, limit: int | None = None, max_tiles: int = 1,
                      max_new_tokens: int = 8, think: bool = False, root: str | None = None,
                      mesh=None):
     """Greedy answers for EMIT JSONL records (``solution``, ``options``, ``task_type``) ->
     (Summary, rows). Used for held-out accuracy during training."""
     from emit_jax.eval.scoring import parse_answer, summarize
-    from emit_jax.models.emit import use_comp
 
     runner = Runner(model, tokenizer, max_tiles=max_tiles, max_new_tokens=max_new_tokens, mesh=mesh)
     rows = []
-    for k, rec in enumerate(records):
-        if limit is not None and k >= limit:
-            break
-        text = rec["messages"][0]["content"]
+    for rec, response in _record_answers(runner, records, limit):
         options = {chr(65 + i): o for i, o in enumerate(rec.get("options", []))}
-        response = runner.answer(text, rec["images"], use_comp(len(rec["images"]), text))
         query = rec.get("query") or rec["images"][-1]
         key = f"{rec.get('dataset', 'data')}/{os.path.relpath(query, root) if root else query}"
         rows.append({"image": key, "question_type": MVTEC_TYPES[rec["task_type"]],
@@ -196,16 +202,11 @@ def evaluate_adfm(model, tokenizer, records, *, limit: int | None = None, max_ti
     against the GT, one-to-one, over ``max(m, n)``; x 100), ``hit_rate`` (% of those records
     with a predicted box of IoU >= 0.1 to some GT box, ADFM_SPEC 5.5), ``boxes_per_answer``
     and the counts."""
-    from emit_jax.models.emit import use_comp
     from emit_jax.rl import adfm as A
 
     runner = Runner(model, tokenizer, max_tiles=max_tiles, max_new_tokens=max_new_tokens, mesh=mesh)
     rows = []
-    for k, rec in enumerate(records):
-        if limit is not None and k >= limit:
-            break
-        text = rec["messages"][0]["content"]
-        response = runner.answer(text, rec["images"], use_comp(len(rec["images"]), text))
+    for rec, response in _record_answers(runner, records, limit):
         pred = A.parse_boxes(A.think_content(response) or "", ordered_only=True)
         gt = [list(b) for b in rec.get("bbox_answer") or []]
         rows.append({"query": rec.get("query") or rec["images"][-1], "solution": rec["solution"],

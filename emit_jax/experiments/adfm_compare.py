@@ -34,7 +34,8 @@ import sys
 
 import numpy as np
 
-from emit_jax.experiments.table1 import TASK_COLUMNS, apply_overrides, load_config, parse_sets
+from emit_jax.experiments.table1 import (TASK_COLUMNS, apply_overrides, load_config,
+                                         mean_std_table, parse_sets)
 from emit_jax.fileio import atomic_output
 
 CONFIG_DIR = "configs"
@@ -98,26 +99,13 @@ def run_row(row: str, overrides: dict, seed: int, seed_dir: str, first: str,
 
 def summarize(results: list[dict]) -> tuple[str, dict]:
     seeds = sorted({r["seed"] for r in results})
-    cols = [*TASK_COLUMNS, "Average", *(c for c, _ in ADFM_COLUMNS)]
-    lines = ["| Row | " + " | ".join(cols) + " |", "|:--" + "|--:" * len(cols) + "|"]
-    data = {}
-    for row in ROWS:
-        rs = [r for r in results if r["row"] == row]
-        if not rs:
-            continue
-        cells, data[row] = [], {}
-        for col in cols:
-            key = dict(ADFM_COLUMNS).get(col)
-            vals = [(r["adfm"].get(key) if key else r["average"] if col == "Average"
-                     else r["tasks"].get(col)) for r in rs]
-            vals = [float(v) for v in vals if v is not None and np.isfinite(float(v))]
-            if not vals:
-                cells.append("–")
-                continue
-            m, s = float(np.mean(vals)), float(np.std(vals))
-            data[row][col] = {"mean": m, "std": s, "values": vals}
-            cells.append(f"{m:.1f} ± {s:.1f}")
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    adfm_keys = dict(ADFM_COLUMNS)
+
+    def value(r, col):
+        v = (r["adfm"].get(adfm_keys[col]) if col in adfm_keys
+             else r["average"] if col == "Average" else r["tasks"].get(col))
+        return None if v is None or not np.isfinite(float(v)) else v
+    lines, data = mean_std_table(results, ROWS, (*TASK_COLUMNS, "Average", *adfm_keys), value)
     note = (f"held-out test split, {len(seeds)} seed(s) {seeds}: mean ± std. EMIT's four tasks "
             "(accuracy %, AD balanced), then AD-FM's prompt on the test images (AD accuracy and "
             "balanced accuracy %, mean IoU x 100 of the anomalous images' boxes, hit rate % at "

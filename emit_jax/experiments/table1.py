@@ -140,20 +140,20 @@ def run_row(cfg_path: str, overrides: dict, seed: int, seed_dir: str, row: str) 
     return out
 
 
-def summarize(results: list[dict]) -> tuple[str, dict]:
-    """Markdown table (mean ± std over seeds per row and task) and its JSON form."""
-    seeds = sorted({r["seed"] for r in results})
-    header = ["Row", *TASK_COLUMNS, "Average"]
-    lines = ["| " + " | ".join(header) + " |", "|:--" + "|--:" * (len(header) - 1) + "|"]
+def mean_std_table(results: list[dict], rows, cols, value) -> tuple[list[str], dict]:
+    """Markdown lines (header, rule, one line per row present in ``results``) with
+    ``mean ± std`` (population) over the runs of each row, and the same as
+    ``{row: {col: {"mean", "std", "values"}}}``. ``value(run, col)`` gives a float or None
+    (left out; a cell with no value shows "–")."""
+    lines = ["| Row | " + " | ".join(cols) + " |", "|:--" + "|--:" * len(cols) + "|"]
     data = {}
-    for row in ROWS:
+    for row in rows:
         rs = [r for r in results if r["row"] == row]
         if not rs:
             continue
         cells, data[row] = [], {}
-        for col in (*TASK_COLUMNS, "Average"):
-            vals = [r["average"] if col == "Average" else r["tasks"].get(col) for r in rs]
-            vals = [float(v) for v in vals if v is not None]
+        for col in cols:
+            vals = [float(v) for v in (value(r, col) for r in rs) if v is not None]
             if not vals:
                 cells.append("–")
                 continue
@@ -161,6 +161,15 @@ def summarize(results: list[dict]) -> tuple[str, dict]:
             data[row][col] = {"mean": m, "std": s, "values": vals}
             cells.append(f"{m:.1f} ± {s:.1f}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines, data
+
+
+def summarize(results: list[dict]) -> tuple[str, dict]:
+    """Markdown table (mean ± std over seeds per row and task) and its JSON form."""
+    seeds = sorted({r["seed"] for r in results})
+    lines, data = mean_std_table(
+        results, ROWS, (*TASK_COLUMNS, "Average"),
+        lambda r, col: r["average"] if col == "Average" else r["tasks"].get(col))
     note = f"held-out test split, {len(seeds)} seed(s) {seeds}: mean ± std (accuracy %, AD balanced)"
     constant = [f"{r['row']} (seed {r['seed']}: {next(iter(r['letters']))})" for r in results
                 if len(r.get("letters") or {}) == 1]

@@ -26,21 +26,21 @@ class SampleOutput(NamedTuple):
     lengths: jax.Array  # [B] int32, generated tokens per row (EOS included)
 
 
-def _filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
-    """Mask ``logits [B, V]`` outside the top-k / top-p set with -inf."""
-    neg = jnp.finfo(logits.dtype).min
-    if top_k and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, neg, logits)
-    if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        cum = jnp.cumsum(probs, axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always kept)
-        keep = (cum - probs) < top_p
-        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, neg, logits)
-    return logits
+def _nucleus(sorted_logits: jax.Array, top_p: float) -> jax.Array:
+    """``[B, K]`` logits sorted in descending order -> bool mask of the smallest prefix whose
+    probability mass reaches ``top_p`` (the first token always kept)."""
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    return (jnp.cumsum(probs, axis=-1) - probs) < top_p
+
+
+def _top_p_vocab(logits: jax.Array, top_p: float) -> jax.Array:
+    """Mask ``logits [B, V]`` outside the top-p set with the dtype's minimum (a full sort)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    keep = _nucleus(sorted_logits, top_p)
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < cutoff, jnp.finfo(logits.dtype).min, logits)
 
 
 def _inverse_cdf(logits: jax.Array, rng: jax.Array, exp: jax.Array | None = None) -> jax.Array:
@@ -61,12 +61,11 @@ def _inverse_cdf(logits: jax.Array, rng: jax.Array, exp: jax.Array | None = None
 
 
 def _top_p_sorted(sorted_logits: jax.Array, top_p: float) -> jax.Array:
-    """``_filter_logits``'s nucleus rule on logits already sorted in descending order."""
+    """The nucleus rule on logits already sorted in descending order (no sort needed)."""
     if top_p >= 1.0:
         return sorted_logits
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
-    return jnp.where(keep, sorted_logits, jnp.finfo(sorted_logits.dtype).min)
+    return jnp.where(_nucleus(sorted_logits, top_p), sorted_logits,
+                     jnp.finfo(sorted_logits.dtype).min)
 
 
 def _select(logits, rng, temperature, top_k, top_p):
@@ -80,13 +79,13 @@ def _select(logits, rng, temperature, top_k, top_p):
     e = jnp.exp(x - m)
     log_z = m[:, 0] + jnp.log(jnp.sum(e, axis=-1))                        # [B]
     if temperature == 0.0:
-        token = jnp.argmax(x, axis=-1).astype(jnp.int32)
+        token = jnp.argmax(x, axis=-1)
     elif top_k and top_k < x.shape[-1]:
         vals, idx = jax.lax.top_k(x, top_k)  # [B, k], sorted: the nucleus needs no vocab sort
         j = _inverse_cdf(_top_p_sorted(vals, top_p), rng)
         token = jnp.take_along_axis(idx, j[:, None], axis=-1)[:, 0]
     elif top_p < 1.0:
-        token = _inverse_cdf(_filter_logits(x, 0, top_p), rng)
+        token = _inverse_cdf(_top_p_vocab(x, top_p), rng)
     else:
         token = _inverse_cdf(x, rng, exp=e)
     token = token.astype(jnp.int32)
