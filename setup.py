@@ -21,6 +21,7 @@ setup(
         "chex>=0.1.90",
         "ml_collections>=1.0",
         "numpy>=1.26",
+        "scipy>=1.10",  # connected components and Hungarian matching (AD-FM boxes and rewards)
         "transformers>=5.0",
         "safetensors>=0.4",
         "grain>=0.2.12",
