@@ -25,7 +25,11 @@ def base_config() -> ml_collections.ConfigDict:
     # reach that pathway from the heat map, so the default recipe leaves it out.
     c.warmup = ml_collections.ConfigDict(dict(steps=300, batch_size=32, lr=2e-3, warmup_ratio=0.05,
                                               weight_decay=0.01, b1=0.9, b2=0.95, clip_norm=1.0,
-                                              tasks=()))  # () = all four tasks
+                                              tasks=(),  # () = all four tasks
+                                              # the hint: "statement" (a sentence) or "map" (a
+                                              # defect map in the contrastive tokens' place; AD
+                                              # and DL only; warmup_map in emit_jax.training.data)
+                                              hint="statement"))
     # the base-model stage: the whole tiny MLLM, all four tasks (direct + templated think answers)
     c.base = ml_collections.ConfigDict(dict(steps=150, batch_size=8, lr=2e-3, warmup_ratio=0.05,
                                             weight_decay=0.01, b1=0.9, b2=0.95, clip_norm=1.0,

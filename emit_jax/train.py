@@ -55,7 +55,8 @@ def _text_stage_records(cfg, records: dict, stage: str) -> list[dict]:
     warm-up taught (statement at the end of the user turn -> answer letter) is kept while the
     base stage learns the image tasks."""
     tasks = tuple(cfg.warmup.get("tasks", ())) if "warmup" in cfg else ()
-    statements = [r for r in records["warmup"] if not tasks or r["task_type"] in tasks]
+    source = "warmup_map" if _map_grid(cfg) else "warmup"
+    statements = [r for r in records[source] if not tasks or r["task_type"] in tasks]
     if stage == "warmup":
         return statements
     extra = []
@@ -118,6 +119,20 @@ def _adfm_frame(cfg) -> tuple[int, int]:
 
         size = architectures.get_config(cfg.arch).vision.image_size
     return int(size), int(size)
+
+
+def _map_grid(cfg) -> int:
+    """The contrastive-token grid side when the warm-up's hints are defect maps
+    (``warmup.hint='map'``), else 0: the ViT's patch grid halved by the projector's stride-2
+    conv (8 for ``tiny``)."""
+    hint = cfg.warmup.get("hint", "statement") if "warmup" in cfg else "statement"
+    if hint not in ("statement", "map"):
+        raise ValueError(f"warmup.hint must be 'statement' or 'map', got {hint!r}")
+    if hint == "statement":
+        return 0
+    from emit_jax.models import architectures
+
+    return _adfm_frame(cfg)[0] // architectures.get_config(cfg.arch).vision.patch_size // 2
 
 
 def build_initial_model(cfg, tokenizer):
@@ -208,7 +223,8 @@ def _prepare_data(cfg, workdir: str, *, write: bool = True):
               dk_sentences=cfg.data.get("dk_sentences", 0),
               base_think=cfg.data.get("base_think", True),
               domain_knowledge=cfg.data.get("domain_knowledge", True),
-              adfm_frame=_adfm_frame(cfg) if cfg.data.get("adfm", False) else None)
+              adfm_frame=_adfm_frame(cfg) if cfg.data.get("adfm", False) else None,
+              map_grid=_map_grid(cfg))
     if write:
         records = stage_records(source, workdir, **kw)
         _log("[data] " + ", ".join(f"{k} {len(v)}" for k, v in records.items()))

@@ -650,6 +650,7 @@ def test_shipped_configs_pass():
     ("grpo.records", "mmad", "grpo.records: 'mmad' must be 'grpo'"),
     ("grpo.records", "adfm", "data.adfm: False must be True when grpo.records='adfm'"),
     ("eval_adfm", 10, "data.adfm: False must be True"),
+    ("warmup.hint", "picture", "warmup.hint: 'picture' must be 'statement' or 'map'"),
 ])
 def test_validate_config_names_key_and_problem(key, value, needle):
     from emit_jax.models.config import ConfigError

@@ -1,9 +1,14 @@
 """Stage data of the embedded-default recipe: the text-only warm-up and the SFT-instead-of-GRPO
 records (emit_jax.training.data)."""
 
+import numpy as np
+from PIL import Image
+
 from emit_jax.data import prompts
 from emit_jax.data.tasks import Question
-from emit_jax.training.data import rationale, warmup_records, with_rationales
+from emit_jax.models.emit import HINT_TEXT
+from emit_jax.training.data import (MAP_CLEAN, MAP_DEFECT, defect_map, rationale,
+                                    warmup_records, with_rationales)
 
 
 def _q(task, options, answer, **meta):
@@ -47,3 +52,74 @@ def test_rationales_for_stage2_records():
     assert rationale(dict(rec, adlabel=0), "A").startswith(
         "<think>The product is a cable. Compared with the reference it looks normal")
     assert len(rec["messages"]) == 1  # the input record is not modified
+
+
+def _map_cells(text: str, grid: int) -> np.ndarray:
+    assert len(text) == grid * grid and set(text) <= {MAP_DEFECT, MAP_CLEAN}
+    return np.array([c == MAP_DEFECT for c in text]).reshape(grid, grid)
+
+
+def test_defect_map_marks_the_cells_a_mask_touches(tmp_path):
+    mask = np.zeros((64, 96), np.uint8)  # H 64, W 96: grid 4 -> cells of 16 x 24 pixels
+    mask[0, 0] = 255  # top-left cell, one pixel
+    mask[40:50, 70:80] = 255  # row 2 (32..47) and 3 (48..63), column 2 (48..71) and 3 (72..95)
+    path = tmp_path / "m.png"
+    Image.fromarray(mask).save(path)
+    want = np.zeros((4, 4), bool)
+    want[0, 0] = True
+    want[2:4, 2:4] = True
+    np.testing.assert_array_equal(_map_cells(defect_map(str(path), 4), 4), want)
+    # the NumPy reference: max-pool of the mask over equal bands
+    pooled = mask.reshape(4, 16, 4, 24).max(axis=(1, 3)) > 0
+    np.testing.assert_array_equal(_map_cells(defect_map(str(path), 4), 4), pooled)
+    assert defect_map(None, 3) == MAP_CLEAN * 9
+
+
+def test_map_warmup_keeps_ad_and_dl_image_questions_with_their_map(tmp_path):
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:8, 24:] = 1  # top right
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    m = str(tmp_path / "m.png")
+    qs = [_q("anomaly_discrimination", ["Yes.", "No."], "A", mask_path=m, chat_type="image"),
+          _q("anomaly_discrimination", ["Yes.", "No."], "B", adlabel=0, anomaly_type=None,
+             defect_location=[], mask_path=None, chat_type="image"),
+          _q("defect_localization", ["Top right.", "Left.", "Center.", "Bottom."], "A",
+             mask_path=m, chat_type="image"),
+          _q("anomaly_discrimination", ["Yes.", "No."], "A", mask_path=m, chat_type="text"),
+          _q("defect_classification", ["Crack.", "Color stain.", "Hole.", "Scratch."], "B",
+             mask_path=m, chat_type="image")]
+    recs = warmup_records(qs, seed=1, shuffles=2, map_grid=4)
+    assert [r["task_type"] for r in recs] == ["anomaly_discrimination"] * 4 + \
+        ["defect_localization"] * 2
+    for r in recs:
+        user = r["messages"][0]["content"]
+        assert user.endswith("\n" + HINT_TEXT + user[-16:]) and r["id"].startswith("warmup-map-")
+        want = np.zeros((4, 4), bool)
+        if r["adlabel"]:
+            want[0, 3] = True
+        np.testing.assert_array_equal(_map_cells(user[-16:], 4), want)
+        assert r["messages"][1]["content"] == r["solution"]
+
+
+def test_warmup_hint_picks_the_map_records_of_the_ce_grid():
+    import importlib.util
+    import os
+
+    from emit_jax.train import _map_grid, _text_stage_records
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "common.py")
+    spec = importlib.util.spec_from_file_location("emit_configs_common", path)
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    cfg = common.base_config()
+    recs = {"warmup": [{"task_type": "anomaly_discrimination", "id": "s"}],
+            "warmup_map": [{"task_type": "anomaly_discrimination", "id": "m"},
+                           {"task_type": "defect_localization", "id": "m2"}],
+            "base": [{"task_type": "object_classification", "id": "b"}]}
+    assert _map_grid(cfg) == 0 and _text_stage_records(cfg, recs, "warmup") == recs["warmup"]
+    cfg.warmup.hint = "map"
+    assert _map_grid(cfg) == 8  # tiny: 224 px / 14 px patches = 16, halved by the stride-2 conv
+    cfg.warmup.tasks = ("anomaly_discrimination",)
+    assert [r["id"] for r in _text_stage_records(cfg, recs, "warmup")] == ["m"]
+    cfg.base.statements = True
+    assert [r["id"] for r in _text_stage_records(cfg, recs, "base")] == ["b", "m"]

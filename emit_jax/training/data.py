@@ -11,6 +11,13 @@ Stage data:
   options reshuffled several times: short, text-only sequences that teach a randomly initialised
   LLM the answer format and to pick the letter of the option that matches what it knows — what
   a pretrained LLM brings to EMIT. Direct answers (the base stage teaches the think format).
+- ``warmup_map`` (embedded default only): the same for anomaly discrimination and defect
+  localization, the sentence replaced by EMIT's hint text and a coarse defect map of the query
+  drawn from its ground-truth mask (:func:`defect_map`: one ``#`` / ``-`` character per
+  contrastive token, row-major, so the map has the CE tokens' count and place). Meant to teach
+  the tiny LLM to read a spatial defect map where stage 1 puts the heat-map tokens (the
+  knowledge a pretrained MLLM brings to EMIT's stage 1); measured not to within a few hundred
+  steps (docs/TRAINING_NOTES.md), so no default recipe uses it.
 - ``base`` (embedded default only: teaches the tiny MLLM the task before EMIT's stages): all
   four tasks, half with direct answers and half with a templated ``<think>`` rationale (object,
   defect and region from the annotations) followed by ``<answer>X</answer>``, so the model knows
@@ -29,11 +36,16 @@ import json
 import os
 import random
 
+import numpy as np
+from PIL import Image
+
 from emit_jax.data import jsonl, prompts, tasks
 from emit_jax.data.build import load_domain_knowledge
 from emit_jax.data.mvtec import scan
+from emit_jax.models.emit import HINT_TEXT
 
 REGION_WORDS = {r: r for r in prompts.REGIONS}
+MAP_TASKS = ("anomaly_discrimination", "defect_localization")
 
 
 def tokenizer_for(workdir: str, dataset_root: str | None):
@@ -83,6 +95,26 @@ def _statement(meta: dict) -> str:
         f"The second product is a {obj} with a {kind} at the {where}."
 
 
+# one token each in the tiny tokenizer, runs of either not merged by its BPE (checked by hand:
+# 64 characters -> 64 tokens for every map of the embedded default)
+MAP_DEFECT, MAP_CLEAN = "#", "-"
+
+
+def defect_map(mask_path: str | None, grid: int) -> str:
+    """``grid``x``grid`` characters, row-major, no separators: ``#`` where a cell of the mask
+    (split into equal bands) has a non-zero pixel, else ``-``; all ``-`` without a mask."""
+    cells = np.zeros((grid, grid), bool)
+    if mask_path:
+        with Image.open(mask_path) as im:
+            m = np.asarray(im.convert("L")) > 0
+        h, w = m.shape
+        for i in range(grid):
+            for j in range(grid):
+                cells[i, j] = m[i * h // grid:(i + 1) * h // grid,
+                                j * w // grid:(j + 1) * w // grid].any()
+    return "".join(MAP_DEFECT if c else MAP_CLEAN for c in cells.ravel())
+
+
 def with_rationales(records: list[dict]) -> list[dict]:
     """Stage-2 records (``solution`` letters) with templated think answers as assistant turns
     (the SFT-instead-of-GRPO ablation trains on these)."""
@@ -92,12 +124,19 @@ def with_rationales(records: list[dict]) -> list[dict]:
 
 
 def warmup_records(questions, *, seed: int = 0, shuffles: int = 4,
-                   think_every: int = 0) -> list[dict]:
+                   think_every: int = 0, map_grid: int = 0) -> list[dict]:
     """Text-only versions of ``questions`` (see the module docstring): per question ``shuffles``
     option orders with direct answers (``"B"``: the letter is the whole lesson); with
-    ``think_every`` = k > 0 every k-th one has a templated think answer instead."""
+    ``think_every`` = k > 0 every k-th one has a templated think answer instead. ``map_grid`` >
+    0: the hint is a ``map_grid``-square defect map (``warmup_map``) and only the image
+    questions of anomaly discrimination and defect localization are kept."""
     out = []
     for i, q in enumerate(questions):
+        if map_grid and (q.task not in MAP_TASKS or q.meta.get("chat_type") != "image"):
+            continue
+        hint = (HINT_TEXT + defect_map(q.meta.get("mask_path") if q.meta["adlabel"]
+                                            else None, map_grid)) if map_grid \
+            else _statement(q.meta)
         rng = random.Random(f"{seed}-{i}")
         for k in range(shuffles):
             opts = list(q.options)
@@ -108,9 +147,9 @@ def warmup_records(questions, *, seed: int = 0, shuffles: int = 4,
             instr = prompts.INSTR_THINK if think else prompts.INSTR_DIRECT
             # the statement closes the user turn, where EMIT's <COMP_CONTEXT> slots go
             user = (f"Select your answer by responding with the letter corresponding to the "
-                    f"correct option, such as 'A'. {instr}\n\nQuestion: {block}{_statement(q.meta)}")
+                    f"correct option, such as 'A'. {instr}\n\nQuestion: {block}{hint}")
             answer = rationale(q.meta, letter) if think else letter
-            out.append({"id": f"warmup-{i:05d}-{k}", "images": [],
+            out.append({"id": f"warmup{'-map' if map_grid else ''}-{i:05d}-{k}", "images": [],
                         "messages": [{"role": "user", "content": user},
                                      {"role": "assistant", "content": answer}],
                         "solution": letter, "options": opts,
@@ -121,14 +160,16 @@ def warmup_records(questions, *, seed: int = 0, shuffles: int = 4,
 def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_samples: bool = True,
                   dk_sentences: int = 0, base_think: bool = True,
                   domain_knowledge: bool = True,
-                  adfm_frame: tuple[int, int] | None = None) -> dict[str, list[dict]]:
+                  adfm_frame: tuple[int, int] | None = None,
+                  map_grid: int = 0) -> dict[str, list[dict]]:
     """{'warmup', 'base', 'sft', 'grpo', 'validation', 'test'} -> records (cached as JSONL in workdir).
     ``domain_knowledge=False`` leaves the domain-knowledge block out of every prompt.
     ``adfm_frame`` ``(W, H)``: also the AD-FM sets ``adfm`` and ``adfm_test``, boxes in that
-    frame (the model's input size)."""
+    frame (the model's input size). ``map_grid`` > 0: also ``warmup_map``, defect maps of that
+    grid (the model's contrastive-token grid)."""
     out_dir = os.path.join(workdir, "data")
     names = ("warmup", "base", "sft", "grpo", "validation", "test") + \
-        (("adfm", "adfm_test") if adfm_frame else ())
+        (("adfm", "adfm_test") if adfm_frame else ()) + (("warmup_map",) if map_grid else ())
     paths = {n: os.path.join(out_dir, f"{n}.jsonl") for n in names}
     if all(os.path.isfile(p) for p in paths.values()):  # image paths must stay in the dataset
         return {n: list(jsonl.read_jsonl(p, data_root=dataset_root)) for n, p in paths.items()}
@@ -155,6 +196,8 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
         base.append(r)
     recs["base"] = base
     recs["warmup"] = warmup_records(direct, seed=seed)
+    if map_grid:
+        recs["warmup_map"] = warmup_records(direct, seed=seed, map_grid=map_grid)
     recs["sft"] = jsonl.records(tasks.build_questions(train, stage=1, **kw), 1)
     recs["grpo"] = jsonl.records(tasks.build_questions(train, stage=2, text_samples=text_samples,
                                                        **dict(kw, seed=seed + 2)), 2)

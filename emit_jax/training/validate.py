@@ -176,6 +176,9 @@ def validate_config(cfg, *, num_devices: int | None = None) -> None:
             _optim_section(cfg[s], s)
         else:
             _grpo_section(cfg.grpo)
+    if "warmup" in cfg and cfg.warmup is not None and \
+            cfg.warmup.get("hint", "statement") not in ("statement", "map"):
+        _fail("warmup.hint", cfg.warmup.hint, "must be 'statement' or 'map'")
     uses_adfm = ("grpo" in stages and cfg.grpo.get("records", "grpo") == "adfm") or \
         ("base" in stages and cfg.base.get("adfm", False)) or bool(cfg.get("eval_adfm", 0))
     if uses_adfm and not ("data" in cfg and cfg.data.get("adfm", False)):
