@@ -333,7 +333,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     h = sub.add_parser("heatmap")
     h.add_argument("--arch", default="internvl3_8b")
-    h.add_argument("--strategy", default="auto", choices=["auto", "dense", "banded", "shifted", "all"])
+    h.add_argument("--strategy", default="auto", choices=["auto", "dense", "banded", "chunked", "shifted", "all"])
     h.add_argument("--batch", type=int, default=1)
     h.add_argument("--repeats", type=int, default=5)
     h.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -372,7 +372,7 @@ def main(argv=None) -> int:
         q.add_argument("--json", action="store_true", help="one JSON object per line (the default)")
     args = p.parse_args(argv)
     if args.what == "heatmap":
-        strategies = ["dense", "banded", "shifted"] if args.strategy == "all" else [args.strategy]
+        strategies = ["dense", "banded", "chunked", "shifted"] if args.strategy == "all" else [args.strategy]
         rows = [bench_heatmap(args.arch, s, args.batch, args.repeats, args.dtype) for s in strategies]
     elif args.what == "rollout":
         rows = [bench_rollout(args.arch, args.batch, args.prompt_len, args.new_tokens, args.repeats)]

@@ -14,7 +14,7 @@ def test_heatmap_bench_runs_tiny():
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(l) for l in r.stdout.strip().splitlines()]
-    assert [row["strategy"] for row in rows] == ["dense", "banded", "shifted"]
+    assert [row["strategy"] for row in rows] == ["dense", "banded", "chunked", "shifted"]
     for row in rows:
         assert row["shape"] == {"layers": 4, "batch": 1, "rotations": 4, "grid": 16, "dim": 64,
                                 "window": 3}

@@ -43,7 +43,7 @@ SHAPES = [  # (L, B, R, h, w, D, window)
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("zero_fill", [True, False])
-@pytest.mark.parametrize("strategy", ["dense", "banded", "shifted", "auto"])
+@pytest.mark.parametrize("strategy", ["dense", "banded", "chunked", "shifted", "auto"])
 def test_matches_numpy_definition(shape, zero_fill, strategy):
     L, B, R, h, w, D, k = shape
     rs = np.random.RandomState(sum(shape))
@@ -69,7 +69,7 @@ def test_zero_fill_changes_the_result_where_it_should():
     np.testing.assert_allclose(paper, 2.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("strategy", ["dense", "banded", "shifted"])
+@pytest.mark.parametrize("strategy", ["dense", "banded", "chunked", "shifted"])
 def test_bf16_inputs_accumulate_in_fp32(strategy):
     L, B, R, h, w, D, k = 2, 1, 4, 8, 8, 64, 2
     rs = np.random.RandomState(1)
@@ -98,3 +98,30 @@ def test_bad_shapes_are_rejected():
         anomaly_map(jnp.zeros((1, 1, 4, 4, 8)), jnp.zeros((1, 1, 2, 4, 5, 8)), 1)
     with pytest.raises(ValueError, match="strategy"):
         anomaly_map(jnp.zeros((1, 1, 4, 4, 8)), jnp.zeros((1, 1, 2, 4, 4, 8)), 1, strategy="x")
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 4, 16])
+def test_chunked_any_chunk_size_matches_dense(chunk_rows):
+    """Chunks that do not divide the grid (padded reference rows must never win the max)."""
+    import jax
+
+    from emit_jax.ops import heatmap as H
+
+    rs = np.random.RandomState(chunk_rows)
+    q = H._normalize(jnp.asarray(rs.randn(2, 7, 6, 8), jnp.float32))
+    r = H._normalize(jnp.asarray(-np.abs(rs.randn(2, 3, 7, 6, 8)), jnp.float32))
+    for k, zero_fill in ((1, True), (2, False), (8, False)):
+        want = H._layer_dense(q, r, k, zero_fill)
+        got = jax.jit(lambda q, r: H._layer_chunked(q, r, k, zero_fill, chunk_rows))(q, r)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+
+def test_heatmap_parts_script_runs_at_a_tiny_size(capsys):
+    import json
+
+    from emit_jax.experiments import heatmap_parts
+
+    out = heatmap_parts.main(["--grid", "8", "--dim", "16", "--repeats", "1"])
+    assert json.loads(capsys.readouterr().out.strip()) == out
+    assert out["shape"]["h"] == 8 and out["gflop"] > 0
+    assert all(out[k] > 0 for k in ("gemm_prearranged", "layout", "gemm_with_layout", "heatmap"))

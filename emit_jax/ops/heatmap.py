@@ -10,13 +10,17 @@ its own grid); then the mean over layers, and the heat map is one minus that::
 ``zero_fill=True`` is the official code: entries outside the window are *set to 0* before the
 max, so wherever the window does not cover the whole grid S_l is ``max(0, windowed max)``.
 
-Three exact strategies, all jitted, none materialising a ``[h*w, R*h*w, D]`` tensor:
+Four exact strategies, all jitted, none materialising a ``[h*w, R*h*w, D]`` tensor:
 
 - ``dense``: one matmul per layer ``[h*w, D] x [D, R*h*w]`` plus a window mask, then max.
   Wasteful in FLOPs when the window is small, but a single large GEMM.
 - ``banded``: for each of the ``2k+1`` row offsets, a batched matmul of each query row against
   the reference row at that offset (``[w, D] x [D, R*w]``), column-masked; a running max.
   ``(2k+1)/h`` of the dense FLOPs, still matmul-shaped. The default when that ratio is small.
+- ``chunked``: the reference rows in chunks of ``CHUNK_ROWS`` (a reshape, no copy), each chunk
+  one GEMM against the query rows within the window of it (gathered: the queries are R times
+  smaller than the references), all chunks in one batched GEMM, the maxima scattered back.
+  ``(c+2k)/h`` of the dense FLOPs without copying reference bands.
 - ``shifted``: for each of the ``(2k+1)^2`` offsets an elementwise product-and-sum against the
   shifted reference: the fewest FLOPs, but bandwidth-bound; useful for tiny D.
 
@@ -31,8 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-STRATEGIES = ("auto", "dense", "banded", "shifted")
+STRATEGIES = ("auto", "dense", "banded", "chunked", "shifted")
 BLOCK_ROWS = 8  # query rows per GEMM in the banded strategy
+CHUNK_ROWS = 2  # reference rows per chunk in the chunked strategy
 _EPS = 1e-8
 
 
@@ -63,6 +68,9 @@ def flops(L: int, B: int, R: int, h: int, w: int, D: int, window: int, strategy:
         strategy = choose_strategy(h, w, window)
     if strategy == "dense":
         pairs = (h * w) * (R * h * w)
+    elif strategy == "chunked":
+        c, k = min(CHUNK_ROWS, h), min(window, h - 1)
+        pairs = -(-h // c) * (c + 2 * k) * w * c * R * w
     elif strategy == "banded":
         pairs = sum((min(h, min(a + BLOCK_ROWS, h) + window) - max(0, a - window))
                     * (min(a + BLOCK_ROWS, h) - a) for a in range(0, h, BLOCK_ROWS)) * w * R * w
@@ -120,6 +128,38 @@ def _layer_banded(q, r, window, zero_fill, block_rows=BLOCK_ROWS):
     return _floor(best, h, w, window, zero_fill)
 
 
+def _layer_chunked(q, r, window, zero_fill, chunk_rows=CHUNK_ROWS):
+    """Reference-chunk strategy: the reference rows (all R copies, rows-outer) in chunks of
+    ``chunk_rows``, a pure reshape; the query rows within ``window`` of each chunk gathered into
+    one ``[n, c + 2k rows, ...]`` array (the queries are R times smaller than the references, so
+    this is the cheap side to copy); one batched GEMM over the chunks; the masked max per chunk
+    scattered (max) back onto the query grid."""
+    b, h, w, d = q.shape
+    R = r.shape[1]
+    c, k = min(chunk_rows, h), min(window, h - 1)
+    n = -(-h // c)
+    hp, nb = n * c, c + 2 * k
+    rt = jnp.transpose(r, (0, 2, 1, 3, 4))  # [B, h, R, w, D]
+    rt = jnp.pad(rt, ((0, 0), (0, hp - h), (0, 0), (0, 0), (0, 0)))
+    rc = rt.reshape(b, n, c * R * w, d)
+    qp = jnp.pad(q, ((0, 0), (k, hp - h + k), (0, 0), (0, 0)))  # [B, k + hp + k, w, D]
+    idx = np.arange(n)[:, None] * c + np.arange(nb)[None, :]  # [n, nb] rows of qp
+    qb = qp[:, idx].reshape(b * n, nb * w, d)
+    # one batch axis: XLA:CPU's batched GEMM ran at half speed with two (heatmap_parts)
+    s = jnp.einsum("kpd,kqd->kpq", qb, rc.reshape(b * n, c * R * w, d),
+                   preferred_element_type=jnp.float32)
+    s = s.reshape(b, n, nb, w, c, R * w)
+    qi = idx - k  # the query row of each gathered row
+    ri = np.arange(n)[:, None] * c + np.arange(c)[None, :]  # [n, c] reference rows
+    row_ok = (np.abs(qi[:, :, None] - ri[:, None, :]) <= window) & (ri[:, None, :] < h)
+    jj = np.arange(w)
+    col_ok = np.tile(np.abs(jj[:, None] - jj[None, :]) <= window, (1, R))  # [w, R * w]
+    ok = row_ok[:, :, None, :, None] & col_ok[None, None, :, None, :]  # [n, nb, w, c, R * w]
+    part = jnp.max(jnp.where(jnp.asarray(ok)[None], s, -jnp.inf), axis=(4, 5))  # [B, n, nb, w]
+    best = jnp.full((b, hp + 2 * k, w), -jnp.inf, jnp.float32).at[:, idx].max(part)
+    return _floor(best[:, k:k + h], h, w, window, zero_fill)
+
+
 def _layer_shifted(q, r, window, zero_fill):
     b, h, w, d = q.shape
     kr, kc = min(window, h - 1), min(window, w - 1)
@@ -139,7 +179,8 @@ def _layer_shifted(q, r, window, zero_fill):
     return _floor(best, h, w, window, zero_fill)
 
 
-_LAYER_FNS = {"dense": _layer_dense, "banded": _layer_banded, "shifted": _layer_shifted}
+_LAYER_FNS = {"dense": _layer_dense, "banded": _layer_banded, "chunked": _layer_chunked,
+              "shifted": _layer_shifted}
 
 
 @functools.partial(jax.jit, static_argnames=("window", "zero_fill", "strategy"))
