@@ -38,7 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
     # EMIT stage 1: soft prompt + projector only (the paper's lr 1e-5 is for 8B; tiny needs more)
     c.sft = ml_collections.ConfigDict(dict(steps=60, batch_size=8, lr=1e-3, warmup_ratio=0.03,
                                            weight_decay=1e-4, b1=0.9, b2=0.95, clip_norm=1.0,
-                                           tasks=()))  # () = all stage-1 tasks (AD + DL)
+                                           tasks=(),  # () = all stage-1 tasks (AD + DL)
+                                           # True: templated think answers (belief, then
+                                           # letter) instead of the letter alone
+                                           think=False))
     c.emit = ml_collections.ConfigDict(dict(bn_mode="standard", use_soft_prompt=True,
                                             use_contrastive=True, num_soft_tokens=9))
     # device mesh (emit_jax.parallel) when more than one device is present: the batch goes over

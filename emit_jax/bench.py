@@ -1,4 +1,4 @@
-"""``python -m emit_jax.bench {heatmap,rollout,grpo_step,train_step,matmul} [--arch ...] [--json]``
+"""``python -m emit_jax.bench {heatmap,torch_heatmap,rollout,grpo_step,train_step,matmul,compare} [--arch ...]``
 
 Benchmarks (scripts, not tests); one JSON object per line.
 
@@ -20,7 +20,8 @@ Benchmarks (scripts, not tests); one JSON object per line.
 an architecture's real CE shape (InternVL3-8B: 4 layers, 32 x 32 patches, D 1024, 4 rotations,
 window 6) on random features, and reports milliseconds per sample and the achieved GFLOP/s of
 the similarity products the strategy executes (``window_gflop``: the products inside the window,
-the least any exact method must do).
+the least any exact method must do). ``torch_heatmap`` times the peers' PyTorch version
+(``--peers-dir``) at the same shape, in float32 or bfloat16.
 """
 
 from __future__ import annotations
@@ -35,17 +36,21 @@ import jax
 import jax.numpy as jnp
 
 
-def bench_heatmap(arch: str, strategy: str, batch: int, repeats: int, dtype: str) -> dict:
+def _heatmap_shape(arch: str) -> tuple[int, int, int, int, int]:
+    """(layers, grid, dim, rotations, window) of an architecture's CE heat map."""
     from emit_jax.models import architectures
     from emit_jax.models.emit import EMITConfig
+
+    v = architectures.get_config(arch).vision
+    ecfg = EMITConfig()
+    return (len(ecfg.layers_for(v.num_hidden_layers)), v.grid, v.hidden_size, ecfg.rotations,
+            ecfg.window_for(v.grid))
+
+
+def bench_heatmap(arch: str, strategy: str, batch: int, repeats: int, dtype: str) -> dict:
     from emit_jax.ops.heatmap import anomaly_map, choose_strategy, flops
 
-    cfg = architectures.get_config(arch)
-    v = cfg.vision
-    ecfg = EMITConfig()
-    L = len(ecfg.layers_for(v.num_hidden_layers))
-    g, d, R = v.grid, v.hidden_size, ecfg.rotations
-    k = ecfg.window_for(g)
+    L, g, d, R, k = _heatmap_shape(arch)
     kq, kr = jax.random.split(jax.random.key(0))
     q = jax.random.normal(kq, (L, batch, g, g, d), jnp.float32).astype(dtype)
     r = jax.random.normal(kr, (L, batch, R, g, g, d), jnp.float32).astype(dtype)
@@ -68,6 +73,43 @@ def bench_heatmap(arch: str, strategy: str, batch: int, repeats: int, dtype: str
         "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
         "host": platform.processor() or platform.machine(), "repeats": repeats,
     }
+
+
+def bench_torch_heatmap(arch: str, peers_dir: str, repeats: int, dtype: str) -> dict:
+    """The peers' well-written PyTorch heat map (``matmul_dense`` of
+    ``peers_dir/matmul_heatmap_torch.py``: normalise, one matmul per layer, mask, max) at
+    ``arch``'s CE shape with its inputs in ``dtype``: the like-for-like anchor for our bf16
+    figure (the peer script itself runs float32 only)."""
+    import importlib.util
+    import os
+
+    import torch
+
+    path = os.path.join(peers_dir, "matmul_heatmap_torch.py")
+    if not os.path.isfile(path):
+        raise SystemExit(f"torch_heatmap: {path} not found (--peers-dir names ../shared/bench)")
+    spec = importlib.util.spec_from_file_location("peer_matmul_heatmap_torch", path)
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    L, g, d, R, k = _heatmap_shape(arch)
+    gen = torch.Generator().manual_seed(0)
+    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    q = torch.randn(L, 1, g, g, d, generator=gen).to(tdt)
+    r = torch.randn(L, 1, R, g, g, d, generator=gen).to(tdt)
+    with torch.no_grad():
+        peer.matmul_dense(q, r, k)  # warm-up
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            peer.matmul_dense(q, r, k)
+            times.append(time.perf_counter() - t)
+    best = min(times)
+    dense = 2 * L * (g * g) * (R * g * g) * d
+    return {"bench": "torch_heatmap", "arch": arch, "dtype": dtype, "impl": path,
+            "shape": {"layers": L, "batch": 1, "rotations": R, "grid": g, "dim": d, "window": k},
+            "ms_per_sample": 1000 * best, "ms_median_per_sample": 1000 * _median(times),
+            "gflop_executed": dense / 1e9, "achieved_gflops": dense / best / 1e9,
+            "torch_threads": torch.get_num_threads(), "repeats": repeats}
 
 
 def _device() -> str:
@@ -338,6 +380,11 @@ def main(argv=None) -> int:
     h.add_argument("--repeats", type=int, default=5)
     h.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     h.add_argument("--json", action="store_true", help="one JSON object per line (default: also JSON)")
+    th = sub.add_parser("torch_heatmap", help="the peers' PyTorch heat map at a dtype")
+    th.add_argument("--arch", default="internvl3_8b")
+    th.add_argument("--peers-dir", default="../shared/bench")
+    th.add_argument("--repeats", type=int, default=5)
+    th.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     r = sub.add_parser("rollout")
     r.add_argument("--arch", default="small")
     r.add_argument("--batch", type=int, default=16)
@@ -368,12 +415,14 @@ def main(argv=None) -> int:
     c.add_argument("--python-tunix", default=None, help="python of a virtualenv with google-tunix")
     c.add_argument("--rounds", type=int, default=3)
     c.add_argument("--workloads", default="rollout,grpo_step,heatmap")
-    for q in (r, gs, t, m, c):
+    for q in (th, r, gs, t, m, c):
         q.add_argument("--json", action="store_true", help="one JSON object per line (the default)")
     args = p.parse_args(argv)
     if args.what == "heatmap":
         strategies = ["dense", "banded", "chunked", "shifted"] if args.strategy == "all" else [args.strategy]
         rows = [bench_heatmap(args.arch, s, args.batch, args.repeats, args.dtype) for s in strategies]
+    elif args.what == "torch_heatmap":
+        rows = [bench_torch_heatmap(args.arch, args.peers_dir, args.repeats, args.dtype)]
     elif args.what == "rollout":
         rows = [bench_rollout(args.arch, args.batch, args.prompt_len, args.new_tokens, args.repeats)]
     elif args.what == "grpo_step":

@@ -67,6 +67,14 @@ def _text_stage_records(cfg, records: dict, stage: str) -> list[dict]:
     return records["base"] + (statements if cfg.base.get("statements", False) else []) + extra
 
 
+def _eval_think(cfg) -> bool:
+    """The held-out evaluation asks for think answers when a stage trained them (stage 2, or
+    stage 1 with ``sft.think``) and ``eval_think`` is on."""
+    trained = bool({"grpo", "sft2"} & set(cfg.stages)) or \
+        ("sft" in cfg.stages and cfg.sft.get("think", False))
+    return bool(cfg.eval_think) and trained
+
+
 def _stage_done(workdir: str, stage: str, steps: int) -> bool:
     """Finished with at least ``steps`` steps (a larger step count continues from the stage's
     last checkpoint)."""
@@ -280,6 +288,10 @@ def run(cfg, workdir: str) -> dict:
                                              nnx.PathContains("projector")))
             sft_tasks = tuple(cfg.sft.get("tasks", ()))
             sft_records = [r for r in records["sft"] if not sft_tasks or r["task_type"] in sft_tasks]
+            if cfg.sft.get("think", False):
+                from emit_jax.training.data import think_records
+
+                sft_records = think_records(sft_records)
             info = run_sft(model, sft_records, tokenizer,
                            _pipeline(model, cfg, train=True, with_answer=True), _optim(cfg.sft),
                            os.path.join(workdir, "sft"), wrt=wrt, name="sft", seed=cfg.seed,
@@ -323,7 +335,7 @@ def run(cfg, workdir: str) -> dict:
         model.eval()
         summary, rows = evaluate_records(model, tokenizer, records["test"], limit=cfg.eval_limit,
                                          max_tiles=cfg.data.max_tiles,
-                                         think=cfg.eval_think and bool({"grpo", "sft2"} & set(cfg.stages)),
+                                         think=_eval_think(cfg),
                                          max_new_tokens=cfg.eval_max_new_tokens, root=source,
                                          mesh=mesh)
         table = format_table(summary, title=f"held-out test split ({len(rows)} questions)")

@@ -43,3 +43,28 @@ def test_rollout_grpo_and_train_step_benches_run_tiny():
     # XLA's count of the forward + backward and 6 N T agree to a few percent at this size
     assert abs(row["xla_flops"] / row["flops_6nt"] - 1) < 0.2
     assert 0 < row["mfu"] < 1 and row["peak_gflops"] == 100
+
+
+PEERS = os.path.join(ROOT, "..", "shared", "bench")
+
+
+def test_torch_heatmap_bench_runs_the_peer_script_at_a_dtype():
+    import pytest
+
+    if not os.path.isfile(os.path.join(PEERS, "matmul_heatmap_torch.py")):
+        pytest.skip(f"the peers' scripts are not beside this checkout ({PEERS})")
+    rows = {dt: _bench("torch_heatmap", "--arch", "tiny", "--peers-dir", PEERS, "--repeats", "1",
+                       "--dtype", dt) for dt in ("float32", "bfloat16")}
+    for dt, row in rows.items():
+        assert row["dtype"] == dt and row["ms_per_sample"] > 0
+        assert row["shape"] == {"layers": 4, "batch": 1, "rotations": 4, "grid": 16, "dim": 64,
+                                "window": 3}
+        # the dense product count: 2 L (h w) (R h w) D
+        assert row["gflop_executed"] == 2 * 4 * 256 * 1024 * 64 / 1e9
+
+
+def test_torch_heatmap_bench_names_a_missing_peers_dir(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "emit_jax.bench", "torch_heatmap", "--arch", "tiny",
+                        "--peers-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "matmul_heatmap_torch.py not found" in r.stderr

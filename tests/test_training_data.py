@@ -8,7 +8,7 @@ from emit_jax.data import prompts
 from emit_jax.data.tasks import Question
 from emit_jax.models.emit import HINT_TEXT
 from emit_jax.training.data import (MAP_CLEAN, MAP_DEFECT, defect_map, rationale,
-                                    warmup_records, with_rationales)
+                                    think_records, warmup_records, with_rationales)
 
 
 def _q(task, options, answer, **meta):
@@ -123,3 +123,42 @@ def test_warmup_hint_picks_the_map_records_of_the_ce_grid():
     assert [r["id"] for r in _text_stage_records(cfg, recs, "warmup")] == ["m"]
     cfg.base.statements = True
     assert [r["id"] for r in _text_stage_records(cfg, recs, "base")] == ["b", "m"]
+
+
+def test_think_records_turn_stage1_records_into_belief_then_letter():
+    from emit_jax.data import jsonl
+
+    q = _q("anomaly_discrimination", ["No.", "Yes."], "B")
+    user = prompts.render("anomaly_discrimination", ["No.", "Yes."], think=False)
+    rec = jsonl.question_to_record(Question(q.task, q.options, "B", q.images, user, q.meta), 1, 0)
+    out = think_records([rec])[0]
+    assert out["messages"][0]["content"] == prompts.render(
+        "anomaly_discrimination", ["No.", "Yes."], think=True)  # the think instruction instead
+    assert out["messages"][1]["content"] == (
+        "<think>The product is a metal nut. Compared with the reference there is a color stain at "
+        "the top left.</think><answer>B</answer>")
+    assert rec["messages"][1]["content"] == "B"  # the input record is not modified
+    normal = dict(rec, adlabel=0, anomaly_type=None, defect_location=[])
+    assert "it looks normal and intact.</think><answer>B</answer>" in \
+        think_records([normal])[0]["messages"][1]["content"]
+    import pytest
+
+    with pytest.raises(ValueError, match="not a stage-1 record"):
+        think_records([dict(rec, messages=[{"role": "user", "content": "no instruction"},
+                                           {"role": "assistant", "content": "B"}])])
+
+
+def test_eval_think_follows_what_a_stage_trained():
+    import ml_collections
+
+    from emit_jax.train import _eval_think
+
+    cfg = ml_collections.ConfigDict(dict(stages=("base", "sft"), eval_think=True,
+                                         sft=ml_collections.ConfigDict(dict(think=False))))
+    assert not _eval_think(cfg)
+    cfg.sft.think = True
+    assert _eval_think(cfg)
+    cfg.eval_think = False
+    assert not _eval_think(cfg)
+    cfg.eval_think, cfg.sft.think, cfg.stages = True, False, ("base", "sft", "grpo")
+    assert _eval_think(cfg)

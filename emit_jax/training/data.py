@@ -157,6 +157,26 @@ def warmup_records(questions, *, seed: int = 0, shuffles: int = 4,
     return out
 
 
+def think_records(records: list[dict]) -> list[dict]:
+    """Stage-1 records (direct instruction, a letter as the assistant turn) as think records:
+    the think instruction in the user turn and the templated rationale (:func:`rationale`:
+    object, then "looks normal" or the defect and where, then the letter) as the answer.
+
+    With these, stage 1's cross-entropy asks the contrastive tokens for the *belief* (normal or
+    defective) before the letter, instead of only for the letter, which is that belief XOR the
+    option order (``sft.think``; docs/TRAINING_NOTES.md)."""
+    out = []
+    for r in records:
+        user, answer = r["messages"][0]["content"], r["messages"][-1]["content"]
+        if user.count(prompts.INSTR_DIRECT) != 1 or r["messages"][-1]["role"] != "assistant":
+            raise ValueError(f"record {r.get('id')!r}: not a stage-1 record (one direct "
+                             "instruction in the user turn, a letter as the assistant turn)")
+        out.append(dict(r, messages=[
+            {"role": "user", "content": user.replace(prompts.INSTR_DIRECT, prompts.INSTR_THINK)},
+            {"role": "assistant", "content": rationale(r, answer)}]))
+    return out
+
+
 def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_samples: bool = True,
                   dk_sentences: int = 0, base_think: bool = True,
                   domain_knowledge: bool = True,
