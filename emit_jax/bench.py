@@ -11,7 +11,8 @@ Benchmarks (scripts, not tests); one JSON object per line.
   phase (each phase waits for its outputs).
 - ``train_step``: one SFT step (cross-entropy on every token, AdamW) on ``--batch`` x
   ``--seq-len`` tokens; achieved FLOP/s (XLA's count of the compiled step, and 6 N T) against
-  this machine's measured matmul peak (``matmul``), i.e. MFU.
+  this machine's measured matmul peak (``matmul``), i.e. MFU. ``--profile`` also traces two
+  steps (:func:`trace_summary`: worker-thread busy time, the top XLA ops).
 - ``compare``: ours and the peers of ``../shared/bench`` (transformers ``generate``, TRL
   ``GRPOTrainer``, Tunix's sampler and GRPO learner, the PyTorch heat maps), run alternately
   for ``--rounds`` rounds, each in its own process (the peers in their own virtualenvs, named by
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -81,7 +83,6 @@ def bench_torch_heatmap(arch: str, peers_dir: str, repeats: int, dtype: str) -> 
     ``arch``'s CE shape with its inputs in ``dtype``: the like-for-like anchor for our bf16
     figure (the peer script itself runs float32 only)."""
     import importlib.util
-    import os
 
     import torch
 
@@ -265,7 +266,52 @@ def _xla_flops_fwd_bwd(model, b) -> float | None:
     return float(cost.get("flops", 0.0)) or None
 
 
-def bench_train_step(arch: str, batch: int, seq_len: int, repeats: int, peak: float | None) -> dict:
+def trace_summary(call, steps: int = 2, top: int = 12) -> dict:
+    """Run ``call()`` ``steps`` times under ``jax.profiler`` and summarise the trace per step:
+    wall time, the busy time of each XLA:CPU worker thread (``ThunkExecutor::Execute`` events;
+    busy / wall is how well the step keeps the cores fed) and the ``top`` XLA ops by time.
+    Needs ``XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true`` for per-op events (set by
+    ``--profile`` before JAX starts)."""
+    import collections
+    import glob
+    import tempfile
+
+    from jax._src.lib import _profile_data  # JAX's own reader of the XSpace it writes
+
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        t = time.perf_counter()
+        for _ in range(steps):
+            call()
+        wall = time.perf_counter() - t
+        jax.profiler.stop_trace()
+        files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        if not files:
+            raise RuntimeError(f"jax.profiler wrote no trace under {d}")
+        pdata = _profile_data.ProfileData.from_file(files[0])
+    busy: dict[str, float] = collections.Counter()
+    ops: dict[str, float] = collections.Counter()
+    for plane in pdata.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_XLA"):
+                continue
+            for ev in line.events:
+                ms = ev.duration_ns / 1e6 / steps
+                if ev.name == "ThunkExecutor::Execute":
+                    busy[line.name] += ms
+                elif "ThunkExecutor" not in ev.name and "ThreadPool" not in ev.name:
+                    ops[ev.name] += ms
+    wall_ms = 1000 * wall / steps
+    return {"wall_ms_per_step": wall_ms,
+            "thread_busy_ms_per_step": {k: round(v, 1) for k, v in sorted(busy.items())},
+            # over the worker pool's threads (the client thread only hands work over)
+            "thread_busy_fraction": round(sum(v for k, v in busy.items() if "Eigen" in k)
+                                          / max(sum("Eigen" in k for k in busy), 1) / wall_ms, 3),
+            "top_ops_ms_per_step": {k: round(v, 1) for k, v in ops.most_common(top)}}
+
+
+def bench_train_step(arch: str, batch: int, seq_len: int, repeats: int, peak: float | None,
+                     profile: bool = False) -> dict:
     import numpy as np
     from flax import nnx
 
@@ -293,8 +339,9 @@ def bench_train_step(arch: str, batch: int, seq_len: int, repeats: int, peak: fl
     xla_flops = _xla_flops_fwd_bwd(model, b)
     peak = peak if peak is not None else bench_matmul()["peak_gflops"]
     achieved = flops_6nd / med / 1e9
+    prof = {"profile": trace_summary(call)} if profile else {}
     return {"bench": "train_step", "arch": arch, "batch": batch, "seq_len": seq_len,
-            "s_per_step_median": med, "first_call_s": first, "tokens_per_s": tokens / med,
+            **prof, "s_per_step_median": med, "first_call_s": first, "tokens_per_s": tokens / med,
             "llm_params": n_text, "flops_6nt": flops_6nd, "xla_flops": xla_flops,
             "achieved_gflops": achieved, "peak_gflops": peak, "mfu": achieved / peak,
             "achieved_gflops_xla": xla_flops / med / 1e9 if xla_flops else None,
@@ -405,6 +452,8 @@ def main(argv=None) -> int:
     t.add_argument("--repeats", type=int, default=5)
     t.add_argument("--peak-gflops", type=float, default=None,
                    help="the matmul peak to divide by (default: measured now)")
+    t.add_argument("--profile", action="store_true",
+                   help="also trace 2 steps: worker-thread busy time and the top XLA ops")
     m = sub.add_parser("matmul")
     m.add_argument("--n", type=int, default=2048)
     m.add_argument("--repeats", type=int, default=10)
@@ -418,6 +467,9 @@ def main(argv=None) -> int:
     for q in (th, r, gs, t, m, c):
         q.add_argument("--json", action="store_true", help="one JSON object per line (the default)")
     args = p.parse_args(argv)
+    if getattr(args, "profile", False):  # per-op trace events; read when XLA:CPU starts
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_enable_xprof_traceme=true").strip()
     if args.what == "heatmap":
         strategies = ["dense", "banded", "chunked", "shifted"] if args.strategy == "all" else [args.strategy]
         rows = [bench_heatmap(args.arch, s, args.batch, args.repeats, args.dtype) for s in strategies]
@@ -429,7 +481,8 @@ def main(argv=None) -> int:
         rows = [bench_grpo_step(args.arch, args.prompts, args.G, args.prompt_len, args.new_tokens,
                                 args.steps)]
     elif args.what == "train_step":
-        rows = [bench_train_step(args.arch, args.batch, args.seq_len, args.repeats, args.peak_gflops)]
+        rows = [bench_train_step(args.arch, args.batch, args.seq_len, args.repeats, args.peak_gflops,
+                                 args.profile)]
     elif args.what == "matmul":
         rows = [bench_matmul(args.n, args.repeats)]
     else:

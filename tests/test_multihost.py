@@ -116,3 +116,73 @@ def test_training_checkpoint_restores_on_another_device_count(runs):
     ck.close()
     assert meta["step"] == 1
     assert int(opt.step[...]) == 1
+
+
+# ------------------------------------------------------------------ preemption, two processes
+# A scheduler may signal the processes of one job at different times, or only one of them. The
+# stop flag is agreed every step (emit_jax.training.preemption.stop_requested), so SIGTERM to
+# process 1 alone stops both after the same step, with that step saved by both; the same command
+# run again resumes there and finishes, every step logged once.
+PREEMPT_ARGS = ["-m", "emit_jax.train", "--config", "configs/grpo.py:smoke",
+                "--config.mesh.data=2", "--config.stages=('sft',)", "--config.sft.steps=12",
+                "--config.checkpoint_every=1000", "--config.log_every=1", "--config.eval_limit=0",
+                "--config.export_hf=False", "--config.image_size=56", "--config.compile_cache="]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(workdir, port):
+    procs = []
+    for i in range(2):
+        env = _env(PYTHONUNBUFFERED="1", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+        env.update(EMIT_COORDINATOR=f"127.0.0.1:{port}", EMIT_NUM_PROCESSES="2",
+                   EMIT_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen([sys.executable, *PREEMPT_ARGS, "--workdir", str(workdir)],
+                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_saved_step(tmp_path):
+    import signal
+    import threading
+    import time
+
+    w = tmp_path / "preempt"
+    p0, p1 = _two_processes(w, _free_port())
+    err1: list[str] = []
+    drain = threading.Thread(target=lambda: err1.append(p1.stderr.read()), daemon=True)
+    drain.start()  # process 1's stderr must not fill its pipe while we read process 0's
+    lines, t = [], None
+    for line in p0.stderr:
+        lines.append(line)
+        if t is None and line.startswith("[sft] step 2/"):
+            p1.send_signal(signal.SIGTERM)  # process 1 only
+            t = time.time()
+    rc0, rc1 = p0.wait(timeout=300), p1.wait(timeout=300)
+    secs = time.time() - t if t else None
+    drain.join(timeout=60)
+    err0 = "".join(lines)
+    assert t is not None, err0[-3000:]
+    assert rc0 == rc1 == 130, (rc0, rc1, err0[-3000:], "".join(err1)[-3000:])
+    assert secs < 120, secs  # a step or two (the flag is agreed at the next boundary) + a save
+    assert "interrupted (sft: stopped after step" in err0
+    stopped = int(err0.split("sft: stopped after step ")[1].split(")")[0])
+    assert 2 <= stopped < 12
+    ckpt = sorted(os.listdir(w / "sft" / "ckpt"))
+    assert str(stopped) in ckpt, ckpt  # checkpoint_every=1000: only the preemption save
+    assert not (w / "sft" / "done.json").exists()
+    # the same command again: resumes after that step and finishes; each step logged once
+    q0, q1 = _two_processes(w, _free_port())
+    out0, out1 = q0.communicate(timeout=600), q1.communicate(timeout=600)
+    assert q0.returncode == q1.returncode == 0, (out0[1][-3000:], out1[1][-3000:])
+    steps_logged = [int(line.split("/")[0].split()[-1]) for line in out0[1].splitlines()
+                    if line.startswith("[sft] step ")]
+    assert steps_logged[0] == stopped + 1 and steps_logged[-1] == 12, steps_logged
+    assert [r["step"] for r in _metrics(str(w), "sft")] == list(range(1, 13))

@@ -167,3 +167,25 @@ def test_label_positions_give_the_full_cross_entropy(tok, records):
     np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
     assert int(n1) == int(n2) == lp["label_mask"].sum() and int(c1) == int(c2)
     assert np.isfinite(float(l1)) and float(l1) > 0
+
+
+def test_nll_and_correct_count_match_numpy():
+    """The SFT loss's parts against NumPy: mean NLL over the masked tokens, and the count of
+    tokens whose gold logit is the row's argmax (computed there as gold >= max)."""
+    import jax.numpy as jnp
+
+    from emit_jax.training.sft import _nll
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((3, 7, 50)).astype(np.float32)
+    targets = rng.integers(0, 50, (3, 7))
+    targets[0, :4] = logits[0, :4].argmax(-1)  # some right answers
+    mask = rng.random((3, 7)) > 0.3
+    loss, (n, correct) = _nll(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+    m = logits.max(-1, keepdims=True)
+    logz = (m[..., 0] + np.log(np.exp(logits - m).sum(-1)))
+    gold = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    want = ((logz - gold) * mask).sum() / mask.sum()
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    assert int(n) == mask.sum()
+    assert int(correct) == ((logits.argmax(-1) == targets) & mask).sum() >= 1
