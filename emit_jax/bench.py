@@ -1,4 +1,4 @@
-"""``python -m emit_jax.bench {heatmap,torch_heatmap,rollout,grpo_step,train_step,matmul,compare} [--arch ...]``
+"""``python -m emit_jax.bench {heatmap,rollout,grpo_step,train_step,matmul,compare} [--arch ...]``
 
 Benchmarks (scripts, not tests); one JSON object per line.
 
@@ -21,8 +21,8 @@ Benchmarks (scripts, not tests); one JSON object per line.
 an architecture's real CE shape (InternVL3-8B: 4 layers, 32 x 32 patches, D 1024, 4 rotations,
 window 6) on random features, and reports milliseconds per sample and the achieved GFLOP/s of
 the similarity products the strategy executes (``window_gflop``: the products inside the window,
-the least any exact method must do). ``torch_heatmap`` times the peers' PyTorch version
-(``--peers-dir``) at the same shape, in float32 or bfloat16.
+the least any exact method must do). ``bench/torch_heatmap.py`` (outside the package, which
+imports no torch) times the peers' PyTorch version at the same shape in float32 or bfloat16.
 """
 
 from __future__ import annotations
@@ -75,42 +75,6 @@ def bench_heatmap(arch: str, strategy: str, batch: int, repeats: int, dtype: str
         "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
         "host": platform.processor() or platform.machine(), "repeats": repeats,
     }
-
-
-def bench_torch_heatmap(arch: str, peers_dir: str, repeats: int, dtype: str) -> dict:
-    """The peers' well-written PyTorch heat map (``matmul_dense`` of
-    ``peers_dir/matmul_heatmap_torch.py``: normalise, one matmul per layer, mask, max) at
-    ``arch``'s CE shape with its inputs in ``dtype``: the like-for-like anchor for our bf16
-    figure (the peer script itself runs float32 only)."""
-    import importlib.util
-
-    import torch
-
-    path = os.path.join(peers_dir, "matmul_heatmap_torch.py")
-    if not os.path.isfile(path):
-        raise SystemExit(f"torch_heatmap: {path} not found (--peers-dir names ../shared/bench)")
-    spec = importlib.util.spec_from_file_location("peer_matmul_heatmap_torch", path)
-    peer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peer)
-    L, g, d, R, k = _heatmap_shape(arch)
-    gen = torch.Generator().manual_seed(0)
-    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    q = torch.randn(L, 1, g, g, d, generator=gen).to(tdt)
-    r = torch.randn(L, 1, R, g, g, d, generator=gen).to(tdt)
-    with torch.no_grad():
-        peer.matmul_dense(q, r, k)  # warm-up
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            peer.matmul_dense(q, r, k)
-            times.append(time.perf_counter() - t)
-    best = min(times)
-    dense = 2 * L * (g * g) * (R * g * g) * d
-    return {"bench": "torch_heatmap", "arch": arch, "dtype": dtype, "impl": path,
-            "shape": {"layers": L, "batch": 1, "rotations": R, "grid": g, "dim": d, "window": k},
-            "ms_per_sample": 1000 * best, "ms_median_per_sample": 1000 * _median(times),
-            "gflop_executed": dense / 1e9, "achieved_gflops": dense / best / 1e9,
-            "torch_threads": torch.get_num_threads(), "repeats": repeats}
 
 
 def _device() -> str:
@@ -427,11 +391,6 @@ def main(argv=None) -> int:
     h.add_argument("--repeats", type=int, default=5)
     h.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     h.add_argument("--json", action="store_true", help="one JSON object per line (default: also JSON)")
-    th = sub.add_parser("torch_heatmap", help="the peers' PyTorch heat map at a dtype")
-    th.add_argument("--arch", default="internvl3_8b")
-    th.add_argument("--peers-dir", default="../shared/bench")
-    th.add_argument("--repeats", type=int, default=5)
-    th.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     r = sub.add_parser("rollout")
     r.add_argument("--arch", default="small")
     r.add_argument("--batch", type=int, default=16)
@@ -464,7 +423,7 @@ def main(argv=None) -> int:
     c.add_argument("--python-tunix", default=None, help="python of a virtualenv with google-tunix")
     c.add_argument("--rounds", type=int, default=3)
     c.add_argument("--workloads", default="rollout,grpo_step,heatmap")
-    for q in (th, r, gs, t, m, c):
+    for q in (r, gs, t, m, c):
         q.add_argument("--json", action="store_true", help="one JSON object per line (the default)")
     args = p.parse_args(argv)
     if getattr(args, "profile", False):  # per-op trace events; read when XLA:CPU starts
@@ -473,8 +432,6 @@ def main(argv=None) -> int:
     if args.what == "heatmap":
         strategies = ["dense", "banded", "chunked", "shifted"] if args.strategy == "all" else [args.strategy]
         rows = [bench_heatmap(args.arch, s, args.batch, args.repeats, args.dtype) for s in strategies]
-    elif args.what == "torch_heatmap":
-        rows = [bench_torch_heatmap(args.arch, args.peers_dir, args.repeats, args.dtype)]
     elif args.what == "rollout":
         rows = [bench_rollout(args.arch, args.batch, args.prompt_len, args.new_tokens, args.repeats)]
     elif args.what == "grpo_step":

@@ -1,0 +1,68 @@
+"""The peers' well-written PyTorch heat map at our shape, in float32 or bfloat16.
+
+    python bench/torch_heatmap.py [--arch internvl3_8b] [--dtype bfloat16] [--peers-dir ../shared/bench]
+
+Times ``matmul_dense`` of ``PEERS_DIR/matmul_heatmap_torch.py`` (normalise, one matmul per
+layer, mask, max) at an architecture's contrastive-embedding shape (the shape
+``python -m emit_jax.bench heatmap --arch ARCH`` uses) with its inputs in ``--dtype``: the
+like-for-like anchor for our bf16 figure, since the peer script itself runs float32 only.
+Prints one JSON line: best and median milliseconds per sample over ``--repeats``.
+
+It lives outside the ``emit_jax`` package, which imports no torch (tests/test_security.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="internvl3_8b")
+    p.add_argument("--peers-dir", default=os.path.join(ROOT, "..", "shared", "bench"))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    a = p.parse_args(argv)
+    path = os.path.join(a.peers_dir, "matmul_heatmap_torch.py")
+    if not os.path.isfile(path):
+        raise SystemExit(f"torch_heatmap: {path} not found (--peers-dir names ../shared/bench)")
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from emit_jax.bench import _heatmap_shape
+
+    spec = importlib.util.spec_from_file_location("peer_matmul_heatmap_torch", path)
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    L, g, d, R, k = _heatmap_shape(a.arch)
+    gen = torch.Generator().manual_seed(0)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
+    q = torch.randn(L, 1, g, g, d, generator=gen).to(dtype)
+    r = torch.randn(L, 1, R, g, g, d, generator=gen).to(dtype)
+    with torch.no_grad():
+        peer.matmul_dense(q, r, k)  # warm-up
+        times = []
+        for _ in range(a.repeats):
+            t = time.perf_counter()
+            peer.matmul_dense(q, r, k)
+            times.append(time.perf_counter() - t)
+    best = min(times)
+    dense = 2 * L * (g * g) * (R * g * g) * d
+    out = {"bench": "torch_heatmap", "arch": a.arch, "dtype": a.dtype, "impl": path,
+           "shape": {"layers": L, "batch": 1, "rotations": R, "grid": g, "dim": d, "window": k},
+           "ms_per_sample": 1000 * best, "ms_median_per_sample": 1000 * sorted(times)[len(times) // 2],
+           "gflop_executed": dense / 1e9, "achieved_gflops": dense / best / 1e9,
+           "torch_threads": torch.get_num_threads(), "repeats": a.repeats}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
