@@ -39,12 +39,10 @@ def test_rollout_grpo_and_train_step_benches_run_tiny():
     assert row["s_per_step_median"] >= sum(row["phase_s_median"].values()) * 0.99
     assert row["params_moved"] or row["groups_with_reward_spread"].startswith("0/")
     row = _bench("train_step", "--arch", "tiny", "--batch", "2", "--seq-len", "16", "--repeats",
-                 "1", "--peak-gflops", "100")
+                 "1", "--peak-gflops", "100", "--profile")
     # XLA's count of the forward + backward and 6 N T agree to a few percent at this size
     assert abs(row["xla_flops"] / row["flops_6nt"] - 1) < 0.2
     assert 0 < row["mfu"] < 1 and row["peak_gflops"] == 100
-    row = _bench("train_step", "--arch", "tiny", "--batch", "2", "--seq-len", "16", "--repeats",
-                 "1", "--peak-gflops", "100", "--profile")
     prof = row["profile"]  # a real jax.profiler trace, read back: threads busy, XLA ops named
     assert prof["wall_ms_per_step"] > 0 and 0 < prof["thread_busy_fraction"] <= 1.05
     assert any(k.startswith("tf_XLA") for k in prof["thread_busy_ms_per_step"])
