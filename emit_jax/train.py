@@ -133,8 +133,10 @@ def _map_grid(cfg) -> int:
     """The contrastive-token grid side when the warm-up's hints are defect maps
     (``warmup.hint='map'``), else 0: the ViT's patch grid halved by the projector's stride-2
     conv (8 for ``tiny``)."""
+    from emit_jax.training.data import WARMUP_HINTS
+
     hint = cfg.warmup.get("hint", "statement") if "warmup" in cfg else "statement"
-    if hint not in ("statement", "map"):
+    if hint not in WARMUP_HINTS:  # validate_config says so first on the command line
         raise ValueError(f"warmup.hint must be 'statement' or 'map', got {hint!r}")
     if hint == "statement":
         return 0

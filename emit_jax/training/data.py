@@ -46,6 +46,7 @@ from emit_jax.models.emit import HINT_TEXT
 
 REGION_WORDS = {r: r for r in prompts.REGIONS}
 MAP_TASKS = ("anomaly_discrimination", "defect_localization")
+WARMUP_HINTS = ("statement", "map")  # warmup.hint: a sentence, or a defect map (warmup_map)
 
 
 def tokenizer_for(workdir: str, dataset_root: str | None):

@@ -176,8 +176,10 @@ def validate_config(cfg, *, num_devices: int | None = None) -> None:
             _optim_section(cfg[s], s)
         else:
             _grpo_section(cfg.grpo)
+    from emit_jax.training.data import WARMUP_HINTS
+
     if "warmup" in cfg and cfg.warmup is not None and \
-            cfg.warmup.get("hint", "statement") not in ("statement", "map"):
+            cfg.warmup.get("hint", "statement") not in WARMUP_HINTS:
         _fail("warmup.hint", cfg.warmup.hint, "must be 'statement' or 'map'")
     uses_adfm = ("grpo" in stages and cfg.grpo.get("records", "grpo") == "adfm") or \
         ("base" in stages and cfg.base.get("adfm", False)) or bool(cfg.get("eval_adfm", 0))
