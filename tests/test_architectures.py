@@ -1,6 +1,8 @@
 """Named architectures: parameter counts equal transformers' for the same config (meta device,
 no weights); every parameter carries logical axis names; configs round-trip through config.json."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -17,7 +19,9 @@ KNOWN_AXES = {"embed", "mlp", "heads", "kv_heads", "vocab", "norm", "vit_embed",
               "vit_heads", "vit_pos", "mm_in", "mm_hidden", "conv_h", "conv_w", "conv_in", None}
 
 
+@functools.lru_cache(maxsize=None)
 def abstract(cfg):
+    """The model's shapes (no arrays); one trace per config for the whole file (read only)."""
     return nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(0)))
 
 
