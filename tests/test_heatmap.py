@@ -109,10 +109,12 @@ def test_chunked_any_chunk_size_matches_dense(chunk_rows):
 
     rs = np.random.RandomState(chunk_rows)
     q = H._normalize(jnp.asarray(rs.randn(2, 7, 6, 8), jnp.float32))
-    r = H._normalize(jnp.asarray(-np.abs(rs.randn(2, 3, 7, 6, 8)), jnp.float32))
+    r = jnp.asarray(-np.abs(rs.randn(2, 3, 7, 6, 8)) * rs.uniform(0.1, 10, (2, 3, 7, 6, 1)),
+                    jnp.float32)  # raw reference rows of assorted norms (scaled after the GEMM)
+    rinv = H._inverse_norms(r)
     for k, zero_fill in ((1, True), (2, False), (8, False)):
-        want = H._layer_dense(q, r, k, zero_fill)
-        got = jax.jit(lambda q, r: H._layer_chunked(q, r, k, zero_fill, chunk_rows))(q, r)
+        want = H._layer_dense(q, r, rinv, k, zero_fill)
+        got = jax.jit(lambda q, r: H._layer_chunked(q, r, rinv, k, zero_fill, chunk_rows))(q, r)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
 
 

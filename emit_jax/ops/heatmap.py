@@ -86,12 +86,20 @@ def _normalize(x: jax.Array) -> jax.Array:
     return (x32 / jnp.maximum(norm, _EPS)).astype(x.dtype)
 
 
-def _layer_dense(q, r, window, zero_fill):
-    """q ``[B, h, w, D]``, r ``[B, R, h, w, D]`` -> S ``[B, h, w]``."""
+def _inverse_norms(x: jax.Array) -> jax.Array:
+    """``1 / max(|x|, eps)`` along the last axis, float32 (the axis dropped)."""
+    x32 = x.astype(jnp.float32)
+    return 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(x32 * x32, axis=-1)), _EPS)
+
+
+def _layer_dense(q, r, rinv, window, zero_fill):
+    """q ``[B, h, w, D]`` (unit rows), r ``[B, R, h, w, D]`` (raw), rinv ``[B, R, h, w]`` (its
+    inverse norms) -> S ``[B, h, w]``."""
     b, h, w, d = q.shape
     R = r.shape[1]
     s = jnp.einsum("bpd,bqd->bpq", q.reshape(b, h * w, d), r.reshape(b, R * h * w, d),
                    preferred_element_type=jnp.float32)  # [B, hw, R*hw]
+    s = s * rinv.reshape(b, 1, R * h * w)
     near = jnp.asarray(np.tile(near_mask(h, w, window), (1, R)))
     s = jnp.where(near[None], s, 0.0 if zero_fill else -jnp.inf)
     return jnp.max(s, axis=-1).reshape(b, h, w)
@@ -104,12 +112,13 @@ def _floor(m, h, w, window, zero_fill):
     return jnp.where(outside[None], jnp.maximum(m, 0.0), m)
 
 
-def _layer_banded(q, r, window, zero_fill, block_rows=BLOCK_ROWS):
+def _layer_banded(q, r, rinv, window, zero_fill, block_rows=BLOCK_ROWS):
     """Row-band strategy: query rows in blocks of ``block_rows``; each block is one GEMM against
     the reference rows within ``window`` of it (contiguous in a rows-outer layout), masked."""
     b, h, w, d = q.shape
     R = r.shape[1]
     rt = jnp.transpose(r, (0, 2, 1, 3, 4))  # [B, h, R, w, D]: a row band is contiguous
+    it = jnp.transpose(rinv, (0, 2, 1, 3))  # [B, h, R, w]
     jj = np.arange(w)
     col_ok = np.abs(jj[:, None] - jj[None, :]) <= window  # [w (query), w (ref)]
     out = []
@@ -119,7 +128,7 @@ def _layer_banded(q, r, window, zero_fill, block_rows=BLOCK_ROWS):
         qb = q[:, a:z].reshape(b, (z - a) * w, d)
         rb = rt[:, lo:hi].reshape(b, (hi - lo) * R * w, d)
         s = jnp.einsum("bpd,bqd->bpq", qb, rb, preferred_element_type=jnp.float32)
-        s = s.reshape(b, z - a, w, hi - lo, R, w)
+        s = s.reshape(b, z - a, w, hi - lo, R, w) * it[:, None, None, lo:hi]
         ii = np.arange(a, z)[:, None] - np.arange(lo, hi)[None, :]
         ok = (np.abs(ii) <= window)[:, None, :, None] & col_ok[None, :, None, :]  # [t, w, n, w]
         s = jnp.where(jnp.asarray(ok)[None, :, :, :, None, :], s, -jnp.inf)
@@ -128,7 +137,7 @@ def _layer_banded(q, r, window, zero_fill, block_rows=BLOCK_ROWS):
     return _floor(best, h, w, window, zero_fill)
 
 
-def _layer_chunked(q, r, window, zero_fill, chunk_rows=CHUNK_ROWS):
+def _layer_chunked(q, r, rinv, window, zero_fill, chunk_rows=CHUNK_ROWS):
     """Reference-chunk strategy: the reference rows (all R copies, rows-outer) in chunks of
     ``chunk_rows``, a pure reshape; the query rows within ``window`` of each chunk gathered into
     one ``[n, c + 2k rows, ...]`` array (the queries are R times smaller than the references, so
@@ -142,13 +151,15 @@ def _layer_chunked(q, r, window, zero_fill, chunk_rows=CHUNK_ROWS):
     rt = jnp.transpose(r, (0, 2, 1, 3, 4))  # [B, h, R, w, D]
     rt = jnp.pad(rt, ((0, 0), (0, hp - h), (0, 0), (0, 0), (0, 0)))
     rc = rt.reshape(b, n, c * R * w, d)
+    it = jnp.pad(jnp.transpose(rinv, (0, 2, 1, 3)), ((0, 0), (0, hp - h), (0, 0), (0, 0)))
+    it = it.reshape(b, n, 1, 1, c, R * w)
     qp = jnp.pad(q, ((0, 0), (k, hp - h + k), (0, 0), (0, 0)))  # [B, k + hp + k, w, D]
     idx = np.arange(n)[:, None] * c + np.arange(nb)[None, :]  # [n, nb] rows of qp
     qb = qp[:, idx].reshape(b * n, nb * w, d)
     # one batch axis: XLA:CPU's batched GEMM ran at half speed with two (heatmap_parts)
     s = jnp.einsum("kpd,kqd->kpq", qb, rc.reshape(b * n, c * R * w, d),
                    preferred_element_type=jnp.float32)
-    s = s.reshape(b, n, nb, w, c, R * w)
+    s = s.reshape(b, n, nb, w, c, R * w) * it
     qi = idx - k  # the query row of each gathered row
     ri = np.arange(n)[:, None] * c + np.arange(c)[None, :]  # [n, c] reference rows
     row_ok = (np.abs(qi[:, :, None] - ri[:, None, :]) <= window) & (ri[:, None, :] < h)
@@ -160,8 +171,9 @@ def _layer_chunked(q, r, window, zero_fill, chunk_rows=CHUNK_ROWS):
     return _floor(best[:, k:k + h], h, w, window, zero_fill)
 
 
-def _layer_shifted(q, r, window, zero_fill):
+def _layer_shifted(q, r, rinv, window, zero_fill):
     b, h, w, d = q.shape
+    r = (r.astype(jnp.float32) * rinv[..., None]).astype(r.dtype)  # elementwise: unit rows
     kr, kc = min(window, h - 1), min(window, w - 1)
     r_pad = jnp.pad(r, ((0, 0), (0, 0), (kr, kr), (kc, kc), (0, 0)))
     valid = jnp.pad(jnp.ones((h, w), bool), ((kr, kr), (kc, kc)))
@@ -185,10 +197,12 @@ _LAYER_FNS = {"dense": _layer_dense, "banded": _layer_banded, "chunked": _layer_
 
 @functools.partial(jax.jit, static_argnames=("window", "zero_fill", "strategy"))
 def _anomaly_map(query, reference, *, window, zero_fill, strategy):
+    # the query (R times smaller) is normalised; the reference is not: its inverse norms scale
+    # the similarity columns after the GEMM, which saves a write and a read of the largest array
     qn = _normalize(query)
-    rn = _normalize(reference)
+    rinv = _inverse_norms(reference)
     fn = functools.partial(_LAYER_FNS[strategy], window=window, zero_fill=zero_fill)
-    sims = jax.lax.map(lambda qr: fn(*qr), (qn, rn))  # [L, B, h, w], one layer at a time
+    sims = jax.lax.map(lambda a: fn(*a), (qn, reference, rinv))  # [L, B, h, w], layer by layer
     return 1.0 - jnp.mean(sims, axis=0)
 
 
