@@ -79,17 +79,17 @@ def flops(L: int, B: int, R: int, h: int, w: int, D: int, window: int, strategy:
     return 2 * L * B * pairs * D
 
 
-def _normalize(x: jax.Array) -> jax.Array:
-    """Unit vectors along the last axis (float32 maths, result in the input dtype)."""
-    x32 = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True))
-    return (x32 / jnp.maximum(norm, _EPS)).astype(x.dtype)
-
-
 def _inverse_norms(x: jax.Array) -> jax.Array:
     """``1 / max(|x|, eps)`` along the last axis, float32 (the axis dropped)."""
     x32 = x.astype(jnp.float32)
     return 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(x32 * x32, axis=-1)), _EPS)
+
+
+def _normalize(x: jax.Array, inv: jax.Array | None = None) -> jax.Array:
+    """Unit vectors along the last axis (float32 maths, result in the input dtype); ``inv``:
+    :func:`_inverse_norms` of ``x`` when the caller has them already."""
+    inv = _inverse_norms(x) if inv is None else inv
+    return (x.astype(jnp.float32) * inv[..., None]).astype(x.dtype)
 
 
 def _layer_dense(q, r, rinv, window, zero_fill):
@@ -173,7 +173,7 @@ def _layer_chunked(q, r, rinv, window, zero_fill, chunk_rows=CHUNK_ROWS):
 
 def _layer_shifted(q, r, rinv, window, zero_fill):
     b, h, w, d = q.shape
-    r = (r.astype(jnp.float32) * rinv[..., None]).astype(r.dtype)  # elementwise: unit rows
+    r = _normalize(r, rinv)  # element-wise products: the rows themselves must be unit
     kr, kc = min(window, h - 1), min(window, w - 1)
     r_pad = jnp.pad(r, ((0, 0), (0, 0), (kr, kr), (kc, kc), (0, 0)))
     valid = jnp.pad(jnp.ones((h, w), bool), ((kr, kr), (kc, kc)))
