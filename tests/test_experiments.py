@@ -53,3 +53,34 @@ def test_adfm_compare_summary_and_row_configs():
     assert data["AD-FM"]["Anomaly Discrimination"]["std"] == 5.0
     assert data["AD-FM"]["mean IoU"]["values"] == [10.0]
     assert "| AD-FM | 55.0 ± 5.0 |" in table and "–" in table
+
+
+def test_fresh_images_records_and_fixed_option_order(tmp_path):
+    """The extra datasets' AD questions: one per image, each with its own reference; with the
+    options fixed to No / Yes the answer letter is the label (B exactly for anomalous images),
+    whatever order the builder drew."""
+    from emit_jax.experiments.fresh_images import fixed_ad_order, fresh_records
+
+    recs = fresh_records([1], cache_dir=str(tmp_path))
+    assert len(recs) > 300 and all(r["task_type"] == "anomaly_discrimination" for r in recs)
+    assert all(r["id"].startswith("fresh1-") and r["images"][0] != r["images"][1] for r in recs)
+    orders = {tuple(r["options"]) for r in recs}
+    assert orders == {("Yes.", "No."), ("No.", "Yes.")}  # the builder shuffles
+    for r in recs:
+        f = fixed_ad_order(r)
+        assert f["options"] == ["No.", "Yes."]
+        assert f["messages"][0]["content"].endswith("A. No.\nB. Yes.\n")
+        assert f["messages"][1]["content"] == ("B" if r["adlabel"] else "A")
+        letter = r["messages"][1]["content"]
+        assert r["options"]["AB".index(letter)] == ("Yes." if r["adlabel"] else "No.")
+    think = dict(recs[0], options=["Yes.", "No."], solution="B",
+                 messages=[{"role": "user", "content": "Q\nA. Yes.\nB. No.\nthink first"},
+                           {"role": "assistant", "content": "<think>ok</think><answer>B</answer>"}])
+    f = fixed_ad_order(think)
+    assert f["solution"] == "A" and f["messages"][1]["content"].endswith("<answer>A</answer>")
+    assert f["messages"][0]["content"] == "Q\nA. No.\nB. Yes.\nthink first"
+    assert think["solution"] == "B"  # the input is not changed
+    with pytest.raises(ValueError, match="seed 0"):
+        fresh_records([0])
+    with pytest.raises(ValueError, match="not Yes./No."):
+        fixed_ad_order(dict(recs[0], options=["Maybe.", "No."]))

@@ -120,9 +120,10 @@ def test_table1_row_stages():
 
 
 # ------------------------------------------------------------------ exact resume
-# The main job (smoke size, every stage) is stopped four times — SIGTERM in the
-# warm-up, ``kill -9`` while a checkpoint of the base stage is being written, ``kill -9`` during
-# stage 1 and during GRPO — and each time the same command is run again. The final parameters of
+# The main job (smoke size, every stage) is stopped three times — SIGTERM in the warm-up
+# (resume inside ``run_sft``, the loop the base stage shares), ``kill -9`` while a checkpoint of
+# stage 1 (the EMIT model) is being written, ``kill -9`` during GRPO — and each time the same
+# command is run again. The final parameters of
 # every stage are bit-identical to the uninterrupted run (``smoke_run``), and each stage's metrics
 # log holds every step once.
 ARGS = ["-m", "emit_jax.train", "--config", "configs/grpo.py:smoke", "--config.checkpoint_every=1",
@@ -173,12 +174,12 @@ def interrupted(smoke_run, tmp_path_factory):
     # 1. SIGTERM in the warm-up: stops after the step it is in, that step saved
     rc, err, secs = _signal_at(_start(w, cache), "[warmup] step 1/", signal.SIGTERM)
     events["sigterm"] = (rc, err, secs, sorted(os.listdir(w / "warmup" / "ckpt")))
-    # 2. kill -9 while the checkpoint of base step 2 is being written
-    p = _start(w, cache, faults="kill_in_save@base:2")
+    # 2. kill -9 while the checkpoint of stage 1's step 2 is being written (the base stage
+    # runs through first)
+    p = _start(w, cache, faults="kill_in_save@sft:2")
     _, err = p.communicate(timeout=900)
-    events["kill_in_save"] = (p.returncode, err, sorted(os.listdir(w / "base" / "ckpt")))
-    # 3. and 4. kill -9 at arbitrary points of stage 1 and GRPO
-    events["kill_sft"] = _signal_at(_start(w, cache), "[sft] step 1/", signal.SIGKILL)
+    events["kill_in_save"] = (p.returncode, err, sorted(os.listdir(w / "sft" / "ckpt")))
+    # 3. kill -9 at an arbitrary point of GRPO (stage 1 resumes from step 1 first)
     events["kill_grpo"] = _signal_at(_start(w, cache), "[grpo] step 1/", signal.SIGKILL)
     p = _start(w, cache)
     _, err = p.communicate(timeout=900)
@@ -202,7 +203,7 @@ def test_kill_during_a_checkpoint_write_leaves_it_unused(interrupted):
     assert rc == -signal.SIGKILL, err[-3000:]
     # the write of step 2 was cut: only its temporary folder exists, never taken for a step
     assert "2" not in steps and any(s.startswith("2.") and "tmp" in s for s in steps), steps
-    assert ev["kill_sft"][0] == ev["kill_grpo"][0] == -signal.SIGKILL
+    assert ev["kill_grpo"][0] == -signal.SIGKILL
 
 
 def test_final_parameters_are_bit_identical_to_the_uninterrupted_run(interrupted, smoke_run):

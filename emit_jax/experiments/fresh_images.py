@@ -1,0 +1,158 @@
+"""Anomaly discrimination trained on freshly generated images: does the tiny model generalise?
+
+    python -m emit_jax.experiments.fresh_images --workdir W [--stage base|sft] [--seeds 12]
+        [--steps 400] [--lr 1e-3] [--train all|stage] [--fixed-order] [--config configs/grpo.py]
+
+The embedded default's 238 stage-1 anomaly-discrimination (AD) questions are few enough for the
+tiny MLLM to memorise (docs/TRAINING_NOTES.md). This experiment adds the AD questions of every
+image of further embedded datasets (``emit_jax.data.embedded`` with seeds 1..``--seeds``: about
+392 new images per seed, 7 s each to draw on a 2-core CPU; never the seed-0 dataset whose
+validation and test splits are held out), so no training question repeats within a few hundred
+steps, then evaluates held-out AD on the seed-0 test split.
+
+- ``--stage base``: the base-model stage (no soft prompt, no contrastive tokens) on the AD
+  questions with direct answers, from the random initialisation.
+- ``--stage sft``: EMIT's stage 1 (soft prompt + contrastive tokens) on top of the config's base
+  stage (run first into ``W`` when ``W/base/model`` is missing); ``--train stage`` trains what
+  stage 1 trains (soft prompt + projector), ``--train all`` every parameter.
+- ``--fixed-order``: every AD question, training and held-out, lists ``A. No.`` then ``B. Yes.``,
+  so the answer letter *is* the belief (a diagnostic: EMIT shuffles the two options, which makes
+  the letter the XOR of the belief and the option order).
+
+Prints the held-out table; the training log (loss, label accuracy) goes to stderr as in
+``emit_jax.train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import sys
+import time
+
+AD = "anomaly_discrimination"
+_NO_FIRST = "A. No.\nB. Yes.\n"
+_YES_FIRST = "A. Yes.\nB. No.\n"
+_FLIP = {"A": "B", "B": "A"}
+
+
+def fixed_ad_order(record: dict) -> dict:
+    """``record`` with an AD question's options put in the order No, Yes (a new dict; other
+    records are returned as they are). The user turn, ``options``, the assistant answer (a
+    letter, or a think answer's ``<answer>X</answer>``) and ``solution`` change together."""
+    if record.get("task_type") != AD or list(record.get("options", ())) == ["No.", "Yes."]:
+        return record
+    if list(record.get("options", ())) != ["Yes.", "No."]:
+        raise ValueError(f"record {record.get('id')}: AD options {record.get('options')} are not "
+                         "Yes./No.")
+    user = record["messages"][0]["content"]
+    i = user.rfind(_YES_FIRST)
+    if i < 0:
+        raise ValueError(f"record {record.get('id')}: no 'A. Yes. / B. No.' lines in the prompt")
+    out = dict(record, options=["No.", "Yes."])
+    messages = [dict(m) for m in record["messages"]]
+    messages[0]["content"] = user[:i] + _NO_FIRST + user[i + len(_YES_FIRST):]
+    if len(messages) > 1:
+        a = messages[1]["content"]
+        messages[1]["content"] = _FLIP[a] if a in _FLIP else re.sub(
+            r"<answer>([AB])</answer>", lambda m: f"<answer>{_FLIP[m.group(1)]}</answer>", a)
+    out["messages"] = messages
+    if "solution" in record:
+        out["solution"] = _FLIP[record["solution"]]
+    return out
+
+
+def fresh_records(seeds, *, cache_dir: str | None = None) -> list[dict]:
+    """Stage-1 AD records (direct answers) of every image of the embedded datasets ``seeds``;
+    each query's reference is the most similar normal image of its class in the same dataset."""
+    from emit_jax.data import jsonl, tasks
+    from emit_jax.data.embedded import ensure_cached
+    from emit_jax.data.mvtec import scan
+
+    out: list[dict] = []
+    for s in seeds:
+        if s == 0:
+            raise ValueError("seed 0 is the embedded default itself (its test split is held out)")
+        items = scan(ensure_cached(cache_dir, seed=s))
+        refs = tasks.select_references(items, tasks.pixel_embedder(),
+                                       pool=lambda it: not it.is_anomalous)
+        qs = tasks.build_questions(items, stage=1, seed=s, references=refs, tasks=(AD,))
+        out += [dict(r, id=f"fresh{s}-{r['id']}") for r in jsonl.records(qs, 1)]
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m emit_jax.experiments.fresh_images",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--config", default="configs/grpo.py")
+    ap.add_argument("--stage", choices=("base", "sft"), default="sft")
+    ap.add_argument("--seeds", type=int, default=12, help="extra embedded datasets 1..N")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--train", choices=("all", "stage"), default="all")
+    ap.add_argument("--fixed-order", action="store_true")
+    a = ap.parse_args(argv)
+
+    from flax import nnx
+
+    from emit_jax import train
+    from emit_jax.data.mmad import paper_task_name
+    from emit_jax.eval.scoring import format_table
+    from emit_jax.evaluate import evaluate_records
+    from emit_jax.experiments.table1 import load_config
+    from emit_jax.models.emit import EMIT, EMITConfig
+    from emit_jax.training.sft import run_sft
+
+    t0 = time.time()
+    cfg = load_config(a.config, {})
+    cfg.export_hf = False
+    source, tokenizer, records = train._prepare_data(cfg, a.workdir)
+    extra = fresh_records(range(1, a.seeds + 1))
+    print(f"[fresh] {len(extra)} AD questions from {a.seeds} extra datasets "
+          f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    own = [r for r in records["sft"] if r["task_type"] == AD]
+    if a.stage == "base":
+        own = [r for r in records["base"] if r["task_type"] == AD
+               and not r["messages"][1]["content"].startswith("<think>")]
+    recs = own + extra
+    test = records["test"]
+    if a.fixed_order:
+        recs, test = [fixed_ad_order(r) for r in recs], [fixed_ad_order(r) for r in test]
+    random.Random(cfg.seed).shuffle(recs)
+
+    if a.stage == "base":
+        model = train.build_initial_model(cfg, tokenizer)
+        wrt = nnx.Param
+    else:
+        if not os.path.isdir(os.path.join(a.workdir, "base", "model")):
+            base_cfg = load_config(a.config, {})
+            base_cfg.stages, base_cfg.eval_limit, base_cfg.export_hf = ("base",), 0, False
+            train.run(base_cfg, a.workdir)
+        model = train._load_stage(a.workdir, "base")
+        model = EMIT.create(model, EMITConfig(**dict(cfg.emit)), tokenizer=tokenizer,
+                            rngs=nnx.Rngs(cfg.seed))
+        wrt = nnx.Param if a.train == "all" else nnx.All(
+            nnx.Param, nnx.Any(nnx.PathContains("soft_prompt"), nnx.PathContains("projector")))
+    name = f"fresh_{a.stage}_{a.train}" + ("_fixed" if a.fixed_order else "")
+    ocfg = train._optim(dict(cfg.sft, steps=a.steps, lr=a.lr, batch_size=a.batch_size))
+    info = run_sft(model, recs, tokenizer, train._pipeline(model, cfg, train=True, with_answer=True),
+                   ocfg, os.path.join(a.workdir, name), wrt=wrt, name=name, seed=cfg.seed,
+                   checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
+                   pad_id=tokenizer.pad_token_id or 0)
+    model.eval()
+    ad_test = [r for r in test if r["task_type"] == AD]
+    summary, rows = evaluate_records(model, tokenizer, ad_test, max_tiles=cfg.data.max_tiles,
+                                     think=False, max_new_tokens=cfg.eval_max_new_tokens,
+                                     root=source)
+    print(format_table(summary, title=f"{name}: held-out AD ({len(rows)} questions), "
+                       f"{len(recs)} training questions, {time.time() - t0:.0f} s"), flush=True)
+    return {"name": name, "train_questions": len(recs), "info": info,
+            "held_out": {paper_task_name(t): summary.average[t] for t in summary.tasks}}
+
+
+if __name__ == "__main__":
+    main()
