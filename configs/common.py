@@ -17,6 +17,9 @@ def base_config() -> ml_collections.ConfigDict:
         dk_sentences=1,  # first sentence of each domain-knowledge entry: a length budget for tiny
         base_think=True,  # base stage: also templated <think> answers (GRPO's format reward)
         domain_knowledge=False,  # tiny: no domain-knowledge block (EMIT has one; 8B configs do)
+        # anomaly discrimination's two options: "shuffled" (EMIT's builder) or "yes_no" (always
+        # A. Yes. / B. No., as MMAD asks them; docs/TRAINING_NOTES.md, "the option order")
+        ad_order="shuffled",
         length_buckets=(512, 768, 1024, 1536, 2048, 4096)))
     # optional text-only warm-up stage (add "warmup" to stages): short text versions of the tasks,
     # the images replaced by a sentence at the end of the user turn. Measured 2026-11-22 (2-core

@@ -234,7 +234,7 @@ def _prepare_data(cfg, workdir: str, *, write: bool = True):
               base_think=cfg.data.get("base_think", True),
               domain_knowledge=cfg.data.get("domain_knowledge", True),
               adfm_frame=_adfm_frame(cfg) if cfg.data.get("adfm", False) else None,
-              map_grid=_map_grid(cfg))
+              map_grid=_map_grid(cfg), ad_order=cfg.data.get("ad_order", "shuffled"))
     if write:
         records = stage_records(source, workdir, **kw)
         _log("[data] " + ", ".join(f"{k} {len(v)}" for k, v in records.items()))

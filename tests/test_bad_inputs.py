@@ -651,6 +651,7 @@ def test_shipped_configs_pass():
     ("grpo.records", "adfm", "data.adfm: False must be True when grpo.records='adfm'"),
     ("eval_adfm", 10, "data.adfm: False must be True"),
     ("warmup.hint", "picture", "warmup.hint: 'picture' must be 'statement' or 'map'"),
+    ("data.ad_order", "no_yes", "data.ad_order: 'no_yes' must be one of ('shuffled', 'yes_no')"),
 ])
 def test_validate_config_names_key_and_problem(key, value, needle):
     from emit_jax.models.config import ConfigError

@@ -268,3 +268,43 @@ def test_references_under_the_models_own_vit(tmp_path):
     checkpoint.save_model(model, ckpt)
     summary = build(root, str(tmp_path / "o.jsonl"), 2, checkpoint=str(ckpt))
     assert summary["embedding"] == "vit" and summary["records"] == 48
+
+
+def test_ad_order_yes_no_makes_the_letter_the_label(tmp_path):
+    """``ad_order='yes_no'``: every AD question lists A. Yes. / B. No. (MMAD's order), so the
+    letter is A exactly for anomalous images; the other tasks' questions are unchanged."""
+    items = scan(make_mvtec(tmp_path / "ds"))
+    refs = tasks.select_references(items, tasks.pixel_embedder())
+    shuffled = tasks.build_questions(items, stage=2, seed=3, references=refs)
+    fixed = tasks.build_questions(items, stage=2, seed=3, references=refs, ad_order="yes_no")
+    assert len(fixed) == len(shuffled)
+    ad = [q for q in fixed if q.task == "anomaly_discrimination"]
+    assert len(ad) == 20 and {q.meta["adlabel"] for q in ad} == {0, 1}
+    for q in ad:
+        assert q.options == ("Yes.", "No.") and q.answer == ("A" if q.meta["adlabel"] else "B")
+        assert "? \nA. Yes.\nB. No.\n" in q.user
+    assert {q.options for q in shuffled if q.task == "anomaly_discrimination"} == \
+        {("Yes.", "No."), ("No.", "Yes.")}
+    for a, b in zip(shuffled, fixed):
+        if a.task != "anomaly_discrimination":
+            assert (a.user, a.answer) == (b.user, b.answer)
+    with pytest.raises(ValueError, match="ad_order must be one of"):
+        tasks.build_questions(items, stage=2, references=refs, ad_order="no_yes")
+
+
+def test_stage_records_refuse_a_workdir_built_with_another_ad_order(tmp_path):
+    from emit_jax.training.data import stage_records
+
+    ds = make_mvtec(tmp_path / "ds", classes=("widget",))
+    work = tmp_path / "work"
+    recs = stage_records(ds, str(work), text_samples=False, ad_order="yes_no")
+    assert json.loads((work / "data" / "options.json").read_text()) == {"ad_order": "yes_no"}
+    assert all(r["options"] == ["Yes.", "No."] for r in recs["test"]
+               if r["task_type"] == "anomaly_discrimination")
+    again = stage_records(ds, str(work), text_samples=False, ad_order="yes_no")  # the cache
+    assert again["sft"] == recs["sft"]
+    with pytest.raises(DataError, match=r"work/data: the records were built with "
+                                        r"ad_order='yes_no', the config asks for 'shuffled'"):
+        stage_records(ds, str(work), text_samples=False)
+    (work / "data" / "options.json").unlink()  # record files of an older version: shuffled
+    assert stage_records(ds, str(work), text_samples=False)["test"] == recs["test"]

@@ -180,6 +180,9 @@ def read_mask(item: ImageItem) -> np.ndarray:
     return mask
 
 
+AD_ORDERS = ("shuffled", "yes_no")
+
+
 def build_questions(items: Sequence[ImageItem], *, stage: int, seed: int = 0,
                     references: Mapping[str, str],
                     domain_knowledge: Mapping[str, Mapping[str, str]] | None = None,
@@ -187,12 +190,16 @@ def build_questions(items: Sequence[ImageItem], *, stage: int, seed: int = 0,
                     object_names: Sequence[str] | None = None,
                     tasks: Sequence[str] | None = None, think: bool | None = None,
                     text_samples: bool = False, report: Report | None = None,
-                    dk_sentences: int = 0) -> list[Question]:
+                    dk_sentences: int = 0, ad_order: str = "shuffled") -> list[Question]:
     """Questions for ``items``. Stage 1: Anomaly Discrimination + Defect Localization, direct
     answers; stage 2: all four tasks with the think instruction (``tasks`` / ``think``
     override). ``domain_knowledge``: class -> {defect: text, 'good': text}. ``text_samples``:
     also a text-as-query copy of each image that has an object description. ``dk_sentences``:
-    keep only that many sentences of each domain-knowledge entry (0: all, as EMIT)."""
+    keep only that many sentences of each domain-knowledge entry (0: all, as EMIT).
+    ``ad_order``: the two anomaly-discrimination options drawn in random order (``shuffled``,
+    EMIT_SPEC 9.4) or always ``A. Yes.`` / ``B. No.`` (``yes_no``, as MMAD asks them)."""
+    if ad_order not in AD_ORDERS:
+        raise ValueError(f"ad_order must be one of {AD_ORDERS}, got {ad_order!r}")
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage}")
     report = report or Report()
@@ -210,14 +217,14 @@ def build_questions(items: Sequence[ImageItem], *, stage: int, seed: int = 0,
     for it in items:
         try:
             out.extend(_questions_for(it, tasks, think, seed, references, dk_all, defect_names,
-                                      object_names, text_samples, dk_sentences))
+                                      object_names, text_samples, dk_sentences, ad_order))
         except (DataError, ImageError) as e:
             report.problem(str(e))
     return out
 
 
 def _questions_for(it, tasks, think, seed, references, dk_all, defect_names, object_names,
-                   text_samples, dk_sentences=0):
+                   text_samples, dk_sentences=0, ad_order="shuffled"):
     anomalous, regions, counts = it.is_anomalous, [], None
     if anomalous:
         counts = mask_cell_counts(read_mask(it))
@@ -245,8 +252,11 @@ def _questions_for(it, tasks, think, seed, references, dk_all, defect_names, obj
 
         two = ([ref] if description is not None else [ref, it.path]) if ref else None
         if "anomaly_discrimination" in tasks and two:
-            opts, idx = choice_options("Yes." if anomalous else "No.", ["Yes.", "No."], 2,
-                                       _rng(seed, *key, "ad"))
+            if ad_order == "yes_no":  # MMAD's order: the letter is the belief
+                opts, idx = ["Yes.", "No."], 0 if anomalous else 1
+            else:
+                opts, idx = choice_options("Yes." if anomalous else "No.", ["Yes.", "No."], 2,
+                                           _rng(seed, *key, "ad"))
             add("anomaly_discrimination", opts, idx, two)
         if anomalous and it.defect and "defect_classification" in tasks and two:
             opts, idx = choice_options(prompts.process_string(it.defect), defect_names, 4,

@@ -182,17 +182,30 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
                   dk_sentences: int = 0, base_think: bool = True,
                   domain_knowledge: bool = True,
                   adfm_frame: tuple[int, int] | None = None,
-                  map_grid: int = 0) -> dict[str, list[dict]]:
+                  map_grid: int = 0, ad_order: str = "shuffled") -> dict[str, list[dict]]:
     """{'warmup', 'base', 'sft', 'grpo', 'validation', 'test'} -> records (cached as JSONL in workdir).
     ``domain_knowledge=False`` leaves the domain-knowledge block out of every prompt.
     ``adfm_frame`` ``(W, H)``: also the AD-FM sets ``adfm`` and ``adfm_test``, boxes in that
     frame (the model's input size). ``map_grid`` > 0: also ``warmup_map``, defect maps of that
-    grid (the model's contrastive-token grid)."""
+    grid (the model's contrastive-token grid). ``ad_order``: the anomaly-discrimination options'
+    order in every set (``tasks.build_questions``); a workdir's record files keep the order they
+    were written with, and a different one raises."""
     out_dir = os.path.join(workdir, "data")
     names = ("warmup", "base", "sft", "grpo", "validation", "test") + \
         (("adfm", "adfm_test") if adfm_frame else ()) + (("warmup_map",) if map_grid else ())
     paths = {n: os.path.join(out_dir, f"{n}.jsonl") for n in names}
+    options_path = os.path.join(out_dir, "options.json")  # how the questions were built
     if all(os.path.isfile(p) for p in paths.values()):  # image paths must stay in the dataset
+        built = {"ad_order": "shuffled"}  # record files written before options.json existed
+        if os.path.isfile(options_path):
+            with open(options_path, encoding="utf-8") as f:
+                built.update(json.load(f))
+        if built["ad_order"] != ad_order:
+            from emit_jax.data.mvtec import DataError
+
+            raise DataError(f"{out_dir}: the records were built with ad_order="
+                            f"{built['ad_order']!r}, the config asks for {ad_order!r}; use another "
+                            "workdir (or delete its data folder and the stages trained on it)")
         return {n: list(jsonl.read_jsonl(p, data_root=dataset_root)) for n, p in paths.items()}
     items = scan(dataset_root)
     has_splits = os.path.isfile(os.path.join(dataset_root, "splits.json"))
@@ -204,7 +217,8 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
     dk_path = os.path.join(dataset_root, "domain_knowledge.json")
     dk = load_domain_knowledge(dk_path if os.path.isfile(dk_path) else None, items[0].dataset) \
         if domain_knowledge else None
-    kw = dict(seed=seed, references=refs, domain_knowledge=dk, dk_sentences=dk_sentences)
+    kw = dict(seed=seed, references=refs, domain_knowledge=dk, dk_sentences=dk_sentences,
+              ad_order=ad_order)
     recs: dict[str, list[dict]] = {}
     direct = tasks.build_questions(train, stage=2, think=False, **kw)
     think = tasks.build_questions(train, stage=2, think=True, text_samples=text_samples,
@@ -233,6 +247,10 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
                                          references=refs, frame=adfm_frame, prefix="adfm-test")
         # a fixed shuffle: an evaluation limit then takes a mix of classes, normal and anomalous
         random.Random(f"adfm-{seed}").shuffle(recs["adfm_test"])
+    from emit_jax.fileio import atomic_output
+
+    with atomic_output(options_path) as f:  # first: complete record files always have it
+        json.dump({"ad_order": ad_order}, f)
     for n in names:
         jsonl.write_jsonl(recs[n], paths[n])
     return recs

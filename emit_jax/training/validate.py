@@ -225,6 +225,10 @@ def validate_config(cfg, *, num_devices: int | None = None) -> None:
     if source != "embedded" and not os.path.isdir(source):
         _fail("data.source", source, "is not a folder (expected an MVTec-AD-style dataset)")
     _int(data, "max_tiles", "data.max_tiles", low=1)
+    from emit_jax.data.tasks import AD_ORDERS
+
+    if data.get("ad_order", "shuffled") not in AD_ORDERS:
+        _fail("data.ad_order", data.ad_order, f"must be one of {AD_ORDERS}")
     buckets = tuple(_get(data, "length_buckets", "data.length_buckets"))
     if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets) \
             or list(buckets) != sorted(set(buckets)):
