@@ -44,7 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
                                            tasks=(),  # () = all stage-1 tasks (AD + DL)
                                            # True: templated think answers (belief, then
                                            # letter) instead of the letter alone
-                                           think=False))
+                                           think=False,
+                                           # N > 0: also the anomaly-discrimination questions
+                                           # of every image of N further embedded datasets
+                                           # (seeds data.seed+1..+N; embedded source only)
+                                           fresh_datasets=0))
     c.emit = ml_collections.ConfigDict(dict(bn_mode="standard", use_soft_prompt=True,
                                             use_contrastive=True, num_soft_tokens=9))
     # device mesh (emit_jax.parallel) when more than one device is present: the batch goes over
@@ -65,4 +69,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_think = True
     c.eval_max_new_tokens = 48
     c.export_hf = True
+    return c
+
+
+def embedded_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The embedded default's stage 1 (docs/TRAINING_NOTES.md, "the option order"): the
+    randomly initialised tiny LLM does not learn anomaly discrimination when its letter is the
+    XOR of the belief and a shuffled option order, nor from 238 training images. So the AD
+    options are always A. Yes. / B. No. (MMAD's order; EMIT shuffles them), and stage 1 adds the
+    AD questions of twelve freshly drawn embedded datasets (4,704) and runs 300 steps at lr
+    1e-2. Measured on the 2-core CPU: held-out AD 71.4 after such a stage 1 (soft prompt +
+    projector, the LLM frozen), 47-55 without."""
+    c.data.ad_order = "yes_no"
+    c.sft.update(dict(steps=300, lr=1e-2, fresh_datasets=12))
     return c

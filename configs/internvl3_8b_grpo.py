@@ -32,6 +32,7 @@ def get_config(arg=None):
     c.data.domain_knowledge = True
     c.data.length_buckets = (2048, 4096, 6144, 8192, 10240)
     c.grpo = grpo_section()
+    c.grpo.bn = "train"  # the official code's BatchNorm in stage 2
     c.grpo.update(dict(steps=1000, prompts_per_step=8, G=8, max_new_tokens=512, lr=1e-5,
                        warmup_ratio=0.01, weight_decay=0.1))
     c.emit.update(dict(bn_mode="official"))

@@ -12,14 +12,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import base_config  # noqa: E402
+from common import base_config, embedded_recipe  # noqa: E402
 
 
 def get_config(arg=None):
-    c = base_config()
+    c = embedded_recipe(base_config())
     c.stages = ("base", "sft")
     c.eval_think = False
     c.eval_max_new_tokens = 8
     if arg == "smoke":  # a few steps of each stage (CI)
         c.base.steps, c.sft.steps, c.eval_limit, c.log_every = 3, 2, 4, 1
+        c.sft.fresh_datasets = 0
     return c

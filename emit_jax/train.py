@@ -290,6 +290,22 @@ def run(cfg, workdir: str) -> dict:
                                              nnx.PathContains("projector")))
             sft_tasks = tuple(cfg.sft.get("tasks", ()))
             sft_records = [r for r in records["sft"] if not sft_tasks or r["task_type"] in sft_tasks]
+            fresh = int(cfg.sft.get("fresh_datasets", 0))
+            if fresh:  # AD questions on further embedded datasets: no image repeats (see configs)
+                import random
+
+                from emit_jax.training.data import fresh_records
+
+                t_fresh = time.time()
+                sft_records = sft_records + fresh_records(
+                    range(cfg.data.seed + 1, cfg.data.seed + 1 + fresh),
+                    ad_order=cfg.data.get("ad_order", "shuffled"),
+                    domain_knowledge=cfg.data.get("domain_knowledge", True),
+                    dk_sentences=cfg.data.get("dk_sentences", 0))
+                random.Random(cfg.seed).shuffle(sft_records)
+                _log(f"[sft] {len(sft_records)} records with the AD questions of {fresh} fresh "
+                     f"embedded datasets (seeds {cfg.data.seed + 1}-{cfg.data.seed + fresh}, "
+                     f"{time.time() - t_fresh:.0f} s)")
             if cfg.sft.get("think", False):
                 from emit_jax.training.data import think_records
 

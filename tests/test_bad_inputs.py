@@ -652,6 +652,8 @@ def test_shipped_configs_pass():
     ("eval_adfm", 10, "data.adfm: False must be True"),
     ("warmup.hint", "picture", "warmup.hint: 'picture' must be 'statement' or 'map'"),
     ("data.ad_order", "no_yes", "data.ad_order: 'no_yes' must be one of ('shuffled', 'yes_no')"),
+    ("sft.fresh_datasets", -1, "sft.fresh_datasets: -1 is below 0"),
+    ("grpo.bn", "running", "grpo.bn: 'running' must be 'train' or 'frozen'"),
 ])
 def test_validate_config_names_key_and_problem(key, value, needle):
     from emit_jax.models.config import ConfigError

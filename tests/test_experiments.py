@@ -59,7 +59,8 @@ def test_fresh_images_records_and_fixed_option_order(tmp_path):
     """The extra datasets' AD questions: one per image, each with its own reference; with the
     options fixed to No / Yes the answer letter is the label (B exactly for anomalous images),
     whatever order the builder drew."""
-    from emit_jax.experiments.fresh_images import fixed_ad_order, fresh_records
+    from emit_jax.experiments.fresh_images import fixed_ad_order
+    from emit_jax.training.data import fresh_records
 
     recs = fresh_records([1], cache_dir=str(tmp_path))
     assert len(recs) > 300 and all(r["task_type"] == "anomaly_discrimination" for r in recs)
@@ -73,6 +74,10 @@ def test_fresh_images_records_and_fixed_option_order(tmp_path):
         assert f["messages"][1]["content"] == ("B" if r["adlabel"] else "A")
         letter = r["messages"][1]["content"]
         assert r["options"]["AB".index(letter)] == ("Yes." if r["adlabel"] else "No.")
+    yes_no = fresh_records([1], cache_dir=str(tmp_path), ad_order="yes_no")  # the cached dataset
+    assert [r["images"] for r in yes_no] == [r["images"] for r in recs]
+    assert all(r["options"] == ["Yes.", "No."] and r["messages"][1]["content"]
+               == ("A" if r["adlabel"] else "B") for r in yes_no)
     think = dict(recs[0], options=["Yes.", "No."], solution="B",
                  messages=[{"role": "user", "content": "Q\nA. Yes.\nB. No.\nthink first"},
                            {"role": "assistant", "content": "<think>ok</think><answer>B</answer>"}])

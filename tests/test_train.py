@@ -248,3 +248,15 @@ def test_a_non_finite_step_is_skipped_or_stops_the_run(smoke_run, tmp_path, poli
         assert "Traceback" not in r.stderr
         assert sorted(os.listdir(tmp_path / "sft" / "ckpt")) == ["1"]  # the last good step
         assert not os.path.exists(tmp_path / "sft" / "model")
+
+
+def test_frozen_bn_keeps_stage_1_running_statistics(smoke_run):
+    """``grpo.bn='frozen'`` (the tiny default): stage 2's loss uses the heat-map BatchNorm's
+    running statistics and leaves them as stage 1 left them; its scale and bias still train."""
+    d, _, _ = smoke_run
+    sft, grpo = _params(d / "sft" / "model"), _params(d / "grpo" / "model")
+    stats = [k for k in sft if k.startswith("projector/bn/") and k.endswith(("mean", "var"))]
+    assert len(stats) == 2, sorted(k for k in sft if "bn" in k)
+    for k in stats:
+        np.testing.assert_array_equal(grpo[k], sft[k], err_msg=k)
+    assert any(not np.array_equal(grpo[k], sft[k]) for k in sft if k.startswith("projector/conv"))

@@ -1,7 +1,8 @@
 """Anomaly discrimination trained on freshly generated images: does the tiny model generalise?
 
     python -m emit_jax.experiments.fresh_images --workdir W [--stage base|sft] [--seeds 12]
-        [--steps 400] [--lr 1e-3] [--train all|stage] [--fixed-order] [--config configs/grpo.py]
+        [--steps 400] [--lr 1e-3] [--train all|stage] [--fixed-order | --ad-order yes_no]
+        [--config configs/grpo.py]
 
 The embedded default's 238 stage-1 anomaly-discrimination (AD) questions are few enough for the
 tiny MLLM to memorise (docs/TRAINING_NOTES.md). This experiment adds the AD questions of every
@@ -17,7 +18,9 @@ steps, then evaluates held-out AD on the seed-0 test split.
   stage 1 trains (soft prompt + projector), ``--train all`` every parameter.
 - ``--fixed-order``: every AD question, training and held-out, lists ``A. No.`` then ``B. Yes.``,
   so the answer letter *is* the belief (a diagnostic: EMIT shuffles the two options, which makes
-  the letter the XOR of the belief and the option order).
+  the letter the XOR of the belief and the option order). ``--ad-order yes_no`` builds every
+  set (the run's own and the fresh ones) as ``A. Yes.`` / ``B. No.`` instead (``data.ad_order``,
+  MMAD's order), which the workdir's records must have been built with.
 
 Prints the held-out table; the training log (loss, label accuracy) goes to stderr as in
 ``emit_jax.train``.
@@ -64,25 +67,6 @@ def fixed_ad_order(record: dict) -> dict:
     return out
 
 
-def fresh_records(seeds, *, cache_dir: str | None = None) -> list[dict]:
-    """Stage-1 AD records (direct answers) of every image of the embedded datasets ``seeds``;
-    each query's reference is the most similar normal image of its class in the same dataset."""
-    from emit_jax.data import jsonl, tasks
-    from emit_jax.data.embedded import ensure_cached
-    from emit_jax.data.mvtec import scan
-
-    out: list[dict] = []
-    for s in seeds:
-        if s == 0:
-            raise ValueError("seed 0 is the embedded default itself (its test split is held out)")
-        items = scan(ensure_cached(cache_dir, seed=s))
-        refs = tasks.select_references(items, tasks.pixel_embedder(),
-                                       pool=lambda it: not it.is_anomalous)
-        qs = tasks.build_questions(items, stage=1, seed=s, references=refs, tasks=(AD,))
-        out += [dict(r, id=f"fresh{s}-{r['id']}") for r in jsonl.records(qs, 1)]
-    return out
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m emit_jax.experiments.fresh_images",
                                  description=__doc__.split("\n\n")[0])
@@ -94,7 +78,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--train", choices=("all", "stage"), default="all")
-    ap.add_argument("--fixed-order", action="store_true")
+    ap.add_argument("--fixed-order", action="store_true",
+                    help="every AD question as A. No. / B. Yes. (training and held-out)")
+    ap.add_argument("--ad-order", choices=("shuffled", "yes_no"), default="shuffled",
+                    help="data.ad_order of the run's own records and the fresh ones")
     a = ap.parse_args(argv)
 
     from flax import nnx
@@ -105,13 +92,14 @@ def main(argv=None) -> dict:
     from emit_jax.evaluate import evaluate_records
     from emit_jax.experiments.table1 import load_config
     from emit_jax.models.emit import EMIT, EMITConfig
+    from emit_jax.training.data import fresh_records
     from emit_jax.training.sft import run_sft
 
     t0 = time.time()
-    cfg = load_config(a.config, {})
+    cfg = load_config(a.config, {"data.ad_order": a.ad_order})
     cfg.export_hf = False
     source, tokenizer, records = train._prepare_data(cfg, a.workdir)
-    extra = fresh_records(range(1, a.seeds + 1))
+    extra = fresh_records(range(1, a.seeds + 1), ad_order=a.ad_order)
     print(f"[fresh] {len(extra)} AD questions from {a.seeds} extra datasets "
           f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     own = [r for r in records["sft"] if r["task_type"] == AD]
@@ -129,7 +117,7 @@ def main(argv=None) -> dict:
         wrt = nnx.Param
     else:
         if not os.path.isdir(os.path.join(a.workdir, "base", "model")):
-            base_cfg = load_config(a.config, {})
+            base_cfg = load_config(a.config, {"data.ad_order": a.ad_order})
             base_cfg.stages, base_cfg.eval_limit, base_cfg.export_hf = ("base",), 0, False
             train.run(base_cfg, a.workdir)
         model = train._load_stage(a.workdir, "base")
@@ -137,7 +125,8 @@ def main(argv=None) -> dict:
                             rngs=nnx.Rngs(cfg.seed))
         wrt = nnx.Param if a.train == "all" else nnx.All(
             nnx.Param, nnx.Any(nnx.PathContains("soft_prompt"), nnx.PathContains("projector")))
-    name = f"fresh_{a.stage}_{a.train}" + ("_fixed" if a.fixed_order else "")
+    name = f"fresh_{a.stage}_{a.train}" + ("_fixed" if a.fixed_order else "") + \
+        ("_yes_no" if a.ad_order == "yes_no" else "")
     ocfg = train._optim(dict(cfg.sft, steps=a.steps, lr=a.lr, batch_size=a.batch_size))
     info = run_sft(model, recs, tokenizer, train._pipeline(model, cfg, train=True, with_answer=True),
                    ocfg, os.path.join(a.workdir, name), wrt=wrt, name=name, seed=cfg.seed,

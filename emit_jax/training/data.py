@@ -254,3 +254,30 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
     for n in names:
         jsonl.write_jsonl(recs[n], paths[n])
     return recs
+
+
+def fresh_records(seeds, *, cache_dir: str | None = None, ad_order: str = "shuffled",
+                  domain_knowledge: bool = False, dk_sentences: int = 0) -> list[dict]:
+    """Stage-1 anomaly-discrimination records (direct answers) of every image of the embedded
+    datasets drawn with ``seeds`` (``emit_jax.data.embedded``: about 392 images per seed, built
+    once into the cache, about 7 s each on a 2-core CPU). Each query's reference is the most
+    similar normal image of its class in its own dataset. Seed 0 is refused: it is the embedded
+    default, whose validation and test splits are held out. Ids are ``fresh<seed>-...``."""
+    from emit_jax.data.embedded import ensure_cached
+
+    out: list[dict] = []
+    for s in seeds:
+        if s == 0:
+            raise ValueError("fresh datasets: seed 0 is the embedded default itself (its test "
+                             "split is held out)")
+        root = ensure_cached(cache_dir, seed=s)
+        items = scan(root)
+        refs = tasks.select_references(items, tasks.pixel_embedder(),
+                                       pool=lambda it: not it.is_anomalous)
+        dk = load_domain_knowledge(os.path.join(root, "domain_knowledge.json"),
+                                   items[0].dataset) if domain_knowledge else None
+        qs = tasks.build_questions(items, stage=1, seed=s, references=refs, domain_knowledge=dk,
+                                   dk_sentences=dk_sentences, tasks=("anomaly_discrimination",),
+                                   ad_order=ad_order)
+        out += [dict(r, id=f"fresh{s}-{r['id']}") for r in jsonl.records(qs, 1)]
+    return out

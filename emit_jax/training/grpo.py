@@ -189,6 +189,20 @@ def make_grpo_fns(g, wrt, *, mesh=None, rules=None):
             sharded_jit(train_step, mesh, rules, mutable=mutable))
 
 
+def _freeze_heatmap_bn(model) -> int:
+    """Put the heat-map BatchNorm of ``model`` (``grpo.bn='frozen'``) in inference mode: the
+    loss then normalises with the running statistics stage 1 left, as the sampler did, and
+    leaves them as they are. Returns how many it set."""
+    from emit_jax.models.emit import HeatmapBatchNorm
+
+    n = 0
+    for _, m in nnx.iter_graph(model):
+        if isinstance(m, HeatmapBatchNorm):
+            m.use_running_average = True
+            n += 1
+    return n
+
+
 def run_grpo(model, records, tokenizer, cfg, stage_dir: str, *, mesh=None):
     """Train ``model`` (an EMIT model after stage 1) with difficulty-aware GRPO.
     Returns (merged model, info)."""
@@ -242,6 +256,7 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str, *, mesh=None):
 
     names, weights = list(g.reward_names), [float(w) for w in g.reward_weights]
     is_correct = correctness(g.get("correct", "accuracy"))
+    bn_frozen = g.get("bn", "train") == "frozen"
     # record fields the rewards read (AD-FM's GT boxes) and constant reward options
     forwarded = [k for k in ("bbox_answer",) if any(k in r for r in records)]
     reward_kwargs = dict(g.get("reward_kwargs", {}))
@@ -321,6 +336,8 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str, *, mesh=None):
                 adv = G_.apply_difficulty(adv, jnp.asarray(correct), G, enabled=bool(g.reweight))
                 comp_mask = (np.arange(toks.shape[1])[None, :] < lens[:, None]).astype(np.int32)
                 policy.train()
+                if bn_frozen:  # stage 1's running statistics, as the sampler used them
+                    _freeze_heatmap_bn(policy)
                 b = _put(batch)
                 b["ce_pixels"] = jnp.asarray(batch["ce_pixels"])
                 b["num_ce"] = jnp.asarray(batch["num_ce"])

@@ -112,6 +112,8 @@ def _grpo_section(g) -> None:
     correct = g.get("correct", "accuracy")
     if correct not in ("accuracy", "adfm_cls"):
         _fail("grpo.correct", correct, "must be 'accuracy' or 'adfm_cls'")
+    if g.get("bn", "train") not in ("train", "frozen"):
+        _fail("grpo.bn", g.bn, "must be 'train' or 'frozen'")
     rec = g.get("records", "grpo")
     if rec not in ("grpo", "adfm"):
         _fail("grpo.records", rec, "must be 'grpo' (EMIT's four tasks) or 'adfm'")
@@ -229,6 +231,11 @@ def validate_config(cfg, *, num_devices: int | None = None) -> None:
 
     if data.get("ad_order", "shuffled") not in AD_ORDERS:
         _fail("data.ad_order", data.ad_order, f"must be one of {AD_ORDERS}")
+    if "sft" in cfg and "sft" in tuple(cfg.get("stages", ())):
+        if _int(cfg.sft, "fresh_datasets", "sft.fresh_datasets", low=0, default=0) and \
+                source != "embedded":
+            _fail("sft.fresh_datasets", cfg.sft.fresh_datasets,
+                  "needs data.source='embedded' (fresh datasets are drawn by its generator)")
     buckets = tuple(_get(data, "length_buckets", "data.length_buckets"))
     if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets) \
             or list(buckets) != sorted(set(buckets)):
