@@ -47,7 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
                                            think=False,
                                            # N > 0: also the anomaly-discrimination questions
                                            # of every image of N further embedded datasets
-                                           # (seeds data.seed+1..+N; embedded source only)
+                                           # (seeds data.seed+1..+N; with another
+                                           # data.source it is not used, and the log says so)
                                            fresh_datasets=0))
     c.emit = ml_collections.ConfigDict(dict(bn_mode="standard", use_soft_prompt=True,
                                             use_contrastive=True, num_soft_tokens=9))

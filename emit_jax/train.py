@@ -291,7 +291,10 @@ def run(cfg, workdir: str) -> dict:
             sft_tasks = tuple(cfg.sft.get("tasks", ()))
             sft_records = [r for r in records["sft"] if not sft_tasks or r["task_type"] in sft_tasks]
             fresh = int(cfg.sft.get("fresh_datasets", 0))
-            if fresh:  # AD questions on further embedded datasets: no image repeats (see configs)
+            if fresh and cfg.data.source != "embedded":
+                _log(f"[sft] sft.fresh_datasets={fresh} not used: fresh datasets are drawn by the "
+                     "embedded generator, and data.source is a dataset folder")
+            elif fresh:  # AD questions on further embedded datasets: no image repeats (configs)
                 import random
 
                 from emit_jax.training.data import fresh_records

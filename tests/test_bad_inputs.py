@@ -185,7 +185,7 @@ def assets(tmp_path_factory):
     ds = make_mvtec(d / "ds", classes=("widget",))
     work = d / "work"
     shutil.copytree(d / "tok", work / "tokenizer")
-    stage_records(ds, str(work), seed=0, text_samples=False)
+    stage_records(ds, str(work), seed=0, text_samples=False, ad_order="yes_no")  # as configs/grpo.py
     return {"hf": str(folder), "ckpt": str(d / "ckpt"), "ds": ds, "work": str(work)}
 
 

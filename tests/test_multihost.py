@@ -78,7 +78,9 @@ def test_two_processes_match_one(runs):
     assert [r["step"] for r in m] == [r["step"] for r in s] == [1, 2]
     for a, b in zip(m, s):
         assert a["reward"] == b["reward"] and a["resampled"] == b["resampled"]
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-8)
+        # with mu = 1 the ratio is 1 and the group-normalised advantages sum to 0, so the loss
+        # is float32 cancellation of order 1e-7; the parameters below compare the update itself
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
     # the final (merged) models agree to 1e-5; GRPO moved the parameters by far more than that
     pm, ps = _params(os.path.join(multi, "grpo", "model")), _params(os.path.join(single, "grpo", "model"))
     before = _params(os.path.join(single, "sft", "model"))

@@ -232,10 +232,7 @@ def validate_config(cfg, *, num_devices: int | None = None) -> None:
     if data.get("ad_order", "shuffled") not in AD_ORDERS:
         _fail("data.ad_order", data.ad_order, f"must be one of {AD_ORDERS}")
     if "sft" in cfg and "sft" in tuple(cfg.get("stages", ())):
-        if _int(cfg.sft, "fresh_datasets", "sft.fresh_datasets", low=0, default=0) and \
-                source != "embedded":
-            _fail("sft.fresh_datasets", cfg.sft.fresh_datasets,
-                  "needs data.source='embedded' (fresh datasets are drawn by its generator)")
+        _int(cfg.sft, "fresh_datasets", "sft.fresh_datasets", low=0, default=0)
     buckets = tuple(_get(data, "length_buckets", "data.length_buckets"))
     if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets) \
             or list(buckets) != sorted(set(buckets)):
