@@ -17,7 +17,11 @@ ARGS = ["-m", "emit_jax.train", "--config", "configs/grpo.py:smoke",
         "--config.mesh.data=2", "--config.mesh.tensor=2", "--config.stages=('sft','grpo')",
         "--config.sft.steps=1", "--config.grpo.steps=2", "--config.grpo.max_new_tokens=6",
         "--config.eval_limit=0", "--config.export_hf=False", "--config.image_size=56",
-        "--config.compile_cache="]
+        "--config.compile_cache=",
+        # BatchNorm in train mode: with grpo.bn=frozen the two smoke steps' loss is float32
+        # cancellation (ratio 1, advantages summing to 0) and the soft prompt's gradient is noise
+        # that Adam scales to a full step, so the two runs could not be told apart from noise
+        "--config.grpo.bn=train"]
 
 
 def _env(**kw):
@@ -78,16 +82,14 @@ def test_two_processes_match_one(runs):
     assert [r["step"] for r in m] == [r["step"] for r in s] == [1, 2]
     for a, b in zip(m, s):
         assert a["reward"] == b["reward"] and a["resampled"] == b["resampled"]
-        # with mu = 1 the ratio is 1 and the group-normalised advantages sum to 0, so the loss
-        # is float32 cancellation of order 1e-7; the parameters below compare the update itself
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-8)
     # the final (merged) models agree to 1e-5; GRPO moved the parameters by far more than that
     pm, ps = _params(os.path.join(multi, "grpo", "model")), _params(os.path.join(single, "grpo", "model"))
     before = _params(os.path.join(single, "sft", "model"))
     assert pm.keys() == ps.keys()
-    diff = max(float(np.abs(pm[k] - ps[k]).max()) for k in pm)
-    moved = max(float(np.abs(ps[k] - before[k]).max()) for k in ps if k in before)
-    assert diff <= 1e-5 and moved > 100 * diff, (diff, moved)
+    diff, worst = max((float(np.abs(pm[k] - ps[k]).max()), k) for k in pm)
+    moved, most = max((float(np.abs(ps[k] - before[k]).max()), k) for k in ps if k in before)
+    assert diff <= 1e-5 and moved > 100 * diff, (diff, worst, moved, most)
     # process 0 alone wrote the metrics (one line per step, not two)
     assert len(_metrics(multi, "sft")) == 1
 
