@@ -145,6 +145,14 @@ def _map_grid(cfg) -> int:
     return _adfm_frame(cfg)[0] // architectures.get_config(cfg.arch).vision.patch_size // 2
 
 
+def stage1_trainable():
+    """The parameters EMIT's stage 1 trains: the soft prompt and the heat-map projector."""
+    from flax import nnx
+
+    return nnx.All(nnx.Param, nnx.Any(nnx.PathContains("soft_prompt"),
+                                      nnx.PathContains("projector")))
+
+
 def build_initial_model(cfg, tokenizer):
     """The model a run starts from: ``init_from`` (HF folder or Orbax checkpoint), or the named
     architecture with random weights, its vocabulary fitted to the tokenizer."""
@@ -286,8 +294,7 @@ def run(cfg, workdir: str) -> dict:
             if not hasattr(model, "emit_config"):
                 ecfg = EMITConfig(**{k: v for k, v in cfg.emit.items()})
                 model = EMIT.create(model, ecfg, tokenizer=tokenizer, rngs=nnx.Rngs(cfg.seed))
-            wrt = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("soft_prompt"),
-                                             nnx.PathContains("projector")))
+            wrt = stage1_trainable()
             sft_tasks = tuple(cfg.sft.get("tasks", ()))
             sft_records = [r for r in records["sft"] if not sft_tasks or r["task_type"] in sft_tasks]
             fresh = int(cfg.sft.get("fresh_datasets", 0))

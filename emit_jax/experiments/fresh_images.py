@@ -35,6 +35,8 @@ import re
 import sys
 import time
 
+from emit_jax.data.tasks import AD_ORDERS
+
 AD = "anomaly_discrimination"
 _NO_FIRST = "A. No.\nB. Yes.\n"
 _YES_FIRST = "A. Yes.\nB. No.\n"
@@ -80,7 +82,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--train", choices=("all", "stage"), default="all")
     ap.add_argument("--fixed-order", action="store_true",
                     help="every AD question as A. No. / B. Yes. (training and held-out)")
-    ap.add_argument("--ad-order", choices=("shuffled", "yes_no"), default="shuffled",
+    ap.add_argument("--ad-order", choices=AD_ORDERS, default="shuffled",
                     help="data.ad_order of the run's own records and the fresh ones")
     a = ap.parse_args(argv)
 
@@ -123,8 +125,7 @@ def main(argv=None) -> dict:
         model = train._load_stage(a.workdir, "base")
         model = EMIT.create(model, EMITConfig(**dict(cfg.emit)), tokenizer=tokenizer,
                             rngs=nnx.Rngs(cfg.seed))
-        wrt = nnx.Param if a.train == "all" else nnx.All(
-            nnx.Param, nnx.Any(nnx.PathContains("soft_prompt"), nnx.PathContains("projector")))
+        wrt = nnx.Param if a.train == "all" else train.stage1_trainable()
     name = f"fresh_{a.stage}_{a.train}" + ("_fixed" if a.fixed_order else "") + \
         ("_yes_no" if a.ad_order == "yes_no" else "")
     ocfg = train._optim(dict(cfg.sft, steps=a.steps, lr=a.lr, batch_size=a.batch_size))
