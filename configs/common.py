@@ -67,6 +67,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.compile_cache = "~/.cache/emit_jax/xla"
     c.log_every = 10
     c.eval_limit = 200
+    # N > 0: also evaluate every image of N embedded datasets no stage sees (seeds 1000..; only
+    # with the embedded source): about 392 anomaly-discrimination questions each, where the test
+    # split has 74 (emit_jax.training.data.unseen_records)
+    c.eval_unseen = 0
+    c.eval_unseen_limit = 0  # > 0: a fixed random subset of that many of those questions
     c.eval_think = True
     c.eval_max_new_tokens = 48
     c.export_hf = True
@@ -83,4 +88,5 @@ def embedded_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     projector, the LLM frozen), 47-55 without."""
     c.data.ad_order = "yes_no"
     c.sft.update(dict(steps=300, lr=1e-2, fresh_datasets=12))
+    c.eval_unseen = 1
     return c

@@ -379,6 +379,40 @@ def run(cfg, workdir: str) -> dict:
                         + [f"{summary.average['Average']:.1f}"]], header,
                        os.path.join(workdir, "results.png"),
                        title=f"held-out test split ({len(rows)} questions)")
+    unseen = int(cfg.get("eval_unseen", 0))
+    if model is not None and unseen and cfg.data.source != "embedded":
+        _log(f"[eval] eval_unseen={unseen} not used: unseen datasets are drawn by the embedded "
+             "generator, and data.source is a dataset folder")
+    elif model is not None and unseen:
+        from emit_jax.data.mmad import paper_task_name
+        from emit_jax.eval.scoring import format_table
+        from emit_jax.evaluate import evaluate_records
+        from emit_jax.training.data import UNSEEN_SEED0, unseen_records
+
+        t_unseen = time.time()
+        model.eval()
+        recs_u = unseen_records(unseen, ad_order=cfg.data.get("ad_order", "shuffled"),
+                                domain_knowledge=cfg.data.get("domain_knowledge", True),
+                                dk_sentences=cfg.data.get("dk_sentences", 0))
+        limit_u = int(cfg.get("eval_unseen_limit", 0))
+        if limit_u and limit_u < len(recs_u):  # a fixed random subset (all classes, both labels)
+            import random
+
+            random.Random(UNSEEN_SEED0).shuffle(recs_u)
+            recs_u = recs_u[:limit_u]
+        summary_u, rows_u = evaluate_records(model, tokenizer, recs_u, max_tiles=cfg.data.max_tiles,
+                                             think=_eval_think(cfg),
+                                             max_new_tokens=cfg.eval_max_new_tokens, mesh=mesh)
+        title = (f"held-out: {unseen} embedded dataset(s) no stage saw (seeds {UNSEEN_SEED0}-"
+                 f"{UNSEEN_SEED0 + unseen - 1}), {len(rows_u)} questions"
+                 f"{' (a fixed random subset)' if limit_u and limit_u <= len(rows_u) else ''}, "
+                 f"{time.time() - t_unseen:.0f} s")
+        table_u = format_table(summary_u, title=title)
+        results.update(unseen_tasks={paper_task_name(t): summary_u.average[t]
+                                     for t in summary_u.tasks},
+                       unseen_questions=len(rows_u), unseen_table=table_u)
+        if parallel.is_primary():
+            print(table_u, flush=True)
     if model is not None and cfg.get("eval_adfm", 0) and "adfm_test" in records:
         from emit_jax.evaluate import evaluate_adfm
 

@@ -89,3 +89,30 @@ def test_fresh_images_records_and_fixed_option_order(tmp_path):
         fresh_records([0])
     with pytest.raises(ValueError, match="not Yes./No."):
         fixed_ad_order(dict(recs[0], options=["Maybe.", "No."]))
+
+
+def test_unseen_records_ask_every_image_of_an_untrained_dataset_as_the_test_split_does(tmp_path):
+    """``eval_unseen``'s records: every image of embedded seed 1000 once, AD only, built like the
+    test split (stage-2 prompt, direct answer), references normal images of the query's class."""
+    from emit_jax.data.embedded import ensure_cached
+    from emit_jax.data.mvtec import scan
+    from emit_jax.training.data import UNSEEN_SEED0, stage_records, unseen_records
+
+    recs = unseen_records(1, cache_dir=str(tmp_path), ad_order="yes_no")
+    items = scan(ensure_cached(str(tmp_path), seed=UNSEEN_SEED0))
+    by_path = {it.path: it for it in items}
+    assert sorted(r["images"][-1] for r in recs) == sorted(by_path)
+    assert all(r["id"].startswith(f"unseen{UNSEEN_SEED0}-") for r in recs)
+    for r in recs:
+        q, ref = by_path[r["images"][-1]], by_path[r["images"][0]]
+        assert r["task_type"] == "anomaly_discrimination" and r["options"] == ["Yes.", "No."]
+        assert r["solution"] == ("A" if q.is_anomalous else "B")
+        assert not ref.is_anomalous and ref.path != q.path and ref.object_type == q.object_type
+    # the prompt is the test split's (stage 2, no think instruction): same text as seed 0's test
+    # AD questions up to the object's name
+    test = [r for r in stage_records(ensure_cached(str(tmp_path), seed=0), str(tmp_path / "w"),
+                                     ad_order="yes_no", domain_knowledge=False)["test"]
+            if r["task_type"] == "anomaly_discrimination"]
+    tail = lambda r: r["messages"][0]["content"].rsplit("?", 1)[-1]  # noqa: E731
+    assert {tail(r) for r in recs} == {tail(r) for r in test}
+    assert unseen_records(0) == []

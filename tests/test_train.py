@@ -46,10 +46,18 @@ def test_all_stages_run_and_export(run_dir):
 def test_rerun_resumes_and_skips_finished_stages(run_dir):
     d, cache, _ = run_dir
     r = train("--config", "configs/grpo.py:smoke", "--workdir", str(d),
+              "--config.eval_unseen=1", "--config.eval_unseen_limit=6",
               env={"EMIT_JAX_CACHE": str(cache)})
     assert r.returncode == 0, r.stderr[-4000:]
     for stage in ("warmup", "base", "sft", "grpo"):
         assert f"[{stage}] already finished" in r.stderr
+    # the unseen-datasets evaluation: 6 of the AD questions of embedded seed 1000's images
+    assert "held-out: 1 embedded dataset(s) no stage saw (seeds 1000-1000), 6 questions (a " \
+        "fixed random subset)" in r.stdout
+    res = json.loads((d / "results.json").read_text())
+    assert res["unseen_questions"] == 6
+    assert set(res["unseen_tasks"]) == {"Anomaly Discrimination"}
+    assert 0.0 <= res["unseen_tasks"]["Anomaly Discrimination"] <= 100.0
 
 
 def test_more_steps_continue_from_the_last_checkpoint(tmp_path, run_dir):
@@ -107,6 +115,12 @@ def test_table1_summary_is_mean_and_std_over_seeds():
     assert "collapsed" not in table
     runs[1]["letters"], runs[2]["letters"] = {"A": 30}, {"A": 20, "C": 10}
     assert "collapsed model): + GRPO (seed 1: A)" in summarize(runs)[0]
+    assert "unseen" not in table
+    for r, u in zip(runs, (55.0, 65.0, 60.0)):  # with eval_unseen: one more column
+        r.update(unseen_ad=u, unseen_questions=392)
+    table, data = summarize(runs)
+    assert data["+ GRPO"]["AD, unseen images"]["mean"] == pytest.approx(60.0)
+    assert "| 60.0 ± 4.1 |" in table and "392 questions" in table
 
 
 def test_table1_row_stages():

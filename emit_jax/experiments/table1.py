@@ -50,6 +50,7 @@ ROWS = {
     "+ SFT instead of GRPO": ("sft2", "sft2", {}),
 }
 SHARED = ("warmup", "base", "sft", "tokenizer", "data")
+UNSEEN_COLUMN = "AD, unseen images"
 
 
 def row_stages(config_stages, last: str) -> tuple[str, ...]:
@@ -134,7 +135,10 @@ def run_row(cfg_path: str, overrides: dict, seed: int, seed_dir: str, row: str) 
     letters = dict(Counter(str(a.get("gpt_answer")) for a in res.get("answers", ())))
     out = {"row": row, "seed": seed, "average": res.get("test_average"),
            "tasks": res.get("test_tasks", {}), "seconds": res.get("seconds"),
-           "letters": letters}  # how often each answer letter was given (collapse shows here)
+           "letters": letters,  # how often each answer letter was given (collapse shows here)
+           # AD on every image of the unseen embedded datasets (config eval_unseen), or None
+           "unseen_ad": res.get("unseen_tasks", {}).get(TASK_COLUMNS[0]),
+           "unseen_questions": res.get("unseen_questions")}
     with atomic_output(cached) as f:
         json.dump(out, f, indent=1)
     return out
@@ -167,10 +171,16 @@ def mean_std_table(results: list[dict], rows, cols, value) -> tuple[list[str], d
 def summarize(results: list[dict]) -> tuple[str, dict]:
     """Markdown table (mean ± std over seeds per row and task) and its JSON form."""
     seeds = sorted({r["seed"] for r in results})
+    unseen = [r["unseen_questions"] for r in results if r.get("unseen_ad") is not None]
+    cols = (*TASK_COLUMNS, "Average") + ((UNSEEN_COLUMN,) if unseen else ())
     lines, data = mean_std_table(
-        results, ROWS, (*TASK_COLUMNS, "Average"),
-        lambda r, col: r["average"] if col == "Average" else r["tasks"].get(col))
+        results, ROWS, cols,
+        lambda r, col: r["average"] if col == "Average" else r.get("unseen_ad")
+        if col == UNSEEN_COLUMN else r["tasks"].get(col))
     note = f"held-out test split, {len(seeds)} seed(s) {seeds}: mean ± std (accuracy %, AD balanced)"
+    if unseen:
+        note += (f"; {UNSEEN_COLUMN}: AD on every image of embedded datasets no stage saw "
+                 f"(config eval_unseen, {max(unseen)} questions)")
     constant = [f"{r['row']} (seed {r['seed']}: {next(iter(r['letters']))})" for r in results
                 if len(r.get("letters") or {}) == 1]
     if constant:  # a model that gives one letter to every question scores by the data alone

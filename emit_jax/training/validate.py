@@ -232,7 +232,12 @@ def validate_config(cfg, *, num_devices: int | None = None) -> None:
     if data.get("ad_order", "shuffled") not in AD_ORDERS:
         _fail("data.ad_order", data.ad_order, f"must be one of {AD_ORDERS}")
     if "sft" in cfg and "sft" in tuple(cfg.get("stages", ())):
-        _int(cfg.sft, "fresh_datasets", "sft.fresh_datasets", low=0, default=0)
+        from emit_jax.training.data import UNSEEN_SEED0
+
+        if _int(cfg.sft, "fresh_datasets", "sft.fresh_datasets", low=0,
+                default=0) >= UNSEEN_SEED0 - int(data.get("seed", 0)):
+            _fail("sft.fresh_datasets", cfg.sft.fresh_datasets, "would reach the seeds of the "
+                  f"unseen evaluation datasets ({UNSEEN_SEED0} on, eval_unseen)")
     buckets = tuple(_get(data, "length_buckets", "data.length_buckets"))
     if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets) \
             or list(buckets) != sorted(set(buckets)):
@@ -245,7 +250,9 @@ def validate_config(cfg, *, num_devices: int | None = None) -> None:
     policy = _get(cfg, "nonfinite", "nonfinite", "skip")
     if policy not in POLICIES:
         _fail("nonfinite", policy, f"must be one of {', '.join(POLICIES)}")
-    if _int(cfg, "eval_limit", "eval_limit", low=0, default=0):
+    if _int(cfg, "eval_limit", "eval_limit", low=0, default=0) + \
+            _int(cfg, "eval_unseen", "eval_unseen", low=0, default=0):
+        _int(cfg, "eval_unseen_limit", "eval_unseen_limit", low=0, default=0)
         _int(cfg, "eval_max_new_tokens", "eval_max_new_tokens", low=1)
     mem = _get(cfg, "memory", "memory", None) or {}
     _int(mem, "attention_chunk", "memory.attention_chunk", low=0, default=0)
