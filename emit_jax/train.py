@@ -212,6 +212,24 @@ def make_mesh(cfg):
     return mesh
 
 
+def _question_options(cfg) -> dict:
+    """How ``cfg`` builds questions (``tasks.build_questions``' options), for the workdir's
+    record sets and for the extra embedded datasets (fresh and unseen) alike."""
+    return dict(ad_order=cfg.data.get("ad_order", "shuffled"),
+                domain_knowledge=cfg.data.get("domain_knowledge", True),
+                dk_sentences=cfg.data.get("dk_sentences", 0))
+
+
+def _embedded_only(cfg, option: str, value) -> bool:
+    """Whether ``option`` (set to ``value``) applies: further datasets are drawn by the embedded
+    generator only; with a dataset folder it is not used, and the log says so."""
+    if value and cfg.data.source != "embedded":
+        _log(f"{option}={value} not used: it draws further datasets with the embedded generator, "
+             "and data.source is a dataset folder")
+        return False
+    return bool(value)
+
+
 def _prepare_data(cfg, workdir: str, *, write: bool = True):
     """(dataset root, tokenizer, stage records); ``write=False`` keeps the record files out of
     the workdir (a secondary process of a multi-process run)."""
@@ -238,11 +256,9 @@ def _prepare_data(cfg, workdir: str, *, write: bool = True):
     if write and not os.path.isdir(os.path.join(workdir, "tokenizer")):
         tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
     kw = dict(seed=cfg.data.seed, text_samples=cfg.data.text_samples,
-              dk_sentences=cfg.data.get("dk_sentences", 0),
               base_think=cfg.data.get("base_think", True),
-              domain_knowledge=cfg.data.get("domain_knowledge", True),
               adfm_frame=_adfm_frame(cfg) if cfg.data.get("adfm", False) else None,
-              map_grid=_map_grid(cfg), ad_order=cfg.data.get("ad_order", "shuffled"))
+              map_grid=_map_grid(cfg), **_question_options(cfg))
     if write:
         records = stage_records(source, workdir, **kw)
         _log("[data] " + ", ".join(f"{k} {len(v)}" for k, v in records.items()))
@@ -298,20 +314,15 @@ def run(cfg, workdir: str) -> dict:
             sft_tasks = tuple(cfg.sft.get("tasks", ()))
             sft_records = [r for r in records["sft"] if not sft_tasks or r["task_type"] in sft_tasks]
             fresh = int(cfg.sft.get("fresh_datasets", 0))
-            if fresh and cfg.data.source != "embedded":
-                _log(f"[sft] sft.fresh_datasets={fresh} not used: fresh datasets are drawn by the "
-                     "embedded generator, and data.source is a dataset folder")
-            elif fresh:  # AD questions on further embedded datasets: no image repeats (configs)
+            if _embedded_only(cfg, "[sft] sft.fresh_datasets", fresh):
+                # AD questions on further embedded datasets: no image repeats (configs)
                 import random
 
                 from emit_jax.training.data import fresh_records
 
                 t_fresh = time.time()
                 sft_records = sft_records + fresh_records(
-                    range(cfg.data.seed + 1, cfg.data.seed + 1 + fresh),
-                    ad_order=cfg.data.get("ad_order", "shuffled"),
-                    domain_knowledge=cfg.data.get("domain_knowledge", True),
-                    dk_sentences=cfg.data.get("dk_sentences", 0))
+                    range(cfg.data.seed + 1, cfg.data.seed + 1 + fresh), **_question_options(cfg))
                 random.Random(cfg.seed).shuffle(sft_records)
                 _log(f"[sft] {len(sft_records)} records with the AD questions of {fresh} fresh "
                      f"embedded datasets (seeds {cfg.data.seed + 1}-{cfg.data.seed + fresh}, "
@@ -355,6 +366,9 @@ def run(cfg, workdir: str) -> dict:
         _finish_stage(workdir, stage, model, info)
         results["stages"][stage] = info
         _log(f"[{stage}] finished in {info['seconds']:.0f}s")
+    # the held-out evaluations' shared answering options (test split, unseen datasets)
+    eval_kw = dict(max_tiles=cfg.data.max_tiles, think=_eval_think(cfg),
+                   max_new_tokens=cfg.eval_max_new_tokens, mesh=mesh)
     if model is not None and cfg.eval_limit:
         from emit_jax.data.mmad import paper_task_name
         from emit_jax.eval.scoring import format_table
@@ -362,10 +376,7 @@ def run(cfg, workdir: str) -> dict:
 
         model.eval()
         summary, rows = evaluate_records(model, tokenizer, records["test"], limit=cfg.eval_limit,
-                                         max_tiles=cfg.data.max_tiles,
-                                         think=_eval_think(cfg),
-                                         max_new_tokens=cfg.eval_max_new_tokens, root=source,
-                                         mesh=mesh)
+                                         root=source, **eval_kw)
         table = format_table(summary, title=f"held-out test split ({len(rows)} questions)")
         results.update(test_average=summary.average["Average"],
                        test_tasks={paper_task_name(t): summary.average[t] for t in summary.tasks},
@@ -380,10 +391,7 @@ def run(cfg, workdir: str) -> dict:
                        os.path.join(workdir, "results.png"),
                        title=f"held-out test split ({len(rows)} questions)")
     unseen = int(cfg.get("eval_unseen", 0))
-    if model is not None and unseen and cfg.data.source != "embedded":
-        _log(f"[eval] eval_unseen={unseen} not used: unseen datasets are drawn by the embedded "
-             "generator, and data.source is a dataset folder")
-    elif model is not None and unseen:
+    if model is not None and _embedded_only(cfg, "[eval] eval_unseen", unseen):
         from emit_jax.data.mmad import paper_task_name
         from emit_jax.eval.scoring import format_table
         from emit_jax.evaluate import evaluate_records
@@ -391,21 +399,18 @@ def run(cfg, workdir: str) -> dict:
 
         t_unseen = time.time()
         model.eval()
-        recs_u = unseen_records(unseen, ad_order=cfg.data.get("ad_order", "shuffled"),
-                                domain_knowledge=cfg.data.get("domain_knowledge", True),
-                                dk_sentences=cfg.data.get("dk_sentences", 0))
+        recs_u = unseen_records(unseen, **_question_options(cfg))
         limit_u = int(cfg.get("eval_unseen_limit", 0))
-        if limit_u and limit_u < len(recs_u):  # a fixed random subset (all classes, both labels)
+        subset = 0 < limit_u < len(recs_u)
+        if subset:  # a fixed random subset (all classes, both labels)
             import random
 
             random.Random(UNSEEN_SEED0).shuffle(recs_u)
             recs_u = recs_u[:limit_u]
-        summary_u, rows_u = evaluate_records(model, tokenizer, recs_u, max_tiles=cfg.data.max_tiles,
-                                             think=_eval_think(cfg),
-                                             max_new_tokens=cfg.eval_max_new_tokens, mesh=mesh)
+        summary_u, rows_u = evaluate_records(model, tokenizer, recs_u, **eval_kw)
         title = (f"held-out: {unseen} embedded dataset(s) no stage saw (seeds {UNSEEN_SEED0}-"
                  f"{UNSEEN_SEED0 + unseen - 1}), {len(rows_u)} questions"
-                 f"{' (a fixed random subset)' if limit_u and limit_u <= len(rows_u) else ''}, "
+                 f"{' (a fixed random subset)' if subset else ''}, "
                  f"{time.time() - t_unseen:.0f} s")
         table_u = format_table(summary_u, title=title)
         results.update(unseen_tasks={paper_task_name(t): summary_u.average[t]

@@ -274,3 +274,17 @@ def test_frozen_bn_keeps_stage_1_running_statistics(smoke_run):
     for k in stats:
         np.testing.assert_array_equal(grpo[k], sft[k], err_msg=k)
     assert any(not np.array_equal(grpo[k], sft[k]) for k in sft if k.startswith("projector/conv"))
+
+
+def test_embedded_only_options_are_logged_and_dropped_for_a_dataset_folder(capsys, tmp_path):
+    import ml_collections
+
+    from emit_jax.train import _embedded_only
+
+    cfg = ml_collections.ConfigDict(dict(data=dict(source="embedded")))
+    assert _embedded_only(cfg, "[eval] eval_unseen", 2) is True
+    assert _embedded_only(cfg, "[eval] eval_unseen", 0) is False
+    assert capsys.readouterr().err == ""
+    cfg.data.source = str(tmp_path)
+    assert _embedded_only(cfg, "[sft] sft.fresh_datasets", 12) is False
+    assert "[sft] sft.fresh_datasets=12 not used" in capsys.readouterr().err

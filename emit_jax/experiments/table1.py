@@ -179,7 +179,7 @@ def summarize(results: list[dict]) -> tuple[str, dict]:
         if col == UNSEEN_COLUMN else r["tasks"].get(col))
     note = f"held-out test split, {len(seeds)} seed(s) {seeds}: mean ± std (accuracy %, AD balanced)"
     if unseen:
-        note += (f"; {UNSEEN_COLUMN}: AD on every image of embedded datasets no stage saw "
+        note += (f"; {UNSEEN_COLUMN}: AD on images of embedded datasets no stage saw "
                  f"(config eval_unseen, {max(unseen)} questions)")
     constant = [f"{r['row']} (seed {r['seed']}: {next(iter(r['letters']))})" for r in results
                 if len(r.get("letters") or {}) == 1]
