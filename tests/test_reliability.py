@@ -137,18 +137,28 @@ def test_resumed_metrics_log_holds_each_step_once(tmp_path):
 
 
 def test_preemption_guard_turns_a_signal_into_a_stop_at_the_step_boundary():
-    with pytest.raises(preemption.Preempted):
-        with preemption.guard():
-            os.kill(os.getpid(), signal.SIGTERM)  # handled: no exception here
-            assert preemption.stop_requested()
-            raise preemption.Preempted("stopped after step 1")
-    assert not preemption.stop_requested()  # cleared for the next stage
-    # a signal after the loop's last check still stops the run when the loop ends
-    with pytest.raises(KeyboardInterrupt, match="during the last step"):
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever pytest got
+    try:
+        with pytest.raises(preemption.Preempted):
+            with preemption.guard():
+                os.kill(os.getpid(), signal.SIGTERM)  # handled: no exception here
+                assert preemption.stop_requested()
+                raise preemption.Preempted("stopped after step 1")
+        assert not preemption.stop_requested()  # cleared for the next stage
+        # a signal after the loop's last check still stops the run when the loop ends
+        with pytest.raises(KeyboardInterrupt, match="during the last step"):
+            with preemption.guard():
+                os.kill(os.getpid(), signal.SIGINT)
+        # outside a guarded loop the previous behaviour is back
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        # a SIGINT the process ignores (a background job's) stays ignored inside the guard
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         with preemption.guard():
             os.kill(os.getpid(), signal.SIGINT)
-    # outside a guarded loop the default behaviour is back
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert not preemption.stop_requested()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_fault_specs(monkeypatch):

@@ -37,12 +37,15 @@ def _on_signal(signum, frame):
 @contextlib.contextmanager
 def guard():
     """While active, SIGTERM / SIGINT request a stop at the next step boundary (main thread
-    only; elsewhere a no-op)."""
+    only; elsewhere a no-op). A signal set to be ignored when the guard starts (SIGINT in a
+    job started in the background) is left ignored; the previous handlers come back after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _flag.clear()
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # a signal the process was started to ignore (SIGINT of a background job, nohup) stays ignored
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)
+           if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     except BaseException:
