@@ -363,12 +363,17 @@ _EMIT_KEYS = (
     (("projector", "conv", "kernel"), "projector.conv.weight"),
     (("projector", "conv", "bias"), "projector.conv.bias"),
 )
+_MAX_READOUT_KEY = (("projector", "max_proj"), "projector.max_proj.weight")  # emit.max_readout
+
+
+def _emit_keys(ecfg) -> tuple:
+    return _EMIT_KEYS + ((_MAX_READOUT_KEY,) if ecfg.max_readout else ())
 
 
 def _save_emit_extras(model, path: str) -> None:
     state = dict(nnx.to_flat_state(nnx.state(model)))
     arrays = {}
-    for ours, key in _EMIT_KEYS:
+    for ours, key in _emit_keys(model.emit_config):
         arr = np.asarray(jax.device_get(state[ours].get_value()))
         arrays[key] = np.ascontiguousarray(to_hf_layout(ours, arr))
     meta = {"format": "pt", "emit_config": json.dumps(model.emit_config.to_json_dict())}
@@ -391,7 +396,7 @@ def _load_emit_extras(mllm: InternVL, path: str, dtype, put):
     model = EMIT(mllm, ecfg, rngs=nnx.Rngs(0))
     state = nnx.state(model)
     put = put or (lambda p, x: jnp.asarray(x))
-    for ours, key in _EMIT_KEYS:
+    for ours, key in _emit_keys(ecfg):
         if key not in tensors:
             raise CheckpointError(f"{path}: missing tensor {key!r}")
         var = _get_flat(state, ours)

@@ -281,7 +281,8 @@ def model_config(cfg, emit: bool):
 
 
 @functools.lru_cache(maxsize=8)
-def abstract_variables(mcfg, emit: bool, num_soft_tokens: int = 9) -> tuple[Var, ...]:
+def abstract_variables(mcfg, emit: bool, num_soft_tokens: int = 9,
+                       max_readout: bool = False) -> tuple[Var, ...]:
     """Every variable of ``InternVL(mcfg)`` (wrapped in ``EMIT`` when ``emit``; ``mcfg`` then
     already has the ``<COMP_CONTEXT>`` row) from ``nnx.eval_shape``: nothing is allocated."""
     import jax.numpy as jnp
@@ -292,7 +293,8 @@ def abstract_variables(mcfg, emit: bool, num_soft_tokens: int = 9) -> tuple[Var,
     if emit:
         from emit_jax.models.emit import EMIT, EMITConfig
 
-        ecfg = EMITConfig(num_soft_tokens=num_soft_tokens, comp_token_id=mcfg.text.vocab_size - 1)
+        ecfg = EMITConfig(num_soft_tokens=num_soft_tokens, comp_token_id=mcfg.text.vocab_size - 1,
+                          max_readout=max_readout)
         build = lambda: EMIT(InternVL(mcfg, rngs=nnx.Rngs(0)), ecfg, rngs=nnx.Rngs(0))  # noqa: E731
     else:
         build = lambda: InternVL(mcfg, rngs=nnx.Rngs(0))  # noqa: E731
@@ -364,6 +366,7 @@ class Setup:
     reference: str = "shared"
     train_vision: bool = True
     num_soft_tokens: int = 9
+    max_readout: bool = False
     use_contrastive: bool = True
     rotations: int = 4
     ce_layers: int = 4
@@ -419,6 +422,7 @@ def stage_setup(cfg, stage: str, mesh: tuple, *, prompt_len: int | None = None,
                  max_tiles=max_tiles, reference=reference,
                  train_vision=bool(sec.get("train_vision", True)),
                  num_soft_tokens=int(emit.get("num_soft_tokens", 9)),
+                 max_readout=bool(emit.get("max_readout", False)),
                  use_contrastive=bool(emit.get("use_contrastive", True)),
                  rotations=int(emit.get("rotations", 4)), **kw)
 
@@ -637,7 +641,8 @@ def plan_stage(cfg, s: Setup, *, mcfg=None, variables=None) -> StagePlan:
     if mcfg is None:
         mcfg = model_config(cfg, emit)
     if variables is None:
-        variables = abstract_variables(mcfg, emit, s.num_soft_tokens if emit else 9)
+        variables = abstract_variables(mcfg, emit, s.num_soft_tokens if emit else 9,
+                                       s.max_readout and emit)
     mesh = abstract_mesh(s.mesh)
     n_dev = math.prod(s.mesh)
     rows: list[Row] = []

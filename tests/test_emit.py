@@ -391,3 +391,40 @@ def test_tokenizer_gets_comp_token_and_hint_ids():
     other = small_mllm(vocab=len(hf_tok) + 5)
     with pytest.raises(ValueError, match="the model expects"):
         EMIT.create(other, tokenizer=hf_tok)
+
+
+def test_max_readout_adds_the_maps_peak_to_every_token_and_round_trips(tmp_path):
+    """``emit.max_readout`` (not in EMIT): starts as the official projector (u = 0); then every
+    token is conv(BN(map)) + max(BN(map)) * u, u gets a gradient, and u goes through the HF
+    folder and an Orbax checkpoint."""
+    heat = jnp.asarray(np.random.RandomState(2).rand(3, 8, 8).astype(np.float32))
+    plain = EMIT.create(small_mllm(hidden=64), hint_ids=[1])
+    model = EMIT.create(small_mllm(hidden=64), dataclasses.replace(EMITConfig(), max_readout=True),
+                        hint_ids=[1])
+    for m in (plain, model):
+        m.eval()
+    model.projector.conv.kernel[...] = plain.projector.conv.kernel[...]
+    np.testing.assert_array_equal(np.asarray(model.projector(heat)),
+                                  np.asarray(plain.projector(heat)))
+    assert plain.projector.max_proj is None
+    assert not any("max_proj" in k for k in dict(nnx.to_flat_state(nnx.state(plain))))
+
+    grads = nnx.grad(lambda p: jnp.sum(jnp.square(p(heat))))(model.projector)
+    assert float(jnp.abs(grads["max_proj"][...]).sum()) > 0
+
+    u = np.random.RandomState(3).randn(64).astype(np.float32)
+    model.projector.max_proj[...] = jnp.asarray(u)
+    bn = model.projector.bn
+    normed = (np.asarray(heat) - np.asarray(bn.mean[...])) / np.sqrt(np.asarray(bn.var[...]) + 1e-5)
+    expected = np.asarray(plain.projector(heat)) + normed.max(axis=(1, 2))[:, None, None] * u
+    np.testing.assert_allclose(np.asarray(model.projector(heat)), expected, rtol=1e-5, atol=1e-5)
+
+    out = hf.save(model, tmp_path / "emit_hf")
+    with safe_open(os.path.join(out, hf.EMIT_EXTRAS), "numpy") as f:
+        np.testing.assert_array_equal(f.get_tensor("projector.max_proj.weight"), u)
+    back = hf.load(out)
+    assert back.emit_config.max_readout
+    np.testing.assert_array_equal(np.asarray(back.projector.max_proj[...]), u)
+    checkpoint.save_model(back, tmp_path / "ck")
+    again, _ = checkpoint.load_model(tmp_path / "ck")
+    np.testing.assert_array_equal(np.asarray(again.projector.max_proj[...]), u)

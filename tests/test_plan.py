@@ -15,7 +15,7 @@ from flax import nnx
 
 from emit_jax import plan
 from emit_jax.models import architectures
-from emit_jax.models.emit import EMIT
+from emit_jax.models.emit import EMIT, EMITConfig
 from emit_jax.models.internvl import InternVL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +34,10 @@ def nbytes(tree) -> int:
 
 def test_tiny_weights_and_optimizer_equal_the_real_model():
     cfg = plan.load_config(TINY)
-    real = EMIT.create(InternVL(architectures.get_config("tiny"), rngs=nnx.Rngs(0)), hint_ids=[1, 2])
+    ecfg = EMITConfig(max_readout=cfg.emit.max_readout)  # the embedded recipe's projector
+    real = EMIT.create(InternVL(architectures.get_config("tiny"), rngs=nnx.Rngs(0)), ecfg,
+                       hint_ids=[1, 2])
+    assert real.projector.max_proj is not None
     # stage 1 (EMIT: soft prompt + projector trained), one device
     p = plan.plan_stage(cfg, plan.stage_setup(cfg, "sft", (1, 1, 1)))
     w = row(p, "weights")

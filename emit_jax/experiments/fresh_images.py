@@ -84,6 +84,10 @@ def main(argv=None) -> dict:
                     help="every AD question as A. No. / B. Yes. (training and held-out)")
     ap.add_argument("--ad-order", choices=AD_ORDERS, default="shuffled",
                     help="data.ad_order of the run's own records and the fresh ones")
+    ap.add_argument("--unseen", type=int, default=0,
+                    help="also evaluate AD on every image of N embedded datasets no stage saw")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. emit.max_readout=True (repeatable)")
     a = ap.parse_args(argv)
 
     from flax import nnx
@@ -92,16 +96,17 @@ def main(argv=None) -> dict:
     from emit_jax.data.mmad import paper_task_name
     from emit_jax.eval.scoring import format_table
     from emit_jax.evaluate import evaluate_records
-    from emit_jax.experiments.table1 import load_config
+    from emit_jax.experiments.table1 import load_config, parse_sets
     from emit_jax.models.emit import EMIT, EMITConfig
-    from emit_jax.training.data import fresh_records
+    from emit_jax.training.data import fresh_records, unseen_records
     from emit_jax.training.sft import run_sft
 
     t0 = time.time()
-    cfg = load_config(a.config, {"data.ad_order": a.ad_order})
+    sets = dict(parse_sets(a.set), **{"data.ad_order": a.ad_order})
+    cfg = load_config(a.config, sets)
     cfg.export_hf = False
     source, tokenizer, records = train._prepare_data(cfg, a.workdir)
-    extra = fresh_records(range(1, a.seeds + 1), ad_order=a.ad_order)
+    extra = fresh_records(range(1, a.seeds + 1), **train._question_options(cfg))
     print(f"[fresh] {len(extra)} AD questions from {a.seeds} extra datasets "
           f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     own = [r for r in records["sft"] if r["task_type"] == AD]
@@ -119,7 +124,7 @@ def main(argv=None) -> dict:
         wrt = nnx.Param
     else:
         if not os.path.isdir(os.path.join(a.workdir, "base", "model")):
-            base_cfg = load_config(a.config, {"data.ad_order": a.ad_order})
+            base_cfg = load_config(a.config, sets)
             base_cfg.stages, base_cfg.eval_limit, base_cfg.export_hf = ("base",), 0, False
             train.run(base_cfg, a.workdir)
         model = train._load_stage(a.workdir, "base")
@@ -140,8 +145,18 @@ def main(argv=None) -> dict:
                                      root=source)
     print(format_table(summary, title=f"{name}: held-out AD ({len(rows)} questions), "
                        f"{len(recs)} training questions, {time.time() - t0:.0f} s"), flush=True)
-    return {"name": name, "train_questions": len(recs), "info": info,
-            "held_out": {paper_task_name(t): summary.average[t] for t in summary.tasks}}
+    out = {"name": name, "train_questions": len(recs), "info": info,
+           "held_out": {paper_task_name(t): summary.average[t] for t in summary.tasks}}
+    if a.unseen:
+        unseen = unseen_records(a.unseen, **train._question_options(cfg))
+        if a.fixed_order:
+            unseen = [fixed_ad_order(r) for r in unseen]
+        summary, rows = evaluate_records(model, tokenizer, unseen, max_tiles=cfg.data.max_tiles,
+                                         think=False, max_new_tokens=cfg.eval_max_new_tokens)
+        print(format_table(summary, title=f"{name}: AD on {a.unseen} unseen dataset(s) "
+                           f"({len(rows)} questions)"), flush=True)
+        out["unseen"] = {paper_task_name(t): summary.average[t] for t in summary.tasks}
+    return out
 
 
 if __name__ == "__main__":
