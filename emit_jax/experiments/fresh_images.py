@@ -2,7 +2,7 @@
 
     python -m emit_jax.experiments.fresh_images --workdir W [--stage base|sft] [--seeds 12]
         [--steps 400] [--lr 1e-3] [--train all|stage] [--fixed-order | --ad-order yes_no]
-        [--config configs/grpo.py]
+        [--config configs/grpo.py] [--unseen N] [--set key=value ...]
 
 The embedded default's 238 stage-1 anomaly-discrimination (AD) questions are few enough for the
 tiny MLLM to memorise (docs/TRAINING_NOTES.md). This experiment adds the AD questions of every
@@ -22,7 +22,9 @@ steps, then evaluates held-out AD on the seed-0 test split.
   set (the run's own and the fresh ones) as ``A. Yes.`` / ``B. No.`` instead (``data.ad_order``,
   MMAD's order), which the workdir's records must have been built with.
 
-Prints the held-out table; the training log (loss, label accuracy) goes to stderr as in
+``--unseen N`` also evaluates AD on every image of N embedded datasets no stage sees (the main
+job's ``eval_unseen``); ``--set`` overrides config fields (``emit.max_readout=True``,
+``base.train_vision=False``, ...). Prints the held-out table; the training log (loss, label accuracy) goes to stderr as in
 ``emit_jax.train``.
 """
 
