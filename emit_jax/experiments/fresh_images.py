@@ -24,8 +24,8 @@ steps, then evaluates held-out AD on the seed-0 test split.
 
 ``--unseen N`` also evaluates AD on every image of N embedded datasets no stage sees (the main
 job's ``eval_unseen``); ``--set`` overrides config fields (``emit.max_readout=True``,
-``base.train_vision=False``, ...). Prints the held-out table; the training log (loss, label accuracy) goes to stderr as in
-``emit_jax.train``.
+``base.train_vision=False``, ...). Prints the held-out table; the training log (loss, label
+accuracy) goes to stderr as in ``emit_jax.train``.
 """
 
 from __future__ import annotations
