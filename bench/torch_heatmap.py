@@ -1,6 +1,7 @@
 """The peers' well-written PyTorch heat map at our shape, in float32 or bfloat16.
 
-    python bench/torch_heatmap.py [--arch internvl3_8b] [--dtype bfloat16] [--peers-dir ../shared/bench]
+    python bench/torch_heatmap.py [--arch internvl3_8b] [--grid G] [--window K] [--dtype bfloat16]
+        [--peers-dir ../shared/bench]
 
 Times ``matmul_dense`` of ``PEERS_DIR/matmul_heatmap_torch.py`` (normalise, one matmul per
 layer, mask, max) at an architecture's contrastive-embedding shape (the shape
@@ -26,6 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="internvl3_8b")
+    p.add_argument("--grid", type=int, default=None, help="patch grid side (default: the arch's)")
+    p.add_argument("--window", type=int, default=None, help="half-window (default: EMIT's)")
     p.add_argument("--peers-dir", default=os.path.join(ROOT, "..", "shared", "bench"))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -41,7 +44,7 @@ def main(argv=None) -> dict:
     spec = importlib.util.spec_from_file_location("peer_matmul_heatmap_torch", path)
     peer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(peer)
-    L, g, d, R, k = _heatmap_shape(a.arch)
+    L, g, d, R, k = _heatmap_shape(a.arch, a.grid, a.window)
     gen = torch.Generator().manual_seed(0)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
     q = torch.randn(L, 1, g, g, d, generator=gen).to(dtype)

@@ -37,22 +37,29 @@ import time
 import jax
 import jax.numpy as jnp
 
+from emit_jax.ops.heatmap import STRATEGIES as HEATMAP_STRATEGIES  # "auto" first
 
-def _heatmap_shape(arch: str) -> tuple[int, int, int, int, int]:
-    """(layers, grid, dim, rotations, window) of an architecture's CE heat map."""
+
+def _heatmap_shape(arch: str, grid: int | None = None,
+                   window: int | None = None) -> tuple[int, int, int, int, int]:
+    """(layers, grid, dim, rotations, window) of an architecture's CE heat map; ``grid`` /
+    ``window`` override the patch grid's side and the half-window (by default the window EMIT
+    uses at that grid: 6 at 32, scaled with the grid)."""
     from emit_jax.models import architectures
     from emit_jax.models.emit import EMITConfig
 
     v = architectures.get_config(arch).vision
     ecfg = EMITConfig()
-    return (len(ecfg.layers_for(v.num_hidden_layers)), v.grid, v.hidden_size, ecfg.rotations,
-            ecfg.window_for(v.grid))
+    g = grid or v.grid
+    return (len(ecfg.layers_for(v.num_hidden_layers)), g, v.hidden_size, ecfg.rotations,
+            ecfg.window_for(g) if window is None else window)
 
 
-def bench_heatmap(arch: str, strategy: str, batch: int, repeats: int, dtype: str) -> dict:
+def bench_heatmap(arch: str, strategy: str, batch: int, repeats: int, dtype: str,
+                  grid: int | None = None, window: int | None = None) -> dict:
     from emit_jax.ops.heatmap import anomaly_map, choose_strategy, flops
 
-    L, g, d, R, k = _heatmap_shape(arch)
+    L, g, d, R, k = _heatmap_shape(arch, grid, window)
     kq, kr = jax.random.split(jax.random.key(0))
     q = jax.random.normal(kq, (L, batch, g, g, d), jnp.float32).astype(dtype)
     r = jax.random.normal(kr, (L, batch, R, g, g, d), jnp.float32).astype(dtype)
@@ -386,7 +393,10 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     h = sub.add_parser("heatmap")
     h.add_argument("--arch", default="internvl3_8b")
-    h.add_argument("--strategy", default="auto", choices=["auto", "dense", "banded", "chunked", "shifted", "all"])
+    h.add_argument("--strategy", default="auto", choices=[*HEATMAP_STRATEGIES, "all"])
+    h.add_argument("--grid", type=int, default=None, help="patch grid side (default: the arch's)")
+    h.add_argument("--window", type=int, default=None,
+                   help="half-window (default: EMIT's at that grid, 6 at 32)")
     h.add_argument("--batch", type=int, default=1)
     h.add_argument("--repeats", type=int, default=5)
     h.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -430,8 +440,9 @@ def main(argv=None) -> int:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_cpu_enable_xprof_traceme=true").strip()
     if args.what == "heatmap":
-        strategies = ["dense", "banded", "chunked", "shifted"] if args.strategy == "all" else [args.strategy]
-        rows = [bench_heatmap(args.arch, s, args.batch, args.repeats, args.dtype) for s in strategies]
+        strategies = HEATMAP_STRATEGIES[1:] if args.strategy == "all" else [args.strategy]
+        rows = [bench_heatmap(args.arch, s, args.batch, args.repeats, args.dtype, args.grid,
+                              args.window) for s in strategies]
     elif args.what == "rollout":
         rows = [bench_rollout(args.arch, args.batch, args.prompt_len, args.new_tokens, args.repeats)]
     elif args.what == "grpo_step":

@@ -43,7 +43,7 @@ SHAPES = [  # (L, B, R, h, w, D, window)
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("zero_fill", [True, False])
-@pytest.mark.parametrize("strategy", ["dense", "banded", "chunked", "shifted", "auto"])
+@pytest.mark.parametrize("strategy", ["dense", "banded", "chunked", "tiled", "shifted", "auto"])
 def test_matches_numpy_definition(shape, zero_fill, strategy):
     L, B, R, h, w, D, k = shape
     rs = np.random.RandomState(sum(shape))
@@ -69,7 +69,7 @@ def test_zero_fill_changes_the_result_where_it_should():
     np.testing.assert_allclose(paper, 2.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("strategy", ["dense", "banded", "chunked", "shifted"])
+@pytest.mark.parametrize("strategy", ["dense", "banded", "chunked", "tiled", "shifted"])
 def test_bf16_inputs_accumulate_in_fp32(strategy):
     L, B, R, h, w, D, k = 2, 1, 4, 8, 8, 64, 2
     rs = np.random.RandomState(1)
@@ -83,14 +83,35 @@ def test_bf16_inputs_accumulate_in_fp32(strategy):
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-2)
 
 
+@pytest.mark.parametrize("zero_fill", [True, False])
+@pytest.mark.parametrize("shape", [(1, 1, 2, 9, 40, 8, 3), (2, 1, 4, 7, 50, 6, 5)])
+def test_tiled_column_groups_on_a_wide_grid(shape, zero_fill):
+    """Widths 40 / 50 make 3 / 4 groups of 16 query columns, the last one partly padding; the
+    reference columns of each group are clipped at the grid's edges."""
+    L, B, R, h, w, D, k = shape
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((L, B, h, w, D)).astype(np.float32)
+    r = rng.standard_normal((L, B, R, h, w, D)).astype(np.float32)
+    want = numpy_reference(q, r, k, zero_fill)
+    got = np.asarray(anomaly_map(jnp.asarray(q), jnp.asarray(r), k, zero_fill, "tiled"))
+    np.testing.assert_allclose(got, want, atol=2e-6)
+
+
 def test_strategy_choice_and_flops():
     assert choose_strategy(32, 32, 6) == "banded"
     assert choose_strategy(8, 8, 6) == "dense"
+    assert choose_strategy(64, 64, 6) == "tiled"  # groups of 16 columns meet 28 of 64
+    assert choose_strategy(64, 64, 12) == "banded"  # 40 of 64
     dense = flops(4, 1, 4, 32, 32, 1024, 6, "dense")
     assert dense == 2 * 4 * 1024 * 4096 * 1024
     # blocks of 8 query rows reach 14, 20, 20, 14 reference rows: 544 of 32 x 32 row pairs
     assert flops(4, 1, 4, 32, 32, 1024, 6, "banded") == dense * 544 // 1024
     assert flops(4, 1, 4, 32, 32, 1024, 6, "shifted") == 2 * 4 * 4 * 1024 * 169 * 1024
+    # chunks of 2 reference rows meet 14 query rows; tiled: 2 groups of 16 query columns, each
+    # against 22 reference columns (16 + 6, clipped at the edge) instead of 32
+    chunked = flops(4, 1, 4, 32, 32, 1024, 6, "chunked")
+    assert chunked == 2 * 4 * 16 * 14 * 32 * 2 * 4 * 32 * 1024
+    assert flops(4, 1, 4, 32, 32, 1024, 6, "tiled") == chunked * 22 // 32
 
 
 def test_bad_shapes_are_rejected():
