@@ -37,7 +37,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from emit_jax.ops.heatmap import STRATEGIES as HEATMAP_STRATEGIES  # "auto" first
+from emit_jax.ops.heatmap import STRATEGIES as HEATMAP_STRATEGIES
 
 
 def _heatmap_shape(arch: str, grid: int | None = None,
@@ -440,7 +440,8 @@ def main(argv=None) -> int:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_cpu_enable_xprof_traceme=true").strip()
     if args.what == "heatmap":
-        strategies = HEATMAP_STRATEGIES[1:] if args.strategy == "all" else [args.strategy]
+        strategies = ([s for s in HEATMAP_STRATEGIES if s != "auto"] if args.strategy == "all"
+                      else [args.strategy])
         rows = [bench_heatmap(args.arch, s, args.batch, args.repeats, args.dtype, args.grid,
                               args.window) for s in strategies]
     elif args.what == "rollout":

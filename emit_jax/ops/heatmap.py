@@ -93,7 +93,8 @@ def flops(L: int, B: int, R: int, h: int, w: int, D: int, window: int, strategy:
         pairs = (h * w) * (R * h * w)
     elif strategy in ("chunked", "tiled"):
         c, k = min(CHUNK_ROWS, h), min(window, h - 1)
-        g, wq, wg, _ = _column_groups(w, window) if strategy == "tiled" else (1, w, w, None)
+        # chunked: one group of all columns, as _layer_chunked calls _layer_tiled
+        g, wq, wg, _ = _column_groups(w, window, GROUP_COLS if strategy == "tiled" else w)
         pairs = -(-h // c) * (c + 2 * k) * g * wq * c * R * wg
     elif strategy == "banded":
         pairs = sum((min(h, min(a + BLOCK_ROWS, h) + window) - max(0, a - window))
@@ -193,10 +194,11 @@ def _layer_tiled(q, r, rinv, window, zero_fill, chunk_rows=CHUNK_ROWS, group_col
     qp = jnp.pad(q, ((0, 0), (k, hp - h + k), (0, g * wq - w), (0, 0)))  # [B, k+hp+k, g*wq, D]
     idx = np.arange(n)[:, None] * c + np.arange(nb)[None, :]  # [n, nb] rows of qp
     qb = qp[:, idx].reshape(b, n, nb, g, wq, d).transpose(0, 1, 3, 2, 4, 5)  # [B, n, g, nb, wq, D]
+    # one batch axis: XLA:CPU's batched GEMM ran at half speed with two (heatmap_parts)
     s = jnp.einsum("kpd,kqd->kpq", qb.reshape(b * n * g, nb * wq, d),
                    rg.reshape(b * n * g, c * R * wg, d), preferred_element_type=jnp.float32)
     s = s.reshape(b, n, g, nb, wq, c, R, wg) * ig[:, :, :, None, None]
-    qi = idx - k
+    qi = idx - k  # the query row of each gathered row
     ri = np.arange(n)[:, None] * c + np.arange(c)[None, :]  # [n, c] reference rows
     row_ok = (np.abs(qi[:, :, None] - ri[:, None, :]) <= window) & (ri[:, None, :] < h)
     qj = np.arange(g)[:, None] * wq + np.arange(wq)[None, :]  # [g, wq] query columns
