@@ -10,7 +10,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["emit_jax", "emit_jax.*"]),
-    package_data={"emit_jax": ["assets/*", "data/embedded_assets/*/*"]},
+    # ops/heatmap_cpu.cc: the native heat-map kernel, compiled on first use (emit_jax/ops/native.py)
+    package_data={"emit_jax": ["assets/*", "data/embedded_assets/*/*", "ops/*.cc"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[

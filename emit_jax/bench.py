@@ -20,9 +20,9 @@ Benchmarks (scripts, not tests); one JSON object per line.
 - ``heatmap`` times :func:`emit_jax.ops.heatmap.anomaly_map` at
 an architecture's real CE shape (InternVL3-8B: 4 layers, 32 x 32 patches, D 1024, 4 rotations,
 window 6) on random features, and reports milliseconds per sample and the achieved GFLOP/s of
-the similarity products the strategy executes (``window_gflop``: the products inside the window,
-the least any exact method must do). ``bench/torch_heatmap.py`` (outside the package, which
-imports no torch) times the peers' PyTorch version at the same shape in float32 or bfloat16.
+the similarity products the strategy executes (``window_gflop``: the products inside the window
+clipped at the grid's edges, the least any exact method must do). ``bench/torch_heatmap.py``
+(outside the package, which imports no torch) times the peers' PyTorch version at the same shape in float32 or bfloat16.
 """
 
 from __future__ import annotations
@@ -55,15 +55,26 @@ def _heatmap_shape(arch: str, grid: int | None = None,
             ecfg.window_for(g) if window is None else window)
 
 
+def _native_heatmap() -> bool:
+    """The native heat-map kernel builds here (else ``--strategy all`` leaves ``fused`` out and
+    says why on stderr)."""
+    from emit_jax.ops import native
+
+    if native.load() is None:
+        print(f"bench heatmap: no 'fused' row: {native.unavailable_reason()}", file=sys.stderr)
+        return False
+    return True
+
+
 def bench_heatmap(arch: str, strategy: str, batch: int, repeats: int, dtype: str,
                   grid: int | None = None, window: int | None = None) -> dict:
-    from emit_jax.ops.heatmap import anomaly_map, choose_strategy, flops
+    from emit_jax.ops.heatmap import anomaly_map, flops, resolve_strategy, window_flops
 
     L, g, d, R, k = _heatmap_shape(arch, grid, window)
     kq, kr = jax.random.split(jax.random.key(0))
     q = jax.random.normal(kq, (L, batch, g, g, d), jnp.float32).astype(dtype)
     r = jax.random.normal(kr, (L, batch, R, g, g, d), jnp.float32).astype(dtype)
-    chosen = choose_strategy(g, g, k) if strategy == "auto" else strategy
+    chosen = resolve_strategy(strategy, g, g, k)
     anomaly_map(q, r, k, True, chosen).block_until_ready()  # compile
     times = []
     for _ in range(repeats):
@@ -72,7 +83,7 @@ def bench_heatmap(arch: str, strategy: str, batch: int, repeats: int, dtype: str
         times.append(time.perf_counter() - t)
     best = min(times)
     executed = flops(L, batch, R, g, g, d, k, chosen)
-    window_only = flops(L, batch, R, g, g, d, k, "shifted")
+    window_only = window_flops(L, batch, R, g, g, d, k)
     return {
         "bench": "heatmap", "arch": arch, "strategy": chosen, "dtype": dtype,
         "shape": {"layers": L, "batch": batch, "rotations": R, "grid": g, "dim": d, "window": k},
@@ -442,6 +453,8 @@ def main(argv=None) -> int:
     if args.what == "heatmap":
         strategies = ([s for s in HEATMAP_STRATEGIES if s != "auto"] if args.strategy == "all"
                       else [args.strategy])
+        if args.strategy == "all" and not _native_heatmap():
+            strategies.remove("fused")
         rows = [bench_heatmap(args.arch, s, args.batch, args.repeats, args.dtype, args.grid,
                               args.window) for s in strategies]
     elif args.what == "rollout":

@@ -4,7 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emit_jax.ops.heatmap import anomaly_map, choose_strategy, flops
+from emit_jax.ops import native
+from emit_jax.ops.heatmap import anomaly_map, choose_strategy, flops, window_flops
+
+
+def _fused_or_skip(strategy):
+    if strategy == "fused" and native.load() is None:
+        pytest.skip(f"native heat-map kernel unavailable: {native.unavailable_reason()}")
 
 
 def numpy_reference(query, reference, window, zero_fill):
@@ -43,8 +49,9 @@ SHAPES = [  # (L, B, R, h, w, D, window)
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("zero_fill", [True, False])
-@pytest.mark.parametrize("strategy", ["dense", "banded", "chunked", "tiled", "shifted", "auto"])
+@pytest.mark.parametrize("strategy", ["dense", "banded", "chunked", "tiled", "shifted", "fused", "auto"])
 def test_matches_numpy_definition(shape, zero_fill, strategy):
+    _fused_or_skip(strategy)
     L, B, R, h, w, D, k = shape
     rs = np.random.RandomState(sum(shape))
     q = rs.randn(L, B, h, w, D).astype(np.float32)
@@ -69,8 +76,9 @@ def test_zero_fill_changes_the_result_where_it_should():
     np.testing.assert_allclose(paper, 2.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("strategy", ["dense", "banded", "chunked", "tiled", "shifted"])
+@pytest.mark.parametrize("strategy", ["dense", "banded", "chunked", "tiled", "shifted", "fused"])
 def test_bf16_inputs_accumulate_in_fp32(strategy):
+    _fused_or_skip(strategy)
     L, B, R, h, w, D, k = 2, 1, 4, 8, 8, 64, 2
     rs = np.random.RandomState(1)
     q = rs.randn(L, B, h, w, D).astype(np.float32)
@@ -83,17 +91,21 @@ def test_bf16_inputs_accumulate_in_fp32(strategy):
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-2)
 
 
+@pytest.mark.parametrize("strategy", ["tiled", "fused"])
 @pytest.mark.parametrize("zero_fill", [True, False])
 @pytest.mark.parametrize("shape", [(1, 1, 2, 9, 40, 8, 3), (2, 1, 4, 7, 50, 6, 5)])
-def test_tiled_column_groups_on_a_wide_grid(shape, zero_fill):
-    """Widths 40 / 50 make 3 / 4 groups of 16 query columns, the last one partly padding; the
-    reference columns of each group are clipped at the grid's edges."""
+def test_column_tiles_on_a_wide_grid(shape, zero_fill, strategy):
+    """tiled: widths 40 / 50 make 3 / 4 groups of 16 query columns, the last one partly padding;
+    the reference columns of each group are clipped at the grid's edges. fused: tiles of 4
+    query columns (50: the last one 2 wide) against runs of up to 6 reference columns, D 8 and 6
+    zero-padded to 16."""
+    _fused_or_skip(strategy)
     L, B, R, h, w, D, k = shape
     rng = np.random.default_rng(1)
     q = rng.standard_normal((L, B, h, w, D)).astype(np.float32)
     r = rng.standard_normal((L, B, R, h, w, D)).astype(np.float32)
     want = numpy_reference(q, r, k, zero_fill)
-    got = np.asarray(anomaly_map(jnp.asarray(q), jnp.asarray(r), k, zero_fill, "tiled"))
+    got = np.asarray(anomaly_map(jnp.asarray(q), jnp.asarray(r), k, zero_fill, strategy))
     np.testing.assert_allclose(got, want, atol=2e-6)
 
 
@@ -112,6 +124,34 @@ def test_strategy_choice_and_flops():
     chunked = flops(4, 1, 4, 32, 32, 1024, 6, "chunked")
     assert chunked == 2 * 4 * 16 * 14 * 32 * 2 * 4 * 32 * 1024
     assert flops(4, 1, 4, 32, 32, 1024, 6, "tiled") == chunked * 22 // 32
+    # fused: each tile of 4 query columns meets 4 + 2*6 = 16 reference columns, clipped at the
+    # edges (tiles at j0 = 0, 4, 8..20, 24, 28: 10, 14, 16 x 4, 14, 10); rows as the window
+    rows = sum(min(31, i + 6) - max(0, i - 6) + 1 for i in range(32))  # 374
+    cols = 4 * (10 + 14 + 16 * 4 + 14 + 10)
+    assert flops(4, 1, 4, 32, 32, 1024, 6, "fused") == 2 * 4 * rows * cols * 4 * 1024
+    window = window_flops(4, 1, 4, 32, 32, 1024, 6)
+    assert window == 2 * 4 * rows * rows * 4 * 1024  # 4.58 GFLOP: 374 x 374 of 32^2 x 32^2 pairs
+    assert window < flops(4, 1, 4, 32, 32, 1024, 6, "fused") < 1.2 * window
+
+
+def test_fused_gradient_is_the_xla_strategies():
+    """The native kernel has no backward: its custom VJP differentiates the same similarities
+    computed by an XLA strategy."""
+    import jax
+
+    _fused_or_skip("fused")
+    rs = np.random.RandomState(3)
+    q = jnp.asarray(rs.randn(2, 1, 6, 7, 16), jnp.float32)
+    r = jnp.asarray(rs.randn(2, 1, 2, 6, 7, 16), jnp.float32)
+
+    def loss(strategy):
+        return lambda q, r: jnp.sum(anomaly_map(q, r, 2, True, strategy) ** 2)
+
+    want = jax.grad(loss("banded"), argnums=(0, 1))(q, r)
+    got = jax.grad(loss("fused"), argnums=(0, 1))(q, r)
+    assert float(jnp.abs(want[0]).max()) > 0
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
 def test_bad_shapes_are_rejected():
