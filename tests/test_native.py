@@ -68,3 +68,31 @@ def test_a_failing_compiler_falls_back_with_its_error_and_leaves_no_file(tmp_pat
     assert "exit 3" in out["reason"] and out["fused"].endswith(out["reason"])
     assert "native heat-map kernel unavailable" in stderr  # one warning, not silence
     assert os.listdir(tmp_path / "cache") == []  # no half-written library, no temp file
+
+
+@pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler on this machine")
+@pytest.mark.parametrize("arch", ["-march=x86-64-v2", "-march=x86-64-v3"])
+def test_portable_builds_match_the_definition(tmp_path, arch):
+    """Without AVX-512 (SSE4.2 / AVX2 targets) the kernel's vectors lower to narrower registers:
+    slower, but the same values."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 targets")
+    code = r"""
+import json, numpy as np, jax.numpy as jnp
+from emit_jax.ops import heatmap, native
+assert native.load() is not None, native.unavailable_reason()
+rs = np.random.RandomState(0)
+q = rs.randn(2, 1, 6, 9, 24).astype(np.float32)
+r = (0.3 * q[:, :, None] + rs.randn(2, 1, 3, 6, 9, 24)).astype(np.float32)
+a = heatmap.anomaly_map(jnp.asarray(q), jnp.asarray(r), 2, True, "fused")
+b = heatmap.anomaly_map(jnp.asarray(q), jnp.asarray(r), 2, True, "dense")
+print(json.dumps({"diff": float(jnp.abs(a - b).max()), "built": __import__("os").listdir(native.cache_dir())}))
+"""
+    env = dict(os.environ, EMIT_JAX_NATIVE_CACHE=str(tmp_path), EMIT_JAX_NATIVE_ARCH=arch)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["diff"] < 1e-6 and len(out["built"]) == 1

@@ -16,7 +16,8 @@ Six exact strategies, all jitted, none materialising a ``[h*w, R*h*w, D]`` tenso
   :mod:`emit_jax.ops.native`, called through XLA's FFI) that computes the similarities only
   inside the window, in register tiles of 4 query x 6 reference columns, with the normalisation
   and the masked max fused in: 1.2x the window's FLOPs, about 60% of this CPU's matmul peak.
-  The default on a single CPU device when it builds; float32 maths (bf16 inputs are cast).
+  The default on a single CPU device when it builds; float32 maths (bf16 inputs are widened
+  in registers, so they are read at half the bytes).
 
 - ``dense``: one matmul per layer ``[h*w, D] x [D, R*h*w]`` plus a window mask, then max.
   Wasteful in FLOPs when the window is small, but a single large GEMM.
@@ -266,8 +267,9 @@ def _layer_shifted(q, r, rinv, window, zero_fill):
 
 
 def _fused_call(query, reference, window):
-    """The native kernel: ``[L, B, h, w, D]``, ``[L, B, R, h, w, D]`` float32 -> S ``[L, B, h, w]``
-    (before the zero fill); D zero-padded to a multiple of 16 (no change to dots or norms)."""
+    """The native kernel: ``[L, B, h, w, D]``, ``[L, B, R, h, w, D]`` (both float32 or both
+    bfloat16) -> S ``[L, B, h, w]`` float32 (before the zero fill); D zero-padded to a multiple
+    of 16 (no change to dots or norms)."""
     from emit_jax.ops import native
 
     target = native.load()
@@ -314,7 +316,8 @@ _LAYER_FNS = {"dense": _layer_dense, "banded": _layer_banded, "chunked": _layer_
 @functools.partial(jax.jit, static_argnames=("window", "zero_fill", "strategy"))
 def _anomaly_map(query, reference, *, window, zero_fill, strategy):
     if strategy == "fused":  # all layers in one call; the kernel normalises
-        sims = _fused_sims(query.astype(jnp.float32), reference.astype(jnp.float32), window)
+        dt = jnp.bfloat16 if query.dtype == reference.dtype == jnp.bfloat16 else jnp.float32
+        sims = _fused_sims(query.astype(dt), reference.astype(dt), window)
         h, w = query.shape[2:4]
         sims = jax.vmap(lambda s: _floor(s, h, w, window, zero_fill))(sims)
         return 1.0 - jnp.mean(sims, axis=0)

@@ -10,7 +10,7 @@
 // SIMD lanes along D (both operands read in their natural row-major layout, no packing), then
 // one transpose-and-add reduction per 16 dot products and the masked max. Rows of the query
 // grid are split over threads. Exact: the same values as the other strategies up to float32
-// summation order.
+// summation order. Inputs float32 or bfloat16 (widened to float32 in registers); float32 maths.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -28,9 +28,22 @@ namespace {
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t i16 __attribute__((vector_size(64)));
 
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+// 16 consecutive elements as float32: float32 as is; bfloat16 (its bits as uint16_t) widened
+// in registers (the upper half of a float32), so bf16 features are read at half the bytes.
 inline v16 load(const float* p) {
   v16 v;
   std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline v16 load(const uint16_t* p) {
+  u16x16 h;
+  std::memcpy(&h, p, sizeof h);
+  u32x16 w = __builtin_convertvector(h, u32x16) << 16;
+  v16 v;
+  std::memcpy(&v, &w, sizeof v);
   return v;
 }
 
@@ -82,8 +95,8 @@ constexpr int M = 4;  // query columns per tile
 constexpr int N = 6;  // reference columns per tile (24 accumulators: AVX-512 has 32 registers)
 
 // out[m * n + c] = <q[m], x[c]> for m < MM, c < NN; rows of q and x are D apart, D % 16 == 0.
-template <int MM, int NN>
-void tile(const float* q, const float* x, int64_t D, float* out) {
+template <int MM, int NN, typename T>
+void tile(const T* q, const T* x, int64_t D, float* out) {
   v16 acc[MM * NN];
   for (int t = 0; t < MM * NN; t++) acc[t] = v16{};
   for (int64_t d = 0; d < D; d += 16) {
@@ -95,19 +108,19 @@ void tile(const float* q, const float* x, int64_t D, float* out) {
       for (int m = 0; m < MM; m++) acc[m * NN + c] += qv[m] * xv;
     }
   }
-  constexpr int T = MM * NN, TP = (T + 15) / 16 * 16;
-  v16 all[TP];
-  for (int t = 0; t < TP; t++) all[t] = t < T ? acc[t] : v16{};
-  for (int t = 0; t < TP; t += 16) {
+  constexpr int NT = MM * NN, NP = (NT + 15) / 16 * 16;
+  v16 all[NP];
+  for (int t = 0; t < NP; t++) all[t] = t < NT ? acc[t] : v16{};
+  for (int t = 0; t < NP; t += 16) {
     float sums[16];
     v16 s = reduce16(all + t);
     std::memcpy(sums, &s, sizeof s);
-    for (int u = 0; u < 16 && t + u < T; u++) out[t + u] = sums[u];
+    for (int u = 0; u < 16 && t + u < NT; u++) out[t + u] = sums[u];
   }
 }
 
-template <int MM>
-void tile_n(int n, const float* q, const float* x, int64_t D, float* out) {
+template <int MM, typename T>
+void tile_n(int n, const T* q, const T* x, int64_t D, float* out) {
   switch (n) {
     case 1: tile<MM, 1>(q, x, D, out); break;
     case 2: tile<MM, 2>(q, x, D, out); break;
@@ -118,7 +131,8 @@ void tile_n(int n, const float* q, const float* x, int64_t D, float* out) {
   }
 }
 
-float inverse_norm(const float* x, int64_t D) {
+template <typename T>
+float inverse_norm(const T* x, int64_t D) {
   v16 a{};
   for (int64_t d = 0; d < D; d += 16) {
     v16 v = load(x + d);
@@ -144,7 +158,8 @@ void parallel_for(int64_t n, int64_t threads, F body) {
 }
 
 // One (layer, batch) pair: q [h, w, D], x [R, h, w, D] -> s [h, w].
-void one_map(const float* q, const float* x, int64_t R, int64_t h, int64_t w, int64_t D,
+template <typename T>
+void one_map(const T* q, const T* x, int64_t R, int64_t h, int64_t w, int64_t D,
              int64_t k, int64_t threads, float* s) {
   std::vector<float> qinv(h * w), xinv(R * h * w);
   parallel_for(R * h, threads, [&](int64_t row) {
@@ -156,11 +171,11 @@ void one_map(const float* q, const float* x, int64_t R, int64_t h, int64_t w, in
     float dots[M * N];
     for (int64_t r = 0; r < R; r++) {
       for (int64_t ri = std::max<int64_t>(0, i - k); ri <= std::min(h - 1, i + k); ri++) {
-        const float* xrow = x + (r * h + ri) * w * D;
+        const T* xrow = x + (r * h + ri) * w * D;
         const float* inv = xinv.data() + (r * h + ri) * w;
         for (int64_t j0 = 0; j0 < w; j0 += M) {
           const int64_t mq = std::min<int64_t>(M, w - j0);
-          const float* qt = q + (i * w + j0) * D;
+          const T* qt = q + (i * w + j0) * D;
           const int64_t lo = std::max<int64_t>(0, j0 - k), hi = std::min(w, j0 + mq + k);
           for (int64_t c0 = lo; c0 < hi; c0 += N) {
             const int n = static_cast<int>(std::min<int64_t>(N, hi - c0));
@@ -185,7 +200,7 @@ void one_map(const float* q, const float* x, int64_t R, int64_t h, int64_t w, in
   });
 }
 
-ffi::Error HeatmapImpl(ffi::Buffer<ffi::F32> query, ffi::Buffer<ffi::F32> reference,
+ffi::Error HeatmapImpl(ffi::AnyBuffer query, ffi::AnyBuffer reference,
                        ffi::ResultBuffer<ffi::F32> sims, int64_t window, int64_t threads) {
   auto qd = query.dimensions();
   auto xd = reference.dimensions();
@@ -196,10 +211,20 @@ ffi::Error HeatmapImpl(ffi::Buffer<ffi::F32> query, ffi::Buffer<ffi::F32> refere
     return ffi::Error::InvalidArgument("heatmap_cpu: reference does not match query");
   if (D % 16 != 0) return ffi::Error::InvalidArgument("heatmap_cpu: D must be a multiple of 16");
   if (window < 0) return ffi::Error::InvalidArgument("heatmap_cpu: window must be >= 0");
-  const int64_t k = std::min(window, std::max(h, w));
-  for (int64_t lb = 0; lb < L * B; lb++)
-    one_map(query.typed_data() + lb * h * w * D, reference.typed_data() + lb * R * h * w * D, R, h,
-            w, D, k, std::max<int64_t>(1, threads), sims->typed_data() + lb * h * w);
+  const auto dtype = query.element_type();
+  if (reference.element_type() != dtype || (dtype != ffi::F32 && dtype != ffi::BF16))
+    return ffi::Error::InvalidArgument("heatmap_cpu: query and reference must both be float32 or both bfloat16");
+  const int64_t k = std::min(window, std::max(h, w)), nt = std::max<int64_t>(1, threads);
+  float* out = sims->typed_data();
+  for (int64_t lb = 0; lb < L * B; lb++) {
+    const int64_t qo = lb * h * w * D, xo = lb * R * h * w * D;
+    if (dtype == ffi::F32)
+      one_map(static_cast<const float*>(query.untyped_data()) + qo,
+              static_cast<const float*>(reference.untyped_data()) + xo, R, h, w, D, k, nt, out + lb * h * w);
+    else
+      one_map(static_cast<const uint16_t*>(query.untyped_data()) + qo,
+              static_cast<const uint16_t*>(reference.untyped_data()) + xo, R, h, w, D, k, nt, out + lb * h * w);
+  }
   return ffi::Error::Success();
 }
 
@@ -207,8 +232,8 @@ ffi::Error HeatmapImpl(ffi::Buffer<ffi::F32> query, ffi::Buffer<ffi::F32> refere
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EmitJaxHeatmapCpu, HeatmapImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // query [L, B, h, w, D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // reference [L, B, R, h, w, D]
+                                  .Arg<ffi::AnyBuffer>()  // query [L, B, h, w, D] f32 or bf16
+                                  .Arg<ffi::AnyBuffer>()  // reference [L, B, R, h, w, D], same
                                   .Ret<ffi::Buffer<ffi::F32>>()  // S [L, B, h, w]
                                   .Attr<int64_t>("window")
                                   .Attr<int64_t>("threads"));
