@@ -22,7 +22,8 @@ an architecture's real CE shape (InternVL3-8B: 4 layers, 32 x 32 patches, D 1024
 window 6) on random features, and reports milliseconds per sample and the achieved GFLOP/s of
 the similarity products the strategy executes (``window_gflop``: the products inside the window
 clipped at the grid's edges, the least any exact method must do). ``bench/torch_heatmap.py``
-(outside the package, which imports no torch) times the peers' PyTorch version at the same shape in float32 or bfloat16.
+(outside the package, which imports no torch) times the peers' PyTorch version at the same
+shape in float32 or bfloat16.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Six exact strategies, all jitted, none materialising a ``[h*w, R*h*w, D]`` tenso
 - ``fused``: one native CPU kernel (``heatmap_cpu.cc``, built on first use by
   :mod:`emit_jax.ops.native`, called through XLA's FFI) that computes the similarities only
   inside the window, in register tiles of 4 query x 6 reference columns, with the normalisation
-  and the masked max fused in: 1.2x the window's FLOPs, about 60% of this CPU's matmul peak.
+  and the masked max fused in: 1.2x the window's FLOPs at two thirds of this CPU's matmul peak.
   The default on a single CPU device when it builds; float32 maths (bf16 inputs are widened
   in registers, so they are read at half the bytes).
 
