@@ -117,7 +117,7 @@ def flops(L: int, B: int, R: int, h: int, w: int, D: int, window: int, strategy:
         pairs = -(-h // c) * (c + 2 * k) * g * wq * c * R * wg
     elif strategy == "fused":
         m, k = FUSED_TILE[0], min(window, max(h, w))
-        rows = sum(min(h - 1, i + k) - max(0, i - k) + 1 for i in range(h))
+        rows = _clipped_reach(h, k)
         cols = sum(min(m, w - j0) * (min(w, j0 + min(m, w - j0) + k) - max(0, j0 - k))
                    for j0 in range(0, w, m))
         pairs = rows * cols * R
@@ -133,9 +133,12 @@ def window_flops(L: int, B: int, R: int, h: int, w: int, D: int, window: int) ->
     """Multiply-add FLOPs (x2) of the similarities inside the window, clipped at the grid's
     edges: what any exact method must compute."""
     k = min(window, max(h, w))
-    rows = sum(min(h - 1, i + k) - max(0, i - k) + 1 for i in range(h))
-    cols = sum(min(w - 1, j + k) - max(0, j - k) + 1 for j in range(w))
-    return 2 * L * B * rows * cols * R * D
+    return 2 * L * B * _clipped_reach(h, k) * _clipped_reach(w, k) * R * D
+
+
+def _clipped_reach(n: int, k: int) -> int:
+    """Sum over the n positions of one grid axis of how many positions lie within k of it."""
+    return sum(min(n - 1, i + k) - max(0, i - k) + 1 for i in range(n))
 
 
 def _inverse_norms(x: jax.Array) -> jax.Array:
@@ -297,13 +300,8 @@ def _fused_fwd(query, reference, window):
 def _fused_bwd(window, res, g):
     # the kernel has no backward: differentiate the same S computed by an XLA strategy
     query, reference = res
-    _, h, w, _ = query.shape[1:]
-    fn = functools.partial(_LAYER_FNS[choose_strategy(h, w, window)], window=window, zero_fill=False)
-
-    def sims(q, r):
-        return jax.lax.map(lambda a: fn(*a), (_normalize(q), r, _inverse_norms(r)))
-
-    return jax.vjp(sims, query, reference)[1](g)
+    strategy = choose_strategy(*query.shape[2:4], window)
+    return jax.vjp(lambda q, r: _xla_sims(q, r, window, False, strategy), query, reference)[1](g)
 
 
 _fused_sims.defvjp(_fused_fwd, _fused_bwd)
@@ -318,16 +316,20 @@ def _anomaly_map(query, reference, *, window, zero_fill, strategy):
     if strategy == "fused":  # all layers in one call; the kernel normalises
         dt = jnp.bfloat16 if query.dtype == reference.dtype == jnp.bfloat16 else jnp.float32
         sims = _fused_sims(query.astype(dt), reference.astype(dt), window)
-        h, w = query.shape[2:4]
-        sims = jax.vmap(lambda s: _floor(s, h, w, window, zero_fill))(sims)
-        return 1.0 - jnp.mean(sims, axis=0)
-    # the query (R times smaller) is normalised; the reference is not: its inverse norms scale
-    # the similarity columns after the GEMM, which saves a write and a read of the largest array
+        sims = _floor(sims, *query.shape[2:4], window, zero_fill)
+    else:
+        sims = _xla_sims(query, reference, window, zero_fill, strategy)
+    return 1.0 - jnp.mean(sims, axis=0)
+
+
+def _xla_sims(query, reference, window, zero_fill, strategy):
+    """S ``[L, B, h, w]`` by an XLA strategy, layer by layer. The query (R times smaller) is
+    normalised; the reference is not: its inverse norms scale the similarity columns after the
+    GEMM, which saves a write and a read of the largest array."""
     qn = _normalize(query)
     rinv = _inverse_norms(reference)
     fn = functools.partial(_LAYER_FNS[strategy], window=window, zero_fill=zero_fill)
-    sims = jax.lax.map(lambda a: fn(*a), (qn, reference, rinv))  # [L, B, h, w], layer by layer
-    return 1.0 - jnp.mean(sims, axis=0)
+    return jax.lax.map(lambda a: fn(*a), (qn, reference, rinv))
 
 
 def anomaly_map(query: jax.Array, reference: jax.Array, window: int, zero_fill: bool = True,

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -63,32 +64,31 @@ inline void in_register(v16& v) {
 #define SHUF(x, y, ...) __builtin_shuffle(x, y, (i16){__VA_ARGS__})
 #endif
 
-// One level of the transpose-and-add tree: x, y hold partial sums of 2h accumulators in groups
-// of w lanes; the result holds those of all of them in groups of w/2.
-inline v16 comb8(v16 x, v16 y) {
-  return SHUF(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-         SHUF(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+// One level of the transpose-and-add tree, of half-width H: x and y hold the partial sums of H
+// accumulators each, in groups of 2H lanes; lane i of the result adds lanes lo(i) and lo(i) + H
+// of (x, y) concatenated, so it holds those of all 2H accumulators in groups of H lanes.
+constexpr int lo_lane(int H, int i) { return i / H * 2 * H + i % H; }
+
+template <int H, int... I>
+inline v16 comb(v16 x, v16 y, std::integer_sequence<int, I...>) {
+  return SHUF(x, y, lo_lane(H, I)...) + SHUF(x, y, (lo_lane(H, I) + H)...);
 }
-inline v16 comb4(v16 x, v16 y) {
-  return SHUF(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-         SHUF(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-}
-inline v16 comb2(v16 x, v16 y) {
-  return SHUF(x, y, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-         SHUF(x, y, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-}
-inline v16 comb1(v16 x, v16 y) {
-  return SHUF(x, y, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         SHUF(x, y, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+
+// t[0..2H) -> t[0..H), in place (t[i] is written after t[2i] and t[2i+1] are read)
+template <int H>
+inline void level(v16* t) {
+  for (int i = 0; i < H; i++) t[i] = comb<H>(t[2 * i], t[2 * i + 1], std::make_integer_sequence<int, 16>{});
 }
 
 // a[0..15]: 16 vectors of partial sums -> one vector holding their 16 totals, in order.
 inline v16 reduce16(const v16* a) {
-  v16 b[8], c[4], d[2];
-  for (int i = 0; i < 8; i++) b[i] = comb8(a[2 * i], a[2 * i + 1]);
-  for (int i = 0; i < 4; i++) c[i] = comb4(b[2 * i], b[2 * i + 1]);
-  for (int i = 0; i < 2; i++) d[i] = comb2(c[2 * i], c[2 * i + 1]);
-  return comb1(d[0], d[1]);
+  v16 t[16];
+  for (int i = 0; i < 16; i++) t[i] = a[i];
+  level<8>(t);
+  level<4>(t);
+  level<2>(t);
+  level<1>(t);
+  return t[0];
 }
 
 constexpr int M = 4;  // query columns per tile

@@ -79,17 +79,21 @@ def _build(cxx: str) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     version += f"jaxlib {jaxlib.__version__}"
     src = SOURCE.read_bytes()
-    errors = []
+    cpu = _cpu_id().encode()
     override = os.environ.get("EMIT_JAX_NATIVE_ARCH")
+    candidates = []  # (arch flags, all flags, library path) in the order they are tried
     for arch in ([override.split()] if override is not None else _ARCH_FLAGS):
         # -w: the FFI headers' own warnings would bury a real error
         flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w", *arch,
                  f"-I{jax.ffi.include_dir()}"]
         key = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(flags).encode(),
-                                         _cpu_id().encode()])).hexdigest()[:20]
-        out = cache_dir() / f"heatmap_cpu-{key}.so"
+                                         cpu])).hexdigest()[:20]
+        candidates.append((arch, flags, cache_dir() / f"heatmap_cpu-{key}.so"))
+    for _, _, out in candidates:  # a library built before, even with a fallback flag set
         if out.is_file():
             return out
+    errors = []
+    for arch, flags, out in candidates:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
         os.close(fd)
