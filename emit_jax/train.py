@@ -89,7 +89,9 @@ def _finish_stage(workdir: str, stage: str, model, info: dict) -> None:
     from emit_jax import checkpoint
 
     from emit_jax import parallel
+    from emit_jax.training.precision import to_storage
 
+    to_storage(model)  # trained parameters back to the dtype the user asked for (bf16 8B)
     d = os.path.join(workdir, stage)
     target = os.path.join(d, "model")
     if os.path.isdir(target) and parallel.is_primary():  # an earlier, shorter run: replace it
@@ -165,8 +167,9 @@ def build_initial_model(cfg, tokenizer):
     if cfg.init_from:
         if os.path.isfile(os.path.join(cfg.init_from, "config.json")):
             return hf.load(cfg.init_from, dtype=cfg.get("param_dtype") or None)
-        return checkpoint.load_model(cfg.init_from)[0]
-    mcfg = architectures.get_config(cfg.arch)
+        return checkpoint.load_model(cfg.init_from, dtype=cfg.get("param_dtype") or None)[0]
+    mcfg = architectures.get_config(cfg.arch, **({"dtype": cfg.param_dtype}
+                                                  if cfg.get("param_dtype") else {}))
     img = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     # the tokenizer's last entry is <COMP_CONTEXT>, which EMIT appends to the model at stage 1
     vocab = len(tokenizer) - 1

@@ -32,11 +32,23 @@ def axes_meta(axes) -> dict:
     return {"out_sharding": tuple(axes), "eager_sharding": False}
 
 
+class Linear(nnx.Linear):
+    """``nnx.Linear`` whose output ``[..., out]`` stays in the compute dtype ``dtype`` (when set).
+
+    Mixed precision (``emit_jax.training.precision``): a qwix LoRA adapter with float32 factors
+    adds a float32 delta to the bf16 product, which would promote every activation after it to
+    float32; the sum is cast back here, so only the rank-r branch computes in float32."""
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        y = super().__call__(inputs)
+        return y if self.dtype is None else y.astype(self.dtype)
+
+
 def linear(in_features: int, out_features: int, axes: Axes, *, use_bias: bool = True,
            dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs,
            kernel_init=nnx.initializers.lecun_normal()) -> nnx.Linear:
-    """``nnx.Linear`` whose kernel ``[in, out]`` has logical axes ``axes`` and bias ``axes[1:]``."""
-    return nnx.Linear(
+    """:class:`Linear` whose kernel ``[in, out]`` has logical axes ``axes`` and bias ``axes[1:]``."""
+    return Linear(
         in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
         kernel_init=kernel_init, rngs=rngs,
         kernel_metadata=axes_meta(axes), bias_metadata=axes_meta(axes[1:]),

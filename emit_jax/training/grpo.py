@@ -53,10 +53,17 @@ def correctness(name: str):
 
 
 def lora_provider(cfg):
+    """qwix's LoRA rule for ``cfg`` (``grpo.lora``). The factors are created in float32 whatever
+    the base kernels' dtype (qwix's default initializers, He-uniform A and zero B, drawn in
+    float32; ``emit_jax.training.precision``)."""
     import qwix
+
+    from emit_jax.training.precision import float32_initializer
 
     return qwix.LoraProvider(module_path=cfg.targets, rank=int(cfg.rank), alpha=float(cfg.alpha),
                              dropout=float(cfg.get("dropout", 0.0)),
+                             lora_a_initializer=float32_initializer(jax.nn.initializers.he_uniform()),
+                             lora_b_initializer=float32_initializer(jax.nn.initializers.zeros),
                              **({"weight_qtype": cfg.weight_qtype} if cfg.get("weight_qtype") else {}))
 
 
@@ -209,7 +216,7 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str, *, mesh=None):
     from emit_jax.ops.sampling import generate
     from emit_jax.rl import grpo as G_
     from emit_jax.rl import rewards as R_
-    from emit_jax.training.sft import OptimConfig, make_optimizer
+    from emit_jax.training.sft import OptimConfig, make_train_state
     import grain
 
     g = cfg.grpo
@@ -240,7 +247,7 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str, *, mesh=None):
     ocfg = OptimConfig(steps=int(g.steps) * int(g.get("iterations", 1)), lr=float(g.lr),
                        warmup_ratio=float(g.warmup_ratio), weight_decay=float(g.weight_decay),
                        b1=0.9, b2=0.95, clip_norm=1.0)
-    optimizer = nnx.Optimizer(policy, make_optimizer(ocfg), wrt=wrt)
+    optimizer = make_train_state(policy, ocfg, wrt)
     if mesh is not None:
         from emit_jax.parallel import shard_module
 

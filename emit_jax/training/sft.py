@@ -22,7 +22,7 @@ from flax import nnx
 
 from emit_jax import faults
 from emit_jax.data.pipeline import IGNORE, PipelineConfig, make_dataset
-from emit_jax.training import nonfinite, preemption
+from emit_jax.training import nonfinite, precision, preemption
 from emit_jax.training.metrics import MetricWriter
 from emit_jax.training.nonfinite import NonFiniteCounter, NonFiniteError
 from emit_jax.training.state import StageCheckpoints
@@ -45,13 +45,26 @@ class OptimConfig:
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """AdamW with linear warm-up and cosine decay to 0, global-norm clipping."""
+    """AdamW with linear warm-up and cosine decay to 0, global-norm clipping. The first moment
+    is kept in float32 (``mu_dtype``), the second follows the parameter, which is float32 for
+    every trained parameter (``emit_jax.training.precision``)."""
     warm = max(0, int(round(cfg.warmup_ratio * cfg.steps)))
     sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warm, 1), max(cfg.steps, warm + 1), 0.0) \
         if warm else optax.cosine_decay_schedule(cfg.lr, max(cfg.steps, 1))
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
                        optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                                   weight_decay=cfg.weight_decay))
+                                   weight_decay=cfg.weight_decay, mu_dtype=jnp.float32))
+
+
+def make_train_state(model, ocfg: OptimConfig, wrt) -> nnx.Optimizer:
+    """The optimizer of a stage that trains ``wrt`` of ``model``, after storing those parameters
+    in float32 (``precision.promote_trainable``: a bf16 model keeps bf16 frozen weights and
+    compute, with float32 master weights and AdamW state for what it trains)."""
+    n = precision.promote_trainable(model, wrt)
+    if n:
+        print(f"[precision] {n} trained arrays stored in float32 (frozen weights and compute "
+              f"keep their dtypes)", file=sys.stderr, flush=True)
+    return nnx.Optimizer(model, make_optimizer(ocfg), wrt=wrt)
 
 
 def label_positions(labels: np.ndarray, min_k: int = 8) -> dict[str, np.ndarray]:
@@ -191,7 +204,7 @@ def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, 
     if not records:
         raise ValueError(f"{name}: no training records")
     model.train()
-    optimizer = nnx.Optimizer(model, make_optimizer(ocfg), wrt=wrt)
+    optimizer = make_train_state(model, ocfg, wrt)
     if mesh is not None:
         from emit_jax.parallel import shard_module
 
