@@ -97,7 +97,8 @@ def collate(examples: Sequence[dict], cfg: PipelineConfig, pad_id: int = 0) -> d
 
     input_ids / labels / attention_mask ``[B, L]`` (L a length bucket); pixel_values
     ``[N, 3, S, S]`` with N the tile count rounded up to ``tile_bucket`` (``num_tiles`` real);
-    ce_pixels ``[M, 2, 3, S, S]`` for the CE samples in batch order (``num_ce`` real).
+    ce_pixels ``[M, 2, 3, S, S]`` for the CE samples in batch order (``num_ce`` real, the rows
+    ``use_comp [B]`` marks); ``row_tiles [B]`` each row's tile count (micro-batch splitting).
     """
     b = len(examples)
     L = bucket(max(len(e["input_ids"]) for e in examples), cfg.length_buckets)
@@ -125,6 +126,7 @@ def collate(examples: Sequence[dict], cfg: PipelineConfig, pad_id: int = 0) -> d
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pix,
             "num_tiles": np.int32(n_tiles), "ce_pixels": ce_pix, "num_ce": np.int32(len(ce)),
             "use_comp": np.array([bool(e.get("use_comp")) for e in examples]),
+            "row_tiles": np.array([len(e["pixel_values"]) for e in examples], np.int32),
             "solution": [e["solution"] for e in examples],
             "task_type": [e["task_type"] for e in examples], "id": [e["id"] for e in examples]}
 

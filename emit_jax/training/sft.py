@@ -22,7 +22,7 @@ from flax import nnx
 
 from emit_jax import faults
 from emit_jax.data.pipeline import IGNORE, PipelineConfig, make_dataset
-from emit_jax.training import nonfinite, precision, preemption
+from emit_jax.training import micro, nonfinite, precision, preemption
 from emit_jax.training.metrics import MetricWriter
 from emit_jax.training.nonfinite import NonFiniteCounter, NonFiniteError
 from emit_jax.training.state import StageCheckpoints
@@ -42,6 +42,8 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8
     clip_norm: float = 1.0
+    # rows per micro-batch (gradient accumulation, emit_jax.training.micro); 0 = the whole batch
+    micro_batch_size: int = 0
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
@@ -112,11 +114,11 @@ def forward_logits(model, b: dict) -> jax.Array:
     return _forward(model, b, True).logits
 
 
-def _nll(logits, targets, mask):
+def _nll(logits, targets, mask, denominator=None):
     logz = jax.nn.logsumexp(logits, axis=-1)
     gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     nll = (logz - gold) * mask
-    n = jnp.maximum(jnp.sum(mask), 1)
+    n = jnp.maximum(jnp.sum(mask), 1) if denominator is None else denominator
     # the gold token is the argmax when its logit reaches the row's maximum (a max-reduce XLA
     # shares with logsumexp's; jnp.argmax's index-carrying reduce over the vocabulary was a
     # single-threaded ~150 ms of a 2.5 s `small` train step; ties count as correct)
@@ -124,21 +126,22 @@ def _nll(logits, targets, mask):
     return jnp.sum(nll) / n, (jnp.sum(mask), correct)
 
 
-def sft_loss(model, b: dict):
+def sft_loss(model, b: dict, denominator=None):
     """(mean label-token NLL, (label tokens, correct argmax tokens)).
 
     With ``label_pos``/``label_ids``/``label_mask`` in ``b`` (:func:`to_device` adds them) only
     the label positions go through the vocabulary projection; without them, all positions do
-    (same value)."""
+    (same value). ``denominator``: divide the summed NLL by this (the whole step's label tokens
+    when ``b`` is one micro-batch of it) instead of ``b``'s own label tokens."""
     if "label_pos" in b:
         hidden = _forward(model, b, False).last_hidden  # [B, T, D]
         h = jnp.take_along_axis(hidden, b["label_pos"][..., None], axis=1)  # [B, K, D]
         logits = model.logits_from_hidden(h).astype(jnp.float32)
-        return _nll(logits, b["label_ids"], b["label_mask"])
+        return _nll(logits, b["label_ids"], b["label_mask"], denominator)
     logits = forward_logits(model, b)[:, :-1].astype(jnp.float32)
     targets = b["labels"][:, 1:]
     mask = targets != IGNORE
-    return _nll(logits, jnp.where(mask, targets, 0), mask)
+    return _nll(logits, jnp.where(mask, targets, 0), mask, denominator)
 
 
 def _poisoned(batch: dict) -> dict:
@@ -168,23 +171,42 @@ def _data_state(meta: dict, process_count: int) -> dict:
     return state
 
 
-def make_train_step(wrt, mesh=None, rules=None):
+def make_train_step(wrt, mesh=None, rules=None, micro_batches: int = 1):
     """``step(model, optimizer, b) -> (loss, label tokens, correct tokens, finite)``, updating
     both in place unless the loss or a gradient is non-finite (then nothing changes,
     ``emit_jax.training.nonfinite``): one jitted program; over ``mesh`` with the parameters and
     optimizer state sharded by their logical axes and the batch over data x fsdp
-    (``emit_jax.parallel.sharded_jit``)."""
+    (``emit_jax.parallel.sharded_jit``). With ``micro_batches`` M > 1, ``b`` is the step's batch
+    in M micro-batches (``micro.split_rows``: arrays ``[N / M, M, ...]``) and the gradient is
+    accumulated over them (``emit_jax.training.micro``): same loss and update, one micro-batch's
+    activations at a time."""
     from emit_jax.parallel import sharded_jit
 
     mutable = nnx.Any(wrt, nnx.Not(nnx.Param))
 
     def step(model, optimizer, b):
         before = nonfinite.snapshot((model, optimizer), mutable)
-        grad_fn = nnx.value_and_grad(sft_loss, argnums=nnx.DiffState(0, wrt), has_aux=True)
-        (loss, (n, correct)), grads = grad_fn(model, b)
+        if micro_batches > 1:
+            total = jnp.maximum(jnp.sum(b["label_mask"]), 1).astype(jnp.float32)
+            loss, (n, correct), grads = micro.accumulate(
+                model, wrt, b, lambda m, mb: sft_loss(m, mb, denominator=total))
+            n, correct = jnp.sum(n), jnp.sum(correct)
+        else:
+            grad_fn = nnx.value_and_grad(sft_loss, argnums=nnx.DiffState(0, wrt), has_aux=True)
+            (loss, (n, correct)), grads = grad_fn(model, b)
         ok = nonfinite.update_if_finite(model, optimizer, grads, loss, mutable, before)
         return loss, n, correct, ok
     return sharded_jit(step, mesh, rules, mutable=mutable)
+
+
+def micro_device_batch(batch: dict, m: int) -> dict:
+    """A collated batch -> the model inputs of :func:`make_train_step` with ``m`` micro-batches
+    (a text-only batch carries no pixels)."""
+    parts = micro.split_rows(batch, m)
+    out = {k: jnp.asarray(parts[k]) for k in ARRAY_KEYS if k in parts}
+    if "num_tiles" in batch and int(batch["num_tiles"]) == 0:
+        out.pop("pixel_values", None)
+    return out
 
 
 def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, stage_dir: str, *,
@@ -211,11 +233,20 @@ def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, 
         shard_module((model, optimizer), mesh)  # before restore: Orbax restores into these
     ckpt = StageCheckpoints(os.path.join(stage_dir, "ckpt"), every=checkpoint_every, name=name)
     batch_size, device_batch = ocfg.batch_size, to_device
+    n_micro = micro.micro_count(ocfg.batch_size, ocfg.micro_batch_size, f"{name}.batch_size")
+    if n_micro > 1:
+        device_batch = functools.partial(micro_device_batch, m=n_micro)
+        print(f"[{name}] {n_micro} micro-batches of {ocfg.batch_size // n_micro} rows per step "
+              f"(gradient accumulation)", file=sys.stderr, flush=True)
     process_index, process_count, rows = 0, 1, None
     if mesh is not None:
         from emit_jax.parallel import process_rows
 
         rows = process_rows(ocfg.batch_size, mesh)
+    if rows is not None and n_micro > 1:
+        raise ValueError(f"{name}.micro_batch_size: gradient accumulation runs in one process "
+                         f"(one host with its devices); this run has {jax.process_count()} "
+                         f"processes: set it to 0 and scale the batch over hosts instead")
     if rows is not None:  # several processes, each holding its own rows: each loads just those
         process_index, process_count = jax.process_index(), jax.process_count()
         batch_size = rows[1] - rows[0]
@@ -232,7 +263,7 @@ def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, 
     if meta is not None:
         start = int(meta["step"])
         it.set_state(_data_state(meta, process_count))
-    step_fn = make_train_step(wrt, mesh)
+    step_fn = make_train_step(wrt, mesh, micro_batches=n_micro)
     progress = MetricWriter(stage_dir, stage=name, total_steps=ocfg.steps, start_step=start)
     counter = NonFiniteCounter(name, on_nonfinite, skipped=(meta or {}).get("nonfinite_skipped", 0))
     history = []

@@ -1,0 +1,121 @@
+"""Gradient accumulation: a step taken in micro-batches equals the one-shot step (SFT and GRPO)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from emit_jax.models import architectures
+from emit_jax.models.emit import EMIT
+from emit_jax.models.internvl import InternVL
+from emit_jax.training import micro
+from emit_jax.training.sft import (OptimConfig, make_train_state, make_train_step,
+                                   micro_device_batch, sft_loss, to_device)
+
+STAGE1 = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("soft_prompt"), nnx.PathContains("projector")))
+TILES = (1, 2, 0, 1, 2, 1)  # tiles per row
+CE = (True, False, True, True, False, True)  # rows with a CE pair
+
+
+def emit_model():
+    cfg = architectures.tiny()
+    cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=56, num_hidden_layers=2),
+                      text=dataclasses.replace(cfg.text, vocab_size=64, num_hidden_layers=2),
+                      image_token_id=63)
+    m = EMIT.create(InternVL(cfg, rngs=nnx.Rngs(0)), hint_ids=[1, 2])
+    m.train()
+    m.projector.bn.use_running_average = True  # batch statistics would couple the rows
+    return m
+
+
+def collated(model, seed=0, T=96):
+    """A collated batch (the pipeline's layout) whose rows have different tile and CE counts."""
+    rs = np.random.RandomState(seed)
+    B = len(TILES)
+    ids = rs.randint(1, 60, size=(B, T)).astype(np.int32)
+    labels = np.full((B, T), -100, np.int32)
+    for i, (t, c) in enumerate(zip(TILES, CE)):
+        ids[i, 2:2 + 4 * t] = 63  # 4 visual tokens per 56 px tile
+        if c:
+            ids[i, 12:12 + model.num_comp_slots] = model.emit_config.comp_token_id
+        n = 2 + i % 3  # label counts differ per row: the global token mean matters
+        labels[i, T - n:] = ids[i, T - n:]
+    n_tiles = sum(TILES)
+    pix = np.zeros((n_tiles + 2, 3, 56, 56), np.float32)  # padded tile stack, as collate pads
+    pix[:n_tiles] = rs.randn(n_tiles, 3, 56, 56)
+    ce = np.zeros((B, 2, 3, 56, 56), np.float32)
+    ce[:sum(CE)] = rs.randn(sum(CE), 2, 3, 56, 56)
+    return {"input_ids": ids, "labels": labels, "attention_mask": np.ones((B, T), np.int32),
+            "pixel_values": pix, "num_tiles": np.int32(n_tiles), "ce_pixels": ce,
+            "num_ce": np.int32(sum(CE)), "use_comp": np.array(CE),
+            "row_tiles": np.array(TILES, np.int32)}
+
+
+def test_split_rows_keeps_each_rows_tiles_and_ce_pair():
+    b = collated(emit_model())
+    parts = micro.split_rows(b, 3)
+    assert parts["input_ids"].shape == (2, 3, 96)
+    np.testing.assert_array_equal(parts["input_ids"][:, 1], b["input_ids"][2:4])
+    # block 1 = rows 2, 3: tiles 0 + 1 (the 4th tile of the stack), one CE pair each
+    np.testing.assert_array_equal(parts["pixel_values"][0, 1], b["pixel_values"][3])
+    assert not parts["pixel_values"][1:, 1].any()
+    np.testing.assert_array_equal(parts["num_ce"], [1, 2, 1])
+    np.testing.assert_array_equal(parts["ce_pixels"][:2, 1], b["ce_pixels"][1:3])
+    assert parts["label_mask"].sum() == (b["labels"][:, 1:] != -100).sum()
+    with pytest.raises(ValueError, match="do not divide"):
+        micro.split_rows(b, 4)
+    assert micro.micro_count(64, 8) == 8 and micro.micro_count(64, 0) == 1
+    with pytest.raises(ValueError, match="does not divide"):
+        micro.micro_count(64, 6)
+
+
+@pytest.mark.parametrize("m", [2, 3, 6])
+def test_sft_accumulated_loss_and_gradients_equal_the_one_shot_step(m):
+    model = emit_model()
+    b = collated(model)
+    one = to_device(b)
+    parts = micro_device_batch(b, m)
+
+    @nnx.jit
+    def one_shot(model, b):
+        return nnx.value_and_grad(sft_loss, argnums=nnx.DiffState(0, STAGE1), has_aux=True)(model, b)
+
+    @nnx.jit
+    def accumulated(model, b):
+        total = jnp.sum(b["label_mask"]).astype(jnp.float32)
+        return micro.accumulate(model, STAGE1, b, lambda mm, mb: sft_loss(mm, mb, denominator=total))
+
+    (loss1, (n1, c1)), g1 = one_shot(model, one)
+    loss2, (n2, c2), g2 = accumulated(model, parts)
+    np.testing.assert_allclose(float(loss2), float(loss1), rtol=1e-6)
+    assert int(jnp.sum(n2)) == int(n1) and int(jnp.sum(c2)) == int(c1)
+    f1, f2 = nnx.to_flat_state(g1), dict(nnx.to_flat_state(g2))
+    assert len(f1) == len(f2) == 5  # soft prompt, BatchNorm scale / bias, conv kernel / bias
+    for path, v in f1:
+        a, b_ = np.asarray(v.get_value()), np.asarray(f2[path].get_value())
+        assert np.abs(a).max() > 0
+        # float32 summation in another order: within 1e-6 (absolute; relative for |g| > 1)
+        np.testing.assert_allclose(b_, a, rtol=1e-6, atol=1e-6, err_msg=str(path))
+
+
+def test_sft_step_with_micro_batches_updates_like_the_one_shot_step():
+    """The jitted step (optimizer, non-finite guard) with 3 micro-batches of 2 rows."""
+    b = collated(emit_model())
+    results = []
+    for m in (1, 3):
+        model = emit_model()
+        opt = make_train_state(model, OptimConfig(steps=2, lr=1e-3, warmup_ratio=0.0), STAGE1)
+        step = make_train_step(STAGE1, micro_batches=m)
+        batch = to_device(b) if m == 1 else micro_device_batch(b, m)
+        out = [step(model, opt, batch) for _ in range(2)]
+        assert all(bool(o[3]) for o in out)
+        results.append((out, nnx.to_pure_dict(nnx.state(model, STAGE1))))
+    (o1, p1), (o3, p3) = results
+    for a, c in zip(o1, o3):
+        np.testing.assert_allclose(float(c[0]), float(a[0]), rtol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6),
+                 p1, p3)
