@@ -81,7 +81,7 @@ def sft_step(mesh_spec):
 def grpo_step(mesh_spec):
     import qwix
 
-    from emit_jax.training.grpo import lora_provider, make_grpo_fns, trainable_filter
+    from emit_jax.training.grpo import LORA_METHODS, lora_provider, make_grpo_fns, trainable_filter
 
     ref = small_emit()
     ref.eval()
@@ -90,7 +90,8 @@ def grpo_step(mesh_spec):
                                           weight_qtype=""))
     policy = qwix.apply_lora_to_model(ref, lora_provider(lcfg), b["input_ids"][:1],
                                       b["pixel_values"][:1], b["attention_mask"][:1],
-                                      rngs=nnx.Rngs(1), ce_pixels=b["ce_pixels"][:1])
+                                      rngs=nnx.Rngs(1),
+                                      methods=LORA_METHODS, ce_pixels=b["ce_pixels"][:1])
     policy._emit_lora_scale = 4.0
     for p, v in nnx.to_flat_state(nnx.state(policy, nnx.LoRAParam)):
         if p[-1].endswith("lora_b"):  # adapters on: the policy differs from the reference

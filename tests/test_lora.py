@@ -15,7 +15,7 @@ from flax import nnx
 from emit_jax.models import architectures
 from emit_jax.models.emit import EMIT
 from emit_jax.models.internvl import InternVL
-from emit_jax.training.grpo import lora_provider, merge_lora, trainable_filter
+from emit_jax.training.grpo import LORA_METHODS, lora_provider, merge_lora, trainable_filter
 
 TARGETS = (r".*(self_attn/(q_proj|k_proj|v_proj|o_proj)|mlp/(gate_proj|up_proj|down_proj)"
            r"|attention/(q_proj|k_proj|v_proj|projection_layer)|mlp/(fc1|fc2))")
@@ -46,6 +46,7 @@ def test_reference_merge_and_trainable_set(qtype):
     lcfg = ml_collections.ConfigDict(dict(rank=4, alpha=16.0, dropout=0.0, targets=TARGETS,
                                           weight_qtype=qtype))
     policy = qwix.apply_lora_to_model(ref, lora_provider(lcfg), ids, pix, mask, rngs=nnx.Rngs(1),
+                                      methods=LORA_METHODS,
                                       ce_pixels=ce)
     policy._emit_lora_scale = 16.0 / 4
     policy.eval()
@@ -78,3 +79,40 @@ def test_reference_merge_and_trainable_set(qtype):
     if not qtype:
         assert merged.mllm.language_model.layers[0].self_attn.q_proj.kernel[...].shape == \
             ref.mllm.language_model.layers[0].self_attn.q_proj.kernel[...].shape
+
+
+def test_the_training_paths_run_through_the_adapters():
+    """GRPO's loss, the reference log-probs and the sampler call ``model.forward``: the adapters
+    must act there (qwix intercepts one method; with its default, ``__call__``, every training
+    path ran without them and the LoRA factors got no gradient)."""
+    from emit_jax.ops.sampling import generate
+    from emit_jax.rl.grpo import token_logprobs
+    from emit_jax.training.grpo import apply_lora, completion_logits
+
+    ref = small_emit()
+    ids, pix, mask, ce = inputs(ref)
+    lcfg = ml_collections.ConfigDict(dict(rank=4, alpha=16.0, dropout=0.0, targets=TARGETS))
+    policy = apply_lora(ref, {"input_ids": ids, "pixel_values": pix, "attention_mask": mask,
+                              "ce_pixels": ce, "num_ce": 1}, lcfg, seed=1)
+    b = {"input_ids": ids, "pixel_values": pix, "attention_mask": mask, "ce_pixels": ce,
+         "num_ce": jnp.int32(1)}
+    comp = jnp.full((1, 4), 7, jnp.int32)
+
+    def loss(m):
+        return -jnp.sum(token_logprobs(completion_logits(m, b, comp, jnp.ones_like(comp)), comp))
+
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(policy)
+    g_b = [np.abs(np.asarray(v.get_value())).max() for p, v in nnx.to_flat_state(grads)
+           if p[-1].endswith("_lora_b")]
+    assert len(g_b) > 0 and min(g_b) > 0  # every B factor (zero at init) gets a gradient
+    state = nnx.state(policy, nnx.LoRAParam)
+    for p, v in nnx.to_flat_state(state):
+        if p[-1].endswith("_lora_b"):
+            v.set_value(jnp.full(v.get_value().shape, 0.1, v.get_value().dtype))
+    nnx.update(policy, state)
+    h_ref = ref.forward(ids, pix, mask, ce_pixels=ce).logits
+    h_pol = policy.forward(ids, pix, mask, ce_pixels=ce).logits
+    assert np.abs(np.asarray(h_pol) - np.asarray(h_ref)).max() > 1e-2
+    kw = dict(ce_pixels=ce, max_new_tokens=3, temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(generate(policy, ids, mask, pix, **kw).tokens[:, 0]),
+                                  np.asarray(jnp.argmax(h_pol[:, -1], -1)))

@@ -119,3 +119,73 @@ def test_sft_step_with_micro_batches_updates_like_the_one_shot_step():
         np.testing.assert_allclose(float(c[0]), float(a[0]), rtol=1e-6)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6),
                  p1, p3)
+
+
+def grpo_setup(agg):
+    """A LoRA policy over a small EMIT model, a prompt batch with its completions, and the
+    jitted GRPO programs for 1 and more micro-batches."""
+    import optax
+    import qwix
+
+    from emit_jax.training.grpo import LORA_METHODS, lora_provider, trainable_filter
+
+    ref = emit_model()
+    ref.eval()
+    b = collated(ref, T=64)
+    lcfg = ml_collections.ConfigDict(dict(rank=4, alpha=16.0, dropout=0.0,
+                                          targets=r".*(q_proj|v_proj|fc1|down_proj)"))
+    policy = qwix.apply_lora_to_model(ref, lora_provider(lcfg), jnp.asarray(b["input_ids"][:1]),
+                                      jnp.asarray(b["pixel_values"]),
+                                      jnp.asarray(b["attention_mask"][:1]), rngs=nnx.Rngs(1),
+                                      methods=LORA_METHODS,
+                                      ce_pixels=jnp.asarray(b["ce_pixels"]))
+    # non-zero B factors, so the policy differs from the reference (KL and its gradient)
+    lora = nnx.state(policy, nnx.LoRAParam)
+    for path, v in nnx.to_flat_state(lora):
+        if path[-1].endswith("_lora_b"):
+            v.set_value(jnp.full(v.get_value().shape, 0.05, jnp.float32))
+    nnx.update(policy, lora)
+    policy.eval()
+    rs = np.random.RandomState(3)
+    B, N = len(TILES), 8
+    toks = rs.randint(1, 60, size=(B, N)).astype(np.int32)
+    lens = np.array([8, 3, 0, 5, 8, 1])
+    cmask = (np.arange(N)[None] < lens[:, None]).astype(np.int32)
+    adv = rs.randn(B).astype(np.float32)
+    g = ml_collections.ConfigDict(dict(iterations=1, beta=0.04, eps_low=0.2, eps_high=0.2,
+                                       kl="k3", agg=agg))
+    wrt = trainable_filter()
+    opt = nnx.Optimizer(policy, optax.sgd(1.0), wrt=wrt)  # the update is minus the gradient
+    return ref, policy, opt, wrt, g, b, toks, cmask, adv
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "sequence_mean"])
+def test_grpo_micro_batches_equal_the_one_shot_step(agg):
+    from emit_jax.training.grpo import _step_inputs, make_grpo_fns
+
+    outs = {}
+    for m in (1, 2, 3):
+        ref, policy, opt, wrt, g, b, toks, cmask, adv = grpo_setup(agg)
+        init = nnx.to_pure_dict(nnx.state(policy, wrt))
+        score, train_step = make_grpo_fns(g, wrt, micro_batches=m)
+        bb, ct, cm, ad = _step_inputs(b, toks, cmask, jnp.asarray(adv), m)
+        r, o = score(policy, ref, bb, ct, cm)
+        loss, metrics, ok = train_step(policy, opt, bb, ct, cm, ad, r, o)
+        assert bool(ok)
+        grads = jax.tree.map(lambda a, c: np.asarray(a) - np.asarray(c), init,
+                             nnx.to_pure_dict(nnx.state(policy, wrt)))
+        ref_lp = np.asarray(r if m == 1 else micro.rows(r))
+        outs[m] = (float(loss), {k: float(v) for k, v in metrics.items()}, grads, ref_lp)
+    loss1, met1, g1, r1 = outs[1]
+    assert abs(loss1) > 1e-3 and met1["kl"] > 0
+    for m in (2, 3):
+        loss_m, met_m, g_m, r_m = outs[m]
+        np.testing.assert_allclose(r_m, r1, atol=1e-6)
+        np.testing.assert_allclose(loss_m, loss1, rtol=1e-6, atol=1e-7)
+        for k in met1:
+            np.testing.assert_allclose(met_m[k], met1[k], rtol=1e-5, atol=1e-7, err_msg=k)
+        flat1 = jax.tree_util.tree_leaves_with_path(g1)
+        flat_m = dict(jax.tree_util.tree_leaves_with_path(g_m))
+        assert max(np.abs(v).max() for _, v in flat1) > 1e-4
+        for path, v in flat1:
+            np.testing.assert_allclose(flat_m[path], v, rtol=1e-6, atol=1e-6, err_msg=str(path))

@@ -61,7 +61,7 @@ def test_lora_analytic_matches_qwix():
     import qwix
 
     from emit_jax.models.emit import EMITConfig
-    from emit_jax.training.grpo import lora_provider
+    from emit_jax.training.grpo import LORA_METHODS, lora_provider
 
     targets = plan.load_config(TINY).grpo.lora.targets
     cfg = architectures.tiny()
@@ -79,7 +79,8 @@ def test_lora_analytic_matches_qwix():
         ids[0, 8:8 + m.num_comp_slots] = 64
         return qwix.apply_lora_to_model(m, lora_provider(lcfg), jnp.asarray(ids),
                                         jnp.zeros((1, 3, 56, 56)), jnp.ones((1, 30), jnp.int32),
-                                        rngs=nnx.Rngs(1), ce_pixels=jnp.zeros((1, 2, 3, 56, 56)))
+                                        rngs=nnx.Rngs(1),
+                                      methods=LORA_METHODS, ce_pixels=jnp.zeros((1, 2, 3, 56, 56)))
 
     got = {}
     for path, v in nnx.to_flat_state(nnx.state(nnx.eval_shape(build))):

@@ -103,7 +103,7 @@ def test_bf16_stage_follows_the_float32_reference_at_lr_1e_5():
 
 
 def test_lora_factors_are_float32_and_activations_stay_bf16():
-    from emit_jax.training.grpo import lora_provider, trainable_filter
+    from emit_jax.training.grpo import LORA_METHODS, lora_provider, trainable_filter
     import qwix
 
     ref = emit_model("bfloat16")
@@ -112,7 +112,8 @@ def test_lora_factors_are_float32_and_activations_stay_bf16():
     lcfg = ml_collections.ConfigDict(dict(rank=4, alpha=16.0, dropout=0.0,
                                           targets=r".*(q_proj|v_proj|fc1|down_proj)"))
     policy = qwix.apply_lora_to_model(ref, lora_provider(lcfg), b["input_ids"], b["pixel_values"],
-                                      b["attention_mask"], rngs=nnx.Rngs(1), ce_pixels=b["ce_pixels"])
+                                      b["attention_mask"], rngs=nnx.Rngs(1),
+                                      methods=LORA_METHODS, ce_pixels=b["ce_pixels"])
     # q_proj, v_proj and the MLP kernel of 2 LLM and 2 ViT layers: 12 adapted kernels, A and B
     assert precision.dtypes_of(policy, nnx.LoRAParam) == {"float32": 24}
     q = policy.mllm.language_model.layers[0].self_attn.q_proj

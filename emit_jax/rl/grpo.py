@@ -514,6 +514,43 @@ def aggregate(values: jax.Array, mask: jax.Array, agg: str = LOSS_AGG, *,
     return num / den
 
 
+def loss_denominator(mask: jax.Array, agg: str = LOSS_AGG, *,
+                     max_tokens: int | None = None) -> jax.Array:
+    """The normaliser :func:`aggregate` divides by for the whole batch ``mask [B, T]``: pass it
+    as ``denominator`` to each micro-batch's loss and the micro-batch losses sum to the batch's
+    (gradient accumulation, ``emit_jax.training.micro``)."""
+    agg = _canon_agg(agg)
+    B, T = mask.shape
+    if agg == "token_mean":
+        return jnp.maximum(jnp.sum((jnp.asarray(mask) > 0).astype(jnp.float32)), 1.0)
+    if agg in ("sequence_mean", "sequence_mean_token_sum"):
+        return jnp.float32(B)
+    return jnp.float32(B * (T if max_tokens is None else int(max_tokens)))
+
+
+# how each metric of grpo_loss (and the trainer's entropy) combines over micro-batches
+_TOKEN_MEANS = ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy")
+_SUMS = ("pg_loss", "kl_loss", "tokens")
+
+
+def combine_metrics(per_micro: dict) -> dict:
+    """Metrics of :func:`grpo_loss` computed per micro-batch (each ``[M]``, the losses with the
+    global ``denominator``) -> the whole batch's: sums for the losses and token counts, token-
+    weighted means for the token means, the maximum ratio, the mean advantage (equal rows)."""
+    tokens = per_micro["tokens"]
+    out = {}
+    for k, v in per_micro.items():
+        if k in _SUMS:
+            out[k] = jnp.sum(v)
+        elif k in _TOKEN_MEANS:
+            out[k] = jnp.sum(v * tokens) / jnp.maximum(jnp.sum(tokens), 1.0)
+        elif k == "ratio_max":
+            out[k] = jnp.max(v)
+        else:
+            out[k] = jnp.mean(v)
+    return out
+
+
 def grpo_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array | None,
               advantages: jax.Array, mask: jax.Array, *, eps_low: float = EPS_LOW,
               eps_high: float = EPS_HIGH, beta: float = BETA, kl: str = KL_ESTIMATOR,

@@ -20,6 +20,7 @@ kernels) for the stage's model checkpoint and the HF export.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import Counter
 
@@ -30,12 +31,14 @@ from flax import nnx
 
 from emit_jax import faults
 from emit_jax.data.pipeline import PipelineConfig, RecordEncoder, collate
-from emit_jax.training import nonfinite, preemption
+from emit_jax.training import micro, nonfinite, preemption
 from emit_jax.training.metrics import MetricWriter
 from emit_jax.training.nonfinite import NonFiniteCounter, NonFiniteError
 from emit_jax.training.state import StageCheckpoints
 
 TRAINED_IN_FULL = ("soft_prompt", "projector", "multi_modal_projector")
+# the model method qwix intercepts to apply the adapters (see apply_lora)
+LORA_METHODS = ("forward",)
 
 
 def correctness(name: str):
@@ -103,7 +106,12 @@ def _lora_scale(policy) -> float:
 
 def apply_lora(model, sample: dict, lora_cfg, *, seed: int = 0):
     """The LoRA policy over ``model`` (which stays the reference: its modules are shared, not
-    copied), traced once on the collated ``sample`` batch."""
+    copied), traced once on the collated ``sample`` batch.
+
+    qwix applies the adapters inside the one method it intercepts (``__call__`` by default).
+    Every training and sampling path calls ``model.forward`` (``__call__`` calls it too), so
+    that is the method intercepted: with the default, the loss, the reference-free log-probs and
+    the sampler all ran without the adapters, and LoRA received no gradient."""
     import qwix
 
     from emit_jax.parallel import localize_module
@@ -116,13 +124,9 @@ def apply_lora(model, sample: dict, lora_cfg, *, seed: int = 0):
                                       jnp.asarray(sample["input_ids"]),
                                       jnp.asarray(sample["pixel_values"]),
                                       jnp.asarray(sample["attention_mask"]), rngs=nnx.Rngs(seed),
-                                      **kw)
+                                      methods=LORA_METHODS, **kw)
     policy._emit_lora_scale = float(lora_cfg.alpha) / float(lora_cfg.rank)
     return policy
-
-
-def _put(batch: dict, keys=("input_ids", "attention_mask", "pixel_values")) -> dict:
-    return {k: jnp.asarray(batch[k]) for k in keys}
 
 
 def _ce(batch):
@@ -143,7 +147,7 @@ def completion_logits(m, b, comp_tokens, comp_mask):
     return m.logits_from_hidden(hidden[:, n_prompt - 1:-1]).astype(jnp.float32)
 
 
-def make_grpo_fns(g, wrt, *, mesh=None, rules=None):
+def make_grpo_fns(g, wrt, *, mesh=None, rules=None, micro_batches: int = 1):
     """The two jitted programs of a GRPO step, over ``mesh`` when given (parameters, LoRA
     factors and optimizer state sharded by their logical axes, the batch over data x fsdp):
 
@@ -153,6 +157,11 @@ def make_grpo_fns(g, wrt, *, mesh=None, rules=None):
     - ``train_step(policy, optimizer, b, comp_tokens, comp_mask, adv, ref, old) -> (loss,
       metrics, finite)``: the clipped token-level loss with KL, one optimizer update in place
       (none, and no other change, when the loss or a gradient is non-finite).
+
+    With ``micro_batches`` M > 1 every array argument (and ``ref`` / ``old`` as ``score``
+    returns them) is in the split layout of ``emit_jax.training.micro.split_rows`` (``[B / M, M,
+    ...]``): both programs take one micro-batch at a time, the loss of each is normalised by the
+    whole batch's denominator and the gradients are summed, so the update is the one-shot one.
     """
     from emit_jax.parallel import sharded_jit
     from emit_jax.rl import grpo as G_
@@ -161,7 +170,7 @@ def make_grpo_fns(g, wrt, *, mesh=None, rules=None):
     beta = float(g.beta)
     mutable = nnx.Any(wrt, nnx.Not(nnx.Param))  # what train_step changes
 
-    def score(policy, reference, b, comp_tokens, comp_mask):
+    def score_one(policy, reference, b, comp_tokens, comp_mask):
         # the mu > 1 policy pass runs on a clone: BatchNorm statistics move only in training
         ref = G_.token_logprobs(completion_logits(reference, b, comp_tokens, comp_mask), comp_tokens) \
             if beta else jnp.zeros(comp_tokens.shape, jnp.float32)
@@ -169,24 +178,37 @@ def make_grpo_fns(g, wrt, *, mesh=None, rules=None):
                                 comp_tokens) if iterations > 1 else jnp.zeros(comp_tokens.shape, jnp.float32)
         return ref, old
 
-    def train_step(policy, optimizer, b, comp_tokens, comp_mask, adv, ref, old):
+    def score(policy, reference, b, comp_tokens, comp_mask):
+        if micro_batches == 1:
+            return score_one(policy, reference, b, comp_tokens, comp_mask)
+        xs = {**b, "comp_tokens": comp_tokens, "comp_mask": comp_mask}
+        return micro.scan_apply((policy, reference), lambda p, r, mb: score_one(
+            p, r, mb, mb["comp_tokens"], mb["comp_mask"]), xs)
+
+    def loss_fn(p, b, comp_tokens, comp_mask, adv, ref, old, denominator=None):
         mask = comp_mask.astype(jnp.float32)
+        logits = completion_logits(p, b, comp_tokens, comp_mask)
+        logp = G_.token_logprobs(logits, comp_tokens)
+        loss, metrics = G_.grpo_loss(logp, old if iterations > 1 else None,
+                                     ref if beta else None, adv, mask,
+                                     eps_low=float(g.eps_low), eps_high=float(g.eps_high),
+                                     beta=beta, kl=g.kl, agg=g.agg, denominator=denominator)
+        metrics["entropy"] = G_.entropy(jax.lax.stop_gradient(logits), mask)
+        return loss, metrics
 
-        def loss_fn(p):
-            logits = completion_logits(p, b, comp_tokens, comp_mask)
-            logp = G_.token_logprobs(logits, comp_tokens)
-            loss, metrics = G_.grpo_loss(logp, old if iterations > 1 else None,
-                                         ref if beta else None, adv, mask,
-                                         eps_low=float(g.eps_low), eps_high=float(g.eps_high),
-                                         beta=beta, kl=g.kl, agg=g.agg)
-            lp = jax.nn.log_softmax(jax.lax.stop_gradient(logits), axis=-1)
-            ent = -jnp.sum(jnp.exp(lp) * lp, axis=-1)
-            metrics["entropy"] = jnp.sum(ent * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-            return loss, metrics
-
+    def train_step(policy, optimizer, b, comp_tokens, comp_mask, adv, ref, old):
         before = nonfinite.snapshot((policy, optimizer), mutable)
-        (loss, metrics), grads = nnx.value_and_grad(
-            loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(policy)
+        if micro_batches == 1:
+            (loss, metrics), grads = nnx.value_and_grad(
+                loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)(
+                    policy, b, comp_tokens, comp_mask, adv, ref, old)
+        else:
+            den = G_.loss_denominator(micro.rows(comp_mask), g.agg)
+            xs = {**b, "comp_tokens": comp_tokens, "comp_mask": comp_mask, "adv": adv,
+                  "ref": ref, "old": old}
+            loss, metrics, grads = micro.accumulate(policy, wrt, xs, lambda p, mb: loss_fn(
+                p, mb, mb["comp_tokens"], mb["comp_mask"], mb["adv"], mb["ref"], mb["old"], den))
+            metrics = G_.combine_metrics(metrics)
         ok = nonfinite.update_if_finite(policy, optimizer, grads, loss, mutable, before)
         return loss, metrics, ok
 
@@ -194,6 +216,24 @@ def make_grpo_fns(g, wrt, *, mesh=None, rules=None):
     # trainable set (and optimizer, BatchNorm statistics, RNG counters) for train_step
     return (sharded_jit(score, mesh, rules, mutable=nnx.Not(nnx.Param)),
             sharded_jit(train_step, mesh, rules, mutable=mutable))
+
+
+STEP_KEYS = ("input_ids", "attention_mask", "pixel_values", "ce_pixels", "num_ce")
+
+
+def _step_inputs(batch: dict, toks: np.ndarray, comp_mask: np.ndarray, adv, n_micro: int):
+    """The device inputs of ``score`` / ``train_step`` for a collated prompt batch and its
+    completions ``toks [B, N]`` / ``comp_mask [B, N]`` / advantages ``[B]``: as they are, or in
+    ``n_micro`` micro-batches (``emit_jax.training.micro.split_rows``)."""
+    if n_micro == 1:
+        b = {k: jnp.asarray(batch[k]) for k in STEP_KEYS}
+        return b, jnp.asarray(toks), jnp.asarray(comp_mask), adv
+    parts = micro.split_rows({**{k: batch[k] for k in STEP_KEYS + ("use_comp", "row_tiles")},
+                              "comp_tokens": toks, "comp_mask": comp_mask,
+                              "adv": np.asarray(adv)}, n_micro)
+    b = {k: jnp.asarray(parts[k]) for k in STEP_KEYS}
+    return b, jnp.asarray(parts["comp_tokens"]), jnp.asarray(parts["comp_mask"]), \
+        jnp.asarray(parts["adv"])
 
 
 def _freeze_heatmap_bn(model) -> int:
@@ -293,7 +333,12 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str, *, mesh=None):
             texts.append(tokenizer.decode(body.tolist(), skip_special_tokens=True))
         return batch, toks, lens, texts
 
-    score, train_step = make_grpo_fns(g, wrt, mesh=mesh)
+    n_micro = micro.micro_count(int(g.prompts_per_step) * G, int(g.get("micro_batch_size", 0)),
+                                "grpo's rows (prompts_per_step x G)")
+    if n_micro > 1:
+        print(f"[grpo] {n_micro} micro-batches of {int(g.prompts_per_step) * G // n_micro} "
+              f"completions per step (gradient accumulation)", file=sys.stderr, flush=True)
+    score, train_step = make_grpo_fns(g, wrt, mesh=mesh, micro_batches=n_micro)
     iterations = int(g.get("iterations", 1))
 
     progress = MetricWriter(stage_dir, stage="grpo", total_steps=int(g.steps), start_step=start)
@@ -345,10 +390,7 @@ def run_grpo(model, records, tokenizer, cfg, stage_dir: str, *, mesh=None):
                 policy.train()
                 if bn_frozen:  # stage 1's running statistics, as the sampler used them
                     _freeze_heatmap_bn(policy)
-                b = _put(batch)
-                b["ce_pixels"] = jnp.asarray(batch["ce_pixels"])
-                b["num_ce"] = jnp.asarray(batch["num_ce"])
-                ctoks, cmask = jnp.asarray(toks), jnp.asarray(comp_mask)
+                b, ctoks, cmask, adv = _step_inputs(batch, toks, comp_mask, adv, n_micro)
                 ref, old = score(policy, reference, b, ctoks, cmask)
                 if faults.fires("nan", "grpo", step):
                     adv = adv * jnp.float32(jnp.nan)

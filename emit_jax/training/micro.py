@@ -69,7 +69,9 @@ def split_rows(batch: Mapping[str, Any], m: int, *, tile_bucket: int = 1) -> dic
     :data:`ROW_KEYS`) -> the same arrays as ``m`` micro-batches of consecutive rows, laid out
     ``[N / m, m, ...]`` (module docstring). Tiles follow their rows (``row_tiles``), CE pairs the
     rows that have one (``use_comp``), each block zero-padded to the largest block (tiles to a
-    multiple of ``tile_bucket``); ``num_ce`` becomes the ``[m]`` real CE counts. Label positions
+    multiple of ``tile_bucket``) and to at least ``1/m`` of the batch's own padded stack (so a
+    pipeline's fixed stack shapes give fixed block shapes); ``num_ce`` becomes the ``[m]`` real
+    CE counts. Label positions
     (``label_pos`` / ``label_ids`` / ``label_mask``) are made per block with one common K."""
     from emit_jax.training.sft import label_positions
 
@@ -87,7 +89,7 @@ def split_rows(batch: Mapping[str, Any], m: int, *, tile_bucket: int = 1) -> dic
             raise ValueError("split_rows needs the batch's row_tiles (collate adds them)")
         pix = np.asarray(batch["pixel_values"])
         blocks = _blocks(np.asarray(batch["row_tiles"]), m)
-        size = max(max(b - a for a, b in blocks), 1)
+        size = max(max(b - a for a, b in blocks), -(-len(pix) // m), 1)
         size = -(-size // tile_bucket) * tile_bucket
         out["pixel_values"] = _stack([pix[a:b] for a, b in blocks], size)
     if "ce_pixels" in batch:
@@ -97,7 +99,7 @@ def split_rows(batch: Mapping[str, Any], m: int, *, tile_bucket: int = 1) -> dic
         if has.sum() != n_ce:
             raise ValueError(f"use_comp marks {int(has.sum())} rows, num_ce is {n_ce}")
         blocks = _blocks(has, m)
-        size = max(max(b - a for a, b in blocks), 1)
+        size = max(max(b - a for a, b in blocks), -(-len(ce) // m), 1)
         out["ce_pixels"] = _stack([ce[a:b] for a, b in blocks], size)
         out["num_ce"] = np.array([b - a for a, b in blocks], np.int32)
     if "labels" in batch:
@@ -143,11 +145,22 @@ def accumulate(model, wrt, micro: Mapping[str, jax.Array],
     return jnp.sum(losses), aux, grads
 
 
-def scan_map(fn: Callable[[dict], Any], micro: Mapping[str, jax.Array]):
-    """``fn`` over the micro-batches of ``micro`` one at a time (no gradient); outputs ``[M, ...]``."""
-    return jax.lax.map(fn, to_scan(micro))
+def scan_apply(nodes: tuple, fn: Callable[..., Any], micro: Mapping[str, jax.Array]):
+    """``fn(*nodes, micro_batch)`` over the micro-batches of ``micro``, one at a time, without
+    gradients (the reference pass of GRPO). Non-parameter variables carry from one micro-batch to
+    the next and are written back. Returns the outputs in the split layout ``[N / M, M, ...]``."""
+    graphdef, mutable, rest = nnx.split(nodes, nnx.Not(nnx.Param), ...)
+
+    def body(mut, mb):
+        ns = nnx.merge(graphdef, mut, rest)
+        out = fn(*ns, mb)
+        return nnx.state(ns, nnx.Not(nnx.Param)), out
+
+    mutable, outs = jax.lax.scan(body, mutable, to_scan(micro))
+    nnx.update(nodes, mutable)
+    return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), outs)
 
 
-def merge_rows(x: jax.Array) -> jax.Array:
-    """``[M, N / M, ...]`` per-micro-batch outputs -> ``[N, ...]`` in the batch's row order."""
-    return x.reshape((-1,) + x.shape[2:])
+def rows(x: jax.Array) -> jax.Array:
+    """A split-layout array ``[N / M, M, ...]`` -> ``[N, ...]`` in the batch's row order."""
+    return jnp.moveaxis(x, 1, 0).reshape((-1,) + x.shape[2:])
