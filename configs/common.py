@@ -28,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
     # reach that pathway from the heat map, so the default recipe leaves it out.
     c.warmup = ml_collections.ConfigDict(dict(steps=300, batch_size=32, lr=2e-3, warmup_ratio=0.05,
                                               weight_decay=0.01, b1=0.9, b2=0.95, clip_norm=1.0,
+                                              micro_batch_size=0,
                                               tasks=(),  # () = all four tasks
                                               # the hint: "statement" (a sentence) or "map" (a
                                               # defect map in the contrastive tokens' place; AD
@@ -36,11 +37,15 @@ def base_config() -> ml_collections.ConfigDict:
     # the base-model stage: the whole tiny MLLM, all four tasks (direct + templated think answers)
     c.base = ml_collections.ConfigDict(dict(steps=150, batch_size=8, lr=2e-3, warmup_ratio=0.05,
                                             weight_decay=0.01, b1=0.9, b2=0.95, clip_norm=1.0,
+                                            micro_batch_size=0,
                                             statements=False,  # mix the warm-up's records in
                                             train_vision=True))  # False: the ViT stays as built
     # EMIT stage 1: soft prompt + projector only (the paper's lr 1e-5 is for 8B; tiny needs more)
     c.sft = ml_collections.ConfigDict(dict(steps=60, batch_size=8, lr=1e-3, warmup_ratio=0.03,
                                            weight_decay=1e-4, b1=0.9, b2=0.95, clip_norm=1.0,
+                                           # rows per micro-batch (gradient accumulation, the
+                                           # same update in pieces); 0 = the whole batch at once
+                                           micro_batch_size=0,
                                            tasks=(),  # () = all stage-1 tasks (AD + DL)
                                            # True: templated think answers (belief, then
                                            # letter) instead of the letter alone
@@ -58,7 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     # emit_jax.models.memory: layer rematerialisation and query-chunked LLM attention (same
     # values; less memory, more compute). Off for tiny; the 8B configs turn both on.
-    c.memory = ml_collections.ConfigDict(dict(remat=False, attention_chunk=0))
+    # vit_chunk: image tiles per ViT chunk (0 = all tiles at once)
+    c.memory = ml_collections.ConfigDict(dict(remat=False, attention_chunk=0, vit_chunk=0))
     c.checkpoint_every = 50
     # a step with a non-finite loss or gradient changes nothing and is counted; "skip" goes on
     # (stopping after 5 in a row), "stop" stops at the first with the last good state saved

@@ -25,6 +25,7 @@ LORA_TARGETS = (r".*(self_attn/(q_proj|k_proj|v_proj|o_proj)|mlp/(gate_proj|up_p
 def grpo_section() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         steps=40, prompts_per_step=2, G=4, max_new_tokens=40,
+        micro_batch_size=0,  # completions per micro-batch of the loss (0 = all at once)
         iterations=1,  # mu: optimiser updates per sampled batch (old log-probs stored when > 1)
         temperature=1.0, top_k=50, top_p=0.9,
         beta=5e-3, eps_low=0.2, eps_high=0.2, kl="k3", agg="sequence_mean",
@@ -50,7 +51,8 @@ def get_config(arg=None):
     # trainable modules, cross-entropy on stage 2's questions with templated think answers
     c.sft2 = ml_collections.ConfigDict(dict(steps=c.grpo.steps, batch_size=c.grpo.prompts_per_step
                                             * c.grpo.G, lr=c.grpo.lr, warmup_ratio=0.01,
-                                            weight_decay=0.1, b1=0.9, b2=0.95, clip_norm=1.0))
+                                            weight_decay=0.1, b1=0.9, b2=0.95, clip_norm=1.0,
+                                            micro_batch_size=0))
     if arg == "smoke":  # a few steps of each stage (CI)
         c.stages = ("warmup", "base", "sft", "grpo")  # CI covers the optional warm-up too
         c.warmup.steps, c.base.steps, c.sft.steps, c.grpo.steps, c.sft2.steps = 2, 3, 2, 2, 2

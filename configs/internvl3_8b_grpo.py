@@ -34,9 +34,13 @@ def get_config(arg=None):
     c.grpo = grpo_section()
     c.grpo.bn = "train"  # the official code's BatchNorm in stage 2
     c.grpo.update(dict(steps=1000, prompts_per_step=8, G=8, max_new_tokens=512, lr=1e-5,
-                       warmup_ratio=0.01, weight_decay=0.1))
+                       warmup_ratio=0.01, weight_decay=0.1, micro_batch_size=16))
     c.emit.update(dict(bn_mode="official"))
-    c.memory.update(dict(remat=True, attention_chunk=1024))  # see python -m emit_jax.plan
+    # fits 8 x 80 GB (fsdp=8) and a TPU v5p-8 (4 chips, fsdp=4) with headroom: gradient
+    # accumulation in micro-batches of 16 rows (the paper: 4 per GPU x 2), layer remat, LLM
+    # attention in 512-query chunks, the ViT 64 tiles at a time (docs/MEMORY_PLAN.md; check with
+    # python -m emit_jax.plan and python -m emit_jax.aot)
+    c.memory.update(dict(remat=True, attention_chunk=512, vit_chunk=64))
     c.checkpoint_every = 500
     c.eval_limit = 0
     return c

@@ -32,9 +32,13 @@ def get_config(arg=None):
     c.data.domain_knowledge = True
     c.data.length_buckets = (2048, 4096, 6144, 8192, 10240)
     c.sft.update(dict(steps=6000, batch_size=64, lr=1e-5, warmup_ratio=0.03, weight_decay=1e-4,
-                      b1=0.9, b2=0.95, clip_norm=1.0))
+                      b1=0.9, b2=0.95, clip_norm=1.0, micro_batch_size=16))
     c.emit.update(dict(bn_mode="official"))
-    c.memory.update(dict(remat=True, attention_chunk=1024))  # see python -m emit_jax.plan
+    # fits 8 x 80 GB (fsdp=8) and a TPU v5p-8 (4 chips, fsdp=4) with headroom: gradient
+    # accumulation in micro-batches of 16 rows (the paper: 4 per GPU x 2), layer remat, LLM
+    # attention in 512-query chunks, the ViT 64 tiles at a time (docs/MEMORY_PLAN.md; check with
+    # python -m emit_jax.plan and python -m emit_jax.aot)
+    c.memory.update(dict(remat=True, attention_chunk=512, vit_chunk=64))
     c.checkpoint_every = 2000
     c.eval_limit = 0
     return c

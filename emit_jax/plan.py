@@ -342,6 +342,14 @@ def qlora_arrays(kernel: Var, qtype: str, tile_size: int | None):
     return q, s
 
 
+TRAIN_BITS = 32  # trained parameters' storage while a stage runs (emit_jax.training.precision)
+
+
+def _master(v: Var) -> Var:
+    """A trained parameter as the stage stores it: float32 (``precision.promote_trainable``)."""
+    return dataclasses.replace(v, bits=max(v.bits, TRAIN_BITS))
+
+
 def _in_full(path: str, names) -> bool:
     return any(n in path.split("/") for n in names)
 
@@ -372,6 +380,18 @@ class Setup:
     ce_layers: int = 4
     remat: bool = False  # memory.remat: every decoder / ViT layer rematerialised
     attention_chunk: int = 0  # memory.attention_chunk: LLM queries in chunks of this many
+    micro_batch: int = 0  # rows per micro-batch of the train step (0 = the whole batch)
+    vit_chunk: int = 0  # memory.vit_chunk: ViT tiles per chunk (0 = all at once)
+
+    @property
+    def micro_batches(self) -> int:
+        mb = self.micro_batch
+        return self.batch // mb if 0 < mb < self.batch and self.batch % mb == 0 else 1
+
+    @property
+    def train_rows(self) -> int:
+        """Sequences whose activations the train step holds at once (one micro-batch)."""
+        return self.batch // self.micro_batches
 
 
 def stage_setup(cfg, stage: str, mesh: tuple, *, prompt_len: int | None = None,
@@ -417,6 +437,17 @@ def stage_setup(cfg, stage: str, mesh: tuple, *, prompt_len: int | None = None,
     if chunk < 0:
         raise PlanError(f"memory.attention_chunk {chunk}: must be >= 0 (0 = off)")
     kw.update(remat=bool(remat), attention_chunk=chunk)
+    mb = int(sec.get("micro_batch_size", 0) or 0)
+    if mb < 0 or (0 < mb < batch and batch % mb):
+        raise PlanError(f"{stage}.micro_batch_size {mb}: must be 0 or divide the step's "
+                        f"{batch} rows")
+    try:
+        vit_chunk = int(mem.get("vit_chunk", 0) or 0)
+    except (TypeError, ValueError):
+        raise PlanError(f"memory.vit_chunk {mem.get('vit_chunk')!r}: not an integer") from None
+    if vit_chunk < 0:
+        raise PlanError(f"memory.vit_chunk {vit_chunk}: must be >= 0 (0 = off)")
+    kw.update(micro_batch=mb, vit_chunk=vit_chunk)
     return Setup(stage=stage, mesh=tuple(mesh), batch=batch, prompt_len=p,
                  label_tokens=int(label_tokens), images_per_sample=int(images_per_sample),
                  max_tiles=max_tiles, reference=reference,
@@ -556,12 +587,24 @@ def activation_terms(mcfg, s: Setup, sp: _Split, *, vit_trained: bool, mm_traine
     # softmax, compute-dtype probabilities)
     vit_fwd_tok = Hv / sp.t_vh * p * (8 + c) + c * (4 * Dv / sp.t_vh + 2 * Fv / sp.t_vf + 2 * Dv) + 4 * Dv
     ce_keep = 2 * s.ce_layers * ce_tiles_d * p * Dv * c  # the read-out layers and their stack
-    vit_fwd = max(tiles_d * p * vit_fwd_tok, ce_tiles_d * p * vit_fwd_tok + ce_keep)
+    Kv = int(s.vit_chunk)
+    # memory.vit_chunk: one chunk of K tiles (spread over the tile shards) at a time
+    run_d = min(tiles_d, _ceil_div(Kv, sp.tiles)) if Kv else tiles_d
+    run_ce = min(ce_tiles_d, _ceil_div(Kv, sp.ce)) if Kv else ce_tiles_d
+    vit_fwd = max(run_d * p * vit_fwd_tok + (tiles_d * p * Dv * c if Kv else 0),
+                  run_ce * p * vit_fwd_tok + ce_keep)
 
     out: dict[str, float] = {"b": b, "tiles_per_device": tiles_d, "ce_tiles_per_device": ce_tiles_d}
-    vit_layer = tiles_d * p * vit_tok if vit_trained else 0.0
-    vit_saved = (Lv * tiles_d * p * Dv * c if s.remat else Lv * vit_layer) if vit_trained else 0.0
-    vit_bwd = vit_saved + 2 * vit_layer if s.remat else 0.0  # one block recomputed + its grads
+    vit_layer = run_d * p * vit_tok if vit_trained else 0.0
+    if not vit_trained:
+        vit_saved = vit_bwd = 0.0
+    elif Kv:  # checkpointed chunks: the outputs of all tiles; one chunk recomputed at a time
+        vit_saved = tiles_d * p * Dv * c
+        vit_bwd = vit_saved + (Lv * run_d * p * Dv * c if s.remat else Lv * vit_layer) \
+            + 2 * vit_layer
+    else:
+        vit_saved = Lv * tiles_d * p * Dv * c if s.remat else Lv * vit_layer
+        vit_bwd = vit_saved + 2 * vit_layer if s.remat else 0.0  # one block recomputed + grads
     mm_saved = tiles_d * k_img * ((12 + c) * 4 * Dv + 5 * c * D) if (mm_trained or vit_trained) else 0.0
     # the attention scores' share of the train peak (saved per layer, or one layer / one chunk)
     out["attention_saved"] = att_ws + mask + (0 if chunked else (1 if s.remat else L) * b * T * llm_att)
@@ -654,41 +697,49 @@ def plan_stage(cfg, s: Setup, *, mcfg=None, variables=None) -> StagePlan:
             per, whole = per + pd, whole + wh
         return per, whole
 
-    lora = lora_factors(variables, s.lora_targets, s.lora_rank) if s.stage in LORA_STAGES else []
+    # trained parameters are stored in float32 while the stage runs (training.precision):
+    # the soft prompt / projector / mlp1 copies, the LoRA factors, their gradients and AdamW state
+    lora = lora_factors(variables, s.lora_targets, s.lora_rank, bits=TRAIN_BITS) \
+        if s.stage in LORA_STAGES else []
     targeted = {k.path for k, _, _ in lora}
     lora_vars = [x for _, a, b in lora for x in (a, b)]
     quant = []
     if s.qtype and lora:
         quant = [x for k, _, _ in lora for x in qlora_arrays(k, s.qtype, s.tile_size)]
-    policy_vars = [v for v in variables if not (quant and v.path in targeted)]
+
+    # trainable set
+    if s.stage in ("warmup", "base"):
+        trained_full = [v for v in variables if v.kind == "Param"
+                        and (s.train_vision or not v.path.startswith("vision_tower/"))]
+    elif s.stage == "sft":
+        trained_full = [v for v in variables if v.kind == "Param"
+                        and _in_full(v.path, ("soft_prompt", "projector"))]
+    else:
+        trained_full = [v for v in variables if v.kind == "Param" and _in_full(v.path, TRAINED_IN_FULL)]
+    trained_full = [_master(v) for v in trained_full]
+    trainable = trained_full + lora_vars
+    master = {v.path: v for v in trained_full}
+    policy_vars = [master.get(v.path, v) for v in variables if not (quant and v.path in targeted)]
     rows.append(Row("weights", "resident", *total(policy_vars),
-                    "model variables" + (" except the QLoRA-targeted kernels" if quant else "")))
+                    "model variables" + (" except the QLoRA-targeted kernels" if quant else "")
+                    + (f"; the {len(trained_full)} trained arrays in float32" if any(
+                        v.bits > 16 for v in trained_full) else "")))
     if quant:
         rows.append(Row("qlora weights", "resident", *total(quant),
                         f"{s.qtype} targeted kernels + per-{'tile' if s.tile_size else 'column'} scales"))
 
-    # trainable set
-    if s.stage in ("warmup", "base"):
-        trainable = [v for v in variables if v.kind == "Param"
-                     and (s.train_vision or not v.path.startswith("vision_tower/"))]
-    elif s.stage == "sft":
-        trainable = [v for v in variables if v.kind == "Param"
-                     and _in_full(v.path, ("soft_prompt", "projector"))]
-    else:
-        trainable = [v for v in variables if v.kind == "Param" and _in_full(v.path, TRAINED_IN_FULL)]
-        trainable += lora_vars
-
     if s.stage in LORA_STAGES:
-        full_mods = [v for v in variables if v.kind == "Param" and _in_full(v.path, TRAINED_IN_FULL)]
+        full_mods = [master[v.path] for v in variables if v.path in master]
         if s.reference == "copy" and n_dev > 1:
-            ref, note = variables, "separate copy of all weights (--reference copy)"
+            ref = [master.get(v.path, v) for v in variables]
+            note = "separate copy of all weights (--reference copy)"
         else:
             ref = full_mods + ([v for v in variables if v.path in targeted] if quant else [])
             note = "pre-update soft prompt / projector / mlp1" + (
                 " + full-precision targeted kernels" if quant else "")
         rows.append(Row("reference", "resident", *total(ref), note))
         rows.append(Row("lora", "resident", *total(lora_vars),
-                        f"r={s.lora_rank} on {len(lora)} kernels"))
+                        f"r={s.lora_rank} on {len(lora)} kernels, float32"))
     rows.append(Row("optimizer", "resident", *optimizer_bytes(trainable, mesh),
                     f"AdamW mu+nu of {sum(math.prod(v.shape) for v in trainable):,} trainable"))
 
@@ -703,6 +754,14 @@ def plan_stage(cfg, s: Setup, *, mcfg=None, variables=None) -> StagePlan:
     kw = dict(vit_trained=vit_trained, mm_trained=mm_trained, emit=emit)
     dev = activation_terms(mcfg, s, _split(mcfg, mesh, s.batch, tiles, ce), **kw)
     one = activation_terms(mcfg, s, _Split(), **kw)
+    m = s.micro_batches
+    if m > 1:  # the train step holds one micro-batch's activations at a time
+        st = dataclasses.replace(s, batch=s.train_rows, tile_bucket=max(1, s.tile_bucket // m))
+        tiles_t, ce_t = _tiles(mcfg, st), (st.batch if emit and s.use_contrastive else 0)
+        dev_t = activation_terms(mcfg, st, _split(mcfg, mesh, st.batch, tiles_t, ce_t), **kw)
+        one_t = activation_terms(mcfg, st, _Split(), **kw)
+    else:
+        dev_t, one_t = dev, one
     if s.stage == "grpo":
         rows.append(Row("kv cache", "rollout", int(dev["kv_cache"]), int(one["kv_cache"]),
                         f"{s.batch} x {s.prompt_len + s.new_tokens} tokens"))
@@ -710,22 +769,28 @@ def plan_stage(cfg, s: Setup, *, mcfg=None, variables=None) -> StagePlan:
                         "one layer's forward working set" + (
                             f", queries in chunks of {s.attention_chunk}"
                             if 0 < s.attention_chunk < s.prompt_len else "")))
-    rows.append(Row("gradients", "train", *total(trainable), "of the trainable set"))
-    rows.append(Row("activations", "train", int(dev["activations"]), int(one["activations"]),
-                    _activation_note(s)))
-    rows.append(Row("logits", "train", int(dev["logits"]), int(one["logits"]),
+    gp, gw = total(trainable)
+    rows.append(Row("gradients", "train", gp * (2 if m > 1 else 1), gw * (2 if m > 1 else 1),
+                    "of the trainable set, float32" + (
+                        " (the running sum + one micro-batch's)" if m > 1 else "")))
+    micro_note = f"; one micro-batch of {s.train_rows} of {s.batch} rows" if m > 1 else ""
+    rows.append(Row("activations", "train", int(dev_t["activations"]), int(one_t["activations"]),
+                    _activation_note(s) + micro_note))
+    rows.append(Row("logits", "train", int(dev_t["logits"]), int(one_t["logits"]),
                     f"float32, {s.new_tokens if s.stage == 'grpo' else min(s.label_tokens, s.prompt_len)}"
-                    " positions per sequence"))
+                    " positions per sequence" + micro_note))
     n_params = sum(math.prod(v.shape) for v in variables if v.kind == "Param")
     info = dict(arch=cfg.arch if cfg is not None else "", emit=emit, dtype=mcfg.param_dtype,
                 compute_dtype=mcfg.dtype, parameters=n_params, trainable=sum(
                     math.prod(v.shape) for v in trainable), lora_kernels=len(lora),
                 devices=n_dev, batch=s.batch, batch_per_device=int(dev["b"]),
+                micro_batches=m, micro_batch=s.train_rows,
+                micro_batch_per_device=int(dev_t["b"]),
                 prompt_len=s.prompt_len, new_tokens=s.new_tokens,
                 train_len=s.prompt_len + s.new_tokens, tiles=tiles,
                 tiles_per_device=int(dev["tiles_per_device"]),
                 ce_tiles_per_device=int(dev["ce_tiles_per_device"]),
-                attention_saved=int(dev["attention_saved"]),
+                attention_saved=int(dev_t["attention_saved"]),
                 prefill_attention=int(dev.get("prefill_attention", 0)),
                 remat=s.remat, attention_chunk=s.attention_chunk,
                 vit_trained=vit_trained, llm_trained=llm_trained)
@@ -753,6 +818,13 @@ def _knobs(cfg, s: Setup) -> list[tuple[str, list]]:
     """One-change what-ifs, mildest first: ``(knob, [(label, Setup), ...])``."""
     d, f, t = s.mesh
     knobs = []
+    # gradient accumulation first: the same update, one micro-batch's activations at a time
+    cur = s.train_rows
+    micro = [mb for mb in (s.batch // 2 ** k for k in range(1, 12))
+             if mb < cur and mb >= d * f and s.batch % mb == 0 and mb % (d * f) == 0]
+    if micro:
+        knobs.append(("gradient accumulation", [(f"--set {s.stage}.micro_batch_size={mb}",
+                                                 _variant(s, micro_batch=mb)) for mb in micro]))
     # the memory switches first: same training, more compute (emit_jax.models.memory)
     if not s.remat:
         knobs.append(("rematerialisation", [("--set memory.remat=True", _variant(s, remat=True))]))
@@ -764,6 +836,9 @@ def _knobs(cfg, s: Setup) -> list[tuple[str, list]]:
         knobs.append(("smaller attention chunks", [(f"--set memory.attention_chunk={c}",
                                                     _variant(s, attention_chunk=c))
                                                    for c in chunks if c < s.attention_chunk]))
+    if not s.vit_chunk:
+        knobs.append(("ViT in tile chunks", [(f"--set memory.vit_chunk={k}", _variant(s, vit_chunk=k))
+                                             for k in (64, 32, 16, 8)]))
     if s.stage in LORA_STAGES and s.lora_rank and re.search(r"vision|attention/|fc1|fc2",
                                                              s.lora_targets):
         llm_only = rf"(?=.*language_model/)(?:{s.lora_targets})"
@@ -897,12 +972,16 @@ def format_report(rep: dict) -> str:
         + (f" (LoRA r={s.lora_rank} on {info['lora_kernels']} kernels"
            + (f", QLoRA {s.qtype}" if s.qtype else "") + ")" if s.stage in LORA_STAGES else ""),
         f"mesh {mesh} ({rep['devices']} devices), {rep['device']}: {rep['device_note']}",
-        f"step: {info['batch']} sequences ({info['batch_per_device']} per device) x "
+        f"step: {info['batch']} sequences ({info['batch_per_device']} per device"
+        + (f"; trained in {info['micro_batches']} micro-batches of {info['micro_batch']}, "
+           f"{info['micro_batch_per_device']} per device" if info.get("micro_batches", 1) > 1 else "")
+        + ") x "
         f"{info['train_len']} tokens (prompt {info['prompt_len']}"
         + (f" + {info['new_tokens']} new" if info["new_tokens"] else "")
         + f"), {info['tiles']} image tiles ({info['tiles_per_device']} per device)",
         f"memory: remat {'on' if s.remat else 'off'}, attention_chunk "
-        f"{s.attention_chunk or 'off'} (config memory.remat / memory.attention_chunk)",
+        f"{s.attention_chunk or 'off'}, vit_chunk {s.vit_chunk or 'off'} (config memory.remat / "
+        "memory.attention_chunk / memory.vit_chunk)",
         "sizes in GiB (2**30 bytes); whole = unsharded (all sequences of the step, weights once)",
         "",
         f"{'component':<14}{'phase':<10}{'per device':>10}  {'whole':>10}  note",

@@ -85,3 +85,45 @@ def test_switches_lower_the_compiled_temporary_memory():
     # the [B, heads, T, T] float32 scores of 4 layers (2 x 4 x 1024 x 1024 x 4 B = 32 MiB each)
     assert chunked < plain / 2, (plain, chunked)
     assert both <= chunked, (chunked, both)
+
+
+def test_vit_chunks_give_the_same_values_and_gradients_and_less_memory():
+    """memory.vit_chunk: the ViT over its tiles K at a time (5 tiles in chunks of 2: one chunk
+    padded), the image features, the hidden states the heat map reads, and the gradients of the
+    ViT's weights equal the unchunked ones."""
+    model = InternVL(_small(), rngs=nnx.Rngs(0))
+    rs = np.random.RandomState(2)
+    ids = rs.randint(0, 60, (2, 40)).astype(np.int32)
+    ids[0, 2:10] = 63  # 2 tiles
+    ids[1, 3:15] = 63  # 3 tiles
+    ids, pix = jnp.asarray(ids), jnp.asarray(rs.randn(5, 3, 56, 56), jnp.float32)
+    l0, g0 = _loss_and_grads(model, ids, pix)
+    _, h0 = model.vision_tower(pix, output_hidden_states=True, num_layers=1)
+    with memory_options(vit_chunk=2):
+        l1, g1 = _loss_and_grads(model, ids, pix)
+        _, h1 = model.vision_tower(pix, output_hidden_states=True, num_layers=1)
+    assert float(l1) == pytest.approx(float(l0), rel=1e-6)
+    for a, c in zip(h0, h1):
+        np.testing.assert_allclose(np.asarray(c), np.asarray(a), atol=1e-6)
+    vit = [(p, v) for p, v in nnx.to_flat_state(g0) if p[0] == "vision_tower"]
+    got = dict(nnx.to_flat_state(g1))
+    assert vit and max(np.abs(np.asarray(v.get_value())).max() for _, v in vit) > 0
+    for p, a in vit:
+        np.testing.assert_allclose(np.asarray(got[p].get_value()), np.asarray(a.get_value()),
+                                   atol=2e-6, err_msg="/".join(map(str, p)))
+    # at 224 px (257 tokens a tile) one layer's scores are 1 MiB a tile: 16 tiles at once
+    # against 2 at a time
+    from emit_jax.models.internvit import InternViT
+
+    vcfg = dataclasses.replace(_small().vision, image_size=224)
+    graphdef, state = nnx.split(InternViT(vcfg, rngs=nnx.Rngs(0)))
+    big = jnp.zeros((16, 3, 224, 224), jnp.float32)
+
+    def temp_bytes(**opts):
+        def fwd(state, px):
+            return nnx.merge(graphdef, state)(px)
+
+        with memory_options(**opts):
+            return jax.jit(fwd).lower(state, big).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(vit_chunk=2) < temp_bytes() / 2

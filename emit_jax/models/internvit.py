@@ -12,6 +12,8 @@ layer-scale vectors ``lambda_1`` / ``lambda_2`` on both residual branches, no fi
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 
 import jax
@@ -181,7 +183,11 @@ class InternViT(nnx.Module):
         """Returns ``last`` ``[N, 1+P, D]``, or ``(last, hidden_states)`` where
         ``hidden_states[0]`` is the embedding output and ``hidden_states[i]`` block i's output
         (EMIT reads layers 4/8/16/20). ``num_layers`` stops early (the CE branch never needs the
-        blocks past its deepest layer); the final norm is then skipped."""
+        blocks past its deepest layer); the final norm is then skipped. With ``memory.vit_chunk``
+        = K < N the tiles go through K at a time (:meth:`_chunked`; same values)."""
+        k = memory.current().vit_chunk
+        if 0 < k < pixel_values.shape[0]:
+            return self._chunked(pixel_values, k, output_hidden_states, num_layers)
         x = self.embeddings(pixel_values.astype(self.compute_dtype))
         hidden = [x]
         layers = self.layers if num_layers is None else self.layers[:num_layers]
@@ -195,3 +201,27 @@ class InternViT(nnx.Module):
         if output_hidden_states:
             return x, tuple(hidden)
         return x
+
+    def _chunked(self, pixel_values: jax.Array, k: int, output_hidden_states: bool,
+                 num_layers: int | None):
+        """:meth:`__call__` over chunks of ``k`` tiles (``lax.map`` of a checkpointed chunk: one
+        chunk's activations at a time, forward and backward). Tile ``i * n + j`` goes to chunk
+        ``j`` (``n`` chunks), so a tile axis sharded over devices in contiguous blocks gives every
+        chunk rows from every device (no resharding)."""
+        N = pixel_values.shape[0]
+        n = -(-N // k)
+        px = jnp.pad(pixel_values, ((0, n * k - N),) + ((0, 0),) * (pixel_values.ndim - 1))
+        px = px.reshape((k, n) + pixel_values.shape[1:])  # chunk j = px[:, j] (no copy)
+        graphdef, state = nnx.split(self)
+
+        def one(j):
+            chunk = jax.lax.dynamic_index_in_dim(px, j, axis=1, keepdims=False)  # [k, ...]
+            with memory.memory_options(**{**dataclasses.asdict(memory.current()), "vit_chunk": 0}):
+                return nnx.merge(graphdef, state)(chunk, output_hidden_states=output_hidden_states,
+                                                  num_layers=num_layers)
+
+        out = jax.lax.map(jax.checkpoint(one), jnp.arange(n))
+
+        def back(y):  # [n, k, ...] -> [N, ...] in tile order
+            return jnp.moveaxis(y, 0, 1).reshape((n * k,) + y.shape[2:])[:N]
+        return jax.tree.map(back, out)

@@ -8,6 +8,10 @@ a laptop run (both off, the fastest) and InternVL3-8B (both on, see ``python -m 
 - ``attention_chunk`` = C > 0: LLM attention runs over chunks of C queries (``lax.map`` of a
   ``jax.checkpoint``-ed chunk), so the float32 scores exist for one ``[B, heads, C, S]`` chunk
   at a time, forward and backward. Results equal the unchunked attention (rows are independent).
+- ``vit_chunk`` = K > 0: the InternViT runs over its image tiles K at a time (``lax.map`` of a
+  ``jax.checkpoint``-ed chunk), so one layer's working set (the ``[K, heads, 1025, 1025]``
+  scores) and, in training, the recomputed residuals exist for K tiles, not for all tiles of the
+  step: a GRPO step of InternVL3-8B has 64 prompts x 2 images x up to 7 tiles. Same values.
 
 The trainer sets them from ``cfg.memory`` for the whole run; programs already compiled keep the
 options they were traced with.
@@ -24,10 +28,13 @@ import dataclasses
 class MemoryOptions:
     remat: bool = False
     attention_chunk: int = 0
+    vit_chunk: int = 0
 
     def __post_init__(self):
         if int(self.attention_chunk) < 0:
             raise ValueError(f"memory.attention_chunk must be >= 0, got {self.attention_chunk}")
+        if int(self.vit_chunk) < 0:
+            raise ValueError(f"memory.vit_chunk must be >= 0, got {self.vit_chunk}")
 
 
 _OPTIONS: contextvars.ContextVar = contextvars.ContextVar("emit_jax_memory", default=MemoryOptions())
@@ -38,9 +45,9 @@ def current() -> MemoryOptions:
 
 
 @contextlib.contextmanager
-def memory_options(remat: bool = False, attention_chunk: int = 0):
+def memory_options(remat: bool = False, attention_chunk: int = 0, vit_chunk: int = 0):
     """``with memory_options(remat=True, attention_chunk=1024): ...`` (traced code inside)."""
-    token = _OPTIONS.set(MemoryOptions(bool(remat), int(attention_chunk)))
+    token = _OPTIONS.set(MemoryOptions(bool(remat), int(attention_chunk), int(vit_chunk)))
     try:
         yield _OPTIONS.get()
     finally:

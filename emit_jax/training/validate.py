@@ -68,6 +68,14 @@ def _optim_section(sec, name: str) -> None:
     _float(sec, "b2", f"{name}.b2", low=0.0, high=1.0, high_open=True, default=0.95)
     _float(sec, "eps", f"{name}.eps", low=0.0, low_open=True, default=1e-8)
     _float(sec, "clip_norm", f"{name}.clip_norm", low=0.0, low_open=True, default=1.0)
+    _micro(sec, int(sec.batch_size), name, f"{name}.batch_size")
+
+
+def _micro(sec, rows: int, name: str, what: str) -> None:
+    """``micro_batch_size``: 0 (the whole batch) or a divisor of the step's rows."""
+    mb = _int(sec, "micro_batch_size", f"{name}.micro_batch_size", low=0, default=0)
+    if 0 < mb < rows and rows % mb:
+        _fail(f"{name}.micro_batch_size", mb, f"does not divide {what} ({rows} rows)")
 
 
 def _grpo_section(g) -> None:
@@ -80,6 +88,7 @@ def _grpo_section(g) -> None:
     if G < 2:
         _fail("grpo.G", G, "is below 2 (GRPO compares G >= 2 completions per prompt)")
     _int(g, "iterations", "grpo.iterations", low=1, default=1)
+    _micro(g, int(g.prompts_per_step) * G, "grpo", "grpo.prompts_per_step x grpo.G")
     _int(g, "max_new_tokens", "grpo.max_new_tokens", low=1)
     _float(g, "temperature", "grpo.temperature", low=0.0, low_open=True)
     _int(g, "top_k", "grpo.top_k", low=0)
@@ -153,6 +162,11 @@ def _mesh(cfg, stages, num_devices: int | None) -> None:
             raise ConfigError(f"config {what} do not split over the mesh's {shards} batch "
                               f"shards ({how} of {num_devices} devices); use a multiple of "
                               f"{shards} or change config.mesh")
+        mb = int((cfg.grpo if s == "grpo" else cfg[s]).get("micro_batch_size", 0) or 0)
+        if 0 < mb < n and mb % shards:
+            raise ConfigError(f"config {s}.micro_batch_size: {mb} rows per micro-batch do not "
+                              f"split over the mesh's {shards} batch shards ({how} of "
+                              f"{num_devices} devices); use a multiple of {shards}")
 
 
 def validate_config(cfg, *, num_devices: int | None = None) -> None:
@@ -256,4 +270,5 @@ def validate_config(cfg, *, num_devices: int | None = None) -> None:
         _int(cfg, "eval_max_new_tokens", "eval_max_new_tokens", low=1)
     mem = _get(cfg, "memory", "memory", None) or {}
     _int(mem, "attention_chunk", "memory.attention_chunk", low=0, default=0)
+    _int(mem, "vit_chunk", "memory.vit_chunk", low=0, default=0)
     _mesh(cfg, stages, num_devices)
