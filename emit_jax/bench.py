@@ -13,6 +13,9 @@ Benchmarks (scripts, not tests); one JSON object per line.
   ``--seq-len`` tokens; achieved FLOP/s (XLA's count of the compiled step, and 6 N T) against
   this machine's measured matmul peak (``matmul``), i.e. MFU. ``--profile`` also traces two
   steps (:func:`trace_summary`: worker-thread busy time, the top XLA ops).
+- ``gpu``: the prepared accelerator check (``emit_jax.gpucheck``): an InternVL3-8B-shaped EMIT
+  model with random bf16 weights, one SFT step and one GRPO step with the 8B config's settings
+  at a batch that fits one chip; step time, MFU, peak memory against the plan and the compiler.
 - ``compare``: ours and the peers of ``../shared/bench`` (transformers ``generate``, TRL
   ``GRPOTrainer``, Tunix's sampler and GRPO learner, the PyTorch heat maps), run alternately
   for ``--rounds`` rounds, each in its own process (the peers in their own virtualenvs, named by
@@ -438,6 +441,10 @@ def main(argv=None) -> int:
     m = sub.add_parser("matmul")
     m.add_argument("--n", type=int, default=2048)
     m.add_argument("--repeats", type=int, default=10)
+    gp = sub.add_parser("gpu")
+    from emit_jax import gpucheck
+
+    gpucheck.add_arguments(gp)
     c = sub.add_parser("compare")
     c.add_argument("--peers-dir", default="../shared/bench")
     c.add_argument("--python-hf", default=None,
@@ -445,7 +452,7 @@ def main(argv=None) -> int:
     c.add_argument("--python-tunix", default=None, help="python of a virtualenv with google-tunix")
     c.add_argument("--rounds", type=int, default=3)
     c.add_argument("--workloads", default="rollout,grpo_step,heatmap")
-    for q in (r, gs, t, m, c):
+    for q in (r, gs, t, m, c, gp):
         q.add_argument("--json", action="store_true", help="one JSON object per line (the default)")
     args = p.parse_args(argv)
     if getattr(args, "profile", False):  # per-op trace events; read when XLA:CPU starts
@@ -468,6 +475,13 @@ def main(argv=None) -> int:
                                  args.profile)]
     elif args.what == "matmul":
         rows = [bench_matmul(args.n, args.repeats)]
+    elif args.what == "gpu":
+        import tempfile
+
+        if not jax.config.jax_compilation_cache_dir:  # the compiler's figures cost no 2nd compile
+            jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="emit_gpu_xla"))
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        rows = [gpucheck.run(gpucheck.from_args(args))]
     else:
         rows = compare(args.peers_dir, args.python_hf, args.python_tunix, args.rounds,
                        [w for w in args.workloads.split(",") if w])

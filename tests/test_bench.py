@@ -87,3 +87,20 @@ def test_torch_heatmap_bench_runs_the_peer_script_at_a_dtype():
 def test_torch_heatmap_bench_names_a_missing_peers_dir(tmp_path):
     r = _torch_heatmap("--arch", "tiny", "--peers-dir", str(tmp_path))
     assert r.returncode != 0 and "matmul_heatmap_torch.py not found" in r.stderr
+
+
+def test_gpu_check_runs_at_tiny_size():
+    """The prepared accelerator check (python -m emit_jax.bench gpu) at tiny size on the CPU:
+    both steps run, the compiler's and the plan's figures are there, the loss is finite."""
+    from emit_jax import gpucheck
+
+    out = gpucheck.run(gpucheck.GpuCheck(config=os.path.join(ROOT, "configs", "grpo.py"),
+                                         arch="tiny", text_layers=2,
+                                         vision_layers=2, sft_batch=2, prompts=1, G=4, micro=2,
+                                         prompt_len=512, new_tokens=8, steps=1))
+    assert out["sft"]["s_per_step"] > 0 and out["grpo"]["s_per_step"] > 0
+    assert out["grpo"]["micro_batches"] == 2 and out["grpo"]["loss_finite"]
+    for part in (out["sft"], out["grpo"]["xla_train_step"]):
+        assert part["flops"] > 0 and part["temp_bytes"] > 0 and part["total_bytes"] > 0
+    assert out["sft"]["plan_bytes"] > 0 and out["grpo"]["plan_bytes"] > 0
+    assert set(out["grpo"]["phase_s"]) == {"generate", "ref_logprobs", "update"}

@@ -189,3 +189,31 @@ def test_grpo_micro_batches_equal_the_one_shot_step(agg):
         assert max(np.abs(v).max() for _, v in flat1) > 1e-4
         for path, v in flat1:
             np.testing.assert_allclose(flat_m[path], v, rtol=1e-6, atol=1e-6, err_msg=str(path))
+
+
+def test_batchnorm_in_train_mode_sees_each_micro_batch_in_turn():
+    """With the heat-map BatchNorm on batch statistics (stage 1), each micro-batch is normalised
+    with its own statistics and the running statistics move once per micro-batch, as in PyTorch
+    with gradient accumulation: the accumulated loss is the sum of the micro-batch losses taken
+    one after another on a copy of the model, and the statistics end where the copy's do."""
+    model = emit_model()
+    model.projector.bn.use_running_average = False
+    b = collated(model)
+    parts = micro_device_batch(b, 3)
+    seq = nnx.clone(model)
+    total = jnp.sum(parts["label_mask"]).astype(jnp.float32)
+    want = 0.0
+    for k in range(3):
+        mb = {key: (v[k] if key == "num_ce" else v[:, k]) for key, v in parts.items()}
+        want += float(sft_loss(seq, mb, denominator=total)[0])
+
+    @nnx.jit
+    def accumulated(model, b):
+        return micro.accumulate(model, STAGE1, b, lambda mm, mb: sft_loss(mm, mb, denominator=total))
+
+    loss, _, _ = accumulated(model, parts)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    for name in ("mean", "var"):
+        got = np.asarray(getattr(model.projector.bn, name)[...])
+        np.testing.assert_allclose(got, np.asarray(getattr(seq.projector.bn, name)[...]), rtol=1e-5)
+        assert not np.allclose(got, np.asarray(getattr(emit_model().projector.bn, name)[...]))

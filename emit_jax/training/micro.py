@@ -132,7 +132,8 @@ def accumulate(model, wrt, micro: Mapping[str, jax.Array],
         gsum, mut = carry
 
         def f(p):
-            m = nnx.merge(graphdef, p, mut, frozen)
+            # fresh Variables at this trace level: BatchNorm updates its statistics in here
+            m = nnx.merge(graphdef, p, jax.tree.map(lambda x: x, mut), frozen)
             loss, aux = loss_fn(m, mb)
             return loss, (aux, nnx.state(m, nnx.Not(nnx.Param)))
 
@@ -152,7 +153,7 @@ def scan_apply(nodes: tuple, fn: Callable[..., Any], micro: Mapping[str, jax.Arr
     graphdef, mutable, rest = nnx.split(nodes, nnx.Not(nnx.Param), ...)
 
     def body(mut, mb):
-        ns = nnx.merge(graphdef, mut, rest)
+        ns = nnx.merge(graphdef, jax.tree.map(lambda x: x, mut), rest)
         out = fn(*ns, mb)
         return nnx.state(ns, nnx.Not(nnx.Param)), out
 
