@@ -217,8 +217,9 @@ class InternViT(nnx.Module):
         def one(j):
             chunk = jax.lax.dynamic_index_in_dim(px, j, axis=1, keepdims=False)  # [k, ...]
             with memory.memory_options(**{**dataclasses.asdict(memory.current()), "vit_chunk": 0}):
-                return nnx.merge(graphdef, state)(chunk, output_hidden_states=output_hidden_states,
-                                                  num_layers=num_layers)
+                # fresh Variables at this trace level (the chunk may run inside grad / scan)
+                m = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+                return m(chunk, output_hidden_states=output_hidden_states, num_layers=num_layers)
 
         out = jax.lax.map(jax.checkpoint(one), jnp.arange(n))
 

@@ -111,6 +111,11 @@ def split_rows(batch: Mapping[str, Any], m: int, *, tile_bucket: int = 1) -> dic
     return out
 
 
+def _fresh(state):
+    """``state`` with new Variable objects (same arrays) created at the current trace level."""
+    return jax.tree.map(lambda x: x, state)
+
+
 def to_scan(micro: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Inside the step: ``[N / M, M, ...]`` -> ``[M, N / M, ...]`` (per-micro ``[M]`` as is)."""
     return {k: (v if k in PER_MICRO else jnp.moveaxis(v, 1, 0)) for k, v in micro.items()}
@@ -132,8 +137,9 @@ def accumulate(model, wrt, micro: Mapping[str, jax.Array],
         gsum, mut = carry
 
         def f(p):
-            # fresh Variables at this trace level: BatchNorm updates its statistics in here
-            m = nnx.merge(graphdef, p, jax.tree.map(lambda x: x, mut), frozen)
+            # fresh Variables at this trace level: BatchNorm updates its statistics in here, and
+            # nnx's lifted transforms inside (remat) write back into every Variable they see
+            m = nnx.merge(graphdef, *(_fresh(t) for t in (p, mut, frozen)))
             loss, aux = loss_fn(m, mb)
             return loss, (aux, nnx.state(m, nnx.Not(nnx.Param)))
 
@@ -153,7 +159,7 @@ def scan_apply(nodes: tuple, fn: Callable[..., Any], micro: Mapping[str, jax.Arr
     graphdef, mutable, rest = nnx.split(nodes, nnx.Not(nnx.Param), ...)
 
     def body(mut, mb):
-        ns = nnx.merge(graphdef, jax.tree.map(lambda x: x, mut), rest)
+        ns = nnx.merge(graphdef, _fresh(mut), _fresh(rest))
         out = fn(*ns, mb)
         return nnx.state(ns, nnx.Not(nnx.Param)), out
 
