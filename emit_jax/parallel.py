@@ -365,6 +365,8 @@ class sharded_jit:  # noqa: N801 - used like a decorator / function
     nor returned (a LoRA policy and its reference keep sharing theirs). Array arguments are
     split along their first axis over ``data`` x ``fsdp`` (:func:`batch_spec`); other Python
     values are static. Outputs are replicated. Without a mesh this is ``nnx.jit``.
+    :meth:`lower` gives the same program lowered on abstract inputs, without running it
+    (``python -m emit_jax.aot`` compiles it for a TPU slice on a CPU host).
     """
 
     def __init__(self, fn: Callable, mesh: Mesh | None = None, rules=None, *, mutable=...):
@@ -376,6 +378,43 @@ class sharded_jit:  # noqa: N801 - used like a decorator / function
     def __call__(self, *args):
         if self.mesh is None:
             return self._plain(*args)
+        jitted, nodes, (state, frozen), dyn, (st_sh, fr_sh, dyn_sh) = self._program(args)
+        with use_mesh(self.mesh, self.rules):
+            placed = _place_tree((state, frozen), (st_sh, fr_sh))
+            dyn = tuple(jax.tree.map(_place, d, s) for d, s in zip(dyn, dyn_sh))
+            new_state, out = jitted(*placed, *dyn)
+        nnx.update(nodes, placed[1], new_state)  # frozen: placed once, then reused as is
+        return out
+
+    def lower(self, *args) -> "jax.stages.Lowered":
+        """The program ``self(*args)`` would run, lowered and not run: ``jax.jit(pure,
+        in_shardings, out_shardings).lower(...)`` of exactly the function and shardings
+        :meth:`__call__` uses, on abstract inputs (:meth:`abstract_args`). Nothing is placed or
+        executed, so the mesh may be laid over abstract devices (``jax.experimental.
+        topologies``: a TPU slice compiled on a CPU host) and the nodes may be abstract
+        (``nnx.eval_shape``). ``.compile()`` of the result gives ``memory_analysis()``,
+        ``cost_analysis()`` and ``input_shardings``. Traced under :func:`use_mesh`, so the
+        activation constraints are those of a real call."""
+        if self.mesh is None:
+            raise ValueError("sharded_jit.lower needs a mesh (without one it is nnx.jit)")
+        jitted = self._program(args)[0]
+        with use_mesh(self.mesh, self.rules):
+            return jitted.lower(*self.abstract_args(*args))
+
+    def abstract_args(self, *args) -> tuple:
+        """The arguments of the program ``self(*args)`` runs, as ``jax.ShapeDtypeStruct`` on
+        their shardings: ``(mutable state, frozen state, *arrays)``. The two states are
+        ``nnx.State`` trees of ``nnx.split`` of the graph-node arguments taken together (paths
+        start with the node's index among them); the arrays are the array arguments in order
+        (which may be ``ShapeDtypeStruct`` already; the batch is split over data x fsdp).
+        Leaves come in the order of the lowered program's ``args_info``."""
+        _, _, (state, frozen), dyn, (st_sh, fr_sh, dyn_sh) = self._program(args)
+        return (jax.tree.map(_abstract, state, st_sh), jax.tree.map(_abstract, frozen, fr_sh),
+                *(jax.tree.map(_abstract, d, s) for d, s in zip(dyn, dyn_sh)))
+
+    def _program(self, args):
+        """``(jitted, nodes, (state, frozen), arrays, (state, frozen, array shardings))`` for a
+        call on ``args``; the jitted function is cached by the arguments' structure."""
         node_idx = [i for i, a in enumerate(args) if _is_node(a)]
         nodes = tuple(args[i] for i in node_idx)
         graphdef, state, frozen = nnx.split(nodes, self.mutable, ...)
@@ -408,21 +447,25 @@ class sharded_jit:  # noqa: N801 - used like a decorator / function
             jitted = jax.jit(pure, in_shardings=(st_sh, fr_sh, *dyn_sh),
                              out_shardings=(st_sh, NamedSharding(self.mesh, P())))
             self._cache[ckey] = jitted
-        with use_mesh(self.mesh, self.rules):
-            placed = _place_tree((state, frozen), (st_sh, fr_sh))
-            dyn = tuple(jax.tree.map(_place, d, s) for d, s in zip(dyn, dyn_sh))
-            new_state, out = jitted(*placed, *dyn)
-        nnx.update(nodes, placed[1], new_state)  # frozen: placed once, then reused as is
-        return out
+        return jitted, nodes, (state, frozen), dyn, (st_sh, fr_sh, dyn_sh)
+
+
+def _abstract(x, sharding) -> jax.ShapeDtypeStruct:
+    """``x`` (an array or a ``ShapeDtypeStruct``) as a ``ShapeDtypeStruct`` on ``sharding``."""
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
 def _placed(a, s) -> bool:
     return isinstance(a, jax.Array) and a.sharding == s
 
 
+# what a sharded_jit takes as an array argument (ShapeDtypeStruct: sharded_jit.lower)
+_ARRAYLIKE = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
+
+
 def _is_arraylike(a) -> bool:
     leaves = jax.tree.leaves(a)
-    return bool(leaves) and all(isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in leaves)
+    return bool(leaves) and all(isinstance(x, _ARRAYLIKE) for x in leaves)
 
 
 def _static_key(static):
