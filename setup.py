@@ -37,7 +37,10 @@ setup(
     extras_require={
         # torch is pinned: the CPU wheel is used for the parity tests; never a multi-GB CUDA build.
         # pytest-xdist: the suite runs on 2 workers (pytest.ini), one file per worker at a time
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "torch==2.13.0"],
+        # jax[tpu]: libtpu, so tests/test_aot.py compiles the tiny programs for a TPU slice (the
+        # compiler runs on the CPU host; nothing needs a TPU)
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "torch==2.13.0",
+                 "jax[tpu]==0.10.2"],
         # python -m emit_jax.aot: the TPU compiler (libtpu 0.0.42.*, a 203 MiB wheel) for
         # compiling the programs for a TPU slice on a CPU host; pinned to the jax it pairs with
         "tpu-aot": ["jax[tpu]==0.10.2"],
