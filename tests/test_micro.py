@@ -73,7 +73,7 @@ def test_split_rows_keeps_each_rows_tiles_and_ce_pair():
         micro.micro_count(64, 6)
 
 
-@pytest.mark.parametrize("m", [2, 3, 6])
+@pytest.mark.parametrize("m", [3, 6])
 def test_sft_accumulated_loss_and_gradients_equal_the_one_shot_step(m):
     model = emit_model()
     b = collated(model)
@@ -164,7 +164,7 @@ def test_grpo_micro_batches_equal_the_one_shot_step(agg):
     from emit_jax.training.grpo import _step_inputs, make_grpo_fns
 
     outs = {}
-    for m in (1, 2, 3):
+    for m in (1, 3):
         ref, policy, opt, wrt, g, b, toks, cmask, adv = grpo_setup(agg)
         init = nnx.to_pure_dict(nnx.state(policy, wrt))
         score, train_step = make_grpo_fns(g, wrt, micro_batches=m)
@@ -178,7 +178,7 @@ def test_grpo_micro_batches_equal_the_one_shot_step(agg):
         outs[m] = (float(loss), {k: float(v) for k, v in metrics.items()}, grads, ref_lp)
     loss1, met1, g1, r1 = outs[1]
     assert abs(loss1) > 1e-3 and met1["kl"] > 0
-    for m in (2, 3):
+    for m in (3,):
         loss_m, met_m, g_m, r_m = outs[m]
         np.testing.assert_allclose(r_m, r1, atol=1e-6)
         np.testing.assert_allclose(loss_m, loss1, rtol=1e-6, atol=1e-7)
