@@ -37,9 +37,13 @@ Components (``phase`` says when each one is live; total = resident + max(rollout
   and it matched all 680 factors of internvl3_8b): for every kernel whose module path
   (``/``-joined, e.g. ``mllm/language_model/layers/0/self_attn/q_proj``) fully matches
   ``grpo.lora.targets``, ``A [in, r]`` with axes ``(in_axis, None)`` and ``B [r, out]`` with
-  ``(None, out_axis)``, in the param dtype.
-  ``optimizer``: AdamW's two moments of every trainable array in its dtype, sharded like it,
-  plus optax's counters. Trainable: warmup / base all parameters (``train_vision=False``: not the
+  ``(None, out_axis)``, in float32.
+  ``optimizer``: AdamW's two moments of every trainable array, sharded like it, plus optax's
+  counters. Every trained array is float32 while its stage runs (``training.precision``): the
+  ``weights`` row counts the trained ones at 4 bytes, and so do gradients and moments. With
+  ``<stage>.micro_batch_size`` the train rows (activations, logits) are one micro-batch's and
+  the gradients count twice (the running sum and one micro-batch's); ``memory.vit_chunk`` = K
+  limits the ViT's working set to one chunk of K tiles. Trainable: warmup / base all parameters (``train_vision=False``: not the
   ViT); sft the soft prompt and projector; sft2 / grpo the LoRA factors + soft prompt,
   projector and mlp1 (``training.grpo.trainable_filter``).
 
