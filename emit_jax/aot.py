@@ -57,9 +57,10 @@ a chip) less ``--headroom`` percent, and with ``emit_jax.plan``'s estimate of th
 the reference pass, so ``score`` stands beside plan's resident alone, unflagged); a ratio
 outside 1 +- 15 % is flagged. A program the compiler refuses for lack of HBM is reported with
 the compiler's own figures. Also per program: FLOPs and bytes accessed per device
-(``cost_analysis``), how the executable takes the weights (its ``input_shardings`` of the frozen
-argument: arrays sharded, bytes per device, the largest array's spec), which weights it never
-reads, and whether a program that runs the LoRA policy reads its adapters.
+(``cost_analysis``, which counts a loop's body once, whatever its trip count), how the
+executable takes the weights (its ``input_shardings`` of the frozen argument: arrays sharded,
+bytes per device, the largest array's spec), which weights it never reads, and whether a
+program that runs the LoRA policy reads its adapters.
 
 Errors a user can cause (no libtpu, unknown topology, bad config or override, a mesh that does
 not match the topology) print one line ``emit_jax.aot: error: ...`` and exit 2. A program that
@@ -434,9 +435,9 @@ def stage_programs(cfg, stage: str, ab: Abstract, sh: Shapes, mesh) -> Stage:
     import jax
     import jax.numpy as jnp
     from flax import nnx
+    from jax.sharding import NamedSharding
 
     from emit_jax.parallel import _var_axes, logical_to_spec, sharded_jit
-    from jax.sharding import NamedSharding
 
     # the reference shares the policy's arrays except those a step replaces (trained ones,
     # BatchNorm statistics: the train step returns new arrays for them)
@@ -595,11 +596,9 @@ def account(p: Program, abstract_args: tuple, shardings: tuple, resident: dict,
     return {"dup": dup, "missing": missing, "weights": weights}
 
 
-def compile_program(p: Program, memory: dict, resident: dict, shared: frozenset) -> dict:
-    """Lower and compile ``p`` (under the config's memory switches); the compiler's figures,
-    per device, in bytes."""
-    import jax
-
+def lower_program(p: Program, memory: dict) -> tuple:
+    """``(lowered, abstract arguments, seconds)`` of ``p``: the nodes put in the program's mode
+    (``p.prepare``), then traced and lowered under the config's memory switches."""
     from emit_jax.models.memory import memory_options
 
     if p.prepare is not None:
@@ -607,9 +606,17 @@ def compile_program(p: Program, memory: dict, resident: dict, shared: frozenset)
     t0 = time.time()
     with memory_options(**memory):
         lowered = p.fn.lower(*p.args)
+    return lowered, p.fn.abstract_args(*p.args), time.time() - t0
+
+
+def compile_program(p: Program, lowered, abstract_args, resident: dict,
+                    shared: frozenset) -> dict:
+    """Compile a lowered program; the compiler's figures, per device, in bytes (or its refusal
+    for lack of HBM). Thread-safe: nothing here traces."""
+    import jax
+
     t1 = time.time()
-    out: dict = {"name": p.name, "lower_s": round(t1 - t0, 1)}
-    abstract_args = p.fn.abstract_args(*p.args)
+    out: dict = {"name": p.name}
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - the compiler's refusal is a result, not a crash
@@ -673,12 +680,16 @@ def default_stage(cfg, mesh_shape, **kw) -> str:
 
 def make_report(cfg, config_path: str, topology_name: str, *, mesh_spec=None, stage=None,
                 prompt_len=None, label_tokens: int = 128, headroom: float = 10.0,
-                hbm_gib: float | None = None, only: Sequence[str] = ()) -> dict:
-    """Compile the stage's programs for ``topology_name`` and compare them with the plan."""
+                hbm_gib: float | None = None, only: Sequence[str] = (), jobs: int = 1) -> dict:
+    """Compile the stage's programs for ``topology_name`` and compare them with the plan;
+    ``jobs`` > 1 compiles that many at once (each InternVL3-8B program takes 5-8 GB of host
+    RAM while it compiles)."""
     from emit_jax import parallel, plan
 
     if not 0 <= headroom < 100:
         raise AotError(f"--headroom {headroom}: a percentage in [0, 100)")
+    if jobs < 1:
+        raise AotError(f"--jobs {jobs}: at least 1")
     topo = topology(topology_name)
     devices = list(topo.devices)
     capacity, cap_note = device_capacity(devices, hbm_gib)
@@ -707,21 +718,46 @@ def make_report(cfg, config_path: str, topology_name: str, *, mesh_spec=None, st
     usable = int(capacity * (1 - headroom / 100))
     results = []
     st = stage_programs(cfg, stage, ab, shapes, mesh)
-    for p in st.programs:
-        if only and p.name not in only:
-            continue
-        try:
-            r = compile_program(p, memory, st.resident, st.shared)
-        except Exception as e:  # noqa: BLE001 - a program that does not trace or compile is a
-            # finding about that program: the others are still compiled and reported
-            import traceback
+    todo = [p for p in st.programs if not only or p.name in only]
 
-            where = traceback.extract_tb(e.__traceback__)
-            r = {"name": p.name, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:600]}",
-                 "where": [f"{f.filename}:{f.lineno} {f.name}" for f in where
-                           if "/emit_jax/" in f.filename][-6:],
-                 "peak": None, "fits": False, "plan": None, "ratio": None, "flag": False,
-                 "plan_phase": "", "shared_args": 0, "other_resident": 0}
+    def failed(p, e) -> dict:  # a program that does not trace or compile is a finding about
+        import traceback       # that program: the others are still compiled and reported
+
+        where = traceback.extract_tb(e.__traceback__)
+        return {"name": p.name, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:600]}",
+                "where": [f"{f.filename}:{f.lineno} {f.name}" for f in where
+                          if "/emit_jax/" in f.filename][-6:],
+                "peak": None, "fits": False, "plan": None, "ratio": None, "flag": False,
+                "plan_phase": "", "shared_args": 0, "other_resident": 0}
+
+    lowered: dict = {}
+    for p in todo:  # tracing changes the nodes' modes: one program at a time
+        try:
+            lowered[p.name] = lower_program(p, memory)
+        except Exception as e:  # noqa: BLE001
+            lowered[p.name] = failed(p, e)
+
+    def finish(p) -> dict:
+        got = lowered[p.name]
+        if isinstance(got, dict):
+            return got
+        lo, abstract_args, seconds = got
+        try:
+            r = compile_program(p, lo, abstract_args, st.resident, st.shared)
+        except Exception as e:  # noqa: BLE001
+            return failed(p, e)
+        r["lower_s"] = round(seconds, 1)
+        return r
+
+    if jobs > 1:  # XLA compiles outside the GIL: the programs side by side
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            done = list(pool.map(finish, todo))
+    else:
+        done = [finish(p) for p in todo]
+    for p, r in zip(todo, done):
+        if r.get("error"):
             results.append(r)
             continue
         if "refused" in r:
@@ -864,7 +900,7 @@ def format_report(rep: dict) -> str:
         if r.get("refused"):
             lines.append(f"  compiler: {r['refused']['message'][:600]}")
         else:
-            lines.append(f"  {r['flops'] / 1e12:.3f} TFLOP, {r['bytes_accessed'] / GiB:.2f} GiB "
+            lines.append(f"  {r['flops'] / 1e12:.3f} TFLOP*, {r['bytes_accessed'] / GiB:.2f} GiB* "
                          f"accessed per device; XLA's own peak {g(r['xla_peak'])} GiB; state out: "
                          f"{r['state_out']['sharded']} of {r['state_out']['arrays']} arrays "
                          "sharded")
@@ -891,6 +927,9 @@ def format_report(rep: dict) -> str:
         if r["flag"]:
             lines.append(f"  ! plan and compiler differ by {abs(r['ratio'] - 1) * 100:.0f}% "
                          f"(plan {g(r['plan'])} GiB, compiler's peak {g(r['peak'])} GiB)")
+    lines.append("* XLA's cost_analysis counts a loop's body once: scans over micro-batches, "
+                 "attention and ViT chunks and the decode loop are not multiplied by their trip "
+                 "counts")
     p = rep["plan"]
     lines.append(f"plan ({'emit_jax.plan'}): resident {g(p['resident'])}, rollout "
                  f"{g(p['rollout'])}, train {g(p['train'])}, total {g(p['total'])} GiB per device")
@@ -938,6 +977,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hbm", type=float, default=None, help="GiB per device (default: by chip)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. grpo.G=4 (repeatable); also --config.KEY=VALUE")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="programs compiled at once (8B: 5-8 GB of host RAM each)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--json_out", default=None, metavar="PATH",
                    help="also write the JSON object to PATH (the text goes to stdout)")
@@ -974,7 +1015,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         only = tuple(x for x in args.programs.replace(" ", "").split(",") if x)
         rep = make_report(cfg, args.config, args.topology, mesh_spec=args.mesh, stage=args.stage,
                           prompt_len=args.prompt_len, label_tokens=args.label_tokens,
-                          headroom=args.headroom, hbm_gib=args.hbm, only=only)
+                          headroom=args.headroom, hbm_gib=args.hbm, only=only,
+                          jobs=args.jobs)
     except (AotError, PlanError) as e:
         print(f"emit_jax.aot: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -31,7 +31,7 @@ MiB = 2 ** 20
 
 def _report(config, stage, overrides):
     cfg = plan.load_config(os.path.join(ROOT, config), SMALL + overrides)
-    return aot.make_report(cfg, config, TOPOLOGY, stage=stage)
+    return aot.make_report(cfg, config, TOPOLOGY, stage=stage, jobs=2)  # GRPO: 3 programs
 
 
 @pytest.fixture(scope="module")
