@@ -65,7 +65,7 @@ def to_storage(model) -> int:
         if not name:
             continue
         var.set_value(var.get_value().astype(jnp.dtype(name)))
-        var.del_metadata(_META) if hasattr(var, "del_metadata") else var.set_metadata(_META, None)
+        var.del_metadata(_META)
         n += 1
     if n:
         nnx.update(model, state)
