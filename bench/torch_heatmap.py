@@ -5,7 +5,7 @@
 
 Times ``matmul_dense`` of ``PEERS_DIR/matmul_heatmap_torch.py`` (normalise, one matmul per
 layer, mask, max) at an architecture's contrastive-embedding shape (the shape
-``python -m emit_jax.bench heatmap --arch ARCH`` uses) with its inputs in ``--dtype``: the
+``python -m bench heatmap --arch ARCH`` uses) with its inputs in ``--dtype``: the
 like-for-like anchor for our bf16 figure, since the peer script itself runs float32 only.
 Prints one JSON line: best and median milliseconds per sample over ``--repeats``.
 
@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
     import torch
 
     sys.path.insert(0, ROOT)
-    from emit_jax.bench import _heatmap_shape
+    from bench.heatmap import _heatmap_shape
 
     spec = importlib.util.spec_from_file_location("peer_matmul_heatmap_torch", path)
     peer = importlib.util.module_from_spec(spec)

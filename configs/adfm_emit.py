@@ -1,22 +1,5 @@
 """AD-FM's rewards and three-stage answers with EMIT's difficulty-aware GRPO (embedded default).
 
-    python -m emit_jax.train --config configs/adfm_emit.py --workdir runs/adfm_emit
+The recipe lives in `emit_jax/configs/adfm_emit.py`; this file names it for `--config configs/adfm_emit.py`."""
 
-``configs/adfm.py`` with response resampling (a group where no completion has R_cls = 1 is
-regenerated up to ``max_resample_times``) and advantage reweighting w = 1 + (#incorrect)/G,
-"correct" meaning R_cls = 1 (``grpo.correct = "adfm_cls"``).
-"""
-
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from adfm import get_config as adfm_config  # noqa: E402
-
-
-def get_config(arg=None):
-    c = adfm_config(arg)
-    c.grpo.resample, c.grpo.reweight = True, True
-    c.grpo.correct = "adfm_cls"
-    return c
+from emit_jax.configs.adfm_emit import get_config  # noqa: F401

@@ -1,26 +1,5 @@
 """EMIT stage 1 on the embedded default dataset (tiny architecture, 2-core CPU).
 
-    python -m emit_jax.train --config configs/sft.py --workdir runs/sft
+The recipe lives in `emit_jax/configs/sft.py`; this file names it for `--config configs/sft.py`."""
 
-Runs the base-model stage (the tiny MLLM learns the four tasks without soft prompt or
-contrastive tokens), then stage 1 (soft prompt + heat-map projector, MLLM frozen), then prints
-held-out accuracy per task and exports the model to runs/sft/hf.
-"""
-
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import base_config, embedded_recipe  # noqa: E402
-
-
-def get_config(arg=None):
-    c = embedded_recipe(base_config())
-    c.stages = ("base", "sft")
-    c.eval_think = False
-    c.eval_max_new_tokens = 8
-    if arg == "smoke":  # a few steps of each stage (CI)
-        c.base.steps, c.sft.steps, c.eval_limit, c.log_every = 3, 2, 4, 1
-        c.sft.fresh_datasets, c.eval_unseen = 0, 0
-    return c
+from emit_jax.configs.sft import get_config  # noqa: F401

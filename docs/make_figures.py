@@ -1,4 +1,4 @@
-"""Regenerates the pictures in the README: ``python docs/make_figures.py``.
+"""Regenerates the pictures in docs/design.md: ``python docs/make_figures.py``.
 
 Paints a dark red scratch into a real MVTec AD pill image (../shared/data, CC BY-NC-SA 4.0,
 MVTec Software GmbH), then draws reference | query | heat map with ``emit_jax.visualize``

@@ -4,7 +4,7 @@ Commands: ``python -m emit_jax.train`` (base / stage-1 SFT / stage-2 GRPO),
 ``python -m emit_jax.evaluate`` (MMAD or MVTec-style data), ``python -m emit_jax.data.build``
 (EMIT's JSONL), ``python -m emit_jax.data.embedded`` (the default dataset),
 ``python -m emit_jax.convert`` / ``python -m emit_jax.export`` (Orbax <-> Hugging Face),
-``python -m emit_jax.visualize heatmap``, ``python -m emit_jax.bench heatmap`` and
+``python -m emit_jax.visualize heatmap``, ``python -m bench heatmap`` and
 ``python -m emit_jax.demo``. Library: ``emit_jax.hf.load`` / ``save``, ``emit_jax.models``,
 ``emit_jax.ops.sampling.generate``, ``emit_jax.ops.heatmap.anomaly_map``, ``emit_jax.rl``.
 """

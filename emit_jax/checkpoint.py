@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from emit_jax.fileio import atomic_folder, read_json
 from emit_jax.hf import CheckpointError, copy_assets
 from emit_jax.models.config import ConfigError, InternVLConfig
 from emit_jax.models.internvl import InternVL
@@ -37,22 +36,16 @@ def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | No
                assets_from: str | os.PathLike | None = None) -> str:
     """Write ``model`` as an Orbax model checkpoint at ``path`` (must not exist or be empty)."""
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise FileExistsError(f"{path}: exists and is not empty; choose a new checkpoint path")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
     from emit_jax.parallel import barrier
 
     multi = jax.process_count() > 1
-    if multi:  # every process writes its shards into the same directory; process 0 finishes it
-        tmp = os.path.join(parent, ".tmp-" + os.path.basename(path) + "-multihost")
-        if jax.process_index() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        barrier("save_model:" + path)
-    else:
-        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-    try:
+    # several processes write their shards into one agreed folder; process 0 finishes it
+    shared = (os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path) + "-multihost")
+              if multi else None)
+    with atomic_folder(path, hint="choose a new checkpoint path", tmp=shared,
+                       owner=not multi or jax.process_index() == 0) as tmp:
+        if multi:
+            barrier("save_model:" + path)  # process 0 has made the folder
         pure = nnx.to_pure_dict(nnx.state(model))  # parameters (+ BatchNorm statistics)
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, PARAMS_DIR), pure)
@@ -66,16 +59,10 @@ def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | No
             copy_assets(assets_from, os.path.join(tmp, ASSETS_DIR))
         meta = {"format_version": FORMAT_VERSION, "kind": "model",
                 "config": model.config.to_json_dict(), "hf_config": hf_config}
-        if hasattr(model, "emit_config"):
+        if is_emit(model):
             meta["emit_config"] = model.emit_config.to_json_dict()
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
-        if os.path.isdir(path):
-            os.rmdir(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     barrier("save_model_done:" + path)
     return path
 
@@ -84,16 +71,15 @@ def read_meta(path: str | os.PathLike) -> dict:
     meta_path = os.path.join(os.fspath(path), META_FILE)
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{meta_path}: not found; {path} is not an emit_jax model checkpoint")
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{meta_path}: unsupported format_version "
-                                  f"{meta.get('format_version')!r} (this version reads "
-                                  f"{FORMAT_VERSION})")
-        return meta
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise CheckpointError(f"{meta_path}: not valid JSON ({e})") from None
+    meta = read_json(meta_path, error=CheckpointError, what="valid JSON")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: not valid JSON (expected an object, got "
+                              f"{type(meta).__name__})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: unsupported format_version "
+                              f"{meta.get('format_version')!r} (this version reads "
+                              f"{FORMAT_VERSION})")
+    return meta
 
 
 def load_model(path: str | os.PathLike, dtype: str | None = None) -> tuple[InternVL, dict]:

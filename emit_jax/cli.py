@@ -2,36 +2,30 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
-from emit_jax.data.image import ImageError
-from emit_jax.data.mvtec import DataError
-from emit_jax.hf import CheckpointError
-from emit_jax.models.config import ConfigError
+from emit_jax.errors import USER_ERRORS, message  # noqa: F401 (re-exported)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    errors = [ConfigError, CheckpointError, DataError, ImageError, OSError]
-    for mod, name in (("emit_jax.data.tokenizer", "TokenizerError"),
-                      ("emit_jax.data.mmad", "MMADError")):
-        try:
-            errors.append(getattr(__import__(mod, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors (an unknown flag, a missing or malformed value)
+    raise ``error_type(message)`` instead of printing the usage and exiting: the command's
+    ``main`` reports them as it reports any other bad input, in one line (:func:`fail`), exit 2."""
+
+    def __init__(self, *args, error_type: type[Exception] = ValueError, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.error_type = error_type
+
+    def error(self, message):  # one line, exit 2 (by the caller)
+        raise self.error_type(message)
 
 
-USER_ERRORS = _user_errors()
-
-
-def message(e: BaseException) -> str:
-    """The one-line text of a user error (an ``OSError`` as ``<file>: <strerror>``)."""
-    if isinstance(e, OSError) and e.filename and e.strerror:
-        text = f"{e.filename}: {e.strerror}"
-    else:
-        text = str(e) or type(e).__name__
-    return " ".join(text.split())
+def fail(prog: str, e: BaseException) -> int:
+    """Print ``prog: error: <message>`` (one line) on stderr; the exit status of bad input, 2."""
+    print(f"{prog}: error: {message(e)}", file=sys.stderr)
+    return 2
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None,
@@ -41,5 +35,4 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     try:
         return int(main(argv) or 0)
     except USER_ERRORS as e:
-        print(f"{prog}: error: {message(e)}", file=sys.stderr)
-        return 2
+        return fail(prog, e)

@@ -30,6 +30,7 @@ import numpy as np
 
 from emit_jax import cli
 from emit_jax.fileio import atomic_output, check_writable
+from emit_jax.models.emit import is_emit
 
 MVTEC_TYPES = {"anomaly_discrimination": "Anomaly Detection",
                "defect_classification": "Defect Classification",
@@ -73,7 +74,7 @@ class Runner:
         self.model, self.tok, self.mesh = model, tokenizer, mesh
         self.max_tiles, self.max_new_tokens = max_tiles, max_new_tokens
         self.buckets = length_buckets
-        self.emit = hasattr(model, "emit_config")
+        self.emit = is_emit(model)
         cfg = model.config
         self.size, self.per_tile = cfg.vision.image_size, cfg.tokens_per_tile
         self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -127,7 +128,7 @@ def mmad_queries(root: str, think: bool, limit: int | None):
 def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, seed: int):
     """The questions of an MVTec-style folder, built now (every image and mask read)."""
     from emit_jax.data import tasks
-    from emit_jax.data.build import load_domain_knowledge
+    from emit_jax.data.records import load_domain_knowledge
     from emit_jax.data.mvtec import scan
     from emit_jax.models.emit import use_comp
 
@@ -200,7 +201,7 @@ def evaluate_adfm(model, tokenizer, records, *, limit: int | None = None, max_ti
     anomalous and normal recalls, MMAD's AD metric), ``mean_iou`` (anomalous records with GT
     boxes: :func:`emit_jax.rl.adfm.localization_iou` of the well-formed boxes in ``<think>``
     against the GT, one-to-one, over ``max(m, n)``; x 100), ``hit_rate`` (% of those records
-    with a predicted box of IoU >= 0.1 to some GT box, ADFM_SPEC 5.5), ``boxes_per_answer``
+    with a predicted box of IoU >= 0.1 to some GT box, docs/reference/adfm.md 5.5), ``boxes_per_answer``
     and the counts."""
     from emit_jax.rl import adfm as A
 

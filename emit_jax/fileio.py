@@ -1,24 +1,38 @@
-"""Writing output files so that a reader never sees half of one."""
+"""Files and folders written so that a reader never sees half of one, and JSON read so that a
+bad file is one line naming it.
+
+The bottom layer: it imports nothing else of the project, so every module may use it.
+
+* :func:`atomic_output` (a file written through an open file object), :func:`atomic_path` (a
+  file written by name, e.g. by a subprocess) and :func:`atomic_folder` (a folder) build the
+  result under a temporary name beside the target and rename it into place (``os.replace``)
+  only when the block completes; a failed block leaves the target as it was and no temporary
+  file or folder behind.
+* :func:`read_json` and :func:`iter_json_lines` read JSON and JSON Lines files; every way a file
+  can fail to read or parse (missing, unreadable, not UTF-8, malformed, too deep, a number too
+  long) becomes one line that names the file (and line).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import tempfile
-from typing import IO, Iterator
+from typing import IO, Any, Callable, Iterator
 
 
+# --------------------------------------------------------------------------------- writing files
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
-    """``with atomic_output(path) as f: ...`` writes to a temporary file beside ``path``
-    (``.tmp-*``, in the same folder, created if missing), flushes and fsyncs it, then renames it
-    over ``path``; if the block raises, the temporary file is removed and ``path`` is untouched
-    (a full disk is re-raised as an ``OSError`` naming ``path``).
-    ``mode`` is ``"w"`` (UTF-8 text) or ``"wb"``."""
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_output: mode must be 'w' or 'wb', got {mode!r}")
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """``with atomic_path(path) as tmp: ...`` yields the name of a new empty temporary file beside
+    ``path`` (``.tmp-*`` with ``path``'s extension, in the same folder, created if missing) for the
+    block to write (e.g. a compiler's ``-o``), then renames it over ``path``. If the block raises,
+    the temporary file and the folders made for it are removed and ``path`` is untouched (a full
+    disk is re-raised as an ``OSError`` naming ``path``). Nothing is fsynced here: the writer
+    decides (:func:`atomic_output` does)."""
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
     created = []  # the folders made here, deepest first: removed again on failure
@@ -30,13 +44,11 @@ def atomic_output(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        os.close(fd)
+        yield tmp
         os.replace(tmp, path)
     except BaseException as e:
-        if tmp is not None and os.path.exists(tmp):
+        if tmp is not None and os.path.lexists(tmp):
             os.remove(tmp)
         for d in created:
             with contextlib.suppress(OSError):
@@ -46,8 +58,64 @@ def atomic_output(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """``with atomic_output(path) as f: ...`` writes to a temporary file beside ``path``
+    (``.tmp-*``, in the same folder, created if missing), flushes and fsyncs it, then renames it
+    over ``path``; if the block raises, the temporary file is removed and ``path`` is untouched
+    (a full disk is re-raised as an ``OSError`` naming ``path``). See :func:`atomic_path`.
+    ``mode`` is ``"w"`` (UTF-8 text) or ``"wb"``."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_output: mode must be 'w' or 'wb', got {mode!r}")
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+
 # a failed write names no file: say which one (a full disk, a quota, a size limit)
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, *, hint: str = "choose a new folder",
+                  tmp: str | os.PathLike | None = None, owner: bool = True) -> Iterator[str]:
+    """``with atomic_folder(path) as tmp: ...`` yields a new temporary folder beside ``path``
+    (``.tmp-<name>-*``; the parent folder is created if missing) for the block to fill, then
+    renames it to ``path``. If the block raises, the temporary folder is removed and ``path`` is
+    untouched.
+
+    ``path`` must be missing or an empty folder (which is replaced); anything else raises
+    ``FileExistsError("<path>: exists and is not empty; <hint>")`` before anything is written.
+
+    Several processes writing one folder (multi-host checkpoints) agree on a fixed ``tmp``
+    instead: the ``owner`` empties and creates it on entry (the others must wait for that, e.g.
+    at a barrier at the top of the block) and alone renames it into place on success; the
+    others leave it as it is. On failure every process removes it."""
+    path = os.path.abspath(os.fspath(path))
+    if tmp is None and not owner:
+        raise ValueError("atomic_folder: owner=False needs the shared tmp folder")
+    if os.path.lexists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise FileExistsError(f"{path}: exists and is not empty; {hint}")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    if tmp is None:
+        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    else:
+        tmp = os.path.abspath(os.fspath(tmp))
+        if owner:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+    try:
+        yield tmp
+        if owner:
+            if os.path.isdir(path):
+                os.rmdir(path)  # an empty folder; os.rmdir refuses one filled meanwhile
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def check_writable(path: str | os.PathLike) -> None:
@@ -78,3 +146,63 @@ def check_free_space(path: str | os.PathLike, nbytes: int) -> None:
     if free < nbytes:
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (needs {nbytes / 2**20:.1f} MiB, "
                       f"{free / 2**20:.1f} MiB free)", path)
+
+
+# --------------------------------------------------------------------------------- reading JSON
+def read_json(path: str | os.PathLike, *, error: type[Exception] = ValueError,
+              what: str | None = None,
+              object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Any:
+    """The parsed content of the JSON file ``path``. Any failure to read or parse it raises
+    ``error`` (``from None``) with one line: ``<path>: <problem>``, or with ``what`` (e.g.
+    ``"valid JSON"``, ``"a valid splits file"``) ``<path>: not <what> (<problem>)``, where the
+    problem is ``no such file``, ``cannot read (<reason>)``, ``not UTF-8 text (<reason> at byte
+    <n>)`` or ``malformed JSON: <what> at line <l> column <c>`` (or ``malformed JSON: <reason>``
+    for nesting too deep or a number too long). The shape of the content is the caller's to
+    check. ``object_pairs_hook`` is passed to :func:`json.load`."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f, object_pairs_hook=object_pairs_hook)
+    except FileNotFoundError:
+        problem = "no such file"
+    except OSError as e:
+        problem = f"cannot read ({e.strerror or e})"
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError included
+        problem = json_problem(e)
+    raise error(f"{path}: {problem}" if what is None else f"{path}: not {what} ({problem})"
+                ) from None
+
+
+def json_problem(e: BaseException, *, one_line: bool = False) -> str:
+    """One line saying why text did not decode (``UnicodeDecodeError``) or parse as JSON
+    (``ValueError``, ``RecursionError``): ``not UTF-8 text (<reason> at byte <n>)``, ``malformed
+    JSON: <what> at line <l> column <c>`` (with ``one_line``, for a line of a JSON Lines file,
+    only the column) or ``malformed JSON: <reason>``."""
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 text ({e.reason} at byte {e.start})"
+    if isinstance(e, json.JSONDecodeError):
+        where = f"column {e.colno}" if one_line else f"line {e.lineno} column {e.colno}"
+        return f"malformed JSON: {e.msg} at {where}"
+    return f"malformed JSON: {e}"  # a number of over 4300 digits, nesting too deep
+
+
+def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | None]]:
+    """``(line number, value, None)`` for each non-blank line of the JSON Lines file ``path``
+    (lines counted from 1, each decoded on its own), or ``(line number, None, problem)`` for a
+    line that is not UTF-8 text or not JSON (the problem as :func:`json_problem` says it), so the
+    caller decides whether a bad line stops the read. Opening the file raises ``OSError``."""
+    with open(os.fspath(path), "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, None, json_problem(e)
+                continue
+            if not text.strip():
+                continue
+            try:
+                value = json.loads(text.rstrip("\r\n"))  # an error at the end: this line
+            except (ValueError, RecursionError) as e:  # JSONDecodeError included
+                yield lineno, None, json_problem(e, one_line=True)
+                continue
+            yield lineno, value, None

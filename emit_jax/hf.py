@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from typing import Callable, Iterable, Iterator
 
 import jax
@@ -27,6 +26,8 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from emit_jax.errors import CheckpointError
+from emit_jax.fileio import atomic_folder, read_json
 from emit_jax.models.config import ConfigError, InternVLConfig, dtype_name, read_hf_config
 from emit_jax.models.internvl import InternVL
 
@@ -40,10 +41,6 @@ ASSET_PATTERNS = (
     "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
     "generation_config.json",
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder or file that cannot be used; the message names the file."""
 
 
 # ----------------------------------------------------------------------------- key mapping
@@ -114,11 +111,12 @@ class SafetensorsReader:
         single = os.path.join(self.dir, SAFE_SINGLE)
         self.key_file: dict[str, str] = {}
         if os.path.isfile(index):
-            try:
-                with open(index, encoding="utf-8") as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+            data = read_json(index, error=CheckpointError, what="a valid safetensors index")
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{index}: not a valid safetensors index (expected "
+                                      "{\"weight_map\": {tensor: shard file name}})")
             for k, fname in weight_map.items():
                 if os.path.basename(fname) != fname:
                     raise CheckpointError(f"{index}: shard name {fname!r} leaves the folder")
@@ -316,15 +314,10 @@ def save(model: InternVL, out_dir: str | os.PathLike, *, base_config: dict | Non
     save never leaves a half-written ``out_dir``.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new folder")
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
     emit_model = None
     if not isinstance(model, InternVL):
         emit_model, model = model, model.mllm
-    try:
+    with atomic_folder(out_dir, hint="choose a new folder") as tmp:
         cfg = model.config
         hf_cfg = cfg.to_hf_dict(base_config)
         # Per-tensor dtypes may be mixed; record the majority as the folder's dtype.
@@ -343,12 +336,6 @@ def save(model: InternVL, out_dir: str | os.PathLike, *, base_config: dict | Non
             _save_emit_extras(emit_model, os.path.join(tmp, EMIT_EXTRAS))
         if assets_from is not None:
             copy_assets(assets_from, tmp)
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -18,7 +18,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -33,7 +32,7 @@ B, T = 8, 32
 
 
 def make_batch(model) -> dict:
-    from emit_jax.training.sft import label_positions
+    from emit_jax.data.pipeline import label_positions
 
     rs = np.random.RandomState(1)
     ids = rs.randint(3, 60, (B, T)).astype(np.int32)
@@ -81,13 +80,14 @@ def sft_step(mesh_spec):
 def grpo_step(mesh_spec):
     import qwix
 
-    from emit_jax.training.grpo import LORA_METHODS, lora_provider, make_grpo_fns, trainable_filter
+    from emit_jax.training.config import GRPOConfig, LoRAConfig
+    from emit_jax.training.grpo import make_grpo_fns
+    from emit_jax.training.lora import LORA_METHODS, lora_provider, trainable_filter
 
     ref = small_emit()
     ref.eval()
     b = make_batch(ref)
-    lcfg = ml_collections.ConfigDict(dict(rank=4, alpha=16.0, dropout=0.0, targets=TARGETS,
-                                          weight_qtype=""))
+    lcfg = LoRAConfig(rank=4, alpha=16.0, dropout=0.0, targets=TARGETS, weight_qtype="")
     policy = qwix.apply_lora_to_model(ref, lora_provider(lcfg), b["input_ids"][:1],
                                       b["pixel_values"][:1], b["attention_mask"][:1],
                                       rngs=nnx.Rngs(1),
@@ -101,8 +101,7 @@ def grpo_step(mesh_spec):
     mesh = parallel.make_mesh(mesh_spec) if mesh_spec else None
     if mesh is not None:  # together, as run_grpo does: the shared base weights stay one copy
         parallel.shard_module((policy, ref, opt), mesh)
-    g = ml_collections.ConfigDict(dict(iterations=2, beta=0.04, eps_low=0.2, eps_high=0.28,
-                                       kl="k3", agg="token_mean"))
+    g = GRPOConfig(iterations=2, beta=0.04, eps_low=0.2, eps_high=0.28, kl="k3", agg="token_mean")
     score, step = make_grpo_fns(g, wrt, mesh=mesh)
     rs = np.random.RandomState(3)
     comp = jnp.asarray(rs.randint(3, 60, (B, 6)), jnp.int32)

@@ -1,4 +1,4 @@
-"""AD-FM rewards (ADFM_SPEC §2.3-§2.5, §5.3): worked examples, GIoU/IoU against independent
+"""AD-FM rewards (docs/reference/adfm.md §2.3-§2.5, §5.3): worked examples, GIoU/IoU against independent
 references, Hungarian matching against brute force, ranges, strict mode, quirks, the registry,
 and ``localization_iou``."""
 
@@ -69,7 +69,7 @@ def int_box(draw, lo=0, hi=12):
 
 
 # ------------------------------------------------------------------------------------------
-# ADFM_SPEC §2.5 worked examples
+# docs/reference/adfm.md §2.5 worked examples
 # ------------------------------------------------------------------------------------------
 
 # (id, gt, completion, GT boxes, R_cls, R_loc normalized, R_loc clipped, R_fmt, total .py)

@@ -8,10 +8,12 @@ import sys
 from emit_jax.ops import native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # the benchmarks live in the repository's bench/, not in the package
+    sys.path.insert(0, ROOT)
 
 
 def test_heatmap_bench_runs_tiny():
-    r = subprocess.run([sys.executable, "-m", "emit_jax.bench", "heatmap", "--arch", "tiny",
+    r = subprocess.run([sys.executable, "-m", "bench", "heatmap", "--arch", "tiny",
                         "--repeats", "1", "--strategy", "all", "--json"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
@@ -32,7 +34,7 @@ def test_heatmap_bench_runs_tiny():
 
 
 def _bench(*args):
-    r = subprocess.run([sys.executable, "-m", "emit_jax.bench", *args, "--json"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "bench", *args, "--json"], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -90,9 +92,9 @@ def test_torch_heatmap_bench_names_a_missing_peers_dir(tmp_path):
 
 
 def test_gpu_check_runs_at_tiny_size():
-    """The prepared accelerator check (python -m emit_jax.bench gpu) at tiny size on the CPU:
+    """The prepared accelerator check (python -m bench gpu) at tiny size on the CPU:
     both steps run, the compiler's and the plan's figures are there, the loss is finite."""
-    from emit_jax import gpucheck
+    from bench import gpucheck
 
     out = gpucheck.run(gpucheck.GpuCheck(config=os.path.join(ROOT, "configs", "grpo.py"),
                                          arch="tiny", text_layers=2,

@@ -1,4 +1,4 @@
-"""GT boxes from masks (emit_jax/data/boxes.py; ADFM_SPEC 5.1 item 3, 2.3)."""
+"""GT boxes from masks (emit_jax/data/boxes.py; docs/reference/adfm.md 5.1 item 3, 2.3)."""
 
 from __future__ import annotations
 

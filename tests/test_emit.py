@@ -1,5 +1,5 @@
 """EMIT's components: contrastive embeddings, BatchNorm + conv projector, soft prompt, the
-<COMP_CONTEXT> slots and their interop (EMIT_SPEC 4.4-7)."""
+<COMP_CONTEXT> slots and their interop (docs/reference/emit.md 4.4-7)."""
 
 import dataclasses
 import os
@@ -91,7 +91,7 @@ def test_rotations_match_torch_rot90():
     ours = np.asarray(rotations_of(jnp.asarray(x), 4))
     for k in range(4):
         np.testing.assert_array_equal(ours[:, k], torch.rot90(torch.tensor(x), k, (2, 3)).numpy())
-    # EMIT_SPEC 5.1: for k = 1, out[i][j] = in[j][W-1-i]
+    # docs/reference/emit.md 5.1: for k = 1, out[i][j] = in[j][W-1-i]
     assert ours[0, 1, 0, 1, 3] == x[0, 0, 3, 5 - 1 - 1]
 
 

@@ -1,4 +1,4 @@
-"""EMIT stage-2 GRPO math (EMIT_SPEC §11.5-§11.7): every formula against an independent NumPy
+"""EMIT stage-2 GRPO math (docs/reference/emit.md §11.5-§11.7): every formula against an independent NumPy
 implementation written from the spec's equations, gradients, the resampling driver with a
 scripted sampler, and property tests."""
 

@@ -1,4 +1,4 @@
-"""The heat-map kernel against a plain NumPy implementation of its definition (EMIT_SPEC 5.2-5.3)."""
+"""The heat-map kernel against a plain NumPy implementation of its definition (docs/reference/emit.md 5.2-5.3)."""
 
 import jax.numpy as jnp
 import numpy as np

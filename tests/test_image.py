@@ -1,4 +1,4 @@
-"""Image preprocessing: InternVL's dynamic tiling (EMIT_SPEC 3.1), the tile transform (3.2)."""
+"""Image preprocessing: InternVL's dynamic tiling (docs/reference/emit.md 3.1), the tile transform (3.2)."""
 
 import numpy as np
 import pytest
@@ -23,7 +23,7 @@ def test_candidate_grids():
 
 @pytest.mark.parametrize("w,h,want", [
     (448, 448, (1, 1)),     # exact 1:1, not larger than half of 2x2's area
-    (700, 700, (2, 2)),     # square above ~634 px: 2x2 (EMIT_SPEC 3.1)
+    (700, 700, (2, 2)),     # square above ~634 px: 2x2 (docs/reference/emit.md 3.1)
     (630, 630, (1, 1)),
     (896, 448, (2, 1)),
     (448, 1344, (1, 3)),

@@ -5,7 +5,6 @@ computes what the policy computes."""
 import dataclasses
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -15,7 +14,8 @@ from flax import nnx
 from emit_jax.models import architectures
 from emit_jax.models.emit import EMIT
 from emit_jax.models.internvl import InternVL
-from emit_jax.training.grpo import LORA_METHODS, lora_provider, merge_lora, trainable_filter
+from emit_jax.training.lora import LORA_METHODS, lora_provider, merge_lora, trainable_filter
+from emit_jax.training.config import LoRAConfig
 
 TARGETS = (r".*(self_attn/(q_proj|k_proj|v_proj|o_proj)|mlp/(gate_proj|up_proj|down_proj)"
            r"|attention/(q_proj|k_proj|v_proj|projection_layer)|mlp/(fc1|fc2))")
@@ -43,8 +43,7 @@ def test_reference_merge_and_trainable_set(qtype):
     ref = small_emit()
     ref.eval()
     ids, pix, mask, ce = inputs(ref)
-    lcfg = ml_collections.ConfigDict(dict(rank=4, alpha=16.0, dropout=0.0, targets=TARGETS,
-                                          weight_qtype=qtype))
+    lcfg = LoRAConfig(rank=4, alpha=16.0, dropout=0.0, targets=TARGETS, weight_qtype=qtype)
     policy = qwix.apply_lora_to_model(ref, lora_provider(lcfg), ids, pix, mask, rngs=nnx.Rngs(1),
                                       methods=LORA_METHODS,
                                       ce_pixels=ce)
@@ -87,11 +86,12 @@ def test_the_training_paths_run_through_the_adapters():
     path ran without them and the LoRA factors got no gradient)."""
     from emit_jax.ops.sampling import generate
     from emit_jax.rl.grpo import token_logprobs
-    from emit_jax.training.grpo import apply_lora, completion_logits
+    from emit_jax.training.grpo import completion_logits
+    from emit_jax.training.lora import apply_lora
 
     ref = small_emit()
     ids, pix, mask, ce = inputs(ref)
-    lcfg = ml_collections.ConfigDict(dict(rank=4, alpha=16.0, dropout=0.0, targets=TARGETS))
+    lcfg = LoRAConfig(rank=4, alpha=16.0, dropout=0.0, targets=TARGETS)
     policy = apply_lora(ref, {"input_ids": ids, "pixel_values": pix, "attention_mask": mask,
                               "ce_pixels": ce, "num_ce": 1}, lcfg, seed=1)
     b = {"input_ids": ids, "pixel_values": pix, "attention_mask": mask, "ce_pixels": ce,

@@ -4,7 +4,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -13,8 +12,9 @@ from emit_jax.models import architectures
 from emit_jax.models.emit import EMIT
 from emit_jax.models.internvl import InternVL
 from emit_jax.training import micro
-from emit_jax.training.sft import (OptimConfig, make_train_state, make_train_step,
-                                   micro_device_batch, sft_loss, to_device)
+from emit_jax.training.config import GRPOConfig, LoRAConfig, OptimConfig
+from emit_jax.training.optim import make_train_state
+from emit_jax.training.sft import make_train_step, micro_device_batch, sft_loss, to_device
 
 STAGE1 = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("soft_prompt"), nnx.PathContains("projector")))
 TILES = (1, 2, 0, 1, 2, 1)  # tiles per row
@@ -127,13 +127,12 @@ def grpo_setup(agg):
     import optax
     import qwix
 
-    from emit_jax.training.grpo import LORA_METHODS, lora_provider, trainable_filter
+    from emit_jax.training.lora import LORA_METHODS, lora_provider, trainable_filter
 
     ref = emit_model()
     ref.eval()
     b = collated(ref, T=64)
-    lcfg = ml_collections.ConfigDict(dict(rank=4, alpha=16.0, dropout=0.0,
-                                          targets=r".*(q_proj|v_proj|fc1|down_proj)"))
+    lcfg = LoRAConfig(rank=4, alpha=16.0, dropout=0.0, targets=r".*(q_proj|v_proj|fc1|down_proj)")
     policy = qwix.apply_lora_to_model(ref, lora_provider(lcfg), jnp.asarray(b["input_ids"][:1]),
                                       jnp.asarray(b["pixel_values"]),
                                       jnp.asarray(b["attention_mask"][:1]), rngs=nnx.Rngs(1),
@@ -152,8 +151,7 @@ def grpo_setup(agg):
     lens = np.array([8, 3, 0, 5, 8, 1])
     cmask = (np.arange(N)[None] < lens[:, None]).astype(np.int32)
     adv = rs.randn(B).astype(np.float32)
-    g = ml_collections.ConfigDict(dict(iterations=1, beta=0.04, eps_low=0.2, eps_high=0.2,
-                                       kl="k3", agg=agg))
+    g = GRPOConfig(iterations=1, beta=0.04, eps_low=0.2, eps_high=0.2, kl="k3", agg=agg)
     wrt = trainable_filter()
     opt = nnx.Optimizer(policy, optax.sgd(1.0), wrt=wrt)  # the update is minus the gradient
     return ref, policy, opt, wrt, g, b, toks, cmask, adv

@@ -1,6 +1,6 @@
-"""MMAD data, EMIT's evaluation prompts, answer parsing and scoring (MMAD_SPEC, EMIT_SPEC 12).
+"""MMAD data, EMIT's evaluation prompts, answer parsing and scoring (docs/reference/mmad.md, docs/reference/emit.md 12).
 
-The fixture ``tests/fixtures/mmad`` has the exact mmad.json shape of MMAD_SPEC 2.5 (4
+The fixture ``tests/fixtures/mmad`` has the exact mmad.json shape of docs/reference/mmad.md 2.5 (4
 sub-datasets, every ``type`` string, null / empty / absent ``mask_path``, an extra
 ``annotation`` field) with 16x16 placeholder images (``make_images.py``).
 """
@@ -33,7 +33,7 @@ LOCO_GOOD = "MVTec-LOCO/pushpins/test/good/012.png"
 GOODS_BAD = "GoodsAD/drink_bottle/test/cap_open/003.jpg"
 GOODS_GOOD = "GoodsAD/drink_bottle/test/good/020.jpg"
 
-# Exact strings from EMIT_SPEC 12.2 / MMAD_SPEC 5.3 (data, copied by hand, not from the module).
+# Exact strings from docs/reference/emit.md 12.2 / docs/reference/mmad.md 5.3 (data, copied by hand, not from the module).
 TWO_IMG_HEAD = (
     "Image-1: <image>\nImage-2: <image>\nI have uploaded two images for review, each featuring a "
     "product. The product shown in the first image appears to be in perfect condition, free of any "
@@ -518,7 +518,7 @@ def test_iter_prompts_and_answer_row(records, dk):
         assert len(p.images) == (2 if p.question.needs_reference else 1)
         assert p.text.endswith(p.question_text)
     p = build_prompt(by_key(records)[CANDLE_GOOD], 0, dk)
-    # MMAD_SPEC 6.1's example element, field for field
+    # docs/reference/mmad.md 6.1's example element, field for field
     assert p.answer_row("B") == {
         "image": "VisA/candle/test/good/0042.JPG",
         "question": {"type": "text", "text": "Is there any defect in the object? \nA. Yes.\nB. No.\n"},

@@ -102,8 +102,8 @@ def test_training_checkpoint_restores_on_another_device_count(runs):
     from flax import nnx
 
     from emit_jax import checkpoint
-    from emit_jax.train import _optim
-    from emit_jax.training.sft import make_optimizer
+    from emit_jax.training.config import OptimConfig
+    from emit_jax.training.optim import make_optimizer
     from emit_jax.training.state import StageCheckpoints
 
     spec = importlib.util.spec_from_file_location("grpo_config", os.path.join(ROOT, "configs", "grpo.py"))
@@ -114,7 +114,7 @@ def test_training_checkpoint_restores_on_another_device_count(runs):
     multi, _, _ = runs
     model, _ = checkpoint.load_model(os.path.join(multi, "sft", "model"))
     wrt = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("soft_prompt"), nnx.PathContains("projector")))
-    opt = nnx.Optimizer(model, make_optimizer(_optim(cfg.sft)), wrt=wrt)
+    opt = nnx.Optimizer(model, make_optimizer(OptimConfig.from_section(cfg.sft, "sft")), wrt=wrt)
     ck = StageCheckpoints(os.path.join(multi, "sft", "ckpt"), every=1)
     meta = ck.restore(model, opt)
     ck.close()
@@ -124,7 +124,7 @@ def test_training_checkpoint_restores_on_another_device_count(runs):
 
 # ------------------------------------------------------------------ preemption, two processes
 # A scheduler may signal the processes of one job at different times, or only one of them. The
-# stop flag is agreed every step (emit_jax.training.preemption.stop_requested), so SIGTERM to
+# stop flag is agreed every step (emit_jax.training.loop.stop_requested), so SIGTERM to
 # process 1 alone stops both after the same step, with that step saved by both; the same command
 # run again resumes there and finishes, every step logged once.
 PREEMPT_ARGS = ["-m", "emit_jax.train", "--config", "configs/grpo.py:smoke",

@@ -1,4 +1,4 @@
-"""Pixel shuffle against EMIT_SPEC 2.2's channel table; bicubic resize against torch."""
+"""Pixel shuffle against docs/reference/emit.md 2.2's channel table; bicubic resize against torch."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +18,7 @@ def test_pixel_shuffle_channel_order_spec_table():
         for c2 in range(g // 2):
             for dr in (0, 1):
                 for dc in (0, 1):
-                    block = (dr * 2 + dc) * c  # EMIT_SPEC 2.2: channel (dr*2 + dc)*C + ch
+                    block = (dr * 2 + dc) * c  # docs/reference/emit.md 2.2: channel (dr*2 + dc)*C + ch
                     np.testing.assert_array_equal(y[:, r2, c2, block:block + c],
                                                   x[:, 2 * r2 + dr, 2 * c2 + dc])
 

@@ -5,7 +5,7 @@ import pytest
 
 from test_tasks import make_mvtec
 from emit_jax.data import jsonl
-from emit_jax.data.build import build
+from emit_jax.data.records import build
 from emit_jax.data.pipeline import IGNORE, PipelineConfig, bucket, make_dataset
 from emit_jax.data.tokenizer import special_ids, train_tiny_tokenizer
 
@@ -144,7 +144,8 @@ def test_label_positions_give_the_full_cross_entropy(tok, records):
 
     from emit_jax.models import architectures
     from emit_jax.models.internvl import InternVL
-    from emit_jax.training.sft import label_positions, sft_loss, to_device
+    from emit_jax.data.pipeline import label_positions
+    from emit_jax.training.sft import sft_loss, to_device
 
     batch = next(iter(make_dataset(records, tok, cfg(), batch_size=3, seed=0)))
     lp = label_positions(batch["labels"])

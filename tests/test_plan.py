@@ -8,15 +8,17 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from emit_jax import plan
+from emit_jax.plan import command as plan_command
+from emit_jax import configs
 from emit_jax.models import architectures
 from emit_jax.models.emit import EMIT, EMITConfig
 from emit_jax.models.internvl import InternVL
+from emit_jax.training.config import LoRAConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "grpo.py")
@@ -34,7 +36,7 @@ def nbytes(tree) -> int:
 
 
 def test_tiny_weights_and_optimizer_equal_the_real_model():
-    cfg = plan.load_config(TINY)
+    cfg = configs.load(TINY)
     ecfg = EMITConfig(max_readout=cfg.emit.max_readout)  # the embedded recipe's projector
     real = EMIT.create(InternVL(architectures.get_config("tiny"), rngs=nnx.Rngs(0)), ecfg,
                        hint_ids=[1, 2])
@@ -43,7 +45,8 @@ def test_tiny_weights_and_optimizer_equal_the_real_model():
     p = plan.plan_stage(cfg, plan.stage_setup(cfg, "sft", (1, 1, 1)))
     w = row(p, "weights")
     assert w.per_device == w.whole == nbytes(nnx.state(real))
-    from emit_jax.training.sft import OptimConfig, make_optimizer
+    from emit_jax.training.config import OptimConfig
+    from emit_jax.training.optim import make_optimizer
 
     wrt = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("soft_prompt"), nnx.PathContains("projector")))
     opt = nnx.Optimizer(real, make_optimizer(OptimConfig()), wrt=wrt)
@@ -62,15 +65,14 @@ def test_lora_analytic_matches_qwix():
     import qwix
 
     from emit_jax.models.emit import EMITConfig
-    from emit_jax.training.grpo import LORA_METHODS, lora_provider
+    from emit_jax.training.lora import LORA_METHODS, lora_provider
 
-    targets = plan.load_config(TINY).grpo.lora.targets
+    targets = configs.load(TINY).grpo.lora.targets
     cfg = architectures.tiny()
     cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=56, num_hidden_layers=2),
                       text=dataclasses.replace(cfg.text, vocab_size=65, num_hidden_layers=2),
                       image_token_id=63)
-    lcfg = ml_collections.ConfigDict(dict(rank=4, alpha=16.0, dropout=0.0, targets=targets,
-                                          weight_qtype="nf4"))
+    lcfg = LoRAConfig(rank=4, alpha=16.0, dropout=0.0, targets=targets, weight_qtype="nf4")
 
     def build():
         m = EMIT(InternVL(cfg, rngs=nnx.Rngs(0)), EMITConfig(comp_token_id=64), rngs=nnx.Rngs(0))
@@ -100,7 +102,7 @@ def test_lora_analytic_matches_qwix():
 
 
 def test_fsdp8_divides_the_8b_weights_and_batch():
-    cfg = plan.load_config(GRPO_8B)
+    cfg = configs.load(GRPO_8B)
     p1 = plan.plan_stage(cfg, plan.stage_setup(cfg, "grpo", (1, 1, 1)))
     p8 = plan.plan_stage(cfg, plan.stage_setup(cfg, "grpo", (1, 8, 1), reference="copy"))
     w1, w8 = row(p1, "weights"), row(p8, "weights")
@@ -108,7 +110,7 @@ def test_fsdp8_divides_the_8b_weights_and_batch():
     assert 15.5e9 < w8.whole < 16.5e9  # 7.94 B bf16 parameters
     # exactly: sharded arrays / 8 + the replicated small ones (norms, biases, layer scales), the
     # trained ones (soft prompt, projector, mlp1) in float32
-    from emit_jax.training.grpo import TRAINED_IN_FULL
+    from emit_jax.training.lora import TRAINED_IN_FULL
 
     variables = [plan._master(v) if v.kind == "Param" and plan._in_full(v.path, TRAINED_IN_FULL)
                  else v for v in plan.abstract_variables(plan.model_config(cfg, True), True, 9)]
@@ -140,7 +142,7 @@ def _parts(rep):
 def test_8b_grpo_on_8_a100s(capsys):
     """Without gradient accumulation the paper's step (64 completions of up to 10,752 tokens)
     does not fit 8 x 80 GB; the plan says so and offers micro-batches first."""
-    cfg = plan.load_config(GRPO_8B, ["grpo.micro_batch_size=0", "memory.vit_chunk=0",
+    cfg = configs.load(GRPO_8B, ["grpo.micro_batch_size=0", "memory.vit_chunk=0",
                                      "memory.attention_chunk=1024"])
     rep = plan.make_report(cfg, GRPO_8B, (1, 8, 1), "a100-80g", 10.0)
     p = rep["plan"]
@@ -159,7 +161,7 @@ def test_8b_grpo_on_8_a100s(capsys):
     assert text.startswith("gradient accumulation: --set grpo.micro_batch_size=")
     assert "fewer G: --set grpo.G=" in text and "smaller attention chunks" in text
     assert "memory.remat=True" not in text  # already on
-    assert plan.main(["--config", GRPO_8B, "--mesh", "fsdp=8", "--device", "a100-80g",
+    assert plan_command.main(["--config", GRPO_8B, "--mesh", "fsdp=8", "--device", "a100-80g",
                       "--set", "grpo.micro_batch_size=0"]) == 0
     out = capsys.readouterr().out
     assert "memory: remat on, attention_chunk 512, vit_chunk 64" in out
@@ -172,7 +174,7 @@ def test_8b_grpo_on_8_a100s(capsys):
 def test_8b_configs_fit_8_x_80gb_and_a_v5p_8(config, stage, mesh, device):
     """As shipped (micro-batches of 16, remat, 512-query chunks, ViT chunks of 64) both 8B
     stages fit 8 x 80 GB and a TPU v5p-8 (4 chips) with the 10 % headroom and more to spare."""
-    cfg = plan.load_config(config)
+    cfg = configs.load(config)
     rep = plan.make_report(cfg, config, mesh, device, 10.0)
     p = rep["plan"]
     assert rep["stage"] == stage and p.setup.micro_batches == 4 and p.setup.train_rows == 16
@@ -184,7 +186,7 @@ def test_8b_configs_fit_8_x_80gb_and_a_v5p_8(config, stage, mesh, device):
 def test_remat_and_chunks_each_reduce_the_8b_activations(capsys):
     """Each memory switch lowers the 8B grpo train step (and chunking the prefill); with both
     off the materialised attention matrices dominate and the suggestions offer the switches."""
-    cfg = plan.load_config(GRPO_8B, ["memory.remat=False", "memory.attention_chunk=0",
+    cfg = configs.load(GRPO_8B, ["memory.remat=False", "memory.attention_chunk=0",
                                      "memory.vit_chunk=0", "grpo.micro_batch_size=0"])
     off = plan.stage_setup(cfg, "grpo", (1, 8, 1))
     assert (off.remat, off.attention_chunk) == (False, 0)
@@ -209,7 +211,7 @@ def test_remat_and_chunks_each_reduce_the_8b_activations(capsys):
     text = "; ".join(rep["suggestions"])
     assert "--set memory.remat=True" in text and "--set memory.attention_chunk=" in text
     # --set reaches the plan through the CLI too
-    assert plan.main(["--config", GRPO_8B, "--mesh", "fsdp=8", "--json", "--set", "memory.remat=False",
+    assert plan_command.main(["--config", GRPO_8B, "--mesh", "fsdp=8", "--json", "--set", "memory.remat=False",
                       "--set", "memory.attention_chunk=0", "--set", "memory.vit_chunk=0",
                       "--set", "grpo.micro_batch_size=0"]) == 0
     got = json.loads(capsys.readouterr().out)
@@ -219,7 +221,7 @@ def test_remat_and_chunks_each_reduce_the_8b_activations(capsys):
 
 def test_small_step_fits(capsys):
     """A short-prompt plan of the tiny recipe fits a CPU host and says so."""
-    assert plan.main(["--config", TINY, "--mesh", "fsdp=1", "--device", "cpu", "--stage", "sft",
+    assert plan_command.main(["--config", TINY, "--mesh", "fsdp=1", "--device", "cpu", "--stage", "sft",
                       "--prompt_len", "512", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["fits"] and rep["stage"] == "sft" and rep["suggestions"] == []
@@ -228,7 +230,7 @@ def test_small_step_fits(capsys):
         by_phase[r["phase"]] = by_phase.get(r["phase"], 0) + r["per_device"]
     assert rep["total"] == by_phase["resident"] + max(by_phase.get("rollout", 0), by_phase["train"])
     assert rep["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
-    assert plan.main(["--config", TINY, "--mesh", "fsdp=1", "--device", "cpu", "--stage", "sft",
+    assert plan_command.main(["--config", TINY, "--mesh", "fsdp=1", "--device", "cpu", "--stage", "sft",
                       "--prompt_len", "512"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("fits on cpu (")
 
@@ -241,13 +243,13 @@ def test_small_step_fits(capsys):
     (["--config", TINY, "--mesh", "data=2,fsdp=-1", "--devices", "3"], "do not divide"),
     (["--config", "configs/nope.py"], "config file not found: configs/nope.py"),
     (["--config", TINY, "--stage", "rlhf"], "unknown stage 'rlhf'"),
-    (["--config", TINY, "--set", "grpo.GG=4"], "no config field 'grpo.GG'"),
+    (["--config", TINY, "--set", "grpo.GG=4"], "config grpo.GG: no such field"),
     (["--config", TINY, "--set", "memory.attention_chunk=-8"], "memory.attention_chunk -8"),
-    (["--config", TINY, "--set", "memory.remat=maybe"], "memory.remat 'maybe'"),
+    (["--config", TINY, "--set", "memory.remat=maybe"], "memory.remat=maybe"),
     (["--config", TINY, "--bogus"], "unrecognized arguments"),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, argv, needle):
-    assert plan.main(argv) == 2
+    assert plan_command.main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.strip().splitlines()

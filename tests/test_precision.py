@@ -10,7 +10,6 @@ import struct
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -18,7 +17,10 @@ from emit_jax.models import architectures
 from emit_jax.models.emit import EMIT
 from emit_jax.models.internvl import InternVL
 from emit_jax.training import precision
-from emit_jax.training.sft import OptimConfig, make_train_state, make_train_step, to_device
+from emit_jax.training.config import OptimConfig
+from emit_jax.training.optim import make_train_state
+from emit_jax.training.sft import make_train_step, to_device
+from emit_jax.training.config import LoRAConfig
 
 LR, STEPS = 1e-5, 30
 STAGE1 = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("soft_prompt"), nnx.PathContains("projector")))
@@ -102,14 +104,13 @@ def test_bf16_stage_follows_the_float32_reference_at_lr_1e_5():
 
 
 def test_lora_factors_are_float32_and_activations_stay_bf16():
-    from emit_jax.training.grpo import LORA_METHODS, lora_provider, trainable_filter
+    from emit_jax.training.lora import LORA_METHODS, lora_provider, trainable_filter
     import qwix
 
     ref = emit_model("bfloat16")
     ref.eval()
     b = batch(ref, B=1)
-    lcfg = ml_collections.ConfigDict(dict(rank=4, alpha=16.0, dropout=0.0,
-                                          targets=r".*(q_proj|v_proj|fc1|down_proj)"))
+    lcfg = LoRAConfig(rank=4, alpha=16.0, dropout=0.0, targets=r".*(q_proj|v_proj|fc1|down_proj)")
     policy = qwix.apply_lora_to_model(ref, lora_provider(lcfg), b["input_ids"], b["pixel_values"],
                                       b["attention_mask"], rngs=nnx.Rngs(1),
                                       methods=LORA_METHODS, ce_pixels=b["ce_pixels"])

@@ -16,10 +16,13 @@ from flax import nnx
 from emit_jax import faults
 from emit_jax.data.pipeline import IGNORE
 from emit_jax.models.emit import EMIT
-from emit_jax.training import preemption
+from emit_jax.training import loop as preemption
 from emit_jax.training.metrics import MetricWriter
-from emit_jax.training.nonfinite import MAX_CONSECUTIVE, NonFiniteCounter, NonFiniteError
-from emit_jax.training.sft import OptimConfig, make_optimizer, make_train_step, to_device
+from emit_jax.errors import NonFiniteError
+from emit_jax.training.loop import MAX_CONSECUTIVE, NonFiniteCounter
+from emit_jax.training.config import OptimConfig
+from emit_jax.training.optim import make_optimizer
+from emit_jax.training.sft import make_train_step, to_device
 from emit_jax.training.state import StageCheckpoints
 from test_emit import prompt_with_slots, small_mllm
 

@@ -1,4 +1,4 @@
-"""EMIT stage-2 rewards (EMIT_SPEC §11.4): exact values, the registry, and property tests."""
+"""EMIT stage-2 rewards (docs/reference/emit.md §11.4): exact values, the registry, and property tests."""
 
 from __future__ import annotations
 

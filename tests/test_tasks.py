@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from emit_jax.data import jsonl, prompts, tasks
-from emit_jax.data.build import build
+from emit_jax.data.records import build
 from emit_jax.data.mvtec import DataError, Report, scan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -266,7 +266,7 @@ def test_references_under_the_models_own_vit(tmp_path):
     assert all(refs[it.path] != it.path for it in items)
     ckpt = tmp_path / "ck"
     checkpoint.save_model(model, ckpt)
-    summary = build(root, str(tmp_path / "o.jsonl"), 2, checkpoint=str(ckpt))
+    summary = build(root, str(tmp_path / "o.jsonl"), 2, vit_model=checkpoint.load_model(ckpt)[0])
     assert summary["embedding"] == "vit" and summary["records"] == 48
 
 

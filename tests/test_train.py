@@ -279,7 +279,7 @@ def test_frozen_bn_keeps_stage_1_running_statistics(smoke_run):
 def test_embedded_only_options_are_logged_and_dropped_for_a_dataset_folder(capsys, tmp_path):
     import ml_collections
 
-    from emit_jax.train import _embedded_only
+    from emit_jax.training.stages import embedded_only as _embedded_only
 
     cfg = ml_collections.ConfigDict(dict(data=dict(source="embedded")))
     assert _embedded_only(cfg, "[eval] eval_unseen", 2) is True

@@ -102,15 +102,12 @@ def test_map_warmup_keeps_ad_and_dl_image_questions_with_their_map(tmp_path):
 
 
 def test_warmup_hint_picks_the_map_records_of_the_ce_grid():
-    import importlib.util
     import os
 
-    from emit_jax.train import _map_grid, _text_stage_records
+    from emit_jax.training.stages import map_grid as _map_grid, text_stage_records as _text_stage_records
 
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "common.py")
-    spec = importlib.util.spec_from_file_location("emit_configs_common", path)
-    common = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(common)
+    from emit_jax.configs import common
+
     cfg = common.base_config()
     recs = {"warmup": [{"task_type": "anomaly_discrimination", "id": "s"}],
             "warmup_map": [{"task_type": "anomaly_discrimination", "id": "m"},
@@ -151,7 +148,7 @@ def test_think_records_turn_stage1_records_into_belief_then_letter():
 def test_eval_think_follows_what_a_stage_trained():
     import ml_collections
 
-    from emit_jax.train import _eval_think
+    from emit_jax.train import eval_think as _eval_think
 
     cfg = ml_collections.ConfigDict(dict(stages=("base", "sft"), eval_think=True,
                                          sft=ml_collections.ConfigDict(dict(think=False))))

@@ -1,4 +1,4 @@
-"""AD-FM training and evaluation records (ADFM_SPEC 5.1-5.2): a normal reference and a query
+"""AD-FM training and evaluation records (docs/reference/adfm.md 5.1-5.2): a normal reference and a query
 image, the three-stage prompt, ``solution`` ``A`` (anomalous) / ``B`` (normal) and the ground
 truth boxes ``bbox_answer`` in the model's input pixel frame.
 
@@ -8,12 +8,12 @@ Record (the EMIT JSONL format of :mod:`emit_jax.data.jsonl`, plus ``bbox_answer`
      "solution": "A" | "B", "options": ["Yes.", "No."], "task_type": "anomaly_discrimination",
      "bbox_answer": [[x1, y1, x2, y2], ...] ([] for normal images), "frame": [W, H], <meta>}
 
-The prompt (ours; the paper's wording is unreleased, ADFM_SPEC 5.2 PROPOSAL) asks for
+The prompt (ours; the paper's wording is unreleased, docs/reference/adfm.md 5.2 PROPOSAL) asks for
 ``<think>`` with the region(s) of Image-2 that differ from Image-1 as ``[x1, y1, x2, y2]``
 boxes in Image-2's pixel frame (the frame the model sees: :func:`emit_jax.data.image.to_tile`
 squashes the whole image to ``W x H``), ``<rethink>`` judging those regions, then the letter in
 ``<answer>``. The AD question keeps "Yes." as option A and "No." as B, as AD-FM's a/b labels do
-(ADFM_SPEC 4), so R_cls reads ``A``/``B`` directly.
+(docs/reference/adfm.md 4), so R_cls reads ``A``/``B`` directly.
 
 :func:`rationale` is the templated answer the base stage learns the format from (the tiny
 model has no pretrained box-reading ability): the GT boxes for an anomalous image, the central
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+from emit_jax.data import jsonl
 from emit_jax.data.boxes import boxes_from_mask, format_boxes
 from emit_jax.data.image import ImageError
 from emit_jax.data.mvtec import DataError, ImageItem, Report
@@ -72,7 +73,7 @@ def records(items: Sequence[ImageItem], *, references: Mapping[str, str],
             frame: tuple[int, int], report: Report | None = None, prefix: str = "adfm",
             **box_kw) -> list[dict]:
     """One AD-FM record per item that has a reference. An anomalous image whose mask is empty
-    after the resize stays anomalous with ``bbox_answer = []`` (ADFM_SPEC 5.1: the focus rule
+    after the resize stays anomalous with ``bbox_answer = []`` (docs/reference/adfm.md 5.1: the focus rule
     then applies). Unreadable masks are reported to ``report`` and skipped (counted)."""
     report = report or Report()
     frame = (int(frame[0]), int(frame[1]))
@@ -100,8 +101,7 @@ def records(items: Sequence[ImageItem], *, references: Mapping[str, str],
 
 def with_rationales(recs: Sequence[dict]) -> list[dict]:
     """Records with the templated answer as the assistant turn (the base stage's cold start)."""
-    return [dict(r, messages=[r["messages"][0], {"role": "assistant", "content": rationale(r)}])
-            for r in recs]
+    return jsonl.with_answers(recs, rationale)
 
 
 __all__ = ["OPTIONS", "TEMPLATE", "prompt", "examined_box", "rationale", "records",

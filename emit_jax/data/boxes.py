@@ -1,4 +1,4 @@
-"""Ground-truth boxes from defect masks (ADFM_SPEC 5.1 item 3; box format ADFM_SPEC 2.3).
+"""Ground-truth boxes from defect masks (docs/reference/adfm.md 5.1 item 3; box format docs/reference/adfm.md 2.3).
 
 A box is ``[x1, y1, x2, y2]``: four Python ints, absolute pixel coordinates in the *model
 frame*, half-open (``x1 <= x < x2``, ``y1 <= y < y2``), so ``0 <= x1 < x2 <= W`` and
@@ -9,7 +9,7 @@ actually sees, and the mask is given at the *original* image size (``[h, w]`` as
 ``tasks.read_mask``). The mask is mapped onto the frame by resizing the whole mask to
 ``W`` x ``H``, with x and y scaled independently: no crop, no padding. That is the geometry of
 ``image.to_tile``, which squashes the whole image to ``size`` x ``size`` (so use
-``frame=(size, size)``), and of the AD-FM geometry of ADFM_SPEC 5.1 item 2 (see
+``frame=(size, size)``), and of the AD-FM geometry of docs/reference/adfm.md 5.1 item 2 (see
 :func:`model_frame`), which also resizes the whole image to its target size.
 
 Nearest-neighbour resizing samples pixel centres: frame pixel ``X`` takes source column
@@ -34,7 +34,7 @@ Steps of :func:`boxes_from_mask` (the spec's, in order):
    ``(min(a, b), max(a, b))`` of box tuples, so the result does not depend on label order;
 6. boxes are returned sorted by area descending, then by ``(y1, x1, y2, x2)``.
 
-A mask with no positive pixel after the resize gives ``[]`` (ADFM_SPEC: anomalous images with
+A mask with no positive pixel after the resize gives ``[]`` (docs/reference/adfm.md: anomalous images with
 an empty mask get ``bbox_answer = []``). Note that a nearest-neighbour *down*-scale can miss a
 defect thinner than the scale step, which then also gives ``[]``.
 
@@ -170,7 +170,7 @@ def boxes_from_mask(mask, frame: tuple[int, int], *, max_boxes: int = 4, min_pix
                     min_fraction: float = 0.0005) -> list[list[int]]:
     """GT boxes of ``mask`` (at the original image size) in the model frame ``(W, H)``.
 
-    Implements ADFM_SPEC 5.1 item 3; the steps, the gap used for merging, the tie-breaks and
+    Implements docs/reference/adfm.md 5.1 item 3; the steps, the gap used for merging, the tie-breaks and
     the output order are in the module docstring. Returns at most ``max_boxes`` boxes
     ``[x1, y1, x2, y2]`` of Python ints with ``0 <= x1 < x2 <= W`` and ``0 <= y1 < y2 <= H``;
     ``[]`` when the mask has no positive pixel in the frame. ``min_pixels=1, min_fraction=0``
@@ -243,7 +243,7 @@ def scale_boxes(boxes: Sequence[Sequence[int]], from_size: tuple[int, int],
 
 def model_frame(width: int, height: int, *, side: int = 504, multiple: int = 28
                 ) -> tuple[int, int]:
-    """The AD-FM model frame ``(W, H)`` for an image of ``width`` x ``height`` (ADFM_SPEC 5.1
+    """The AD-FM model frame ``(W, H)`` for an image of ``width`` x ``height`` (docs/reference/adfm.md 5.1
     item 2): a square image goes to ``side`` x ``side``; otherwise the longer side becomes
     ``side`` and the shorter is scaled by the same factor and rounded to the nearest multiple
     of ``multiple`` (halves up; at least ``multiple``). For ``image.to_tile``'s squash use
@@ -260,7 +260,7 @@ def model_frame(width: int, height: int, *, side: int = 504, multiple: int = 28
 
 
 def format_boxes(boxes) -> str:
-    """Text of boxes as the model writes them (ADFM_SPEC 2.3): one box ``[x1, y1, x2, y2]`` ->
+    """Text of boxes as the model writes them (docs/reference/adfm.md 2.3): one box ``[x1, y1, x2, y2]`` ->
     ``"[12, 40, 88, 120]"`` (comma + space, ints); a list of boxes -> those joined by ``", "``,
     e.g. ``"[1, 2, 3, 4], [5, 6, 7, 8]"``; an empty list -> ``""``. Integral floats are printed
     as ints; other values raise ValueError."""

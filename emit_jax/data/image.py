@@ -1,4 +1,4 @@
-"""Image loading and the per-tile tensor transform (EMIT_SPEC 3.2, evaluation path)."""
+"""Image loading and the per-tile tensor transform (docs/reference/emit.md 3.2, evaluation path)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,10 @@ import os
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from emit_jax.errors import ImageError
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-
-
-class ImageError(ValueError):
-    """An image file that cannot be used; the message names the file."""
 
 
 def load_image_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
@@ -45,7 +43,7 @@ def load_image(path, *, name: str | None = None) -> Image.Image:
 
 def to_tile(image: Image.Image, size: int) -> np.ndarray:
     """Whole image squashed to ``size`` x ``size`` (PIL bicubic), scaled to [0, 1], normalised
-    with the ImageNet mean/std -> ``[3, size, size]`` float32 (the CE branch's view, EMIT_SPEC 3.3)."""
+    with the ImageNet mean/std -> ``[3, size, size]`` float32 (the CE branch's view, docs/reference/emit.md 3.3)."""
     im = image.convert("RGB")
     if im.size != (size, size):
         im = im.resize((size, size), Image.BICUBIC)
@@ -70,7 +68,7 @@ def target_ratios(min_num: int = 1, max_num: int = 6) -> list[tuple[int, int]]:
 
 
 def closest_ratio(width: int, height: int, ratios, image_size: int) -> tuple[int, int]:
-    """InternVL's grid choice (EMIT_SPEC 3.1): the closest cols/rows ratio to width/height; a
+    """InternVL's grid choice (docs/reference/emit.md 3.1): the closest cols/rows ratio to width/height; a
     later candidate with an equal difference wins only if the image area exceeds half the
     candidate's tiled area."""
     aspect = width / height
@@ -102,7 +100,7 @@ def dynamic_tiles(image: Image.Image, image_size: int = 448, max_num: int = 6, m
 
 
 def jpeg_reencode(tile: Image.Image, quality: int) -> Image.Image:
-    """The training augmentation (EMIT_SPEC 3.2): JPEG at ``quality`` and back."""
+    """The training augmentation (docs/reference/emit.md 3.2): JPEG at ``quality`` and back."""
     import io
 
     buf = io.BytesIO()

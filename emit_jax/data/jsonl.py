@@ -1,4 +1,4 @@
-"""EMIT's JSONL training files (ms-swift custom-dataset format, EMIT_SPEC 9.1).
+"""EMIT's JSONL training files (ms-swift custom-dataset format, docs/reference/emit.md 9.1).
 
 Stage 1 (SFT)::  {"id", "images": [reference, query], "messages": [{"role": "user", ...},
                   {"role": "assistant", "content": "B"}], <metadata>}
@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Sequence
 from emit_jax.data.mvtec import DataError, Report
 from emit_jax.data.prompts import LETTERS, TASKS
 from emit_jax.data.tasks import Question
-from emit_jax.fileio import atomic_output
+from emit_jax.fileio import atomic_output, iter_json_lines
 
 
 def question_to_record(q: Question, stage: int, idx: int) -> dict:
@@ -98,39 +98,34 @@ def read_jsonl(path: str | os.PathLike, *, data_root: str | None = None,
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     seen: set[str] = set()
-    with open(path, "rb") as f:  # decoded line by line, so a bad byte names its line
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                report.problem(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                report.problem(f"{where}: malformed JSON ({e.msg})")
-                continue
-            except (ValueError, RecursionError) as e:  # a 5000-digit number, deep nesting
-                report.problem(f"{where}: malformed JSON ({e})")
-                continue
-            try:
-                rec = _check(obj, where, data_root)
-                rid = rec.get("id")
-                if rid is not None:
-                    if isinstance(rid, (dict, list)):
-                        raise DataError(f"{where}: 'id' must be a string, got "
-                                        f"{type(rid).__name__}")
-                    if rid in seen:
-                        raise DataError(f"{where}: duplicate id {rid!r}")
-                    seen.add(rid)
-            except DataError as e:
-                report.problem(str(e))
-                continue
-            yield rec
+    # decoded line by line, so a bad byte or bad JSON names its line
+    for lineno, obj, problem in iter_json_lines(path):
+        where = f"{path}:{lineno}"
+        if problem is not None:
+            report.problem(f"{where}: {problem}")
+            continue
+        try:
+            rec = _check(obj, where, data_root)
+            rid = rec.get("id")
+            if rid is not None:
+                if isinstance(rid, (dict, list)):
+                    raise DataError(f"{where}: 'id' must be a string, got "
+                                    f"{type(rid).__name__}")
+                if rid in seen:
+                    raise DataError(f"{where}: duplicate id {rid!r}")
+                seen.add(rid)
+        except DataError as e:
+            report.problem(str(e))
+            continue
+        yield rec
 
 
 def records(questions: Sequence[Question], stage: int) -> list[dict]:
     return [question_to_record(q, stage, i) for i, q in enumerate(questions)]
+
+
+def with_answers(records, answer) -> list[dict]:
+    """``records`` with the assistant turn replaced by ``answer(record)`` (the user turn kept):
+    templated answers for cross-entropy training."""
+    return [dict(r, messages=[r["messages"][0], {"role": "assistant", "content": answer(r)}])
+            for r in records]

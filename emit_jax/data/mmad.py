@@ -1,6 +1,6 @@
 """MMAD benchmark data: loading ``mmad.json`` / ``domain_knowledge.json`` and EMIT's evaluation prompts.
 
-Model-free and pure Python (MMAD_SPEC 1-5, EMIT_SPEC 7 and 12.1-12.2).
+Model-free and pure Python (docs/reference/mmad.md 1-5, docs/reference/emit.md 7 and 12.1-12.2).
 
 * :func:`load_mmad` / :func:`read_mmad` read ``<root>/mmad.json`` (a dict from query-image path to
   a record with a ``conversation`` of multiple-choice questions plus reference-image lists) and
@@ -28,7 +28,6 @@ key of the MMAD results table. :func:`emit_dataset` is EMIT's ``dataset_r``: the
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import posixpath
@@ -36,6 +35,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 
+from emit_jax.errors import MMADError
+from emit_jax.fileio import read_json
 from emit_jax.data import prompts
 from emit_jax.data.prompts import INSTR_DIRECT, INSTR_THINK
 
@@ -91,7 +92,7 @@ TWO_IMAGE_EVAL_TEMPLATE = (
     "There is only one correct option.\n{dk}\nSelect your answer by responding with the letter "
     "corresponding to the correct option, such as 'A'. {instr}\n\nQuestion: {question}")
 #: Evaluation user text, 0-shot (Object*): an empty DK slot and no space after ``Question:``
-#: (both differ from the training prompt; EMIT_SPEC 15 #10).
+#: (both differ from the training prompt; docs/reference/emit.md 15 #10).
 ONE_IMAGE_EVAL_TEMPLATE = (
     "Query image: <image>\nTo answer a multiple-choice question, please inspect the product in the "
     "given image. There is only one correct option.\n{dk}\nSelect your answer by responding with "
@@ -101,10 +102,6 @@ Policy = Literal["error", "skip"]
 TemplateKind = Literal["similar", "random"]
 
 
-class MMADError(ValueError):
-    """Malformed MMAD data; the one-line message names the file, the record key and the question."""
-
-
 # ------------------------------------------------------------------------------------ path names
 def _parts(image_path: str) -> list[str]:
     return image_path.split("/")
@@ -112,7 +109,7 @@ def _parts(image_path: str) -> list[str]:
 
 def sub_dataset(image_path: str) -> str:
     """First path component as written (``DS-MVTec``, ``MVTec-LOCO``, ``VisA``, ``GoodsAD``): the
-    results-table row key (MMAD_SPEC 7.1). See :func:`emit_dataset` for EMIT's renamed form."""
+    results-table row key (docs/reference/mmad.md 7.1). See :func:`emit_dataset` for EMIT's renamed form."""
     return _parts(image_path)[0]
 
 
@@ -187,7 +184,7 @@ def resolve_path(root: str | os.PathLike, path: str) -> str:
 # ----------------------------------------------------------------------------------- data classes
 @dataclass(frozen=True)
 class Question:
-    """One multiple-choice question of an image's ``conversation`` (MMAD_SPEC 2.3).
+    """One multiple-choice question of an image's ``conversation`` (docs/reference/mmad.md 2.3).
 
     ``index`` is the position in the original ``conversation`` list (kept when other questions
     of the record were skipped). ``options`` keeps mmad.json's insertion order. Unknown keys of
@@ -221,7 +218,7 @@ class Question:
 
 @dataclass(frozen=True)
 class Record:
-    """One query image of mmad.json with its questions (MMAD_SPEC 2.2).
+    """One query image of mmad.json with its questions (docs/reference/mmad.md 2.2).
 
     ``image`` is the mmad.json key (path relative to the root). ``mask_path`` is ``None`` for a
     normal image (empty, null or absent in the file); otherwise it is relative to
@@ -340,19 +337,7 @@ def _object_pairs(pairs: list[tuple[str, Any]]) -> _Obj:
 
 
 def _read_json(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f, object_pairs_hook=_object_pairs)
-    except FileNotFoundError:
-        raise MMADError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise MMADError(f"{path}: malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except UnicodeDecodeError as e:
-        raise MMADError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except (ValueError, RecursionError) as e:  # a number of over 4300 digits, deep nesting
-        raise MMADError(f"{path}: malformed JSON: {e}") from None
-    except OSError as e:
-        raise MMADError(f"{path}: cannot read ({e.strerror or e})") from None
+    return read_json(path, error=MMADError, object_pairs_hook=_object_pairs)
 
 
 def _no_duplicates(obj: Any, what: str) -> None:
@@ -529,7 +514,7 @@ def load_domain_knowledge(root: str | os.PathLike, json_name: str = DOMAIN_KNOWL
 # ----------------------------------------------------------------------------------------- prompts
 def question_block(question: Question) -> str:
     """``{Question} \\n`` then one ``{letter}. {text}\\n`` line per option, stored order and
-    letters (EMIT's ``parse_conversation``; MMAD_SPEC 5.1)."""
+    letters (EMIT's ``parse_conversation``; docs/reference/mmad.md 5.1)."""
     return f"{question.text} \n" + "".join(f"{k}. {v}\n" for k, v in question.options.items())
 
 
@@ -570,7 +555,7 @@ class Prompt:
     think: bool = False
 
     def answer_row(self, gpt_answer: str | None, **extra: Any) -> dict[str, Any]:
-        """The answers-file element for this question (MMAD_SPEC 6.1) with the parsed letter;
+        """The answers-file element for this question (docs/reference/mmad.md 6.1) with the parsed letter;
         ``extra`` fields (e.g. ``response``) are appended after the standard ones."""
         q = self.question
         row = {"image": q.image, "question": {"type": "text", "text": self.question_text},
@@ -625,7 +610,7 @@ def iter_prompts(records: Iterable[Record],
 
 def question_counts(records: Sequence[Record]) -> dict[str, dict[str, int]]:
     """Questions per sub-dataset and column key (Structure/Details merged), for sanity checks
-    against MMAD_SPEC 8's table."""
+    against docs/reference/mmad.md 8's table."""
     out: dict[str, dict[str, int]] = {}
     for rec, q in iter_questions(records):
         row = out.setdefault(rec.sub_dataset, {})

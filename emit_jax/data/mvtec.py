@@ -8,24 +8,22 @@
 ``scan`` lists every image as an :class:`ImageItem`. Masks are paired by file stem
 (``000.png`` <-> ``000_mask.png`` or ``000.png``); the official generator zips the two sorted
 lists, which agrees whenever every image has its mask. Defect folders ``ko`` and ``anomalous``
-have an unknown type (``defect=None``, EMIT_SPEC 9.2). Problems are reported through a
+have an unknown type (``defect=None``, docs/reference/emit.md 9.2). Problems are reported through a
 :class:`Report` under the ``error`` (raise) or ``skip`` (count and continue) policy.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Iterator
+
+from emit_jax.errors import DataError
+from emit_jax.fileio import read_json
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GOOD_DIRS = ("good", "ok")
 UNKNOWN_TYPE_DIRS = ("ko", "anomalous")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file (and line)."""
 
 
 @dataclasses.dataclass
@@ -88,11 +86,10 @@ def _read_splits(root: str) -> dict[str, str] | None:
     path = os.path.join(root, "splits.json")
     if not os.path.isfile(path):
         return None
+    data = read_json(path, error=DataError, what="a valid splits file")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
         return {os.path.normpath(p): split for split, paths in data.items() for p in paths}
-    except (json.JSONDecodeError, AttributeError, TypeError, UnicodeDecodeError) as e:
+    except (AttributeError, TypeError) as e:  # not {split: [path, ...]}
         raise DataError(f"{path}: not a valid splits file ({e})") from None
 
 

@@ -22,7 +22,7 @@ import grain
 import numpy as np
 
 from emit_jax.data.image import load_image, load_image_bytes, preprocess, to_tile
-from emit_jax.models.emit import use_comp
+from emit_jax.data.comp import use_comp
 
 IGNORE = -100
 
@@ -40,6 +40,15 @@ class PipelineConfig:
     tile_bucket: int = 4
     ce_bucket: int = 1  # CE rows padded to a multiple of this (fixed shapes for the sampler)
     pad_side: str = "right"  # "left" for generation
+
+    @classmethod
+    def for_model(cls, model, **kw) -> "PipelineConfig":
+        """The encoding ``model`` (an InternVL, or an EMIT model with its ``<COMP_CONTEXT>``
+        slots) takes: its image size, tokens per tile and comp slots; ``kw`` sets the rest."""
+        mcfg, ecfg = model.config, getattr(model, "emit_config", None)
+        return cls(image_size=mcfg.vision.image_size, tokens_per_tile=mcfg.tokens_per_tile,
+                   comp_slots=model.num_comp_slots if ecfg is not None else 0,
+                   comp_token_id=ecfg.comp_token_id if ecfg is not None else None, **kw)
 
 
 class RecordEncoder:
@@ -160,3 +169,33 @@ def make_dataset(records: Sequence[dict], tokenizer, cfg: PipelineConfig, *, bat
     it = ds.to_iter_dataset()
     return it.batch(batch_size, drop_remainder=drop_remainder,
                     batch_fn=lambda exs: collate(exs, cfg, pad_id))
+
+
+def label_positions(labels: np.ndarray, min_k: int = 8) -> dict[str, np.ndarray]:
+    """Where the loss is: ``labels [B, T]`` (IGNORE elsewhere) -> ``label_pos [B, K]`` (the
+    positions whose next token is a label), ``label_ids [B, K]`` (that token) and ``label_mask
+    [B, K]``. K is the largest per-row count rounded up to a power of two (at least ``min_k``), so
+    a few shapes cover a run. The vocabulary projection then runs on K positions per row instead
+    of T: the [B, T, V] logits are never built (V is 151,674 for InternVL3)."""
+    labels = np.asarray(labels)
+    nxt = labels[:, 1:] != IGNORE
+    k = max(min_k, 1 << int(max(1, nxt.sum(1).max(initial=1)) - 1).bit_length())
+    B = labels.shape[0]
+    pos = np.zeros((B, k), np.int32)
+    ids = np.zeros((B, k), np.int32)
+    msk = np.zeros((B, k), bool)
+    for i in range(B):
+        where = np.flatnonzero(nxt[i])
+        pos[i, :len(where)] = where
+        ids[i, :len(where)] = labels[i, where + 1]
+        msk[i, :len(where)] = True
+    return {"label_pos": pos, "label_ids": ids, "label_mask": msk}
+
+
+def batch_ce(batch: dict):
+    """(``ce_pixels [n, 2, 3, H, W]`` of the collated ``batch``'s ``n`` CE pairs as a device
+    array, or None when it has none; ``n``)."""
+    import jax.numpy as jnp  # noqa: PLC0415 - the pipeline itself is host-side numpy
+
+    n = int(batch["num_ce"])
+    return (jnp.asarray(batch["ce_pixels"][:n]) if n else None), n

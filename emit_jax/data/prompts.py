@@ -1,4 +1,4 @@
-"""EMIT's training prompt text (EMIT_SPEC 9.3-9.5), exact strings: they are data.
+"""EMIT's training prompt text (docs/reference/emit.md 9.3-9.5), exact strings: they are data.
 
 The two-image template serves Anomaly Discrimination, Defect Classification and Defect
 Localization; the single-image template Object Classification. ``INSTR_THINK`` is the stage-2 /
@@ -11,7 +11,7 @@ import random
 import re
 from typing import Mapping, Sequence
 
-# EMIT_SPEC 4.1: sysprompt.txt, 62 bytes, no trailing newline; both stages and evaluation.
+# docs/reference/emit.md 4.1: sysprompt.txt, 62 bytes, no trailing newline; both stages and evaluation.
 SYSTEM_PROMPT = "You are an industrial inspector who checks products by images."
 
 TWO_IMAGE_TEMPLATE = (
@@ -28,7 +28,7 @@ SINGLE_IMAGE_TEMPLATE = (
     "given image. There is only one correct option.\nSelect your answer by responding with the "
     "letter corresponding to the correct option, such as 'A'. {instr}\n\nQuestion: {qblock}")
 
-# Text-as-query samples (EMIT_SPEC 9.7): the paper describes them but the authors' code has no
+# Text-as-query samples (docs/reference/emit.md 9.7): the paper describes them but the authors' code has no
 # prompt for them, so this wording is ours [DEVIATION]: the reference image stays, the query image
 # is replaced by its description; one image only, so CE + SP never switch on.
 TEXT_QUERY_TEMPLATE = (
@@ -52,7 +52,7 @@ Q_DEFECT_TYPE = "There is a defect in the object. What is the type of the defect
 Q_LOCATION = "There is a defect in the object. Where is the defect?"
 Q_OBJECT = "What kind of product is in the image?"
 
-# EMIT_SPEC 7: two-image prompts holding one of these get CE + SP; at MMAD evaluation only for
+# docs/reference/emit.md 7: two-image prompts holding one of these get CE + SP; at MMAD evaluation only for
 # these sub-datasets (DS-MVTec read as MVTec).
 TRIGGER_PHRASES = ("Where is the defect?", "Is there any defect in the object?")
 EVAL_CE_DATASETS = ("MVTec", "VisA")

@@ -1,4 +1,4 @@
-"""Annotations -> EMIT's four multiple-choice tasks (EMIT_SPEC 9.2-9.5, MMAD_SPEC 10.2).
+"""Annotations -> EMIT's four multiple-choice tasks (docs/reference/emit.md 9.2-9.5, docs/reference/mmad.md 10.2).
 
 Per query image: Anomaly Discrimination (every image), Defect Classification (anomalies of known
 type), Defect Localization (anomalies touching fewer than 9 grid cells), Object Classification
@@ -29,7 +29,7 @@ Embedder = Callable[[Sequence[str]], np.ndarray]  # image paths -> [N, D]
 # ------------------------------------------------------------------------------ the 3x3 grid
 def mask_cell_counts(mask: np.ndarray) -> np.ndarray:
     """Non-zero pixels per cell of the 3x3 grid, in ``prompts.REGIONS`` order. Row bands are
-    ``[0, h//3), [h//3, 2h//3), [2h//3, h)``; columns likewise (EMIT_SPEC 9.5).
+    ``[0, h//3), [h//3, 2h//3), [2h//3, h)``; columns likewise (docs/reference/emit.md 9.5).
 
     ``mask``: [H, W], [H, W, C] with C in (1, 3, 4) (the first channel counts) or [C, H, W]
     (any channel); H or W may be 0 or smaller than 3 (the empty bands count 0). Any other
@@ -74,7 +74,7 @@ def localization_options(counts: np.ndarray, rng: random.Random) -> tuple[list[s
 def choice_options(answer: str, candidates: Sequence[str], k: int, rng: random.Random
                    ) -> tuple[list[str], int]:
     """k-1 distractors sampled without replacement from ``candidates - {answer}``, plus the
-    answer, shuffled (EMIT_SPEC 9.4). k shrinks when there are too few candidates."""
+    answer, shuffled (docs/reference/emit.md 9.4). k shrinks when there are too few candidates."""
     pool = sorted(set(candidates) - {answer})
     k = min(k, len(pool) + 1)
     opts = rng.sample(pool, k - 1) + [answer]
@@ -197,7 +197,7 @@ def build_questions(items: Sequence[ImageItem], *, stage: int, seed: int = 0,
     also a text-as-query copy of each image that has an object description. ``dk_sentences``:
     keep only that many sentences of each domain-knowledge entry (0: all, as EMIT).
     ``ad_order``: the two anomaly-discrimination options drawn in random order (``shuffled``,
-    EMIT_SPEC 9.4) or always ``A. Yes.`` / ``B. No.`` (``yes_no``, as MMAD asks them)."""
+    docs/reference/emit.md 9.4) or always ``A. Yes.`` / ``B. No.`` (``yes_no``, as MMAD asks them)."""
     if ad_order not in AD_ORDERS:
         raise ValueError(f"ad_order must be one of {AD_ORDERS}, got {ad_order!r}")
     if stage not in (1, 2):
@@ -230,7 +230,7 @@ def _questions_for(it, tasks, think, seed, references, dk_all, defect_names, obj
         counts = mask_cell_counts(read_mask(it))
         regions = defect_regions(counts)
         if not regions:
-            anomalous = False  # an empty mask: relabelled normal (EMIT_SPEC 9.5)
+            anomalous = False  # an empty mask: relabelled normal (docs/reference/emit.md 9.5)
     ref = references.get(it.path)
     meta = {"query": it.path, "object_type": it.object_type, "dataset": it.dataset,
             "adlabel": int(anomalous),

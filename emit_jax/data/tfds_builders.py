@@ -80,7 +80,7 @@ class EmitIAD(tfds.core.GeneratorBasedBuilder):
         import tempfile
 
         from emit_jax.data import jsonl
-        from emit_jax.data.build import build
+        from emit_jax.data.records import build
 
         stage = 1 if self.builder_config.name == "stage1" else 2
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""Tokenizers and EMIT's chat format (EMIT_SPEC 2.3, 4, 9.3).
+"""Tokenizers and EMIT's chat format (docs/reference/emit.md 2.3, 4, 9.3).
 
 Two sources of tokenizers:
 
@@ -55,7 +55,7 @@ response text, so ``skip_special_tokens=True`` decoding has to keep them (Qwen3 
 choice). The real InternVL3 tokenizer has no such tokens and spells them with several BPE pieces;
 nothing here depends on either.
 
-Chat format (EMIT_SPEC 4): :func:`chat_prompt` builds the ChatML text, :func:`expand_image_tags`
+Chat format (docs/reference/emit.md 4): :func:`chat_prompt` builds the ChatML text, :func:`expand_image_tags`
 the ``<img><IMG_CONTEXT>*n</img>`` blocks (with the training-only extra ``"\\n"``), and
 :func:`encode_chat` the ids and labels a trainer or sampler needs, with ``<COMP_CONTEXT>`` slots
 when CE is on.
@@ -69,8 +69,9 @@ import os
 import re
 from typing import Iterable, Sequence
 
+from emit_jax.errors import TokenizerError
 from emit_jax.data import prompts
-from emit_jax.models.emit import COMP_TOKEN, HINT_TEXT, insert_comp_slots
+from emit_jax.data.comp import COMP_TOKEN, HINT_TEXT, insert_comp_slots
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ IM_END = "<|im_end|>"
 IMG_START = "<img>"
 IMG_END = "</img>"
 IMG_CONTEXT = "<IMG_CONTEXT>"
-IMAGE_TAG = "<image>"  # placeholder in user text, one per image (EMIT_SPEC 4.3)
+IMAGE_TAG = "<image>"  # placeholder in user text, one per image (docs/reference/emit.md 4.3)
 IGNORE_INDEX = -100
 
 #: What EMIT cannot run without; :func:`load_tokenizer` checks these.
@@ -107,7 +108,7 @@ QWEN2_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
     r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
-# ChatML as in EMIT_SPEC 4.2; EMIT's system prompt when no system message is given. ``<image>``
+# ChatML as in docs/reference/emit.md 4.2; EMIT's system prompt when no system message is given. ``<image>``
 # tags stay literal: expanding them needs the tile counts (:func:`expand_image_tags`).
 CHAT_TEMPLATE = (
     "{%- if messages and messages[0]['role'] == 'system' -%}"
@@ -120,10 +121,6 @@ CHAT_TEMPLATE = (
     "{{- '\\n<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' -}}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '\\n<|im_start|>assistant\\n' -}}{%- endif -%}")
-
-
-class TokenizerError(ValueError):
-    """A tokenizer folder or tokenizer that EMIT cannot use; the message is one line."""
 
 
 # ------------------------------------------------------------------------------ real checkpoints
@@ -272,7 +269,7 @@ def _write_special_tokens_map(out_dir: str, specials: Sequence[str]) -> None:
 
 
 # ------------------------------------------------------------------------------ default corpus
-# EMIT_SPEC 9.3 / 12.2, exact text (instructions, questions and regions from emit_jax.data.prompts;
+# docs/reference/emit.md 9.3 / 12.2, exact text (instructions, questions and regions from emit_jax.data.prompts;
 # the templates here carry the evaluation-protocol variants as well).
 _TWO_IMAGE = (
     "Image-1: <image>\nImage-2: <image>\nI have uploaded two images for review, each featuring "
@@ -412,7 +409,7 @@ def _responses(i: int) -> list[str]:
 def default_corpus() -> list[str]:
     """The tiny tokenizer's built-in training text (deterministic, no file reads).
 
-    EMIT's exact prompt text (system prompt, the two- and one-image templates of EMIT_SPEC 9.3
+    EMIT's exact prompt text (system prompt, the two- and one-image templates of docs/reference/emit.md 9.3
     in their training and evaluation variants, both instructions, the four questions), every
     option text (Yes./No., the 3x3 region synonyms of 9.5, defect and object names), domain
     knowledge entries in the ``<... Defect>\\n Description:`` form, think/answer/rethink
@@ -433,7 +430,7 @@ def default_corpus() -> list[str]:
 
 # ------------------------------------------------------------------------------ chat format
 def chat_prompt(user: str, system: str | None = SYSTEM_PROMPT, assistant: str | None = None) -> str:
-    """ChatML text (EMIT_SPEC 4.2):
+    """ChatML text (docs/reference/emit.md 4.2):
     ``<|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{user}<|im_end|>\\n
     <|im_start|>assistant\\n`` plus ``{assistant}<|im_end|>`` when ``assistant`` is given.
     ``system=None`` leaves the system turn out."""
@@ -460,7 +457,7 @@ def _check_images(text: str, tiles_per_image: Sequence[int], tokens_per_tile: in
 def expand_image_tags(text: str, tiles_per_image: Sequence[int], tokens_per_tile: int,
                       mode: str = "eval") -> str:
     """Replace the ``i``-th ``<image>`` by ``<img>`` + ``<IMG_CONTEXT>`` * (``tokens_per_tile``
-    * ``tiles_per_image[i]``) + ``</img>`` (EMIT_SPEC 4.3). ``mode='train'`` appends ``"\\n"``
+    * ``tiles_per_image[i]``) + ``</img>`` (docs/reference/emit.md 4.3). ``mode='train'`` appends ``"\\n"``
     after each ``</img>`` as ms-swift does ([QUIRK]: evaluation has no such newline). The tag
     count must equal ``len(tiles_per_image)``."""
     pieces = _check_images(text, tiles_per_image, tokens_per_tile, mode)
@@ -503,7 +500,7 @@ def encode_chat(tokenizer, user: str, *, tiles_per_image: Sequence[int], tokens_
                 assistant: str | None = None, mode: str = "eval", comp_slots: int = 0,
                 comp_token_id: int | None = None,
                 system: str | None = SYSTEM_PROMPT) -> dict:
-    """Token ids and labels of one conversation (EMIT_SPEC 4.2-4.4).
+    """Token ids and labels of one conversation (docs/reference/emit.md 4.2-4.4).
 
     Returns ``{"input_ids": list[int], "labels": list[int], "prompt_length": int}``:
 
@@ -512,7 +509,7 @@ def encode_chat(tokenizer, user: str, *, tiles_per_image: Sequence[int], tokens_
       train/eval newline);
     * ``comp_slots > 0``: that many ``<COMP_CONTEXT>`` ids (``comp_token_id``, default the
       tokenizer's own) go right before the user turn's closing ``<|im_end|>``
-      (:func:`emit_jax.models.emit.insert_comp_slots`);
+      (:func:`emit_jax.data.comp.insert_comp_slots`);
     * ``assistant`` given: its tokens and a closing ``<|im_end|>`` follow. The response is
       tokenised on its own (as ms-swift encodes the response separately), so labels cover
       exactly the response tokens and that ``<|im_end|>``; everything else is -100. Without

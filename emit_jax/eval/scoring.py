@@ -1,4 +1,4 @@
-"""MMAD answer parsing, scoring and the results table (MMAD_SPEC 6-7, 9; EMIT_SPEC 12.3-12.4).
+"""MMAD answer parsing, scoring and the results table (docs/reference/mmad.md 6-7, 9; docs/reference/emit.md 12.3-12.4).
 
 Pure Python, model-free.
 
@@ -30,7 +30,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from emit_jax.data.mmad import (PAPER_TASK_NAMES, SUB_DATASETS, TASKS, is_normal_image,
                                 paper_task_name, task_of)
-from emit_jax.fileio import atomic_output
+from emit_jax.fileio import atomic_output, read_json
 
 VALID_LETTERS = ("A", "B", "C", "D", "E")
 _LETTER_RE = re.compile(r"\b([A-E])\b")
@@ -365,15 +365,7 @@ def read_answers_json(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read an answers file (ours, EMIT's or MMAD's); a malformed one raises ``ValueError`` naming
     the file (and the element)."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            rows = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except (ValueError, RecursionError) as e:  # a number of over 4300 digits, deep nesting
-        raise ValueError(f"{path}: malformed JSON: {e}") from None
+    rows = read_json(path, error=ValueError)
     if not isinstance(rows, list):
         raise ValueError(f"{path}: must be a JSON list of answers, got {type(rows).__name__}")
     for k, r in enumerate(rows):

@@ -34,8 +34,8 @@ import sys
 
 import numpy as np
 
-from emit_jax.experiments.table1 import (TASK_COLUMNS, apply_overrides, load_config,
-                                         mean_std_table, parse_sets)
+from emit_jax import configs
+from emit_jax.experiments.table1 import TASK_COLUMNS, mean_std_table
 from emit_jax.fileio import atomic_output
 
 CONFIG_DIR = "configs"
@@ -57,15 +57,15 @@ def row_config(row: str, overrides: dict, seed: int, config_dir: str = CONFIG_DI
     it (same question count and token budget for every row), and ``overrides``."""
     _, name, after = ROWS[row]
     tail = ":smoke" if smoke else ""
-    adfm = load_config(os.path.join(config_dir, "adfm.py") + tail, {})
-    cfg = load_config(os.path.join(config_dir, name) + tail, {})
+    adfm = configs.load(os.path.join(config_dir, "adfm.py") + tail)
+    cfg = configs.load(os.path.join(config_dir, name) + tail, lock=False)
     cfg.data.adfm, cfg.base.adfm = True, True
     cfg.eval_adfm, cfg.eval_adfm_tokens = adfm.eval_adfm, adfm.grpo.max_new_tokens
     if "reward_kwargs" not in cfg.grpo:
         cfg.grpo.reward_kwargs = {}
     cfg.stages = ("base", *after)
     cfg.seed, cfg.export_hf = seed, False
-    return apply_overrides(cfg, overrides)
+    return configs.apply(cfg, overrides)
 
 
 def _link_shared(seed_dir: str, first: str, run_dir: str) -> None:
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.seeds < 1:
         ap.error("--seeds must be >= 1")
-    overrides = parse_sets(args.set)
+    overrides = configs.parse_sets(args.set)
     config_dir = args.configs
     for row in ROWS:  # fail early on a bad config or override
         row_config(row, overrides, 0, config_dir, args.smoke)

@@ -5,7 +5,7 @@
         [--config configs/grpo.py] [--unseen N] [--set key=value ...]
 
 The embedded default's 238 stage-1 anomaly-discrimination (AD) questions are few enough for the
-tiny MLLM to memorise (docs/TRAINING_NOTES.md). This experiment adds the AD questions of every
+tiny MLLM to memorise (docs/training.md). This experiment adds the AD questions of every
 image of further embedded datasets (``emit_jax.data.embedded`` with seeds 1..``--seeds``: about
 392 new images per seed, 7 s each to draw on a 2-core CPU; never the seed-0 dataset whose
 validation and test splits are held out), so no training question repeats within a few hundred
@@ -98,17 +98,19 @@ def main(argv=None) -> dict:
     from emit_jax.data.mmad import paper_task_name
     from emit_jax.eval.scoring import format_table
     from emit_jax.evaluate import evaluate_records
-    from emit_jax.experiments.table1 import load_config, parse_sets
+    from emit_jax import configs
+    from emit_jax.training import stages
+    from emit_jax.training.config import OptimConfig
     from emit_jax.models.emit import EMIT, EMITConfig
     from emit_jax.training.data import fresh_records, unseen_records
     from emit_jax.training.sft import run_sft
 
     t0 = time.time()
-    sets = dict(parse_sets(a.set), **{"data.ad_order": a.ad_order})
-    cfg = load_config(a.config, sets)
+    sets = dict(configs.parse_sets(a.set), **{"data.ad_order": a.ad_order})
+    cfg = configs.load(a.config, sets)
     cfg.export_hf = False
-    source, tokenizer, records = train._prepare_data(cfg, a.workdir)
-    extra = fresh_records(range(1, a.seeds + 1), **train._question_options(cfg))
+    source, tokenizer, records = stages.prepare_data(cfg, a.workdir)
+    extra = fresh_records(range(1, a.seeds + 1), **stages.question_options(cfg))
     print(f"[fresh] {len(extra)} AD questions from {a.seeds} extra datasets "
           f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     own = [r for r in records["sft"] if r["task_type"] == AD]
@@ -122,21 +124,22 @@ def main(argv=None) -> dict:
     random.Random(cfg.seed).shuffle(recs)
 
     if a.stage == "base":
-        model = train.build_initial_model(cfg, tokenizer)
+        model = stages.build_initial_model(cfg, tokenizer)
         wrt = nnx.Param
     else:
         if not os.path.isdir(os.path.join(a.workdir, "base", "model")):
-            base_cfg = load_config(a.config, sets)
+            base_cfg = configs.load(a.config, sets)
             base_cfg.stages, base_cfg.eval_limit, base_cfg.export_hf = ("base",), 0, False
             train.run(base_cfg, a.workdir)
-        model = train._load_stage(a.workdir, "base")
+        model = stages.load_stage(a.workdir, "base")
         model = EMIT.create(model, EMITConfig(**dict(cfg.emit)), tokenizer=tokenizer,
                             rngs=nnx.Rngs(cfg.seed))
-        wrt = nnx.Param if a.train == "all" else train.stage1_trainable()
+        wrt = nnx.Param if a.train == "all" else stages.stage1_trainable()
     name = f"fresh_{a.stage}_{a.train}" + ("_fixed" if a.fixed_order else "") + \
         ("_yes_no" if a.ad_order == "yes_no" else "")
-    ocfg = train._optim(dict(cfg.sft, steps=a.steps, lr=a.lr, batch_size=a.batch_size))
-    info = run_sft(model, recs, tokenizer, train._pipeline(model, cfg, train=True, with_answer=True),
+    ocfg = OptimConfig.from_section(dict(cfg.sft, steps=a.steps, lr=a.lr, batch_size=a.batch_size),
+                                    "sft")
+    info = run_sft(model, recs, tokenizer, stages.pipeline_config(cfg, model),
                    ocfg, os.path.join(a.workdir, name), wrt=wrt, name=name, seed=cfg.seed,
                    checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
                    pad_id=tokenizer.pad_token_id or 0)
@@ -150,7 +153,7 @@ def main(argv=None) -> dict:
     out = {"name": name, "train_questions": len(recs), "info": info,
            "held_out": {paper_task_name(t): summary.average[t] for t in summary.tasks}}
     if a.unseen:
-        unseen = unseen_records(a.unseen, **train._question_options(cfg))
+        unseen = unseen_records(a.unseen, **stages.question_options(cfg))
         if a.fixed_order:
             unseen = [fixed_ad_order(r) for r in unseen]
         summary, rows = evaluate_records(model, tokenizer, unseen, max_tiles=cfg.data.max_tiles,

@@ -1,4 +1,4 @@
-"""Where the ``chunked`` heat map's time goes, at the InternVL3-8B shape (README "Heat-map speed").
+"""Where the ``chunked`` heat map's time goes, at the InternVL3-8B shape (docs/performance.md "Heat-map speed").
 
     python -m emit_jax.experiments.heatmap_parts [--chunk-rows 2] [--repeats 7] [--grid 32 --dim 1024]
 

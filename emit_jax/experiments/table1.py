@@ -26,7 +26,6 @@ continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -34,6 +33,7 @@ from collections import Counter
 
 import numpy as np
 
+from emit_jax import configs
 from emit_jax.fileio import atomic_output
 
 TASK_COLUMNS = ("Anomaly Discrimination", "Defect Classification", "Defect Localization",
@@ -66,47 +66,6 @@ def row_stages(config_stages, last: str) -> tuple[str, ...]:
     return (*prefix, last)
 
 
-def load_config(path: str, overrides: dict):
-    """``configs/grpo.py`` or ``configs/grpo.py:smoke`` (the argument given to ``get_config``),
-    with ``overrides`` (``{"grpo.steps": 20}``) applied."""
-    import importlib.util
-
-    path, _, arg = path.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such config file")
-    spec = importlib.util.spec_from_file_location("emit_table1_config", path)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return apply_overrides(mod.get_config(arg or None), overrides)
-
-
-def apply_overrides(cfg, overrides: dict):
-    """``cfg`` with ``{"grpo.steps": 20, ...}`` set; an unknown field raises KeyError."""
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        if leaf not in node:
-            raise KeyError(f"--set {key}: the config has no such field")
-        node[leaf] = value
-    return cfg
-
-
-def parse_sets(items) -> dict:
-    out = {}
-    for item in items or ():
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected key=value")
-        k, v = item.split("=", 1)
-        try:
-            out[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            out[k] = v
-    return out
-
-
 def _link_shared(seed_dir: str, run_dir: str) -> None:
     """The variant's workdir sees the seed's finished shared stages (symlinks)."""
     os.makedirs(run_dir, exist_ok=True)
@@ -121,7 +80,7 @@ def run_row(cfg_path: str, overrides: dict, seed: int, seed_dir: str, row: str) 
     from emit_jax import train
 
     sub, last, extra = ROWS[row]
-    cfg = load_config(cfg_path, {**overrides, **extra, "seed": seed, "export_hf": False})
+    cfg = configs.load(cfg_path, {**overrides, **extra, "seed": seed, "export_hf": False})
     cfg.stages = stages = row_stages(cfg.stages, last)
     run_dir = os.path.join(seed_dir, sub)
     tag = "_".join(stages)
@@ -206,8 +165,8 @@ def main(argv=None) -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         ap.error(f"unknown row(s) {unknown}; known: {list(ROWS)}")
-    overrides = parse_sets(args.set)
-    load_config(args.config, overrides)  # fail early on a bad config or override
+    overrides = configs.parse_sets(args.set)
+    configs.load(args.config, overrides)  # fail early on a bad config or override
     results = []
     for seed in range(args.seeds):
         seed_dir = os.path.join(args.workdir, f"seed{seed}")

@@ -14,6 +14,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from emit_jax.errors import ConfigError
+from emit_jax.fileio import read_json
+
 _DTYPES = {
     "float32": jnp.float32,
     "bfloat16": jnp.bfloat16,
@@ -35,10 +38,6 @@ def dtype_from_name(name: str | Any | None):
 
 def dtype_name(dtype) -> str:
     return jnp.dtype(dtype).name
-
-
-class ConfigError(ValueError):
-    """A config.json that does not describe a supported InternVL model."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,11 +338,7 @@ def read_hf_config(hf_dir: str | os.PathLike) -> tuple[InternVLConfig, dict]:
     path = os.path.join(os.fspath(hf_dir), "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: not found (expected a Hugging Face model folder)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path, error=ConfigError, what="valid JSON")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return InternVLConfig.from_hf_dict(raw, source=path), raw

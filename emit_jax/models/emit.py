@@ -1,4 +1,4 @@
-"""EMIT's additions to InternVL (EMIT_SPEC 4.4, 5, 6, 7): contrastive embeddings from a local-window
+"""EMIT's additions to InternVL (docs/reference/emit.md 4.4, 5, 6, 7): contrastive embeddings from a local-window
 heat map, the soft prompt, and their ``<COMP_CONTEXT>`` slots in the token sequence.
 
 Per CE sample (a normal reference image and a query image, each one 448 px tile):
@@ -11,7 +11,7 @@ Per CE sample (a normal reference image and a query image, each one 448 px tile)
 3. ``ref_tokens = [soft_prompt (9); CE tokens (256)]`` overwrite, in flattened batch order, the
    ``<COMP_CONTEXT>`` positions of the input ids (265 per CE sample).
 
-BatchNorm (EMIT_SPEC 5.5): ``bn_mode='standard'`` (default) uses batch statistics in train mode
+BatchNorm (docs/reference/emit.md 5.5): ``bn_mode='standard'`` (default) uses batch statistics in train mode
 and the running statistics in eval mode, and touches nothing on batches without a CE sample.
 ``bn_mode='official'`` additionally reproduces the reference code's dummy pass: every forward
 in train mode with no CE sample pushes a zero heat map through BatchNorm, pulling the running
@@ -31,14 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emit_jax.data.prompts import EVAL_CE_DATASETS, TRIGGER_PHRASES  # EMIT_SPEC 7
+# the <COMP_CONTEXT> sequence rules live on the data side; named here too (the model's API)
+from emit_jax.data.comp import (COMP_TOKEN, HINT_TEXT, add_comp_token_to_tokenizer,  # noqa: F401
+                                comp_insert_index, hint_token_ids, insert_comp_slots, use_comp)
 from emit_jax.models.config import dtype_from_name
 from emit_jax.models.internvl import InternVL, ModelOutput, merge_image_features
 from emit_jax.models.layers import axes_meta
 from emit_jax.ops.heatmap import anomaly_map
 
-HINT_TEXT = "Below are some hints for your reference:"
-COMP_TOKEN = "<COMP_CONTEXT>"
 OFFICIAL_LAYERS = (4, 8, 16, 20)  # of InternViT-300M's 24 blocks
 OFFICIAL_WINDOW = 6  # at the 32 x 32 patch grid of a 448 px tile
 OFFICIAL_SOFT_PROMPT = "soft_prompt_init_9x3584_float32.npy"
@@ -63,12 +63,12 @@ class EMITConfig:
     # grid, scaled to the model's grid (3 for the tiny 16x16)
     window: int | None = None
     rotations: int = 4  # rot90 copies of the reference (k = 0..rotations-1)
-    zero_fill: bool = True  # official: masked similarities count as 0 (EMIT_SPEC 5.2)
+    zero_fill: bool = True  # official: masked similarities count as 0 (docs/reference/emit.md 5.2)
     heatmap_strategy: str = "auto"
     num_soft_tokens: int = 9
     use_soft_prompt: bool = True  # ablation switches (paper Table 3)
     use_contrastive: bool = True
-    bn_mode: str = "standard"  # or "official" (EMIT_SPEC 5.5)
+    bn_mode: str = "standard"  # or "official" (docs/reference/emit.md 5.5)
     bn_momentum: float = 0.1  # PyTorch convention: new = (1 - m) * old + m * batch
     bn_eps: float = 1e-5
     # not in EMIT: every CE token also gets max(BN(heat map)) * u (u learned, zero at init), so a
@@ -159,7 +159,7 @@ class HeatmapProjector(nnx.Module):
     is linear per 4x4 cell, and an LLM that cannot be trained (stage 1) and attends about evenly
     over the tokens reads roughly the map's mean. On the embedded default, with the tiny ViT as
     initialised, the mean separates the classes with AUROC 0.62-0.67 and the maximum with
-    0.81-0.88 (docs/TRAINING_NOTES.md)."""
+    0.81-0.88 (docs/training.md)."""
 
     def __init__(self, hidden: int, *, momentum=0.1, eps=1e-5, dtype=jnp.float32,
                  param_dtype=jnp.float32, max_readout: bool = False, rngs: nnx.Rngs):
@@ -243,45 +243,9 @@ def soft_prompt_from_hint(embedding: np.ndarray, hint_ids: Sequence[int], n: int
     return np.asarray(embedding)[np.asarray(idx)]
 
 
-# ------------------------------------------------------------------------------ sequence rules
-def use_comp(num_images: int, text: str, *, mode: str = "train", image_path: str | None = None) -> bool:
-    """EMIT_SPEC 7. Train: exactly two images and a trigger phrase in the user turn. Eval
-    (MMAD): also the sub-dataset (first path component, ``DS-MVTec`` read as ``MVTec``) must be
-    MVTec or VisA."""
-    if num_images != 2 or not any(p in text for p in TRIGGER_PHRASES):
-        return False
-    if mode == "train":
-        return True
-    if mode != "eval":
-        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
-    if image_path is None:
-        raise ValueError("use_comp(mode='eval') needs the query's image_path")
-    first = image_path.replace("\\", "/").lstrip("./").split("/")[0]
-    return ("MVTec" if first == "DS-MVTec" else first) in EVAL_CE_DATASETS
-
-
-def comp_insert_index(prompt_ids: Sequence[int], im_end_id: int) -> int:
-    """Where the comp slots go: before the last ``<|im_end|>`` of the prompt (the user turn's
-    closing tag when the prompt ends with ``<|im_end|>\\n<|im_start|>assistant\\n``; there it
-    equals the training code's ``len - 5``)."""
-    ids = list(prompt_ids)
-    for i in range(len(ids) - 1, -1, -1):
-        if ids[i] == im_end_id:
-            return i
-    raise ValueError(f"no <|im_end|> (id {im_end_id}) in the prompt")
-
-
-def insert_comp_slots(prompt_ids: Sequence[int], n_slots: int, comp_token_id: int,
-                      im_end_id: int) -> list[int]:
-    """``prompt_ids`` with ``n_slots`` ``<COMP_CONTEXT>`` ids before the user turn's close."""
-    i = comp_insert_index(prompt_ids, im_end_id)
-    ids = list(prompt_ids)
-    return ids[:i] + [comp_token_id] * n_slots + ids[i:]
-
-
 def add_comp_token(mllm: InternVL) -> tuple[InternVL, int]:
     """Append ``<COMP_CONTEXT>`` to the vocabulary: the new id is the old vocabulary size; its
-    output row (lm_head, or the tied matrix) is the mean of the previous rows (EMIT_SPEC 2.3);
+    output row (lm_head, or the tied matrix) is the mean of the previous rows (docs/reference/emit.md 2.3);
     its input row is always overwritten, so with an untied head it is set to the mean too."""
     cfg = mllm.config
     new_id = cfg.text.vocab_size
@@ -304,23 +268,11 @@ def add_comp_token(mllm: InternVL) -> tuple[InternVL, int]:
     return nnx.merge(graphdef, state), new_id
 
 
-def add_comp_token_to_tokenizer(tokenizer, expected_id: int | None = None) -> int:
-    """Register ``<COMP_CONTEXT>`` as a special token of a transformers tokenizer and return its
-    id; with ``expected_id`` (the model's ``comp_token_id``) a mismatch is an error, since the
-    model's added row must be the token's row."""
-    tokenizer.add_special_tokens({"additional_special_tokens": [COMP_TOKEN]},
-                                 replace_extra_special_tokens=False)
-    tid = tokenizer.convert_tokens_to_ids(COMP_TOKEN)
-    if expected_id is not None and tid != expected_id:
-        raise ValueError(f"tokenizer gives {COMP_TOKEN} id {tid}, the model expects {expected_id} "
-                         f"(tokenizer has {len(tokenizer)} entries; the model's vocabulary must be "
-                         "the tokenizer's before the token is added)")
-    return tid
-
-
-def hint_token_ids(tokenizer, text: str = HINT_TEXT) -> list[int]:
-    """The hint text's token ids (no special tokens)."""
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def is_emit(model) -> bool:
+    """Whether ``model`` is an EMIT model (or a LoRA policy over one, which keeps its
+    attributes): soft prompt, projector and ``<COMP_CONTEXT>`` slots, rather than a plain
+    InternVL."""
+    return hasattr(model, "emit_config")
 
 
 # ------------------------------------------------------------------------------ the model

@@ -23,7 +23,7 @@ def pixel_shuffle(x: jax.Array, downsample_ratio: float = 0.5) -> jax.Array:
     """InternVL's pixel shuffle (ps_version v2). ``[N, g, g, C] -> [N, g*s, g*s, C/s^2]``.
 
     With ``r = 1/s`` output cell ``(i, j)`` joins input cells ``(r*i + dr, r*j + dc)`` and its
-    channel ``(dr*r + dc)*C + ch`` holds input channel ``ch`` of that cell (EMIT_SPEC 2.2).
+    channel ``(dr*r + dc)*C + ch`` holds input channel ``ch`` of that cell (docs/reference/emit.md 2.2).
     """
     n, gh, gw, c = x.shape
     r = int(round(1 / downsample_ratio))

@@ -33,7 +33,7 @@ class KVCache(NamedTuple):
 
     k, v: one ``[B, S, KVH, Dh]`` array per layer (tuples of L), each written in place by its
     layer. A stacked ``[L, B, S, KVH, Dh]`` cache made every decode step copy each layer's
-    slice out of the stack (``python -m emit_jax.bench rollout --arch small``, 2-core CPU:
+    slice out of the stack (``python -m bench rollout --arch small``, 2-core CPU:
     about 870 -> 970 new tokens/s; a ``[B, KVH, Dh, S]`` key layout, which spares XLA's
     transposed copy of the keys, measured slower, 780). mask: ``[B, S]`` bool, slots holding
     real tokens;

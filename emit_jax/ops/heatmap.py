@@ -1,4 +1,4 @@
-"""EMIT's local-window anomaly heat map (EMIT_SPEC 5.2-5.3).
+"""EMIT's local-window anomaly heat map (docs/reference/emit.md 5.2-5.3).
 
 For every query patch (i, j) and layer l: the maximal cosine similarity to any reference patch
 (r, i', j') with |i' - i| <= window and |j' - j| <= window, over all R reference copies (each in
@@ -73,7 +73,7 @@ def near_mask(h: int, w: int, window: int) -> np.ndarray:
 def choose_strategy(h: int, w: int, window: int) -> str:
     """``dense`` when the row band covers 60% of the grid or more; else ``tiled`` when each
     column group meets at most half of the reference columns; else ``banded``. Measured on the
-    2-core CPU (README "Heat-map speed"): ``tiled`` x1.5 faster than ``banded`` at 64 x 64 with
+    2-core CPU (docs/performance.md "Heat-map speed"): ``tiled`` x1.5 faster than ``banded`` at 64 x 64 with
     window 6 (28 of 64 columns), no faster at 64 x 64 with window 12 (40 of 64) or at 32 x 32
     with window 6 (22 of 32)."""
     band = 2 * min(window, h - 1) + 1

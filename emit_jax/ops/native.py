@@ -27,8 +27,9 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
+
+from emit_jax.fileio import atomic_path
 
 SOURCE = Path(__file__).with_name("heatmap_cpu.cc")
 TARGET = "emit_jax_heatmap_cpu"
@@ -71,6 +72,10 @@ def _cpu_id() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
+class _BuildFailed(Exception):
+    """A compiler run failed: :func:`atomic_path` drops its output."""
+
+
 def _build(cxx: str) -> Path:
     import jax.ffi
     import jaxlib
@@ -95,20 +100,19 @@ def _build(cxx: str) -> Path:
     errors = []
     for arch, flags, out in candidates:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-        os.close(fd)
         try:
-            proc = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-            if proc.returncode == 0:
-                os.replace(tmp, out)
-                log.info("built %s with %s %s", out, cxx, " ".join(flags))
-                return out
+            with atomic_path(out) as tmp:  # renamed into place only when the build succeeds
+                proc = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True,
+                                      text=True)
+                if proc.returncode != 0:
+                    raise _BuildFailed
+        except _BuildFailed:
             errors.append(f"{cxx} {' '.join(flags)}: exit {proc.returncode}: {proc.stderr.strip()[-2000:]}")
             if arch and arch[0] not in proc.stderr:  # not the target flag: another will not help
                 break
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            continue
+        log.info("built %s with %s %s", out, cxx, " ".join(flags))
+        return out
     raise RuntimeError(f"could not compile {SOURCE}:\n" + "\n".join(errors))
 
 

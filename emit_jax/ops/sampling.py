@@ -11,13 +11,14 @@ candidates). Deterministic for a fixed ``rng``.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from emit_jax.models.internvl import InternVL
+if TYPE_CHECKING:  # the sampler takes any model with InternVL's interface
+    from emit_jax.models.internvl import InternVL
 
 
 class SampleOutput(NamedTuple):
@@ -50,7 +51,7 @@ def _inverse_cdf(logits: jax.Array, rng: jax.Array, exp: jax.Array | None = None
 
     Same distribution as ``jax.random.categorical`` (Gumbel-max), whose ``B x K`` Gumbel
     noise costs about 9.5 ms per decode step at 16 x 32,000 on a 2-core CPU against 2.6 ms
-    here (``python -m emit_jax.bench rollout``). ``u`` lies in (0, 1], so the chosen index
+    here (``python -m bench rollout``). ``u`` lies in (0, 1], so the chosen index
     always has positive probability: a masked (-inf / finfo.min) entry never comes out."""
     if exp is None:
         exp = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))

@@ -1,4 +1,4 @@
-"""AD-FM rewards (ADFM_SPEC §2.3-§2.5, §5.3): multi-stage reasoning + fine-grained reward.
+"""AD-FM rewards (docs/reference/adfm.md §2.3-§2.5, §5.3): multi-stage reasoning + fine-grained reward.
 
 AD-FM (Liao et al., AAAI 2026, arXiv 2508.04175) trains a multimodal LLM with GRPO on the binary
 anomaly-discrimination decision. The policy sees a normal reference image and a query image and
@@ -25,7 +25,7 @@ adfm_fmt   anomaly_cot_format     [0, 1.2]     tags + box presence + coordinates
 Total ``R = R_cls + R_loc + R_fmt`` in [-0.1, 3.2] (``reward_range(ADFM_REWARDS,
 ADFM_WEIGHTS)``); 3.2 needs an anomalous sample with perfect localisation.
 
-Rules (ADFM_SPEC §2.4; every tag regex is ``<tag>(.*?)</tag>``, case-insensitive, DOTALL, and
+Rules (docs/reference/adfm.md §2.4; every tag regex is ``<tag>(.*?)</tag>``, case-insensitive, DOTALL, and
 the *first* match is used):
 
 * ground truth ``gt``: ``'a'`` iff ``str(gt).strip().lower() == 'a'``, else ``'b'`` (so the
@@ -117,7 +117,7 @@ from emit_jax.rl.rewards import _per_sample, register_reward
 Box = tuple[float, float, float, float]
 
 # ------------------------------------------------------------------------------------------
-# Constants (ADFM_SPEC §2.4)
+# Constants (docs/reference/adfm.md §2.4)
 # ------------------------------------------------------------------------------------------
 
 #: Answer labels: ``a`` = anomalous, ``b`` = normal (§2.3).

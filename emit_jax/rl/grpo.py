@@ -2,7 +2,7 @@
 
 Pure functions, no model. The array functions are jnp code on plain arrays (jit-able with the
 group size and the string options static); ``resample_groups`` is a plain-Python driver around
-any sampler. Section numbers refer to ``docs/EMIT_SPEC.md``.
+any sampler. Section numbers refer to ``docs/reference/emit.md``.
 
 Batch layout (§11.2, TRL ``RepeatSampler``): a batch of ``N = n_groups * G`` completions is laid
 out group after group; completions ``[g*G, (g+1)*G)`` all answer prompt ``g``. Every per-sample
@@ -96,7 +96,7 @@ import jax
 import jax.numpy as jnp
 
 # ------------------------------------------------------------------------------------------
-# Constants (EMIT_SPEC section in brackets)
+# Constants (docs/reference/emit.md section in brackets)
 # ------------------------------------------------------------------------------------------
 
 #: §11.6: epsilon added to the (unbiased) group std.
@@ -130,7 +130,7 @@ AGG_ALIASES = {
 KL_ALIASES = {"kl": "k1", "mse_kl": "k2", "mse": "k2", "low_var_kl": "k3"}
 
 
-def _canon_agg(agg: str) -> str:
+def canon_agg(agg: str) -> str:
     a = str(agg).replace("-", "_").lower()
     a = AGG_ALIASES.get(a, a)
     if a not in AGGREGATIONS:
@@ -139,7 +139,7 @@ def _canon_agg(agg: str) -> str:
     return a
 
 
-def _canon_kl(kind: str) -> str:
+def canon_kl(kind: str) -> str:
     k = str(kind).replace("-", "_").lower()
     k = KL_ALIASES.get(k, k)
     if k not in KL_ESTIMATORS:
@@ -163,7 +163,7 @@ def _grouped(x: jax.Array, G: int) -> jax.Array:
 
 def group_advantages(rewards: jax.Array, G: int, *, eps: float = ADV_EPS,
                      scale: str = "std") -> jax.Array:
-    """Group-normalised advantages, EMIT_SPEC §11.6 (TRL 0.17 ``_generate_and_score``).
+    """Group-normalised advantages, docs/reference/emit.md §11.6 (TRL 0.17 ``_generate_and_score``).
 
     rewards: [N] total rewards, N = n_groups * G, group after group. Returns float32 [N]:
 
@@ -196,7 +196,7 @@ def _as_correct(correct: jax.Array) -> jax.Array:
 
 def difficulty_weights(correct: jax.Array, G: int, *,
                        all_wrong_exception: bool = True) -> jax.Array:
-    """Per-sample difficulty weight, EMIT_SPEC §11.6: ``w = 1 + n_wrong / G``.
+    """Per-sample difficulty weight, docs/reference/emit.md §11.6: ``w = 1 + n_wrong / G``.
 
     correct: [N] bool (or the accuracy reward: correct iff > 0; wrong 0 and invalid -1 both count
     as wrong). ``n_wrong`` is the number of not-correct completions in the sample's group; every
@@ -214,13 +214,17 @@ def difficulty_weights(correct: jax.Array, G: int, *,
 
 
 def apply_difficulty(advantages: jax.Array, correct: jax.Array, G: int, enabled: bool = True,
-                     *, all_wrong_exception: bool = True) -> jax.Array:
+                     *, all_wrong_exception: bool = True,
+                     weights: jax.Array | None = None) -> jax.Array:
     """``A_i = w_i * Â_i`` (§11.6) when ``enabled``; the advantages unchanged (plain GRPO)
-    otherwise. advantages, correct: [N]. Returns [N] (float32)."""
+    otherwise. advantages, correct: [N]; ``weights``: :func:`difficulty_weights` of
+    ``correct`` when the caller has them already. Returns [N] (float32)."""
     a = jnp.asarray(advantages, jnp.float32)
     if not enabled:
         return a
-    return a * difficulty_weights(correct, G, all_wrong_exception=all_wrong_exception)
+    if weights is None:
+        weights = difficulty_weights(correct, G, all_wrong_exception=all_wrong_exception)
+    return a * weights
 
 
 def compute_advantages(rewards: jax.Array, correct: jax.Array, G: int, *, reweight: bool = True,
@@ -307,7 +311,7 @@ def resample_groups(generate_fn: Callable[..., Sequence[Sequence[Any]]], prompts
                     enabled: bool = True, score_last_round: bool = True,
                     initial: Sequence[Sequence[Any]] | None = None,
                     pass_round: bool = False) -> ResampleResult:
-    """Difficulty-aware response resampling, EMIT_SPEC §11.5 (see the module docstring for the
+    """Difficulty-aware response resampling, docs/reference/emit.md §11.5 (see the module docstring for the
     choices against the official ``_dynamic_sampling``).
 
     generate_fn: ``generate_fn(prompt_indices: list[int]) -> list`` of ``len(prompt_indices)``
@@ -467,7 +471,7 @@ def kl_divergence(logp: jax.Array, ref_logp: jax.Array, kind: str = KL_ESTIMATOR
     * k3 (default, TRL/ms-swift): ``exp(ref - logp) - (ref - logp) - 1`` (>= 0); the
       log-difference is clamped to ``±max_log_ratio`` before ``exp`` (None: no clamp).
     """
-    kind = _canon_kl(kind)
+    kind = canon_kl(kind)
     d = ref_logp - logp
     if kind == "k1":
         return -d
@@ -493,7 +497,7 @@ def aggregate(values: jax.Array, mask: jax.Array, agg: str = LOSS_AGG, *,
     the others, B * max_tokens for Dr. GRPO) by a global one, so that summing the micro-batch
     losses gives the exact global loss (PEERS §5).
     """
-    agg = _canon_agg(agg)
+    agg = canon_agg(agg)
     m = (jnp.asarray(mask) > 0).astype(jnp.float32)
     v = jnp.where(m > 0, values, 0.0)
     B, T = v.shape
@@ -519,7 +523,7 @@ def loss_denominator(mask: jax.Array, agg: str = LOSS_AGG, *,
     """The normaliser :func:`aggregate` divides by for the whole batch ``mask [B, T]``: pass it
     as ``denominator`` to each micro-batch's loss and the micro-batch losses sum to the batch's
     (gradient accumulation, ``emit_jax.training.micro``)."""
-    agg = _canon_agg(agg)
+    agg = canon_agg(agg)
     B, T = mask.shape
     if agg == "token_mean":
         return jnp.maximum(jnp.sum((jnp.asarray(mask) > 0).astype(jnp.float32)), 1.0)
@@ -556,7 +560,7 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array |
               eps_high: float = EPS_HIGH, beta: float = BETA, kl: str = KL_ESTIMATOR,
               agg: str = LOSS_AGG, max_log_ratio: float | None = MAX_LOG_RATIO,
               max_tokens: int | None = None, denominator: Any = None):
-    """Token-level clipped GRPO surrogate with a KL penalty, EMIT_SPEC §11.7 (TRL 0.17
+    """Token-level clipped GRPO surrogate with a KL penalty, docs/reference/emit.md §11.7 (TRL 0.17
     ``compute_loss``).
 
     logp: [B, T] policy log-probs of the completion tokens (differentiated);
@@ -577,7 +581,7 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array | None, ref_logp: jax.Array |
     ``clip_frac_high`` (rho > 1 + eps_high with A > 0), ``ratio_mean``, ``ratio_max``,
     ``tokens`` (unmasked count), ``adv_mean``.
     """
-    kl = _canon_kl(kl)
+    kl = canon_kl(kl)
     if ref_logp is None and isinstance(beta, (int, float)) and beta != 0:
         raise ValueError("grpo_loss: beta != 0 needs ref_logp")
     m = jnp.asarray(mask) > 0

@@ -1,4 +1,4 @@
-"""Verifiable rewards for EMIT stage 2 (difficulty-aware GRPO), EMIT_SPEC §11.4.
+"""Verifiable rewards for EMIT stage 2 (difficulty-aware GRPO), docs/reference/emit.md §11.4.
 
 Plain Python on decoded completion strings: no model, no JAX. Each reward reproduces the
 ms-swift ORM class that EMIT's ``Stage2.sh`` selects (``--reward_funcs external_cls_acc_choice
@@ -70,7 +70,7 @@ import numpy as np
 RewardFn = Callable[..., list]
 
 # ------------------------------------------------------------------------------------------
-# Constants (EMIT_SPEC section in brackets)
+# Constants (docs/reference/emit.md section in brackets)
 # ------------------------------------------------------------------------------------------
 
 #: §11.4(3): ms-swift ``Format`` pattern, used with ``re.match(..., re.DOTALL | re.MULTILINE)``.

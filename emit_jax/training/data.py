@@ -17,7 +17,7 @@ Stage data:
   contrastive token, row-major, so the map has the CE tokens' count and place). Meant to teach
   the tiny LLM to read a spatial defect map where stage 1 puts the heat-map tokens (the
   knowledge a pretrained MLLM brings to EMIT's stage 1); measured not to within a few hundred
-  steps (docs/TRAINING_NOTES.md), so no default recipe uses it.
+  steps (docs/training.md), so no default recipe uses it.
 - ``base`` (embedded default only: teaches the tiny MLLM the task before EMIT's stages): all
   four tasks, half with direct answers and half with a templated ``<think>`` rationale (object,
   defect and region from the annotations) followed by ``<answer>X</answer>``, so the model knows
@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from emit_jax.data import jsonl, prompts, tasks
-from emit_jax.data.build import load_domain_knowledge
+from emit_jax.data.records import load_domain_knowledge
 from emit_jax.data.mvtec import scan
 from emit_jax.models.emit import HINT_TEXT
 
@@ -119,9 +119,7 @@ def defect_map(mask_path: str | None, grid: int) -> str:
 def with_rationales(records: list[dict]) -> list[dict]:
     """Stage-2 records (``solution`` letters) with templated think answers as assistant turns
     (the SFT-instead-of-GRPO ablation trains on these)."""
-    return [dict(r, messages=[r["messages"][0], {"role": "assistant",
-                                                  "content": rationale(r, r["solution"])}])
-            for r in records]
+    return jsonl.with_answers(records, lambda r: rationale(r, r["solution"]))
 
 
 def warmup_records(questions, *, seed: int = 0, shuffles: int = 4,
@@ -165,7 +163,7 @@ def think_records(records: list[dict]) -> list[dict]:
 
     With these, stage 1's cross-entropy asks the contrastive tokens for the *belief* (normal or
     defective) before the letter, instead of only for the letter, which is that belief XOR the
-    option order (``sft.think``; docs/TRAINING_NOTES.md)."""
+    option order (``sft.think``; docs/training.md)."""
     out = []
     for r in records:
         user, answer = r["messages"][0]["content"], r["messages"][-1]["content"]

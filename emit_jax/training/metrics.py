@@ -22,8 +22,9 @@ import sys
 import time
 
 from emit_jax.fileio import atomic_output
+from emit_jax.training.config import STAGES
 
-STAGE_ORDER = ("warmup", "base", "sft", "sft2", "grpo")
+STAGE_ORDER = STAGES
 _BAR_KEYS = ("reward", "acc", "loss")
 
 

@@ -73,7 +73,7 @@ def split_rows(batch: Mapping[str, Any], m: int, *, tile_bucket: int = 1) -> dic
     pipeline's fixed stack shapes give fixed block shapes); ``num_ce`` becomes the ``[m]`` real
     CE counts. Label positions
     (``label_pos`` / ``label_ids`` / ``label_mask``) are made per block with one common K."""
-    from emit_jax.training.sft import label_positions
+    from emit_jax.data.pipeline import label_positions
 
     B = len(batch["input_ids"])
     if m < 1 or B % m:

@@ -8,7 +8,6 @@ projector; the MLLM frozen).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import sys
@@ -17,77 +16,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from emit_jax import faults
-from emit_jax.data.pipeline import IGNORE, PipelineConfig, make_dataset
-from emit_jax.training import micro, nonfinite, precision, preemption
-from emit_jax.training.metrics import MetricWriter
-from emit_jax.training.nonfinite import NonFiniteCounter, NonFiniteError
+from emit_jax.data.pipeline import IGNORE, PipelineConfig, label_positions, make_dataset
+from emit_jax.parallel import assemble_batch, process_rows, shard_module, sharded_jit
+from emit_jax.training import micro, optim
+from emit_jax.training.config import OptimConfig
+from emit_jax.training.loop import Stage, StepResult, run_loop
 from emit_jax.training.state import StageCheckpoints
+from emit_jax.models.emit import is_emit
 
 ARRAY_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "tile_valid", "ce_pixels",
               "num_ce", "label_pos", "label_ids", "label_mask")
-
-
-@dataclasses.dataclass
-class OptimConfig:
-    steps: int = 100
-    batch_size: int = 8
-    lr: float = 1e-5
-    warmup_ratio: float = 0.03
-    weight_decay: float = 1e-4
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    clip_norm: float = 1.0
-    # rows per micro-batch (gradient accumulation, emit_jax.training.micro); 0 = the whole batch
-    micro_batch_size: int = 0
-
-
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """AdamW with linear warm-up and cosine decay to 0, global-norm clipping. The first moment
-    is kept in float32 (``mu_dtype``), the second follows the parameter, which is float32 for
-    every trained parameter (``emit_jax.training.precision``)."""
-    warm = max(0, int(round(cfg.warmup_ratio * cfg.steps)))
-    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warm, 1), max(cfg.steps, warm + 1), 0.0) \
-        if warm else optax.cosine_decay_schedule(cfg.lr, max(cfg.steps, 1))
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                       optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                                   weight_decay=cfg.weight_decay, mu_dtype=jnp.float32))
-
-
-def make_train_state(model, ocfg: OptimConfig, wrt) -> nnx.Optimizer:
-    """The optimizer of a stage that trains ``wrt`` of ``model``, after storing those parameters
-    in float32 (``precision.promote_trainable``: a bf16 model keeps bf16 frozen weights and
-    compute, with float32 master weights and AdamW state for what it trains)."""
-    n = precision.promote_trainable(model, wrt)
-    if n:
-        print(f"[precision] {n} trained arrays stored in float32 (frozen weights and compute "
-              f"keep their dtypes)", file=sys.stderr, flush=True)
-    return nnx.Optimizer(model, make_optimizer(ocfg), wrt=wrt)
-
-
-def label_positions(labels: np.ndarray, min_k: int = 8) -> dict[str, np.ndarray]:
-    """Where the loss is: ``labels [B, T]`` (IGNORE elsewhere) -> ``label_pos [B, K]`` (the
-    positions whose next token is a label), ``label_ids [B, K]`` (that token) and ``label_mask
-    [B, K]``. K is the largest per-row count rounded up to a power of two (at least ``min_k``), so
-    a few shapes cover a run. The vocabulary projection then runs on K positions per row instead
-    of T: the [B, T, V] logits are never built (V is 151,674 for InternVL3)."""
-    labels = np.asarray(labels)
-    nxt = labels[:, 1:] != IGNORE
-    k = max(min_k, 1 << int(max(1, nxt.sum(1).max(initial=1)) - 1).bit_length())
-    B = labels.shape[0]
-    pos = np.zeros((B, k), np.int32)
-    ids = np.zeros((B, k), np.int32)
-    msk = np.zeros((B, k), bool)
-    for i in range(B):
-        where = np.flatnonzero(nxt[i])
-        pos[i, :len(where)] = where
-        ids[i, :len(where)] = labels[i, where + 1]
-        msk[i, :len(where)] = True
-    return {"label_pos": pos, "label_ids": ids, "label_mask": msk}
 
 
 def to_device(batch: dict) -> dict:
@@ -103,7 +44,7 @@ def to_device(batch: dict) -> dict:
 
 def _forward(model, b: dict, compute_logits: bool):
     kw = {"tile_valid": b["tile_valid"]} if "tile_valid" in b else {}
-    if hasattr(model, "emit_config"):
+    if is_emit(model):
         kw.update(ce_pixels=b["ce_pixels"], num_ce=b["num_ce"])
     return model.forward(b["input_ids"], b.get("pixel_values"), b["attention_mask"],
                          compute_logits=compute_logits, **kw)
@@ -151,8 +92,6 @@ def _poisoned(batch: dict) -> dict:
 
 
 def _assemble(batch: dict, **kw) -> dict:
-    from emit_jax.parallel import assemble_batch
-
     return assemble_batch({**batch, **label_positions(batch["labels"])}, **kw)
 
 
@@ -174,18 +113,16 @@ def _data_state(meta: dict, process_count: int) -> dict:
 def make_train_step(wrt, mesh=None, rules=None, micro_batches: int = 1):
     """``step(model, optimizer, b) -> (loss, label tokens, correct tokens, finite)``, updating
     both in place unless the loss or a gradient is non-finite (then nothing changes,
-    ``emit_jax.training.nonfinite``): one jitted program; over ``mesh`` with the parameters and
+    ``emit_jax.training.optim``): one jitted program; over ``mesh`` with the parameters and
     optimizer state sharded by their logical axes and the batch over data x fsdp
     (``emit_jax.parallel.sharded_jit``). With ``micro_batches`` M > 1, ``b`` is the step's batch
     in M micro-batches (``micro.split_rows``: arrays ``[N / M, M, ...]``) and the gradient is
     accumulated over them (``emit_jax.training.micro``): same loss and update, one micro-batch's
     activations at a time."""
-    from emit_jax.parallel import sharded_jit
-
     mutable = nnx.Any(wrt, nnx.Not(nnx.Param))
 
     def step(model, optimizer, b):
-        before = nonfinite.snapshot((model, optimizer), mutable)
+        before = optim.snapshot((model, optimizer), mutable)
         if micro_batches > 1:
             total = jnp.maximum(jnp.sum(b["label_mask"]), 1).astype(jnp.float32)
             loss, (n, correct), grads = micro.accumulate(
@@ -194,7 +131,7 @@ def make_train_step(wrt, mesh=None, rules=None, micro_batches: int = 1):
         else:
             grad_fn = nnx.value_and_grad(sft_loss, argnums=nnx.DiffState(0, wrt), has_aux=True)
             (loss, (n, correct)), grads = grad_fn(model, b)
-        ok = nonfinite.update_if_finite(model, optimizer, grads, loss, mutable, before)
+        ok = optim.update_if_finite(model, optimizer, grads, loss, mutable, before)
         return loss, n, correct, ok
     return sharded_jit(step, mesh, rules, mutable=mutable)
 
@@ -209,27 +146,31 @@ def micro_device_batch(batch: dict, m: int) -> dict:
     return out
 
 
+def _summarize(results, skipped: int) -> dict:
+    """A log line: the mean loss of the finite steps since the last line, their label-token
+    accuracy, and the non-finite steps skipped so far."""
+    good = [r for r in results if r.finite]
+    n = sum(r.scalars["n"] for r in good)
+    return {"loss": sum(r.scalars["loss"] for r in good) / len(good) if good else float("nan"),
+            "label_acc": sum(r.scalars["correct"] for r in good) / max(n, 1),
+            "nonfinite_skipped": skipped}
+
+
 def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, stage_dir: str, *,
             wrt=nnx.Param, name: str = "sft", seed: int = 0, checkpoint_every: int = 50,
             log_every: int = 5, pad_id: int = 0, mesh=None,
             on_nonfinite: str = "skip") -> dict[str, Any]:
-    """Train ``model`` in place for ``ocfg.steps`` steps (resuming from ``stage_dir``). With
-    ``mesh`` (``emit_jax.parallel.make_mesh``) the model and optimizer state are sharded by
-    their logical axes and each step runs as one program over the mesh. With several processes
-    each reads only the rows of the batch its devices hold (``parallel.process_rows``) and the
-    global batch is assembled from the pieces (``parallel.assemble_batch``).
-
-    Interruptions: SIGTERM / SIGINT stop after the current step with that step saved
-    (``emit_jax.training.preemption``); a step with a non-finite loss or gradient changes
-    nothing and is counted, ``on_nonfinite`` = ``"skip"`` goes on, ``"stop"`` stops with the last
-    good state saved (``emit_jax.training.nonfinite``)."""
+    """Train ``model`` in place for ``ocfg.steps`` steps (resuming from ``stage_dir``) through
+    :func:`emit_jax.training.loop.run_loop`. With ``mesh`` (``emit_jax.parallel.make_mesh``)
+    the model and optimizer state are sharded by their logical axes and each step runs as one
+    program over the mesh. With several processes each reads only the rows of the batch its
+    devices hold (``parallel.process_rows``) and the global batch is assembled from the pieces
+    (``parallel.assemble_batch``). ``on_nonfinite``: the loop's non-finite policy."""
     if not records:
         raise ValueError(f"{name}: no training records")
     model.train()
-    optimizer = make_train_state(model, ocfg, wrt)
+    optimizer = optim.make_train_state(model, ocfg, wrt)
     if mesh is not None:
-        from emit_jax.parallel import shard_module
-
         shard_module((model, optimizer), mesh)  # before restore: Orbax restores into these
     ckpt = StageCheckpoints(os.path.join(stage_dir, "ckpt"), every=checkpoint_every, name=name)
     batch_size, device_batch = ocfg.batch_size, to_device
@@ -238,11 +179,8 @@ def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, 
         device_batch = functools.partial(micro_device_batch, m=n_micro)
         print(f"[{name}] {n_micro} micro-batches of {ocfg.batch_size // n_micro} rows per step "
               f"(gradient accumulation)", file=sys.stderr, flush=True)
-    process_index, process_count, rows = 0, 1, None
-    if mesh is not None:
-        from emit_jax.parallel import process_rows
-
-        rows = process_rows(ocfg.batch_size, mesh)
+    process_index, process_count = 0, 1
+    rows = process_rows(ocfg.batch_size, mesh) if mesh is not None else None
     if rows is not None and n_micro > 1:
         raise ValueError(f"{name}.micro_batch_size: gradient accumulation runs in one process "
                          f"(one host with its devices); this run has {jax.process_count()} "
@@ -252,57 +190,24 @@ def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, 
         batch_size = rows[1] - rows[0]
         print(f"[{name}] process {process_index} loads rows {rows[0]}-{rows[1] - 1} of each "
               f"{ocfg.batch_size}-row batch", file=sys.stderr, flush=True)
-
         device_batch = functools.partial(_assemble, mesh=mesh, pad_id=pad_id,
                                          pad_side=pcfg.pad_side)
     ds = make_dataset(records, tokenizer, pcfg, batch_size=batch_size, seed=seed,
                       process_index=process_index, process_count=process_count, pad_id=pad_id)
-    it = iter(ds)
-    start = 0
-    meta = ckpt.restore(model, optimizer)
-    if meta is not None:
-        start = int(meta["step"])
-        it.set_state(_data_state(meta, process_count))
     step_fn = make_train_step(wrt, mesh, micro_batches=n_micro)
-    progress = MetricWriter(stage_dir, stage=name, total_steps=ocfg.steps, start_step=start)
-    counter = NonFiniteCounter(name, on_nonfinite, skipped=(meta or {}).get("nonfinite_skipped", 0))
-    history = []
-    loss_acc = n_acc = c_acc = tok_acc = good = 0.0
-    done, data_state = start, it.get_state()
 
-    def meta_at(step):
-        return {"step": step, "data": data_state, "data_processes": process_count,
-                "nonfinite_skipped": counter.skipped}
-    try:
-        with preemption.guard():
-            for step in range(start + 1, ocfg.steps + 1):
-                batch = next(it)
-                if faults.fires("nan", name, step):
-                    batch = _poisoned(batch)
-                loss, n, correct, ok = step_fn(model, optimizer, device_batch(batch))
-                if counter.record(step, bool(ok)):  # raises when the policy says stop
-                    loss_acc += float(loss)
-                    n_acc += float(n)
-                    c_acc += float(correct)
-                    good += 1
-                tok_acc += float(batch["attention_mask"].sum()) * process_count
-                if step % log_every == 0 or step == ocfg.steps:
-                    metrics = {"loss": loss_acc / good if good else float("nan"),
-                               "label_acc": c_acc / max(n_acc, 1),
-                               "nonfinite_skipped": counter.skipped}
-                    progress.write(step, metrics, tokens=int(tok_acc))
-                    tok_acc = 0.0
-                    history.append({"step": step, **metrics})
-                    loss_acc = n_acc = c_acc = good = 0.0
-                done, data_state = step, it.get_state()
-                ckpt.save(step, model, optimizer, meta_at(step), force=step == ocfg.steps)
-                if preemption.stop_requested():
-                    raise preemption.Preempted(f"{name}: stopped after step {step}")
-    except (KeyboardInterrupt, NonFiniteError):  # a signal, or the non-finite policy: save the
-        progress.close()                          # last finished (good) step, then stop
-        ckpt.save_interrupted(done, start, model, optimizer, meta_at(done))
-        raise
-    ckpt.close()
-    progress.close()
+    def step(n: int, batch: dict) -> StepResult:
+        if faults.fires("nan", name, n):
+            batch = _poisoned(batch)
+        loss, n_tok, correct, ok = step_fn(model, optimizer, device_batch(batch))
+        return StepResult(bool(ok), {"loss": float(loss), "n": float(n_tok),
+                                     "correct": float(correct)},
+                          tokens=int(float(batch["attention_mask"].sum()) * process_count))
+
+    stage = Stage(name=name, steps=ocfg.steps, model=model, optimizer=optimizer, data=iter(ds),
+                  step=step, summarize=_summarize, log_every=log_every,
+                  data_state=lambda meta: _data_state(meta, process_count),
+                  extra_meta=lambda: {"data_processes": process_count})
+    history = run_loop(stage, ckpt, stage_dir, on_nonfinite=on_nonfinite)
     model.eval()
     return {"steps": ocfg.steps, "history": history}

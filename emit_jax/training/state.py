@@ -78,7 +78,7 @@ class StageCheckpoints:
             os.makedirs(aside, exist_ok=True)
             target = os.path.join(aside, f"{step}-{int(time.time())}")
             shutil.move(os.path.join(self.directory, str(step)), target)
-            from emit_jax.cli import message
+            from emit_jax.errors import message
 
             print(f"warning: {self.name or 'stage'} checkpoint step {step} is unreadable "
                   f"({type(error).__name__}: {message(error)[:200]}); moved to {target}, trying "

@@ -10,18 +10,15 @@ line naming the key, not a traceback minutes into a run::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
-from emit_jax.models.config import ConfigError
+from emit_jax.errors import ConfigError
+from emit_jax.training.config import (SFT_STAGES, STAGES, GRPOConfig, OptimConfig, check_int,
+                                      fail as _fail)
 
-STAGES = ("warmup", "base", "sft", "sft2", "grpo")
-SFT_STAGES = ("warmup", "base", "sft", "sft2")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _fail(key: str, value, problem: str):
-    raise ConfigError(f"config {key}: {value!r} {problem}")
 
 
 def _get(section, key: str, path: str, default=...):
@@ -33,103 +30,16 @@ def _get(section, key: str, path: str, default=...):
 
 
 def _int(section, key: str, path: str, *, low: int | None = None, default=...):
-    """An integer (not a bool) ``>= low``."""
-    v = _get(section, key, path, default)
-    if isinstance(v, bool) or not isinstance(v, int):
-        _fail(path, v, "is not an integer")
-    if low is not None and v < low:
-        _fail(path, v, f"is below {low}")
-    return v
+    return check_int(path, _get(section, key, path, default), low=low)
 
 
-def _float(section, key: str, path: str, *, low: float | None = None, low_open: bool = False,
-           high: float | None = None, high_open: bool = False, default=...):
-    """A finite number in ``[low, high]`` (``low_open`` / ``high_open``: the bound excluded)."""
-    v = _get(section, key, path, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        _fail(path, v, "is not a number")
-    if not math.isfinite(v):
-        _fail(path, v, "is not a finite number")
-    if low is not None and (v < low or (low_open and v == low)):
-        _fail(path, v, f"must be {'>' if low_open else '>='} {low}")
-    if high is not None and (v > high or (high_open and v == high)):
-        _fail(path, v, f"must be {'<' if high_open else '<='} {high}")
-    return v
-
-
-def _optim_section(sec, name: str) -> None:
-    """The AdamW settings of an SFT-type stage (``training.sft.OptimConfig``)."""
-    _int(sec, "steps", f"{name}.steps", low=1)
-    _int(sec, "batch_size", f"{name}.batch_size", low=1)
-    _float(sec, "lr", f"{name}.lr", low=0.0, low_open=True)
-    _float(sec, "warmup_ratio", f"{name}.warmup_ratio", low=0.0, high=1.0, default=0.0)
-    _float(sec, "weight_decay", f"{name}.weight_decay", low=0.0, default=0.0)
-    _float(sec, "b1", f"{name}.b1", low=0.0, high=1.0, high_open=True, default=0.9)
-    _float(sec, "b2", f"{name}.b2", low=0.0, high=1.0, high_open=True, default=0.95)
-    _float(sec, "eps", f"{name}.eps", low=0.0, low_open=True, default=1e-8)
-    _float(sec, "clip_norm", f"{name}.clip_norm", low=0.0, low_open=True, default=1.0)
-    _micro(sec, int(sec.batch_size), name, f"{name}.batch_size")
-
-
-def _micro(sec, rows: int, name: str, what: str) -> None:
-    """``micro_batch_size``: 0 (the whole batch) or a divisor of the step's rows."""
-    mb = _int(sec, "micro_batch_size", f"{name}.micro_batch_size", low=0, default=0)
-    if 0 < mb < rows and rows % mb:
-        _fail(f"{name}.micro_batch_size", mb, f"does not divide {what} ({rows} rows)")
-
-
-def _grpo_section(g) -> None:
-    from emit_jax.rl import grpo as G_
-    from emit_jax.rl import rewards as R_
-
-    _int(g, "steps", "grpo.steps", low=1)
-    _int(g, "prompts_per_step", "grpo.prompts_per_step", low=1)
-    G = _int(g, "G", "grpo.G")
-    if G < 2:
-        _fail("grpo.G", G, "is below 2 (GRPO compares G >= 2 completions per prompt)")
-    _int(g, "iterations", "grpo.iterations", low=1, default=1)
-    _micro(g, int(g.prompts_per_step) * G, "grpo", "grpo.prompts_per_step x grpo.G")
-    _int(g, "max_new_tokens", "grpo.max_new_tokens", low=1)
-    _float(g, "temperature", "grpo.temperature", low=0.0, low_open=True)
-    _int(g, "top_k", "grpo.top_k", low=0)
-    _float(g, "top_p", "grpo.top_p", low=0.0, low_open=True, high=1.0)
-    _float(g, "beta", "grpo.beta", low=0.0)
-    _float(g, "eps_low", "grpo.eps_low", low=0.0)
-    _float(g, "eps_high", "grpo.eps_high", low=0.0)
-    _int(g, "max_resample_times", "grpo.max_resample_times", low=0)
-    _float(g, "lr", "grpo.lr", low=0.0, low_open=True)
-    _float(g, "warmup_ratio", "grpo.warmup_ratio", low=0.0, high=1.0)
-    _float(g, "weight_decay", "grpo.weight_decay", low=0.0)
-    for key, canon in (("kl", G_._canon_kl), ("agg", G_._canon_agg)):
-        try:
-            canon(_get(g, key, f"grpo.{key}"))
-        except ValueError as e:
-            raise ConfigError(f"config grpo.{key}: {e}") from None
-    names = list(_get(g, "reward_names", "grpo.reward_names"))
-    weights = list(_get(g, "reward_weights", "grpo.reward_weights"))
-    unknown = [n for n in names if n not in R_.REWARDS]
-    if unknown:
-        _fail("grpo.reward_names", tuple(names), f"names unknown reward(s) {unknown}; "
-              f"registered: {sorted(R_.REWARDS)}")
-    if len(set(names)) != len(names):
-        _fail("grpo.reward_names", tuple(names), "repeats a reward")
-    if len(weights) != len(names):
-        _fail("grpo.reward_weights", tuple(weights), f"has {len(weights)} entries for "
-              f"{len(names)} reward_names")
-    for i, w in enumerate(weights):
-        _float({"w": w}, "w", f"grpo.reward_weights[{i}]")
-    correct = g.get("correct", "accuracy")
-    if correct not in ("accuracy", "adfm_cls"):
-        _fail("grpo.correct", correct, "must be 'accuracy' or 'adfm_cls'")
-    if g.get("bn", "train") not in ("train", "frozen"):
-        _fail("grpo.bn", g.bn, "must be 'train' or 'frozen'")
-    rec = g.get("records", "grpo")
-    if rec not in ("grpo", "adfm"):
-        _fail("grpo.records", rec, "must be 'grpo' (EMIT's four tasks) or 'adfm'")
-    lora = _get(g, "lora", "grpo.lora")
-    _int(lora, "rank", "grpo.lora.rank", low=1)
-    _float(lora, "alpha", "grpo.lora.alpha", low=0.0, low_open=True)
-    _float(lora, "dropout", "grpo.lora.dropout", low=0.0, high=1.0, high_open=True, default=0.0)
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The typed settings of a validated config: each listed stage's :class:`OptimConfig`
+    (SFT-type stages) and the :class:`GRPOConfig` (``grpo``, and ``sft2``'s LoRA)."""
+    stages: tuple[str, ...]
+    optim: dict[str, OptimConfig]
+    grpo: GRPOConfig | None
 
 
 def _mesh(cfg, stages, num_devices: int | None) -> None:
@@ -169,7 +79,7 @@ def _mesh(cfg, stages, num_devices: int | None) -> None:
                               f"{num_devices} devices); use a multiple of {shards}")
 
 
-def validate_config(cfg, *, num_devices: int | None = None) -> None:
+def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     """Raise :class:`ConfigError` naming the first key of the training config ``cfg`` (an
     ``ml_collections.ConfigDict`` as in ``configs/``) that has a bad value; return None if all
     is well. ``num_devices``: the device count the mesh is checked against (default
@@ -187,11 +97,8 @@ def validate_config(cfg, *, num_devices: int | None = None) -> None:
             _fail("stages", stages, f"lists {s!r} but the config has no {s} section")
     if len(set(stages)) != len(stages):
         _fail("stages", stages, "repeats a stage")
-    for s in stages:
-        if s in SFT_STAGES:
-            _optim_section(cfg[s], s)
-        else:
-            _grpo_section(cfg.grpo)
+    optim = {s: OptimConfig.from_section(cfg[s], s) for s in stages if s in SFT_STAGES}
+    grpo = GRPOConfig.from_section(cfg.grpo) if "grpo" in stages else None
     from emit_jax.training.data import WARMUP_HINTS
 
     if "warmup" in cfg and cfg.warmup is not None and \
@@ -205,7 +112,7 @@ def validate_config(cfg, *, num_devices: int | None = None) -> None:
     if "sft2" in stages:
         if "grpo" not in cfg or "lora" not in cfg.grpo:
             raise ConfigError("config stages: 'sft2' uses grpo.lora, but the config has none")
-        _grpo_section(cfg.grpo)
+        grpo = GRPOConfig.from_section(cfg.grpo)
     if "sft" in stages or "sft2" in stages or "grpo" in stages:
         from emit_jax.models.emit import EMITConfig
 
@@ -259,7 +166,7 @@ def validate_config(cfg, *, num_devices: int | None = None) -> None:
     _int(cfg, "seed", "seed")
     _int(cfg, "checkpoint_every", "checkpoint_every", low=1)
     _int(cfg, "log_every", "log_every", low=1)
-    from emit_jax.training.nonfinite import POLICIES
+    from emit_jax.training.loop import POLICIES
 
     policy = _get(cfg, "nonfinite", "nonfinite", "skip")
     if policy not in POLICIES:
@@ -272,3 +179,4 @@ def validate_config(cfg, *, num_devices: int | None = None) -> None:
     _int(mem, "attention_chunk", "memory.attention_chunk", low=0, default=0)
     _int(mem, "vit_chunk", "memory.vit_chunk", low=0, default=0)
     _mesh(cfg, stages, num_devices)
+    return Settings(stages=stages, optim=optim, grpo=grpo)

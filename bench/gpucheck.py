@@ -1,4 +1,4 @@
-"""The prepared GPU check: ``python -m emit_jax.bench gpu`` (one accelerator, a few minutes).
+"""The prepared GPU check: ``python -m bench gpu`` (one accelerator, a few minutes).
 
 Builds an InternVL3-shaped EMIT model with random bf16 weights (InternVL3-8B by default;
 ``--text-layers`` / ``--vision-layers`` keep the 8B width with fewer layers when compiling the
@@ -34,6 +34,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from emit_jax import configs
 
 GiB = 2 ** 30
 
@@ -139,7 +141,7 @@ def _plan(stage: str, rows: int, c: GpuCheck, mcfg) -> int:
     """The memory plan's total for this check's shapes on one device (bytes)."""
     from emit_jax import plan
 
-    cfg = plan.load_config(c.config)  # a fresh copy to override
+    cfg = configs.load(c.config)  # a fresh copy to override
     if stage == "sft":
         cfg.sft.batch_size, cfg.sft.micro_batch_size = rows, 0
     else:
@@ -156,14 +158,15 @@ def run(c: GpuCheck) -> dict[str, Any]:
     from emit_jax import parallel
     from emit_jax.models.memory import memory_options
     from emit_jax.ops.sampling import generate
-    from emit_jax.plan import load_config
     from emit_jax.rl import grpo as G_
     from emit_jax.training import micro
-    from emit_jax.training.grpo import (_step_inputs, apply_lora, make_grpo_fns,
-                                        trainable_filter)
-    from emit_jax.training.sft import OptimConfig, make_train_state, make_train_step, to_device
+    from emit_jax.training.grpo import _step_inputs, make_grpo_fns
+    from emit_jax.training.lora import apply_lora, trainable_filter
+    from emit_jax.training.config import GRPOConfig, LoRAConfig, OptimConfig
+    from emit_jax.training.optim import make_train_state
+    from emit_jax.training.sft import make_train_step, to_device
 
-    cfg = load_config(c.config)
+    cfg = configs.load(c.config)
     mem = dict(cfg.get("memory") or {})
     mesh = parallel.make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
     t0 = time.perf_counter()
@@ -196,11 +199,12 @@ def run(c: GpuCheck) -> dict[str, Any]:
         rows = c.prompts * c.G
         prompt = _batch(model, rows, c, labels=False, seed=1)
         policy = apply_lora(model, {k: v[:1] if k in ("input_ids", "attention_mask") else v
-                                    for k, v in prompt.items()}, cfg.grpo.lora, seed=c.seed)
+                                    for k, v in prompt.items()}, LoRAConfig.from_section(cfg.grpo.lora), seed=c.seed)
         gwrt = trainable_filter()
         gopt = make_train_state(policy, OptimConfig(steps=100, lr=1e-5, weight_decay=0.1), gwrt)
         n_micro = micro.micro_count(rows, c.micro, "--prompts x --G")
-        score, train_step = make_grpo_fns(cfg.grpo, gwrt, mesh=mesh, micro_batches=n_micro)
+        score, train_step = make_grpo_fns(GRPOConfig.from_section(cfg.grpo), gwrt, mesh=mesh,
+                                          micro_batches=n_micro)
         phases: dict[str, list[float]] = {"generate": [], "ref_logprobs": [], "update": []}
         xla_g: dict = {}
         for k in range(c.steps + 1):

@@ -18,12 +18,12 @@ def base_config() -> ml_collections.ConfigDict:
         base_think=True,  # base stage: also templated <think> answers (GRPO's format reward)
         domain_knowledge=False,  # tiny: no domain-knowledge block (EMIT has one; 8B configs do)
         # anomaly discrimination's two options: "shuffled" (EMIT's builder) or "yes_no" (always
-        # A. Yes. / B. No., as MMAD asks them; docs/TRAINING_NOTES.md, "the option order")
+        # A. Yes. / B. No., as MMAD asks them; docs/training.md, "the option order")
         ad_order="shuffled",
         length_buckets=(512, 768, 1024, 1536, 2048, 4096)))
     # optional text-only warm-up stage (add "warmup" to stages): short text versions of the tasks,
     # the images replaced by a sentence at the end of the user turn. Measured 2026-11-22 (2-core
-    # CPU, docs/TRAINING_NOTES.md): 100 steps of batch 32 at lr 1e-3 on the AD records teach the
+    # CPU, docs/training.md): 100 steps of batch 32 at lr 1e-3 on the AD records teach the
     # tiny LLM to answer AD from the sentence (held-out 100 %), but stage 1 does not learn to
     # reach that pathway from the heat map, so the default recipe leaves it out.
     c.warmup = ml_collections.ConfigDict(dict(steps=300, batch_size=32, lr=2e-3, warmup_ratio=0.05,
@@ -86,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def embedded_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The embedded default's recipe (docs/TRAINING_NOTES.md). The randomly initialised tiny
+    """The embedded default's recipe (docs/training.md). The randomly initialised tiny
     LLM does not learn anomaly discrimination (AD) when its letter is the XOR of the belief and a
     shuffled option order, nor from 238 training images, nor, frozen, from a heat map whose
     signal sits in its maximum. So:

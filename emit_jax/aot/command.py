@@ -1,0 +1,72 @@
+"""``python -m emit_jax.aot``: the command line.
+
+Errors a user can cause (no libtpu, unknown topology, bad config or override, a mesh that does
+not match the topology) print one line ``emit_jax.aot: error: ...`` and exit 2. A program that
+fails to trace or compile (other than for HBM) is reported as failed, with where, after the
+others, and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from emit_jax import cli, configs
+from emit_jax.aot.report import format_report, make_report, to_json
+from emit_jax.aot.tpu import require_libtpu
+from emit_jax.errors import AotError, ConfigError, PlanError
+
+PROG = "emit_jax.aot"
+DESCRIPTION = ("The TPU compiler's word on a config before any hardware is rented: the project's "
+               "real jitted programs compiled ahead of time for an abstract TPU slice, on this "
+               "CPU host.")
+
+
+def _parser() -> cli.Parser:
+    p = cli.Parser(prog="python -m emit_jax.aot", description=DESCRIPTION, error_type=AotError)
+    p.add_argument("--config", required=True, help="ml_collections config file (path[:arg])")
+    p.add_argument("--topology", required=True, help="TPU slice, e.g. v5e:2x2, v5p:2x2x1, v6e:2x4")
+    p.add_argument("--mesh", default=None, help='default: config.mesh; e.g. "fsdp=4"')
+    p.add_argument("--stage", default=None,
+                   help="compile this stage (default: the largest of config.stages, as plan)")
+    p.add_argument("--programs", default="", help="only these, comma-separated (sft: "
+                   "train_step; grpo: sampler, score, train_step)")
+    p.add_argument("--prompt_len", type=int, default=None,
+                   help="prompt tokens (default: the largest data.length_buckets)")
+    p.add_argument("--label_tokens", type=int, default=128, help="SFT label positions per row")
+    p.add_argument("--headroom", type=float, default=10.0, help="percent of HBM reserved")
+    p.add_argument("--hbm", type=float, default=None, help="GiB per device (default: by chip)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. grpo.G=4 (repeatable); also --config.KEY=VALUE")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="programs compiled at once (8B: 5-8 GB of host RAM each)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json_out", default=None, metavar="PATH",
+                   help="also write the JSON object to PATH (the text goes to stdout)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rest, overrides = configs.split_overrides(argv)
+        args = _parser().parse_args(rest)
+        require_libtpu()
+        cfg = configs.load(args.config, overrides + list(args.set))
+        only = tuple(x for x in args.programs.replace(" ", "").split(",") if x)
+        rep = make_report(cfg, args.config, args.topology, mesh_spec=args.mesh, stage=args.stage,
+                          prompt_len=args.prompt_len, label_tokens=args.label_tokens,
+                          headroom=args.headroom, hbm_gib=args.hbm, only=only,
+                          jobs=args.jobs)
+    except (AotError, PlanError, ConfigError) as e:
+        return cli.fail(PROG, e)
+    text = to_json(rep)
+    if args.json_out:
+        try:
+            with open(args.json_out, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        except OSError as e:
+            print(f"{PROG}: error: --json_out {args.json_out}: {e.strerror}", file=sys.stderr)
+            return 2
+    print(text if args.json else format_report(rep))
+    return 1 if any(r.get("error") for r in rep["programs"]) else 0

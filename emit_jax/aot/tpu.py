@@ -1,0 +1,90 @@
+"""The abstract TPU slice: libtpu (needed), ``--topology`` as jax's abstract devices, and the HBM
+of each device (by device kind, or ``--hbm``)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import re
+import sys
+import tempfile
+
+from emit_jax.errors import AotError
+from emit_jax.plan.devices import GiB
+
+# HBM per chip by jax's device_kind; a chip of several devices (v2-v4 cores) shares it
+HBM_PER_CHIP: dict[str, tuple[int, str]] = {
+    "TPU v5": (95 * GiB, "TPU v5p chip, 95 GiB HBM2e"),
+    "TPU v5p": (95 * GiB, "TPU v5p chip, 95 GiB HBM2e"),
+    "TPU v5 lite": (16 * GiB, "TPU v5e chip, 16 GiB HBM2"),
+    "TPU v5e": (16 * GiB, "TPU v5e chip, 16 GiB HBM2"),
+    "TPU v6 lite": (32 * GiB, "TPU v6e chip, 32 GiB HBM"),
+    "TPU v6e": (32 * GiB, "TPU v6e chip, 32 GiB HBM"),
+    "TPU v4": (32 * GiB, "TPU v4 chip, 32 GiB HBM2"),
+    "TPU v3": (32 * GiB, "TPU v3 chip, 32 GiB HBM"),
+    "TPU v2": (16 * GiB, "TPU v2 chip, 16 GiB HBM"),
+}
+LIBTPU_MISSING = "libtpu is not installed: pip install -e '.[tpu-aot]'"
+
+
+def require_libtpu() -> None:
+    if importlib.util.find_spec("libtpu") is None:
+        raise AotError(LIBTPU_MISSING)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (libtpu's C++ start-up warnings about the missing TPU
+    hardware, written straight to it) for the duration; Python exceptions pass through."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def topology(name: str):
+    """``jax.experimental.topologies.get_topology_desc`` of a TPU slice name (``v5e:2x2``)."""
+    require_libtpu()
+    if not re.fullmatch(r"[\w.-]+:\d+(x\d+)*", name or ""):
+        raise AotError(f"bad --topology {name!r}: expected GENERATION:AxB[xC], e.g. v5e:2x2, "
+                       f"v5p:2x2x1, v6e:2x4")
+    # libtpu takes /tmp/libtpu_lockfile so that two processes do not drive the same chips;
+    # compiling drives none, so several compilations (and a test's children) may run at once
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    try:
+        with _quiet_stderr():
+            return topologies.get_topology_desc(platform="tpu", topology_name=name)
+    except Exception as e:  # noqa: BLE001 - libtpu's own words on a name it does not know
+        msg = " ".join(str(e).split())
+        what = "unknown topology" if msg.startswith("INVALID_ARGUMENT") else "topology"
+        raise AotError(f"{what} {name!r}: {msg.removeprefix('INVALID_ARGUMENT: ')}") from None
+
+
+def device_capacity(devices, hbm_gib: float | None = None) -> tuple[int, str]:
+    """(bytes of HBM per device, where the number comes from): ``hbm_gib`` per device when
+    given, else the chip's HBM by device kind over the devices that share a chip."""
+    kind = devices[0].device_kind
+    if hbm_gib is not None:
+        if not hbm_gib > 0:
+            raise AotError(f"--hbm {hbm_gib:g}: GiB per device, positive")
+        return int(hbm_gib * GiB), f"{kind}, --hbm {hbm_gib:g} GiB per device"
+    if kind not in HBM_PER_CHIP:
+        raise AotError(f"HBM of {kind!r} devices is not known here; pass --hbm GIB (per device)")
+    chip, note = HBM_PER_CHIP[kind]
+    per_chip = {}
+    for d in devices:
+        key = tuple(getattr(d, "coords", (d.id,)))
+        per_chip[key] = per_chip.get(key, 0) + 1
+    n = max(per_chip.values())
+    if n > 1:
+        note += f", {n} devices per chip: {chip / n / GiB:g} GiB each"
+    return chip // n, note

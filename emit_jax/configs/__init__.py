@@ -1,0 +1,142 @@
+"""The training recipes (one module per recipe, each with ``get_config(arg=None)``) and the one
+loader every command uses (``emit_jax.train``, ``emit_jax.plan``, ``emit_jax.aot``,
+``emit_jax.experiments.table1``).
+
+A config is named as ``emit_jax.train --config`` takes it: a file ``path/to/cfg.py`` or a packaged
+recipe's name (``grpo``), optionally with ``:arg`` (``configs/grpo.py:smoke``), passed to
+``get_config``. Overrides are ``key.sub=value`` (``--config.key.sub=value`` on a command line):
+the value is read as a Python literal (``3``, ``1e-3``, ``False``, ``('sft',)``) unless the field
+holds a string, and must keep the field's type. Every failure is one :class:`ConfigError` line.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import re
+from typing import Any, Mapping, Sequence
+
+import ml_collections
+
+from emit_jax.errors import ConfigError
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def resolve(spec: str) -> tuple[str, str | None]:
+    """``"configs/grpo.py:smoke"`` / ``"grpo:smoke"`` -> (file path, arg or None)."""
+    path, _, arg = spec.partition(":")
+    if not path.endswith(".py") and os.sep not in path and "/" not in path:
+        path = os.path.join(PACKAGE_DIR, path + ".py")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    return path, (arg or None)
+
+
+def load(spec: str, overrides: Sequence[str] | Mapping[str, Any] = (), *,
+         lock: bool = True) -> ml_collections.ConfigDict:
+    """The config ``spec`` names, with ``overrides`` applied (``["key=value", ...]`` or
+    ``{"key": value}``, see :func:`apply`); locked: no new keys."""
+    path, arg = resolve(spec)
+    name = "_emit_config_" + re.sub(r"\W", "_", os.path.abspath(path))
+    mod_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+        get_config = getattr(module, "get_config")
+        cfg = get_config(arg) if arg is not None else get_config()
+    except Exception as e:  # noqa: BLE001 - any failure of the user's file is bad input
+        raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from None
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(f"config file {path}: get_config() returned {type(cfg).__name__}, "
+                          "expected an ml_collections.ConfigDict")
+    if lock:
+        cfg.lock()
+    return apply(cfg, overrides)
+
+
+def apply(cfg: ml_collections.ConfigDict, overrides: Sequence[str] | Mapping[str, Any]):
+    """``cfg`` with overrides set in place: ``"key.sub=value"`` strings, or a mapping
+    ``{"key.sub": value}`` whose string values are read like a command line's and other values
+    set as they are."""
+    items = overrides.items() if isinstance(overrides, Mapping) else \
+        (_split(item) for item in overrides)
+    for key, value in items:
+        set_field(cfg, key, value)
+    return cfg
+
+
+def parse_sets(items: Sequence[str] | None) -> dict[str, str]:
+    """``["grpo.G=4", ...]`` (``--set`` arguments) -> ``{"grpo.G": "4"}`` (read by :func:`apply`)."""
+    return dict(_split(item) for item in items or ())
+
+
+def _split(item: str) -> tuple[str, str]:
+    key, eq, raw = item.partition("=")
+    if not eq or not key:
+        raise ConfigError(f"{item!r}: expected KEY=VALUE")
+    return key, raw
+
+
+def _parse(raw: str, current):
+    if isinstance(current, str):
+        return raw
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(value)
+    if isinstance(current, tuple) and isinstance(value, str):
+        return (value,)
+    return value
+
+
+def set_field(cfg: ml_collections.ConfigDict, key: str, value) -> None:
+    """Set ``key`` (dotted) of ``cfg`` to ``value`` (a string is read as :func:`load` says)."""
+    node = cfg
+    *parents, last = key.split(".")
+    try:
+        for p in parents:
+            node = node[p]
+        if not isinstance(node, ml_collections.ConfigDict) or last not in node:
+            raise KeyError(last)
+    except (KeyError, TypeError):
+        raise ConfigError(f"config {key}: no such field") from None
+    current = node[last]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(f"config {key}: a section; set its fields ({key}.NAME=...)")
+    parsed = _parse(value, current) if isinstance(value, str) else value
+    try:
+        with cfg.unlocked() if cfg.is_locked else _null():
+            node[last] = parsed
+    except (TypeError, ValueError):  # ml_collections keeps a field's type
+        raise ConfigError(f"config {key}={value}: expected a {type(current).__name__} value "
+                          f"(like {current!r})") from None
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``--config.key=value`` / ``--config.key value`` -> ``key=value`` overrides; the rest of
+    ``argv`` as it was."""
+    rest, overrides = [], []
+    it = iter(argv)
+    for a in it:
+        if a.startswith("--config."):
+            key, eq, value = a[len("--config."):].partition("=")
+            if not eq:
+                value = next(it, None)
+                if value is None:
+                    raise ConfigError(f"{a}: expected --config.{key}=VALUE")
+            overrides.append(f"{key}={value}")
+        else:
+            rest.append(a)
+    return rest, overrides

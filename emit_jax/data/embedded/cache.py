@@ -1,0 +1,61 @@
+"""The dataset cache: one folder per generator version and seed, built once, atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+from emit_jax.data.embedded.catalogue import GENERATOR_VERSION
+from emit_jax.data.embedded.seeding import _check_seed
+from emit_jax.data.embedded.writer import generate
+
+
+def cache_path(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> str:
+    """Where :func:`ensure_cached` keeps the dataset: ``<root>/embedded-v<version>-seed<seed>``
+    with ``root`` = ``cache_dir``, else ``$EMIT_JAX_CACHE``, else ``~/.cache/emit_jax``."""
+    root = cache_dir if cache_dir is not None else os.environ.get("EMIT_JAX_CACHE")
+    if not root:
+        root = os.path.join(os.path.expanduser("~"), ".cache", "emit_jax")
+    return os.path.join(os.fspath(root), f"embedded-v{GENERATOR_VERSION}-seed{_check_seed(seed)}")
+
+
+def _manifest_matches(path: str, seed: int) -> bool:
+    try:
+        with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("version") == GENERATOR_VERSION and m.get("seed") == seed
+
+
+def ensure_cached(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> str:
+    """Path of the dataset for ``seed`` in the cache (see :func:`cache_path`); built on first use.
+
+    The build goes into a temporary sibling directory that is then renamed into place
+    (``os.replace``), so a reader never sees a half-written dataset and concurrent builders agree.
+    An existing folder at the target without a matching manifest is replaced.
+    """
+    seed = _check_seed(seed)
+    target = cache_path(cache_dir, seed)
+    if _manifest_matches(target, seed):
+        return target
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(target) + ".tmp-", dir=parent)
+    try:
+        generate(tmp, seed, overwrite=True)
+        if os.path.isdir(target) and not _manifest_matches(target, seed):
+            stale = tempfile.mkdtemp(prefix=os.path.basename(target) + ".stale-", dir=parent)
+            os.replace(target, os.path.join(stale, "old"))
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _manifest_matches(target, seed):  # not a concurrent builder that won the race
+                raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,105 @@
+"""EMIT's rule-built training records (docs/reference/emit.md 9.1) from an MVTec-AD-style dataset:
+scan it, pick a reference (the most similar normal image) for every query, build the
+multiple-choice questions (stage 1: anomaly discrimination + defect localization, direct answers;
+stage 2: all four tasks, think/answer format) with domain knowledge, and write the JSONL file
+atomically. ``python -m emit_jax.data.build`` is the command line over :func:`build`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+
+from emit_jax.data import adfm, jsonl, mmad, tasks
+from emit_jax.data.mvtec import DataError, Report, scan
+from emit_jax.fileio import check_writable
+
+
+def load_domain_knowledge(path: str | os.PathLike | None, dataset: str | None = None) -> dict:
+    """class -> {defect: text, 'good': text} from the domain-knowledge JSON file ``path``
+    (dataset -> class -> entry -> text, read and checked by
+    :func:`emit_jax.data.mmad.load_domain_knowledge`); datasets merged, ``dataset`` first, a class
+    taken from the first dataset that has it. ``None``: ``{}``. A bad file raises
+    :class:`DataError` naming it."""
+    if path is None:
+        return {}
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    try:
+        data = mmad.load_domain_knowledge(folder, name)
+    except mmad.MMADError as e:
+        where = os.path.join(folder, name) + ": "
+        detail = str(e)[len(where):] if str(e).startswith(where) else str(e)
+        raise DataError(f"{path}: not a readable domain-knowledge JSON ({detail})") from None
+    out: dict = {}
+    for ds in sorted(data, key=lambda k: k != dataset):
+        for cls, entries in data[ds].items():
+            out.setdefault(cls, entries)
+    return out
+
+
+def subsample(items, max_per_type: int | None, seed: int):
+    if not max_per_type:
+        return items
+    groups: dict = {}
+    for it in items:
+        groups.setdefault((it.object_type, it.defect, it.is_anomalous), []).append(it)
+    out = []
+    for key in sorted(groups, key=str):
+        g = groups[key]
+        if len(g) > max_per_type:
+            g = sorted(random.Random(f"{seed}:{key}").sample(g, max_per_type), key=lambda i: i.path)
+        out.extend(g)
+    return out
+
+
+def build(source: str, out: str, stage: int, *, seed: int = 0, split: str | None = None,
+          domain_knowledge: str | None = None, embedding: str = "auto", vit_model=None,
+          official_reference: bool = False, text_samples: bool = False,
+          max_per_type: int | None = None, policy: str = "error",
+          adfm_frame: int | None = None) -> dict:
+    """EMIT records of ``stage`` from ``source`` written to the JSONL file ``out``; a summary
+    dict. References are picked by similarity of ``embedding``: ``vit`` (the ViT of
+    ``vit_model``, an InternVL / EMIT model), ``pixels``, or ``auto`` (vit when a model is given).
+    ``adfm_frame`` (the model's input size, e.g. 448 for InternVL3): AD-FM records instead, GT
+    boxes in that frame."""
+    check_writable(out)  # before the work, not after it
+    report = Report(policy)
+    items = scan(source, report=report)
+    has_splits = os.path.isfile(os.path.join(source, "splits.json"))
+    if split is None and has_splits:
+        split = "train"
+    if split and split != "all":
+        items = [it for it in items if it.split == split]
+    items = subsample(items, max_per_type, seed)
+    if not items:
+        raise DataError(f"{source}: no images{f' in split {split!r}' if split else ''}")
+    if embedding == "auto":
+        embedding = "vit" if vit_model is not None else "pixels"
+    if embedding == "vit":
+        if vit_model is None:
+            raise DataError("--embedding vit needs --checkpoint (the model whose ViT embeds)")
+        embed = tasks.vit_embedder(vit_model)
+    else:
+        embed = tasks.pixel_embedder()
+    refs = tasks.select_references(items, embed, skip_rank1_for_anomalous=official_reference)
+    dk_path = domain_knowledge or (os.path.join(source, "domain_knowledge.json")
+                                   if os.path.isfile(os.path.join(source, "domain_knowledge.json"))
+                                   else None)
+    if adfm_frame:
+        if adfm_frame < 1:
+            raise DataError(f"--adfm-frame must be a positive size, got {adfm_frame}")
+        recs = adfm.records(items, references=refs, frame=(adfm_frame, adfm_frame), report=report)
+        n = jsonl.write_jsonl(recs, out)
+        return {"out": out, "records": n, "images": len(items),
+                "anomalous": sum(r["solution"] == "A" for r in recs),
+                "boxes": sum(len(r["bbox_answer"]) for r in recs),
+                "skipped": len(report.skipped), "embedding": embedding}
+    dk = load_domain_knowledge(dk_path, items[0].dataset)
+    qs = tasks.build_questions(items, stage=stage, seed=seed, references=refs,
+                               domain_knowledge=dk, text_samples=text_samples, report=report)
+    n = jsonl.write_jsonl(jsonl.records(qs, stage), out)
+    counts = Counter(q.task for q in qs)
+    return {"out": out, "records": n, "images": len(items), "tasks": dict(sorted(counts.items())),
+            "skipped": len(report.skipped), "domain_knowledge": dk_path, "embedding": embedding}

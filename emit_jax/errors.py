@@ -1,0 +1,61 @@
+"""Every error a user can cause, in one place, and the one line each becomes.
+
+The command-line entry points catch :data:`USER_ERRORS` and print ``prog: error: <message>``
+with a non-zero exit (``emit_jax.cli.run``); library code raises the class that names what was
+wrong. This module imports nothing else of the project: every layer may raise these.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: a config.json that does not describe a supported InternVL
+    model, or a training config with a bad value."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be used; the message names the file."""
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and line)."""
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used; the message names the file."""
+
+
+class TokenizerError(ValueError):
+    """A tokenizer folder or tokenizer that EMIT cannot use; the message is one line."""
+
+
+class MMADError(ValueError):
+    """Malformed MMAD data; the one-line message names the file, the record key and the question."""
+
+
+class PlanError(ValueError):
+    """Bad input to the memory plan: unknown device, unparsable mesh, missing config file..."""
+
+
+class AotError(ValueError):
+    """Bad input to the compile check: no libtpu, unknown topology, a mesh that does not fit the
+    slice..."""
+
+
+class NonFiniteError(FloatingPointError):
+    """Training stopped on non-finite numbers; the last good state is saved."""
+
+
+#: what a command line reports as one ``error:`` line (exit 2) instead of a traceback
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, CheckpointError, DataError, ImageError, TokenizerError, MMADError, PlanError,
+    AotError, OSError)
+
+
+def message(e: BaseException) -> str:
+    """The one-line text of a user error (an ``OSError`` as ``<file>: <strerror>``)."""
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        text = f"{e.filename}: {e.strerror}"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())

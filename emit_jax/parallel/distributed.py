@@ -1,0 +1,148 @@
+"""Multihost start-up and the few collectives the commands need around it.
+
+:func:`initialize` starts ``jax.distributed`` from explicit arguments, from the environment
+(``EMIT_COORDINATOR`` / ``EMIT_NUM_PROCESSES`` / ``EMIT_PROCESS_ID``, or SLURM's variables:
+:func:`distributed_args_from_env`), or lets JAX detect a TPU pod; afterwards ``jax.devices()`` is
+global and every process runs the same program. Process 0 writes logs and exports
+(:func:`is_primary`); :func:`barrier` waits for every process; :func:`replicate_module`,
+:func:`localize_module` and :func:`to_host` turn multi-process arrays into full copies (each is a
+collective, a no-op with one process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedArgs:
+    coordinator: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+
+
+def distributed_args_from_env(env: Mapping[str, str] | None = None) -> DistributedArgs | None:
+    """Explicit ``EMIT_COORDINATOR`` / ``EMIT_NUM_PROCESSES`` / ``EMIT_PROCESS_ID``, else SLURM's
+    ``SLURM_NTASKS`` / ``SLURM_PROCID`` with the first node of ``SLURM_JOB_NODELIST`` (or
+    ``MASTER_ADDR``) on port ``EMIT_COORDINATOR_PORT`` (default 12355); None when neither says
+    there is more than one process."""
+    env = os.environ if env is None else env
+    if env.get("EMIT_COORDINATOR"):
+        return DistributedArgs(env["EMIT_COORDINATOR"], int(env.get("EMIT_NUM_PROCESSES", "1")),
+                               int(env.get("EMIT_PROCESS_ID", "0")))
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        host = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", ""))
+        if not host:
+            raise ValueError("SLURM run with several tasks but neither MASTER_ADDR nor "
+                             "SLURM_JOB_NODELIST names the coordinator host")
+        port = env.get("EMIT_COORDINATOR_PORT", "12355")
+        return DistributedArgs(f"{host}:{port}", int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"]))
+    return None
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """``"gpu[012-015,020],cpu1"`` -> ``"gpu012"``."""
+    nodelist = nodelist.strip()
+    if not nodelist:
+        return ""
+    depth, first = 0, ""
+    for ch in nodelist:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            break
+        first += ch
+    if "[" not in first:
+        return first
+    prefix, rest = first.split("[", 1)
+    head = rest.rstrip("]").split(",")[0].split("-")[0]
+    return prefix + head
+
+
+def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = -1, *,
+               env: Mapping[str, str] | None = None, tpu: bool | None = None) -> bool:
+    """Start ``jax.distributed`` once: from the explicit arguments, else from the environment
+    (:func:`distributed_args_from_env`), else on a TPU pod with JAX's own detection. Returns
+    True when the run has more than one process. On CPU, collectives go through gloo."""
+    args = DistributedArgs(coordinator, num_processes, process_id) if coordinator \
+        else distributed_args_from_env(env)
+    if args is None:
+        on_tpu = tpu if tpu is not None else bool((env or os.environ).get("TPU_WORKER_HOSTNAMES")
+                                                   or (env or os.environ).get("TPU_NAME"))
+        if not on_tpu:
+            return False
+        jax.distributed.initialize()
+        return jax.process_count() > 1
+    if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+        raise ValueError(f"bad multihost arguments: process {args.process_id} of "
+                         f"{args.num_processes} (coordinator {args.coordinator!r})")
+    if args.num_processes == 1:
+        return False
+    # CPU devices talk through gloo (harmless elsewhere; asking for the backend here would
+    # start it before jax.distributed, which JAX forbids)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.num_processes, process_id=args.process_id)
+    return True
+
+
+def is_primary() -> bool:
+    """True on process 0, the one that writes logs, metrics, plots and exports."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches ``name`` (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def replicate_module(node, mesh: Mesh | None):
+    """Give every process a full copy of ``node``'s arrays (a collective: call it on every
+    process), so process 0 can export them; in place. A no-op without a mesh or with one
+    process (a single process can read its sharded arrays)."""
+    if mesh is None or jax.process_count() == 1:
+        return node
+    state = nnx.state(node)
+    rep = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
+    nnx.update(node, jax.jit(lambda s: s, out_shardings=rep)(state))
+    return node
+
+
+def localize_module(node):
+    """Turn every multi-process array of ``node`` into a full copy on this process's first
+    device (a collective: call it on every process); in place. Eager code that is not one jitted
+    program (qwix tracing the model to add LoRA factors) then runs per process, after which the
+    caller shards the module again. A no-op with one process."""
+    if jax.process_count() == 1:
+        return node
+    state = nnx.state(node)
+    dev = jax.local_devices()[0]
+    nnx.update(node, jax.tree.map(
+        lambda a: jax.device_put(to_host(a), dev) if isinstance(a, jax.Array)
+        and not a.is_fully_addressable else a, state))
+    return node
+
+
+def to_host(x) -> np.ndarray:
+    """A NumPy copy of a (possibly multi-process, replicated or sharded) array."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+__all__ = ["DistributedArgs", "distributed_args_from_env", "initialize", "is_primary", "barrier",
+           "replicate_module", "localize_module", "to_host"]

@@ -1,0 +1,53 @@
+"""``python -m emit_jax.plan``: the command line (flags, the one-line errors, exit 2 on bad
+input)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from emit_jax import cli, configs
+from emit_jax.errors import ConfigError, PlanError
+from emit_jax.plan.devices import DEVICES
+from emit_jax.plan.mesh import resolve_mesh
+from emit_jax.plan.report import format_report, make_report, to_json
+
+PROG = "emit_jax.plan"
+DESCRIPTION = "Per-device memory plan of a training config on a mesh, before any weight is loaded."
+
+
+def _parser() -> cli.Parser:
+    p = cli.Parser(prog="python -m emit_jax.plan", description=DESCRIPTION, error_type=PlanError)
+    p.add_argument("--config", required=True, help="ml_collections config file (path[:arg])")
+    p.add_argument("--mesh", default="fsdp=1", help='e.g. "fsdp=8", "data=2,fsdp=4"')
+    p.add_argument("--devices", type=int, default=None,
+                   help="device count (default: the product of the --mesh sizes)")
+    p.add_argument("--device", default="a100-80g", help=", ".join(DEVICES))
+    p.add_argument("--headroom", type=float, default=10.0, help="percent of memory reserved")
+    p.add_argument("--stage", default=None, help="plan this stage (default: the largest)")
+    p.add_argument("--prompt_len", type=int, default=None,
+                   help="prompt tokens (default: the largest data.length_buckets)")
+    p.add_argument("--label_tokens", type=int, default=128, help="SFT label positions per row")
+    p.add_argument("--images_per_sample", type=int, default=2)
+    p.add_argument("--reference", choices=("copy", "shared"), default="shared",
+                   help="grpo/sft2 on a mesh: arrays shared with the policy (the code) or a "
+                        "separate copy of all weights")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. grpo.G=4 (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        if args.device not in DEVICES:
+            raise PlanError(f"unknown device {args.device!r}; known: {', '.join(DEVICES)}")
+        cfg = configs.load(args.config, args.set)
+        mesh = resolve_mesh(args.mesh, args.devices)
+        rep = make_report(cfg, args.config, mesh, args.device, args.headroom, stage=args.stage,
+                          prompt_len=args.prompt_len, label_tokens=args.label_tokens,
+                          images_per_sample=args.images_per_sample, reference=args.reference)
+    except (PlanError, ConfigError) as e:
+        return cli.fail(PROG, e)
+    print(to_json(rep) if args.json else format_report(rep))
+    return 0

@@ -1,0 +1,116 @@
+"""The model's variables without allocating them: shapes, bits and logical axes of every
+variable of a stage's model (``nnx.eval_shape``), the LoRA factors qwix would add (analytic) and
+QLoRA's quantized kernels, and trained parameters as a stage stores them (float32)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from typing import Sequence
+
+from emit_jax.errors import PlanError
+
+QBITS = {"nf4": 4, "int4": 4, "uint4": 4, "fp4": 4, "int8": 8, "uint8": 8,
+         "float8_e4m3fn": 8, "float8_e5m2": 8, "fp8": 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class Var:
+    path: str
+    shape: tuple
+    bits: int
+    axes: tuple | None
+    kind: str  # Param, BatchStat, ...
+
+
+def model_config(cfg, emit: bool):
+    """The InternVLConfig a run of ``cfg`` trains: ``arch`` in ``param_dtype`` (the preset's
+    vocabulary; +1 entry for ``<COMP_CONTEXT>`` when EMIT is on)."""
+    from emit_jax.models import architectures
+
+    kw = {"dtype": cfg.param_dtype} if cfg.get("param_dtype") else {}
+    try:
+        mcfg = architectures.get_config(cfg.arch, **kw)
+    except KeyError as e:
+        raise PlanError(str(e).strip("\"'")) from None
+    if cfg.get("image_size"):
+        mcfg = mcfg.replace(vision=dataclasses.replace(mcfg.vision, image_size=int(cfg.image_size)))
+    if emit:
+        mcfg = mcfg.replace(text=dataclasses.replace(mcfg.text, vocab_size=mcfg.text.vocab_size + 1))
+    return mcfg.validate()
+
+
+@functools.lru_cache(maxsize=8)
+def abstract_variables(mcfg, emit: bool, num_soft_tokens: int = 9,
+                       max_readout: bool = False) -> tuple[Var, ...]:
+    """Every variable of ``InternVL(mcfg)`` (wrapped in ``EMIT`` when ``emit``; ``mcfg`` then
+    already has the ``<COMP_CONTEXT>`` row) from ``nnx.eval_shape``: nothing is allocated."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from emit_jax.models.internvl import InternVL
+
+    if emit:
+        from emit_jax.models.emit import EMIT, EMITConfig
+
+        ecfg = EMITConfig(num_soft_tokens=num_soft_tokens, comp_token_id=mcfg.text.vocab_size - 1,
+                          max_readout=max_readout)
+        build = lambda: EMIT(InternVL(mcfg, rngs=nnx.Rngs(0)), ecfg, rngs=nnx.Rngs(0))  # noqa: E731
+    else:
+        build = lambda: InternVL(mcfg, rngs=nnx.Rngs(0))  # noqa: E731
+    model = nnx.eval_shape(build)
+    out = []
+    for path, v in nnx.to_flat_state(nnx.state(model)):
+        val = v.get_value()
+        if not hasattr(val, "shape"):
+            continue
+        axes = v.get_metadata().get("out_sharding")
+        out.append(Var("/".join(map(str, path)), tuple(val.shape), jnp.dtype(val.dtype).itemsize * 8,
+                       tuple(axes) if isinstance(axes, (tuple, list)) else None, type(v).__name__))
+    return tuple(out)
+
+
+def lora_factors(variables: Sequence[Var], targets: str, rank: int, bits: int | None = None):
+    """``[(kernel Var, A Var, B Var)]`` for every kernel qwix would adapt: a ``kernel`` of 2+
+    dims whose module path fully matches ``targets`` (qwix's ``re.fullmatch``)."""
+    rx = re.compile(targets)
+    out = []
+    for v in variables:
+        module, _, leaf = v.path.rpartition("/")
+        if leaf != "kernel" or len(v.shape) < 2 or v.kind != "Param" or not rx.fullmatch(module):
+            continue
+        fan_in, fan_out = math.prod(v.shape[:-1]), v.shape[-1]
+        ax = v.axes or (None,) * len(v.shape)
+        a = Var(v.path + "_lora_a", (fan_in, rank), bits or v.bits,
+                (ax[0] if len(v.shape) == 2 else None, None), "LoRAParam")
+        b = Var(v.path + "_lora_b", (rank, fan_out), bits or v.bits, (None, ax[-1]), "LoRAParam")
+        out.append((v, a, b))
+    return out
+
+
+def qlora_arrays(kernel: Var, qtype: str, tile_size: int | None):
+    """The policy's quantized copy of a targeted kernel: qvalue (same axes) + scales."""
+    bits = QBITS.get(str(qtype).lower())
+    if bits is None:
+        raise PlanError(f"grpo.lora.weight_qtype {qtype!r}: unknown; known {sorted(QBITS)}")
+    *lead, fan_out = kernel.shape
+    fan_in = math.prod(lead)
+    blocks = 1 if not tile_size else max(1, math.ceil(fan_in / int(tile_size)))
+    ax = kernel.axes or (None,) * len(kernel.shape)
+    q = Var(kernel.path + "/qvalue", kernel.shape, bits, kernel.axes, "QArray")
+    s = Var(kernel.path + "/scale", (blocks, fan_out), kernel.bits, (None, ax[-1]), "QArray")
+    return q, s
+
+
+TRAIN_BITS = 32  # trained parameters' storage while a stage runs (emit_jax.training.precision)
+
+
+def _master(v: Var) -> Var:
+    """A trained parameter as the stage stores it: float32 (``precision.promote_trainable``)."""
+    return dataclasses.replace(v, bits=max(v.bits, TRAIN_BITS))
+
+
+def _in_full(path: str, names) -> bool:
+    return any(n in path.split("/") for n in names)

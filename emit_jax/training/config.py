@@ -1,0 +1,243 @@
+"""Typed, validated settings of the training stages, built once from the ConfigDict.
+
+:class:`OptimConfig` (an SFT-type stage: warmup, base, sft, sft2; also GRPO's schedule),
+:class:`LoRAConfig` and :class:`GRPOConfig` check themselves when built (``__post_init__``): a bad
+value is one :class:`ConfigError` line naming the config key, e.g.
+``config grpo.G: 1 is below 2 (GRPO compares G >= 2 completions per prompt)``.
+``X.from_section(cfg.grpo)`` reads an ``ml_collections`` section (missing optional keys take
+the defaults below); everything downstream (the stages, ``make_grpo_fns``, the benchmarks, the
+memory plan) takes these objects, not the raw ConfigDict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+from emit_jax.errors import ConfigError
+from emit_jax.rl import grpo as rl_grpo
+from emit_jax.rl import rewards as rl_rewards
+
+#: every stage a config may list, in the order a run goes through them
+STAGES = ("warmup", "base", "sft", "sft2", "grpo")
+#: the stages trained by cross-entropy (an :class:`OptimConfig` section each)
+SFT_STAGES = ("warmup", "base", "sft", "sft2")
+#: the stages with LoRA adapters (``grpo.lora``)
+LORA_STAGES = ("sft2", "grpo")
+#: the stages that train an EMIT model (soft prompt, projector, ``<COMP_CONTEXT>``)
+EMIT_STAGES = ("sft", "sft2", "grpo")
+#: what "correct" may mean for resampling and reweighting (``grpo.correct``)
+CORRECTNESS = ("accuracy", "adfm_cls")
+
+
+# ------------------------------------------------------------------------------ checks
+def fail(key: str, value, problem: str):
+    raise ConfigError(f"config {key}: {value!r} {problem}")
+
+
+def check_int(key: str, v, *, low: int | None = None) -> int:
+    """An integer (not a bool) ``>= low``."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        fail(key, v, "is not an integer")
+    if low is not None and v < low:
+        fail(key, v, f"is below {low}")
+    return v
+
+
+def check_float(key: str, v, *, low: float | None = None, low_open: bool = False,
+                high: float | None = None, high_open: bool = False) -> float:
+    """A finite number in ``[low, high]`` (``low_open`` / ``high_open``: the bound excluded)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        fail(key, v, "is not a number")
+    if not math.isfinite(v):
+        fail(key, v, "is not a finite number")
+    if low is not None and (v < low or (low_open and v == low)):
+        fail(key, v, f"must be {'>' if low_open else '>='} {low}")
+    if high is not None and (v > high or (high_open and v == high)):
+        fail(key, v, f"must be {'<' if high_open else '<='} {high}")
+    return float(v)
+
+
+def check_micro(key: str, mb: int, rows: int, what: str) -> None:
+    """``micro_batch_size``: 0 (the whole batch) or a divisor of the step's rows."""
+    check_int(key, mb, low=0)
+    if 0 < mb < rows and rows % mb:
+        fail(key, mb, f"does not divide {what} ({rows} rows)")
+
+
+def _fields(cls, section: Mapping[str, Any], name: str, required=()) -> dict:
+    """The dataclass fields ``cls`` takes from ``section`` (missing: the default; missing and
+    in ``required``: an error)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "name" or not f.init:
+            continue
+        if f.name in section:
+            out[f.name] = section[f.name]
+        elif f.name in required:
+            raise ConfigError(f"config {name}.{f.name}: missing")
+    return out
+
+
+# ------------------------------------------------------------------------------ settings
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warm-up + cosine decay, global-norm clipping (``training.optim``), and the
+    batch of an SFT-type stage. ``name``: the config section, for messages."""
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 1e-5
+    warmup_ratio: float = 0.03
+    weight_decay: float = 1e-4
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    # rows per micro-batch (gradient accumulation, emit_jax.training.micro); 0 = the whole batch
+    micro_batch_size: int = 0
+    name: str = dataclasses.field(default="optim", compare=False)
+
+    def __post_init__(self):
+        n = self.name
+        check_int(f"{n}.steps", self.steps, low=1)
+        check_int(f"{n}.batch_size", self.batch_size, low=1)
+        check_float(f"{n}.lr", self.lr, low=0.0, low_open=True)
+        check_float(f"{n}.warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
+        check_float(f"{n}.weight_decay", self.weight_decay, low=0.0)
+        check_float(f"{n}.b1", self.b1, low=0.0, high=1.0, high_open=True)
+        check_float(f"{n}.b2", self.b2, low=0.0, high=1.0, high_open=True)
+        check_float(f"{n}.eps", self.eps, low=0.0, low_open=True)
+        check_float(f"{n}.clip_norm", self.clip_norm, low=0.0, low_open=True)
+        check_micro(f"{n}.micro_batch_size", self.micro_batch_size, self.batch_size,
+                    f"{n}.batch_size")
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any], name: str) -> "OptimConfig":
+        return cls(**_fields(cls, section, name, required=("steps", "batch_size", "lr")), name=name)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """qwix LoRA on the modules whose path matches ``targets`` (a regex); ``weight_qtype``
+    (``nf4``, ``int8``, ...) makes it QLoRA; "" keeps the base kernels as they are."""
+    rank: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: str = ".*"
+    weight_qtype: str = ""
+
+    def __post_init__(self):
+        check_int("grpo.lora.rank", self.rank, low=1)
+        check_float("grpo.lora.alpha", self.alpha, low=0.0, low_open=True)
+        check_float("grpo.lora.dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / float(self.rank)
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any]) -> "LoRAConfig":
+        return cls(**_fields(cls, section, "grpo.lora", required=("rank", "alpha")))
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """EMIT stage 2 (``training.grpo``): ``prompts_per_step`` prompts x ``G`` completions a
+    step, rewards, difficulty-aware resampling and weights, the clipped loss with KL, LoRA."""
+    steps: int = 40
+    prompts_per_step: int = 2
+    G: int = 4
+    max_new_tokens: int = 40
+    micro_batch_size: int = 0  # completions per micro-batch of the loss (0 = all at once)
+    iterations: int = 1  # mu: optimiser updates per sampled batch
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 0.9
+    beta: float = rl_grpo.BETA
+    eps_low: float = rl_grpo.EPS_LOW
+    eps_high: float = rl_grpo.EPS_HIGH
+    kl: str = rl_grpo.KL_ESTIMATOR
+    agg: str = rl_grpo.LOSS_AGG
+    resample: bool = True
+    max_resample_times: int = rl_grpo.MAX_RESAMPLE_TIMES
+    reweight: bool = True
+    bn: str = "train"  # the heat-map BatchNorm in the loss: "train" or "frozen"
+    reward_names: tuple = ("accuracy", "cosine", "format", "repetition")
+    reward_weights: tuple = (3.0, 1.0, 1.0, 1.0)
+    reward_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    correct: str = "accuracy"  # what "correct" means: CORRECTNESS
+    records: str = "grpo"  # "grpo" (EMIT's four tasks) or "adfm"
+    lr: float = 5e-4
+    warmup_ratio: float = 0.01
+    weight_decay: float = 0.1
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+
+    def __post_init__(self):
+        check_int("grpo.steps", self.steps, low=1)
+        check_int("grpo.prompts_per_step", self.prompts_per_step, low=1)
+        check_int("grpo.G", self.G)
+        if self.G < 2:
+            fail("grpo.G", self.G, "is below 2 (GRPO compares G >= 2 completions per prompt)")
+        check_int("grpo.iterations", self.iterations, low=1)
+        check_micro("grpo.micro_batch_size", self.micro_batch_size, self.rows,
+                    "grpo.prompts_per_step x grpo.G")
+        check_int("grpo.max_new_tokens", self.max_new_tokens, low=1)
+        check_float("grpo.temperature", self.temperature, low=0.0, low_open=True)
+        check_int("grpo.top_k", self.top_k, low=0)
+        check_float("grpo.top_p", self.top_p, low=0.0, low_open=True, high=1.0)
+        check_float("grpo.beta", self.beta, low=0.0)
+        check_float("grpo.eps_low", self.eps_low, low=0.0)
+        check_float("grpo.eps_high", self.eps_high, low=0.0)
+        check_int("grpo.max_resample_times", self.max_resample_times, low=0)
+        check_float("grpo.lr", self.lr, low=0.0, low_open=True)
+        check_float("grpo.warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
+        check_float("grpo.weight_decay", self.weight_decay, low=0.0)
+        for key, canon in (("kl", rl_grpo.canon_kl), ("agg", rl_grpo.canon_agg)):
+            try:
+                canon(getattr(self, key))
+            except ValueError as e:
+                raise ConfigError(f"config grpo.{key}: {e}") from None
+        names, weights = tuple(self.reward_names), tuple(self.reward_weights)
+        unknown = [n for n in names if n not in rl_rewards.REWARDS]
+        if unknown:
+            fail("grpo.reward_names", names, f"names unknown reward(s) {unknown}; "
+                 f"registered: {sorted(rl_rewards.REWARDS)}")
+        if len(set(names)) != len(names):
+            fail("grpo.reward_names", names, "repeats a reward")
+        if len(weights) != len(names):
+            fail("grpo.reward_weights", weights, f"has {len(weights)} entries for "
+                 f"{len(names)} reward_names")
+        for i, w in enumerate(weights):
+            check_float(f"grpo.reward_weights[{i}]", w)
+        if self.correct not in CORRECTNESS:
+            fail("grpo.correct", self.correct, "must be 'accuracy' or 'adfm_cls'")
+        if self.bn not in ("train", "frozen"):
+            fail("grpo.bn", self.bn, "must be 'train' or 'frozen'")
+        if self.records not in ("grpo", "adfm"):
+            fail("grpo.records", self.records, "must be 'grpo' (EMIT's four tasks) or 'adfm'")
+        object.__setattr__(self, "reward_names", names)
+        object.__setattr__(self, "reward_weights", tuple(float(w) for w in weights))
+        object.__setattr__(self, "reward_kwargs", dict(self.reward_kwargs))
+
+    @property
+    def rows(self) -> int:
+        """Completions per step: ``prompts_per_step x G``."""
+        return self.prompts_per_step * self.G
+
+    def optim(self) -> OptimConfig:
+        """The optimiser's settings; its schedule counts updates: ``iterations`` per step."""
+        return OptimConfig(steps=self.steps * self.iterations, lr=self.lr,
+                           warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
+                           b1=0.9, b2=0.95, clip_norm=1.0, name="grpo")
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any]) -> "GRPOConfig":
+        if "lora" not in section:
+            raise ConfigError("config grpo.lora: missing")
+        kw = _fields(cls, section, "grpo", required=(
+            "steps", "prompts_per_step", "G", "max_new_tokens", "temperature", "top_k", "top_p",
+            "beta", "eps_low", "eps_high", "kl", "agg", "max_resample_times", "lr",
+            "warmup_ratio", "weight_decay", "reward_names", "reward_weights"))
+        kw["lora"] = LoRAConfig.from_section(section["lora"])
+        return cls(**kw)

@@ -1,0 +1,292 @@
+"""The stages of a run (``--config.stages``), each a function in :data:`REGISTRY`, and what they
+share: the run's data, the initial model, finishing and loading a stage in the workdir.
+
+- ``warmup`` (embedded default only): text-only versions of the tasks, the images replaced by one
+  sentence (``emit_jax.training.data.warmup_records``);
+- ``base`` (embedded default only): the whole tiny MLLM on the four tasks, no soft prompt or
+  contrastive tokens, so that a frozen MLLM in stage 1 knows something;
+- ``sft``: EMIT stage 1, ``<COMP_CONTEXT>`` added, soft prompt + heat-map projector trained by
+  cross-entropy on anomaly-discrimination and localization answers, the MLLM frozen;
+- ``sft2``: the ablation "SFT instead of GRPO": stage 2's data with templated think answers,
+  cross-entropy, the same LoRA adapters and fully trained modules as GRPO;
+- ``grpo``: EMIT stage 2, difficulty-aware GRPO (``emit_jax.training.grpo``).
+
+A stage function takes the :class:`Run` and the model so far and returns ``(model, info)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from typing import Any, Callable
+
+import numpy as np
+from flax import nnx
+
+from emit_jax import checkpoint, hf, parallel
+from emit_jax.data.adfm import with_rationales as adfm_rationales
+from emit_jax.data.embedded import ensure_cached
+from emit_jax.data.pipeline import PipelineConfig, RecordEncoder, collate
+from emit_jax.data.tokenizer import load_tokenizer
+from emit_jax.fileio import atomic_output
+from emit_jax.models import architectures
+from emit_jax.models.emit import EMIT, EMITConfig, is_emit
+from emit_jax.models.internvl import InternVL
+from emit_jax.training import data as stage_data
+from emit_jax.training.grpo import run_grpo
+from emit_jax.training.lora import apply_lora, merge_lora, trainable_filter
+from emit_jax.training.precision import to_storage
+from emit_jax.training.sft import run_sft
+from emit_jax.training.validate import Settings
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class Run:
+    """What every stage of one run shares."""
+    cfg: Any  # the ml_collections config (data, model and evaluation keys)
+    settings: Settings  # the typed stage settings built from it (validate_config)
+    workdir: str
+    source: str  # the dataset root
+    tokenizer: Any
+    records: dict[str, list[dict]]
+    mesh: Any = None
+
+    @property
+    def pad(self) -> int:
+        return self.tokenizer.pad_token_id or 0
+
+    def pipeline(self, model, *, train: bool = True, with_answer: bool = True) -> PipelineConfig:
+        return pipeline_config(self.cfg, model, train=train, with_answer=with_answer)
+
+    def sft(self, model, records, name: str, *, wrt=nnx.Param, pcfg=None) -> dict:
+        """Run the SFT-type stage ``name`` on ``records`` (its settings from ``settings``)."""
+        cfg = self.cfg
+        return run_sft(model, records, self.tokenizer, pcfg or self.pipeline(model),
+                       self.settings.optim[name], os.path.join(self.workdir, name), wrt=wrt,
+                       name=name, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
+                       log_every=cfg.log_every, pad_id=self.pad, mesh=self.mesh,
+                       on_nonfinite=cfg.get("nonfinite", "skip"))
+
+
+def pipeline_config(cfg, model, *, train: bool = True, with_answer: bool = True) -> PipelineConfig:
+    """How an SFT-type stage (or the evaluation) encodes records for ``model``."""
+    return PipelineConfig.for_model(model, max_tiles=cfg.data.max_tiles, train=train,
+                                    with_answer=with_answer,
+                                    length_buckets=tuple(cfg.data.length_buckets))
+
+
+# ------------------------------------------------------------------------------ the stages
+def stage1_trainable():
+    """The parameters EMIT's stage 1 trains: the soft prompt and the heat-map projector."""
+    return nnx.All(nnx.Param, nnx.Any(nnx.PathContains("soft_prompt"),
+                                      nnx.PathContains("projector")))
+
+
+def text_stage_records(cfg, records: dict, stage: str) -> list[dict]:
+    """The records of the ``warmup`` / ``base`` stage. ``warmup.tasks`` picks the statement
+    tasks; ``base.statements`` mixes those statement records into the base stage too, so what the
+    warm-up taught (statement at the end of the user turn -> answer letter) is kept while the
+    base stage learns the image tasks."""
+    tasks = tuple(cfg.warmup.get("tasks", ())) if "warmup" in cfg else ()
+    source = "warmup_map" if map_grid(cfg) else "warmup"
+    statements = [r for r in records[source] if not tasks or r["task_type"] in tasks]
+    if stage == "warmup":
+        return statements
+    extra = adfm_rationales(records["adfm"]) if cfg.base.get("adfm", False) else []
+    return records["base"] + (statements if cfg.base.get("statements", False) else []) + extra
+
+
+def run_text_stage(run: Run, model, stage: str):
+    """``warmup`` / ``base``: the whole tiny MLLM, cross-entropy on the answers."""
+    cfg = run.cfg
+    wrt = nnx.Param if cfg[stage].get("train_vision", True) else \
+        nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision_tower")))
+    return model, run.sft(model, text_stage_records(cfg, run.records, stage), stage, wrt=wrt)
+
+
+def run_stage1(run: Run, model, stage: str = "sft"):
+    """EMIT stage 1: ``<COMP_CONTEXT>`` added (an EMIT model over the MLLM), soft prompt and
+    projector trained."""
+    cfg = run.cfg
+    if not is_emit(model):
+        model = EMIT.create(model, EMITConfig(**dict(cfg.emit.items())),
+                            tokenizer=run.tokenizer, rngs=nnx.Rngs(cfg.seed))
+    tasks = tuple(cfg.sft.get("tasks", ()))
+    records = [r for r in run.records["sft"] if not tasks or r["task_type"] in tasks]
+    fresh = int(cfg.sft.get("fresh_datasets", 0))
+    if embedded_only(cfg, "[sft] sft.fresh_datasets", fresh):
+        # AD questions on further embedded datasets: no image repeats (configs)
+        import time  # noqa: PLC0415
+
+        t0 = time.time()
+        records = records + stage_data.fresh_records(
+            range(cfg.data.seed + 1, cfg.data.seed + 1 + fresh), **question_options(cfg))
+        random.Random(cfg.seed).shuffle(records)
+        log(f"[sft] {len(records)} records with the AD questions of {fresh} fresh embedded "
+            f"datasets (seeds {cfg.data.seed + 1}-{cfg.data.seed + fresh}, "
+            f"{time.time() - t0:.0f} s)")
+    if cfg.sft.get("think", False):
+        records = stage_data.think_records(records)
+    return model, run.sft(model, records, "sft", wrt=stage1_trainable())
+
+
+def run_sft2(run: Run, model, stage: str = "sft2"):
+    """The ablation: stage 2 by SFT (same LoRA and trainable set as GRPO), merged after."""
+    records = stage_data.with_rationales(run.records["grpo"])
+    pcfg = run.pipeline(model)
+    sample = collate([RecordEncoder(run.tokenizer, pcfg)(records[0], np.random.default_rng(0))],
+                     pcfg, run.pad)
+    policy = apply_lora(model, sample, run.settings.grpo.lora, seed=run.cfg.seed)
+    info = run.sft(policy, records, "sft2", wrt=trainable_filter(), pcfg=pcfg)
+    model = merge_lora(policy, model)
+    model.eval()
+    return model, info
+
+
+def run_stage2(run: Run, model, stage: str = "grpo"):
+    """EMIT stage 2: difficulty-aware GRPO with LoRA; returns the merged model."""
+    cfg, g = run.cfg, run.settings.grpo
+    return run_grpo(model, run.records[g.records], run.tokenizer, g,
+                    os.path.join(run.workdir, "grpo"), mesh=run.mesh, seed=cfg.seed,
+                    max_tiles=cfg.data.max_tiles, length_buckets=cfg.data.length_buckets,
+                    checkpoint_every=cfg.checkpoint_every,
+                    on_nonfinite=cfg.get("nonfinite", "skip"))
+
+
+#: stage name -> ``fn(run, model, stage) -> (model, info)``
+REGISTRY: dict[str, Callable] = {"warmup": run_text_stage, "base": run_text_stage,
+                                 "sft": run_stage1, "sft2": run_sft2, "grpo": run_stage2}
+
+
+# ------------------------------------------------------------------------------ the workdir
+def stage_steps(cfg, stage: str) -> int:
+    section = cfg.get(stage) if stage in REGISTRY else None
+    return int((section or {}).get("steps", 0))
+
+
+def stage_done(workdir: str, stage: str, steps: int) -> bool:
+    """Finished with at least ``steps`` steps (a larger step count continues from the stage's
+    last checkpoint)."""
+    path = os.path.join(workdir, stage, "done.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        return int(json.load(f).get("steps", 0)) >= steps
+
+
+def finish_stage(workdir: str, stage: str, model, info: dict) -> None:
+    """Save the finished stage's model (``WORKDIR/<stage>/model``) and its ``done.json``."""
+    to_storage(model)  # trained parameters back to the dtype the user asked for (bf16 8B)
+    d = os.path.join(workdir, stage)
+    target = os.path.join(d, "model")
+    if os.path.isdir(target) and parallel.is_primary():  # an earlier, shorter run: replace it
+        shutil.rmtree(target)
+    parallel.barrier("replace:" + stage)  # nobody checks the target before it is gone
+    checkpoint.save_model(model, target, assets_from=os.path.join(workdir, "tokenizer"))
+    if parallel.is_primary():
+        with atomic_output(os.path.join(d, "done.json"), "w") as f:
+            json.dump(info, f, indent=1, default=str)
+    parallel.barrier("finish:" + stage)
+
+
+def load_stage(workdir: str, stage: str):
+    model, _ = checkpoint.load_model(os.path.join(workdir, stage, "model"))
+    return model
+
+
+def build_initial_model(cfg, tokenizer):
+    """The model a run starts from: ``init_from`` (HF folder or Orbax checkpoint), or the named
+    architecture with random weights, its vocabulary fitted to the tokenizer."""
+    if cfg.init_from:
+        if os.path.isfile(os.path.join(cfg.init_from, "config.json")):
+            return hf.load(cfg.init_from, dtype=cfg.get("param_dtype") or None)
+        return checkpoint.load_model(cfg.init_from, dtype=cfg.get("param_dtype") or None)[0]
+    mcfg = architectures.get_config(cfg.arch, **({"dtype": cfg.param_dtype}
+                                                  if cfg.get("param_dtype") else {}))
+    img = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    # the tokenizer's last entry is <COMP_CONTEXT>, which EMIT appends to the model at stage 1
+    vocab = len(tokenizer) - 1
+    mcfg = mcfg.replace(text=dataclasses.replace(mcfg.text, vocab_size=vocab), image_token_id=img)
+    if cfg.get("image_size"):
+        mcfg = mcfg.replace(vision=dataclasses.replace(mcfg.vision, image_size=cfg.image_size))
+    return InternVL(mcfg.validate(), rngs=nnx.Rngs(cfg.seed))
+
+
+# ------------------------------------------------------------------------------ the run's data
+def adfm_frame(cfg) -> tuple[int, int]:
+    """The model's input frame ``(W, H)`` for AD-FM boxes: ``image_size``, else the HF
+    checkpoint's vision config, else the architecture's."""
+    size = cfg.get("image_size") or 0
+    hf_config = os.path.join(cfg.init_from or "", "config.json")
+    if not size and cfg.init_from and os.path.isfile(hf_config):
+        with open(hf_config, encoding="utf-8") as f:
+            size = json.load(f).get("vision_config", {}).get("image_size", 0)
+            size = size[0] if isinstance(size, (list, tuple)) else size
+    if not size:
+        size = architectures.get_config(cfg.arch).vision.image_size
+    return int(size), int(size)
+
+
+def map_grid(cfg) -> int:
+    """The contrastive-token grid side when the warm-up's hints are defect maps
+    (``warmup.hint='map'``), else 0: the ViT's patch grid halved by the projector's stride-2
+    conv (8 for ``tiny``)."""
+    hint = cfg.warmup.get("hint", "statement") if "warmup" in cfg else "statement"
+    if hint not in stage_data.WARMUP_HINTS:  # validate_config says so first on the command line
+        raise ValueError(f"warmup.hint must be 'statement' or 'map', got {hint!r}")
+    if hint == "statement":
+        return 0
+    return adfm_frame(cfg)[0] // architectures.get_config(cfg.arch).vision.patch_size // 2
+
+
+def question_options(cfg) -> dict:
+    """How ``cfg`` builds questions (``tasks.build_questions``' options), for the workdir's
+    record sets and for the extra embedded datasets (fresh and unseen) alike."""
+    return dict(ad_order=cfg.data.get("ad_order", "shuffled"),
+                domain_knowledge=cfg.data.get("domain_knowledge", True),
+                dk_sentences=cfg.data.get("dk_sentences", 0))
+
+
+def embedded_only(cfg, option: str, value) -> bool:
+    """Whether ``option`` (set to ``value``) applies: further datasets are drawn by the embedded
+    generator only; with a dataset folder it is not used, and the log says so."""
+    if value and cfg.data.source != "embedded":
+        log(f"{option}={value} not used: it draws further datasets with the embedded generator, "
+            "and data.source is a dataset folder")
+        return False
+    return bool(value)
+
+
+def prepare_data(cfg, workdir: str, *, write: bool = True):
+    """(dataset root, tokenizer, stage records); ``write=False`` keeps the record files out of
+    the workdir (a secondary process of a multi-process run)."""
+    source = ensure_cached(seed=cfg.data.seed) if cfg.data.source == "embedded" else cfg.data.source
+    if write:
+        log(f"[data] {source}")
+    tok_src = cfg.get("tokenizer") or ""
+    if not tok_src and cfg.init_from:  # a real checkpoint brings its own tokenizer files
+        tok_src = cfg.init_from if os.path.isfile(os.path.join(cfg.init_from, "config.json")) \
+            else checkpoint.assets_dir(cfg.init_from)
+    tokenizer = load_tokenizer(tok_src) if tok_src else stage_data.tokenizer_for(workdir, source)
+    if write and not os.path.isdir(os.path.join(workdir, "tokenizer")):
+        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+    kw = dict(seed=cfg.data.seed, text_samples=cfg.data.text_samples,
+              base_think=cfg.data.get("base_think", True),
+              adfm_frame=adfm_frame(cfg) if cfg.data.get("adfm", False) else None,
+              map_grid=map_grid(cfg), **question_options(cfg))
+    if write:
+        records = stage_data.stage_records(source, workdir, **kw)
+        log("[data] " + ", ".join(f"{k} {len(v)}" for k, v in records.items()))
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            records = stage_data.stage_records(source, scratch, **kw)
+    return source, tokenizer, records

@@ -1,0 +1,206 @@
+"""emit_jax.fileio: atomic files and folders, JSON read as one-line errors naming the file."""
+
+import json
+import os
+
+import pytest
+
+from emit_jax.fileio import (atomic_folder, atomic_output, atomic_path, iter_json_lines,
+                             json_problem, read_json)
+
+
+class Boom(Exception):
+    pass
+
+
+class MyError(ValueError):
+    pass
+
+
+def _one_line(msg: str) -> str:
+    assert "\n" not in msg, msg
+    return msg
+
+
+# ------------------------------------------------------------------------------- atomic_folder
+def test_atomic_folder_moves_a_complete_folder_into_place(tmp_path):
+    target = tmp_path / "sub" / "out"  # the parent is created
+    with atomic_folder(target) as tmp:
+        assert os.path.isdir(tmp) and not target.exists()
+        assert os.path.dirname(tmp) == str(tmp_path / "sub")
+        assert os.path.basename(tmp).startswith(".tmp-out-")
+        (open(os.path.join(tmp, "a.txt"), "w")).write("a")
+        os.makedirs(os.path.join(tmp, "d"))
+        (open(os.path.join(tmp, "d", "b.txt"), "w")).write("b")
+    assert (target / "a.txt").read_text() == "a" and (target / "d" / "b.txt").read_text() == "b"
+    assert sorted(os.listdir(tmp_path / "sub")) == ["out"]  # no temporary folder left
+
+
+def test_atomic_folder_failure_leaves_nothing(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(Boom):
+        with atomic_folder(target) as tmp:
+            open(os.path.join(tmp, "half.txt"), "w").write("half")
+            raise Boom
+    assert os.listdir(tmp_path) == []  # no partial output, no temporary folder
+
+
+def test_atomic_folder_failure_keeps_an_empty_target(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_folder(tmp_path / "out") as tmp:
+            open(os.path.join(tmp, "x"), "w").write("x")
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(tmp_path / "out") == []
+
+
+def test_atomic_folder_replaces_an_empty_folder(tmp_path):
+    (tmp_path / "out").mkdir()
+    with atomic_folder(tmp_path / "out") as tmp:
+        open(os.path.join(tmp, "x"), "w").write("x")
+    assert os.listdir(tmp_path) == ["out"] and (tmp_path / "out" / "x").read_text() == "x"
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_atomic_folder_refuses_an_existing_target_before_writing(tmp_path, kind):
+    target = tmp_path / "out"
+    if kind == "folder":
+        target.mkdir()
+        (target / "keep.txt").write_text("keep me")
+    else:
+        target.write_text("keep me")
+    entered = []
+    with pytest.raises(FileExistsError) as e:
+        with atomic_folder(target, hint="choose a new checkpoint path"):
+            entered.append(1)
+    assert _one_line(str(e.value)) == (f"{target}: exists and is not empty; "
+                                       "choose a new checkpoint path")
+    assert not entered and sorted(os.listdir(tmp_path)) == ["out"]
+    assert (target / "keep.txt" if kind == "folder" else target).read_text() == "keep me"
+
+
+def test_atomic_folder_target_filled_meanwhile_is_kept(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(OSError):
+        with atomic_folder(target) as tmp:
+            open(os.path.join(tmp, "new"), "w").write("new")
+            target.mkdir()
+            (target / "other").write_text("other")  # another writer won
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(target) == ["other"]
+
+
+def test_atomic_folder_shared_tmp(tmp_path):
+    """Multi-host: the owner empties and makes the agreed folder and publishes it; the others
+    write into it and leave it; a failure anywhere removes it."""
+    shared = tmp_path / ".tmp-out-multihost"
+    shared.mkdir()
+    (shared / "stale").write_text("from an interrupted run")
+    with atomic_folder(tmp_path / "out", tmp=shared, owner=True) as tmp:
+        assert tmp == str(shared) and os.listdir(shared) == []
+        with atomic_folder(tmp_path / "out", tmp=shared, owner=False) as tmp2:
+            open(os.path.join(tmp2, "shard1"), "w").write("1")
+        assert os.listdir(shared) == ["shard1"]  # not published by a non-owner
+        open(os.path.join(tmp, "shard0"), "w").write("0")
+    assert sorted(os.listdir(tmp_path / "out")) == ["shard0", "shard1"]
+    assert os.listdir(tmp_path) == ["out"]
+
+    shared.mkdir()
+    with pytest.raises(Boom):
+        with atomic_folder(tmp_path / "out2", tmp=shared, owner=False):
+            raise Boom
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    with pytest.raises(ValueError, match="owner=False"):
+        with atomic_folder(tmp_path / "out3", owner=False):
+            pass
+
+
+# ------------------------------------------------------------------------ atomic_path / output
+def test_atomic_path_renames_only_on_success(tmp_path):
+    target = tmp_path / "lib.so"
+    target.write_bytes(b"old")
+    with pytest.raises(Boom):
+        with atomic_path(target) as tmp:
+            assert os.path.dirname(tmp) == str(tmp_path) and tmp.endswith(".so")
+            open(tmp, "wb").write(b"half")
+            raise Boom
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["lib.so"]
+    with atomic_path(target) as tmp:
+        os.remove(tmp)  # a writer that replaces the file (as a linker does)
+        open(tmp, "wb").write(b"new")
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["lib.so"]
+
+
+def test_atomic_output_failure_removes_the_folders_it_made(tmp_path):
+    target = tmp_path / "a" / "b" / "out.json"
+    with pytest.raises(Boom):
+        with atomic_output(target) as f:
+            f.write("{")
+            raise Boom
+    assert os.listdir(tmp_path) == []
+    with atomic_output(target) as f:
+        f.write("{}")
+    assert json.loads(target.read_text()) == {} and os.listdir(target.parent) == ["out.json"]
+    with pytest.raises(ValueError, match="mode"):
+        with atomic_output(target, "a"):
+            pass
+
+
+# ----------------------------------------------------------------------------------- read_json
+def test_read_json_good_file(tmp_path):
+    path = tmp_path / "good.json"
+    path.write_text('{"a": [1, 2], "é": "ü"}', encoding="utf-8")
+    assert read_json(path) == {"a": [1, 2], "é": "ü"}
+    pairs = read_json(path, object_pairs_hook=list)
+    assert pairs == [("a", [1, 2]), ("é", "ü")]
+
+
+@pytest.mark.parametrize("content,problem", [
+    (None, "no such file"),
+    ('{"a": ', "malformed JSON: Expecting value at line 1 column 7"),
+    ('{"a": 1,\n "b": }', "malformed JSON: Expecting value at line 2 column 7"),
+    (b'{"a": "\xff"}', "not UTF-8 text (invalid start byte at byte 7)"),
+    ("[" * 100000, "malformed JSON: maximum recursion depth exceeded"),
+    ("1" * 5000, "malformed JSON: Exceeds the limit"),
+])
+def test_read_json_errors_are_one_line_naming_the_file(tmp_path, content, problem):
+    path = tmp_path / "bad.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(MyError) as e:
+        read_json(path, error=MyError)
+    assert type(e.value) is MyError and e.value.__cause__ is None
+    assert _one_line(str(e.value)).startswith(f"{path}: {problem}"), str(e.value)
+    with pytest.raises(ValueError) as e:  # the default class; ``what`` says what it should be
+        read_json(str(path), what="a valid splits file")
+    assert type(e.value) is ValueError
+    assert _one_line(str(e.value)).startswith(f"{path}: not a valid splits file ({problem}")
+    assert str(e.value).endswith(")")
+
+
+def test_read_json_unreadable(tmp_path):
+    with pytest.raises(MyError) as e:
+        read_json(tmp_path, error=MyError)  # a folder
+    assert _one_line(str(e.value)).startswith(f"{tmp_path}: cannot read (")
+
+
+# ------------------------------------------------------------------------------ JSON lines
+def test_iter_json_lines(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"a": 1}\n\n  \n[1, \n"\xff"\n2\n')
+    got = list(iter_json_lines(path))
+    assert got == [(1, {"a": 1}, None),
+                   (4, None, "malformed JSON: Expecting value at column 5"),
+                   (5, None, "not UTF-8 text (invalid start byte at byte 1)"),
+                   (6, 2, None)]
+    with pytest.raises(FileNotFoundError):
+        list(iter_json_lines(tmp_path / "missing.jsonl"))
+
+
+def test_json_problem_is_one_line():
+    try:
+        json.loads('{"a":\n\n x}')
+    except ValueError as e:
+        assert json_problem(e) == "malformed JSON: Expecting value at line 3 column 2"
+        assert json_problem(e, one_line=True) == "malformed JSON: Expecting value at column 2"
