@@ -24,6 +24,7 @@ from flax import nnx
 from emit_jax.fileio import atomic_folder, read_json
 from emit_jax.hf import CheckpointError, copy_assets
 from emit_jax.models.config import ConfigError, InternVLConfig
+from emit_jax.models.emit import is_emit
 from emit_jax.models.internvl import InternVL
 
 META_FILE = "emit_jax.json"

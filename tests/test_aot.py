@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from emit_jax import aot, plan
+from emit_jax import aot
 from emit_jax import configs
 from emit_jax.errors import ConfigError
 

@@ -102,11 +102,9 @@ def test_map_warmup_keeps_ad_and_dl_image_questions_with_their_map(tmp_path):
 
 
 def test_warmup_hint_picks_the_map_records_of_the_ce_grid():
-    import os
-
-    from emit_jax.training.stages import map_grid as _map_grid, text_stage_records as _text_stage_records
-
     from emit_jax.configs import common
+    from emit_jax.training.stages import map_grid as _map_grid
+    from emit_jax.training.stages import text_stage_records as _text_stage_records
 
     cfg = common.base_config()
     recs = {"warmup": [{"task_type": "anomaly_discrimination", "id": "s"}],

@@ -149,7 +149,7 @@ def main() -> None:
         print("  ", u)
     print(f"import cycles: {len(sccs)}", *("   " + " <-> ".join(c) for c in sccs), sep="\n")
     print(f"project import statements: {len(top_n)} module-level, {len(local_n)} function-local")
-    print(f"largest modules: " + ", ".join(f"{f} {n}" for n, f in sizes[:3]))
+    print("largest modules: " + ", ".join(f"{f} {n}" for n, f in sizes[:3]))
     print(f"README.md lines: {len((ROOT / 'README.md').read_text().splitlines())}")
     if "--trace" in sys.argv:
         trace()
