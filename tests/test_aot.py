@@ -160,7 +160,7 @@ def test_split_layout_matches_the_training_code():
 
 def _cli(*args, hide_libtpu=False):
     code = ("import sys; sys.modules['libtpu'] = None; " if hide_libtpu else "import sys; ") + \
-        "from emit_jax.aot import main; sys.exit(main(sys.argv[1:]))"
+        "from emit_jax.aot.command import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=dict(os.environ, JAX_PLATFORMS="cpu"))
