@@ -108,20 +108,11 @@ def set_field(cfg: ml_collections.ConfigDict, key: str, value) -> None:
     if isinstance(current, ml_collections.ConfigDict):
         raise ConfigError(f"config {key}: a section; set its fields ({key}.NAME=...)")
     parsed = _parse(value, current) if isinstance(value, str) else value
-    try:
-        with cfg.unlocked() if cfg.is_locked else _null():
-            node[last] = parsed
+    try:  # a locked config refuses new keys only: an existing field can be set
+        node[last] = parsed
     except (TypeError, ValueError):  # ml_collections keeps a field's type
         raise ConfigError(f"config {key}={value}: expected a {type(current).__name__} value "
                           f"(like {current!r})") from None
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

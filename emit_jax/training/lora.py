@@ -77,8 +77,6 @@ def apply_lora(model, sample: dict, lora_cfg: LoRAConfig, *, seed: int = 0):
     the sampler all ran without the adapters, and LoRA received no gradient."""
     import qwix  # noqa: PLC0415
 
-    if not isinstance(lora_cfg, LoRAConfig):  # a ConfigDict section (tests, tools)
-        lora_cfg = LoRAConfig.from_section(lora_cfg)
     model.eval()
     localize_module(model)  # qwix traces eagerly: per process, not over a multi-process mesh
     ce, _ = batch_ce(sample)
