@@ -1,4 +1,4 @@
-"""``python -m bench {heatmap,rollout,grpo_step,train_step,matmul,gpu,compare} [--arch ...]``
+"""``python -m bench {heatmap,rollout,grpo_step,train_step,matmul,gpu,compare,compile_time} ...``
 
 Benchmarks (scripts, not tests, and not part of the ``emit_jax`` package: run them from the
 repository root); one JSON object per line.
@@ -6,10 +6,15 @@ repository root); one JSON object per line.
 - ``rollout``: the jitted sampler (prefill + ``while_loop`` decode over a preallocated KV cache),
   ``--batch`` 16 prompts of ``--prompt-len`` 128 random tokens, exactly ``--new-tokens`` 128
   sampled tokens each (no EOS), temperature 1; new tokens/s (median over ``--repeats``).
+  ``--lora R``: a LoRA policy of rank R, sampled merged (``--merge-lora``, the merge timed in
+  each call) or not; ``--compare`` alternates unmerged and merged (``variants`` in the row).
 - ``grpo_step``: one GRPO step as the peers time it (``--prompts`` 2 x ``--G`` 8, 128 / 128
   tokens, beta 0.01, full fine-tuning with AdamW 1e-5 and a separate frozen reference):
   generation, reference log-probs, rewards + advantages, loss + update; seconds per step and per
-  phase (each phase waits for its outputs).
+  phase (each phase waits for its outputs). ``--lora R`` trains a LoRA policy instead (the model
+  its reference), ``--resample-groups K`` adds a resampling round of K groups a step, and
+  ``--sampler today|new`` / ``--compare`` (both, step by step) choose GRPO's sampler settings
+  (``grpo.sampler``: LoRA merged once per step, rounds padded to a power of two).
 - ``train_step``: one SFT step (cross-entropy on every token, AdamW) on ``--batch`` x
   ``--seq-len`` tokens; achieved FLOP/s (XLA's count of the compiled step, and 6 N T) against
   this machine's measured matmul peak (``matmul``), i.e. MFU. ``--profile`` also traces two
@@ -21,6 +26,9 @@ repository root); one JSON object per line.
   ``GRPOTrainer``, Tunix's sampler and GRPO learner, the PyTorch heat maps), run alternately
   for ``--rounds`` rounds, each in its own process (the peers in their own virtualenvs, named by
   ``--python-hf`` / ``--python-tunix``); prints the medians and our speed-up per workload.
+- ``compile_time``: seconds to trace and compile one training step at full depth (28 decoder
+  layers, 24 ViT blocks, narrow widths) with the layers unrolled and stacked under ``lax.scan``
+  (``scan_layers``), ``--remat`` optionally (``bench/compile_time.py``).
 - ``heatmap`` times :func:`emit_jax.ops.heatmap.anomaly_map` at
 an architecture's real CE shape (InternVL3-8B: 4 layers, 32 x 32 patches, D 1024, 4 rotations,
 window 6) on random features, and reports milliseconds per sample and the achieved GFLOP/s of
@@ -33,6 +41,7 @@ same shape in float32 or bfloat16.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -43,8 +52,11 @@ from emit_jax.ops.heatmap import STRATEGIES as HEATMAP_STRATEGIES
 
 from . import gpucheck
 from .compare import compare
+from .compile_time import bench_compile_time
 from .heatmap import _native_heatmap, bench_heatmap
-from .steps import bench_grpo_step, bench_matmul, bench_rollout, bench_train_step
+from emit_jax.training.config import MERGE_LORA
+
+from .steps import SAMPLERS, bench_grpo_step, bench_matmul, bench_rollout, bench_train_step
 
 
 def main(argv=None) -> int:
@@ -67,6 +79,12 @@ def main(argv=None) -> int:
     r.add_argument("--prompt-len", type=int, default=128)
     r.add_argument("--new-tokens", type=int, default=128)
     r.add_argument("--repeats", type=int, default=5)
+    r.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="sample a LoRA policy of this rank (0: the plain model)")
+    r.add_argument("--merge-lora", default="float32", choices=MERGE_LORA,
+                   help="grpo.sampler.merge_lora for the LoRA policy (with --lora)")
+    r.add_argument("--compare", action="store_true",
+                   help="with --lora: alternate merge_lora 'never' (today) and --merge-lora")
     gs = sub.add_parser("grpo_step")
     gs.add_argument("--arch", default="small")
     gs.add_argument("--prompts", type=int, default=2)
@@ -74,6 +92,15 @@ def main(argv=None) -> int:
     gs.add_argument("--prompt-len", type=int, default=128)
     gs.add_argument("--new-tokens", type=int, default=128)
     gs.add_argument("--steps", type=int, default=4, help="timed steps after the compiling one")
+    gs.add_argument("--lora", type=int, default=0, metavar="RANK",
+                    help="train a LoRA policy of this rank (0: full fine-tuning, as the peers)")
+    gs.add_argument("--resample-groups", type=int, default=0, metavar="K",
+                    help="also regenerate K groups a step, as a resampling round")
+    gs.add_argument("--sampler", default="new", choices=sorted(SAMPLERS),
+                    help="today: LoRA unmerged, resampling rounds padded to all prompts; new: "
+                         "the grpo.sampler defaults (merged, padded to a power of two)")
+    gs.add_argument("--compare", action="store_true",
+                    help="alternate the samplers 'today' and 'new', step by step")
     t = sub.add_parser("train_step")
     t.add_argument("--arch", default="small")
     t.add_argument("--batch", type=int, default=8)
@@ -95,8 +122,22 @@ def main(argv=None) -> int:
     c.add_argument("--python-tunix", default=None, help="python of a virtualenv with google-tunix")
     c.add_argument("--rounds", type=int, default=3)
     c.add_argument("--workloads", default="rollout,grpo_step,heatmap")
-    for q in (r, gs, t, m, c, gp):
+    ct = sub.add_parser("compile_time")
+    ct.add_argument("--arch", default="small")
+    ct.add_argument("--text-layers", type=int, default=28)
+    ct.add_argument("--vit-layers", type=int, default=24)
+    ct.add_argument("--batch", type=int, default=2)
+    ct.add_argument("--seq-len", type=int, default=256)
+    ct.add_argument("--remat", action="store_true", help="under memory.remat")
+    ct.add_argument("--remat-policy", default="full", help="memory.remat_policy (with --remat)")
+    for q in (r, gs, t, m, c, gp, ct):
         q.add_argument("--json", action="store_true", help="one JSON object per line (the default)")
+    for q in (r, gs, t, gp):
+        q.add_argument("--kernels", nargs="+", default=[""], metavar="K=V,...",
+                       help="kernel variants (emit_jax.ops.kernels), e.g. 'attention=einsum,"
+                       "decode=full' 'attention=dot_product,decode=bucketed'; each runs in turn, "
+                       "--rounds times, alternating (default: the defaults, once)")
+        q.add_argument("--rounds", type=int, default=1)
     args = p.parse_args(argv)
     if getattr(args, "profile", False):  # per-op trace events; read when XLA:CPU starts
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -109,22 +150,31 @@ def main(argv=None) -> int:
         rows = [bench_heatmap(args.arch, s, args.batch, args.repeats, args.dtype, args.grid,
                               args.window) for s in strategies]
     elif args.what == "rollout":
-        rows = [bench_rollout(args.arch, args.batch, args.prompt_len, args.new_tokens, args.repeats)]
+        merges = ("never", args.merge_lora) if args.compare else (args.merge_lora,)
+        rows = alternate(args, lambda: bench_rollout(args.arch, args.batch, args.prompt_len,
+                                                     args.new_tokens, args.repeats, args.lora,
+                                                     merges))
     elif args.what == "grpo_step":
-        rows = [bench_grpo_step(args.arch, args.prompts, args.G, args.prompt_len, args.new_tokens,
-                                args.steps)]
+        samplers = ("today", "new") if args.compare else (args.sampler,)
+        rows = alternate(args, lambda: bench_grpo_step(
+            args.arch, args.prompts, args.G, args.prompt_len, args.new_tokens, args.steps,
+            lora=args.lora, resample_groups=args.resample_groups, samplers=samplers))
     elif args.what == "train_step":
-        rows = [bench_train_step(args.arch, args.batch, args.seq_len, args.repeats, args.peak_gflops,
-                                 args.profile)]
+        rows = alternate(args, lambda: bench_train_step(args.arch, args.batch, args.seq_len,
+                                                        args.repeats, args.peak_gflops,
+                                                        args.profile))
     elif args.what == "matmul":
         rows = [bench_matmul(args.n, args.repeats)]
+    elif args.what == "compile_time":
+        rows = bench_compile_time(args.arch, args.text_layers, args.vit_layers, args.batch,
+                                  args.seq_len, args.remat, args.remat_policy)
     elif args.what == "gpu":
         import tempfile
 
         if not jax.config.jax_compilation_cache_dir:  # the compiler's figures cost no 2nd compile
             jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="emit_gpu_xla"))
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-        rows = [gpucheck.run(gpucheck.from_args(args))]
+        rows = alternate(args, lambda: gpucheck.run(gpucheck.from_args(args)))
     else:
         rows = compare(args.peers_dir, args.python_hf, args.python_tunix, args.rounds,
                        [w for w in args.workloads.split(",") if w])
@@ -135,6 +185,38 @@ def main(argv=None) -> int:
     for row in rows:
         print(json.dumps(row), flush=True)
     return 0
+
+
+def parse_kernels(text: str) -> dict:
+    """``'attention=dot_product,decode=bucketed'`` -> keyword arguments of ``kernel_options``."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise SystemExit(f"python -m bench: error: --kernels {text!r}: expected KEY=VALUE")
+        out[key.strip()] = int(value) if key.strip() == "decode_bucket" else value.strip()
+    return out
+
+
+def alternate(args, bench) -> list[dict]:
+    """``bench()`` under each ``--kernels`` variant in turn, ``--rounds`` times (this host is
+    noisy: old and new alternate in one run); each row says its variant and round. A variant's
+    programs are traced under its options (the benches build their jitted steps per call; the
+    sampler's cache is keyed by them)."""
+    from emit_jax.ops.kernels import kernel_options
+
+    variants = [parse_kernels(k) for k in args.kernels]
+    rows = []
+    for rnd in range(args.rounds):
+        for v in variants:
+            try:
+                with kernel_options(**v) as opts:
+                    row = bench()
+            except ValueError as e:
+                raise SystemExit(f"python -m bench: error: --kernels: {e}") from None
+            rows.append({**row, "kernels": dataclasses.asdict(opts), "round": rnd})
+            print(json.dumps(rows[-1]), flush=True)
+    return []
 
 
 if __name__ == "__main__":

@@ -60,88 +60,214 @@ def bench_matmul(n: int = 2048, repeats: int = 10) -> dict:
             "device": _device()}
 
 
-def bench_rollout(arch: str, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+def _lora_policy(model, ids, mask, rank: int):
+    """``model``'s LoRA policy on the LLM's linears (EMIT's targets, alpha 4 x rank) with
+    non-zero B factors (as after some training: the adapters change the outputs)."""
+    import numpy as np
+    import qwix
+    from flax import nnx
+
+    from emit_jax.configs.grpo import LORA_TARGETS
+    from emit_jax.training.config import LoRAConfig
+    from emit_jax.training.lora import LORA_METHODS, lora_provider
+
+    cfg = LoRAConfig(rank=rank, alpha=4.0 * rank, targets=LORA_TARGETS)
+    policy = qwix.apply_lora_to_model(model, lora_provider(cfg), ids[:1], None, mask[:1],
+                                      rngs=nnx.Rngs(0), methods=LORA_METHODS)
+    policy._emit_lora_scale = cfg.scale
+    rs = np.random.RandomState(0)
+    for path, v in nnx.to_flat_state(nnx.state(policy, nnx.LoRAParam)):
+        if path[-1].endswith("_lora_b"):
+            v.set_value(jnp.asarray(1e-3 * rs.randn(*v.get_value().shape), v.get_value().dtype))
+    return policy
+
+
+def _sampler(policy, reference, merge: str):
+    """What GRPO's rollout samples from under ``grpo.sampler.merge_lora = merge``: the policy,
+    or its merged copy (made now, as once per step)."""
+    from emit_jax.training.config import GRPOConfig, SamplerConfig
+    from emit_jax.training.grpo import merges_lora
+    from emit_jax.training.lora import merged_model
+
+    g = GRPOConfig(sampler=SamplerConfig(merge_lora=merge))
+    if reference is None or not merges_lora(policy, g):
+        return policy
+    model = merged_model(policy, reference)
+    model.eval()
+    return model
+
+
+def bench_rollout(arch: str, batch: int, prompt_len: int, new_tokens: int, repeats: int,
+                  lora: int = 0, merges=("float32",)) -> dict:
+    """The sampler, ``repeats`` calls after a compiling one. ``lora`` = rank > 0 samples a LoRA
+    policy, merged (the merge timed in each call, as once per GRPO step) or not, per
+    ``grpo.sampler.merge_lora`` value of ``merges`` (several: timed alternately)."""
+    from flax import nnx
+
     from emit_jax.ops.sampling import generate
 
     model = _model(arch)
     model.eval()
     ids, mask = _prompts(batch, prompt_len, model.config.text.vocab_size)
-    keys = iter(jax.random.split(jax.random.key(0), repeats + 1))
+    policy = _lora_policy(model, ids, mask, lora) if lora else model
+    policy.eval()
+    keys = iter(jax.random.split(jax.random.key(0), (repeats + 1) * len(merges)))
 
-    def call():
-        out = generate(model, ids, mask, max_new_tokens=new_tokens, eos_token_id=None,
+    def call(merge) -> tuple[float, float]:
+        """(seconds to make the sampler's model, seconds to sample)."""
+        t0 = time.perf_counter()
+        sampler = _sampler(policy, model if lora else None, merge)
+        jax.block_until_ready(jax.tree.leaves(nnx.state(sampler)))
+        t1 = time.perf_counter()
+        out = generate(sampler, ids, mask, max_new_tokens=new_tokens, eos_token_id=None,
                        temperature=1.0, top_k=0, top_p=1.0, rng=next(keys))
         jax.block_until_ready(out.tokens)
         assert out.tokens.shape == (batch, new_tokens)
-    first, times = _timed(call, repeats)
-    med = _median(times)
+        return t1 - t0, time.perf_counter() - t1
+    times = {m: [] for m in merges}
+    for _ in range(repeats + 1):
+        for m in merges:
+            times[m].append(call(m))
+    rows = {m: _rollout_fields([a + b for a, b in times[m]], [a for a, _ in times[m][1:]],
+                               batch * new_tokens) for m in merges}
     return {"bench": "rollout", "arch": arch, "batch": batch, "prompt_len": prompt_len,
-            "new_tokens": new_tokens, "new_tokens_per_s": batch * new_tokens / med,
-            "s_per_call_median": med, "s_per_call_all": times, "first_call_s": first,
+            "new_tokens": new_tokens, "lora_rank": lora, **_variants(rows, "merge_lora", lora),
             "device": _device()}
 
 
+def _rollout_fields(totals: list[float], merges: list[float], tokens: int) -> dict:
+    """A rollout variant's fields from its calls' seconds (the first compiles) and the part of
+    the timed calls spent making the sampler's model (the LoRA merge)."""
+    med = _median(totals[1:])
+    return {"new_tokens_per_s": tokens / med, "s_per_call_median": med,
+            "s_per_call_all": totals[1:], "first_call_s": totals[0],
+            "merge_s_median": _median(merges)}
+
+
+def _variants(rows: dict, key: str, named: bool = True) -> dict:
+    """A bench row's fields for its variants ``rows`` (``{name: fields}``, timed alternately):
+    the last one's at the top (``key``: its name, when ``named``), and all under ``variants``
+    when there are several."""
+    name, last = list(rows.items())[-1]
+    return {**({key: name} if named else {}), **last,
+            **({"variants": rows} if len(rows) > 1 else {})}
+
+
+#: ``--compare``'s two GRPO samplers: today's (LoRA unmerged, resampling rounds of all prompts)
+#: and the new defaults
+SAMPLERS = {"today": ("never", "full"), "new": ("float32", "pow2")}
+
+
 def bench_grpo_step(arch: str, prompts: int, G: int, prompt_len: int, new_tokens: int,
-                    steps: int, beta: float = 0.01) -> dict:
+                    steps: int, beta: float = 0.01, lora: int = 0, resample_groups: int = 0,
+                    samplers=("new",)) -> dict:
     """The peers' GRPO step (TRL / Tunix in ../shared/bench): full fine-tuning, separate
-    reference, reward ``(sum of the completion's tokens) % 7`` (theirs: text length % 7)."""
+    reference, reward ``(sum of the completion's tokens) % 7`` (theirs: text length % 7).
+    ``lora`` = rank > 0: a LoRA policy over the model instead (the model is the reference).
+    ``resample_groups`` = K > 0: each step also regenerates K groups, as a resampling round.
+    ``samplers``: names in :data:`SAMPLERS` (several: their steps alternate)."""
     import numpy as np
     import optax
     from flax import nnx
 
-    from emit_jax.ops.sampling import generate
-    from emit_jax.rl import grpo as G_
     from emit_jax.training.config import GRPOConfig
     from emit_jax.training.grpo import make_grpo_fns
+    from emit_jax.training.lora import trainable_filter
 
-    policy = _model(arch)
-    reference = _model(arch)  # an identical, separate copy (as the peers keep one)
+    model = _model(arch)
+    model.eval()
+    vocab = model.config.text.vocab_size
+    if lora:
+        ids, mask = _prompts(1, prompt_len, vocab)
+        policy, reference, wrt = _lora_policy(model, ids, mask, lora), model, trainable_filter()
+    else:  # an identical, separate reference (as the peers keep one)
+        policy, reference, wrt = model, _model(arch), nnx.Param
     policy.eval(), reference.eval()
     g = GRPOConfig(beta=beta, eps_low=0.2, eps_high=0.2, kl="k3", agg="token_mean", iterations=1)
     opt = nnx.Optimizer(policy, optax.chain(optax.clip_by_global_norm(1.0),
-                                            optax.adamw(1e-5, weight_decay=0.0)), wrt=nnx.Param)
-    score, train_step = make_grpo_fns(g, nnx.Param)
-    vocab = policy.config.text.vocab_size
-    phases: dict[str, list[float]] = {"generate": [], "ref_logprobs": [], "rewards": [],
-                                      "update": []}
-    totals = []
-    spread = 0
-    before = [np.asarray(x) for x in jax.tree.leaves(nnx.state(policy, nnx.Param))[:4]]
+                                            optax.adamw(1e-5, weight_decay=0.0)), wrt=wrt)
+    fns = make_grpo_fns(g, wrt)
+    before = [np.asarray(x) for x in jax.tree.leaves(nnx.state(policy, wrt))[:4]]
+    runs = {s: [] for s in samplers}
     for step in range(steps + 1):
-        t0 = time.perf_counter()
-        ids, mask = _prompts(prompts, prompt_len, vocab, seed=step)
-        ids, mask = jnp.repeat(ids, G, 0), jnp.repeat(mask, G, 0)
-        out = generate(policy, ids, mask, max_new_tokens=new_tokens, eos_token_id=None,
-                       temperature=1.0, top_k=0, top_p=1.0, rng=jax.random.key(step))
-        toks = jax.block_until_ready(out.tokens)
-        t1 = time.perf_counter()
-        b = {"input_ids": ids, "attention_mask": mask, "pixel_values": None}
-        cmask = jnp.ones_like(toks)
-        ref, old = score(policy, reference, b, toks, cmask)
-        jax.block_until_ready(ref)
-        t2 = time.perf_counter()
-        rewards = (np.asarray(toks).sum(1) % 7).astype(np.float32)
-        spread += int(sum(len(set(rewards[i:i + G])) > 1 for i in range(0, len(rewards), G)))
-        adv = G_.group_advantages(jnp.asarray(rewards), G)
-        t3 = time.perf_counter()
-        loss, _, _ = train_step(policy, opt, b, toks, cmask, adv, ref, old)
-        jax.block_until_ready(jax.tree.leaves(nnx.state(policy, nnx.Param)))
-        t4 = time.perf_counter()
-        if step:  # step 0 compiles
-            for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                phases[k].append(dt)
-            totals.append(t4 - t0)
-        else:
-            first = t4 - t0
-    after = [np.asarray(x) for x in jax.tree.leaves(nnx.state(policy, nnx.Param))[:4]]
+        for s in samplers:
+            runs[s].append(_grpo_step(policy, reference, bool(lora), opt, fns, step, prompts, G,
+                                      prompt_len, new_tokens, vocab, resample_groups,
+                                      *SAMPLERS[s]))
+    moved = any(not np.array_equal(a, np.asarray(c)) for a, c in
+                zip(before, jax.tree.leaves(nnx.state(policy, wrt))[:4]))
+    rows = {s: _step_fields(runs[s], prompts) for s in samplers}
     return {"bench": "grpo_step", "arch": arch, "prompts": prompts, "G": G,
-            "prompt_len": prompt_len, "new_tokens": new_tokens, "beta": beta,
-            "s_per_step_median": _median(totals), "s_per_step_all": totals, "first_step_s": first,
-            "phase_s_median": {k: _median(v) for k, v in phases.items()},
-            "groups_with_reward_spread": f"{spread}/{prompts * (steps + 1)}",
-            "loss_last": float(loss),
-            "params_moved": any(not np.array_equal(a, c) for a, c in zip(before, after)),
-            "device": _device()}
+            "prompt_len": prompt_len, "new_tokens": new_tokens, "beta": beta, "lora_rank": lora,
+            "resample_groups": resample_groups, **_variants(rows, "sampler"),
+            "params_moved": moved, "device": _device()}
+
+
+def _step_fields(runs: list[dict], prompts: int) -> dict:
+    """The row fields of one sampler's steps (the first compiles)."""
+    done = runs[1:]
+    return {"s_per_step_median": _median([r["total"] for r in done]),
+            "s_per_step_all": [r["total"] for r in done], "first_step_s": runs[0]["total"],
+            "phase_s_median": {k: _median([r["phases"][k] for r in done])
+                               for k in done[0]["phases"]},
+            "resample_rows": runs[0]["resample_rows"],
+            "groups_with_reward_spread": f"{sum(r['spread'] for r in runs)}/"
+                                         f"{prompts * len(runs)}",
+            "loss_last": runs[-1]["loss"]}
+
+
+def _grpo_step(policy, reference, lora: bool, opt, fns, step: int, prompts: int, G: int,
+               prompt_len: int, new_tokens: int, vocab: int, resample_groups: int, merge: str,
+               pad: str) -> dict:
+    """One timed GRPO step of :func:`bench_grpo_step`: (the LoRA merge), generate, (a
+    resampling round of ``resample_groups`` groups padded by ``pad``), reference log-probs,
+    rewards, update."""
+    import numpy as np
+    from flax import nnx
+
+    from emit_jax.ops.sampling import generate
+    from emit_jax.rl import grpo as G_
+    from emit_jax.training.grpo import round_size
+
+    score, train_step = fns
+    t0 = last = time.perf_counter()
+    phases = {}
+
+    def lap(name):
+        nonlocal last
+        now = time.perf_counter()
+        phases[name], last = now - last, now
+    sampler = _sampler(policy, reference if lora else None, merge)
+    if lora:
+        jax.block_until_ready(jax.tree.leaves(nnx.state(sampler)))
+        lap("merge")
+    ids, mask = _prompts(prompts, prompt_len, vocab, seed=step)
+    ids, mask = jnp.repeat(ids, G, 0), jnp.repeat(mask, G, 0)
+    kw = dict(max_new_tokens=new_tokens, eos_token_id=None, temperature=1.0, top_k=0, top_p=1.0)
+    toks = jax.block_until_ready(generate(sampler, ids, mask, rng=jax.random.key(step),
+                                          **kw).tokens)
+    lap("generate")
+    rows = round_size(resample_groups, prompts, pad) * G if resample_groups else 0
+    if rows:
+        again = generate(sampler, ids[:rows], mask[:rows], rng=jax.random.key(10_000 + step), **kw)
+        toks = jax.block_until_ready(toks.at[:resample_groups * G].set(
+            again.tokens[:resample_groups * G]))
+        lap("resample")
+    del sampler
+    b = {"input_ids": ids, "attention_mask": mask, "pixel_values": None}
+    cmask = jnp.ones_like(toks)
+    ref, old = score(policy, reference, b, toks, cmask)
+    jax.block_until_ready(ref)
+    lap("ref_logprobs")
+    rewards = (np.asarray(toks).sum(1) % 7).astype(np.float32)
+    spread = int(sum(len(set(rewards[i:i + G])) > 1 for i in range(0, len(rewards), G)))
+    adv = G_.group_advantages(jnp.asarray(rewards), G)
+    lap("rewards")
+    loss, _, _ = train_step(policy, opt, b, toks, cmask, adv, ref, old)
+    jax.block_until_ready(jax.tree.leaves(nnx.state(policy, nnx.Param)))
+    lap("update")
+    return {"phases": phases, "total": last - t0,
+            "loss": float(loss), "spread": spread, "resample_rows": rows}
 
 
 def _xla_flops_fwd_bwd(model, b) -> float | None:

@@ -9,6 +9,10 @@ A model checkpoint is a folder::
 
 It is assembled in a temporary sibling folder and renamed into place only when complete, so an
 interrupted write never leaves something that looks like a checkpoint.
+
+``params/`` always has the unrolled per-layer layout (``layers/<i>/...``): a model with stacked
+layers (``InternVLConfig.scan_layers``) is unstacked on save and stacked again on load
+(``emit_jax.models.scan``), so a checkpoint loads with either setting.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from flax import nnx
 
 from emit_jax.fileio import atomic_folder, read_json
 from emit_jax.hf import CheckpointError, copy_assets
+from emit_jax.models import scan
 from emit_jax.models.config import ConfigError, InternVLConfig
 from emit_jax.models.emit import is_emit
 from emit_jax.models.internvl import InternVL
@@ -47,7 +52,8 @@ def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | No
                        owner=not multi or jax.process_index() == 0) as tmp:
         if multi:
             barrier("save_model:" + path)  # process 0 has made the folder
-        pure = nnx.to_pure_dict(nnx.state(model))  # parameters (+ BatchNorm statistics)
+        # parameters (+ BatchNorm statistics), stacked layers sliced back into per-layer arrays
+        pure = scan.unstack_layers(nnx.to_pure_dict(nnx.state(model)))
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, PARAMS_DIR), pure)
         ckptr.wait_until_finished()
@@ -83,16 +89,20 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_model(path: str | os.PathLike, dtype: str | None = None) -> tuple[InternVL, dict]:
+def load_model(path: str | os.PathLike, dtype: str | None = None, *,
+               scan_layers: bool | None = None) -> tuple[InternVL, dict]:
     """Restore ``(model, meta)`` (an ``InternVL``, or ``EMIT`` when the checkpoint has one)
     from a model checkpoint. ``dtype`` casts the parameters (and the
-    compute dtype); ``None`` keeps the stored dtypes."""
+    compute dtype); ``None`` keeps the stored dtypes. ``scan_layers``: build the model with
+    stacked (True) or unrolled (False) layers; ``None`` as the saved config says."""
     path = os.fspath(path)
     meta = read_meta(path)
     try:
         cfg = InternVLConfig.from_json_dict(meta["config"])
     except (KeyError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{os.path.join(path, META_FILE)}: bad model config ({e})") from None
+    if scan_layers is not None:
+        cfg = cfg.replace(scan_layers=bool(scan_layers))
     if dtype is not None:
         cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
     params_path = os.path.join(os.path.abspath(path), PARAMS_DIR)
@@ -121,7 +131,13 @@ def load_model(path: str | os.PathLike, dtype: str | None = None) -> tuple[Inter
     finally:
         ckptr.close()
     restored = nnx.restore_int_paths(restored)
-    want = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(state))
+    abstract_pure = nnx.to_pure_dict(state)
+    try:  # the model's stacked layers (scan_layers) from the per-layer arrays
+        restored = scan.stack_layers(restored, abstract_pure)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{params_path}: parameters do not match the stored model "
+                              f"config ({e})") from None
+    want = jax.tree.map(lambda x: x.shape, abstract_pure)
     got = jax.tree.map(lambda x: x.shape, restored)
     if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
         raise CheckpointError(f"{params_path}: parameters do not match the stored model config")

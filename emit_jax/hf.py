@@ -8,11 +8,15 @@
 - Writes ``config.json`` + safetensors shards (with an index when there is more than one) that
   ``transformers.InternVLForConditionalGeneration.from_pretrained`` loads with no custom code and
   no missing or unexpected keys. dtypes are kept per tensor, so bf16 stays bf16 bit for bit.
+- A model with stacked layers (``InternVLConfig.scan_layers``, ``emit_jax.models.scan``) reads
+  and writes the same files: each layer's tensor fills its slot of the stacked array on load and
+  is written from that slot, under its per-layer key and in the same order, on save.
 - Only safetensors is ever read: no pickle, no ``torch.load``, no remote code.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -28,6 +32,7 @@ from safetensors.numpy import save_file
 
 from emit_jax.errors import CheckpointError
 from emit_jax.fileio import atomic_folder, read_json
+from emit_jax.models import scan
 from emit_jax.models.config import ConfigError, InternVLConfig, dtype_name, read_hf_config
 from emit_jax.models.internvl import InternVL
 
@@ -161,7 +166,8 @@ def _abstract_model(cfg: InternVLConfig):
 
 
 def load(hf_dir: str | os.PathLike, dtype: str | None = None, *,
-         put: Callable[[tuple, np.ndarray], jax.Array] | None = None) -> InternVL:
+         put: Callable[[tuple, np.ndarray], jax.Array] | None = None,
+         scan_layers: bool = False) -> InternVL:
     """Build the NNX model from ``hf_dir/config.json`` and fill it from its safetensors.
 
     Returns an ``InternVL``, or an ``EMIT`` model when the folder also holds
@@ -170,8 +176,11 @@ def load(hf_dir: str | os.PathLike, dtype: str | None = None, *,
     dtype: ``None`` keeps every tensor's stored dtype (bf16 stays bf16); ``'float32'`` /
     ``'bfloat16'`` casts parameters and sets the compute dtype. ``put(path, array)`` places each
     parameter (e.g. ``jax.device_put`` with a sharding); default: the default device.
+    ``scan_layers``: build the model with stacked layers (``InternVLConfig.scan_layers``); each
+    stacked parameter is filled layer by layer in one host buffer, then placed.
     """
     cfg, _ = read_hf_config(hf_dir)
+    cfg = cfg.replace(scan_layers=scan_layers)
     reader = SafetensorsReader(hf_dir)
     try:
         model = _load(cfg, reader, dtype, put)
@@ -194,7 +203,7 @@ def _load(cfg: InternVLConfig, reader: SafetensorsReader, dtype, put) -> InternV
         cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
     graphdef, state = _abstract_model(cfg)
     flat = nnx.to_flat_state(state)
-    expected = {hf_key(path): path for path, _ in flat}
+    expected = {hf_key(p) for path, var in flat for p in _unstacked_paths(path, var)}
     have = set(reader.keys)
     ignorable = {head_key} if cfg.tie_word_embeddings else set()
     missing = sorted(set(expected) - have)
@@ -207,20 +216,40 @@ def _load(cfg: InternVLConfig, reader: SafetensorsReader, dtype, put) -> InternV
     put = put or (lambda path, x: jnp.asarray(x))
     values = []
     for path, var in flat:
-        key = hf_key(path)
-        arr = from_hf_layout(path, reader.get(key))
-        want = tuple(var.shape)
-        if tuple(arr.shape) != want:
-            raise CheckpointError(
-                f"{reader.key_file[reader.keys[key]]}: tensor {key} has shape {tuple(arr.shape)} "
-                f"(in our layout), config.json implies {want}")
-        if dtype is not None:
-            arr = arr.astype(jnp.dtype(dtype))
+        if scan.is_stacked(path):  # [L, ...]: each layer's tensor into its slot
+            arr = None
+            for i, p in enumerate(_unstacked_paths(path, var)):
+                one = _read(reader, p, tuple(var.shape[1:]), dtype)
+                if arr is None:
+                    arr = np.empty(tuple(var.shape), one.dtype)
+                arr[i] = one
+        else:
+            arr = _read(reader, path, tuple(var.shape), dtype)
         values.append((path, put(path, arr)))
         del arr
     for path, value in values:
         _set_flat(state, path, value)
     return nnx.merge(graphdef, state)
+
+
+def _unstacked_paths(path: tuple, var) -> list[tuple]:
+    """The unrolled paths a Variable stands for: its own, or each layer's when stacked."""
+    if scan.is_stacked(path):
+        return [scan.layer_path(path, i) for i in range(var.shape[0])]
+    return [path]
+
+
+def _read(reader: SafetensorsReader, path: tuple, want: tuple, dtype) -> np.ndarray:
+    """The tensor of unrolled ``path`` in our layout, its shape checked against ``want``."""
+    key = hf_key(path)
+    arr = from_hf_layout(path, reader.get(key))
+    if tuple(arr.shape) != want:
+        raise CheckpointError(
+            f"{reader.key_file[reader.keys[key]]}: tensor {key} has shape {tuple(arr.shape)} "
+            f"(in our layout), config.json implies {want}")
+    if dtype is not None:
+        arr = arr.astype(jnp.dtype(dtype))
+    return arr
 
 
 def _set_flat(state, path, value):
@@ -235,10 +264,25 @@ def _set_flat(state, path, value):
 
 
 # ----------------------------------------------------------------------------- writing
-def iter_hf_tensors(model: InternVL) -> Iterator[tuple[str, tuple, jax.Array]]:
-    """(hf key, nnx path, array in our layout) for every parameter."""
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        yield hf_key(path), path, var.get_value()
+def iter_hf_tensors(model: InternVL) -> Iterator[tuple[str, tuple, jax.Array, int | None]]:
+    """(hf key, unrolled nnx path, array in our layout, layer) for every parameter, in the
+    unrolled model's order. ``layer`` is None, or for a stacked Variable (``scan_layers``) the
+    index of the entry's tensor ``array[layer]``."""
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+
+    def stack_of(item):  # the stacked layers a Variable belongs to, or None
+        path = item[0]
+        return path[:path.index(scan.LAYERS) + 1] if scan.is_stacked(path) else None
+
+    for stack, items in itertools.groupby(flat, key=stack_of):
+        items = [(path, var.get_value()) for path, var in items]
+        if stack is None:
+            for path, value in items:
+                yield hf_key(path), path, value, None
+            continue
+        for i in range(items[0][1].shape[0]):  # layer by layer, as the unrolled model
+            for path, value in items:
+                yield hf_key(scan.layer_path(path, i)), scan.layer_path(path, i), value, i
 
 
 def _parse_size(size: int | str) -> int:
@@ -323,10 +367,11 @@ def save(model: InternVL, out_dir: str | os.PathLike, *, base_config: dict | Non
         # Per-tensor dtypes may be mixed; record the majority as the folder's dtype.
         tensors = []
         counts: dict[str, int] = {}
-        for key, path, arr in iter_hf_tensors(model):
-            counts[dtype_name(arr.dtype)] = counts.get(dtype_name(arr.dtype), 0) + arr.size
-            tensors.append((key, (lambda p=path, a=arr: to_hf_layout(p, np.asarray(
-                jax.device_get(a)))), arr.size * arr.dtype.itemsize))
+        for key, path, arr, layer in iter_hf_tensors(model):
+            size = arr.size if layer is None else arr.size // arr.shape[0]
+            counts[dtype_name(arr.dtype)] = counts.get(dtype_name(arr.dtype), 0) + size
+            tensors.append((key, (lambda p=path, a=arr, i=layer: to_hf_layout(p, np.asarray(
+                jax.device_get(a if i is None else a[i])))), size * arr.dtype.itemsize))
         if counts:
             hf_cfg["dtype"] = max(counts, key=counts.get)
         write_safetensors(tensors, tmp, max_shard_size)

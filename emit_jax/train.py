@@ -30,6 +30,7 @@ from emit_jax.errors import USER_ERRORS, ConfigError, NonFiniteError, message
 from emit_jax.eval.scoring import format_table
 from emit_jax.evaluate import evaluate_adfm, evaluate_records
 from emit_jax.fileio import atomic_output
+from emit_jax.ops.kernels import kernel_options
 from emit_jax.models.memory import memory_options
 from emit_jax.training import data as stage_data
 from emit_jax.training import stages
@@ -65,7 +66,7 @@ def run(cfg, workdir: str) -> dict:
     results: dict = {"workdir": workdir, "stages": {}}
     for stage in cfg.stages:
         if stages.stage_done(workdir, stage, stages.stage_steps(cfg, stage)):
-            model = stages.load_stage(workdir, stage)
+            model = stages.load_stage(workdir, stage, stages.scan_layers(cfg))
             stages.log(f"[{stage}] already finished; loaded {workdir}/{stage}/model")
             continue
         if model is None:
@@ -225,7 +226,8 @@ def main(argv) -> None:
             raise ConfigError(str(e)) from None
         # run() validates the config first: after initialize, so the mesh is checked against
         # every device
-        with memory_options(**dict(cfg.get("memory") or {})):
+        with memory_options(**dict(cfg.get("memory") or {})), \
+                kernel_options(**dict(cfg.get("kernels") or {})):
             run(cfg, workdir)
     except KeyboardInterrupt as e:
         stages.log(f"interrupted ({e}); rerun the same command to resume from the last checkpoint")

@@ -15,7 +15,7 @@ from flax import nnx
 from emit_jax.models import architectures
 from emit_jax.models.internvl import InternVL
 from emit_jax.models.memory import memory_options
-from emit_jax.models.qwen2 import attention
+from emit_jax.ops.attention import einsum_attention as attention
 
 
 def test_chunked_attention_equals_full():

@@ -27,8 +27,8 @@ to change), ``command`` (the command line).
 from emit_jax.aot.abstract import Abstract, abstract_stage, model_setup
 from emit_jax.aot.accounting import account, hbm_refusal
 from emit_jax.aot.batches import Shapes, _sds, grpo_batch, sft_batch, split_layout, step_shapes
-from emit_jax.aot.compile import (compile_program, lower_and_compile, lower_program,
-                                  memory_switches)
+from emit_jax.aot.compile import (compile_program, kernel_switches, lower_and_compile,
+                                  lower_program, memory_switches)
 from emit_jax.aot.programs import PROGRAMS, Program, Stage, stage_programs
 from emit_jax.aot.report import FLAG, default_stage, format_report, make_report, to_json
 from emit_jax.aot.suggest import advice
@@ -40,7 +40,8 @@ __all__ = [
     "FLAG", "HBM_PER_CHIP", "LIBTPU_MISSING", "PROGRAMS", "Abstract", "AotError", "Program",
     "Shapes", "Stage", "abstract_stage", "account", "advice", "compile_program", "default_stage",
     "device_capacity", "format_report", "grpo_batch", "hbm_refusal", "lower_and_compile",
-    "lower_program", "make_report", "memory_switches", "model_setup", "require_libtpu",
+    "lower_program", "make_report", "memory_switches", "kernel_switches", "model_setup",
+    "require_libtpu",
     "sft_batch", "split_layout", "stage_programs", "step_shapes", "to_json", "topology",
     # used by tests/test_aot.py
     "_sds",

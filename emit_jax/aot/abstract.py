@@ -32,8 +32,10 @@ def model_setup(cfg, stage: str):
     from emit_jax.models.emit import EMITConfig
     from emit_jax.ops import heatmap
 
+    from emit_jax.training.stages import scan_layers
+
     emit = stage in EMIT_STAGES
-    mcfg = model_config(cfg, emit)
+    mcfg = model_config(cfg, emit).replace(scan_layers=scan_layers(cfg))  # as emit_jax.train
     if not emit:
         return mcfg, None
     fields = {f.name for f in dataclasses.fields(EMITConfig)}

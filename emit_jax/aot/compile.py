@@ -27,16 +27,41 @@ def memory_switches(cfg) -> dict:
         raise AotError(f"config memory section {memory}: {e}") from None
 
 
-def lower_program(p: Program, memory: dict) -> tuple:
+EMBEDDED_CONSTANTS = 64 << 20  # bytes of a constant kept in the program when lowering
+
+
+def kernel_switches(cfg) -> dict:
+    """``config.kernels`` as ``models.kernels.kernel_options`` takes it, checked."""
+    from emit_jax.ops.kernels import kernel_options
+
+    kernels = dict(cfg.get("kernels") or {})
+    try:
+        with kernel_options(**kernels) as opts:
+            return dataclasses.asdict(opts)
+    except (TypeError, ValueError) as e:
+        raise AotError(f"config kernels section {kernels}: {e}") from None
+
+
+def lower_program(p: Program, memory: dict, kernels: dict | None = None) -> tuple:
     """``(lowered, abstract arguments, seconds)`` of ``p``: the nodes put in the program's mode
-    (``p.prepare``), then traced and lowered under the config's memory switches."""
+    (``p.prepare``), then traced and lowered under the config's memory and kernel switches."""
+    from emit_jax.ops.kernels import kernel_options
     from emit_jax.models.memory import memory_options
+
+    import jax
 
     if p.prepare is not None:
         p.prepare()
     t0 = time.time()
-    with memory_options(**memory):
-        lowered = p.fn.lower(*p.args)
+    # constants (splash attention's block masks) stay in the program: hoisted into hidden
+    # arguments, they make JAX 0.10's ``compiled.input_shardings`` fail to unflatten
+    limit = jax.config.jax_embedded_constants_max_bytes
+    jax.config.update("jax_embedded_constants_max_bytes", max(limit, EMBEDDED_CONSTANTS))
+    try:
+        with memory_options(**memory), kernel_options(**(kernels or {})):
+            lowered = p.fn.lower(*p.args)
+    finally:
+        jax.config.update("jax_embedded_constants_max_bytes", limit)
     return lowered, p.fn.abstract_args(*p.args), time.time() - t0
 
 
@@ -95,13 +120,13 @@ def _failed(p: Program, e: BaseException) -> dict:
 
 
 def lower_and_compile(programs: Sequence[Program], memory: dict, resident: dict,
-                      shared: frozenset, jobs: int = 1) -> list[dict]:
+                      shared: frozenset, jobs: int = 1, kernels: dict | None = None) -> list[dict]:
     """:func:`lower_program` on each of ``programs`` in turn, then :func:`compile_program`,
     ``jobs`` at once; one result per program, in order (with ``lower_s``, or the failure)."""
     lowered: dict = {}
     for p in programs:  # tracing changes the nodes' modes: one program at a time
         try:
-            lowered[p.name] = lower_program(p, memory)
+            lowered[p.name] = lower_program(p, memory, kernels)
         except Exception as e:  # noqa: BLE001
             lowered[p.name] = _failed(p, e)
 

@@ -31,7 +31,7 @@ from typing import Sequence
 from emit_jax.aot.abstract import abstract_stage, model_setup
 from emit_jax.aot.suggest import advice
 from emit_jax.aot.batches import step_shapes
-from emit_jax.aot.compile import lower_and_compile, memory_switches
+from emit_jax.aot.compile import kernel_switches, lower_and_compile, memory_switches
 from emit_jax.aot.programs import PROGRAMS, stage_programs
 from emit_jax.aot.tpu import device_capacity, topology
 from emit_jax.errors import AotError
@@ -91,12 +91,12 @@ def make_report(cfg, config_path: str, topology_name: str, *, mesh_spec=None, st
                            f"{', '.join(PROGRAMS[kind])}")
     pl = plan_stage(cfg, setup)
     ab = abstract_stage(cfg, stage, mcfg, ecfg, seed=int(cfg.get("seed", 0)))
-    memory = memory_switches(cfg)
+    memory, kernels = memory_switches(cfg), kernel_switches(cfg)
     usable = int(capacity * (1 - headroom / 100))
     results = []
     st = stage_programs(cfg, stage, ab, shapes, mesh)
     todo = [p for p in st.programs if not only or p.name in only]
-    done = lower_and_compile(todo, memory, st.resident, st.shared, jobs)
+    done = lower_and_compile(todo, memory, st.resident, st.shared, jobs, kernels)
     for p, r in zip(todo, done):
         if r.get("error"):
             results.append(r)
@@ -125,7 +125,8 @@ def make_report(cfg, config_path: str, topology_name: str, *, mesh_spec=None, st
         headroom_pct=headroom, usable=usable, unit="bytes per device; GiB = 2**30",
         model=dict(arch=cfg.arch, emit=ecfg is not None, param_dtype=mcfg.param_dtype,
                    dtype=mcfg.dtype, heatmap_strategy=ecfg.heatmap_strategy if ecfg else None),
-        memory=memory, shapes=dataclasses.asdict(shapes), abstract_s=round(ab.seconds, 1),
+        memory=memory, kernels=kernels, shapes=dataclasses.asdict(shapes),
+        abstract_s=round(ab.seconds, 1),
         plan=dict(resident=pl.resident, rollout=pl.rollout, train=pl.train, total=pl.total),
         programs=results)
     rep["fits"] = all(r["fits"] for r in results)
@@ -152,7 +153,8 @@ def format_report(rep: dict) -> str:
         f"{m['dtype']}" + (f", heat map '{m['heatmap_strategy']}'" if m["heatmap_strategy"] else "")
         + "; memory: " + ", ".join(f"{k} {v if v else 'off'}" if not isinstance(v, bool) else
                                    f"{k} {'on' if v else 'off'}"
-                                   for k, v in rep["memory"].items()),
+                                   for k, v in rep["memory"].items())
+        + "; kernels: " + ", ".join(f"{k} {v}" for k, v in rep.get("kernels", {}).items()),
         f"step: {step}",
         "sizes in GiB per device (2**30 bytes); xla = arguments + outputs - aliased + temp + code;",
         "peak = max(xla, XLA's own peak) - shared args + other resident, against the usable HBM",

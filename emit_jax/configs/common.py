@@ -64,7 +64,18 @@ def base_config() -> ml_collections.ConfigDict:
     # emit_jax.models.memory: layer rematerialisation and query-chunked LLM attention (same
     # values; less memory, more compute). Off for tiny; the 8B configs turn both on.
     # vit_chunk: image tiles per ViT chunk (0 = all tiles at once)
-    c.memory = ml_collections.ConfigDict(dict(remat=False, attention_chunk=0, vit_chunk=0))
+    # remat_policy (with remat): what a layer keeps for the backward pass: "full" (its input
+    # only), "minimal" (every weight matmul's output), "save_dot_except_mlp", "save_qkv_proj"
+    c.memory = ml_collections.ConfigDict(dict(remat=False, attention_chunk=0, vit_chunk=0,
+                                              remat_policy="full"))
+    # emit_jax.models.kernels: the attention implementation ("einsum", "dot_product" = cuDNN flash
+    # attention on a GPU, "splash" = Pallas on a TPU, "auto" = the platform's best) and how decode
+    # steps read the KV cache ("full", or "bucketed": only the slots filled so far, rounded up to
+    # decode_bucket new tokens doubling per phase). Same values either way.
+    # scan_layers: the LLM's and the ViT's layers stacked and run by one lax.scan each
+    # (emit_jax.models.scan; compile time independent of depth, same values and files)
+    c.kernels = ml_collections.ConfigDict(dict(attention="einsum", decode="full", decode_bucket=64,
+                                               scan_layers=False))
     c.checkpoint_every = 50
     # a step with a non-finite loss or gradient changes nothing and is counted; "skip" goes on
     # (stopping after 5 in a row), "stop" stops at the first with the last good state saved

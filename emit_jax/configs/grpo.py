@@ -38,6 +38,12 @@ def grpo_section() -> ml_collections.ConfigDict:
         lr=5e-4, warmup_ratio=0.01, weight_decay=0.1,
         lora=ml_collections.ConfigDict(dict(rank=8, alpha=32.0, dropout=0.0, targets=LORA_TARGETS,
                                             weight_qtype="")),
+        # the rollout (training.config.SamplerConfig, docs/training.md "the sampler"): sample
+        # from a copy with LoRA merged once per step ("float32": when exact up to rounding,
+        # "always", "never"); its mesh ("learner", "replicated", "tensor"); resampling rounds
+        # padded to the next power of two of the failed prompts ("pow2") or all ("full")
+        sampler=ml_collections.ConfigDict(dict(merge_lora="float32", mesh="learner",
+                                               resample_pad="pow2")),
     ))
 
 

@@ -132,6 +132,9 @@ class InternVLConfig:
     # Numerics: parameters are stored in ``param_dtype``; matmuls run in ``dtype``.
     param_dtype: str = "float32"
     dtype: str = "float32"
+    # Execution, not architecture (never in config.json): the decoder and ViT layers stacked and
+    # run by one lax.scan each (emit_jax.models.scan); the same values and on-disk layouts.
+    scan_layers: bool = False
 
     @property
     def tokens_per_tile(self) -> int:

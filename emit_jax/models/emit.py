@@ -216,7 +216,7 @@ def contrastive_heatmap(vit, ce_pixels: jax.Array, layers: Sequence[int], window
     ref, query = ce_pixels[:, 0], ce_pixels[:, 1]
     refs = rotations_of(ref, rotations).reshape(n * rotations, c, hh, ww)
     _, hidden = vit(jnp.concatenate([query, refs], 0), output_hidden_states=True,
-                    num_layers=max(layers))
+                    num_layers=max(layers), hidden_layers=tuple(layers))
     feats = jax.lax.stop_gradient(jnp.stack([hidden[l][:, 1:] for l in layers]))  # [L, N, P, D]
     L, _, p, d = feats.shape
     g = int(round(p ** 0.5))

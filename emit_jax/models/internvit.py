@@ -22,7 +22,9 @@ import numpy as np
 from flax import nnx
 
 from emit_jax.models.config import VisionConfig, dtype_from_name
-from emit_jax.models import memory
+from emit_jax.models import memory, scan
+from emit_jax.ops import kernels
+from emit_jax.ops.attention import self_attention
 from emit_jax.parallel import constrain_hidden
 from emit_jax.models.layers import axes_meta, RMSNorm, gelu, layer_norm, linear
 
@@ -125,10 +127,13 @@ class VisionAttention(nnx.Module):
         q = q.reshape(n, s, h, hd)
         k = k.reshape(n, s, h, hd)
         v = v.reshape(n, s, h, hd)
-        scores = jnp.einsum("nqhd,nkhd->nhqk", q, k) * (hd ** -0.5)
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, s, d)
-        return self.projection_layer(out)
+        if kernels.current().attention_impl() == "einsum":
+            scores = jnp.einsum("nqhd,nkhd->nhqk", q, k) * (hd ** -0.5)
+            probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+            out = jnp.einsum("nhqk,nkhd->nqhd", probs, v)
+        else:  # the configured kernel (emit_jax.ops.kernels), bidirectional, no padding
+            out = self_attention(q, k, v, None, causal=False)
+        return self.projection_layer(out.reshape(n, s, d))
 
 
 class VisionMLP(nnx.Module):
@@ -170,40 +175,80 @@ class InternViT(nnx.Module):
     """``pixel_values [N, C, H, W] -> last hidden state [N, 1 + P, D]`` (+ all hidden states)."""
 
     def __init__(self, cfg: VisionConfig, *, dtype="float32", param_dtype="float32",
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, scan_layers: bool = False):
+        """``scan_layers``: the layers as one stacked module run by ``lax.scan``
+        (``emit_jax.models.scan``)."""
         self.cfg = cfg
         kw = dict(dtype=dtype_from_name(dtype), param_dtype=dtype_from_name(param_dtype), rngs=rngs)
         self.embeddings = VisionEmbeddings(cfg, **kw)
-        self.layers = nnx.List([VisionLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
+        self.scan_layers = scan_layers
+        if scan_layers:
+            self.layers = scan.stacked(lambda r: VisionLayer(cfg, **{**kw, "rngs": r}),
+                                       cfg.num_hidden_layers, rngs)
+        else:
+            self.layers = nnx.List([VisionLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
         self.layernorm = None if cfg.use_mean_pooling else _norm(cfg, **kw)
         self.compute_dtype = kw["dtype"]
 
     def __call__(self, pixel_values: jax.Array, *, output_hidden_states: bool = False,
-                 num_layers: int | None = None):
+                 num_layers: int | None = None, hidden_layers: tuple[int, ...] | None = None):
         """Returns ``last`` ``[N, 1+P, D]``, or ``(last, hidden_states)`` where
         ``hidden_states[0]`` is the embedding output and ``hidden_states[i]`` block i's output
         (EMIT reads layers 4/8/16/20). ``num_layers`` stops early (the CE branch never needs the
-        blocks past its deepest layer); the final norm is then skipped. With ``memory.vit_chunk``
-        = K < N the tiles go through K at a time (:meth:`_chunked`; same values)."""
+        blocks past its deepest layer); the final norm is then skipped. ``hidden_layers``: the
+        hidden states wanted (indices up to ``num_layers``), the others None (with
+        ``scan_layers`` only those are ever kept, see :meth:`_scanned`). With
+        ``memory.vit_chunk`` = K < N the tiles go through K at a time (:meth:`_chunked`; same
+        values)."""
         k = memory.current().vit_chunk
         if 0 < k < pixel_values.shape[0]:
-            return self._chunked(pixel_values, k, output_hidden_states, num_layers)
+            return self._chunked(pixel_values, k, output_hidden_states, num_layers, hidden_layers)
         x = self.embeddings(pixel_values.astype(self.compute_dtype))
-        hidden = [x]
-        layers = self.layers if num_layers is None else self.layers[:num_layers]
-        remat = memory.current().remat
-        for layer in layers:
-            x = nnx.remat(lambda m, h: m(h))(layer, x) if remat else layer(x)
-            x = constrain_hidden(x)  # block boundary (no-op without a mesh)
-            hidden.append(x)
+        if self.scan_layers:
+            x, hidden = self._scanned(x, output_hidden_states, num_layers, hidden_layers)
+        else:
+            hidden = [x]
+            layers = self.layers if num_layers is None else self.layers[:num_layers]
+            remat = memory.current().remat
+            for layer in layers:
+                x = nnx.remat(lambda m, h: m(h), policy=memory.current().checkpoint_policy())(
+                    layer, x) if remat else layer(x)
+                x = constrain_hidden(x)  # block boundary (no-op without a mesh)
+                hidden.append(x)
+            if hidden_layers is not None:
+                hidden = [h if i in hidden_layers else None for i, h in enumerate(hidden)]
         if self.layernorm is not None and num_layers is None:
             x = self.layernorm(x)
         if output_hidden_states:
             return x, tuple(hidden)
         return x
 
+    def _scanned(self, x: jax.Array, output_hidden_states: bool, num_layers: int | None,
+                 hidden_layers: tuple[int, ...] | None):
+        """The stacked blocks after the embeddings ``x [N, 1+P, D]``: one ``lax.scan`` whose
+        outputs are every block's hidden state, or with ``hidden_layers`` one scan per stretch
+        between them, which keeps those hidden states only. Returns ``(x, hidden or None)``."""
+        remat = memory.current().remat
+        stop = self.cfg.num_hidden_layers if num_layers is None else num_layers
+        every = output_hidden_states and hidden_layers is None
+
+        def body(layer, h, _):
+            h = constrain_hidden(layer(h))  # block boundary (no-op without a mesh)
+            return h, (h if every else None)
+
+        if not output_hidden_states or every:
+            out, ys = scan.run(self.layers, body, x, stop=stop, remat=remat)
+            return out, ((x, *ys) if every else None)
+        hidden = [x if 0 in hidden_layers else None] + [None] * stop
+        start = 0
+        for end in sorted({i for i in hidden_layers if 0 < i <= stop} | {stop}):
+            x, _ = scan.run(self.layers, body, x, start=start, stop=end, remat=remat)
+            hidden[end] = x if end in hidden_layers else None
+            start = end
+        return x, tuple(hidden)
+
     def _chunked(self, pixel_values: jax.Array, k: int, output_hidden_states: bool,
-                 num_layers: int | None):
+                 num_layers: int | None, hidden_layers: tuple[int, ...] | None):
         """:meth:`__call__` over chunks of ``k`` tiles (``lax.map`` of a checkpointed chunk: one
         chunk's activations at a time, forward and backward). Tile ``i * n + j`` goes to chunk
         ``j`` (``n`` chunks), so a tile axis sharded over devices in contiguous blocks gives every
@@ -219,7 +264,8 @@ class InternViT(nnx.Module):
             with memory.memory_options(**{**dataclasses.asdict(memory.current()), "vit_chunk": 0}):
                 # fresh Variables at this trace level (the chunk may run inside grad / scan)
                 m = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
-                return m(chunk, output_hidden_states=output_hidden_states, num_layers=num_layers)
+                return m(chunk, output_hidden_states=output_hidden_states, num_layers=num_layers,
+                         hidden_layers=hidden_layers)
 
         out = jax.lax.map(jax.checkpoint(one), jnp.arange(n))
 

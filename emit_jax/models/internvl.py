@@ -66,10 +66,10 @@ class InternVL(nnx.Module):
         self.config = cfg
         dt, pdt = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
         self.vision_tower = InternViT(cfg.vision, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                                      rngs=rngs)
+                                      rngs=rngs, scan_layers=cfg.scan_layers)
         self.multi_modal_projector = MultiModalProjector(cfg, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.language_model = Qwen2Model(cfg.text, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                                         rngs=rngs)
+                                         rngs=rngs, scan_layers=cfg.scan_layers)
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -146,9 +146,13 @@ class InternVL(nnx.Module):
         return self.forward(input_ids, pixel_values, attention_mask).logits
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
-        """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens."""
+        """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens (with
+        ``scan_layers`` its ``k, v`` are ``[L, B, S, KVH, Dh]`` arrays rather than tuples)."""
         dtype = dtype or dtype_from_name(self.config.dtype)
-        return KVCache.create(self.config.text, batch, max_len, dtype)
+        cache = KVCache.create(self.config.text, batch, max_len, dtype)
+        if self.config.scan_layers:
+            cache = cache._replace(k=jnp.stack(cache.k), v=jnp.stack(cache.v))
+        return cache
 
 
 def valid_first(rows: jax.Array, valid: jax.Array | None) -> jax.Array:

@@ -14,6 +14,7 @@ Every parameter carries logical axis names in its ``out_sharding`` metadata (Max
 ``vit_heads``   ViT heads x head dim;  ``vit_pos``: ViT position slots
 ``mm_in``       pixel-shuffled ViT width entering mlp1 (4 x vit_embed)
 ``conv_*``      convolution spatial / input-channel axes
+``layers``      the stacked layers of ``scan_layers`` (``emit_jax.models.scan``; replicated)
 ==============  ==========================================================
 """
 
@@ -22,6 +23,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from emit_jax.models import memory
 
 Axes = tuple
 
@@ -32,16 +36,36 @@ def axes_meta(axes) -> dict:
     return {"out_sharding": tuple(axes), "eager_sharding": False}
 
 
+def remat_name(axes: Axes) -> str | None:
+    """The name a linear's output carries for the remat policies (``emit_jax.models.memory``),
+    from its kernel's logical axes ``(in, out)``: ``"qkv_proj"`` into attention heads,
+    ``"out_proj"`` out of them, else None."""
+    if axes[-1] in ("heads", "kv_heads", "vit_heads"):
+        return "qkv_proj"
+    if axes[-2] in ("heads", "vit_heads"):
+        return "out_proj"
+    return None
+
+
 class Linear(nnx.Linear):
     """``nnx.Linear`` whose output ``[..., out]`` stays in the compute dtype ``dtype`` (when set).
 
     Mixed precision (``emit_jax.training.precision``): a qwix LoRA adapter with float32 factors
     adds a float32 delta to the bf16 product, which would promote every activation after it to
-    float32; the sum is cast back here, so only the rank-r branch computes in float32."""
+    float32; the sum is cast back here, so only the rank-r branch computes in float32.
+    Under ``memory.remat`` the output is named ``remat_name`` (``jax.ad_checkpoint``) for the
+    remat policies."""
+
+    def __init__(self, *args, remat_name: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.remat_name = remat_name
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         y = super().__call__(inputs)
-        return y if self.dtype is None else y.astype(self.dtype)
+        y = y if self.dtype is None else y.astype(self.dtype)
+        if self.remat_name and memory.current().remat:
+            y = checkpoint_name(y, self.remat_name)
+        return y
 
 
 def linear(in_features: int, out_features: int, axes: Axes, *, use_bias: bool = True,
@@ -50,7 +74,7 @@ def linear(in_features: int, out_features: int, axes: Axes, *, use_bias: bool = 
     """:class:`Linear` whose kernel ``[in, out]`` has logical axes ``axes`` and bias ``axes[1:]``."""
     return Linear(
         in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=kernel_init, rngs=rngs,
+        kernel_init=kernel_init, rngs=rngs, remat_name=remat_name(axes),
         kernel_metadata=axes_meta(axes), bias_metadata=axes_meta(axes[1:]),
     )
 

@@ -3,8 +3,20 @@ attention. Read at trace time from a context (``memory_options``), so the same m
 a laptop run (both off, the fastest) and InternVL3-8B (both on, see ``python -m emit_jax.plan``).
 
 - ``remat``: every Qwen2 decoder layer and InternViT layer runs under ``nnx.remat`` when there is
-  no KV cache (training, scoring): the backward pass keeps only each layer's input and recomputes
-  the layer's internals.
+  no KV cache (training, scoring): the backward pass keeps what ``remat_policy`` saves and
+  recomputes the rest of the layer.
+- ``remat_policy`` (with ``remat``; names after MaxText's ``remat_policy``):
+
+  - ``"full"``: keep only each layer's input, recompute the whole layer (the least memory);
+  - ``"minimal"``: also keep the output of every weight matmul (dots without batch dimensions:
+    the q/k/v/o projections and the MLP's three); the backward pass recomputes norms,
+    activations and the attention scores only;
+  - ``"save_dot_except_mlp"``: keep the attention projections' outputs (``qkv_proj``,
+    ``out_proj``), recompute the MLP, whose ``[B, T, F]`` activations are the costly ones;
+  - ``"save_qkv_proj"``: keep the q/k/v projections' outputs only.
+
+  Those names are given by :class:`emit_jax.models.layers.Linear` from its kernel's logical
+  axes (:func:`emit_jax.models.layers.remat_name`), for the LLM and the ViT alike.
 - ``attention_chunk`` = C > 0: LLM attention runs over chunks of C queries (``lax.map`` of a
   ``jax.checkpoint``-ed chunk), so the float32 scores exist for one ``[B, heads, C, S]`` chunk
   at a time, forward and backward. Results equal the unchunked attention (rows are independent).
@@ -23,18 +35,37 @@ import contextlib
 import contextvars
 import dataclasses
 
+import jax
+
+#: ``remat_policy`` values (module docstring)
+REMAT_POLICIES = ("full", "minimal", "save_dot_except_mlp", "save_qkv_proj")
+_SAVED_NAMES = {"save_dot_except_mlp": ("qkv_proj", "out_proj"), "save_qkv_proj": ("qkv_proj",)}
+
 
 @dataclasses.dataclass(frozen=True)
 class MemoryOptions:
     remat: bool = False
     attention_chunk: int = 0
     vit_chunk: int = 0
+    remat_policy: str = "full"
 
     def __post_init__(self):
         if int(self.attention_chunk) < 0:
             raise ValueError(f"memory.attention_chunk must be >= 0, got {self.attention_chunk}")
         if int(self.vit_chunk) < 0:
             raise ValueError(f"memory.vit_chunk must be >= 0, got {self.vit_chunk}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"memory.remat_policy must be one of {', '.join(REMAT_POLICIES)}, "
+                             f"got {self.remat_policy!r}")
+
+    def checkpoint_policy(self):
+        """The ``jax.checkpoint`` policy of ``remat_policy`` (None: save nothing)."""
+        names = _SAVED_NAMES.get(self.remat_policy)
+        if names:
+            return jax.checkpoint_policies.save_only_these_names(*names)
+        if self.remat_policy == "minimal":
+            return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+        return None
 
 
 _OPTIONS: contextvars.ContextVar = contextvars.ContextVar("emit_jax_memory", default=MemoryOptions())
@@ -45,9 +76,11 @@ def current() -> MemoryOptions:
 
 
 @contextlib.contextmanager
-def memory_options(remat: bool = False, attention_chunk: int = 0, vit_chunk: int = 0):
+def memory_options(remat: bool = False, attention_chunk: int = 0, vit_chunk: int = 0,
+                   remat_policy: str = "full"):
     """``with memory_options(remat=True, attention_chunk=1024): ...`` (traced code inside)."""
-    token = _OPTIONS.set(MemoryOptions(bool(remat), int(attention_chunk), int(vit_chunk)))
+    token = _OPTIONS.set(MemoryOptions(bool(remat), int(attention_chunk), int(vit_chunk),
+                                       str(remat_policy)))
     try:
         yield _OPTIONS.get()
     finally:

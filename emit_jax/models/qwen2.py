@@ -21,12 +21,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emit_jax.models.config import TextConfig, dtype_from_name
-from emit_jax.models import memory
+from emit_jax.models import memory, scan
+from emit_jax.ops.attention import einsum_attention, self_attention
 from emit_jax.parallel import constrain_hidden
 from emit_jax.models.layers import axes_meta, RMSNorm, linear
-
-_NEG = -1e30  # finite "minus infinity": a fully masked row (pure padding) stays NaN-free
-
 
 class KVCache(NamedTuple):
     """Preallocated key/value cache for all layers.
@@ -58,7 +56,21 @@ class KVCache(NamedTuple):
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return self.mask.shape[1]
+
+    def grow(self, max_len: int) -> "KVCache":
+        """The same cache with ``max_len`` slots (empty slots appended; one copy): the sampler's
+        bucketed decode (``emit_jax.ops.kernels``) attends over a cache grown phase by
+        phase instead of the whole one."""
+        extra = max_len - self.max_len
+        if extra < 0:
+            raise ValueError(f"cannot shrink a KV cache of {self.max_len} slots to {max_len}")
+
+        def pad(x):  # keys / values [..., S, KVH, Dh], mask [B, S]
+            axis = x.ndim - 3 if x.ndim > 2 else 1
+            return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+        return self._replace(k=jax.tree.map(pad, self.k), v=jax.tree.map(pad, self.v),
+                             mask=pad(self.mask))
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float):
@@ -80,35 +92,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def attention(q, k, v, mask, chunk: int | None = None):
-    """GQA attention. q ``[B, T, H, Dh]``, k/v ``[B, S, KVH, Dh]``, mask ``[B, T, S]`` bool.
-    Scores and softmax in float32. Returns ``[B, T, H, Dh]``. ``chunk`` (default: the
-    ``emit_jax.models.memory`` option) > 0 runs the queries in chunks of that many, each
-    rematerialised, so only one ``[B, H, chunk, S]`` block of scores is live."""
-    chunk = memory.current().attention_chunk if chunk is None else chunk
-    t = q.shape[1]
-    if not chunk or t <= chunk:
-        return _attention(q, k, v, mask)
-    b, _, h, dh = q.shape
-    pad = (-t) % chunk
-    n = (t + pad) // chunk
-    qs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, chunk, h, dh).swapaxes(0, 1)
-    # padded query rows attend to nothing (uniform softmax over masked scores) and are dropped
-    ms = jnp.pad(mask, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, -1).swapaxes(0, 1)
-    one = jax.checkpoint(lambda qm: _attention(qm[0], k, v, qm[1]))
-    out = jax.lax.map(one, (qs, ms))  # [n, B, chunk, H, Dh]
-    return out.swapaxes(0, 1).reshape(b, n * chunk, h, dh)[:, :t]
+class AttentionMask(NamedTuple):
+    """What a layer's attention may see. ``tokens [B, T]``: the new tokens' padding mask;
+    ``dense [B, T, S]`` (bool) over the cache's S slots, or None: the T tokens attend to each
+    other causally (no cache, or a prefill into a cache of exactly T slots) through the kernel
+    ``emit_jax.ops.kernels`` selects."""
 
-
-def _attention(q, k, v, mask):
-    b, t, h, dh = q.shape
-    kvh = k.shape[2]
-    q = q.reshape(b, t, kvh, h // kvh, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * (dh ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, dh)
+    tokens: jax.Array
+    dense: jax.Array | None = None
 
 
 class Qwen2Attention(nnx.Module):
@@ -121,11 +112,12 @@ class Qwen2Attention(nnx.Module):
         self.v_proj = linear(d, cfg.num_key_value_heads * hd, ("embed", "kv_heads"), **kw)
         self.o_proj = linear(cfg.num_attention_heads * hd, d, ("heads", "embed"), use_bias=False, **kw)
 
-    def __call__(self, x, cos, sin, mask, kv=None, end=None):
-        """x ``[B, T, D]``; cos/sin ``[B, T, Dh]``; mask ``[B, T, S]``.
+    def __call__(self, x, cos, sin, mask: AttentionMask, kv=None, end=None):
+        """x ``[B, T, D]``; cos/sin ``[B, T, Dh]``; ``mask``: :class:`AttentionMask`.
         ``kv``: ``(k, v)``, this layer's cache ``[B, S, KVH, Dh]`` each; the T new keys/values
-        are written at slot ``end`` and attention runs over all S slots. Returns
-        ``(out [B, T, D], (k, v) or None)``."""
+        are written at slot ``end`` and attention runs over all S slots (or, with
+        ``mask.dense`` None, over the T new tokens). Returns ``(out [B, T, D], (k, v) or
+        None)``."""
         b, t, _ = x.shape
         c = self.cfg
         q = self.q_proj(x).reshape(b, t, c.num_attention_heads, c.head_size)
@@ -140,7 +132,12 @@ class Qwen2Attention(nnx.Module):
                 v_c, v.astype(v_c.dtype), (0, end, 0, 0))
             kv = (k_c, v_c)
             k, v = k_c.astype(q.dtype), v_c.astype(q.dtype)
-        out = attention(q, k, v, mask).reshape(b, t, c.num_attention_heads * c.head_size)
+        chunk = memory.current().attention_chunk
+        if mask.dense is None:
+            out = self_attention(q, k, v, mask.tokens, causal=True, chunk=chunk)
+        else:
+            out = einsum_attention(q, k, v, mask.dense, chunk)
+        out = out.reshape(b, t, c.num_attention_heads * c.head_size)
         return self.o_proj(out), kv
 
 
@@ -180,7 +177,10 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
 class Qwen2Model(nnx.Module):
     """Embeddings + decoder layers + final norm (no LM head)."""
 
-    def __init__(self, cfg: TextConfig, *, dtype="float32", param_dtype="float32", rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, dtype="float32", param_dtype="float32", rngs: nnx.Rngs,
+                 scan_layers: bool = False):
+        """``scan_layers``: the layers as one stacked module run by ``lax.scan``
+        (``emit_jax.models.scan``; the KV cache then holds ``[L, B, S, KVH, Dh]`` arrays)."""
         self.cfg = cfg
         dt, pdt = dtype_from_name(dtype), dtype_from_name(param_dtype)
         self.compute_dtype = dt
@@ -188,8 +188,14 @@ class Qwen2Model(nnx.Module):
             cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt, rngs=rngs,
             embedding_init=nnx.initializers.normal(0.02),
             embedding_metadata=axes_meta(("vocab", "embed")))
-        self.layers = nnx.List([Qwen2DecoderLayer(cfg, dtype=dt, param_dtype=pdt, rngs=rngs)
-                                for _ in range(cfg.num_hidden_layers)])
+        self.scan_layers = scan_layers
+        if scan_layers:
+            self.layers = scan.stacked(
+                lambda r: Qwen2DecoderLayer(cfg, dtype=dt, param_dtype=pdt, rngs=r),
+                cfg.num_hidden_layers, rngs)
+        else:
+            self.layers = nnx.List([Qwen2DecoderLayer(cfg, dtype=dt, param_dtype=pdt, rngs=rngs)
+                                    for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt)
 
     def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
@@ -208,25 +214,41 @@ class Qwen2Model(nnx.Module):
         if cache is None:
             if positions is None:
                 positions = default_positions(attention_mask)
-            q_idx = jnp.arange(t)
-            causal = q_idx[:, None] >= q_idx[None, :]
-            mask = causal[None] & attention_mask[:, None, :]
+            mask = AttentionMask(attention_mask)
         else:
             if positions is None:
                 positions = cache.positions[:, None] + default_positions(attention_mask)
             end = cache.end
             new_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, end))
-            slot = jnp.arange(cache.max_len)
-            q_slot = end + jnp.arange(t)
-            causal = slot[None, :] <= q_slot[:, None]  # [T, S]
-            mask = causal[None] & new_mask[:, None, :]
+            if cache.max_len == t:  # a prefill filling the whole cache: it must start at slot 0
+                mask = AttentionMask(attention_mask)
+            else:
+                slot = jnp.arange(cache.max_len)
+                q_slot = end + jnp.arange(t)
+                causal = slot[None, :] <= q_slot[:, None]  # [T, S]
+                mask = AttentionMask(attention_mask, causal[None] & new_mask[:, None, :])
         cos, sin = rope_cos_sin(positions, self.cfg.head_size, self.cfg.rope_theta)
         x = inputs_embeds.astype(self.compute_dtype)
+        run = self._scanned if self.scan_layers else self._unrolled
+        x, (new_k, new_v), hidden = run(x, cos, sin, mask, cache, output_hidden_states)
+        x = self.norm(x)
+        if cache is not None:
+            last_pos = jnp.max(jnp.where(attention_mask, positions, -1), axis=-1)
+            cache = KVCache(
+                k=new_k, v=new_v, mask=new_mask,
+                positions=jnp.maximum(last_pos + 1, cache.positions),
+                end=cache.end + t)
+        return x, cache, hidden
+
+    def _unrolled(self, x, cos, sin, mask, cache, output_hidden_states):
+        """The layers one by one. Returns ``(x, (k, v) tuples of the layers' caches, hidden
+        states or None)``."""
         hidden = [x] if output_hidden_states else None
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            if cache is None and memory.current().remat:  # keep only the layer's input
-                x, _ = nnx.remat(lambda m, h: m(h, cos, sin, mask))(layer, x)
+            if cache is None and memory.current().remat:  # keep what memory.remat_policy saves
+                x, _ = nnx.remat(lambda m, h: m(h, cos, sin, mask),
+                                 policy=memory.current().checkpoint_policy())(layer, x)
             elif cache is None:
                 x, _ = layer(x, cos, sin, mask)
             else:
@@ -236,11 +258,23 @@ class Qwen2Model(nnx.Module):
             x = constrain_hidden(x)  # block boundary: batch-sharded under a mesh, else no-op
             if output_hidden_states:
                 hidden.append(x)
-        x = self.norm(x)
-        if cache is not None:
-            last_pos = jnp.max(jnp.where(attention_mask, positions, -1), axis=-1)
-            cache = KVCache(
-                k=tuple(new_k), v=tuple(new_v), mask=new_mask,
-                positions=jnp.maximum(last_pos + 1, cache.positions),
-                end=cache.end + t)
-        return x, cache, (tuple(hidden) if output_hidden_states else None)
+        return x, (tuple(new_k), tuple(new_v)), (tuple(hidden) if output_hidden_states else None)
+
+    def _scanned(self, x, cos, sin, mask, cache, output_hidden_states):
+        """:meth:`_unrolled` as one ``lax.scan`` over the stacked layers; the cache's ``k, v``
+        are ``[L, B, S, KVH, Dh]`` and come back so (the hidden states as L ``[B, T, D]``
+        slices of the scan's stacked outputs)."""
+        end = None if cache is None else cache.end
+        if cache is not None and isinstance(cache.k, tuple):
+            raise ValueError("a model with scan_layers takes a stacked KV cache "
+                             "([L, B, S, KVH, Dh] arrays): make it with model.init_cache")
+
+        def body(layer, h, kv):
+            h, kv = layer(h, cos, sin, mask, kv, end)
+            h = constrain_hidden(h)  # block boundary
+            return h, (kv, h if output_hidden_states else None)
+
+        xs = None if cache is None else (cache.k, cache.v)
+        out, (kv, ys) = scan.run(self.layers, body, x, xs,
+                                 remat=cache is None and memory.current().remat)
+        return out, (((), ()) if kv is None else kv), ((x, *ys) if output_hidden_states else None)

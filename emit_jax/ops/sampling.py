@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emit_jax.ops import kernels
+
 if TYPE_CHECKING:  # the sampler takes any model with InternVL's interface
     from emit_jax.models.internvl import InternVL
 
@@ -94,21 +96,39 @@ def _select(logits, rng, temperature, top_k, top_p):
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=(
-    "max_new_tokens", "eos_token_id", "pad_token_id", "temperature", "top_k", "top_p"))
-def _sample(graphdef, state, input_ids, attention_mask, pixel_values, ce_pixels, rng, **kw):
-    return _sample_impl(nnx.merge(graphdef, state), input_ids, attention_mask, pixel_values,
-                        ce_pixels, rng, **kw)
+    "max_new_tokens", "eos_token_id", "pad_token_id", "temperature", "top_k", "top_p",
+    "options"))
+def _sample(graphdef, state, input_ids, attention_mask, pixel_values, ce_pixels, rng, *,
+            options, **kw):
+    with kernels.applied(options):  # a static argument: each choice compiles its own program
+        return _sample_impl(nnx.merge(graphdef, state), input_ids, attention_mask,
+                            pixel_values, ce_pixels, rng, **kw)
 
 
 def _sharded_sample(model, input_ids, attention_mask, pixel_values, ce_pixels, rng,
-                    max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p):
-    return _sample_impl(model, input_ids, attention_mask, pixel_values, ce_pixels, rng,
-                        max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                        pad_token_id=pad_token_id, temperature=temperature, top_k=top_k,
-                        top_p=top_p)
+                    max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p,
+                    options=None):
+    with kernels.applied(options or kernels.current()):
+        return _sample_impl(model, input_ids, attention_mask, pixel_values, ce_pixels, rng,
+                            max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                            pad_token_id=pad_token_id, temperature=temperature, top_k=top_k,
+                            top_p=top_p)
 
 
 _SHARDED: dict = {}  # mesh -> the sharded sampler (one compilation cache per mesh)
+
+
+def sharded_sampler(mesh):
+    """The sampler program over ``mesh`` (``emit_jax.parallel.sharded_jit`` of
+    ``_sharded_sample``, one per mesh): parameters placed by their logical axes, prompts split
+    over data x fsdp, outputs replicated. ``.lower(model, input_ids, attention_mask,
+    pixel_values, ce_pixels, rng, max_new_tokens, eos_token_id, pad_token_id, temperature,
+    top_k, top_p[, kernel options])`` gives the program without running it."""
+    from emit_jax.parallel import sharded_jit
+
+    if mesh not in _SHARDED:
+        _SHARDED[mesh] = sharded_jit(_sharded_sample, mesh, mutable=nnx.Not(nnx.Param))
+    return _SHARDED[mesh]
 
 
 def _output_head(model):
@@ -128,10 +148,29 @@ def _output_head(model):
     return head
 
 
+def decode_phases(max_new_tokens: int) -> tuple[int, ...]:
+    """The decode loop's phases: the last new token each one may generate. One phase with
+    ``kernels.decode`` "full"; with "bucketed", ``decode_bucket`` new tokens doubling per phase,
+    the last ending at ``max_new_tokens`` (64, 128, 256, 512 for 512 at the default)."""
+    opts = kernels.current()
+    if opts.decode == "full":
+        return (max_new_tokens,)
+    ends, n = [], opts.decode_bucket
+    while n < max_new_tokens:
+        ends.append(n)
+        n *= 2
+    return tuple(ends) + (max_new_tokens,)
+
+
 def _sample_impl(model, input_ids, attention_mask, pixel_values, ce_pixels, rng, *,
                  max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p):
+    """Prefill, then one ``while_loop`` per decode phase (:func:`decode_phases`). Phase k
+    attends over a cache of ``T + ends[k]`` slots, grown between phases; with several phases
+    the prefill fills a cache of exactly ``T`` slots, so it runs through the attention kernel
+    (``emit_jax.models.kernels``)."""
     b, t = input_ids.shape
-    cache = model.init_cache(b, t + max_new_tokens)
+    ends = decode_phases(max_new_tokens)
+    cache = model.init_cache(b, t if len(ends) > 1 else t + max_new_tokens)
     extra = {} if ce_pixels is None else {"ce_pixels": ce_pixels}
     out = model.forward(input_ids, pixel_values, attention_mask, cache=cache, compute_logits=False,
                         **extra)
@@ -143,10 +182,6 @@ def _sample_impl(model, input_ids, attention_mask, pixel_values, ce_pixels, rng,
     logprobs = jnp.zeros((b, max_new_tokens), jnp.float32).at[:, 0].set(logp)
     done = (token == eos_token_id) if eos_token_id is not None else jnp.zeros((b,), bool)
     lengths = jnp.ones((b,), jnp.int32)
-
-    def cond(carry):
-        step, _, _, done, _, _, _, _ = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
         step, cache, token, done, tokens, logprobs, lengths, rng = carry
@@ -164,7 +199,16 @@ def _sample_impl(model, input_ids, attention_mask, pixel_values, ce_pixels, rng,
         return step + 1, o.cache, nxt, done, tokens, logprobs, lengths, rng
 
     carry = (jnp.int32(1), out.cache, token, done, tokens, logprobs, lengths, rng)
-    _, _, _, _, tokens, logprobs, lengths, _ = jax.lax.while_loop(cond, body, carry)
+    for end in ends:  # step s writes slot T + s - 1: a phase ending at token `end` needs T + end
+        if carry[1].max_len < t + end:
+            carry = carry[:1] + (carry[1].grow(t + end),) + carry[2:]
+        limit = min(end + 1, max_new_tokens)
+
+        def cond(carry, limit=limit):
+            step, _, _, done, _, _, _, _ = carry
+            return (step < limit) & ~jnp.all(done)
+        carry = jax.lax.while_loop(cond, body, carry)
+    _, _, _, _, tokens, logprobs, lengths, _ = carry
     return SampleOutput(tokens, logprobs, lengths)
 
 
@@ -205,15 +249,12 @@ def generate(model: InternVL, input_ids, attention_mask=None, pixel_values=None,
     if rng is None:
         rng = jax.random.key(0)
     if mesh is not None:
-        from emit_jax.parallel import sharded_jit
-
-        fn = _SHARDED.setdefault(mesh, sharded_jit(_sharded_sample, mesh,
-                                                   mutable=nnx.Not(nnx.Param)))
-        return fn(model, input_ids, attention_mask, pixel_values, ce_pixels, rng,
-                  int(max_new_tokens), eos_token_id, int(pad_token_id), float(temperature),
-                  int(top_k), float(top_p))
+        return sharded_sampler(mesh)(model, input_ids, attention_mask, pixel_values, ce_pixels,
+                                     rng, int(max_new_tokens), eos_token_id, int(pad_token_id),
+                                     float(temperature), int(top_k), float(top_p),
+                                     kernels.current())
     graphdef, state = nnx.split(model)
     return _sample(graphdef, state, input_ids, attention_mask, pixel_values, ce_pixels, rng,
                    max_new_tokens=int(max_new_tokens), eos_token_id=eos_token_id,
                    pad_token_id=int(pad_token_id), temperature=float(temperature),
-                   top_k=int(top_k), top_p=float(top_p))
+                   top_k=int(top_k), top_p=float(top_p), options=kernels.current())

@@ -28,18 +28,20 @@ Every name is re-exported here: ``from emit_jax.parallel import sharded_jit``.
 """
 
 from emit_jax.parallel.mesh import (
-    _ACTIVE, _var_axes, BATCH_AXES, DEFAULT_RULES, MESH_AXES, batch_sharding, batch_spec,
+    _ACTIVE, _var_axes, BATCH_AXES, DEFAULT_RULES, MESH_AXES, active_mesh, batch_sharding,
+    batch_spec,
     constrain, constrain_hidden, logical_to_spec, make_mesh, mesh_shape, parse_mesh,
-    state_shardings, use_mesh)
+    SAMPLER_MESHES, sampler_mesh, state_shardings, use_mesh)
 from emit_jax.parallel.batch import assemble_batch, global_batch, process_rows
-from emit_jax.parallel.jit import shard_module, sharded_jit
+from emit_jax.parallel.jit import placed_module, shard_module, sharded_jit
 from emit_jax.parallel.distributed import (
     DistributedArgs, barrier, distributed_args_from_env, initialize, is_primary, localize_module,
     replicate_module, to_host)
 
 __all__ = ["MESH_AXES", "BATCH_AXES", "DEFAULT_RULES", "parse_mesh", "mesh_shape", "make_mesh",
+           "SAMPLER_MESHES", "sampler_mesh", "placed_module",
            "logical_to_spec", "state_shardings", "batch_spec", "batch_sharding", "shard_module",
-           "use_mesh", "constrain", "constrain_hidden", "sharded_jit",
+           "use_mesh", "active_mesh", "constrain", "constrain_hidden", "sharded_jit",
            "global_batch", "process_rows", "assemble_batch", "initialize",
            "DistributedArgs", "distributed_args_from_env", "to_host",
            "is_primary", "barrier", "replicate_module", "localize_module"]

@@ -1,7 +1,8 @@
 """Placing modules on a mesh and jitting steps over it with explicit shardings.
 
 :func:`shard_module` places every array of a Module / Optimizer by its logical axes
-(``emit_jax.parallel.mesh.state_shardings``). :class:`sharded_jit` jits the train step, the
+(``emit_jax.parallel.mesh.state_shardings``); :func:`placed_module` makes a placed (and partly
+recomputed) copy, leaving the original as it is. :class:`sharded_jit` jits the train step, the
 sampler and the reference log-probs with explicit input and output shardings: graph-node
 arguments by their logical axes, array arguments split over ``data`` x ``fsdp`` along their first
 axis, traced under ``use_mesh`` so the activation constraints apply; :meth:`sharded_jit.lower`
@@ -12,6 +13,7 @@ one process or several.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -58,6 +60,40 @@ def _place(a, s: NamedSharding):
 
 def _placed(a, s) -> bool:
     return isinstance(a, jax.Array) and a.sharding == s
+
+
+def placed_module(graphdef, state, mesh: Mesh | None = None, rules=None, *,
+                  compute: Callable | None = None, inputs: dict | None = None):
+    """A new module ``nnx.merge(graphdef, state)`` with its arrays on ``mesh`` by their logical
+    axes and the arrays ``compute`` returns replaced, all made by one jitted program (a
+    collective in a multi-process run; each new array is written once, on its target
+    sharding). ``compute(inputs) -> {key: array}`` (a module-level function: the program is
+    cached by it) maps keys ``"/".join(map(str, path))`` of ``state``'s paths to new values.
+    Arrays that neither change nor move are shared with ``state``, whose Variables stay as
+    they are; without a mesh nothing moves."""
+    flat = {"/".join(map(str, p)): (p, v) for p, v in nnx.to_flat_state(state)}
+    inputs = inputs or {}
+    changed = set(jax.eval_shape(compute, inputs)) if compute else set()
+    target = {}
+    if mesh is not None:
+        sh = dict(nnx.to_flat_state(state_shardings(state, mesh, rules)))
+        target = {k: sh[p].get_value() for k, (p, _) in flat.items()}
+    moving = {k: v.get_value() for k, (_, v) in flat.items()
+              if k not in changed and k in target and not _placed(v.get_value(), target[k])}
+    out_sh = tuple(sorted((k, target[k]) for k in changed | set(moving))) if target else ()
+    new = _placed_program(compute, out_sh, inputs, moving)
+    return nnx.merge(graphdef, nnx.from_flat_state(
+        [(p, v.replace(new[k] if k in new else v.get_value())) for k, (p, v) in flat.items()]))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _placed_program(compute, shardings, inputs, moving):
+    """:func:`placed_module`'s program: ``compute(inputs)`` and ``moving`` (``{key: array}``),
+    each output on its sharding of ``shardings`` (``((key, NamedSharding), ...)``; () keeps
+    XLA's choice)."""
+    out = {**(compute(inputs) if compute else {}), **moving}
+    return {k: jax.lax.with_sharding_constraint(out[k], s) for k, s in shardings} \
+        if shardings else out
 
 
 # ------------------------------------------------------------------------------ sharded jit
@@ -186,4 +222,4 @@ def _static_key(static):
     return tuple(out)
 
 
-__all__ = ["shard_module", "sharded_jit"]
+__all__ = ["placed_module", "shard_module", "sharded_jit"]

@@ -41,6 +41,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"),
     ("vit_heads", "tensor"), ("vit_mlp", "tensor"), ("mm_hidden", "tensor"),
     ("norm", None), ("vit_pos", None), ("conv_h", None), ("conv_w", None), ("conv_in", None),
+    ("layers", None),  # the stacked axis of scan_layers (emit_jax.models.scan)
     # activations at block boundaries: [batch, sequence, width]
     ("act_seq", None), ("act_embed", None),
 )
@@ -108,6 +109,28 @@ def make_mesh(spec=None, devices: Sequence | None = None) -> Mesh:
     except Exception:  # noqa: BLE001 - unusual topologies: plain order
         grid = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(grid, MESH_AXES)
+
+
+#: the sampler's meshes (:func:`sampler_mesh`)
+SAMPLER_MESHES = ("learner", "replicated", "tensor")
+
+
+def sampler_mesh(mesh: Mesh, mode: str) -> Mesh:
+    """The mesh GRPO's sampler runs on, over the devices of the learner's ``mesh`` ``(data,
+    fsdp, tensor)``: ``learner`` is ``mesh`` itself (FSDP's shards of the width are all-gathered
+    inside every decode step by the TPU compiler; XLA:CPU hoists the gathers before the loop);
+    ``replicated`` is ``(data * fsdp * tensor, 1, 1)`` (every device holds every weight, the
+    prompts split over all); ``tensor`` is ``(data, 1, fsdp * tensor)`` (the weights over heads
+    / MLP / vocabulary by :data:`DEFAULT_RULES`, none over the width; the prompts over
+    ``data``). Either way no weight is gathered per decode step; the devices
+    keep the learner mesh's order."""
+    if mode not in SAMPLER_MESHES:
+        raise ValueError(f"sampler mesh {mode!r}: one of {SAMPLER_MESHES}")
+    if mode == "learner":
+        return mesh
+    d, f, t = (mesh.shape[a] for a in MESH_AXES)
+    shape = (d * f * t, 1, 1) if mode == "replicated" else (d, 1, f * t)
+    return Mesh(mesh.devices.reshape(shape), MESH_AXES)
 
 
 # ------------------------------------------------------------------------------------ rules
@@ -198,6 +221,12 @@ def use_mesh(mesh: Mesh | None, rules=None):
         _ACTIVE.reset(token)
 
 
+def active_mesh() -> tuple[Mesh, Any] | None:
+    """``(mesh, rules)`` of the enclosing :func:`use_mesh`, or None (for kernels that must
+    run per shard under ``shard_map``)."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """``with_sharding_constraint`` of ``x`` by logical ``axes`` under :func:`use_mesh`;
     unchanged otherwise (single-device code paths pay nothing)."""
@@ -215,5 +244,6 @@ def constrain_hidden(x: jax.Array) -> jax.Array:
 
 
 __all__ = ["MESH_AXES", "BATCH_AXES", "DEFAULT_RULES", "parse_mesh", "mesh_shape", "make_mesh",
+           "SAMPLER_MESHES", "sampler_mesh",
            "logical_to_spec", "state_shardings", "batch_spec", "batch_sharding", "use_mesh",
-           "constrain", "constrain_hidden"]
+           "active_mesh", "constrain", "constrain_hidden"]

@@ -16,6 +16,7 @@ import math
 from typing import Any, Mapping
 
 from emit_jax.errors import ConfigError
+from emit_jax.parallel.mesh import SAMPLER_MESHES
 from emit_jax.rl import grpo as rl_grpo
 from emit_jax.rl import rewards as rl_rewards
 
@@ -29,6 +30,10 @@ LORA_STAGES = ("sft2", "grpo")
 EMIT_STAGES = ("sft", "sft2", "grpo")
 #: what "correct" may mean for resampling and reweighting (``grpo.correct``)
 CORRECTNESS = ("accuracy", "adfm_cls")
+#: when the rollout samples a copy with the LoRA updates merged (``grpo.sampler.merge_lora``)
+MERGE_LORA = ("float32", "always", "never")
+#: how a resampling round pads its prompts (``grpo.sampler.resample_pad``)
+RESAMPLE_PADS = ("pow2", "full")
 
 
 # ------------------------------------------------------------------------------ checks
@@ -142,6 +147,36 @@ class LoRAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """How GRPO's rollout samples (``grpo.sampler``; docs/training.md, "the sampler").
+
+    ``merge_lora``: ``float32`` samples, once per step, from a copy with the LoRA updates merged
+    into the kernels when they are float32 (the policy's values up to float rounding) and from
+    the unmerged policy otherwise; ``always`` merges bfloat16 / float16 kernels too (the update
+    rounded into them, as vLLM-based trainers sample); ``never`` samples the unmerged policy.
+    QLoRA (``lora.weight_qtype``) always samples unmerged. ``mesh``: ``learner`` (the learner's
+    mesh: with FSDP, the TPU compiler all-gathers the weights in every decode step),
+    ``replicated`` (every device a full copy, the prompts over all devices) or ``tensor``
+    (weights over heads / MLP / vocabulary on the learner's fsdp x tensor devices, prompts over
+    data); the weights are moved once per step. ``resample_pad``: a resampling round pads its
+    failed prompts to the next power of two (``pow2``, at most ``prompts_per_step``) or to
+    ``prompts_per_step`` (``full``)."""
+    merge_lora: str = "float32"
+    mesh: str = "learner"
+    resample_pad: str = "pow2"
+
+    def __post_init__(self):
+        for key, allowed in (("merge_lora", MERGE_LORA), ("mesh", SAMPLER_MESHES),
+                             ("resample_pad", RESAMPLE_PADS)):
+            if getattr(self, key) not in allowed:
+                fail(f"grpo.sampler.{key}", getattr(self, key), f"must be one of {allowed}")
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any]) -> "SamplerConfig":
+        return cls(**_fields(cls, section, "grpo.sampler"))
+
+
+@dataclasses.dataclass(frozen=True)
 class GRPOConfig:
     """EMIT stage 2 (``training.grpo``): ``prompts_per_step`` prompts x ``G`` completions a
     step, rewards, difficulty-aware resampling and weights, the clipped loss with KL, LoRA."""
@@ -172,6 +207,7 @@ class GRPOConfig:
     warmup_ratio: float = 0.01
     weight_decay: float = 0.1
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
 
     def __post_init__(self):
         check_int("grpo.steps", self.steps, low=1)
@@ -240,4 +276,5 @@ class GRPOConfig:
             "beta", "eps_low", "eps_high", "kl", "agg", "max_resample_times", "lr",
             "warmup_ratio", "weight_decay", "reward_names", "reward_weights"))
         kw["lora"] = LoRAConfig.from_section(section["lora"])
+        kw["sampler"] = SamplerConfig.from_section(section.get("sampler") or {})
         return cls(**kw)

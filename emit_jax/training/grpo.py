@@ -3,10 +3,13 @@
 One optimiser step (``prompts_per_step`` prompts x G completions):
 
 1. the policy (LoRA applied, eval mode: BatchNorm on running statistics) samples G completions
-   per prompt with the jitted sampler (temperature / top-k / top-p, stop at ``<|im_end|>``);
+   per prompt with the jitted sampler (temperature / top-k / top-p, stop at ``<|im_end|>``),
+   by default from a copy with the LoRA updates merged once per step, on the learner's mesh or
+   the sampler's own (``grpo.sampler``: :class:`Rollout`);
 2. rewards (``emit_jax.rl.rewards``: accuracy 3, cosine length 1, format 1, repetition 1);
 3. difficulty-aware resampling: groups with no correct completion are regenerated up to
-   ``max_resample_times`` (``emit_jax.rl.grpo.resample_groups``);
+   ``max_resample_times`` (``emit_jax.rl.grpo.resample_groups``), a round generating only for
+   them, padded to a power of two (:func:`rollout_groups`);
 4. group-normalised advantages times the difficulty weight ``1 + #incorrect / G``;
 5. the token-level clipped loss with ``beta`` x KL against the reference policy, which is the
    same model with the adapters off (the original module objects: no second copy of the
@@ -19,6 +22,8 @@ kernels) for the stage's model checkpoint and the HF export.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -33,12 +38,13 @@ from flax import nnx
 from emit_jax import faults
 from emit_jax.data.pipeline import PipelineConfig, RecordEncoder, batch_ce, collate
 from emit_jax.ops.sampling import generate
-from emit_jax.parallel import shard_module, sharded_jit
+from emit_jax.parallel import placed_module, sampler_mesh, shard_module, sharded_jit
 from emit_jax.rl import grpo as G_
 from emit_jax.rl import rewards as R_
 from emit_jax.training import micro, optim
 from emit_jax.training.config import GRPOConfig
-from emit_jax.training.lora import apply_lora, merge_lora, trainable_filter
+from emit_jax.training.lora import (adapted_kernels, apply_lora, merge_lora, merged_model,
+                                   trainable_filter)
 from emit_jax.training.loop import Stage, StepResult, run_loop
 from emit_jax.training.state import StageCheckpoints
 from emit_jax.models.emit import HeatmapBatchNorm, is_emit
@@ -195,33 +201,88 @@ def prompt_pipeline(model, g: GRPOConfig, max_tiles: int, length_buckets) -> Pip
                                     ce_bucket=g.rows, length_buckets=tuple(length_buckets))
 
 
+def round_size(n: int, total: int, pad: str) -> int:
+    """Prompts a sampling round of ``n`` of the step's ``total`` prompts generates for: the
+    next power of two, at most ``total`` (``pad="pow2"``), or ``total`` (``"full"``)."""
+    return total if pad == "full" else min(total, 1 << (n - 1).bit_length())
+
+
+def merges_lora(policy, g: GRPOConfig) -> bool:
+    """Whether the rollout samples from a merged copy (``grpo.sampler.merge_lora``): never
+    with QLoRA (the policy computes with the quantized kernels), and with ``float32`` only
+    when every adapted kernel is float32 (merging into bfloat16 would round the update)."""
+    mode = g.sampler.merge_lora
+    if mode == "never" or g.lora.weight_qtype:
+        return False
+    return mode == "always" or all(k.dtype == jnp.float32 for k in adapted_kernels(policy).values())
+
+
 class Rollout:
     """The sampler's role: ``G`` completions per prompt from the policy (eval mode, the jitted
     sampler), decoded to text. ``rollout(recs, step, round_) -> (batch, tokens [n*G, N],
     lengths [n*G], texts)``; ``batch`` is the collated prompt batch the loss reuses. The
-    randomness is fixed by (``seed``, step, round): a resumed run samples the same."""
+    randomness is fixed by (``seed``, step, round): a resumed run samples the same.
+
+    It samples from the policy itself or, per ``g.sampler``, from a copy made once per step
+    (:meth:`sampling`): LoRA merged into the kernels (``emit_jax.training.lora.merged_model``)
+    and / or placed on the sampler's mesh (``emit_jax.parallel.sampler_mesh``), so the decode
+    loop neither computes ``x @ A @ B`` nor gathers weights."""
 
     def __init__(self, policy, tokenizer, pcfg: PipelineConfig, g: GRPOConfig, *, seed: int,
-                 mesh=None):
+                 mesh=None, reference=None):
         self.policy, self.tokenizer, self.pcfg, self.g = policy, tokenizer, pcfg, g
-        self.seed, self.mesh = seed, mesh
+        self.seed, self.mesh, self.reference = seed, mesh, reference
+        self.sampler_mesh = None if mesh is None else sampler_mesh(mesh, g.sampler.mesh)
+        self.merge = reference is not None and merges_lora(policy, g)
         self.encoder = RecordEncoder(tokenizer, pcfg)
         self.pad = tokenizer.pad_token_id or 0
         self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self._model = None
+
+    def sampler_model(self):
+        """The module the decode loop runs: the policy, or a merged / moved copy of it."""
+        self.policy.eval()
+        if self.merge:
+            model = merged_model(self.policy, self.reference, self.sampler_mesh)
+        elif self.sampler_mesh is not self.mesh:
+            model = placed_module(*nnx.split(self.policy), self.sampler_mesh)
+        else:
+            return self.policy
+        model.eval()
+        return model
+
+    @contextlib.contextmanager
+    def sampling(self):
+        """Within: every call samples from one :meth:`sampler_model` (the step's rounds share
+        it); the copy is dropped on exit, before the loss runs."""
+        self._model = self.sampler_model()
+        try:
+            yield self
+        finally:
+            self._model = None
+
+    def pipeline(self, n: int) -> PipelineConfig:
+        """The collation of a round of ``n`` prompts: tile and CE buckets scaled from the
+        step's ``prompts_per_step`` to ``n`` (one pixel shape per round size)."""
+        full = self.g.prompts_per_step
+        if n == full:
+            return self.pcfg
+        return dataclasses.replace(self.pcfg, tile_bucket=max(1, self.pcfg.tile_bucket * n // full),
+                                   ce_bucket=max(1, self.pcfg.ce_bucket * n // full))
 
     def __call__(self, recs: Sequence[dict], step: int, round_: int):
         g, eos = self.g, self.eos
         rng = np.random.default_rng([self.seed, step, round_])
-        batch = collate([self.encoder(r, rng) for r in recs for _ in range(g.G)], self.pcfg,
-                        self.pad)
+        batch = collate([self.encoder(r, rng) for r in recs for _ in range(g.G)],
+                        self.pipeline(len(recs)), self.pad)
         ce, _ = batch_ce(batch)
-        self.policy.eval()
-        out = generate(self.policy, batch["input_ids"], batch["attention_mask"],
+        model = self._model if self._model is not None else self.sampler_model()
+        out = generate(model, batch["input_ids"], batch["attention_mask"],
                        jnp.asarray(batch["pixel_values"]), ce_pixels=ce,
                        max_new_tokens=g.max_new_tokens, eos_token_id=eos, pad_token_id=self.pad,
                        temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
                        rng=jax.random.fold_in(jax.random.key(self.seed), step * 16 + round_),
-                       mesh=self.mesh)
+                       mesh=self.sampler_mesh)
         toks, lens = np.array(out.tokens), np.array(out.lengths)  # writable copies
         texts = []
         for i in range(len(toks)):
@@ -230,6 +291,27 @@ class Rollout:
                 body = body[:-1]
             texts.append(self.tokenizer.decode(body.tolist(), skip_special_tokens=True))
         return batch, toks, lens, texts
+
+
+def rollout_groups(rollout, recs: Sequence[dict], step: int, first_batch: dict):
+    """``generate_fn(indices, round_)`` for ``emit_jax.rl.grpo.resample_groups``: ``G`` (text,
+    tokens, length) completions for each prompt ``recs[i]``. A round pads ``indices`` with
+    copies of its last prompt up to :func:`round_size` (``grpo.sampler.resample_pad``), so the
+    sampler compiles one shape per size and a round of 1 failed group makes ``G`` rows with
+    ``pow2``; the padding rows come last, so the real rows are encoded and drawn as with any
+    other padding. Round 0's collated batch goes into ``first_batch["b"]`` (what the loss
+    encodes)."""
+    G, pad = rollout.g.G, rollout.g.sampler.resample_pad
+
+    def generate_fn(indices, round_):
+        n = round_size(len(indices), len(recs), pad)
+        padded = list(indices) + [indices[-1]] * (n - len(indices))
+        batch, toks, lens, texts = rollout([recs[i] for i in padded], step, round_)
+        if round_ == 0:
+            first_batch["b"] = batch
+        return [[(texts[k * G + j], toks[k * G + j], int(lens[k * G + j])) for j in range(G)]
+                for k in range(len(indices))]
+    return generate_fn
 
 
 def score_groups(g: GRPOConfig, texts: Sequence[str], toks: np.ndarray, lens: np.ndarray,
@@ -271,7 +353,10 @@ def run_grpo(model, records, tokenizer, g: GRPOConfig, stage_dir: str, *, mesh=N
         shard_module((policy, reference, optimizer), mesh)
     ckpt = StageCheckpoints(os.path.join(stage_dir, "ckpt"), every=checkpoint_every,
                             state_filter=nnx.Any(wrt, nnx.BatchStat), name="grpo")
-    rollout = Rollout(policy, tokenizer, pcfg, g, seed=seed, mesh=mesh)
+    rollout = Rollout(policy, tokenizer, pcfg, g, seed=seed, mesh=mesh, reference=reference)
+    print(f"[grpo] sampler: LoRA {'merged once per step' if rollout.merge else 'unmerged'}, "
+          f"mesh {g.sampler.mesh if mesh is not None else '-'}, resampling rounds padded "
+          f"{g.sampler.resample_pad}", file=sys.stderr, flush=True)
     is_correct = correctness(g.correct)
     # record fields the rewards read (AD-FM's GT boxes)
     forwarded = [k for k in ("bbox_answer",) if any(k in r for r in records)]
@@ -286,19 +371,12 @@ def run_grpo(model, records, tokenizer, g: GRPOConfig, stage_dir: str, *, mesh=N
         t0 = time.time()
         first_batch = {}
 
-        def generate_fn(indices, round_):
-            # a resampling round pads its prompts to the full count (one sampler shape)
-            full = list(indices) + [indices[-1]] * (len(recs) - len(indices))
-            batch, toks, lens, texts = rollout([recs[i] for i in full], n, round_)
-            if round_ == 0:
-                first_batch["b"] = batch  # the encoding the loss uses
-            return [[(texts[k * G + j], toks[k * G + j], int(lens[k * G + j])) for j in range(G)]
-                    for k in range(len(indices))]
-
-        result = G_.resample_groups(
-            generate_fn, recs, G, lambda r, c: is_correct(c[0], r.get("solution", "")),
-            max_resample_times=g.max_resample_times, on_failure="keep", enabled=g.resample,
-            pass_round=True)
+        with rollout.sampling():  # the sampler's copy of the policy lives for these rounds
+            result = G_.resample_groups(
+                rollout_groups(rollout, recs, n, first_batch), recs, G,
+                lambda r, c: is_correct(c[0], r.get("solution", "")),
+                max_resample_times=g.max_resample_times, on_failure="keep", enabled=g.resample,
+                pass_round=True)
         flat = result.flat_completions()
         toks = np.stack([c[1] for c in flat])
         lens = np.array([c[2] for c in flat])

@@ -198,24 +198,36 @@ def finish_stage(workdir: str, stage: str, model, info: dict) -> None:
     parallel.barrier("finish:" + stage)
 
 
-def load_stage(workdir: str, stage: str):
-    model, _ = checkpoint.load_model(os.path.join(workdir, stage, "model"))
+def load_stage(workdir: str, stage: str, scan_layers: bool | None = None):
+    """The finished ``stage``'s model; ``scan_layers``: stacked or unrolled layers (None: as
+    saved)."""
+    model, _ = checkpoint.load_model(os.path.join(workdir, stage, "model"),
+                                     scan_layers=scan_layers)
     return model
+
+
+def scan_layers(cfg) -> bool:
+    """``kernels.scan_layers``: the models a run builds or loads have stacked layers."""
+    return bool((cfg.get("kernels") or {}).get("scan_layers", False))
 
 
 def build_initial_model(cfg, tokenizer):
     """The model a run starts from: ``init_from`` (HF folder or Orbax checkpoint), or the named
-    architecture with random weights, its vocabulary fitted to the tokenizer."""
+    architecture with random weights, its vocabulary fitted to the tokenizer; its layers
+    stacked when ``kernels.scan_layers`` is set."""
+    scan = scan_layers(cfg)
     if cfg.init_from:
         if os.path.isfile(os.path.join(cfg.init_from, "config.json")):
-            return hf.load(cfg.init_from, dtype=cfg.get("param_dtype") or None)
-        return checkpoint.load_model(cfg.init_from, dtype=cfg.get("param_dtype") or None)[0]
+            return hf.load(cfg.init_from, dtype=cfg.get("param_dtype") or None, scan_layers=scan)
+        return checkpoint.load_model(cfg.init_from, dtype=cfg.get("param_dtype") or None,
+                                     scan_layers=scan)[0]
     mcfg = architectures.get_config(cfg.arch, **({"dtype": cfg.param_dtype}
                                                   if cfg.get("param_dtype") else {}))
     img = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     # the tokenizer's last entry is <COMP_CONTEXT>, which EMIT appends to the model at stage 1
     vocab = len(tokenizer) - 1
-    mcfg = mcfg.replace(text=dataclasses.replace(mcfg.text, vocab_size=vocab), image_token_id=img)
+    mcfg = mcfg.replace(text=dataclasses.replace(mcfg.text, vocab_size=vocab), image_token_id=img,
+                        scan_layers=scan)
     if cfg.get("image_size"):
         mcfg = mcfg.replace(vision=dataclasses.replace(mcfg.vision, image_size=cfg.image_size))
     return InternVL(mcfg.validate(), rngs=nnx.Rngs(cfg.seed))

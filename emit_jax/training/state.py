@@ -2,7 +2,9 @@
 
 A stage directory holds ``ckpt/<step>/`` with the trainable model state and optimizer state
 (``state``), the grain iterator state and counters (``meta``, JSON). Running the same command
-again restores the latest complete step and continues from it.
+again restores the latest complete step and continues from it. Both are written in the unrolled
+per-layer layout whatever ``scan_layers`` is (``emit_jax.models.scan``), so a run may resume
+with the other setting.
 
 Orbax writes a step into a temporary directory and renames it when complete, so a write cut
 short (a kill, a full disk) is never taken for a checkpoint. A latest step that is there but
@@ -22,6 +24,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from emit_jax import faults
+from emit_jax.models import scan
 
 
 class StageCheckpoints:
@@ -43,8 +46,7 @@ class StageCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, model, optimizer, meta: dict, *, force: bool = False) -> bool:
-        state = {"model": nnx.to_pure_dict(nnx.state(model, self.filter)),
-                 "opt": nnx.to_pure_dict(nnx.state(optimizer))}
+        state = scan.unstack_layers(self._pure(model, optimizer))
         saved = self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
         if saved and faults.fires("kill_in_save", self.name, step):
@@ -89,17 +91,21 @@ class StageCheckpoints:
         self.manager.reload()
 
     def _restore(self, model, optimizer, step: int) -> dict:
-        target = {"model": nnx.to_pure_dict(nnx.state(model, self.filter)),
-                  "opt": nnx.to_pure_dict(nnx.state(optimizer))}
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self._pure(model, optimizer))
         out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(scan.unstack_layers(abstract, scan.layer_struct)),
+            meta=ocp.args.JsonRestore()))
+        restored = scan.stack_layers(out["state"], abstract)
         ms, os_ = nnx.state(model, self.filter), nnx.state(optimizer)
-        nnx.replace_by_pure_dict(ms, out["state"]["model"])
-        nnx.replace_by_pure_dict(os_, out["state"]["opt"])
+        nnx.replace_by_pure_dict(ms, restored["model"])
+        nnx.replace_by_pure_dict(os_, restored["opt"])
         nnx.update(model, ms)
         nnx.update(optimizer, os_)
         return dict(out["meta"])
+
+    def _pure(self, model, optimizer) -> dict:
+        return {"model": nnx.to_pure_dict(nnx.state(model, self.filter)),
+                "opt": nnx.to_pure_dict(nnx.state(optimizer))}
 
     def wait(self):
         self.manager.wait_until_finished()

@@ -15,6 +15,7 @@ import math
 import os
 
 from emit_jax.errors import ConfigError
+from emit_jax.ops import kernels
 from emit_jax.training.config import (SFT_STAGES, STAGES, GRPOConfig, OptimConfig, check_int,
                                       fail as _fail)
 
@@ -57,6 +58,8 @@ def _mesh(cfg, stages, num_devices: int | None) -> None:
         shape = dict(zip(parallel.MESH_AXES, parallel.mesh_shape(spec, num_devices)))
     except ValueError as e:
         raise ConfigError(f"config mesh: {e}") from None
+    if "grpo" in stages:
+        _sampler_mesh(cfg.grpo, num_devices)
     shards = math.prod(shape[a] for a in parallel.BATCH_AXES)
     if shards == 1:
         return
@@ -77,6 +80,27 @@ def _mesh(cfg, stages, num_devices: int | None) -> None:
             raise ConfigError(f"config {s}.micro_batch_size: {mb} rows per micro-batch do not "
                               f"split over the mesh's {shards} batch shards ({how} of "
                               f"{num_devices} devices); use a multiple of {shards}")
+
+
+def _sampler_mesh(grpo, num_devices: int) -> None:
+    """``grpo.sampler.mesh='replicated'`` splits a step's sequences over every device."""
+    if (grpo.get("sampler") or {}).get("mesh") != "replicated":
+        return
+    rows = int(grpo.prompts_per_step) * int(grpo.G)
+    if rows % num_devices:
+        raise ConfigError(f"config grpo.sampler.mesh: 'replicated' splits the {rows} sequences "
+                          f"of a step (grpo.prompts_per_step x grpo.G) over all {num_devices} "
+                          f"devices, which they do not divide; use a multiple of {num_devices} "
+                          f"or 'learner' / 'tensor'")
+
+
+def _kernels(cfg) -> None:
+    """``kernels.*``: the names ``emit_jax.ops.kernels`` knows, a positive decode bucket."""
+    k = _get(cfg, "kernels", "kernels", None) or {}
+    for key, allowed in (("attention", kernels.ATTENTION), ("decode", kernels.DECODE)):
+        if key in k and k[key] not in allowed:
+            _fail(f"kernels.{key}", k[key], f"must be one of {', '.join(allowed)}")
+    _int(k, "decode_bucket", "kernels.decode_bucket", low=1, default=64)
 
 
 def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
@@ -178,5 +202,18 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     mem = _get(cfg, "memory", "memory", None) or {}
     _int(mem, "attention_chunk", "memory.attention_chunk", low=0, default=0)
     _int(mem, "vit_chunk", "memory.vit_chunk", low=0, default=0)
+    from emit_jax.models.memory import REMAT_POLICIES
+
+    if mem.get("remat_policy", "full") not in REMAT_POLICIES:
+        _fail("memory.remat_policy", mem["remat_policy"],
+              f"must be one of {', '.join(REMAT_POLICIES)}")
+    scan_layers = (_get(cfg, "kernels", "kernels", None) or {}).get("scan_layers", False)
+    if not isinstance(scan_layers, bool):
+        _fail("kernels.scan_layers", scan_layers, "must be True or False")
+    if scan_layers and grpo is not None and grpo.lora.weight_qtype:
+        _fail("grpo.lora.weight_qtype", grpo.lora.weight_qtype, "(QLoRA) does not work with "
+              "kernels.scan_layers=True (qwix quantizes the kernels inside each layer's first "
+              "run, a per-layer copy under lax.scan); use weight_qtype='' or scan_layers=False")
+    _kernels(cfg)
     _mesh(cfg, stages, num_devices)
     return Settings(stages=stages, optim=optim, grpo=grpo)
