@@ -206,13 +206,13 @@ needs_libtpu = pytest.mark.skipif(
 def test_splash_compiles_to_a_tpu_kernel_under_a_mesh():
     """On an abstract v5e:2x2 slice (4 chips, batch over fsdp) ``auto`` resolves to splash,
     which compiles to the Pallas TPU custom call inside shard_map, forward and backward."""
-    from jax.experimental import topologies
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+    from emit_jax.aot.tpu import topology  # libtpu loaded so that other processes may too
     from emit_jax.ops import kernels
     from emit_jax.parallel import use_mesh
 
-    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+    devices = topology("v5e:2x2").devices
     mesh = Mesh(np.array(devices).reshape(1, 4, 1), ("data", "fsdp", "tensor"))
     b, t, h, kvh, dh = 4, 200, 8, 2, 64
     sh = NamedSharding(mesh, P(("data", "fsdp")))
