@@ -27,9 +27,6 @@ def memory_switches(cfg) -> dict:
         raise AotError(f"config memory section {memory}: {e}") from None
 
 
-EMBEDDED_CONSTANTS = 64 << 20  # bytes of a constant kept in the program when lowering
-
-
 def kernel_switches(cfg) -> dict:
     """``config.kernels`` as ``models.kernels.kernel_options`` takes it, checked."""
     from emit_jax.ops.kernels import kernel_options
@@ -48,20 +45,11 @@ def lower_program(p: Program, memory: dict, kernels: dict | None = None) -> tupl
     from emit_jax.ops.kernels import kernel_options
     from emit_jax.models.memory import memory_options
 
-    import jax
-
     if p.prepare is not None:
         p.prepare()
     t0 = time.time()
-    # constants (splash attention's block masks) stay in the program: hoisted into hidden
-    # arguments, they make JAX 0.10's ``compiled.input_shardings`` fail to unflatten
-    limit = jax.config.jax_embedded_constants_max_bytes
-    jax.config.update("jax_embedded_constants_max_bytes", max(limit, EMBEDDED_CONSTANTS))
-    try:
-        with memory_options(**memory), kernel_options(**(kernels or {})):
-            lowered = p.fn.lower(*p.args)
-    finally:
-        jax.config.update("jax_embedded_constants_max_bytes", limit)
+    with memory_options(**memory), kernel_options(**(kernels or {})):
+        lowered = p.fn.lower(*p.args)
     return lowered, p.fn.abstract_args(*p.args), time.time() - t0
 
 
@@ -98,7 +86,15 @@ def compile_program(p: Program, lowered, abstract_args, resident: dict,
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else (cost or {})
     out["flops"] = float(cost.get("flops", 0.0))
     out["bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
-    acc = account(p, abstract_args, compiled.input_shardings[0], resident, shared)
+    try:
+        acc = account(p, abstract_args, compiled.input_shardings[0], resident, shared)
+    except (ValueError, IndexError):
+        # the executable has inputs JAX cannot map back (constants it hoisted into hidden
+        # arguments, as splash attention's block masks): account by the requested shardings,
+        # which cannot show the weights XLA dropped
+        requested = tuple(jax.tree.map(lambda a: a.sharding, a) for a in abstract_args)
+        acc = account(p, abstract_args, requested, resident, shared)
+        out["input_shardings"] = "requested (the executable's could not be mapped)"
     out.update(shared_args=acc["dup"], other_resident=acc["missing"], weights=acc["weights"])
     outs = jax.tree.leaves(compiled.output_shardings[0])
     out["state_out"] = {"arrays": len(outs),
