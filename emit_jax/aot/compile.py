@@ -14,29 +14,29 @@ from emit_jax.aot.programs import Program
 from emit_jax.errors import AotError
 
 
-def memory_switches(cfg) -> dict:
-    """``config.memory`` as ``models.memory.memory_options`` takes it (as ``emit_jax.train``
-    passes it), checked."""
-    from emit_jax.models.memory import memory_options
-
-    memory = dict(cfg.get("memory") or {})
+def _switches(cfg, section: str, options) -> dict:
+    """``config.<section>`` as the trace-time ``options`` context takes it (as
+    ``emit_jax.train`` passes it), checked; the resolved options as a dict."""
+    given = dict(cfg.get(section) or {})
     try:
-        with memory_options(**memory) as opts:
+        with options(**given) as opts:
             return dataclasses.asdict(opts)
     except (TypeError, ValueError) as e:
-        raise AotError(f"config memory section {memory}: {e}") from None
+        raise AotError(f"config {section} section {given}: {e}") from None
+
+
+def memory_switches(cfg) -> dict:
+    """``config.memory`` for ``models.memory.memory_options``, checked."""
+    from emit_jax.models.memory import memory_options
+
+    return _switches(cfg, "memory", memory_options)
 
 
 def kernel_switches(cfg) -> dict:
-    """``config.kernels`` as ``models.kernels.kernel_options`` takes it, checked."""
+    """``config.kernels`` for ``ops.kernels.kernel_options``, checked."""
     from emit_jax.ops.kernels import kernel_options
 
-    kernels = dict(cfg.get("kernels") or {})
-    try:
-        with kernel_options(**kernels) as opts:
-            return dataclasses.asdict(opts)
-    except (TypeError, ValueError) as e:
-        raise AotError(f"config kernels section {kernels}: {e}") from None
+    return _switches(cfg, "kernels", kernel_options)
 
 
 def lower_program(p: Program, memory: dict, kernels: dict | None = None) -> tuple:

@@ -59,8 +59,11 @@ def _einsum(q, k, v, mask):
     return out.reshape(b, t, h, dh)
 
 
-def causal_mask(token_mask: jax.Array) -> jax.Array:
-    """``[B, T]`` token mask -> ``[B, T, T]``: query t sees real keys s <= t."""
+def causal_mask(token_mask: jax.Array | None, shape: tuple[int, int] | None = None) -> jax.Array:
+    """``[B, T]`` token mask (None: every one of ``shape = (B, T)`` real) -> ``[B, T, T]``:
+    query t sees real keys s <= t."""
+    if token_mask is None:
+        token_mask = jnp.ones(shape, bool)
     t = token_mask.shape[1]
     idx = jnp.arange(t)
     return (idx[:, None] >= idx[None, :])[None] & token_mask[:, None, :]
@@ -77,8 +80,7 @@ def self_attention(q, k, v, token_mask: jax.Array | None, *, causal: bool, chunk
     impl = kernels.current().attention_impl()
     if impl == "einsum":
         if causal:
-            mask = causal_mask(token_mask if token_mask is not None
-                               else jnp.ones(q.shape[:2], bool))
+            mask = causal_mask(token_mask, q.shape[:2])
         else:
             mask = None if token_mask is None else jnp.broadcast_to(
                 token_mask[:, None, :], (q.shape[0], q.shape[1], k.shape[1]))
@@ -100,8 +102,7 @@ def dot_product_attention(q, k, v, token_mask, *, causal: bool, implementation: 
         return right_padded(q, k, v, token_mask, causal=causal, implementation="cudnn")
     mask = None
     if causal:
-        mask = causal_mask(token_mask if token_mask is not None
-                           else jnp.ones(q.shape[:2], bool))[:, None]
+        mask = causal_mask(token_mask, q.shape[:2])[:, None]
     elif token_mask is not None:
         mask = token_mask[:, None, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla").astype(v.dtype)
