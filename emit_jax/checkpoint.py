@@ -39,8 +39,11 @@ FORMAT_VERSION = 1
 
 
 def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | None = None,
-               assets_from: str | os.PathLike | None = None) -> str:
-    """Write ``model`` as an Orbax model checkpoint at ``path`` (must not exist or be empty)."""
+               assets_from: str | os.PathLike | None = None,
+               extra_meta: dict | None = None) -> str:
+    """Write ``model`` as an Orbax model checkpoint at ``path`` (must not exist or be empty).
+    ``extra_meta``: more JSON fields for its meta file (e.g. ``internvl_chat``: the source
+    folder's config and BatchNorm counter, for an export back to that format)."""
     path = os.path.abspath(os.fspath(path))
     from emit_jax.parallel import barrier
 
@@ -64,7 +67,7 @@ def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | No
         os.makedirs(os.path.join(tmp, ASSETS_DIR))
         if assets_from is not None:
             copy_assets(assets_from, os.path.join(tmp, ASSETS_DIR))
-        meta = {"format_version": FORMAT_VERSION, "kind": "model",
+        meta = {**(extra_meta or {}), "format_version": FORMAT_VERSION, "kind": "model",
                 "config": model.config.to_json_dict(), "hf_config": hf_config}
         if is_emit(model):
             meta["emit_config"] = model.emit_config.to_json_dict()

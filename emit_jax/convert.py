@@ -1,9 +1,17 @@
 """``python -m emit_jax.convert --hf DIR --out CKPT [--dtype bfloat16|float32]``
 
-Reads a transformers InternVL folder (config.json + safetensors, e.g. a local copy of
-OpenGVLab/InternVL3-8B-hf) and writes an Orbax model checkpoint; tokenizer and processor files
-that sit beside the weights are copied into ``CKPT/assets`` so ``emit_jax.export`` can put them
-back.
+Reads a model folder and writes an Orbax model checkpoint; tokenizer and processor files that
+sit beside the weights are copied into ``CKPT/assets`` so ``emit_jax.export`` can put them back.
+Two folder formats are read (single or sharded safetensors, stored dtypes kept):
+
+- transformers' InternVL (``model_type: internvl``, e.g. a local ``OpenGVLab/InternVL3-8B-hf``),
+  with an ``emit_extras.safetensors`` beside it for an EMIT model written by ``emit_jax.export``;
+- the original ``internvl_chat`` format (``OpenGVLab/InternVL3-8B``, and the EMIT authors'
+  released ``gw49/EMIT-8B``). A folder holding EMIT's ``soft_prompt.weight`` and
+  ``projector.*`` becomes an EMIT model with the authors' constants: CE layers 4, 8, 16, 20,
+  4 reference rotations, the ``<COMP_CONTEXT>`` id from the folder's tokenizer, the window of
+  their ``NEIGHBOR_DIS`` (default 6; ``--window``), their BatchNorm quirk for further training
+  (``--bn-mode official``). Without those tensors it is a plain InternVL.
 """
 
 from __future__ import annotations
@@ -13,30 +21,83 @@ import sys
 import time
 
 from emit_jax import checkpoint, cli, hf
+from emit_jax.errors import ConfigError
 from emit_jax.fileio import check_free_space
-from emit_jax.models.config import read_hf_config
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        layers = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block numbers, got "
+                                         f"{text!r}") from None
+    if not layers or any(x < 1 for x in layers):
+        raise argparse.ArgumentTypeError(f"block numbers start at 1, got {text!r}")
+    return layers
+
+
+def _window(text: str) -> int:
+    try:
+        w = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of patches, got {text!r}") from None
+    if w < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {w}")
+    return w
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m emit_jax.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf", required=True, help="Hugging Face model folder (config.json + safetensors)")
+    p.add_argument("--hf", required=True,
+                   help="model folder: transformers InternVL or internvl_chat (config.json + "
+                        "safetensors)")
     p.add_argument("--out", required=True, help="new Orbax checkpoint folder")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="cast parameters (default: keep the stored dtypes)")
+    g = p.add_argument_group("EMIT in an internvl_chat folder (the authors' constants by default)")
+    g.add_argument("--window", type=_window, default=None,
+                   help="heat-map window half-width in patches, their NEIGHBOR_DIS (default 6)")
+    g.add_argument("--ce-layers", type=_layers, default=None,
+                   help="ViT blocks of the heat map, e.g. 4,8,16,20 (default, hard-coded in "
+                        "their model)")
+    g.add_argument("--bn-mode", choices=["official", "standard"], default="official",
+                   help="BatchNorm statistics in further training: 'official' replays their "
+                        "dummy CE pass (default), 'standard' does not")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.time()
-    _, raw = read_hf_config(args.hf)
-    model = hf.load(args.hf, dtype=args.dtype)
+    chat = hf.is_internvl_chat(args.hf)
+    extra = {}
+    if chat:
+        from emit_jax import internvl_chat
+
+        model, info = internvl_chat.load(args.hf, dtype=args.dtype, window=args.window,
+                                         ce_layers=args.ce_layers, bn_mode=args.bn_mode)
+        raw = model.config.to_hf_dict() if not hasattr(model, "mllm") else \
+            model.mllm.config.to_hf_dict()
+        extra["internvl_chat"] = info
+    else:
+        if args.window is not None or args.ce_layers is not None:
+            raise ConfigError(f"{args.hf}: --window / --ce-layers apply to internvl_chat folders "
+                              "only (a transformers folder's EMIT settings are in its "
+                              "emit_extras.safetensors)")
+        _, raw = hf.read_config(args.hf)
+        model = hf.load(args.hf, dtype=args.dtype)
     check_free_space(args.out, hf.state_bytes(model) + 2**20)
-    checkpoint.save_model(model, args.out, hf_config=raw, assets_from=args.hf)
+    checkpoint.save_model(model, args.out, hf_config=raw, assets_from=args.hf, extra_meta=extra)
     from emit_jax.models.layers import count_params
-    print(f"converted {args.hf} -> {args.out}: {count_params(model):,} parameters "
-          f"in {time.time() - t0:.1f}s")
+    kind = "EMIT" if hasattr(model, "emit_config") else "InternVL"
+    src = "internvl_chat" if chat else "transformers"
+    print(f"converted {args.hf} ({src}) -> {args.out}: {kind}, {count_params(model):,} "
+          f"parameters in {time.time() - t0:.1f}s")
+    if kind == "EMIT" and chat:
+        e = model.emit_config
+        print(f"EMIT: CE layers {list(e.ce_layers)}, window {e.window}, {e.num_soft_tokens} soft "
+              f"tokens, <COMP_CONTEXT> id {e.comp_token_id}, bn_mode {e.bn_mode}")
     return 0
 
 

@@ -1,9 +1,24 @@
-"""``python -m emit_jax.export --checkpoint CKPT --out DIR [--dtype ...] [--max-shard-size 5GB]``
+"""``python -m emit_jax.export --checkpoint CKPT --out DIR [--format transformers|internvl_chat]
+[--dtype ...] [--max-shard-size 5GB]``
 
-Writes a Hugging Face folder (config.json + safetensors, sharded with an index past
+Writes a model folder (config.json + safetensors, sharded with an index past
 ``--max-shard-size``) from an emit_jax Orbax model checkpoint, plus the tokenizer / processor
-files stored with the checkpoint. The folder loads with
-``transformers.InternVLForConditionalGeneration.from_pretrained(DIR)``.
+files stored with the checkpoint.
+
+- ``--format transformers`` (default): loads with
+  ``transformers.InternVLForConditionalGeneration.from_pretrained(DIR)``; an EMIT model's soft
+  prompt and projector go to ``emit_extras.safetensors`` beside it.
+- ``--format internvl_chat``: the original InternVL layout the EMIT authors' evaluation loads
+  with their ``CustomizedInternVLChatModel`` (and OpenGVLab's ``InternVLChatModel`` for a plain
+  InternVL), with no missing and no unexpected keys: fused ViT ``attn.qkv``, an untied
+  ``lm_head``, ``soft_prompt.weight`` / ``projector.0.*`` (BatchNorm, ``num_batches_tracked``
+  included) / ``projector.1.*`` inline, an ``InternVLChatConfig`` config.json (template
+  ``internvl2_5``, ``ps_version`` v2) and the tokenizer with ``<COMP_CONTEXT>``, including the slow
+  tokenizer's ``vocab.json`` / ``merges.txt`` (they load it with ``use_fast=False``). Their model
+  class is custom code: put their ``model/internvl_chat`` package on the path as their scripts
+  do. An EMIT model their code cannot represent (other CE layers or soft-token count,
+  ``max_readout``, an ablation) is refused; a window other than their default 6 is written with
+  a warning naming the ``NEIGHBOR_DIS`` value to run their code with.
 """
 
 from __future__ import annotations
@@ -14,6 +29,8 @@ import time
 
 from emit_jax import checkpoint, cli, hf
 from emit_jax.fileio import check_free_space
+
+FORMATS = ("transformers", "internvl_chat")
 
 
 def _shard_size(text: str) -> str:
@@ -28,7 +45,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m emit_jax.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="emit_jax Orbax model checkpoint folder")
-    p.add_argument("--out", required=True, help="new Hugging Face folder")
+    p.add_argument("--out", required=True, help="new model folder")
+    p.add_argument("--format", choices=FORMATS, default="transformers",
+                   help="folder layout (default transformers; internvl_chat: the EMIT authors' "
+                        "and OpenGVLab's original format)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="cast parameters (default: keep the stored dtypes)")
     p.add_argument("--max-shard-size", default="5GB", type=_shard_size,
@@ -39,11 +59,25 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.time()
-    model, meta = checkpoint.load_model(args.checkpoint, dtype=args.dtype)
-    check_free_space(args.out, hf.state_bytes(model) + 2**20)
-    hf.save(model, args.out, base_config=meta.get("hf_config"), max_shard_size=args.max_shard_size,
-            assets_from=checkpoint.assets_dir(args.checkpoint))
-    print(f"exported {args.checkpoint} -> {args.out} in {time.time() - t0:.1f}s")
+    meta = checkpoint.read_meta(args.checkpoint)
+    assets = checkpoint.assets_dir(args.checkpoint)
+    if args.format == "internvl_chat":
+        from emit_jax import internvl_chat
+
+        meta_chat = meta.get("internvl_chat") or {}
+        model, _ = checkpoint.load_model(args.checkpoint, dtype=args.dtype)
+        internvl_chat.check_exportable(model)  # before the disk is touched
+        check_free_space(args.out, hf.state_bytes(model) + 2**20)
+        internvl_chat.save(model, args.out, base_config=meta_chat.get("config"),
+                           max_shard_size=args.max_shard_size, tokenizer_from=assets,
+                           num_batches_tracked=meta_chat.get("num_batches_tracked") or 0,
+                           log=lambda s: print(s, file=sys.stderr))
+    else:
+        model, meta = checkpoint.load_model(args.checkpoint, dtype=args.dtype)
+        check_free_space(args.out, hf.state_bytes(model) + 2**20)
+        hf.save(model, args.out, base_config=meta.get("hf_config"),
+                max_shard_size=args.max_shard_size, assets_from=assets)
+    print(f"exported {args.checkpoint} -> {args.out} ({args.format}) in {time.time() - t0:.1f}s")
     return 0
 
 

@@ -147,7 +147,10 @@ class SafetensorsReader:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
     def get(self, norm_key: str) -> np.ndarray:
-        raw = self.keys[norm_key]
+        return self.get_raw(self.keys[norm_key])
+
+    def get_raw(self, raw: str) -> np.ndarray:
+        """The tensor stored under ``raw`` (the key as written in the file)."""
         path = self.key_file[raw]
         if path not in self._handles:
             self._handles[path] = self._open(path)
@@ -158,6 +161,25 @@ class SafetensorsReader:
 
     def close(self):
         self._handles.clear()
+
+
+def is_internvl_chat(folder: str | os.PathLike) -> bool:
+    """Whether ``folder/config.json`` is the original ``internvl_chat`` format."""
+    path = os.path.join(os.fspath(folder), "config.json")
+    if not os.path.isfile(path):
+        return False
+    raw = read_json(path, error=ConfigError, what="valid JSON")
+    return isinstance(raw, dict) and raw.get("model_type") == "internvl_chat"
+
+
+def read_config(folder: str | os.PathLike) -> tuple[InternVLConfig, dict]:
+    """``(config, raw config.json)`` of a transformers InternVL or an ``internvl_chat`` folder;
+    errors name the file."""
+    if is_internvl_chat(folder):
+        from emit_jax import internvl_chat
+
+        return internvl_chat.read_config(folder)
+    return read_hf_config(folder)
 
 
 def _abstract_model(cfg: InternVLConfig):
@@ -171,7 +193,9 @@ def load(hf_dir: str | os.PathLike, dtype: str | None = None, *,
     """Build the NNX model from ``hf_dir/config.json`` and fill it from its safetensors.
 
     Returns an ``InternVL``, or an ``EMIT`` model when the folder also holds
-    ``emit_extras.safetensors`` (soft prompt, BatchNorm, conv; written by :func:`save`).
+    ``emit_extras.safetensors`` (soft prompt, BatchNorm, conv; written by :func:`save`). A folder
+    in the original ``internvl_chat`` format (OpenGVLab's releases, the EMIT authors' EMIT-8B) is
+    read by :func:`emit_jax.internvl_chat.load` with the authors' EMIT constants.
 
     dtype: ``None`` keeps every tensor's stored dtype (bf16 stays bf16); ``'float32'`` /
     ``'bfloat16'`` casts parameters and sets the compute dtype. ``put(path, array)`` places each
@@ -179,6 +203,10 @@ def load(hf_dir: str | os.PathLike, dtype: str | None = None, *,
     ``scan_layers``: build the model with stacked layers (``InternVLConfig.scan_layers``); each
     stacked parameter is filled layer by layer in one host buffer, then placed.
     """
+    if is_internvl_chat(hf_dir):
+        from emit_jax import internvl_chat
+
+        return internvl_chat.load(hf_dir, dtype, put=put, scan_layers=scan_layers)[0]
     cfg, _ = read_hf_config(hf_dir)
     cfg = cfg.replace(scan_layers=scan_layers)
     reader = SafetensorsReader(hf_dir)
@@ -336,7 +364,7 @@ def write_safetensors(tensors: Iterable[tuple[str, Callable[[], np.ndarray], int
                                           for i in range(n)]
     weight_map = {}
     for name, shard in zip(names, plan):
-        arrays = {key: np.ascontiguousarray(fn()) for key, fn in shard}
+        arrays = {key: np.require(fn(), requirements="C") for key, fn in shard}  # keeps 0-d
         _save_file(arrays, os.path.join(out_dir, name), metadata={"format": "pt"})
         for key in arrays:
             weight_map[key] = name
@@ -402,18 +430,24 @@ def _emit_keys(ecfg) -> tuple:
     return _EMIT_KEYS + ((_MAX_READOUT_KEY,) if ecfg.max_readout else ())
 
 
-def _save_emit_extras(model, path: str) -> None:
+def emit_tensors(model) -> dict[str, np.ndarray]:
+    """EMIT's own tensors of ``model`` under their ``emit_extras.safetensors`` names, conv
+    kernels in PyTorch layout."""
     state = dict(nnx.to_flat_state(nnx.state(model)))
     arrays = {}
     for ours, key in _emit_keys(model.emit_config):
         arr = np.asarray(jax.device_get(state[ours].get_value()))
         arrays[key] = np.ascontiguousarray(to_hf_layout(ours, arr))
+    return arrays
+
+
+def _save_emit_extras(model, path: str) -> None:
     meta = {"format": "pt", "emit_config": json.dumps(model.emit_config.to_json_dict())}
-    _save_file(arrays, path, metadata=meta)
+    _save_file(emit_tensors(model), path, metadata=meta)
 
 
 def _load_emit_extras(mllm: InternVL, path: str, dtype, put):
-    from emit_jax.models.emit import EMIT, EMITConfig
+    from emit_jax.models.emit import EMITConfig
 
     try:
         with safe_open(path, framework="numpy") as f:
@@ -422,19 +456,32 @@ def _load_emit_extras(mllm: InternVL, path: str, dtype, put):
         ecfg = EMITConfig.from_json_dict(json.loads(meta["emit_config"]))
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: not a valid EMIT extras file ({type(e).__name__}: {e})") from None
-    if ecfg.comp_token_id is None or ecfg.comp_token_id >= mllm.config.text.vocab_size:
-        raise CheckpointError(f"{path}: comp_token_id {ecfg.comp_token_id} is outside the "
+    return emit_from_tensors(mllm, ecfg, tensors, dtype, put, source=path)
+
+
+def emit_from_tensors(mllm: InternVL, ecfg, tensors: dict[str, np.ndarray], dtype, put,
+                      *, source: str, names: dict[str, str] | None = None):
+    """An ``EMIT`` model around ``mllm`` whose soft prompt and projector come from ``tensors``
+    (keyed by the ``emit_extras`` names, or by ``names[extras name]``; PyTorch layout).
+    Errors name ``source``."""
+    from emit_jax.models.emit import EMIT
+
+    names = names or {}
+    if ecfg.comp_token_id is None or not 0 <= ecfg.comp_token_id < mllm.config.text.vocab_size:
+        raise CheckpointError(f"{source}: comp_token_id {ecfg.comp_token_id} is outside the "
                               f"vocabulary of config.json ({mllm.config.text.vocab_size})")
     model = EMIT(mllm, ecfg, rngs=nnx.Rngs(0))
     state = nnx.state(model)
     put = put or (lambda p, x: jnp.asarray(x))
     for ours, key in _emit_keys(ecfg):
+        key = names.get(key, key)
         if key not in tensors:
-            raise CheckpointError(f"{path}: missing tensor {key!r}")
+            raise CheckpointError(f"{source}: missing tensor {key!r}")
         var = _get_flat(state, ours)
         arr = from_hf_layout(ours, tensors[key])
         if tuple(arr.shape) != tuple(var.shape):
-            raise CheckpointError(f"{path}: {key} has shape {arr.shape}, expected {var.shape}")
+            raise CheckpointError(f"{source}: {key} has shape {tuple(arr.shape)}, expected "
+                                  f"{tuple(var.shape)}")
         if dtype is not None and ours[-1] != "mean" and ours[-1] != "var":
             arr = arr.astype(jnp.dtype(dtype))
         var.set_value(put(ours, arr))
@@ -461,5 +508,5 @@ def copy_assets(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
     return copied
 
 
-__all__ = ["load", "save", "hf_key", "normalize_hf_key", "SafetensorsReader", "CheckpointError",
+__all__ = ["load", "save", "read_config", "is_internvl_chat", "hf_key", "normalize_hf_key", "SafetensorsReader", "CheckpointError",
            "ConfigError", "copy_assets", "write_safetensors"]

@@ -172,8 +172,8 @@ class InternVLConfig:
         """Build from a transformers ``InternVLConfig`` dict (``model_type == 'internvl'``)."""
         mt = d.get("model_type")
         if mt != "internvl":
-            hint = (" (this looks like the original InternVL 'internvl_chat' remote-code format; convert "
-                    "it to the -hf format with transformers' convert_internvl_weights_to_hf.py first)"
+            hint = (" (the original 'internvl_chat' format: read it with emit_jax.hf.read_config / "
+                    "emit_jax.internvl_chat, or python -m emit_jax.convert)"
                     if mt == "internvl_chat" else "")
             raise ConfigError(f"{source}: model_type is {mt!r}, expected 'internvl'{hint}")
         v = dict(d.get("vision_config") or {})
