@@ -1,20 +1,46 @@
-"""``python -m emit_jax.evaluate --checkpoint CKPT --data PATH [--limit N] [--out results.json]``
+"""``python -m emit_jax.evaluate --checkpoint CKPT --data PATH [--parse emit|mmad] [options]``
 
 Runs a model on multiple-choice anomaly-detection questions and prints the paper's Table 1
 layout (a column per task, the average, question counts; EMIT's scoring: balanced accuracy for
 anomaly discrimination, Object Structure/Details merged, per sub-dataset then averaged).
 
-- ``--data`` an MMAD folder (``mmad.json`` + ``domain_knowledge.json`` + images): EMIT's
-  evaluation protocol (similar template as reference, domain knowledge, CE + SP only for
-  MVTec/VisA two-image questions with a trigger phrase);
+- ``--data`` an MMAD folder (``mmad.json`` + ``domain_knowledge.json`` + images): EMIT's MMAD
+  protocol as the authors ran it (``evaluate_batch_mmad_choice.py``; docs/reference/emit.md 4,
+  12 and docs/reference/mmad.md 5.3): one question per call; system message ``sysprompt.txt``;
+  the ``internvl2_5`` ChatML template; ``<image>`` -> ``<img>`` + ``<IMG_CONTEXT>`` x 256 x tiles
+  + ``</img>`` with no newline added (training adds one); AD and Defect* questions 1-shot
+  (``similar_templates[0]``) with the class's domain knowledge, Object* 0-shot without it; CE +
+  SP (``<COMP_CONTEXT>`` x 265 before the prompt's last ``<|im_end|>``) only for MVTec/VisA
+  two-image questions with a trigger phrase. Greedy, **up to 1,024 new tokens** (their
+  ``ds_collection``, also with ``--think``) and at least 1 (``<|im_end|>`` cannot come first);
+  generation stops at ``<|im_end|>``, so direct answers cost a few tokens.
 - ``--data`` an MVTec-AD-style folder: questions made by the task builder (the four tasks;
-  ``--split`` picks from a ``splits.json``, default ``test``).
+  ``--split`` picks from a ``splits.json``, default ``test``); up to 8 new tokens (512 with
+  ``--think``), the fast default training's held-out evaluation also uses.
 
-``--checkpoint`` is a Hugging Face folder (config.json + safetensors + tokenizer files; an
-``emit_extras.safetensors`` makes it an EMIT model) or an emit_jax Orbax model checkpoint
-(tokenizer from its ``assets/``). Greedy decoding by default; ``--think`` uses the
-<think>/<answer> instruction. Per-question answers go to ``--out`` as JSON (MMAD's answers-file
-rows plus the raw response).
+``--max-new-tokens`` overrides either default. Answer parsing (``--parse``), to compare with
+either paper's table:
+
+- ``emit`` (default; EMIT's Table 1): with ``--think`` the content of the last
+  ``<answer>...</answer>`` (else the whole response), then the *first* standalone capital A-E;
+  no letter -> the option whose text is closest to the response (difflib).
+- ``mmad`` (MMAD's query scripts, its published tables): the *last* standalone capital A-E of
+  the whole response, never an ``<answer>`` extraction (also with ``--think``); no letter -> the
+  closest option text, as MMAD's helper does when given the options. Only the parsing changes:
+  the prompt stays EMIT's (MMAD's own baselines were asked with other prompts,
+  docs/reference/mmad.md 5.2).
+
+Known differences from the authors' run: ``--think`` decodes greedily too (they sample at
+temperature 0.5, top-p 0.5 with 2 beams and no_repeat_ngram_size 4; beam search is not
+implemented here), and questions go one at a time (they batch 4 with left padding).
+
+``--checkpoint`` is a model folder (config.json + safetensors + tokenizer files): transformers'
+layout, where an ``emit_extras.safetensors`` makes it an EMIT model, or the original
+``internvl_chat`` layout, such as the authors' EMIT-8B as released (read with their constants,
+``emit_jax.internvl_chat``); or an emit_jax Orbax model checkpoint
+(tokenizer from its ``assets/``). Per-question answers go to ``--out`` as JSON (MMAD's
+answers-file rows plus the raw response) with the settings (``parse``, ``max_new_tokens``,
+``min_new_tokens``, ``think``) and the table's numbers.
 """
 
 from __future__ import annotations
@@ -29,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from emit_jax import cli
+from emit_jax.errors import ConfigError
 from emit_jax.fileio import atomic_output, check_writable
 from emit_jax.models.emit import is_emit
 
@@ -39,17 +66,17 @@ MVTEC_TYPES = {"anomaly_discrimination": "Anomaly Detection",
 
 
 def load_for_eval(checkpoint: str, dtype: str | None = None):
-    """(model, tokenizer) from an HF folder or an Orbax model checkpoint."""
+    """(model, tokenizer) from a model folder (transformers or internvl_chat, e.g. the authors'
+    EMIT-8B as released) or an Orbax model checkpoint."""
     from emit_jax import checkpoint as ckpt
     from emit_jax import hf
     from emit_jax.data.tokenizer import load_tokenizer
     from emit_jax.hf import CheckpointError
-    from emit_jax.models.config import read_hf_config
 
     # the cheap checks first (config, tokenizer), then the weights
     is_hf = os.path.isfile(os.path.join(checkpoint, "config.json"))
     if is_hf:
-        read_hf_config(checkpoint)
+        hf.read_config(checkpoint)
     else:
         ckpt.read_meta(checkpoint)
     tok_dir = checkpoint if is_hf else ckpt.assets_dir(checkpoint)
@@ -66,13 +93,42 @@ def load_for_eval(checkpoint: str, dtype: str | None = None):
     return model, tokenizer
 
 
+#: EMIT's MMAD generation length (``ds_collection`` of ``evaluate_batch_mmad_choice.py``: max 1024,
+#: min 1 new tokens, both modes; docs/reference/emit.md 12.2). Greedy decoding stops at
+#: ``<|im_end|>``, so a model that answers with a letter pays for two or three tokens, not 1024.
+MMAD_MAX_NEW_TOKENS = 1024
+MMAD_MIN_NEW_TOKENS = 1
+#: The fast default elsewhere (MVTec-style folders; training's held-out evaluation): a letter
+#: needs a few tokens, a <think>...</think><answer>...</answer> response a few hundred.
+FAST_MAX_NEW_TOKENS = {False: 8, True: 512}
+
+
+def default_max_new_tokens(fmt: str, think: bool) -> int:
+    """``--max-new-tokens`` when not given: :data:`MMAD_MAX_NEW_TOKENS` for an MMAD folder
+    (``fmt="mmad"``, the authors' protocol), else :data:`FAST_MAX_NEW_TOKENS` (8, 512 with
+    ``think``)."""
+    return MMAD_MAX_NEW_TOKENS if fmt == "mmad" else FAST_MAX_NEW_TOKENS[bool(think)]
+
+
 class Runner:
-    """Greedy (or sampled) answers for (user text, image paths, use_comp) queries."""
+    """Greedy (or sampled) answers for (user text, image paths, use_comp) queries.
+
+    The prompt is EMIT's evaluation prompt as the authors' ``batch_chat`` builds it
+    (docs/reference/emit.md 4, 12.2): system message :data:`~emit_jax.data.tokenizer.SYSTEM_PROMPT`
+    (``sysprompt.txt``), the ``internvl2_5`` ChatML template, each ``<image>`` replaced by
+    ``<img>`` + ``<IMG_CONTEXT>`` x 256 x tiles + ``</img>`` with no added newline (evaluation;
+    training adds one), and for an EMIT model with ``use_comp`` the soft-prompt + CE
+    ``<COMP_CONTEXT>`` slots right before the prompt's last ``<|im_end|>``. Generation stops at
+    ``<|im_end|>``; the response is decoded without special tokens and stripped.
+    ``min_new_tokens``: EOS is not allowed before that many new tokens (EMIT's MMAD protocol: 1).
+    """
 
     def __init__(self, model, tokenizer, *, max_tiles: int = 6, max_new_tokens: int = 16,
-                 length_buckets=(256, 512, 1024, 2048, 4096, 8192, 16384), mesh=None):
+                 length_buckets=(256, 512, 1024, 2048, 4096, 8192, 16384), mesh=None,
+                 min_new_tokens: int = 0):
         self.model, self.tok, self.mesh = model, tokenizer, mesh
         self.max_tiles, self.max_new_tokens = max_tiles, max_new_tokens
+        self.min_new_tokens = min_new_tokens
         self.buckets = length_buckets
         self.emit = is_emit(model)
         cfg = model.config
@@ -80,10 +136,11 @@ class Runner:
         self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def answer(self, text: str, images: list[str], use_comp: bool) -> str:
+    def encode(self, text: str, images: list[str], use_comp: bool):
+        """``(prompt ids, [tiles [n_i, 3, s, s] per image], CE pair [1, 2, 3, s, s] or None)``
+        for one query (the class docstring's prompt)."""
         from emit_jax.data.image import load_image, preprocess, to_tile
         from emit_jax.data.tokenizer import encode_chat
-        from emit_jax.ops.sampling import generate
 
         pil = [load_image(p) for p in images]
         tiles = [preprocess(im, self.size, self.max_tiles) for im in pil]
@@ -92,19 +149,26 @@ class Runner:
                           tokens_per_tile=self.per_tile, mode="eval",
                           comp_slots=self.model.num_comp_slots if comp else 0,
                           comp_token_id=self.model.emit_config.comp_token_id if comp else None)
-        ids = enc["input_ids"]
+        ce = np.stack([to_tile(pil[0], self.size), to_tile(pil[1], self.size)])[None] \
+            if comp else None
+        return enc["input_ids"], tiles, ce
+
+    def answer(self, text: str, images: list[str], use_comp: bool) -> str:
+        from emit_jax.ops.sampling import generate
+
+        ids, tiles, ce = self.encode(text, images, use_comp)
         L = next((b for b in self.buckets if b >= len(ids)), len(ids))
         row = np.full((1, L), self.pad, np.int32)
         mask = np.zeros((1, L), np.int32)
         row[0, L - len(ids):] = ids
         mask[0, L - len(ids):] = 1
         pix = jnp.asarray(np.concatenate(tiles)) if tiles else None
-        ce = jnp.asarray(np.stack([to_tile(pil[0], self.size), to_tile(pil[1], self.size)])[None]) \
-            if comp else None
-        out = generate(self.model, row, mask, pix, ce_pixels=ce, max_new_tokens=self.max_new_tokens,
+        out = generate(self.model, row, mask, pix,
+                       ce_pixels=None if ce is None else jnp.asarray(ce),
+                       max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
                        eos_token_id=self.eos, pad_token_id=self.pad, mesh=self.mesh)
         toks = np.asarray(out.tokens[0, :int(out.lengths[0])]).tolist()
-        return self.tok.decode(toks, skip_special_tokens=True)
+        return self.tok.decode(toks, skip_special_tokens=True).strip()
 
 
 def mmad_queries(root: str, think: bool, limit: int | None):
@@ -234,13 +298,24 @@ def evaluate_adfm(model, tokenizer, records, *, limit: int | None = None, max_ti
 
 def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str | None = None,
              think: bool = False, max_tiles: int = 6, max_new_tokens: int | None = None,
-             split: str | None = None, seed: int = 0, log=print) -> dict:
-    from emit_jax.eval.scoring import format_table, parse_answer, summarize
+             split: str | None = None, seed: int = 0, parse: str = "emit", log=print) -> dict:
+    """Answer every question of ``data`` with the model of ``checkpoint``, print the table and
+    return (and write to ``out``) the results: the module docstring's protocol. ``parse``:
+    ``"emit"`` or ``"mmad"`` (:func:`emit_jax.eval.scoring.parse_response`).
+    ``max_new_tokens=None``: :func:`default_max_new_tokens`."""
+    from emit_jax.eval.scoring import PARSE_MODES, format_table, parse_response, summarize
 
-    # bad input fails before the model is loaded: the output path, then the data
+    # bad input fails before the model is loaded: the arguments, the output path, then the data
+    if parse not in PARSE_MODES:
+        raise ConfigError(f"parse must be one of {', '.join(PARSE_MODES)}, got {parse!r}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if out:
         check_writable(out)
     is_mmad = os.path.isfile(os.path.join(data, "mmad.json"))
+    fmt = "mmad" if is_mmad else "mvtec"
+    max_new_tokens = max_new_tokens or default_max_new_tokens(fmt, think)
+    min_new_tokens = min(MMAD_MIN_NEW_TOKENS, max_new_tokens) if is_mmad else 0
     queries = mmad_queries(data, think, limit) if is_mmad else \
         mvtec_queries(data, think, limit, split, seed)
     if not is_mmad and not queries:
@@ -249,23 +324,27 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
         raise DataError(f"{data}: no questions to evaluate")
     model, tokenizer = load_for_eval(checkpoint)
     model.eval()
-    runner = Runner(model, tokenizer, max_tiles=max_tiles,
-                    max_new_tokens=max_new_tokens or (512 if think else 8))
+    runner = Runner(model, tokenizer, max_tiles=max_tiles, max_new_tokens=max_new_tokens,
+                    min_new_tokens=min_new_tokens)
     rows, t0 = [], time.time()
     for text, images, comp, make_row, options in queries:
         response = runner.answer(text, images, comp)
-        rows.append(make_row(parse_answer(response, options, think=think), response))
+        rows.append(make_row(parse_response(response, options, parse=parse, think=think),
+                             response))
     if not rows:
         from emit_jax.data.mvtec import DataError
 
         raise DataError(f"{data}: no questions to evaluate")
     summary = summarize(rows)
     table = format_table(summary, title=f"{os.path.basename(os.path.normpath(data))} "
-                         f"({'MMAD' if is_mmad else 'MVTec-style'}, {len(rows)} questions)")
+                         f"({'MMAD' if is_mmad else 'MVTec-style'}, {len(rows)} questions, "
+                         f"{parse.upper()}'s answer parsing)")
     log(table)
-    result = {"checkpoint": checkpoint, "data": data, "format": "mmad" if is_mmad else "mvtec",
-              "think": think, "questions": len(rows), "seconds": time.time() - t0,
-              "average": summary.average, "per_group": summary.accuracy, "answers": rows}
+    result = {"checkpoint": checkpoint, "data": data, "format": fmt, "think": think,
+              "parse": parse, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
+              "decoding": "greedy", "max_tiles": max_tiles, "questions": len(rows),
+              "seconds": time.time() - t0, "average": summary.average,
+              "per_group": summary.accuracy, "answers": rows}
     if out:
         with atomic_output(out) as f:
             json.dump(result, f, indent=1, default=str)
@@ -273,20 +352,31 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m emit_jax.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from emit_jax.eval.scoring import PARSE_MODES
+
+    p = cli.Parser(prog="python -m emit_jax.evaluate", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter, error_type=ConfigError)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="MMAD folder or MVTec-AD-style folder")
     p.add_argument("--limit", type=int, default=None, help="first N questions only")
     p.add_argument("--out", default=None, help="per-question answers + summary (JSON)")
-    p.add_argument("--think", action="store_true", help="<think>/<answer> instruction and parsing")
+    p.add_argument("--think", action="store_true", help="<think>/<answer> instruction (and, with "
+                   "--parse emit, <answer> extraction)")
+    p.add_argument("--parse", choices=PARSE_MODES, default="emit",
+                   help="answer parsing: emit (default, EMIT's: with --think the last <answer>, "
+                   "then the FIRST standalone A-E) or mmad (MMAD's query scripts: the LAST "
+                   "standalone A-E, no <answer> extraction); both fall back to the closest option "
+                   "text when there is no letter")
     p.add_argument("--max-tiles", type=int, default=6)
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default: {MMAD_MAX_NEW_TOKENS} for an MMAD folder (the authors' "
+                   f"protocol, min {MMAD_MIN_NEW_TOKENS}), else {FAST_MAX_NEW_TOKENS[False]} "
+                   f"({FAST_MAX_NEW_TOKENS[True]} with --think)")
     p.add_argument("--split", default=None, help="MVTec-style: split from splits.json (default test)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     evaluate(a.checkpoint, a.data, limit=a.limit, out=a.out, think=a.think, max_tiles=a.max_tiles,
-             max_new_tokens=a.max_new_tokens, split=a.split, seed=a.seed)
+             max_new_tokens=a.max_new_tokens, split=a.split, seed=a.seed, parse=a.parse)
     return 0
 
 

@@ -95,6 +95,30 @@ def test_eos_stops_each_row_and_pads():
     assert np.all(np.asarray(out.logprobs)[0, first + 1:] == 0.0)
 
 
+def test_min_new_tokens_bans_eos_early_only():
+    """min_new_tokens (EMIT's MMAD evaluation: 1): EOS cannot come first, so greedy takes the
+    runner-up; with min_new_tokens = max_new_tokens no EOS at all; 0 changes nothing."""
+    model = _small_model()
+    ids, mask = token_batch(512, 511, (0, 0), length=8, pad=(0, 2))
+    greedy = generate(model, ids, mask, max_new_tokens=6)
+    eos = int(greedy.tokens[0, 0])  # row 0's first greedy token, made the EOS
+    plain = generate(model, ids, mask, max_new_tokens=6, eos_token_id=eos)
+    assert int(plain.lengths[0]) == 1
+    out = generate(model, ids, mask, max_new_tokens=6, eos_token_id=eos, min_new_tokens=1)
+    toks = np.asarray(out.tokens)
+    assert toks[0, 0] != eos
+    # the runner-up of the same logits (prompt's last position)
+    logits = np.array(model(jnp.asarray(ids), None, jnp.asarray(mask))[0, -1])
+    logits[eos] = -np.inf
+    assert toks[0, 0] == int(np.argmax(logits))
+    many = generate(model, ids, mask, max_new_tokens=6, eos_token_id=eos, min_new_tokens=6)
+    assert not np.any(np.asarray(many.tokens) == eos) and list(np.asarray(many.lengths)) == [6, 6]
+    zero = generate(model, ids, mask, max_new_tokens=6, eos_token_id=eos, min_new_tokens=0)
+    np.testing.assert_array_equal(np.asarray(zero.tokens), np.asarray(plain.tokens))
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        generate(model, ids, mask, max_new_tokens=6, eos_token_id=eos, min_new_tokens=7)
+
+
 def test_sampling_is_deterministic_per_key_and_respects_top_k():
     model = _small_model()
     ids, mask = token_batch(512, 511, (0, 0), length=8, pad=(0, 0))

@@ -1,18 +1,23 @@
 """python -m emit_jax.evaluate on MMAD-format and MVTec-style data, with an HF folder (InternVL or
-EMIT) and with an Orbax checkpoint; the tiny tokenizer; Table 1 printed; answers written."""
+EMIT) and with an Orbax checkpoint; the tiny tokenizer; Table 1 printed; answers written; the
+authors' MMAD protocol (prompt ids as their batch_chat builds them, 1,024 new tokens) and both
+papers' answer parsing (--parse emit|mmad)."""
 
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 from flax import nnx
+from PIL import Image
 
 from test_tasks import make_mvtec
 from emit_jax import checkpoint, hf
 from emit_jax.data.tokenizer import special_ids, train_tiny_tokenizer
+from emit_jax.eval.scoring import parse_response
 from emit_jax.models import architectures
 from emit_jax.models.emit import EMIT
 from emit_jax.models.internvl import InternVL
@@ -60,6 +65,11 @@ def test_mmad_fixture_with_emit_model(folders, tmp_path):
     assert res["format"] == "mmad" and res["questions"] == n_questions
     row = res["answers"][0]
     assert {"image", "question", "question_type", "correct_answer", "gpt_answer", "response"} <= set(row)
+    # the authors' protocol by default: 1,024 new tokens (at least 1), EMIT's answer parsing
+    assert (res["parse"], res["max_new_tokens"], res["min_new_tokens"]) == ("emit", 1024, 1)
+    assert "EMIT's answer parsing" in r.stdout
+    assert all(a["gpt_answer"] == parse_response(a["response"], a["options"], parse="emit")
+               for a in res["answers"])
 
 
 def test_mvtec_style_with_orbax_checkpoint_and_limit(folders, tmp_path):
@@ -69,6 +79,8 @@ def test_mvtec_style_with_orbax_checkpoint_and_limit(folders, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["format"] == "mvtec" and res["questions"] == 7
+    # the fast default off MMAD: 8 new tokens, EOS allowed first
+    assert (res["parse"], res["max_new_tokens"], res["min_new_tokens"]) == ("emit", 8, 0)
     assert all(a["question_type"] in ("Anomaly Detection", "Defect Classification",
                                       "Defect Localization", "Object Classification")
                for a in res["answers"])
@@ -87,3 +99,114 @@ def test_bad_checkpoint_is_one_line_error(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "missing" in lines[0]
+
+
+# ----------------------------------------------------------------- --parse emit | mmad
+def test_parse_modes_pick_different_letters():
+    options = {"A": "Yes.", "B": "No."}
+    text = "A crack would show at the rim; there is none, so the answer is B."
+    assert parse_response(text, options, parse="emit") == "A"  # EMIT: the first letter
+    assert parse_response(text, options, parse="mmad") == "B"  # MMAD: the last letter
+    # think mode: EMIT reads the last <answer> only, MMAD the whole response
+    think = "<think>B looks likely.</think><answer>A</answer> (not B)"
+    assert parse_response(think, options, parse="emit", think=True) == "A"
+    assert parse_response(think, options, parse="mmad", think=True) == "B"
+    # no letter at all: both take the closest option text
+    assert parse_response("no", options, parse="emit") == \
+        parse_response("no", options, parse="mmad") == "B"
+    with pytest.raises(ValueError, match="parse"):
+        parse_response(text, options, parse="gpt")
+
+
+def test_parse_mmad_end_to_end(folders, tmp_path):
+    out = tmp_path / "res.json"
+    r = run("--checkpoint", folders["emit"], "--data", MMAD, "--out", str(out), "--parse", "mmad",
+            "--limit", "3", "--max-new-tokens", "4", "--max-tiles", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "MMAD's answer parsing" in r.stdout
+    res = json.loads(out.read_text())
+    assert (res["parse"], res["max_new_tokens"], res["min_new_tokens"]) == ("mmad", 4, 1)
+    assert res["questions"] == 3
+    for a in res["answers"]:
+        assert a["gpt_answer"] == parse_response(a["response"], a["options"], parse="mmad")
+
+
+def test_bad_parse_value_is_one_line_error():
+    r = run("--checkpoint", "unused", "--data", MMAD, "--parse", "gpt4")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--parse" in lines[0] and "invalid choice" in lines[0], r.stderr
+
+
+# ----------------------------------------------------------------- the authors' MMAD prompt
+SYSTEM = "You are an industrial inspector who checks products by images."  # sysprompt.txt
+
+
+def authors_query(user: str, tiles: list[int], per_tile: int, comp_slots: int) -> str:
+    """The prompt string EMIT's ``batch_chat`` builds (docs/reference/emit.md 4, 12.2), written
+    out here from the facts: the internvl2_5 (ChatML) template with sysprompt.txt as the system
+    message; each ``<image>`` in turn replaced by ``<img>`` + ``<IMG_CONTEXT>`` * per_tile * tiles
+    + ``</img>`` and nothing else (no newline at evaluation); with CE, the slots spliced in before
+    the last ``<|im_end|>`` of the prompt."""
+    query = ("<|im_start|>system\n" + SYSTEM + "<|im_end|>\n<|im_start|>user\n" + user
+             + "<|im_end|>\n<|im_start|>assistant\n")
+    for n in tiles:
+        query = query.replace("<image>", "<img>" + "<IMG_CONTEXT>" * (per_tile * n) + "</img>", 1)
+    if comp_slots:
+        parts = query.split("<|im_end|>")
+        query = ("<|im_end|>".join(parts[:-1]) + "<COMP_CONTEXT>" * comp_slots + "<|im_end|>"
+                 + parts[-1])
+    return query
+
+
+@pytest.fixture(scope="module")
+def emit_runner(folders, tmp_path_factory):
+    """A Runner on the tiny EMIT model and a copy of the MMAD fixture whose bottle reference is
+    2:1 (three tiles at max_tiles 6: two and the thumbnail)."""
+    from emit_jax.evaluate import Runner, load_for_eval
+
+    root = tmp_path_factory.mktemp("mmad") / "MMAD"
+    shutil.copytree(MMAD, root)
+    Image.new("RGB", (112, 56), (200, 180, 90)).save(
+        root / "MVTec-AD" / "bottle" / "train" / "good" / "017.png")
+    model, tok = load_for_eval(folders["emit"])
+    model.eval()
+    return Runner(model, tok, max_tiles=6, max_new_tokens=4, min_new_tokens=1), str(root)
+
+
+@pytest.mark.parametrize("image,qtype,comp", [
+    ("DS-MVTec/bottle/image/broken_large/000.png", "Anomaly Detection", True),   # CE: MVTec AD
+    ("VisA/candle/test/bad/0007.JPG", "Defect Localization", True),             # CE: VisA DL
+    ("DS-MVTec/bottle/image/broken_large/000.png", "Defect Classification", False),
+    ("MVTec-LOCO/pushpins/test/logical_anomalies/005.png", "Anomaly Detection", False),
+    ("DS-MVTec/bottle/image/broken_large/000.png", "Object Classification", False),  # 1 image
+])
+def test_runner_prompt_ids_equal_authors_batch_chat(emit_runner, image, qtype, comp):
+    from emit_jax.data.image import dynamic_tiles
+    from emit_jax.data.tokenizer import encode_chat
+    from emit_jax.evaluate import mmad_queries
+
+    runner, root = emit_runner
+    [(text, images, use_comp, _, _)] = [
+        q for q in mmad_queries(root, False, None)
+        if (q[3](None, "")["image"], q[3](None, "")["question_type"]) == (image, qtype)]
+    assert use_comp == comp and len(images) == (1 if qtype.startswith("Object") else 2)
+    ids, tiles, ce = runner.encode(text, images, use_comp)
+    size = runner.model.config.vision.image_size
+    n_tiles = [len(dynamic_tiles(Image.open(p).convert("RGB"), size, 6)) for p in images]
+    assert [len(t) for t in tiles] == n_tiles
+    if image.startswith("DS-MVTec") and len(images) == 2:
+        assert n_tiles[0] == 3  # the 2:1 reference: the per-image counts are used in order
+    slots = runner.model.num_comp_slots if comp else 0
+    query = authors_query(text, n_tiles, runner.model.config.tokens_per_tile, slots)
+    assert ids == list(runner.tok(query)["input_ids"])
+    assert (ce is not None) == comp
+    if comp:  # the slots sit after the option list, right before the user turn's <|im_end|>
+        assert query.endswith("\n" + "<COMP_CONTEXT>" * slots
+                              + "<|im_end|>\n<|im_start|>assistant\n")
+    # the image newline quirk is what the ids check: training's encoding differs
+    train = encode_chat(runner.tok, text, tiles_per_image=n_tiles,
+                        tokens_per_tile=runner.model.config.tokens_per_tile, mode="train",
+                        comp_slots=slots,
+                        comp_token_id=runner.model.emit_config.comp_token_id if comp else None)
+    assert train["input_ids"] != ids

@@ -481,3 +481,25 @@ def test_convert_refuses_incomplete_emit_and_missing_comp_token(tokenizer_dir, t
     # a negative window is refused at the flag
     r = cli("emit_jax.convert", "--hf", src, "--out", str(tmp_path / "c"), "--window", "-1")
     assert r.returncode == 2 and "--window: must be >= 0" in r.stderr.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------ evaluation on their folder
+def test_evaluate_runs_the_authors_folder_directly_with_ce(tokenizer_dir, tmp_path):
+    """`evaluate --checkpoint` takes the released folder as it is (no convert step); the first
+    fixture question (DS-MVTec, "Is there any defect in the object?") goes through CE + SP."""
+    tok_dir, tok = tokenizer_dir
+    cfg = hf_config(vocab=len(tok), image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                    vision_layers=20, image_size=112)
+    cfg.text_config.max_position_embeddings = 4096
+    model = make_hf_model(cfg, seed=7)
+    src = write_chat_folder(tmp_path / "emit", model, cfg, tok_dir,
+                            emit=emit_tensors(cfg.text_config.hidden_size))
+    out = tmp_path / "r.json"
+    r = cli("emit_jax.evaluate", "--checkpoint", src, "--data",
+            os.path.join(ROOT, "tests", "fixtures", "mmad"), "--limit", "3", "--max-tiles", "1",
+            "--max-new-tokens", "2", "--parse", "mmad", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.load(open(out))
+    assert res["questions"] == 3 and res["parse"] == "mmad"
+    assert res["answers"][0]["question_type"] == "Anomaly Detection"
+    assert all(a["gpt_answer"] in "ABCDE" for a in res["answers"])

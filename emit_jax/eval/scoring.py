@@ -6,6 +6,8 @@ Pure Python, model-free.
   ``evaluate_batch_mmad_choice.py`` does: in think mode the content of the *last*
   ``<answer>...</answer>`` (else the whole response), then the *first* standalone capital
   ``A``-``E``; failing that, the option whose text is closest to the response (difflib, cutoff 0).
+  :func:`parse_response` picks between that (``parse="emit"``) and MMAD's own query scripts'
+  rule (``parse="mmad"``: the *last* letter, no ``<answer>`` extraction).
 * :func:`summarize` reproduces ``summary.py``: Object Structure / Details merged into Object
   Analysis; per (sub-dataset, task) accuracy in percent; Anomaly Detection replaced by balanced
   accuracy over normal (path contains ``good``) and anomalous images; a row ``Average`` = the
@@ -38,6 +40,9 @@ _ANSWER_TAG_RE = re.compile(r"<\s*answer\s*>(.*?)<\s*/\s*answer\s*>", re.DOTALL)
 ANSWER_FIELDS = ("image", "question", "question_type", "correct_answer", "gpt_answer")
 
 InvalidPolicy = Literal["emit", "drop", "wrong"]
+ParseMode = Literal["emit", "mmad"]
+#: The answer parsers of :func:`parse_response` (``python -m emit_jax.evaluate --parse``).
+PARSE_MODES: tuple[str, ...] = ("emit", "mmad")
 GroupBy = Literal["sub_dataset", "class"]
 
 
@@ -85,6 +90,27 @@ def parse_answer(text: str, options: Mapping[str, str] | None = None, *, think: 
         if value == match[0]:
             return key
     return None  # unreachable: the match is one of the values
+
+
+def parse_response(text: str, options: Mapping[str, str] | None = None, *,
+                   parse: ParseMode = "emit", think: bool = False) -> str | None:
+    """The option letter of a response under one paper's parsing (docs/reference/mmad.md 6).
+
+    * ``"emit"`` (EMIT's ``evaluate_batch_mmad_choice.py``): :func:`parse_answer` as is -- with
+      ``think``, the last ``<answer>...</answer>`` first; then the *first* standalone ``A``-``E``;
+      else the closest option text.
+    * ``"mmad"`` (MMAD's GPT / InternVL / Qwen / Gemini query scripts, ``GPT4Query.parse_answer``
+      then ``[-1]``): the *last* standalone ``A``-``E`` of the whole response -- no ``<answer>``
+      extraction even with ``think`` (those scripts have no think mode) -- else, as MMAD's helper
+      does when given the options, the closest option text (difflib, cutoff 0). (MMAD's InternVL
+      script passes no options and would stop on a response without a letter; its Qwen2.5-VL
+      script keeps the raw text, which the summary then drops as invalid.)
+    """
+    if parse == "emit":
+        return parse_answer(text, options, think=think)
+    if parse == "mmad":
+        return parse_answer(text, options, think=False, pick="last")
+    raise ValueError(f"parse must be one of {', '.join(PARSE_MODES)}, got {parse!r}")
 
 
 # ------------------------------------------------------------------------------------ scoring

@@ -5,7 +5,8 @@ Prompts are left-padded to a common length ``T`` (``attention_mask`` marks real 
 stops at its own EOS; finished rows emit ``pad_token_id`` with log-prob 0. Greedy when
 ``temperature == 0``; otherwise temperature, then top-k, then top-p (nucleus) filtering,
 then one draw per row by inverse CDF (one uniform per row; with top-k only among the k
-candidates). Deterministic for a fixed ``rng``.
+candidates). Deterministic for a fixed ``rng``. ``min_new_tokens`` bans EOS for a row's first
+new tokens (Hugging Face's option of that name; EMIT's MMAD evaluation asks for 1).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def _select(logits, rng, temperature, top_k, top_p):
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=(
     "max_new_tokens", "eos_token_id", "pad_token_id", "temperature", "top_k", "top_p",
-    "options"))
+    "options", "min_new_tokens"))
 def _sample(graphdef, state, input_ids, attention_mask, pixel_values, ce_pixels, rng, *,
             options, **kw):
     with kernels.applied(options):  # a static argument: each choice compiles its own program
@@ -107,12 +108,12 @@ def _sample(graphdef, state, input_ids, attention_mask, pixel_values, ce_pixels,
 
 def _sharded_sample(model, input_ids, attention_mask, pixel_values, ce_pixels, rng,
                     max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p,
-                    options=None):
+                    options=None, min_new_tokens=0):
     with kernels.applied(options or kernels.current()):
         return _sample_impl(model, input_ids, attention_mask, pixel_values, ce_pixels, rng,
                             max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                             pad_token_id=pad_token_id, temperature=temperature, top_k=top_k,
-                            top_p=top_p)
+                            top_p=top_p, min_new_tokens=min_new_tokens)
 
 
 _SHARDED: dict = {}  # mesh -> the sharded sampler (one compilation cache per mesh)
@@ -123,7 +124,8 @@ def sharded_sampler(mesh):
     ``_sharded_sample``, one per mesh): parameters placed by their logical axes, prompts split
     over data x fsdp, outputs replicated. ``.lower(model, input_ids, attention_mask,
     pixel_values, ce_pixels, rng, max_new_tokens, eos_token_id, pad_token_id, temperature,
-    top_k, top_p[, kernel options])`` gives the program without running it."""
+    top_k, top_p[, kernel options[, min_new_tokens]])`` gives the program without running
+    it."""
     from emit_jax.parallel import sharded_jit
 
     if mesh not in _SHARDED:
@@ -162,12 +164,22 @@ def decode_phases(max_new_tokens: int) -> tuple[int, ...]:
     return tuple(ends) + (max_new_tokens,)
 
 
+def _ban_eos(logits: jax.Array, eos_token_id: int, active) -> jax.Array:
+    """``logits [B, V]`` with the EOS entry at ``-inf`` where ``active`` (a bool scalar)."""
+    col = logits[:, eos_token_id]
+    return logits.at[:, eos_token_id].set(jnp.where(active, -jnp.inf, col).astype(logits.dtype))
+
+
 def _sample_impl(model, input_ids, attention_mask, pixel_values, ce_pixels, rng, *,
-                 max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p):
+                 max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p,
+                 min_new_tokens=0):
     """Prefill, then one ``while_loop`` per decode phase (:func:`decode_phases`). Phase k
     attends over a cache of ``T + ends[k]`` slots, grown between phases; with several phases
     the prefill fills a cache of exactly ``T`` slots, so it runs through the attention kernel
-    (``emit_jax.models.kernels``)."""
+    (``emit_jax.models.kernels``). New token ``s`` (0-based) cannot be EOS while
+    ``s < min_new_tokens``; with ``min_new_tokens`` 0 (the default) the program has no such
+    mask at all, and with 1 only the prefill's token is masked."""
+    ban = eos_token_id is not None and min_new_tokens > 0
     b, t = input_ids.shape
     ends = decode_phases(max_new_tokens)
     cache = model.init_cache(b, t if len(ends) > 1 else t + max_new_tokens)
@@ -176,6 +188,8 @@ def _sample_impl(model, input_ids, attention_mask, pixel_values, ce_pixels, rng,
                         **extra)
     head = _output_head(model)
     last_logits = head(out.last_hidden[:, -1])
+    if ban:
+        last_logits = _ban_eos(last_logits, eos_token_id, True)
     rng, sub = jax.random.split(rng)
     token, logp = _select(last_logits, sub, temperature, top_k, top_p)
     tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token)
@@ -188,7 +202,10 @@ def _sample_impl(model, input_ids, attention_mask, pixel_values, ce_pixels, rng,
         o = model.forward(token[:, None], attention_mask=jnp.ones((b, 1), bool), cache=cache,
                           compute_logits=False)
         rng, sub = jax.random.split(rng)
-        nxt, lp = _select(head(o.last_hidden[:, -1]), sub, temperature, top_k, top_p)
+        logits = head(o.last_hidden[:, -1])
+        if ban and min_new_tokens > 1:
+            logits = _ban_eos(logits, eos_token_id, step < min_new_tokens)
+        nxt, lp = _select(logits, sub, temperature, top_k, top_p)
         nxt = jnp.where(done, pad_token_id, nxt)
         lp = jnp.where(done, 0.0, lp)
         tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step))
@@ -216,7 +233,7 @@ def generate(model: InternVL, input_ids, attention_mask=None, pixel_values=None,
              ce_pixels=None,
              max_new_tokens: int, eos_token_id: int | None = None, pad_token_id: int = 0,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             rng: jax.Array | None = None, mesh=None) -> SampleOutput:
+             rng: jax.Array | None = None, mesh=None, min_new_tokens: int = 0) -> SampleOutput:
     """Sample up to ``max_new_tokens`` continuations of left-padded ``input_ids [B, T]``.
 
     ``pixel_values [N, 3, H, W]`` fill the image tokens in order (tiles past the last image
@@ -224,10 +241,16 @@ def generate(model: InternVL, input_ids, attention_mask=None, pixel_values=None,
     [n_ce, 2, 3, H, W]`` fill its ``<COMP_CONTEXT>`` slots at prefill. Returns
     :class:`SampleOutput`. With ``mesh`` (``emit_jax.parallel``) the program is jitted with the
     parameters sharded by their logical axes, the prompts split over data x fsdp, and the
-    outputs replicated.
+    outputs replicated. ``min_new_tokens`` (needs ``eos_token_id``): EOS is banned (its logit
+    set to -inf before temperature and filtering, as Hugging Face's ``MinNewTokensLength``
+    processor does) for the first ``min_new_tokens`` new tokens; the log-probs of those tokens
+    are then under the banned distribution.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got "
+                         f"{min_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
@@ -252,9 +275,10 @@ def generate(model: InternVL, input_ids, attention_mask=None, pixel_values=None,
         return sharded_sampler(mesh)(model, input_ids, attention_mask, pixel_values, ce_pixels,
                                      rng, int(max_new_tokens), eos_token_id, int(pad_token_id),
                                      float(temperature), int(top_k), float(top_p),
-                                     kernels.current())
+                                     kernels.current(), int(min_new_tokens))
     graphdef, state = nnx.split(model)
     return _sample(graphdef, state, input_ids, attention_mask, pixel_values, ce_pixels, rng,
                    max_new_tokens=int(max_new_tokens), eos_token_id=eos_token_id,
                    pad_token_id=int(pad_token_id), temperature=float(temperature),
-                   top_k=int(top_k), top_p=float(top_p), options=kernels.current())
+                   top_k=int(top_k), top_p=float(top_p), options=kernels.current(),
+                   min_new_tokens=int(min_new_tokens))
