@@ -217,6 +217,44 @@ def test_key_names_both_ways_cover_the_authors_layout():
     assert set(internvl_chat.EMIT_KEYS) == set(FORMAT["emit"])
 
 
+INTERNVL3_8B = {  # OpenGVLab/InternVL3-8B's config.json, the fields the port reads
+    "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "downsample_ratio": 0.5,
+    "force_image_size": 448, "ps_version": "v2", "select_layer": -1, "template": "internvl2_5",
+    "torch_dtype": "bfloat16",
+    "llm_config": {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 3584,
+                   "intermediate_size": 18944, "max_position_embeddings": 32768,
+                   "model_type": "qwen2", "num_attention_heads": 28, "num_hidden_layers": 28,
+                   "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+                   "rope_scaling": {"factor": 2.0, "rope_type": "dynamic", "type": "dynamic"},
+                   "rope_theta": 1000000.0, "vocab_size": 151675, "torch_dtype": "bfloat16"},
+    "vision_config": {"architectures": ["InternVisionModel"], "hidden_size": 1024,
+                      "image_size": 448, "intermediate_size": 4096, "model_type": "intern_vit_6b",
+                      "norm_type": "layer_norm", "num_attention_heads": 16,
+                      "num_hidden_layers": 24, "patch_size": 14, "qk_normalization": False,
+                      "qkv_bias": True, "layer_norm_eps": 1e-6},
+}
+
+
+def test_emit_8b_shape_has_exactly_the_authors_keys():
+    """At EMIT-8B's real shape (abstract, nothing allocated): the config translates, the model is
+    exportable without a warning, 265 CE + SP slots, and the export names are exactly the
+    authors' 693 keys (24 ViT and 28 LLM layers)."""
+    from flax import nnx
+
+    from emit_jax.models.emit import EMIT
+    from emit_jax.models.internvl import InternVL
+
+    cfg = internvl_chat.config_from_chat(INTERNVL3_8B, image_token_id=151667)
+    assert (cfg.text.rope_type, cfg.text.rope_factor, cfg.vision.use_qk_norm,
+            cfg.vision.attention_bias, cfg.tokens_per_tile) == ("dynamic", 2.0, False, True, 256)
+    ecfg = internvl_chat.emit_config_for(cfg, comp_token_id=151674, soft_tokens=9)
+    model = nnx.eval_shape(lambda: EMIT(InternVL(cfg, rngs=nnx.Rngs(0)), ecfg, rngs=nnx.Rngs(0)))
+    assert internvl_chat.check_exportable(model) == [] and model.num_comp_slots == 265
+    names = [n for n, _, _ in internvl_chat.chat_tensors(model)]
+    assert len(names) == len(set(names)) == 693
+    assert set(names) == golden_keys(24, 28)
+
+
 # ------------------------------------------------------------------ import
 @pytest.mark.parametrize("vit", ["layer_norm", "rms_norm"])
 def test_import_plain_internvl_matches_transformers(vit, tokenizer_dir, tmp_path):
