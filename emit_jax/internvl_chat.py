@@ -39,7 +39,7 @@ import numpy as np
 from emit_jax import hf
 from emit_jax.errors import CheckpointError, ConfigError
 from emit_jax.fileio import atomic_folder, read_json
-from emit_jax.models.config import InternVLConfig, dtype_name
+from emit_jax.models.config import InternVLConfig, dtype_name, read_config_json
 from emit_jax.models.emit import EMITConfig, is_emit
 
 MODEL_TYPE = "internvl_chat"
@@ -228,12 +228,7 @@ def config_from_chat(raw: dict, *, image_token_id: int, source: str = "config.js
 def read_config(folder: str | os.PathLike) -> tuple[InternVLConfig, dict]:
     """``(config, raw config.json)`` of an internvl_chat folder; the image token id comes from
     the folder's tokenizer files."""
-    path = os.path.join(os.fspath(folder), "config.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: not found (expected a model folder)")
-    raw = read_json(path, error=ConfigError, what="valid JSON")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
+    path, raw = read_config_json(folder)
     img = added_token_ids(folder).get("<IMG_CONTEXT>")
     if img is None:
         raise ConfigError(f"{folder}: no tokenizer files declaring <IMG_CONTEXT> (an internvl_chat "

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import hf_config, hf_positions, make_hf_model, token_batch
+from test_interop import read_all
 from emit_jax import checkpoint, hf, internvl_chat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,17 +170,6 @@ def toy(tok, *, vision_layers=2, image_size=56, seed=0, dtype=None, vit="layer_n
     return cfg, make_hf_model(cfg, seed=seed, dtype=dtype)
 
 
-def read_all(folder):
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), "numpy") as f:
-                for k in f.keys():
-                    a = f.get_tensor(k)
-                    out[k] = (a.dtype.name, a.shape, a.tobytes())
-    return out
-
-
 def golden_keys(vision_layers, text_layers, emit=True):
     keys = set(FORMAT["vision"]) | set(FORMAT["llm"]) | set(FORMAT["mlp1"])
     keys |= {k.format(i=i) for k in FORMAT["vision_layer"] for i in range(vision_layers)}
@@ -188,6 +177,14 @@ def golden_keys(vision_layers, text_layers, emit=True):
     if emit:
         keys |= set(FORMAT["emit"])
     return keys
+
+
+def torch_logits(model, ids, mask, pix):
+    """transformers' logits for left-padded ids with pixel tiles (generate's positions)."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                     position_ids=torch.tensor(hf_positions(mask)),
+                     pixel_values=torch.tensor(pix)).logits.numpy()
 
 
 def cli(*args):
@@ -269,10 +266,7 @@ def test_import_plain_internvl_matches_transformers(vit, tokenizer_dir, tmp_path
     ids, mask = token_batch(cfg.text_config.vocab_size, cfg.image_token_id,
                             (2 * per_image, per_image), length=2 * per_image + 12, pad=(0, 4))
     pix = np.random.RandomState(0).randn(3, 3, 56, 56).astype(np.float32)
-    with torch.no_grad():
-        ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                    position_ids=torch.tensor(hf_positions(mask)),
-                    pixel_values=torch.tensor(pix)).logits.numpy()
+    ref = torch_logits(model, ids, mask, pix)
     out = np.asarray(jm(jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask)))
     real = mask.astype(bool)
     assert np.abs(ref[real]).max() > 1.0
@@ -322,10 +316,7 @@ def test_import_emit_uses_the_authors_constants_and_numpy_projector(tokenizer_di
     ids, mask = token_batch(cfg.text_config.vocab_size, cfg.image_token_id, (16, 0), length=28,
                             pad=(0, 3))
     pix = np.random.RandomState(1).randn(1, 3, 112, 112).astype(np.float32)
-    with torch.no_grad():
-        ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                    position_ids=torch.tensor(hf_positions(mask)),
-                    pixel_values=torch.tensor(pix)).logits.numpy()
+    ref = torch_logits(model, ids, mask, pix)
     out = np.asarray(em.mllm(jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask)))
     assert np.abs(out - ref)[mask.astype(bool)].max() < 1e-4
     # overrides: the window of NEIGHBOR_DIS=3, other blocks
@@ -433,10 +424,7 @@ def test_plain_internvl_exports_for_opengvlab_class(tokenizer_dir, save_hf, tmp_
     back = hf.load(out)  # hf.load reads the internvl_chat folder too
     ids, mask = token_batch(cfg.text_config.vocab_size, cfg.image_token_id, (4, 0), length=16)
     pix = np.random.RandomState(2).randn(1, 3, 56, 56).astype(np.float32)
-    with torch.no_grad():
-        ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                    position_ids=torch.tensor(hf_positions(mask)),
-                    pixel_values=torch.tensor(pix)).logits.numpy()
+    ref = torch_logits(model, ids, mask, pix)
     got = np.asarray(back(jnp.asarray(ids), jnp.asarray(pix), jnp.asarray(mask)))
     assert np.abs(got - ref)[mask.astype(bool)].max() < 1e-4
 

@@ -336,12 +336,19 @@ class InternVLConfig:
         return cls(vision=vision, text=text, **d).validate()
 
 
-def read_hf_config(hf_dir: str | os.PathLike) -> tuple[InternVLConfig, dict]:
-    """(config, raw dict) from ``hf_dir/config.json``; errors name the file."""
-    path = os.path.join(os.fspath(hf_dir), "config.json")
+def read_config_json(folder: str | os.PathLike) -> tuple[str, dict]:
+    """``(path, raw dict)`` of ``folder/config.json``; a missing or malformed file raises
+    ``ConfigError`` naming it."""
+    path = os.path.join(os.fspath(folder), "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: not found (expected a Hugging Face model folder)")
     raw = read_json(path, error=ConfigError, what="valid JSON")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
+    return path, raw
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> tuple[InternVLConfig, dict]:
+    """(config, raw dict) from ``hf_dir/config.json``; errors name the file."""
+    path, raw = read_config_json(hf_dir)
     return InternVLConfig.from_hf_dict(raw, source=path), raw
