@@ -75,7 +75,7 @@ def test_hf_config_round_trip():
 
 
 def test_config_errors_name_the_problem():
-    with pytest.raises(ConfigError, match="model_type is 'internvl_chat'.*-hf format"):
+    with pytest.raises(ConfigError, match="model_type is 'internvl_chat'.*python -m emit_jax.convert"):
         InternVLConfig.from_hf_dict({"model_type": "internvl_chat"})
     d = architectures.tiny().to_hf_dict()
     d["text_config"]["num_key_value_heads"] = 3
