@@ -41,10 +41,14 @@ def sft_report():
     return _report("configs/sft.py", "sft", ["sft.batch_size=4"])
 
 
+GRPO_SMALL = ["grpo.prompts_per_step=2", "grpo.G=2", "grpo.max_new_tokens=4"]
+
+
 @pytest.fixture(scope="module")
 def grpo_report():
-    return _report("configs/grpo.py", "grpo",
-                   ["grpo.prompts_per_step=2", "grpo.G=2", "grpo.max_new_tokens=4"])
+    # the sampler as the policy itself, adapters unmerged, on the learner's mesh (the float32
+    # tiny model would otherwise sample from a merged copy: grpo.sampler.merge_lora=float32)
+    return _report("configs/grpo.py", "grpo", GRPO_SMALL + ["grpo.sampler.merge_lora=never"])
 
 
 def _sane(rep, names):
@@ -121,6 +125,25 @@ def test_grpo_sampler_reads_the_lora_factors(grpo_report):
     w = sampler["weights"]
     assert w["lora_factors"] > 0 and w["lora_read"] == w["lora_factors"]
     assert not w["lora_ignored"]
+
+
+@needs_libtpu
+def test_grpo_sampler_compiles_what_the_rollout_samples_from():
+    """``grpo.sampler``: LoRA merged into a copy placed on a replicated sampler mesh. The
+    executable takes that copy (whole on every device, no LoRA factor), and every resident array
+    of the stage stays allocated beside it."""
+    cfg = configs.load(os.path.join(ROOT, "configs/grpo.py"), SMALL + GRPO_SMALL + [
+        "grpo.sampler.merge_lora=always", "grpo.sampler.mesh=replicated"])
+    rep = aot.make_report(cfg, "configs/grpo.py", TOPOLOGY, stage="grpo", only=("sampler",))
+    (r,) = rep["programs"]
+    assert r["name"] == "sampler" and "error" not in r, r
+    w = r["weights"]
+    assert w["used"] > 50 and w["sharded"] == 0 and w["per_device"] == w["whole"]
+    assert w["lora_factors"] > 0 and w["lora_read"] == 0 and not w["lora_ignored"]
+    assert w["largest"]["spec"] == "P()"
+    # the stage's arrays (policy, reference, optimizer) all stay resident while the copy samples
+    assert r["other_resident"] >= rep["plan"]["resident"] * 0.5
+    assert r["peak"] >= r["xla_total"]
 
 
 def test_split_layout_matches_the_training_code():

@@ -14,8 +14,12 @@ Programs (the training code's functions, shardings and memory switches ``config.
   (``data.max_tiles`` + a thumbnail), padded as the pipeline pads them), M = B CE pairs for the
   EMIT stages (1 padding row otherwise, as collate gives it). ``warmup`` is text only.
 - ``grpo``: ``sampler`` = ``ops.sampling._sharded_sample`` under ``sharded_jit`` (prefill into
-  the KV cache + the decode loop, as ``generate(..., mesh=mesh)`` runs it) on the policy in eval
-  mode: prompts ``[B, P]`` (mask bool), tiles ``[N, 3, S, S]``, CE pairs ``[B, 2, 3, S, S]``, an
+  the KV cache + the decode loop, as ``generate(..., mesh=mesh)`` runs it) on what the rollout
+  samples from (``training.grpo.Rollout.sampler_model``, per ``grpo.sampler``): the policy in
+  eval mode on the learner's mesh, or a copy made for the step, LoRA merged
+  (``merge_lora``, with the reference's structure) and / or placed on the sampler's mesh
+  (``grpo.sampler.mesh``). A copy is its own argument (role ``sampler``): the stage's resident
+  arrays all count as "other resident" beside it, as they stay allocated while it samples; prompts ``[B, P]`` (mask bool), tiles ``[N, 3, S, S]``, CE pairs ``[B, 2, 3, S, S]``, an
   RNG key; ``score`` (reference log-probs) and ``train_step`` (the learner step) =
   ``training.grpo.make_grpo_fns(g, wrt, mesh=mesh, micro_batches)`` on the policy in train mode,
   with the completions ``comp_tokens`` / ``comp_mask [B, max_new_tokens]`` int32, ``adv [B]``,
@@ -94,8 +98,9 @@ def stage_programs(cfg, stage: str, ab: Abstract, sh: Shapes, mesh) -> Stage:
                               ("policy", "optimizer"))], resident, shared)
 
     from emit_jax.ops.sampling import _sharded_sample
+    from emit_jax.parallel import sampler_mesh
     from emit_jax.training.config import GRPOConfig
-    from emit_jax.training.grpo import _freeze_heatmap_bn, make_grpo_fns
+    from emit_jax.training.grpo import _freeze_heatmap_bn, make_grpo_fns, merges_lora
 
     g = GRPOConfig.from_section(cfg.grpo)
     B, N = sh.batch, sh.new_tokens
@@ -115,13 +120,24 @@ def stage_programs(cfg, stage: str, ab: Abstract, sh: Shapes, mesh) -> Stage:
                        "comp_mask": _sds((B, N), jnp.int32), "adv": _sds((B,), jnp.float32),
                        "lp": _sds((B, N), jnp.float32)}, sh)
     ctoks, cmask, adv, lp = (mb.pop(k) for k in ("comp_tokens", "comp_mask", "adv", "lp"))
+    # what the rollout samples from (Rollout.sampler_model): the policy, or a copy of it with
+    # LoRA merged (the reference's structure) and / or on the sampler's own mesh
+    smesh = sampler_mesh(mesh, g.sampler.mesh)
+    merged = ab.model is not ab.policy and merges_lora(ab.policy, g)
+    sampled = ab.model if merged else ab.policy
+    role = "sampler" if merged or smesh is not mesh else "policy"
+
+    def eval_mode():
+        ab.policy.eval()
+        sampled.eval()
+
     # the sampler's ids: <|im_end|> / <|endoftext|> of the Qwen2 vocabulary (static constants)
     return Stage([
-        Program("sampler", sharded_jit(_sharded_sample, mesh, mutable=nnx.Not(nnx.Param)),
-                (ab.policy, _sds((B, sh.prompt_len), jnp.int32),
+        Program("sampler", sharded_jit(_sharded_sample, smesh, mutable=nnx.Not(nnx.Param)),
+                (sampled, _sds((B, sh.prompt_len), jnp.int32),
                  _sds((B, sh.prompt_len), jnp.bool_), b["pixel_values"], b["ce_pixels"], rng,
                  int(g.max_new_tokens), 151645, 151643, float(g.temperature), int(g.top_k),
-                 float(g.top_p)), ("policy",), prepare=ab.policy.eval),
+                 float(g.top_p)), (role,), prepare=eval_mode),
         Program("score", score, (ab.policy, ab.model, mb, ctoks, cmask), ("policy", "reference"),
                 prepare=train_mode),
         Program("train_step", train_step,
