@@ -500,11 +500,17 @@ def save(model, out_dir: str | os.PathLike, *, base_config: dict | None = None,
     out_dir = os.path.abspath(os.fspath(out_dir))
     with atomic_folder(out_dir, hint="choose a new folder") as tmp:
         token_ids = {}
-        if tokenizer_from is not None and os.path.isdir(tokenizer_from):
+        has_tok = tokenizer_from is not None and os.path.isdir(tokenizer_from) and any(
+            os.path.isfile(os.path.join(tokenizer_from, n))
+            for n in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
+        if has_tok:
             token_ids = write_tokenizer(tokenizer_from, tmp, model)
         elif is_emit(model):
             raise CheckpointError(f"{tokenizer_from}: no tokenizer to export; the authors' "
                                   "evaluation needs one with <COMP_CONTEXT>")
+        else:
+            log(f"warning: {tokenizer_from}: no tokenizer files; the folder holds the weights "
+                "and config only")
         counts: dict[str, int] = {}
         tensors = []
         for name, fn, nbytes in chat_tensors(model, num_batches_tracked=num_batches_tracked):
