@@ -377,6 +377,7 @@ def run_grpo(model, records, tokenizer, g: GRPOConfig, stage_dir: str, *, mesh=N
                 lambda r, c: is_correct(c[0], r.get("solution", "")),
                 max_resample_times=g.max_resample_times, on_failure="keep", enabled=g.resample,
                 pass_round=True)
+        t_sampled = time.time()
         flat = result.flat_completions()
         toks = np.stack([c[1] for c in flat])
         lens = np.array([c[2] for c in flat])
@@ -389,7 +390,10 @@ def run_grpo(model, records, tokenizer, g: GRPOConfig, stage_dir: str, *, mesh=N
         if g.bn == "frozen":  # stage 1's running statistics, as the sampler used them
             _freeze_heatmap_bn(policy)
         b, ctoks, cmask, adv = _step_inputs(first_batch["b"], toks, comp_mask, sc["adv"], n_micro)
+        t_scored = time.time()
         ref, old = score(policy, reference, b, ctoks, cmask)
+        jax.block_until_ready((ref, old))
+        t_ref = time.time()
         if faults.fires("nan", "grpo", n):
             adv = adv * jnp.float32(jnp.nan)
         finite = True
@@ -405,7 +409,13 @@ def run_grpo(model, records, tokenizer, g: GRPOConfig, stage_dir: str, *, mesh=N
              "difficulty_weight": float(jnp.mean(sc["weight"])) if g.reweight else 1.0,
              "completion_len": float(np.mean(sc["lengths"])),
              **{f"reward_{k}": float(np.mean(v)) for k, v in sc["parts"].items()},
-             **{k: float(v) for k, v in metrics.items()}, **per_task, "step_s": time.time() - t0}
+             **{k: float(v) for k, v in metrics.items()}, **per_task,
+             # where the step's time goes: the sampler's rounds (prefill with the heat map,
+             # decoding, detokenising), rewards and batch assembly on the host, the reference
+             # pass, the update(s)
+             "sample_s": t_sampled - t0, "rewards_s": t_scored - t_sampled,
+             "reference_s": t_ref - t_scored, "update_s": time.time() - t_ref,
+             "step_s": time.time() - t0}
         totals.update({**{k: int(v) for k, v in result.counts().items()}, "groups": len(recs)})
         return StepResult(finite, m, tokens=int(comp_mask.sum()))
 
