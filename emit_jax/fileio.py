@@ -20,6 +20,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 from typing import IO, Any, Callable, Iterator
 
@@ -44,6 +45,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+        # mkstemp makes it 0600; the file gets the mode ordinary creation would give it (the
+        # umask's), or keeps the mode of the file it replaces
+        os.fchmod(fd, _replaced_mode(path, 0o666))
         os.close(fd)
         yield tmp
         os.replace(tmp, path)
@@ -74,6 +78,33 @@ def atomic_output(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
             os.fsync(f.fileno())
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (``/proc``); else by
+    setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _replaced_mode(path: str, default: int) -> int:
+    """The permission bits a new file at ``path`` gets: those of the regular file it replaces,
+    else ``default`` less the umask."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode)
+    except OSError:
+        pass
+    return default & ~current_umask()
+
+
 # a failed write names no file: say which one (a full disk, a quota, a size limit)
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -102,6 +133,7 @@ def atomic_folder(path: str | os.PathLike, *, hint: str = "choose a new folder",
     os.makedirs(parent, exist_ok=True)
     if tmp is None:
         tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700
     else:
         tmp = os.path.abspath(os.fspath(tmp))
         if owner:

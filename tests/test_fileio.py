@@ -204,3 +204,46 @@ def test_json_problem_is_one_line():
     except ValueError as e:
         assert json_problem(e) == "malformed JSON: Expecting value at line 3 column 2"
         assert json_problem(e, one_line=True) == "malformed JSON: Expecting value at column 2"
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for a test, restored after."""
+    old = os.umask(0o022)
+    yield lambda m: os.umask(m)
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700),
+                                                    (0o002, 0o664, 0o775)])
+def test_written_files_and_folders_follow_the_umask(umask, tmp_path, mask, file_mode, dir_mode):
+    """Files written through atomic_output / atomic_path and folders through atomic_folder get
+    the modes ordinary creation gives them (they came out 0600 / 0700 whatever the umask)."""
+    import stat
+
+    from emit_jax.fileio import current_umask
+
+    umask(mask)
+    assert current_umask() == mask
+    with atomic_output(tmp_path / "results.json") as f:
+        f.write("{}")
+    with atomic_path(tmp_path / "curves.png") as p:
+        open(p, "wb").close()
+    with atomic_folder(tmp_path / "hf") as d:
+        open(os.path.join(d, "config.json"), "w").close()
+    for name in ("results.json", "curves.png"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == file_mode, name
+    assert stat.S_IMODE(os.stat(tmp_path / "hf").st_mode) == dir_mode
+    assert stat.S_IMODE(os.stat(tmp_path / "hf" / "config.json").st_mode) == file_mode
+
+
+def test_rewriting_a_file_keeps_its_mode(umask, tmp_path):
+    import stat
+
+    umask(0o022)
+    p = tmp_path / "results.json"
+    p.write_text("old")
+    os.chmod(p, 0o640)
+    with atomic_output(p) as f:
+        f.write("new")
+    assert p.read_text() == "new" and stat.S_IMODE(os.stat(p).st_mode) == 0o640
