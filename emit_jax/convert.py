@@ -22,7 +22,7 @@ import time
 
 from emit_jax import checkpoint, cli, hf
 from emit_jax.errors import ConfigError
-from emit_jax.fileio import check_free_space
+from emit_jax.fileio import check_free_space, check_not_input
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -69,6 +69,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_not_input(args.out, {"--hf": args.hf})
     t0 = time.time()
     chat = hf.is_internvl_chat(args.hf)
     extra = {}

@@ -47,9 +47,13 @@ class NonFiniteError(FloatingPointError):
 
 
 #: what a command line reports as one ``error:`` line (exit 2) instead of a traceback
+class InputOverwriteError(ValueError):
+    """An output path that is, or lies inside, one of the command's inputs."""
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, CheckpointError, DataError, ImageError, TokenizerError, MMADError, PlanError,
-    AotError, OSError)
+    AotError, InputOverwriteError, OSError)
 
 
 def message(e: BaseException) -> str:

@@ -56,7 +56,7 @@ import numpy as np
 
 from emit_jax import cli
 from emit_jax.errors import ConfigError
-from emit_jax.fileio import atomic_output, check_writable
+from emit_jax.fileio import atomic_output, check_not_input, check_writable
 from emit_jax.models.emit import is_emit
 
 MVTEC_TYPES = {"anomaly_discrimination": "Anomaly Detection",
@@ -311,6 +311,7 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if out:
+        check_not_input(out, {"--data": data, "--checkpoint": checkpoint})
         check_writable(out)
     is_mmad = os.path.isfile(os.path.join(data, "mmad.json"))
     fmt = "mmad" if is_mmad else "mvtec"

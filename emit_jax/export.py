@@ -28,7 +28,7 @@ import sys
 import time
 
 from emit_jax import checkpoint, cli, hf
-from emit_jax.fileio import check_free_space
+from emit_jax.fileio import check_free_space, check_not_input
 
 FORMATS = ("transformers", "internvl_chat")
 
@@ -58,6 +58,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_not_input(args.out, {"--checkpoint": args.checkpoint})
     t0 = time.time()
     meta = checkpoint.read_meta(args.checkpoint)
     assets = checkpoint.assets_dir(args.checkpoint)

@@ -24,6 +24,8 @@ import stat
 import tempfile
 from typing import IO, Any, Callable, Iterator
 
+from emit_jax.errors import InputOverwriteError
+
 
 # --------------------------------------------------------------------------------- writing files
 @contextlib.contextmanager
@@ -148,6 +150,21 @@ def atomic_folder(path: str | os.PathLike, *, hint: str = "choose a new folder",
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_not_input(out: str | os.PathLike, inputs: dict) -> None:
+    """Refuse an output path that is one of ``inputs`` or lies inside one (symlinks resolved):
+    ``inputs`` maps a flag name (``"--data"``) to its path, or None when not given. Raises
+    ``ValueError`` naming the output, the flag and its path, before anything is written."""
+    target = os.path.realpath(os.fspath(out))
+    for flag, path in inputs.items():
+        if not path:
+            continue
+        src = os.path.realpath(os.fspath(path))
+        if target == src or target.startswith(src.rstrip(os.sep) + os.sep):
+            where = "is" if target == src else "lies inside"
+            raise InputOverwriteError(
+                f"{out}: the output {where} the input {flag} {path}; choose a path outside it")
 
 
 def check_writable(path: str | os.PathLike) -> None:

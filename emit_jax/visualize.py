@@ -19,6 +19,7 @@ import numpy as np
 
 from emit_jax import cli
 from emit_jax.data.image import load_image, to_display, to_tile
+from emit_jax.fileio import check_not_input
 from emit_jax.models.emit import EMITConfig, contrastive_heatmap
 
 
@@ -91,6 +92,8 @@ def main(argv=None) -> int:
     h.add_argument("--layers", type=int, nargs="+", default=None)
     h.add_argument("--out", required=True, help="PNG to write")
     args = p.parse_args(argv)
+    check_not_input(args.out, {"--query": args.query, "--reference": args.reference,
+                               "--checkpoint": args.checkpoint})
     heat, q, r, info = compute_heatmap(args.query, args.reference, checkpoint=args.checkpoint,
                                        arch=args.arch, window=args.window, layers=args.layers)
     render(heat, q, r, args.out, title=os.path.basename(args.query))

@@ -366,6 +366,63 @@ def evaluate_unwritable_output(tmp_path, a, request):
     return c
 
 
+# ------------------------------------------------------- outputs that would overwrite inputs
+@case
+def evaluate_out_is_the_benchmark_file(tmp_path, a, request):
+    """``--out DIR/mmad.json`` used to replace the benchmark's own file with results (exit 0)."""
+    data = copy_mmad(tmp_path, edit=lambda d: None)
+    c = _evaluate(a["ckpt"], data, tmp_path, "mmad.json", "lies inside the input --data")
+    c.args[c.args.index("--out") + 1] = os.path.join(data, "mmad.json")
+    return c
+
+
+@case
+def evaluate_out_through_a_symlink_into_the_data(tmp_path, a, request):
+    data = copy_mmad(tmp_path, edit=lambda d: None)
+    os.symlink(data, tmp_path / "alias")
+    c = _evaluate(a["ckpt"], data, tmp_path, "--data")
+    c.args[c.args.index("--out") + 1] = str(tmp_path / "alias" / "domain_knowledge.json")
+    return c
+
+
+@case
+def build_out_is_a_dataset_image(tmp_path, a, request):
+    """``data.build --out`` pointed at a dataset image used to replace the image with JSONL."""
+    ds = make_mvtec(tmp_path / "ds", classes=("widget",))
+    img = os.path.join(ds, "widget", "train", "good", "000.png")
+    return _build(ds, img, "000.png", "lies inside the input --source")
+
+
+@case
+def build_out_is_the_domain_knowledge(tmp_path, a, request):
+    ds = make_mvtec(tmp_path / "ds", classes=("widget",))
+    dk = tmp_path / "dk.json"
+    dk.write_text("{}")
+    return _build(ds, dk, "is the input --domain-knowledge", extra=("--domain-knowledge", str(dk)))
+
+
+@case
+def visualize_out_is_the_query_image(tmp_path, a, request):
+    ds = make_mvtec(tmp_path / "ds", classes=("widget",))
+    q = os.path.join(ds, "widget", "test", "good", "000.png")
+    r = os.path.join(ds, "widget", "train", "good", "000.png")
+    return Case("emit_jax.visualize", ["heatmap", "--query", q, "--reference", r, "--out", q],
+                ("is the input --query",))
+
+
+@case
+def convert_out_inside_the_source_folder(tmp_path, a, request):
+    return Case("emit_jax.convert", ["--hf", a["hf"], "--out", os.path.join(a["hf"], "ckpt")],
+                ("lies inside the input --hf",))
+
+
+@case
+def export_out_inside_the_checkpoint(tmp_path, a, request):
+    return Case("emit_jax.export", ["--checkpoint", a["ckpt"], "--out",
+                                    os.path.join(a["ckpt"], "hf")],
+                ("lies inside the input --checkpoint",))
+
+
 # ------------------------------------------------------------------------------- convert
 def _convert(src, tmp_path, *needles):
     return Case("emit_jax.convert", ["--hf", str(src), "--out", str(tmp_path / "ckpt")], needles)

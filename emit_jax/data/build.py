@@ -18,6 +18,7 @@ import sys
 from emit_jax import cli
 from emit_jax.checkpoint import load_model
 from emit_jax.data.records import build
+from emit_jax.fileio import check_not_input
 
 
 def main(argv=None) -> int:
@@ -40,6 +41,8 @@ def main(argv=None) -> int:
                    help="write AD-FM records (three-stage prompt, solution A/B, bbox_answer "
                         "boxes in a SIZE x SIZE model frame) instead of EMIT's")
     a = p.parse_args(argv)
+    check_not_input(a.out, {"--source": a.source, "--domain-knowledge": a.domain_knowledge,
+                            "--checkpoint": a.checkpoint})
     vit_model = load_model(a.checkpoint)[0] if a.checkpoint and a.embedding != "pixels" else None
     summary = build(a.source, a.out, a.stage, seed=a.seed, split=a.split,
                     domain_knowledge=a.domain_knowledge, embedding=a.embedding,
