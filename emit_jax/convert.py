@@ -78,8 +78,7 @@ def main(argv=None) -> int:
 
         model, info = internvl_chat.load(args.hf, dtype=args.dtype, window=args.window,
                                          ce_layers=args.ce_layers, bn_mode=args.bn_mode)
-        raw = model.config.to_hf_dict() if not hasattr(model, "mllm") else \
-            model.mllm.config.to_hf_dict()
+        raw = model.config.to_hf_dict()  # an EMIT model's config is its base model's
         extra["internvl_chat"] = info
     else:
         if args.window is not None or args.ce_layers is not None:

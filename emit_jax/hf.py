@@ -313,6 +313,20 @@ def iter_hf_tensors(model: InternVL) -> Iterator[tuple[str, tuple, jax.Array, in
                 yield hf_key(scan.layer_path(path, i)), scan.layer_path(path, i), value, i
 
 
+def hf_tensor_stream(model: InternVL) -> tuple[list[tuple[str, Callable[[], np.ndarray], int]],
+                                                str | None]:
+    """``([(hf key, load_fn, nbytes)], majority dtype)`` for :func:`write_safetensors`: each
+    ``load_fn`` fetches one tensor in transformers' layout when called; per-tensor dtypes may be
+    mixed, so the dtype holding the most elements is the folder's (None without parameters)."""
+    tensors, counts = [], {}
+    for key, path, arr, layer in iter_hf_tensors(model):
+        size = arr.size if layer is None else arr.size // arr.shape[0]
+        counts[dtype_name(arr.dtype)] = counts.get(dtype_name(arr.dtype), 0) + size
+        tensors.append((key, (lambda p=path, a=arr, i=layer: to_hf_layout(p, np.asarray(
+            jax.device_get(a if i is None else a[i])))), size * arr.dtype.itemsize))
+    return tensors, (max(counts, key=counts.get) if counts else None)
+
+
 def _parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
@@ -392,16 +406,9 @@ def save(model: InternVL, out_dir: str | os.PathLike, *, base_config: dict | Non
     with atomic_folder(out_dir, hint="choose a new folder") as tmp:
         cfg = model.config
         hf_cfg = cfg.to_hf_dict(base_config)
-        # Per-tensor dtypes may be mixed; record the majority as the folder's dtype.
-        tensors = []
-        counts: dict[str, int] = {}
-        for key, path, arr, layer in iter_hf_tensors(model):
-            size = arr.size if layer is None else arr.size // arr.shape[0]
-            counts[dtype_name(arr.dtype)] = counts.get(dtype_name(arr.dtype), 0) + size
-            tensors.append((key, (lambda p=path, a=arr, i=layer: to_hf_layout(p, np.asarray(
-                jax.device_get(a if i is None else a[i])))), size * arr.dtype.itemsize))
-        if counts:
-            hf_cfg["dtype"] = max(counts, key=counts.get)
+        tensors, dtype = hf_tensor_stream(model)
+        if dtype is not None:
+            hf_cfg["dtype"] = dtype
         write_safetensors(tensors, tmp, max_shard_size)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf_cfg, f, indent=2)

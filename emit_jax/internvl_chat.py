@@ -39,7 +39,7 @@ import numpy as np
 from emit_jax import hf
 from emit_jax.errors import CheckpointError, ConfigError
 from emit_jax.fileio import atomic_folder, read_json
-from emit_jax.models.config import InternVLConfig, dtype_name, read_config_json
+from emit_jax.models.config import InternVLConfig, read_config_json
 from emit_jax.models.emit import EMITConfig, is_emit
 
 MODEL_TYPE = "internvl_chat"
@@ -451,16 +451,15 @@ def check_exportable(model) -> list[str]:
     return warnings
 
 
-def chat_tensors(model, *, num_batches_tracked: int = 0
+def chat_tensors(model, *, num_batches_tracked: int = 0, stream=None
                  ) -> Iterator[tuple[str, Callable[[], np.ndarray], int]]:
     """``(internvl_chat name, load_fn, nbytes)`` for every tensor of the authors' layout: fused
-    qkv, an untied lm_head (the embedding copied when ours is tied), EMIT's tensors."""
+    qkv, an untied lm_head (the embedding copied when ours is tied), EMIT's tensors.
+    ``stream``: the base model's :func:`hf.hf_tensor_stream` entries, when already made."""
     mllm = model.mllm if is_emit(model) else model
-    entries = {}  # transformers name -> (load_fn, nbytes, dtype)
-    for key, path, arr, layer in hf.iter_hf_tensors(mllm):
-        size = arr.size if layer is None else arr.size // arr.shape[0]
-        entries[key] = ((lambda p=path, a=arr, i=layer: hf.to_hf_layout(p, np.asarray(
-            jax.device_get(a if i is None else a[i])))), size * arr.dtype.itemsize)
+    if stream is None:
+        stream, _ = hf.hf_tensor_stream(mllm)
+    entries = {key: (fn, nbytes) for key, fn, nbytes in stream}  # transformers name -> ...
     done = set()
     for key, (fn, nbytes) in entries.items():
         name = to_chat_key(key)
@@ -511,23 +510,14 @@ def save(model, out_dir: str | os.PathLike, *, base_config: dict | None = None,
         else:
             log(f"warning: {tokenizer_from}: no tokenizer files; the folder holds the weights "
                 "and config only")
-        counts: dict[str, int] = {}
-        tensors = []
-        for name, fn, nbytes in chat_tensors(model, num_batches_tracked=num_batches_tracked):
-            tensors.append((name, fn, nbytes))
-        for _, _, arr, layer in hf.iter_hf_tensors(mllm):
-            n = arr.size if layer is None else arr.size // arr.shape[0]
-            counts[dtype_name(arr.dtype)] = counts.get(dtype_name(arr.dtype), 0) + n
-        dtype = max(counts, key=counts.get) if counts else None
-        hf.write_safetensors(tensors, tmp, max_shard_size)
+            if tokenizer_from is not None and os.path.isdir(tokenizer_from):
+                hf.copy_assets(tokenizer_from, tmp)  # generation / processor files, if any
+        stream, dtype = hf.hf_tensor_stream(mllm)
+        hf.write_safetensors(list(chat_tensors(model, num_batches_tracked=num_batches_tracked,
+                                               stream=stream)), tmp, max_shard_size)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(chat_config(mllm.config, emit=is_emit(model), base=base_config,
                                   dtype=dtype, token_ids=token_ids), f, indent=2)
-        for name in ("generation_config.json", "preprocessor_config.json"):
-            src = os.path.join(os.fspath(tokenizer_from or ""), name)
-            if tokenizer_from is not None and os.path.isfile(src):
-                with open(src, "rb") as a, open(os.path.join(tmp, name), "wb") as b:
-                    b.write(a.read())
     return out_dir
 
 
@@ -597,7 +587,7 @@ def write_tokenizer(src: str | os.PathLike, dst: str, model) -> dict[str, int]:
     tc.pop("backend", None)
     with open(tc_path, "w", encoding="utf-8") as f:
         json.dump(tc, f, indent=2, ensure_ascii=False)
-    return {**added, **{t: i for t, i in added_token_ids(dst).items()}}
+    return added_token_ids(dst)
 
 
 __all__ = ["load", "save", "read_config", "config_from_chat", "chat_config", "check_exportable",
