@@ -48,6 +48,9 @@ import sys
 
 import jax
 
+from emit_jax import cli
+from emit_jax.errors import ConfigError
+from emit_jax.models.architectures import ARCHITECTURES
 from emit_jax.ops.heatmap import STRATEGIES as HEATMAP_STRATEGIES
 
 from . import gpucheck
@@ -59,42 +62,48 @@ from emit_jax.training.config import MERGE_LORA
 from .steps import SAMPLERS, bench_grpo_step, bench_matmul, bench_rollout, bench_train_step
 
 
+PROG = "python -m bench"
+ARCHS = sorted(ARCHITECTURES)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(prog=PROG, description=__doc__, error_type=ConfigError,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     h = sub.add_parser("heatmap")
-    h.add_argument("--arch", default="internvl3_8b")
+    h.add_argument("--arch", default="internvl3_8b", choices=ARCHS)
     h.add_argument("--strategy", default="auto", choices=[*HEATMAP_STRATEGIES, "all"])
-    h.add_argument("--grid", type=int, default=None, help="patch grid side (default: the arch's)")
-    h.add_argument("--window", type=int, default=None,
+    h.add_argument("--grid", type=cli.positive_int, default=None,
+                   help="patch grid side (default: the arch's)")
+    h.add_argument("--window", type=cli.nonneg_int, default=None,
                    help="half-window (default: EMIT's at that grid, 6 at 32)")
-    h.add_argument("--batch", type=int, default=1)
-    h.add_argument("--repeats", type=int, default=5)
+    h.add_argument("--batch", type=cli.positive_int, default=1)
+    h.add_argument("--repeats", type=cli.positive_int, default=5)
     h.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     h.add_argument("--json", action="store_true", help="one JSON object per line (default: also JSON)")
     r = sub.add_parser("rollout")
-    r.add_argument("--arch", default="small")
-    r.add_argument("--batch", type=int, default=16)
-    r.add_argument("--prompt-len", type=int, default=128)
-    r.add_argument("--new-tokens", type=int, default=128)
-    r.add_argument("--repeats", type=int, default=5)
-    r.add_argument("--lora", type=int, default=0, metavar="RANK",
+    r.add_argument("--arch", default="small", choices=ARCHS)
+    r.add_argument("--batch", type=cli.positive_int, default=16)
+    r.add_argument("--prompt-len", type=cli.positive_int, default=128)
+    r.add_argument("--new-tokens", type=cli.positive_int, default=128)
+    r.add_argument("--repeats", type=cli.positive_int, default=5)
+    r.add_argument("--lora", type=cli.nonneg_int, default=0, metavar="RANK",
                    help="sample a LoRA policy of this rank (0: the plain model)")
     r.add_argument("--merge-lora", default="float32", choices=MERGE_LORA,
                    help="grpo.sampler.merge_lora for the LoRA policy (with --lora)")
     r.add_argument("--compare", action="store_true",
                    help="with --lora: alternate merge_lora 'never' (today) and --merge-lora")
     gs = sub.add_parser("grpo_step")
-    gs.add_argument("--arch", default="small")
-    gs.add_argument("--prompts", type=int, default=2)
-    gs.add_argument("--G", type=int, default=8)
-    gs.add_argument("--prompt-len", type=int, default=128)
-    gs.add_argument("--new-tokens", type=int, default=128)
-    gs.add_argument("--steps", type=int, default=4, help="timed steps after the compiling one")
-    gs.add_argument("--lora", type=int, default=0, metavar="RANK",
+    gs.add_argument("--arch", default="small", choices=ARCHS)
+    gs.add_argument("--prompts", type=cli.positive_int, default=2)
+    gs.add_argument("--G", type=cli.int_at_least(2), default=8)
+    gs.add_argument("--prompt-len", type=cli.positive_int, default=128)
+    gs.add_argument("--new-tokens", type=cli.positive_int, default=128)
+    gs.add_argument("--steps", type=cli.positive_int, default=4,
+                    help="timed steps after the compiling one")
+    gs.add_argument("--lora", type=cli.nonneg_int, default=0, metavar="RANK",
                     help="train a LoRA policy of this rank (0: full fine-tuning, as the peers)")
-    gs.add_argument("--resample-groups", type=int, default=0, metavar="K",
+    gs.add_argument("--resample-groups", type=cli.nonneg_int, default=0, metavar="K",
                     help="also regenerate K groups a step, as a resampling round")
     gs.add_argument("--sampler", default="new", choices=sorted(SAMPLERS),
                     help="today: LoRA unmerged, resampling rounds padded to all prompts; new: "
@@ -102,17 +111,17 @@ def main(argv=None) -> int:
     gs.add_argument("--compare", action="store_true",
                     help="alternate the samplers 'today' and 'new', step by step")
     t = sub.add_parser("train_step")
-    t.add_argument("--arch", default="small")
-    t.add_argument("--batch", type=int, default=8)
-    t.add_argument("--seq-len", type=int, default=256)
-    t.add_argument("--repeats", type=int, default=5)
-    t.add_argument("--peak-gflops", type=float, default=None,
+    t.add_argument("--arch", default="small", choices=ARCHS)
+    t.add_argument("--batch", type=cli.positive_int, default=8)
+    t.add_argument("--seq-len", type=cli.positive_int, default=256)
+    t.add_argument("--repeats", type=cli.positive_int, default=5)
+    t.add_argument("--peak-gflops", type=cli.positive_float, default=None,
                    help="the matmul peak to divide by (default: measured now)")
     t.add_argument("--profile", action="store_true",
                    help="also trace 2 steps: worker-thread busy time and the top XLA ops")
     m = sub.add_parser("matmul")
-    m.add_argument("--n", type=int, default=2048)
-    m.add_argument("--repeats", type=int, default=10)
+    m.add_argument("--n", type=cli.positive_int, default=2048)
+    m.add_argument("--repeats", type=cli.positive_int, default=10)
     gp = sub.add_parser("gpu")
     gpucheck.add_arguments(gp)
     c = sub.add_parser("compare")
@@ -120,14 +129,14 @@ def main(argv=None) -> int:
     c.add_argument("--python-hf", default=None,
                    help="python of a virtualenv with torch, transformers, trl, datasets")
     c.add_argument("--python-tunix", default=None, help="python of a virtualenv with google-tunix")
-    c.add_argument("--rounds", type=int, default=3)
+    c.add_argument("--rounds", type=cli.positive_int, default=3)
     c.add_argument("--workloads", default="rollout,grpo_step,heatmap")
     ct = sub.add_parser("compile_time")
-    ct.add_argument("--arch", default="small")
-    ct.add_argument("--text-layers", type=int, default=28)
-    ct.add_argument("--vit-layers", type=int, default=24)
-    ct.add_argument("--batch", type=int, default=2)
-    ct.add_argument("--seq-len", type=int, default=256)
+    ct.add_argument("--arch", default="small", choices=ARCHS)
+    ct.add_argument("--text-layers", type=cli.positive_int, default=28)
+    ct.add_argument("--vit-layers", type=cli.positive_int, default=24)
+    ct.add_argument("--batch", type=cli.positive_int, default=2)
+    ct.add_argument("--seq-len", type=cli.positive_int, default=256)
     ct.add_argument("--remat", action="store_true", help="under memory.remat")
     ct.add_argument("--remat-policy", default="full", help="memory.remat_policy (with --remat)")
     for q in (r, gs, t, m, c, gp, ct):
@@ -137,8 +146,11 @@ def main(argv=None) -> int:
                        help="kernel variants (emit_jax.ops.kernels), e.g. 'attention=einsum,"
                        "decode=full' 'attention=dot_product,decode=bucketed'; each runs in turn, "
                        "--rounds times, alternating (default: the defaults, once)")
-        q.add_argument("--rounds", type=int, default=1)
-    args = p.parse_args(argv)
+        q.add_argument("--rounds", type=cli.positive_int, default=1)
+    try:
+        args = p.parse_args(argv)
+    except ConfigError as e:  # one line, exit 2
+        return cli.fail(PROG, e)
     if getattr(args, "profile", False):  # per-op trace events; read when XLA:CPU starts
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_cpu_enable_xprof_traceme=true").strip()

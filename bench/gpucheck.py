@@ -249,10 +249,21 @@ def run(c: GpuCheck) -> dict[str, Any]:
 
 
 def add_arguments(p) -> None:
+    """One flag per :class:`GpuCheck` field, each range-checked on the command line (a count
+    where 0 means "the default" or "all at once" may be 0; ``--G`` is at least 2)."""
+    from emit_jax import cli
+    from emit_jax.models.architectures import ARCHITECTURES
+
+    types = {"text_layers": cli.nonneg_int, "vision_layers": cli.nonneg_int,
+             "micro": cli.nonneg_int, "seed": cli.nonneg_int, "G": cli.int_at_least(2),
+             "peak_tflops": cli.positive_float}
     d = GpuCheck()
     for f in dataclasses.fields(GpuCheck):
         flag = "--" + f.name.replace("_", "-")
-        p.add_argument(flag, type=type(getattr(d, f.name)), default=getattr(d, f.name))
+        default = getattr(d, f.name)
+        kind = types.get(f.name, cli.positive_int if isinstance(default, int) else type(default))
+        p.add_argument(flag, type=kind, default=default,
+                       **({"choices": sorted(ARCHITECTURES)} if f.name == "arch" else {}))
 
 
 def from_args(args) -> GpuCheck:

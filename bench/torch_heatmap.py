@@ -14,7 +14,6 @@ It lives outside the ``emit_jax`` package, which imports no torch (tests/test_se
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -25,20 +24,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="internvl3_8b")
-    p.add_argument("--grid", type=int, default=None, help="patch grid side (default: the arch's)")
-    p.add_argument("--window", type=int, default=None, help="half-window (default: EMIT's)")
+    sys.path.insert(0, ROOT)
+    from emit_jax import cli
+    from emit_jax.errors import ConfigError
+    from emit_jax.models.architectures import ARCHITECTURES
+
+    p = cli.Parser(description=__doc__.splitlines()[0], error_type=ConfigError)
+    p.add_argument("--arch", default="internvl3_8b", choices=sorted(ARCHITECTURES))
+    p.add_argument("--grid", type=cli.positive_int, default=None,
+                   help="patch grid side (default: the arch's)")
+    p.add_argument("--window", type=cli.nonneg_int, default=None,
+                   help="half-window (default: EMIT's)")
     p.add_argument("--peers-dir", default=os.path.join(ROOT, "..", "shared", "bench"))
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=cli.positive_int, default=5)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    a = p.parse_args(argv)
+    try:
+        a = p.parse_args(argv)
+    except ConfigError as e:  # one line, exit 2
+        raise SystemExit(cli.fail("torch_heatmap", e)) from None
     path = os.path.join(a.peers_dir, "matmul_heatmap_torch.py")
     if not os.path.isfile(path):
         raise SystemExit(f"torch_heatmap: {path} not found (--peers-dir names ../shared/bench)")
     import torch
 
-    sys.path.insert(0, ROOT)
     from bench.heatmap import _heatmap_shape
 
     spec = importlib.util.spec_from_file_location("peer_matmul_heatmap_torch", path)

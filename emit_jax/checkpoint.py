@@ -17,6 +17,7 @@ layers (``InternVLConfig.scan_layers``) is unstacked on save and stacked again o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from emit_jax.fileio import atomic_folder, read_json
+from emit_jax.fileio import atomic_folder, disk_full_error, read_json
 from emit_jax.hf import CheckpointError, copy_assets
 from emit_jax.models import scan
 from emit_jax.models.config import ConfigError, InternVLConfig
@@ -58,8 +59,16 @@ def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | No
         # parameters (+ BatchNorm statistics), stacked layers sliced back into per-layer arrays
         pure = scan.unstack_layers(nnx.to_pure_dict(nnx.state(model)))
         ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.join(tmp, PARAMS_DIR), pure)
-        ckptr.wait_until_finished()
+        try:
+            ckptr.save(os.path.join(tmp, PARAMS_DIR), pure)
+            ckptr.wait_until_finished()
+        except Exception as e:  # a full disk, raised by Orbax's writer threads: one line
+            with contextlib.suppress(Exception):
+                ckptr.close()
+            err = disk_full_error(e, path)
+            if err is None:
+                raise
+            raise err from None
         ckptr.close()
         if multi and jax.process_index() != 0:
             barrier("save_model_done:" + path)

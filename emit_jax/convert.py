@@ -47,8 +47,8 @@ def _window(text: str) -> int:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m emit_jax.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(prog="python -m emit_jax.convert", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter, error_type=ConfigError)
     p.add_argument("--hf", required=True,
                    help="model folder: transformers InternVL or internvl_chat (config.json + "
                         "safetensors)")

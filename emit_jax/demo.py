@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from emit_jax import checkpoint, cli, hf
+from emit_jax.errors import ConfigError
 from emit_jax.models import architectures
 from emit_jax.models.internvl import InternVL
 from emit_jax.models.layers import count_params
@@ -28,12 +29,12 @@ from emit_jax.ops.sampling import generate
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m emit_jax.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(prog="python -m emit_jax.demo", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter, error_type=ConfigError)
     p.add_argument("--arch", default="tiny", choices=sorted(architectures.ARCHITECTURES))
     p.add_argument("--workdir", default=None, help="where the HF folder and checkpoint go "
                    "(default: a temporary folder)")
-    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=cli.positive_int, default=16)
     args = p.parse_args(argv)
 
     cfg = architectures.get_config(args.arch)

@@ -51,9 +51,14 @@ class InputOverwriteError(ValueError):
     """An output path that is, or lies inside, one of the command's inputs."""
 
 
+class LockedError(ValueError):
+    """A folder another process is writing (it holds the folder's lock): a second trainer on
+    one workdir. The message names the folder and the holder."""
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, CheckpointError, DataError, ImageError, TokenizerError, MMADError, PlanError,
-    AotError, InputOverwriteError, OSError)
+    AotError, InputOverwriteError, LockedError, OSError)
 
 
 def message(e: BaseException) -> str:

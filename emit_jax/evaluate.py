@@ -40,24 +40,51 @@ layout, where an ``emit_extras.safetensors`` makes it an EMIT model, or the orig
 ``emit_jax.internvl_chat``); or an emit_jax Orbax model checkpoint
 (tokenizer from its ``assets/``). Per-question answers go to ``--out`` as JSON (MMAD's
 answers-file rows plus the raw response) with the settings (``parse``, ``max_new_tokens``,
-``min_new_tokens``, ``think``) and the table's numbers.
+``min_new_tokens``, ``think``), ``resumed`` (how many answers came from an earlier run's
+``<out>.partial.jsonl``) and the table's numbers.
+
+Interrupted and failing runs keep what they did:
+
+- Every input is checked before the model is loaded: the question records (MMAD: the
+  ``mmad.json`` / ``domain_knowledge.json`` shape and every prompt), and every image a question
+  still to answer uses (it opens and passes PIL's ``verify``). A bad one is one line,
+  ``emit_jax.evaluate: error: <file>: <problem>`` (exit 2), naming the first bad image and how
+  many are bad.
+- With ``--out``, each answer is appended to ``<out>.partial.jsonl`` as soon as it is made (one
+  fsynced line: the question's index, a fingerprint of its prompt and images, the raw response,
+  the results row; a header line holds the settings). The file is removed once ``--out`` is
+  written; until then it is what a rerun resumes from.
+- Rerunning the same command skips the questions answered in that file (a line torn by a kill
+  is dropped) and writes the same results an uninterrupted run writes. The answers must come
+  from the same checkpoint files, ``--think``, ``--max-new-tokens``, ``--max-tiles`` and
+  decoding, for the same questions (a changed prompt, image path or data is noticed): otherwise
+  the run is refused in one line. ``--restart`` starts over instead. ``--parse`` may change:
+  the kept responses are parsed again.
+- Ctrl-C (SIGINT) or SIGTERM during the questions stops after the question in progress:
+  ``emit_jax.evaluate: interrupted after N of M questions; answers kept in <file>; rerun the same
+  command to resume``, exit status 130, no traceback. Before the first question (reading the
+  data, loading the model) and on a second signal the process ends at once, with the same line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
-import jax.numpy as jnp
 import numpy as np
 
 from emit_jax import cli
-from emit_jax.errors import ConfigError
+from emit_jax.errors import ConfigError, ImageError, MMADError
 from emit_jax.fileio import atomic_output, check_not_input, check_writable
-from emit_jax.models.emit import is_emit
+
+# jax and the models are imported where used: `python -m emit_jax.evaluate` handles SIGINT /
+# SIGTERM from its first moments (main), not only after seconds of imports
 
 MVTEC_TYPES = {"anomaly_discrimination": "Anomaly Detection",
                "defect_classification": "Defect Classification",
@@ -126,6 +153,8 @@ class Runner:
     def __init__(self, model, tokenizer, *, max_tiles: int = 6, max_new_tokens: int = 16,
                  length_buckets=(256, 512, 1024, 2048, 4096, 8192, 16384), mesh=None,
                  min_new_tokens: int = 0):
+        from emit_jax.models.emit import is_emit
+
         self.model, self.tok, self.mesh = model, tokenizer, mesh
         self.max_tiles, self.max_new_tokens = max_tiles, max_new_tokens
         self.min_new_tokens = min_new_tokens
@@ -154,6 +183,8 @@ class Runner:
         return enc["input_ids"], tiles, ce
 
     def answer(self, text: str, images: list[str], use_comp: bool) -> str:
+        import jax.numpy as jnp
+
         from emit_jax.ops.sampling import generate
 
         ids, tiles, ce = self.encode(text, images, use_comp)
@@ -172,21 +203,24 @@ class Runner:
 
 
 def mmad_queries(root: str, think: bool, limit: int | None):
-    """The MMAD questions as (text, images, use_comp, make_row, options); ``mmad.json`` and
-    ``domain_knowledge.json`` are read and checked now, the prompts made as they are taken."""
+    """The MMAD questions as a list of (text, images, use_comp, make_row, options); ``mmad.json``
+    and ``domain_knowledge.json`` are read and checked, and every prompt made, now."""
     from emit_jax.data import mmad
 
     records = mmad.load_mmad(root)
     dk = mmad.load_domain_knowledge(root)
-
-    def queries():
+    out = []
+    try:
         for k, prompt in enumerate(mmad.iter_prompts(records, dk, think=think)):
             if limit is not None and k >= limit:
                 break
-            yield prompt.text, prompt.images, prompt.use_comp, \
-                (lambda ans, response, p=prompt: p.answer_row(ans, response=response)), \
-                dict(prompt.question.options)
-    return queries()
+            out.append((prompt.text, prompt.images, prompt.use_comp,
+                        (lambda ans, response, p=prompt: p.answer_row(ans, response=response)),
+                        dict(prompt.question.options)))
+    except MMADError as e:  # a class missing from the domain knowledge: name the file
+        name = mmad.DOMAIN_KNOWLEDGE_JSON if "domain knowledge" in str(e) else mmad.MMAD_JSON
+        raise MMADError(f"{os.path.join(root, name)}: {e}") from None
+    return out
 
 
 def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, seed: int):
@@ -296,46 +330,188 @@ def evaluate_adfm(model, tokenizer, records, *, limit: int | None = None, max_ti
     return summary, rows
 
 
+class EvaluationInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM stopped :func:`evaluate` between two questions (or before the first);
+    the message is the one line the command prints (how many were answered, where they are)."""
+
+
+class Signals:
+    """How ``python -m emit_jax.evaluate`` meets SIGINT (Ctrl-C) and SIGTERM (main thread only;
+    a signal the process was started to ignore stays ignored; :meth:`restore` puts the previous
+    handlers back).
+
+    While nothing needs finishing (reading the data, checking the images, loading the model)
+    a signal prints :attr:`line` and ends the process at once with ``os._exit(130)``: there is
+    nothing to save, and no ``KeyboardInterrupt`` is raised into JAX or an import while its
+    threads run (Python's teardown after one segfaulted). While :attr:`defer` is set (the
+    question loop, then writing the results) the first signal only sets :attr:`requested`: the
+    loop stops after the question in progress and :func:`evaluate` raises
+    :class:`EvaluationInterrupted`, so the process ends by a normal return; a second signal ends
+    it at once (every answered question is on disk already; a line torn by the exit is dropped
+    on resume). :attr:`line` is the one line printed (``emit_jax.evaluate: <line>``)."""
+
+    def __init__(self, prog: str = "emit_jax.evaluate"):
+        self.prog = prog
+        self.defer = False
+        self.requested = False
+        self.line = lambda: "interrupted before the first question; nothing to keep"
+        self.old = {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self.old[s] = signal.signal(s, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.defer and not self.requested:
+            self.requested = True
+            return
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        with contextlib.suppress(Exception):
+            again = " (a second signal: stopped at once)" if self.requested else ""
+            os.write(2, f"{self.prog}: {self.line()}{again}\n".encode("utf-8", "replace"))
+        os._exit(130)
+
+    def restore(self) -> None:
+        for s, h in self.old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self.old = {}
+
+
+def _image_problem(path: str) -> str | None:
+    """None when ``path`` opens as an image and passes PIL's ``verify`` (the header, and for
+    PNG every chunk's checksum, without decoding the pixels); else the problem in words."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return None
+    except FileNotFoundError:
+        return "no such file"
+    except UnidentifiedImageError as e:
+        return f"not a readable image ({e})"
+    except OSError as e:
+        return f"cannot read ({e.strerror})" if e.strerror else f"not a readable image ({e})"
+    except Exception as e:  # SyntaxError (a broken PNG), a decompression bomb...
+        return f"not a readable image ({e or type(e).__name__})"
+
+
+def check_images(paths) -> None:
+    """Raise one :class:`~emit_jax.errors.ImageError` naming the first of ``paths`` (in order)
+    that is missing or not a readable image (:func:`_image_problem`), with the number of bad
+    ones when there are several. The files are checked in parallel (threads: the work is I/O)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = list(dict.fromkeys(paths))
+    if not paths:
+        return
+    with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
+        problems = list(pool.map(_image_problem, paths))
+    bad = [(p, why) for p, why in zip(paths, problems) if why is not None]
+    if bad:
+        path, why = bad[0]
+        more = f" ({len(bad)} of the {len(paths)} images are bad; this is the first)" \
+            if len(bad) > 1 else ""
+        raise ImageError(f"{path}: {why}{more}")
+
+
 def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str | None = None,
              think: bool = False, max_tiles: int = 6, max_new_tokens: int | None = None,
-             split: str | None = None, seed: int = 0, parse: str = "emit", log=print) -> dict:
+             split: str | None = None, seed: int = 0, parse: str = "emit", restart: bool = False,
+             log=print, signals: Signals | None = None) -> dict:
     """Answer every question of ``data`` with the model of ``checkpoint``, print the table and
     return (and write to ``out``) the results: the module docstring's protocol. ``parse``:
     ``"emit"`` or ``"mmad"`` (:func:`emit_jax.eval.scoring.parse_response`).
-    ``max_new_tokens=None``: :func:`default_max_new_tokens`."""
+    ``max_new_tokens=None``: :func:`default_max_new_tokens`.
+
+    Every input is checked before the model is loaded (the questions, every image they use).
+    With ``out``, each answer is appended to ``<out>.partial.jsonl`` as it is made
+    (:mod:`emit_jax.eval.partial`) and the questions answered there already are not asked again
+    (``restart=True`` starts that file over); it is removed once ``out`` is written.
+    ``signals`` (the command's :class:`Signals`): a signal stops the run after the question in
+    progress with :class:`EvaluationInterrupted`; without it a ``KeyboardInterrupt`` simply
+    propagates."""
+    from emit_jax.eval import partial
     from emit_jax.eval.scoring import PARSE_MODES, format_table, parse_response, summarize
 
-    # bad input fails before the model is loaded: the arguments, the output path, then the data
+    # bad input fails before the model is loaded: the arguments, the output paths, the data
     if parse not in PARSE_MODES:
         raise ConfigError(f"parse must be one of {', '.join(PARSE_MODES)}, got {parse!r}")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    answers_path = partial.path_for(out) if out else None
     if out:
-        check_not_input(out, {"--data": data, "--checkpoint": checkpoint})
-        check_writable(out)
+        for path in (out, answers_path):
+            check_not_input(path, {"--data": data, "--checkpoint": checkpoint})
+            check_writable(path)
     is_mmad = os.path.isfile(os.path.join(data, "mmad.json"))
     fmt = "mmad" if is_mmad else "mvtec"
     max_new_tokens = max_new_tokens or default_max_new_tokens(fmt, think)
     min_new_tokens = min(MMAD_MIN_NEW_TOKENS, max_new_tokens) if is_mmad else 0
     queries = mmad_queries(data, think, limit) if is_mmad else \
         mvtec_queries(data, think, limit, split, seed)
-    if not is_mmad and not queries:
+    if not queries:
         from emit_jax.data.mvtec import DataError
 
         raise DataError(f"{data}: no questions to evaluate")
-    model, tokenizer = load_for_eval(checkpoint)
-    model.eval()
-    runner = Runner(model, tokenizer, max_tiles=max_tiles, max_new_tokens=max_new_tokens,
-                    min_new_tokens=min_new_tokens)
-    rows, t0 = [], time.time()
-    for text, images, comp, make_row, options in queries:
-        response = runner.answer(text, images, comp)
-        rows.append(make_row(parse_response(response, options, parse=parse, think=think),
-                             response))
-    if not rows:
-        from emit_jax.data.mvtec import DataError
+    total = len(queries)
+    fps = [partial.fingerprint(text, [os.path.relpath(p, data) for p in images], comp)
+           for text, images, comp, _, _ in queries]
+    run_settings = partial.settings(checkpoint=checkpoint, think=think,
+                                    max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                    decoding="greedy", max_tiles=max_tiles)
+    done, keep = {}, 0
+    if answers_path and not restart:
+        done, keep = partial.read(answers_path, run_settings, fps)
+    todo = [k for k in range(total) if k not in done]
+    check_images(p for k in todo for p in queries[k][1])
+    if done:
+        log(f"resuming from {answers_path}: {len(done)} of {total} questions answered already, "
+            f"{len(todo)} to go")
 
-        raise DataError(f"{data}: no questions to evaluate")
+    def kept() -> str:
+        if not answers_path:
+            return "answers not kept (--out keeps them, to resume)"
+        if not done:
+            return "nothing to keep"
+        return f"answers kept in {answers_path}; rerun the same command to resume"
+
+    def stopped_line() -> str:
+        return f"interrupted after {len(done)} of {total} questions; {kept()}"
+
+    if signals is not None:
+        signals.line = stopped_line
+    t0 = time.time()
+    if todo:
+        model, tokenizer = load_for_eval(checkpoint)
+        model.eval()
+        runner = Runner(model, tokenizer, max_tiles=max_tiles, max_new_tokens=max_new_tokens,
+                        min_new_tokens=min_new_tokens)
+        writer = partial.Writer(answers_path, partial.header(checkpoint, data, run_settings),
+                                keep) if answers_path else contextlib.nullcontext()
+        with writer:
+            if signals is not None:
+                signals.defer = True  # from here on a signal waits for the question in progress
+            for k in todo:
+                if signals is not None and signals.requested:
+                    raise EvaluationInterrupted(stopped_line())
+                text, images, comp, make_row, options = queries[k]
+                try:
+                    response = runner.answer(text, images, comp)
+                except ImageError as e:  # readable by verify(), not by a full decode
+                    raise ImageError(f"{e}; {kept()}") from None
+                if answers_path:
+                    writer.write(k, fps[k], response, make_row(
+                        parse_response(response, options, parse=parse, think=think), response))
+                done[k] = response
+    if signals is not None:
+        signals.defer = True  # all answered: a first signal lets the results be written
+    rows = []
+    for k, (text, images, comp, make_row, options) in enumerate(queries):
+        rows.append(make_row(parse_response(done[k], options, parse=parse, think=think),
+                             done[k]))
     summary = summarize(rows)
     table = format_table(summary, title=f"{os.path.basename(os.path.normpath(data))} "
                          f"({'MMAD' if is_mmad else 'MVTec-style'}, {len(rows)} questions, "
@@ -344,23 +520,38 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
     result = {"checkpoint": checkpoint, "data": data, "format": fmt, "think": think,
               "parse": parse, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
               "decoding": "greedy", "max_tiles": max_tiles, "questions": len(rows),
-              "seconds": time.time() - t0, "average": summary.average,
-              "per_group": summary.accuracy, "answers": rows}
+              "resumed": total - len(todo), "seconds": time.time() - t0,
+              "average": summary.average, "per_group": summary.accuracy, "answers": rows}
     if out:
         with atomic_output(out) as f:
             json.dump(result, f, indent=1, default=str)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(answers_path)
     return result
 
 
 def main(argv=None) -> int:
+    signals = Signals()  # first: Ctrl-C while the modules load is one line too, not a traceback
+    try:
+        return _main(argv, signals)
+    except EvaluationInterrupted as e:
+        print(f"{signals.prog}: {e}", file=sys.stderr)
+        return 130
+    finally:
+        signals.restore()
+
+
+def _main(argv, signals: Signals) -> int:
     from emit_jax.eval.scoring import PARSE_MODES
 
     p = cli.Parser(prog="python -m emit_jax.evaluate", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter, error_type=ConfigError)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="MMAD folder or MVTec-AD-style folder")
-    p.add_argument("--limit", type=int, default=None, help="first N questions only")
-    p.add_argument("--out", default=None, help="per-question answers + summary (JSON)")
+    p.add_argument("--limit", type=cli.positive_int, default=None, help="first N questions only")
+    p.add_argument("--out", default=None, help="per-question answers + summary (JSON); until "
+                   "it is written, the answers so far are kept in <out>.partial.jsonl, "
+                   "which a rerun resumes from")
     p.add_argument("--think", action="store_true", help="<think>/<answer> instruction (and, with "
                    "--parse emit, <answer> extraction)")
     p.add_argument("--parse", choices=PARSE_MODES, default="emit",
@@ -368,16 +559,22 @@ def main(argv=None) -> int:
                    "then the FIRST standalone A-E) or mmad (MMAD's query scripts: the LAST "
                    "standalone A-E, no <answer> extraction); both fall back to the closest option "
                    "text when there is no letter")
-    p.add_argument("--max-tiles", type=int, default=6)
-    p.add_argument("--max-new-tokens", type=int, default=None,
+    p.add_argument("--max-tiles", type=cli.positive_int, default=6)
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=None,
                    help=f"default: {MMAD_MAX_NEW_TOKENS} for an MMAD folder (the authors' "
                    f"protocol, min {MMAD_MIN_NEW_TOKENS}), else {FAST_MAX_NEW_TOKENS[False]} "
                    f"({FAST_MAX_NEW_TOKENS[True]} with --think)")
     p.add_argument("--split", default=None, help="MVTec-style: split from splits.json (default test)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.nonneg_int, default=0)
+    p.add_argument("--restart", action="store_true",
+                   help="start over: ignore (and replace) the answers an earlier, unfinished run "
+                   "of the same --out kept in <out>.partial.jsonl; without it a rerun resumes "
+                   "from them, and refuses them if they were made with other settings")
     a = p.parse_args(argv)
+
     evaluate(a.checkpoint, a.data, limit=a.limit, out=a.out, think=a.think, max_tiles=a.max_tiles,
-             max_new_tokens=a.max_new_tokens, split=a.split, seed=a.seed, parse=a.parse)
+             max_new_tokens=a.max_new_tokens, split=a.split, seed=a.seed, parse=a.parse,
+             restart=a.restart, signals=signals)
     return 0
 
 

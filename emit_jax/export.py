@@ -28,6 +28,7 @@ import sys
 import time
 
 from emit_jax import checkpoint, cli, hf
+from emit_jax.errors import ConfigError
 from emit_jax.fileio import check_free_space, check_not_input
 
 FORMATS = ("transformers", "internvl_chat")
@@ -35,15 +36,17 @@ FORMATS = ("transformers", "internvl_chat")
 
 def _shard_size(text: str) -> str:
     try:
-        hf._parse_size(text)
+        size = hf._parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
     return text
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m emit_jax.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(prog="python -m emit_jax.export", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter, error_type=ConfigError)
     p.add_argument("--checkpoint", required=True, help="emit_jax Orbax model checkpoint folder")
     p.add_argument("--out", required=True, help="new model folder")
     p.add_argument("--format", choices=FORMATS, default="transformers",

@@ -8,6 +8,10 @@ The bottom layer: it imports nothing else of the project, so every module may us
   result under a temporary name beside the target and rename it into place (``os.replace``)
   only when the block completes; a failed block leaves the target as it was and no temporary
   file or folder behind.
+* :func:`check_free_space` says a full disk in one line before a write; :func:`disk_full_error`
+  turns a writer's full-disk failure (Orbax / TensorStore text included) into that ``OSError``.
+* :func:`hold_lock`: one process at a time in a folder (``fcntl.flock`` on a lock file; the
+  kernel drops it when the holder dies), a second one refused with a ``LockedError`` line.
 * :func:`read_json` and :func:`iter_json_lines` read JSON and JSON Lines files; every way a file
   can fail to read or parse (missing, unreadable, not UTF-8, malformed, too deep, a number too
   long) becomes one line that names the file (and line).
@@ -17,14 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import stat
+import sys
 import tempfile
+import time
 from typing import IO, Any, Callable, Iterator
 
-from emit_jax.errors import InputOverwriteError
+from emit_jax.errors import InputOverwriteError, LockedError
 
 
 # --------------------------------------------------------------------------------- writing files
@@ -195,6 +203,69 @@ def check_free_space(path: str | os.PathLike, nbytes: int) -> None:
     if free < nbytes:
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (needs {nbytes / 2**20:.1f} MiB, "
                       f"{free / 2**20:.1f} MiB free)", path)
+
+
+def disk_full_error(e: BaseException, path: str | os.PathLike) -> OSError | None:
+    """The ``OSError(ENOSPC)`` naming ``path`` that ``e`` amounts to when it (or an exception it
+    was raised from) says the disk or the quota is full: an ``OSError`` with such an errno, or
+    the text writers such as Orbax / TensorStore raise from their threads (``No space left on
+    device``, ``os_error_code='28'``); else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+            return OSError(e.errno, os.strerror(e.errno), os.fspath(path))
+        text = str(e)
+        if "No space left on device" in text or "os_error_code='28'" in text:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))
+        if "Disk quota exceeded" in text or "os_error_code='122'" in text:
+            return OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), os.fspath(path))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+# --------------------------------------------------------------------------------- locks
+@contextlib.contextmanager
+def hold_lock(path: str | os.PathLike, *, what: str, hint: str) -> Iterator[None]:
+    """``with hold_lock(path, what=..., hint=...): ...`` holds an exclusive lock
+    (``fcntl.flock``) on the file ``path`` (created if missing; it records the holder: pid,
+    host, start time) while the block runs. When another process holds it, raises
+    ``LockedError("<what> (pid <pid> on <host>, since <time>); <hint>")`` before the block.
+
+    The kernel releases a flock when the process holding it ends, however it ends (``kill -9``
+    included), so a lock file left by a dead process never blocks; the file itself stays
+    (removing it would let two processes lock two different files). On a file system without
+    locks (``flock`` fails with ENOLCK / EOPNOTSUPP) a warning is printed and the block runs
+    unlocked."""
+    path = os.fspath(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError(f"{what} ({_lock_holder(fd)}); {hint}") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            print(f"warning: {path}: cannot lock ({e.strerror}); make sure no other process "
+                  "writes here at the same time", file=sys.stderr, flush=True)
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds the lock, as its file records it (``pid P on HOST, since T``)."""
+    try:
+        holder = json.loads((os.pread(fd, 4096, 0).decode().splitlines() or ["{}"])[0])
+        return (f"pid {int(holder['pid'])} on {holder.get('host', '?')}, since "
+                f"{holder.get('since', '?')}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "held by another process, which has not recorded its pid yet"
 
 
 # --------------------------------------------------------------------------------- reading JSON

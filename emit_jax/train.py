@@ -10,6 +10,10 @@ to ``WORKDIR/hf`` (switch off with ``--config.export_hf=False``).
 
 The config is read by :func:`emit_jax.configs.load` (a file, ``file:arg``, or a packaged recipe's
 name) and checked by :func:`emit_jax.training.validate.validate_config` before anything is built.
+One trainer at a time writes a workdir (``WORKDIR/.lock``); each stage keeps the config it trained
+with (``WORKDIR/<stage>/settings.json``), and a rerun that changes a setting the stored stages
+depend on stops with one error line, or with ``--config.restart=True`` trains them again, their
+old output moved to ``WORKDIR/replaced-<time>/`` (:func:`emit_jax.training.stages.check_settings`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from emit_jax.data.mmad import paper_task_name
 from emit_jax.errors import USER_ERRORS, ConfigError, NonFiniteError, message
 from emit_jax.eval.scoring import format_table
 from emit_jax.evaluate import evaluate_adfm, evaluate_records
-from emit_jax.fileio import atomic_output
+from emit_jax.fileio import atomic_output, check_free_space
 from emit_jax.ops.kernels import kernel_options
 from emit_jax.models.memory import memory_options
 from emit_jax.training import data as stage_data
@@ -42,8 +46,10 @@ _CONFIG = flags.DEFINE_string("config", None, "config file (configs/grpo.py, con
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>)")
 _COORDINATOR = flags.DEFINE_string("coordinator", "", "multihost: host:port of process 0 "
                                    "(default: EMIT_COORDINATOR, SLURM, or TPU auto-detection)")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "multihost: number of processes")
-_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "multihost: this process's index")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "multihost: number of processes "
+                                       "(0: auto-detected)", lower_bound=0)
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "multihost: this process's index "
+                                   "(-1: auto-detected)", lower_bound=-1)
 
 
 def run(cfg, workdir: str) -> dict:
@@ -52,6 +58,13 @@ def run(cfg, workdir: str) -> dict:
     (also written to ``WORKDIR/results.json``)."""
     settings = validate_config(cfg)
     os.makedirs(workdir, exist_ok=True)
+    with stages.workdir_lock(workdir):  # one writer per workdir
+        return _run(cfg, workdir, settings)
+
+
+def _run(cfg, workdir: str, settings) -> dict:
+    # stored stages made with other settings: refused, or moved aside with --config.restart
+    stages.check_settings(cfg, workdir)
     t_start = time.time()
     # multi-process: process 0 builds the dataset cache, the tokenizer and the record files;
     # the others then read the same (deterministic) data, writing nothing into the workdir
@@ -71,6 +84,9 @@ def run(cfg, workdir: str) -> dict:
             continue
         if model is None:
             model = stages.build_initial_model(cfg, tokenizer)
+            stages.warn_untrained_start(cfg, workdir, stage)
+        if parallel.is_primary():  # what a later run compares its settings with
+            stages.save_settings(cfg, workdir, stage)
         t0 = time.time()
         model, info = stages.REGISTRY[stage](run_, model, stage)
         info["seconds"] = time.time() - t0
@@ -83,6 +99,7 @@ def run(cfg, workdir: str) -> dict:
         if cfg.export_hf and not os.path.isdir(os.path.join(workdir, "hf")):
             parallel.replicate_module(model, run_.mesh)  # every process: a collective
             if parallel.is_primary():
+                check_free_space(os.path.join(workdir, "hf"), hf.state_bytes(model) + 2**20)
                 hf.save(model, os.path.join(workdir, "hf"),
                         assets_from=os.path.join(workdir, "tokenizer"))
                 stages.log(f"[export] {workdir}/hf")

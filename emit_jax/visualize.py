@@ -19,8 +19,14 @@ import numpy as np
 
 from emit_jax import cli
 from emit_jax.data.image import load_image, to_display, to_tile
+from emit_jax.errors import ConfigError
 from emit_jax.fileio import check_not_input
 from emit_jax.models.emit import EMITConfig, contrastive_heatmap
+
+
+def _check_layers(layers, depth: int) -> None:
+    if layers and not all(1 <= l <= depth for l in layers):
+        raise ConfigError(f"--layers {' '.join(map(str, layers))}: the ViT has blocks 1..{depth}")
 
 
 def compute_heatmap(query_path, reference_path, *, checkpoint=None, arch="tiny", window=None,
@@ -28,6 +34,7 @@ def compute_heatmap(query_path, reference_path, *, checkpoint=None, arch="tiny",
     """-> (heat ``[g, g]``, query tile, reference tile, settings dict)."""
     from flax import nnx
 
+    images = load_image(query_path), load_image(reference_path)  # bad images before the model
     if checkpoint:
         from emit_jax.checkpoint import load_model
 
@@ -36,13 +43,15 @@ def compute_heatmap(query_path, reference_path, *, checkpoint=None, arch="tiny",
         from emit_jax.models import architectures
         from emit_jax.models.internvl import InternVL
 
-        model = InternVL(architectures.get_config(arch), rngs=nnx.Rngs(0))
+        mcfg = architectures.get_config(arch)
+        _check_layers(layers, mcfg.vision.num_hidden_layers)  # before the weights are made
+        model = InternVL(mcfg, rngs=nnx.Rngs(0))
     ecfg = getattr(model, "emit_config", EMITConfig())
     mllm = getattr(model, "mllm", model)
     vcfg = mllm.config.vision
     size = vcfg.image_size
-    q = to_tile(load_image(query_path), size)
-    r = to_tile(load_image(reference_path), size)
+    q, r = (to_tile(im, size) for im in images)
+    _check_layers(layers, vcfg.num_hidden_layers)
     layers = tuple(layers) if layers else ecfg.layers_for(vcfg.num_hidden_layers)
     window = ecfg.window_for(vcfg.grid) if window is None else window
     ce = jnp.asarray(np.stack([r, q])[None])
@@ -80,16 +89,21 @@ def render(heat, query_tile, reference_tile, out, title=""):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m emit_jax.visualize", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from emit_jax.models.architectures import ARCHITECTURES
+
+    p = cli.Parser(prog="python -m emit_jax.visualize", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter, error_type=ConfigError)
     sub = p.add_subparsers(dest="what", required=True)
     h = sub.add_parser("heatmap", help="reference | query | heat-map overlay")
     h.add_argument("--query", required=True)
     h.add_argument("--reference", required=True)
     h.add_argument("--checkpoint", default=None, help="emit_jax Orbax model checkpoint")
-    h.add_argument("--arch", default="tiny", help="random-init architecture without a checkpoint")
-    h.add_argument("--window", type=int, default=None)
-    h.add_argument("--layers", type=int, nargs="+", default=None)
+    h.add_argument("--arch", default="tiny", choices=sorted(ARCHITECTURES),
+                   help="random-init architecture without a checkpoint")
+    h.add_argument("--window", type=cli.nonneg_int, default=None,
+                   help="heat-map window half-width in patches (default: the model's)")
+    h.add_argument("--layers", type=cli.positive_int, nargs="+", default=None,
+                   help="ViT blocks of the heat map, 1-based (default: the model's)")
     h.add_argument("--out", required=True, help="PNG to write")
     args = p.parse_args(argv)
     check_not_input(args.out, {"--query": args.query, "--reference": args.reference,

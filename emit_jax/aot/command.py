@@ -31,14 +31,16 @@ def _parser() -> cli.Parser:
                    help="compile this stage (default: the largest of config.stages, as plan)")
     p.add_argument("--programs", default="", help="only these, comma-separated (sft: "
                    "train_step; grpo: sampler, score, train_step)")
-    p.add_argument("--prompt_len", type=int, default=None,
+    p.add_argument("--prompt_len", type=cli.positive_int, default=None,
                    help="prompt tokens (default: the largest data.length_buckets)")
-    p.add_argument("--label_tokens", type=int, default=128, help="SFT label positions per row")
-    p.add_argument("--headroom", type=float, default=10.0, help="percent of HBM reserved")
-    p.add_argument("--hbm", type=float, default=None, help="GiB per device (default: by chip)")
+    p.add_argument("--label_tokens", type=cli.positive_int, default=128,
+                   help="SFT label positions per row")
+    p.add_argument("--headroom", type=cli.percent, default=10.0, help="percent of HBM reserved")
+    p.add_argument("--hbm", type=cli.positive_float, default=None,
+                   help="GiB per device (default: by chip)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. grpo.G=4 (repeatable); also --config.KEY=VALUE")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=cli.positive_int, default=1,
                    help="programs compiled at once (8B: 5-8 GB of host RAM each)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--json_out", default=None, metavar="PATH",

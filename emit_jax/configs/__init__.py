@@ -111,8 +111,9 @@ def set_field(cfg: ml_collections.ConfigDict, key: str, value) -> None:
     try:  # a locked config refuses new keys only: an existing field can be set
         node[last] = parsed
     except (TypeError, ValueError):  # ml_collections keeps a field's type
-        raise ConfigError(f"config {key}={value}: expected a {type(current).__name__} value "
-                          f"(like {current!r})") from None
+        kind = type(current).__name__
+        raise ConfigError(f"config {key}={value}: expected {'an' if kind[0] in 'aeiou' else 'a'} "
+                          f"{kind} value (like {current!r})") from None
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -77,6 +77,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.kernels = ml_collections.ConfigDict(dict(attention="einsum", decode="full", decode_bucket=64,
                                                scan_layers=False))
     c.checkpoint_every = 50
+    # a rerun on a workdir whose stages were trained with other settings that their checkpoints
+    # and models depend on (arch, init_from, tokenizer, param_dtype, image_size; a stage's
+    # trained set: warmup/base.train_vision, emit.* for sft, grpo.lora.rank/alpha/targets/
+    # weight_qtype for sft2 and grpo; the stage before it in `stages`) stops with one error line
+    # naming them (stored -> now). True: the first such stage and every later one of the run
+    # start over, their old output moved to WORKDIR/replaced-<time>/ (not deleted). Other
+    # settings (steps, lr, batch sizes, eval, logging, checkpoint_every...) may always change.
+    # (emit_jax.training.stages.check_settings)
+    c.restart = False
     # a step with a non-finite loss or gradient changes nothing and is counted; "skip" goes on
     # (stopping after 5 in a row), "stop" stops at the first with the last good state saved
     c.nonfinite = "skip"

@@ -6,7 +6,10 @@ Options: ``--domain-knowledge FILE`` (EMIT's dataset -> class -> {defect: text, 
 JSON; default ``DIR/domain_knowledge.json`` when present); ``--split`` (with a ``splits.json``,
 which split to use; default ``train``); ``--embedding vit|pixels`` for the reference choice (vit
 needs ``--checkpoint``; without one, pixels); ``--official-reference`` (the generator's rank-2
-rule for anomalous queries); ``--text-samples``; ``--max-per-type N``; ``--policy error|skip``.
+rule for anomalous queries); ``--text-samples``; ``--max-per-type N``; ``--policy error|skip``
+(``skip``: an unreadable image or mask — a decompression bomb included — and a file name that is
+not valid UTF-8 are skipped and counted in the summary's ``skipped``, each image decoded once
+more first to find them; ``error``: the first one is one error line).
 """
 
 from __future__ import annotations
@@ -18,16 +21,17 @@ import sys
 from emit_jax import cli
 from emit_jax.checkpoint import load_model
 from emit_jax.data.records import build
+from emit_jax.errors import ConfigError
 from emit_jax.fileio import check_not_input
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m emit_jax.data.build", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(prog="python -m emit_jax.data.build", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter, error_type=ConfigError)
     p.add_argument("--source", required=True, help="MVTec-AD-style dataset folder")
     p.add_argument("--out", required=True, help="JSONL file to write")
     p.add_argument("--stage", type=int, choices=[1, 2], required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.nonneg_int, default=0)
     p.add_argument("--split", default=None, help="split from splits.json (train|validation|test|all)")
     p.add_argument("--domain-knowledge", default=None)
     p.add_argument("--embedding", choices=["auto", "vit", "pixels"], default="auto")
@@ -35,9 +39,9 @@ def main(argv=None) -> int:
     p.add_argument("--official-reference", action="store_true",
                    help="anomalous queries get the 2nd most similar normal image (official bug)")
     p.add_argument("--text-samples", action="store_true")
-    p.add_argument("--max-per-type", type=int, default=None)
+    p.add_argument("--max-per-type", type=cli.positive_int, default=None)
     p.add_argument("--policy", choices=["error", "skip"], default="error")
-    p.add_argument("--adfm-frame", type=int, default=None, metavar="SIZE",
+    p.add_argument("--adfm-frame", type=cli.positive_int, default=None, metavar="SIZE",
                    help="write AD-FM records (three-stage prompt, solution A/B, bbox_answer "
                         "boxes in a SIZE x SIZE model frame) instead of EMIT's")
     a = p.parse_args(argv)

@@ -9,6 +9,11 @@ from PIL import Image, UnidentifiedImageError
 
 from emit_jax.errors import ImageError
 
+#: what Pillow raises for a file it will not read: not an image, truncated, damaged, or larger
+#: than ``Image.MAX_IMAGE_PIXELS`` x 2 (``DecompressionBombError``: a header declaring, say,
+#: 20000 x 20000 pixels; it is no ``OSError``)
+UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError)
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -37,7 +42,7 @@ def load_image(path, *, name: str | None = None) -> Image.Image:
             return im.convert("RGB")
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except UNREADABLE as e:
         raise ImageError(f"{name}: not a readable image ({e})") from None
 
 

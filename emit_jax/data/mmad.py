@@ -157,13 +157,18 @@ def needs_reference(question_type: str) -> bool:
 def check_relpath(path: Any) -> str:
     """Return ``path`` if it is a usable path relative to the data root, else raise
     :class:`MMADError` saying why: it must be a non-empty ``str`` with forward slashes, not
-    absolute, with no ``..`` component and no backslash / NUL."""
+    absolute, with no ``..`` component, no backslash / NUL and no lone surrogate (not UTF-8)."""
     if not isinstance(path, str):
         raise MMADError(f"path must be a string, got {type(path).__name__}")
     if not path:
         raise MMADError("path is empty")
     if "\\" in path or "\x00" in path:
         raise MMADError(f"path {path!r} contains a backslash or NUL (use '/' separators)")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # a "\\udcff" escape: a lone surrogate, which is not text
+        raise MMADError(f"path {path!r} is not valid UTF-8 (it holds a lone surrogate "
+                        "escape)") from None
     if path.startswith("/") or re.match(r"^[A-Za-z]:", path):
         raise MMADError(f"path {path!r} is absolute (must be relative to the data root)")
     if ".." in path.split("/"):

@@ -59,19 +59,43 @@ class ImageItem:
     description: str | None = None  # object description text (text-as-query samples)
 
 
-def _images(folder: str) -> list[str]:
+def utf8_name(name: str) -> bool:
+    """Whether a name from ``os.listdir`` is valid UTF-8 (Python hands the bytes of one that is
+    not over as lone surrogates, which no JSON file, hash or message can encode)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _named(folder: str, names, report: Report) -> list[str]:
+    """``names`` of ``folder`` that are valid UTF-8; each other one is a problem (named by the
+    repr of its bytes)."""
+    good = []
+    for name in names:
+        if utf8_name(name):
+            good.append(name)
+        else:
+            report.problem(f"{folder}: name {os.fsencode(name)!r} is not valid UTF-8 "
+                           "(rename it)")
+    return good
+
+
+def _images(folder: str, report: Report | None = None) -> list[str]:
     if not os.path.isdir(folder):
         return []
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                  if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."))
+    names = [f for f in os.listdir(folder)
+             if f.lower().endswith(IMAGE_EXTS) and not f.startswith(".")]
+    return sorted(os.path.join(folder, f) for f in _named(folder, names, report or Report()))
 
 
-def _class_dirs(root: str) -> list[str]:
+def _class_dirs(root: str, report: Report | None = None) -> list[str]:
     if any(os.path.isdir(os.path.join(root, d)) for d in ("train", "test")):
         return [root]  # a single class folder
-    return sorted(os.path.join(root, d) for d in os.listdir(root)
-                  if os.path.isdir(os.path.join(root, d, "test"))
-                  or os.path.isdir(os.path.join(root, d, "train")))
+    names = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, "test"))
+             or os.path.isdir(os.path.join(root, d, "train"))]
+    return sorted(os.path.join(root, d) for d in _named(root, names, report or Report()))
 
 
 def _find_mask(gt_dir: str, stem: str) -> str | None:
@@ -112,10 +136,13 @@ def scan(root: str | os.PathLike, *, dataset: str | None = None,
     report = report or Report()
     if not os.path.isdir(root):
         raise DataError(f"{root}: no such dataset folder")
+    if not utf8_name(root):
+        raise DataError(f"{os.fsencode(root)!r}: the dataset folder's path is not valid UTF-8 "
+                        "(rename it)")
     dataset = dataset or os.path.basename(root.rstrip("/"))
     splits = _read_splits(root)
     items: list[ImageItem] = []
-    classes = _class_dirs(root)
+    classes = _class_dirs(root, report)
     if not classes:
         raise DataError(f"{root}: no class folders with train/ or test/ (expected MVTec AD layout)")
     for cdir in classes:
@@ -124,7 +151,7 @@ def scan(root: str | os.PathLike, *, dataset: str | None = None,
             sdir = os.path.join(cdir, split)
             if not os.path.isdir(sdir):
                 continue
-            for sub in sorted(os.listdir(sdir)):
+            for sub in sorted(_named(sdir, os.listdir(sdir), report)):
                 folder = os.path.join(sdir, sub)
                 if not os.path.isdir(folder):
                     continue
@@ -132,7 +159,7 @@ def scan(root: str | os.PathLike, *, dataset: str | None = None,
                 if split == "train" and not good:
                     report.problem(f"{folder}: training folders must be normal ('good'); skipped")
                     continue
-                for path in _images(folder):
+                for path in _images(folder, report):
                     mask = None
                     if not good:
                         stem = os.path.splitext(os.path.basename(path))[0]

@@ -73,6 +73,8 @@ def build(source: str, out: str, stage: int, *, seed: int = 0, split: str | None
     if split and split != "all":
         items = [it for it in items if it.split == split]
     items = subsample(items, max_per_type, seed)
+    if report.policy == "skip":  # unreadable images are skipped (and counted) before any is used
+        items = tasks.readable(items, report)
     if not items:
         raise DataError(f"{source}: no images{f' in split {split!r}' if split else ''}")
     if embedding == "auto":

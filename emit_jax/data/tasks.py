@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from emit_jax.data import prompts
-from emit_jax.data.image import ImageError, load_image
+from emit_jax.data.image import UNREADABLE, ImageError, load_image
 from emit_jax.data.mvtec import DataError, ImageItem, Report, iter_classes
 
 Embedder = Callable[[Sequence[str]], np.ndarray]  # image paths -> [N, D]
@@ -116,6 +116,22 @@ def vit_embedder(model, batch: int = 8) -> Embedder:
     return embed
 
 
+def readable(items: Sequence[ImageItem], report: Report) -> list[ImageItem]:
+    """The items whose image Pillow reads (each decoded once); each other one (not an image,
+    truncated, a decompression bomb) is reported to ``report``: raised, or skipped and counted.
+    ``--policy skip`` runs this first, so an unreadable image drops out instead of stopping the
+    reference search."""
+    out = []
+    for it in items:
+        try:
+            load_image(it.path)
+        except ImageError as e:
+            report.problem(str(e))
+            continue
+        out.append(it)
+    return out
+
+
 def select_references(items: Sequence[ImageItem], embed: Embedder, *,
                       pool: Callable[[ImageItem], bool] | None = None,
                       skip_rank1_for_anomalous: bool = False) -> dict[str, str]:
@@ -170,10 +186,13 @@ def read_mask(item: ImageItem) -> np.ndarray:
         with Image.open(item.mask_path) as m:
             m.load()
             mask = np.asarray(m.convert("L"))
+    except UNREADABLE as e:
+        raise DataError(f"{item.mask_path}: not a readable mask ({e})") from None
+    try:
         with Image.open(item.path) as im:
             size = im.size
-    except (OSError, SyntaxError) as e:
-        raise DataError(f"{item.mask_path}: not a readable mask ({e})") from None
+    except UNREADABLE as e:
+        raise ImageError(f"{item.path}: not a readable image ({e})") from None
     if mask.shape[::-1] != size:
         raise DataError(f"{item.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image "
                         f"{item.path} is {size[0]}x{size[1]}")

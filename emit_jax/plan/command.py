@@ -19,15 +19,17 @@ def _parser() -> cli.Parser:
     p = cli.Parser(prog="python -m emit_jax.plan", description=DESCRIPTION, error_type=PlanError)
     p.add_argument("--config", required=True, help="ml_collections config file (path[:arg])")
     p.add_argument("--mesh", default="fsdp=1", help='e.g. "fsdp=8", "data=2,fsdp=4"')
-    p.add_argument("--devices", type=int, default=None,
+    p.add_argument("--devices", type=cli.positive_int, default=None,
                    help="device count (default: the product of the --mesh sizes)")
     p.add_argument("--device", default="a100-80g", help=", ".join(DEVICES))
-    p.add_argument("--headroom", type=float, default=10.0, help="percent of memory reserved")
+    p.add_argument("--headroom", type=cli.percent, default=10.0,
+                   help="percent of memory reserved")
     p.add_argument("--stage", default=None, help="plan this stage (default: the largest)")
-    p.add_argument("--prompt_len", type=int, default=None,
+    p.add_argument("--prompt_len", type=cli.positive_int, default=None,
                    help="prompt tokens (default: the largest data.length_buckets)")
-    p.add_argument("--label_tokens", type=int, default=128, help="SFT label positions per row")
-    p.add_argument("--images_per_sample", type=int, default=2)
+    p.add_argument("--label_tokens", type=cli.positive_int, default=128,
+                   help="SFT label positions per row")
+    p.add_argument("--images_per_sample", type=cli.nonneg_int, default=2)
     p.add_argument("--reference", choices=("copy", "shared"), default="shared",
                    help="grpo/sft2 on a mesh: arrays shared with the policy (the code) or a "
                         "separate copy of all weights")

@@ -40,8 +40,10 @@ import numpy as np
 from PIL import Image
 
 from emit_jax.data import jsonl, prompts, tasks
+from emit_jax.data.image import UNREADABLE
 from emit_jax.data.records import load_domain_knowledge
 from emit_jax.data.mvtec import scan
+from emit_jax.errors import DataError
 from emit_jax.models.emit import HINT_TEXT
 
 REGION_WORDS = {r: r for r in prompts.REGIONS}
@@ -106,8 +108,11 @@ def defect_map(mask_path: str | None, grid: int) -> str:
     (split into equal bands) has a non-zero pixel, else ``-``; all ``-`` without a mask."""
     cells = np.zeros((grid, grid), bool)
     if mask_path:
-        with Image.open(mask_path) as im:
-            m = np.asarray(im.convert("L")) > 0
+        try:
+            with Image.open(mask_path) as im:
+                m = np.asarray(im.convert("L")) > 0
+        except UNREADABLE as e:
+            raise DataError(f"{mask_path}: not a readable mask ({e})") from None
         h, w = m.shape
         for i in range(grid):
             for j in range(grid):

@@ -16,6 +16,7 @@ A stage function takes the :class:`Run` and the model so far and returns ``(mode
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,6 +24,7 @@ import random
 import shutil
 import sys
 import tempfile
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -33,7 +35,8 @@ from emit_jax.data.adfm import with_rationales as adfm_rationales
 from emit_jax.data.embedded import ensure_cached
 from emit_jax.data.pipeline import PipelineConfig, RecordEncoder, collate
 from emit_jax.data.tokenizer import load_tokenizer
-from emit_jax.fileio import atomic_output
+from emit_jax.errors import ConfigError, LockedError
+from emit_jax.fileio import atomic_output, check_free_space, hold_lock, read_json
 from emit_jax.models import architectures
 from emit_jax.models.emit import EMIT, EMITConfig, is_emit
 from emit_jax.models.internvl import InternVL
@@ -188,6 +191,7 @@ def finish_stage(workdir: str, stage: str, model, info: dict) -> None:
     to_storage(model)  # trained parameters back to the dtype the user asked for (bf16 8B)
     d = os.path.join(workdir, stage)
     target = os.path.join(d, "model")
+    check_free_space(target, hf.state_bytes(model) + 2**20)  # a full disk: one line, first
     if os.path.isdir(target) and parallel.is_primary():  # an earlier, shorter run: replace it
         shutil.rmtree(target)
     parallel.barrier("replace:" + stage)  # nobody checks the target before it is gone
@@ -196,6 +200,179 @@ def finish_stage(workdir: str, stage: str, model, info: dict) -> None:
         with atomic_output(os.path.join(d, "done.json"), "w") as f:
             json.dump(info, f, indent=1, default=str)
     parallel.barrier("finish:" + stage)
+
+
+# ------------------------------------------------------------------------------ one writer
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Hold ``WORKDIR/.lock`` (``fcntl.flock``, :func:`emit_jax.fileio.hold_lock`) while the
+    block runs: a second trainer on the workdir stops with one ``LockedError`` line naming the
+    workdir and the holder's pid. The OS drops the lock when the holder ends, however it ends,
+    so a killed run never leaves the workdir locked. Multi-process runs: process 0 alone takes
+    it (the others of the same job write into the same workdir) and tells the others (a
+    collective), so every process of a refused job stops, with the same line."""
+    error = ""
+    with contextlib.ExitStack() as stack:
+        if parallel.is_primary():
+            try:
+                stack.enter_context(hold_lock(
+                    os.path.join(workdir, LOCK_FILE), what=f"{workdir}: in use by another trainer",
+                    hint="wait for it to end or stop it, or choose another --workdir"))
+            except LockedError as e:
+                error = str(e)
+        import jax  # noqa: PLC0415
+
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+
+            refused = np.asarray(multihost_utils.process_allgather(np.int32(bool(error)))).any()
+            if refused and not error:
+                error = (f"{workdir}: in use by another trainer (process 0 of this job found "
+                         f"{os.path.join(workdir, LOCK_FILE)} held; see its error)")
+        if error:
+            raise LockedError(error)
+        yield
+
+
+# ------------------------------------------------------------------------------ stored settings
+#: what a stage's stored output (its checkpoints and model) depends on, besides the stage before
+#: it in ``stages``: the model every stage builds on, and what the stage itself trains. A rerun
+#: that changes one of these for a stage with output in the workdir is refused
+#: (:func:`check_settings`) unless ``restart`` is set; every other setting (step counts,
+#: learning rates, batch sizes, evaluation, logging, checkpointing, the compile cache, the
+#: data's options, ``kernels.scan_layers``) may change between runs.
+MODEL_SETTINGS = ("arch", "init_from", "tokenizer", "param_dtype", "image_size")
+LORA_SETTINGS = ("grpo.lora.rank", "grpo.lora.alpha", "grpo.lora.targets",
+                 "grpo.lora.weight_qtype")
+STAGE_SETTINGS = {"warmup": ("warmup.train_vision",), "base": ("base.train_vision",),
+                  "sft": ("emit",), "sft2": LORA_SETTINGS, "grpo": LORA_SETTINGS}
+#: defaults of keys a config may lack (the stage code's defaults)
+_SETTING_DEFAULTS = {"warmup.train_vision": True, "base.train_vision": True}
+SETTINGS_FILE = "settings.json"  # WORKDIR/<stage>/settings.json: the resolved config it ran with
+BEFORE = "the stage before {stage}"
+
+
+def config_json(cfg) -> dict:
+    """The resolved config as plain JSON values (tuples as lists)."""
+    return json.loads(json.dumps(cfg.to_dict(), default=str))
+
+
+def stage_settings(config: dict, stage: str) -> dict:
+    """``{setting: value}`` that ``stage``'s output depends on, read from a resolved config
+    (:func:`config_json`): :data:`MODEL_SETTINGS`, the stage's :data:`STAGE_SETTINGS` (a
+    section as its dotted keys) and the stage before it in ``stages`` (None: the first)."""
+    out = {}
+
+    def add(key, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                add(f"{key}.{k}", v)
+        else:
+            out[key] = value
+
+    for key in MODEL_SETTINGS + STAGE_SETTINGS.get(stage, ()):
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        add(key, _SETTING_DEFAULTS.get(key) if node is None else node)
+    order = list(config.get("stages") or ())
+    i = order.index(stage) if stage in order else -1
+    out[BEFORE.format(stage=stage)] = order[i - 1] if i > 0 else None
+    return out
+
+
+def save_settings(cfg, workdir: str, stage: str) -> None:
+    """Store the resolved config with ``stage``'s output (``WORKDIR/<stage>/settings.json``),
+    when the stage starts or resumes: what a later run compares (:func:`check_settings`). A
+    stage with output but no settings file (an earlier version's) keeps none: what it was
+    trained with is not known."""
+    path, d = os.path.join(workdir, stage, SETTINGS_FILE), os.path.join(workdir, stage)
+    ckpt = os.path.join(d, "ckpt")
+    if not os.path.isfile(path) and (os.path.isfile(os.path.join(d, "done.json")) or any(
+            n.isdigit() for n in (os.listdir(ckpt) if os.path.isdir(ckpt) else ()))):
+        return
+    with atomic_output(path, "w") as f:
+        json.dump({"stage": stage, "config": config_json(cfg)}, f, indent=1)
+
+
+def changed_settings(cfg, workdir: str) -> dict[str, list[tuple[str, Any, Any]]]:
+    """``{stage: [(setting, stored, now), ...]}`` for each stage of the run whose output in the
+    workdir was made with other :func:`stage_settings`. A stage without a settings file (not
+    started, or written by an earlier version) is not compared."""
+    now, out = config_json(cfg), {}
+    for stage in cfg.stages:
+        path = os.path.join(workdir, stage, SETTINGS_FILE)
+        if not os.path.isfile(path):
+            continue
+        stored = read_json(path, error=ConfigError, what="a stage settings file")
+        if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
+            raise ConfigError(f"{path}: not a stage settings file (no config object)")
+        old, new = stage_settings(stored["config"], stage), stage_settings(now, stage)
+        diff = [(k, old.get(k), new[k]) for k in new if k in old and old[k] != new[k]]
+        if diff:
+            out[stage] = diff
+    return out
+
+
+def _show(value) -> str:
+    return "none" if value is None else repr(value)
+
+
+def check_settings(cfg, workdir: str) -> None:
+    """Refuse a rerun whose settings differ from those a stage's output in the workdir was made
+    with (:func:`changed_settings`): one ``ConfigError`` naming each (stored -> now). With
+    ``restart``, the first such stage of the run and every later one with output start over:
+    their folders (and the exported ``hf/``) are moved to ``WORKDIR/replaced-<time>/``."""
+    changed = changed_settings(cfg, workdir)
+    if not changed:
+        if cfg.get("restart", False):
+            log("[restart] the stored stages were trained with these settings: nothing to restart")
+        return
+    first = next(s for s in cfg.stages if s in changed)
+    later = [s for s in cfg.stages[list(cfg.stages).index(first):]
+             if os.path.lexists(os.path.join(workdir, s))]
+    what = "; ".join(f"{stage}: " + ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, a, b in diff)
+                     for stage, diff in changed.items())
+    if not cfg.get("restart", False):
+        raise ConfigError(
+            f"{workdir}: this run's settings differ from those its stored stages were trained "
+            f"with ({what}), and their checkpoints and models depend on them. Rerun with the "
+            f"stored settings to continue, or add --config.restart=True to train "
+            f"{', '.join(later)} again (the old output is moved to "
+            f"{os.path.join(workdir, 'replaced-<time>')}/, not deleted), or choose another "
+            f"--workdir")
+    parallel.barrier("restart:compared")  # every process has read the stored settings
+    if parallel.is_primary():
+        aside = os.path.join(workdir, "replaced-" + time.strftime("%Y%m%d-%H%M%S"))
+        moved = later + [n for n in ("hf",) if os.path.lexists(os.path.join(workdir, n))]
+        if any(k in ("tokenizer", "init_from") for diff in changed.values() for k, _, _ in diff):
+            moved += [n for n in ("tokenizer",) if os.path.lexists(os.path.join(workdir, n))]
+        os.makedirs(aside, exist_ok=True)
+        for name in moved:
+            shutil.move(os.path.join(workdir, name), os.path.join(aside, name))
+        log(f"[restart] settings changed ({what}): moved {', '.join(moved)} to {aside}; "
+            f"training {', '.join(later)} again")
+    parallel.barrier("restart")
+
+
+def warn_untrained_start(cfg, workdir: str, stage: str) -> None:
+    """``stage`` is the run's first and builds on trained weights (stage 1 and after) but no
+    ``init_from`` gives any: it starts from a random initialisation. Say so, and how to give it
+    weights."""
+    earlier = {"sft": ["base"], "sft2": ["base", "sft"], "grpo": ["base", "sft"]}.get(stage)
+    if not earlier or cfg.init_from or not parallel.is_primary():
+        return
+    found = [os.path.join(workdir, s, "model") for s in reversed(earlier)
+             if os.path.isfile(os.path.join(workdir, s, "model", "emit_jax.json"))]
+    example = found[0] if found else "DIR"
+    log(f"warning: {stage} starts from randomly initialised weights: no stage before it in this "
+        f"run (stages={tuple(cfg.stages)!r}) and no init_from, so no stage trained its weights. "
+        f"Give it trained weights with --config.init_from={example} (an HF folder or an "
+        f"emit_jax model checkpoint{', which this workdir holds' if found else ''}), or run the "
+        f"earlier stages too (--config.stages=\"{tuple(earlier + [stage])!r}\")")
 
 
 def load_stage(workdir: str, stage: str, scan_layers: bool | None = None):

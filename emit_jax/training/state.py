@@ -9,11 +9,23 @@ with the other setting.
 Orbax writes a step into a temporary directory and renames it when complete, so a write cut
 short (a kill, a full disk) is never taken for a checkpoint. A latest step that is there but
 cannot be read (a truncated file) is moved aside to ``ckpt-unreadable/<step>`` with a warning
-and the previous step is used instead.
+and the previous step is used instead. A step that reads but holds arrays of other names or
+shapes than the run builds (a setting such as the LoRA rank changed since it was written) is
+not unreadable: it stays where it is and the restore stops with one ``CheckpointError`` line
+(``emit_jax.training.stages.check_settings`` normally says so first, naming the settings).
+
+A full disk: before each write the free space is checked against the state's size, so a disk
+that cannot hold the next checkpoint stops the run with one ``OSError`` (ENOSPC) naming the
+checkpoint folder, the space needed and the space free. A disk that fills during a write (past
+that check) ends the same way: Orbax's error (raised from its writer threads) becomes that
+``OSError``, its error logs about it are dropped (:class:`_DiskFullLogs`) and the step's
+temporary folder is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -21,10 +33,16 @@ import time
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from emit_jax import faults
+from emit_jax.errors import CheckpointError
+from emit_jax.fileio import check_free_space, disk_full_error
 from emit_jax.models import scan
+
+#: free space asked for beyond the arrays' bytes (Orbax's metadata files)
+SPACE_MARGIN = 2**20
 
 
 class StageCheckpoints:
@@ -35,6 +53,8 @@ class StageCheckpoints:
         ``name``: the stage, for messages and ``emit_jax.faults``."""
         self.filter = state_filter
         self.directory, self.name = os.path.abspath(directory), name
+        self._bytes = 0  # the size of the last checkpoint written, for a full disk's message
+        _DiskFullLogs.install()
         os.makedirs(directory, exist_ok=True)
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=max(1, every),
                                             enable_async_checkpointing=async_save)
@@ -46,9 +66,14 @@ class StageCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, model, optimizer, meta: dict, *, force: bool = False) -> bool:
-        state = scan.unstack_layers(self._pure(model, optimizer))
-        saved = self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+        pure = self._pure(model, optimizer)
+        if force or self.manager.should_save(step):  # a full disk: one line before writing
+            self._bytes = _nbytes(pure) + SPACE_MARGIN
+            check_free_space(os.path.join(self.directory, str(step)), self._bytes)
+        state = scan.unstack_layers(pure)
+        with self._disk_full():
+            saved = self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
         if saved and faults.fires("kill_in_save", self.name, step):
             faults.kill_now()  # the reliability tests: a kill while this step is being written
         return saved
@@ -63,15 +88,58 @@ class StageCheckpoints:
     def restore(self, model, optimizer, step: int | None = None) -> dict | None:
         """Restore the latest readable step (or ``step``) into ``model`` / ``optimizer`` in place;
         returns the saved meta (or None when there is no checkpoint). An unreadable latest step
-        is moved aside with a warning and the one before it is tried."""
+        is moved aside with a warning and the one before it is tried. A step that holds other
+        arrays than ``model`` / ``optimizer`` (another LoRA rank, another trained set) raises
+        ``CheckpointError`` and stays in place: it is not unreadable, the settings changed."""
         if step is not None:
             return self._restore(model, optimizer, step)
         for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                stored = self._stored_shapes(step)
+            except Exception as e:  # noqa: BLE001 - its metadata is unreadable: fall back
+                self._set_aside(step, e)
+                continue
+            self._check_fits(step, stored, model, optimizer)  # raises: not a damaged file
             try:
                 return self._restore(model, optimizer, step)
             except Exception as e:  # noqa: BLE001 - any unreadable file: fall back, keep it
                 self._set_aside(step, e)
         return None
+
+    def _stored_shapes(self, step: int) -> dict[str, tuple]:
+        """``{array path: shape}`` of the state saved at ``step`` (its metadata only)."""
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            stored = handler.metadata(epath.Path(self.directory) / str(step) / "state")
+        finally:
+            handler.close()
+        stored = stored.tree if hasattr(stored, "tree") else stored
+        if not isinstance(stored, dict):
+            raise ValueError(f"no array metadata ({type(stored).__name__})")
+        return _flat_shapes(stored)
+
+    def _check_fits(self, step: int, stored: dict, model, optimizer) -> None:
+        """Raise ``CheckpointError`` (one line) when the arrays saved at ``step`` are not those
+        of ``model`` / ``optimizer`` (names or shapes)."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self._pure(model, optimizer))
+        want = _flat_shapes(scan.unstack_layers(abstract, scan.layer_struct))
+        if want == stored:
+            return
+        missing, extra = sorted(want.keys() - stored.keys()), sorted(stored.keys() - want.keys())
+        shapes = [k for k in sorted(want.keys() & stored.keys()) if want[k] != stored[k]]
+        if shapes:
+            k = shapes[0]
+            example = f"{k}: stored {stored[k]}, this run {want[k]}"
+        else:
+            example = (f"{missing[0]} missing" if missing else f"{extra[0]} not in this run")
+        stage_dir = os.path.dirname(self.directory)
+        raise CheckpointError(
+            f"{os.path.join(self.directory, str(step))}: the {self.name or 'stage'} checkpoint "
+            f"holds other arrays than this run builds ({len(shapes)} of other shape, "
+            f"{len(missing)} missing, {len(extra)} extra; e.g. {example}): a setting it depends "
+            f"on (model, LoRA, trained modules) changed since it was written. Rerun with the "
+            f"settings it was written with, or move {stage_dir} aside (or choose another "
+            f"--workdir) to train the stage from the start")
 
     def _set_aside(self, step: int, error: Exception) -> None:
         aside = os.path.join(os.path.dirname(self.directory),
@@ -108,8 +176,88 @@ class StageCheckpoints:
                 "opt": nnx.to_pure_dict(nnx.state(optimizer))}
 
     def wait(self):
-        self.manager.wait_until_finished()
+        with self._disk_full():
+            self.manager.wait_until_finished()
 
     def close(self):
-        self.manager.wait_until_finished()
+        with self._disk_full():
+            self.manager.wait_until_finished()
         self.manager.close()
+
+    @contextlib.contextmanager
+    def _disk_full(self):
+        """A full disk met by Orbax (raised here, or from its writer threads at the next call)
+        becomes ``OSError(ENOSPC)`` naming the checkpoint folder and the space needed; the
+        step's temporary folder is removed."""
+        try:
+            yield
+        except Exception as e:
+            err = disk_full_error(e, self.directory)
+            if err is None:
+                raise
+            _DiskFullLogs.seen = True
+            with contextlib.suppress(Exception):
+                self.manager.close()
+            if jax.process_index() == 0:
+                for name in os.listdir(self.directory):
+                    if ".orbax-checkpoint-tmp" in name:
+                        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            free = shutil.disk_usage(self.directory).free / 2**20
+            need = f"needs {self._bytes / 2**20:.1f} MiB, " if self._bytes else ""
+            raise OSError(err.errno, f"{err.strerror} while writing a {self.name or 'stage'} "
+                          f"checkpoint ({need}{free:.1f} MiB free)", self.directory) from None
+
+
+def _nbytes(tree) -> int:
+    """The bytes of the arrays in ``tree`` (their global size)."""
+    return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(tree))
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+    """``{"a/b/0/c": shape}`` of a nested dict of arrays / shape structs / Orbax metadata
+    (integer keys as strings: Orbax stores them so)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                       for k in path)
+        out[key] = tuple(int(d) for d in getattr(leaf, "shape", ()))
+    return out
+
+
+class _DiskFullLogs(logging.Filter):
+    """Drops Orbax's error logs (each with a traceback, from its writer threads) about a full
+    disk: the run reports it once, as an ``OSError`` (``StageCheckpoints._disk_full``). Once a
+    full disk was met, also the ``RuntimeError("Event loop is closed")`` that TensorStore's
+    late callbacks into Orbax's abandoned event loop raise (printed as "Exception ignored",
+    one traceback per array, through ``sys.unraisablehook``)."""
+
+    _installed = False
+    seen = False  # a full disk was met in this process
+
+    @classmethod
+    def install(cls) -> None:
+        if not cls._installed:
+            logging.getLogger("absl").addFilter(cls())
+            previous = sys.unraisablehook
+
+            def hook(args):
+                if not (cls.seen and isinstance(args.exc_value, RuntimeError)
+                        and str(args.exc_value) == "Event loop is closed"):
+                    previous(args)
+
+            sys.unraisablehook = hook
+            cls._installed = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if f"{os.sep}orbax{os.sep}" not in (record.pathname or ""):
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record: leave it to the handler
+            text = ""
+        if (exc is not None and disk_full_error(exc, "") is not None) or \
+                disk_full_error(OSError(text), "") is not None:
+            _DiskFullLogs.seen = True
+            return False
+        return True

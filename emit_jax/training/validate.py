@@ -172,6 +172,8 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     if source != "embedded" and not os.path.isdir(source):
         _fail("data.source", source, "is not a folder (expected an MVTec-AD-style dataset)")
     _int(data, "max_tiles", "data.max_tiles", low=1)
+    _int(data, "seed", "data.seed", low=0, default=0)  # the embedded dataset's seeds are >= 0
+    _int(data, "dk_sentences", "data.dk_sentences", low=0, default=0)  # 0: the whole text
     from emit_jax.data.tasks import AD_ORDERS
 
     if data.get("ad_order", "shuffled") not in AD_ORDERS:
@@ -187,7 +189,10 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets) \
             or list(buckets) != sorted(set(buckets)):
         _fail("data.length_buckets", buckets, "must be increasing positive integers")
-    _int(cfg, "seed", "seed")
+    _int(cfg, "seed", "seed", low=0)
+    _int(cfg, "eval_adfm", "eval_adfm", low=0, default=0)
+    if cfg.get("eval_adfm_tokens") is not None:  # 0 / None: grpo.max_new_tokens
+        _int(cfg, "eval_adfm_tokens", "eval_adfm_tokens", low=0)
     _int(cfg, "checkpoint_every", "checkpoint_every", low=1)
     _int(cfg, "log_every", "log_every", low=1)
     from emit_jax.training.loop import POLICIES

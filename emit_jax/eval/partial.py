@@ -1,0 +1,208 @@
+"""The partial-answers file of ``python -m emit_jax.evaluate``: answers kept as they are made, so
+an interrupted or failed run resumes instead of starting over.
+
+``<out>.partial.jsonl`` (beside ``--out``) is JSON Lines, one object a line, each line written
+with one ``write`` and fsynced before the next question starts:
+
+- line 1, the header: ``{"emit_jax.evaluate": "partial answers", "version": 1, "checkpoint":
+  ..., "data": ..., "settings": {...}}``. ``settings`` (:func:`settings`) are what the responses
+  depend on: the checkpoint's files (:func:`checkpoint_stamp`: names, sizes and modification
+  times, so a moved folder still matches and a retrained one does not), ``think``,
+  ``max_new_tokens``, ``min_new_tokens``, ``decoding`` and ``max_tiles``. ``checkpoint`` and
+  ``data`` are the paths as given, for the reader.
+- then one line per answered question: ``{"id": k, "fingerprint": ..., "response": ...,
+  "row": {...}}`` where ``k`` is the question's position in the run's order, ``fingerprint``
+  (:func:`fingerprint`) a hash of what the model was shown (user text, image paths relative to
+  the data root, the CE flag) and ``row`` the results row as ``--out`` will hold it. On resume
+  the row is made again from ``response`` with the current ``--parse`` (answer parsing does not
+  change what the model said, so it may differ between runs).
+
+:func:`read` returns the answers of a file made with the same settings for the same questions
+and refuses, in one line naming the file, one made otherwise. Bytes after the last newline are
+a line torn by a kill and are dropped. :class:`Writer` appends (one writer at a time: it holds
+an exclusive ``flock``).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from typing import Any, Sequence
+
+from emit_jax.errors import DataError
+
+SUFFIX = ".partial.jsonl"
+KIND = "partial answers"
+VERSION = 1
+RESTART_HINT = "rerun with --restart to start over, or choose another --out"
+
+
+def path_for(out: str) -> str:
+    """The partial-answers file of the results file ``out``: ``<out>.partial.jsonl``."""
+    return os.fspath(out) + SUFFIX
+
+
+def fingerprint(text: str, image_keys: Sequence[str], use_comp: bool) -> str:
+    """A short hash of one query as the model sees it: the user text, the image paths (relative
+    to the data root, so a moved data folder still matches) and the CE flag."""
+    blob = json.dumps([text, list(image_keys), bool(use_comp)], ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def checkpoint_stamp(checkpoint: str) -> str | None:
+    """A hash of the names (relative), sizes and modification times of every file below the
+    checkpoint folder (or of the file itself); None when it does not exist."""
+    entries = []
+    if os.path.isfile(checkpoint):
+        st = os.stat(checkpoint)
+        entries.append((".", st.st_size, st.st_mtime_ns))
+    elif os.path.isdir(checkpoint):
+        for dirpath, dirs, files in os.walk(checkpoint, followlinks=True):
+            dirs.sort()
+            for name in sorted(files):
+                full = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(full)
+                except OSError:
+                    continue
+                entries.append((os.path.relpath(full, checkpoint), st.st_size, st.st_mtime_ns))
+    else:
+        return None
+    return hashlib.sha256(json.dumps(entries).encode("utf-8")).hexdigest()[:16]
+
+
+def settings(*, checkpoint: str, think: bool, max_new_tokens: int, min_new_tokens: int,
+             decoding: str, max_tiles: int) -> dict[str, Any]:
+    """The settings a resumed run must share with the run that wrote the file."""
+    return {"checkpoint_files": checkpoint_stamp(checkpoint), "think": bool(think),
+            "max_new_tokens": int(max_new_tokens), "min_new_tokens": int(min_new_tokens),
+            "decoding": decoding, "max_tiles": int(max_tiles)}
+
+
+def header(checkpoint: str, data: str, run_settings: dict[str, Any]) -> dict[str, Any]:
+    return {"emit_jax.evaluate": KIND, "version": VERSION, "checkpoint": checkpoint,
+            "data": data, "settings": run_settings}
+
+
+def _show(v: Any) -> str:
+    return json.dumps(v) if not isinstance(v, str) else v
+
+
+def read(path: str, run_settings: dict[str, Any], fingerprints: Sequence[str]
+         ) -> tuple[dict[int, str], int]:
+    """``(question index -> response, bytes of the file to keep)`` from the partial-answers
+    file ``path`` ({} and 0 when it is missing or holds no complete line). Raises
+    :class:`DataError` (one line naming the file and saying to use ``--restart``) when the file
+    is not one, was written with other ``run_settings``, holds a malformed line before its last
+    one, or answers a question whose :func:`fingerprint` is not ``fingerprints[id]`` (the data
+    or the prompt changed). Answers to ids past ``len(fingerprints)`` (a smaller ``--limit``)
+    are ignored."""
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except FileNotFoundError:
+        return {}, 0
+    keep = blob.rfind(b"\n") + 1  # what follows the last newline is a torn line: dropped
+    lines = blob[:keep].split(b"\n")[:-1]
+    if not lines:
+        return {}, 0
+
+    def bad(lineno: int, problem: str) -> DataError:
+        return DataError(f"{path}: line {lineno}: {problem}; {RESTART_HINT}")
+
+    def parse(lineno: int, raw: bytes) -> Any:
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError
+            from emit_jax.fileio import json_problem
+
+            raise bad(lineno, json_problem(e, one_line=True)) from None
+
+    head = parse(1, lines[0])
+    if not (isinstance(head, dict) and head.get("emit_jax.evaluate") == KIND
+            and isinstance(head.get("settings"), dict)):
+        raise bad(1, "not the header of an emit_jax.evaluate partial-answers file")
+    if head.get("version") != VERSION:
+        raise bad(1, f"version {head.get('version')!r}, this emit_jax reads {VERSION}")
+    old = head["settings"]
+    diffs = [f"the checkpoint's files differ ({head.get('checkpoint')} then)"
+             if k == "checkpoint_files" else f"{k} {_show(old.get(k))}, now {_show(v)}"
+             for k, v in run_settings.items() if old.get(k) != v]
+    if diffs:
+        raise DataError(f"{path}: its answers were made with other settings ({'; '.join(diffs)})"
+                        f"; {RESTART_HINT}")
+    out: dict[int, str] = {}
+    for lineno, raw in enumerate(lines[1:], 2):
+        rec = parse(lineno, raw)
+        if not (isinstance(rec, dict) and isinstance(rec.get("id"), int)
+                and not isinstance(rec["id"], bool) and rec["id"] >= 0
+                and isinstance(rec.get("fingerprint"), str)
+                and isinstance(rec.get("response"), str)):
+            raise bad(lineno, "not an answer line (id, fingerprint, response)")
+        k = rec["id"]
+        if k >= len(fingerprints) or k in out:
+            continue
+        if rec["fingerprint"] != fingerprints[k]:
+            raise bad(lineno, f"the answer to question {k} was made for another question (the "
+                      "data or the prompt changed)")
+        out[k] = rec["response"]
+    return out, keep
+
+
+class Writer:
+    """Appends answer lines to the partial-answers file ``path``: the file is cut to its first
+    ``keep`` bytes (what :func:`read` accepted; 0 starts it over with ``head``), then each
+    :meth:`write` is one ``os.write`` of a whole line, fsynced. Holds an exclusive ``flock``
+    while open, so a second run writing the same file is refused."""
+
+    def __init__(self, path: str, head: dict[str, Any], keep: int):
+        self.path = path
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                import fcntl
+
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except ImportError:  # not POSIX: no lock
+                pass
+            except BlockingIOError:
+                raise DataError(f"{path}: another emit_jax.evaluate run is writing it") from None
+            os.ftruncate(self.fd, keep)
+            os.lseek(self.fd, 0, os.SEEK_END)
+            if keep == 0:
+                self._line(head)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _line(self, obj: dict[str, Any]) -> None:
+        data = (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+            os.fsync(self.fd)
+        except OSError as e:
+            if e.filename:
+                raise
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno or errno.EIO),
+                          self.path) from None
+
+    def write(self, k: int, fp: str, response: str, row: dict[str, Any]) -> None:
+        """One answered question (see the module docstring)."""
+        self._line({"id": k, "fingerprint": fp, "response": response, "row": row})
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,259 @@
+"""python -m emit_jax.evaluate ends cleanly and keeps what it did (issue 30, item 5): every input
+is checked before the first question; answers go to ``<out>.partial.jsonl`` as they are made;
+SIGINT / SIGTERM end with one line and exit 130; a rerun resumes from the kept answers (same
+settings only; ``--restart`` starts over) and its results equal an uninterrupted run's; a line
+torn by a kill is dropped. The real evaluator on the tiny EMIT model and the MMAD fixture."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from flax import nnx
+
+from conftest import subprocess_env
+from test_evaluate import tiny_for
+from emit_jax import hf
+from emit_jax.data.tokenizer import train_tiny_tokenizer
+from emit_jax.eval import partial
+from emit_jax.models.emit import EMIT
+from emit_jax.models.internvl import InternVL
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MMAD = os.path.join(ROOT, "tests", "fixtures", "mmad")
+N_QUESTIONS = sum(len(r["conversation"]) for r in
+                  json.load(open(os.path.join(MMAD, "mmad.json"), encoding="utf-8")).values())
+FLAGS = ("--max-tiles", "1", "--max-new-tokens", "4")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    tok = train_tiny_tokenizer(None, d / "tok")
+    emit = EMIT.create(InternVL(tiny_for(tok, len(tok) - 1), rngs=nnx.Rngs(1)), tokenizer=tok)
+    hf.save(emit, d / "emit")
+    tok.save_pretrained(d / "emit")
+    return str(d / "emit")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return subprocess_env(JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
+
+
+def command(ckpt, out, *extra, data=MMAD, flags=FLAGS):
+    return [sys.executable, "-m", "emit_jax.evaluate", "--checkpoint", ckpt, "--data", data,
+            "--out", str(out), *flags, *extra]
+
+
+def run(env, *args, **kw):
+    return subprocess.run(command(*args, **kw), cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def lines_of(text):
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def complete_lines(path):
+    return open(path, "rb").read().count(b"\n") if os.path.exists(path) else 0
+
+
+def without_timing(res):
+    return {k: v for k, v in res.items() if k not in ("seconds", "resumed", "checkpoint")}
+
+
+@pytest.fixture(scope="module")
+def baseline(model, env, tmp_path_factory):
+    """One uninterrupted run's results."""
+    out = tmp_path_factory.mktemp("baseline") / "res.json"
+    r = run(env, model, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not os.path.exists(partial.path_for(str(out))), "the partial file outlives success"
+    res = json.loads(out.read_text())
+    assert res["questions"] == N_QUESTIONS and res["resumed"] == 0
+    return res
+
+
+@pytest.fixture(scope="module")
+def interrupted(model, env, tmp_path_factory):
+    """A run sent SIGINT once its partial-answers file holds an answer: (out, process, stderr,
+    the partial file's bytes right after the exit)."""
+    out = tmp_path_factory.mktemp("interrupted") / "res.json"
+    part = partial.path_for(str(out))
+    p = subprocess.Popen(command(model, out), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 500
+    while complete_lines(part) < 2 and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    return out, p, err, open(part, "rb").read() if os.path.exists(part) else None
+
+
+# --------------------------------------------------------------------- checks before any answer
+def test_bad_images_late_in_the_file_fail_before_any_model_work(model, env, tmp_path):
+    """The last record's query image is missing and its reference unreadable: the run used to
+    answer the 28 questions before them, then fail and drop those answers."""
+    data = tmp_path / "mmad"
+    shutil.copytree(MMAD, data)
+    missing = data / "GoodsAD" / "drink_bottle" / "test" / "good" / "020.jpg"
+    os.remove(missing)
+    corrupt = data / "GoodsAD" / "drink_bottle" / "train" / "good" / "105.jpg"
+    corrupt.write_bytes(b"not an image at all")
+    out = tmp_path / "res.json"
+    r = run(env, model, out, data=str(data))
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    [line] = lines_of(r.stderr)
+    # the first bad file in question order (the reference comes before the query), the count
+    assert line.startswith(f"emit_jax.evaluate: error: {corrupt}: not a readable image"), line
+    assert "2 of the" in line and "images are bad" in line, line
+    assert not r.stdout.strip()  # no table: nothing was answered
+    assert sorted(os.listdir(tmp_path)) == ["mmad"]  # no results, no partial answers
+    # the data is checked before the model is touched: a missing checkpoint is not reached
+    r = run(env, str(tmp_path / "no_such_model"), out, data=str(data))
+    assert r.returncode == 2 and lines_of(r.stderr) == [line], r.stderr[-3000:]
+
+
+def test_last_class_missing_from_the_domain_knowledge_fails_before_any_answer(model, env,
+                                                                              tmp_path):
+    """Every prompt is made before the first question: the last record's class has no domain
+    knowledge (its 1-shot questions need it)."""
+    data = tmp_path / "mmad"
+    shutil.copytree(MMAD, data)
+    dk = json.loads((data / "domain_knowledge.json").read_text())
+    del dk["GoodsAD"]["drink_bottle"]
+    (data / "domain_knowledge.json").write_text(json.dumps(dk))
+    r = run(env, model, tmp_path / "res.json", data=str(data))
+    assert r.returncode == 2, r.stderr[-3000:]
+    [line] = lines_of(r.stderr)
+    assert line.startswith(f"emit_jax.evaluate: error: {data / 'domain_knowledge.json'}: "
+                           "domain knowledge has no entry 'GoodsAD'/'drink_bottle'"), line
+    assert not r.stdout.strip() and sorted(os.listdir(tmp_path)) == ["mmad"]
+
+
+# --------------------------------------------------------------------- interrupt, keep, resume
+def test_sigint_ends_with_one_line_and_keeps_the_answers(interrupted):
+    out, p, err, kept = interrupted
+    assert p.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    [line] = lines_of(err)
+    m = re.fullmatch(r"emit_jax\.evaluate: interrupted after (\d+) of (\d+) questions; answers "
+                     r"kept in (.+); rerun the same command to resume", line)
+    assert m, line
+    n = int(m[1])
+    assert 1 <= n < N_QUESTIONS and int(m[2]) == N_QUESTIONS
+    assert m[3] == partial.path_for(str(out))
+    assert not os.path.exists(out)
+    rows = [json.loads(x) for x in kept.decode().splitlines()]
+    assert rows[0]["emit_jax.evaluate"] == "partial answers"
+    assert [r["id"] for r in rows[1:]] == list(range(n))
+    assert all(isinstance(r["response"], str) and r["row"]["response"] == r["response"]
+               for r in rows[1:])
+
+
+def test_rerun_resumes_drops_a_torn_line_and_equals_an_uninterrupted_run(
+        interrupted, baseline, model, env, tmp_path):
+    _, _, _, kept = interrupted
+    n = kept.count(b"\n") - 1
+    out = tmp_path / "res.json"
+    part = partial.path_for(str(out))
+    # a kill in the middle of a write leaves a torn last line
+    open(part, "wb").write(kept + b'{"id": ' + str(n).encode() + b', "fingerprint": "3f')
+    r = run(env, model, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming from {part}: {n} of {N_QUESTIONS} questions answered already, " \
+           f"{N_QUESTIONS - n} to go" in r.stdout
+    res = json.loads(out.read_text())
+    assert res["resumed"] == n
+    assert without_timing(res) == without_timing(baseline)
+    assert not os.path.exists(part)  # the results hold every answer: the partial file goes
+
+
+def test_changed_settings_or_questions_are_refused(interrupted, model, env, tmp_path):
+    _, _, _, kept = interrupted
+    out = tmp_path / "res.json"
+    part = partial.path_for(str(out))
+    open(part, "wb").write(kept)
+    r = run(env, model, out, "--think", flags=("--max-tiles", "1", "--max-new-tokens", "5"))
+    assert r.returncode == 2, r.stderr[-3000:]
+    [line] = lines_of(r.stderr)
+    assert line.startswith(f"emit_jax.evaluate: error: {part}: its answers were made with other "
+                           "settings"), line
+    assert "think false, now true" in line and "max_new_tokens 4, now 5" in line, line
+    assert "--restart" in line
+    # the data changed under the kept answers: the first question's text
+    data = tmp_path / "mmad"
+    shutil.copytree(MMAD, data)
+    recs = json.loads((data / "mmad.json").read_text())
+    first = next(iter(recs.values()))["conversation"][0]
+    first["Question"] = first["Question"] + " Look closely."
+    (data / "mmad.json").write_text(json.dumps(recs))
+    r = run(env, model, out, data=str(data))
+    assert r.returncode == 2, r.stderr[-3000:]
+    [line] = lines_of(r.stderr)
+    assert f"{part}: line 2: the answer to question 0 was made for another question" in line
+    assert open(part, "rb").read() == kept  # refused: nothing was changed
+    assert not os.path.exists(out)
+
+
+def test_kept_answers_are_not_asked_again_and_restart_starts_over(
+        interrupted, baseline, model, env, tmp_path):
+    _, _, _, kept = interrupted
+    out = tmp_path / "res.json"
+    part = partial.path_for(str(out))
+    lines = kept.decode().splitlines(keepends=True)
+    first = json.loads(lines[1])
+    assert first["id"] == 0
+    first["response"] = "Z: a response no model gave"
+    tampered = "".join([lines[0], json.dumps(first) + "\n", *lines[2:]]).encode()
+    open(part, "wb").write(tampered)
+    # every question of --limit 1 is answered already: the kept response is used as it is
+    r = run(env, model, out, "--limit", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["resumed"] == 1 and res["answers"][0]["response"] == first["response"]
+    # --restart: the kept answers are ignored and the question is asked again
+    open(part, "wb").write(tampered)
+    r = run(env, model, out, "--limit", "1", "--restart")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" not in r.stdout
+    res = json.loads(out.read_text())
+    assert res["resumed"] == 0 and res["answers"] == baseline["answers"][:1]
+    assert not os.path.exists(part)
+
+
+# ------------------------------------------------------------------------- the file itself
+def test_partial_file_torn_and_malformed_lines(tmp_path):
+    fps = ["a" * 16, "b" * 16, "c" * 16]
+    settings = {"checkpoint_files": "x", "think": False, "max_new_tokens": 4,
+                "min_new_tokens": 1, "decoding": "greedy", "max_tiles": 1}
+    path = str(tmp_path / "res.json.partial.jsonl")
+    assert partial.read(path, settings, fps) == ({}, 0)  # no file yet
+    w = partial.Writer(path, partial.header("ckpt", "data", settings), 0)
+    w.write(0, fps[0], "A", {})
+    w.write(1, fps[1], "B", {})
+    w.close()
+    good = open(path, "rb").read()
+    assert partial.read(path, settings, fps) == ({0: "A", 1: "B"}, len(good))
+    open(path, "ab").write(b'{"id": 2, "finger')  # torn: dropped, and cut off by the writer
+    assert partial.read(path, settings, fps) == ({0: "A", 1: "B"}, len(good))
+    w = partial.Writer(path, partial.header("ckpt", "data", settings), len(good))
+    w.write(2, fps[2], "C", {})
+    w.close()
+    assert partial.read(path, settings, fps)[0] == {0: "A", 1: "B", 2: "C"}
+    open(path, "wb").write(b'{"emit_jax.evalu')  # a torn header: nothing kept, start over
+    assert partial.read(path, settings, fps) == ({}, 0)
+    lines = good.splitlines(keepends=True)
+    open(path, "wb").write(lines[0] + b"garbage\n" + lines[2])  # malformed, not last: refused
+    with pytest.raises(ValueError, match=r"line 2: malformed JSON.*--restart"):
+        partial.read(path, settings, fps)
+    open(path, "wb").write(b'{"some": "other file"}\n')
+    with pytest.raises(ValueError, match="not the header"):
+        partial.read(path, settings, fps)

@@ -1,0 +1,278 @@
+"""The workdir as a user meets it (issue 30, items 1, 3, 5 and 7): a rerun with a setting the
+stored stages depend on (the LoRA rank) is refused in one line and ``--config.restart=True``
+moves the old output aside; harmless changes continue; a checkpoint of other shapes is not taken
+for an unreadable one; one trainer per workdir (a killed holder never blocks); a stage with no
+trained weights says so; a full disk during training is one error line.
+
+Real training runs at the smallest size (1-3 steps of the warm-up or sft2 stage, batch 2-4);
+the session's compilation cache makes the reruns cheap."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+from flax import nnx
+
+from conftest import ROOT, subprocess_env, train
+
+SMOKE = ["--config", "configs/grpo.py:smoke", "--config.eval_limit=0", "--config.export_hf=False",
+         "--config.checkpoint_every=1"]
+WARMUP = [*SMOKE, "--config.stages=('warmup',)", "--config.warmup.batch_size=4"]
+SFT2 = [*SMOKE, "--config.stages=('sft2',)", "--config.sft2.batch_size=2"]
+AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The embedded dataset's cache, shared by this file's runs."""
+    return {"EMIT_JAX_CACHE": str(tmp_path_factory.mktemp("cache"))}
+
+
+def _lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+def _error_line(r) -> str:
+    """The run's last stderr line, which must be its one error line (exit 2, no traceback)."""
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = _lines(r.stderr)[-1]
+    assert last.startswith("emit_jax.train: error: "), r.stderr[-3000:]
+    assert sum("error:" in line for line in _lines(r.stderr)) == 1, r.stderr[-3000:]
+    return last
+
+
+def _steps(ckpt_dir) -> list[int]:
+    return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) \
+        if os.path.isdir(ckpt_dir) else []
+
+
+# ------------------------------------------------------------------ stored settings, restart
+@pytest.fixture(scope="module")
+def sft2_run(tmp_path_factory, cache):
+    """One step of the LoRA stage sft2 alone (LoRA rank 8, the config's)."""
+    w = tmp_path_factory.mktemp("sft2")
+    r = train(*SFT2, "--workdir", str(w), "--config.sft2.steps=1", env=cache)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return w, r
+
+
+def test_a_stage_with_no_trained_weights_says_so(sft2_run):
+    w, r = sft2_run
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: sft2")]
+    assert len(warnings) == 1, r.stderr[-3000:]
+    assert "starts from randomly initialised weights" in warnings[0]
+    assert "--config.init_from=" in warnings[0] and "--config.stages=" in warnings[0]
+    assert "'sft'" in warnings[0]  # the earlier stage to include
+    stored = json.loads((w / "sft2" / "settings.json").read_text())
+    assert stored["config"]["grpo"]["lora"]["rank"] == 8
+
+
+def test_a_changed_lora_rank_is_refused_in_one_line(sft2_run, cache):
+    """Before: every checkpoint was labelled unreadable (moved to ckpt-unreadable/), hundreds
+    of traceback lines, and the stage restarted from step 0 with exit 0."""
+    w, _ = sft2_run
+    settings = (w / "sft2" / "settings.json").read_text()
+    r = train(*SFT2, "--workdir", str(w), "--config.sft2.steps=2", "--config.grpo.lora.rank=4",
+              env=cache)
+    line = _error_line(r)
+    assert "sft2: grpo.lora.rank 8 -> 4" in line and str(w) in line
+    assert "--config.restart=True" in line and "not deleted" in line
+    assert _steps(w / "sft2" / "ckpt") == [1]  # kept, where it was
+    assert not (w / "sft2" / "ckpt-unreadable").exists()
+    assert (w / "sft2" / "settings.json").read_text() == settings
+
+
+def test_restart_moves_the_stage_aside_and_trains_it_again(sft2_run, cache, tmp_path):
+    """``--config.restart=True`` with another ``init_from`` (the first run's model, copied: the
+    same shapes, so the compiled step is reused): the old sft2 folder is moved, not deleted."""
+    w, _ = sft2_run
+    init = tmp_path / "init"
+    shutil.copytree(w / "sft2" / "model", init)
+    r = train(*SFT2, "--workdir", str(w), "--config.sft2.steps=1", f"--config.init_from={init}",
+              "--config.restart=True", env=cache)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "[restart] settings changed (sft2: init_from '' -> " in r.stderr
+    assert "warning: sft2" not in r.stderr  # init_from gives it weights
+    aside = [n for n in os.listdir(w) if n.startswith("replaced-")]
+    assert len(aside) == 1, os.listdir(w)
+    assert _steps(w / aside[0] / "sft2" / "ckpt") == [1]  # the old output, kept
+    assert (w / aside[0] / "sft2" / "done.json").is_file()
+    assert (w / "sft2" / "done.json").is_file() and _steps(w / "sft2" / "ckpt") == [1]
+    stored = json.loads((w / "sft2" / "settings.json").read_text())
+    assert stored["config"]["init_from"] == str(init)
+
+
+def test_only_the_settings_a_stage_depends_on_are_compared(tmp_path):
+    """Step counts, learning rates, batch sizes, evaluation, logging, checkpointing, the compile
+    cache, the data options and scan_layers may change; the model, the LoRA shape, a stage's
+    trained set and the stage before it may not."""
+    from emit_jax import configs
+    from emit_jax.training import stages
+
+    def cfg(**overrides):
+        return configs.load("grpo", {"stages": ("base", "sft", "grpo"), **overrides})
+
+    for stage in ("base", "sft", "grpo"):
+        stages.save_settings(cfg(), str(tmp_path), stage)
+    harmless = {"grpo.steps": 400, "sft.steps": 7, "grpo.lr": 1e-3, "sft.batch_size": 4,
+                "log_every": 3, "checkpoint_every": 9, "compile_cache": "", "eval_limit": 0,
+                "eval_unseen": 0, "eval_think": False, "export_hf": False, "nonfinite": "stop",
+                "grpo.G": 8, "grpo.lora.dropout": 0.1, "kernels.scan_layers": True,
+                "memory.remat": True, "data.dk_sentences": 2, "seed": 3}
+    assert stages.changed_settings(cfg(**harmless), str(tmp_path)) == {}
+    assert stages.changed_settings(cfg(**{"grpo.lora.rank": 4}), str(tmp_path)) == {
+        "grpo": [("grpo.lora.rank", 8, 4)]}
+    changed = stages.changed_settings(cfg(**{"base.train_vision": True,
+                                             "emit.num_soft_tokens": 4}), str(tmp_path))
+    assert changed == {"base": [("base.train_vision", False, True)],
+                       "sft": [("emit.num_soft_tokens", 9, 4)]}
+    changed = stages.changed_settings(cfg(arch="small", stages=("sft", "grpo")), str(tmp_path))
+    assert changed["sft"] == [("arch", "tiny", "small"), ("the stage before sft", "base", None)]
+    assert changed["grpo"] == [("arch", "tiny", "small")]
+    assert "base" not in changed  # not in this run: not compared
+
+
+# ------------------------------------------------------------------ a checkpoint of other shapes
+def _linear(n_out):
+    from emit_jax.training.config import OptimConfig
+    from emit_jax.training.optim import make_optimizer
+
+    model = nnx.Linear(3, n_out, rngs=nnx.Rngs(0))
+    return model, nnx.Optimizer(model, make_optimizer(OptimConfig(steps=4, lr=1e-2)),
+                                wrt=nnx.Param)
+
+
+def test_a_checkpoint_of_other_shapes_is_not_set_aside_as_unreadable(tmp_path):
+    from emit_jax.errors import CheckpointError
+    from emit_jax.training.state import StageCheckpoints
+
+    d = tmp_path / "grpo" / "ckpt"
+    ck = StageCheckpoints(str(d), every=1, async_save=False, name="grpo")
+    ck.save(1, *_linear(4), {"step": 1, "data": {}})
+    ck.close()
+    ck = StageCheckpoints(str(d), every=1, async_save=False, name="grpo")
+    with pytest.raises(CheckpointError) as e:
+        ck.restore(*_linear(5))  # a LoRA rank 4 run meeting rank 8 factors, in small
+    msg = str(e.value)
+    assert msg.startswith(f"{d / '1'}: the grpo checkpoint holds other arrays than this run")
+    assert "stored (4,), this run (5,)" in msg and "\n" not in msg
+    assert _steps(d) == [1] and not (tmp_path / "grpo" / "ckpt-unreadable").exists()
+    assert ck.restore(*_linear(4))["step"] == 1  # the right settings still restore it
+    ck.close()
+
+
+# ------------------------------------------------------------------ one writer per workdir
+def test_a_second_trainer_on_a_workdir_is_refused_and_a_killed_one_never_blocks(tmp_path, cache):
+    w = tmp_path / "w"
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "emit_jax.train", *WARMUP, "--config.warmup.steps=100",
+         "--workdir", str(w)], cwd=ROOT, env=subprocess_env(PYTHONUNBUFFERED="1", **cache),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in holder.stderr:  # the holder has the lock once it prepares the data
+            seen.append(line)
+            if line.startswith("[data]"):
+                break
+        else:
+            raise AssertionError("".join(seen)[-3000:])
+        r = train(*WARMUP, "--config.warmup.steps=100", "--workdir", str(w), env=cache,
+                  timeout=300)  # refused at once (before: it trained beside the holder)
+        line = _error_line(r)
+        assert line == (f"emit_jax.train: error: {w}: in use by another trainer (pid "
+                        f"{holder.pid} on {socket.gethostname()}, since " + line.split(", since ")[1])
+        assert line.endswith("wait for it to end or stop it, or choose another --workdir")
+        for line in holder.stderr:
+            seen.append(line)
+            if line.startswith("[warmup] step 1/"):
+                break
+    finally:
+        holder.send_signal(signal.SIGKILL)  # dies holding the lock
+        holder.wait(timeout=60)
+        holder.stderr.close()
+    # the same workdir again, with settings that change nothing stored: not locked, not refused,
+    # and it continues from the killed run's last checkpoint
+    last = _steps(w / "warmup" / "ckpt")[-1:] or [0]
+    r = train(*WARMUP, "--workdir", str(w), f"--config.warmup.steps={last[0] + 1}",
+              "--config.log_every=5", "--config.checkpoint_every=7", "--config.compile_cache=",
+              "--config.warmup.lr=0.001", "--config.eval_think=False",
+              "--config.eval_max_new_tokens=4", "--config.nonfinite=stop", env=cache)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "error:" not in r.stderr and f"[warmup] step {last[0] + 1}/{last[0] + 1}" in r.stderr
+    if last[0]:
+        assert "[warmup] step 1/" not in r.stderr
+
+
+# ------------------------------------------------------------------ a full disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of ``size`` bytes at ``tmp_path/disk``; skipped where it cannot be mounted."""
+    mounted = []
+
+    def mount(size: str) -> str:
+        d = tmp_path / "disk"
+        d.mkdir()
+        if not AS_ROOT or shutil.which("mount") is None:
+            pytest.skip("mounting a small tmpfs needs root")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounted.append(d)
+        return str(d)
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def test_a_full_disk_during_training_is_one_error_line(small_disk, cache):
+    """16 MiB: the data and the tokenizer fit, the warm-up's first checkpoint does not. Before:
+    ~90 Orbax tracebacks from its writer threads, exit 1 and no error line."""
+    disk = small_disk("16m")
+    r = train(*WARMUP, "--workdir", os.path.join(disk, "w"), "--config.warmup.steps=2", env=cache)
+    line = _error_line(r)
+    assert line.startswith(f"emit_jax.train: error: {disk}/w/warmup/ckpt/1: No space left on "
+                           "device (needs "), line
+    assert "MiB free)" in line
+    assert "orbax" not in r.stderr.lower()
+    assert _steps(os.path.join(disk, "w", "warmup", "ckpt")) == []
+
+
+# TensorStore's late callbacks into the failed write's closed event loop: the trainer's hook
+# drops them (state._DiskFullLogs), pytest puts its own hook in place during a test
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_disk_that_fills_during_a_checkpoint_write_is_one_oserror(small_disk, monkeypatch,
+                                                                    capfd, caplog):
+    """Past the free-space check (the disk filled by someone else meanwhile, here: no check),
+    Orbax fails in its writer threads: the save ends with one ``OSError`` naming the checkpoint
+    folder, Orbax's error logs about it are dropped and its temporary folder is removed."""
+    from emit_jax.training import state
+    from emit_jax.training.config import OptimConfig
+    from emit_jax.training.optim import make_optimizer
+
+    monkeypatch.setattr(state, "check_free_space", lambda *a, **k: None)
+    d = os.path.join(small_disk("1m"), "ckpt")
+    model = nnx.Linear(1024, 1024, rngs=nnx.Rngs(0))  # 4 MiB of parameters
+    opt = nnx.Optimizer(model, make_optimizer(OptimConfig(steps=4, lr=1e-2)), wrt=nnx.Param)
+    ck = state.StageCheckpoints(d, every=1, name="sft")
+    with pytest.raises(OSError) as e:
+        ck.save(1, model, opt, {"step": 1, "data": {}})
+        ck.close()
+    assert e.value.errno == errno.ENOSPC and e.value.filename == d
+    assert "while writing a sft checkpoint (needs" in e.value.strerror
+    assert os.listdir(d) == []  # no temporary folder left
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "No space left" not in err, err[-3000:]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors[:3]  # Orbax's error logs (each with a traceback) are dropped
