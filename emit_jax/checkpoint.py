@@ -20,12 +20,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import threading
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from emit_jax.errors import interrupted
 from emit_jax.fileio import atomic_folder, disk_full_error, read_json
 from emit_jax.hf import CheckpointError, copy_assets
 from emit_jax.models import scan
@@ -60,8 +63,12 @@ def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | No
         pure = scan.unstack_layers(nnx.to_pure_dict(nnx.state(model)))
         ckptr = ocp.StandardCheckpointer()
         try:
-            ckptr.save(os.path.join(tmp, PARAMS_DIR), pure)
-            ckptr.wait_until_finished()
+            # a signal waits for the write: raised into Orbax's save, it leaves its writer threads
+            # writing on into the temporary folder atomic_folder removes (which then stays, with
+            # a screen of their errors); after it, the complete folder is removed instead
+            with (contextlib.nullcontext() if multi else _interrupts_deferred()):
+                ckptr.save(os.path.join(tmp, PARAMS_DIR), pure)
+                ckptr.wait_until_finished()
         except Exception as e:  # a full disk, raised by Orbax's writer threads: one line
             with contextlib.suppress(Exception):
                 ckptr.close()
@@ -69,6 +76,10 @@ def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | No
             if err is None:
                 raise
             raise err from None
+        except BaseException:  # a second Ctrl-C: close what can be closed
+            with contextlib.suppress(Exception):
+                ckptr.close()
+            raise
         ckptr.close()
         if multi and jax.process_index() != 0:
             barrier("save_model_done:" + path)
@@ -84,6 +95,33 @@ def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | No
             json.dump(meta, f, indent=2)
     barrier("save_model_done:" + path)
     return path
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """SIGINT / SIGTERM received while the block runs are raised as ``KeyboardInterrupt`` when
+    it ends (main thread only; a second one at once; an ignored signal stays ignored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+
+    def later(signum, frame):
+        if got:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        got.append(signum)
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            old[sig] = signal.signal(sig, later)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    if got:
+        raise KeyboardInterrupt(signal.Signals(got[0]).name)
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -139,6 +177,8 @@ def load_model(path: str | os.PathLike, dtype: str | None = None, *,
                               stored.tree if hasattr(stored, "tree") else stored)
         restored = ckptr.restore(params_path, target)
     except Exception as e:  # orbax raises several types for damaged folders
+        if interrupted(e):  # Ctrl-C during the read, wrapped by TensorStore: not a damaged file
+            raise KeyboardInterrupt(str(e.__context__ or e.__cause__ or "")) from None
         raise CheckpointError(f"{params_path}: cannot restore ({type(e).__name__}: {e})") from None
     finally:
         ckptr.close()

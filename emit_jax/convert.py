@@ -22,7 +22,7 @@ import time
 
 from emit_jax import checkpoint, cli, hf
 from emit_jax.errors import ConfigError
-from emit_jax.fileio import check_free_space, check_not_input
+from emit_jax.fileio import check_free_space, check_new_folder, check_not_input
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -72,6 +72,12 @@ def main(argv=None) -> int:
     check_not_input(args.out, {"--hf": args.hf})
     t0 = time.time()
     chat = hf.is_internvl_chat(args.hf)
+    if not chat and (args.window is not None or args.ce_layers is not None):
+        raise ConfigError(f"{args.hf}: --window / --ce-layers apply to internvl_chat folders "
+                          "only (a transformers folder's EMIT settings are in its "
+                          "emit_extras.safetensors)")
+    _, raw = hf.read_config(args.hf)  # the input's config first, then the output path
+    check_new_folder(args.out, hint="choose a new checkpoint path")  # before the model is loaded
     extra = {}
     if chat:
         from emit_jax import internvl_chat
@@ -81,11 +87,6 @@ def main(argv=None) -> int:
         raw = model.config.to_hf_dict()  # an EMIT model's config is its base model's
         extra["internvl_chat"] = info
     else:
-        if args.window is not None or args.ce_layers is not None:
-            raise ConfigError(f"{args.hf}: --window / --ce-layers apply to internvl_chat folders "
-                              "only (a transformers folder's EMIT settings are in its "
-                              "emit_extras.safetensors)")
-        _, raw = hf.read_config(args.hf)
         model = hf.load(args.hf, dtype=args.dtype)
     check_free_space(args.out, hf.state_bytes(model) + 2**20)
     checkpoint.save_model(model, args.out, hf_config=raw, assets_from=args.hf, extra_meta=extra)

@@ -68,3 +68,17 @@ def message(e: BaseException) -> str:
     else:
         text = str(e) or type(e).__name__
     return " ".join(text.split())
+
+
+def interrupted(e: BaseException | None) -> bool:
+    """Whether ``e`` is a ``KeyboardInterrupt`` or was raised from or while handling one: Ctrl-C
+    or SIGTERM delivered while a library ran Python code for it (TensorStore's callbacks during
+    an Orbax restore) comes back wrapped in that library's own ``Exception``, which must not be
+    taken for a damaged file."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False

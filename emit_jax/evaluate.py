@@ -446,7 +446,7 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
         for path in (out, answers_path):
             check_not_input(path, {"--data": data, "--checkpoint": checkpoint})
             check_writable(path)
-    is_mmad = os.path.isfile(os.path.join(data, "mmad.json"))
+    is_mmad = os.path.lexists(os.path.join(data, "mmad.json"))  # a folder there: one line too
     fmt = "mmad" if is_mmad else "mvtec"
     max_new_tokens = max_new_tokens or default_max_new_tokens(fmt, think)
     min_new_tokens = min(MMAD_MIN_NEW_TOKENS, max_new_tokens) if is_mmad else 0
@@ -462,7 +462,10 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
     run_settings = partial.settings(checkpoint=checkpoint, think=think,
                                     max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                     decoding="greedy", max_tiles=max_tiles)
-    done, keep = {}, 0
+    done, keep, seen = {}, 0, None
+    if answers_path:
+        partial.check_not_locked(answers_path)  # another run answering into it: refused now
+        seen = partial.identity(answers_path)
     if answers_path and not restart:
         done, keep = partial.read(answers_path, run_settings, fps)
     todo = [k for k in range(total) if k not in done]
@@ -490,7 +493,7 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
         runner = Runner(model, tokenizer, max_tiles=max_tiles, max_new_tokens=max_new_tokens,
                         min_new_tokens=min_new_tokens)
         writer = partial.Writer(answers_path, partial.header(checkpoint, data, run_settings),
-                                keep) if answers_path else contextlib.nullcontext()
+                                keep, expect=seen) if answers_path else contextlib.nullcontext()
         with writer:
             if signals is not None:
                 signals.defer = True  # from here on a signal waits for the question in progress

@@ -29,7 +29,7 @@ import time
 
 from emit_jax import checkpoint, cli, hf
 from emit_jax.errors import ConfigError
-from emit_jax.fileio import check_free_space, check_not_input
+from emit_jax.fileio import check_free_space, check_new_folder, check_not_input
 
 FORMATS = ("transformers", "internvl_chat")
 
@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     check_not_input(args.out, {"--checkpoint": args.checkpoint})
     t0 = time.time()
     meta = checkpoint.read_meta(args.checkpoint)
+    check_new_folder(args.out, hint="choose a new folder")  # before the model is loaded
     assets = checkpoint.assets_dir(args.checkpoint)
     if args.format == "internvl_chat":
         from emit_jax import internvl_chat

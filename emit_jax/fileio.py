@@ -46,14 +46,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     decides (:func:`atomic_output` does)."""
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
-    created = []  # the folders made here, deepest first: removed again on failure
-    d = folder
-    while not os.path.lexists(d):
-        created.append(d)
-        d = os.path.dirname(d)
-    os.makedirs(folder, exist_ok=True)
+    created = _missing_folders(folder)  # made here, deepest first: removed again on failure
     tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)  # inside: a failure half-way removes what it made
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
         # mkstemp makes it 0600; the file gets the mode ordinary creation would give it (the
         # umask's), or keeps the mode of the file it replaces
@@ -64,12 +60,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     except BaseException as e:
         if tmp is not None and os.path.lexists(tmp):
             os.remove(tmp)
-        for d in created:
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
+        _remove_folders(created)
         if isinstance(e, OSError) and not e.filename and e.errno in _DISK_ERRNOS:
             raise OSError(e.errno, e.strerror or os.strerror(e.errno), path) from None
         raise
+
+
+def _missing_folders(folder: str) -> list[str]:
+    """The folders ``os.makedirs(folder)`` would create, deepest first."""
+    created = []
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        created.append(folder)
+        folder = os.path.dirname(folder)
+    return created
+
+
+def _remove_folders(created: list[str]) -> None:
+    """Remove the (empty) folders of :func:`_missing_folders` that exist, deepest first."""
+    for d in created:
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
 
 
 @contextlib.contextmanager
@@ -137,18 +147,24 @@ def atomic_folder(path: str | os.PathLike, *, hint: str = "choose a new folder",
     path = os.path.abspath(os.fspath(path))
     if tmp is None and not owner:
         raise ValueError("atomic_folder: owner=False needs the shared tmp folder")
-    if os.path.lexists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise FileExistsError(f"{path}: exists and is not empty; {hint}")
+    check_new_folder(path, hint=hint)
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    if tmp is None:
-        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700
-    else:
-        tmp = os.path.abspath(os.fspath(tmp))
-        if owner:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
+    # the parent folders made for a single writer are removed again on failure (several
+    # processes may share them)
+    created = _missing_folders(parent) if tmp is None else []
+    try:
+        os.makedirs(parent, exist_ok=True)
+        if tmp is None:
+            tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700
+        else:
+            tmp = os.path.abspath(os.fspath(tmp))
+            if owner:
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
+    except BaseException:
+        _remove_folders(created)
+        raise
     try:
         yield tmp
         if owner:
@@ -157,6 +173,7 @@ def atomic_folder(path: str | os.PathLike, *, hint: str = "choose a new folder",
             os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_folders(created)
         raise
 
 
@@ -182,13 +199,38 @@ def check_writable(path: str | os.PathLike) -> None:
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(path):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-    folder = os.path.dirname(path)
+    _check_parent(path)
+
+
+def _check_parent(path: str) -> None:
+    """The ``OSError`` naming ``path`` that creating it would meet: a name longer than the file
+    system allows (one of its own, or of the folders to create), or a nearest existing ancestor
+    that is not a writable folder."""
+    folder, names = os.path.dirname(path), [os.path.basename(path)]
     while not os.path.lexists(folder):
+        names.append(os.path.basename(folder))
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+    try:
+        longest, whole = os.pathconf(folder, "PC_NAME_MAX"), os.pathconf(folder, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        longest, whole = 255, 4096
+    if any(len(os.fsencode(n)) > longest for n in names) or len(os.fsencode(path)) >= whole:
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+
+def check_new_folder(path: str | os.PathLike, *, hint: str = "choose a new folder") -> None:
+    """Raise, before any work is done, the error :func:`atomic_folder` would meet writing the
+    folder ``path``: it exists and is not an empty folder (``FileExistsError``, the same line),
+    a name too long, or its nearest existing ancestor is not a writable folder (an ``OSError``
+    naming ``path``)."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise FileExistsError(f"{path}: exists and is not empty; {hint}")
+    _check_parent(path)
 
 
 def check_free_space(path: str | os.PathLike, nbytes: int) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from emit_jax import cli
 from emit_jax.data.image import load_image, to_display, to_tile
 from emit_jax.errors import ConfigError
-from emit_jax.fileio import check_not_input
+from emit_jax.fileio import atomic_path, check_not_input, check_writable
 from emit_jax.models.emit import EMITConfig, contrastive_heatmap
 
 
@@ -83,9 +83,25 @@ def render(heat, query_tile, reference_tile, out, title=""):
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 0.94) if title else None)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_path(out) as tmp:  # a failed or interrupted write leaves no half image
+            fig.savefig(tmp, dpi=100, format=image_format(out))
+    finally:
+        plt.close(fig)
+
+
+def image_format(out: str) -> str:
+    """The image format matplotlib writes for ``out``'s extension (``png``, ``pdf``, ``svg``,
+    ...); a missing or unknown one raises :class:`ConfigError` naming ``--out``."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    known = FigureCanvasBase.get_supported_filetypes()
+    ext = os.path.splitext(os.fspath(out))[1][1:].lower()
+    if ext not in known:
+        what = f"unknown image file extension {'.' + ext!r}" if ext else "no image file extension"
+        raise ConfigError(f"--out {out}: {what}; use one of "
+                          f"{', '.join('.' + k for k in sorted(known))} (e.g. heat.png)")
+    return ext
 
 
 def main(argv=None) -> int:
@@ -108,6 +124,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     check_not_input(args.out, {"--query": args.query, "--reference": args.reference,
                                "--checkpoint": args.checkpoint})
+    image_format(args.out)  # the output path before any work: a known image type, writable
+    check_writable(args.out)
     heat, q, r, info = compute_heatmap(args.query, args.reference, checkpoint=args.checkpoint,
                                        arch=args.arch, window=args.window, layers=args.layers)
     render(heat, q, r, args.out, title=os.path.basename(args.query))

@@ -70,6 +70,8 @@ def snapshot(folder) -> dict:
         for d in dirs:
             out[os.path.relpath(os.path.join(dirpath, d), folder)] = None
         for f in files:
+            if f == ".lock":  # the trainer's workdir lock file stays (the lock itself is released)
+                continue
             st = os.lstat(os.path.join(dirpath, f))
             out[os.path.relpath(os.path.join(dirpath, f), folder)] = (st.st_size, st.st_mtime_ns)
     return out

@@ -71,6 +71,8 @@ def run_main(module: str, args, *, prog: str | None = None, via_cli: bool = True
             rc = cli.run(main, list(args), prog=prog or module) if via_cli else main(list(args))
         except SystemExit as e:
             rc = e.code
+        except KeyboardInterrupt as e:  # escaped the command: a failure of the test, not its end
+            rc = f"KeyboardInterrupt({e}) escaped"
     return rc, err.getvalue(), out.getvalue()
 
 
@@ -85,6 +87,44 @@ def assert_one_error(rc, err: str, *needles: str, prog: str | None = None) -> st
     for n in needles:
         assert n in lines[0], (n, lines[0])
     return lines[0]
+
+
+def assert_interrupted(rc, err: str, prog: str, signame: str = "SIGINT") -> None:
+    """Ctrl-C / SIGTERM: exit 130, one line ``<prog>: interrupted (<signal>); ...``, no
+    traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 130, (rc, err[-3000:])
+    assert "Traceback" not in err, err[-3000:]
+    assert lines == [f"{prog}: interrupted ({signame}); nothing half-written is left"], err[-3000:]
+
+
+def left_behind(folder) -> list[str]:
+    """Temporary files and folders of atomic writes under ``folder``."""
+    return [os.path.join(d, n) for d, dirs, files in os.walk(folder) for n in dirs + files
+            if n.startswith(".tmp-")]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny random InternVL as a transformers folder (``hf``) and an Orbax model checkpoint
+    (``ckpt``), for convert / export."""
+    import dataclasses
+
+    from flax import nnx
+
+    from emit_jax import checkpoint, hf
+    from emit_jax.models import architectures
+    from emit_jax.models.internvl import InternVL
+
+    cfg = architectures.tiny()
+    cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=56, num_hidden_layers=1),
+                      text=dataclasses.replace(cfg.text, vocab_size=64, num_hidden_layers=1),
+                      image_token_id=63)
+    model = InternVL(cfg, rngs=nnx.Rngs(0))
+    d = tmp_path_factory.mktemp("tiny_model")
+    hf.save(model, d / "hf")
+    checkpoint.save_model(model, d / "ckpt")
+    return {"hf": str(d / "hf"), "ckpt": str(d / "ckpt")}
 
 
 @pytest.fixture
@@ -135,6 +175,23 @@ class TestNumericTypes:
         assert cli.positive_int("3") == 3 and cli.nonneg_int("0") == 0
         assert cli.int_at_least(2)("2") == 2 and cli.percent("0") == 0.0
         assert cli.unit_float("1") == 1.0 and cli.positive_float("1e-3") == 1e-3
+
+    def test_an_option_given_twice_with_different_values_is_refused(self):
+        """Before: the last one silently won (``--stage 1 --stage 2`` built stage 2, ``--out a
+        --out b`` wrote b)."""
+        from emit_jax import cli
+        from emit_jax.errors import ConfigError
+
+        p = cli.Parser(prog="x", error_type=ConfigError)
+        p.add_argument("--n", type=cli.positive_int)
+        p.add_argument("--layers", type=cli.positive_int, nargs="+")
+        with pytest.raises(ConfigError, match=re.escape("argument --n: given twice ('1', then "
+                                                        "'2'); give it once")):
+            p.parse_args(["--n", "1", "--n", "2"])
+        with pytest.raises(ConfigError, match="argument --layers: given twice"):
+            p.parse_args(["--layers", "1", "2", "--layers", "3"])
+        assert p.parse_args(["--n", "3", "--n", "3"]).n == 3  # the same value twice: fine
+        assert p.parse_args(["--n", "4"]).n == 4  # a new parse starts afresh
 
     def test_subcommand_usage_errors_are_one_line(self):
         """A sub-command's parser raises the parent's error type, not ``ValueError``."""
@@ -224,6 +281,86 @@ class TestDataBuild:
         assert_one_error(rc, err, f"argument {flag}", needle, prog=BUILD)
 
 
+    @pytest.mark.parametrize("dk,has", [({}, "none"), ({"ds": {"bolt": {"good": "Bolts."}}},
+                                                       "'bolt'")])
+    def test_domain_knowledge_without_the_dataset_classes(self, tmp_path, dataset,
+                                                          nothing_written, dk, has):
+        """Before: exit 0, every prompt silently without domain knowledge."""
+        path = tmp_path / "dk.json"
+        path.write_text(json.dumps(dk))
+        nothing_written()
+        rc, err, _ = run_main(BUILD, build_args(dataset, tmp_path, "--domain-knowledge",
+                                                str(path)))
+        assert_one_error(rc, err, str(path), "no domain knowledge for class(es) 'widget'",
+                         f"(it has {has})", prog=BUILD)
+
+    def test_an_option_given_twice(self, tmp_path, dataset, nothing_written):
+        """Before: ``--stage 1 --stage 2`` wrote stage-2 records, exit 0."""
+        nothing_written()
+        rc, err, _ = run_main(BUILD, build_args(dataset, tmp_path, "--stage", "2"))
+        assert_one_error(rc, err, "argument --stage: given twice ('1', then '2')", prog=BUILD)
+
+    def test_out_name_too_long_is_found_before_the_work(self, tmp_path, dataset, monkeypatch,
+                                                        nothing_written):
+        """Before: the records were built (every image read and compared), then the rename to
+        ``--out`` failed."""
+        from emit_jax.data import tasks
+
+        def no_work(*a, **k):
+            raise AssertionError("the records were built before --out was checked")
+        monkeypatch.setattr(tasks, "select_references", no_work)
+        nothing_written()
+        out = str(tmp_path / ("t" * 256 + ".jsonl"))
+        rc, err, _ = run_main(BUILD, ["--source", dataset, "--out", out, "--stage", "1"])
+        assert_one_error(rc, err, f"{out}: File name too long", prog=BUILD)
+
+    def test_out_path_too_long_leaves_no_folders(self, tmp_path, dataset, nothing_written):
+        """25 folder names of 200 characters: each fits, the path does not. Before: the records
+        were built, then ``makedirs`` failed half-way, leaving 20 empty nested folders."""
+        nothing_written()
+        out = os.path.join(str(tmp_path), *["d" * 200] * 25, "train.jsonl")
+        rc, err, _ = run_main(BUILD, ["--source", dataset, "--out", out, "--stage", "1"])
+        assert_one_error(rc, err, f"{out}: File name too long", prog=BUILD)
+
+    def test_ctrl_c_while_writing_is_one_line_and_leaves_nothing(self, tmp_path, dataset,
+                                                                  monkeypatch, nothing_written):
+        """Before: a KeyboardInterrupt traceback (tens of lines)."""
+        from emit_jax.data import jsonl
+
+        real = jsonl.records
+
+        def records(*a, **k):  # Ctrl-C after the first record is written
+            for i, rec in enumerate(real(*a, **k)):
+                if i == 1:
+                    raise KeyboardInterrupt
+                yield rec
+        monkeypatch.setattr(jsonl, "records", records)
+        nothing_written()
+        rc, err, _ = run_main(BUILD, build_args(dataset, tmp_path))
+        assert_interrupted(rc, err, BUILD)
+
+    def test_sigterm_while_writing_is_one_line_and_leaves_nothing(self, tmp_path, dataset):
+        """Before: killed by the signal (exit -15), its ``.tmp-*.jsonl`` left behind."""
+        script = (
+            "import os, signal, sys\n"
+            "from emit_jax import cli\n"
+            "from emit_jax.data import build, jsonl\n"
+            "real = jsonl.records\n"
+            "def records(*a, **k):\n"
+            "    for i, rec in enumerate(real(*a, **k)):\n"
+            "        if i == 1:\n"
+            "            os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        yield rec\n"
+            "jsonl.records = records\n"
+            f"sys.exit(cli.run(build.main, {build_args(dataset, tmp_path)!r}, prog={BUILD!r}))\n")
+        before = snapshot(tmp_path)
+        r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, text=True,
+                           capture_output=True, timeout=300,
+                           env=subprocess_env(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
+        assert_interrupted(r.returncode, r.stderr, BUILD, "SIGTERM")
+        assert not left_behind(tmp_path) and snapshot(tmp_path) == before
+
+
 # ------------------------------------------------------------------------------- evaluate
 EVALUATE = "emit_jax.evaluate"
 
@@ -270,6 +407,71 @@ class TestEvaluate:
         rc, err, _ = run_main(EVALUATE, evaluate_args(dataset, tmp_path))
         assert_one_error(rc, err, bad, "not a readable image", prog=EVALUATE)
 
+    def test_mmad_json_that_is_a_folder(self, tmp_path, nothing_written):
+        """Before: taken for an MVTec-style folder: ``no class folders with train/ or test/``."""
+        data = copy_mmad(tmp_path, lambda d: None)
+        os.remove(os.path.join(data, "mmad.json"))
+        os.mkdir(os.path.join(data, "mmad.json"))
+        nothing_written()
+        rc, err, _ = run_main(EVALUATE, evaluate_args(data, tmp_path))
+        assert_one_error(rc, err, os.path.join(data, "mmad.json"), "Is a directory",
+                         prog=EVALUATE)
+
+    def test_a_run_answering_into_the_same_out_is_refused_first(self, tmp_path,
+                                                                nothing_written):
+        """Another run holds ``<out>.partial.jsonl``. Before: this run read its answers, loaded
+        the model and was refused only then, or (the other run finished meanwhile) answered
+        every question again into a file it cut to the other's length."""
+        import fcntl
+
+        from emit_jax.eval import partial
+
+        out = tmp_path / "results.json"
+        part = partial.path_for(str(out))
+        run = partial.settings(checkpoint=str(tmp_path / "no-checkpoint"), think=False,
+                               max_new_tokens=1024, min_new_tokens=1, decoding="greedy",
+                               max_tiles=6)
+        with open(part, "w", encoding="utf-8") as f:
+            f.write(json.dumps(partial.header("ckpt", MMAD, run)) + "\n")
+        nothing_written()
+        with open(part, "rb") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # as the running evaluate holds it
+            rc, err, _ = run_main(EVALUATE, evaluate_args(MMAD, tmp_path))
+        assert_one_error(rc, err, part, "another emit_jax.evaluate run is writing it",
+                         prog=EVALUATE)
+
+    def test_answers_file_changed_after_it_was_read_is_not_cut(self, tmp_path):
+        """The file a run read is replaced (another run finished and a third started) or
+        appears (another run started) before the run opens it to write. Before: the run cut the
+        new file to the old one's length (a zero-filled header when it had vanished) or
+        started it over, losing the other run's answers."""
+        from emit_jax.errors import DataError
+        from emit_jax.eval import partial
+
+        path = str(tmp_path / "r.json.partial.jsonl")
+        head = partial.header("ckpt", "data", {"think": False})
+        w = partial.Writer(path, head, 0)
+        w.write(0, "f" * 16, "A", {})
+        w.close()
+        seen, kept = partial.identity(path), os.path.getsize(path)
+        os.replace(path, path + ".old")  # another run's file takes its place
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("another run's answers\n")
+        other = open(path, "rb").read()
+        with pytest.raises(DataError, match="another emit_jax.evaluate run changed it"):
+            partial.Writer(path, head, kept, expect=seen)
+        with pytest.raises(DataError, match="another emit_jax.evaluate run changed it"):
+            partial.Writer(path, head, 0, expect=None)  # there was none when this run read
+        assert open(path, "rb").read() == other
+        os.remove(path)
+        with pytest.raises(DataError, match="another emit_jax.evaluate run changed it"):
+            partial.Writer(path, head, kept, expect=seen)  # gone: another run finished
+        assert not os.path.exists(path)
+        os.replace(path + ".old", path)
+        w = partial.Writer(path, head, kept, expect=seen)  # unchanged: resumed
+        w.close()
+        assert os.path.getsize(path) == kept
+
     @pytest.mark.parametrize("flag,value,needle", [
         ("--limit", "0", "must be >= 1, got 0"),
         ("--limit", "-1", "must be >= 1, got -1"),
@@ -312,6 +514,70 @@ class TestConvertExport:
         assert_one_error(rc, err, "argument --max-shard-size", needle, prog="emit_jax.export")
 
 
+    @pytest.mark.parametrize("command", ["emit_jax.convert", "emit_jax.export"])
+    def test_out_below_a_file_is_named_before_the_model_loads(self, tmp_path, tiny_model,
+                                                              nothing_written, monkeypatch,
+                                                              command):
+        """Before: the model was loaded, then ``<file>: File exists`` (the parent, from
+        ``makedirs``), not the path asked for."""
+        from emit_jax import checkpoint, hf
+
+        (tmp_path / "a_file").write_text("not a folder")
+        out = str(tmp_path / "a_file" / "model")
+        src = ["--hf", tiny_model["hf"]] if command.endswith("convert") else \
+            ["--checkpoint", tiny_model["ckpt"]]
+
+        def no_load(*a, **k):
+            raise AssertionError("the model was loaded before the output path was checked")
+        monkeypatch.setattr(hf, "load", no_load)
+        monkeypatch.setattr(checkpoint, "load_model", no_load)
+        nothing_written()
+        rc, err, _ = run_main(command, [*src, "--out", out])
+        assert_one_error(rc, err, f"{out}: Not a directory", prog=command)
+
+    def test_ctrl_c_during_the_checkpoint_write_leaves_nothing(self, tmp_path, tiny_model,
+                                                               monkeypatch, nothing_written):
+        """Ctrl-C while Orbax writes ``--out``. Before: a KeyboardInterrupt traceback, Orbax's
+        writer threads writing on into the temporary folder being removed (``.tmp-<out>-*``
+        left behind, a screen of their errors)."""
+        import signal
+
+        import orbax.checkpoint as ocp
+
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            pytest.skip("SIGINT is ignored in this process")
+        real = ocp.StandardCheckpointer.save
+
+        def save(self, *a, **k):  # Ctrl-C once the write has started
+            real(self, *a, **k)
+            os.kill(os.getpid(), signal.SIGINT)
+        monkeypatch.setattr(ocp.StandardCheckpointer, "save", save)
+        nothing_written()
+        rc, err, _ = run_main("emit_jax.convert", ["--hf", tiny_model["hf"], "--out",
+                                                   str(tmp_path / "ckpt")])
+        assert_interrupted(rc, err, "emit_jax.convert")
+        assert not left_behind(tmp_path)
+
+    def test_ctrl_c_during_the_checkpoint_read_is_not_a_damaged_checkpoint(
+            self, tmp_path, tiny_model, monkeypatch, nothing_written):
+        """Ctrl-C while TensorStore reads comes back wrapped in its own ``Exception``. Before:
+        ``error: .../params: cannot restore (Exception: Encountered error while reading ...)``,
+        exit 2: a good checkpoint reported damaged."""
+        import orbax.checkpoint as ocp
+
+        def restore(self, *a, **k):
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise Exception("Encountered error while reading array index: (slice(0, 64, 1),)")
+        monkeypatch.setattr(ocp.StandardCheckpointer, "restore", restore)
+        nothing_written()
+        rc, err, _ = run_main("emit_jax.export", ["--checkpoint", tiny_model["ckpt"], "--out",
+                                                  str(tmp_path / "hf")])
+        assert rc == 130 and "cannot restore" not in err and "Traceback" not in err, err
+        assert err.startswith("emit_jax.export: interrupted ("), err
+
+
 # ------------------------------------------------------------------------------- visualize
 VISUALIZE = "emit_jax.visualize"
 
@@ -340,6 +606,22 @@ class TestVisualize:
         rc, err, _ = run_main(VISUALIZE, self.heatmap(dataset, tmp_path, *extra))
         assert_one_error(rc, err, *needles, prog=VISUALIZE)
 
+    @pytest.mark.parametrize("name,needle", [
+        ("heat.txt", "unknown image file extension '.txt'"),  # before: a matplotlib traceback
+        ("heat", "no image file extension"),  # before: wrote heat.png, exit 0
+        ("adir", "no image file extension"),  # a folder; before: wrote adir.png, exit 0
+        ("a_file/heat.png", "a_file/heat.png: Not a directory"),  # before: "a_file: File exists"
+    ])
+    def test_out_that_cannot_be_an_image(self, tmp_path, dataset, nothing_written, name,
+                                         needle):
+        (tmp_path / "adir").mkdir()
+        (tmp_path / "a_file").write_text("not a folder")
+        nothing_written()
+        args = self.heatmap(dataset, tmp_path)
+        args[args.index("--out") + 1] = str(tmp_path / name)
+        rc, err, _ = run_main(VISUALIZE, args)
+        assert_one_error(rc, err, needle, prog=VISUALIZE)
+
     def test_unknown_subcommand(self, tmp_path, nothing_written):
         nothing_written()
         rc, err, _ = run_main(VISUALIZE, ["heatmapp"])
@@ -360,6 +642,15 @@ class TestPlanAot:
         rc, err, out = run_main("emit_jax.plan.command", ["--config", SMOKE, flag, value],
                                 via_cli=False)
         assert_one_error(rc, err, f"argument {flag}", needle, prog="emit_jax.plan")
+        assert out == ""
+
+    def test_misspelt_config_variant(self):
+        """Before: ``configs/grpo.py:smok`` planned the full recipe, exit 0 (and ``train`` ran
+        it: hours instead of the smoke run's minute)."""
+        rc, err, out = run_main("emit_jax.plan.command", ["--config", "configs/grpo.py:smok"],
+                                via_cli=False)
+        assert_one_error(rc, err, "config configs/grpo.py:smok: unknown variant 'smok'",
+                         "'smoke', 'plain'", prog="emit_jax.plan")
         assert out == ""
 
     @pytest.mark.parametrize("flag,value,needle", [
@@ -486,3 +777,77 @@ class TestTrain:
         cfg = configs.load(os.path.join(ROOT, spec), {key: value})
         with pytest.raises(ConfigError, match=re.escape(needle)):
             validate_config(cfg, num_devices=1)
+
+    @pytest.mark.parametrize("spec,overrides,needle", [
+        # before: a re.error traceback when the LoRA stage began, after the earlier stages
+        (SMOKE, {"grpo.lora.targets": "("}, "config grpo.lora.targets: '(' is not a regular "
+         "expression"),
+        (SMOKE, {"grpo.lora.targets": ""}, "config grpo.lora.targets: '' must be a regular "
+         "expression"),
+        # before: "TypeError: data type 'bogus' not understood" from qwix, in the GRPO stage
+        (SMOKE, {"grpo.lora.weight_qtype": "bogus"}, "config grpo.lora.weight_qtype: 'bogus' "
+         "is not a quantization type"),
+        (SMOKE, {"grpo.lora.weight_qtype": "bfloat16"}, "'bfloat16' is not a quantization type"),
+        # before: the full recipe ran instead of the misspelt variant
+        ("configs/grpo.py:smok", {}, "configs/grpo.py:smok: unknown variant 'smok'"),
+        ("configs/sft.py:plain", {}, "unknown variant 'plain'; this recipe has 'smoke'"),
+        ("configs/internvl3_8b_grpo.py:smoke", {}, "unknown variant 'smoke'; this recipe takes "
+         "none"),
+    ])
+    def test_validate_lora_and_variants(self, spec, overrides, needle):
+        from emit_jax import configs
+        from emit_jax.errors import ConfigError
+        from emit_jax.training.validate import validate_config
+
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            validate_config(configs.load(os.path.join(ROOT, spec), overrides), num_devices=1)
+
+    def test_lora_targets_matching_no_layer(self):
+        """Before: the LoRA stage trained without a single adapter (only the soft prompt and
+        projectors), exit 0."""
+        from emit_jax.errors import ConfigError
+        from emit_jax.training.config import LoRAConfig
+        from emit_jax.training.lora import apply_lora
+        from test_lora import inputs, small_emit
+
+        ref = small_emit()
+        ids, pix, mask, ce = inputs(ref)
+        sample = {"input_ids": ids, "pixel_values": pix, "attention_mask": mask,
+                  "ce_pixels": ce, "num_ce": 1}
+        with pytest.raises(ConfigError, match=r"config grpo\.lora\.targets: 'q_proj' matches "
+                           r"none of the model's \d+ linear layers \(their paths look like "
+                           r"'mllm/"):
+            apply_lora(ref, sample, LoRAConfig(rank=4, alpha=16.0, targets="q_proj"))
+
+    def test_ctrl_c_during_a_resume_does_not_set_the_checkpoint_aside(self, tmp_path,
+                                                                      monkeypatch):
+        """Ctrl-C or SIGTERM (preemption) while a stage's checkpoint is read comes back wrapped
+        in TensorStore's ``Exception``. Before: the readable checkpoint was moved to
+        ``ckpt-unreadable/`` as damaged, so the rerun resumed from an older step (or step 0)."""
+        from flax import nnx
+
+        from emit_jax.training.config import OptimConfig
+        from emit_jax.training.optim import make_optimizer
+        from emit_jax.training.state import StageCheckpoints
+
+        model = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+        opt = nnx.Optimizer(model, make_optimizer(OptimConfig(steps=4, lr=1e-2)), wrt=nnx.Param)
+        d = tmp_path / "sft" / "ckpt"
+        ck = StageCheckpoints(str(d), every=1, async_save=False, name="sft")
+        ck.save(1, model, opt, {"step": 1, "data": {}})
+        ck.close()
+
+        def interrupted_read(self, *a, **k):
+            try:
+                raise KeyboardInterrupt("SIGTERM")
+            except KeyboardInterrupt:
+                raise Exception("Encountered error while reading array index")
+        monkeypatch.setattr(StageCheckpoints, "_restore", interrupted_read)
+        ck = StageCheckpoints(str(d), every=1, async_save=False, name="sft")
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                ck.restore(model, opt)
+        finally:
+            ck.close()
+        assert [n for n in os.listdir(d) if n.isdigit()] == ["1"]
+        assert not (tmp_path / "sft" / "ckpt-unreadable").exists()

@@ -124,6 +124,10 @@ def test_only_the_settings_a_stage_depends_on_are_compared(tmp_path):
 
     for stage in ("base", "sft", "grpo"):
         stages.save_settings(cfg(), str(tmp_path), stage)
+    # a stage that stopped before its first checkpoint (settings only) is never compared
+    assert stages.changed_settings(cfg(**{"grpo.lora.rank": 4}), str(tmp_path)) == {}
+    for stage in ("base", "sft", "grpo"):  # each with output now
+        open(os.path.join(tmp_path, stage, "done.json"), "w").close()
     harmless = {"grpo.steps": 400, "sft.steps": 7, "grpo.lr": 1e-3, "sft.batch_size": 4,
                 "log_every": 3, "checkpoint_every": 9, "compile_cache": "", "eval_limit": 0,
                 "eval_unseen": 0, "eval_think": False, "export_hf": False, "nonfinite": "stop",

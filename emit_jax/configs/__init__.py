@@ -46,6 +46,8 @@ def load(spec: str, overrides: Sequence[str] | Mapping[str, Any] = (), *,
         mod_spec.loader.exec_module(module)
         get_config = getattr(module, "get_config")
         cfg = get_config(arg) if arg is not None else get_config()
+    except ConfigError as e:  # the recipe's own check, e.g. an unknown variant
+        raise ConfigError(f"config {spec}: {e}") from None
     except Exception as e:  # noqa: BLE001 - any failure of the user's file is bad input
         raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from None
     if not isinstance(cfg, ml_collections.ConfigDict):

@@ -14,12 +14,14 @@ model is a plain MLLM). Prints the held-out table of the four tasks and the AD-F
 (accuracy, balanced accuracy, mean IoU of the predicted boxes, hit rate at IoU 0.1).
 """
 
+from emit_jax.configs.common import check_variant
 from emit_jax.configs.grpo import get_config as grpo_config
 
 ADFM_REWARDS = ("adfm_cls", "adfm_loc", "adfm_fmt")
 
 
 def get_config(arg=None):
+    check_variant(arg, "smoke")
     c = grpo_config("smoke" if arg == "smoke" else None)
     c.stages = ("base", "grpo")
     c.data.adfm = True  # build the AD-FM record sets (boxes in the model frame)

@@ -2,6 +2,17 @@
 
 import ml_collections
 
+from emit_jax.errors import ConfigError
+
+
+def check_variant(arg, *known: str) -> None:
+    """``get_config(arg)``'s ``arg`` must be None (the full recipe) or one of ``known``: a
+    misspelt variant (``configs/grpo.py:smok``) used to run the full recipe instead."""
+    if arg is not None and arg not in known:
+        raise ConfigError(f"unknown variant {arg!r}; " + (
+            f"this recipe has {', '.join(map(repr, known))} (or none: the full recipe)" if known
+            else "this recipe takes none (name the file without ':...')"))
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()

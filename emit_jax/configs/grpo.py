@@ -11,7 +11,7 @@ task and exports runs/grpo/hf.
 
 import ml_collections
 
-from emit_jax.configs.common import base_config, embedded_recipe
+from emit_jax.configs.common import base_config, check_variant, embedded_recipe
 from emit_jax.rl import grpo as G_
 
 LORA_TARGETS = (r".*(self_attn/(q_proj|k_proj|v_proj|o_proj)|mlp/(gate_proj|up_proj|down_proj)"
@@ -48,6 +48,7 @@ def grpo_section() -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
+    check_variant(arg, "smoke", "plain")
     c = embedded_recipe(base_config())
     c.stages = ("base", "sft", "grpo")
     c.grpo = grpo_section()

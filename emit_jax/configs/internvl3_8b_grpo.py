@@ -11,11 +11,12 @@ rewards acc 3 / cosine 1 / format 1 / repetition 1, resampling up to 3 times, di
 weights; AdamW (0.9, 0.95), lr 1e-5, weight decay 0.1, cosine with 1% warm-up.
 """
 
-from emit_jax.configs.common import base_config
+from emit_jax.configs.common import base_config, check_variant
 from emit_jax.configs.grpo import grpo_section
 
 
 def get_config(arg=None):
+    check_variant(arg)
     c = base_config()
     c.arch = "internvl3_8b"
     c.init_from = ""  # required: the stage-1 model checkpoint

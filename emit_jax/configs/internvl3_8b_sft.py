@@ -11,10 +11,11 @@ AdamW (0.9, 0.95), lr 1e-5, weight decay 1e-4, cosine with 3% warm-up, global ba
 2 epochs, bf16, up to 6 tiles per image, neighbor_dis 6, CE layers 4/8/16/20.
 """
 
-from emit_jax.configs.common import base_config
+from emit_jax.configs.common import base_config, check_variant
 
 
 def get_config(arg=None):
+    check_variant(arg)
     c = base_config()
     c.arch = "internvl3_8b"
     c.init_from = ""  # required: a converted InternVL3-8B checkpoint or its HF folder

@@ -7,10 +7,11 @@ contrastive tokens), then stage 1 (soft prompt + heat-map projector, MLLM frozen
 held-out accuracy per task and exports the model to runs/sft/hf.
 """
 
-from emit_jax.configs.common import base_config, embedded_recipe
+from emit_jax.configs.common import base_config, check_variant, embedded_recipe
 
 
 def get_config(arg=None):
+    check_variant(arg, "smoke")
     c = embedded_recipe(base_config())
     c.stages = ("base", "sft")
     c.eval_think = False

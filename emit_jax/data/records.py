@@ -77,6 +77,17 @@ def build(source: str, out: str, stage: int, *, seed: int = 0, split: str | None
         items = tasks.readable(items, report)
     if not items:
         raise DataError(f"{source}: no images{f' in split {split!r}' if split else ''}")
+    dk_path = domain_knowledge or (os.path.join(source, "domain_knowledge.json")
+                                   if os.path.isfile(os.path.join(source, "domain_knowledge.json"))
+                                   else None)
+    if not adfm_frame:  # the domain knowledge before the work (AD-FM records use none)
+        dk = load_domain_knowledge(dk_path, items[0].dataset)
+        missing = sorted({it.object_type for it in items} - set(dk)) if dk_path else []
+        if missing:  # its prompts would silently go without domain knowledge
+            raise DataError(f"{dk_path}: no domain knowledge for class(es) "
+                            f"{', '.join(map(repr, missing))} of {source} (it has "
+                            f"{', '.join(map(repr, sorted(dk))) or 'none'}); add them, or give "
+                            f"another --domain-knowledge file")
     if embedding == "auto":
         embedding = "vit" if vit_model is not None else "pixels"
     if embedding == "vit":
@@ -86,9 +97,6 @@ def build(source: str, out: str, stage: int, *, seed: int = 0, split: str | None
     else:
         embed = tasks.pixel_embedder()
     refs = tasks.select_references(items, embed, skip_rank1_for_anomalous=official_reference)
-    dk_path = domain_knowledge or (os.path.join(source, "domain_knowledge.json")
-                                   if os.path.isfile(os.path.join(source, "domain_knowledge.json"))
-                                   else None)
     if adfm_frame:
         if adfm_frame < 1:
             raise DataError(f"--adfm-frame must be a positive size, got {adfm_frame}")
@@ -98,7 +106,6 @@ def build(source: str, out: str, stage: int, *, seed: int = 0, split: str | None
                 "anomalous": sum(r["solution"] == "A" for r in recs),
                 "boxes": sum(len(r["bbox_answer"]) for r in recs),
                 "skipped": len(report.skipped), "embedding": embedding}
-    dk = load_domain_knowledge(dk_path, items[0].dataset)
     qs = tasks.build_questions(items, stage=stage, seed=seed, references=refs,
                                domain_knowledge=dk, text_samples=text_samples, report=report)
     n = jsonl.write_jsonl(jsonl.records(qs, stage), out)

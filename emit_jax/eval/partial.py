@@ -151,17 +151,64 @@ def read(path: str, run_settings: dict[str, Any], fingerprints: Sequence[str]
     return out, keep
 
 
+def identity(path: str) -> tuple[int, int] | None:
+    """``(device, inode)`` of the file ``path`` (None when there is none): taken before
+    :func:`read`, it lets :class:`Writer` notice the file was replaced or removed meanwhile."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_not_locked(path: str) -> None:
+    """Raise :class:`DataError` when another run holds the partial-answers file ``path`` (it is
+    answering questions into it), before this run does any work; nothing when there is no
+    such file or it cannot be opened (:func:`read` says why)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise DataError(f"{path}: another emit_jax.evaluate run is writing it") from None
+    except OSError:
+        pass
+    finally:
+        os.close(fd)  # releases the probe's lock
+
+
+_ANY = object()
+
+
 class Writer:
     """Appends answer lines to the partial-answers file ``path``: the file is cut to its first
     ``keep`` bytes (what :func:`read` accepted; 0 starts it over with ``head``), then each
     :meth:`write` is one ``os.write`` of a whole line, fsynced. Holds an exclusive ``flock``
-    while open, so a second run writing the same file is refused."""
+    while open, so a second run writing the same file is refused.
 
-    def __init__(self, path: str, head: dict[str, Any], keep: int):
+    ``expect``: the file's :func:`identity` when :func:`read` read it (None: there was none).
+    When the file is not that one any more (another run wrote, finished or restarted it in the
+    meantime) the run is refused in one line instead of cutting or appending to that run's
+    answers."""
+
+    def __init__(self, path: str, head: dict[str, Any], keep: int, expect: Any = _ANY):
         self.path = path
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        changed = DataError(f"{path}: another emit_jax.evaluate run changed it after this run "
+                            "read it; rerun the same command to resume from what it holds now")
+        flags = os.O_RDWR | (os.O_CREAT if expect is _ANY else
+                             os.O_CREAT | os.O_EXCL if expect is None else 0)
+        try:
+            self.fd = os.open(path, flags, 0o666)
+        except (FileExistsError, FileNotFoundError):
+            raise changed from None
         try:
             try:
                 import fcntl
@@ -171,6 +218,10 @@ class Writer:
                 pass
             except BlockingIOError:
                 raise DataError(f"{path}: another emit_jax.evaluate run is writing it") from None
+            if expect is not _ANY and expect is not None:
+                st = os.fstat(self.fd)
+                if (st.st_dev, st.st_ino) != tuple(expect) or st.st_size < keep:
+                    raise changed
             os.ftruncate(self.fd, keep)
             os.lseek(self.fd, 0, os.SEEK_END)
             if keep == 0:

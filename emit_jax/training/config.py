@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Mapping
 
 from emit_jax.errors import ConfigError
@@ -39,6 +40,27 @@ RESAMPLE_PADS = ("pow2", "full")
 # ------------------------------------------------------------------------------ checks
 def fail(key: str, value, problem: str):
     raise ConfigError(f"config {key}: {value!r} {problem}")
+
+
+#: the quantization types qwix names (besides 1-byte dtypes: int8, int4, float8_e4m3fn, ...)
+QLORA_NAMED_QTYPES = ("nf4", "int2", "int3", "int5", "int6", "int7", "mxfp8", "mxfp4", "nvfp4")
+
+
+def _known_qtype(qtype) -> bool:
+    """Whether qwix can quantize to ``qtype`` (its ``numerics.get_symmetric_bound`` rule): a
+    named type, or an integer or floating dtype of at most one byte."""
+    if not isinstance(qtype, str):
+        return False
+    if qtype in QLORA_NAMED_QTYPES:
+        return True
+    import jax.numpy as jnp  # noqa: PLC0415 - only for a QLoRA config
+
+    try:
+        dt = jnp.dtype(qtype)
+    except TypeError:
+        return False
+    return dt.itemsize <= 1 and (jnp.issubdtype(dt, jnp.integer) or
+                                 jnp.issubdtype(dt, jnp.floating))
 
 
 def check_int(key: str, v, *, low: int | None = None) -> int:
@@ -136,6 +158,17 @@ class LoRAConfig:
         check_int("grpo.lora.rank", self.rank, low=1)
         check_float("grpo.lora.alpha", self.alpha, low=0.0, low_open=True)
         check_float("grpo.lora.dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        if not isinstance(self.targets, str) or not self.targets:
+            fail("grpo.lora.targets", self.targets, "must be a regular expression matching the "
+                 "paths of the linear layers to adapt")
+        try:
+            re.compile(self.targets)
+        except re.error as e:  # used to be a traceback when the LoRA stage began
+            fail("grpo.lora.targets", self.targets, f"is not a regular expression ({e})")
+        if self.weight_qtype and not _known_qtype(self.weight_qtype):
+            fail("grpo.lora.weight_qtype", self.weight_qtype, "is not a quantization type qwix "
+                 f"knows: {', '.join(QLORA_NAMED_QTYPES)} or a 1-byte dtype (int8, "
+                 "float8_e4m3fn, ...); '' for plain LoRA")
 
     @property
     def scale(self) -> float:

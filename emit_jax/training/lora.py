@@ -171,5 +171,14 @@ def apply_lora(model, sample: dict, lora_cfg: LoRAConfig, *, seed: int = 0):
                                       jnp.asarray(sample["pixel_values"]),
                                       jnp.asarray(sample["attention_mask"]), rngs=rngs,
                                       methods=LORA_METHODS, **kw)
+    if not nnx.to_flat_state(nnx.state(policy, nnx.LoRAParam)):
+        # no adapter: the stage would silently train only the modules trained in full
+        linears = ["/".join(map(str, p)) for p, m in nnx.iter_modules(model)
+                   if isinstance(m, nnx.Linear)]
+        raise ConfigError(f"config grpo.lora.targets: {lora_cfg.targets!r} matches none of the "
+                          f"model's {len(linears)} linear layers (their paths look like "
+                          f"{linears[0]!r}), so LoRA would train nothing"
+                          if linears else f"config grpo.lora.targets: {lora_cfg.targets!r}: the "
+                          "model has no linear layers to adapt")
     policy._emit_lora_scale = lora_cfg.scale
     return policy

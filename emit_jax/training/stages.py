@@ -289,23 +289,31 @@ def save_settings(cfg, workdir: str, stage: str) -> None:
     when the stage starts or resumes: what a later run compares (:func:`check_settings`). A
     stage with output but no settings file (an earlier version's) keeps none: what it was
     trained with is not known."""
-    path, d = os.path.join(workdir, stage, SETTINGS_FILE), os.path.join(workdir, stage)
-    ckpt = os.path.join(d, "ckpt")
-    if not os.path.isfile(path) and (os.path.isfile(os.path.join(d, "done.json")) or any(
-            n.isdigit() for n in (os.listdir(ckpt) if os.path.isdir(ckpt) else ()))):
+    path = os.path.join(workdir, stage, SETTINGS_FILE)
+    if not os.path.isfile(path) and has_output(workdir, stage):
         return
     with atomic_output(path, "w") as f:
         json.dump({"stage": stage, "config": config_json(cfg)}, f, indent=1)
 
 
+def has_output(workdir: str, stage: str) -> bool:
+    """Whether ``stage`` left anything a later run builds on: a finished model (``done.json``)
+    or a checkpoint step."""
+    d = os.path.join(workdir, stage)
+    ckpt = os.path.join(d, "ckpt")
+    return os.path.isfile(os.path.join(d, "done.json")) or any(
+        n.isdigit() for n in (os.listdir(ckpt) if os.path.isdir(ckpt) else ()))
+
+
 def changed_settings(cfg, workdir: str) -> dict[str, list[tuple[str, Any, Any]]]:
     """``{stage: [(setting, stored, now), ...]}`` for each stage of the run whose output in the
     workdir was made with other :func:`stage_settings`. A stage without a settings file (not
-    started, or written by an earlier version) is not compared."""
+    started, or written by an earlier version) or without output (:func:`has_output`: it
+    stopped before its first checkpoint, e.g. on a config error) is not compared."""
     now, out = config_json(cfg), {}
     for stage in cfg.stages:
         path = os.path.join(workdir, stage, SETTINGS_FILE)
-        if not os.path.isfile(path):
+        if not os.path.isfile(path) or not has_output(workdir, stage):
             continue
         stored = read_json(path, error=ConfigError, what="a stage settings file")
         if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):

@@ -37,7 +37,7 @@ from etils import epath
 from flax import nnx
 
 from emit_jax import faults
-from emit_jax.errors import CheckpointError
+from emit_jax.errors import CheckpointError, interrupted
 from emit_jax.fileio import check_free_space, disk_full_error
 from emit_jax.models import scan
 
@@ -97,12 +97,14 @@ class StageCheckpoints:
             try:
                 stored = self._stored_shapes(step)
             except Exception as e:  # noqa: BLE001 - its metadata is unreadable: fall back
+                _reraise_interrupt(e)
                 self._set_aside(step, e)
                 continue
             self._check_fits(step, stored, model, optimizer)  # raises: not a damaged file
             try:
                 return self._restore(model, optimizer, step)
             except Exception as e:  # noqa: BLE001 - any unreadable file: fall back, keep it
+                _reraise_interrupt(e)
                 self._set_aside(step, e)
         return None
 
@@ -206,6 +208,14 @@ class StageCheckpoints:
             need = f"needs {self._bytes / 2**20:.1f} MiB, " if self._bytes else ""
             raise OSError(err.errno, f"{err.strerror} while writing a {self.name or 'stage'} "
                           f"checkpoint ({need}{free:.1f} MiB free)", self.directory) from None
+
+
+def _reraise_interrupt(e: BaseException) -> None:
+    """Ctrl-C / SIGTERM during a restore comes back wrapped in TensorStore's ``Exception``: raise
+    it as the ``KeyboardInterrupt`` it is, so a readable checkpoint is not set aside as
+    unreadable (the next run would resume from an older step)."""
+    if interrupted(e):
+        raise KeyboardInterrupt(str(e.__context__ or e.__cause__ or "")) from None
 
 
 def _nbytes(tree) -> int:
