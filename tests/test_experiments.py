@@ -116,3 +116,31 @@ def test_unseen_records_ask_every_image_of_an_untrained_dataset_as_the_test_spli
     tail = lambda r: r["messages"][0]["content"].rsplit("?", 1)[-1]  # noqa: E731
     assert {tail(r) for r in recs} == {tail(r) for r in test}
     assert unseen_records(0) == []
+
+
+def test_pointer_tasks_are_what_they_say(tmp_path):
+    """experiments.pointer: the lookup labels are the letters before the words, the enumerating
+    rationale stops at the option that the stated fact maps to and ends with its letter."""
+    import random
+
+    from emit_jax.data import tokenizer as T
+    from emit_jax.experiments.pointer import Tasks, batch
+
+    tok = T.train_tiny_tokenizer(T.default_corpus(), tmp_path / "tok")
+    tasks = Tasks(tok, 8)
+    rng = random.Random(0)
+    ids, labels = tasks.lookup(rng)
+    letters = {w: tasks.letters[i] for i, w in enumerate(ids[j] for j in range(2, 16, 4))}
+    asked = [(ids[k - 2], labels[k]) for k in range(len(ids)) if labels[k] >= 0]
+    assert len(asked) == 4 and all(letters[w] == y for w, y in asked)
+    for _ in range(20):
+        ids, labels = tasks.enumerate(rng)
+        fact = tasks.options[tasks.facts.index(ids[len(tasks.head)])]
+        block = ids.index(tasks.letters[0])
+        words = [ids[block + 2 + 4 * i] for i in range(4)]
+        answer = tasks.letters[words.index(fact)]
+        assert ids[-1] == labels[-1] == answer
+        assert ids.count(tasks.yes[0]) == 1
+        assert ids.count(tasks.no[0]) == words.index(fact)
+    b = batch(tasks, "copy", rng, 4)
+    assert b[0].shape == b[1].shape == b[2].shape and b[3].shape == (4,)
