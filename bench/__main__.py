@@ -46,6 +46,11 @@ import json
 import os
 import sys
 
+if __name__ == "__main__":  # before jax loads: a Ctrl-C meanwhile is one line too, exit 130
+    from emit_jax.cli import interrupt_early
+
+    interrupt_early("python -m bench")
+
 import jax
 
 from emit_jax import cli
@@ -232,4 +237,4 @@ def alternate(args, bench) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.command(main, prog=PROG)

@@ -10,3 +10,10 @@ Commands: ``python -m emit_jax.train`` (base / stage-1 SFT / stage-2 GRPO),
 """
 
 __version__ = "0.1.0"
+
+import sys as _sys
+
+if _sys.argv[:1] == ["-m"]:  # ``python -m emit_jax.<command>``: runpy imports this package first
+    from emit_jax.cli import interrupt_early as _interrupt_early
+
+    _interrupt_early()  # a Ctrl-C while the command's modules load: one line, exit 130

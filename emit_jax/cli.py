@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import _thread
 import contextlib
 import functools
 import math
+import os
 import signal
 import sys
 import threading
-from typing import Callable
+import time
+import warnings
+from typing import Callable, NoReturn
 
 from emit_jax.errors import USER_ERRORS, message  # noqa: F401 (re-exported)
 
@@ -122,26 +126,176 @@ def fail(prog: str, e: BaseException) -> int:
 
 #: the exit status of a command stopped by SIGINT / SIGTERM (128 + SIGINT, as a shell reports it)
 INTERRUPTED = 130
+#: what an interrupted command that writes its outputs atomically leaves behind
+NOTHING_LEFT = "nothing half-written is left"
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+def interrupted_line(prog: str, when: str, left: str = NOTHING_LEFT) -> str:
+    """The one line every command prints when a signal stops it: ``<prog>: interrupted <when>;
+    <left>``, ``when`` the signal (``(SIGINT)``) or how far the command got (``after 3 of 10
+    questions``), ``left`` what it leaves behind."""
+    return f"{prog}: interrupted {when}; {left}"
+
+
+def exit_interrupted(line: str) -> NoReturn:
+    """Flush stdout, print ``line`` on stderr and end the process at once with
+    :data:`INTERRUPTED` (``os._exit``: no unwinding, no waiting for library threads)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with contextlib.suppress(Exception):
+        os.write(2, (line + "\n").encode("utf-8", "replace"))
+    os._exit(INTERRUPTED)
+
+
+def _importing(frame) -> bool:
+    """Whether ``frame`` (where a signal's handler runs) is inside an import: importlib's frames
+    are on its stack."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+# ------------------------------------------------------------------- while a command's modules load
+_EARLY: dict = {}  # interrupt_early's command name and the handlers it replaced
+
+
+def interrupt_early(prog: str | None = None) -> None:
+    """From now on (main thread), a SIGINT or SIGTERM that arrives while a module is being
+    imported prints ``<prog>: interrupted (<signal>); nothing half-written is left`` and ends the
+    process at once with exit status 130 (:func:`exit_interrupted`): nothing is written yet.
+    Elsewhere the signals do what they did before (:func:`run` installs its own for ``main``).
+
+    Called before a command's modules load: by ``emit_jax/__init__.py`` for ``python -m
+    emit_jax.<command>`` (``prog`` the module's name), by ``bench/__main__.py``. The Ctrl-C of
+    a user who changed their mind in the first seconds lands in ``import jax``, where Python's
+    own ``KeyboardInterrupt`` was swallowed by jax's gc callback (the command then ran on and
+    exited 0), became an ``ImportError``, or crashed an extension's initialisation (a
+    segfault)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if prog is None:
+        argv = list(getattr(sys, "orig_argv", ()))
+        prog = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else "emit_jax"
+    _EARLY["prog"] = prog
+    for s in (signal.SIGINT, signal.SIGTERM):
+        old = signal.getsignal(s)
+        if old is not signal.SIG_IGN and old is not _early_signal:  # ignored stays ignored
+            _EARLY[s] = old
+            signal.signal(s, _early_signal)
+
+
+def _early_signal(signum, frame):
+    if _importing(frame):
+        exit_interrupted(interrupted_line(_EARLY["prog"], f"({signal.Signals(signum).name})"))
+    old = _EARLY.get(signum)
+    if callable(old):  # SIGINT: Python's KeyboardInterrupt
+        return old(signum, frame)
+    signal.signal(signum, old if old is not None else signal.SIG_DFL)  # SIGTERM: the default
+    signal.raise_signal(signum)
+
+
+# ------------------------------------------------------------------------------ while main runs
+#: set when an interrupted command's process is ending: nothing more is reported
+_STOPPING = threading.Event()
+#: after a swallowed KeyboardInterrupt, or a signal that arrived inside an import: the signal
+#: is handled again this many seconds later
+AGAIN_AFTER = 0.02
+
+
+class _Block:
+    """The state of one :func:`interrupts` block."""
+
+    def __init__(self):
+        self.received: list[str] = []  # the signals handled, by name
+        self.active = True
+        self.lock = threading.Lock()
+
+    def again(self, signum: int) -> None:
+        """Handle ``signum`` again :data:`AGAIN_AFTER` seconds from now, if the block still
+        runs (``interrupt_main`` only calls the Python handler: no signal is sent)."""
+        def later():
+            time.sleep(AGAIN_AFTER)
+            with self.lock:
+                if self.active:
+                    _thread.interrupt_main(signum)
+        threading.Thread(target=later, daemon=True, name="emit-interrupt-again").start()
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM raises ``KeyboardInterrupt`` while the block runs (main thread only; a SIGTERM
-    the process was started to ignore stays ignored), so it unwinds like Ctrl-C: files and
-    folders being written atomically are removed instead of left behind as ``.tmp-*``."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
-        yield
+def interrupts():
+    """While the block runs, SIGINT and SIGTERM raise ``KeyboardInterrupt(<signal name>)``, so
+    SIGTERM unwinds like Ctrl-C: files and folders being written atomically are removed instead of
+    left behind as ``.tmp-*`` (main thread only; a signal the process was started to ignore
+    stays ignored). Yields the list of the signals received, by name: a caller can tell an
+    interrupt that did not reach it from none.
+
+    - Inside an import the exception is not raised (there it can become an ``ImportError`` or
+      crash a C extension's initialisation): the signal is handled again 20 ms later, until
+      it lands outside one.
+    - Raised inside a gc callback or a ``__del__`` (jax's ``_xla_gc_callback`` runs at every
+      collection), Python drops it as unraisable ("Exception ignored in ..."): it is handled
+      again likewise, and that report is not printed.
+    - Once a signal has arrived, what library threads report as unraisable or uncaught while the
+      block unwinds, and warnings, are not printed: Orbax's asyncio loops, closed under
+      TensorStore's callbacks by a SIGTERM during a checkpoint read, raise one ``RuntimeError:
+      Event loop is closed`` per array, and its coroutines are "never awaited"."""
+    block = _Block()
+    if threading.current_thread() is not threading.main_thread():
+        yield block.received
         return
-    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+
+    def on_signal(signum, frame):
+        name = signal.Signals(signum).name
+        block.received.append(name)
+        if not block.active:  # the block is ending: its caller looks at ``received``
+            return
+        if _importing(frame):
+            block.again(signum)
+            return
+        raise KeyboardInterrupt(name)
+
+    unraisable, excepthook, showwarning = (sys.unraisablehook, threading.excepthook,
+                                           warnings.showwarning)
+
+    def quiet_unraisable(u):
+        if block.active and isinstance(u.exc_value, KeyboardInterrupt):
+            name = str(u.exc_value)
+            block.again(signal.Signals[name] if name in signal.Signals.__members__
+                        else signal.SIGINT)
+            return
+        if not (_STOPPING.is_set() or block.received):
+            unraisable(u)
+
+    def quiet_excepthook(args):
+        if not (_STOPPING.is_set() or block.received):
+            excepthook(args)
+
+    def quiet_warning(*args, **kwargs):
+        if not (_STOPPING.is_set() or block.received):
+            showwarning(*args, **kwargs)
+
+    old = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            old[s] = signal.signal(s, on_signal)
+    sys.unraisablehook, threading.excepthook = quiet_unraisable, quiet_excepthook
+    warnings.showwarning = quiet_warning
     try:
-        yield
+        yield block.received
     finally:
-        signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
+        with block.lock:
+            block.active = False
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        if sys.unraisablehook is quiet_unraisable:
+            sys.unraisablehook = unraisable
+        if threading.excepthook is quiet_excepthook:
+            threading.excepthook = excepthook
+        if warnings.showwarning is quiet_warning:
+            warnings.showwarning = showwarning
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None,
@@ -150,15 +304,49 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     exists already, is unwritable, a full disk) prints ``prog: error: <message>`` and returns 2.
     Ctrl-C (SIGINT) or SIGTERM prints ``prog: interrupted (<signal>); nothing half-written is
     left`` and returns 130: outputs are written under temporary names and renamed when
-    complete, and those are removed as the interrupt unwinds."""
-    try:
-        with _sigterm_as_interrupt():
-            return int(main(argv) or 0)
-    except USER_ERRORS as e:
-        return fail(prog, e)
-    except KeyboardInterrupt as e:
+    complete, and those are removed as the interrupt unwinds (:func:`interrupts`). So does a
+    signal whose ``KeyboardInterrupt`` a library turned into its own error, or that ``main``
+    finished without."""
+    return _run(main, argv, prog)
+
+
+def command(main: Callable[[list[str] | None], int | None], prog: str) -> NoReturn:
+    """A command's ``__main__`` block: ``sys.exit(run(main, prog=prog))``, except that an
+    interrupted command ends with ``os._exit(130)`` as soon as its line is printed (its
+    outputs removed already, as the interrupt unwound): nothing library threads still shutting
+    down report comes after the line (Orbax's "Event loop is closed"), and the exit does not
+    wait for them."""
+    sys.exit(_run(main, None, prog, final=True))
+
+
+def _run(main, argv, prog: str, final: bool = False) -> int:
+    def interrupted(name: str) -> int:
+        line = interrupted_line(prog, f"({name or 'SIGINT'})")
+        if final:
+            _STOPPING.set()
+            exit_interrupted(line)
         with contextlib.suppress(Exception):
             sys.stdout.flush()
-        print(f"{prog}: interrupted ({str(e) or 'SIGINT'}); nothing half-written is left",
-              file=sys.stderr)
+        print(line, file=sys.stderr)
         return INTERRUPTED
+
+    received: list[str] = []
+    try:
+        with interrupts() as received:
+            try:
+                status = int(main(argv) or 0)
+            except KeyboardInterrupt as e:
+                return interrupted(str(e) or (received[0] if received else ""))
+            except USER_ERRORS as e:
+                if received:  # a user error the interrupt caused (a read cut short)
+                    return interrupted(received[0])
+                return fail(prog, e)
+            except Exception:
+                if received:  # the KeyboardInterrupt, wrapped in a library's own error
+                    return interrupted(received[0])
+                raise
+    except KeyboardInterrupt as e:  # a signal as the block ended
+        return interrupted(str(e))
+    if received:  # a KeyboardInterrupt main lost (swallowed where it was raised)
+        return interrupted(received[0])
+    return status

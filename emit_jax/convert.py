@@ -17,7 +17,6 @@ Two folder formats are read (single or sharded safetensors, stored dtypes kept):
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from emit_jax import checkpoint, cli, hf
@@ -103,4 +102,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, prog="emit_jax.convert"))
+    cli.command(main, prog="emit_jax.convert")

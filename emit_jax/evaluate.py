@@ -341,37 +341,39 @@ class Signals:
     handlers back).
 
     While nothing needs finishing (reading the data, checking the images, loading the model)
-    a signal prints :attr:`line` and ends the process at once with ``os._exit(130)``: there is
-    nothing to save, and no ``KeyboardInterrupt`` is raised into JAX or an import while its
+    a signal prints :meth:`message` and ends the process at once with ``os._exit(130)``: there
+    is nothing to save, and no ``KeyboardInterrupt`` is raised into JAX or an import while its
     threads run (Python's teardown after one segfaulted). While :attr:`defer` is set (the
     question loop, then writing the results) the first signal only sets :attr:`requested`: the
     loop stops after the question in progress and :func:`evaluate` raises
     :class:`EvaluationInterrupted`, so the process ends by a normal return; a second signal ends
     it at once (every answered question is on disk already; a line torn by the exit is dropped
-    on resume). :attr:`line` is the one line printed (``emit_jax.evaluate: <line>``)."""
+    on resume). :attr:`stopped` says how far the run got and what it keeps, ``(when, left)`` of
+    the line every command prints when interrupted (:func:`emit_jax.cli.interrupted_line`)."""
 
     def __init__(self, prog: str = "emit_jax.evaluate"):
         self.prog = prog
         self.defer = False
         self.requested = False
-        self.line = lambda: "interrupted before the first question; nothing to keep"
+        self.stopped = lambda: ("before the first question", "nothing to keep")
         self.old = {}
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 if signal.getsignal(s) is not signal.SIG_IGN:
                     self.old[s] = signal.signal(s, self._on_signal)
 
+    def message(self, again: str = "") -> str:
+        """The one line: ``emit_jax.evaluate: interrupted after 3 of 10 questions; answers kept
+        in ...``."""
+        when, left = self.stopped()
+        return cli.interrupted_line(self.prog, when, left + again)
+
     def _on_signal(self, signum, frame):
         if self.defer and not self.requested:
             self.requested = True
             return
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        with contextlib.suppress(Exception):
-            again = " (a second signal: stopped at once)" if self.requested else ""
-            os.write(2, f"{self.prog}: {self.line()}{again}\n".encode("utf-8", "replace"))
-        os._exit(130)
+        cli.exit_interrupted(self.message(" (a second signal: stopped at once)"
+                                          if self.requested else ""))
 
     def restore(self) -> None:
         for s, h in self.old.items():
@@ -481,11 +483,8 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
             return "nothing to keep"
         return f"answers kept in {answers_path}; rerun the same command to resume"
 
-    def stopped_line() -> str:
-        return f"interrupted after {len(done)} of {total} questions; {kept()}"
-
     if signals is not None:
-        signals.line = stopped_line
+        signals.stopped = lambda: (f"after {len(done)} of {total} questions", kept())
     t0 = time.time()
     if todo:
         model, tokenizer = load_for_eval(checkpoint)
@@ -499,7 +498,7 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
                 signals.defer = True  # from here on a signal waits for the question in progress
             for k in todo:
                 if signals is not None and signals.requested:
-                    raise EvaluationInterrupted(stopped_line())
+                    raise EvaluationInterrupted(signals.message())
                 text, images, comp, make_row, options = queries[k]
                 try:
                     response = runner.answer(text, images, comp)
@@ -538,8 +537,8 @@ def main(argv=None) -> int:
     try:
         return _main(argv, signals)
     except EvaluationInterrupted as e:
-        print(f"{signals.prog}: {e}", file=sys.stderr)
-        return 130
+        print(e, file=sys.stderr)
+        return cli.INTERRUPTED
     finally:
         signals.restore()
 
@@ -582,4 +581,4 @@ def _main(argv, signals: Signals) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, prog="emit_jax.evaluate"))
+    cli.command(main, prog="emit_jax.evaluate")

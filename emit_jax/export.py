@@ -3,7 +3,8 @@
 
 Writes a model folder (config.json + safetensors, sharded with an index past
 ``--max-shard-size``) from an emit_jax Orbax model checkpoint, plus the tokenizer / processor
-files stored with the checkpoint.
+files stored with the checkpoint (its ``assets/``; a checkpoint without tokenizer files exports
+with one ``warning:`` line saying the folder has none).
 
 - ``--format transformers`` (default): loads with
   ``transformers.InternVLForConditionalGeneration.from_pretrained(DIR)``; an EMIT model's soft
@@ -24,6 +25,7 @@ files stored with the checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -32,6 +34,14 @@ from emit_jax.errors import ConfigError
 from emit_jax.fileio import check_free_space, check_new_folder, check_not_input
 
 FORMATS = ("transformers", "internvl_chat")
+PROG = "emit_jax.export"
+#: any of these in a checkpoint's ``assets/`` is a tokenizer to export
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def has_tokenizer(folder: str) -> bool:
+    """Whether ``folder`` holds tokenizer files (:data:`TOKENIZER_FILES`)."""
+    return any(os.path.isfile(os.path.join(folder, n)) for n in TOKENIZER_FILES)
 
 
 def _shard_size(text: str) -> str:
@@ -66,6 +76,10 @@ def main(argv=None) -> int:
     meta = checkpoint.read_meta(args.checkpoint)
     check_new_folder(args.out, hint="choose a new folder")  # before the model is loaded
     assets = checkpoint.assets_dir(args.checkpoint)
+
+    def warn(text: str) -> None:
+        print(f"{PROG}: {text}", file=sys.stderr)
+
     if args.format == "internvl_chat":
         from emit_jax import internvl_chat
 
@@ -76,10 +90,13 @@ def main(argv=None) -> int:
         internvl_chat.save(model, args.out, base_config=meta_chat.get("config"),
                            max_shard_size=args.max_shard_size, tokenizer_from=assets,
                            num_batches_tracked=meta_chat.get("num_batches_tracked") or 0,
-                           log=lambda s: print(s, file=sys.stderr))
+                           log=warn)
     else:
         model, meta = checkpoint.load_model(args.checkpoint, dtype=args.dtype)
         check_free_space(args.out, hf.state_bytes(model) + 2**20)
+        if not has_tokenizer(assets):
+            warn(f"warning: {assets}: no tokenizer stored with the checkpoint; the exported "
+                 "folder has no tokenizer files (copy them from the model it was made from)")
         hf.save(model, args.out, base_config=meta.get("hf_config"),
                 max_shard_size=args.max_shard_size, assets_from=assets)
     print(f"exported {args.checkpoint} -> {args.out} ({args.format}) in {time.time() - t0:.1f}s")
@@ -87,4 +104,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, prog="emit_jax.export"))
+    cli.command(main, prog=PROG)

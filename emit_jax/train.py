@@ -21,14 +21,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import sys
 import time
 
 import jax
 from absl import app, flags, logging
 
-from emit_jax import configs, hf, parallel
+from emit_jax import cli, configs, hf, parallel
 from emit_jax.data.mmad import paper_task_name
 from emit_jax.errors import USER_ERRORS, ConfigError, NonFiniteError, message
 from emit_jax.eval.scoring import format_table
@@ -202,9 +201,11 @@ _OVERRIDES: list[str] = []
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing with the ``--config.KEY=VALUE`` overrides taken out first (read by
-    :func:`emit_jax.configs.load`); a malformed override is one error line, exit 2."""
+    :func:`emit_jax.configs.load`); a malformed override, or a flag or override given twice with
+    different values (:func:`check_given_once`), is one error line, exit 2."""
     try:
         rest, overrides = configs.split_overrides(argv)
+        check_given_once(rest, overrides)
     except ConfigError as e:
         print(f"emit_jax.train: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -214,6 +215,45 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         print(f"emit_jax.train: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_given_once(argv: list[str], overrides: list[str]) -> None:
+    """Raise ``ConfigError`` naming a flag (``--config a ... --config b``, ``--workdir``) or an
+    override (``--config.sft.steps=2 ... --config.sft.steps=3``) given twice with different
+    values, where absl and the overrides let the last one silently win (the argparse commands
+    refuse it too: ``emit_jax.cli.Parser``). The same value twice is accepted. ``argv``: the
+    command line without the overrides, program name first, as absl reads it."""
+    seen: dict[str, str] = {}
+
+    def once(name: str, value: str) -> None:
+        if seen.setdefault(name, value) != value:
+            raise ConfigError(f"{name}: given twice ({seen[name]!r}, then {value!r}); "
+                              "give it once")
+
+    for item in overrides:
+        key, _, value = item.partition("=")
+        once(f"--config.{key.strip()}", value)
+    args = iter(argv[1:])
+    for a in args:
+        if a == "--":  # absl: the rest are arguments
+            break
+        if not a.startswith("-") or a == "-":
+            continue
+        name, eq, value = a.lstrip("-").partition("=")
+        flag = flags.FLAGS[name] if name in flags.FLAGS else None
+        if flag is None and name.startswith("no") and name[2:] in flags.FLAGS \
+                and flags.FLAGS[name[2:]].boolean and not eq:
+            flag, value, eq = flags.FLAGS[name[2:]], "false", "="
+        if flag is None or isinstance(flag, flags.MultiFlag):  # unknown: absl says so
+            continue
+        if not eq:
+            if flag.boolean:
+                value = "true"
+            else:
+                value = next(args, None)
+                if value is None:  # absl reports the missing value
+                    break
+        once(f"--{flag.name}", value)
 
 
 def main(argv) -> None:
@@ -231,24 +271,25 @@ def main(argv) -> None:
     workdir = _WORKDIR.value or os.path.join(
         "runs", os.path.splitext(os.path.basename(_CONFIG.value.partition(":")[0]))[0])
 
-    def on_term(signum, frame):  # SIGTERM: stop like Ctrl-C; the last checkpoint is complete
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
     _compile_cache(cfg)
     try:
-        try:
-            parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-        except ValueError as e:  # inconsistent multihost arguments
-            raise ConfigError(str(e)) from None
-        # run() validates the config first: after initialize, so the mesh is checked against
-        # every device
-        with memory_options(**dict(cfg.get("memory") or {})), \
-                kernel_options(**dict(cfg.get("kernels") or {})):
-            run(cfg, workdir)
+        # SIGTERM stops like Ctrl-C (the last checkpoint is complete); neither is lost in an
+        # import or a gc callback (cli.interrupts)
+        with cli.interrupts():
+            try:
+                parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+            except ValueError as e:  # inconsistent multihost arguments
+                raise ConfigError(str(e)) from None
+            # run() validates the config first: after initialize, so the mesh is checked
+            # against every device
+            with memory_options(**dict(cfg.get("memory") or {})), \
+                    kernel_options(**dict(cfg.get("kernels") or {})):
+                run(cfg, workdir)
     except KeyboardInterrupt as e:
-        stages.log(f"interrupted ({e}); rerun the same command to resume from the last checkpoint")
-        sys.exit(130)
+        stages.log(cli.interrupted_line("emit_jax.train", f"({str(e) or 'SIGINT'})",
+                                        "rerun the same command to resume from the last "
+                                        "checkpoint"))
+        sys.exit(cli.INTERRUPTED)
     except USER_ERRORS as e:  # bad config, data, checkpoint or path: one line, exit 2
         stages.log(f"emit_jax.train: error: {message(e)}")
         sys.exit(2)

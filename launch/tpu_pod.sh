@@ -49,6 +49,8 @@ environment for setup / run:
                 REMOTE_DIR); with several hosts it must be a shared file system
   EXTRA_ARGS    more flags for emit_jax.train, split on spaces (TRAIN_ARGS after -- too)
   MESH_DATA     size of the mesh's data axis (default 1: fsdp=-1 spans the whole slice)
+  MESH_FSDP, MESH_TENSOR   the fsdp and tensor axes (default -1 and 1); set them here, not in
+                EXTRA_ARGS: emit_jax.train refuses a flag given twice with two values
   REMOTE_DIR    where the repository goes on each worker (default emit_jax, under $HOME)
   REMOTE_VENV   virtual environment inside REMOTE_DIR (default .venv; empty: none)
   TPU_PYTHON    interpreter that creates the virtual environment (default python3)
@@ -116,6 +118,8 @@ remote_venv=${REMOTE_VENV-.venv}
 config=${CONFIG:-configs/internvl3_8b_grpo.py}
 workdir=${WORKDIR:-runs/$(basename "${config%%:*}" .py)}
 mesh_data=${MESH_DATA:-1}
+mesh_fsdp=${MESH_FSDP:--1}
+mesh_tensor=${MESH_TENSOR:-1}
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # a command line as it can be pasted into a shell
@@ -197,7 +201,7 @@ case "$action" in
         read -r -a extra <<<"${EXTRA_ARGS:-}"
         extra+=("${train_args[@]}")
         train=(python -m emit_jax.train --config="$config" --workdir="$workdir"
-            --config.mesh.data="$mesh_data" --config.mesh.fsdp=-1 --config.mesh.tensor=1
+            --config.mesh.data="$mesh_data" --config.mesh.fsdp="$mesh_fsdp" --config.mesh.tensor="$mesh_tensor"
             "${extra[@]}")
         words=""
         for w in "${train[@]}"; do words+="$(q "$w") "; done

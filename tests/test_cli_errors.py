@@ -205,6 +205,146 @@ class TestNumericTypes:
             p.parse_args(["go", "--n", "0"])
 
 
+# ------------------------------------------------------------------------------- interrupts
+def _sigint_default():  # a child of a process that ignores SIGINT would inherit that
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start(args, **kw):
+    """``python ARGS`` from the repository root (stdout, stderr piped; SIGINT not ignored)."""
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_sigint_default, **kw)
+
+
+def run_script(code: str, timeout: float = 120):
+    """``python -c code`` to its end: (status, stdout, stderr)."""
+    p = start(["-c", code], env=subprocess_env(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out, err
+
+
+class TestInterrupts:
+    """Ctrl-C / SIGTERM, every command (``emit_jax.cli``): one line, exit 130, whenever it
+    lands (real signals, in subprocesses)."""
+
+    @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+    def test_a_signal_while_the_modules_load(self, tmp_path, dataset, signame):
+        """Half a second in, ``import jax`` runs. Before: Python's ``KeyboardInterrupt`` was
+        swallowed by jax's gc callback ("Exception ignored in _xla_gc_callback") and the command
+        ran on to exit 0, or became an ``ImportError`` traceback, or a segfault; SIGTERM
+        killed it (exit -15)."""
+        import signal
+        import time
+
+        before = snapshot(tmp_path)
+        p = start(["-m", BUILD, *build_args(dataset, tmp_path)],
+                  env=subprocess_env(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
+        time.sleep(0.5)
+        p.send_signal(getattr(signal, signame))
+        _, err = p.communicate(timeout=120)
+        assert_interrupted(p.returncode, err, BUILD, signame)
+        assert snapshot(tmp_path) == before
+
+    def test_a_keyboard_interrupt_lost_in_a_gc_callback_still_stops(self):
+        """The signal handled while a gc callback runs (jax's runs at every collection): Python
+        drops the ``KeyboardInterrupt`` raised there. Before: "Exception ignored in", then the
+        command finished, exit 0."""
+        rc, out, err = run_script(
+            "import gc, os, signal, sys, time\n"
+            "from emit_jax import cli\n"
+            "def main(argv):\n"
+            "    sent = []\n"
+            "    def callback(phase, info):\n"
+            "        if phase == 'start' and not sent:\n"
+            "            sent.append(1)\n"
+            "            os.kill(os.getpid(), signal.SIGINT)\n"
+            "            for _ in range(10000): pass\n"
+            "    gc.callbacks.append(callback)\n"
+            "    gc.collect()\n"
+            "    assert sent\n"
+            "    for _ in range(500): time.sleep(0.01)\n"
+            "    print('finished')\n"
+            "sys.exit(cli.run(main, [], prog='x'))\n")
+        assert_interrupted(rc, err, "x")
+        assert "finished" not in out
+
+    def test_a_signal_inside_an_import_waits_for_its_end(self, tmp_path):
+        """A lazy import inside ``main`` (raised into a C extension's initialisation, the
+        ``KeyboardInterrupt`` crashes it or becomes an ``ImportError``): the interrupt comes
+        once the import is complete. Before: raised in the middle of the module."""
+        (tmp_path / "slow_module.py").write_text(
+            "import os, signal\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "for _ in range(10**6): pass\n"
+            "print('imported in full')\n")
+        rc, out, err = run_script(
+            "import importlib, sys, time\n"
+            f"sys.path.insert(0, {str(tmp_path)!r})\n"
+            "from emit_jax import cli\n"
+            "def main(argv):\n"
+            "    importlib.import_module('slow_module')\n"
+            "    for _ in range(500): time.sleep(0.01)\n"
+            "    print('finished')\n"
+            "sys.exit(cli.run(main, [], prog='x'))\n")
+        assert_interrupted(rc, err, "x")
+        assert out.splitlines() == ["imported in full"]
+
+    def test_nothing_after_the_line_from_threads_shutting_down(self, tmp_path):
+        """A SIGTERM during an Orbax checkpoint read (``export``): TensorStore's callbacks into
+        Orbax's closed asyncio loops raise ``RuntimeError: Event loop is closed`` (reported as
+        unraisable) in threads the exit waits for. Before: a screen of tracebacks after the
+        line."""
+        rc, _, err = run_patched(
+            "emit_jax.export", ["--checkpoint", str(tmp_path / "ckpt"), "--out",
+                                str(tmp_path / "hf")], "emit_jax.checkpoint.read_meta",
+            "class Late:\n"
+            "    def __del__(self):\n"
+            "        raise RuntimeError('Event loop is closed')\n"
+            "def shutting_down():\n"
+            "    time.sleep(0.1)\n"
+            "    for _ in range(40):\n"
+            "        Late()\n"
+            "        time.sleep(0.005)\n"
+            "    raise RuntimeError('Event loop is closed')\n"
+            "def work(*a, **k):\n"
+            "    threading.Thread(target=shutting_down).start()\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(60)\n")
+        assert_interrupted(rc, err, "emit_jax.export", "SIGTERM")
+        assert not os.path.exists(tmp_path / "hf")
+
+    @pytest.mark.parametrize("module,args,target", [
+        ("emit_jax.plan", ["--config", SMOKE], "emit_jax.plan.command.make_report"),
+        ("emit_jax.aot", ["--config", SMOKE, "--topology", "v5e:2x2"],
+         "emit_jax.aot.command.require_libtpu"),
+        ("bench", ["matmul", "--n", "8"], "bench.steps.bench_matmul"),
+    ])
+    def test_plan_aot_bench(self, module, args, target):
+        """Ctrl-C while their ``main`` works. Before: a ``KeyboardInterrupt`` traceback (they
+        did not go through ``cli.run``)."""
+        rc, out, err = run_patched(module, args, target,
+                                   "def work(*a, **k):\n"
+                                   "    os.kill(os.getpid(), signal.SIGINT)\n"
+                                   "    time.sleep(60)\n")
+        assert_interrupted(rc, err, "python -m bench" if module == "bench" else module)
+        assert out == ""
+
+
+def run_patched(module: str, args, target: str, work: str):
+    """``python -m module args``, its ``__main__`` run as it is (``runpy``) with the function
+    ``target`` (``package.module.name``) replaced by ``work`` (code defining ``work``; ``os``,
+    ``signal``, ``threading``, ``time`` imported): (status, stdout, stderr)."""
+    owner, attr = target.rsplit(".", 1)
+    return run_script(
+        "import importlib, os, runpy, signal, sys, threading, time\n" + work +
+        f"setattr(importlib.import_module({owner!r}), {attr!r}, work)\n"
+        f"sys.argv = [{module!r}, *{list(args)!r}]\n"
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n")
+
+
 # ------------------------------------------------------------------------------- data.build
 BUILD = "emit_jax.data.build"
 
@@ -535,6 +675,23 @@ class TestConvertExport:
         rc, err, _ = run_main(command, [*src, "--out", out])
         assert_one_error(rc, err, f"{out}: Not a directory", prog=command)
 
+    def test_export_without_a_tokenizer_says_so(self, tmp_path, tiny_model):
+        """A checkpoint with no tokenizer files in its ``assets/``. Before: the folder was
+        written without one, and nothing said so."""
+        from emit_jax import checkpoint
+
+        assert not os.listdir(checkpoint.assets_dir(tiny_model["ckpt"]))
+        out = tmp_path / "hf"
+        rc, err, stdout = run_main("emit_jax.export", ["--checkpoint", tiny_model["ckpt"],
+                                                       "--out", str(out)])
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert rc == 0 and len(lines) == 1, err[-3000:]
+        assert lines[0].startswith("emit_jax.export: warning: "), lines[0]
+        assert "no tokenizer" in lines[0], lines[0]
+        assert "the exported folder has no tokenizer files" in lines[0], lines[0]
+        assert os.path.isfile(out / "config.json") and not os.path.exists(out / "tokenizer.json")
+        assert stdout.startswith("exported ")
+
     def test_ctrl_c_during_the_checkpoint_write_leaves_nothing(self, tmp_path, tiny_model,
                                                                monkeypatch, nothing_written):
         """Ctrl-C while Orbax writes ``--out``. Before: a KeyboardInterrupt traceback, Orbax's
@@ -726,6 +883,33 @@ class TestTrain:
         rc, err = train(env, "--config", SMOKE, "--workdir", str(tmp_path / "run"), *args)
         assert_one_error(rc, err, *needles, prog=TRAIN)
         assert snapshot(tmp_path) == before
+
+    @pytest.mark.parametrize("args,needle", [
+        (["--config", "configs/sft.py"],
+         "--config: given twice ('configs/grpo.py:smoke', then 'configs/sft.py'); give it once"),
+        (["--config.sft.steps=2", "--config.sft.steps", "3"],
+         "--config.sft.steps: given twice ('2', then '3'); give it once"),
+    ])
+    def test_a_flag_given_twice(self, tmp_path, env, args, needle):
+        """Before: the last one silently won (trained configs/sft.py; 3 steps)."""
+        before = snapshot(tmp_path)
+        rc, err = train(env, "--config", SMOKE, "--workdir", str(tmp_path / "run"), *args)
+        assert_one_error(rc, err, needle, prog=TRAIN)
+        assert snapshot(tmp_path) == before
+
+    def test_flags_given_twice_in_every_form(self):
+        """absl's forms (``--f=v``, ``--f v``, ``-f v``, ``--nof``) without a subprocess; the same
+        value twice is accepted."""
+        from emit_jax.errors import ConfigError
+        from emit_jax.train import check_given_once
+
+        for argv, overrides in ((["t", "--workdir=a", "-workdir", "b"], []),
+                                (["t", "--logtostderr", "--nologtostderr"], []),
+                                (["t"], ["seed=1", "seed=2"])):
+            with pytest.raises(ConfigError, match="given twice"):
+                check_given_once(argv, overrides)
+        check_given_once(["t", "--config=a", "--config", "a", "--num_processes=2",
+                          "--", "--config", "b"], ["seed=1", "seed=1", "sft.steps=2"])
 
     def test_config_files(self, tmp_path, env):
         """A missing file, a syntax error, a failing import: the same format, in one process

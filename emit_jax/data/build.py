@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from emit_jax import cli
 from emit_jax.checkpoint import load_model
@@ -58,4 +57,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, prog="emit_jax.data.build"))
+    cli.command(main, prog="emit_jax.data.build")

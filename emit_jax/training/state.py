@@ -210,6 +210,15 @@ class StageCheckpoints:
                           f"checkpoint ({need}{free:.1f} MiB free)", self.directory) from None
 
 
+def saved_steps(directory: str) -> list[int]:
+    """The steps saved in a stage's checkpoint folder (``<stage>/ckpt/<step>/``), ascending; none
+    when it does not exist. Orbax writes a step under a temporary name and renames it to its
+    number when complete, so these are complete steps (:class:`StageCheckpoints` lists them
+    through its ``CheckpointManager``)."""
+    names = os.listdir(directory) if os.path.isdir(directory) else ()
+    return sorted(int(n) for n in names if n.isdigit())
+
+
 def _reraise_interrupt(e: BaseException) -> None:
     """Ctrl-C / SIGTERM during a restore comes back wrapped in TensorStore's ``Exception``: raise
     it as the ``KeyboardInterrupt`` it is, so a readable checkpoint is not set aside as
