@@ -120,7 +120,8 @@ def test_unseen_records_ask_every_image_of_an_untrained_dataset_as_the_test_spli
 
 def test_pointer_tasks_are_what_they_say(tmp_path):
     """experiments.pointer: the lookup labels are the letters before the words, the enumerating
-    rationale stops at the option that the stated fact maps to and ends with its letter."""
+    rationale stops at the option that the stated fact maps to and ends with its letter, the
+    restating one ends with the letter that followed the fact's word."""
     import random
 
     from emit_jax.data import tokenizer as T
@@ -142,5 +143,22 @@ def test_pointer_tasks_are_what_they_say(tmp_path):
         assert ids[-1] == labels[-1] == answer
         assert ids.count(tasks.yes[0]) == 1
         assert ids.count(tasks.no[0]) == words.index(fact)
-    b = batch(tasks, "copy", rng, 4)
-    assert b[0].shape == b[1].shape == b[2].shape and b[3].shape == (4,)
+    # restate: the options word then letter, then the fact's option word and its letter,
+    # which is the letter that followed the same word in the restatement (an induction copy)
+    same = Tasks(tok, 8, same_words=True)
+    for _ in range(20):
+        ids, labels = same.restate(rng)
+        fact = ids[len(same.head)]
+        block = ids.index(same.letters[0])
+        words = [ids[block + 2 + 4 * i] for i in range(4)]
+        answer = same.letters[words.index(fact)]
+        assert ids[-1] == labels[-1] == answer
+        start = ids.index(same.tags[0])
+        restated = ids[start + 1:start + 1 + 16]
+        assert restated == [t for i, w in enumerate(words)
+                            for t in (same.letters[i], w, same.letters[i], *same.line)]
+        # the letter after the fact word (index answer_pos - 3, as scores() reads it)
+        assert ids[-5:-3] == [fact, answer] and labels[-4] == answer
+    for task in ("copy", "restate+copy"):
+        b = batch(same, task, rng, 4)
+        assert b[0].shape == b[1].shape == b[2].shape and b[3].shape == (4,)

@@ -54,6 +54,63 @@ def test_rationales_for_stage2_records():
     assert len(rec["messages"]) == 1  # the input record is not modified
 
 
+def test_restate_rationale_makes_every_letter_a_copy():
+    """data.rationale=restate: the options restated word then letter, then the answer's words
+    followed by its letter, so the letter follows the same words earlier in the answer."""
+    import re
+
+    import pytest
+
+    opts = ["Cable.", "Missing piece.", "Nut.", "Screw."]
+    rec = {"task_type": "defect_classification", "object_type": "cable", "adlabel": 1,
+           "anomaly_type": "missing_piece", "defect_location": ["right"], "options": opts,
+           "solution": "B", "messages": [{"role": "user", "content": "u"}]}
+    want = ("<think>A Cable A\nB Missing piece B\nC Nut C\nD Screw D\n"
+            "The defect is a Missing piece B</think><answer>B</answer>")
+    assert rationale(rec, "B", opts, "restate") == want
+    assert with_rationales([rec], "restate")[0]["messages"][1]["content"] == want
+    assert rationale(dict(rec, task_type="object_classification"), "C", opts, "restate").endswith(
+        "The product is a Nut C</think><answer>C</answer>")
+    # localization: each synonym restated with its grid cell; the answer names the cell
+    dl = ["Left upper.", "Summit.", "Rightward.", "Below."]
+    text = rationale(dict(rec, task_type="defect_localization"), "D", dl, "restate")
+    assert text == ("<think>A Left upper, top left A\nB Summit, top B\nC Rightward, right C\n"
+                    "D Below, bottom D\nThe defect is at the bottom D</think><answer>D</answer>")
+    # every letter of every question follows the same words earlier in the rationale
+    for letter in "ABCD":
+        body = rationale(dict(rec, task_type="defect_localization"), letter, dl, "restate")
+        last = body.split("\n")[-1]
+        m = re.match(r"The defect is at the (.+) ([ABCD])</think><answer>([ABCD])</answer>$", last)
+        assert m and m.group(2) == m.group(3) == letter
+        assert f", {m.group(1)} {letter}\n" in body
+    # anomaly discrimination (two fixed options) and "brief" keep the brief rationale
+    ad = dict(rec, task_type="anomaly_discrimination")
+    assert rationale(ad, "A", ["Yes.", "No."], "restate") == rationale(ad, "A")
+    assert rationale(rec, "B", opts) == rationale(rec, "B")
+    with pytest.raises(ValueError, match="data.rationale"):
+        rationale(rec, "B", opts, "long")
+
+
+def test_record_files_refuse_another_rationale(tmp_path):
+    import json
+
+    import pytest
+
+    from emit_jax.data.embedded import ensure_cached
+    from emit_jax.errors import DataError
+    from emit_jax.training.data import stage_records
+
+    root = ensure_cached(seed=0)
+    recs = stage_records(root, str(tmp_path), domain_knowledge=False, rationale_style="restate")
+    assert json.loads((tmp_path / "data" / "options.json").read_text())["rationale"] == "restate"
+    oc = [r for r in recs["base"] if r["task_type"] == "object_classification"
+          and r["messages"][1]["content"].startswith("<think>")]
+    assert oc and all(r["messages"][1]["content"].startswith("<think>A ") for r in oc)
+    assert all(r["messages"][1]["content"].startswith("<think>") for r in recs["warmup"])
+    with pytest.raises(DataError, match="rationale='restate'.*'brief'"):
+        stage_records(root, str(tmp_path), domain_knowledge=False)
+
+
 def _map_cells(text: str, grid: int) -> np.ndarray:
     assert len(text) == grid * grid and set(text) <= {MAP_DEFECT, MAP_CLEAN}
     return np.array([c == MAP_DEFECT for c in text]).reshape(grid, grid)

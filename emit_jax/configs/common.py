@@ -31,6 +31,10 @@ def base_config() -> ml_collections.ConfigDict:
         # anomaly discrimination's two options: "shuffled" (EMIT's builder) or "yes_no" (always
         # A. Yes. / B. No., as MMAD asks them; docs/training.md, "the option order")
         ad_order="shuffled",
+        # templated think answers (base stage, warm-up, sft.think, sft2): "brief" (the object
+        # and the defect, then the letter) or "restate" (the four-option tasks restate their
+        # options word then letter, so the answer's letter is a copy; emit_jax.training.data)
+        rationale="brief",
         length_buckets=(512, 768, 1024, 1536, 2048, 4096)))
     # optional text-only warm-up stage (add "warmup" to stages): short text versions of the tasks,
     # the images replaced by a sentence at the end of the user turn. Measured 2026-11-22 (2-core

@@ -1,6 +1,6 @@
 """Can the tiny LLM learn to read four shuffled options? Synthetic text tasks, from scratch.
 
-``python -m emit_jax.experiments.pointer --task lookup|copy|enumerate [--steps N]``
+``python -m emit_jax.experiments.pointer --task lookup|copy|enumerate|restate [--steps N]``
 
 A randomly initialised Qwen2 decoder of the ``tiny`` architecture (its width and depth by flag),
 with the vocabulary of a tiny tokenizer folder (``--tokenizer``, default: trained here on the
@@ -15,8 +15,15 @@ only the option order is new at evaluation, as in the embedded default's questio
 - ``enumerate``: a stated fact (a word of another list, mapped one to one to the option words,
   as "nut" is to "Nut."), the options, then the answer as a rationale that goes through the
   options in order, ``A. w1. no`` ... up to the one that matches, ``C. w3. yes``, then the
-  letter. Reports the answer accuracy with the rationale given (teacher forcing) and the share
-  of questions whose whole rationale and letter are predicted right.
+  letter. Reports the answer accuracy with the rationale given (teacher forcing), the yes / no
+  verdicts' accuracy and the share of questions whose whole rationale and letter are predicted
+  right.
+- ``restate``: the same question, answered by restating the options word then letter
+  (``A w1 A`` ...), then the fact's option word and the letter that followed it there (an
+  induction copy; ``data.rationale=restate`` of the training data). Reports the accuracy of
+  that letter. ``restate+copy`` mixes it 1:1 with ``copy``.
+
+``--same-words`` states the fact with the option's own word instead of a word mapped to it.
 
 docs/training.md ("Reading four options") records what each reaches on the 2-core CPU.
 """
@@ -49,7 +56,7 @@ def _tokenizer(path: str):
 class Tasks:
     """Sequences ``(ids, labels)`` (labels -1 where there is no loss) of one task."""
 
-    def __init__(self, tok, n_words: int, seed: int = 0):
+    def __init__(self, tok, n_words: int, seed: int = 0, same_words: bool = False):
         t = lambda s: tok(s)["input_ids"]  # noqa: E731
         words = sorted(w for w in tok.get_vocab() if w.startswith("\u0120") and w[1:].isalpha()
                        and len(w) > 3)
@@ -59,6 +66,8 @@ class Tasks:
                              f"--words {n_words} needs {2 * n_words}")
         ids = [tok.convert_tokens_to_ids(w) for w in words]
         self.options, self.facts = ids[:n_words], ids[n_words:2 * n_words]
+        if same_words:  # the fact names the option's own token (identity match, not a mapping)
+            self.facts = self.options
         self.letters = [t(c)[0] for c in "ABCD"]
         self.dot, self.nl, self.eq, self.sep = t("."), t(".\n"), t("="), t("\n\n")
         self.yes, self.no, self.line = t(" yes"), t(" no"), t("\n")
@@ -101,10 +110,29 @@ class Tasks:
         return prompt + target, [-1] * len(prompt) + target
 
 
+    def restate(self, rng):
+        """The options restated word-then-letter (``A w1 A.`` ...), then the fact word and the
+        letter that followed it in the restatement: every step a copy, the last an induction."""
+        k = rng.randrange(len(self.options))
+        order = rng.sample([i for i in range(len(self.options)) if i != k], 3) + [k]
+        rng.shuffle(order)
+        j = order.index(k)
+        prompt = self.head + [self.facts[k]] + self.question + \
+            self._option_block([self.options[o] for o in order])
+        think, end, answer = self.tags
+        target = [think]
+        for i, o in enumerate(order):
+            target += [self.letters[i], self.options[o], self.letters[i]] + self.line
+        target += self.head + [self.options[k], self.letters[j], end, answer, self.letters[j]]
+        return prompt + target, [-1] * len(prompt) + target
+
+
 def batch(tasks: Tasks, task: str, rng, n: int):
     """``ids [n, T]``, ``labels [n, T]``, ``mask [n, T]``, ``answer_pos [n]`` (right-padded)."""
     if task == "copy":
         rows = [tasks.copy(rng) if i % 2 == 0 else tasks.lookup(rng) for i in range(n)]
+    elif task == "restate+copy":  # the induction the restatement's last step needs, on its own
+        rows = [tasks.copy(rng) if i % 2 == 0 else tasks.restate(rng) for i in range(n)]
     else:
         rows = [getattr(tasks, task)(rng) for _ in range(n)]
     width = max(len(r[0]) for r in rows)
@@ -119,7 +147,7 @@ def batch(tasks: Tasks, task: str, rng, n: int):
 def main(argv=None) -> int:
     p = cli.Parser(prog="python -m emit_jax.experiments.pointer", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=["lookup", "copy", "enumerate"], default="enumerate")
+    p.add_argument("--task", choices=["lookup", "copy", "enumerate", "restate", "restate+copy"], default="enumerate")
     p.add_argument("--steps", type=cli.positive_int, default=800)
     p.add_argument("--batch", type=cli.positive_int, default=32)
     p.add_argument("--lr", type=cli.positive_float, default=3e-3)
@@ -129,6 +157,8 @@ def main(argv=None) -> int:
     p.add_argument("--words", type=cli.int_at_least(4), default=30)
     p.add_argument("--tokenizer", default="", help="a tiny tokenizer folder (a workdir's "
                    "tokenizer/); default: trained on the embedded default's texts")
+    p.add_argument("--same-words", action="store_true", help="enumerate: state the fact with "
+                   "the option's own word (an identity match) instead of a word mapped to it")
     p.add_argument("--seed", type=cli.nonneg_int, default=0)
     a = p.parse_args(argv)
 
@@ -140,7 +170,7 @@ def main(argv=None) -> int:
     from emit_jax.models.internvl import InternVL
 
     tok = _tokenizer(a.tokenizer)
-    tasks = Tasks(tok, a.words, a.seed)
+    tasks = Tasks(tok, a.words, a.seed, same_words=a.same_words)
     cfg = architectures.get_config("tiny")
     cfg = cfg.replace(text=dataclasses.replace(
         cfg.text, vocab_size=len(tok) - 1, hidden_size=a.hidden, intermediate_size=3 * a.hidden,
@@ -173,10 +203,15 @@ def main(argv=None) -> int:
         token_acc = ((pred == y) & (y >= 0)).sum() / (y >= 0).sum()
         answer = (pred[rows, answer_pos - 1] == ids[rows, answer_pos]).mean()
         whole = ((pred == y) | (y < 0)).all(-1).mean()
-        return token_acc, answer, whole
+        verdict = (y == tasks.yes[0]) | (y == tasks.no[0])  # the yes / no after each option
+        verdict_acc = ((pred == y) & verdict).sum() / jnp.maximum(verdict.sum(), 1)
+        # restate: the letter that follows the fact word (the induction step)
+        pointer = (pred[rows, answer_pos - 4] == ids[rows, answer_pos - 3]).mean()
+        return token_acc, answer, whole, verdict_acc, pointer
 
     evals = {name: tuple(map(jnp.asarray, batch(tasks, name, random.Random(1000 + i), 256)))
-             for i, name in enumerate(["lookup", "copy"] if a.task == "copy" else [a.task])}
+             for i, name in enumerate({"copy": ["lookup", "copy"], "restate+copy": ["restate"]}
+                                      .get(a.task, [a.task]))}
     rng, t0, times = random.Random(a.seed + 1), time.time(), []
     for s in range(1, a.steps + 1):
         ids, labels, mask, _ = batch(tasks, a.task, rng, a.batch)
@@ -186,10 +221,12 @@ def main(argv=None) -> int:
         if s % 100 == 0 or s == a.steps:
             parts = []
             for name, e in evals.items():
-                token_acc, answer, whole = (float(x) for x in scores(model, *e))
+                token_acc, answer, whole, verdict, pointer = (float(x) for x in scores(model, *e))
                 parts.append(f"{name}: supervised-token acc {token_acc:.3f}" + (
-                    f", answer (rationale given) {answer:.3f}, all right {whole:.3f}"
-                    if name == "enumerate" else ""))
+                    f", answer (rationale given) {answer:.3f}, " + (
+                        f"verdicts {verdict:.3f}, " if name == "enumerate" else
+                        f"letter after the fact {pointer:.3f}, ") + f"all right {whole:.3f}"
+                    if name in ("enumerate", "restate") else ""))
             print(f"step {s} loss {loss:.3f} | " + " | ".join(parts) +
                   f" | {np.median(times[-50:]):.3f} s/step, {time.time() - t0:.0f} s", flush=True)
     return 0

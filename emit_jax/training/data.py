@@ -84,12 +84,54 @@ def _facts(meta: dict) -> tuple[str, str | None, str]:
     return obj, (meta["anomaly_type"] or "defect").replace("_", " "), where
 
 
-def rationale(meta: dict, letter: str) -> str:
-    """The templated think answer for a question's ``meta`` (or a record) and its letter."""
-    obj, kind, where = _facts(meta)
-    body = f"The product is a {obj}. Compared with the reference " + (
-        "it looks normal and intact." if kind is None else f"there is a {kind} at the {where}.")
+#: how templated think answers read (``data.rationale``): ``brief`` states the object and the
+#: defect, then the letter; ``restate`` (the four-option tasks) restates the options word then
+#: letter and names the answer's option, so the letter is a copy (:func:`restated`)
+RATIONALES = ("brief", "restate")
+RESTATED_TASKS = ("defect_classification", "defect_localization", "object_classification")
+_REGION_OF = {syn: region for region, syns in prompts.REGION_SYNONYMS.items() for syn in syns}
+
+
+def rationale(meta: dict, letter: str, options=None, style: str = "brief") -> str:
+    """The templated think answer for a question's ``meta`` (or a record), its letter and,
+    for ``style="restate"``, its ``options`` (:func:`restated`)."""
+    if style not in RATIONALES:
+        raise ValueError(f"data.rationale must be one of {', '.join(RATIONALES)}, got {style!r}")
+    if style == "restate" and options and meta.get("task_type") in RESTATED_TASKS:
+        body = restated(meta["task_type"], options, letter)
+    else:
+        obj, kind, where = _facts(meta)
+        body = f"The product is a {obj}. Compared with the reference " + (
+            "it looks normal and intact." if kind is None else f"there is a {kind} at the {where}.")
     return f"<think>{body}</think><answer>{letter}</answer>"
+
+
+def restated(task: str, options, letter: str) -> str:
+    """The ``restate`` rationale of a four-option question::
+
+        A Cable A
+        B Nut B
+        The product is a Nut B
+
+    Each option is restated as its letter, its words and its letter again, then the answer's
+    words and its letter. Every token is then a copy the tiny LLM learns within a few hundred
+    steps: the option after a letter, the letter before, and, last, the letter that followed
+    the same words in the restatement (induction). What it cannot learn in that budget is the
+    letter that *precedes* a matching word in the prompt, which a direct answer needs
+    (docs/training.md, "Reading four options"). Localization options are synonyms of a grid
+    cell ("Left upper."), so each is restated with its cell (``A Left upper, top left A``) and
+    the answer names the cell."""
+    idx = prompts.LETTERS.index(letter)
+    words = [str(o).strip().rstrip(".") for o in options]
+    if task == "defect_localization":
+        cells = [_REGION_OF.get(str(o).strip(), w.lower()) for o, w in zip(options, words)]
+        lines = [f"{L} {w}, {c} {L}" for L, w, c in zip(prompts.LETTERS, words, cells)]
+        fact = f"The defect is at the {cells[idx]} {letter}"
+    else:
+        lines = [f"{L} {w} {L}" for L, w in zip(prompts.LETTERS, words)]
+        fact = ("The product is a " if task == "object_classification" else
+                "The defect is a ") + f"{words[idx]} {letter}"
+    return "\n".join(lines + [fact])
 
 
 def _statement(meta: dict) -> str:
@@ -121,14 +163,15 @@ def defect_map(mask_path: str | None, grid: int) -> str:
     return "".join(MAP_DEFECT if c else MAP_CLEAN for c in cells.ravel())
 
 
-def with_rationales(records: list[dict]) -> list[dict]:
+def with_rationales(records: list[dict], style: str = "brief") -> list[dict]:
     """Stage-2 records (``solution`` letters) with templated think answers as assistant turns
     (the SFT-instead-of-GRPO ablation trains on these)."""
-    return jsonl.with_answers(records, lambda r: rationale(r, r["solution"]))
+    return jsonl.with_answers(records, lambda r: rationale(r, r["solution"], r.get("options"),
+                                                           style))
 
 
 def warmup_records(questions, *, seed: int = 0, shuffles: int = 4,
-                   think_every: int = 0, map_grid: int = 0) -> list[dict]:
+                   think_every: int = 0, map_grid: int = 0, style: str = "brief") -> list[dict]:
     """Text-only versions of ``questions`` (see the module docstring): per question ``shuffles``
     option orders with direct answers (``"B"``: the letter is the whole lesson); with
     ``think_every`` = k > 0 every k-th one has a templated think answer instead. ``map_grid`` >
@@ -152,7 +195,7 @@ def warmup_records(questions, *, seed: int = 0, shuffles: int = 4,
             # the statement closes the user turn, where EMIT's <COMP_CONTEXT> slots go
             user = (f"Select your answer by responding with the letter corresponding to the "
                     f"correct option, such as 'A'. {instr}\n\nQuestion: {block}{hint}")
-            answer = rationale(q.meta, letter) if think else letter
+            answer = rationale(q.meta, letter, opts, style) if think else letter
             out.append({"id": f"warmup{'-map' if map_grid else ''}-{i:05d}-{k}", "images": [],
                         "messages": [{"role": "user", "content": user},
                                      {"role": "assistant", "content": answer}],
@@ -161,7 +204,7 @@ def warmup_records(questions, *, seed: int = 0, shuffles: int = 4,
     return out
 
 
-def think_records(records: list[dict]) -> list[dict]:
+def think_records(records: list[dict], style: str = "brief") -> list[dict]:
     """Stage-1 records (direct instruction, a letter as the assistant turn) as think records:
     the think instruction in the user turn and the templated rationale (:func:`rationale`:
     object, then "looks normal" or the defect and where, then the letter) as the answer.
@@ -177,7 +220,7 @@ def think_records(records: list[dict]) -> list[dict]:
                              "instruction in the user turn, a letter as the assistant turn)")
         out.append(dict(r, messages=[
             {"role": "user", "content": user.replace(prompts.INSTR_DIRECT, prompts.INSTR_THINK)},
-            {"role": "assistant", "content": rationale(r, answer)}]))
+            {"role": "assistant", "content": rationale(r, answer, r.get("options"), style)}]))
     return out
 
 
@@ -185,30 +228,32 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
                   dk_sentences: int = 0, base_think: bool = True,
                   domain_knowledge: bool = True,
                   adfm_frame: tuple[int, int] | None = None,
-                  map_grid: int = 0, ad_order: str = "shuffled") -> dict[str, list[dict]]:
+                  map_grid: int = 0, ad_order: str = "shuffled",
+                  rationale_style: str = "brief") -> dict[str, list[dict]]:
     """{'warmup', 'base', 'sft', 'grpo', 'validation', 'test'} -> records (cached as JSONL in workdir).
     ``domain_knowledge=False`` leaves the domain-knowledge block out of every prompt.
     ``adfm_frame`` ``(W, H)``: also the AD-FM sets ``adfm`` and ``adfm_test``, boxes in that
     frame (the model's input size). ``map_grid`` > 0: also ``warmup_map``, defect maps of that
     grid (the model's contrastive-token grid). ``ad_order``: the anomaly-discrimination options'
     order in every set (``tasks.build_questions``); a workdir's record files keep the order they
-    were written with, and a different one raises."""
+    were written with, and a different one raises; so does ``rationale_style``, the think
+    answers' form (:data:`RATIONALES`)."""
     out_dir = os.path.join(workdir, "data")
     names = ("warmup", "base", "sft", "grpo", "validation", "test") + \
         (("adfm", "adfm_test") if adfm_frame else ()) + (("warmup_map",) if map_grid else ())
     paths = {n: os.path.join(out_dir, f"{n}.jsonl") for n in names}
     options_path = os.path.join(out_dir, "options.json")  # how the questions were built
     if all(os.path.isfile(p) for p in paths.values()):  # image paths must stay in the dataset
-        built = {"ad_order": "shuffled"}  # record files written before options.json existed
+        # record files written before options.json (or its rationale entry) existed
+        built = {"ad_order": "shuffled", "rationale": "brief"}
         if os.path.isfile(options_path):
             with open(options_path, encoding="utf-8") as f:
                 built.update(json.load(f))
-        if built["ad_order"] != ad_order:
-            from emit_jax.data.mvtec import DataError
-
-            raise DataError(f"{out_dir}: the records were built with ad_order="
-                            f"{built['ad_order']!r}, the config asks for {ad_order!r}; use another "
-                            "workdir (or delete its data folder and the stages trained on it)")
+        for key, want in (("ad_order", ad_order), ("rationale", rationale_style)):
+            if built[key] != want:
+                raise DataError(f"{out_dir}: the records were built with {key}={built[key]!r}, "
+                                f"the config asks for {want!r}; use another workdir (or delete "
+                                "its data folder and the stages trained on it)")
         return {n: list(jsonl.read_jsonl(p, data_root=dataset_root)) for n, p in paths.items()}
     items = scan(dataset_root)
     has_splits = os.path.isfile(os.path.join(dataset_root, "splits.json"))
@@ -229,11 +274,14 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
     base = jsonl.records(direct, 1)
     for i, q in enumerate(think if base_think else []):
         r = jsonl.question_to_record(q, 1, len(base) + i)
-        r["messages"][1]["content"] = rationale(q.meta, q.answer)
+        r["messages"][1]["content"] = rationale(q.meta, q.answer, q.options, rationale_style)
         r["solution"] = q.answer  # the letter, for validation and rewards
         base.append(r)
     recs["base"] = base
-    recs["warmup"] = warmup_records(direct, seed=seed)
+    # restate: every warm-up answer a think answer (the format the base stage then reads off
+    # the image), the direct four-option answers being the pointer the tiny LLM cannot learn
+    recs["warmup"] = warmup_records(direct, seed=seed, style=rationale_style,
+                                    think_every=1 if rationale_style == "restate" else 0)
     if map_grid:
         recs["warmup_map"] = warmup_records(direct, seed=seed, map_grid=map_grid)
     recs["sft"] = jsonl.records(tasks.build_questions(train, stage=1, **kw), 1)
@@ -253,7 +301,7 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
     from emit_jax.fileio import atomic_output
 
     with atomic_output(options_path) as f:  # first: complete record files always have it
-        json.dump({"ad_order": ad_order}, f)
+        json.dump({"ad_order": ad_order, "rationale": rationale_style}, f)
     for n in names:
         jsonl.write_jsonl(recs[n], paths[n])
     return recs

@@ -45,6 +45,7 @@ from emit_jax.training.grpo import run_grpo
 from emit_jax.training.lora import apply_lora, merge_lora, trainable_filter
 from emit_jax.training.precision import to_storage
 from emit_jax.training.sft import run_sft
+from emit_jax.training.state import saved_steps
 from emit_jax.training.validate import Settings
 
 
@@ -138,13 +139,13 @@ def run_stage1(run: Run, model, stage: str = "sft"):
             f"datasets (seeds {cfg.data.seed + 1}-{cfg.data.seed + fresh}, "
             f"{time.time() - t0:.0f} s)")
     if cfg.sft.get("think", False):
-        records = stage_data.think_records(records)
+        records = stage_data.think_records(records, rationale_style(cfg))
     return model, run.sft(model, records, "sft", wrt=stage1_trainable())
 
 
 def run_sft2(run: Run, model, stage: str = "sft2"):
     """The ablation: stage 2 by SFT (same LoRA and trainable set as GRPO), merged after."""
-    records = stage_data.with_rationales(run.records["grpo"])
+    records = stage_data.with_rationales(run.records["grpo"], rationale_style(run.cfg))
     pcfg = run.pipeline(model)
     sample = collate([RecordEncoder(run.tokenizer, pcfg)(records[0], np.random.default_rng(0))],
                      pcfg, run.pad)
@@ -300,9 +301,8 @@ def has_output(workdir: str, stage: str) -> bool:
     """Whether ``stage`` left anything a later run builds on: a finished model (``done.json``)
     or a checkpoint step."""
     d = os.path.join(workdir, stage)
-    ckpt = os.path.join(d, "ckpt")
-    return os.path.isfile(os.path.join(d, "done.json")) or any(
-        n.isdigit() for n in (os.listdir(ckpt) if os.path.isdir(ckpt) else ()))
+    return os.path.isfile(os.path.join(d, "done.json")) or \
+        bool(saved_steps(os.path.join(d, "ckpt")))
 
 
 def changed_settings(cfg, workdir: str) -> dict[str, list[tuple[str, Any, Any]]]:
@@ -453,6 +453,11 @@ def question_options(cfg) -> dict:
                 dk_sentences=cfg.data.get("dk_sentences", 0))
 
 
+def rationale_style(cfg) -> str:
+    """How templated think answers read (``data.rationale``; ``training.data.RATIONALES``)."""
+    return cfg.data.get("rationale", "brief")
+
+
 def embedded_only(cfg, option: str, value) -> bool:
     """Whether ``option`` (set to ``value``) applies: further datasets are drawn by the embedded
     generator only; with a dataset folder it is not used, and the log says so."""
@@ -478,6 +483,7 @@ def prepare_data(cfg, workdir: str, *, write: bool = True):
         tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
     kw = dict(seed=cfg.data.seed, text_samples=cfg.data.text_samples,
               base_think=cfg.data.get("base_think", True),
+              rationale_style=rationale_style(cfg),
               adfm_frame=adfm_frame(cfg) if cfg.data.get("adfm", False) else None,
               map_grid=map_grid(cfg), **question_options(cfg))
     if write:

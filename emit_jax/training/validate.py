@@ -175,9 +175,12 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     _int(data, "seed", "data.seed", low=0, default=0)  # the embedded dataset's seeds are >= 0
     _int(data, "dk_sentences", "data.dk_sentences", low=0, default=0)  # 0: the whole text
     from emit_jax.data.tasks import AD_ORDERS
+    from emit_jax.training.data import RATIONALES
 
     if data.get("ad_order", "shuffled") not in AD_ORDERS:
         _fail("data.ad_order", data.ad_order, f"must be one of {AD_ORDERS}")
+    if data.get("rationale", "brief") not in RATIONALES:
+        _fail("data.rationale", data.rationale, f"must be one of {RATIONALES}")
     if "sft" in cfg and "sft" in tuple(cfg.get("stages", ())):
         from emit_jax.training.data import UNSEEN_SEED0
 
