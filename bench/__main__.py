@@ -83,15 +83,15 @@ def main(argv=None) -> int:
     h.add_argument("--window", type=cli.nonneg_int, default=None,
                    help="half-window (default: EMIT's at that grid, 6 at 32)")
     h.add_argument("--batch", type=cli.positive_int, default=1)
-    h.add_argument("--repeats", type=cli.positive_int, default=5)
+    h.add_argument("--repeats", type=cli.int_in(1, cli.MAX_REPEATS), default=5)
     h.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     h.add_argument("--json", action="store_true", help="one JSON object per line (default: also JSON)")
     r = sub.add_parser("rollout")
     r.add_argument("--arch", default="small", choices=ARCHS)
     r.add_argument("--batch", type=cli.positive_int, default=16)
     r.add_argument("--prompt-len", type=cli.positive_int, default=128)
-    r.add_argument("--new-tokens", type=cli.positive_int, default=128)
-    r.add_argument("--repeats", type=cli.positive_int, default=5)
+    r.add_argument("--new-tokens", type=cli.int_in(1, cli.MAX_TOKENS), default=128)
+    r.add_argument("--repeats", type=cli.int_in(1, cli.MAX_REPEATS), default=5)
     r.add_argument("--lora", type=cli.nonneg_int, default=0, metavar="RANK",
                    help="sample a LoRA policy of this rank (0: the plain model)")
     r.add_argument("--merge-lora", default="float32", choices=MERGE_LORA,
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     gs.add_argument("--prompts", type=cli.positive_int, default=2)
     gs.add_argument("--G", type=cli.int_at_least(2), default=8)
     gs.add_argument("--prompt-len", type=cli.positive_int, default=128)
-    gs.add_argument("--new-tokens", type=cli.positive_int, default=128)
+    gs.add_argument("--new-tokens", type=cli.int_in(1, cli.MAX_TOKENS), default=128)
     gs.add_argument("--steps", type=cli.positive_int, default=4,
                     help="timed steps after the compiling one")
     gs.add_argument("--lora", type=cli.nonneg_int, default=0, metavar="RANK",
@@ -119,22 +119,22 @@ def main(argv=None) -> int:
     t.add_argument("--arch", default="small", choices=ARCHS)
     t.add_argument("--batch", type=cli.positive_int, default=8)
     t.add_argument("--seq-len", type=cli.positive_int, default=256)
-    t.add_argument("--repeats", type=cli.positive_int, default=5)
+    t.add_argument("--repeats", type=cli.int_in(1, cli.MAX_REPEATS), default=5)
     t.add_argument("--peak-gflops", type=cli.positive_float, default=None,
                    help="the matmul peak to divide by (default: measured now)")
     t.add_argument("--profile", action="store_true",
                    help="also trace 2 steps: worker-thread busy time and the top XLA ops")
     m = sub.add_parser("matmul")
     m.add_argument("--n", type=cli.positive_int, default=2048)
-    m.add_argument("--repeats", type=cli.positive_int, default=10)
+    m.add_argument("--repeats", type=cli.int_in(1, cli.MAX_REPEATS), default=10)
     gp = sub.add_parser("gpu")
     gpucheck.add_arguments(gp)
     c = sub.add_parser("compare")
     c.add_argument("--peers-dir", default="../shared/bench")
-    c.add_argument("--python-hf", default=None,
+    c.add_argument("--python-hf", type=_interpreter, default=None,
                    help="python of a virtualenv with torch, transformers, trl, datasets")
-    c.add_argument("--python-tunix", default=None, help="python of a virtualenv with google-tunix")
-    c.add_argument("--rounds", type=cli.positive_int, default=3)
+    c.add_argument("--python-tunix", type=_interpreter, default=None, help="python of a virtualenv with google-tunix")
+    c.add_argument("--rounds", type=cli.int_in(1, cli.MAX_REPEATS), default=3)
     c.add_argument("--workloads", default="rollout,grpo_step,heatmap")
     ct = sub.add_parser("compile_time")
     ct.add_argument("--arch", default="small", choices=ARCHS)
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
                        help="kernel variants (emit_jax.ops.kernels), e.g. 'attention=einsum,"
                        "decode=full' 'attention=dot_product,decode=bucketed'; each runs in turn, "
                        "--rounds times, alternating (default: the defaults, once)")
-        q.add_argument("--rounds", type=cli.positive_int, default=1)
+        q.add_argument("--rounds", type=cli.int_in(1, cli.MAX_REPEATS), default=1)
     try:
         args = p.parse_args(argv)
     except ConfigError as e:  # one line, exit 2
@@ -213,6 +213,20 @@ def parse_kernels(text: str) -> dict:
             raise SystemExit(f"python -m bench: error: --kernels {text!r}: expected KEY=VALUE")
         out[key.strip()] = int(value) if key.strip() == "decode_bucket" else value.strip()
     return out
+
+
+def _interpreter(text: str) -> str:
+    """An argparse ``type``: a Python interpreter to run the peers with, checked when the command
+    line is read (before: a missing one failed only when its first peer started, after our own
+    runs)."""
+    import shutil
+
+    found = shutil.which(text) if os.sep not in text else text
+    if not found or not os.path.isfile(found):
+        raise argparse.ArgumentTypeError(f"{text}: no such interpreter")
+    if not os.access(found, os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text}: not executable")
+    return text
 
 
 def alternate(args, bench) -> list[dict]:

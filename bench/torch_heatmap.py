@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
     p.add_argument("--window", type=cli.nonneg_int, default=None,
                    help="half-window (default: EMIT's)")
     p.add_argument("--peers-dir", default=os.path.join(ROOT, "..", "shared", "bench"))
-    p.add_argument("--repeats", type=cli.positive_int, default=5)
+    p.add_argument("--repeats", type=cli.int_in(1, cli.MAX_REPEATS), default=5)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     try:
         a = p.parse_args(argv)

@@ -74,16 +74,37 @@ def _number(text: str, kind: type, what: str):
     return value
 
 
-def int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse ``type``: a whole number ``>= low``."""
+#: the largest whole number a flag takes by default: JAX's int32 (a length, a count or a seed
+#: beyond it overflows in jitted code, a traceback after the model loaded)
+INT_MAX = 2**31 - 1
+
+
+def int_at_least(low: int, high: int = INT_MAX) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number in ``[low, high]``."""
     def parse(text: str) -> int:
         value = _number(text, int, "a whole number")
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
         return value
     parse.__name__ = f"int >= {low}"  # argparse names the type in some messages
     return parse
 
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number in ``[low, high]``."""
+    return int_at_least(low, high)
+
+
+#: the most image tiles per image (``--max-tiles``, ``data.max_tiles``; InternVL uses up to
+#: 12): the candidate grids grow with its cube, a hang beyond a few hundred
+MAX_TILES = 40
+#: the most tokens of a prompt or a generation a flag takes (``--prompt_len``,
+#: ``--max-new-tokens``, ``--new-tokens``): far beyond any model's context
+MAX_TOKENS = 1 << 20
+#: the most timed repeats of a benchmark (``--repeats``, ``--rounds``)
+MAX_REPEATS = 10_000
 
 #: a whole number >= 1 (counts, sizes, lengths, repeats)
 positive_int = int_at_least(1)

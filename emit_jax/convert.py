@@ -42,6 +42,8 @@ def _window(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number of patches, got {text!r}") from None
     if w < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {w}")
+    if w > cli.INT_MAX:
+        raise argparse.ArgumentTypeError(f"must be <= {cli.INT_MAX}, got {w}")
     return w
 
 
@@ -71,11 +73,13 @@ def main(argv=None) -> int:
     check_not_input(args.out, {"--hf": args.hf})
     t0 = time.time()
     chat = hf.is_internvl_chat(args.hf)
+    # the input's config first (a missing folder or config.json is named as such), then the
+    # flags that depend on its format, then the output path
+    _, raw = hf.read_config(args.hf)
     if not chat and (args.window is not None or args.ce_layers is not None):
         raise ConfigError(f"{args.hf}: --window / --ce-layers apply to internvl_chat folders "
                           "only (a transformers folder's EMIT settings are in its "
                           "emit_extras.safetensors)")
-    _, raw = hf.read_config(args.hf)  # the input's config first, then the output path
     check_new_folder(args.out, hint="choose a new checkpoint path")  # before the model is loaded
     extra = {}
     if chat:

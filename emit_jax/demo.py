@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="tiny", choices=sorted(architectures.ARCHITECTURES))
     p.add_argument("--workdir", default=None, help="where the HF folder and checkpoint go "
                    "(default: a temporary folder)")
-    p.add_argument("--new-tokens", type=cli.positive_int, default=16)
+    p.add_argument("--new-tokens", type=cli.int_in(1, cli.MAX_TOKENS), default=16)
     args = p.parse_args(argv)
 
     cfg = architectures.get_config(args.arch)

@@ -561,8 +561,8 @@ def _main(argv, signals: Signals) -> int:
                    "then the FIRST standalone A-E) or mmad (MMAD's query scripts: the LAST "
                    "standalone A-E, no <answer> extraction); both fall back to the closest option "
                    "text when there is no letter")
-    p.add_argument("--max-tiles", type=cli.positive_int, default=6)
-    p.add_argument("--max-new-tokens", type=cli.positive_int, default=None,
+    p.add_argument("--max-tiles", type=cli.int_in(1, cli.MAX_TILES), default=6)
+    p.add_argument("--max-new-tokens", type=cli.int_in(1, cli.MAX_TOKENS), default=None,
                    help=f"default: {MMAD_MAX_NEW_TOKENS} for an MMAD folder (the authors' "
                    f"protocol, min {MMAD_MIN_NEW_TOKENS}), else {FAST_MAX_NEW_TOKENS[False]} "
                    f"({FAST_MAX_NEW_TOKENS[True]} with --think)")

@@ -32,7 +32,7 @@ from emit_jax.data.mmad import paper_task_name
 from emit_jax.errors import USER_ERRORS, ConfigError, NonFiniteError, message
 from emit_jax.eval.scoring import format_table
 from emit_jax.evaluate import evaluate_adfm, evaluate_records
-from emit_jax.fileio import atomic_output, check_free_space
+from emit_jax.fileio import atomic_output, check_free_space, check_not_input
 from emit_jax.ops.kernels import kernel_options
 from emit_jax.models.memory import memory_options
 from emit_jax.training import data as stage_data
@@ -56,9 +56,45 @@ def run(cfg, workdir: str) -> dict:
     then the held-out evaluation, the HF export and the plots. Returns the results
     (also written to ``WORKDIR/results.json``)."""
     settings = validate_config(cfg)
+    # the run writes data/, tokenizer/, checkpoints: never into the data it reads
+    source = cfg.data.get("source", "embedded")
+    check_not_input(workdir, {"config data.source": source if source != "embedded" else None,
+                              "config init_from": cfg.get("init_from") or None,
+                              "config tokenizer": cfg.get("tokenizer") or None})
+    # what a run reads before it writes: a damaged init_from or a cache that cannot be one is
+    # one line before the workdir, its data/ and tokenizer/ exist
+    check_init_from(cfg.get("init_from") or "")
+    if source == "embedded":
+        from emit_jax.data.embedded.cache import check_cache_root
+
+        check_cache_root()
     os.makedirs(workdir, exist_ok=True)
     with stages.workdir_lock(workdir):  # one writer per workdir
         return _run(cfg, workdir, settings)
+
+
+def check_init_from(path: str) -> None:
+    """Raise the error loading ``init_from`` would meet in its config or its weights' headers
+    (a truncated ``model.safetensors``, a checkpoint without its parameters), reading no
+    tensor."""
+    if not path:
+        return
+    if os.path.isfile(os.path.join(path, "config.json")):
+        hf.read_config(path)
+        reader = hf.SafetensorsReader(path)  # one file: its header is read here
+        try:
+            for shard in sorted(set(reader.key_file.values())):
+                reader._open(shard)
+        finally:
+            reader.close()
+    else:
+        from emit_jax import checkpoint
+        from emit_jax.errors import CheckpointError
+
+        checkpoint.read_meta(path)
+        params = os.path.join(os.path.abspath(path), checkpoint.PARAMS_DIR)
+        if not os.path.isdir(params):
+            raise CheckpointError(f"{params}: missing parameter folder")
 
 
 def _run(cfg, workdir: str, settings) -> dict:

@@ -153,6 +153,9 @@ class TestNumericTypes:
         ("positive_int", "1.5", "expected a whole number, got '1.5'"),
         ("positive_int", "nan", "expected a whole number"),
         ("nonneg_int", "-1", "must be >= 0, got -1"),
+        # before: accepted, an OverflowError traceback in jitted code
+        ("positive_int", "99999999999999999999", "must be <= 2147483647, got 99999999999999999999"),
+        ("nonneg_int", "2147483648", "must be <= 2147483647"),
         ("positive_float", "0", "must be > 0, got 0"),
         ("positive_float", "nan", "expected a finite number, got 'nan'"),
         ("positive_float", "-inf", "expected a finite number"),
@@ -402,6 +405,27 @@ class TestDataBuild:
         text = (tmp_path / "train.jsonl").read_text(encoding="utf-8")
         assert os.path.relpath(bad, dataset) not in text and "\\udcff" not in text
 
+    @pytest.mark.parametrize("policy", ["error", "skip"])
+    def test_a_split_that_is_a_file(self, tmp_path, dataset, nothing_written, policy):
+        """``<class>/train`` a regular file. Before: its images silently dropped, exit 0 with
+        ``"skipped": 0``."""
+        import shutil
+
+        make_mvtec(tmp_path / "ds", classes=("bolt",))
+        train_dir = os.path.join(dataset, "widget", "train")
+        shutil.rmtree(train_dir)
+        with open(train_dir, "w") as f:
+            f.write("not a folder")
+        if policy == "error":
+            nothing_written()
+            rc, err, _ = run_main(BUILD, build_args(dataset, tmp_path))
+            assert_one_error(rc, err, f"{train_dir}: not a folder", prog=BUILD)
+            return
+        rc, err, out = run_main(BUILD, build_args(dataset, tmp_path, "--policy", "skip"))
+        assert rc == 0 and "Traceback" not in err, err[-3000:]
+        summary = json.loads(out.strip().splitlines()[-1])
+        assert summary["skipped"] == 1 and summary["records"] > 0, summary
+
     @pytest.mark.parametrize("flag,value,needle", [
         ("--seed", "-1", "must be >= 0, got -1"),
         ("--max-per-type", "0", "must be >= 1, got 0"),
@@ -618,6 +642,10 @@ class TestEvaluate:
         ("--max-tiles", "0", "must be >= 1, got 0"),
         ("--max-new-tokens", "0", "must be >= 1, got 0"),
         ("--max-new-tokens", "inf", "expected a whole number"),
+        # before: an OverflowError traceback in generation
+        ("--max-new-tokens", "99999999999999999999", "must be <= 1048576"),
+        # before: a hang in data/image.py target_ratios (candidate grids grow with its cube)
+        ("--max-tiles", "1000000000000", "must be <= 40, got 1000000000000"),
         ("--seed", "-7", "must be >= 0, got -7"),
     ])
     def test_numeric_flags(self, tmp_path, nothing_written, flag, value, needle):
@@ -639,6 +667,17 @@ class TestConvertExport:
         rc, err, _ = run_main("emit_jax.convert", ["--hf", str(tmp_path / "no-hf"), "--out",
                                                    str(tmp_path / "ckpt"), flag, value])
         assert_one_error(rc, err, f"argument {flag}", needle, prog="emit_jax.convert")
+
+    @pytest.mark.parametrize("extra", [["--window", "3"], ["--ce-layers", "1,2"]])
+    def test_convert_missing_folder_with_chat_flags(self, tmp_path, nothing_written, extra):
+        """Before: "--window / --ce-layers apply to internvl_chat folders only", not that the
+        folder is missing."""
+        nothing_written()
+        missing = str(tmp_path / "no-hf")
+        rc, err, _ = run_main("emit_jax.convert", ["--hf", missing, "--out",
+                                                   str(tmp_path / "ckpt"), *extra])
+        line = assert_one_error(rc, err, missing, prog="emit_jax.convert")
+        assert "apply to internvl_chat folders only" not in line, line
 
     @pytest.mark.parametrize("value,needle", [
         ("0", "must be at least 1 byte"),
@@ -674,6 +713,28 @@ class TestConvertExport:
         nothing_written()
         rc, err, _ = run_main(command, [*src, "--out", out])
         assert_one_error(rc, err, f"{out}: Not a directory", prog=command)
+
+    @pytest.mark.parametrize("command", ["emit_jax.convert", EVALUATE])
+    @pytest.mark.parametrize("field,value,needle", [
+        ("hidden_size", "64", "text hidden_size is '64', expected a whole number"),
+        ("num_hidden_layers", None, "text num_hidden_layers is None, expected a whole number"),
+    ])
+    def test_config_json_with_a_wrongly_typed_field(self, tmp_path, tiny_model, nothing_written,
+                                                    command, field, value, needle):
+        """Before: a TypeError traceback (models/config.py validate, or building the model)."""
+        import shutil
+
+        hf_dir = tmp_path / "hf"
+        shutil.copytree(tiny_model["hf"], hf_dir)
+        raw = json.loads((hf_dir / "config.json").read_text())
+        raw["text_config"][field] = value
+        (hf_dir / "config.json").write_text(json.dumps(raw))
+        nothing_written()
+        args = ["--hf", str(hf_dir), "--out", str(tmp_path / "ckpt")] \
+            if command.endswith("convert") else ["--checkpoint", str(hf_dir), "--data", MMAD,
+                                                 "--out", str(tmp_path / "results.json")]
+        rc, err, _ = run_main(command, args)
+        assert_one_error(rc, err, os.path.join(str(hf_dir), "config.json"), needle, prog=command)
 
     def test_export_without_a_tokenizer_says_so(self, tmp_path, tiny_model):
         """A checkpoint with no tokenizer files in its ``assets/``. Before: the folder was
@@ -754,6 +815,8 @@ class TestVisualize:
 
     @pytest.mark.parametrize("extra,needles", [
         (("--window", "-1"), ("argument --window", "must be >= 0, got -1")),
+        # before: an OverflowError traceback in ops/heatmap.py
+        (("--window", "99999999999999999999"), ("argument --window", "must be <= 2147483647")),
         (("--layers", "0", "2"), ("argument --layers", "must be >= 1, got 0")),
         (("--layers", "2", "99"), ("--layers 2 99", "blocks 1..")),
         (("--arch", "internvl9"), ("argument --arch", "invalid choice: 'internvl9'")),
@@ -794,11 +857,22 @@ class TestPlanAot:
         ("--prompt_len", "-4", "must be >= 1, got -4"),
         ("--label_tokens", "0", "must be >= 1, got 0"),
         ("--images_per_sample", "-1", "must be >= 0, got -1"),
+        # before: planned, printing absurd GiB
+        ("--prompt_len", "99999999999999999999", "must be <= 1048576"),
+        ("--label_tokens", "2147483648", "must be <= 1048576"),
     ])
     def test_plan_flags(self, flag, value, needle):
         rc, err, out = run_main("emit_jax.plan.command", ["--config", SMOKE, flag, value],
                                 via_cli=False)
         assert_one_error(rc, err, f"argument {flag}", needle, prog="emit_jax.plan")
+        assert out == ""
+
+    def test_a_mesh_axis_given_twice(self):
+        """Before: accepted, the last size silently won (planned fsdp=2)."""
+        rc, err, out = run_main("emit_jax.plan.command", ["--config", SMOKE, "--mesh",
+                                                          "fsdp=1,fsdp=2"], via_cli=False)
+        assert_one_error(rc, err, "--mesh 'fsdp=1,fsdp=2'", "axis 'fsdp' is given twice",
+                         prog="emit_jax.plan")
         assert out == ""
 
     def test_misspelt_config_variant(self):
@@ -817,6 +891,8 @@ class TestPlanAot:
         ("--jobs", "0", "must be >= 1, got 0"),
         ("--prompt_len", "0", "must be >= 1, got 0"),
         ("--label_tokens", "-1", "must be >= 1, got -1"),
+        # before: compiled every program, then an OverflowError
+        ("--prompt_len", "99999999999999999999", "must be <= 1048576"),
     ])
     def test_aot_flags(self, tmp_path, nothing_written, flag, value, needle):
         nothing_written()
@@ -824,6 +900,27 @@ class TestPlanAot:
             "--config", SMOKE, "--topology", "v5e:2x2", "--json_out", str(tmp_path / "aot.json"),
             flag, value], via_cli=False)
         assert_one_error(rc, err, f"argument {flag}", needle, prog="emit_jax.aot")
+
+
+    @pytest.mark.parametrize("name,needle", [("adir", "Is a directory"),
+                                             ("a_file/aot.json", "Not a directory")])
+    def test_aot_json_out_is_checked_before_compiling(self, tmp_path, monkeypatch, name, needle):
+        """Before: checked only after every program compiled (93 s), then ``open`` failed."""
+        from emit_jax.aot import command
+
+        (tmp_path / "adir").mkdir()
+        (tmp_path / "a_file").write_text("not a folder")
+
+        def no_compile(*a, **k):
+            raise AssertionError("the programs compiled before --json_out was checked")
+        monkeypatch.setattr(command, "make_report", no_compile)
+        monkeypatch.setattr(command, "require_libtpu", lambda: None)
+        before = snapshot(tmp_path)
+        out = str(tmp_path / name)
+        rc, err, _ = run_main("emit_jax.aot.command", [
+            "--config", SMOKE, "--topology", "v5e:2x2", "--json_out", out], via_cli=False)
+        assert_one_error(rc, err, f"--json_out {out}: {needle}", prog="emit_jax.aot")
+        assert snapshot(tmp_path) == before
 
 
 # ------------------------------------------------------------------------------- benchmarks
@@ -837,6 +934,16 @@ class TestBench:
         (["heatmap", "--arch", "huge"], ("argument --arch", "invalid choice: 'huge'")),
         (["rollout", "--batch", "0"], ("argument --batch", "must be >= 1")),
         (["rollout", "--lora", "-8"], ("argument --lora", "must be >= 0")),
+        # before: an OverflowError traceback / a run that never ends
+        (["rollout", "--new-tokens", "99999999999999999999"],
+         ("argument --new-tokens", "must be <= 1048576")),
+        (["heatmap", "--repeats", "100000000000000000000"],
+         ("argument --repeats", "must be <= 10000")),
+        # before: accepted; failed only when the first peer started, after our own runs
+        (["compare", "--python-hf", "/nonexistent/python"],
+         ("argument --python-hf", "/nonexistent/python: no such interpreter")),
+        (["compare", "--python-tunix", os.path.join(ROOT, "setup.py")],
+         ("argument --python-tunix", "setup.py: not executable")),
         (["grpo_step", "--G", "1"], ("argument --G", "must be >= 2, got 1")),
         (["train_step", "--peak-gflops", "nan"], ("argument --peak-gflops", "finite number")),
         (["compile_time", "--text-layers", "0"], ("argument --text-layers", "must be >= 1")),
@@ -946,11 +1053,61 @@ class TestTrain:
             assert n in lines[-1], (n, lines[-1])
         assert not os.path.isdir(tmp_path / "run" / "data"), os.listdir(tmp_path / "run")
 
+    def test_a_truncated_init_from_leaves_no_workdir(self, tmp_path, env, tiny_model):
+        """Before: data/ and tokenizer/ were written, then the model's header failed."""
+        import shutil
+
+        hf_dir = tmp_path / "hf"
+        shutil.copytree(tiny_model["hf"], hf_dir)
+        weights = hf_dir / "model.safetensors"
+        with open(weights, "r+b") as f:
+            f.truncate(os.path.getsize(weights) // 2)
+        before = snapshot(tmp_path)
+        rc, err = train(env, "--config", SMOKE, "--workdir", str(tmp_path / "run"),
+                        f"--config.init_from={hf_dir}")
+        assert_one_error(rc, err, str(weights), "not a readable safetensors file", prog=TRAIN)
+        assert snapshot(tmp_path) == before
+
+    def test_cache_variable_naming_a_file(self, tmp_path, env):
+        """Before: ``File exists`` (from makedirs), naming neither the variable nor the value,
+        after the workdir was made."""
+        (tmp_path / "a_file").write_text("not a folder")
+        before = snapshot(tmp_path)
+        rc, err = train({**env, "EMIT_JAX_CACHE": str(tmp_path / "a_file")}, "--config", SMOKE,
+                        "--workdir", str(tmp_path / "run"))
+        assert_one_error(rc, err, f"$EMIT_JAX_CACHE={tmp_path / 'a_file'}", "not a folder",
+                         prog=TRAIN)
+        assert snapshot(tmp_path) == before
+
+    @pytest.mark.parametrize("inside", ["is", "lies inside", "link"])
+    def test_workdir_in_the_dataset_is_refused(self, tmp_path, env, inside):
+        """Before: accepted; the run wrote data/, tokenizer/ and checkpoints into its dataset."""
+        ds = make_mvtec(tmp_path / "ds", classes=("widget",))
+        workdir = {"is": ds, "lies inside": os.path.join(ds, "run")}.get(inside)
+        if inside == "link":
+            os.symlink(ds, tmp_path / "link")
+            workdir = str(tmp_path / "link" / "run")
+        before = snapshot(tmp_path)
+        rc, err = train(env, "--config", SMOKE, "--workdir", workdir,
+                        f"--config.data.source={ds}")
+        where = "is" if inside == "is" else "lies inside"
+        assert_one_error(rc, err, f"{workdir}: the output {where} the input config data.source",
+                         prog=TRAIN)
+        assert snapshot(tmp_path) == before
+
     @pytest.mark.parametrize("spec,key,value,needle", [
         (SMOKE, "seed", -1, "config seed: -1 is below 0"),
         (SMOKE, "data.seed", -2, "config data.seed: -2 is below 0"),
         (SMOKE, "data.dk_sentences", -1, "config data.dk_sentences: -1 is below 0"),
         ("configs/adfm.py:smoke", "eval_adfm", -1, "config eval_adfm: -1 is below 0"),
+        # before: accepted; an OverflowError traceback in optax when the stage began
+        (SMOKE, "grpo.steps", 10**26, "config grpo.steps: 100000000000000000000000000 is above "
+         "2147483647"),
+        ("configs/sft.py", "base.steps", 10**26, "config base.steps: 100000000000000000000000000 "
+         "is above 2147483647"),
+        (SMOKE, "seed", 2**31, "config seed: 2147483648 is above 2147483647"),
+        # before: a hang building the tile grids (data/image.py target_ratios)
+        (SMOKE, "data.max_tiles", 10**12, "config data.max_tiles: 1000000000000 is above 40"),
     ])
     def test_validate_config_ranges(self, spec, key, value, needle):
         """The ``--config.`` values train's config check lacked (directly, no subprocess)."""

@@ -5,6 +5,7 @@ scripted sampler, and property tests."""
 from __future__ import annotations
 
 import itertools
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -255,7 +256,9 @@ def test_property_advantages_sum_to_zero_and_finite(G, n_groups, data):
 @pytest.mark.parametrize("kl", KLS)
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_loss_matches_numpy(agg, kl, beta):
-    logp, old, ref, adv, mask = random_batch(hash((agg, kl)) % 1000)
+    # a seed fixed per case: hash() of strings changes with every process (PYTHONHASHSEED), and
+    # some draws exercised no clipping, which the last assertion requires
+    logp, old, ref, adv, mask = random_batch(zlib.crc32(f"{agg}-{kl}".encode()) % 1000)
     eps_low, eps_high = 0.1, 0.28  # asymmetric (DAPO clip-higher)
     loss, m = GR.grpo_loss(logp, old, ref, adv, mask, eps_low=eps_low, eps_high=eps_high,
                            beta=beta, kl=kl, agg=agg)

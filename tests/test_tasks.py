@@ -298,7 +298,8 @@ def test_stage_records_refuse_a_workdir_built_with_another_ad_order(tmp_path):
     ds = make_mvtec(tmp_path / "ds", classes=("widget",))
     work = tmp_path / "work"
     recs = stage_records(ds, str(work), text_samples=False, ad_order="yes_no")
-    assert json.loads((work / "data" / "options.json").read_text()) == {"ad_order": "yes_no"}
+    assert json.loads((work / "data" / "options.json").read_text()) == {"ad_order": "yes_no",
+                                                                        "rationale": "brief"}
     assert all(r["options"] == ["Yes.", "No."] for r in recs["test"]
                if r["task_type"] == "anomaly_discrimination")
     again = stage_records(ds, str(work), text_samples=False, ad_order="yes_no")  # the cache

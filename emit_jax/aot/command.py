@@ -15,6 +15,7 @@ from emit_jax import cli, configs
 from emit_jax.aot.report import format_report, make_report, to_json
 from emit_jax.aot.tpu import require_libtpu
 from emit_jax.errors import AotError, ConfigError, PlanError
+from emit_jax.fileio import atomic_output, check_writable
 
 PROG = "emit_jax.aot"
 DESCRIPTION = ("The TPU compiler's word on a config before any hardware is rented: the project's "
@@ -31,9 +32,9 @@ def _parser() -> cli.Parser:
                    help="compile this stage (default: the largest of config.stages, as plan)")
     p.add_argument("--programs", default="", help="only these, comma-separated (sft: "
                    "train_step; grpo: sampler, score, train_step)")
-    p.add_argument("--prompt_len", type=cli.positive_int, default=None,
+    p.add_argument("--prompt_len", type=cli.int_in(1, cli.MAX_TOKENS), default=None,
                    help="prompt tokens (default: the largest data.length_buckets)")
-    p.add_argument("--label_tokens", type=cli.positive_int, default=128,
+    p.add_argument("--label_tokens", type=cli.int_in(1, cli.MAX_TOKENS), default=128,
                    help="SFT label positions per row")
     p.add_argument("--headroom", type=cli.percent, default=10.0, help="percent of HBM reserved")
     p.add_argument("--hbm", type=cli.positive_float, default=None,
@@ -53,6 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rest, overrides = configs.split_overrides(argv)
         args = _parser().parse_args(rest)
+        if args.json_out:  # before the programs compile (minutes), as it is written after
+            try:
+                check_writable(args.json_out)
+            except OSError as e:
+                raise ConfigError(f"--json_out {args.json_out}: {e.strerror}") from None
         require_libtpu()
         cfg = configs.load(args.config, overrides + list(args.set))
         only = tuple(x for x in args.programs.replace(" ", "").split(",") if x)
@@ -65,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = to_json(rep)
     if args.json_out:
         try:
-            with open(args.json_out, "w", encoding="utf-8") as f:
+            with atomic_output(args.json_out, "w") as f:
                 f.write(text + "\n")
         except OSError as e:
             print(f"{PROG}: error: --json_out {args.json_out}: {e.strerror}", file=sys.stderr)

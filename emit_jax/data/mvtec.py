@@ -150,6 +150,9 @@ def scan(root: str | os.PathLike, *, dataset: str | None = None,
         for split in ("train", "test"):
             sdir = os.path.join(cdir, split)
             if not os.path.isdir(sdir):
+                if os.path.lexists(sdir):  # before: its images silently dropped, "skipped": 0
+                    report.problem(f"{sdir}: not a folder (expected {split}/<good or defect>/ "
+                                   "image folders); skipped")
                 continue
             for sub in sorted(_named(sdir, os.listdir(sdir), report)):
                 folder = os.path.join(sdir, sub)

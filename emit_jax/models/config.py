@@ -40,6 +40,33 @@ def dtype_name(dtype) -> str:
     return jnp.dtype(dtype).name
 
 
+def _check_types(cfg, what: str) -> None:
+    """Each field of the dataclass ``cfg`` has its annotated type (a config.json with
+    ``"hidden_size": "64"`` or ``null`` is one line naming the field, not a TypeError where it
+    is used); the ``int`` sizes and counts are >= 1."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        kind = str(f.type).replace(" ", "")
+        if v is None and kind.endswith("|None"):
+            continue
+        base = kind.split("|")[0]
+        if base == "int":
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"{what} {f.name} is {v!r}, expected a whole number")
+            if v < 1:
+                raise ConfigError(f"{what} {f.name} is {v}, expected a whole number >= 1")
+        elif base == "float":
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v \
+                    or v in (float("inf"), float("-inf")):
+                raise ConfigError(f"{what} {f.name} is {v!r}, expected a finite number")
+        elif base == "bool":
+            if not isinstance(v, bool):
+                raise ConfigError(f"{what} {f.name} is {v!r}, expected true or false")
+        elif base == "str":
+            if not isinstance(v, str):
+                raise ConfigError(f"{what} {f.name} is {v!r}, expected a string")
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
     """InternViT. ``norm_type='layer_norm'``, ``use_qk_norm=False``, ``attention_bias=True`` is
@@ -70,6 +97,7 @@ class VisionConfig:
         return self.image_size // self.patch_size
 
     def validate(self) -> None:
+        _check_types(self, "vision")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"vision hidden_size {self.hidden_size} is not divisible by "
@@ -105,6 +133,7 @@ class TextConfig:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
     def validate(self) -> None:
+        _check_types(self, "text")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"text num_attention_heads {self.num_attention_heads} is not a multiple of "
@@ -146,6 +175,14 @@ class InternVLConfig:
     def validate(self) -> "InternVLConfig":
         self.vision.validate()
         self.text.validate()
+        for name in ("image_token_id", "vision_feature_layer"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"{name} is {v!r}, expected a whole number")
+        if isinstance(self.downsample_ratio, bool) or \
+                not isinstance(self.downsample_ratio, (int, float)) or \
+                not 0 < self.downsample_ratio <= 1:
+            raise ConfigError(f"downsample_ratio is {self.downsample_ratio!r}, expected 1/n")
         r = 1 / self.downsample_ratio
         if abs(r - round(r)) > 1e-9 or self.vision.grid % round(r):
             raise ConfigError(
@@ -169,7 +206,22 @@ class InternVLConfig:
     # ------------------------------------------------------------------ HF config.json
     @classmethod
     def from_hf_dict(cls, d: dict, *, source: str = "config.json") -> "InternVLConfig":
-        """Build from a transformers ``InternVLConfig`` dict (``model_type == 'internvl'``)."""
+        """Build from a transformers ``InternVLConfig`` dict (``model_type == 'internvl'``); a
+        field of the wrong type is a :class:`ConfigError` naming ``source``."""
+        try:
+            return cls._from_hf_dict(d, source=source)
+        except (TypeError, ValueError, AttributeError) as e:  # int("x"), float(None), "a".get
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{source}: a field has the wrong type ({e})") from None
+
+    @classmethod
+    def _from_hf_dict(cls, d: dict, *, source: str) -> "InternVLConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        for key in ("vision_config", "text_config"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ConfigError(f"{source}: {key} is {d[key]!r}, expected an object")
         mt = d.get("model_type")
         if mt != "internvl":
             hint = (" (the original 'internvl_chat' format: read it with emit_jax.hf.read_config / "

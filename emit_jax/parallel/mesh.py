@@ -61,6 +61,8 @@ def parse_mesh(spec: str | Mapping[str, int] | None) -> dict[str, int]:
                 raise ValueError(f"mesh spec {spec!r}: {part!r} is not axis=size "
                                  f"(axes: {', '.join(MESH_AXES)})")
             k, v = part.split("=", 1)
+            if k in items:  # before: the last one silently won
+                raise ValueError(f"mesh spec {spec!r}: axis {k!r} is given twice; give it once")
             try:
                 items[k] = int(v)
             except ValueError:

@@ -25,9 +25,9 @@ def _parser() -> cli.Parser:
     p.add_argument("--headroom", type=cli.percent, default=10.0,
                    help="percent of memory reserved")
     p.add_argument("--stage", default=None, help="plan this stage (default: the largest)")
-    p.add_argument("--prompt_len", type=cli.positive_int, default=None,
+    p.add_argument("--prompt_len", type=cli.int_in(1, cli.MAX_TOKENS), default=None,
                    help="prompt tokens (default: the largest data.length_buckets)")
-    p.add_argument("--label_tokens", type=cli.positive_int, default=128,
+    p.add_argument("--label_tokens", type=cli.int_in(1, cli.MAX_TOKENS), default=128,
                    help="SFT label positions per row")
     p.add_argument("--images_per_sample", type=cli.nonneg_int, default=2)
     p.add_argument("--reference", choices=("copy", "shared"), default="shared",

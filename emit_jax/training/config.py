@@ -63,12 +63,19 @@ def _known_qtype(qtype) -> bool:
                                  jnp.issubdtype(dt, jnp.floating))
 
 
-def check_int(key: str, v, *, low: int | None = None) -> int:
-    """An integer (not a bool) ``>= low``."""
+#: the largest whole number a setting may take: JAX's int32 (a step count, a length, a seed
+#: beyond it overflows in jitted code or optax, a traceback minutes into a run)
+INT_MAX = 2**31 - 1
+
+
+def check_int(key: str, v, *, low: int | None = None, high: int = INT_MAX) -> int:
+    """An integer (not a bool) in ``[low, high]``."""
     if isinstance(v, bool) or not isinstance(v, int):
         fail(key, v, "is not an integer")
     if low is not None and v < low:
         fail(key, v, f"is below {low}")
+    if high is not None and v > high:
+        fail(key, v, f"is above {high}")
     return v
 
 

@@ -171,7 +171,9 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
               "(--config.data.source=DIR)")
     if source != "embedded" and not os.path.isdir(source):
         _fail("data.source", source, "is not a folder (expected an MVTec-AD-style dataset)")
-    _int(data, "max_tiles", "data.max_tiles", low=1)
+    from emit_jax.cli import MAX_TILES
+
+    check_int("data.max_tiles", _get(data, "max_tiles", "data.max_tiles"), low=1, high=MAX_TILES)
     _int(data, "seed", "data.seed", low=0, default=0)  # the embedded dataset's seeds are >= 0
     _int(data, "dk_sentences", "data.dk_sentences", low=0, default=0)  # 0: the whole text
     from emit_jax.data.tasks import AD_ORDERS

@@ -21,6 +21,28 @@ def cache_path(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> str
     return os.path.join(os.fspath(root), f"embedded-v{GENERATOR_VERSION}-seed{_check_seed(seed)}")
 
 
+def check_cache_root(cache_dir: str | os.PathLike | None = None) -> None:
+    """Raise ``DataError`` naming where the cache root came from (``$EMIT_JAX_CACHE``, or the
+    ``cache_dir`` given) when it, or its nearest existing ancestor, is not a folder: before,
+    ``makedirs`` said ``File exists`` without naming the variable."""
+    from emit_jax.errors import DataError
+
+    if cache_dir is not None:
+        root, what = os.fspath(cache_dir), f"cache folder {os.fspath(cache_dir)}"
+    elif os.environ.get("EMIT_JAX_CACHE"):
+        root = os.environ["EMIT_JAX_CACHE"]
+        what = f"$EMIT_JAX_CACHE={root}"
+    else:
+        root = os.path.join(os.path.expanduser("~"), ".cache", "emit_jax")
+        what = f"the cache folder {root} (set $EMIT_JAX_CACHE to choose another)"
+    folder = os.path.abspath(root)
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        where = "is" if folder == os.path.abspath(root) else f"lies below {folder}, which is"
+        raise DataError(f"{what}: {where} not a folder (the embedded dataset is cached there)")
+
+
 def _manifest_matches(path: str, seed: int) -> bool:
     try:
         with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
@@ -42,6 +64,7 @@ def ensure_cached(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> 
     if _manifest_matches(target, seed):
         return target
     parent = os.path.dirname(target)
+    check_cache_root(cache_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(target) + ".tmp-", dir=parent)
     try:
