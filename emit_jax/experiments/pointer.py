@@ -94,13 +94,18 @@ class Tasks:
         s = [rng.choice(self.options) for _ in range(n)]
         return s + self.sep + s, [-1] * (n + len(self.sep)) + s
 
-    def enumerate(self, rng):
+    def _question(self, rng):
+        """``(k, order, j, prompt)``: the fact's option ``k``, the four options' ``order``
+        (``k`` among them, at ``j``) and the prompt: the stated fact, then the options."""
         k = rng.randrange(len(self.options))
         order = rng.sample([i for i in range(len(self.options)) if i != k], 3) + [k]
         rng.shuffle(order)
-        j = order.index(k)
         prompt = self.head + [self.facts[k]] + self.question + \
             self._option_block([self.options[o] for o in order])
+        return k, order, order.index(k), prompt
+
+    def enumerate(self, rng):
+        k, order, j, prompt = self._question(rng)
         think, end, answer = self.tags
         target = [think]
         for i, o in enumerate(order[:j + 1]):
@@ -109,16 +114,10 @@ class Tasks:
         target += [end, answer, self.letters[j]]
         return prompt + target, [-1] * len(prompt) + target
 
-
     def restate(self, rng):
         """The options restated word-then-letter (``A w1 A.`` ...), then the fact word and the
         letter that followed it in the restatement: every step a copy, the last an induction."""
-        k = rng.randrange(len(self.options))
-        order = rng.sample([i for i in range(len(self.options)) if i != k], 3) + [k]
-        rng.shuffle(order)
-        j = order.index(k)
-        prompt = self.head + [self.facts[k]] + self.question + \
-            self._option_block([self.options[o] for o in order])
+        k, order, j, prompt = self._question(rng)
         think, end, answer = self.tags
         target = [think]
         for i, o in enumerate(order):
