@@ -16,6 +16,7 @@ import warnings
 from typing import Callable, NoReturn
 
 from emit_jax.errors import USER_ERRORS, message  # noqa: F401 (re-exported)
+from emit_jax.limits import INT_MAX, MAX_REPEATS, MAX_TILES, MAX_TOKENS  # noqa: F401 (re-exported)
 
 
 class Parser(argparse.ArgumentParser):
@@ -74,9 +75,6 @@ def _number(text: str, kind: type, what: str):
     return value
 
 
-#: the largest whole number a flag takes by default: JAX's int32 (a length, a count or a seed
-#: beyond it overflows in jitted code, a traceback after the model loaded)
-INT_MAX = 2**31 - 1
 
 
 def int_at_least(low: int, high: int = INT_MAX) -> Callable[[str], int]:
@@ -97,14 +95,6 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
     return int_at_least(low, high)
 
 
-#: the most image tiles per image (``--max-tiles``, ``data.max_tiles``; InternVL uses up to
-#: 12): the candidate grids grow with its cube, a hang beyond a few hundred
-MAX_TILES = 40
-#: the most tokens of a prompt or a generation a flag takes (``--prompt_len``,
-#: ``--max-new-tokens``, ``--new-tokens``): far beyond any model's context
-MAX_TOKENS = 1 << 20
-#: the most timed repeats of a benchmark (``--repeats``, ``--rounds``)
-MAX_REPEATS = 10_000
 
 #: a whole number >= 1 (counts, sizes, lengths, repeats)
 positive_int = int_at_least(1)
@@ -137,6 +127,25 @@ nonneg_float = float_in(0.0)
 unit_float = float_in(0.0, 1.0)
 #: a percentage in [0, 100) (memory headroom)
 percent = float_in(0.0, 100.0, high_open=True)
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """The one-line message for an allocation that failed (host memory: ``MemoryError``, as
+    NumPy raises for an array too large; a device: XLA's ``RESOURCE_EXHAUSTED``), or None for
+    any other error. Settings that ask for too much (a batch, a length, a tile count) end this
+    way: a user error, not a crash."""
+    text = " ".join(str(e).split())
+    if isinstance(e, MemoryError):
+        where = "host memory"
+    elif "RESOURCE_EXHAUSTED" in text or "Out of memory" in text:
+        where = "device memory"
+    else:
+        return None
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return (f"out of {where}: {text or type(e).__name__}; the settings ask for more than this "
+            "machine has (a smaller batch, prompts_per_step, G, max_tiles or length; "
+            "python -m emit_jax.plan estimates a config's memory)")
 
 
 def fail(prog: str, e: BaseException) -> int:
@@ -340,6 +349,36 @@ def command(main: Callable[[list[str] | None], int | None], prog: str) -> NoRetu
     sys.exit(_run(main, None, prog, final=True))
 
 
+def skip_absent_tpu() -> None:
+    """Do not start the TPU runtime on a host that has no TPU chip.
+
+    With libtpu installed (the ``test`` and ``tpu-aot`` extras) jax tries its TPU backend first
+    whatever the host, and libtpu, finding no chip, writes five lines of start-up warnings
+    (``TPU_ACCELERATOR_TYPE``, ``InitGoogle``, ``TPU_WORKER_HOSTNAMES``) straight to stderr:
+    a command's one error line became six to eight. When the PCI bus shows no TPU chip (jax's
+    own test, ``hardware_utils.num_available_tpu_chips_and_device_id``), the TPU backend is
+    dropped from the backends jax will try. Nothing changes when ``JAX_PLATFORMS`` (or
+    ``jax_platforms``) names the platforms, when ``JAX_FORCE_TPU_INIT`` is set, when libtpu is
+    not installed, or once a backend has started; compiling for an abstract TPU slice
+    (``python -m emit_jax.aot``) does not go through the backend and is unaffected."""
+    if os.environ.get("JAX_PLATFORMS") or "JAX_FORCE_TPU_INIT" in os.environ:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        return
+    try:
+        import jax
+        from jax._src import hardware_utils, xla_bridge
+
+        if (jax.config.jax_platforms or xla_bridge._backends
+                or hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0):
+            return
+        xla_bridge._backend_factories.pop("tpu", None)
+    except (ImportError, AttributeError, OSError):  # another jax: its TPU warnings stay
+        return
+
+
 def _run(main, argv, prog: str, final: bool = False) -> int:
     def interrupted(name: str) -> int:
         line = interrupted_line(prog, f"({name or 'SIGINT'})")
@@ -355,6 +394,7 @@ def _run(main, argv, prog: str, final: bool = False) -> int:
     try:
         with interrupts() as received:
             try:
+                skip_absent_tpu()
                 status = int(main(argv) or 0)
             except KeyboardInterrupt as e:
                 return interrupted(str(e) or (received[0] if received else ""))
@@ -362,9 +402,12 @@ def _run(main, argv, prog: str, final: bool = False) -> int:
                 if received:  # a user error the interrupt caused (a read cut short)
                     return interrupted(received[0])
                 return fail(prog, e)
-            except Exception:
+            except Exception as e:
                 if received:  # the KeyboardInterrupt, wrapped in a library's own error
                     return interrupted(received[0])
+                if (oom := out_of_memory(e)) is not None:
+                    print(f"{prog}: error: {oom}", file=sys.stderr)
+                    return 2
                 raise
     except KeyboardInterrupt as e:  # a signal as the block ended
         return interrupted(str(e))

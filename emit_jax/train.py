@@ -312,6 +312,7 @@ def main(argv) -> None:
         # SIGTERM stops like Ctrl-C (the last checkpoint is complete); neither is lost in an
         # import or a gc callback (cli.interrupts)
         with cli.interrupts():
+            cli.skip_absent_tpu()  # no libtpu start-up lines on a host without a TPU
             try:
                 parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
             except ValueError as e:  # inconsistent multihost arguments
@@ -332,6 +333,11 @@ def main(argv) -> None:
     except NonFiniteError as e:  # the non-finite policy stopped the run; its last good step is saved
         stages.log(f"emit_jax.train: error: {message(e)}")
         sys.exit(3)
+    except Exception as e:  # settings that ask for more memory than there is: one line
+        if (oom := cli.out_of_memory(e)) is None:
+            raise
+        stages.log(f"emit_jax.train: error: {oom}")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -406,16 +406,19 @@ class TestDataBuild:
         assert os.path.relpath(bad, dataset) not in text and "\\udcff" not in text
 
     @pytest.mark.parametrize("policy", ["error", "skip"])
-    def test_a_split_that_is_a_file(self, tmp_path, dataset, nothing_written, policy):
-        """``<class>/train`` a regular file. Before: its images silently dropped, exit 0 with
-        ``"skipped": 0``."""
+    @pytest.mark.parametrize("entry", ["train", "train/good"])
+    def test_a_split_that_is_a_file(self, tmp_path, dataset, nothing_written, policy, entry):
+        """``<class>/train`` a regular file, or ``<class>/train/good`` inside the split. Before:
+        their images silently dropped, exit 0 with ``"skipped": 0``. (A hidden file inside a
+        split, such as ``.DS_Store``, is no problem.)"""
         import shutil
 
-        make_mvtec(tmp_path / "ds", classes=("bolt",))
-        train_dir = os.path.join(dataset, "widget", "train")
+        train_dir = os.path.join(dataset, "widget", *entry.split("/"))
         shutil.rmtree(train_dir)
         with open(train_dir, "w") as f:
             f.write("not a folder")
+        with open(os.path.join(dataset, "widget", "test", ".DS_Store"), "w") as f:
+            f.write("Finder's own")
         if policy == "error":
             nothing_written()
             rc, err, _ = run_main(BUILD, build_args(dataset, tmp_path))
@@ -867,6 +870,15 @@ class TestPlanAot:
         assert_one_error(rc, err, f"argument {flag}", needle, prog="emit_jax.plan")
         assert out == ""
 
+    @pytest.mark.parametrize("value,needle", [("100000", "is above 40"), ("0", "is below 1")])
+    def test_plan_max_tiles_is_bounded(self, value, needle):
+        """Before: ``--set data.max_tiles=100000`` hung in the tile-grid search."""
+        rc, err, out = run_main("emit_jax.plan.command",
+                                ["--config", SMOKE, "--stage", "grpo", "--set",
+                                 f"data.max_tiles={value}"], via_cli=False)
+        assert_one_error(rc, err, f"config data.max_tiles: {value} {needle}",
+                         prog="emit_jax.plan")
+
     def test_a_mesh_axis_given_twice(self):
         """Before: accepted, the last size silently won (planned fsdp=2)."""
         rc, err, out = run_main("emit_jax.plan.command", ["--config", SMOKE, "--mesh",
@@ -1108,6 +1120,16 @@ class TestTrain:
         (SMOKE, "seed", 2**31, "config seed: 2147483648 is above 2147483647"),
         # before: a hang building the tile grids (data/image.py target_ratios)
         (SMOKE, "data.max_tiles", 10**12, "config data.max_tiles: 1000000000000 is above 40"),
+        # products of settings each within its bound: before, an overflow or a 175 TiB array
+        (SMOKE, "grpo.G", 2**30, "config grpo.prompts_per_step x grpo.G: 2147483648 is above "
+         "2147483647"),
+        (SMOKE, "grpo.iterations", 2**30, "config grpo.steps x grpo.iterations: "),
+        (SMOKE, "grpo.prompts_per_step", 3 * 10**8, "config grpo.prompts_per_step x grpo.G x 2 x "
+         "data.max_tiles: "),
+        (SMOKE, "grpo.max_new_tokens", 2**21, "config grpo.max_new_tokens: 2097152 is above "
+         "1048576"),
+        (SMOKE, "data.length_buckets", (64, 2**21), "config data.length_buckets: (64, 2097152) "
+         "reaches above 1048576 tokens"),
     ])
     def test_validate_config_ranges(self, spec, key, value, needle):
         """The ``--config.`` values train's config check lacked (directly, no subprocess)."""
@@ -1192,3 +1214,67 @@ class TestTrain:
             ck.close()
         assert [n for n in os.listdir(d) if n.isdigit()] == ["1"]
         assert not (tmp_path / "sft" / "ckpt-unreadable").exists()
+
+
+# ------------------------------------------------- libtpu installed on a host without a TPU
+def _no_tpu_host_env() -> dict:
+    """The user's environment on this host: no ``JAX_PLATFORMS`` (the tests' conftest sets it
+    to cpu, which hid libtpu's start-up lines from every other test)."""
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (the test extra installs it)")
+    from jax._src import hardware_utils
+
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
+        pytest.skip("this host has a TPU: the TPU runtime is meant to start")
+    env = subprocess_env(PYTHONPATH=ROOT)
+    env.pop("JAX_PLATFORMS", None)
+    env.pop("JAX_FORCE_TPU_INIT", None)
+    return env
+
+
+@pytest.mark.parametrize("where", ["host", "device"])
+def test_settings_asking_for_too_much_memory_are_one_line(where):
+    """An allocation that fails is a user error (settings beyond the machine), not a crash:
+    NumPy's ``MemoryError`` for a batch too large (seen: 175 TiB of GRPO tile buffers), and
+    XLA's ``RESOURCE_EXHAUSTED``."""
+    import jax
+    import numpy as np
+
+    from emit_jax import cli
+
+    def main(argv):
+        if where == "host":
+            np.zeros((1 << 40, 1 << 10), np.float32)  # 4 PiB
+        else:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying "
+                                             "to allocate 80.00GiB.")
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli.run(main, [], prog="emit_jax.evaluate")
+    assert_one_error(rc, err.getvalue(), f"out of {where} memory", "python -m emit_jax.plan",
+                     prog="emit_jax.evaluate")
+
+
+def test_backend_start_writes_nothing_without_a_tpu():
+    """With libtpu installed and no TPU chip, starting jax's backend wrote five libtpu lines
+    (TPU_ACCELERATOR_TYPE, InitGoogle, TPU_WORKER_HOSTNAMES) to stderr; after
+    ``cli.skip_absent_tpu`` it writes none, and the CPU is the backend."""
+    code = ("from emit_jax import cli; cli.skip_absent_tpu(); import jax; "
+            "print(jax.default_backend())")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=_no_tpu_host_env(), timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "cpu"
+    assert p.stderr == ""
+
+
+def test_error_after_the_backend_starts_is_one_line_without_a_tpu(tmp_path):
+    """``train`` checks the mesh against the devices, after the backend started: the error is
+    still exactly one line when libtpu is installed on a host without a TPU (it was six)."""
+    p = subprocess.run([sys.executable, "-m", "emit_jax.train", "--config", SMOKE,
+                        "--workdir", str(tmp_path / "w"), "--config.mesh.fsdp=3"],
+                       cwd=ROOT, capture_output=True, text=True, env=_no_tpu_host_env(),
+                       timeout=300)
+    assert_one_error(p.returncode, p.stderr, "mesh", "needs 3 devices")
+    assert not (tmp_path / "w").exists()

@@ -157,6 +157,9 @@ def scan(root: str | os.PathLike, *, dataset: str | None = None,
             for sub in sorted(_named(sdir, os.listdir(sdir), report)):
                 folder = os.path.join(sdir, sub)
                 if not os.path.isdir(folder):
+                    if not sub.startswith("."):  # before: skipped without a count
+                        report.problem(f"{folder}: not a folder (expected {split}/<good or "
+                                       "defect>/ image folders); skipped")
                     continue
                 good = sub.lower() in GOOD_DIRS
                 if split == "train" and not good:

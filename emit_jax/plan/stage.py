@@ -7,8 +7,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from emit_jax.errors import PlanError
-from emit_jax.training.config import LORA_STAGES, STAGES, GRPOConfig
+from emit_jax.errors import ConfigError, PlanError, message
+from emit_jax.limits import MAX_TILES
+from emit_jax.training.config import LORA_STAGES, STAGES, GRPOConfig, check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,11 @@ def stage_setup(cfg, stage: str, mesh: tuple, *, prompt_len: int | None = None,
         raise PlanError("no prompt length: the config has no data.length_buckets; pass --prompt_len")
     if label_tokens < 1:
         raise PlanError(f"--label_tokens {label_tokens}: must be positive")
-    max_tiles = int(cfg.data.get("max_tiles", 1))
+    try:
+        max_tiles = check_int("data.max_tiles", cfg.data.get("max_tiles", 1), low=1,
+                              high=MAX_TILES)
+    except ConfigError as e:  # before: an unbounded value hung the tile-grid search
+        raise PlanError(message(e)) from None
     kw: dict[str, Any] = {}
     g = GRPOConfig.from_section(cfg.grpo) if stage in LORA_STAGES else None
     if stage == "grpo":

@@ -17,6 +17,7 @@ import re
 from typing import Any, Mapping
 
 from emit_jax.errors import ConfigError
+from emit_jax.limits import INT_MAX, MAX_TOKENS
 from emit_jax.parallel.mesh import SAMPLER_MESHES
 from emit_jax.rl import grpo as rl_grpo
 from emit_jax.rl import rewards as rl_rewards
@@ -63,9 +64,6 @@ def _known_qtype(qtype) -> bool:
                                  jnp.issubdtype(dt, jnp.floating))
 
 
-#: the largest whole number a setting may take: JAX's int32 (a step count, a length, a seed
-#: beyond it overflows in jitted code or optax, a traceback minutes into a run)
-INT_MAX = 2**31 - 1
 
 
 def check_int(key: str, v, *, low: int | None = None, high: int = INT_MAX) -> int:
@@ -258,7 +256,9 @@ class GRPOConfig:
         check_int("grpo.iterations", self.iterations, low=1)
         check_micro("grpo.micro_batch_size", self.micro_batch_size, self.rows,
                     "grpo.prompts_per_step x grpo.G")
-        check_int("grpo.max_new_tokens", self.max_new_tokens, low=1)
+        check_int("grpo.prompts_per_step x grpo.G", self.rows)  # completions per step
+        check_int("grpo.steps x grpo.iterations", self.steps * self.iterations)  # optax's count
+        check_int("grpo.max_new_tokens", self.max_new_tokens, low=1, high=MAX_TOKENS)
         check_float("grpo.temperature", self.temperature, low=0.0, low_open=True)
         check_int("grpo.top_k", self.top_k, low=0)
         check_float("grpo.top_p", self.top_p, low=0.0, low_open=True, high=1.0)

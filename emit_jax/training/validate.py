@@ -15,6 +15,7 @@ import math
 import os
 
 from emit_jax.errors import ConfigError
+from emit_jax.limits import MAX_TILES, MAX_TOKENS
 from emit_jax.ops import kernels
 from emit_jax.training.config import (SFT_STAGES, STAGES, GRPOConfig, OptimConfig, check_int,
                                       fail as _fail)
@@ -171,9 +172,11 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
               "(--config.data.source=DIR)")
     if source != "embedded" and not os.path.isdir(source):
         _fail("data.source", source, "is not a folder (expected an MVTec-AD-style dataset)")
-    from emit_jax.cli import MAX_TILES
-
-    check_int("data.max_tiles", _get(data, "max_tiles", "data.max_tiles"), low=1, high=MAX_TILES)
+    max_tiles = check_int("data.max_tiles", _get(data, "max_tiles", "data.max_tiles"), low=1,
+                          high=MAX_TILES)
+    if grpo is not None:  # the rollout's tile bucket: 2 images x max_tiles per completion
+        check_int("grpo.prompts_per_step x grpo.G x 2 x data.max_tiles",
+                  grpo.rows * 2 * max_tiles)
     _int(data, "seed", "data.seed", low=0, default=0)  # the embedded dataset's seeds are >= 0
     _int(data, "dk_sentences", "data.dk_sentences", low=0, default=0)  # 0: the whole text
     from emit_jax.data.tasks import AD_ORDERS
@@ -194,6 +197,8 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets) \
             or list(buckets) != sorted(set(buckets)):
         _fail("data.length_buckets", buckets, "must be increasing positive integers")
+    if buckets[-1] > MAX_TOKENS:
+        _fail("data.length_buckets", buckets, f"reaches above {MAX_TOKENS} tokens")
     _int(cfg, "seed", "seed", low=0)
     _int(cfg, "eval_adfm", "eval_adfm", low=0, default=0)
     if cfg.get("eval_adfm_tokens") is not None:  # 0 / None: grpo.max_new_tokens

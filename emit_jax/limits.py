@@ -1,0 +1,16 @@
+"""The bounds every setting and flag is checked against, in one place: the command-line types
+(``emit_jax.cli``), the training config (``emit_jax.training.config``) and the memory plan
+(``emit_jax.plan``) all read them from here."""
+
+#: the largest whole number a setting or flag may take, and the largest product of settings
+#: (completions per step, optimiser updates): JAX's int32. A step count, a length, a seed or a
+#: batch beyond it overflows in jitted code or optax, a traceback minutes into a run.
+INT_MAX = 2**31 - 1
+#: the most image tiles per image (``--max-tiles``, ``data.max_tiles``; InternVL uses up to
+#: 12): the candidate grids grow with its cube, a hang beyond a few hundred
+MAX_TILES = 40
+#: the most tokens of a prompt or a generation (``--prompt_len``, ``--max-new-tokens``,
+#: ``data.length_buckets``, ``grpo.max_new_tokens``): far beyond any model's context
+MAX_TOKENS = 1 << 20
+#: the most timed repeats of a benchmark (``--repeats``, ``--rounds``)
+MAX_REPEATS = 10_000
