@@ -162,3 +162,33 @@ def test_pointer_tasks_are_what_they_say(tmp_path):
     for task in ("copy", "restate+copy"):
         b = batch(same, task, rng, 4)
         assert b[0].shape == b[1].shape == b[2].shape and b[3].shape == (4,)
+
+
+def test_feature_probe_parts():
+    """The linear probe separates separable classes and is at chance on noise labels; the grid
+    cell of a mask's centroid and of a heat map's maximum follow one convention (row-major,
+    0 = top left); the map's shape numbers are what they say."""
+    from emit_jax.experiments.feature_probes import cell_of, hottest_cell, map_shape, softmax_probe
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 12)) * 3
+    y = rng.integers(0, 5, size=400)
+    x = centres[y] + rng.normal(size=(400, 12))
+    acc, chance = softmax_probe(x[:300], list(y[:300]), x[300:], list(y[300:]))
+    assert acc > 0.95 and chance == 0.2
+    noise = rng.integers(0, 5, size=400)
+    acc, _ = softmax_probe(x[:300], list(noise[:300]), x[300:], list(noise[300:]))
+    assert acc < 0.4
+    for cell in range(9):
+        r, c = divmod(cell, 3)
+        mask = np.zeros((224, 224), bool)
+        mask[r * 75 + 20:r * 75 + 40, c * 75 + 20:c * 75 + 40] = True
+        heat = np.zeros((16, 16))
+        heat[r * 5 + 2, c * 5 + 2] = 1.0
+        assert cell_of(mask) == cell and hottest_cell(heat) == cell
+    heat = np.arange(16.0).reshape(4, 4)
+    shape = map_shape(heat)
+    assert shape[0] == 15 and shape[1] == pytest.approx(11.5) and shape[2] == pytest.approx(7.5)
+    assert shape[3] == pytest.approx(8 / 16) and shape[4] == pytest.approx(heat.std())
+    with pytest.raises(ValueError):
+        cell_of(np.zeros((4, 4), bool))
