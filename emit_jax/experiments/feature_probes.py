@@ -26,7 +26,6 @@ initialised ``--arch`` (seed ``--seed``), as in the main job, whose ViT is not t
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
