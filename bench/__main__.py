@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     t.add_argument("--profile", action="store_true",
                    help="also trace 2 steps: worker-thread busy time and the top XLA ops")
     m = sub.add_parser("matmul")
-    m.add_argument("--n", type=cli.positive_int, default=2048)
+    m.add_argument("--n", type=cli.int_in(1, cli.MAX_MATRIX_SIDE), default=2048)
     m.add_argument("--repeats", type=cli.int_in(1, cli.MAX_REPEATS), default=10)
     gp = sub.add_parser("gpu")
     gpucheck.add_arguments(gp)

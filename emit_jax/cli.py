@@ -16,7 +16,8 @@ import warnings
 from typing import Callable, NoReturn
 
 from emit_jax.errors import USER_ERRORS, message  # noqa: F401 (re-exported)
-from emit_jax.limits import INT_MAX, MAX_REPEATS, MAX_TILES, MAX_TOKENS  # noqa: F401 (re-exported)
+from emit_jax.limits import (INT_MAX, MAX_DEVICES, MAX_IMAGE_SIDE, MAX_MATRIX_SIDE,  # noqa: F401
+                             MAX_REPEATS, MAX_TILES, MAX_TOKENS)  # (re-exported)
 
 
 class Parser(argparse.ArgumentParser):
@@ -356,8 +357,9 @@ def skip_absent_tpu() -> None:
     whatever the host, and libtpu, finding no chip, writes five lines of start-up warnings
     (``TPU_ACCELERATOR_TYPE``, ``InitGoogle``, ``TPU_WORKER_HOSTNAMES``) straight to stderr:
     a command's one error line became six to eight. When the PCI bus shows no TPU chip (jax's
-    own test, ``hardware_utils.num_available_tpu_chips_and_device_id``), the TPU backend is
-    dropped from the backends jax will try. Nothing changes when ``JAX_PLATFORMS`` (or
+    own test, ``hardware_utils.num_available_tpu_chips_and_device_id``), jax's TPU backend
+    factory is replaced by one that fails quietly, as a platform that cannot start does (the
+    platform stays known: flax and pallas register TPU lowerings when imported). Nothing changes when ``JAX_PLATFORMS`` (or
     ``jax_platforms``) names the platforms, when ``JAX_FORCE_TPU_INIT`` is set, when libtpu is
     not installed, or once a backend has started; compiling for an abstract TPU slice
     (``python -m emit_jax.aot``) does not go through the backend and is unaffected."""
@@ -374,9 +376,21 @@ def skip_absent_tpu() -> None:
         if (jax.config.jax_platforms or xla_bridge._backends
                 or hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0):
             return
-        xla_bridge._backend_factories.pop("tpu", None)
-    except (ImportError, AttributeError, OSError):  # another jax: its TPU warnings stay
+        import dataclasses
+
+        reg = xla_bridge._backend_factories.get("tpu")
+        if reg is None:
+            return
+        # the platform stays known (flax and pallas register TPU lowerings when imported);
+        # only starting its backend is skipped, quietly, as for any platform that fails
+        xla_bridge._backend_factories["tpu"] = dataclasses.replace(
+            reg, factory=_no_tpu_backend, fail_quietly=True)
+    except (ImportError, AttributeError, OSError, TypeError):  # another jax: its lines stay
         return
+
+
+def _no_tpu_backend():
+    raise RuntimeError("no TPU chip on this host's PCI bus (emit_jax.cli.skip_absent_tpu)")
 
 
 def _run(main, argv, prog: str, final: bool = False) -> int:

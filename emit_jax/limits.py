@@ -14,3 +14,12 @@ MAX_TILES = 40
 MAX_TOKENS = 1 << 20
 #: the most timed repeats of a benchmark (``--repeats``, ``--rounds``)
 MAX_REPEATS = 10_000
+#: the most devices a mesh may span (``plan --mesh`` / ``--devices``): beyond any pod
+MAX_DEVICES = 1 << 20
+#: the longest side of an image a command resizes to (``data.build --adfm-frame``; Pillow's
+#: decompression-bomb limit is about 9,500 x 9,500)
+MAX_IMAGE_SIDE = 8192
+#: the largest matrix side of ``python -m bench matmul`` (a 16 GiB float32 matrix)
+MAX_MATRIX_SIDE = 1 << 16
+#: the largest reward weight (``grpo.reward_weights``): the weighted sum stays finite
+MAX_REWARD_WEIGHT = 1e6

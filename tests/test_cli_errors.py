@@ -435,6 +435,8 @@ class TestDataBuild:
         ("--max-per-type", "-2", "must be >= 1, got -2"),
         ("--max-per-type", "nan", "expected a whole number"),
         ("--adfm-frame", "0", "must be >= 1, got 0"),
+        # before: a mask resized to 2**31-1 squared: killed for memory at 23 GB, no line
+        ("--adfm-frame", "2147483647", "must be <= 8192"),
         ("--stage", "3", "invalid choice"),
     ])
     def test_numeric_flags(self, tmp_path, dataset, nothing_written, flag, value, needle):
@@ -879,6 +881,27 @@ class TestPlanAot:
         assert_one_error(rc, err, f"config data.max_tiles: {value} {needle}",
                          prog="emit_jax.plan")
 
+    def test_a_set_given_twice_with_two_values(self):
+        """Before: the last ``--set`` won without a word (train refuses the same)."""
+        rc, err, out = run_main("emit_jax.plan.command",
+                                ["--config", SMOKE, "--set", "grpo.G=3", "--set", "grpo.G=4"],
+                                via_cli=False)
+        assert_one_error(rc, err, "config grpo.G: given twice, as '3' and '4'",
+                         prog="emit_jax.plan")
+        rc, _, out = run_main("emit_jax.plan.command", ["--config", SMOKE, "--set", "grpo.G=4",
+                                                        "--set", "grpo.G=4"], via_cli=False)
+        assert rc == 0 and out
+
+    @pytest.mark.parametrize("args,needle", [
+        # before: planned "32 sequences" for 4,611,686,014,132,420,609 devices
+        (["--mesh", "fsdp=2147483647,data=2147483647"], "spans 4611686014132420609 devices; "
+         "at most 1048576"),
+        (["--devices", "2097152", "--mesh", "fsdp=-1"], "argument --devices: must be <= 1048576"),
+    ])
+    def test_plan_device_count_is_bounded(self, args, needle):
+        rc, err, _ = run_main("emit_jax.plan.command", ["--config", SMOKE, *args], via_cli=False)
+        assert_one_error(rc, err, needle, prog="emit_jax.plan")
+
     def test_a_mesh_axis_given_twice(self):
         """Before: accepted, the last size silently won (planned fsdp=2)."""
         rc, err, out = run_main("emit_jax.plan.command", ["--config", SMOKE, "--mesh",
@@ -939,6 +962,8 @@ class TestPlanAot:
 class TestBench:
     @pytest.mark.parametrize("args,needles", [
         (["matmul", "--n", "-5"], ("argument --n", "must be >= 1, got -5")),
+        # before: a C++ abort (exit 134), "overflow in static extent product"
+        (["matmul", "--n", "2147483647"], ("argument --n", "must be <= 65536")),
         (["matmul", "--repeats", "0"], ("argument --repeats", "must be >= 1, got 0")),
         (["heatmap", "--batch", "0"], ("argument --batch", "must be >= 1")),
         (["heatmap", "--window", "-1"], ("argument --window", "must be >= 0")),
@@ -1130,6 +1155,9 @@ class TestTrain:
          "1048576"),
         (SMOKE, "data.length_buckets", (64, 2**21), "config data.length_buckets: (64, 2097152) "
          "reaches above 1048576 tokens"),
+        # before: rewards of -inf, overflow warnings and NaN in TensorBoard, exit 0
+        (SMOKE, "grpo.reward_weights", (1e308, 1e308, 1.0, 1.0),
+         "config grpo.reward_weights[0]: 1e+308 must be <= 1000000.0"),
     ])
     def test_validate_config_ranges(self, spec, key, value, needle):
         """The ``--config.`` values train's config check lacked (directly, no subprocess)."""
@@ -1260,8 +1288,11 @@ def test_backend_start_writes_nothing_without_a_tpu():
     """With libtpu installed and no TPU chip, starting jax's backend wrote five libtpu lines
     (TPU_ACCELERATOR_TYPE, InitGoogle, TPU_WORKER_HOSTNAMES) to stderr; after
     ``cli.skip_absent_tpu`` it writes none, and the CPU is the backend."""
+    # flax and pallas, imported after the skip (as evaluate imports the models late), register
+    # TPU lowerings: the platform must stay known (a NotImplementedError traceback otherwise)
     code = ("from emit_jax import cli; cli.skip_absent_tpu(); import jax; "
-            "print(jax.default_backend())")
+            "jax.numpy.zeros(2).block_until_ready(); import emit_jax.models, flax.nnx; "
+            "from jax.experimental import pallas; print(jax.default_backend())")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=_no_tpu_host_env(), timeout=300)
     assert p.returncode == 0, p.stderr

@@ -62,8 +62,15 @@ def apply(cfg: ml_collections.ConfigDict, overrides: Sequence[str] | Mapping[str
     """``cfg`` with overrides set in place: ``"key.sub=value"`` strings, or a mapping
     ``{"key.sub": value}`` whose string values are read like a command line's and other values
     set as they are."""
-    items = overrides.items() if isinstance(overrides, Mapping) else \
-        (_split(item) for item in overrides)
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        items, seen = [], {}
+        for key, raw in (_split(item) for item in overrides):
+            if key in seen and seen[key] != raw:  # the last would win without a word
+                raise ConfigError(f"config {key}: given twice, as {seen[key]!r} and {raw!r}")
+            seen[key] = raw
+            items.append((key, raw))
     for key, value in items:
         set_field(cfg, key, value)
     return cfg

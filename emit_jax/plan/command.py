@@ -19,7 +19,7 @@ def _parser() -> cli.Parser:
     p = cli.Parser(prog="python -m emit_jax.plan", description=DESCRIPTION, error_type=PlanError)
     p.add_argument("--config", required=True, help="ml_collections config file (path[:arg])")
     p.add_argument("--mesh", default="fsdp=1", help='e.g. "fsdp=8", "data=2,fsdp=4"')
-    p.add_argument("--devices", type=cli.positive_int, default=None,
+    p.add_argument("--devices", type=cli.int_in(1, cli.MAX_DEVICES), default=None,
                    help="device count (default: the product of the --mesh sizes)")
     p.add_argument("--device", default="a100-80g", help=", ".join(DEVICES))
     p.add_argument("--headroom", type=cli.percent, default=10.0,

@@ -9,6 +9,7 @@ import re
 from typing import Sequence
 
 from emit_jax.errors import PlanError
+from emit_jax.limits import MAX_DEVICES
 
 
 def resolve_mesh(spec: str, devices: int | None = None) -> tuple[int, int, int]:
@@ -29,6 +30,8 @@ def resolve_mesh(spec: str, devices: int | None = None) -> tuple[int, int, int]:
         devices = math.prod(v for v in axes.values() if v != -1)  # unnamed axes: 1
     if devices < 1:
         raise PlanError(f"--devices {devices}: must be positive")
+    if devices > MAX_DEVICES:  # before: planned for 4.6e18 devices
+        raise PlanError(f"--mesh {spec!r} spans {devices} devices; at most {MAX_DEVICES}")
     try:
         return parallel.mesh_shape(spec, devices)
     except ValueError as e:

@@ -17,7 +17,7 @@ import re
 from typing import Any, Mapping
 
 from emit_jax.errors import ConfigError
-from emit_jax.limits import INT_MAX, MAX_TOKENS
+from emit_jax.limits import INT_MAX, MAX_REWARD_WEIGHT, MAX_TOKENS
 from emit_jax.parallel.mesh import SAMPLER_MESHES
 from emit_jax.rl import grpo as rl_grpo
 from emit_jax.rl import rewards as rl_rewards
@@ -285,7 +285,9 @@ class GRPOConfig:
             fail("grpo.reward_weights", weights, f"has {len(weights)} entries for "
                  f"{len(names)} reward_names")
         for i, w in enumerate(weights):
-            check_float(f"grpo.reward_weights[{i}]", w)
+            # bounded: the weighted sum of G rewards stays finite (1e308 made it -inf)
+            check_float(f"grpo.reward_weights[{i}]", w, low=-MAX_REWARD_WEIGHT,
+                        high=MAX_REWARD_WEIGHT)
         if self.correct not in CORRECTNESS:
             fail("grpo.correct", self.correct, "must be 'accuracy' or 'adfm_cls'")
         if self.bn not in ("train", "frozen"):
