@@ -3,9 +3,14 @@ splits, the domain knowledge, the notes and (last) the manifest."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import signal
+import tempfile
+import threading
 
 import numpy as np
 from PIL import Image
@@ -18,6 +23,7 @@ from emit_jax.data.embedded.notes import _license_notes, _readme
 from emit_jax.data.embedded.sample import render_sample
 from emit_jax.data.embedded.seeding import _check_seed, _rng
 from emit_jax.data.embedded.text import description, domain_knowledge
+from emit_jax.fileio import atomic_folder
 
 _TOP_FILES = ("domain_knowledge.json", "splits.json", "manifest.json", "README.md",
               "LICENSE_NOTES.md")
@@ -38,18 +44,6 @@ def _eval_split(index: int) -> str:
 
 def _save_png(array: np.ndarray, path: str) -> None:
     Image.fromarray(array).save(path, format="PNG", compress_level=3)
-
-
-def _clear_outputs(out_dir: str) -> None:
-    """Remove only what :func:`generate` writes (class folders, descriptions, top-level files)."""
-    for name in list(CLASSES) + ["descriptions"]:
-        path = os.path.join(out_dir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-    for name in _TOP_FILES:
-        path = os.path.join(out_dir, name)
-        if os.path.isfile(path):
-            os.remove(path)
 
 
 def _write_class(out_dir: str, cls: str, seed: int, splits: dict[str, list[str]]) -> dict:
@@ -94,20 +88,174 @@ def _write_text(path: str, text: str) -> None:
 def generate(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bool = False) -> dict:
     """Write the embedded dataset for ``seed`` into ``out_dir``; returns the manifest.
 
-    ``out_dir`` must be missing or empty unless ``overwrite`` is true, in which case only the
-    files and folders this generator writes are replaced (anything else there is left alone).
-    Raises :class:`FileExistsError` for a non-empty ``out_dir`` without ``overwrite``.
+    The dataset is built in a temporary folder beside ``out_dir`` (``.tmp-<name>-*``) and renamed
+    into place only when complete: an error or an interrupt (``KeyboardInterrupt``) leaves
+    ``out_dir`` as it was and no temporary folder behind.
+
+    ``out_dir`` must be missing or empty unless ``overwrite`` is true; else
+    :class:`FileExistsError` (``... directory is not empty (use overwrite)``). With
+    ``overwrite``, only what this generator writes is replaced: the top-level files
+    (:data:`_TOP_FILES`) and, in its own folders (``<class>/{train,test}/<folder>``,
+    ``<class>/ground_truth/<defect>``, ``descriptions/<class>``), the files named as it names
+    them (``NNN.png``, ``NNN_mask.png``, ``<split>_<folder>_NNN.txt``; stale ones from an earlier
+    generation included). Every other file and folder is the user's and is kept: it is moved
+    into the new dataset (a rename, signals held off) just before that replaces the old one. A
+    file where the dataset needs a folder (or the reverse) is refused before anything is
+    written, naming it.
     """
     seed = _check_seed(seed)
     out_dir = os.fspath(out_dir)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise NotADirectoryError(f"{out_dir}: exists and is not a directory")
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
+    target = os.path.realpath(out_dir) if os.path.islink(out_dir) else os.path.abspath(out_dir)
+    keep: list[str] | None = None
+    if os.path.isdir(target) and os.listdir(target):
         if not overwrite:
             raise FileExistsError(f"{out_dir}: directory is not empty (use overwrite)")
-        _clear_outputs(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+        keep = _user_entries(target, out_dir)
+    try:
+        if keep is None:
+            with atomic_folder(target, hint="pass overwrite") as tmp:
+                manifest = _write_dataset(tmp, seed)
+        else:
+            manifest = _replace_dataset(target, seed, keep)
+    except OSError as e:
+        raise _named(e, target, out_dir) from None
+    return manifest
 
+
+# ------------------------------------------------------------------ what the generator owns
+_IMAGE = re.compile(r"\d{3,}\.png")
+_MASK = re.compile(r"\d{3,}_mask\.png")
+
+
+def _layout(rel: str) -> tuple[dict[str, str], re.Pattern | None]:
+    """For the folder ``rel`` (relative to the dataset root, ``""`` the root) of the generator's
+    layout: its sub-entries the generator writes, ``{name: "dir" | "file"}``, and the pattern
+    of the file names it writes there (None: none)."""
+    parts = rel.split("/") if rel else []
+    if not parts:
+        return {**{c: "dir" for c in CLASSES}, "descriptions": "dir",
+                **{f: "file" for f in _TOP_FILES}}, None
+    if parts[0] == "descriptions":
+        if len(parts) == 1:
+            return {c: "dir" for c in CLASSES}, None
+        subs = "|".join(re.escape(f"{split}_{sub}") for split, sub, _ in _folders(parts[1]))
+        return {}, re.compile(rf"(?:{subs})_\d{{3,}}\.txt")
+    cls = parts[0]
+    if len(parts) == 1:
+        return {"train": "dir", "test": "dir", "ground_truth": "dir"}, None
+    if len(parts) == 2:
+        if parts[1] == "ground_truth":
+            return {d: "dir" for d in CLASS_DEFECTS[cls]}, None
+        return {sub: "dir" for split, sub, _ in _folders(cls) if split == parts[1]}, None
+    return {}, _MASK if parts[1] == "ground_truth" else _IMAGE
+
+
+def _user_entries(root: str, shown: str) -> list[str]:
+    """The entries under ``root`` (paths relative to it, ``/``-separated) that the generator
+    does not write: the user's files and folders (a folder outside the layout counts as one
+    entry). Raises ``FileExistsError`` naming an entry that is a file (or link) where the layout
+    has a folder, or a folder where it has a file."""
+    keep: list[str] = []
+
+    def walk(rel: str) -> None:
+        owned, pattern = _layout(rel)
+        for name in sorted(os.listdir(os.path.join(root, rel))):
+            sub = f"{rel}/{name}" if rel else name
+            path = os.path.join(root, sub)
+            is_dir = os.path.isdir(path) and not os.path.islink(path)
+            kind = owned.get(name) or ("file" if pattern and pattern.fullmatch(name) else None)
+            if kind is None:
+                keep.append(sub)
+            elif (kind == "dir") != is_dir:
+                want = "a folder" if kind == "dir" else "a file"
+                raise FileExistsError(f"{os.path.join(shown, sub)}: the dataset writes {want} "
+                                      "there; move it away to overwrite")
+            elif is_dir:
+                walk(sub)
+
+    walk("")
+    return keep
+
+
+# ------------------------------------------------------------------ writing it, atomically
+def _named(e: OSError, target: str, shown: str) -> OSError:
+    """``e`` with a file name inside the temporary folder beside ``target`` (or that folder)
+    replaced by the path the user gave: an error names the dataset, not ``.tmp-*``."""
+    name = e.filename
+    if not isinstance(name, str) or e.strerror is None:
+        return e
+    parent, base = os.path.split(target)
+    prefix = os.path.join(parent, f".tmp-{base}-")
+    if name.startswith(prefix):  # the temporary folder, or a file in it
+        rest = name[len(prefix):].split(os.sep, 1)
+        name = os.path.join(shown, rest[1]) if len(rest) == 2 else shown
+    if name == e.filename:
+        return e
+    return type(e)(e.errno, e.strerror, name)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait (blocked) while the block runs, then are delivered: the renames
+    that swap the new dataset in are not cut half-way (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _replace_dataset(target: str, seed: int, keep: list[str]) -> dict:
+    """Build the dataset beside the non-empty folder ``target``, move the user's entries
+    ``keep`` into it, and swap it in (``target`` renamed away, then removed with what is left in
+    it: only generated files). Any failure leaves ``target`` as it was."""
+    parent, base = os.path.split(target)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{base}-", dir=parent)
+    stale = None
+    try:
+        os.chmod(tmp, os.stat(target).st_mode & 0o7777)
+        manifest = _write_dataset(tmp, seed)
+        stale = tempfile.mkdtemp(prefix=f".old-{base}-", dir=parent)
+        old = os.path.join(stale, base)
+        moved: list[str] = []
+        swapped = False
+        with _signals_held():
+            try:
+                for rel in keep:
+                    dst = os.path.join(tmp, rel)
+                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                    os.rename(os.path.join(target, rel), dst)
+                    moved.append(rel)
+                os.rename(target, old)
+                swapped = True
+                os.rename(tmp, target)
+            except BaseException:
+                try:  # put everything back
+                    if swapped:
+                        os.rename(old, target)
+                    for rel in reversed(moved):
+                        os.rename(os.path.join(tmp, rel), os.path.join(target, rel))
+                except OSError:  # the user's files may be in tmp or stale: remove neither
+                    tmp = stale = None
+                raise
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
+        raise
+    with _signals_held():  # the old dataset (generated files only): no .old-* left behind
+        shutil.rmtree(stale, ignore_errors=True)
+    return manifest
+
+
+def _write_dataset(out_dir: str, seed: int) -> dict:
+    """Write every file of the dataset into the existing, empty folder ``out_dir``."""
     splits: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
     classes = {cls: _write_class(out_dir, cls, seed, splits) for cls in CLASSES}
     n_images = sum(sum(c["folders"].values()) for c in classes.values())

@@ -1,0 +1,180 @@
+"""``python -m emit_jax.data.embedded``: an interrupt (SIGINT, SIGTERM) is one line, exit 130, and
+leaves nothing half-written (the rerun works); an unwritable --out is one ``error:`` line naming
+it, exit 2; --overwrite replaces the generator's files and keeps the user's."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from emit_jax.data import embedded as E
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROG = "emit_jax.data.embedded"
+
+
+def _env() -> dict:
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", PROG, *args], capture_output=True, text=True,
+                          env=_env(), cwd=REPO, timeout=300)
+
+
+def _count_files(paths: list[str]) -> int:
+    return sum(len(fs) for p in paths for _, _, fs in os.walk(p))
+
+
+def _tree(root: str) -> dict[str, bytes]:
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(d, n)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, root)] = f.read()
+    return out
+
+
+def _interrupt(out: str, sig: int, *extra: str) -> subprocess.CompletedProcess:
+    """Start the generator into ``out``; once some of its files exist (in the temporary folder
+    beside ``out`` or in ``out``), send ``sig``; return the finished process."""
+    parent, base = os.path.split(out)
+    proc = subprocess.Popen([sys.executable, "-m", PROG, "--out", out, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(), cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            where = glob.glob(os.path.join(parent, f".tmp-{base}-*")) + [out]
+            if _count_files(where) >= 20:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"generation ended before the signal: {proc.communicate()}"
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _no_temporaries(parent: str) -> None:
+    assert [n for n in os.listdir(parent) if n.startswith((".tmp-", ".old-"))] == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_leaves_nothing_and_rerun_works(tmp_path, sig):
+    out = str(tmp_path / "em")
+    proc = _interrupt(out, sig)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 130, proc.stderr
+    assert len(err) == 1 and "interrupted" in err[0] and err[0].startswith(f"{PROG}: "), err
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(out)
+    _no_temporaries(str(tmp_path))
+    again = _cli("--out", out)
+    assert again.returncode == 0, again.stderr
+    with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
+        assert json.load(f)["seed"] == 0
+    _no_temporaries(str(tmp_path))
+
+
+def test_interrupted_overwrite_leaves_the_folder_unchanged(tmp_path):
+    out = tmp_path / "em"
+    os.makedirs(out / "pill")
+    (out / "pill" / "keep.txt").write_text("mine")
+    (out / "manifest.json").write_text("{}")
+    before = _tree(str(out))
+    proc = _interrupt(str(out), signal.SIGTERM, "--overwrite")
+    assert proc.returncode == 130, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "interrupted" in proc.stderr
+    assert _tree(str(out)) == before
+    _no_temporaries(str(tmp_path))
+
+
+@pytest.mark.parametrize("where", ["below_a_file", "sys"])
+def test_unwritable_out_is_one_line(tmp_path, where):
+    if where == "sys":
+        if not os.path.isdir("/sys/kernel"):
+            pytest.skip("no /sys")
+        out = "/sys/emit_jax_embedded_test"
+    else:
+        (tmp_path / "file").write_text("x")
+        out = str(tmp_path / "file" / "em")
+    proc = _cli("--out", out)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(err) == 1 and err[0].startswith(f"{PROG}: error: {out}: "), err
+    assert "Errno" not in err[0] and ".tmp-" not in err[0]
+    assert proc.stdout == ""
+
+
+def test_bad_seed_is_one_line(tmp_path):
+    proc = _cli("--out", str(tmp_path / "em"), "--seed", "-1")
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and err[0].startswith(f"{PROG}: error: "), err
+    assert not os.path.exists(tmp_path / "em")
+
+
+def test_overwrite_keeps_user_files_and_replaces_generated_ones(tmp_path):
+    out = tmp_path / "em"
+    os.makedirs(out / "pill" / "train" / "good")
+    os.makedirs(out / "descriptions" / "pill")
+    os.makedirs(out / "mine" / "empty")
+    (out / "pill" / "keep.txt").write_text("mine")
+    (out / "pill" / "train" / "good" / "notes.txt").write_text("mine too")
+    (out / "pill" / "train" / "good" / "000.png").write_bytes(b"old image")
+    (out / "pill" / "train" / "good" / "999.png").write_bytes(b"stale image")
+    (out / "descriptions" / "pill" / "train_good_000.txt").write_text("old")
+    (out / "README.md").write_text("old readme")
+    (out / "manifest.json").write_text("{}")
+    proc = _cli("--out", str(out), "--seed", "2", "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "pill" / "keep.txt").read_text() == "mine"
+    assert (out / "pill" / "train" / "good" / "notes.txt").read_text() == "mine too"
+    assert os.path.isdir(out / "mine" / "empty")
+    assert not os.path.exists(out / "pill" / "train" / "good" / "999.png")
+    assert (out / "pill" / "train" / "good" / "000.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "descriptions" / "pill" / "train_good_000.txt").read_text() != "old"
+    assert (out / "README.md").read_text() != "old readme"
+    with open(out / "manifest.json", encoding="utf-8") as f:
+        assert json.load(f)["seed"] == 2
+    _no_temporaries(str(tmp_path))
+
+
+def test_overwrite_refuses_a_file_where_the_dataset_has_a_folder(tmp_path):
+    out = tmp_path / "em"
+    os.makedirs(out)
+    (out / "pill").write_text("a file, not a folder")
+    proc = _cli("--out", str(out), "--overwrite")
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert err[0].startswith(f"{PROG}: error: {out / 'pill'}: "), err
+    assert os.listdir(out) == ["pill"] and (out / "pill").read_text() == "a file, not a folder"
+    _no_temporaries(str(tmp_path))
+
+
+def test_user_entries_lists_only_what_the_generator_does_not_write(tmp_path):
+    from emit_jax.data.embedded.writer import _user_entries
+
+    root = tmp_path / "d"
+    os.makedirs(root / "nut" / "test" / "good")
+    os.makedirs(root / "nut" / "ground_truth" / E.CLASS_DEFECTS["nut"][0])
+    (root / "nut" / "test" / "good" / "012.png").write_bytes(b"")
+    (root / "nut" / "test" / "good" / "a.png").write_bytes(b"")
+    (root / "nut" / "ground_truth" / E.CLASS_DEFECTS["nut"][0] / "001_mask.png").write_bytes(b"")
+    (root / "nut" / "ground_truth" / E.CLASS_DEFECTS["nut"][0] / "001.png").write_bytes(b"")
+    (root / "splits.json").write_text("{}")
+    (root / "x.json").write_text("{}")
+    assert _user_entries(str(root), str(root)) == [
+        f"nut/ground_truth/{E.CLASS_DEFECTS['nut'][0]}/001.png", "nut/test/good/a.png", "x.json"]
