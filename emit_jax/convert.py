@@ -17,11 +17,12 @@ Two folder formats are read (single or sharded safetensors, stored dtypes kept):
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from emit_jax import checkpoint, cli, hf
 from emit_jax.errors import ConfigError
-from emit_jax.fileio import check_free_space, check_new_folder, check_not_input
+from emit_jax.fileio import check_free_space, check_new_folder, check_not_input, check_utf8_path
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -70,7 +71,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # Orbax (TensorStore) cannot write a path that is not UTF-8: refused before any work
+    check_utf8_path(args.out, "--out", why="Orbax cannot write a checkpoint there")
     check_not_input(args.out, {"--hf": args.hf})
+    if os.path.exists(args.hf) and not os.path.isdir(args.hf):
+        raise ConfigError(f"{args.hf}: a file, not a folder; --hf takes the model folder "
+                          "(config.json + safetensors)")
     t0 = time.time()
     chat = hf.is_internvl_chat(args.hf)
     # the input's config first (a missing folder or config.json is named as such), then the

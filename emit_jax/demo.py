@@ -21,6 +21,7 @@ from flax import nnx
 
 from emit_jax import checkpoint, cli, hf
 from emit_jax.errors import ConfigError
+from emit_jax.fileio import check_utf8_path
 from emit_jax.models import architectures
 from emit_jax.models.internvl import InternVL
 from emit_jax.models.layers import count_params
@@ -35,6 +36,12 @@ def main(argv=None) -> int:
                    "(default: a temporary folder)")
     p.add_argument("--new-tokens", type=cli.int_in(1, cli.MAX_TOKENS), default=16)
     args = p.parse_args(argv)
+    if args.workdir is not None:  # refused before any work
+        # Orbax (TensorStore) cannot write a checkpoint under a path that is not UTF-8
+        check_utf8_path(args.workdir, "--workdir", why="Orbax cannot write a checkpoint there")
+        if os.path.lexists(args.workdir) and not os.path.isdir(args.workdir):
+            raise ConfigError(f"--workdir {args.workdir}: exists and is not a folder; choose a "
+                              "folder (it is created if missing)")
 
     cfg = architectures.get_config(args.arch)
     t0 = time.time()

@@ -80,7 +80,7 @@ import time
 import numpy as np
 
 from emit_jax import cli
-from emit_jax.errors import ConfigError, ImageError, MMADError
+from emit_jax.errors import CheckpointError, ConfigError, ImageError, MMADError
 from emit_jax.fileio import atomic_output, check_not_input, check_writable
 
 # jax and the models are imported where used: `python -m emit_jax.evaluate` handles SIGINT /
@@ -239,6 +239,12 @@ def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, 
         pool = (lambda it: it.split == "train") if has_splits else None
     refs = tasks.select_references(items, tasks.pixel_embedder(), pool=pool)
     queries = [it for it in items if not split or split == "all" or it.split == split]
+    if items and not queries:  # a --split the data does not have: name the ones it has
+        from emit_jax.data.mvtec import DataError
+
+        have = ", ".join(sorted({it.split for it in items}))
+        raise DataError(f"{root}: --split {split!r} matches no image; the data's splits are "
+                        f"{have} (or 'all')")
     dk_path = os.path.join(root, "domain_knowledge.json")
     dk = load_domain_knowledge(dk_path if os.path.isfile(dk_path) else None, queries[0].dataset
                                if queries else None)
@@ -443,6 +449,9 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
         raise ConfigError(f"parse must be one of {', '.join(PARSE_MODES)}, got {parse!r}")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if os.path.exists(checkpoint) and not os.path.isdir(checkpoint):
+        raise CheckpointError(f"{checkpoint}: a file, not a folder; --checkpoint takes a model "
+                              "checkpoint or model folder")
     answers_path = partial.path_for(out) if out else None
     if out:
         for path in (out, answers_path):

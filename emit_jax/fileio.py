@@ -8,8 +8,11 @@ The bottom layer: it imports nothing else of the project, so every module may us
   result under a temporary name beside the target and rename it into place (``os.replace``)
   only when the block completes; a failed block leaves the target as it was and no temporary
   file or folder behind.
-* :func:`check_free_space` says a full disk in one line before a write; :func:`disk_full_error`
-  turns a writer's full-disk failure (Orbax / TensorStore text included) into that ``OSError``.
+* :func:`check_free_space` says a full disk in one line before a write (or, where nothing can
+  be created at all, e.g. a read-only or pseudo file system reporting 0 bytes free, that
+  error); :func:`disk_full_error` turns a writer's full-disk failure (Orbax / TensorStore text
+  included) into that ``OSError``. :func:`check_utf8_path` refuses an output path that is not
+  UTF-8 where a library (Orbax) would write it.
 * :func:`hold_lock`: one process at a time in a folder (``fcntl.flock`` on a lock file; the
   kernel drops it when the holder dies), a second one refused with a ``LockedError`` line.
 * :func:`read_json` and :func:`iter_json_lines` read JSON and JSON Lines files; every way a file
@@ -32,7 +35,7 @@ import tempfile
 import time
 from typing import IO, Any, Callable, Iterator
 
-from emit_jax.errors import InputOverwriteError, LockedError
+from emit_jax.errors import ConfigError, InputOverwriteError, LockedError
 
 
 # --------------------------------------------------------------------------------- writing files
@@ -61,9 +64,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         if tmp is not None and os.path.lexists(tmp):
             os.remove(tmp)
         _remove_folders(created)
-        if isinstance(e, OSError) and not e.filename and e.errno in _DISK_ERRNOS:
+        if isinstance(e, OSError) and e.errno is not None and (
+                (not e.filename and e.errno in _DISK_ERRNOS) or _is_temp_name(e.filename, folder)):
+            # name the user's path, not the temporary file beside it (mkstemp's own failure)
             raise OSError(e.errno, e.strerror or os.strerror(e.errno), path) from None
         raise
+
+
+def _is_temp_name(name, folder: str) -> bool:
+    """Whether ``name`` (an ``OSError``'s filename) is a temporary file of :func:`atomic_path`
+    in ``folder``."""
+    if not isinstance(name, (str, bytes)):
+        return False
+    name = os.fsdecode(name)
+    return (os.path.dirname(os.path.abspath(name)) == folder
+            and os.path.basename(name).startswith(".tmp-"))
 
 
 def _missing_folders(folder: str) -> list[str]:
@@ -243,8 +258,48 @@ def check_free_space(path: str | os.PathLike, nbytes: int) -> None:
         folder = os.path.dirname(folder)
     free = shutil.disk_usage(folder).free
     if free < nbytes:
+        # a location that cannot be written at all (a read-only or pseudo file system, where
+        # no space is reported free) is said as such, not as a full disk
+        _check_creatable(folder, path)
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (needs {nbytes / 2**20:.1f} MiB, "
                       f"{free / 2**20:.1f} MiB free)", path)
+
+
+def _check_creatable(folder: str, path: str) -> None:
+    """Raise the ``OSError`` naming ``path`` that creating an (empty) file in the existing
+    ``folder`` meets, unless it is a full disk; ``os.access`` alone is not enough (root passes
+    it on a read-only mount or in ``/sys``)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    except OSError as e:
+        if e.errno is not None and e.errno not in _DISK_ERRNOS:
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), path) from None
+        return
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.remove(tmp)
+
+
+def check_utf8_path(path: str | os.PathLike, flag: str, *,
+                    why: str = "the library that writes it cannot use such a name") -> None:
+    """Raise ``ConfigError`` naming ``flag`` and ``path`` (by the repr of its bytes) when
+    ``path`` is not valid UTF-8 (Python hands such bytes over as lone surrogates), for outputs
+    written by a library that cannot take such a name (Orbax / TensorStore, tokenizers)."""
+    path = os.fspath(path)
+    if isinstance(path, bytes):
+        try:
+            path.decode("utf-8")
+            return
+        except UnicodeDecodeError:
+            raw = path
+    else:
+        try:
+            path.encode("utf-8")
+            return
+        except UnicodeEncodeError:
+            raw = os.fsencode(path)
+    raise ConfigError(f"{flag} {raw!r}: the path is not valid UTF-8 and {why}; "
+                     "choose a UTF-8 path")
 
 
 def disk_full_error(e: BaseException, path: str | os.PathLike) -> OSError | None:

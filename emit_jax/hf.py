@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from emit_jax.errors import CheckpointError
-from emit_jax.fileio import atomic_folder, read_json
+from emit_jax.fileio import atomic_folder, current_umask, read_json
 from emit_jax.models import scan
 from emit_jax.models.config import ConfigError, InternVLConfig, dtype_name, read_hf_config
 from emit_jax.models.internvl import InternVL
@@ -349,6 +349,13 @@ def _save_file(arrays: dict, path: str, metadata: dict) -> None:
     naming ``path`` rather than the library's ``SafetensorError``."""
     try:
         save_file(arrays, path, metadata=metadata)
+        # the library creates the file 0600: give it the mode ordinary creation would (the
+        # umask's), as every other file of the folder has (a file system without modes keeps
+        # what it gives)
+        try:
+            os.chmod(path, 0o666 & ~current_umask())
+        except OSError:
+            pass
     except SafetensorError as e:
         m = re.search(r"os error (\d+)", str(e))
         if m:

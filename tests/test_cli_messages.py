@@ -1,0 +1,238 @@
+"""Messages that name the user's path and the real cause, and files that follow the umask.
+
+* safetensors written by ``hf`` (export, train's ``hf/``, sharded saves) get the umask's mode,
+  like every other file of the folder (they came out 0600);
+* a location that cannot be written is said as such, naming the user's path: not the
+  temporary file beside it, not a full disk because a pseudo / read-only file system reports 0
+  bytes free;
+* an output path that is not UTF-8 is refused in one line where Orbax would write it (convert
+  ``--out``, demo ``--workdir``) and still accepted where plain Python writes it (export);
+* evaluate ``--split`` the data does not have, a file given where a folder is wanted
+  (evaluate ``--checkpoint``, convert ``--hf``, demo ``--workdir``).
+
+Each runs the command's ``main`` in-process and expects one ``error:`` line, exit 2.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import tempfile
+
+import pytest
+
+from test_cli_errors import assert_one_error, run_main, tiny_model  # noqa: F401 (a fixture)
+from test_tasks import make_mvtec
+
+NON_UTF8 = b"out\xff"
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for a test, restored after."""
+    old = os.umask(0o022)
+    yield lambda m: os.umask(m)
+    os.umask(old)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+# --------------------------------------------------------------------------- 1. umask
+@pytest.mark.parametrize("mask,file_mode", [(0o002, 0o664), (0o077, 0o600)])
+def test_exported_safetensors_follow_the_umask(umask, tmp_path, tiny_model, mask, file_mode):
+    """Every file export writes (config.json and each safetensors shard, the index included)
+    gets the umask's mode; the safetensors came out 0600 whatever the umask."""
+    umask(mask)
+    for shard, out in (("5GB", tmp_path / "single"), ("20KB", tmp_path / "sharded")):
+        rc, err, _ = run_main("emit_jax.export", ["--checkpoint", tiny_model["ckpt"], "--out",
+                                                  str(out), "--max-shard-size", shard])
+        assert rc == 0, err
+        names = sorted(os.listdir(out))
+        assert any(n.endswith(".safetensors") for n in names), names
+        for name in names:
+            assert _mode(out / name) == file_mode, (out / name, oct(_mode(out / name)))
+    assert any(n.endswith(".index.json") for n in os.listdir(tmp_path / "sharded"))
+
+
+@pytest.mark.parametrize("mask,file_mode", [(0o002, 0o664), (0o077, 0o600)])
+def test_hf_save_files_follow_the_umask(umask, tmp_path, mask, file_mode):
+    """hf.write_safetensors (train's hf/ export and sharded saves go through it)."""
+    import numpy as np
+
+    from emit_jax import hf
+
+    umask(mask)
+    tensors = [(f"t{i}", (lambda i=i: np.full((64,), i, np.float32)), 256) for i in range(3)]
+    names = hf.write_safetensors(tensors, str(tmp_path), max_shard_size=300)
+    assert len(names) == 3
+    for name in os.listdir(tmp_path):
+        assert _mode(tmp_path / name) == file_mode, name
+
+
+# --------------------------------------------------------------------------- 2. the real cause
+def _refuse_temp_files_in(monkeypatch, folder, code=errno.EACCES):
+    """``tempfile.mkstemp`` in ``folder`` fails as it does where the user cannot create files
+    (root in /sys: ``os.access`` says yes, the kernel says no), naming the temporary file."""
+    real = tempfile.mkstemp
+    folder = os.path.abspath(str(folder))
+
+    def mkstemp(suffix=None, prefix=None, dir=None, text=False):
+        if dir is not None and os.path.abspath(os.fspath(dir)) == folder:
+            raise OSError(code, os.strerror(code),
+                          os.path.join(folder, (prefix or "tmp") + "x1y2z3" + (suffix or "")))
+        return real(suffix=suffix, prefix=prefix, dir=dir, text=text)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+def test_atomic_output_names_the_target_not_the_temporary_file(tmp_path, monkeypatch):
+    from emit_jax.fileio import atomic_output
+
+    target = tmp_path / "v6.png"
+    _refuse_temp_files_in(monkeypatch, tmp_path)
+    with pytest.raises(PermissionError) as e:
+        with atomic_output(target, "wb") as f:
+            f.write(b"x")
+    assert e.value.filename == str(target), e.value
+    assert ".tmp-" not in str(e.value)
+
+
+def test_visualize_unwritable_out_names_the_out_path(tmp_path, monkeypatch):
+    """The probe's ``--out /sys/v6.png`` said ``/sys/.tmp-2_pk794b.png: Permission denied``."""
+    from test_tasks import _img
+
+    from emit_jax import visualize
+
+    q, r = str(tmp_path / "q.png"), str(tmp_path / "r.png")
+    _img(q, (200, 180, 160))
+    _img(r, (190, 182, 160))
+    out = tmp_path / "ro" / "v6.png"
+    out.parent.mkdir()
+    monkeypatch.setattr(visualize, "check_writable", lambda path: None)  # as os.access lets by
+    _refuse_temp_files_in(monkeypatch, out.parent)
+    rc, err, _ = run_main("emit_jax.visualize", ["heatmap", "--query", q, "--reference", r,
+                                                 "--arch", "tiny", "--out", str(out)])
+    line = assert_one_error(rc, err, f"{out}: Permission denied")
+    assert ".tmp-" not in line
+
+
+def test_free_space_check_says_unwritable_not_full(tmp_path, monkeypatch):
+    """A location reporting 0 bytes free that cannot be written at all (/sys, a read-only
+    mount) is said as such; a really full one is still a full disk."""
+    import shutil
+
+    from emit_jax.fileio import check_free_space
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(0, 0, 0))
+    out = tmp_path / "ro" / "ex8"
+    out.parent.mkdir()
+    with pytest.raises(OSError) as full:
+        check_free_space(out, 2**20)
+    assert full.value.errno == errno.ENOSPC  # writable but 0 free: a full disk
+    _refuse_temp_files_in(monkeypatch, out.parent, errno.EPERM)
+    with pytest.raises(OSError) as e:
+        check_free_space(out, 2**20)
+    assert e.value.errno == errno.EPERM and e.value.filename == str(out), e.value
+    assert "No space" not in str(e.value)
+    assert not [n for n in os.listdir(out.parent) if n.startswith(".tmp-")]
+
+
+def test_free_space_check_in_a_read_only_folder(tmp_path, monkeypatch):
+    import shutil
+
+    from emit_jax.fileio import check_free_space
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as root: a 0555 folder is writable")
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(0, 0, 0))
+        with pytest.raises(PermissionError) as e:
+            check_free_space(ro / "ex8", 2**20)
+        assert e.value.filename == str(ro / "ex8")
+    finally:
+        ro.chmod(0o755)
+
+
+def test_export_to_an_unwritable_place_is_not_a_full_disk(tmp_path, tiny_model, monkeypatch):
+    """The probe's ``export --out /sys/ex8`` said ``No space left on device (needs 79.6 MiB,
+    0.0 MiB free)``."""
+    import shutil
+
+    from emit_jax import export
+
+    real_usage = shutil.disk_usage
+    out = tmp_path / "ro" / "ex8"
+    out.parent.mkdir()
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(0, 0, 0)
+                        if os.path.abspath(p) == str(out.parent) else real_usage(p))
+    monkeypatch.setattr(export, "check_new_folder", lambda *a, **k: None)  # os.access lets by
+    _refuse_temp_files_in(monkeypatch, out.parent, errno.EPERM)
+    rc, err, _ = run_main("emit_jax.export", ["--checkpoint", tiny_model["ckpt"], "--out",
+                                              str(out)])
+    line = assert_one_error(rc, err, f"{out}: Operation not permitted")
+    assert "No space" not in line
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- 3. non-UTF-8 paths
+def test_convert_refuses_a_non_utf8_out_before_any_work(tmp_path, tiny_model):
+    """Orbax cannot write it: the probe saw 1,344 lines of thread tracebacks."""
+    out = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), NON_UTF8))
+    rc, err, _ = run_main("emit_jax.convert", ["--hf", tiny_model["hf"], "--out", out])
+    assert_one_error(rc, err, "--out", repr(os.fsencode(out)), "not valid UTF-8")
+    assert os.listdir(tmp_path) == []
+
+
+def test_demo_refuses_a_non_utf8_workdir_before_any_work(tmp_path):
+    work = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), NON_UTF8))
+    rc, err, out = run_main("emit_jax.demo", ["--workdir", work])
+    assert_one_error(rc, err, "--workdir", repr(os.fsencode(work)), "not valid UTF-8")
+    assert out == "" and os.listdir(tmp_path) == []
+
+
+def test_export_still_writes_a_non_utf8_out(tmp_path, tiny_model):
+    """Plain Python (and safetensors) write such a name: export keeps accepting it."""
+    out = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), NON_UTF8))
+    rc, err, _ = run_main("emit_jax.export", ["--checkpoint", tiny_model["ckpt"], "--out", out])
+    assert rc == 0, err
+    assert "model.safetensors" in os.listdir(out)
+
+
+# --------------------------------------------------------------------------- 4. clear messages
+def test_evaluate_unknown_split_names_the_flag_and_the_splits(tmp_path, tiny_model):
+    data = tmp_path / "data"
+    make_mvtec(str(data))
+    rc, err, _ = run_main("emit_jax.evaluate", ["--checkpoint", tiny_model["ckpt"], "--data",
+                                                str(data), "--split", "nosuch"])
+    assert_one_error(rc, err, "--split 'nosuch'", "test, train")
+
+
+def test_evaluate_checkpoint_that_is_a_file(tmp_path, tiny_model):
+    data = tmp_path / "data"
+    make_mvtec(str(data))
+    f = os.path.join(tiny_model["ckpt"], "emit_jax.json")
+    assert os.path.isfile(f)
+    rc, err, _ = run_main("emit_jax.evaluate", ["--checkpoint", f, "--data", str(data)])
+    line = assert_one_error(rc, err, f"{f}: a file, not a folder", "--checkpoint")
+    assert "emit_jax.json/emit_jax.json" not in line
+
+
+def test_convert_hf_that_is_a_file(tmp_path, tiny_model):
+    f = os.path.join(tiny_model["hf"], "config.json")
+    rc, err, _ = run_main("emit_jax.convert", ["--hf", f, "--out", str(tmp_path / "ck")])
+    line = assert_one_error(rc, err, f"{f}: a file, not a folder", "--hf")
+    assert "config.json/config.json" not in line
+    assert os.listdir(tmp_path) == []
+
+
+def test_demo_workdir_that_is_a_file(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("keep me")
+    rc, err, out = run_main("emit_jax.demo", ["--workdir", str(f)])
+    assert_one_error(rc, err, f"--workdir {f}: exists and is not a folder")
+    assert out == "" and f.read_text() == "keep me"
