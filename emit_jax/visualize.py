@@ -26,6 +26,8 @@ from emit_jax.models.emit import EMITConfig, contrastive_heatmap
 def _check_layers(layers, depth: int) -> None:
     if layers and not all(1 <= l <= depth for l in layers):
         raise ConfigError(f"--layers {' '.join(map(str, layers))}: the ViT has blocks 1..{depth}")
+    if layers and len(set(layers)) != len(layers):  # before: a block counted twice
+        raise ConfigError(f"--layers {' '.join(map(str, layers))}: a block is named twice")
 
 
 def compute_heatmap(query_path, reference_path, *, checkpoint=None, arch="tiny", window=None,

@@ -824,6 +824,7 @@ class TestVisualize:
         (("--window", "99999999999999999999"), ("argument --window", "must be <= 2147483647")),
         (("--layers", "0", "2"), ("argument --layers", "must be >= 1, got 0")),
         (("--layers", "2", "99"), ("--layers 2 99", "blocks 1..")),
+        (("--layers", "2", "2"), ("--layers 2 2", "a block is named twice")),
         (("--arch", "internvl9"), ("argument --arch", "invalid choice: 'internvl9'")),
     ])
     def test_flags(self, tmp_path, dataset, nothing_written, extra, needles):
