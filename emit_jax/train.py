@@ -14,6 +14,11 @@ One trainer at a time writes a workdir (``WORKDIR/.lock``); each stage keeps the
 with (``WORKDIR/<stage>/settings.json``), and a rerun that changes a setting the stored stages
 depend on stops with one error line, or with ``--config.restart=True`` trains them again, their
 old output moved to ``WORKDIR/replaced-<time>/`` (:func:`emit_jax.training.stages.check_settings`).
+Other settings of a stage's own section (a learning rate, beta) may change, and the run says so:
+a resumed stage names them in one warning line, a finished one is kept as trained (one line:
+``--config.restart=True`` trains it again with them). A stage loaded as finished keeps the
+results its training recorded (``<stage>/done.json``) in ``results.json``, and a rerun that
+trains nothing keeps the workdir's ``seconds`` (its own time: ``rerun_seconds``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from absl import app, flags, logging
 
 from emit_jax import cli, configs, hf, parallel
 from emit_jax.data.mmad import paper_task_name
+from emit_jax.data.mvtec import utf8_name
 from emit_jax.errors import USER_ERRORS, ConfigError, NonFiniteError, message
 from emit_jax.eval.scoring import format_table
 from emit_jax.evaluate import evaluate_adfm, evaluate_records
@@ -55,6 +61,8 @@ def run(cfg, workdir: str) -> dict:
     """Run the stages ``cfg`` lists into ``workdir`` (each resumed, or loaded when finished),
     then the held-out evaluation, the HF export and the plots. Returns the results
     (also written to ``WORKDIR/results.json``)."""
+    # a path no message, JSON file or tokenizer file can name: refused before anything is made
+    check_workdir_name(workdir)
     settings = validate_config(cfg)
     # the run writes data/, tokenizer/, checkpoints: never into the data it reads
     source = cfg.data.get("source", "embedded")
@@ -71,6 +79,15 @@ def run(cfg, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     with stages.workdir_lock(workdir):  # one writer per workdir
         return _run(cfg, workdir, settings)
+
+
+def check_workdir_name(workdir: str) -> None:
+    """Raise ``ConfigError`` when ``workdir``'s path is not valid UTF-8 (Python holds such bytes
+    as lone surrogates, which the tokenizer files, results.json and the messages cannot encode),
+    naming it by its bytes."""
+    if not utf8_name(os.path.abspath(workdir)):
+        raise ConfigError(f"{os.fsencode(workdir)!r}: the workdir's path is not valid UTF-8 "
+                          "(choose another --workdir)")
 
 
 def check_init_from(path: str) -> None:
@@ -112,16 +129,26 @@ def _run(cfg, workdir: str, settings) -> dict:
                       tokenizer=tokenizer, records=records, mesh=make_mesh(cfg))
     model = None
     results: dict = {"workdir": workdir, "stages": {}}
+    trained = []  # the stages this run trained (or continued)
     for stage in cfg.stages:
         if stages.stage_done(workdir, stage, stages.stage_steps(cfg, stage)):
             model = stages.load_stage(workdir, stage, stages.scan_layers(cfg))
             stages.log(f"[{stage}] already finished; loaded {workdir}/{stage}/model")
+            # its results as the run that trained it recorded them (done.json)
+            results["stages"][stage] = stages.stored_results(workdir, stage)
+            notice = stages.settings_notice(cfg, workdir, stage, finished=True)
+            if notice and parallel.is_primary():
+                stages.log(notice)
             continue
         if model is None:
             model = stages.build_initial_model(cfg, tokenizer)
             stages.warn_untrained_start(cfg, workdir, stage)
         if parallel.is_primary():  # what a later run compares its settings with
+            notice = stages.settings_notice(cfg, workdir, stage, finished=False)
+            if notice:  # one stage trained with two settings: say so
+                stages.log(notice)
             stages.save_settings(cfg, workdir, stage)
+        trained.append(stage)
         t0 = time.time()
         model, info = stages.REGISTRY[stage](run_, model, stage)
         info["seconds"] = time.time() - t0
@@ -138,7 +165,14 @@ def _run(cfg, workdir: str, settings) -> dict:
                 hf.save(model, os.path.join(workdir, "hf"),
                         assets_from=os.path.join(workdir, "tokenizer"))
                 stages.log(f"[export] {workdir}/hf")
-    results["seconds"] = time.time() - t_start
+    seconds = time.time() - t_start
+    previous = _read_results(workdir) if not trained else {}
+    if isinstance(previous.get("seconds"), (int, float)):
+        # nothing trained: the workdir's training time stays, this run's is recorded apart
+        results["seconds"] = previous["seconds"]
+        results["rerun_seconds"] = seconds
+    else:
+        results["seconds"] = seconds
     if parallel.is_primary():
         if plot_curves(workdir, os.path.join(workdir, "curves.png")):
             stages.log(f"[plots] {workdir}/curves.png, {workdir}/results.png")
@@ -146,6 +180,16 @@ def _run(cfg, workdir: str, settings) -> dict:
             json.dump(results, f, indent=1, default=str)
     parallel.barrier("run_done")
     return results
+
+
+def _read_results(workdir: str) -> dict:
+    """The workdir's ``results.json`` as a dict ({} when absent or unreadable)."""
+    try:
+        with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return old if isinstance(old, dict) else {}
 
 
 def make_mesh(cfg):

@@ -281,3 +281,102 @@ def test_a_disk_that_fills_during_a_checkpoint_write_is_one_oserror(small_disk, 
     assert "Traceback" not in err and "No space left" not in err, err[-3000:]
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, errors[:3]  # Orbax's error logs (each with a traceback) are dropped
+
+
+# ------------------------------------------------------------------ reruns of a finished workdir
+@pytest.fixture(scope="module")
+def finished_rerun(smoke_run, tmp_path_factory):
+    """The finished smoke run's workdir (a copy) run again with another grpo lr and beta:
+    (the copy, its results.json before the rerun, CompletedProcess)."""
+    src, data_cache, _ = smoke_run
+    w = tmp_path_factory.mktemp("rerun") / "w"
+    shutil.copytree(src, w, symlinks=True)
+    before = json.loads((w / "results.json").read_text())
+    r = train("--config", "configs/grpo.py:smoke", "--workdir", str(w), "--config.grpo.lr=0.5",
+              "--config.grpo.beta=3.0", env={"EMIT_JAX_CACHE": str(data_cache)})
+    assert r.returncode == 0, r.stderr[-4000:]
+    return w, before, r
+
+
+def test_a_rerun_of_a_finished_workdir_keeps_its_results(finished_rerun):
+    """Before: every stage "already finished", exit 0, and results.json's ``stages`` was {} (each
+    stage's step history and seconds gone), its ``seconds`` the no-op rerun's."""
+    w, before, r = finished_rerun
+    after = json.loads((w / "results.json").read_text())
+    assert list(before["stages"]) == ["warmup", "base", "sft", "grpo"]
+    assert after["stages"] == before["stages"]  # history, steps and seconds as trained
+    assert after["seconds"] == before["seconds"]  # the training time, not the rerun's
+    assert 0 < after["rerun_seconds"]
+    for stage in ("warmup", "base", "sft", "grpo"):
+        assert r.stderr.count(f"[{stage}] already finished") == 1, r.stderr[-3000:]
+
+
+def test_a_finished_stage_with_changed_settings_says_it_is_kept_as_trained(finished_rerun):
+    """Before: "[grpo] already finished" and exit 0, nothing said about grpo.lr / grpo.beta."""
+    w, _, r = finished_rerun
+    notes = [line for line in r.stderr.splitlines() if line.startswith("warning: grpo")]
+    assert notes == [
+        "warning: grpo is already finished and kept as trained; this run's changed settings are "
+        "not used for it: grpo.beta 0.005 -> 3.0, grpo.lr 0.0005 -> 0.5. To train grpo again "
+        f"with them, add --config.restart=True (its output is moved to {w}/replaced-<time>/, "
+        "not deleted)"], r.stderr[-3000:]
+    assert not [line for line in r.stderr.splitlines()
+                if line.startswith(("warning: warmup", "warning: base", "warning: sft"))]
+    stored = json.loads((w / "grpo" / "settings.json").read_text())
+    assert stored["config"]["grpo"]["lr"] == 0.0005  # what it was trained with, still
+
+
+def test_a_resumed_stage_names_the_settings_changed_since_its_checkpoint(tmp_path):
+    """Learning rate and beta may change on a resume (docs/reliability.md), but the stage then
+    mixes two settings: one warning line names them; a longer step count alone says nothing;
+    ``restart`` counts the changed section as a reason to train the stage again."""
+    from emit_jax import configs
+    from emit_jax.training import stages
+
+    def cfg(**overrides):
+        return configs.load("grpo", {"stages": ("sft", "grpo"), **overrides})
+
+    w = str(tmp_path)
+    for stage in ("sft", "grpo"):
+        stages.save_settings(cfg(), w, stage)
+        os.makedirs(os.path.join(w, stage, "ckpt", "1"))  # a checkpoint: output to compare
+    now = cfg(**{"grpo.lr": 0.5, "grpo.beta": 3.0, "grpo.steps": 400})
+    assert stages.settings_notice(now, w, "grpo", finished=False) == (
+        "warning: grpo resumes with settings changed since its checkpoint: grpo.beta 0.005 -> "
+        "3.0, grpo.lr 0.0005 -> 0.5")
+    assert stages.settings_notice(now, w, "sft", finished=False) is None
+    assert stages.settings_notice(cfg(**{"grpo.steps": 400}), w, "grpo", finished=False) is None
+    # the structural settings are refused (check_settings), not warned about twice
+    assert stages.settings_notice(cfg(**{"grpo.lora.rank": 4}), w, "grpo", finished=False) is None
+    assert stages.changed_settings(now, w) == {}
+    assert stages.changed_settings(now, w, sections=True) == {
+        "grpo": [("grpo.beta", 0.005, 3.0), ("grpo.lr", 0.0005, 0.5)]}
+
+
+def test_restart_refuses_to_move_the_init_from_it_reads(smoke_run, tmp_path):
+    """Before: grpo, hf and tokenizer were moved to replaced-*/, then the run failed on the
+    init_from it had just moved away (exit 2, the stage and the export gone from the workdir)."""
+    src, data_cache, _ = smoke_run
+    w = tmp_path / "w"
+    shutil.copytree(src, w, symlinks=True)
+    listing = sorted(os.listdir(w))
+    init = w / "grpo" / "model"
+    r = train("--config", "configs/grpo.py:smoke", "--workdir", str(w),
+              "--config.stages=('grpo',)", f"--config.init_from={init}", "--config.restart=True",
+              env={"EMIT_JAX_CACHE": str(data_cache)}, timeout=600)
+    line = _error_line(r)
+    assert line.startswith(f"emit_jax.train: error: config init_from {init} is inside "
+                           f"{w / 'grpo'}, which --config.restart=True would move"), line
+    assert sorted(os.listdir(w)) == listing  # nothing moved
+    assert (init / "emit_jax.json").is_file()
+
+
+def test_a_workdir_path_that_is_not_utf8_is_refused_before_anything_is_made(tmp_path):
+    """Before: a 36-line UnicodeEncodeError traceback from the tokenizer save and a half-made
+    workdir."""
+    w = os.path.join(str(tmp_path), os.fsdecode(b"w\xff"))
+    r = train(*SMOKE, "--workdir", w, timeout=600)
+    line = _error_line(r)
+    assert line == (f"emit_jax.train: error: {os.fsencode(w)!r}: the workdir's path is not valid "
+                    "UTF-8 (choose another --workdir)")
+    assert os.listdir(tmp_path) == []

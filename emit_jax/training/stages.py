@@ -305,11 +305,14 @@ def has_output(workdir: str, stage: str) -> bool:
         bool(saved_steps(os.path.join(d, "ckpt")))
 
 
-def changed_settings(cfg, workdir: str) -> dict[str, list[tuple[str, Any, Any]]]:
+def changed_settings(cfg, workdir: str, *,
+                     sections: bool = False) -> dict[str, list[tuple[str, Any, Any]]]:
     """``{stage: [(setting, stored, now), ...]}`` for each stage of the run whose output in the
     workdir was made with other :func:`stage_settings`. A stage without a settings file (not
     started, or written by an earlier version) or without output (:func:`has_output`: it
-    stopped before its first checkpoint, e.g. on a config error) is not compared."""
+    stopped before its first checkpoint, e.g. on a config error) is not compared.
+    ``sections``: the stage's own section's other settings too (:func:`section_changes`: what
+    ``restart`` trains again with)."""
     now, out = config_json(cfg), {}
     for stage in cfg.stages:
         path = os.path.join(workdir, stage, SETTINGS_FILE)
@@ -320,9 +323,70 @@ def changed_settings(cfg, workdir: str) -> dict[str, list[tuple[str, Any, Any]]]
             raise ConfigError(f"{path}: not a stage settings file (no config object)")
         old, new = stage_settings(stored["config"], stage), stage_settings(now, stage)
         diff = [(k, old.get(k), new[k]) for k in new if k in old and old[k] != new[k]]
+        if sections:
+            diff += section_changes(cfg, workdir, stage)
         if diff:
             out[stage] = diff
     return out
+
+
+def _flat(prefix: str, value, out: dict) -> dict:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}", v, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def stored_config(workdir: str, stage: str) -> dict | None:
+    """The resolved config ``stage`` last started or resumed with
+    (``WORKDIR/<stage>/settings.json``), None when there is none."""
+    path = os.path.join(workdir, stage, SETTINGS_FILE)
+    if not os.path.isfile(path):
+        return None
+    stored = read_json(path, error=ConfigError, what="a stage settings file")
+    if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
+        raise ConfigError(f"{path}: not a stage settings file (no config object)")
+    return stored["config"]
+
+
+def section_changes(cfg, workdir: str, stage: str) -> list[tuple[str, Any, Any]]:
+    """``[(setting, stored, now), ...]``: the keys of ``stage``'s own config section (its
+    learning rate, beta, batch size...) that differ from those its output in the workdir was
+    made with, the step count and the structural settings (:func:`changed_settings`, refused
+    anyway) left out. Empty for a stage without output or without a settings file."""
+    if stage not in REGISTRY or not has_output(workdir, stage):
+        return []
+    stored = stored_config(workdir, stage)
+    now = config_json(cfg)
+    if stored is None or not isinstance(now.get(stage), dict):
+        return []
+    old, new = _flat(stage, stored.get(stage) or {}, {}), _flat(stage, now[stage], {})
+    skip = {f"{stage}.steps"} | set(stage_settings(now, stage))
+    # a key one side lacks (a newer version's setting) is not known to have changed
+    return [(k, old[k], new[k]) for k in new if k in old and k not in skip and old[k] != new[k]]
+
+
+def _changes(diff) -> str:
+    return ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, a, b in diff)
+
+
+def settings_notice(cfg, workdir: str, stage: str, *, finished: bool) -> str | None:
+    """The line a rerun prints for ``stage`` when its own section's settings
+    (:func:`section_changes`) differ from those its stored output was made with: a finished
+    stage is kept as trained (``--config.restart=True`` trains it again with these), an
+    unfinished one resumes with them, mixing both in one stage. None when nothing changed.
+    Called before :func:`save_settings` records this run's settings."""
+    diff = section_changes(cfg, workdir, stage)
+    if not diff:
+        return None
+    if finished:
+        return (f"warning: {stage} is already finished and kept as trained; this run's "
+                f"changed settings are not used for it: {_changes(diff)}. To train {stage} "
+                f"again with them, add --config.restart=True (its output is moved to "
+                f"{os.path.join(workdir, 'replaced-<time>')}/, not deleted)")
+    return f"warning: {stage} resumes with settings changed since its checkpoint: {_changes(diff)}"
 
 
 def _show(value) -> str:
@@ -333,10 +397,14 @@ def check_settings(cfg, workdir: str) -> None:
     """Refuse a rerun whose settings differ from those a stage's output in the workdir was made
     with (:func:`changed_settings`): one ``ConfigError`` naming each (stored -> now). With
     ``restart``, the first such stage of the run and every later one with output start over:
-    their folders (and the exported ``hf/``) are moved to ``WORKDIR/replaced-<time>/``."""
-    changed = changed_settings(cfg, workdir)
+    their folders (and the exported ``hf/``) are moved to ``WORKDIR/replaced-<time>/``; with
+    ``restart`` a stage whose own section changed (a learning rate: :func:`section_changes`)
+    counts too. A restart that would move the ``init_from`` or ``tokenizer`` this run reads is
+    refused before anything moves."""
+    restart = bool(cfg.get("restart", False))
+    changed = changed_settings(cfg, workdir, sections=restart)
     if not changed:
-        if cfg.get("restart", False):
+        if restart:
             log("[restart] the stored stages were trained with these settings: nothing to restart")
         return
     first = next(s for s in cfg.stages if s in changed)
@@ -344,7 +412,7 @@ def check_settings(cfg, workdir: str) -> None:
              if os.path.lexists(os.path.join(workdir, s))]
     what = "; ".join(f"{stage}: " + ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, a, b in diff)
                      for stage, diff in changed.items())
-    if not cfg.get("restart", False):
+    if not restart:
         raise ConfigError(
             f"{workdir}: this run's settings differ from those its stored stages were trained "
             f"with ({what}), and their checkpoints and models depend on them. Rerun with the "
@@ -352,18 +420,71 @@ def check_settings(cfg, workdir: str) -> None:
             f"{', '.join(later)} again (the old output is moved to "
             f"{os.path.join(workdir, 'replaced-<time>')}/, not deleted), or choose another "
             f"--workdir")
+    moved = later + [n for n in ("hf",) if os.path.lexists(os.path.join(workdir, n))]
+    if any(k in ("tokenizer", "init_from") for diff in changed.values() for k, _, _ in diff):
+        moved += [n for n in ("tokenizer",) if os.path.lexists(os.path.join(workdir, n))]
+    for key in ("init_from", "tokenizer"):  # what this run reads must stay where it is
+        path = cfg.get(key) or ""
+        for name in moved if path else ():
+            folder = os.path.join(workdir, name)
+            if _inside(path, folder):
+                raise ConfigError(
+                    f"config {key} {path} is inside {folder}, which --config.restart=True would "
+                    f"move to {os.path.join(workdir, 'replaced-<time>')}/ before reading it: copy "
+                    f"it out of the workdir first and point {key} at the copy, or choose "
+                    f"another --workdir")
     parallel.barrier("restart:compared")  # every process has read the stored settings
     if parallel.is_primary():
         aside = os.path.join(workdir, "replaced-" + time.strftime("%Y%m%d-%H%M%S"))
-        moved = later + [n for n in ("hf",) if os.path.lexists(os.path.join(workdir, n))]
-        if any(k in ("tokenizer", "init_from") for diff in changed.values() for k, _, _ in diff):
-            moved += [n for n in ("tokenizer",) if os.path.lexists(os.path.join(workdir, n))]
         os.makedirs(aside, exist_ok=True)
         for name in moved:
             shutil.move(os.path.join(workdir, name), os.path.join(aside, name))
         log(f"[restart] settings changed ({what}): moved {', '.join(moved)} to {aside}; "
             f"training {', '.join(later)} again")
     parallel.barrier("restart")
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (symbolic links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def stored_results(workdir: str, stage: str) -> dict:
+    """A finished stage's results entry (steps, history, seconds) as the run that trained it
+    recorded it: its ``done.json``, else the entry of the workdir's ``results.json``, else the
+    history rebuilt from ``<stage>/metrics.jsonl``; {} when none is readable."""
+    def load(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    info = load(os.path.join(workdir, stage, "done.json"))
+    if isinstance(info, dict) and info.get("history") is not None:
+        return info
+    old = load(os.path.join(workdir, "results.json"))
+    entry = (old.get("stages") or {}).get(stage) if isinstance(old, dict) else None
+    if isinstance(entry, dict) and entry:
+        return entry
+    history = []
+    try:
+        with open(os.path.join(workdir, stage, "metrics.jsonl"), encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict):
+                    history.append(row)
+    except OSError:
+        pass
+    out = dict(info) if isinstance(info, dict) else {}
+    if history:
+        out["history"] = history
+        out.setdefault("steps", max((int(r.get("step", 0)) for r in history), default=0))
+    return out
 
 
 def warn_untrained_start(cfg, workdir: str, stage: str) -> None:
