@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from test_embedded import _files
 
 from emit_jax.data import embedded as E
 
@@ -32,16 +33,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def _count_files(paths: list[str]) -> int:
     return sum(len(fs) for p in paths for _, _, fs in os.walk(p))
-
-
-def _tree(root: str) -> dict[str, bytes]:
-    out = {}
-    for d, _, names in os.walk(root):
-        for n in names:
-            p = os.path.join(d, n)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, root)] = f.read()
-    return out
 
 
 def _interrupt(out: str, sig: int, *extra: str) -> subprocess.CompletedProcess:
@@ -94,11 +85,11 @@ def test_interrupted_overwrite_leaves_the_folder_unchanged(tmp_path):
     os.makedirs(out / "pill")
     (out / "pill" / "keep.txt").write_text("mine")
     (out / "manifest.json").write_text("{}")
-    before = _tree(str(out))
+    before = _files(str(out))
     proc = _interrupt(str(out), signal.SIGTERM, "--overwrite")
     assert proc.returncode == 130, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "interrupted" in proc.stderr
-    assert _tree(str(out)) == before
+    assert _files(str(out)) == before
     _no_temporaries(str(tmp_path))
 
 
