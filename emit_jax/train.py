@@ -23,10 +23,12 @@ trains nothing keeps the workdir's ``seconds`` (its own time: ``rerun_seconds``)
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import sys
+import tempfile
 import time
 
 import jax
@@ -38,7 +40,7 @@ from emit_jax.data.mvtec import utf8_name
 from emit_jax.errors import USER_ERRORS, ConfigError, NonFiniteError, message
 from emit_jax.eval.scoring import format_table
 from emit_jax.evaluate import evaluate_adfm, evaluate_records
-from emit_jax.fileio import atomic_output, check_free_space, check_not_input
+from emit_jax.fileio import atomic_output, check_free_space, check_not_input, check_utf8_path
 from emit_jax.ops.kernels import kernel_options
 from emit_jax.models.memory import memory_options
 from emit_jax.training import data as stage_data
@@ -117,6 +119,9 @@ def check_init_from(path: str) -> None:
 def _run(cfg, workdir: str, settings) -> dict:
     # stored stages made with other settings: refused, or moved aside with --config.restart
     stages.check_settings(cfg, workdir)
+    notice = stages.run_notice(cfg, workdir)  # the seed, the evaluation's settings...
+    if notice and parallel.is_primary():
+        stages.log(notice)
     t_start = time.time()
     # multi-process: process 0 builds the dataset cache, the tokenizer and the record files;
     # the others then read the same (deterministic) data, writing nothing into the workdir
@@ -125,10 +130,12 @@ def _run(cfg, workdir: str, settings) -> dict:
     source, tokenizer, records = stages.prepare_data(cfg, workdir, write=parallel.is_primary())
     if parallel.is_primary():
         parallel.barrier("data")
+    stages.check_vocabulary(cfg, tokenizer)  # before any stage trains
     run_ = stages.Run(cfg=cfg, settings=settings, workdir=workdir, source=source,
                       tokenizer=tokenizer, records=records, mesh=make_mesh(cfg))
     model = None
-    results: dict = {"workdir": workdir, "stages": {}}
+    # the settings this run used: what the next run's notice compares (stages.run_changes)
+    results: dict = {"workdir": workdir, "stages": {}, "config": stages.config_json(cfg)}
     trained = []  # the stages this run trained (or continued)
     for stage in cfg.stages:
         if stages.stage_done(workdir, stage, stages.stage_steps(cfg, stage)):
@@ -269,11 +276,37 @@ def evaluate_heldout(run_: stages.Run, model) -> dict:
 
 def _compile_cache(cfg) -> None:
     """Turn on JAX's persistent compilation cache at ``cfg.compile_cache`` (unless
-    ``$JAX_COMPILATION_CACHE_DIR`` chose one already, or the key is empty)."""
+    ``$JAX_COMPILATION_CACHE_DIR`` chose one already, or the key is empty).
+
+    A path that is not valid UTF-8 is refused (``ConfigError``: JAX's cache raised a
+    ``TypeError`` at the first compilation, after the workdir was made); a folder that cannot be
+    made or written is one warning line, and the run compiles without a persistent cache (JAX's
+    own two-line ``UserWarning`` said the same at each compilation)."""
     path = cfg.get("compile_cache", "")
     if os.environ.get("JAX_COMPILATION_CACHE_DIR") or not path:
         return
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+    if not isinstance(path, str):
+        raise ConfigError(f"config compile_cache: {path!r} is not a folder path (or '' for none)")
+    check_utf8_path(path, "config compile_cache", why="JAX's compilation cache cannot use it")
+    path = os.path.expanduser(path)
+    folder = path  # nothing is made here: JAX makes the folder at its first write
+    while not os.path.lexists(folder):
+        folder = os.path.dirname(os.path.abspath(folder))
+    try:
+        if not os.path.isdir(folder):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), folder)
+        fd, probe = tempfile.mkstemp(prefix=".tmp-", dir=folder)  # root passes os.access
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        why = (e.strerror or str(e)) + (f" ({folder})" if folder != path else "")
+        stages.log(f"warning: config compile_cache {path}: {why}; compiling without "
+                   "a persistent cache (--config.compile_cache= to say so, or choose a "
+                   "writable folder)")
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
 
 
 _OVERRIDES: list[str] = []
@@ -351,12 +384,12 @@ def main(argv) -> None:
     workdir = _WORKDIR.value or os.path.join(
         "runs", os.path.splitext(os.path.basename(_CONFIG.value.partition(":")[0]))[0])
 
-    _compile_cache(cfg)
     try:
         # SIGTERM stops like Ctrl-C (the last checkpoint is complete); neither is lost in an
         # import or a gc callback (cli.interrupts)
         with cli.interrupts():
             cli.skip_absent_tpu()  # no libtpu start-up lines on a host without a TPU
+            _compile_cache(cfg)  # before the workdir is made: a bad path is one line
             try:
                 parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
             except ValueError as e:  # inconsistent multihost arguments

@@ -286,14 +286,16 @@ def test_a_disk_that_fills_during_a_checkpoint_write_is_one_oserror(small_disk, 
 # ------------------------------------------------------------------ reruns of a finished workdir
 @pytest.fixture(scope="module")
 def finished_rerun(smoke_run, tmp_path_factory):
-    """The finished smoke run's workdir (a copy) run again with another grpo lr and beta:
+    """The finished smoke run's workdir (a copy) run again with another grpo lr and beta and
+    another seed:
     (the copy, its results.json before the rerun, CompletedProcess)."""
     src, data_cache, _ = smoke_run
     w = tmp_path_factory.mktemp("rerun") / "w"
     shutil.copytree(src, w, symlinks=True)
     before = json.loads((w / "results.json").read_text())
     r = train("--config", "configs/grpo.py:smoke", "--workdir", str(w), "--config.grpo.lr=0.5",
-              "--config.grpo.beta=3.0", env={"EMIT_JAX_CACHE": str(data_cache)})
+              "--config.grpo.beta=3.0", "--config.seed=1",
+              env={"EMIT_JAX_CACHE": str(data_cache)})
     assert r.returncode == 0, r.stderr[-4000:]
     return w, before, r
 
@@ -324,6 +326,46 @@ def test_a_finished_stage_with_changed_settings_says_it_is_kept_as_trained(finis
                 if line.startswith(("warning: warmup", "warning: base", "warning: sft"))]
     stored = json.loads((w / "grpo" / "settings.json").read_text())
     assert stored["config"]["grpo"]["lr"] == 0.0005  # what it was trained with, still
+
+
+def test_a_rerun_with_changed_run_wide_settings_says_so(finished_rerun):
+    """Before: a changed seed (or eval_limit, whose evaluation replaced results.json) on a
+    finished workdir was not mentioned."""
+    w, _, r = finished_rerun
+    notes = [line for line in r.stderr.splitlines()
+             if line.startswith("warning: settings changed since this workdir's last run")]
+    assert notes == [
+        "warning: settings changed since this workdir's last run: seed 0 -> 1; the finished "
+        "stages warmup, base, sft, grpo are kept as trained (not retrained for these); this run "
+        f"continues with the new values, and its evaluation replaces {w}/results.json"], \
+        r.stderr[-3000:]
+    after = json.loads((w / "results.json").read_text())
+    assert after["config"]["seed"] == 1  # what the next run compares with
+
+
+def test_run_wide_changes_are_compared_with_the_last_run(tmp_path):
+    """Only settings outside the stage sections and the structural ones; the last run is the
+    one results.json records, else the newest stage's settings."""
+    from emit_jax import configs
+    from emit_jax.training import stages
+
+    def cfg(**overrides):
+        return configs.load("grpo", {"stages": ("sft", "grpo"), **overrides})
+
+    w = str(tmp_path)
+    assert stages.run_changes(cfg(seed=2), w) == []  # nothing stored
+    for stage in ("sft", "grpo"):
+        stages.save_settings(cfg(), w, stage)
+        open(os.path.join(w, stage, "done.json"), "w").close()
+    now = cfg(seed=2, eval_limit=5, arch="small", **{"grpo.lr": 0.5, "data.dk_sentences": 3,
+                                                      "emit.num_soft_tokens": 4})
+    assert stages.run_changes(now, w) == [("data.dk_sentences", 1, 3), ("eval_limit", 200, 5),
+                                          ("seed", 0, 2)]
+    assert stages.run_notice(cfg(), w) is None
+    with open(os.path.join(w, "results.json"), "w") as f:
+        json.dump({"config": stages.config_json(cfg(seed=2, eval_limit=5))}, f)
+    assert stages.run_changes(cfg(seed=2, eval_limit=5), w) == []
+    assert stages.run_changes(cfg(), w) == [("eval_limit", 5, 200), ("seed", 2, 0)]
 
 
 def test_a_resumed_stage_names_the_settings_changed_since_its_checkpoint(tmp_path):
@@ -380,3 +422,85 @@ def test_a_workdir_path_that_is_not_utf8_is_refused_before_anything_is_made(tmp_
     assert line == (f"emit_jax.train: error: {os.fsencode(w)!r}: the workdir's path is not valid "
                     "UTF-8 (choose another --workdir)")
     assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------ refused before any stage runs
+def _nothing_in(tmp_path):
+    return [n for n in os.listdir(tmp_path) if n != "cache"]
+
+
+def test_a_compile_cache_path_that_is_not_utf8_is_refused_before_anything_is_made(tmp_path):
+    """Before: an 85-line TypeError traceback from JAX's cache at the first compilation, and a
+    half-made workdir."""
+    bad = os.path.join(str(tmp_path), os.fsdecode(b"xla\xff"))
+    env = {k: v for k, v in subprocess_env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    r = subprocess.run([sys.executable, "-m", "emit_jax.train", *WARMUP, "--workdir",
+                        str(tmp_path / "w"), f"--config.compile_cache={bad}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    line = _error_line(r)
+    assert line == (f"emit_jax.train: error: config compile_cache {os.fsencode(bad)!r}: the path "
+                    "is not valid UTF-8 and JAX's compilation cache cannot use it; choose a "
+                    "UTF-8 path")
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_unusable_compile_cache_is_one_warning_line(tmp_path, monkeypatch, capsys):
+    """Before: JAX's two-line UserWarning at each compilation. Nothing is made: the run compiles
+    without a persistent cache."""
+    import jax
+    import ml_collections
+
+    from emit_jax import train as train_module
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    updates = []
+    monkeypatch.setattr(jax.config, "update", lambda k, v: updates.append((k, v)))
+    (tmp_path / "file").write_text("x")
+    for path, why in ((tmp_path / "file" / "xla", f"Not a directory ({tmp_path / 'file'})"),):
+        cfg = ml_collections.ConfigDict({"compile_cache": str(path)})
+        train_module._compile_cache(cfg)
+        err = capsys.readouterr().err
+        assert err == (f"warning: config compile_cache {path}: {why}; compiling without a "
+                       "persistent cache (--config.compile_cache= to say so, or choose a "
+                       "writable folder)\n")
+    assert updates == []
+    good = tmp_path / "cache" / "xla"
+    train_module._compile_cache(ml_collections.ConfigDict({"compile_cache": str(good)}))
+    assert updates == [("jax_compilation_cache_dir", str(good))]
+    assert capsys.readouterr().err == "" and not good.exists()  # JAX makes it when it writes
+
+
+def test_a_step_too_large_for_the_host_is_refused_before_anything_is_made(tmp_path):
+    """Before: prompts_per_step=1e8 was accepted; the run built the data and trained the
+    warm-up, base and sft stages before the GRPO stage ran out of memory."""
+    r = train(*SMOKE, "--workdir", str(tmp_path / "w"), "--config.grpo.prompts_per_step=100000000",
+              timeout=300)
+    line = _error_line(r)
+    assert line.startswith("emit_jax.train: error: config grpo.prompts_per_step: 100000000 "
+                           "prompts need at least "), line
+    assert "GiB of memory; use fewer rows" in line
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_step_memory_floor_counts_each_stage(tmp_path):
+    from emit_jax import configs
+    from emit_jax.errors import ConfigError
+    from emit_jax.training.validate import _batch_fits_host
+
+    cfg = configs.load("grpo", {"stages": ("sft", "grpo"), "sft.batch_size": 64})
+    tile = 3 * 448 * 448 * 2
+    _batch_fits_host(cfg, ("sft", "grpo"), 448, memory=64 * 2 * tile)  # fits exactly
+    with pytest.raises(ConfigError, match=r"^config sft.batch_size: 64 rows need at least"):
+        _batch_fits_host(cfg, ("sft", "grpo"), 448, memory=64 * 2 * tile - 1)
+    _batch_fits_host(cfg, ("grpo",), 448, memory=2 * 2 * tile)  # 2 prompts, G 4: 4 images
+
+
+def test_a_top_k_beyond_the_vocabulary_is_refused_before_any_stage_trains(tmp_path, cache):
+    """Before: accepted until the GRPO stage, after the warm-up, base and sft stages."""
+    w = tmp_path / "w"
+    r = train(*SMOKE, "--workdir", str(w), "--config.grpo.top_k=100000", env=cache, timeout=600)
+    line = _error_line(r)
+    assert line.startswith("emit_jax.train: error: config grpo.top_k: 100000 is more than the "), line
+    assert line.endswith(" tokens of the tokenizer's vocabulary; use at most that, or 0 to "
+                         "sample from all")
+    assert not [s for s in ("warmup", "base", "sft", "grpo") if (w / s).exists()]

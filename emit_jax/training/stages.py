@@ -389,6 +389,57 @@ def settings_notice(cfg, workdir: str, stage: str, *, finished: bool) -> str | N
     return f"warning: {stage} resumes with settings changed since its checkpoint: {_changes(diff)}"
 
 
+#: top-level keys no run-wide notice names: compared per stage, or about this run alone
+_NOT_RUN_WIDE = ("stages", "restart", "emit") + MODEL_SETTINGS
+
+
+def run_changes(cfg, workdir: str) -> list[tuple[str, Any, Any]]:
+    """``[(setting, stored, now), ...]``: the settings outside every stage's own section (the
+    seed, the evaluation's, the data's, logging, export) that differ from those of the workdir's
+    last run. The
+    structural settings (:func:`check_settings`) and the stage sections
+    (:func:`section_changes`) are left out: they have their own lines. The last run's settings
+    are those its ``results.json`` records (``config``), else the newest stage's."""
+    newest, stored = -1.0, None
+    try:
+        with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
+            results = json.load(f)
+        if isinstance(results, dict) and isinstance(results.get("config"), dict):
+            newest, stored = float("inf"), results["config"]
+    except (OSError, ValueError):
+        pass
+    for stage in cfg.stages:
+        path = os.path.join(workdir, stage, SETTINGS_FILE)
+        if os.path.isfile(path) and has_output(workdir, stage) and \
+                os.path.getmtime(path) > newest:
+            newest, stored = os.path.getmtime(path), stored_config(workdir, stage)
+    if stored is None:
+        return []
+    now, old = {}, {}
+    for src, dst in ((config_json(cfg), now), (stored, old)):
+        for k, v in src.items():
+            if k not in REGISTRY and k not in _NOT_RUN_WIDE:
+                _flat(k, v, dst)
+    return [(k, old[k], now[k]) for k in sorted(now) if k in old and old[k] != now[k]]
+
+
+def run_notice(cfg, workdir: str) -> str | None:
+    """The line a rerun prints when :func:`run_changes` finds settings changed since the
+    workdir's last run: finished stages are kept as trained (they do not train again for
+    these), and this run's evaluation, export and ``results.json`` use the new values. None
+    when nothing changed."""
+    diff = run_changes(cfg, workdir)
+    if not diff:
+        return None
+    done = [s for s in cfg.stages if os.path.isfile(os.path.join(workdir, s, "done.json"))]
+    kept = (f"the finished stage{'s' if len(done) > 1 else ''} {', '.join(done)} "
+            f"{'are' if len(done) > 1 else 'is'} kept as trained (not retrained for these); "
+            if done else "")
+    return (f"warning: settings changed since this workdir's last run: {_changes(diff)}; "
+            f"{kept}this run continues with the new values, and its evaluation replaces "
+            f"{os.path.join(workdir, 'results.json')}")
+
+
 def _show(value) -> str:
     return "none" if value is None else repr(value)
 
@@ -515,6 +566,18 @@ def load_stage(workdir: str, stage: str, scan_layers: bool | None = None):
 def scan_layers(cfg) -> bool:
     """``kernels.scan_layers``: the models a run builds or loads have stacked layers."""
     return bool((cfg.get("kernels") or {}).get("scan_layers", False))
+
+
+def check_vocabulary(cfg, tokenizer) -> None:
+    """Settings bounded by the tokenizer's vocabulary, checked once it is known and before any
+    stage trains: ``grpo.top_k`` (0: off) keeps at most the whole vocabulary (before: accepted
+    until the GRPO stage sampled, after the stages before it had trained)."""
+    if "grpo" not in cfg.stages:
+        return
+    top_k, vocab = int(cfg.grpo.get("top_k", 0) or 0), len(tokenizer)
+    if top_k > vocab:
+        raise ConfigError(f"config grpo.top_k: {top_k} is more than the {vocab} tokens of the "
+                          "tokenizer's vocabulary; use at most that, or 0 to sample from all")
 
 
 def build_initial_model(cfg, tokenizer):

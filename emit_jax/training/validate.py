@@ -95,6 +95,42 @@ def _sampler_mesh(grpo, num_devices: int) -> None:
                           f"or 'learner' / 'tensor'")
 
 
+def host_memory_bytes() -> int | None:
+    """This host's physical memory in bytes (None where the system does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _batch_fits_host(cfg, stages, image_size: int, memory: int | None = None) -> None:
+    """A step whose images alone cannot fit in this host's memory is refused before any stage
+    runs (before: the run built the data and trained the stages before it, then failed in the
+    GRPO stage). The floor counted: each row's (GRPO: each prompt's) two images, the query and
+    its reference, as one ``3 x image_size^2`` bfloat16 tile each, a fraction of what the step
+    really holds."""
+    memory = host_memory_bytes() if memory is None else memory
+    if not memory:
+        return
+    tile = 3 * image_size * image_size * 2
+    for s in stages:
+        if s == "grpo":
+            rows = int(cfg.grpo.prompts_per_step)  # its G completions share the images
+            what = f"grpo.prompts_per_step: {rows} prompts"
+        elif s in cfg and cfg[s] is not None and "batch_size" in cfg[s]:
+            rows = int(cfg[s].batch_size)
+            what = f"{s}.batch_size: {rows} rows"
+        else:
+            continue
+        need = rows * 2 * tile
+        if need > memory:
+            raise ConfigError(
+                f"config {what} need at least {need / 2**30:,.0f} GiB for the step's images "
+                f"alone (2 images of 3 x {image_size} x {image_size} each), more than this "
+                f"host's {memory / 2**30:,.0f} GiB of memory; use fewer rows (python -m "
+                "emit_jax.plan estimates a config's memory)")
+
+
 def _kernels(cfg) -> None:
     """``kernels.*``: the names ``emit_jax.ops.kernels`` knows, a positive decode bucket."""
     k = _get(cfg, "kernels", "kernels", None) or {}
@@ -148,6 +184,7 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
 
     # model and data sources
     init_from = _get(cfg, "init_from", "init_from", "")
+    image_size = 448  # InternVL's tile side: a checkpoint's own is read when it is loaded
     if init_from:
         if not os.path.isdir(init_from):
             _fail("init_from", init_from, "is not a folder (an HF folder or an emit_jax checkpoint)")
@@ -156,9 +193,10 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
         if arch not in architectures.ARCHITECTURES:
             _fail("arch", arch, f"is not a known architecture {sorted(architectures.ARCHITECTURES)}")
         size = _int(cfg, "image_size", "image_size", low=0, default=0)
-        patch = architectures.ARCHITECTURES[arch]().vision.patch_size
-        if size and size % patch:
-            _fail("image_size", size, f"is not a multiple of the patch size {patch}")
+        vision = architectures.ARCHITECTURES[arch]().vision
+        if size and size % vision.patch_size:
+            _fail("image_size", size, f"is not a multiple of the patch size {vision.patch_size}")
+        image_size = size or vision.image_size
     tok = _get(cfg, "tokenizer", "tokenizer", "")
     if tok and not os.path.isdir(tok):
         _fail("tokenizer", tok, "is not a folder")
@@ -231,4 +269,5 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
               "run, a per-layer copy under lax.scan); use weight_qtype='' or scan_layers=False")
     _kernels(cfg)
     _mesh(cfg, stages, num_devices)
+    _batch_fits_host(cfg, stages, image_size)
     return Settings(stages=stages, optim=optim, grpo=grpo)
