@@ -319,6 +319,19 @@ def fresh_records(seeds, *, cache_dir: str | None = None, ad_order: str = "shuff
                                   dk_sentences=dk_sentences)
 
 
+def fresh_think_records(seeds, tasks_: tuple, *, style: str = "brief",
+                        cache_dir: str | None = None, ad_order: str = "shuffled",
+                        domain_knowledge: bool = False, dk_sentences: int = 0) -> list[dict]:
+    """The questions of ``tasks_`` on every image of the embedded datasets drawn with ``seeds``
+    (as :func:`fresh_records`), each with the think instruction and its templated think answer
+    (:func:`think_records`, ``style``): the base stage's extra image questions
+    (``base.fresh_datasets``). Ids are ``basefresh<seed>-...``."""
+    recs = _whole_dataset_records(seeds, "basefresh", stage=1, think=False, tasks_=tasks_,
+                                  cache_dir=cache_dir, ad_order=ad_order,
+                                  domain_knowledge=domain_knowledge, dk_sentences=dk_sentences)
+    return think_records(recs, style)
+
+
 #: the first seed of the unseen evaluation datasets (``unseen_records``): far above any
 #: ``sft.fresh_datasets`` count, so no stage ever trains on them
 UNSEEN_SEED0 = 1000

@@ -106,7 +106,27 @@ def text_stage_records(cfg, records: dict, stage: str) -> list[dict]:
     if stage == "warmup":
         return statements
     extra = adfm_rationales(records["adfm"]) if cfg.base.get("adfm", False) else []
+    fresh = int(cfg.base.get("fresh_datasets", 0))
+    if embedded_only(cfg, "[base] base.fresh_datasets", fresh):
+        # think questions on every image of further embedded datasets (seeds data.seed+1..)
+        import time  # noqa: PLC0415
+
+        t0 = time.time()
+        tasks_ = tuple(cfg.base.get("fresh_tasks", ()) or BASE_FRESH_TASKS)
+        more = stage_data.fresh_think_records(
+            range(cfg.data.seed + 1, cfg.data.seed + 1 + fresh), tasks_,
+            style=rationale_style(cfg), **question_options(cfg))
+        random.Random(cfg.seed).shuffle(more)
+        extra = extra + more
+        log(f"[base] {len(more)} think questions ({', '.join(tasks_)}) of {fresh} fresh "
+            f"embedded datasets (seeds {cfg.data.seed + 1}-{cfg.data.seed + fresh}, "
+            f"{time.time() - t0:.0f} s)")
     return records["base"] + (statements if cfg.base.get("statements", False) else []) + extra
+
+
+#: ``base.fresh_tasks`` when empty: the three four-option tasks (their options the pointer the
+#: restated think answers read)
+BASE_FRESH_TASKS = ("defect_classification", "defect_localization", "object_classification")
 
 
 def run_text_stage(run: Run, model, stage: str):

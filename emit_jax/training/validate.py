@@ -224,13 +224,21 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
         _fail("data.ad_order", data.ad_order, f"must be one of {AD_ORDERS}")
     if data.get("rationale", "brief") not in RATIONALES:
         _fail("data.rationale", data.rationale, f"must be one of {RATIONALES}")
-    if "sft" in cfg and "sft" in tuple(cfg.get("stages", ())):
+    for s in ("sft", "base"):
+        if s not in cfg or s not in stages:
+            continue
         from emit_jax.training.data import UNSEEN_SEED0
 
-        if _int(cfg.sft, "fresh_datasets", "sft.fresh_datasets", low=0,
+        if _int(cfg[s], "fresh_datasets", f"{s}.fresh_datasets", low=0,
                 default=0) >= UNSEEN_SEED0 - int(data.get("seed", 0)):
-            _fail("sft.fresh_datasets", cfg.sft.fresh_datasets, "would reach the seeds of the "
+            _fail(f"{s}.fresh_datasets", cfg[s].fresh_datasets, "would reach the seeds of the "
                   f"unseen evaluation datasets ({UNSEEN_SEED0} on, eval_unseen)")
+    if "base" in stages:
+        from emit_jax.data.prompts import TASKS
+
+        fresh_tasks = cfg.base.get("fresh_tasks", ()) or ()
+        if isinstance(fresh_tasks, str) or any(t not in TASKS for t in fresh_tasks):
+            _fail("base.fresh_tasks", fresh_tasks, f"must be a tuple of task names from {TASKS}")
     buckets = tuple(_get(data, "length_buckets", "data.length_buckets"))
     if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets) \
             or list(buckets) != sorted(set(buckets)):
