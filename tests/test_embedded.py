@@ -67,8 +67,8 @@ def cached(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def cli_seed1(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
-    """Seed 1, written by the CLI with --overwrite over a folder holding a stale image and an
-    unrelated file."""
+    """Seed 1, written by the CLI with --overwrite over a folder holding a stale-looking image
+    (``999.png``, which the generation does not write) and an unrelated file."""
     root = tmp_path_factory.mktemp("cli") / "seed1"
     os.makedirs(root / "pill" / "train" / "good")
     (root / "pill" / "train" / "good" / "999.png").write_bytes(b"stale")
@@ -278,8 +278,10 @@ def test_cli_other_seed_differs_and_overwrite_replaces_only_ours(ds, cli_seed1):
     with open(os.path.join(root1, "manifest.json"), encoding="utf-8") as f:
         assert json.load(f)["seed"] == 1
     assert (open(os.path.join(root1, "keep.txt")).read()) == "not ours"
-    assert not os.path.exists(os.path.join(root1, "pill", "train", "good", "999.png"))
-    assert set(_all_images(root1)) == set(_all_images(root0))  # same layout
+    # a file the generation does not write is the user's, whatever its name: kept
+    with open(os.path.join(root1, "pill", "train", "good", "999.png"), "rb") as f:
+        assert f.read() == b"stale"
+    assert set(_all_images(root1)) - {"pill/train/good/999.png"} == set(_all_images(root0))
     a, b = _files(root0), _files(root1)
     pngs = [k for k in a if k.endswith(".png")]
     differing = [k for k in pngs if a[k] != b[k]]

@@ -26,9 +26,27 @@ def _env() -> dict:
                 PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", PROG, *args], capture_output=True, text=True,
-                          env=_env(), cwd=REPO, timeout=300)
+def _cli(*args: str, cwd: str = REPO, prog: str = PROG) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", prog, *args], capture_output=True, text=True,
+                          env=_env(), cwd=cwd, timeout=300)
+
+
+def _one_error(proc: subprocess.CompletedProcess, prog: str = PROG) -> str:
+    """The one ``error:`` line of a refused command (exit 2, nothing on stdout), less its
+    ``prog: error: `` prefix."""
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
+    assert proc.stdout == ""
+    return err[0][len(f"{prog}: error: "):]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    """One generated dataset (seed 0), shared by the tests that only read it."""
+    out = str(tmp_path_factory.mktemp("embedded") / "em")
+    E.generate(out, 0)
+    return out
 
 
 def _count_files(paths: list[str]) -> int:
@@ -125,16 +143,24 @@ def test_overwrite_keeps_user_files_and_replaces_generated_ones(tmp_path):
     (out / "pill" / "keep.txt").write_text("mine")
     (out / "pill" / "train" / "good" / "notes.txt").write_text("mine too")
     (out / "pill" / "train" / "good" / "000.png").write_bytes(b"old image")
-    (out / "pill" / "train" / "good" / "999.png").write_bytes(b"stale image")
+    (out / "pill" / "train" / "good" / "999.png").write_bytes(b"stale-looking image")
+    (out / "mine" / "big.bin").write_bytes(b"\0" * 5_000_000)
     (out / "descriptions" / "pill" / "train_good_000.txt").write_text("old")
     (out / "README.md").write_text("old readme")
     (out / "manifest.json").write_text("{}")
     proc = _cli("--out", str(out), "--seed", "2", "--overwrite")
     assert proc.returncode == 0, proc.stderr
+    # the size reported is the generated dataset's, not counting the user's kept files
+    user = {"pill/keep.txt", "pill/train/good/notes.txt", "pill/train/good/999.png",
+            "mine/big.bin"}
+    generated = sum(len(b) for rel, b in _files(str(out)).items() if rel not in user)
+    assert f", {generated / 1e6:.1f} MB " in proc.stdout, proc.stdout
     assert (out / "pill" / "keep.txt").read_text() == "mine"
     assert (out / "pill" / "train" / "good" / "notes.txt").read_text() == "mine too"
     assert os.path.isdir(out / "mine" / "empty")
-    assert not os.path.exists(out / "pill" / "train" / "good" / "999.png")
+    # a file named like a generated one that this generation does not write is the user's
+    assert (out / "pill" / "train" / "good" / "999.png").read_bytes() == b"stale-looking image"
+    assert (out / "mine" / "big.bin").stat().st_size == 5_000_000
     assert (out / "pill" / "train" / "good" / "000.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "descriptions" / "pill" / "train_good_000.txt").read_text() != "old"
     assert (out / "README.md").read_text() != "old readme"
@@ -167,5 +193,89 @@ def test_user_entries_lists_only_what_the_generator_does_not_write(tmp_path):
     (root / "nut" / "ground_truth" / E.CLASS_DEFECTS["nut"][0] / "001.png").write_bytes(b"")
     (root / "splits.json").write_text("{}")
     (root / "x.json").write_text("{}")
+    (root / "nut" / "test" / "good" / "011.png").write_bytes(b"")
+    (root / "nut" / "test" / "good" / "0011.png").write_bytes(b"")
+    # only the exact names a generation writes are the generator's: test/good holds 000..011
     assert _user_entries(str(root), str(root)) == [
-        f"nut/ground_truth/{E.CLASS_DEFECTS['nut'][0]}/001.png", "nut/test/good/a.png", "x.json"]
+        f"nut/ground_truth/{E.CLASS_DEFECTS['nut'][0]}/001.png", "nut/test/good/0011.png",
+        "nut/test/good/012.png", "nut/test/good/a.png", "x.json"]
+
+
+def test_dataset_bytes_counts_only_generated_files(dataset, tmp_path):
+    import shutil
+
+    from emit_jax.data.embedded.writer import dataset_bytes
+
+    total = sum(len(b) for b in _files(dataset).values())
+    assert dataset_bytes(dataset) == total
+    copy = tmp_path / "em"
+    shutil.copytree(dataset, copy)
+    (copy / "pill" / "train" / "good" / "999.png").write_bytes(b"x" * 1000)
+    (copy / "notes.txt").write_text("mine")
+    assert dataset_bytes(copy) == total
+
+
+# ------------------------------------------------------------------ refused up front
+def test_non_utf8_out_is_refused(tmp_path):
+    out = os.fsdecode(os.fsencode(str(tmp_path)) + b"/em\xff")
+    msg = _one_error(_cli("--out", out))
+    assert msg.startswith("--out b'") and "em\\xff" in msg and "not valid UTF-8" in msg, msg
+    assert os.listdir(tmp_path) == []
+
+
+def test_empty_out_is_refused(tmp_path):
+    assert _one_error(_cli("--out", "", cwd=str(tmp_path))) == \
+        "--out: empty path; name the folder to write"
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("out, overwrite", [(".", False), (".", True), ("..", True)],
+                         ids=["dot", "dot-overwrite", "parent-overwrite"])
+def test_out_is_or_contains_the_cwd_is_refused(tmp_path, out, overwrite):
+    cwd = tmp_path / "a" / "b"
+    os.makedirs(cwd)
+    if overwrite:
+        (cwd / "mine.txt").write_text("mine")
+    before = sorted(os.walk(tmp_path))
+    inode = os.stat(cwd).st_ino
+    msg = _one_error(_cli("--out", out, *(["--overwrite"] if overwrite else []), cwd=str(cwd)))
+    assert msg == f"{out}: is the current directory (or contains it); run from elsewhere or " \
+                  "choose another folder"
+    assert sorted(os.walk(tmp_path)) == before and os.stat(cwd).st_ino == inode
+    _no_temporaries(str(cwd.parent))
+
+
+@pytest.mark.parametrize("marker", ["results.json", "grpo/settings.json", "sft/metrics.jsonl"])
+def test_overwrite_refuses_a_training_workdir(tmp_path, marker):
+    out = tmp_path / "run"
+    os.makedirs((out / marker).parent, exist_ok=True)
+    (out / marker).write_text("{}")
+    before = _files(str(out))
+    msg = _one_error(_cli("--out", str(out), "--overwrite"))
+    assert msg == f"{out}: looks like a training workdir (it holds {marker}); choose a " \
+                  "dataset folder"
+    assert _files(str(out)) == before
+    _no_temporaries(str(tmp_path))
+
+
+# ------------------------------------------------------------------ data.build --out
+BUILD = "emit_jax.data.build"
+
+
+@pytest.mark.parametrize("kind", ["trailing-separator", "existing-folder"])
+def test_build_out_naming_a_folder_is_refused(dataset, tmp_path, kind):
+    out = str(tmp_path / "somedir") + os.sep
+    if kind == "existing-folder":
+        out = out.rstrip(os.sep)
+        os.makedirs(out)
+    proc = _cli("--source", dataset, "--out", out, "--stage", "1", "--max-per-type", "1",
+                prog=BUILD)
+    assert _one_error(proc, BUILD) == (f"--out {out}: names a folder; data.build writes one "
+                                       f"JSONL file (e.g. {os.path.join(out, 'train.jsonl')})")
+    assert os.listdir(tmp_path) == (["somedir"] if kind == "existing-folder" else [])
+
+
+def test_build_empty_out_is_refused(dataset, tmp_path):
+    proc = _cli("--source", dataset, "--out", "", "--stage", "1", prog=BUILD, cwd=str(tmp_path))
+    assert _one_error(proc, BUILD) == "--out: empty path; name the JSONL file to write"
+    assert os.listdir(tmp_path) == []

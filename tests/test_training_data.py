@@ -214,3 +214,45 @@ def test_eval_think_follows_what_a_stage_trained():
     assert not _eval_think(cfg)
     cfg.eval_think, cfg.sft.think, cfg.stages = True, False, ("base", "sft", "grpo")
     assert _eval_think(cfg)
+
+
+def test_base_fresh_datasets_add_think_questions_on_every_image(tmp_path, monkeypatch):
+    """``base.fresh_datasets=1``: the three four-option tasks on every image of the embedded
+    dataset of seed data.seed+1, with the think instruction and the restated think answer."""
+    from collections import Counter
+
+    from emit_jax.configs import common
+    from emit_jax.training.stages import text_stage_records
+
+    monkeypatch.setenv("EMIT_JAX_CACHE", str(tmp_path))
+    cfg = common.base_config()
+    cfg.data.rationale = "restate"
+    recs = {"warmup": [], "base": [{"task_type": "object_classification", "id": "b"}]}
+    assert text_stage_records(cfg, recs, "base") == recs["base"]  # off by default
+    cfg.base.fresh_datasets = 1
+    out = text_stage_records(cfg, recs, "base")
+    assert out[0] == recs["base"][0]
+    fresh = out[1:]
+    assert all(r["id"].startswith("basefresh1-") for r in fresh)
+    counts = Counter(r["task_type"] for r in fresh)
+    assert set(counts) == {"defect_classification", "defect_localization",
+                           "object_classification"}
+    # one OC question per image (7 classes x 24 images), DC / DL one per anomalous image
+    assert counts["object_classification"] == 168
+    assert counts["defect_classification"] == counts["defect_localization"] == 224
+    for r in fresh:
+        user, answer = r["messages"][0]["content"], r["messages"][1]["content"]
+        assert prompts.INSTR_THINK in user and prompts.INSTR_DIRECT not in user
+        letter = r["messages"][1]["content"][-len("</answer>") - 1]
+        assert answer.endswith(f"</think><answer>{letter}</answer>")
+        i = prompts.LETTERS.index(letter)
+        assert f"\n{letter} " in answer or answer.startswith(f"<think>{letter} ")
+        if r["task_type"] != "defect_localization":  # (a cell's synonyms are restated)
+            # the answer's option, named last, with its letter
+            assert answer.split("</think>")[0].endswith(f"{r['options'][i].rstrip('.')} {letter}")
+        # the query (and, for the defect tasks, its normal reference) from the fresh dataset
+        assert len(r["images"]) == (1 if r["task_type"] == "object_classification" else 2)
+        assert all("embedded-v2-seed1" in p for p in r["images"])
+    cfg.base.fresh_tasks = ("object_classification",)
+    assert {r["task_type"] for r in text_stage_records(cfg, recs, "base")[1:]} == \
+        {"object_classification"}

@@ -10,12 +10,16 @@ rule for anomalous queries); ``--text-samples``; ``--max-per-type N``; ``--polic
 (``skip``: an unreadable image or mask — a decompression bomb included — and a file name that is
 not valid UTF-8 are skipped and counted in the summary's ``skipped``, each image decoded once
 more first to find them; ``error``: the first one is one error line).
+
+``--out`` names the one JSONL file written: an empty path, one ending with ``/`` or an existing
+folder is refused before any work.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from emit_jax import cli
 from emit_jax.checkpoint import load_model
@@ -24,11 +28,23 @@ from emit_jax.errors import ConfigError
 from emit_jax.fileio import check_not_input
 
 
+def _check_out(out: str) -> None:
+    """Refuse, before any work, an ``--out`` that names no file: empty, ending with a path
+    separator, or an existing folder (one JSONL file is written)."""
+    if not out:
+        raise ConfigError("--out: empty path; name the JSONL file to write")
+    seps = tuple(s for s in (os.sep, os.altsep) if s)
+    if out.endswith(seps) or os.path.isdir(out):
+        example = os.path.join(out, "train.jsonl")
+        raise ConfigError(f"--out {out}: names a folder; data.build writes one JSONL file "
+                          f"(e.g. {example})")
+
+
 def main(argv=None) -> int:
     p = cli.Parser(prog="python -m emit_jax.data.build", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter, error_type=ConfigError)
     p.add_argument("--source", required=True, help="MVTec-AD-style dataset folder")
-    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.add_argument("--out", required=True, help="JSONL file to write (not a folder)")
     p.add_argument("--stage", type=int, choices=[1, 2], required=True)
     p.add_argument("--seed", type=cli.nonneg_int, default=0)
     p.add_argument("--split", default=None, help="split from splits.json (train|validation|test|all)")
@@ -44,6 +60,7 @@ def main(argv=None) -> int:
                    help="write AD-FM records (three-stage prompt, solution A/B, bbox_answer "
                         "boxes in a SIZE x SIZE model frame) instead of EMIT's")
     a = p.parse_args(argv)
+    _check_out(a.out)
     check_not_input(a.out, {"--source": a.source, "--domain-knowledge": a.domain_knowledge,
                             "--checkpoint": a.checkpoint})
     vit_model = load_model(a.checkpoint)[0] if a.checkpoint and a.embedding != "pixels" else None

@@ -3,24 +3,24 @@
 The dataset is built in a temporary folder beside ``DIR`` and renamed into place only when
 complete, so an error, Ctrl-C or SIGTERM leaves ``DIR`` as it was (exit 2 with one ``error:``
 line naming the path; exit 130 with one ``interrupted`` line) and a rerun starts afresh.
-``--overwrite`` replaces only what the generator writes (its top-level files and, in its image,
-mask and description folders, the files it names ``NNN.png``, ``NNN_mask.png``,
-``<split>_<folder>_NNN.txt``); every other file or folder in ``DIR`` is kept (moved into the new
-dataset before it replaces the old one).
+``--overwrite`` replaces only the files this generation writes, by exact name (its top-level
+files and, in its image, mask and description folders, the ``NNN.png``, ``NNN_mask.png`` and
+``<split>_<folder>_NNN.txt`` files it numbers); every other file or folder in ``DIR`` is kept,
+whatever its name (moved into the new dataset before it replaces the old one), and the size
+reported counts only the generated files. Refused up front (one ``error:`` line, exit 2,
+nothing written): an empty ``--out``, one that is not valid UTF-8 (training and evaluation
+cannot read it), the current directory or a folder containing it, and with ``--overwrite`` a
+folder that looks like a training workdir (``results.json``, ``<stage>/settings.json`` ...).
 """
 
 from __future__ import annotations
 
-import os
 import time
 
 from emit_jax import cli
-from emit_jax.data.embedded.writer import generate
+from emit_jax.data.embedded.writer import dataset_bytes, generate
 from emit_jax.errors import DataError
-
-
-def _tree_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+from emit_jax.fileio import check_utf8_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,13 +30,21 @@ def main(argv: list[str] | None = None) -> int:
         description="Write the embedded MVTec-AD-style anomaly-detection dataset. It is built "
                     "beside --out and renamed into place when complete: an error or an "
                     "interrupt leaves --out as it was.", error_type=DataError)
-    parser.add_argument("--out", required=True, help="output directory (missing or empty)")
+    parser.add_argument("--out", required=True,
+                        help="output directory (missing or empty; not the current directory or "
+                             "one containing it)")
     parser.add_argument("--seed", type=cli.nonneg_int, default=0, help="random seed (default 0)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="--out may be non-empty: replace only the files the generator "
-                             "writes (its top-level files, and NNN.png / NNN_mask.png / "
-                             "description .txt files in its own folders); keep every other file")
+                        help="--out may be non-empty (not a training workdir): replace only "
+                             "the files this generation writes, by exact name (its top-level "
+                             "files, and the NNN.png / NNN_mask.png / description .txt files it "
+                             "numbers in its own folders); keep every other file, whatever its "
+                             "name")
     args = parser.parse_args(argv)
+    if not args.out:
+        raise DataError("--out: empty path; name the folder to write")
+    check_utf8_path(args.out, "--out", why="the training and evaluation commands cannot read it "
+                    "(tokenizers and Orbax cannot use such names)")
     t0 = time.perf_counter()
     try:
         manifest = generate(args.out, args.seed, overwrite=args.overwrite)
@@ -47,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     t = manifest["totals"]
     print(f"wrote {t['images']} images ({t['masks']} masks, {len(manifest['classes'])} classes; "
           f"train {t['train']}, validation {t['validation']}, test {t['test']}) to {args.out} "
-          f"in {time.perf_counter() - t0:.1f}s, {_tree_bytes(args.out) / 1e6:.1f} MB "
+          f"in {time.perf_counter() - t0:.1f}s, {dataset_bytes(args.out) / 1e6:.1f} MB "
           f"(seed {manifest['seed']}, generator v{manifest['version']})")
     return 0
 

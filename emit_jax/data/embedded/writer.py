@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import tempfile
@@ -23,6 +22,7 @@ from emit_jax.data.embedded.notes import _license_notes, _readme
 from emit_jax.data.embedded.sample import render_sample
 from emit_jax.data.embedded.seeding import _check_seed, _rng
 from emit_jax.data.embedded.text import description, domain_knowledge
+from emit_jax.errors import DataError
 from emit_jax.fileio import atomic_folder
 
 _TOP_FILES = ("domain_knowledge.json", "splits.json", "manifest.json", "README.md",
@@ -94,17 +94,26 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bool = Fal
 
     ``out_dir`` must be missing or empty unless ``overwrite`` is true; else
     :class:`FileExistsError` (``... directory is not empty (use overwrite)``). With
-    ``overwrite``, only what this generator writes is replaced: the top-level files
-    (:data:`_TOP_FILES`) and, in its own folders (``<class>/{train,test}/<folder>``,
-    ``<class>/ground_truth/<defect>``, ``descriptions/<class>``), the files named as it names
-    them (``NNN.png``, ``NNN_mask.png``, ``<split>_<folder>_NNN.txt``; stale ones from an earlier
-    generation included). Every other file and folder is the user's and is kept: it is moved
-    into the new dataset (a rename, signals held off) just before that replaces the old one. A
-    file where the dataset needs a folder (or the reverse) is refused before anything is
-    written, naming it.
+    ``overwrite``, only the files this generation writes are replaced, matched by exact name:
+    the top-level files (:data:`_TOP_FILES`) and, in its own folders
+    (``<class>/{train,test}/<folder>``, ``<class>/ground_truth/<defect>``,
+    ``descriptions/<class>``), the ``NNN.png``, ``NNN_mask.png`` and
+    ``<split>_<folder>_NNN.txt`` files it numbers (``000`` up to its count per folder). Every
+    other file and folder is the user's and is kept, whatever its name (a ``999.png`` beside the
+    generated images included): it is moved into the new dataset (a rename, signals held off)
+    just before that replaces the old one. A file where the dataset needs a folder (or the
+    reverse) is refused before anything is written, naming it.
+
+    Refused before anything is written (:class:`~emit_jax.errors.DataError`, naming
+    ``out_dir``): an empty path; the current directory or a folder that contains it (it would
+    be swapped out from under the shell); with ``overwrite``, a folder that looks like a
+    training workdir (:func:`_workdir_marker`).
     """
     seed = _check_seed(seed)
     out_dir = os.fspath(out_dir)
+    if not out_dir:
+        raise DataError("empty path; name the folder to write")
+    _check_not_cwd(out_dir)
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise NotADirectoryError(f"{out_dir}: exists and is not a directory")
     target = os.path.realpath(out_dir) if os.path.islink(out_dir) else os.path.abspath(out_dir)
@@ -112,6 +121,10 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bool = Fal
     if os.path.isdir(target) and os.listdir(target):
         if not overwrite:
             raise FileExistsError(f"{out_dir}: directory is not empty (use overwrite)")
+        marker = _workdir_marker(target)
+        if marker:
+            raise DataError(f"{out_dir}: looks like a training workdir (it holds {marker}); "
+                            "choose a dataset folder")
         keep = _user_entries(target, out_dir)
     try:
         if keep is None:
@@ -125,47 +138,81 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bool = Fal
 
 
 # ------------------------------------------------------------------ what the generator owns
-_IMAGE = re.compile(r"\d{3,}\.png")
-_MASK = re.compile(r"\d{3,}_mask\.png")
+#: what a training workdir holds (emit_jax.training.stages / emit_jax.train): top-level files,
+#: and files in its stage folders (emit_jax.training.config.STAGES)
+_WORKDIR_FILES = ("results.json", ".lock", "curves.png")
+_WORKDIR_STAGES = ("warmup", "base", "sft", "sft2", "grpo")
+_WORKDIR_STAGE_FILES = ("settings.json", "done.json", "metrics.jsonl")
 
 
-def _layout(rel: str) -> tuple[dict[str, str], re.Pattern | None]:
+def _workdir_marker(root: str) -> str | None:
+    """The first entry (relative path) of ``root`` that marks it as a training workdir, or
+    None: a dataset must not be written into one."""
+    for name in _WORKDIR_FILES:
+        if os.path.isfile(os.path.join(root, name)):
+            return name
+    for stage in _WORKDIR_STAGES:
+        for name in _WORKDIR_STAGE_FILES:
+            if os.path.isfile(os.path.join(root, stage, name)):
+                return f"{stage}/{name}"
+    return None
+
+
+def _check_not_cwd(out_dir: str) -> None:
+    """Refuse ``out_dir`` when it is the current directory or contains it: replacing it (the
+    final rename) would swap the shell's working directory out from under it."""
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except OSError:  # the working directory is gone: nothing to protect
+        return
+    target = os.path.realpath(out_dir)
+    if cwd == target or cwd.startswith(target.rstrip(os.sep) + os.sep):
+        raise DataError(f"{out_dir}: is the current directory (or contains it); run from "
+                        "elsewhere or choose another folder")
+
+
+def _layout(rel: str) -> dict[str, str]:
     """For the folder ``rel`` (relative to the dataset root, ``""`` the root) of the generator's
-    layout: its sub-entries the generator writes, ``{name: "dir" | "file"}``, and the pattern
-    of the file names it writes there (None: none)."""
+    layout: the sub-entries a generation writes there, ``{name: "dir" | "file"}`` (exact names:
+    ``NNN.png`` up to the folder's count, not any number)."""
     parts = rel.split("/") if rel else []
     if not parts:
         return {**{c: "dir" for c in CLASSES}, "descriptions": "dir",
-                **{f: "file" for f in _TOP_FILES}}, None
+                **{f: "file" for f in _TOP_FILES}}
     if parts[0] == "descriptions":
         if len(parts) == 1:
-            return {c: "dir" for c in CLASSES}, None
-        subs = "|".join(re.escape(f"{split}_{sub}") for split, sub, _ in _folders(parts[1]))
-        return {}, re.compile(rf"(?:{subs})_\d{{3,}}\.txt")
+            return {c: "dir" for c in CLASSES}
+        return {f"{split}_{sub}_{i:03d}.txt": "file"
+                for split, sub, n in _folders(parts[1]) for i in range(n)}
     cls = parts[0]
     if len(parts) == 1:
-        return {"train": "dir", "test": "dir", "ground_truth": "dir"}, None
+        return {"train": "dir", "test": "dir", "ground_truth": "dir"}
     if len(parts) == 2:
         if parts[1] == "ground_truth":
-            return {d: "dir" for d in CLASS_DEFECTS[cls]}, None
-        return {sub: "dir" for split, sub, _ in _folders(cls) if split == parts[1]}, None
-    return {}, _MASK if parts[1] == "ground_truth" else _IMAGE
+            return {d: "dir" for d in CLASS_DEFECTS[cls]}
+        return {sub: "dir" for split, sub, _ in _folders(cls) if split == parts[1]}
+    counts = {(split, sub): n for split, sub, n in _folders(cls)}
+    if parts[1] == "ground_truth":
+        return {f"{i:03d}_mask.png": "file" for i in range(counts[("test", parts[2])])}
+    return {f"{i:03d}.png": "file" for i in range(counts[(parts[1], parts[2])])}
 
 
-def _user_entries(root: str, shown: str) -> list[str]:
-    """The entries under ``root`` (paths relative to it, ``/``-separated) that the generator
-    does not write: the user's files and folders (a folder outside the layout counts as one
-    entry). Raises ``FileExistsError`` naming an entry that is a file (or link) where the layout
-    has a folder, or a folder where it has a file."""
+def _scan(root: str, shown: str) -> tuple[list[str], list[str]]:
+    """``(generated, user)``: the files under ``root`` (paths relative to it, ``/``-separated)
+    that a generation writes, and the entries it does not write: the user's files and folders
+    (a folder outside the layout counts as one entry). Raises ``FileExistsError`` naming an
+    entry that is a file (or link) where the layout has a folder, or a folder where it has a
+    file."""
+    generated: list[str] = []
     keep: list[str] = []
 
     def walk(rel: str) -> None:
-        owned, pattern = _layout(rel)
+        owned = _layout(rel)
         for name in sorted(os.listdir(os.path.join(root, rel))):
             sub = f"{rel}/{name}" if rel else name
             path = os.path.join(root, sub)
             is_dir = os.path.isdir(path) and not os.path.islink(path)
-            kind = owned.get(name) or ("file" if pattern and pattern.fullmatch(name) else None)
+            kind = owned.get(name)
             if kind is None:
                 keep.append(sub)
             elif (kind == "dir") != is_dir:
@@ -174,9 +221,23 @@ def _user_entries(root: str, shown: str) -> list[str]:
                                       "there; move it away to overwrite")
             elif is_dir:
                 walk(sub)
+            else:
+                generated.append(sub)
 
     walk("")
-    return keep
+    return generated, keep
+
+
+def _user_entries(root: str, shown: str) -> list[str]:
+    """The entries under ``root`` that the generator does not write (:func:`_scan`)."""
+    return _scan(root, shown)[1]
+
+
+def dataset_bytes(out_dir: str | os.PathLike) -> int:
+    """The size in bytes of the generated files in the dataset folder ``out_dir`` (the user's
+    files kept there by an overwrite not counted)."""
+    out_dir = os.fspath(out_dir)
+    return sum(os.path.getsize(os.path.join(out_dir, rel)) for rel in _scan(out_dir, out_dir)[0])
 
 
 # ------------------------------------------------------------------ writing it, atomically
