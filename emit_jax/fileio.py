@@ -235,6 +235,7 @@ def _check_parent(path: str) -> None:
         raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+    _check_creatable(folder, path)  # root passes os.access on a read-only mount or in /sys
 
 
 def check_new_folder(path: str | os.PathLike, *, hint: str = "choose a new folder") -> None:

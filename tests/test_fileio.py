@@ -247,3 +247,23 @@ def test_rewriting_a_file_keeps_its_mode(umask, tmp_path):
     with atomic_output(p) as f:
         f.write("new")
     assert p.read_text() == "new" and stat.S_IMODE(os.stat(p).st_mode) == 0o640
+
+
+def test_output_checks_try_the_folder_where_root_passes_os_access(tmp_path):
+    """Before: as root ``os.access`` says every folder is writable (``/sys`` included), so
+    ``check_writable`` and ``check_new_folder`` passed, and the command failed at its end."""
+    import pytest
+
+    from emit_jax.fileio import check_new_folder, check_writable
+
+    for folder in ("/sys", "/proc"):
+        if not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
+            continue  # not root, or no such pseudo file system: os.access already refuses
+        for check in (check_writable, check_new_folder):
+            with pytest.raises(OSError) as e:
+                check(os.path.join(folder, "results.json"))
+            assert e.value.filename == os.path.join(folder, "results.json")
+            assert not [n for n in os.listdir(folder) if n.startswith(".tmp-")]
+    check_writable(tmp_path / "a" / "results.json")  # an ordinary folder: fine, nothing left
+    check_new_folder(tmp_path / "b")
+    assert os.listdir(tmp_path) == []
