@@ -223,8 +223,12 @@ def evaluate_heldout(run_: stages.Run, model) -> dict:
     the test split (``eval_limit`` questions), every image of ``eval_unseen`` embedded datasets no
     stage saw, and AD-FM's test records (``eval_adfm``)."""
     cfg, out = run_.cfg, {}
-    kw = dict(max_tiles=cfg.data.max_tiles, think=eval_think(cfg),
+    asked = cfg.get("eval_instruction", "direct") == "think"
+    kw = dict(max_tiles=cfg.data.max_tiles, think=eval_think(cfg) or asked,
               max_new_tokens=cfg.eval_max_new_tokens, mesh=run_.mesh)
+
+    def ask(records):  # the think instruction in place of the direct one, when asked for
+        return stage_data.asked_to_think(records) if asked else records
 
     def show(summary, rows, title: str) -> dict:
         table = format_table(summary, title=title)
@@ -234,7 +238,7 @@ def evaluate_heldout(run_: stages.Run, model) -> dict:
                                           for t in summary.tasks}}
 
     if cfg.eval_limit:
-        summary, rows = evaluate_records(model, run_.tokenizer, run_.records["test"],
+        summary, rows = evaluate_records(model, run_.tokenizer, ask(run_.records["test"]),
                                          limit=cfg.eval_limit, root=run_.source, **kw)
         title = f"held-out test split ({len(rows)} questions)"
         shown = show(summary, rows, title)
@@ -248,13 +252,16 @@ def evaluate_heldout(run_: stages.Run, model) -> dict:
     unseen = int(cfg.get("eval_unseen", 0))
     if stages.embedded_only(cfg, "[eval] eval_unseen", unseen):
         t0 = time.time()
-        recs = stage_data.unseen_records(unseen, **stages.question_options(cfg))
+        from emit_jax.data.prompts import TASKS
+
+        recs = stage_data.unseen_records(unseen, tasks_=tuple(cfg.get("eval_unseen_tasks", (
+            "anomaly_discrimination",)) or TASKS), **stages.question_options(cfg))
         limit = int(cfg.get("eval_unseen_limit", 0))
         subset = 0 < limit < len(recs)
         if subset:  # a fixed random subset (all classes, both labels)
             random.Random(stage_data.UNSEEN_SEED0).shuffle(recs)
             recs = recs[:limit]
-        summary, rows = evaluate_records(model, run_.tokenizer, recs, **kw)
+        summary, rows = evaluate_records(model, run_.tokenizer, ask(recs), **kw)
         seed0 = stage_data.UNSEEN_SEED0
         shown = show(summary, rows, f"held-out: {unseen} embedded dataset(s) no stage saw (seeds "
                      f"{seed0}-{seed0 + unseen - 1}), {len(rows)} questions"

@@ -256,3 +256,30 @@ def test_base_fresh_datasets_add_think_questions_on_every_image(tmp_path, monkey
     cfg.base.fresh_tasks = ("object_classification",)
     assert {r["task_type"] for r in text_stage_records(cfg, recs, "base")[1:]} == \
         {"object_classification"}
+
+
+def test_held_out_records_asked_to_think_keep_everything_but_the_instruction():
+    import pytest
+
+    from emit_jax.configs import common
+    from emit_jax.errors import ConfigError
+    from emit_jax.training.data import asked_to_think
+    from emit_jax.training.validate import validate_config
+
+    user = f"Select ... {prompts.INSTR_DIRECT}\n\nQuestion: Q?\nA. x\nB. y\n"
+    rec = {"id": "t", "images": ["q.png"], "solution": "B", "options": ["x", "y"],
+           "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": "B"}]}
+    (out,) = asked_to_think([rec])
+    assert out["messages"][0]["content"] == user.replace(prompts.INSTR_DIRECT, prompts.INSTR_THINK)
+    assert {k: v for k, v in out.items() if k != "messages"} == \
+        {k: v for k, v in rec.items() if k != "messages"}
+    assert out["messages"][1] == rec["messages"][1] and rec["messages"][0]["content"] == user
+    with pytest.raises(ValueError, match="no direct instruction"):
+        asked_to_think([out])
+    cfg = common.base_config()
+    cfg.eval_instruction = "loud"
+    with pytest.raises(ConfigError, match="^config eval_instruction: "):
+        validate_config(cfg, num_devices=1)
+    cfg.eval_instruction, cfg.eval_unseen, cfg.eval_unseen_tasks = "think", 1, ("nope",)
+    with pytest.raises(ConfigError, match="^config eval_unseen_tasks: "):
+        validate_config(cfg, num_devices=1)

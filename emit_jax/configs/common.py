@@ -118,7 +118,14 @@ def base_config() -> ml_collections.ConfigDict:
     # split has 74 (emit_jax.training.data.unseen_records)
     c.eval_unseen = 0
     c.eval_unseen_limit = 0  # > 0: a fixed random subset of that many of those questions
+    # the tasks asked on those images (() = all four)
+    c.eval_unseen_tasks = ("anomaly_discrimination",)
     c.eval_think = True
+    # how the held-out questions are asked: "direct" (MMAD's "Do not include any text in your
+    # response.", the test split's records as built) or "think" (the think instruction, for a
+    # recipe whose answers read the options in a think answer: data.rationale='restate');
+    # eval_think only chooses how the answer is parsed
+    c.eval_instruction = "direct"
     c.eval_max_new_tokens = 48
     c.export_hf = True
     return c

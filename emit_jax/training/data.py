@@ -204,6 +204,21 @@ def warmup_records(questions, *, seed: int = 0, shuffles: int = 4,
     return out
 
 
+def asked_to_think(records: list[dict]) -> list[dict]:
+    """Held-out records (the direct instruction in the user turn) asked with the think
+    instruction instead (``eval_instruction='think'``); their answers stay as they were (the
+    evaluation compares the parsed letter with ``solution``)."""
+    out = []
+    for r in records:
+        user = r["messages"][0]["content"]
+        if user.count(prompts.INSTR_DIRECT) != 1:
+            raise ValueError(f"record {r.get('id')!r}: no direct instruction in the user turn "
+                             "to replace by the think instruction")
+        out.append(dict(r, messages=[dict(r["messages"][0], content=user.replace(
+            prompts.INSTR_DIRECT, prompts.INSTR_THINK))] + list(r["messages"][1:])))
+    return out
+
+
 def think_records(records: list[dict], style: str = "brief") -> list[dict]:
     """Stage-1 records (direct instruction, a letter as the assistant turn) as think records:
     the think instruction in the user turn and the templated rationale (:func:`rationale`:

@@ -256,9 +256,16 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     policy = _get(cfg, "nonfinite", "nonfinite", "skip")
     if policy not in POLICIES:
         _fail("nonfinite", policy, f"must be one of {', '.join(POLICIES)}")
+    if cfg.get("eval_instruction", "direct") not in ("direct", "think"):
+        _fail("eval_instruction", cfg.eval_instruction, "must be 'direct' or 'think'")
     if _int(cfg, "eval_limit", "eval_limit", low=0, default=0) + \
             _int(cfg, "eval_unseen", "eval_unseen", low=0, default=0):
         _int(cfg, "eval_unseen_limit", "eval_unseen_limit", low=0, default=0)
+        from emit_jax.data.prompts import TASKS
+
+        asked = cfg.get("eval_unseen_tasks", ()) or ()
+        if isinstance(asked, str) or any(t not in TASKS for t in asked):
+            _fail("eval_unseen_tasks", asked, f"must be a tuple of task names from {TASKS}")
         _int(cfg, "eval_max_new_tokens", "eval_max_new_tokens", low=1)
     mem = _get(cfg, "memory", "memory", None) or {}
     _int(mem, "attention_chunk", "memory.attention_chunk", low=0, default=0)
