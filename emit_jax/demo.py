@@ -5,6 +5,9 @@ End to end on the CPU, with no downloads: build the named architecture with rand
 an image + text prompt through it (greedy decoding with the KV cache, checked against the full
 forward), write it as a Hugging Face folder, convert that to an Orbax checkpoint, export it back,
 and check that every tensor survived bit for bit.
+
+The folders it writes hold the random weights and config only, no tokenizer (the model was made
+without one): they are not for ``python -m emit_jax.evaluate``, which refuses them in one line.
 """
 
 from __future__ import annotations

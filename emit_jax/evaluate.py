@@ -50,6 +50,11 @@ Interrupted and failing runs keep what they did:
   still to answer uses (it opens and passes PIL's ``verify``). A bad one is one line,
   ``emit_jax.evaluate: error: <file>: <problem>`` (exit 2), naming the first bad image and how
   many are bad.
+- ``--out`` is one JSON file: a path ending with a separator or naming a folder is refused
+  before any work. One that exists (a finished evaluation) is announced on stderr (``note:``
+  line) before the first question; it stays as it is until the new results replace it whole.
+  A checkpoint without tokenizer files (``python -m emit_jax.demo``'s folders) is refused in
+  one line before its weights are read.
 - With ``--out``, each answer is appended to ``<out>.partial.jsonl`` as soon as it is made (one
   fsynced line: the question's index, a fingerprint of its prompt and images, the raw response,
   the results row; a header line holds the settings). The file is removed once ``--out`` is
@@ -92,6 +97,44 @@ MVTEC_TYPES = {"anomaly_discrimination": "Anomaly Detection",
                "object_classification": "Object Classification"}
 
 
+#: the files a tokenizer folder is read from (AutoTokenizer: a fast tokenizer, its config, or a
+#: slow tokenizer's vocabulary); a folder with none of them has no tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer_files(checkpoint: str, tok_dir: str) -> None:
+    """Raise one :class:`~emit_jax.errors.TokenizerError` line when ``tok_dir`` (the checkpoint
+    folder, or an Orbax checkpoint's ``assets/``) holds none of :data:`TOKENIZER_FILES`: the
+    weights-only folders of ``python -m emit_jax.demo`` (a random model, no tokenizer)."""
+    from emit_jax.errors import TokenizerError
+
+    if any(os.path.isfile(os.path.join(tok_dir, n)) for n in TOKENIZER_FILES):
+        return
+    where = "in this checkpoint" if os.path.normpath(tok_dir) == os.path.normpath(checkpoint) \
+        else f"in its {os.path.relpath(tok_dir, checkpoint)}/"
+    raise TokenizerError(
+        f"{checkpoint}: no tokenizer files ({' / '.join(TOKENIZER_FILES[:2])} ...) {where}; "
+        f"copy the model's tokenizer files into {tok_dir} (python -m emit_jax.demo writes "
+        "none: its model is random, made without a tokenizer)")
+
+
+def check_checkpoint(checkpoint: str) -> tuple[bool, str]:
+    """The cheap checks of a checkpoint, before its weights are read: its config (a model
+    folder's ``config.json``, an Orbax checkpoint's metadata) and that it has tokenizer files
+    (:func:`check_tokenizer_files`). Returns ``(is a model folder, tokenizer folder)``."""
+    from emit_jax import checkpoint as ckpt
+    from emit_jax import hf
+
+    is_hf = os.path.isfile(os.path.join(checkpoint, "config.json"))
+    if is_hf:
+        hf.read_config(checkpoint)
+    else:
+        ckpt.read_meta(checkpoint)
+    tok_dir = checkpoint if is_hf else ckpt.assets_dir(checkpoint)
+    check_tokenizer_files(checkpoint, tok_dir)
+    return is_hf, tok_dir
+
+
 def load_for_eval(checkpoint: str, dtype: str | None = None):
     """(model, tokenizer) from a model folder (transformers or internvl_chat, e.g. the authors'
     EMIT-8B as released) or an Orbax model checkpoint."""
@@ -101,12 +144,7 @@ def load_for_eval(checkpoint: str, dtype: str | None = None):
     from emit_jax.hf import CheckpointError
 
     # the cheap checks first (config, tokenizer), then the weights
-    is_hf = os.path.isfile(os.path.join(checkpoint, "config.json"))
-    if is_hf:
-        hf.read_config(checkpoint)
-    else:
-        ckpt.read_meta(checkpoint)
-    tok_dir = checkpoint if is_hf else ckpt.assets_dir(checkpoint)
+    is_hf, tok_dir = check_checkpoint(checkpoint)
     tokenizer = load_tokenizer(tok_dir)
     if is_hf:
         model = hf.load(checkpoint, dtype=dtype)
@@ -425,10 +463,42 @@ def check_images(paths) -> None:
         raise ImageError(f"{path}: {why}{more}")
 
 
+def check_out_is_a_file(out: str) -> None:
+    """Refuse an ``--out`` that names a folder (it ends with a path separator, or is an existing
+    folder) in one line, before any work: evaluate writes one JSON file there (and
+    ``<out>.partial.jsonl`` beside it)."""
+    out = os.fspath(out)
+    seps = tuple(s for s in (os.sep, os.altsep) if s)
+    if out.endswith(seps) or os.path.isdir(out):
+        raise ConfigError(f"--out {out}: names a folder; evaluate writes one JSON file (e.g. "
+                          f"{os.path.join(out, 'results.json')})")
+
+
+def replaced_results(out: str, checkpoint: str, data: str, questions: int) -> str:
+    """What the existing file ``out`` is, in the words of the notice that it will be replaced:
+    a finished evaluation (its number of questions, and whether it was made from the same
+    checkpoint and data), or another file."""
+    try:
+        with open(out, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        old = None
+    if isinstance(old, dict) and isinstance(old.get("answers"), list) and "questions" in old:
+        same = (old.get("checkpoint") == checkpoint and old.get("data") == data
+                and old.get("questions") == questions)
+        n = old["questions"]
+        what = (f"a finished evaluation, {n} question{'' if n == 1 else 's'}"
+                + (", same checkpoint, data and questions" if same else ""))
+    else:
+        what = "not an evaluate results file"
+    return (f"--out {out} exists ({what}); it will be replaced when this run finishes (it stays "
+            "as it is until then)")
+
+
 def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str | None = None,
              think: bool = False, max_tiles: int = 6, max_new_tokens: int | None = None,
              split: str | None = None, seed: int = 0, parse: str = "emit", restart: bool = False,
-             log=print, signals: Signals | None = None) -> dict:
+             log=print, note=None, signals: Signals | None = None) -> dict:
     """Answer every question of ``data`` with the model of ``checkpoint``, print the table and
     return (and write to ``out``) the results: the module docstring's protocol. ``parse``:
     ``"emit"`` or ``"mmad"`` (:func:`emit_jax.eval.scoring.parse_response`).
@@ -437,12 +507,17 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
     Every input is checked before the model is loaded (the questions, every image they use).
     With ``out``, each answer is appended to ``<out>.partial.jsonl`` as it is made
     (:mod:`emit_jax.eval.partial`) and the questions answered there already are not asked again
-    (``restart=True`` starts that file over); it is removed once ``out`` is written.
+    (``restart=True`` starts that file over); it is removed once ``out`` is written. An
+    ``out`` that ends with a path separator or is a folder is refused; one that exists already
+    (a finished evaluation) is announced by ``note`` (default: a line on stderr) before the
+    first question, and replaced only when the new results are complete.
     ``signals`` (the command's :class:`Signals`): a signal stops the run after the question in
     progress with :class:`EvaluationInterrupted`; without it a ``KeyboardInterrupt`` simply
     propagates."""
     from emit_jax.eval import partial
     from emit_jax.eval.scoring import PARSE_MODES, format_table, parse_response, summarize
+
+    note = note or (lambda line: print(line, file=sys.stderr))
 
     # bad input fails before the model is loaded: the arguments, the output paths, the data
     if parse not in PARSE_MODES:
@@ -454,6 +529,7 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
                               "checkpoint or model folder")
     answers_path = partial.path_for(out) if out else None
     if out:
+        check_out_is_a_file(out)
         for path in (out, answers_path):
             check_not_input(path, {"--data": data, "--checkpoint": checkpoint})
             check_writable(path)
@@ -484,6 +560,10 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
     if done:
         log(f"resuming from {answers_path}: {len(done)} of {total} questions answered already, "
             f"{len(todo)} to go")
+    if todo:  # the checkpoint's config and tokenizer files, before the notice below
+        check_checkpoint(checkpoint)
+    if out and os.path.lexists(out):  # every check passed: the run goes ahead
+        note(f"emit_jax.evaluate: note: {replaced_results(out, checkpoint, data, total)}")
 
     def kept() -> str:
         if not answers_path:

@@ -23,6 +23,7 @@ import tempfile
 import pytest
 
 from test_cli_errors import assert_one_error, run_main, tiny_model  # noqa: F401 (a fixture)
+from test_bad_inputs import MMAD, ROOT
 from test_tasks import make_mvtec
 
 NON_UTF8 = b"out\xff"
@@ -236,3 +237,77 @@ def test_demo_workdir_that_is_a_file(tmp_path):
     rc, err, out = run_main("emit_jax.demo", ["--workdir", str(f)])
     assert_one_error(rc, err, f"--workdir {f}: exists and is not a folder")
     assert out == "" and f.read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------- 5. evaluate --out,
+# checkpoints without a tokenizer, aot --programs
+@pytest.mark.parametrize("make", [False, True], ids=["missing", "existing"])
+def test_evaluate_out_naming_a_folder_is_refused_before_any_work(tmp_path, tiny_model, make):
+    """``--out DIR/`` ran the whole evaluation, then failed ("Is a directory"), leaving
+    ``DIR/.partial.jsonl``; an existing folder (with or without the separator) said only
+    "Is a directory"."""
+    folder = tmp_path / "results"
+    if make:
+        folder.mkdir()
+    for out in (str(folder) + os.sep,) + ((str(folder),) if make else ()):
+        rc, err, stdout = run_main("emit_jax.evaluate", ["--checkpoint", tiny_model["hf"],
+                                                         "--data", MMAD, "--out", out,
+                                                         "--limit", "1"])
+        assert_one_error(rc, err, f"--out {out}: names a folder; evaluate writes one JSON file "
+                         f"(e.g. {os.path.join(out, 'results.json')})")
+        assert stdout == ""
+    assert os.listdir(tmp_path) == (["results"] if make else [])
+    assert not make or os.listdir(folder) == []
+
+
+@pytest.mark.parametrize("kind,where", [("hf", "in this checkpoint"), ("ckpt", "in its assets/")])
+def test_evaluate_checkpoint_without_tokenizer_files(tmp_path, tiny_model, kind, where):
+    """The folders ``python -m emit_jax.demo`` writes (``hf.save`` and ``checkpoint.save_model``
+    of a random model, as ``tiny_model`` is made) hold no tokenizer: evaluate said "tokenizer
+    lacks EMIT special token(s)" (transformers folder) or "cannot load a tokenizer (ValueError:
+    Couldn't instantiate the backend tokenizer ...)" (Orbax). One line naming the checkpoint,
+    before the weights are read and before the notice about an existing --out."""
+    ckpt = tiny_model[kind]
+    out = tmp_path / "res.json"
+    out.write_text("keep me")
+    rc, err, stdout = run_main("emit_jax.evaluate", ["--checkpoint", ckpt, "--data", MMAD,
+                                                     "--out", str(out), "--limit", "1"])
+    assert_one_error(rc, err, f"{ckpt}: no tokenizer files (tokenizer.json / "
+                     f"tokenizer_config.json ...) {where}", "emit_jax.demo")
+    assert stdout == "" and out.read_text() == "keep me"
+    assert os.listdir(tmp_path) == ["res.json"]  # no partial answers
+
+
+def test_aot_unknown_program_names_the_choices(monkeypatch):
+    """``--programs nosuch`` said ``--programs nosuch: stage base has train_step`` (after the
+    topology was made); now it is refused before, naming the config's programs."""
+    from emit_jax.aot import command
+
+    monkeypatch.setattr(command, "require_libtpu", lambda: None)  # the check needs no libtpu
+    for config, programs, choices in (
+            ("configs/sft.py", "nosuch", "unknown program 'nosuch'; choose from train_step"),
+            ("configs/grpo.py", "sampler,nosuch,x",
+             "unknown programs 'nosuch', 'x'; choose from sampler, score, train_step")):
+        rc, err, out = run_main("emit_jax.aot.command", [
+            "--config", os.path.join(ROOT, config), "--topology", "v5e:2x2", "--programs",
+            programs], via_cli=False)
+        line = assert_one_error(rc, err, prog="emit_jax.aot")
+        assert line == f"emit_jax.aot: error: --programs: {choices}", line
+        assert out == ""
+
+
+def test_aot_a_program_the_chosen_stage_lacks_names_its_own(monkeypatch):
+    """``--programs sampler`` where the stage planned by default (the config's largest, here
+    ``warmup``) has no sampler said ``--programs sampler: stage warmup has train_step``."""
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        import pytest
+
+        pytest.skip("the TPU compiler (libtpu) is not installed")
+    rc, err, out = run_main("emit_jax.aot.command", [
+        "--config", os.path.join(ROOT, "configs/grpo.py:smoke"), "--topology", "v5e:2x2",
+        "--programs", "sampler,score"], via_cli=False)
+    line = assert_one_error(rc, err, prog="emit_jax.aot")
+    assert line == ("emit_jax.aot: error: --programs: stage warmup has no programs 'sampler', "
+                    "'score'; choose from train_step (or another --stage)"), line

@@ -257,3 +257,34 @@ def test_partial_file_torn_and_malformed_lines(tmp_path):
     open(path, "wb").write(b'{"some": "other file"}\n')
     with pytest.raises(ValueError, match="not the header"):
         partial.read(path, settings, fps)
+
+
+# ------------------------------------------------------------------ an --out that exists already
+def test_existing_results_are_announced_then_replaced_whole(baseline, model, env, tmp_path):
+    """A rerun onto a finished evaluation's --out replaced it without a word: one ``note:`` line
+    on stderr says so before the first question; the new results replace the file at the end."""
+    out = tmp_path / "res.json"
+    out.write_text(json.dumps(baseline))
+    r = run(env, model, out, "--limit", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert lines_of(r.stderr) == [
+        f"emit_jax.evaluate: note: --out {out} exists (a finished evaluation, {N_QUESTIONS} "
+        "questions); it will be replaced when this run finishes (it stays as it is until then)"]
+    res = json.loads(out.read_text())
+    assert res["questions"] == 1 and res["answers"] == baseline["answers"][:1]
+    assert sorted(os.listdir(tmp_path)) == ["res.json"]
+
+
+def test_replaced_results_says_what_the_existing_file_is(tmp_path):
+    from emit_jax.evaluate import replaced_results
+
+    out = tmp_path / "res.json"
+    out.write_text(json.dumps({"checkpoint": "ck", "data": "mmad", "questions": 1,
+                               "answers": [{}]}))
+    assert "(a finished evaluation, 1 question, same checkpoint, data and questions);" in \
+        replaced_results(str(out), "ck", "mmad", 1)
+    assert "(a finished evaluation, 1 question);" in replaced_results(str(out), "ck2", "mmad", 1)
+    out.write_text("not json")
+    assert replaced_results(str(out), "ck", "mmad", 1) == (
+        f"--out {out} exists (not an evaluate results file); it will be replaced when this run "
+        "finishes (it stays as it is until then)")

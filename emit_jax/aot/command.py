@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 from emit_jax import cli, configs
+from emit_jax.aot.programs import check_program_names
 from emit_jax.aot.report import format_report, make_report, to_json
 from emit_jax.aot.tpu import require_libtpu
 from emit_jax.errors import AotError, ConfigError, PlanError
@@ -62,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         require_libtpu()
         cfg = configs.load(args.config, overrides + list(args.set))
         only = tuple(x for x in args.programs.replace(" ", "").split(",") if x)
+        # before the topology and the model (seconds): the programs the config's stages have
+        check_program_names(only, [args.stage] if args.stage else
+                            list(cfg.get("stages", None) or ()))
         rep = make_report(cfg, args.config, args.topology, mesh_spec=args.mesh, stage=args.stage,
                           prompt_len=args.prompt_len, label_tokens=args.label_tokens,
                           headroom=args.headroom, hbm_gib=args.hbm, only=only,

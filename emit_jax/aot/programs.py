@@ -40,6 +40,27 @@ from emit_jax.training.config import SFT_STAGES
 PROGRAMS = {"sft": ("train_step",), "grpo": ("sampler", "score", "train_step")}
 
 
+def check_program_names(only, stages) -> None:
+    """Refuse ``--programs`` names that no stage of ``stages`` compiles, in one line:
+    ``--programs: unknown program 'nosuch'; choose from sampler, score, train_step`` (the
+    programs of those stages, in the order a step runs them). Unknown stage names count as
+    any stage (the stage itself is refused later, in its own words)."""
+    from emit_jax.errors import AotError
+    from emit_jax.training.config import STAGES
+
+    kinds = {("sft" if s in SFT_STAGES else "grpo") for s in stages if s in STAGES}
+    if not kinds or any(s not in STAGES for s in stages):
+        kinds = set(PROGRAMS)
+    choices = [n for n in PROGRAMS["grpo"] + PROGRAMS["sft"]
+               if any(n in PROGRAMS[k] for k in kinds)]
+    choices = list(dict.fromkeys(choices))
+    bad = list(dict.fromkeys(n for n in only if n not in choices))
+    if bad:
+        names = ", ".join(repr(n) for n in bad)
+        raise AotError(f"--programs: unknown program{'s' if len(bad) > 1 else ''} {names}; "
+                       f"choose from {', '.join(choices)}")
+
+
 @dataclasses.dataclass
 class Program:
     """One program to compile: ``fn`` a ``sharded_jit``, ``args`` its (abstract) arguments,

@@ -87,8 +87,10 @@ def make_report(cfg, config_path: str, topology_name: str, *, mesh_spec=None, st
     if only:
         bad = sorted(set(only) - set(PROGRAMS[kind]))
         if bad:
-            raise AotError(f"--programs {','.join(bad)}: stage {stage} has "
-                           f"{', '.join(PROGRAMS[kind])}")
+            names = ", ".join(repr(n) for n in bad)
+            raise AotError(f"--programs: stage {stage} has no program{'s' if len(bad) > 1 else ''}"
+                           f" {names}; choose from {', '.join(PROGRAMS[kind])} (or another "
+                           "--stage)")
     pl = plan_stage(cfg, setup)
     ab = abstract_stage(cfg, stage, mcfg, ecfg, seed=int(cfg.get("seed", 0)))
     memory, kernels = memory_switches(cfg), kernel_switches(cfg)
