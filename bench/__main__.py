@@ -115,6 +115,11 @@ def main(argv=None) -> int:
                          "the grpo.sampler defaults (merged, padded to a power of two)")
     gs.add_argument("--compare", action="store_true",
                     help="alternate the samplers 'today' and 'new', step by step")
+    gs.add_argument("--passes", default="shared", choices=("full", "shared"),
+                    help="the reference pass and the update: every row in full, or each prompt "
+                         "once into a KV cache its G completions attend to (the default)")
+    gs.add_argument("--compare-passes", action="store_true",
+                    help="alternate --passes 'full' and 'shared', step by step")
     t = sub.add_parser("train_step")
     t.add_argument("--arch", default="small", choices=ARCHS)
     t.add_argument("--batch", type=cli.positive_int, default=8)
@@ -175,7 +180,8 @@ def main(argv=None) -> int:
         samplers = ("today", "new") if args.compare else (args.sampler,)
         rows = alternate(args, lambda: bench_grpo_step(
             args.arch, args.prompts, args.G, args.prompt_len, args.new_tokens, args.steps,
-            lora=args.lora, resample_groups=args.resample_groups, samplers=samplers))
+            lora=args.lora, resample_groups=args.resample_groups, samplers=samplers,
+            passes=("full", "shared") if args.compare_passes else (args.passes,)))
     elif args.what == "train_step":
         rows = alternate(args, lambda: bench_train_step(args.arch, args.batch, args.seq_len,
                                                         args.repeats, args.peak_gflops,

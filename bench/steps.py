@@ -5,6 +5,7 @@ peers time it, and an SFT step's MFU against this machine's matmul peak (optiona
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -160,12 +161,15 @@ SAMPLERS = {"today": ("never", "full"), "new": ("float32", "pow2")}
 
 def bench_grpo_step(arch: str, prompts: int, G: int, prompt_len: int, new_tokens: int,
                     steps: int, beta: float = 0.01, lora: int = 0, resample_groups: int = 0,
-                    samplers=("new",)) -> dict:
+                    samplers=("new",), passes=("shared",)) -> dict:
     """The peers' GRPO step (TRL / Tunix in ../shared/bench): full fine-tuning, separate
     reference, reward ``(sum of the completion's tokens) % 7`` (theirs: text length % 7).
     ``lora`` = rank > 0: a LoRA policy over the model instead (the model is the reference).
     ``resample_groups`` = K > 0: each step also regenerates K groups, as a resampling round.
-    ``samplers``: names in :data:`SAMPLERS` (several: their steps alternate)."""
+    ``samplers``: names in :data:`SAMPLERS`; ``passes``: how the reference pass and the update
+    run the prompts, ``"full"`` (every one of the G rows in full) or ``"shared"`` (each prompt
+    once into a KV cache the group attends to: ``make_grpo_fns(shared_prompts=True)``). Several
+    of either: every combination, their steps alternating."""
     import numpy as np
     import optax
     from flax import nnx
@@ -186,20 +190,27 @@ def bench_grpo_step(arch: str, prompts: int, G: int, prompt_len: int, new_tokens
     g = GRPOConfig(beta=beta, eps_low=0.2, eps_high=0.2, kl="k3", agg="token_mean", iterations=1)
     opt = nnx.Optimizer(policy, optax.chain(optax.clip_by_global_norm(1.0),
                                             optax.adamw(1e-5, weight_decay=0.0)), wrt=wrt)
-    fns = make_grpo_fns(g, wrt)
+    g = dataclasses.replace(g, G=G)
+    fns = {p: make_grpo_fns(g, wrt, shared_prompts=p == "shared") for p in passes}
     before = [np.asarray(x) for x in jax.tree.leaves(nnx.state(policy, wrt))[:4]]
-    runs = {s: [] for s in samplers}
+    combos = [(s, p) for s in samplers for p in passes]
+
+    def name(s, p):
+        return s if len(passes) == 1 else p if len(samplers) == 1 else f"{s}+{p}"
+    runs = {name(s, p): [] for s, p in combos}
     for step in range(steps + 1):
-        for s in samplers:
-            runs[s].append(_grpo_step(policy, reference, bool(lora), opt, fns, step, prompts, G,
-                                      prompt_len, new_tokens, vocab, resample_groups,
-                                      *SAMPLERS[s]))
+        for s, p in combos:
+            runs[name(s, p)].append(_grpo_step(
+                policy, reference, bool(lora), opt, fns[p], step, prompts, G, prompt_len,
+                new_tokens, vocab, resample_groups, *SAMPLERS[s], shared=p == "shared"))
     moved = any(not np.array_equal(a, np.asarray(c)) for a, c in
                 zip(before, jax.tree.leaves(nnx.state(policy, wrt))[:4]))
-    rows = {s: _step_fields(runs[s], prompts) for s in samplers}
+    rows = {n: _step_fields(r, prompts) for n, r in runs.items()}
+    key = "sampler" if len(passes) == 1 else "passes" if len(samplers) == 1 else "variant"
     return {"bench": "grpo_step", "arch": arch, "prompts": prompts, "G": G,
             "prompt_len": prompt_len, "new_tokens": new_tokens, "beta": beta, "lora_rank": lora,
-            "resample_groups": resample_groups, **_variants(rows, "sampler"),
+            "resample_groups": resample_groups,
+            **({"passes": passes[0]} if len(passes) == 1 else {}), **_variants(rows, key),
             "params_moved": moved, "device": _device()}
 
 
@@ -218,7 +229,7 @@ def _step_fields(runs: list[dict], prompts: int) -> dict:
 
 def _grpo_step(policy, reference, lora: bool, opt, fns, step: int, prompts: int, G: int,
                prompt_len: int, new_tokens: int, vocab: int, resample_groups: int, merge: str,
-               pad: str) -> dict:
+               pad: str, shared: bool = False) -> dict:
     """One timed GRPO step of :func:`bench_grpo_step`: (the LoRA merge), generate, (a
     resampling round of ``resample_groups`` groups padded by ``pad``), reference log-probs,
     rewards, update."""
@@ -241,8 +252,8 @@ def _grpo_step(policy, reference, lora: bool, opt, fns, step: int, prompts: int,
     if lora:
         jax.block_until_ready(jax.tree.leaves(nnx.state(sampler)))
         lap("merge")
-    ids, mask = _prompts(prompts, prompt_len, vocab, seed=step)
-    ids, mask = jnp.repeat(ids, G, 0), jnp.repeat(mask, G, 0)
+    one, one_mask = _prompts(prompts, prompt_len, vocab, seed=step)
+    ids, mask = jnp.repeat(one, G, 0), jnp.repeat(one_mask, G, 0)
     kw = dict(max_new_tokens=new_tokens, eos_token_id=None, temperature=1.0, top_k=0, top_p=1.0)
     toks = jax.block_until_ready(generate(sampler, ids, mask, rng=jax.random.key(step),
                                           **kw).tokens)
@@ -254,7 +265,8 @@ def _grpo_step(policy, reference, lora: bool, opt, fns, step: int, prompts: int,
             again.tokens[:resample_groups * G]))
         lap("resample")
     del sampler
-    b = {"input_ids": ids, "attention_mask": mask, "pixel_values": None}
+    b = {"input_ids": one if shared else ids, "attention_mask": one_mask if shared else mask,
+         "pixel_values": None}
     cmask = jnp.ones_like(toks)
     ref, old = score(policy, reference, b, toks, cmask)
     jax.block_until_ready(ref)

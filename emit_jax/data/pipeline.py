@@ -140,6 +140,33 @@ def collate(examples: Sequence[dict], cfg: PipelineConfig, pad_id: int = 0) -> d
             "task_type": [e["task_type"] for e in examples], "id": [e["id"] for e in examples]}
 
 
+def repeat_rows(batch: dict, times: int) -> dict:
+    """A collated ``batch`` of B rows as the batch of ``B x times`` rows that :func:`collate`
+    makes of each example repeated ``times`` times in a row (row ``i`` -> rows ``i * times ..
+    i * times + times - 1``): GRPO's G completions of one prompt see the same prompt, tiles and
+    CE pair. The tile and CE stacks are padded to ``times`` x their own padded length, the
+    bucket a collation of all ``B x times`` rows with ``tile_bucket`` / ``ce_bucket`` scaled by
+    ``times`` gives."""
+    if times == 1:
+        return dict(batch)
+    rep = {k: np.repeat(batch[k], times, axis=0)
+           for k in ("input_ids", "labels", "attention_mask", "use_comp", "row_tiles")}
+    starts = np.concatenate([[0], np.cumsum(batch["row_tiles"])])
+    pix = batch["pixel_values"]
+    order = [t for i in range(len(batch["row_tiles"])) for _ in range(times)
+             for t in range(starts[i], starts[i + 1])]
+    n_tiles = len(order)
+    out_pix = np.zeros((len(pix) * times,) + pix.shape[1:], pix.dtype)
+    out_pix[:n_tiles] = pix[order]
+    ce, n_ce = batch["ce_pixels"], int(batch["num_ce"])
+    out_ce = np.zeros((len(ce) * times,) + ce.shape[1:], ce.dtype)
+    out_ce[:n_ce * times] = np.repeat(ce[:n_ce], times, axis=0)
+    lists = {k: [v for v in batch[k] for _ in range(times)]
+             for k in ("solution", "task_type", "id") if k in batch}
+    return {**batch, **rep, **lists, "pixel_values": out_pix, "num_tiles": np.int32(n_tiles),
+            "ce_pixels": out_ce, "num_ce": np.int32(n_ce * times)}
+
+
 class _Encode(grain.transforms.RandomMap):
     def __init__(self, encoder: RecordEncoder):
         self.encoder = encoder
