@@ -48,6 +48,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     disk is re-raised as an ``OSError`` naming ``path``). Nothing is fsynced here: the writer
     decides (:func:`atomic_output` does)."""
     path = os.path.abspath(os.fspath(path))
+    check_regular(path)  # a device, pipe or link is never renamed over
     folder = os.path.dirname(path)
     created = _missing_folders(folder)  # made here, deepest first: removed again on failure
     tmp = None
@@ -207,13 +208,34 @@ def check_not_input(out: str | os.PathLike, inputs: dict) -> None:
                 f"{out}: the output {where} the input {flag} {path}; choose a path outside it")
 
 
+def check_regular(path: str | os.PathLike) -> None:
+    """Raise ``FileExistsError`` naming ``path`` when it exists and is not a regular file (a
+    device such as ``/dev/null``, a pipe, a socket, a symbolic link, a link loop): an output
+    written atomically is renamed over its path, which would replace the device or the link
+    itself with a file. A folder is left to the caller (``IsADirectoryError``)."""
+    path = os.fspath(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError:  # a path through a loop or a non-folder: the write says it
+        return
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    what = ("a symbolic link" if stat.S_ISLNK(mode) else "a pipe" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+    raise FileExistsError(f"{path}: exists and is not a regular file ({what}), which writing it "
+                          "would replace; choose another path")
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Raise the ``OSError`` (naming ``path``) that writing ``path`` with :func:`atomic_output`
     would meet, before any work is done: ``path`` is a folder, or its nearest existing ancestor
     is not a writable folder. (A full disk still shows only when writing.)"""
     path = os.path.abspath(os.fspath(path))
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not os.path.islink(path):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    check_regular(path)
     _check_parent(path)
 
 

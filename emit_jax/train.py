@@ -27,6 +27,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -78,9 +79,38 @@ def run(cfg, workdir: str) -> dict:
         from emit_jax.data.embedded.cache import check_cache_root
 
         check_cache_root()
+    check_is_workdir(workdir)
+    made = not os.path.lexists(workdir)
     os.makedirs(workdir, exist_ok=True)
-    with stages.workdir_lock(workdir):  # one writer per workdir
-        return _run(cfg, workdir, settings)
+    try:
+        with stages.workdir_lock(workdir):  # one writer per workdir
+            return _run(cfg, workdir, settings)
+    except USER_ERRORS:
+        # bad data or settings found before any stage trained, in a workdir this run made: no
+        # half-made workdir (its lock, tokenizer, data) is left behind
+        if made and parallel.is_primary() and not any(
+                os.path.lexists(os.path.join(workdir, s)) for s in stages.REGISTRY):
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+#: what a training workdir holds once a run has prepared it (the stage folders too)
+WORKDIR_MARKERS = (".lock", "tokenizer", "data")
+
+
+def check_is_workdir(workdir: str) -> None:
+    """Refuse (``ConfigError``) a ``workdir`` that exists, is not empty and holds nothing a
+    training run makes (:data:`WORKDIR_MARKERS`, a stage folder): a folder of the user's, whose
+    files (a ``results.json``, ``curves.png``) the run would overwrite."""
+    if not os.path.isdir(workdir):
+        return
+    names = os.listdir(workdir)
+    if not names or any(n in WORKDIR_MARKERS or n in stages.REGISTRY for n in names):
+        return
+    shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+    raise ConfigError(f"{workdir}: not a training workdir and not empty (it holds {shown}); "
+                      "a run writes results.json, curves.png and its stage folders there: "
+                      "choose a new or empty --workdir")
 
 
 def check_workdir_name(workdir: str) -> None:
@@ -387,6 +417,10 @@ def main(argv) -> None:
         cfg = configs.load(_CONFIG.value, _OVERRIDES)
     except ConfigError as e:
         print(f"emit_jax.train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if _WORKDIR.value == "":
+        print("emit_jax.train: error: --workdir: empty path; name the run's folder (or leave "
+              "the flag out for runs/<config name>)", file=sys.stderr)
         sys.exit(2)
     workdir = _WORKDIR.value or os.path.join(
         "runs", os.path.splitext(os.path.basename(_CONFIG.value.partition(":")[0]))[0])

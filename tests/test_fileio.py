@@ -267,3 +267,28 @@ def test_output_checks_try_the_folder_where_root_passes_os_access(tmp_path):
     check_writable(tmp_path / "a" / "results.json")  # an ordinary folder: fine, nothing left
     check_new_folder(tmp_path / "b")
     assert os.listdir(tmp_path) == []
+
+
+def test_an_output_that_is_a_device_pipe_or_link_is_refused_not_replaced(tmp_path):
+    """Before: ``data.build --out /dev/null`` (and visualize's --out) renamed a regular file over
+    the device, the pipe or the link."""
+    import pytest
+
+    from emit_jax.fileio import atomic_output, check_writable
+
+    fifo, link, target = tmp_path / "fifo", tmp_path / "link.json", tmp_path / "target.json"
+    os.mkfifo(fifo)
+    target.write_text("keep")
+    os.symlink(target, link)
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    for path, what in ((fifo, "a pipe"), (link, "a symbolic link"), (loop, "a symbolic link"),
+                       ("/dev/null", "a device")):
+        for write in (check_writable, lambda p: atomic_output(p).__enter__()):
+            with pytest.raises(FileExistsError) as e:
+                write(path)
+            assert str(e.value) == (f"{path}: exists and is not a regular file ({what}), which "
+                                    "writing it would replace; choose another path")
+    assert os.path.islink(link) and target.read_text() == "keep"
+    assert not os.path.isfile(fifo) and os.path.exists("/dev/null")
+    assert sorted(os.listdir(tmp_path)) == ["fifo", "link.json", "loop", "target.json"]

@@ -504,3 +504,74 @@ def test_a_top_k_beyond_the_vocabulary_is_refused_before_any_stage_trains(tmp_pa
     assert line.endswith(" tokens of the tokenizer's vocabulary; use at most that, or 0 to "
                          "sample from all")
     assert not [s for s in ("warmup", "base", "sft", "grpo") if (w / s).exists()]
+
+
+# ------------------------------------------------------------------ the third probe's findings
+def test_a_damaged_done_json_is_one_line(tmp_path):
+    """Before: a JSONDecodeError (or AttributeError for a list) traceback on the rerun."""
+    from emit_jax.errors import ConfigError
+    from emit_jax.training import stages
+
+    d = tmp_path / "warmup"
+    d.mkdir()
+    for text, needle in (('{"steps": 3, "hist', "malformed JSON"), ("[1, 2]", "no step count"),
+                         ('{"steps": "3"}', "no step count")):
+        (d / "done.json").write_text(text)
+        with pytest.raises(ConfigError) as e:
+            stages.stage_done(str(tmp_path), "warmup", 3)
+        assert str(e.value).startswith(f"{d / 'done.json'}: not a stage's done.json ("), e.value
+        assert needle in str(e.value) and "\n" not in str(e.value)
+    (d / "done.json").write_text('{"steps": 3}')
+    assert stages.stage_done(str(tmp_path), "warmup", 3)
+    assert not stages.stage_done(str(tmp_path), "warmup", 4)
+
+
+def test_a_config_that_is_not_a_python_file_or_is_a_folder_is_one_line(tmp_path):
+    """Before: ``AttributeError: 'NoneType' object has no attribute 'loader'``."""
+    from emit_jax import configs
+    from emit_jax.errors import ConfigError
+
+    md = tmp_path / "notes.md"
+    md.write_text("# not a config\n")
+    with pytest.raises(ConfigError, match=r"^config file .*notes.md: not a Python file \(.py\)"):
+        configs.load(str(md))
+    with pytest.raises(ConfigError, match=r"^config file .*: is a folder; name a config file"):
+        configs.load(str(tmp_path))
+    r = train("--config", str(md), "--workdir", str(tmp_path / "w"), timeout=300)
+    assert _error_line(r) == (f"emit_jax.train: error: config file {md}: not a Python file "
+                              "(.py) with get_config(); e.g. configs/grpo.py")
+    assert not (tmp_path / "w").exists()
+
+
+def test_an_empty_workdir_flag_is_refused(tmp_path):
+    """Before: ``--workdir ""`` trained into runs/grpo under the current directory."""
+    args = [os.path.join(ROOT, a) if a.startswith("configs/") else a for a in WARMUP]
+    r = subprocess.run([sys.executable, "-m", "emit_jax.train", *args, "--workdir", ""],
+                       cwd=tmp_path, env=subprocess_env(PYTHONPATH=ROOT), capture_output=True,
+                       text=True, timeout=300)
+    assert _error_line(r).startswith("emit_jax.train: error: --workdir: empty path;")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_run_refused_on_its_data_leaves_no_half_made_workdir(tmp_path):
+    """Before: an empty data.source left the new workdir with its .lock and tokenizer/."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = train(*WARMUP, "--workdir", str(tmp_path / "w"), f"--config.data.source={empty}",
+              timeout=300)
+    assert str(empty) in _error_line(r)
+    assert os.listdir(tmp_path) == ["empty"]
+
+
+def test_a_folder_that_is_not_a_workdir_is_refused(tmp_path):
+    """Before: a user's folder holding a results.json of their own was trained into and the
+    file replaced."""
+    w = tmp_path / "mine"
+    w.mkdir()
+    (w / "results.json").write_text('{"mine": 1}')
+    r = train(*WARMUP, "--workdir", str(w), timeout=300)
+    assert _error_line(r) == (
+        f"emit_jax.train: error: {w}: not a training workdir and not empty (it holds "
+        "results.json); a run writes results.json, curves.png and its stage folders there: "
+        "choose a new or empty --workdir")
+    assert os.listdir(w) == ["results.json"] and (w / "results.json").read_text() == '{"mine": 1}'

@@ -27,10 +27,19 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 def resolve(spec: str) -> tuple[str, str | None]:
     """``"configs/grpo.py:smoke"`` / ``"grpo:smoke"`` -> (file path, arg or None)."""
     path, _, arg = spec.partition(":")
+    if not path.endswith(".py") and os.path.isfile(path):
+        raise ConfigError(f"config file {path}: not a Python file (.py) with get_config(); "
+                          "e.g. configs/grpo.py")
     if not path.endswith(".py") and os.sep not in path and "/" not in path:
         path = os.path.join(PACKAGE_DIR, path + ".py")
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path}: is a folder; name a config file such as "
+                          "configs/grpo.py")
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
+    if not path.endswith(".py"):
+        raise ConfigError(f"config file {path}: not a Python file (.py) with get_config(); "
+                          "e.g. configs/grpo.py")
     return path, (arg or None)
 
 

@@ -25,7 +25,7 @@ from emit_jax import cli
 from emit_jax.checkpoint import load_model
 from emit_jax.data.records import build
 from emit_jax.errors import ConfigError
-from emit_jax.fileio import check_not_input
+from emit_jax.fileio import check_not_input, check_writable
 
 
 def _check_out(out: str) -> None:
@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     _check_out(a.out)
     check_not_input(a.out, {"--source": a.source, "--domain-knowledge": a.domain_knowledge,
                             "--checkpoint": a.checkpoint})
+    check_writable(a.out)  # a device, pipe or link at --out, an unwritable folder: before work
     vit_model = load_model(a.checkpoint)[0] if a.checkpoint and a.embedding != "pixels" else None
     summary = build(a.source, a.out, a.stage, seed=a.seed, split=a.split,
                     domain_knowledge=a.domain_knowledge, embedding=a.embedding,

@@ -203,8 +203,12 @@ def stage_done(workdir: str, stage: str, steps: int) -> bool:
     path = os.path.join(workdir, stage, "done.json")
     if not os.path.isfile(path):
         return False
-    with open(path, encoding="utf-8") as f:
-        return int(json.load(f).get("steps", 0)) >= steps
+    done = read_json(path, error=ConfigError, what="a stage's done.json")
+    n = done.get("steps") if isinstance(done, dict) else None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ConfigError(f"{path}: not a stage's done.json (no step count); restore it, "
+                          "or move the stage's folder away to train the stage again")
+    return n >= steps
 
 
 def finish_stage(workdir: str, stage: str, model, info: dict) -> None:
