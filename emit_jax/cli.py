@@ -149,6 +149,25 @@ def out_of_memory(e: BaseException) -> str | None:
             "python -m emit_jax.plan estimates a config's memory)")
 
 
+def backend_error(e: BaseException) -> str | None:
+    """The one-line message when ``e`` is JAX failing to start the platform ``JAX_PLATFORMS``
+    names (an unknown name: a ``RuntimeError``; a GPU platform without its plugin: an
+    ``AssertionError`` inside ``xla_bridge``), or None for any other error."""
+    named = os.environ.get("JAX_PLATFORMS", "")
+    tb, in_bridge = e.__traceback__, False
+    while tb is not None:
+        in_bridge |= tb.tb_frame.f_code.co_filename.endswith("xla_bridge.py")
+        tb = tb.tb_next
+    text = " ".join(str(e).split())
+    if not (in_bridge or "Unable to initialize backend" in text):
+        return None
+    why = f" ({text[:200]})" if text else ""
+    if named:
+        return (f"JAX_PLATFORMS={named}: JAX cannot start that platform on this host{why}; "
+                "unset JAX_PLATFORMS or name one this host has (e.g. cpu)")
+    return f"JAX cannot start a platform on this host{why}"
+
+
 def fail(prog: str, e: BaseException) -> int:
     """Print ``prog: error: <message>`` (one line) on stderr; the exit status of bad input, 2."""
     print(f"{prog}: error: {message(e)}", file=sys.stderr)
@@ -419,8 +438,8 @@ def _run(main, argv, prog: str, final: bool = False) -> int:
             except Exception as e:
                 if received:  # the KeyboardInterrupt, wrapped in a library's own error
                     return interrupted(received[0])
-                if (oom := out_of_memory(e)) is not None:
-                    print(f"{prog}: error: {oom}", file=sys.stderr)
+                if (line := out_of_memory(e) or backend_error(e)) is not None:
+                    print(f"{prog}: error: {line}", file=sys.stderr)
                     return 2
                 raise
     except KeyboardInterrupt as e:  # a signal as the block ended

@@ -451,10 +451,10 @@ def main(argv) -> None:
     except NonFiniteError as e:  # the non-finite policy stopped the run; its last good step is saved
         stages.log(f"emit_jax.train: error: {message(e)}")
         sys.exit(3)
-    except Exception as e:  # settings that ask for more memory than there is: one line
-        if (oom := cli.out_of_memory(e)) is None:
+    except Exception as e:  # more memory than there is, a platform JAX cannot start: one line
+        if (line := cli.out_of_memory(e) or cli.backend_error(e)) is None:
             raise
-        stages.log(f"emit_jax.train: error: {oom}")
+        stages.log(f"emit_jax.train: error: {line}")
         sys.exit(2)
 
 

@@ -575,3 +575,20 @@ def test_a_folder_that_is_not_a_workdir_is_refused(tmp_path):
         "results.json); a run writes results.json, curves.png and its stage folders there: "
         "choose a new or empty --workdir")
     assert os.listdir(w) == ["results.json"] and (w / "results.json").read_text() == '{"mine": 1}'
+
+
+@pytest.mark.parametrize("platform", ["bogus", "cuda"])
+def test_a_platform_jax_cannot_start_is_one_line(tmp_path, platform):
+    """Before: ``JAX_PLATFORMS=cuda`` on a host without CUDA ended in ``AssertionError: assert
+    _default_backend is not None``; an unknown name in a 71-line RuntimeError traceback."""
+    import importlib.util
+
+    if platform == "cuda" and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None:
+        pytest.skip("this host has the CUDA plugin")
+    r = train(*WARMUP, "--workdir", str(tmp_path / "w"), env={"JAX_PLATFORMS": platform},
+              timeout=300)
+    line = _error_line(r)
+    assert line.startswith(f"emit_jax.train: error: JAX_PLATFORMS={platform}: JAX cannot start "
+                           "that platform on this host"), line
+    assert line.endswith("unset JAX_PLATFORMS or name one this host has (e.g. cpu)")
+    assert not (tmp_path / "w").exists()
