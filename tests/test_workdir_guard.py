@@ -583,7 +583,7 @@ def test_a_platform_jax_cannot_start_is_one_line(tmp_path, platform):
     _default_backend is not None``; an unknown name in a 71-line RuntimeError traceback."""
     import importlib.util
 
-    if platform == "cuda" and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None:
+    if platform == "cuda" and importlib.util.find_spec("jax_cuda12_plugin") is not None:
         pytest.skip("this host has the CUDA plugin")
     r = train(*WARMUP, "--workdir", str(tmp_path / "w"), env={"JAX_PLATFORMS": platform},
               timeout=300)
