@@ -279,3 +279,16 @@ def test_build_empty_out_is_refused(dataset, tmp_path):
     proc = _cli("--source", dataset, "--out", "", "--stage", "1", prog=BUILD, cwd=str(tmp_path))
     assert _one_error(proc, BUILD) == "--out: empty path; name the JSONL file to write"
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("split,needle", [
+    ("", "--split: empty; name a split (train, validation, test) or 'all'"),
+    ("nosuch", "has no such split; choose from test, train, validation, all")])
+def test_build_split_empty_or_unknown_names_the_choices(dataset, tmp_path, split, needle):
+    """Before: ``--split ''`` built every split (test included) without a word, and an unknown
+    split said ``no images in split 'nosuch'``."""
+    out = tmp_path / "o.jsonl"
+    line = _one_error(_cli("--source", str(dataset), "--out", str(out), "--stage", "1",
+                           "--split", split, prog=BUILD), prog=BUILD)
+    assert needle in line, line
+    assert not out.exists()

@@ -70,7 +70,13 @@ def build(source: str, out: str, stage: int, *, seed: int = 0, split: str | None
     has_splits = os.path.isfile(os.path.join(source, "splits.json"))
     if split is None and has_splits:
         split = "train"
+    if split is not None and not split:
+        raise DataError("--split: empty; name a split (train, validation, test) or 'all'")
     if split and split != "all":
+        known = sorted({it.split for it in items})
+        if split not in known:
+            raise DataError(f"--split {split!r}: {source} has no such split; choose from "
+                            f"{', '.join(known + ['all'])}")
         items = [it for it in items if it.split == split]
     items = subsample(items, max_per_type, seed)
     if report.policy == "skip":  # unreadable images are skipped (and counted) before any is used
