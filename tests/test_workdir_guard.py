@@ -592,3 +592,18 @@ def test_a_platform_jax_cannot_start_is_one_line(tmp_path, platform):
                            "that platform on this host"), line
     assert line.endswith("unset JAX_PLATFORMS or name one this host has (e.g. cpu)")
     assert not (tmp_path / "w").exists()
+
+
+def test_a_rerun_asking_for_fewer_steps_than_its_checkpoint_says_so(tmp_path, cache):
+    """Before: the stage ``finished`` with no step run and nothing said."""
+    w = tmp_path / "w"
+    r = train(*WARMUP, "--workdir", str(w), "--config.warmup.steps=2", env=cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    os.remove(w / "warmup" / "done.json")  # as if stopped after its checkpoint of step 2
+    shutil.rmtree(w / "warmup" / "model")
+    r = train(*WARMUP, "--workdir", str(w), "--config.warmup.steps=1", env=cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    notes = [line for line in r.stderr.splitlines() if line.startswith("warning: warmup resumes")]
+    assert notes == ["warning: warmup resumes from its checkpoint at step 2, past "
+                     "warmup.steps=1: no step runs, and the stage is finished with the 2 steps "
+                     "it has (a new --workdir trains 1)"], r.stderr[-3000:]

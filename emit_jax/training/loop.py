@@ -89,6 +89,11 @@ def run_loop(stage: Stage, ckpt: StageCheckpoints, stage_dir: str, *,
         start = int(meta["step"])
         stage.data.set_state(stage.data_state(meta))
         stage.restore_meta(meta)
+        if start > stage.steps:  # a rerun asking for fewer steps than were trained
+            print(f"warning: {stage.name} resumes from its checkpoint at step {start}, past "
+                  f"{stage.name}.steps={stage.steps}: no step runs, and the stage is finished "
+                  f"with the {start} steps it has (a new --workdir trains {stage.steps})",
+                  file=sys.stderr, flush=True)
     progress = MetricWriter(stage_dir, stage=stage.name, total_steps=stage.steps, start_step=start)
     counter = NonFiniteCounter(stage.name, on_nonfinite,
                                skipped=(meta or {}).get("nonfinite_skipped", 0))
