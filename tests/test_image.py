@@ -80,3 +80,19 @@ def test_corrupt_and_missing_images(tmp_path):
         load_image(bad)
     with pytest.raises(ImageError, match="nope.png: no such file"):
         load_image(tmp_path / "nope.png")
+
+
+def test_an_image_path_that_is_a_pipe_or_folder_is_refused_not_read(tmp_path):
+    """Before: ``visualize heatmap --query FIFO`` blocked forever on the read."""
+    import os
+
+    import pytest
+
+    from emit_jax.data.image import load_image
+    from emit_jax.errors import ImageError
+
+    fifo = tmp_path / "q.png"
+    os.mkfifo(fifo)
+    for path in (fifo, tmp_path):
+        with pytest.raises(ImageError, match="not a regular file"):
+            load_image(str(path))

@@ -31,6 +31,9 @@ def load_image(path, *, name: str | None = None) -> Image.Image:
     if name is None:
         path = os.fspath(path)
         name = path
+    if isinstance(path, str) and os.path.exists(path) and not os.path.isfile(path):
+        # a pipe would block the read forever; a device or a folder is no image either
+        raise ImageError(f"{name}: not a regular file (a folder, pipe or device)")
     try:
         with Image.open(path) as im:
             im.load()
