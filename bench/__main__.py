@@ -210,13 +210,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def _usage_error(text: str):
+    """One ``python -m bench: error:`` line and exit status 2, as for any other bad flag."""
+    print(f"python -m bench: error: {text}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parse_kernels(text: str) -> dict:
     """``'attention=dot_product,decode=bucketed'`` -> keyword arguments of ``kernel_options``."""
     out = {}
     for part in filter(None, text.split(",")):
         key, sep, value = part.partition("=")
         if not sep:
-            raise SystemExit(f"python -m bench: error: --kernels {text!r}: expected KEY=VALUE")
+            _usage_error(f"--kernels {text!r}: expected KEY=VALUE")
         out[key.strip()] = int(value) if key.strip() == "decode_bucket" else value.strip()
     return out
 
@@ -250,7 +256,7 @@ def alternate(args, bench) -> list[dict]:
                 with kernel_options(**v) as opts:
                     row = bench()
             except ValueError as e:
-                raise SystemExit(f"python -m bench: error: --kernels: {e}") from None
+                _usage_error(f"--kernels: {e}")
             rows.append({**row, "kernels": dataclasses.asdict(opts), "round": rnd})
             print(json.dumps(rows[-1]), flush=True)
     return []

@@ -990,6 +990,10 @@ class TestBench:
         (["gpu", "--peak-tflops", "inf"], ("argument --peak-tflops", "finite number")),
         (["gpu", "--micro", "-1"], ("argument --micro", "must be >= 0")),
         (["gpu", "--rounds", "-1"], ("argument --rounds", "must be >= 1")),
+        # before: the right line, but exit status 1
+        (["rollout", "--arch", "tiny", "--kernels", "attention=bogus"],
+         ("--kernels: kernels.attention must be one of",)),
+        (["rollout", "--arch", "tiny", "--kernels", "attention"], ("--kernels 'attention'",)),
     ])
     def test_flags(self, args, needles):
         rc, err, out = run_main("bench.__main__", args, via_cli=False)
