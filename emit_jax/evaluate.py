@@ -58,7 +58,13 @@ Interrupted and failing runs keep what they did:
 - With ``--out``, each answer is appended to ``<out>.partial.jsonl`` as soon as it is made (one
   fsynced line: the question's index, a fingerprint of its prompt and images, the raw response,
   the results row; a header line holds the settings). The file is removed once ``--out`` is
-  written; until then it is what a rerun resumes from.
+  written; until then it is what a rerun resumes from. When it also holds answers to questions
+  past this run's (an earlier run with a larger ``--limit``) it is kept, with them, for a later
+  run, and one ``note:`` line says so.
+- An ``--out`` that exists is replaced only when it is an evaluate results file (announced by a
+  ``note:`` line); any other file (a training workdir's ``results.json``...) is refused in one
+  line, as is an ``--out`` or ``<out>.partial.jsonl`` that is not a regular file (a device, a
+  pipe, a symbolic link), before the model is loaded.
 - Rerunning the same command skips the questions answered in that file (a line torn by a kill
   is dropped) and writes the same results an uninterrupted run writes. The answers must come
   from the same checkpoint files, ``--think``, ``--max-new-tokens``, ``--max-tiles`` and
@@ -78,6 +84,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -463,27 +470,78 @@ def check_images(paths) -> None:
         raise ImageError(f"{path}: {why}{more}")
 
 
+def _not_regular(path: str) -> str | None:
+    """None when nothing is at ``path`` (``os.lstat``: a link is not followed) or it is a
+    regular file or a folder; else what it is in words (a device, a pipe, a symbolic link...)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:  # a path through a link loop...
+        return f"cannot be looked at: {e.strerror or e}"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return ("a symbolic link" if stat.S_ISLNK(mode) else "a pipe" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+
+
 def check_out_is_a_file(out: str) -> None:
-    """Refuse an ``--out`` that names a folder (it ends with a path separator, or is an existing
-    folder) in one line, before any work: evaluate writes one JSON file there (and
-    ``<out>.partial.jsonl`` beside it)."""
+    """Refuse, in one line before any work, an ``--out`` that names a folder (it ends with a
+    path separator, or is an existing folder): evaluate writes one JSON file there (and
+    ``<out>.partial.jsonl`` beside it); and an ``--out`` or partial-answers file that exists and
+    is not a regular file (a device such as ``/dev/null``, a pipe, a symbolic link, a link loop:
+    ``os.lstat``), which writing the results would replace."""
+    from emit_jax.eval import partial
+
     out = os.fspath(out)
     seps = tuple(s for s in (os.sep, os.altsep) if s)
     if out.endswith(seps) or os.path.isdir(out):
         raise ConfigError(f"--out {out}: names a folder; evaluate writes one JSON file (e.g. "
                           f"{os.path.join(out, 'results.json')})")
+    what = _not_regular(out)
+    if what:
+        raise ConfigError(f"--out {out}: exists and is not a regular file ({what}); choose "
+                          "another path")
+    answers_path = partial.path_for(out)
+    what = _not_regular(answers_path)
+    if what is None and os.path.isdir(answers_path):
+        what = "a folder"
+    if what:
+        raise ConfigError(f"--out {out}: its partial-answers file {answers_path} exists and is "
+                          f"not a regular file ({what}); choose another --out")
+
+
+def _results_file(out: str) -> dict | None:
+    """The content of ``out`` when it is an evaluate results file (a JSON object with the
+    ``answers`` list and the ``questions`` count); else None."""
+    try:
+        with open(out, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return None
+    if isinstance(old, dict) and isinstance(old.get("answers"), list) and "questions" in old:
+        return old
+    return None
+
+
+def check_out_replaceable(out: str) -> None:
+    """Refuse, in one line once the inputs are checked and before the model is loaded (or
+    anything written), an ``--out`` that exists and is not an evaluate
+    results file (:func:`_results_file`): a training workdir's ``results.json``, any other JSON
+    or file. Evaluate replaces only its own results; the file is left as it is."""
+    out = os.fspath(out)
+    if os.path.lexists(out) and _results_file(out) is None:
+        raise ConfigError(f"--out {out}: exists and is not an evaluate results file; choose "
+                          "another path (or remove it)")
 
 
 def replaced_results(out: str, checkpoint: str, data: str, questions: int) -> str:
     """What the existing file ``out`` is, in the words of the notice that it will be replaced:
     a finished evaluation (its number of questions, and whether it was made from the same
-    checkpoint and data), or another file."""
-    try:
-        with open(out, encoding="utf-8") as f:
-            old = json.load(f)
-    except (OSError, ValueError, RecursionError):
-        old = None
-    if isinstance(old, dict) and isinstance(old.get("answers"), list) and "questions" in old:
+    checkpoint and data), or another file (which :func:`check_out_replaceable` refuses)."""
+    old = _results_file(out)
+    if old is not None:
         same = (old.get("checkpoint") == checkpoint and old.get("data") == data
                 and old.get("questions") == questions)
         n = old["questions"]
@@ -507,9 +565,11 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
     Every input is checked before the model is loaded (the questions, every image they use).
     With ``out``, each answer is appended to ``<out>.partial.jsonl`` as it is made
     (:mod:`emit_jax.eval.partial`) and the questions answered there already are not asked again
-    (``restart=True`` starts that file over); it is removed once ``out`` is written. An
-    ``out`` that ends with a path separator or is a folder is refused; one that exists already
-    (a finished evaluation) is announced by ``note`` (default: a line on stderr) before the
+    (``restart=True`` starts that file over); it is removed once ``out`` is written, unless it
+    holds answers to questions past this run's (a smaller ``limit``): then it is kept and
+    ``note`` says so. An ``out`` that ends with a path separator or is a folder, that exists
+    and is not an evaluate results file, or (or its partial file) that exists and is not a
+    regular file is refused; one that exists already (a finished evaluation) is announced by ``note`` (default: a line on stderr) before the
     first question, and replaced only when the new results are complete.
     ``signals`` (the command's :class:`Signals`): a signal stops the run after the question in
     progress with :class:`EvaluationInterrupted`; without it a ``KeyboardInterrupt`` simply
@@ -549,12 +609,13 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
     run_settings = partial.settings(checkpoint=checkpoint, think=think,
                                     max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                     decoding="greedy", max_tiles=max_tiles)
-    done, keep, seen = {}, 0, None
+    done, keep, seen, beyond = {}, 0, None, 0
     if answers_path:
         partial.check_not_locked(answers_path)  # another run answering into it: refused now
         seen = partial.identity(answers_path)
     if answers_path and not restart:
-        done, keep = partial.read(answers_path, run_settings, fps)
+        # beyond: answers to questions past this run's (a smaller --limit), kept in the file
+        done, keep, beyond = partial.read_all(answers_path, run_settings, fps)
     todo = [k for k in range(total) if k not in done]
     check_images(p for k in todo for p in queries[k][1])
     if done:
@@ -563,6 +624,7 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
     if todo:  # the checkpoint's config and tokenizer files, before the notice below
         check_checkpoint(checkpoint)
     if out and os.path.lexists(out):  # every check passed: the run goes ahead
+        check_out_replaceable(out)  # unless it is another file (a training workdir's results)
         note(f"emit_jax.evaluate: note: {replaced_results(out, checkpoint, data, total)}")
 
     def kept() -> str:
@@ -616,8 +678,13 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
     if out:
         with atomic_output(out) as f:
             json.dump(result, f, indent=1, default=str)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(answers_path)
+        if beyond:  # answers this run did not ask for: the file stays, for a later run
+            note(f"emit_jax.evaluate: note: {beyond} answer{'' if beyond == 1 else 's'} beyond "
+                 f"--limit {'is' if beyond == 1 else 'are'} kept in {answers_path} for a later "
+                 "run")
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(answers_path)
     return result
 
 

@@ -288,3 +288,128 @@ def test_replaced_results_says_what_the_existing_file_is(tmp_path):
     assert replaced_results(str(out), "ck", "mmad", 1) == (
         f"--out {out} exists (not an evaluate results file); it will be replaced when this run "
         "finishes (it stays as it is until then)")
+
+
+# ------------------------------------------------- answers beyond a smaller --limit are kept
+def _partial_file(path, model, baseline, ids):
+    """A partial-answers file for the fixture's questions as the run with FLAGS writes it,
+    holding the baseline's answers to ``ids`` (in that order)."""
+    from emit_jax.evaluate import MMAD_MIN_NEW_TOKENS, mmad_queries
+
+    fps = [partial.fingerprint(text, [os.path.relpath(p, MMAD) for p in images], comp)
+           for text, images, comp, _, _ in mmad_queries(MMAD, False, None)]
+    assert len(fps) == N_QUESTIONS
+    settings = partial.settings(checkpoint=model, think=False, max_new_tokens=4,
+                                min_new_tokens=min(MMAD_MIN_NEW_TOKENS, 4), decoding="greedy",
+                                max_tiles=1)
+    with partial.Writer(str(path), partial.header(model, MMAD, settings), 0) as w:
+        for k in ids:
+            row = baseline["answers"][k]
+            w.write(k, fps[k], row["response"], row)
+    return open(path, "rb").read()
+
+
+def test_answers_beyond_a_smaller_limit_are_kept_for_a_later_run(baseline, model, env, tmp_path):
+    """A run interrupted with many answers kept, rerun with a smaller --limit, finished with
+    that many answers and deleted the partial file holding the others, silently: the file now
+    stays (with the extra answers) and one ``note:`` line says so; a later run uses them."""
+    out = tmp_path / "res.json"
+    part = partial.path_for(str(out))
+    beyond = list(range(10, N_QUESTIONS))
+    before = _partial_file(part, model, baseline, [0, 1, 2, 3, 4, *beyond])
+    # every question of --limit 3 is answered already: no model work, the file is untouched
+    r = run(env, model, out, "--limit", "3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert lines_of(r.stderr) == [f"emit_jax.evaluate: note: {2 + len(beyond)} answers beyond "
+                                  f"--limit are kept in {part} for a later run"]
+    res = json.loads(out.read_text())
+    assert res["resumed"] == 3 and res["answers"] == baseline["answers"][:3]
+    assert open(part, "rb").read() == before
+    # --limit 8: questions 5-7 are asked and appended; the answers beyond stay
+    r = run(env, model, out, "--limit", "8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert lines_of(r.stderr)[-1] == (f"emit_jax.evaluate: note: {len(beyond)} answers beyond "
+                                      f"--limit are kept in {part} for a later run")
+    res = json.loads(out.read_text())
+    assert res["resumed"] == 5 and res["answers"] == baseline["answers"][:8]
+    kept = [json.loads(x) for x in open(part, "rb").read().decode().splitlines()[1:]]
+    assert [x["id"] for x in kept] == [0, 1, 2, 3, 4, *beyond, 5, 6, 7]
+    # the whole run: only questions 8 and 9 are asked; the partial file goes
+    r = run(env, model, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert lines_of(r.stderr) == [
+        f"emit_jax.evaluate: note: --out {out} exists (a finished evaluation, 8 questions); it "
+        "will be replaced when this run finishes (it stays as it is until then)"]
+    res = json.loads(out.read_text())
+    assert res["resumed"] == N_QUESTIONS - 2
+    assert without_timing(res) == without_timing(baseline)
+    assert sorted(os.listdir(tmp_path)) == ["res.json"]
+
+
+# ----------------------------------------------- an --out that is not evaluate's is refused
+def test_out_that_is_not_an_evaluate_results_file_is_refused(model, env, tmp_path):
+    """``--out W/results.json`` (a training workdir's) was announced with a ``note:`` and then
+    replaced: refused now in one line, before the model is loaded, the file untouched."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    contents = {"results.json": json.dumps({"config": {"stages": ["stage1"]},
+                                            "stage1": {"average": 0.5}}),
+                "other.json": "[1, 2, 3]", "notes.txt": "not json", "empty.json": ""}
+    for name, text in contents.items():
+        (workdir / name).write_text(text)
+    for name, text in contents.items():
+        out = workdir / name
+        r = run(env, model, out, "--limit", "1")
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert lines_of(r.stderr) == [
+            f"emit_jax.evaluate: error: --out {out}: exists and is not an evaluate results "
+            "file; choose another path (or remove it)"], r.stderr[-3000:]
+        assert not r.stdout.strip()
+        assert out.read_text() == text
+    assert sorted(os.listdir(workdir)) == sorted(contents)  # no partial file either
+
+
+def test_check_out_replaceable(baseline, tmp_path):
+    from emit_jax.errors import ConfigError
+    from emit_jax.evaluate import check_out_replaceable
+
+    out = tmp_path / "res.json"
+    check_out_replaceable(str(out))  # missing: fine
+    out.write_text(json.dumps(baseline))
+    check_out_replaceable(str(out))  # a finished evaluation: replaced (announced)
+    out.write_text(json.dumps({"stage1": {"average": 0.5}}))
+    with pytest.raises(ConfigError, match="exists and is not an evaluate results file"):
+        check_out_replaceable(str(out))
+
+
+def test_out_or_its_partial_file_that_is_not_a_regular_file_is_refused(baseline, model, env,
+                                                                      tmp_path):
+    """A device, a pipe, a symbolic link (even to a results file) or a link loop as --out (or as
+    its partial file) is refused in one line naming --out, before any work."""
+    results = tmp_path / "real.json"
+    results.write_text(json.dumps(baseline))
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.json"
+    link.symlink_to(results)
+    loop = tmp_path / "loop.json"
+    loop.symlink_to(loop)
+    for out, what in (("/dev/null", "a device"), (fifo, "a pipe"), (link, "a symbolic link"),
+                      (loop, "a symbolic link")):
+        r = run(env, model, out, "--limit", "1")
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert lines_of(r.stderr) == [f"emit_jax.evaluate: error: --out {out}: exists and is not "
+                                      f"a regular file ({what}); choose another path"]
+    # the partial-answers file beside a fresh --out
+    out = tmp_path / "res.json"
+    part = partial.path_for(str(out))
+    os.mkfifo(part)
+    r = run(env, model, out, "--limit", "1")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert lines_of(r.stderr) == [f"emit_jax.evaluate: error: --out {out}: its partial-answers "
+                                  f"file {part} exists and is not a regular file (a pipe); "
+                                  "choose another --out"]
+    assert results.read_text() == json.dumps(baseline) and os.path.islink(link)
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["real.json", "fifo.json", "link.json", "loop.json", "res.json.partial.jsonl"])
+    assert not os.path.isfile(fifo) and os.path.exists("/dev/null")

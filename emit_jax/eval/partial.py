@@ -92,22 +92,31 @@ def _show(v: Any) -> str:
 
 def read(path: str, run_settings: dict[str, Any], fingerprints: Sequence[str]
          ) -> tuple[dict[int, str], int]:
-    """``(question index -> response, bytes of the file to keep)`` from the partial-answers
+    """``(question index -> response, bytes of the file to keep)``: :func:`read_all` without
+    the count of answers beyond ``fingerprints``."""
+    out, keep, _ = read_all(path, run_settings, fingerprints)
+    return out, keep
+
+
+def read_all(path: str, run_settings: dict[str, Any], fingerprints: Sequence[str]
+             ) -> tuple[dict[int, str], int, int]:
+    """``(question index -> response, bytes of the file to keep, beyond)`` from the partial-answers
     file ``path`` ({} and 0 when it is missing or holds no complete line). Raises
     :class:`DataError` (one line naming the file and saying to use ``--restart``) when the file
     is not one, was written with other ``run_settings``, holds a malformed line before its last
     one, or answers a question whose :func:`fingerprint` is not ``fingerprints[id]`` (the data
     or the prompt changed). Answers to ids past ``len(fingerprints)`` (a smaller ``--limit``)
-    are ignored."""
+    are not returned, and stay in the file (the writer only appends): ``beyond`` counts them
+    (distinct ids), so the caller keeps the file for a later run that asks those questions."""
     try:
         with open(path, "rb") as f:
             blob = f.read()
     except FileNotFoundError:
-        return {}, 0
+        return {}, 0, 0
     keep = blob.rfind(b"\n") + 1  # what follows the last newline is a torn line: dropped
     lines = blob[:keep].split(b"\n")[:-1]
     if not lines:
-        return {}, 0
+        return {}, 0, 0
 
     def bad(lineno: int, problem: str) -> DataError:
         return DataError(f"{path}: line {lineno}: {problem}; {RESTART_HINT}")
@@ -134,6 +143,7 @@ def read(path: str, run_settings: dict[str, Any], fingerprints: Sequence[str]
         raise DataError(f"{path}: its answers were made with other settings ({'; '.join(diffs)})"
                         f"; {RESTART_HINT}")
     out: dict[int, str] = {}
+    beyond: set[int] = set()
     for lineno, raw in enumerate(lines[1:], 2):
         rec = parse(lineno, raw)
         if not (isinstance(rec, dict) and isinstance(rec.get("id"), int)
@@ -142,13 +152,16 @@ def read(path: str, run_settings: dict[str, Any], fingerprints: Sequence[str]
                 and isinstance(rec.get("response"), str)):
             raise bad(lineno, "not an answer line (id, fingerprint, response)")
         k = rec["id"]
-        if k >= len(fingerprints) or k in out:
+        if k >= len(fingerprints):
+            beyond.add(k)
+            continue
+        if k in out:
             continue
         if rec["fingerprint"] != fingerprints[k]:
             raise bad(lineno, f"the answer to question {k} was made for another question (the "
                       "data or the prompt changed)")
         out[k] = rec["response"]
-    return out, keep
+    return out, keep, len(beyond)
 
 
 def identity(path: str) -> tuple[int, int] | None:
