@@ -97,6 +97,14 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
 
 
 
+def nonempty(text: str) -> str:
+    """An argparse ``type``: any text but the empty string (an empty ``--split`` silently meant
+    the default)."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty; give a value or leave the flag out")
+    return text
+
+
 #: a whole number >= 1 (counts, sizes, lengths, repeats)
 positive_int = int_at_least(1)
 #: a whole number >= 0 (seeds, optional counts where 0 means none / off)

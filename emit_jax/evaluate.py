@@ -722,7 +722,8 @@ def _main(argv, signals: Signals) -> int:
                    help=f"default: {MMAD_MAX_NEW_TOKENS} for an MMAD folder (the authors' "
                    f"protocol, min {MMAD_MIN_NEW_TOKENS}), else {FAST_MAX_NEW_TOKENS[False]} "
                    f"({FAST_MAX_NEW_TOKENS[True]} with --think)")
-    p.add_argument("--split", default=None, help="MVTec-style: split from splits.json (default test)")
+    p.add_argument("--split", default=None, type=cli.nonempty,
+                   help="MVTec-style: split from splits.json (default test)")
     p.add_argument("--seed", type=cli.nonneg_int, default=0)
     p.add_argument("--restart", action="store_true",
                    help="start over: ignore (and replace) the answers an earlier, unfinished run "

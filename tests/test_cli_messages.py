@@ -311,3 +311,13 @@ def test_aot_a_program_the_chosen_stage_lacks_names_its_own(monkeypatch):
     line = assert_one_error(rc, err, prog="emit_jax.aot")
     assert line == ("emit_jax.aot: error: --programs: stage warmup has no programs 'sampler', "
                     "'score'; choose from train_step (or another --stage)"), line
+
+
+def test_evaluate_empty_split_is_refused(tmp_path):
+    """Before: ``--split ''`` quietly meant the default split."""
+    rc, err, out = run_main("emit_jax.evaluate", [
+        "--checkpoint", str(tmp_path), "--data", str(tmp_path), "--split", ""])
+    line = assert_one_error(rc, err, prog="emit_jax.evaluate")
+    assert line == ("emit_jax.evaluate: error: argument --split: empty; give a value or leave "
+                    "the flag out"), line
+    assert out == "" and os.listdir(tmp_path) == []
