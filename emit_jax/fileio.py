@@ -184,9 +184,16 @@ def atomic_folder(path: str | os.PathLike, *, hint: str = "choose a new folder",
     try:
         yield tmp
         if owner:
-            if os.path.isdir(path):
-                os.rmdir(path)  # an empty folder; os.rmdir refuses one filled meanwhile
-            os.replace(tmp, path)
+            try:
+                if os.path.isdir(path):
+                    os.rmdir(path)  # an empty folder; os.rmdir refuses one filled meanwhile
+                os.replace(tmp, path)
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                raise FileExistsError(
+                    f"{path}: filled by another run while this one was writing it; this run's "
+                    "copy is discarded and the folder holds the other's") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_folders(created)

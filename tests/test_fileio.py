@@ -292,3 +292,21 @@ def test_an_output_that_is_a_device_pipe_or_link_is_refused_not_replaced(tmp_pat
     assert os.path.islink(link) and target.read_text() == "keep"
     assert not os.path.isfile(fifo) and os.path.exists("/dev/null")
     assert sorted(os.listdir(tmp_path)) == ["fifo", "link.json", "loop", "target.json"]
+
+
+def test_a_folder_filled_meanwhile_by_another_run_is_said_so(tmp_path):
+    """Before: two ``data.embedded`` runs on one --out: the second ended with a bare
+    ``Directory not empty``."""
+    import pytest
+
+    from emit_jax.fileio import atomic_folder
+
+    out = tmp_path / "out"
+    with pytest.raises(FileExistsError) as e:
+        with atomic_folder(out) as tmp:
+            (tmp_path / "out").mkdir()
+            (out / "theirs.txt").write_text("the other run's")  # the other run finished first
+            open(os.path.join(tmp, "mine.txt"), "w").close()
+    assert str(e.value) == (f"{out}: filled by another run while this one was writing it; this "
+                            "run's copy is discarded and the folder holds the other's")
+    assert os.listdir(out) == ["theirs.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
