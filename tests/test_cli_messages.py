@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import tempfile
 
@@ -321,3 +322,20 @@ def test_evaluate_empty_split_is_refused(tmp_path):
     assert line == ("emit_jax.evaluate: error: argument --split: empty; give a value or leave "
                     "the flag out"), line
     assert out == "" and os.listdir(tmp_path) == []
+
+
+def test_a_dataset_path_that_is_a_file_or_a_link_loop_says_so(tmp_path):
+    """Before: both said ``no such dataset folder``."""
+    from emit_jax.data.mvtec import scan
+    from emit_jax.errors import DataError
+
+    f = tmp_path / "000.png"
+    f.write_bytes(b"x")
+    loop = tmp_path / "l1"
+    os.symlink(tmp_path / "l2", loop)
+    os.symlink(loop, tmp_path / "l2")
+    for path, needle in ((f, "a file, not a dataset folder"),
+                         (loop, "a symbolic link to nothing (or a link loop)"),
+                         (tmp_path / "none", "no such dataset folder")):
+        with pytest.raises(DataError, match=r"^" + re.escape(f"{path}: {needle}")):
+            scan(path)

@@ -135,6 +135,12 @@ def scan(root: str | os.PathLike, *, dataset: str | None = None,
     root = os.path.abspath(os.fspath(root))
     report = report or Report()
     if not os.path.isdir(root):
+        if os.path.islink(root) and not os.path.exists(root):
+            raise DataError(f"{root}: a symbolic link to nothing (or a link loop), not a "
+                            "dataset folder")
+        if os.path.exists(root):
+            raise DataError(f"{root}: a file, not a dataset folder (MVTec AD layout: class "
+                            "folders with train/ and test/)")
         raise DataError(f"{root}: no such dataset folder")
     if not utf8_name(root):
         raise DataError(f"{os.fsencode(root)!r}: the dataset folder's path is not valid UTF-8 "
