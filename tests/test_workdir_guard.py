@@ -607,3 +607,18 @@ def test_a_rerun_asking_for_fewer_steps_than_its_checkpoint_says_so(tmp_path, ca
     assert notes == ["warning: warmup resumes from its checkpoint at step 2, past "
                      "warmup.steps=1: no step runs, and the stage is finished with the 2 steps "
                      "it has (a new --workdir trains 1)"], r.stderr[-3000:]
+
+
+def test_stages_out_of_order_are_refused():
+    """Before: ``stages=('grpo','warmup')`` ran GRPO on random weights, then the warm-up."""
+    from emit_jax import configs
+    from emit_jax.errors import ConfigError
+    from emit_jax.training.validate import validate_config
+
+    with pytest.raises(ConfigError) as e:
+        validate_config(configs.load("grpo", {"stages": ("grpo", "warmup")}), num_devices=1)
+    assert str(e.value) == ("config stages: ('grpo', 'warmup') is out of order: each stage "
+                            "builds on the one before, in the order warmup, base, sft, sft2, "
+                            "grpo")
+    for ok in (("base", "sft", "grpo"), ("warmup", "base", "sft", "sft2"), ("sft", "grpo")):
+        validate_config(configs.load("grpo", {"stages": ok}), num_devices=1)

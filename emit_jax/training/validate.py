@@ -158,6 +158,9 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
             _fail("stages", stages, f"lists {s!r} but the config has no {s} section")
     if len(set(stages)) != len(stages):
         _fail("stages", stages, "repeats a stage")
+    if list(stages) != sorted(stages, key=STAGES.index):
+        _fail("stages", stages, f"is out of order: each stage builds on the one before, in the "
+              f"order {', '.join(STAGES)}")
     optim = {s: OptimConfig.from_section(cfg[s], s) for s in stages if s in SFT_STAGES}
     grpo = GRPOConfig.from_section(cfg.grpo) if "grpo" in stages else None
     from emit_jax.training.data import WARMUP_HINTS
