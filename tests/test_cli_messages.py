@@ -339,3 +339,32 @@ def test_a_dataset_path_that_is_a_file_or_a_link_loop_says_so(tmp_path):
                          (tmp_path / "none", "no such dataset folder")):
         with pytest.raises(DataError, match=r"^" + re.escape(f"{path}: {needle}")):
             scan(path)
+
+
+def test_splits_json_naming_a_missing_image_or_one_image_twice(tmp_path):
+    """Before: a listed image that does not exist was dropped (``skipped: 0``), and train
+    images also listed under ``test`` moved into the test split without a word."""
+    import json
+    import shutil
+
+    from emit_jax.data.embedded import ensure_cached
+    from emit_jax.data.mvtec import Report, scan
+    from emit_jax.errors import DataError
+
+    ds = tmp_path / "ds"
+    shutil.copytree(ensure_cached(str(tmp_path / "cache"), seed=0), ds)
+    splits = json.loads((ds / "splits.json").read_text())
+    good = json.dumps(splits)
+    splits["test"] += ["nut/test/good/998.png", "nut/test/good/999.png"]
+    (ds / "splits.json").write_text(json.dumps(splits))
+    with pytest.raises(DataError) as e:
+        scan(ds)
+    assert str(e.value) == (f"{ds / 'splits.json'}: lists nut/test/good/998.png (test), which "
+                            "does not exist (2 such)")
+    report = Report("skip")
+    assert len(scan(ds, report=report)) == 392 and len(report.skipped) == 2
+    splits = json.loads(good)
+    splits["test"].append(splits["train"][0])
+    (ds / "splits.json").write_text(json.dumps(splits))
+    with pytest.raises(DataError, match=r"is listed in two splits \('train' and 'test'\)"):
+        scan(ds)

@@ -111,10 +111,17 @@ def _read_splits(root: str) -> dict[str, str] | None:
     if not os.path.isfile(path):
         return None
     data = read_json(path, error=DataError, what="a valid splits file")
+    out: dict[str, str] = {}
     try:
-        return {os.path.normpath(p): split for split, paths in data.items() for p in paths}
+        for split, paths in data.items():
+            for p in paths:
+                p = os.path.normpath(p)
+                if out.setdefault(p, split) != split:  # a test image trained on, or the reverse
+                    raise DataError(f"{path}: {p} is listed in two splits ({out[p]!r} and "
+                                    f"{split!r}); each image belongs to one")
     except (AttributeError, TypeError) as e:  # not {split: [path, ...]}
         raise DataError(f"{path}: not a valid splits file ({e})") from None
+    return out
 
 
 def _description(root: str, path: str, obj: str, split: str, sub: str) -> str | None:
@@ -186,6 +193,13 @@ def scan(root: str | os.PathLike, *, dataset: str | None = None,
                         defect=None if good or sub.lower() in UNKNOWN_TYPE_DIRS else sub,
                         is_anomalous=not good, mask_path=mask,
                         description=_description(root, path, obj, split, sub)))
+    if splits is not None:  # a listed image that is not there (before: dropped without a word)
+        found = {os.path.normpath(os.path.relpath(it.path, root)) for it in items}
+        listed = [p for p in splits if p not in found and not os.path.lexists(os.path.join(root, p))]
+        for p in listed[:1] if report.policy == "error" else listed:
+            report.problem(f"{os.path.join(root, 'splits.json')}: lists {p} ({splits[p]}), "
+                           f"which does not exist"
+                           + (f" ({len(listed)} such)" if len(listed) > 1 else ""))
     return items
 
 
