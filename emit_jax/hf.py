@@ -217,7 +217,21 @@ def load(hf_dir: str | os.PathLike, dtype: str | None = None, *,
     extras = os.path.join(os.fspath(hf_dir), EMIT_EXTRAS)
     if os.path.isfile(extras):
         model = _load_emit_extras(model, extras, dtype, put)
+    elif _names_extras(hf_dir):
+        raise CheckpointError(f"{extras}: missing; {os.path.join(os.fspath(hf_dir), 'config.json')}"
+                              " says this is an EMIT model (soft prompt and heat-map projector "
+                              "in that file), and without it it would run as plain InternVL")
     return model
+
+
+def _names_extras(hf_dir) -> bool:
+    """Whether the folder's ``config.json`` names ``emit_extras.safetensors`` (:func:`save`
+    writes the key for an EMIT model)."""
+    try:
+        with open(os.path.join(os.fspath(hf_dir), "config.json"), encoding="utf-8") as f:
+            return json.load(f).get("emit_extras") == EMIT_EXTRAS
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _load(cfg: InternVLConfig, reader: SafetensorsReader, dtype, put) -> InternVL:
@@ -416,6 +430,8 @@ def save(model: InternVL, out_dir: str | os.PathLike, *, base_config: dict | Non
         tensors, dtype = hf_tensor_stream(model)
         if dtype is not None:
             hf_cfg["dtype"] = dtype
+        if emit_model is not None:  # a loader can tell a missing extras file from a plain model
+            hf_cfg["emit_extras"] = EMIT_EXTRAS
         write_safetensors(tensors, tmp, max_shard_size)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf_cfg, f, indent=2)

@@ -368,3 +368,34 @@ def test_splits_json_naming_a_missing_image_or_one_image_twice(tmp_path):
     (ds / "splits.json").write_text(json.dumps(splits))
     with pytest.raises(DataError, match=r"is listed in two splits \('train' and 'test'\)"):
         scan(ds)
+
+
+def test_an_emit_export_without_its_extras_file_is_refused(tmp_path):
+    """Before: an HF export of an EMIT model with ``emit_extras.safetensors`` deleted loaded
+    (and evaluated) as plain InternVL without a word."""
+    import dataclasses
+    import json
+
+    from flax import nnx
+
+    from emit_jax import hf
+    from emit_jax.errors import CheckpointError
+    from emit_jax.models import architectures
+    from emit_jax.models.emit import EMIT
+    from emit_jax.models.internvl import InternVL
+
+    cfg = architectures.tiny()
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=64, num_hidden_layers=1),
+                      vision=dataclasses.replace(cfg.vision, num_hidden_layers=1),
+                      image_token_id=63)
+    emit = EMIT.create(InternVL(cfg, rngs=nnx.Rngs(0)), hint_ids=[1, 2])
+    hf.save(emit, str(tmp_path / "emit"))
+    hf.save(emit.mllm, str(tmp_path / "plain"))
+    assert json.loads((tmp_path / "emit" / "config.json").read_text())["emit_extras"] == \
+        hf.EMIT_EXTRAS
+    assert "emit_extras" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert isinstance(hf.load(str(tmp_path / "plain")), InternVL)
+    os.remove(tmp_path / "emit" / hf.EMIT_EXTRAS)
+    with pytest.raises(CheckpointError, match=r"emit_extras.safetensors: missing; .* says this "
+                                              r"is an EMIT model"):
+        hf.load(str(tmp_path / "emit"))
