@@ -179,14 +179,23 @@ def test_grpo_micro_batches_equal_the_one_shot_step(agg):
     for m in (3,):
         loss_m, met_m, g_m, r_m = outs[m]
         np.testing.assert_allclose(r_m, r1, atol=1e-6)
-        np.testing.assert_allclose(loss_m, loss1, rtol=1e-6, atol=1e-7)
-        for k in met1:
-            np.testing.assert_allclose(met_m[k], met1[k], rtol=1e-5, atol=1e-7, err_msg=k)
-        flat1 = jax.tree_util.tree_leaves_with_path(g1)
-        flat_m = dict(jax.tree_util.tree_leaves_with_path(g_m))
-        assert max(np.abs(v).max() for _, v in flat1) > 1e-4
-        for path, v in flat1:
-            np.testing.assert_allclose(flat_m[path], v, rtol=1e-6, atol=1e-6, err_msg=str(path))
+        assert_same_step((loss1, met1, g1), (loss_m, met_m, g_m), loss=(1e-6, 1e-7),
+                         metrics=(1e-5, 1e-7), update=(1e-6, 1e-6))
+
+
+def assert_same_step(want, got, *, loss, metrics, update):
+    """Two GRPO steps ``(loss, metrics, parameter update)`` agree: the loss, each metric and
+    every leaf of the update within its ``(rtol, atol)``; the update is not zero."""
+    np.testing.assert_allclose(got[0], want[0], rtol=loss[0], atol=loss[1])
+    for k in want[1]:
+        np.testing.assert_allclose(got[1][k], want[1][k], rtol=metrics[0], atol=metrics[1],
+                                   err_msg=k)
+    flat_want = jax.tree_util.tree_leaves_with_path(want[2])
+    flat_got = dict(jax.tree_util.tree_leaves_with_path(got[2]))
+    assert max(np.abs(v).max() for _, v in flat_want) > 1e-4
+    for path, v in flat_want:
+        np.testing.assert_allclose(flat_got[path], v, rtol=update[0], atol=update[1],
+                                   err_msg=str(path))
 
 
 def test_batchnorm_in_train_mode_sees_each_micro_batch_in_turn():
