@@ -272,7 +272,7 @@ def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, 
     """The questions of an MVTec-style folder, built now (every image and mask read)."""
     from emit_jax.data import tasks
     from emit_jax.data.records import load_domain_knowledge
-    from emit_jax.data.mvtec import scan
+    from emit_jax.data.mvtec import Report, scan
     from emit_jax.models.emit import use_comp
 
     items = scan(root)
@@ -293,8 +293,11 @@ def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, 
     dk_path = os.path.join(root, "domain_knowledge.json")
     dk = load_domain_knowledge(dk_path if os.path.isfile(dk_path) else None, queries[0].dataset
                                if queries else None)
+    report = Report()
     qs = tasks.build_questions(queries, stage=2, seed=seed, references=refs, domain_knowledge=dk,
-                               think=think)
+                               think=think, report=report)
+    if report.relabelled_note():
+        print(report.relabelled_note(), file=sys.stderr)
     out = []
     for k, q in enumerate(qs):
         if limit is not None and k >= limit:

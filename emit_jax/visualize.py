@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -59,7 +60,8 @@ def compute_heatmap(query_path, reference_path, *, checkpoint=None, arch="tiny",
     heat = np.asarray(contrastive_heatmap(mllm.vision_tower, ce, layers, window,
                                           rotations=ecfg.rotations, zero_fill=ecfg.zero_fill))[0]
     return heat, q, r, {"layers": list(layers), "window": window, "grid": vcfg.grid,
-                        "image_size": size}
+                        "image_size": size, "query_size": list(images[0].size),
+                        "reference_size": list(images[1].size)}
 
 
 def render(heat, query_tile, reference_tile, out, title=""):
@@ -115,20 +117,30 @@ def main(argv=None) -> int:
     h.add_argument("--query", required=True)
     h.add_argument("--reference", required=True)
     h.add_argument("--checkpoint", default=None, help="emit_jax Orbax model checkpoint")
-    h.add_argument("--arch", default="tiny", choices=sorted(ARCHITECTURES),
-                   help="random-init architecture without a checkpoint")
+    h.add_argument("--arch", default=None, choices=sorted(ARCHITECTURES),
+                   help="random-init architecture without a checkpoint (default: tiny)")
     h.add_argument("--window", type=cli.nonneg_int, default=None,
                    help="heat-map window half-width in patches (default: the model's)")
     h.add_argument("--layers", type=cli.positive_int, nargs="+", default=None,
                    help="ViT blocks of the heat map, 1-based (default: the model's)")
     h.add_argument("--out", required=True, help="PNG to write")
     args = p.parse_args(argv)
+    if args.checkpoint and args.arch:  # it would be ignored: the checkpoint has its own
+        p.error(f"--arch {args.arch}: only without --checkpoint (the checkpoint's model is used)")
     check_not_input(args.out, {"--query": args.query, "--reference": args.reference,
                                "--checkpoint": args.checkpoint})
     image_format(args.out)  # the output path before any work: a known image type, writable
     check_writable(args.out)
     heat, q, r, info = compute_heatmap(args.query, args.reference, checkpoint=args.checkpoint,
-                                       arch=args.arch, window=args.window, layers=args.layers)
+                                       arch=args.arch or "tiny", window=args.window,
+                                       layers=args.layers)
+    for flag in ("query", "reference"):  # a heat-map cell would be less than one of its pixels
+        w, hgt = info[f"{flag}_size"]
+        if min(w, hgt) < info["grid"]:
+            print(f"note: --{flag} {getattr(args, flag)} is {w}x{hgt} pixels, fewer than the "
+                  f"heat map's {info['grid']}x{info['grid']} cells; it is upscaled to "
+                  f"{info['image_size']}x{info['image_size']} and its map says little",
+                  file=sys.stderr)
     render(heat, q, r, args.out, title=os.path.basename(args.query))
     i, j = np.unravel_index(int(np.argmax(heat)), heat.shape)
     info.update(out=args.out, peak_cell=[int(i), int(j)], peak=float(heat.max()),

@@ -163,6 +163,16 @@ def test_empty_mask_is_relabelled_normal(tmp_path):
           if q.meta.get("mask_path", "") and q.meta["mask_path"].endswith("widget/ground_truth/dent/000_mask.png")]
     assert {q.task for q in qs} == {"anomaly_discrimination", "object_classification"}
     assert all(q.meta["adlabel"] == 0 for q in qs)
+    report = Report()  # the relabelling is counted, and said once by the CLIs
+    tasks.build_questions(items, stage=2, references=refs, report=report)
+    assert report.relabelled == [f"{root}/widget/test/dent/000.png"]
+    assert report.relabelled_note().startswith("note: 1 anomalous image(s) have an all-black mask")
+    r = subprocess.run([sys.executable, "-m", "emit_jax.data.build", "--source", root, "--out",
+                        str(tmp_path / "o.jsonl"), "--stage", "2"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["relabelled_normal"] == 1
+    assert r.stderr.count("all-black mask") == 1, r.stderr
 
 
 def test_build_cli_writes_emit_jsonl(tmp_path):

@@ -54,3 +54,30 @@ def test_bad_image_is_one_line_error(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "broken.png" in lines[0] and "error" in lines[0]
     assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_arch_with_a_checkpoint_is_refused(tmp_path):
+    """--arch only picks the random-init model; with --checkpoint it was silently ignored."""
+    img = tmp_path / "q.png"
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(img)
+    r = subprocess.run([sys.executable, "-m", "emit_jax.visualize", "heatmap", "--query", str(img),
+                        "--reference", str(img), "--checkpoint", str(tmp_path / "ckpt"),
+                        "--arch", "tiny", "--out", str(tmp_path / "x.png")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--arch tiny: only without --checkpoint" in lines[0], r.stderr
+    assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_a_query_smaller_than_the_heat_map_is_said(tmp_path):
+    q, ref = tmp_path / "q.png", tmp_path / "r.png"
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(q)
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(ref)
+    r = subprocess.run([sys.executable, "-m", "emit_jax.visualize", "heatmap", "--query", str(q),
+                        "--reference", str(ref), "--out", str(tmp_path / "x.png")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    notes = [l for l in r.stderr.splitlines() if l.startswith("note:")]
+    assert len(notes) == 1 and f"--query {q} is 1x1 pixels" in notes[0], r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["query_size"] == [1, 1]

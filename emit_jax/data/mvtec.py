@@ -32,6 +32,8 @@ class Report:
 
     policy: str = "error"
     skipped: list[str] = dataclasses.field(default_factory=list)
+    # anomalous images whose mask is empty, asked about as normal (docs/reference/emit.md 9.5)
+    relabelled: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         if self.policy not in ("error", "skip"):
@@ -42,6 +44,14 @@ class Report:
         if self.policy == "error":
             raise DataError(message)
         self.skipped.append(message)
+
+    def relabelled_note(self) -> str | None:
+        """One ``note:`` line for the anomalous images relabelled normal, or None."""
+        paths = sorted(set(self.relabelled))
+        if not paths:
+            return None
+        return (f"note: {len(paths)} anomalous image(s) have an all-black mask and are asked about "
+                f"as normal images, as EMIT does (first: {paths[0]})")
 
     def summary(self) -> str:
         return f"skipped {len(self.skipped)}" + (f" (first: {self.skipped[0]})" if self.skipped else "")

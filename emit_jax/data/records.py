@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from collections import Counter
 
 from emit_jax.data import adfm, jsonl, mmad, tasks
@@ -116,5 +117,8 @@ def build(source: str, out: str, stage: int, *, seed: int = 0, split: str | None
                                domain_knowledge=dk, text_samples=text_samples, report=report)
     n = jsonl.write_jsonl(jsonl.records(qs, stage), out)
     counts = Counter(q.task for q in qs)
+    if report.relabelled_note():
+        print(report.relabelled_note(), file=sys.stderr)
     return {"out": out, "records": n, "images": len(items), "tasks": dict(sorted(counts.items())),
-            "skipped": len(report.skipped), "domain_knowledge": dk_path, "embedding": embedding}
+            "skipped": len(report.skipped), "relabelled_normal": len(set(report.relabelled)),
+            "domain_knowledge": dk_path, "embedding": embedding}

@@ -236,20 +236,22 @@ def build_questions(items: Sequence[ImageItem], *, stage: int, seed: int = 0,
     for it in items:
         try:
             out.extend(_questions_for(it, tasks, think, seed, references, dk_all, defect_names,
-                                      object_names, text_samples, dk_sentences, ad_order))
+                                      object_names, text_samples, dk_sentences, ad_order, report))
         except (DataError, ImageError) as e:
             report.problem(str(e))
     return out
 
 
 def _questions_for(it, tasks, think, seed, references, dk_all, defect_names, object_names,
-                   text_samples, dk_sentences=0, ad_order="shuffled"):
+                   text_samples, dk_sentences=0, ad_order="shuffled", report=None):
     anomalous, regions, counts = it.is_anomalous, [], None
     if anomalous:
         counts = mask_cell_counts(read_mask(it))
         regions = defect_regions(counts)
         if not regions:
             anomalous = False  # an empty mask: relabelled normal (docs/reference/emit.md 9.5)
+            if report is not None:
+                report.relabelled.append(it.path)
     ref = references.get(it.path)
     meta = {"query": it.path, "object_type": it.object_type, "dataset": it.dataset,
             "adlabel": int(anomalous),

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 
 import numpy as np
 from PIL import Image
@@ -42,7 +43,7 @@ from PIL import Image
 from emit_jax.data import jsonl, prompts, tasks
 from emit_jax.data.image import UNREADABLE
 from emit_jax.data.records import load_domain_knowledge
-from emit_jax.data.mvtec import scan
+from emit_jax.data.mvtec import Report, scan
 from emit_jax.errors import DataError
 from emit_jax.models.emit import HINT_TEXT
 
@@ -280,8 +281,9 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
     dk_path = os.path.join(dataset_root, "domain_knowledge.json")
     dk = load_domain_knowledge(dk_path if os.path.isfile(dk_path) else None, items[0].dataset) \
         if domain_knowledge else None
+    report = Report()  # errors raise; empty masks relabelled normal are counted
     kw = dict(seed=seed, references=refs, domain_knowledge=dk, dk_sentences=dk_sentences,
-              ad_order=ad_order)
+              ad_order=ad_order, report=report)
     recs: dict[str, list[dict]] = {}
     direct = tasks.build_questions(train, stage=2, think=False, **kw)
     think = tasks.build_questions(train, stage=2, think=True, text_samples=text_samples,
@@ -313,6 +315,8 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
                                          references=refs, frame=adfm_frame, prefix="adfm-test")
         # a fixed shuffle: an evaluation limit then takes a mix of classes, normal and anomalous
         random.Random(f"adfm-{seed}").shuffle(recs["adfm_test"])
+    if report.relabelled_note():
+        print(report.relabelled_note(), file=sys.stderr)
     from emit_jax.fileio import atomic_output
 
     with atomic_output(options_path) as f:  # first: complete record files always have it
