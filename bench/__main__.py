@@ -59,7 +59,7 @@ from emit_jax.models.architectures import ARCHITECTURES
 from emit_jax.ops.heatmap import STRATEGIES as HEATMAP_STRATEGIES
 
 from . import gpucheck
-from .compare import compare
+from .compare import WORKLOADS, compare, peer_scripts
 from .compile_time import bench_compile_time
 from .heatmap import _native_heatmap, bench_heatmap
 from emit_jax.training.config import MERGE_LORA
@@ -94,8 +94,9 @@ def main(argv=None) -> int:
     r.add_argument("--repeats", type=cli.int_in(1, cli.MAX_REPEATS), default=5)
     r.add_argument("--lora", type=cli.nonneg_int, default=0, metavar="RANK",
                    help="sample a LoRA policy of this rank (0: the plain model)")
-    r.add_argument("--merge-lora", default="float32", choices=MERGE_LORA,
-                   help="grpo.sampler.merge_lora for the LoRA policy (with --lora)")
+    r.add_argument("--merge-lora", default=None, choices=MERGE_LORA,
+                   help="grpo.sampler.merge_lora for the LoRA policy (with --lora; default "
+                        "float32)")
     r.add_argument("--compare", action="store_true",
                    help="with --lora: alternate merge_lora 'never' (today) and --merge-lora")
     gs = sub.add_parser("grpo_step")
@@ -172,7 +173,11 @@ def main(argv=None) -> int:
         rows = [bench_heatmap(args.arch, s, args.batch, args.repeats, args.dtype, args.grid,
                               args.window) for s in strategies]
     elif args.what == "rollout":
-        merges = ("never", args.merge_lora) if args.compare else (args.merge_lora,)
+        if not args.lora and (args.merge_lora or args.compare):  # both only act on a LoRA policy
+            _usage_error(f"{'--merge-lora' if args.merge_lora else '--compare'}: only with "
+                         "--lora RANK (the plain model has nothing to merge)")
+        merge = args.merge_lora or "float32"
+        merges = ("never", merge) if args.compare else (merge,)
         rows = alternate(args, lambda: bench_rollout(args.arch, args.batch, args.prompt_len,
                                                      args.new_tokens, args.repeats, args.lora,
                                                      merges))
@@ -199,6 +204,15 @@ def main(argv=None) -> int:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         rows = alternate(args, lambda: gpucheck.run(gpucheck.from_args(args)))
     else:
+        unknown = [w for w in args.workloads.split(",") if w and w not in WORKLOADS]
+        if unknown or not any(args.workloads.split(",")):
+            _usage_error(f"--workloads {args.workloads!r}: choose from {', '.join(WORKLOADS)}")
+        if args.python_hf or args.python_tunix:  # the peers' scripts, before our own runs
+            missing = [n for n in peer_scripts(args.python_hf, args.python_tunix)
+                       if not os.path.isfile(os.path.join(args.peers_dir, n))]
+            if missing:
+                _usage_error(f"--peers-dir {args.peers_dir}: no {', '.join(missing)} there (the "
+                             "folder of the peers' benchmark scripts)")
         rows = compare(args.peers_dir, args.python_hf, args.python_tunix, args.rounds,
                        [w for w in args.workloads.split(",") if w])
         for row in rows:

@@ -31,6 +31,15 @@ def _run_json(cmd: list[str], env: dict | None = None, timeout: int = 3600) -> d
     return json.loads(lines[-1])
 
 
+WORKLOADS = ("rollout", "grpo_step", "heatmap")
+
+
+def peer_scripts(python_hf: str | None, python_tunix: str | None) -> list[str]:
+    """The scripts of the peers' folder the given interpreters run."""
+    return ((["peer_hf_generate.py", "peer_trl_grpo.py", "matmul_heatmap_torch.py"]
+             if python_hf else []) + (["peer_tunix_grpo.py"] if python_tunix else []))
+
+
 def compare(peers_dir: str, python_hf: str | None, python_tunix: str | None, rounds: int,
             workloads: list[str]) -> list[dict]:
     """Alternate ours and each peer per workload; medians over ``rounds`` and the ratios."""

@@ -994,6 +994,15 @@ class TestBench:
         (["rollout", "--arch", "tiny", "--kernels", "attention=bogus"],
          ("--kernels: kernels.attention must be one of",)),
         (["rollout", "--arch", "tiny", "--kernels", "attention"], ("--kernels 'attention'",)),
+        # before: ignored, the plain model timed as if it were the asked-for LoRA variant
+        (["rollout", "--arch", "tiny", "--merge-lora", "never"],
+         ("--merge-lora: only with --lora RANK",)),
+        (["rollout", "--arch", "tiny", "--compare"], ("--compare: only with --lora RANK",)),
+        # before: our own runs, then the peers silently missing from the table
+        (["compare", "--python-hf", sys.executable, "--peers-dir", "/nonexistent/peers"],
+         ("--peers-dir /nonexistent/peers: no peer_hf_generate.py",)),
+        (["compare", "--workloads", "rollout,bogus"], ("--workloads 'rollout,bogus'",
+                                                       "choose from rollout, grpo_step, heatmap")),
     ])
     def test_flags(self, args, needles):
         rc, err, out = run_main("bench.__main__", args, via_cli=False)
