@@ -67,6 +67,8 @@ def run(cfg, workdir: str) -> dict:
     # a path no message, JSON file or tokenizer file can name: refused before anything is made
     check_workdir_name(workdir)
     settings = validate_config(cfg)
+    for line in settings.warnings():  # valid, but almost surely not meant
+        stages.log(line)
     # the run writes data/, tokenizer/, checkpoints: never into the data it reads
     source = cfg.data.get("source", "embedded")
     check_not_input(workdir, {"config data.source": source if source != "embedded" else None,

@@ -622,3 +622,19 @@ def test_stages_out_of_order_are_refused():
                             "grpo")
     for ok in (("base", "sft", "grpo"), ("warmup", "base", "sft", "sft2"), ("sft", "grpo")):
         validate_config(configs.load("grpo", {"stages": ok}), num_devices=1)
+
+
+def test_a_learning_rate_that_diverges_is_warned_about():
+    """Before: ``--config.warmup.lr=1e3`` (a lost minus sign) trained without a word."""
+    from emit_jax import configs
+    from emit_jax.training.validate import validate_config
+
+    cfg = configs.load("grpo", {"stages": ("warmup", "base", "sft", "grpo"), "warmup.lr": 1e3,
+                                "grpo.lr": 0.5})
+    lines = validate_config(cfg).warnings()
+    assert lines == [
+        "warning: config warmup.lr=1000 is above 0.1: each AdamW step moves every weight by about "
+        "that much and training diverges (did you mean 1e-3?)",
+        "warning: config grpo.lr=0.5 is above 0.1: each AdamW step moves every weight by about "
+        "that much and training diverges"]
+    assert validate_config(configs.load("grpo")).warnings() == []  # the defaults: silent

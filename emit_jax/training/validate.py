@@ -43,6 +43,29 @@ class Settings:
     optim: dict[str, OptimConfig]
     grpo: GRPOConfig | None
 
+    def warnings(self) -> list[str]:
+        """``warning:`` lines for valid but surprising values: a learning rate above
+        :data:`LR_WARN` (an AdamW step moves every weight by about the learning rate, so the
+        run diverges at once; a typo such as ``1e3`` for ``1e-3``)."""
+        lrs = [(f"{s}.lr", o.lr) for s, o in self.optim.items()]
+        if self.grpo is not None:
+            lrs.append(("grpo.lr", self.grpo.lr))
+        return [f"warning: config {key}={lr:g} is above {LR_WARN:g}: each AdamW step moves every "
+                f"weight by about that much and training diverges{_typo_hint(lr)}"
+                for key, lr in lrs if lr > LR_WARN]
+
+
+#: learning rates above this are warned about (the embedded default's highest is 1e-2)
+LR_WARN = 0.1
+
+
+def _typo_hint(lr: float) -> str:
+    """``1000.0`` -> ``' (did you mean 1e-3?)'``: a power of ten whose exponent lost its sign."""
+    import math
+
+    e = round(math.log10(lr))
+    return f" (did you mean 1e-{e}?)" if e > 0 and math.isclose(lr, 10.0 ** e) else ""
+
 
 def _mesh(cfg, stages, num_devices: int | None) -> None:
     """The mesh must parse and fit the devices; each stage's batch must split over its
