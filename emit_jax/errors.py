@@ -7,6 +7,8 @@ wrong. This module imports nothing else of the project: every layer may raise th
 
 from __future__ import annotations
 
+import os
+
 
 class ConfigError(ValueError):
     """A config that cannot be used: a config.json that does not describe a supported InternVL
@@ -61,10 +63,25 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     AotError, InputOverwriteError, LockedError, OSError)
 
 
+def has_control(name: str) -> bool:
+    """Whether ``name`` holds a newline, tab or other control character."""
+    return any(ord(c) < 32 or ord(c) == 127 for c in name)
+
+
+def show_path(path) -> str:
+    """``path`` as a message names it: as is, or quoted (Python's ``repr``) when a reader could
+    not see it exactly: white space at either end or doubled (a one-line message collapses it),
+    a newline or another control character."""
+    text = os.fsdecode(path) if isinstance(path, (bytes, os.PathLike)) else str(path)
+    if text != text.strip() or "  " in text or has_control(text):
+        return repr(text)
+    return text
+
+
 def message(e: BaseException) -> str:
     """The one-line text of a user error (an ``OSError`` as ``<file>: <strerror>``)."""
     if isinstance(e, OSError) and e.filename and e.strerror:
-        text = f"{e.filename}: {e.strerror}"
+        text = f"{show_path(e.filename)}: {e.strerror}"
     else:
         text = str(e) or type(e).__name__
     return " ".join(text.split())

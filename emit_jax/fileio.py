@@ -35,7 +35,7 @@ import tempfile
 import time
 from typing import IO, Any, Callable, Iterator
 
-from emit_jax.errors import ConfigError, InputOverwriteError, LockedError
+from emit_jax.errors import ConfigError, InputOverwriteError, LockedError, has_control
 
 
 # --------------------------------------------------------------------------------- writing files
@@ -251,6 +251,7 @@ def _check_parent(path: str) -> None:
     system allows (one of its own, or of the folders to create), or a nearest existing ancestor
     that is not a writable folder."""
     folder, names = os.path.dirname(path), [os.path.basename(path)]
+    check_no_control(path)
     while not os.path.lexists(folder):
         names.append(os.path.basename(folder))
         folder = os.path.dirname(folder)
@@ -265,6 +266,15 @@ def _check_parent(path: str) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
     _check_creatable(folder, path)  # root passes os.access on a read-only mount or in /sys
+
+
+def check_no_control(path: str | os.PathLike) -> None:
+    """Raise ``OSError(EINVAL)`` naming ``path`` (quoted) when it holds a newline, tab or other
+    control character: an output made under such a name could not be named in a log line, a
+    shell or a JSON-lines listing without quoting, and is almost always a pasting mistake."""
+    if has_control(os.fsdecode(path)):
+        raise OSError(errno.EINVAL, "the path holds a newline or another control character; "
+                      "choose another", os.fsdecode(path))
 
 
 def check_new_folder(path: str | os.PathLike, *, hint: str = "choose a new folder") -> None:

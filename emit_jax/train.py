@@ -38,7 +38,7 @@ from absl import app, flags, logging
 from emit_jax import cli, configs, hf, parallel
 from emit_jax.data.mmad import paper_task_name
 from emit_jax.data.mvtec import utf8_name
-from emit_jax.errors import USER_ERRORS, ConfigError, NonFiniteError, message
+from emit_jax.errors import USER_ERRORS, ConfigError, NonFiniteError, has_control, message
 from emit_jax.eval.scoring import format_table
 from emit_jax.evaluate import evaluate_adfm, evaluate_records
 from emit_jax.fileio import atomic_output, check_free_space, check_not_input, check_utf8_path
@@ -122,6 +122,9 @@ def check_workdir_name(workdir: str) -> None:
     if not utf8_name(os.path.abspath(workdir)):
         raise ConfigError(f"{os.fsencode(workdir)!r}: the workdir's path is not valid UTF-8 "
                           "(choose another --workdir)")
+    if has_control(workdir):
+        raise ConfigError(f"--workdir {workdir!r}: the path holds a newline or another control "
+                          "character (choose another)")
 
 
 def check_init_from(path: str) -> None:

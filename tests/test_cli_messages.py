@@ -399,3 +399,36 @@ def test_an_emit_export_without_its_extras_file_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"emit_extras.safetensors: missing; .* says this "
                                               r"is an EMIT model"):
         hf.load(str(tmp_path / "emit"))
+
+
+@pytest.mark.parametrize("module,args,needles", [
+    # before: the output was made under a name with a newline in it (exit 0)
+    ("emit_jax.data.build", ["--source", "SRC", "--out", "OUT/a\nb.jsonl", "--stage", "1"],
+     ("a\\nb.jsonl': the path holds a newline or another control character",)),
+    ("emit_jax.visualize", ["heatmap", "--query", "Q", "--reference", "Q", "--out",
+                            "OUT/heat\t.png"], ("heat\\t.png': the path holds a newline",)),
+    # before: "error: /x : no such dataset folder", the space invisible at the end of the path
+    ("emit_jax.data.build", ["--source", "/nonexistent/x ", "--out", "OUT/o.jsonl", "--stage", "1"],
+     ("'/nonexistent/x ': no such dataset folder",)),
+])
+def test_paths_a_reader_cannot_see_are_quoted_and_control_characters_refused(
+        module, args, needles, tmp_path):
+    src = make_mvtec(tmp_path / "ds")
+    q = tmp_path / "q.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(q)
+    args = [a.replace("SRC", src).replace("OUT", str(tmp_path)).replace("Q", str(q))
+            if a not in ("--stage",) else a for a in args]
+    rc, err, out = run_main(module, args)
+    assert_one_error(rc, err, *needles)
+    assert sorted(os.listdir(tmp_path)) == ["ds", "q.png"]
+
+
+def test_a_workdir_with_a_newline_is_refused():
+    from emit_jax.errors import ConfigError
+    from emit_jax.train import check_workdir_name
+
+    with pytest.raises(ConfigError, match=r"^--workdir 'runs/a\\nb': the path holds a newline"):
+        check_workdir_name("runs/a\nb")
+    check_workdir_name("runs/a b")  # a space is a name like any other

@@ -7,7 +7,7 @@ import os
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from emit_jax.errors import ImageError
+from emit_jax.errors import ImageError, show_path
 
 #: what Pillow raises for a file it will not read: not an image, truncated, damaged, or larger
 #: than ``Image.MAX_IMAGE_PIXELS`` x 2 (``DecompressionBombError``: a header declaring, say,
@@ -44,7 +44,7 @@ def load_image(path, *, name: str | None = None) -> Image.Image:
                 im = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
             return im.convert("RGB")
     except FileNotFoundError:
-        raise ImageError(f"{name}: no such file") from None
+        raise ImageError(f"{show_path(name)}: no such file") from None
     except UNREADABLE as e:
         raise ImageError(f"{name}: not a readable image ({e})") from None
 

@@ -16,6 +16,7 @@ import os
 from typing import Iterable, Iterator, Sequence
 
 from emit_jax.data.mvtec import DataError, Report
+from emit_jax.errors import show_path
 from emit_jax.data.prompts import LETTERS, TASKS
 from emit_jax.data.tasks import Question
 from emit_jax.fileio import atomic_output, iter_json_lines
@@ -96,7 +97,7 @@ def read_jsonl(path: str | os.PathLike, *, data_root: str | None = None,
     path = os.fspath(path)
     report = report or Report()
     if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{show_path(path)}: no such file")
     seen: set[str] = set()
     # decoded line by line, so a bad byte or bad JSON names its line
     for lineno, obj, problem in iter_json_lines(path):

@@ -18,7 +18,7 @@ import dataclasses
 import os
 from typing import Iterator
 
-from emit_jax.errors import DataError
+from emit_jax.errors import DataError, show_path
 from emit_jax.fileio import read_json
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -153,12 +153,12 @@ def scan(root: str | os.PathLike, *, dataset: str | None = None,
     report = report or Report()
     if not os.path.isdir(root):
         if os.path.islink(root) and not os.path.exists(root):
-            raise DataError(f"{root}: a symbolic link to nothing (or a link loop), not a "
+            raise DataError(f"{show_path(root)}: a symbolic link to nothing (or a link loop), not a "
                             "dataset folder")
         if os.path.exists(root):
-            raise DataError(f"{root}: a file, not a dataset folder (MVTec AD layout: class "
+            raise DataError(f"{show_path(root)}: a file, not a dataset folder (MVTec AD layout: class "
                             "folders with train/ and test/)")
-        raise DataError(f"{root}: no such dataset folder")
+        raise DataError(f"{show_path(root)}: no such dataset folder")
     if not utf8_name(root):
         raise DataError(f"{os.fsencode(root)!r}: the dataset folder's path is not valid UTF-8 "
                         "(rename it)")

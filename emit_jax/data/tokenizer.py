@@ -69,7 +69,7 @@ import os
 import re
 from typing import Iterable, Sequence
 
-from emit_jax.errors import TokenizerError
+from emit_jax.errors import TokenizerError, show_path
 from emit_jax.data import prompts
 from emit_jax.data.comp import COMP_TOKEN, HINT_TEXT, insert_comp_slots
 
@@ -168,7 +168,7 @@ def load_tokenizer(path: str | os.PathLike, *, require_comp: bool = False):
 
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise TokenizerError(f"{path}: no such tokenizer folder")
+        raise TokenizerError(f"{show_path(path)}: no such tokenizer folder")
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 -- transformers raises many types here
