@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import signal
+import sys
 import threading
 
 import jax
@@ -139,6 +142,48 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
+#: how TensorStore's own errors begin (``OUT_OF_RANGE: Error reading "<array>/0.0" ...``)
+_TS_STATUS = re.compile(r"^[A-Z_]{4,}: ")
+
+
+def quiet_abandoned_reads() -> None:
+    """After a failed restore, the reads Orbax left running fail too as their event loop is
+    closed and they are collected, each printed by asyncio's logger or Python's unraisable hook
+    (hundreds of lines after the one error line, a different number each time): silence those
+    for the rest of this process, which is ending with that error."""
+    import gc
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    previous = sys.unraisablehook
+
+    def hook(u):
+        abandoned = ("coroutine" in repr(u.object) or "Task" in repr(u.object) or
+                     (isinstance(u.exc_value, RuntimeError) and
+                      "Event loop is closed" in str(u.exc_value)))
+        if not abandoned:
+            previous(u)
+
+    sys.unraisablehook = hook
+    gc.collect()
+
+
+def restore_problem(e: BaseException, limit: int = 300) -> str:
+    """The part of an Orbax restore failure a reader can use, on one short line: TensorStore's
+    own message (which array, which file, what is wrong) when the chain holds one, else the
+    exception's text without the store's spec Orbax appends (over a thousand characters)."""
+    seen, cause = set(), e
+    while cause is not None and id(cause) not in seen:
+        if _TS_STATUS.match(str(cause)):
+            e = cause
+            break
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = " ".join(str(e).split(" See full TensorStore details")[0].split())
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return f"{type(e).__name__}: {text}"
+
+
 def load_model(path: str | os.PathLike, dtype: str | None = None, *,
                scan_layers: bool | None = None) -> tuple[InternVL, dict]:
     """Restore ``(model, meta)`` (an ``InternVL``, or ``EMIT`` when the checkpoint has one)
@@ -167,9 +212,13 @@ def load_model(path: str | os.PathLike, dtype: str | None = None, *,
     abstract = nnx.eval_shape(build)
     graphdef, state = nnx.split(abstract)
     ckptr = ocp.StandardCheckpointer()
+    absl_logger = logging.getLogger("absl")
+    absl_level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
     try:
         # restore onto this process's first device whatever mesh wrote it (a run on another
-        # device or process count shards it again by the logical axes)
+        # device or process count shards it again by the logical axes); Orbax's absl warnings
+        # about a damaged folder are said in the one error line below instead
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         stored = ckptr.metadata(params_path)
         stored = getattr(stored, "item_metadata", stored)
@@ -179,8 +228,10 @@ def load_model(path: str | os.PathLike, dtype: str | None = None, *,
     except Exception as e:  # orbax raises several types for damaged folders
         if interrupted(e):  # Ctrl-C during the read, wrapped by TensorStore: not a damaged file
             raise KeyboardInterrupt(str(e.__context__ or e.__cause__ or "")) from None
-        raise CheckpointError(f"{params_path}: cannot restore ({type(e).__name__}: {e})") from None
+        quiet_abandoned_reads()
+        raise CheckpointError(f"{params_path}: cannot restore ({restore_problem(e)})") from None
     finally:
+        absl_logger.setLevel(absl_level)
         ckptr.close()
     restored = nnx.restore_int_paths(restored)
     abstract_pure = nnx.to_pure_dict(state)

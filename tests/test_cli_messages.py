@@ -432,3 +432,35 @@ def test_a_workdir_with_a_newline_is_refused():
     with pytest.raises(ConfigError, match=r"^--workdir 'runs/a\\nb': the path holds a newline"):
         check_workdir_name("runs/a\nb")
     check_workdir_name("runs/a b")  # a space is a name like any other
+
+
+@pytest.mark.parametrize("damage", ["truncated_array", "empty_metadata"])
+def test_a_damaged_orbax_checkpoint_is_one_short_line(damage, tiny_model, tmp_path):  # noqa: F811
+    """Before: one array file cut short gave a 1,651-character line (Orbax appends the store's
+    whole spec) followed, in most runs, by hundreds of lines from the reads left running; an
+    empty ``params/_METADATA`` an absl WARNING line before the error."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    ck = tmp_path / "ckpt"
+    shutil.copytree(tiny_model["ckpt"], ck)
+    if damage == "empty_metadata":
+        (ck / "params" / "_METADATA").write_bytes(b"")
+        needle = "cannot restore (JSONDecodeError"
+    else:
+        data = max((os.path.join(d, f) for d, _, fs in os.walk(ck / "params") for f in fs),
+                   key=os.path.getsize)
+        os.truncate(data, os.path.getsize(data) // 2)
+        needle = "cannot restore (ValueError: OUT_OF_RANGE: Error reading \""
+    for _ in range(2):  # the left-over reads' noise came in most runs, not all
+        r = subprocess.run([sys.executable, "-m", "emit_jax.export", "--checkpoint", str(ck),
+                            "--out", str(tmp_path / "hf")], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=subprocess_env(JAX_PLATFORMS="cpu"))
+        lines = [l for l in r.stderr.splitlines() if l.strip() and "TPU" not in l]
+        assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+        assert lines[0].startswith(f"emit_jax.export: error: {ck}/params: {needle}"), lines[0]
+        assert len(lines[0]) < 500, lines[0]
+        assert not os.path.exists(tmp_path / "hf")
