@@ -250,11 +250,9 @@ def _check_parent(path: str) -> None:
     """The ``OSError`` naming ``path`` that creating it would meet: a name longer than the file
     system allows (one of its own, or of the folders to create), or a nearest existing ancestor
     that is not a writable folder."""
-    folder, names = os.path.dirname(path), [os.path.basename(path)]
     check_no_control(path)
-    while not os.path.lexists(folder):
-        names.append(os.path.basename(folder))
-        folder = os.path.dirname(folder)
+    folder = nearest_existing(os.path.dirname(path))
+    names = os.path.relpath(path, folder).split(os.sep)  # the file and the folders to make
     if not os.path.isdir(folder):
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
     try:
@@ -263,9 +261,28 @@ def _check_parent(path: str) -> None:
         longest, whole = 255, 4096
     if any(len(os.fsencode(n)) > longest for n in names) or len(os.fsencode(path)) >= whole:
         raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path)
+    check_folder_writable(folder, path)
+
+
+def nearest_existing(path: str | os.PathLike) -> str:
+    """The nearest of ``path`` (absolute) and its ancestors that exists: where creating
+    ``path`` would begin."""
+    folder = os.path.abspath(os.fspath(path))
+    while not os.path.lexists(folder):
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def check_folder_writable(folder: str, path: str, *, full_disk_ok: bool = True) -> None:
+    """Raise the ``OSError`` naming ``path`` that creating a file in the existing ``folder``
+    meets: not a folder, no write permission, or creating one fails (root passes
+    ``os.access`` on a read-only mount or in ``/sys``). A full disk is let through when
+    ``full_disk_ok`` (the writer says it with the space needed), raised otherwise."""
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
-    _check_creatable(folder, path)  # root passes os.access on a read-only mount or in /sys
+    _check_creatable(folder, path, full_disk_ok=full_disk_ok)
 
 
 def check_no_control(path: str | os.PathLike) -> None:
@@ -305,14 +322,14 @@ def check_free_space(path: str | os.PathLike, nbytes: int) -> None:
                       f"{free / 2**20:.1f} MiB free)", path)
 
 
-def _check_creatable(folder: str, path: str) -> None:
+def _check_creatable(folder: str, path: str, *, full_disk_ok: bool = True) -> None:
     """Raise the ``OSError`` naming ``path`` that creating an (empty) file in the existing
-    ``folder`` meets, unless it is a full disk; ``os.access`` alone is not enough (root passes
-    it on a read-only mount or in ``/sys``)."""
+    ``folder`` meets, unless it is a full disk and ``full_disk_ok``; ``os.access`` alone is not
+    enough (root passes it on a read-only mount or in ``/sys``)."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     except OSError as e:
-        if e.errno is not None and e.errno not in _DISK_ERRNOS:
+        if not full_disk_ok or (e.errno is not None and e.errno not in _DISK_ERRNOS):
             raise OSError(e.errno, e.strerror or os.strerror(e.errno), path) from None
         return
     os.close(fd)

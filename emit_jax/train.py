@@ -23,13 +23,11 @@ trains nothing keeps the workdir's ``seconds`` (its own time: ``rerun_seconds``)
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 
 import jax
@@ -41,7 +39,8 @@ from emit_jax.data.mvtec import utf8_name
 from emit_jax.errors import USER_ERRORS, ConfigError, NonFiniteError, has_control, message
 from emit_jax.eval.scoring import format_table
 from emit_jax.evaluate import evaluate_adfm, evaluate_records
-from emit_jax.fileio import atomic_output, check_free_space, check_not_input, check_utf8_path
+from emit_jax.fileio import (atomic_output, check_folder_writable, check_free_space, check_not_input,
+                             check_utf8_path, nearest_existing)
 from emit_jax.ops.kernels import kernel_options
 from emit_jax.models.memory import memory_options
 from emit_jax.training import data as stage_data
@@ -331,19 +330,11 @@ def _compile_cache(cfg) -> None:
         raise ConfigError(f"config compile_cache: {path!r} is not a folder path (or '' for none)")
     check_utf8_path(path, "config compile_cache", why="JAX's compilation cache cannot use it")
     path = os.path.expanduser(path)
-    folder = path  # nothing is made here: JAX makes the folder at its first write
-    while not os.path.lexists(folder):
-        folder = os.path.dirname(os.path.abspath(folder))
-    try:
-        if not os.path.isdir(folder):
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder)
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), folder)
-        fd, probe = tempfile.mkstemp(prefix=".tmp-", dir=folder)  # root passes os.access
-        os.close(fd)
-        os.remove(probe)
+    folder = nearest_existing(path)  # nothing is made here: JAX makes it at its first write
+    try:  # a full disk too: the cache could write nothing
+        check_folder_writable(folder, folder, full_disk_ok=False)
     except OSError as e:
-        why = (e.strerror or str(e)) + (f" ({folder})" if folder != path else "")
+        why = (e.strerror or str(e)) + (f" ({folder})" if folder != os.path.abspath(path) else "")
         stages.log(f"warning: config compile_cache {path}: {why}; compiling without "
                    "a persistent cache (--config.compile_cache= to say so, or choose a "
                    "writable folder)")
