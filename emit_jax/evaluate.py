@@ -268,8 +268,19 @@ def mmad_queries(root: str, think: bool, limit: int | None):
     return out
 
 
-def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, seed: int):
-    """The questions of an MVTec-style folder, built now (every image and mask read)."""
+def parse_domain_knowledge(text: str) -> str:
+    """``--domain-knowledge``: ``all``, ``none`` or a positive number of sentences."""
+    if text in ("all", "none"):
+        return text
+    if text.isdigit() and int(text) > 0:
+        return str(int(text))
+    raise argparse.ArgumentTypeError(f"{text!r}: expected all, none or a number of sentences >= 1")
+
+
+def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, seed: int,
+                  domain_knowledge: str = "all"):
+    """The questions of an MVTec-style folder, built now (every image and mask read), with its
+    ``domain_knowledge.json`` as :func:`parse_domain_knowledge` says."""
     from emit_jax.data import tasks
     from emit_jax.data.records import load_domain_knowledge
     from emit_jax.data.mvtec import Report, scan
@@ -292,10 +303,12 @@ def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, 
                         f"{have} (or 'all')")
     dk_path = os.path.join(root, "domain_knowledge.json")
     dk = load_domain_knowledge(dk_path if os.path.isfile(dk_path) else None, queries[0].dataset
-                               if queries else None)
+                               if queries else None) if domain_knowledge != "none" else None
     report = Report()
     qs = tasks.build_questions(queries, stage=2, seed=seed, references=refs, domain_knowledge=dk,
-                               think=think, report=report)
+                               think=think, report=report,
+                               dk_sentences=0 if domain_knowledge in ("all", "none")
+                               else int(domain_knowledge))
     if report.relabelled_note():
         print(report.relabelled_note(), file=sys.stderr)
     out = []
@@ -559,11 +572,14 @@ def replaced_results(out: str, checkpoint: str, data: str, questions: int) -> st
 def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str | None = None,
              think: bool = False, max_tiles: int = 6, max_new_tokens: int | None = None,
              split: str | None = None, seed: int = 0, parse: str = "emit", restart: bool = False,
-             log=print, note=None, signals: Signals | None = None) -> dict:
+             domain_knowledge: str = "all", log=print, note=None,
+             signals: Signals | None = None) -> dict:
     """Answer every question of ``data`` with the model of ``checkpoint``, print the table and
     return (and write to ``out``) the results: the module docstring's protocol. ``parse``:
     ``"emit"`` or ``"mmad"`` (:func:`emit_jax.eval.scoring.parse_response`).
-    ``max_new_tokens=None``: :func:`default_max_new_tokens`.
+    ``max_new_tokens=None``: :func:`default_max_new_tokens`. ``domain_knowledge`` (an
+    MVTec-style folder): ``"all"``, ``"none"`` or a number of sentences per entry, to ask as
+    the model was trained (the main job's config: ``none``).
 
     Every input is checked before the model is loaded (the questions, every image they use).
     With ``out``, each answer is appended to ``<out>.partial.jsonl`` as it is made
@@ -598,10 +614,13 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
             check_writable(path)
     is_mmad = os.path.lexists(os.path.join(data, "mmad.json"))  # a folder there: one line too
     fmt = "mmad" if is_mmad else "mvtec"
+    if is_mmad and domain_knowledge != "all":
+        raise ConfigError(f"--domain-knowledge {domain_knowledge}: only for an MVTec-style folder "
+                          f"({data} is an MMAD folder, whose prompts are its own)")
     max_new_tokens = max_new_tokens or default_max_new_tokens(fmt, think)
     min_new_tokens = min(MMAD_MIN_NEW_TOKENS, max_new_tokens) if is_mmad else 0
     queries = mmad_queries(data, think, limit) if is_mmad else \
-        mvtec_queries(data, think, limit, split, seed)
+        mvtec_queries(data, think, limit, split, seed, domain_knowledge)
     if not queries:
         from emit_jax.data.mvtec import DataError
 
@@ -675,7 +694,8 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
     log(table)
     result = {"checkpoint": checkpoint, "data": data, "format": fmt, "think": think,
               "parse": parse, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
-              "decoding": "greedy", "max_tiles": max_tiles, "questions": len(rows),
+              "decoding": "greedy", "max_tiles": max_tiles,
+              **({} if is_mmad else {"domain_knowledge": domain_knowledge}), "questions": len(rows),
               "resumed": total - len(todo), "seconds": time.time() - t0,
               "average": summary.average, "per_group": summary.accuracy, "answers": rows}
     if out:
@@ -728,6 +748,11 @@ def _main(argv, signals: Signals) -> int:
     p.add_argument("--split", default=None, type=cli.nonempty,
                    help="MVTec-style: split from splits.json (default test)")
     p.add_argument("--seed", type=cli.nonneg_int, default=0)
+    p.add_argument("--domain-knowledge", type=parse_domain_knowledge, default="all",
+                   metavar="all|none|N", help="MVTec-style: the folder's domain_knowledge.json "
+                   "in each prompt: all of it (default, as EMIT), none (as the main job's tiny "
+                   "model is trained: data.domain_knowledge=False), or its first N sentences "
+                   "per entry (data.dk_sentences)")
     p.add_argument("--restart", action="store_true",
                    help="start over: ignore (and replace) the answers an earlier, unfinished run "
                    "of the same --out kept in <out>.partial.jsonl; without it a rerun resumes "
@@ -736,7 +761,7 @@ def _main(argv, signals: Signals) -> int:
 
     evaluate(a.checkpoint, a.data, limit=a.limit, out=a.out, think=a.think, max_tiles=a.max_tiles,
              max_new_tokens=a.max_new_tokens, split=a.split, seed=a.seed, parse=a.parse,
-             restart=a.restart, signals=signals)
+             restart=a.restart, domain_knowledge=a.domain_knowledge, signals=signals)
     return 0
 
 

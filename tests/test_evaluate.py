@@ -210,3 +210,43 @@ def test_runner_prompt_ids_equal_authors_batch_chat(emit_runner, image, qtype, c
                         comp_slots=slots,
                         comp_token_id=runner.model.emit_config.comp_token_id if comp else None)
     assert train["input_ids"] != ids
+
+
+def test_domain_knowledge_is_asked_as_the_model_was_trained(tmp_path):
+    """The main job trains its tiny model without the domain-knowledge block
+    (data.domain_knowledge=False); evaluate always put the whole of it into every prompt, so
+    the CLI asked that model prompts unlike any it was trained on (hundreds of tokens longer)."""
+    from emit_jax.evaluate import mvtec_queries
+
+    data = make_mvtec(tmp_path / "ds")
+    entry = lambda name: f"{name} first sentence. {name} second sentence."  # noqa: E731
+    dk = {"ds": {c: {k: entry(f"{c}-{k}") for k in ("good", "dent", "smear")}
+                 for c in ("widget", "bolt")}}
+    with open(os.path.join(data, "domain_knowledge.json"), "w") as f:
+        json.dump(dk, f)
+    texts = {mode: [q[0] for q in mvtec_queries(data, False, None, None, 0, mode)]
+             for mode in ("all", "1", "none")}
+    assert len({len(t) for t in texts.values()}) == 1  # the same questions, only the prompts differ
+    assert any("widget-good second sentence." in t for t in texts["all"])
+    assert any("widget-good first sentence." in t for t in texts["1"])
+    assert not any("second sentence" in t for t in texts["1"])
+    assert not any("first sentence" in t for t in texts["none"])
+    shorter = [len(n) < len(a) for n, a in zip(texts["none"], texts["all"])]
+    assert sum(shorter) > len(shorter) // 2  # every question that has the block
+
+
+@pytest.mark.parametrize("value,needle", [
+    ("0", "'0': expected all, none or a number of sentences >= 1"),
+    ("some", "'some': expected all, none or a number"),
+])
+def test_bad_domain_knowledge_value_is_one_line(value, needle, tmp_path):
+    r = run("--checkpoint", str(tmp_path), "--data", MMAD, "--domain-knowledge", value)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_domain_knowledge_on_an_mmad_folder_is_refused(folders):
+    r = run("--checkpoint", folders["emit"], "--data", MMAD, "--domain-knowledge", "none")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "--domain-knowledge none: only for an MVTec-style folder" in lines[0]
