@@ -16,7 +16,11 @@ anomaly discrimination, Object Structure/Details merged, per sub-dataset then av
   generation stops at ``<|im_end|>``, so direct answers cost a few tokens.
 - ``--data`` an MVTec-AD-style folder: questions made by the task builder (the four tasks;
   ``--split`` picks from a ``splits.json``, default ``test``); up to 8 new tokens (512 with
-  ``--think``), the fast default training's held-out evaluation also uses.
+  ``--think``), the fast default training's held-out evaluation also uses. Ask them as the model
+  was trained: ``--domain-knowledge none`` leaves the folder's domain knowledge out (the main
+  job's ``data.domain_knowledge=False``; a number keeps that many sentences per entry), and
+  ``--ad-order yes_no`` lists anomaly discrimination's options as MMAD does, ``A. Yes.`` /
+  ``B. No.`` (the main job's ``data.ad_order``; default ``shuffled``, EMIT's training rule).
 
 ``--max-new-tokens`` overrides either default. Answer parsing (``--parse``), to compare with
 either paper's table:
@@ -94,6 +98,7 @@ import numpy as np
 from emit_jax import cli
 from emit_jax.errors import CheckpointError, ConfigError, ImageError, MMADError
 from emit_jax.fileio import atomic_output, check_not_input, check_writable
+from emit_jax.data.tasks import AD_ORDERS
 
 # jax and the models are imported where used: `python -m emit_jax.evaluate` handles SIGINT /
 # SIGTERM from its first moments (main), not only after seconds of imports
@@ -278,7 +283,7 @@ def parse_domain_knowledge(text: str) -> str:
 
 
 def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, seed: int,
-                  domain_knowledge: str = "all"):
+                  domain_knowledge: str = "all", ad_order: str = "shuffled"):
     """The questions of an MVTec-style folder, built now (every image and mask read), with its
     ``domain_knowledge.json`` as :func:`parse_domain_knowledge` says."""
     from emit_jax.data import tasks
@@ -306,7 +311,7 @@ def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, 
                                if queries else None) if domain_knowledge != "none" else None
     report = Report()
     qs = tasks.build_questions(queries, stage=2, seed=seed, references=refs, domain_knowledge=dk,
-                               think=think, report=report,
+                               think=think, report=report, ad_order=ad_order,
                                dk_sentences=0 if domain_knowledge in ("all", "none")
                                else int(domain_knowledge))
     if report.relabelled_note():
@@ -572,7 +577,7 @@ def replaced_results(out: str, checkpoint: str, data: str, questions: int) -> st
 def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str | None = None,
              think: bool = False, max_tiles: int = 6, max_new_tokens: int | None = None,
              split: str | None = None, seed: int = 0, parse: str = "emit", restart: bool = False,
-             domain_knowledge: str = "all", log=print, note=None,
+             domain_knowledge: str = "all", ad_order: str = "shuffled", log=print, note=None,
              signals: Signals | None = None) -> dict:
     """Answer every question of ``data`` with the model of ``checkpoint``, print the table and
     return (and write to ``out``) the results: the module docstring's protocol. ``parse``:
@@ -617,10 +622,13 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
     if is_mmad and domain_knowledge != "all":
         raise ConfigError(f"--domain-knowledge {domain_knowledge}: only for an MVTec-style folder "
                           f"({data} is an MMAD folder, whose prompts are its own)")
+    if is_mmad and ad_order != "shuffled":
+        raise ConfigError(f"--ad-order {ad_order}: only for an MVTec-style folder ({data} is an "
+                          "MMAD folder, whose options are its own)")
     max_new_tokens = max_new_tokens or default_max_new_tokens(fmt, think)
     min_new_tokens = min(MMAD_MIN_NEW_TOKENS, max_new_tokens) if is_mmad else 0
     queries = mmad_queries(data, think, limit) if is_mmad else \
-        mvtec_queries(data, think, limit, split, seed, domain_knowledge)
+        mvtec_queries(data, think, limit, split, seed, domain_knowledge, ad_order)
     if not queries:
         from emit_jax.data.mvtec import DataError
 
@@ -695,7 +703,8 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
     result = {"checkpoint": checkpoint, "data": data, "format": fmt, "think": think,
               "parse": parse, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
               "decoding": "greedy", "max_tiles": max_tiles,
-              **({} if is_mmad else {"domain_knowledge": domain_knowledge}), "questions": len(rows),
+              **({} if is_mmad else {"domain_knowledge": domain_knowledge, "ad_order": ad_order}),
+              "questions": len(rows),
               "resumed": total - len(todo), "seconds": time.time() - t0,
               "average": summary.average, "per_group": summary.accuracy, "answers": rows}
     if out:
@@ -753,6 +762,10 @@ def _main(argv, signals: Signals) -> int:
                    "in each prompt: all of it (default, as EMIT), none (as the main job's tiny "
                    "model is trained: data.domain_knowledge=False), or its first N sentences "
                    "per entry (data.dk_sentences)")
+    p.add_argument("--ad-order", choices=AD_ORDERS, default="shuffled",
+                   help="MVTec-style: anomaly discrimination's two options in a random order per "
+                   "question (default, EMIT's training data) or always A. Yes. / B. No. (yes_no: "
+                   "as MMAD asks, and the main job's data.ad_order)")
     p.add_argument("--restart", action="store_true",
                    help="start over: ignore (and replace) the answers an earlier, unfinished run "
                    "of the same --out kept in <out>.partial.jsonl; without it a rerun resumes "
@@ -761,7 +774,8 @@ def _main(argv, signals: Signals) -> int:
 
     evaluate(a.checkpoint, a.data, limit=a.limit, out=a.out, think=a.think, max_tiles=a.max_tiles,
              max_new_tokens=a.max_new_tokens, split=a.split, seed=a.seed, parse=a.parse,
-             restart=a.restart, domain_knowledge=a.domain_knowledge, signals=signals)
+             restart=a.restart, domain_knowledge=a.domain_knowledge, ad_order=a.ad_order,
+             signals=signals)
     return 0
 
 

@@ -245,8 +245,20 @@ def test_bad_domain_knowledge_value_is_one_line(value, needle, tmp_path):
     assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr
 
 
-def test_domain_knowledge_on_an_mmad_folder_is_refused(folders):
-    r = run("--checkpoint", folders["emit"], "--data", MMAD, "--domain-knowledge", "none")
+@pytest.mark.parametrize("flag,value", [("--domain-knowledge", "none"), ("--ad-order", "yes_no")])
+def test_mvtec_prompt_flags_on_an_mmad_folder_are_refused(folders, flag, value):
+    r = run("--checkpoint", folders["emit"], "--data", MMAD, flag, value)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
-    assert "--domain-knowledge none: only for an MVTec-style folder" in lines[0]
+    assert f"{flag} {value}: only for an MVTec-style folder" in lines[0]
+
+
+def test_ad_order_yes_no_asks_as_mmad_does(tmp_path):
+    """The main job trains with data.ad_order=yes_no (MMAD's order); evaluate shuffled them."""
+    from emit_jax.evaluate import mvtec_queries
+
+    data = make_mvtec(tmp_path / "ds")
+    ad = lambda order: [q for q in mvtec_queries(data, False, None, None, 0, "all", order)  # noqa: E731
+                        if "Is there any defect" in q[0]]
+    assert ad("yes_no") and all("A. Yes.\nB. No." in q[0] for q in ad("yes_no"))
+    assert any("A. No.\nB. Yes." in q[0] for q in ad("shuffled"))
