@@ -134,6 +134,13 @@ def main(argv=None) -> int:
     heat, q, r, info = compute_heatmap(args.query, args.reference, checkpoint=args.checkpoint,
                                        arch=args.arch or "tiny", window=args.window,
                                        layers=args.layers)
+    if os.path.realpath(args.query) == os.path.realpath(args.reference):  # said once both read
+        print(f"warning: --query and --reference are the same image ({args.query}): the heat map "
+              "compares it with itself and is zero everywhere", file=sys.stderr)
+    if info["window"] >= info["grid"]:  # every window covers the whole grid
+        print(f"note: --window {info['window']} reaches past the {info['grid']}x{info['grid']} "
+              f"heat-map grid: each patch is compared with every reference patch (the same map "
+              f"as --window {info['grid'] - 1})", file=sys.stderr)
     for flag in ("query", "reference"):  # a heat-map cell would be less than one of its pixels
         w, hgt = info[f"{flag}_size"]
         if min(w, hgt) < info["grid"]:

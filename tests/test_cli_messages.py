@@ -464,3 +464,72 @@ def test_a_damaged_orbax_checkpoint_is_one_short_line(damage, tiny_model, tmp_pa
         assert lines[0].startswith(f"emit_jax.export: error: {ck}/params: {needle}"), lines[0]
         assert len(lines[0]) < 500, lines[0]
         assert not os.path.exists(tmp_path / "hf")
+
+
+def _keep_one_normal(root, cls):
+    import glob
+
+    normals = sorted(glob.glob(f"{root}/{cls}/train/good/*.png") +
+                     glob.glob(f"{root}/{cls}/test/good/*.png"))
+    for p in normals[1:]:
+        os.remove(p)
+
+
+def test_build_without_references_is_refused_or_said(tmp_path):
+    """Before: a class with one normal image got no reference, so none of its two-image
+    questions were built; with every class so (--max-per-type 1) data.build wrote an empty
+    JSONL with exit 0 and no word."""
+    import json
+
+    src = make_mvtec(tmp_path / "ds")
+    _keep_one_normal(src, "bolt")
+    out = tmp_path / "s1.jsonl"
+    rc, err, stdout = run_main("emit_jax.data.build", ["--source", src, "--out", str(out),
+                                                        "--stage", "1"])
+    assert rc == 0, err
+    notes = [l for l in err.splitlines() if l.startswith("note:")]
+    assert len(notes) == 1 and "class(es) 'bolt' of" in notes[0], err
+    assert "two-image questions are left out" in notes[0]
+    assert json.loads(stdout)["records"] > 0
+    _keep_one_normal(src, "widget")
+    rc, err, _ = run_main("emit_jax.data.build", ["--source", src, "--out", str(tmp_path / "x.jsonl"),
+                                                  "--stage", "1"])
+    assert_one_error(rc, err, "no questions to build: class(es) 'bolt', 'widget'",
+                     "fewer than two normal images")
+    assert not os.path.exists(tmp_path / "x.jsonl")
+
+
+def test_build_onto_an_existing_output_says_so(tmp_path):
+    src = make_mvtec(tmp_path / "ds")
+    out = tmp_path / "s1.jsonl"
+    out.write_text("old\n")
+    rc, err, _ = run_main("emit_jax.data.build", ["--source", src, "--out", str(out),
+                                                   "--stage", "1"])
+    assert rc == 0, err
+    assert err.strip() == f"note: --out {out} exists; it is replaced when the build finishes"
+    assert out.read_text() != "old\n"
+
+
+def test_plan_takes_overrides_as_train_does():
+    """Before: ``--config.grpo.G=-2`` was 'unrecognized arguments' (plan took only --set)."""
+    rc, err, _ = run_main("emit_jax.plan.command", ["--config", "configs/grpo.py:smoke",
+                                            "--config.grpo.G=-2"], via_cli=False)
+    assert_one_error(rc, err, "config grpo.G: -2 is below 2")
+    rc, err, out = run_main("emit_jax.plan.command", ["--config", "configs/grpo.py:smoke",
+                                              "--config.grpo.G=2", "--json"], via_cli=False)
+    assert rc == 0 and '"stage"' in out, err
+
+
+def test_visualize_says_when_the_map_cannot_say_anything(tmp_path):
+    from PIL import Image
+
+    q = tmp_path / "q.png"
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(q)
+    rc, err, _ = run_main("emit_jax.visualize", ["heatmap", "--query", str(q), "--reference",
+                                                 str(q), "--window", "100000", "--out",
+                                                 str(tmp_path / "h.png")])
+    assert rc == 0, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 2, err
+    assert lines[0].startswith("warning: --query and --reference are the same image")
+    assert lines[1].startswith("note: --window 100000 reaches past the")

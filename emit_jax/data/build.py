@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from emit_jax import cli
 from emit_jax.checkpoint import load_model
 from emit_jax.data.records import build
-from emit_jax.errors import ConfigError
+from emit_jax.errors import ConfigError, show_path
 from emit_jax.fileio import check_not_input, check_writable
 
 
@@ -64,6 +65,9 @@ def main(argv=None) -> int:
     check_not_input(a.out, {"--source": a.source, "--domain-knowledge": a.domain_knowledge,
                             "--checkpoint": a.checkpoint})
     check_writable(a.out)  # a device, pipe or link at --out, an unwritable folder: before work
+    if os.path.lexists(a.out):  # replaced only once the new records are complete
+        print(f"note: --out {show_path(a.out)} exists; it is replaced when the build finishes",
+              file=sys.stderr)
     vit_model = load_model(a.checkpoint)[0] if a.checkpoint and a.embedding != "pixels" else None
     summary = build(a.source, a.out, a.stage, seed=a.seed, split=a.split,
                     domain_knowledge=a.domain_knowledge, embedding=a.embedding,

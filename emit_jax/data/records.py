@@ -104,6 +104,15 @@ def build(source: str, out: str, stage: int, *, seed: int = 0, split: str | None
     else:
         embed = tasks.pixel_embedder()
     refs = tasks.select_references(items, embed, skip_rank1_for_anomalous=official_reference)
+    unreferenced = sorted({it.object_type for it in items} -
+                          {it.object_type for it in items if it.path in refs})
+    if unreferenced:  # their two-image questions (every stage-1 one) cannot be asked
+        why = (f"class(es) {', '.join(map(repr, unreferenced))} of {source} have fewer than two "
+               f"normal images{' (after --max-per-type)' if max_per_type else ''}, so no normal "
+               "reference can be picked for their images")
+        if len(unreferenced) == len({it.object_type for it in items}):
+            raise DataError(f"no questions to build: {why}")
+        print(f"note: {why}; their two-image questions are left out", file=sys.stderr)
     if adfm_frame:
         if adfm_frame < 1:
             raise DataError(f"--adfm-frame must be a positive size, got {adfm_frame}")
@@ -115,6 +124,8 @@ def build(source: str, out: str, stage: int, *, seed: int = 0, split: str | None
                 "skipped": len(report.skipped), "embedding": embedding}
     qs = tasks.build_questions(items, stage=stage, seed=seed, references=refs,
                                domain_knowledge=dk, text_samples=text_samples, report=report)
+    if not qs:
+        raise DataError(f"{source}: no stage-{stage} questions from its {len(items)} images")
     n = jsonl.write_jsonl(jsonl.records(qs, stage), out)
     counts = Counter(q.task for q in qs)
     if report.relabelled_note():

@@ -3,6 +3,7 @@ input)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 from emit_jax import cli, configs
@@ -34,17 +35,21 @@ def _parser() -> cli.Parser:
                    help="grpo/sft2 on a mesh: arrays shared with the policy (the code) or a "
                         "separate copy of all weights")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. grpo.G=4 (repeatable)")
+                   help="config override, e.g. grpo.G=4 (repeatable; --config.grpo.G=4, as "
+                   "train takes it, works too)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = _parser().parse_args(argv)
+        # train's --config.KEY=VALUE form too, as aot takes it (before: "unrecognized arguments")
+        rest, overrides = configs.split_overrides(argv)
+        args = _parser().parse_args(rest)
         if args.device not in DEVICES:
             raise PlanError(f"unknown device {args.device!r}; known: {', '.join(DEVICES)}")
-        cfg = configs.load(args.config, args.set)
+        cfg = configs.load(args.config, overrides + list(args.set))
         mesh = resolve_mesh(args.mesh, args.devices)
         rep = make_report(cfg, args.config, mesh, args.device, args.headroom, stage=args.stage,
                           prompt_len=args.prompt_len, label_tokens=args.label_tokens,
