@@ -47,7 +47,13 @@ def test_cli_table_and_bad_file(tmp_path):
     r = subprocess.run(cmd + [str(res), "--json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["Object Classification"]["letter_copied"] == 1
-    (tmp_path / "bad.json").write_text("[]")
-    r = subprocess.run(cmd + [str(tmp_path / "bad.json")], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 2 and "not an emit_jax.evaluate results file" in r.stderr
+    for text, needle in (("[]", "not an emit_jax.evaluate results file"),
+                         ('{"answers": 5}', "'answers' is a int, not a list of answers"),
+                         ('{"answers": [{}]}', "answers[0] is not an evaluate answer"),
+                         ('{"answers": [{"question_type": "x", "response": null, '
+                          '"correct_answer": "A"}]}', "answers[0] is not an evaluate answer")):
+        (tmp_path / "bad.json").write_text(text)  # before: the last three were tracebacks
+        r = subprocess.run(cmd + [str(tmp_path / "bad.json")], capture_output=True, text=True,
+                           timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr

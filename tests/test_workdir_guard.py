@@ -638,3 +638,13 @@ def test_a_learning_rate_that_diverges_is_warned_about():
         "warning: config grpo.lr=0.5 is above 0.1: each AdamW step moves every weight by about "
         "that much and training diverges"]
     assert validate_config(configs.load("grpo")).warnings() == []  # the defaults: silent
+
+
+def test_a_micro_batch_larger_than_the_step_is_warned_about():
+    """Before: ``--config.sft.micro_batch_size=999`` (8 rows a step) trained without a word."""
+    from emit_jax import configs
+    from emit_jax.training.validate import validate_config
+
+    lines = validate_config(configs.load("grpo:smoke", {"sft.micro_batch_size": 999})).warnings()
+    assert lines == ["warning: config sft.micro_batch_size=999 is larger than a step's 8 rows "
+                     "(sft.batch_size): the whole batch is one micro-batch, as with 0"]

@@ -69,6 +69,19 @@ def count(rows: Iterable[Mapping]) -> dict[str, dict[str, int]]:
     return {t: {k: int(c[k]) for k in keys} for t, c in out.items() if c["questions"]}
 
 
+def check_rows(rows, path: str) -> None:
+    """Raise ``DataError`` naming ``path`` and the first answer row that is not one of
+    evaluate's (an object with string ``question_type``, ``response`` and ``correct_answer``)."""
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: 'answers' is a {type(rows).__name__}, not a list of answers")
+    for i, r in enumerate(rows):
+        bad = not isinstance(r, dict) or any(
+            not isinstance(r.get(k), str) for k in ("question_type", "response", "correct_answer"))
+        if bad:
+            raise DataError(f"{path}: answers[{i}] is not an evaluate answer (an object with "
+                            "text question_type, response and correct_answer)")
+
+
 def main(argv=None) -> int:
     p = cli.Parser(prog="python -m emit_jax.experiments.restated_answers", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,6 +93,7 @@ def main(argv=None) -> int:
             rows = json.load(f)["answers"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{a.results}: not an emit_jax.evaluate results file ({e})") from None
+    check_rows(rows, a.results)
     counts = count(rows)
     if a.json:
         print(json.dumps(counts))

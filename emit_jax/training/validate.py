@@ -46,13 +46,23 @@ class Settings:
     def warnings(self) -> list[str]:
         """``warning:`` lines for valid but surprising values: a learning rate above
         :data:`LR_WARN` (an AdamW step moves every weight by about the learning rate, so the
-        run diverges at once; a typo such as ``1e3`` for ``1e-3``)."""
+        run diverges at once; a typo such as ``1e3`` for ``1e-3``), a ``micro_batch_size``
+        larger than the step's rows (it has no effect)."""
         lrs = [(f"{s}.lr", o.lr) for s, o in self.optim.items()]
         if self.grpo is not None:
             lrs.append(("grpo.lr", self.grpo.lr))
-        return [f"warning: config {key}={lr:g} is above {LR_WARN:g}: each AdamW step moves every "
-                f"weight by about that much and training diverges{_typo_hint(lr)}"
-                for key, lr in lrs if lr > LR_WARN]
+        out = [f"warning: config {key}={lr:g} is above {LR_WARN:g}: each AdamW step moves every "
+               f"weight by about that much and training diverges{_typo_hint(lr)}"
+               for key, lr in lrs if lr > LR_WARN]
+        micro = [(f"{s}.micro_batch_size", o.micro_batch_size, o.batch_size, f"{s}.batch_size")
+                 for s, o in self.optim.items()]
+        if self.grpo is not None:
+            micro.append(("grpo.micro_batch_size", self.grpo.micro_batch_size, self.grpo.rows,
+                          "grpo.prompts_per_step x grpo.G"))
+        out += [f"warning: config {key}={mb} is larger than a step's {rows} rows ({what}): the "
+                f"whole batch is one micro-batch, as with 0" for key, mb, rows, what in micro
+                if mb > rows]
+        return out
 
 
 #: learning rates above this are warned about (the embedded default's highest is 1e-2)
