@@ -15,7 +15,7 @@ import time
 import warnings
 from typing import Callable, NoReturn
 
-from emit_jax.errors import USER_ERRORS, message  # noqa: F401 (re-exported)
+from emit_jax.errors import USER_ERRORS, ConfigError, message  # noqa: F401 (re-exported)
 from emit_jax.limits import (INT_MAX, MAX_DEVICES, MAX_IMAGE_SIDE, MAX_MATRIX_SIDE,  # noqa: F401
                              MAX_REPEATS, MAX_TILES, MAX_TOKENS)  # (re-exported)
 
@@ -25,7 +25,7 @@ class Parser(argparse.ArgumentParser):
     raise ``error_type(message)`` instead of printing the usage and exiting: the command's
     ``main`` reports them as it reports any other bad input, in one line (:func:`fail`), exit 2."""
 
-    def __init__(self, *args, error_type: type[Exception] = ValueError, **kwargs):
+    def __init__(self, *args, error_type: type[Exception] = ConfigError, **kwargs):
         super().__init__(*args, **kwargs)
         self.error_type = error_type
         self._given: set[str] = set()

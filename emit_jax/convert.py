@@ -63,7 +63,7 @@ def parse_args(argv=None):
     g.add_argument("--ce-layers", type=_layers, default=None,
                    help="ViT blocks of the heat map, e.g. 4,8,16,20 (default, hard-coded in "
                         "their model)")
-    g.add_argument("--bn-mode", choices=["official", "standard"], default="official",
+    g.add_argument("--bn-mode", choices=["official", "standard"], default=None,
                    help="BatchNorm statistics in further training: 'official' replays their "
                         "dummy CE pass (default), 'standard' does not")
     return p.parse_args(argv)
@@ -82,9 +82,11 @@ def main(argv=None) -> int:
     # the input's config first (a missing folder or config.json is named as such), then the
     # flags that depend on its format, then the output path
     _, raw = hf.read_config(args.hf)
-    if not chat and (args.window is not None or args.ce_layers is not None):
-        raise ConfigError(f"{args.hf}: --window / --ce-layers apply to internvl_chat folders "
-                          "only (a transformers folder's EMIT settings are in its "
+    if not chat and (args.window is not None or args.ce_layers is not None
+                     or args.bn_mode is not None):  # before: --bn-mode silently ignored
+        raise ConfigError(f"{args.hf}: --window / --ce-layers / --bn-mode apply to "
+                          "internvl_chat folders only (a transformers folder's EMIT settings "
+                          "are in its "
                           "emit_extras.safetensors)")
     check_new_folder(args.out, hint="choose a new checkpoint path")  # before the model is loaded
     extra = {}
@@ -92,7 +94,8 @@ def main(argv=None) -> int:
         from emit_jax import internvl_chat
 
         model, info = internvl_chat.load(args.hf, dtype=args.dtype, window=args.window,
-                                         ce_layers=args.ce_layers, bn_mode=args.bn_mode)
+                                         ce_layers=args.ce_layers,
+                                         bn_mode=args.bn_mode or "official")
         raw = model.config.to_hf_dict()  # an EMIT model's config is its base model's
         extra["internvl_chat"] = info
     else:

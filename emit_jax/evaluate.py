@@ -92,6 +92,7 @@ import stat
 import sys
 import threading
 import time
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -557,14 +558,23 @@ def check_out_replaceable(out: str) -> None:
                           "another path (or remove it)")
 
 
-def replaced_results(out: str, checkpoint: str, data: str, questions: int) -> str:
+def _asked(row: Mapping) -> str:
+    """What a results row was asked: its image, question (prompt text) and options."""
+    return json.dumps([row.get("image"), row.get("question"), row.get("options")],
+                      sort_keys=True, default=str)
+
+
+def replaced_results(out: str, checkpoint: str, data: str, asked: Sequence[Mapping]) -> str:
     """What the existing file ``out`` is, in the words of the notice that it will be replaced:
     a finished evaluation (its number of questions, and whether it was made from the same
-    checkpoint and data), or another file (which :func:`check_out_replaceable` refuses)."""
+    checkpoint and data and asked the same questions as ``asked``, this run's rows: image,
+    prompt, options), or another file (which :func:`check_out_replaceable` refuses)."""
     old = _results_file(out)
     if old is not None:
+        answers = old.get("answers") if isinstance(old.get("answers"), list) else []
         same = (old.get("checkpoint") == checkpoint and old.get("data") == data
-                and old.get("questions") == questions)
+                and [_asked(a) if isinstance(a, Mapping) else None for a in answers]
+                == [_asked(r) for r in asked])
         n = old["questions"]
         what = (f"a finished evaluation, {n} question{'' if n == 1 else 's'}"
                 + (", same checkpoint, data and questions" if same else ""))
@@ -576,7 +586,8 @@ def replaced_results(out: str, checkpoint: str, data: str, questions: int) -> st
 
 def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str | None = None,
              think: bool = False, max_tiles: int = 6, max_new_tokens: int | None = None,
-             split: str | None = None, seed: int = 0, parse: str = "emit", restart: bool = False,
+             split: str | None = None, seed: int | None = None, parse: str = "emit",
+             restart: bool = False,
              domain_knowledge: str = "all", ad_order: str = "shuffled", log=print, note=None,
              signals: Signals | None = None) -> dict:
     """Answer every question of ``data`` with the model of ``checkpoint``, print the table and
@@ -622,13 +633,17 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
     if is_mmad and domain_knowledge != "all":
         raise ConfigError(f"--domain-knowledge {domain_knowledge}: only for an MVTec-style folder "
                           f"({data} is an MMAD folder, whose prompts are its own)")
+    for flag, value in (("--split", split), ("--seed", seed)):  # before: silently ignored
+        if is_mmad and value is not None:
+            raise ConfigError(f"{flag} {value}: only for an MVTec-style folder ({data} is an "
+                              "MMAD folder: its questions, images and options are fixed)")
     if is_mmad and ad_order != "shuffled":
         raise ConfigError(f"--ad-order {ad_order}: only for an MVTec-style folder ({data} is an "
                           "MMAD folder, whose options are its own)")
     max_new_tokens = max_new_tokens or default_max_new_tokens(fmt, think)
     min_new_tokens = min(MMAD_MIN_NEW_TOKENS, max_new_tokens) if is_mmad else 0
     queries = mmad_queries(data, think, limit) if is_mmad else \
-        mvtec_queries(data, think, limit, split, seed, domain_knowledge, ad_order)
+        mvtec_queries(data, think, limit, split, seed or 0, domain_knowledge, ad_order)
     if not queries:
         from emit_jax.data.mvtec import DataError
 
@@ -655,7 +670,8 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
         check_checkpoint(checkpoint)
     if out and os.path.lexists(out):  # every check passed: the run goes ahead
         check_out_replaceable(out)  # unless it is another file (a training workdir's results)
-        note(f"emit_jax.evaluate: note: {replaced_results(out, checkpoint, data, total)}")
+        asked = [make_row(None, "") for _, _, _, make_row, _ in queries]
+        note(f"emit_jax.evaluate: note: {replaced_results(out, checkpoint, data, asked)}")
 
     def kept() -> str:
         if not answers_path:
@@ -756,7 +772,8 @@ def _main(argv, signals: Signals) -> int:
                    f"({FAST_MAX_NEW_TOKENS[True]} with --think)")
     p.add_argument("--split", default=None, type=cli.nonempty,
                    help="MVTec-style: split from splits.json (default test)")
-    p.add_argument("--seed", type=cli.nonneg_int, default=0)
+    p.add_argument("--seed", type=cli.nonneg_int, default=None,
+                   help="MVTec-style: the seed of the questions' option orders (default 0)")
     p.add_argument("--domain-knowledge", type=parse_domain_knowledge, default="all",
                    metavar="all|none|N", help="MVTec-style: the folder's domain_knowledge.json "
                    "in each prompt: all of it (default, as EMIT), none (as the main job's tiny "

@@ -36,7 +36,8 @@ from absl import app, flags, logging
 from emit_jax import cli, configs, hf, parallel
 from emit_jax.data.mmad import paper_task_name
 from emit_jax.data.mvtec import utf8_name
-from emit_jax.errors import USER_ERRORS, ConfigError, NonFiniteError, has_control, message
+from emit_jax.errors import (USER_ERRORS, ConfigError, NonFiniteError, has_control, message,
+                             show_path)
 from emit_jax.eval.scoring import format_table
 from emit_jax.evaluate import evaluate_adfm, evaluate_records
 from emit_jax.fileio import (atomic_output, check_folder_writable, check_free_space, check_not_input,
@@ -124,6 +125,9 @@ def check_workdir_name(workdir: str) -> None:
     if has_control(workdir):
         raise ConfigError(f"--workdir {workdir!r}: the path holds a newline or another control "
                           "character (choose another)")
+    if os.path.lexists(workdir) and not os.path.isdir(workdir):  # was "File exists"
+        raise ConfigError(f"--workdir {show_path(workdir)}: a file, not a folder (name the "
+                          "run's folder)")
 
 
 def check_init_from(path: str) -> None:
@@ -403,7 +407,11 @@ def check_given_once(argv: list[str], overrides: list[str]) -> None:
 
 
 def main(argv) -> None:
-    del argv
+    if len(argv) > 1:  # before: ignored, and the run trained as if they were not there
+        print(f"emit_jax.train: error: unexpected argument(s) {' '.join(map(repr, argv[1:]))}: "
+              "train takes only flags (--config, --workdir, --config.KEY=VALUE ...)",
+              file=sys.stderr)
+        sys.exit(2)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every write at INFO
     if _CONFIG.value is None:
         print("emit_jax.train: error: --config is required (e.g. --config configs/grpo.py)",

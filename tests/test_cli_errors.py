@@ -1035,6 +1035,11 @@ class TestTrain:
         (["--config.sft.lr=fast"], ("config sft.lr=fast", "expected a float value")),
         (["--config.data.seed=-1"], ("config data.seed: -1 is below 0",)),
         (["--num_processes=-3"], ("--num_processes=-3", "not a non-negative integer")),
+        # before: ignored, and the whole run trained
+        (["extra"], ("unexpected argument(s) 'extra': train takes only flags",)),
+        # before: a ValueError traceback ("warmup: no training records") after the data was built
+        (["--config.warmup.tasks=('nope',)"], ("config warmup.tasks: ('nope',) must be a tuple",)),
+        (["--config.sft.tasks=('nope',)"], ("config sft.tasks: ('nope',) must be a tuple",)),
     ])
     def test_flags_and_overrides(self, tmp_path, env, args, needles):
         before = snapshot(tmp_path)

@@ -533,3 +533,43 @@ def test_visualize_says_when_the_map_cannot_say_anything(tmp_path):
     assert len(lines) == 2, err
     assert lines[0].startswith("warning: --query and --reference are the same image")
     assert lines[1].startswith("note: --window 100000 reaches past the")
+
+
+def test_train_workdir_that_is_a_file_is_named_so(tmp_path):
+    """Before: "error: in/img.png: File exists"."""
+    from emit_jax.errors import ConfigError
+    from emit_jax.train import check_workdir_name
+
+    f = tmp_path / "img.png"
+    f.write_bytes(b"x")
+    with pytest.raises(ConfigError, match=r"--workdir .*img.png: a file, not a folder"):
+        check_workdir_name(str(f))
+
+
+def test_flags_that_would_be_ignored_are_refused(tmp_path, tiny_model):  # noqa: F811
+    """Before, each was accepted and had no effect: data.build's --checkpoint with --embedding
+    pixels, convert's --bn-mode on a transformers folder, evaluate's --split / --seed on an MMAD
+    folder; aot's --json_out onto its --config file replaced the config (data lost)."""
+    import shutil
+
+    src = make_mvtec(tmp_path / "ds")
+    rc, err, _ = run_main("emit_jax.data.build", [
+        "--source", src, "--out", str(tmp_path / "o.jsonl"), "--stage", "1", "--embedding",
+        "pixels", "--checkpoint", tiny_model["ckpt"]])
+    assert_one_error(rc, err, "--checkpoint: only read with --embedding vit or auto")
+    rc, err, _ = run_main("emit_jax.convert", ["--hf", tiny_model["hf"], "--out",
+                                               str(tmp_path / "cv"), "--bn-mode", "standard"])
+    assert_one_error(rc, err, "--window / --ce-layers / --bn-mode apply to internvl_chat folders")
+    for flag, value in (("--split", "test"), ("--seed", "3")):
+        rc, err, _ = run_main("emit_jax.evaluate", ["--checkpoint", tiny_model["ckpt"], "--data",
+                                                    MMAD, flag, value])
+        assert_one_error(rc, err, f"{flag} {value}: only for an MVTec-style folder")
+    cfg = tmp_path / "cfg.py"
+    shutil.copy(os.path.join(ROOT, "emit_jax", "configs", "grpo.py"), cfg)
+    before = cfg.read_bytes()
+    rc, err, _ = run_main("emit_jax.aot.command", ["--config", f"{cfg}:smoke", "--topology",
+                                                   "v5e:2x2", "--json_out", str(cfg)],
+                          via_cli=False)
+    assert_one_error(rc, err, "--config")
+    assert cfg.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["cfg.py", "ds"]

@@ -279,13 +279,19 @@ def test_replaced_results_says_what_the_existing_file_is(tmp_path):
     from emit_jax.evaluate import replaced_results
 
     out = tmp_path / "res.json"
+    row = {"image": "a/b.png", "question": {"type": "text", "text": "A. Yes.\nB. No."},
+           "options": {"A": "Yes.", "B": "No."}, "response": "A"}
     out.write_text(json.dumps({"checkpoint": "ck", "data": "mmad", "questions": 1,
-                               "answers": [{}]}))
+                               "answers": [row]}))
+    asked = [dict(row, response="")]
     assert "(a finished evaluation, 1 question, same checkpoint, data and questions);" in \
-        replaced_results(str(out), "ck", "mmad", 1)
-    assert "(a finished evaluation, 1 question);" in replaced_results(str(out), "ck2", "mmad", 1)
+        replaced_results(str(out), "ck", "mmad", asked)
+    assert "(a finished evaluation, 1 question);" in replaced_results(str(out), "ck2", "mmad", asked)
+    # before: "same ... questions" whenever the count matched, options swapped or not
+    swapped = [dict(row, question={"type": "text", "text": "A. No.\nB. Yes."})]
+    assert "(a finished evaluation, 1 question);" in replaced_results(str(out), "ck", "mmad", swapped)
     out.write_text("not json")
-    assert replaced_results(str(out), "ck", "mmad", 1) == (
+    assert replaced_results(str(out), "ck", "mmad", asked) == (
         f"--out {out} exists (not an evaluate results file); it will be replaced when this run "
         "finishes (it stays as it is until then)")
 

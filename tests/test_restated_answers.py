@@ -47,7 +47,12 @@ def test_cli_table_and_bad_file(tmp_path):
     r = subprocess.run(cmd + [str(res), "--json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["Object Classification"]["letter_copied"] == 1
-    for text, needle in (("[]", "not an emit_jax.evaluate results file"),
+    (tmp_path / "direct.json").write_text(json.dumps({"think": False, "answers": []}))
+    r = subprocess.run(cmd + [str(tmp_path / "direct.json")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "was asked without --think" in r.stderr, r.stderr
+    for text, needle in (("[]", "not an emit_jax.evaluate results file (no 'answers')"),
+                         ("{}", "not an emit_jax.evaluate results file (no 'answers')"),
                          ('{"answers": 5}', "'answers' is a int, not a list of answers"),
                          ('{"answers": [{}]}', "answers[0] is not an evaluate answer"),
                          ('{"answers": [{"question_type": "x", "response": null, '

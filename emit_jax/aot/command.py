@@ -15,8 +15,8 @@ from emit_jax import cli, configs
 from emit_jax.aot.programs import check_program_names
 from emit_jax.aot.report import format_report, make_report, to_json
 from emit_jax.aot.tpu import require_libtpu
-from emit_jax.errors import AotError, ConfigError, PlanError
-from emit_jax.fileio import atomic_output, check_writable
+from emit_jax.errors import AotError, ConfigError, InputOverwriteError, PlanError
+from emit_jax.fileio import atomic_output, check_not_input, check_writable
 
 PROG = "emit_jax.aot"
 DESCRIPTION = ("The TPU compiler's word on a config before any hardware is rented: the project's "
@@ -60,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_writable(args.json_out)
             except OSError as e:
                 raise ConfigError(f"--json_out {args.json_out}: {e.strerror}") from None
+            # before: --json_out onto the --config file replaced the config with the report
+            check_not_input(args.json_out, {"--config": configs.resolve(args.config)[0]})
         require_libtpu()
         cfg = configs.load(args.config, overrides + list(args.set))
         only = tuple(x for x in args.programs.replace(" ", "").split(",") if x)
@@ -70,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           prompt_len=args.prompt_len, label_tokens=args.label_tokens,
                           headroom=args.headroom, hbm_gib=args.hbm, only=only,
                           jobs=args.jobs)
-    except (AotError, PlanError, ConfigError) as e:
+    except (AotError, PlanError, ConfigError, InputOverwriteError) as e:
         return cli.fail(PROG, e)
     text = to_json(rep)
     if args.json_out:

@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     if os.path.lexists(a.out):  # replaced only once the new records are complete
         print(f"note: --out {show_path(a.out)} exists; it is replaced when the build finishes",
               file=sys.stderr)
+    if a.checkpoint and a.embedding == "pixels":  # before: loaded for nothing, or not at all
+        raise ConfigError("--checkpoint: only read with --embedding vit or auto (it gives the ViT "
+                          "that picks the references); --embedding pixels uses none")
     vit_model = load_model(a.checkpoint)[0] if a.checkpoint and a.embedding != "pixels" else None
     summary = build(a.source, a.out, a.stage, seed=a.seed, split=a.split,
                     domain_knowledge=a.domain_knowledge, embedding=a.embedding,

@@ -90,10 +90,16 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         with open(a.results, encoding="utf-8") as f:
-            rows = json.load(f)["answers"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+            results = json.load(f)
+    except (OSError, ValueError) as e:
         raise DataError(f"{a.results}: not an emit_jax.evaluate results file ({e})") from None
+    if not isinstance(results, dict) or "answers" not in results:
+        raise DataError(f"{a.results}: not an emit_jax.evaluate results file (no 'answers')")
+    rows = results["answers"]
     check_rows(rows, a.results)
+    if results.get("think") is False:  # direct answers have no restatement to count
+        print(f"note: {a.results} was asked without --think: its answers have no restated "
+              "options, so every one counts as 'no conclusion'", file=sys.stderr)
     counts = count(rows)
     if a.json:
         print(json.dumps(counts))

@@ -269,12 +269,15 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
                 default=0) >= UNSEEN_SEED0 - int(data.get("seed", 0)):
             _fail(f"{s}.fresh_datasets", cfg[s].fresh_datasets, "would reach the seeds of the "
                   f"unseen evaluation datasets ({UNSEEN_SEED0} on, eval_unseen)")
-    if "base" in stages:
-        from emit_jax.data.prompts import TASKS
+    from emit_jax.data.prompts import TASKS
 
-        fresh_tasks = cfg.base.get("fresh_tasks", ()) or ()
-        if isinstance(fresh_tasks, str) or any(t not in TASKS for t in fresh_tasks):
-            _fail("base.fresh_tasks", fresh_tasks, f"must be a tuple of task names from {TASKS}")
+    # task filters of the stages (before: an unknown name left a stage with no records, a
+    # ValueError traceback after the data was built)
+    for s, key in (("base", "fresh_tasks"), ("warmup", "tasks"), ("sft", "tasks")):
+        if s in stages:
+            picked = cfg[s].get(key, ()) or ()
+            if isinstance(picked, str) or any(t not in TASKS for t in picked):
+                _fail(f"{s}.{key}", picked, f"must be a tuple of task names from {TASKS}")
     buckets = tuple(_get(data, "length_buckets", "data.length_buckets"))
     if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets) \
             or list(buckets) != sorted(set(buckets)):
