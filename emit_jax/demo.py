@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import tempfile
 import time
 
@@ -31,6 +32,10 @@ from emit_jax.models.layers import count_params
 from emit_jax.ops.sampling import generate
 
 
+#: what the demo writes into its --workdir (each run its own time-stamped folders)
+DEMO_ENTRY = re.compile(r"^(hf|ckpt|hf-export)-\d{8}-\d{6}$")
+
+
 def main(argv=None) -> int:
     p = cli.Parser(prog="python -m emit_jax.demo", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter, error_type=ConfigError)
@@ -45,6 +50,11 @@ def main(argv=None) -> int:
         if os.path.lexists(args.workdir) and not os.path.isdir(args.workdir):
             raise ConfigError(f"--workdir {args.workdir}: exists and is not a folder; choose a "
                               "folder (it is created if missing)")
+        if os.path.isdir(args.workdir):  # before: demo folders written into a dataset or checkpoint
+            other = sorted(n for n in os.listdir(args.workdir) if not DEMO_ENTRY.match(n))
+            if other:
+                raise ConfigError(f"--workdir {args.workdir}: holds {other[0]!r}, which the demo "
+                                  "did not write; give an empty folder or an earlier demo's")
 
     cfg = architectures.get_config(args.arch)
     t0 = time.time()

@@ -573,3 +573,28 @@ def test_flags_that_would_be_ignored_are_refused(tmp_path, tiny_model):  # noqa:
     assert_one_error(rc, err, "--config")
     assert cfg.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["cfg.py", "ds"]
+
+
+def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
+    """Before: ``--workdir`` onto a dataset or a checkpoint wrote three demo folders into it."""
+    (tmp_path / "x.png").write_bytes(b"x")
+    rc, err, _ = run_main("emit_jax.demo", ["--workdir", str(tmp_path), "--new-tokens", "1"])
+    assert_one_error(rc, err, "holds 'x.png', which the demo did not write")
+    assert os.listdir(tmp_path) == ["x.png"]
+    from emit_jax.demo import DEMO_ENTRY
+
+    assert all(DEMO_ENTRY.match(n) for n in ("hf-20261204-134500", "ckpt-20261204-134500",
+                                             "hf-export-20261204-134500"))
+
+
+def test_convert_refuses_a_tokenizer_file_that_is_not_json(tmp_path, tiny_model):  # noqa: F811
+    """Before: the broken tokenizer.json was copied into the checkpoint's assets (exit 0) and
+    evaluate failed on it later."""
+    import shutil
+
+    src = tmp_path / "hf"
+    shutil.copytree(tiny_model["hf"], src)
+    (src / "tokenizer.json").write_text("garbage")
+    rc, err, _ = run_main("emit_jax.convert", ["--hf", str(src), "--out", str(tmp_path / "cv")])
+    assert_one_error(rc, err, "tokenizer.json: not a readable tokenizer file (malformed JSON")
+    assert not os.path.exists(tmp_path / "cv")
