@@ -150,7 +150,8 @@ def quiet_abandoned_reads() -> None:
     """After a failed restore, the reads Orbax left running fail too as their event loop is
     closed and they are collected, each printed by asyncio's logger or Python's unraisable hook
     (hundreds of lines after the one error line, a different number each time): silence those
-    for the rest of this process, which is ending with that error."""
+    for the rest of this process (the commands end with that error; a caller that goes on loses
+    only asyncio's error log and the unraisable reports of coroutines and tasks)."""
     import gc
 
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
