@@ -630,16 +630,14 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
             check_writable(path)
     is_mmad = os.path.lexists(os.path.join(data, "mmad.json"))  # a folder there: one line too
     fmt = "mmad" if is_mmad else "mvtec"
-    if is_mmad and domain_knowledge != "all":
-        raise ConfigError(f"--domain-knowledge {domain_knowledge}: only for an MVTec-style folder "
-                          f"({data} is an MMAD folder, whose prompts are its own)")
-    for flag, value in (("--split", split), ("--seed", seed)):  # before: silently ignored
-        if is_mmad and value is not None:
+    # the flags that build an MVTec-style folder's questions (before: ignored on MMAD's)
+    for flag, value, given in (("--split", split, split is not None),
+                               ("--seed", seed, seed is not None),
+                               ("--domain-knowledge", domain_knowledge, domain_knowledge != "all"),
+                               ("--ad-order", ad_order, ad_order != "shuffled")):
+        if is_mmad and given:
             raise ConfigError(f"{flag} {value}: only for an MVTec-style folder ({data} is an "
-                              "MMAD folder: its questions, images and options are fixed)")
-    if is_mmad and ad_order != "shuffled":
-        raise ConfigError(f"--ad-order {ad_order}: only for an MVTec-style folder ({data} is an "
-                          "MMAD folder, whose options are its own)")
+                              "MMAD folder: its questions, prompts and options are fixed)")
     max_new_tokens = max_new_tokens or default_max_new_tokens(fmt, think)
     min_new_tokens = min(MMAD_MIN_NEW_TOKENS, max_new_tokens) if is_mmad else 0
     queries = mmad_queries(data, think, limit) if is_mmad else \

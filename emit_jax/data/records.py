@@ -104,13 +104,13 @@ def build(source: str, out: str, stage: int, *, seed: int = 0, split: str | None
     else:
         embed = tasks.pixel_embedder()
     refs = tasks.select_references(items, embed, skip_rank1_for_anomalous=official_reference)
-    unreferenced = sorted({it.object_type for it in items} -
-                          {it.object_type for it in items if it.path in refs})
+    classes = {it.object_type for it in items}
+    unreferenced = sorted(classes - {it.object_type for it in items if it.path in refs})
     if unreferenced:  # their two-image questions (every stage-1 one) cannot be asked
         why = (f"class(es) {', '.join(map(repr, unreferenced))} of {source} have fewer than two "
                f"normal images{' (after --max-per-type)' if max_per_type else ''}, so no normal "
                "reference can be picked for their images")
-        if len(unreferenced) == len({it.object_type for it in items}):
+        if len(unreferenced) == len(classes):
             raise DataError(f"no questions to build: {why}")
         print(f"note: {why}; their two-image questions are left out", file=sys.stderr)
     if adfm_frame:
