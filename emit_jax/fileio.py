@@ -14,7 +14,8 @@ The bottom layer: it imports nothing else of the project, so every module may us
   included) into that ``OSError``. :func:`check_utf8_path` refuses an output path that is not
   UTF-8 where a library (Orbax) would write it.
 * :func:`hold_lock`: one process at a time in a folder (``fcntl.flock`` on a lock file; the
-  kernel drops it when the holder dies), a second one refused with a ``LockedError`` line.
+  kernel drops it when the holder dies), a second one refused with a ``LockedError`` line;
+  :func:`output_lock`: the same for one output file.
 * :func:`read_json` and :func:`iter_json_lines` read JSON and JSON Lines files; every way a file
   can fail to read or parse (missing, unreadable, not UTF-8, malformed, too deep, a number too
   long) becomes one line that names the file (and line).
@@ -380,36 +381,84 @@ def disk_full_error(e: BaseException, path: str | os.PathLike) -> OSError | None
 
 # --------------------------------------------------------------------------------- locks
 @contextlib.contextmanager
-def hold_lock(path: str | os.PathLike, *, what: str, hint: str) -> Iterator[None]:
+def hold_lock(path: str | os.PathLike, *, what: str, hint: str,
+              remove: bool = False) -> Iterator[None]:
     """``with hold_lock(path, what=..., hint=...): ...`` holds an exclusive lock
     (``fcntl.flock``) on the file ``path`` (created if missing; it records the holder: pid,
     host, start time) while the block runs. When another process holds it, raises
     ``LockedError("<what> (pid <pid> on <host>, since <time>); <hint>")`` before the block.
 
     The kernel releases a flock when the process holding it ends, however it ends (``kill -9``
-    included), so a lock file left by a dead process never blocks; the file itself stays
-    (removing it would let two processes lock two different files). On a file system without
-    locks (``flock`` fails with ENOLCK / EOPNOTSUPP) a warning is printed and the block runs
-    unlocked."""
+    included), so a lock file left by a dead process never blocks. The file stays unless
+    ``remove``: then the holder deletes it before it lets go, and a process that locked the
+    file just deleted (it opened it before the deletion) opens the new one again, so two
+    processes never hold two different files. On a file system without locks (``flock`` fails
+    with ENOLCK / EOPNOTSUPP) a warning is printed and the block runs unlocked."""
     path = os.fspath(path)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
-    try:
+    for _ in range(100):  # a holder that removes the file as this one locks it: open it again
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise LockedError(f"{what} ({_lock_holder(fd)}); {hint}") from None
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise LockedError(f"{what} ({holder}); {hint}") from None
         except OSError as e:
+            os.close(fd)
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
             print(f"warning: {path}: cannot lock ({e.strerror}); make sure no other process "
                   "writes here at the same time", file=sys.stderr, flush=True)
+            yield
+            return
+        if not remove or _same_file(fd, path):
+            break
+        os.close(fd)
+    else:
+        raise LockedError(f"{what} (its lock file keeps being replaced); {hint}")
+    try:
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         yield
     finally:
+        if remove:
+            with contextlib.suppress(OSError):
+                os.remove(path)  # still held: the next process creates and locks a new file
         os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike, *, what: str, hint: str) -> Iterator[None]:
+    """``with output_lock(out, what=..., hint=...): ...``: one process at a time writes the file
+    ``out``. Holds ``.<name>.lock`` beside it (:func:`hold_lock`; removed when the block ends)
+    so a second run writing the same file stops at once with a ``LockedError`` line instead of
+    both finishing and the later one's rename silently replacing the other's output. The folder
+    is created if missing, and removed again (when empty) if the block fails."""
+    out = os.path.abspath(os.fspath(out))
+    folder = os.path.dirname(out)
+    created = _missing_folders(folder)
+    done = False
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with hold_lock(os.path.join(folder, f".{os.path.basename(out)}.lock"), what=what,
+                       hint=hint, remove=True):
+            yield
+        done = True
+    finally:
+        if not done:
+            _remove_folders(created)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path``."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 def _lock_holder(fd: int) -> str:

@@ -510,6 +510,27 @@ def test_build_onto_an_existing_output_says_so(tmp_path):
     assert out.read_text() != "old\n"
 
 
+def test_two_builds_of_one_output_the_second_is_refused(tmp_path):
+    """Before: two ``data.build`` runs on one ``--out`` at once both exited 0, and the later
+    rename silently replaced the other's records. The lock is a real ``flock``, taken here as a
+    running build would hold it; the refused run leaves the first one's file alone."""
+    from emit_jax.fileio import output_lock
+
+    src = make_mvtec(tmp_path / "ds")
+    out = tmp_path / "new" / "s1.jsonl"
+    with output_lock(out, what="held by this test", hint="-"):
+        rc, err, _ = run_main("emit_jax.data.build", ["--source", src, "--out", str(out),
+                                                       "--stage", "1"])
+        assert_one_error(rc, err, f"--out {out}: another data.build is writing it (pid "
+                         f"{os.getpid()} on ", "wait for it to end, or choose another --out")
+        assert os.listdir(out.parent) == [".s1.jsonl.lock"]
+    assert os.listdir(out.parent) == []  # the holder's lock file goes when it lets go
+    rc, err, _ = run_main("emit_jax.data.build", ["--source", src, "--out", str(out),
+                                                   "--stage", "1"])
+    assert rc == 0, err
+    assert os.listdir(out.parent) == ["s1.jsonl"]  # no lock file left
+
+
 def test_plan_takes_overrides_as_train_does():
     """Before: ``--config.grpo.G=-2`` was 'unrecognized arguments' (plan took only --set)."""
     rc, err, _ = run_main("emit_jax.plan.command", ["--config", "configs/grpo.py:smoke",

@@ -12,7 +12,9 @@ not valid UTF-8 are skipped and counted in the summary's ``skipped``, each image
 more first to find them; ``error``: the first one is one error line).
 
 ``--out`` names the one JSONL file written: an empty path, one ending with ``/`` or an existing
-folder is refused before any work.
+folder is refused before any work. One build at a time writes a given ``--out``: a second one
+started meanwhile stops at once with one line naming the first one's pid (a lock file,
+``.<name>.lock`` beside ``--out``, held while the build runs and removed after).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from emit_jax import cli
 from emit_jax.checkpoint import load_model
 from emit_jax.data.records import build
 from emit_jax.errors import ConfigError, show_path
-from emit_jax.fileio import check_not_input, check_writable
+from emit_jax.fileio import check_not_input, check_writable, output_lock
 
 
 def _check_out(out: str) -> None:
@@ -65,18 +67,22 @@ def main(argv=None) -> int:
     check_not_input(a.out, {"--source": a.source, "--domain-knowledge": a.domain_knowledge,
                             "--checkpoint": a.checkpoint})
     check_writable(a.out)  # a device, pipe or link at --out, an unwritable folder: before work
-    if os.path.lexists(a.out):  # replaced only once the new records are complete
-        print(f"note: --out {show_path(a.out)} exists; it is replaced when the build finishes",
-              file=sys.stderr)
     if a.checkpoint and a.embedding == "pixels":  # before: loaded for nothing, or not at all
         raise ConfigError("--checkpoint: only read with --embedding vit or auto (it gives the ViT "
                           "that picks the references); --embedding pixels uses none")
-    vit_model = load_model(a.checkpoint)[0] if a.checkpoint and a.embedding != "pixels" else None
-    summary = build(a.source, a.out, a.stage, seed=a.seed, split=a.split,
-                    domain_knowledge=a.domain_knowledge, embedding=a.embedding,
-                    vit_model=vit_model, official_reference=a.official_reference,
-                    text_samples=a.text_samples, max_per_type=a.max_per_type, policy=a.policy,
-                    adfm_frame=a.adfm_frame)
+    # one writer per --out: a second build of the same file stops here (both used to finish,
+    # the later rename silently replacing the other's records)
+    with output_lock(a.out, what=f"--out {show_path(a.out)}: another data.build is writing it",
+                     hint="wait for it to end, or choose another --out"):
+        if os.path.lexists(a.out):  # replaced only once the new records are complete
+            print(f"note: --out {show_path(a.out)} exists; it is replaced when the build "
+                  "finishes", file=sys.stderr)
+        vit_model = load_model(a.checkpoint)[0] if a.checkpoint else None
+        summary = build(a.source, a.out, a.stage, seed=a.seed, split=a.split,
+                        domain_knowledge=a.domain_knowledge, embedding=a.embedding,
+                        vit_model=vit_model, official_reference=a.official_reference,
+                        text_samples=a.text_samples, max_per_type=a.max_per_type,
+                        policy=a.policy, adfm_frame=a.adfm_frame)
     print(json.dumps(summary))
     return 0
 
