@@ -110,18 +110,15 @@ MVTEC_TYPES = {"anomaly_discrimination": "Anomaly Detection",
                "object_classification": "Object Classification"}
 
 
-#: the files a tokenizer folder is read from (AutoTokenizer: a fast tokenizer, its config, or a
-#: slow tokenizer's vocabulary); a folder with none of them has no tokenizer
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
 def check_tokenizer_files(checkpoint: str, tok_dir: str) -> None:
     """Raise one :class:`~emit_jax.errors.TokenizerError` line when ``tok_dir`` (the checkpoint
-    folder, or an Orbax checkpoint's ``assets/``) holds none of :data:`TOKENIZER_FILES`: the
+    folder, or an Orbax checkpoint's ``assets/``) holds none of the tokenizer files
+    (:data:`emit_jax.data.tokenizer.TOKENIZER_FILES`): the
     weights-only folders of ``python -m emit_jax.demo`` (a random model, no tokenizer)."""
+    from emit_jax.data.tokenizer import TOKENIZER_FILES, has_tokenizer_files
     from emit_jax.errors import TokenizerError
 
-    if any(os.path.isfile(os.path.join(tok_dir, n)) for n in TOKENIZER_FILES):
+    if has_tokenizer_files(tok_dir):
         return
     where = "in this checkpoint" if os.path.normpath(tok_dir) == os.path.normpath(checkpoint) \
         else f"in its {os.path.relpath(tok_dir, checkpoint)}/"

@@ -25,25 +25,16 @@ with one ``warning:`` line saying the folder has none).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 from emit_jax import checkpoint, cli, hf
+from emit_jax.data.tokenizer import has_tokenizer_files
 from emit_jax.errors import ConfigError
 from emit_jax.fileio import check_free_space, check_new_folder, check_not_input
 
 FORMATS = ("transformers", "internvl_chat")
 PROG = "emit_jax.export"
-#: any of these in a checkpoint's ``assets/`` is a tokenizer to export
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-
-def has_tokenizer(folder: str) -> bool:
-    """Whether ``folder`` holds tokenizer files (:data:`TOKENIZER_FILES`)."""
-    return any(os.path.isfile(os.path.join(folder, n)) for n in TOKENIZER_FILES)
-
-
 def _shard_size(text: str) -> str:
     try:
         size = hf._parse_size(text)
@@ -94,7 +85,7 @@ def main(argv=None) -> int:
     else:
         model, meta = checkpoint.load_model(args.checkpoint, dtype=args.dtype)
         check_free_space(args.out, hf.state_bytes(model) + 2**20)
-        if not has_tokenizer(assets):
+        if not has_tokenizer_files(assets):
             warn(f"warning: {assets}: no tokenizer stored with the checkpoint; the exported "
                  "folder has no tokenizer files (copy them from the model it was made from)")
         hf.save(model, args.out, base_config=meta.get("hf_config"),

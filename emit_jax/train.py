@@ -77,6 +77,10 @@ def run(cfg, workdir: str) -> dict:
     # what a run reads before it writes: a damaged init_from or a cache that cannot be one is
     # one line before the workdir, its data/ and tokenizer/ exist
     check_init_from(cfg.get("init_from") or "")
+    if cfg.get("tokenizer"):  # a folder without tokenizer files: said so, before the data
+        from emit_jax.data.tokenizer import check_tokenizer_folder
+
+        check_tokenizer_folder(cfg.tokenizer)
     if source == "embedded":
         from emit_jax.data.embedded.cache import check_cache_root
 

@@ -1090,8 +1090,8 @@ class TestTrain:
     @pytest.mark.parametrize("what", ["bomb", "name"])
     def test_bad_dataset(self, tmp_path, env, what):
         """An image Pillow refuses / a file name that is not UTF-8 in ``data.source``: the run
-        stops while it reads the data, its error the last line (after the ``[data]`` progress
-        line), and no record file is written."""
+        stops while it reads the data, its error the only line (no ``[data]`` progress line
+        first, as before), and no record file is written."""
         ds = make_mvtec(tmp_path / "ds", classes=("widget",))
         folder = os.path.join(ds, "widget", "train", "good")
         if what == "bomb":
@@ -1105,9 +1105,25 @@ class TestTrain:
         assert rc == 2 and "Traceback" not in err, err[-3000:]
         errors = [line for line in lines if ": error: " in line]
         assert errors == lines[-1:] and ERROR_LINE.match(lines[-1]), err[-3000:]
+        assert not any(line.startswith("[data]") for line in lines), err[-3000:]
         for n in needles:
             assert n in lines[-1], (n, lines[-1])
         assert not os.path.isdir(tmp_path / "run" / "data"), os.listdir(tmp_path / "run")
+
+    def test_a_tokenizer_folder_without_files_or_an_empty_source(self, tmp_path, env):
+        """Before: a ``[data]`` progress line, then transformers' own text ("Couldn't
+        instantiate the backend tokenizer ...") once the data was loaded; an empty
+        ``data.source`` folder likewise after the progress line. Now each is the only line,
+        and the tokenizer folder is checked before the workdir or the data exist."""
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        for override, needles in (
+                (f"--config.tokenizer={empty}", (f"{empty}: no tokenizer files",
+                                                 "tokenizer.json")),
+                (f"--config.data.source={empty}", (str(empty), "no class folders"))):
+            rc, err = train(env, "--config", SMOKE, "--workdir", str(tmp_path / "run"), override)
+            assert_one_error(rc, err, *needles, prog=TRAIN)
+            assert not os.path.exists(tmp_path / "run")
 
     def test_a_truncated_init_from_leaves_no_workdir(self, tmp_path, env, tiny_model):
         """Before: data/ and tokenizer/ were written, then the model's header failed."""

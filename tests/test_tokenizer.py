@@ -184,7 +184,8 @@ def test_load_tokenizer_bad_folders(tmp_path):
     empty.mkdir()
     with pytest.raises(T.TokenizerError) as err:
         T.load_tokenizer(empty)
-    assert str(empty) in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value) == (f"{empty}: no tokenizer files (tokenizer.json / "
+                              "tokenizer_config.json / tokenizer.model / vocab.json)")
 
 
 # ------------------------------------------------------------------------------ chat format

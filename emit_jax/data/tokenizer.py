@@ -155,20 +155,40 @@ def missing_tokens(tokenizer, required: Sequence[str] = REQUIRED_TOKENS) -> list
     return [t for t in required if token_id(tokenizer, t) is None]
 
 
+#: the files a tokenizer folder is read from (AutoTokenizer: a fast tokenizer, its config, or a
+#: slow tokenizer's vocabulary); a folder with none of them has no tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer_files(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds any of :data:`TOKENIZER_FILES`."""
+    return any(os.path.isfile(os.path.join(folder, n)) for n in TOKENIZER_FILES)
+
+
+def check_tokenizer_folder(path: str | os.PathLike) -> None:
+    """The cheap check of a tokenizer folder, reading nothing: it exists and holds tokenizer
+    files (:class:`TokenizerError` naming it otherwise)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise TokenizerError(f"{show_path(path)}: no such tokenizer folder")
+    if not has_tokenizer_files(path):
+        raise TokenizerError(f"{show_path(path)}: no tokenizer files "
+                             f"({' / '.join(TOKENIZER_FILES)})")
+
+
 def load_tokenizer(path: str | os.PathLike, *, require_comp: bool = False):
     """Load the tokenizer of a local Hugging Face folder and check EMIT's tokens.
 
     Only local files are read (``local_files_only=True``); remote code is never trusted. The
     folder must hold ``<|im_start|>``, ``<|im_end|>``, ``<img>``, ``</img>`` and
     ``<IMG_CONTEXT>`` as single ids (and ``<COMP_CONTEXT>`` with ``require_comp=True``); whether
-    ``<COMP_CONTEXT>`` is present is logged. A missing folder, an unreadable tokenizer or a
-    missing token raises :class:`TokenizerError` naming the folder (and the tokens).
+    ``<COMP_CONTEXT>`` is present is logged. A missing folder, one without tokenizer files
+    (:func:`check_tokenizer_folder`), an unreadable tokenizer or a missing token raises :class:`TokenizerError` naming the folder (and the tokens).
     """
     from transformers import AutoTokenizer
 
     path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise TokenizerError(f"{show_path(path)}: no such tokenizer folder")
+    check_tokenizer_folder(path)
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 -- transformers raises many types here

@@ -680,8 +680,6 @@ def prepare_data(cfg, workdir: str, *, write: bool = True):
     """(dataset root, tokenizer, stage records); ``write=False`` keeps the record files out of
     the workdir (a secondary process of a multi-process run)."""
     source = ensure_cached(seed=cfg.data.seed) if cfg.data.source == "embedded" else cfg.data.source
-    if write:
-        log(f"[data] {source}")
     tok_src = cfg.get("tokenizer") or ""
     if not tok_src and cfg.init_from:  # a real checkpoint brings its own tokenizer files
         tok_src = cfg.init_from if os.path.isfile(os.path.join(cfg.init_from, "config.json")) \
@@ -696,7 +694,8 @@ def prepare_data(cfg, workdir: str, *, write: bool = True):
               map_grid=map_grid(cfg), **question_options(cfg))
     if write:
         records = stage_data.stage_records(source, workdir, **kw)
-        log("[data] " + ", ".join(f"{k} {len(v)}" for k, v in records.items()))
+        # one line once the records are built: a bad dataset or tokenizer is the only line
+        log(f"[data] {source}: " + ", ".join(f"{k} {len(v)}" for k, v in records.items()))
     else:
         with tempfile.TemporaryDirectory() as scratch:
             records = stage_data.stage_records(source, scratch, **kw)
