@@ -34,21 +34,17 @@ def _run_json(cmd: list[str], env: dict | None = None, timeout: int = 3600) -> d
 WORKLOADS = ("rollout", "grpo_step", "heatmap")
 
 
-def peer_scripts(python_hf: str | None, python_tunix: str | None) -> list[str]:
-    """The scripts of the peers' folder the given interpreters run."""
-    return ((["peer_hf_generate.py", "peer_trl_grpo.py", "matmul_heatmap_torch.py"]
-             if python_hf else []) + (["peer_tunix_grpo.py"] if python_tunix else []))
+Job = tuple[str, list[str], dict, str, bool]  # who, command, env, metric, higher is better
 
 
-def compare(peers_dir: str, python_hf: str | None, python_tunix: str | None, rounds: int,
-            workloads: list[str]) -> list[dict]:
-    """Alternate ours and each peer per workload; medians over ``rounds`` and the ratios."""
+def job_table(peers_dir: str, python_hf: str | None,
+              python_tunix: str | None) -> dict[str, list[Job]]:
+    """Per workload, ours then the peers the given interpreters run."""
     me = [sys.executable, "-m", "bench"]
     # ``bench`` is importable from the repository root, wherever this was started from
     mine = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     peer = lambda name: os.path.join(peers_dir, name)  # noqa: E731
-    jobs: dict[str, list[tuple[str, list[str], dict, str, bool]]] = {
-        # (who, command, env, metric, higher is better)
+    jobs: dict[str, list[Job]] = {
         "rollout": [("emit_jax", me + ["rollout"], mine, "new_tokens_per_s", True)],
         "grpo_step": [("emit_jax", me + ["grpo_step"], mine, "s_per_step_median", False)],
         "heatmap": [("emit_jax", me + ["heatmap", "--arch", "internvl3_8b"], mine,
@@ -67,6 +63,20 @@ def compare(peers_dir: str, python_hf: str | None, python_tunix: str | None, rou
                                 {"PEER_WORKLOAD": "sampler"}, "new_tokens_per_s", True))
         jobs["grpo_step"].append(("tunix", [python_tunix, peer("peer_tunix_grpo.py")],
                                   {"PEER_WORKLOAD": "grpo"}, "s_per_step_median", False))
+    return jobs
+
+
+def peer_scripts(python_hf: str | None, python_tunix: str | None) -> list[str]:
+    """The scripts of the peers' folder the given interpreters run (from :func:`job_table`)."""
+    names = [cmd[1] for jobs in job_table("", python_hf, python_tunix).values()
+             for who, cmd, *_ in jobs if who != "emit_jax"]
+    return list(dict.fromkeys(names))
+
+
+def compare(peers_dir: str, python_hf: str | None, python_tunix: str | None, rounds: int,
+            workloads: list[str]) -> list[dict]:
+    """Alternate ours and each peer per workload; medians over ``rounds`` and the ratios."""
+    jobs = job_table(peers_dir, python_hf, python_tunix)
     rows = []
     for workload in workloads:
         values: dict[str, list[float]] = {}

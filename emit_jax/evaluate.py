@@ -312,8 +312,7 @@ def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, 
                                think=think, report=report, ad_order=ad_order,
                                dk_sentences=0 if domain_knowledge in ("all", "none")
                                else int(domain_knowledge))
-    if report.relabelled_note():
-        print(report.relabelled_note(), file=sys.stderr)
+    report.say_relabelled()
     out = []
     for k, q in enumerate(qs):
         if limit is not None and k >= limit:

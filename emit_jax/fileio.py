@@ -254,7 +254,7 @@ def _check_parent(path: str) -> None:
     check_no_control(path)
     folder = nearest_existing(os.path.dirname(path))
     names = os.path.relpath(path, folder).split(os.sep)  # the file and the folders to make
-    if not os.path.isdir(folder):
+    if not os.path.isdir(folder):  # checked again below; first, so pathconf reads a folder
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
     try:
         longest, whole = os.pathconf(folder, "PC_NAME_MAX"), os.pathconf(folder, "PC_PATH_MAX")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Iterator
 
 from emit_jax.errors import DataError, show_path
@@ -52,6 +53,12 @@ class Report:
             return None
         return (f"note: {len(paths)} anomalous image(s) have an all-black mask and are asked about "
                 f"as normal images, as EMIT does (first: {paths[0]})")
+
+    def say_relabelled(self) -> None:
+        """Print :meth:`relabelled_note` to stderr when there is one."""
+        note = self.relabelled_note()
+        if note:
+            print(note, file=sys.stderr)
 
     def summary(self) -> str:
         return f"skipped {len(self.skipped)}" + (f" (first: {self.skipped[0]})" if self.skipped else "")

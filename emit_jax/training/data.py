@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 
 import numpy as np
 from PIL import Image
@@ -315,8 +314,7 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
                                          references=refs, frame=adfm_frame, prefix="adfm-test")
         # a fixed shuffle: an evaluation limit then takes a mix of classes, normal and anomalous
         random.Random(f"adfm-{seed}").shuffle(recs["adfm_test"])
-    if report.relabelled_note():
-        print(report.relabelled_note(), file=sys.stderr)
+    report.say_relabelled()
     from emit_jax.fileio import atomic_output
 
     with atomic_output(options_path) as f:  # first: complete record files always have it
