@@ -59,6 +59,7 @@ def test_fresh_images_records_and_fixed_option_order(tmp_path):
     """The extra datasets' AD questions: one per image, each with its own reference; with the
     options fixed to No / Yes the answer letter is the label (B exactly for anomalous images),
     whatever order the builder drew."""
+    from emit_jax.data.comp import use_comp
     from emit_jax.experiments.fresh_images import fixed_ad_order
     from emit_jax.training.data import fresh_records
 
@@ -85,10 +86,37 @@ def test_fresh_images_records_and_fixed_option_order(tmp_path):
     assert f["solution"] == "A" and f["messages"][1]["content"].endswith("<answer>A</answer>")
     assert f["messages"][0]["content"] == "Q\nA. No.\nB. Yes.\nthink first"
     assert think["solution"] == "B"  # the input is not changed
+    # sft.fresh_tasks: other tasks of the same images; DL's with the two images the CE rule needs
+    more = fresh_records([1], tasks_=("anomaly_discrimination", "defect_localization"),
+                         cache_dir=str(tmp_path))
+    dl = [r for r in more if r["task_type"] == "defect_localization"]
+    assert [r["images"] for r in more if r not in dl] == [r["images"] for r in recs]
+    assert 100 < len(dl) < len(recs) and all(r["adlabel"] == 1 and len(r["images"]) == 2 and
+                                             use_comp(2, r["messages"][0]["content"]) for r in dl)
     with pytest.raises(ValueError, match="seed 0"):
         fresh_records([0])
     with pytest.raises(ValueError, match="not Yes./No."):
         fixed_ad_order(dict(recs[0], options=["Maybe.", "No."]))
+
+
+def test_stage1_with_the_llm_trains_the_language_model_too():
+    """``sft.train_llm`` (issue 29's stage 1 that trains the LLM to read the contrastive
+    tokens): the trainable set adds exactly the language model's parameters to EMIT's soft
+    prompt and projector."""
+    from flax import nnx
+
+    from emit_jax.models.emit import EMIT
+    from emit_jax.training.stages import stage1_trainable
+    from test_emit import small_mllm
+
+    model = EMIT.create(small_mllm(), hint_ids=[1])
+    paths = lambda f: {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(  # noqa: E731
+        nnx.state(model, f))}
+    emit_only, with_llm, every = paths(stage1_trainable()), paths(stage1_trainable(True)), \
+        paths(nnx.Param)
+    assert emit_only and all("soft_prompt" in p or "projector" in p for p in emit_only)
+    llm = {p for p in every if "language_model" in p}
+    assert llm and with_llm == emit_only | llm
 
 
 def test_unseen_records_ask_every_image_of_an_untrained_dataset_as_the_test_split_does(tmp_path):

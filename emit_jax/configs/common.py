@@ -69,11 +69,15 @@ def base_config() -> ml_collections.ConfigDict:
                                            # True: templated think answers (belief, then
                                            # letter) instead of the letter alone
                                            think=False,
-                                           # N > 0: also the anomaly-discrimination questions
-                                           # of every image of N further embedded datasets
-                                           # (seeds data.seed+1..+N; with another
-                                           # data.source it is not used, and the log says so)
-                                           fresh_datasets=0))
+                                           # N > 0: also the questions (fresh_tasks; () =
+                                           # anomaly discrimination) of every image of N
+                                           # further embedded datasets (seeds data.seed+1..+N;
+                                           # with another data.source it is not used, and
+                                           # the log says so)
+                                           fresh_datasets=0, fresh_tasks=(),
+                                           # True: the language model is trained too (not
+                                           # EMIT's stage 1), to learn to read the CE tokens
+                                           train_llm=False))
     c.emit = ml_collections.ConfigDict(dict(bn_mode="standard", use_soft_prompt=True,
                                             use_contrastive=True, num_soft_tokens=9,
                                             max_readout=False))

@@ -324,14 +324,16 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
     return recs
 
 
-def fresh_records(seeds, *, cache_dir: str | None = None, ad_order: str = "shuffled",
+def fresh_records(seeds, *, tasks_: tuple = ("anomaly_discrimination",),
+                  cache_dir: str | None = None, ad_order: str = "shuffled",
                   domain_knowledge: bool = False, dk_sentences: int = 0) -> list[dict]:
-    """Stage-1 anomaly-discrimination records (direct answers) of every image of the embedded
-    datasets drawn with ``seeds`` (``emit_jax.data.embedded``: about 392 images per seed, built
-    once into the cache, about 7 s each on a 2-core CPU). Each query's reference is the most
-    similar normal image of its class in its own dataset. Seed 0 is refused: it is the embedded
-    default, whose validation and test splits are held out. Ids are ``fresh<seed>-...``."""
-    return _whole_dataset_records(seeds, "fresh", stage=1, cache_dir=cache_dir,
+    """Stage-1 records (direct answers) of the tasks ``tasks_`` (default anomaly
+    discrimination) on every image of the embedded datasets drawn with ``seeds``
+    (``emit_jax.data.embedded``: about 392 images per seed, built once into the cache, about
+    7 s each on a 2-core CPU). Each query's reference is the most similar normal image of its
+    class in its own dataset. Seed 0 is refused: it is the embedded default, whose validation
+    and test splits are held out. Ids are ``fresh<seed>-...``."""
+    return _whole_dataset_records(seeds, "fresh", stage=1, tasks_=tasks_, cache_dir=cache_dir,
                                   ad_order=ad_order, domain_knowledge=domain_knowledge,
                                   dk_sentences=dk_sentences)
 

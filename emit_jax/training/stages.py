@@ -89,10 +89,14 @@ def pipeline_config(cfg, model, *, train: bool = True, with_answer: bool = True)
 
 
 # ------------------------------------------------------------------------------ the stages
-def stage1_trainable():
-    """The parameters EMIT's stage 1 trains: the soft prompt and the heat-map projector."""
-    return nnx.All(nnx.Param, nnx.Any(nnx.PathContains("soft_prompt"),
-                                      nnx.PathContains("projector")))
+def stage1_trainable(train_llm: bool = False):
+    """The parameters EMIT's stage 1 trains: the soft prompt and the heat-map projector (and,
+    with ``train_llm`` (``sft.train_llm``, not EMIT's recipe), the language model too, so it
+    learns to read the contrastive tokens)."""
+    parts = [nnx.PathContains("soft_prompt"), nnx.PathContains("projector")]
+    if train_llm:
+        parts.append(nnx.PathContains("language_model"))
+    return nnx.All(nnx.Param, nnx.Any(*parts))
 
 
 def text_stage_records(cfg, records: dict, stage: str) -> list[dict]:
@@ -152,15 +156,18 @@ def run_stage1(run: Run, model, stage: str = "sft"):
         import time  # noqa: PLC0415
 
         t0 = time.time()
+        fresh_tasks = tuple(cfg.sft.get("fresh_tasks", ()) or ("anomaly_discrimination",))
         records = records + stage_data.fresh_records(
-            range(cfg.data.seed + 1, cfg.data.seed + 1 + fresh), **question_options(cfg))
+            range(cfg.data.seed + 1, cfg.data.seed + 1 + fresh), tasks_=fresh_tasks,
+            **question_options(cfg))
         random.Random(cfg.seed).shuffle(records)
-        log(f"[sft] {len(records)} records with the AD questions of {fresh} fresh embedded "
-            f"datasets (seeds {cfg.data.seed + 1}-{cfg.data.seed + fresh}, "
-            f"{time.time() - t0:.0f} s)")
+        log(f"[sft] {len(records)} records with the {', '.join(fresh_tasks)} questions of "
+            f"{fresh} fresh embedded datasets (seeds {cfg.data.seed + 1}-"
+            f"{cfg.data.seed + fresh}, {time.time() - t0:.0f} s)")
     if cfg.sft.get("think", False):
         records = stage_data.think_records(records, rationale_style(cfg))
-    return model, run.sft(model, records, "sft", wrt=stage1_trainable())
+    return model, run.sft(model, records, "sft",
+                          wrt=stage1_trainable(bool(cfg.sft.get("train_llm", False))))
 
 
 def run_sft2(run: Run, model, stage: str = "sft2"):
@@ -273,9 +280,10 @@ MODEL_SETTINGS = ("arch", "init_from", "tokenizer", "param_dtype", "image_size")
 LORA_SETTINGS = ("grpo.lora.rank", "grpo.lora.alpha", "grpo.lora.targets",
                  "grpo.lora.weight_qtype")
 STAGE_SETTINGS = {"warmup": ("warmup.train_vision",), "base": ("base.train_vision",),
-                  "sft": ("emit",), "sft2": LORA_SETTINGS, "grpo": LORA_SETTINGS}
+                  "sft": ("emit", "sft.train_llm"), "sft2": LORA_SETTINGS, "grpo": LORA_SETTINGS}
 #: defaults of keys a config may lack (the stage code's defaults)
-_SETTING_DEFAULTS = {"warmup.train_vision": True, "base.train_vision": True}
+_SETTING_DEFAULTS = {"warmup.train_vision": True, "base.train_vision": True,
+                     "sft.train_llm": False}
 SETTINGS_FILE = "settings.json"  # WORKDIR/<stage>/settings.json: the resolved config it ran with
 BEFORE = "the stage before {stage}"
 

@@ -273,7 +273,8 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
 
     # task filters of the stages (before: an unknown name left a stage with no records, a
     # ValueError traceback after the data was built)
-    for s, key in (("base", "fresh_tasks"), ("warmup", "tasks"), ("sft", "tasks")):
+    for s, key in (("base", "fresh_tasks"), ("warmup", "tasks"), ("sft", "tasks"),
+                   ("sft", "fresh_tasks")):
         if s in stages:
             picked = cfg[s].get(key, ()) or ()
             if isinstance(picked, str) or any(t not in TASKS for t in picked):
