@@ -312,7 +312,7 @@ def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, 
                                think=think, report=report, ad_order=ad_order,
                                dk_sentences=0 if domain_knowledge in ("all", "none")
                                else int(domain_knowledge))
-    report.say_relabelled()
+    report.say_notes()
     out = []
     for k, q in enumerate(qs):
         if limit is not None and k >= limit:
@@ -455,6 +455,8 @@ def _image_problem(path: str) -> str | None:
     PNG every chunk's checksum, without decoding the pixels); else the problem in words."""
     from PIL import Image, UnidentifiedImageError
 
+    if os.path.exists(path) and not os.path.isfile(path):  # a pipe would block the check
+        return "not a regular file (a folder, pipe or device)"
     try:
         with Image.open(path) as im:
             im.verify()
@@ -467,6 +469,19 @@ def _image_problem(path: str) -> str | None:
         return f"cannot read ({e.strerror})" if e.strerror else f"not a readable image ({e})"
     except Exception as e:  # SyntaxError (a broken PNG), a decompression bomb...
         return f"not a readable image ({e or type(e).__name__})"
+
+
+def results_path(text: str) -> str:
+    """``--out``'s argparse ``type``: a file name. Refused: the empty string (an unset shell
+    variable; it used to mean no results file, the answers lost without a word) and ``-``
+    (which reads as stdout, and wrote a file named ``-``)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path; name the results file (or leave --out out "
+                                         "to print the summary only)")
+    if text == "-":
+        raise argparse.ArgumentTypeError("'-': the results are a JSON file, not standard output; "
+                                         "name the file")
+    return text
 
 
 def check_images(paths) -> None:
@@ -749,7 +764,7 @@ def _main(argv, signals: Signals) -> int:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="MMAD folder or MVTec-AD-style folder")
     p.add_argument("--limit", type=cli.positive_int, default=None, help="first N questions only")
-    p.add_argument("--out", default=None, help="per-question answers + summary (JSON); until "
+    p.add_argument("--out", default=None, type=results_path, help="per-question answers + summary (JSON); until "
                    "it is written, the answers so far are kept in <out>.partial.jsonl, "
                    "which a rerun resumes from")
     p.add_argument("--think", action="store_true", help="<think>/<answer> instruction (and, with "

@@ -35,6 +35,8 @@ class Report:
     skipped: list[str] = dataclasses.field(default_factory=list)
     # anomalous images whose mask is empty, asked about as normal (docs/reference/emit.md 9.5)
     relabelled: list[str] = dataclasses.field(default_factory=list)
+    # images a splits.json does not list (their split is "unlisted")
+    unlisted: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         if self.policy not in ("error", "skip"):
@@ -54,11 +56,18 @@ class Report:
         return (f"note: {len(paths)} anomalous image(s) have an all-black mask and are asked about "
                 f"as normal images, as EMIT does (first: {paths[0]})")
 
-    def say_relabelled(self) -> None:
-        """Print :meth:`relabelled_note` to stderr when there is one."""
-        note = self.relabelled_note()
-        if note:
-            print(note, file=sys.stderr)
+    def unlisted_note(self) -> str | None:
+        """One ``note:`` line for the images a ``splits.json`` does not list, or None."""
+        if not self.unlisted:
+            return None
+        return (f"note: {len(self.unlisted)} image(s) are not listed in splits.json; they form "
+                f"the split 'unlisted', used by no stage (first: {sorted(self.unlisted)[0]})")
+
+    def say_notes(self) -> None:
+        """Print :meth:`relabelled_note` and :meth:`unlisted_note` to stderr, those there are."""
+        for note in (self.relabelled_note(), self.unlisted_note()):
+            if note:
+                print(note, file=sys.stderr)
 
     def summary(self) -> str:
         return f"skipped {len(self.skipped)}" + (f" (first: {self.skipped[0]})" if self.skipped else "")
@@ -116,10 +125,24 @@ def _class_dirs(root: str, report: Report | None = None) -> list[str]:
 
 
 def _find_mask(gt_dir: str, stem: str) -> str | None:
-    for name in (f"{stem}_mask.png", f"{stem}.png", f"{stem}_mask.jpg"):
+    """The mask of image ``stem`` in ``gt_dir``: ``<stem>_mask.png``, ``<stem>.png`` or
+    ``<stem>_mask.jpg``, the extension in any case (``000_mask.PNG``, as images are found)."""
+    wanted = (f"{stem}_mask.png", f"{stem}.png", f"{stem}_mask.jpg")
+    for name in wanted:
         p = os.path.join(gt_dir, name)
         if os.path.isfile(p):
             return p
+    try:
+        names = sorted(os.listdir(gt_dir))
+    except OSError:
+        return None
+    for want in wanted:  # the extension in another case
+        base, ext = os.path.splitext(want)
+        for name in names:
+            n_base, n_ext = os.path.splitext(name)
+            if n_base == base and n_ext.lower() == ext and os.path.isfile(
+                    os.path.join(gt_dir, name)):
+                return os.path.join(gt_dir, name)
     return None
 
 
@@ -127,10 +150,16 @@ def _read_splits(root: str) -> dict[str, str] | None:
     path = os.path.join(root, "splits.json")
     if not os.path.isfile(path):
         return None
-    data = read_json(path, error=DataError, what="a valid splits file")
+    data = read_json(path, error=DataError, what="a valid splits file",
+                     object_pairs_hook=_pairs_once)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: not a valid splits file (a JSON object of split -> list of "
+                        f"image paths expected, got {type(data).__name__})")
     out: dict[str, str] = {}
     try:
         for split, paths in data.items():
+            if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+                raise DataError(f"{path}: split {split!r} is not a list of image paths")
             for p in paths:
                 p = os.path.normpath(p)
                 if out.setdefault(p, split) != split:  # a test image trained on, or the reverse
@@ -141,15 +170,45 @@ def _read_splits(root: str) -> dict[str, str] | None:
     return out
 
 
-def _description(root: str, path: str, obj: str, split: str, sub: str) -> str | None:
+def _pairs_once(pairs: list) -> dict:
+    """A JSON object's pairs as a dict; a key given twice is refused (``ValueError``, which
+    :func:`read_json` reports as malformed)."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"the key {k!r} is given twice")
+        out[k] = v
+    return out
+
+
+def read_text(path: str) -> str:
+    """A small UTF-8 text file (a description, a corpus file); one :class:`DataError` line
+    naming it when it cannot be read or is not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{show_path(path)}: not UTF-8 text ({e.reason} at byte "
+                        f"{e.start})") from None
+    except OSError as e:
+        raise DataError(f"{show_path(path)}: cannot read ({e.strerror or e})") from None
+
+
+def _description(root: str, path: str, obj: str, split: str, sub: str,
+                 report: Report) -> str | None:
     """An object description for text-as-query samples: ``<image>.txt`` beside the image, or
-    ``<root>/descriptions/<class>/<split>_<folder>_<stem>.txt`` (the embedded dataset)."""
+    ``<root>/descriptions/<class>/<split>_<folder>_<stem>.txt`` (the embedded dataset). Only
+    regular files are read (a pipe there never blocks); one that is not UTF-8 is a problem of
+    ``report`` (an error, or skipped and counted)."""
     stem = os.path.splitext(os.path.basename(path))[0]
     for txt in (os.path.splitext(path)[0] + ".txt",
                 os.path.join(root, "descriptions", obj, f"{split}_{sub}_{stem}.txt")):
         if os.path.isfile(txt):
-            with open(txt, encoding="utf-8") as f:
-                return f.read().strip()
+            try:
+                return read_text(txt).strip()
+            except DataError as e:
+                report.problem(f"{e}; the image's description is left out")
+                return None
     return None
 
 
@@ -209,7 +268,9 @@ def scan(root: str | os.PathLike, *, dataset: str | None = None,
                         path=path, dataset=dataset, object_type=obj, split=item_split,
                         defect=None if good or sub.lower() in UNKNOWN_TYPE_DIRS else sub,
                         is_anomalous=not good, mask_path=mask,
-                        description=_description(root, path, obj, split, sub)))
+                        description=_description(root, path, obj, split, sub, report)))
+                    if item_split == "unlisted":
+                        report.unlisted.append(rel)
     if splits is not None:  # a listed image that is not there (before: dropped without a word)
         found = {os.path.normpath(os.path.relpath(it.path, root)) for it in items}
         listed = [p for p in splits if p not in found and not os.path.lexists(os.path.join(root, p))]

@@ -128,7 +128,7 @@ def build(source: str, out: str, stage: int, *, seed: int = 0, split: str | None
         raise DataError(f"{source}: no stage-{stage} questions from its {len(items)} images")
     n = jsonl.write_jsonl(jsonl.records(qs, stage), out)
     counts = Counter(q.task for q in qs)
-    report.say_relabelled()
+    report.say_notes()
     return {"out": out, "records": n, "images": len(items), "tasks": dict(sorted(counts.items())),
             "skipped": len(report.skipped), "relabelled_normal": len(set(report.relabelled)),
             "domain_knowledge": dk_path, "embedding": embedding}

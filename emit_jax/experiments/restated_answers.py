@@ -28,6 +28,7 @@ from typing import Iterable, Mapping
 
 from emit_jax import cli
 from emit_jax.errors import DataError
+from emit_jax.fileio import read_json
 
 TASKS = ("Defect Classification", "Defect Localization", "Object Classification")
 _CONCLUSION = re.compile(r"The (?:defect|product) is (?:a |at the )?(.*?) ([A-D])</think>")
@@ -88,11 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("results", help="an emit_jax.evaluate --out file")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     a = p.parse_args(argv)
-    try:
-        with open(a.results, encoding="utf-8") as f:
-            results = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{a.results}: not an emit_jax.evaluate results file ({e})") from None
+    # every way the file fails to read or parse (nesting too deep included) is one line
+    results = read_json(a.results, error=DataError, what="an emit_jax.evaluate results file")
     if not isinstance(results, dict) or "answers" not in results:
         raise DataError(f"{a.results}: not an emit_jax.evaluate results file (no 'answers')")
     rows = results["answers"]

@@ -42,8 +42,9 @@ from PIL import Image
 from emit_jax.data import jsonl, prompts, tasks
 from emit_jax.data.image import UNREADABLE
 from emit_jax.data.records import load_domain_knowledge
-from emit_jax.data.mvtec import Report, scan
+from emit_jax.data.mvtec import Report, read_text, scan
 from emit_jax.errors import DataError
+from emit_jax.fileio import read_json
 from emit_jax.models.emit import HINT_TEXT
 
 REGION_WORDS = {r: r for r in prompts.REGIONS}
@@ -61,16 +62,14 @@ def tokenizer_for(workdir: str, dataset_root: str | None):
     corpus = list(default_corpus())
     if dataset_root:
         dk = os.path.join(dataset_root, "domain_knowledge.json")
-        if os.path.isfile(dk):
-            with open(dk, encoding="utf-8") as f:
-                for ds in json.load(f).values():
-                    for cls in ds.values():
-                        corpus.extend(str(v) for v in cls.values())
+        if os.path.isfile(dk):  # read and checked as data.build reads it (one line if bad)
+            for cls in load_domain_knowledge(dk).values():
+                corpus.extend(str(v) for v in cls.values())
         desc_root = os.path.join(dataset_root, "descriptions")
         for dirpath, _, files in sorted(os.walk(desc_root)):
-            for name in sorted(files)[:20]:
-                with open(os.path.join(dirpath, name), encoding="utf-8") as f:
-                    corpus.append(f.read())
+            texts = [os.path.join(dirpath, n) for n in sorted(files)]
+            # regular files only (a pipe would block); one not UTF-8 is one line naming it
+            corpus.extend(read_text(t) for t in [t for t in texts if os.path.isfile(t)][:20])
     train_tiny_tokenizer(corpus, tok_dir)
     return load_tokenizer(tok_dir, require_comp=True)
 
@@ -262,8 +261,12 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
         # record files written before options.json (or its rationale entry) existed
         built = {"ad_order": "shuffled", "rationale": "brief"}
         if os.path.isfile(options_path):
-            with open(options_path, encoding="utf-8") as f:
-                built.update(json.load(f))
+            stored = read_json(options_path, error=DataError, what="the records' options file")
+            if not isinstance(stored, dict):
+                raise DataError(f"{options_path}: not the records' options file (a JSON object "
+                                f"expected, got {type(stored).__name__}); delete the workdir's "
+                                "data folder to build the records again")
+            built.update(stored)
         for key, want in (("ad_order", ad_order), ("rationale", rationale_style)):
             if built[key] != want:
                 raise DataError(f"{out_dir}: the records were built with {key}={built[key]!r}, "
@@ -314,7 +317,7 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
                                          references=refs, frame=adfm_frame, prefix="adfm-test")
         # a fixed shuffle: an evaluation limit then takes a mix of classes, normal and anomalous
         random.Random(f"adfm-{seed}").shuffle(recs["adfm_test"])
-    report.say_relabelled()
+    report.say_notes()
     from emit_jax.fileio import atomic_output
 
     with atomic_output(options_path) as f:  # first: complete record files always have it

@@ -1,0 +1,182 @@
+"""The sixth reliability probe's cases (issue 30): each failed before its fix.
+
+* a description ``.txt`` that is not UTF-8 (a traceback in ``data.build``, ``evaluate`` and
+  ``train``; ``--policy skip`` did not cover it) and a pipe among ``descriptions/`` (``train``
+  blocked forever reading it for the tokenizer's corpus);
+* ``splits.json`` whose split is a string (iterated per character: "lists p (train)"), a
+  split given twice (the last silently won), images it does not list (dropped without a word);
+* a mask named ``000_mask.PNG`` ("no mask" while it is there);
+* ``train`` on a dataset whose ``domain_knowledge.json`` is malformed or a list (tracebacks,
+  and the workdir it made left behind), a workdir whose ``data/options.json`` is damaged;
+* ``evaluate --out ''`` (no results, no word) and ``--out -`` (a file named ``-``); an MMAD
+  image that is a pipe (the image check blocked);
+* ``restated_answers`` on JSON nested too deep (``RecursionError``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_cli_errors import ROOT, assert_one_error, run_main, subprocess_env
+from test_tasks import make_mvtec
+
+LATIN1 = "d\xe9faut".encode("latin-1")
+
+
+def _items(src, **kw):
+    from emit_jax.data.mvtec import Report, scan
+
+    report = Report(**kw)
+    return scan(src, report=report), report
+
+
+def test_a_description_that_is_not_utf8_is_one_line_or_skipped(tmp_path):
+    src = make_mvtec(tmp_path / "ds", classes=("widget",))
+    bad = os.path.join(src, "widget", "train", "good", "000.txt")
+    with open(bad, "wb") as f:
+        f.write(LATIN1)
+    rc, err, _ = run_main("emit_jax.data.build", ["--source", src, "--out",
+                                                   str(tmp_path / "o.jsonl"), "--stage", "1"])
+    assert_one_error(rc, err, f"{bad}: not UTF-8 text (invalid continuation byte at byte 1)",
+                     "description is left out")
+    assert not os.path.exists(tmp_path / "o.jsonl")
+    items, report = _items(src, policy="skip")
+    assert len(items) == 10 and len(report.skipped) == 1  # the image kept, its text left out
+    assert next(i for i in items if i.path == bad[:-4] + ".png").description is None
+
+
+def test_a_pipe_among_the_descriptions_does_not_block_the_tokenizer_corpus(tmp_path):
+    from emit_jax.training.data import tokenizer_for
+
+    src = make_mvtec(tmp_path / "ds", classes=("widget",))
+    desc = os.path.join(src, "descriptions", "widget")
+    os.makedirs(desc)
+    os.mkfifo(os.path.join(desc, "a_fifo.txt"))
+    with open(os.path.join(desc, "b.txt"), "w") as f:
+        f.write("a widget, seen from above")
+    tok = tokenizer_for(str(tmp_path / "w"), src)  # before: open() on the pipe never returned
+    assert tok.decode(tok.encode("a widget")) == "a widget"
+    with open(os.path.join(desc, "c.txt"), "wb") as f:
+        f.write(LATIN1)
+    from emit_jax.errors import DataError
+
+    with pytest.raises(DataError, match="c.txt: not UTF-8 text"):
+        tokenizer_for(str(tmp_path / "w2"), src)
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('{"train": "widget/train/good/000.png"}', "split 'train' is not a list of image paths"),
+    ('{"train": [], "train": ["widget/train/good/000.png"]}', "the key 'train' is given twice"),
+    ('["widget/train/good/000.png"]', "a JSON object of split -> list of image paths expected"),
+])
+def test_a_malformed_splits_file_names_the_problem(tmp_path, content, needle):
+    from emit_jax.errors import DataError
+
+    src = make_mvtec(tmp_path / "ds", classes=("widget",))
+    with open(os.path.join(src, "splits.json"), "w") as f:
+        f.write(content)
+    with pytest.raises(DataError) as e:
+        _items(src)
+    assert str(e.value).startswith(os.path.join(src, "splits.json") + ": ") and needle in \
+        str(e.value), str(e.value)
+
+
+def test_images_a_splits_file_leaves_out_are_said(tmp_path):
+    src = make_mvtec(tmp_path / "ds", classes=("widget",))
+    listed = {"train": [f"widget/train/good/{i:03d}.png" for i in range(4)],
+              "test": ["widget/test/good/000.png", "widget/test/dent/000.png"]}
+    with open(os.path.join(src, "splits.json"), "w") as f:
+        json.dump(listed, f)
+    items, report = _items(src)
+    assert sum(i.split == "unlisted" for i in items) == 4 == len(report.unlisted)
+    assert report.unlisted_note() == (
+        "note: 4 image(s) are not listed in splits.json; they form the split 'unlisted', used "
+        "by no stage (first: widget/test/dent/001.png)")
+    rc, err, _ = run_main("emit_jax.data.build", ["--source", src, "--out",
+                                                   str(tmp_path / "o.jsonl"), "--stage", "1"])
+    assert rc == 0 and err.strip() == report.unlisted_note(), err
+
+
+def test_a_mask_with_an_upper_case_extension_is_found(tmp_path):
+    src = make_mvtec(tmp_path / "ds", classes=("widget",))
+    gt = os.path.join(src, "widget", "ground_truth", "dent")
+    os.rename(os.path.join(gt, "000_mask.png"), os.path.join(gt, "000_mask.PNG"))
+    items, _ = _items(src)
+    dent = sorted(i.mask_path for i in items if i.defect == "dent")
+    assert dent == [os.path.join(gt, "000_mask.PNG"), os.path.join(gt, "001_mask.png")]
+
+
+def _train(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "emit_jax.train", *args], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("{bad", "not a readable domain-knowledge JSON (malformed JSON"),
+    ("[]", "not a readable domain-knowledge JSON"),
+])
+def test_train_on_a_bad_domain_knowledge_file_is_one_line_and_leaves_no_workdir(
+        tmp_path, content, needle):
+    src = make_mvtec(tmp_path / "ds", classes=("widget",))
+    with open(os.path.join(src, "domain_knowledge.json"), "w") as f:
+        f.write(content)
+    r = _train("--config", "configs/grpo.py:smoke", "--workdir", str(tmp_path / "run"),
+               f"--config.data.source={src}")
+    assert_one_error(r.returncode, r.stderr, os.path.join(src, "domain_knowledge.json"), needle,
+                     prog="emit_jax.train")
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("content", ["{bad", '"x"'])
+def test_a_damaged_options_file_in_a_workdir_is_one_line(tmp_path, content):
+    """The records' ``data/options.json`` (how the questions were built), damaged."""
+    from emit_jax.errors import DataError
+    from emit_jax.training import data as stage_data
+
+    src = make_mvtec(tmp_path / "ds", classes=("widget",))
+    w = tmp_path / "w"
+    stage_data.stage_records(src, str(w))
+    with open(w / "data" / "options.json", "w") as f:
+        f.write(content)
+    with pytest.raises(DataError) as e:
+        stage_data.stage_records(src, str(w))
+    assert str(e.value).startswith(f"{w / 'data' / 'options.json'}: not the records' options "
+                                   "file ("), str(e.value)
+
+
+@pytest.mark.parametrize("out, needle", [
+    ("", "--out: empty path; name the results file"),
+    (" ", "--out: empty path"),
+    ("-", "--out: '-': the results are a JSON file, not standard output"),
+])
+def test_evaluate_out_empty_or_dash_is_refused(tmp_path, out, needle):
+    rc, err, _ = run_main("emit_jax.evaluate", ["--checkpoint", str(tmp_path), "--data",
+                                                str(tmp_path), "--out", out])
+    assert_one_error(rc, err, needle, prog="emit_jax.evaluate")
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_image_that_is_a_pipe_is_refused_by_the_check_not_read(tmp_path):
+    from emit_jax.errors import ImageError
+    from emit_jax.evaluate import check_images
+
+    fifo = str(tmp_path / "000.png")
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match="not a regular file"):
+        check_images([fifo])  # before: Image.open on the pipe blocked for ever
+
+
+def test_restated_answers_on_json_nested_too_deep(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    rc, err, _ = run_main("emit_jax.experiments.restated_answers", [str(deep)])
+    assert_one_error(rc, err, f"{deep}: not an emit_jax.evaluate results file (malformed JSON")
+    empty = tmp_path / "obj.json"
+    empty.write_text("{}")
+    rc, err, _ = run_main("emit_jax.experiments.restated_answers", [str(empty)])
+    assert_one_error(rc, err, "no 'answers'")
