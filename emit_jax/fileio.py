@@ -40,6 +40,20 @@ from emit_jax.errors import ConfigError, InputOverwriteError, LockedError, has_c
 
 
 # --------------------------------------------------------------------------------- writing files
+def where_written(path: str | os.PathLike) -> str:
+    """The absolute path the kernel writes when given ``path``: its folder with symbolic links
+    resolved before any ``..`` is applied (``LINK/../x`` is ``x`` beside the link's target, not
+    beside the link, which ``os.path.abspath`` would say), its last name as given (a link
+    there is the writers' to refuse). Every writer here and :func:`check_not_input` (which
+    resolves the same way) so agree on the file meant: an output that names an input through
+    a link is refused, never written over it."""
+    p = os.fspath(path)
+    head, tail = os.path.split(p)
+    if tail in ("", os.curdir, os.pardir):
+        return os.path.realpath(p)
+    return os.path.join(os.path.realpath(head or os.curdir), tail)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """``with atomic_path(path) as tmp: ...`` yields the name of a new empty temporary file beside
@@ -48,7 +62,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     the temporary file and the folders made for it are removed and ``path`` is untouched (a full
     disk is re-raised as an ``OSError`` naming ``path``). Nothing is fsynced here: the writer
     decides (:func:`atomic_output` does)."""
-    path = os.path.abspath(os.fspath(path))
+    path = where_written(path)
     check_regular(path)  # a device, pipe or link is never renamed over
     folder = os.path.dirname(path)
     created = _missing_folders(folder)  # made here, deepest first: removed again on failure
@@ -161,7 +175,7 @@ def atomic_folder(path: str | os.PathLike, *, hint: str = "choose a new folder",
     instead: the ``owner`` empties and creates it on entry (the others must wait for that, e.g.
     at a barrier at the top of the block) and alone renames it into place on success; the
     others leave it as it is. On failure every process removes it."""
-    path = os.path.abspath(os.fspath(path))
+    path = where_written(path)
     if tmp is None and not owner:
         raise ValueError("atomic_folder: owner=False needs the shared tmp folder")
     check_new_folder(path, hint=hint)
@@ -216,6 +230,20 @@ def check_not_input(out: str | os.PathLike, inputs: dict) -> None:
                 f"{out}: the output {where} the input {flag} {path}; choose a path outside it")
 
 
+def not_a_file(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when it exists (as a name) but is no regular file to read, in words
+    (``a symbolic link to nothing (or a link loop)``, ``a folder``, ``a pipe``, ``a device``,
+    ``not a file``); None when it is a file (through links) or does not exist."""
+    path = os.fspath(path)
+    if os.path.isfile(path) or not os.path.lexists(path):
+        return None
+    if not os.path.exists(path):
+        return "a symbolic link to nothing (or a link loop)"
+    mode = os.stat(path).st_mode
+    return ("a folder" if stat.S_ISDIR(mode) else "a pipe" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+
+
 def check_regular(path: str | os.PathLike) -> None:
     """Raise ``FileExistsError`` naming ``path`` when it exists and is not a regular file (a
     device such as ``/dev/null``, a pipe, a socket, a symbolic link, a link loop): an output
@@ -240,7 +268,7 @@ def check_writable(path: str | os.PathLike) -> None:
     """Raise the ``OSError`` (naming ``path``) that writing ``path`` with :func:`atomic_output`
     would meet, before any work is done: ``path`` is a folder, or its nearest existing ancestor
     is not a writable folder. (A full disk still shows only when writing.)"""
-    path = os.path.abspath(os.fspath(path))
+    path = where_written(path)
     if os.path.isdir(path) and not os.path.islink(path):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
     check_regular(path)
@@ -300,7 +328,10 @@ def check_new_folder(path: str | os.PathLike, *, hint: str = "choose a new folde
     folder ``path``: it exists and is not an empty folder (``FileExistsError``, the same line),
     a name too long, or its nearest existing ancestor is not a writable folder (an ``OSError``
     naming ``path``)."""
-    path = os.path.abspath(os.fspath(path))
+    path = where_written(path)
+    if os.path.islink(path):  # before: "exists and is not empty", for a link to nothing too
+        raise FileExistsError(f"{path}: a symbolic link, which writing the folder would "
+                              f"replace; {hint}")
     if os.path.lexists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise FileExistsError(f"{path}: exists and is not empty; {hint}")
     _check_parent(path)
@@ -310,7 +341,7 @@ def check_free_space(path: str | os.PathLike, nbytes: int) -> None:
     """Raise ``OSError(ENOSPC)`` naming ``path`` when the file system that would hold it has
     fewer than ``nbytes`` bytes free: a full disk said in one line before anything is written
     (writers such as Orbax fail noisily, from background threads, when it fills mid-write)."""
-    path = os.path.abspath(os.fspath(path))
+    path = where_written(path)
     folder = path
     while not os.path.isdir(folder):
         folder = os.path.dirname(folder)
@@ -436,14 +467,21 @@ def output_lock(out: str | os.PathLike, *, what: str, hint: str) -> Iterator[Non
     so a second run writing the same file stops at once with a ``LockedError`` line instead of
     both finishing and the later one's rename silently replacing the other's output. The folder
     is created if missing, and removed again (when empty) if the block fails."""
-    out = os.path.abspath(os.fspath(out))
+    out = where_written(out)
     folder = os.path.dirname(out)
     created = _missing_folders(folder)
     done = False
     try:
-        os.makedirs(folder, exist_ok=True)
-        with hold_lock(os.path.join(folder, f".{os.path.basename(out)}.lock"), what=what,
-                       hint=hint, remove=True):
+        with contextlib.ExitStack() as stack:
+            try:
+                os.makedirs(folder, exist_ok=True)
+                stack.enter_context(hold_lock(os.path.join(folder, f".{os.path.basename(out)}"
+                                                           ".lock"), what=what, hint=hint,
+                                              remove=True))
+            except LockedError:
+                raise
+            except OSError as e:  # a full disk, a read-only folder: said of the output
+                raise OSError(e.errno, e.strerror or os.strerror(e.errno or 0), out) from None
             yield
         done = True
     finally:

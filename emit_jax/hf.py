@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from emit_jax.errors import CheckpointError
-from emit_jax.fileio import atomic_folder, current_umask, read_json
+from emit_jax.fileio import atomic_folder, current_umask, not_a_file, read_json
 from emit_jax.models import scan
 from emit_jax.models.config import ConfigError, InternVLConfig, dtype_name, read_hf_config
 from emit_jax.models.internvl import InternVL
@@ -130,6 +130,9 @@ class SafetensorsReader:
             for k in self._open(single).keys():
                 self.key_file[k] = single
         else:
+            for name in (index, single):  # there, but a link loop, a pipe, a folder
+                if not_a_file(name):
+                    raise CheckpointError(f"{name}: {not_a_file(name)}, not a weights file")
             found = sorted(os.listdir(self.dir)) if os.path.isdir(self.dir) else []
             bad = [f for f in found if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
             extra = (f"; {bad[0]} is a pickle-based format, which is never loaded (convert it to "
@@ -349,7 +352,10 @@ def _parse_size(size: int | str) -> int:
         raise ValueError(f"bad shard size {size!r} (e.g. '5GB', '500MB', 1000000)")
     mult = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
             "GIB": 2**30}[m.group(2).upper() if m.group(2) else None]
-    return int(float(m.group(1)) * mult)
+    try:
+        return int(float(m.group(1)) * mult)
+    except OverflowError:  # hundreds of digits: float infinity
+        raise ValueError(f"shard size {size!r} is too large") from None
 
 
 def state_bytes(model) -> int:

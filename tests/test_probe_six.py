@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from test_cli_errors import ROOT, assert_one_error, run_main, subprocess_env
+from test_cli_errors import ROOT, assert_one_error, run_main, subprocess_env, tiny_model  # noqa: F401
 from test_tasks import make_mvtec
 
 LATIN1 = "d\xe9faut".encode("latin-1")
@@ -180,3 +181,64 @@ def test_restated_answers_on_json_nested_too_deep(tmp_path):
     empty.write_text("{}")
     rc, err, _ = run_main("emit_jax.experiments.restated_answers", [str(empty)])
     assert_one_error(rc, err, "no 'answers'")
+
+
+def test_an_output_named_through_a_link_and_dotdot_never_replaces_an_input(tmp_path):
+    """``LINK/../NAME`` is ``NAME`` beside the link's target to the kernel and to the input
+    check, but the writers used to write ``NAME`` beside the link (``os.path.abspath``): the
+    input check passed and the writer replaced another file, an input included. Now the
+    writers resolve the folder as the kernel does: the input is refused, and a file that is
+    not an input is written where the path points."""
+    from emit_jax.fileio import atomic_output, where_written
+
+    src = make_mvtec(tmp_path / "ds", classes=("widget",))
+    target = tmp_path / "elsewhere" / "sub"
+    target.mkdir(parents=True)
+    (tmp_path / "pv").mkdir()
+    os.symlink(target, tmp_path / "pv" / "L")
+    dk = tmp_path / "pv" / "dk.json"  # beside the link: what abspath would name
+    dk.write_text("{}")
+    via = str(tmp_path / "pv" / "L" / ".." / "dk.json")
+    assert where_written(via) == str(tmp_path / "elsewhere" / "dk.json")
+    # the input named through the link: data.build --out onto its own --domain-knowledge
+    os.replace(dk, tmp_path / "elsewhere" / "dk.json")
+    rc, err, _ = run_main("emit_jax.data.build", ["--source", src, "--domain-knowledge",
+                                                   str(tmp_path / "elsewhere" / "dk.json"),
+                                                   "--out", via, "--stage", "1"])
+    assert_one_error(rc, err, "the output is the input --domain-knowledge")
+    assert (tmp_path / "elsewhere" / "dk.json").read_text() == "{}"
+    # a file beside the link is not where the path points: left alone
+    keep = tmp_path / "pv" / "keep.txt"
+    keep.write_text("mine")
+    with atomic_output(str(tmp_path / "pv" / "L" / ".." / "keep.txt")) as f:
+        f.write("new")
+    assert keep.read_text() == "mine"
+    assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "new"
+
+
+def test_weights_and_configs_that_are_there_but_not_files_say_what_they_are(tmp_path,
+                                                                               tiny_model):
+    """Before: a ``config.json`` that is a pipe was "not found", a ``model.safetensors`` link
+    loop "no model.safetensors", a ``convert --out`` that is a link to nothing "exists and is
+    not empty", and ``export --max-shard-size`` of 400 digits an ``OverflowError``."""
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(tiny_model["hf"], hf_dir)
+    os.remove(hf_dir / "config.json")
+    os.mkfifo(hf_dir / "config.json")
+    rc, err, _ = run_main("emit_jax.convert", ["--hf", str(hf_dir), "--out", str(tmp_path / "c")])
+    assert_one_error(rc, err, f"{hf_dir / 'config.json'}: a pipe, not a config file")
+    os.remove(hf_dir / "config.json")
+    shutil.copy(os.path.join(tiny_model["hf"], "config.json"), hf_dir / "config.json")
+    os.remove(hf_dir / "model.safetensors")
+    os.symlink("model.safetensors", hf_dir / "model.safetensors")  # a loop
+    rc, err, _ = run_main("emit_jax.convert", ["--hf", str(hf_dir), "--out", str(tmp_path / "c")])
+    assert_one_error(rc, err, f"{hf_dir / 'model.safetensors'}: a symbolic link to nothing "
+                     "(or a link loop), not a weights file")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    rc, err, _ = run_main("emit_jax.convert", ["--hf", tiny_model["hf"], "--out",
+                                               str(tmp_path / "dangling")])
+    assert_one_error(rc, err, f"{tmp_path / 'dangling'}: a symbolic link, which writing the "
+                     "folder would replace")
+    rc, err, _ = run_main("emit_jax.export", ["--checkpoint", tiny_model["ckpt"], "--out",
+                                              str(tmp_path / "x"), "--max-shard-size", "9" * 400])
+    assert_one_error(rc, err, "--max-shard-size", "is too large")
