@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from emit_jax.errors import interrupted
-from emit_jax.fileio import atomic_folder, disk_full_error, read_json
+from emit_jax.fileio import atomic_folder, disk_full_error, read_json, where_written
 from emit_jax.hf import CheckpointError, copy_assets
 from emit_jax.models import scan
 from emit_jax.models.config import ConfigError, InternVLConfig
@@ -51,7 +51,7 @@ def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | No
     """Write ``model`` as an Orbax model checkpoint at ``path`` (must not exist or be empty).
     ``extra_meta``: more JSON fields for its meta file (e.g. ``internvl_chat``: the source
     folder's config and BatchNorm counter, for an export back to that format)."""
-    path = os.path.abspath(os.fspath(path))
+    path = where_written(path)  # LINK/../NAME as the kernel reads it
     from emit_jax.parallel import barrier
 
     multi = jax.process_count() > 1

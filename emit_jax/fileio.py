@@ -54,6 +54,20 @@ def where_written(path: str | os.PathLike) -> str:
     return os.path.join(os.path.realpath(head or os.curdir), tail)
 
 
+def unambiguous(path: str | os.PathLike) -> str:
+    """``path`` itself when ``os.path.abspath`` and the kernel read it alike (no link followed
+    by ``..``), else :func:`where_written`'s reading: a folder a run writes into through many
+    functions, some of which would collapse ``..`` lexically (``os.path.abspath``) and others
+    not, is one folder, not two."""
+    p = os.fspath(path)
+    lexical = os.path.abspath(p)
+    kernel = where_written(p)
+    if os.path.join(os.path.realpath(os.path.dirname(lexical)),
+                    os.path.basename(lexical)) == kernel:
+        return p
+    return kernel
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """``with atomic_path(path) as tmp: ...`` yields the name of a new empty temporary file beside

@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from emit_jax.errors import CheckpointError
-from emit_jax.fileio import atomic_folder, current_umask, not_a_file, read_json
+from emit_jax.fileio import atomic_folder, current_umask, not_a_file, read_json, where_written
 from emit_jax.models import scan
 from emit_jax.models.config import ConfigError, InternVLConfig, dtype_name, read_hf_config
 from emit_jax.models.internvl import InternVL
@@ -426,7 +426,7 @@ def save(model: InternVL, out_dir: str | os.PathLike, *, base_config: dict | Non
     The folder is assembled in a temporary sibling and renamed into place, so an interrupted
     save never leaves a half-written ``out_dir``.
     """
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    out_dir = where_written(out_dir)  # LINK/../NAME as the kernel reads it
     emit_model = None
     if not isinstance(model, InternVL):
         emit_model, model = model, model.mllm

@@ -38,7 +38,7 @@ import numpy as np
 
 from emit_jax import hf
 from emit_jax.errors import CheckpointError, ConfigError
-from emit_jax.fileio import atomic_folder, read_json
+from emit_jax.fileio import atomic_folder, read_json, where_written
 from emit_jax.models.config import InternVLConfig, read_config_json
 from emit_jax.models.emit import EMITConfig, is_emit
 
@@ -496,7 +496,7 @@ def save(model, out_dir: str | os.PathLike, *, base_config: dict | None = None,
     for w in check_exportable(model):
         log(f"warning: {w}")
     mllm = model.mllm if is_emit(model) else model
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    out_dir = where_written(out_dir)  # LINK/../NAME as the kernel reads it
     with atomic_folder(out_dir, hint="choose a new folder") as tmp:
         token_ids = {}
         has_tok = tokenizer_from is not None and os.path.isdir(tokenizer_from) and any(

@@ -41,7 +41,7 @@ from emit_jax.errors import (USER_ERRORS, ConfigError, NonFiniteError, has_contr
 from emit_jax.eval.scoring import format_table
 from emit_jax.evaluate import evaluate_adfm, evaluate_records
 from emit_jax.fileio import (atomic_output, check_folder_writable, check_free_space, check_not_input,
-                             check_utf8_path, nearest_existing)
+                             check_utf8_path, nearest_existing, unambiguous)
 from emit_jax.ops.kernels import kernel_options
 from emit_jax.models.memory import memory_options
 from emit_jax.training import data as stage_data
@@ -66,6 +66,7 @@ def run(cfg, workdir: str) -> dict:
     (also written to ``WORKDIR/results.json``)."""
     # a path no message, JSON file or tokenizer file can name: refused before anything is made
     check_workdir_name(workdir)
+    workdir = unambiguous(workdir)  # LINK/../NAME: one folder (it split over two)
     settings = validate_config(cfg)
     for line in settings.warnings():  # valid, but almost surely not meant
         stages.log(line)

@@ -242,3 +242,74 @@ def test_weights_and_configs_that_are_there_but_not_files_say_what_they_are(tmp_
     rc, err, _ = run_main("emit_jax.export", ["--checkpoint", tiny_model["ckpt"], "--out",
                                               str(tmp_path / "x"), "--max-shard-size", "9" * 400])
     assert_one_error(rc, err, "--max-shard-size", "is too large")
+
+
+def test_a_workdir_named_through_a_link_and_dotdot_is_one_folder(tmp_path):
+    """Before: ``train --workdir pv/L/../userdir`` checked and locked the folder beside the
+    link's target (the kernel's reading) but wrote data/, the models and results.json beside
+    the link (``os.path.abspath``'s), replacing a user's results.json there. Now the run works
+    in the kernel's folder only."""
+    from emit_jax.fileio import unambiguous
+    from emit_jax.train import check_is_workdir
+    from emit_jax.training.state import StageCheckpoints
+
+    (tmp_path / "elsewhere" / "sub").mkdir(parents=True)
+    (tmp_path / "pv").mkdir()
+    os.symlink(tmp_path / "elsewhere" / "sub", tmp_path / "pv" / "L")
+    plain = str(tmp_path / "pv" / "run")
+    assert unambiguous(plain) == plain and unambiguous("runs/x") == "runs/x"
+    via = str(tmp_path / "pv" / "L" / ".." / "userdir")
+    assert unambiguous(via) == str(tmp_path / "elsewhere" / "userdir")
+    user = tmp_path / "elsewhere" / "userdir"
+    user.mkdir()
+    (user / "results.json").write_text("{}")
+    with pytest.raises(Exception, match="not a training workdir and not empty"):
+        check_is_workdir(unambiguous(via))
+    # the checkpoints' folder (it used os.path.abspath) is the kernel's too
+    store = StageCheckpoints(str(tmp_path / "pv" / "L" / ".." / "w" / "ckpt"), every=1)
+    assert store.directory == str(tmp_path / "elsewhere" / "w" / "ckpt")
+    assert not (tmp_path / "pv" / "w").exists()
+
+
+def test_a_typo_inside_a_config_file_is_warned_about(tmp_path):
+    """Before: ``c.base.stepz = 500`` in a user's config file was ignored without a word
+    (``--config.base.stepz=500`` is refused: no such field). The shipped configs have no key
+    a warning would name."""
+    from emit_jax import configs
+    from emit_jax.training.validate import known_keys, unknown_keys, validate_config
+
+    for name in ("grpo", "sft", "adfm", "adfm_emit", "internvl3_8b_grpo", "internvl3_8b_sft"):
+        assert unknown_keys(configs.load(name)) == (), name
+    assert {"base.steps", "grpo.lora.rank", "sft.train_llm"} <= known_keys()
+    cfg = configs.load("grpo:smoke", lock=False)
+    cfg.base.stepz = 500
+    settings = validate_config(cfg, num_devices=1)
+    assert settings.warnings() == ["warning: config base.stepz: no such setting, nothing reads "
+                                   "it (did you mean base.steps?)"]
+
+
+@pytest.mark.parametrize("spec, needle", [
+    (":smoke", "config ':smoke': no config file before the ':'"),
+    ("configs/grpo.py:", "config 'configs/grpo.py:': nothing after the ':'"),
+    ("LOOP", "a symbolic link to nothing (or a link loop)"),
+])
+def test_config_specs_said_as_they_are(tmp_path, spec, needle):
+    from emit_jax import configs
+    from emit_jax.errors import ConfigError
+
+    os.symlink(tmp_path / "loop.py", tmp_path / "loop.py")
+    with pytest.raises(ConfigError) as e:
+        configs.resolve(spec.replace("LOOP", str(tmp_path / "loop.py")))
+    assert needle in str(e.value), str(e.value)
+
+
+def test_aot_on_a_config_without_the_model_or_the_stage_is_one_line(tmp_path):
+    """Before: an ``AttributeError: "'arch'"`` traceback from the model builder."""
+    cfg = tmp_path / "empty.py"
+    cfg.write_text("import ml_collections\n\ndef get_config(arg=None):\n"
+                   "    return ml_collections.ConfigDict({})\n")
+    r = subprocess.run([sys.executable, "-m", "emit_jax.aot", "--config", str(cfg),
+                        "--topology", "v5e:2x2", "--stage", "sft"], cwd=ROOT,
+                       env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert_one_error(r.returncode, r.stderr, "config arch: missing (the model to compile needs "
+                     "it)", prog="emit_jax.aot")

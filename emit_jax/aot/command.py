@@ -62,8 +62,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"--json_out {args.json_out}: {e.strerror}") from None
             # before: --json_out onto the --config file replaced the config with the report
             check_not_input(args.json_out, {"--config": configs.resolve(args.config)[0]})
-        require_libtpu()
         cfg = configs.load(args.config, overrides + list(args.set))
+        wanted = [args.stage] if args.stage else list(cfg.get("stages", None) or ())
+        from emit_jax.training.config import STAGES  # noqa: PLC0415
+
+        for key in ["arch"] + [s for s in wanted if s in STAGES]:  # others: "unknown stage"
+            if key not in cfg:  # before: an AttributeError traceback from the model builder
+                what = "model" if key == "arch" else f"{key} stage"
+                raise ConfigError(f"config {key}: missing (the {what} to compile needs it)")
+        require_libtpu()
         only = tuple(x for x in args.programs.replace(" ", "").split(",") if x)
         # before the topology and the model (seconds): the programs the config's stages have
         check_program_names(only, [args.stage] if args.stage else

@@ -26,7 +26,15 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 def resolve(spec: str) -> tuple[str, str | None]:
     """``"configs/grpo.py:smoke"`` / ``"grpo:smoke"`` -> (file path, arg or None)."""
-    path, _, arg = spec.partition(":")
+    path, colon, arg = spec.partition(":")
+    if not path:  # before: "not found: .../configs/.py", a path the user never named
+        raise ConfigError(f"config {spec!r}: no config file before the ':'; e.g. "
+                          "configs/grpo.py:smoke")
+    if colon and not arg:  # before: taken as no variant, the whole recipe
+        raise ConfigError(f"config {spec!r}: nothing after the ':'; name a variant (e.g. "
+                          f"{path}:smoke) or leave the ':' out")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ConfigError(f"config file {path}: a symbolic link to nothing (or a link loop)")
     if not path.endswith(".py") and os.path.isfile(path):
         raise ConfigError(f"config file {path}: not a Python file (.py) with get_config(); "
                           "e.g. configs/grpo.py")

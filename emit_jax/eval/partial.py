@@ -32,6 +32,7 @@ import os
 from typing import Any, Sequence
 
 from emit_jax.errors import DataError
+from emit_jax.fileio import where_written
 
 SUFFIX = ".partial.jsonl"
 KIND = "partial answers"
@@ -212,7 +213,7 @@ class Writer:
 
     def __init__(self, path: str, head: dict[str, Any], keep: int, expect: Any = _ANY):
         self.path = path
-        folder = os.path.dirname(os.path.abspath(path))
+        folder = os.path.dirname(where_written(path))
         os.makedirs(folder, exist_ok=True)
         changed = DataError(f"{path}: another emit_jax.evaluate run changed it after this run "
                             "read it; rerun the same command to resume from what it holds now")

@@ -38,7 +38,7 @@ from flax import nnx
 
 from emit_jax import faults
 from emit_jax.errors import CheckpointError, interrupted
-from emit_jax.fileio import check_free_space, disk_full_error
+from emit_jax.fileio import check_free_space, disk_full_error, where_written
 from emit_jax.models import scan
 
 #: free space asked for beyond the arrays' bytes (Orbax's metadata files)
@@ -52,13 +52,13 @@ class StageCheckpoints:
         trainable ones: LoRA factors, the fully trained modules, BatchNorm statistics).
         ``name``: the stage, for messages and ``emit_jax.faults``."""
         self.filter = state_filter
-        self.directory, self.name = os.path.abspath(directory), name
+        self.directory, self.name = where_written(directory), name
         self._bytes = 0  # the size of the last checkpoint written, for a full disk's message
         _DiskFullLogs.install()
         os.makedirs(directory, exist_ok=True)
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=max(1, every),
                                             enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=opts,
+        self.manager = ocp.CheckpointManager(self.directory, options=opts,
                                              item_names=("state", "meta"))
 
     @property

@@ -42,6 +42,8 @@ class Settings:
     stages: tuple[str, ...]
     optim: dict[str, OptimConfig]
     grpo: GRPOConfig | None
+    #: keys of the config no shipped config has (a typo in a config file: ``base.stepz``)
+    unknown: tuple[str, ...] = ()
 
     def warnings(self) -> list[str]:
         """``warning:`` lines for valid but surprising values: a learning rate above
@@ -62,7 +64,59 @@ class Settings:
         out += [f"warning: config {key}={mb} is larger than a step's {rows} rows ({what}): the "
                 f"whole batch is one micro-batch, as with 0" for key, mb, rows, what in micro
                 if mb > rows]
+        out += [f"warning: config {key}: no such setting, nothing reads it{_did_you_mean(key)}"
+                for key in self.unknown]
         return out
+
+
+def known_keys() -> frozenset[str]:
+    """Every key (dotted) of every shipped config (``emit_jax/configs``, each variant): the
+    settings some part of the trainer reads."""
+    global _KNOWN
+    if _KNOWN is None:
+        import importlib
+        import pkgutil
+
+        from emit_jax import configs
+
+        keys: set[str] = set()
+        for mod in pkgutil.iter_modules(configs.__path__):
+            get = getattr(importlib.import_module(f"emit_jax.configs.{mod.name}"),
+                          "get_config", None)
+            for variant in (None, "smoke", "plain"):
+                try:
+                    keys |= set(_flat_keys(get(variant))) if get else set()
+                except (ValueError, ConfigError):  # a variant that config does not have
+                    pass
+        _KNOWN = frozenset(keys)
+    return _KNOWN
+
+
+_KNOWN: frozenset[str] | None = None
+
+
+def _flat_keys(cfg, prefix: str = "") -> list[str]:
+    """The dotted keys of a ConfigDict's leaves (sections recursed into)."""
+    out = []
+    for k, v in cfg.items():
+        if hasattr(v, "items") and not isinstance(v, dict):
+            out += _flat_keys(v, f"{prefix}{k}.")
+        else:
+            out.append(prefix + k)
+    return out
+
+
+def unknown_keys(cfg) -> tuple[str, ...]:
+    """The keys of ``cfg`` no shipped config has: each would be silently ignored."""
+    known = known_keys()
+    return tuple(k for k in _flat_keys(cfg) if k not in known)
+
+
+def _did_you_mean(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(known_keys()), n=1, cutoff=0.8)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 #: learning rates above this are warned about (the embedded default's highest is 1e-2)
@@ -325,4 +379,4 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     _kernels(cfg)
     _mesh(cfg, stages, num_devices)
     _batch_fits_host(cfg, stages, image_size)
-    return Settings(stages=stages, optim=optim, grpo=grpo)
+    return Settings(stages=stages, optim=optim, grpo=grpo, unknown=unknown_keys(cfg))

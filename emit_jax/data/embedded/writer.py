@@ -23,7 +23,7 @@ from emit_jax.data.embedded.sample import render_sample
 from emit_jax.data.embedded.seeding import _check_seed, _rng
 from emit_jax.data.embedded.text import description, domain_knowledge
 from emit_jax.errors import DataError
-from emit_jax.fileio import atomic_folder
+from emit_jax.fileio import atomic_folder, where_written
 
 _TOP_FILES = ("domain_knowledge.json", "splits.json", "manifest.json", "README.md",
               "LICENSE_NOTES.md")
@@ -116,7 +116,8 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bool = Fal
     _check_not_cwd(out_dir)
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise NotADirectoryError(f"{out_dir}: exists and is not a directory")
-    target = os.path.realpath(out_dir) if os.path.islink(out_dir) else os.path.abspath(out_dir)
+    # a link to a folder: its target; LINK/../NAME: as the kernel reads it (fileio.where_written)
+    target = os.path.realpath(out_dir) if os.path.islink(out_dir) else where_written(out_dir)
     keep: list[str] | None = None
     if os.path.isdir(target) and os.listdir(target):
         if not overwrite:
