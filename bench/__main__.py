@@ -149,7 +149,8 @@ def main(argv=None) -> int:
     ct.add_argument("--batch", type=cli.positive_int, default=2)
     ct.add_argument("--seq-len", type=cli.positive_int, default=256)
     ct.add_argument("--remat", action="store_true", help="under memory.remat")
-    ct.add_argument("--remat-policy", default="full", help="memory.remat_policy (with --remat)")
+    ct.add_argument("--remat-policy", default=None,
+                    help="memory.remat_policy (with --remat; default full)")
     for q in (r, gs, t, m, c, gp, ct):
         q.add_argument("--json", action="store_true", help="one JSON object per line (the default)")
     for q in (r, gs, t, gp):
@@ -194,8 +195,11 @@ def main(argv=None) -> int:
     elif args.what == "matmul":
         rows = [bench_matmul(args.n, args.repeats)]
     elif args.what == "compile_time":
+        if args.remat_policy is not None and not args.remat:  # before: ignored without a word
+            _usage_error("--remat-policy: only with --remat (it picks what the rematerialised "
+                         "layers keep)")
         rows = bench_compile_time(args.arch, args.text_layers, args.vit_layers, args.batch,
-                                  args.seq_len, args.remat, args.remat_policy)
+                                  args.seq_len, args.remat, args.remat_policy or "full")
     elif args.what == "gpu":
         import tempfile
 

@@ -305,7 +305,7 @@ def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, 
         raise DataError(f"{root}: --split {split!r} matches no image; the data's splits are "
                         f"{have} (or 'all')")
     dk_path = os.path.join(root, "domain_knowledge.json")
-    dk = load_domain_knowledge(dk_path if os.path.isfile(dk_path) else None, queries[0].dataset
+    dk = load_domain_knowledge(dk_path if os.path.lexists(dk_path) else None, queries[0].dataset
                                if queries else None) if domain_knowledge != "none" else None
     report = Report()
     qs = tasks.build_questions(queries, stage=2, seed=seed, references=refs, domain_knowledge=dk,

@@ -535,15 +535,17 @@ def read_json(path: str | os.PathLike, *, error: type[Exception] = ValueError,
     for nesting too deep or a number too long). The shape of the content is the caller's to
     check. ``object_pairs_hook`` is passed to :func:`json.load`."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f, object_pairs_hook=object_pairs_hook)
-    except FileNotFoundError:
-        problem = "no such file"
-    except OSError as e:
-        problem = f"cannot read ({e.strerror or e})"
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError included
-        problem = json_problem(e)
+    problem = not_a_file(path)  # a pipe would block the read; a link to nothing is said so
+    if problem is None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f, object_pairs_hook=object_pairs_hook)
+        except FileNotFoundError:
+            problem = "no such file"
+        except OSError as e:
+            problem = f"cannot read ({e.strerror or e})"
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError too
+            problem = json_problem(e)
     raise error(f"{path}: {problem}" if what is None else f"{path}: not {what} ({problem})"
                 ) from None
 

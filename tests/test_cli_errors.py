@@ -583,7 +583,7 @@ class TestEvaluate:
         os.mkdir(os.path.join(data, "mmad.json"))
         nothing_written()
         rc, err, _ = run_main(EVALUATE, evaluate_args(data, tmp_path))
-        assert_one_error(rc, err, os.path.join(data, "mmad.json"), "Is a directory",
+        assert_one_error(rc, err, os.path.join(data, "mmad.json"), "a folder",
                          prog=EVALUATE)
 
     def test_a_run_answering_into_the_same_out_is_refused_first(self, tmp_path,

@@ -313,3 +313,59 @@ def test_aot_on_a_config_without_the_model_or_the_stage_is_one_line(tmp_path):
                        env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert_one_error(r.returncode, r.stderr, "config arch: missing (the model to compile needs "
                      "it)", prog="emit_jax.aot")
+
+
+@pytest.mark.parametrize("name", ["splits.json", "domain_knowledge.json"])
+@pytest.mark.parametrize("kind", ["dangling", "pipe"])
+def test_a_side_file_that_is_a_dangling_link_or_a_pipe_is_refused(tmp_path, name, kind):
+    """Before: a ``splits.json`` that is a link to nothing or a pipe was ignored as if absent
+    (the test images then trained on with the rest), a ``domain_knowledge.json`` so made the
+    prompts go without it, without a word; ``--domain-knowledge PIPE`` blocked."""
+    src = make_mvtec(tmp_path / "ds", classes=("widget",))
+    side = os.path.join(src, name)
+    if kind == "dangling":
+        os.symlink(tmp_path / "nowhere.json", side)
+        needle = "a symbolic link to nothing (or a link loop)"
+    else:
+        os.mkfifo(side)
+        needle = "(a pipe)"
+    rc, err, _ = run_main("emit_jax.data.build", ["--source", src, "--out",
+                                                   str(tmp_path / "o.jsonl"), "--stage", "1"])
+    assert_one_error(rc, err, side, needle)
+    assert not os.path.exists(tmp_path / "o.jsonl")
+    if name == "domain_knowledge.json" and kind == "pipe":
+        rc, err, _ = run_main("emit_jax.data.build", [
+            "--source", make_mvtec(tmp_path / "ds2", classes=("widget",)), "--out",
+            str(tmp_path / "o.jsonl"), "--stage", "1", "--domain-knowledge", side])
+        assert_one_error(rc, err, side, needle)
+
+
+def test_class_names_that_differ_only_in_unicode_normalisation_are_said_so(tmp_path):
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", "c\u00e2ble")
+    src = make_mvtec(tmp_path / "ds", classes=(nfd,))
+    with open(os.path.join(src, "domain_knowledge.json"), "w", encoding="utf-8") as f:
+        json.dump({"ds": {"c\u00e2ble": {"good": "a cable", "dent": "a dent",
+                                         "smear": "a smear"}}}, f)
+    rc, err, _ = run_main("emit_jax.data.build", ["--source", src, "--out",
+                                                   str(tmp_path / "o.jsonl"), "--stage", "1"])
+    assert_one_error(rc, err, "no domain knowledge for class(es)",
+                     "differ(s) from the file's name only in Unicode normalisation")
+
+
+@pytest.mark.parametrize("module, args, needle", [
+    ("bench", ["compile_time", "--remat-policy", "full"], "--remat-policy: only with --remat"),
+    ("emit_jax.aot", ["--config", "configs/grpo.py:smoke", "--topology", "v5e:2x2",
+                      "--programs", ""], "argument --programs: empty"),
+    ("emit_jax.demo", ["--workdir", ""], "argument --workdir: empty"),
+])
+def test_flags_given_empty_or_without_their_partner_are_refused(module, args, needle):
+    """Before: ``bench compile_time --remat-policy`` without ``--remat`` ran without remat,
+    ``aot --programs ''`` compiled every program, ``demo --workdir ''`` wrote to a
+    temporary folder."""
+    r = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=subprocess_env(),
+                       capture_output=True, text=True, timeout=300)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert needle in lines[-1], r.stderr[-2000:]

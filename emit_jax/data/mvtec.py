@@ -148,7 +148,7 @@ def _find_mask(gt_dir: str, stem: str) -> str | None:
 
 def _read_splits(root: str) -> dict[str, str] | None:
     path = os.path.join(root, "splits.json")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):  # a link to nothing or a pipe there is refused, not ignored
         return None
     data = read_json(path, error=DataError, what="a valid splits file",
                      object_pairs_hook=_pairs_once)

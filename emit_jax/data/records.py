@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import unicodedata
 from collections import Counter
 
 from emit_jax.data import adfm, jsonl, mmad, tasks
@@ -85,16 +86,21 @@ def build(source: str, out: str, stage: int, *, seed: int = 0, split: str | None
     if not items:
         raise DataError(f"{source}: no images{f' in split {split!r}' if split else ''}")
     dk_path = domain_knowledge or (os.path.join(source, "domain_knowledge.json")
-                                   if os.path.isfile(os.path.join(source, "domain_knowledge.json"))
+                                   if os.path.lexists(os.path.join(source, "domain_knowledge.json"))
                                    else None)
     if not adfm_frame:  # the domain knowledge before the work (AD-FM records use none)
         dk = load_domain_knowledge(dk_path, items[0].dataset)
         missing = sorted({it.object_type for it in items} - set(dk)) if dk_path else []
         if missing:  # its prompts would silently go without domain knowledge
+            nfc = {unicodedata.normalize("NFC", k) for k in dk}
+            same = [m for m in missing if unicodedata.normalize("NFC", m) in nfc]
+            why = (f"; {', '.join(map(repr, same))} differ(s) from the file's name only in "
+                   "Unicode normalisation (e.g. NFD folder names, as macOS writes them, against "
+                   "NFC keys): rename so they match byte for byte") if same else ""
             raise DataError(f"{dk_path}: no domain knowledge for class(es) "
                             f"{', '.join(map(repr, missing))} of {source} (it has "
                             f"{', '.join(map(repr, sorted(dk))) or 'none'}); add them, or give "
-                            f"another --domain-knowledge file")
+                            f"another --domain-knowledge file{why}")
     if embedding == "auto":
         embedding = "vit" if vit_model is not None else "pixels"
     if embedding == "vit":

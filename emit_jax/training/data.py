@@ -62,7 +62,7 @@ def tokenizer_for(workdir: str, dataset_root: str | None):
     corpus = list(default_corpus())
     if dataset_root:
         dk = os.path.join(dataset_root, "domain_knowledge.json")
-        if os.path.isfile(dk):  # read and checked as data.build reads it (one line if bad)
+        if os.path.lexists(dk):  # read and checked as data.build reads it (one line if bad)
             for cls in load_domain_knowledge(dk).values():
                 corpus.extend(str(v) for v in cls.values())
         desc_root = os.path.join(dataset_root, "descriptions")
@@ -281,7 +281,7 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
     refs = tasks.select_references(items, tasks.pixel_embedder(),
                                    pool=lambda it: split(it, "train"))
     dk_path = os.path.join(dataset_root, "domain_knowledge.json")
-    dk = load_domain_knowledge(dk_path if os.path.isfile(dk_path) else None, items[0].dataset) \
+    dk = load_domain_knowledge(dk_path if os.path.lexists(dk_path) else None, items[0].dataset) \
         if domain_knowledge else None
     report = Report()  # errors raise; empty masks relabelled normal are counted
     kw = dict(seed=seed, references=refs, domain_knowledge=dk, dk_sentences=dk_sentences,
