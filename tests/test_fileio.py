@@ -182,7 +182,19 @@ def test_read_json_errors_are_one_line_naming_the_file(tmp_path, content, proble
 def test_read_json_unreadable(tmp_path):
     with pytest.raises(MyError) as e:
         read_json(tmp_path, error=MyError)  # a folder
-    assert _one_line(str(e.value)).startswith(f"{tmp_path}: cannot read (")
+    assert str(e.value) == f"{tmp_path}: a folder"
+    os.mkfifo(tmp_path / "pipe.json")  # before: the read blocked for ever
+    with pytest.raises(MyError, match=r"pipe.json: not valid JSON \(a pipe\)$"):
+        read_json(tmp_path / "pipe.json", error=MyError, what="valid JSON")
+    os.symlink(tmp_path / "nowhere", tmp_path / "link.json")
+    with pytest.raises(MyError, match=r"link.json: a symbolic link to nothing \(or a link "
+                       r"loop\)$"):
+        read_json(tmp_path / "link.json", error=MyError)
+    (tmp_path / "locked.json").write_text("{}")
+    os.chmod(tmp_path / "locked.json", 0)
+    if os.geteuid() != 0:  # root reads it anyway
+        with pytest.raises(MyError, match=r"locked.json: cannot read \("):
+            read_json(tmp_path / "locked.json", error=MyError)
 
 
 # ------------------------------------------------------------------------------ JSON lines

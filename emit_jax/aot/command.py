@@ -31,7 +31,7 @@ def _parser() -> cli.Parser:
     p.add_argument("--mesh", default=None, help='default: config.mesh; e.g. "fsdp=4"')
     p.add_argument("--stage", default=None,
                    help="compile this stage (default: the largest of config.stages, as plan)")
-    p.add_argument("--programs", default="", type=cli.nonempty, help="only these, comma-separated (sft: "
+    p.add_argument("--programs", default=None, type=cli.nonempty, help="only these, comma-separated (sft: "
                    "train_step; grpo: sampler, score, train_step)")
     p.add_argument("--prompt_len", type=cli.int_in(1, cli.MAX_TOKENS), default=None,
                    help="prompt tokens (default: the largest data.length_buckets)")
@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 what = "model" if key == "arch" else f"{key} stage"
                 raise ConfigError(f"config {key}: missing (the {what} to compile needs it)")
         require_libtpu()
-        only = tuple(x for x in args.programs.replace(" ", "").split(",") if x)
+        only = tuple(x for x in (args.programs or "").replace(" ", "").split(",") if x)
         # before the topology and the model (seconds): the programs the config's stages have
         check_program_names(only, [args.stage] if args.stage else
                             list(cfg.get("stages", None) or ()))
