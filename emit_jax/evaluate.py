@@ -797,6 +797,9 @@ def _main(argv, signals: Signals) -> int:
                    "of the same --out kept in <out>.partial.jsonl; without it a rerun resumes "
                    "from them, and refuses them if they were made with other settings")
     a = p.parse_args(argv)
+    if a.restart and a.out is None:  # before: accepted without a word
+        raise ConfigError("--restart: only with --out (it starts over the answers kept in "
+                          "<out>.partial.jsonl; without --out none are kept)")
 
     evaluate(a.checkpoint, a.data, limit=a.limit, out=a.out, think=a.think, max_tiles=a.max_tiles,
              max_new_tokens=a.max_new_tokens, split=a.split, seed=a.seed, parse=a.parse,

@@ -19,8 +19,8 @@ import numpy as np
 
 from emit_jax import cli
 from emit_jax.data.image import load_image, to_display, to_tile
-from emit_jax.errors import ConfigError
-from emit_jax.fileio import atomic_path, check_not_input, check_writable
+from emit_jax.errors import ConfigError, show_path
+from emit_jax.fileio import atomic_path, check_not_input, check_writable, output_lock
 from emit_jax.models.emit import EMITConfig, contrastive_heatmap
 
 
@@ -107,6 +107,30 @@ def image_format(out: str) -> str:
     return ext
 
 
+def _figure(args) -> tuple[np.ndarray, dict]:
+    """The heat map of ``args.query`` against ``args.reference``, drawn to ``args.out`` (the
+    notes its inputs call for printed first): ``(heat [h, w], info)``."""
+    heat, q, r, info = compute_heatmap(args.query, args.reference, checkpoint=args.checkpoint,
+                                       arch=args.arch or "tiny", window=args.window,
+                                       layers=args.layers)
+    if os.path.realpath(args.query) == os.path.realpath(args.reference):  # said once both read
+        print(f"warning: --query and --reference are the same image ({args.query}): the heat map "
+              "compares it with itself and is zero everywhere", file=sys.stderr)
+    if info["window"] >= info["grid"]:  # every window covers the whole grid
+        print(f"note: --window {info['window']} reaches past the {info['grid']}x{info['grid']} "
+              f"heat-map grid: each patch is compared with every reference patch (the same map "
+              f"as --window {info['grid'] - 1})", file=sys.stderr)
+    for flag in ("query", "reference"):  # a heat-map cell would be less than one of its pixels
+        w, hgt = info[f"{flag}_size"]
+        if min(w, hgt) < info["grid"]:
+            print(f"note: --{flag} {getattr(args, flag)} is {w}x{hgt} pixels, fewer than the "
+                  f"heat map's {info['grid']}x{info['grid']} cells; it is upscaled to "
+                  f"{info['image_size']}x{info['image_size']} and its map says little",
+                  file=sys.stderr)
+    render(heat, q, r, args.out, title=os.path.basename(args.query))
+    return heat, info
+
+
 def main(argv=None) -> int:
     from emit_jax.models.architectures import ARCHITECTURES
 
@@ -131,24 +155,11 @@ def main(argv=None) -> int:
                                "--checkpoint": args.checkpoint})
     image_format(args.out)  # the output path before any work: a known image type, writable
     check_writable(args.out)
-    heat, q, r, info = compute_heatmap(args.query, args.reference, checkpoint=args.checkpoint,
-                                       arch=args.arch or "tiny", window=args.window,
-                                       layers=args.layers)
-    if os.path.realpath(args.query) == os.path.realpath(args.reference):  # said once both read
-        print(f"warning: --query and --reference are the same image ({args.query}): the heat map "
-              "compares it with itself and is zero everywhere", file=sys.stderr)
-    if info["window"] >= info["grid"]:  # every window covers the whole grid
-        print(f"note: --window {info['window']} reaches past the {info['grid']}x{info['grid']} "
-              f"heat-map grid: each patch is compared with every reference patch (the same map "
-              f"as --window {info['grid'] - 1})", file=sys.stderr)
-    for flag in ("query", "reference"):  # a heat-map cell would be less than one of its pixels
-        w, hgt = info[f"{flag}_size"]
-        if min(w, hgt) < info["grid"]:
-            print(f"note: --{flag} {getattr(args, flag)} is {w}x{hgt} pixels, fewer than the "
-                  f"heat map's {info['grid']}x{info['grid']} cells; it is upscaled to "
-                  f"{info['image_size']}x{info['image_size']} and its map says little",
-                  file=sys.stderr)
-    render(heat, q, r, args.out, title=os.path.basename(args.query))
+    # one writer per --out: a second run onto the same figure stops at once (both used to
+    # finish, one figure silently lost)
+    with output_lock(args.out, what=f"--out {show_path(args.out)}: another visualize is "
+                     "writing it", hint="wait for it to end, or choose another --out"):
+        heat, info = _figure(args)
     i, j = np.unravel_index(int(np.argmax(heat)), heat.shape)
     info.update(out=args.out, peak_cell=[int(i), int(j)], peak=float(heat.max()),
                 median=float(np.median(heat)))

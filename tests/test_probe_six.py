@@ -369,3 +369,70 @@ def test_flags_given_empty_or_without_their_partner_are_refused(module, args, ne
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert needle in lines[-1], r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--seeds", "0"], "argument --seeds: must be >= 1"),
+    (["--rows", ","], "--rows ',': no row named"),
+    (["--rows", "nope"], "--rows: unknown row(s) ['nope']"),
+    (["--config", "nope.py", "--rows", "base model"], "config file not found: nope.py"),
+    (["--set", "foo", "--rows", "base model"], "'foo': expected KEY=VALUE"),
+    (["--workdir", "", "--rows", "base model"], "argument --workdir: empty"),
+    (["--workdir", "FILE", "--rows", "base model"], "a file, not a folder"),
+])
+def test_table1_bad_arguments_are_one_line(tmp_path, args, needle):
+    """Before: tracebacks (a missing config, a bad --set, a file as --workdir, after the
+    work), argparse's usage block before the error, and ``--rows ,`` replaced an earlier
+    table1.md / table1.json with an empty table."""
+    (tmp_path / "FILE").write_text("x")
+    (tmp_path / "table1.md").write_text("earlier table")
+    args = [str(tmp_path / "FILE") if a == "FILE" else a for a in args]
+    rc, err, _ = run_main("emit_jax.experiments.table1",
+                          args + ([] if "--workdir" in args else ["--workdir", str(tmp_path)]))
+    assert_one_error(rc, err, needle)
+    assert (tmp_path / "table1.md").read_text() == "earlier table"
+
+
+@pytest.mark.parametrize("code, needle", [("0", "it called sys.exit(0)"),
+                                          ("'boom'", "it called sys.exit('boom')")])
+def test_a_config_file_that_exits_is_one_line(tmp_path, code, needle):
+    """Before: ``sys.exit(0)`` in a config file ended ``train`` / ``plan`` / ``aot`` with exit 0
+    and no output; ``sys.exit('boom')`` printed ``boom`` alone."""
+    cfg = tmp_path / "exits.py"
+    cfg.write_text(f"import sys\nsys.exit({code})\n")
+    rc, err, _ = run_main("emit_jax.plan.command", ["--config", str(cfg)])
+    assert_one_error(rc, err, f"config file {cfg} failed to load", needle)
+
+
+def test_contradictory_build_and_evaluate_flags_are_refused(tmp_path):
+    """Before: ``data.build --adfm-frame`` wrote the same records with or without
+    ``--text-samples`` / ``--domain-knowledge`` (ignored without a word); ``evaluate
+    --restart`` without ``--out`` had nothing to restart."""
+    src = make_mvtec(tmp_path / "ds", classes=("widget",))
+    for extra in (["--text-samples"], ["--domain-knowledge", str(tmp_path / "dk.json")]):
+        rc, err, _ = run_main("emit_jax.data.build", ["--source", src, "--out",
+                                                       str(tmp_path / "o.jsonl"), "--stage", "1",
+                                                       "--adfm-frame", "448", *extra])
+        assert_one_error(rc, err, f"{extra[0]}: not used with --adfm-frame")
+    rc, err, _ = run_main("emit_jax.data.build", ["--source", src, "--out",
+                                                   str(tmp_path / "o.jsonl"), "--stage", "2",
+                                                   "--adfm-frame", "448"])
+    assert rc == 0 and err.strip() == ("note: --stage 2 with --adfm-frame: AD-FM records are "
+                                       "the same for both stages"), err
+    rc, err, _ = run_main("emit_jax.evaluate", ["--checkpoint", str(tmp_path), "--data", src,
+                                                "--restart"])
+    assert_one_error(rc, err, "--restart: only with --out")
+
+
+def test_two_visualize_runs_onto_one_figure_the_second_is_refused(tmp_path):
+    from emit_jax.fileio import output_lock
+
+    src = make_mvtec(tmp_path / "ds", classes=("widget",))
+    out = tmp_path / "map.png"
+    with output_lock(out, what="held by this test", hint="-"):
+        rc, err, _ = run_main("emit_jax.visualize", [
+            "heatmap", "--query", os.path.join(src, "widget", "test", "dent", "000.png"),
+            "--reference", os.path.join(src, "widget", "train", "good", "000.png"),
+            "--out", str(out)])
+        assert_one_error(rc, err, f"--out {out}: another visualize is writing it (pid ")
+    assert os.listdir(tmp_path) == ["ds"]

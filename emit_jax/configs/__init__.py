@@ -65,6 +65,9 @@ def load(spec: str, overrides: Sequence[str] | Mapping[str, Any] = (), *,
         cfg = get_config(arg) if arg is not None else get_config()
     except ConfigError as e:  # the recipe's own check, e.g. an unknown variant
         raise ConfigError(f"config {spec}: {e}") from None
+    except SystemExit as e:  # before: exit 0 and no output at all (or the bare message)
+        raise ConfigError(f"config file {path} failed to load: it called sys.exit"
+                          f"({'' if e.code is None else repr(e.code)})") from None
     except Exception as e:  # noqa: BLE001 - any failure of the user's file is bad input
         raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from None
     if not isinstance(cfg, ml_collections.ConfigDict):

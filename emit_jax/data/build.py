@@ -67,6 +67,15 @@ def main(argv=None) -> int:
     check_not_input(a.out, {"--source": a.source, "--domain-knowledge": a.domain_knowledge,
                             "--checkpoint": a.checkpoint})
     check_writable(a.out)  # a device, pipe or link at --out, an unwritable folder: before work
+    if a.adfm_frame:  # AD-FM records are one kind for both stages, without these
+        ignored = [f for f, on in (("--text-samples", a.text_samples),
+                                   ("--domain-knowledge", a.domain_knowledge)) if on]
+        if ignored:  # before: accepted, and the records byte for byte the same without them
+            raise ConfigError(f"{' and '.join(ignored)}: not used with --adfm-frame (AD-FM "
+                              "records have no text samples and no domain knowledge)")
+        if a.stage == 2:
+            print("note: --stage 2 with --adfm-frame: AD-FM records are the same for both "
+                  "stages", file=sys.stderr)
     if a.checkpoint and a.embedding == "pixels":  # before: loaded for nothing, or not at all
         raise ConfigError("--checkpoint: only read with --embedding vit or auto (it gives the ViT "
                           "that picks the references); --embedding pixels uses none")

@@ -25,7 +25,6 @@ continues where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -33,8 +32,9 @@ from collections import Counter
 
 import numpy as np
 
-from emit_jax import configs
-from emit_jax.fileio import atomic_output
+from emit_jax import cli, configs
+from emit_jax.errors import ConfigError, show_path
+from emit_jax.fileio import atomic_output, check_no_control
 
 TASK_COLUMNS = ("Anomaly Discrimination", "Defect Classification", "Defect Localization",
                 "Object Classification")
@@ -149,22 +149,26 @@ def summarize(results: list[dict]) -> tuple[str, dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m emit_jax.experiments.table1",
-                                 description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
-    ap.add_argument("--workdir", default="runs/table1")
+    ap = cli.Parser(prog="python -m emit_jax.experiments.table1",
+                    description=__doc__.split("\n\n")[0], error_type=ConfigError)
+    ap.add_argument("--seeds", type=cli.positive_int, default=3, help="number of seeds (0, 1, ...)")
+    ap.add_argument("--workdir", type=cli.nonempty, default="runs/table1")
     ap.add_argument("--config", default=os.path.join("configs", "grpo.py"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set grpo.steps=20 (repeatable)")
     ap.add_argument("--rows", default=",".join(ROWS),
                     help="comma-separated subset of the rows (default: all)")
     args = ap.parse_args(argv)
-    if args.seeds < 1:
-        ap.error("--seeds must be >= 1")
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
-        ap.error(f"unknown row(s) {unknown}; known: {list(ROWS)}")
+        raise ConfigError(f"--rows: unknown row(s) {unknown}; known: {list(ROWS)}")
+    if not rows:  # before: nothing ran and table1.md / .json were replaced by an empty table
+        raise ConfigError(f"--rows {args.rows!r}: no row named; known: {list(ROWS)}")
+    check_no_control(args.workdir)
+    if os.path.lexists(args.workdir) and not os.path.isdir(args.workdir):
+        raise ConfigError(f"--workdir {show_path(args.workdir)}: a file, not a folder (name the "
+                          "table's folder)")
     overrides = configs.parse_sets(args.set)
     configs.load(args.config, overrides)  # fail early on a bad config or override
     results = []
@@ -175,13 +179,12 @@ def main(argv=None) -> int:
             results.append(run_row(args.config, overrides, seed, seed_dir, row))
     table, data = summarize(results)
     print(table)
-    os.makedirs(args.workdir, exist_ok=True)
-    with open(os.path.join(args.workdir, "table1.md"), "w", encoding="utf-8") as f:
+    with atomic_output(os.path.join(args.workdir, "table1.md")) as f:
         f.write(table)
-    with open(os.path.join(args.workdir, "table1.json"), "w", encoding="utf-8") as f:
+    with atomic_output(os.path.join(args.workdir, "table1.json")) as f:
         json.dump({"rows": data, "runs": results, "overrides": overrides}, f, indent=1)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.command(main, prog="python -m emit_jax.experiments.table1")
