@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from emit_jax.errors import interrupted
-from emit_jax.fileio import atomic_folder, disk_full_error, read_json, where_written
+from emit_jax.fileio import atomic_folder, disk_full_error, not_a_file, read_json, where_written
 from emit_jax.hf import CheckpointError, copy_assets
 from emit_jax.models import scan
 from emit_jax.models.config import ConfigError, InternVLConfig
@@ -129,6 +129,9 @@ def _interrupts_deferred():
 
 def read_meta(path: str | os.PathLike) -> dict:
     meta_path = os.path.join(os.fspath(path), META_FILE)
+    if not_a_file(meta_path):  # before: "not found", for a folder or a pipe that is there
+        raise CheckpointError(f"{meta_path}: {not_a_file(meta_path)}, not a checkpoint's "
+                              "metadata file")
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{meta_path}: not found; {path} is not an emit_jax model checkpoint")
     meta = read_json(meta_path, error=CheckpointError, what="valid JSON")

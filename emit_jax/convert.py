@@ -17,14 +17,13 @@ Two folder formats are read (single or sharded safetensors, stored dtypes kept):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 from emit_jax import checkpoint, cli, hf
 from emit_jax.errors import ConfigError
 from emit_jax.fileio import (check_free_space, check_new_folder, check_not_input, check_utf8_path,
-                             json_problem)
+                             read_json)
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -92,13 +91,12 @@ def main(argv=None) -> int:
                           "emit_extras.safetensors)")
     for name in ("tokenizer.json", "tokenizer_config.json"):  # copied into the checkpoint as is
         path = os.path.join(args.hf, name)
-        if os.path.isfile(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    json.load(f)
-            except (ValueError, RecursionError) as e:  # before: copied; evaluate failed on it
-                raise ConfigError(f"{path}: not a readable tokenizer file ({json_problem(e)}); "
-                                  "the checkpoint would carry a tokenizer no command can load")
+        if os.path.lexists(path):  # a folder or a pipe there was left out without a word
+            try:  # before: copied; evaluate failed on it
+                read_json(path, error=ConfigError, what="a readable tokenizer file")
+            except ConfigError as e:
+                raise ConfigError(f"{e}; the checkpoint would carry a tokenizer no command can "
+                                  "load") from None
     check_new_folder(args.out, hint="choose a new checkpoint path")  # before the model is loaded
     extra = {}
     if chat:

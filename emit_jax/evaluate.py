@@ -98,7 +98,7 @@ import numpy as np
 
 from emit_jax import cli
 from emit_jax.errors import CheckpointError, ConfigError, ImageError, MMADError
-from emit_jax.fileio import atomic_output, check_not_input, check_writable
+from emit_jax.fileio import atomic_output, check_not_input, check_writable, nearest_existing
 from emit_jax.data.tasks import AD_ORDERS
 
 # jax and the models are imported where used: `python -m emit_jax.evaluate` handles SIGINT /
@@ -135,7 +135,8 @@ def check_checkpoint(checkpoint: str) -> tuple[bool, str]:
     from emit_jax import checkpoint as ckpt
     from emit_jax import hf
 
-    is_hf = os.path.isfile(os.path.join(checkpoint, "config.json"))
+    # a config.json that is there but no file (a folder, a pipe) is said as such by read_config
+    is_hf = os.path.lexists(os.path.join(checkpoint, "config.json"))
     if is_hf:
         hf.read_config(checkpoint)
     else:
@@ -537,6 +538,16 @@ def check_out_is_a_file(out: str) -> None:
         raise ConfigError(f"--out {out}: exists and is not a regular file ({what}); choose "
                           "another path")
     answers_path = partial.path_for(out)
+    try:
+        longest = os.pathconf(nearest_existing(os.path.dirname(os.path.abspath(out))),
+                              "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    if len(os.fsencode(os.path.basename(answers_path))) > longest:  # before: "exists and is not
+        # a regular file (cannot be looked at: File name too long)", of a file that is not there
+        raise ConfigError(f"--out {out}: its partial-answers file's name "
+                          f"({os.path.basename(out)}{partial.SUFFIX}) would be longer than the "
+                          f"file system's {longest} bytes; choose a shorter --out")
     what = _not_regular(answers_path)
     if what is None and os.path.isdir(answers_path):
         what = "a folder"

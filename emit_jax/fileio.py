@@ -200,7 +200,8 @@ def atomic_folder(path: str | os.PathLike, *, hint: str = "choose a new folder",
     try:
         os.makedirs(parent, exist_ok=True)
         if tmp is None:
-            tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+            # the name cut short: a legal 255-byte name must not make the temporary one too long
+            tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path)[:64] + "-", dir=parent)
             os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700
         else:
             tmp = os.path.abspath(os.fspath(tmp))
@@ -489,8 +490,7 @@ def output_lock(out: str | os.PathLike, *, what: str, hint: str) -> Iterator[Non
         with contextlib.ExitStack() as stack:
             try:
                 os.makedirs(folder, exist_ok=True)
-                stack.enter_context(hold_lock(os.path.join(folder, f".{os.path.basename(out)}"
-                                                           ".lock"), what=what, hint=hint,
+                stack.enter_context(hold_lock(_lock_name(out), what=what, hint=hint,
                                               remove=True))
             except LockedError:
                 raise
@@ -501,6 +501,18 @@ def output_lock(out: str | os.PathLike, *, what: str, hint: str) -> Iterator[Non
     finally:
         if not done:
             _remove_folders(created)
+
+
+def _lock_name(out: str) -> str:
+    """The lock file of :func:`output_lock` beside ``out``: ``.<name>.lock``; for a name so
+    long that this would pass the file system's limit, ``.<first 64 bytes>-<hash>.lock``."""
+    import hashlib
+
+    name = os.path.basename(out)
+    if len(os.fsencode(name)) > 200:
+        digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+        name = os.fsdecode(os.fsencode(name)[:64]).rstrip("\udcff") + "-" + digest
+    return os.path.join(os.path.dirname(out), f".{name}.lock")
 
 
 def _same_file(fd: int, path: str) -> bool:

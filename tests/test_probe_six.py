@@ -436,3 +436,74 @@ def test_two_visualize_runs_onto_one_figure_the_second_is_refused(tmp_path):
             "--out", str(out)])
         assert_one_error(rc, err, f"--out {out}: another visualize is writing it (pid ")
     assert os.listdir(tmp_path) == ["ds"]
+
+
+def test_legal_255_byte_output_names(tmp_path, tiny_model):
+    """Before: a legal 255-byte ``--out`` was "File name too long" in ``data.build`` (its
+    lock file's name) and in ``convert`` / ``export`` (their temporary folder's, which the
+    message named); ``evaluate`` said its partial-answers file "exists and is not a regular
+    file" where the derived name was too long."""
+    src = make_mvtec(tmp_path / "ds", classes=("widget",))
+    name = "b" * 249 + ".jsonl"
+    rc, err, _ = run_main("emit_jax.data.build", ["--source", src, "--out",
+                                                   str(tmp_path / name), "--stage", "1"])
+    assert rc == 0, err
+    assert sorted(os.listdir(tmp_path)) == sorted(["ds", name])
+    out = tmp_path / ("c" * 255)
+    rc, err, _ = run_main("emit_jax.convert", ["--hf", tiny_model["hf"], "--out", str(out)])
+    assert rc == 0 and os.path.isdir(out), err
+    long_json = str(tmp_path / ("a" * 245 + ".json"))
+    rc, err, _ = run_main("emit_jax.evaluate", ["--checkpoint", tiny_model["hf"], "--data", src,
+                                                "--out", long_json])
+    assert_one_error(rc, err, "its partial-answers file's name", "would be longer than the "
+                     "file system's 255 bytes; choose a shorter --out")
+
+
+def test_side_files_that_are_folders_are_said_so(tmp_path, tiny_model):
+    """Before: a ``tokenizer.json`` that is a folder was left out of ``convert``'s checkpoint
+    without a word and gave transformers' text in ``evaluate``; a ``config.json`` or
+    ``emit_jax.json`` that is a folder was "not found"."""
+    from emit_jax.data.tokenizer import load_tokenizer
+    from emit_jax.errors import TokenizerError
+
+    src = make_mvtec(tmp_path / "ds", classes=("widget",))
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(tiny_model["hf"], hf_dir)
+    if not os.path.exists(hf_dir / "tokenizer.json"):
+        (hf_dir / "tokenizer_config.json").write_text("{}")
+    else:
+        os.remove(hf_dir / "tokenizer.json")
+    os.mkdir(hf_dir / "tokenizer.json")
+    rc, err, _ = run_main("emit_jax.convert", ["--hf", str(hf_dir), "--out", str(tmp_path / "c")])
+    assert_one_error(rc, err, f"{hf_dir / 'tokenizer.json'}: not a readable tokenizer file "
+                     "(a folder)")
+    with pytest.raises(TokenizerError, match=r"tokenizer.json: a folder, not a tokenizer file"):
+        load_tokenizer(hf_dir)
+    cfg_dir = tmp_path / "hf2"
+    shutil.copytree(tiny_model["hf"], cfg_dir)
+    os.remove(cfg_dir / "config.json")
+    os.mkdir(cfg_dir / "config.json")
+    rc, err, _ = run_main("emit_jax.evaluate", ["--checkpoint", str(cfg_dir), "--data", src])
+    assert_one_error(rc, err, f"{cfg_dir / 'config.json'}: a folder, not a config file")
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_model["ckpt"], ck)
+    os.remove(ck / "emit_jax.json")
+    os.mkdir(ck / "emit_jax.json")
+    rc, err, _ = run_main("emit_jax.export", ["--checkpoint", str(ck), "--out",
+                                              str(tmp_path / "x")])
+    assert_one_error(rc, err, f"{ck / 'emit_jax.json'}: a folder, not a checkpoint's metadata")
+
+
+def test_an_empty_config_spec_and_plan_warns_of_unknown_keys(tmp_path):
+    from emit_jax import configs
+    from emit_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="config: empty; name a config file"):
+        configs.resolve("")
+    cfg = tmp_path / "typo.py"
+    cfg.write_text("from emit_jax.configs.grpo import get_config as g\n\n"
+                   "def get_config(arg=None):\n    c = g('smoke')\n    c.base.stepz = 5\n"
+                   "    return c\n")
+    rc, err, _ = run_main("emit_jax.plan.command", ["--config", str(cfg)])
+    assert rc == 0 and err.splitlines()[0] == ("warning: config base.stepz: no such setting, "
+                                               "nothing reads it (did you mean base.steps?)"), err

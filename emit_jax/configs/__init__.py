@@ -27,6 +27,8 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 def resolve(spec: str) -> tuple[str, str | None]:
     """``"configs/grpo.py:smoke"`` / ``"grpo:smoke"`` -> (file path, arg or None)."""
     path, colon, arg = spec.partition(":")
+    if not spec.strip():
+        raise ConfigError("config: empty; name a config file, e.g. configs/grpo.py:smoke")
     if not path:  # before: "not found: .../configs/.py", a path the user never named
         raise ConfigError(f"config {spec!r}: no config file before the ':'; e.g. "
                           "configs/grpo.py:smoke")

@@ -168,9 +168,16 @@ def has_tokenizer_files(folder: str | os.PathLike) -> bool:
 def check_tokenizer_folder(path: str | os.PathLike) -> None:
     """The cheap check of a tokenizer folder, reading nothing: it exists and holds tokenizer
     files (:class:`TokenizerError` naming it otherwise)."""
+    from emit_jax.fileio import not_a_file
+
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise TokenizerError(f"{show_path(path)}: no such tokenizer folder")
+    for name in TOKENIZER_FILES:  # there, but a folder or a pipe: transformers' text before
+        kind = not_a_file(os.path.join(path, name))
+        if kind:
+            raise TokenizerError(f"{show_path(os.path.join(path, name))}: {kind}, not a "
+                                 "tokenizer file")
     if not has_tokenizer_files(path):
         raise TokenizerError(f"{show_path(path)}: no tokenizer files "
                              f"({' / '.join(TOKENIZER_FILES)})")

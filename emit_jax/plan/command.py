@@ -50,6 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.device not in DEVICES:
             raise PlanError(f"unknown device {args.device!r}; known: {', '.join(DEVICES)}")
         cfg = configs.load(args.config, overrides + list(args.set))
+        from emit_jax.training.validate import unknown_key_line, unknown_keys  # noqa: PLC0415
+
+        for key in unknown_keys(cfg):  # as train says it (a typo inside a config file)
+            print(unknown_key_line(key), file=sys.stderr)
         mesh = resolve_mesh(args.mesh, args.devices)
         rep = make_report(cfg, args.config, mesh, args.device, args.headroom, stage=args.stage,
                           prompt_len=args.prompt_len, label_tokens=args.label_tokens,

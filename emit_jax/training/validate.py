@@ -64,8 +64,7 @@ class Settings:
         out += [f"warning: config {key}={mb} is larger than a step's {rows} rows ({what}): the "
                 f"whole batch is one micro-batch, as with 0" for key, mb, rows, what in micro
                 if mb > rows]
-        out += [f"warning: config {key}: no such setting, nothing reads it{_did_you_mean(key)}"
-                for key in self.unknown]
+        out += [unknown_key_line(key) for key in self.unknown]
         return out
 
 
@@ -110,6 +109,11 @@ def unknown_keys(cfg) -> tuple[str, ...]:
     """The keys of ``cfg`` no shipped config has: each would be silently ignored."""
     known = known_keys()
     return tuple(k for k in _flat_keys(cfg) if k not in known)
+
+
+def unknown_key_line(key: str) -> str:
+    """The ``warning:`` line for a config key no shipped config has."""
+    return f"warning: config {key}: no such setting, nothing reads it{_did_you_mean(key)}"
 
 
 def _did_you_mean(key: str) -> str:
