@@ -111,12 +111,13 @@ def main(argv=None) -> int:
                     help="train a LoRA policy of this rank (0: full fine-tuning, as the peers)")
     gs.add_argument("--resample-groups", type=cli.nonneg_int, default=0, metavar="K",
                     help="also regenerate K groups a step, as a resampling round")
-    gs.add_argument("--sampler", default="new", choices=sorted(SAMPLERS),
+    gs.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
                     help="today: LoRA unmerged, resampling rounds padded to all prompts; new: "
-                         "the grpo.sampler defaults (merged, padded to a power of two)")
+                         "the grpo.sampler defaults (merged, padded to a power of two; the "
+                         "default)")
     gs.add_argument("--compare", action="store_true",
                     help="alternate the samplers 'today' and 'new', step by step")
-    gs.add_argument("--passes", default="shared", choices=("full", "shared"),
+    gs.add_argument("--passes", default=None, choices=("full", "shared"),
                     help="the reference pass and the update: every row in full, or each prompt "
                          "once into a KV cache its G completions attend to (the default)")
     gs.add_argument("--compare-passes", action="store_true",
@@ -183,11 +184,15 @@ def main(argv=None) -> int:
                                                      args.new_tokens, args.repeats, args.lora,
                                                      merges))
     elif args.what == "grpo_step":
-        samplers = ("today", "new") if args.compare else (args.sampler,)
+        for one, both in (("--sampler", "--compare"), ("--passes", "--compare-passes")):
+            if getattr(args, one[2:]) is not None and getattr(args, both[2:].replace("-", "_")):
+                # before: the first silently ignored
+                _usage_error(f"{one}: not with {both}, which runs both of its values")
+        samplers = ("today", "new") if args.compare else (args.sampler or "new",)
         rows = alternate(args, lambda: bench_grpo_step(
             args.arch, args.prompts, args.G, args.prompt_len, args.new_tokens, args.steps,
             lora=args.lora, resample_groups=args.resample_groups, samplers=samplers,
-            passes=("full", "shared") if args.compare_passes else (args.passes,)))
+            passes=("full", "shared") if args.compare_passes else (args.passes or "shared",)))
     elif args.what == "train_step":
         rows = alternate(args, lambda: bench_train_step(args.arch, args.batch, args.seq_len,
                                                         args.repeats, args.peak_gflops,
@@ -241,6 +246,8 @@ def parse_kernels(text: str) -> dict:
         key, sep, value = part.partition("=")
         if not sep:
             _usage_error(f"--kernels {text!r}: expected KEY=VALUE")
+        if key.strip() in out:  # before: the last one silently won
+            _usage_error(f"--kernels {text!r}: {key.strip()} given twice; give it once")
         out[key.strip()] = int(value) if key.strip() == "decode_bucket" else value.strip()
     return out
 

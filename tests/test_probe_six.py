@@ -359,6 +359,12 @@ def test_class_names_that_differ_only_in_unicode_normalisation_are_said_so(tmp_p
     ("emit_jax.aot", ["--config", "configs/grpo.py:smoke", "--topology", "v5e:2x2",
                       "--programs", ""], "argument --programs: empty"),
     ("emit_jax.demo", ["--workdir", ""], "argument --workdir: empty"),
+    ("bench", ["grpo_step", "--sampler", "today", "--compare"],
+     "--sampler: not with --compare"),
+    ("bench", ["grpo_step", "--passes", "full", "--compare-passes"],
+     "--passes: not with --compare-passes"),
+    ("bench", ["grpo_step", "--kernels", "attention=einsum,attention=dot_product"],
+     "attention given twice"),
 ])
 def test_flags_given_empty_or_without_their_partner_are_refused(module, args, needle):
     """Before: ``bench compile_time --remat-policy`` without ``--remat`` ran without remat,
@@ -507,3 +513,30 @@ def test_an_empty_config_spec_and_plan_warns_of_unknown_keys(tmp_path):
     rc, err, _ = run_main("emit_jax.plan.command", ["--config", str(cfg)])
     assert rc == 0 and err.splitlines()[0] == ("warning: config base.stepz: no such setting, "
                                                "nothing reads it (did you mean base.steps?)"), err
+
+
+def test_a_workdir_whose_dataset_links_images_elsewhere_resumes(tmp_path):
+    """Before: an image symlinked outside the dataset was accepted by the first run but the
+    rerun refused the workdir's own records ("resolves outside the data root"): such a
+    workdir could never resume. A moved dataset now says the records hold the old paths."""
+    from emit_jax.errors import DataError
+    from emit_jax.training import data as stage_data
+
+    src = make_mvtec(tmp_path / "ds", classes=("widget",))
+    store = tmp_path / "store"
+    store.mkdir()
+    img = os.path.join(src, "widget", "train", "good", "000.png")
+    shutil.move(img, store / "000.png")
+    os.symlink(store / "000.png", img)
+    w = str(tmp_path / "w")
+    first = stage_data.stage_records(src, w)
+    again = stage_data.stage_records(src, w)  # read back from w/data
+    assert {k: len(v) for k, v in again.items()} == {k: len(v) for k, v in first.items()}
+    moved = str(tmp_path / "moved")
+    os.rename(src, moved)
+    with pytest.raises(DataError, match=r"holds the records this workdir built, with the paths "
+                       r"of the dataset where it was then \(moved since\?\)"):
+        stage_data.stage_records(moved, w)
+    from emit_jax.data.jsonl import resolve_inside
+    with pytest.raises(DataError, match="resolves outside the data root"):  # JSONL a user gives
+        resolve_inside(moved, os.path.join("widget", "train", "good", "000.png"))

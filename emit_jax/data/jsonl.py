@@ -44,20 +44,23 @@ def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> int:
     return n
 
 
-def resolve_inside(data_root: str | os.PathLike, path: str, where: str = "") -> str:
+def resolve_inside(data_root: str | os.PathLike, path: str, where: str = "", *,
+                   links: bool = False) -> str:
     """``data_root/path`` as an absolute path (``path`` relative to the root, or absolute); a
     path that leaves the root — by ``..``, by being absolute elsewhere, or through a symlink
-    — raises :class:`DataError` naming ``where`` and the path."""
+    — raises :class:`DataError` naming ``where`` and the path. ``links``: a symlink inside the
+    root may point elsewhere (the dataset's own links, which its scan followed)."""
     root = os.path.abspath(os.fspath(data_root))
     full = os.path.abspath(os.path.join(root, path))
     real_root, real = os.path.realpath(root), os.path.realpath(full)
-    if os.path.commonpath([root, full]) != root or os.path.commonpath([real_root, real]) != real_root:
+    if os.path.commonpath([root, full]) != root or (
+            not links and os.path.commonpath([real_root, real]) != real_root):
         raise DataError(f"{where + ': ' if where else ''}image path {path!r} resolves outside the "
                         f"data root {root}")
     return full
 
 
-def _check(rec, where: str, data_root: str | None) -> dict:
+def _check(rec, where: str, data_root: str | None, links: bool = False) -> dict:
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object")
     msgs = rec.get("messages")
@@ -75,8 +78,8 @@ def _check(rec, where: str, data_root: str | None) -> dict:
         raise DataError(f"{where}: {msgs[0]['content'].count('<image>')} <image> tags but "
                         f"{len(images)} images")
     if data_root is not None:
-        rec = dict(rec, images=[resolve_inside(data_root, p, f"{where}: record {rec.get('id')!r}")
-                                for p in images])
+        rec = dict(rec, images=[resolve_inside(data_root, p, f"{where}: record {rec.get('id')!r}",
+                                               links=links) for p in images])
     task = rec.get("task_type")
     if task is not None and task not in TASKS:
         raise DataError(f"{where}: unknown task_type {task!r}")
@@ -91,9 +94,11 @@ def _check(rec, where: str, data_root: str | None) -> dict:
 
 
 def read_jsonl(path: str | os.PathLike, *, data_root: str | None = None,
-               report: Report | None = None) -> Iterator[dict]:
+               report: Report | None = None, links: bool = False) -> Iterator[dict]:
     """Validated records; problems name the file and line (``report`` policy error/skip).
-    With ``data_root`` image paths are resolved inside it, and one escaping it is an error."""
+    With ``data_root`` image paths are resolved inside it, and one escaping it is an error
+    (``links``: a symlink in the root pointing elsewhere is not: records a run built itself
+    from the dataset's scan)."""
     path = os.fspath(path)
     report = report or Report()
     if not os.path.isfile(path):
@@ -106,7 +111,7 @@ def read_jsonl(path: str | os.PathLike, *, data_root: str | None = None,
             report.problem(f"{where}: {problem}")
             continue
         try:
-            rec = _check(obj, where, data_root)
+            rec = _check(obj, where, data_root, links)
             rid = rec.get("id")
             if rid is not None:
                 if isinstance(rid, (dict, list)):

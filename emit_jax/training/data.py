@@ -272,7 +272,16 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
                 raise DataError(f"{out_dir}: the records were built with {key}={built[key]!r}, "
                                 f"the config asks for {want!r}; use another workdir (or delete "
                                 "its data folder and the stages trained on it)")
-        return {n: list(jsonl.read_jsonl(p, data_root=dataset_root)) for n, p in paths.items()}
+        try:  # the run's own records: the dataset's symlinks were followed by its scan
+            return {n: list(jsonl.read_jsonl(p, data_root=dataset_root, links=True))
+                    for n, p in paths.items()}
+        except DataError as e:
+            if "resolves outside the data root" not in str(e):
+                raise
+            raise DataError(f"{e}: {out_dir} holds the records this workdir built, with the "
+                            "paths of the dataset where it was then (moved since?); move it "
+                            "back, or delete that data folder and the stages trained on it to "
+                            "build them again") from None
     items = scan(dataset_root)
     has_splits = os.path.isfile(os.path.join(dataset_root, "splits.json"))
     split = (lambda it, s: it.split == s) if has_splits else \
