@@ -511,7 +511,8 @@ def _lock_name(out: str) -> str:
     name = os.path.basename(out)
     if len(os.fsencode(name)) > 200:
         digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
-        name = os.fsdecode(os.fsencode(name)[:64]).rstrip("\udcff") + "-" + digest
+        # cut at a byte: a character cut in two stays those bytes (os.fsdecode's escapes)
+        name = os.fsdecode(os.fsencode(name)[:64]) + "-" + digest
     return os.path.join(os.path.dirname(out), f".{name}.lock")
 
 

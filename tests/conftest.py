@@ -98,6 +98,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _XLA_CACHE: list[str] = []
 
 
+def interruptible() -> None:
+    """``preexec_fn`` of a subprocess a test sends SIGINT: SIGINT back to its default in the
+    child, as a terminal's Ctrl-C finds a command. A child inherits an *ignored* SIGINT (a
+    suite started as a background job, ``pytest &``, runs with SIGINT ignored), and Python
+    then never raises KeyboardInterrupt: such a child ran to completion with exit 0 while its
+    SIGTERM twin stopped as it should."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def subprocess_env(**extra) -> dict:
     """The environment for a training subprocess: JAX's persistent compilation cache in one
     folder for the whole test session (a resumed run loads the steps an earlier one compiled;

@@ -26,7 +26,7 @@ import zlib
 
 import pytest
 
-from conftest import subprocess_env
+from conftest import interruptible, subprocess_env
 from test_bad_inputs import MMAD, ROOT, copy_mmad, snapshot
 from test_tasks import make_mvtec
 
@@ -209,17 +209,11 @@ class TestNumericTypes:
 
 
 # ------------------------------------------------------------------------------- interrupts
-def _sigint_default():  # a child of a process that ignores SIGINT would inherit that
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def start(args, **kw):
     """``python ARGS`` from the repository root (stdout, stderr piped; SIGINT not ignored)."""
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=_sigint_default, **kw)
+                            preexec_fn=interruptible, **kw)
 
 
 def run_script(code: str, timeout: float = 120):

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from conftest import interruptible
 from test_embedded import _files
 
 from emit_jax.data import embedded as E
@@ -59,7 +60,7 @@ def _interrupt(out: str, sig: int, *extra: str) -> subprocess.CompletedProcess:
     parent, base = os.path.split(out)
     proc = subprocess.Popen([sys.executable, "-m", PROG, "--out", out, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(), cwd=REPO)
+                            env=_env(), cwd=REPO, preexec_fn=interruptible)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:

@@ -16,7 +16,7 @@ import time
 import pytest
 from flax import nnx
 
-from conftest import subprocess_env
+from conftest import interruptible, subprocess_env
 from test_evaluate import tiny_for
 from emit_jax import hf
 from emit_jax.data.tokenizer import train_tiny_tokenizer
@@ -87,7 +87,7 @@ def interrupted(model, env, tmp_path_factory):
     out = tmp_path_factory.mktemp("interrupted") / "res.json"
     part = partial.path_for(str(out))
     p = subprocess.Popen(command(model, out), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     deadline = time.time() + 500
     while complete_lines(part) < 2 and p.poll() is None and time.time() < deadline:
         time.sleep(0.02)

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, subprocess_env, train
+from conftest import ROOT, interruptible, subprocess_env, train
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,8 @@ def _start(workdir, cache, faults=""):
     if faults:
         env["EMIT_FAULTS"] = faults
     return subprocess.Popen([sys.executable, *ARGS, "--workdir", str(workdir)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
 
 
 def _signal_at(proc, prefix, sig):
