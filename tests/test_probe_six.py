@@ -540,3 +540,19 @@ def test_a_workdir_whose_dataset_links_images_elsewhere_resumes(tmp_path):
     from emit_jax.data.jsonl import resolve_inside
     with pytest.raises(DataError, match="resolves outside the data root"):  # JSONL a user gives
         resolve_inside(moved, os.path.join("widget", "train", "good", "000.png"))
+
+
+def test_a_splits_entry_differing_only_in_unicode_normalisation_is_said_so(tmp_path):
+    """Before: "lists ..., which does not exist" for a name ``ls`` shows (NFD on disk)."""
+    import unicodedata
+
+    from emit_jax.errors import DataError
+
+    src = make_mvtec(tmp_path / "ds", classes=("widget",))
+    good = os.path.join(src, "widget", "train", "good")
+    nfd = unicodedata.normalize("NFD", "\u00e9t\u00e9.png")
+    os.rename(os.path.join(good, "000.png"), os.path.join(good, nfd))
+    with open(os.path.join(src, "splits.json"), "w", encoding="utf-8") as f:
+        json.dump({"train": ["widget/train/good/\u00e9t\u00e9.png"]}, f)
+    with pytest.raises(DataError, match="differs from it only in Unicode normalisation"):
+        _items(src)

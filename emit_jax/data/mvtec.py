@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import unicodedata
 from typing import Iterator
 
 from emit_jax.errors import DataError, show_path
@@ -274,10 +275,14 @@ def scan(root: str | os.PathLike, *, dataset: str | None = None,
     if splits is not None:  # a listed image that is not there (before: dropped without a word)
         found = {os.path.normpath(os.path.relpath(it.path, root)) for it in items}
         listed = [p for p in splits if p not in found and not os.path.lexists(os.path.join(root, p))]
+        nfc = {unicodedata.normalize("NFC", f): f for f in found}
         for p in listed[:1] if report.policy == "error" else listed:
+            twin = nfc.get(unicodedata.normalize("NFC", p))  # the same name, other bytes
             report.problem(f"{os.path.join(root, 'splits.json')}: lists {p} ({splits[p]}), "
                            f"which does not exist"
-                           + (f" ({len(listed)} such)" if len(listed) > 1 else ""))
+                           + (f" ({len(listed)} such)" if len(listed) > 1 else "")
+                           + (f"; {twin} differs from it only in Unicode normalisation (NFD "
+                              "against NFC): rename so they match byte for byte" if twin else ""))
     return items
 
 
