@@ -129,9 +129,8 @@ def _interrupts_deferred():
 
 def read_meta(path: str | os.PathLike) -> dict:
     meta_path = os.path.join(os.fspath(path), META_FILE)
-    if not_a_file(meta_path):  # before: "not found", for a folder or a pipe that is there
-        raise CheckpointError(f"{meta_path}: {not_a_file(meta_path)}, not a checkpoint's "
-                              "metadata file")
+    if kind := not_a_file(meta_path):  # before: "not found", for a folder or a pipe there
+        raise CheckpointError(f"{meta_path}: {kind}, not a checkpoint's metadata file")
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{meta_path}: not found; {path} is not an emit_jax model checkpoint")
     meta = read_json(meta_path, error=CheckpointError, what="valid JSON")

@@ -40,8 +40,8 @@ def main(argv=None) -> int:
     p = cli.Parser(prog="python -m emit_jax.demo", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter, error_type=ConfigError)
     p.add_argument("--arch", default="tiny", choices=sorted(architectures.ARCHITECTURES))
-    p.add_argument("--workdir", default=None, type=cli.nonempty, help="where the HF folder and checkpoint go "
-                   "(default: a temporary folder)")
+    p.add_argument("--workdir", default=None, type=cli.nonempty,
+                   help="where the HF folder and checkpoint go (default: a temporary folder)")
     p.add_argument("--new-tokens", type=cli.int_in(1, cli.MAX_TOKENS), default=16)
     args = p.parse_args(argv)
     if args.workdir is not None:  # refused before any work

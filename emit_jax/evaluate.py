@@ -98,7 +98,8 @@ import numpy as np
 
 from emit_jax import cli
 from emit_jax.errors import CheckpointError, ConfigError, ImageError, MMADError
-from emit_jax.fileio import atomic_output, check_not_input, check_writable, nearest_existing
+from emit_jax.fileio import (atomic_output, check_not_input, check_writable, name_max,
+                             nearest_existing)
 from emit_jax.data.tasks import AD_ORDERS
 
 # jax and the models are imported where used: `python -m emit_jax.evaluate` handles SIGINT /
@@ -538,11 +539,7 @@ def check_out_is_a_file(out: str) -> None:
         raise ConfigError(f"--out {out}: exists and is not a regular file ({what}); choose "
                           "another path")
     answers_path = partial.path_for(out)
-    try:
-        longest = os.pathconf(nearest_existing(os.path.dirname(os.path.abspath(out))),
-                              "PC_NAME_MAX")
-    except (OSError, ValueError):
-        longest = 255
+    longest = name_max(nearest_existing(os.path.dirname(os.path.abspath(out))))
     if len(os.fsencode(os.path.basename(answers_path))) > longest:  # before: "exists and is not
         # a regular file (cannot be looked at: File name too long)", of a file that is not there
         raise ConfigError(f"--out {out}: its partial-answers file's name "
@@ -775,9 +772,9 @@ def _main(argv, signals: Signals) -> int:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="MMAD folder or MVTec-AD-style folder")
     p.add_argument("--limit", type=cli.positive_int, default=None, help="first N questions only")
-    p.add_argument("--out", default=None, type=results_path, help="per-question answers + summary (JSON); until "
-                   "it is written, the answers so far are kept in <out>.partial.jsonl, "
-                   "which a rerun resumes from")
+    p.add_argument("--out", default=None, type=results_path,
+                   help="per-question answers + summary (JSON); until it is written, the "
+                   "answers so far are kept in <out>.partial.jsonl, which a rerun resumes from")
     p.add_argument("--think", action="store_true", help="<think>/<answer> instruction (and, with "
                    "--parse emit, <answer> extraction)")
     p.add_argument("--parse", choices=PARSE_MODES, default="emit",

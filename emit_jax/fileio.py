@@ -36,7 +36,7 @@ import tempfile
 import time
 from typing import IO, Any, Callable, Iterator
 
-from emit_jax.errors import ConfigError, InputOverwriteError, LockedError, has_control
+from emit_jax.errors import ConfigError, InputOverwriteError, LockedError, has_control, show_path
 
 
 # --------------------------------------------------------------------------------- writing files
@@ -299,13 +299,23 @@ def _check_parent(path: str) -> None:
     names = os.path.relpath(path, folder).split(os.sep)  # the file and the folders to make
     if not os.path.isdir(folder):  # checked again below; first, so pathconf reads a folder
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
-    try:
-        longest, whole = os.pathconf(folder, "PC_NAME_MAX"), os.pathconf(folder, "PC_PATH_MAX")
-    except (OSError, ValueError):
-        longest, whole = 255, 4096
+    longest, whole = name_max(folder), _pathconf(folder, "PC_PATH_MAX", 4096)
     if any(len(os.fsencode(n)) > longest for n in names) or len(os.fsencode(path)) >= whole:
         raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path)
     check_folder_writable(folder, path)
+
+
+def name_max(folder: str) -> int:
+    """The longest file name (bytes) the file system of the existing ``folder`` takes (255
+    where it does not say)."""
+    return _pathconf(folder, "PC_NAME_MAX", 255)
+
+
+def _pathconf(folder: str, name: str, default: int) -> int:
+    try:
+        return os.pathconf(folder, name)
+    except (OSError, ValueError):
+        return default
 
 
 def nearest_existing(path: str | os.PathLike) -> str:
@@ -537,6 +547,21 @@ def _lock_holder(fd: int) -> str:
 
 
 # --------------------------------------------------------------------------------- reading JSON
+def read_text(path: str | os.PathLike, *, error: type[Exception] = ValueError) -> str:
+    """A small UTF-8 text file (a description, a corpus file); ``error`` with one line naming
+    it when it cannot be read or is not UTF-8 (as :func:`read_json` says it)."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        problem = json_problem(e)
+    except OSError as e:
+        problem = f"cannot read ({e.strerror or e})"
+    raise error(f"{show_path(path)}: {problem}") from None
+
+
+
 def read_json(path: str | os.PathLike, *, error: type[Exception] = ValueError,
               what: str | None = None,
               object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Any:

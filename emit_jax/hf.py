@@ -131,8 +131,8 @@ class SafetensorsReader:
                 self.key_file[k] = single
         else:
             for name in (index, single):  # there, but a link loop, a pipe, a folder
-                if not_a_file(name):
-                    raise CheckpointError(f"{name}: {not_a_file(name)}, not a weights file")
+                if kind := not_a_file(name):
+                    raise CheckpointError(f"{name}: {kind}, not a weights file")
             found = sorted(os.listdir(self.dir)) if os.path.isdir(self.dir) else []
             bad = [f for f in found if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
             extra = (f"; {bad[0]} is a pickle-based format, which is never loaded (convert it to "

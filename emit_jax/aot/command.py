@@ -31,8 +31,9 @@ def _parser() -> cli.Parser:
     p.add_argument("--mesh", default=None, help='default: config.mesh; e.g. "fsdp=4"')
     p.add_argument("--stage", default=None,
                    help="compile this stage (default: the largest of config.stages, as plan)")
-    p.add_argument("--programs", default=None, type=cli.nonempty, help="only these, comma-separated (sft: "
-                   "train_step; grpo: sampler, score, train_step)")
+    p.add_argument("--programs", default=None, type=cli.nonempty,
+                   help="only these, comma-separated (sft: train_step; grpo: sampler, score, "
+                   "train_step)")
     p.add_argument("--prompt_len", type=cli.int_in(1, cli.MAX_TOKENS), default=None,
                    help="prompt tokens (default: the largest data.length_buckets)")
     p.add_argument("--label_tokens", type=cli.int_in(1, cli.MAX_TOKENS), default=128,
@@ -73,8 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         require_libtpu()
         only = tuple(x for x in (args.programs or "").replace(" ", "").split(",") if x)
         # before the topology and the model (seconds): the programs the config's stages have
-        check_program_names(only, [args.stage] if args.stage else
-                            list(cfg.get("stages", None) or ()))
+        check_program_names(only, wanted)
         rep = make_report(cfg, args.config, args.topology, mesh_spec=args.mesh, stage=args.stage,
                           prompt_len=args.prompt_len, label_tokens=args.label_tokens,
                           headroom=args.headroom, hbm_gib=args.hbm, only=only,

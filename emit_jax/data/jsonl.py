@@ -44,19 +44,24 @@ def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> int:
     return n
 
 
+class OutsideRootError(DataError):
+    """An image path of a record that leaves the data root (:func:`resolve_inside`)."""
+
+
 def resolve_inside(data_root: str | os.PathLike, path: str, where: str = "", *,
                    links: bool = False) -> str:
     """``data_root/path`` as an absolute path (``path`` relative to the root, or absolute); a
     path that leaves the root — by ``..``, by being absolute elsewhere, or through a symlink
-    — raises :class:`DataError` naming ``where`` and the path. ``links``: a symlink inside the
-    root may point elsewhere (the dataset's own links, which its scan followed)."""
+    — raises :class:`OutsideRootError` (a :class:`DataError`) naming ``where`` and the path.
+    ``links``: a symlink inside the root may point elsewhere (the dataset's own links, which
+    its scan followed)."""
     root = os.path.abspath(os.fspath(data_root))
     full = os.path.abspath(os.path.join(root, path))
     real_root, real = os.path.realpath(root), os.path.realpath(full)
     if os.path.commonpath([root, full]) != root or (
             not links and os.path.commonpath([real_root, real]) != real_root):
-        raise DataError(f"{where + ': ' if where else ''}image path {path!r} resolves outside the "
-                        f"data root {root}")
+        raise OutsideRootError(f"{where + ': ' if where else ''}image path {path!r} resolves "
+                               f"outside the data root {root}")
     return full
 
 
@@ -121,6 +126,8 @@ def read_jsonl(path: str | os.PathLike, *, data_root: str | None = None,
                     raise DataError(f"{where}: duplicate id {rid!r}")
                 seen.add(rid)
         except DataError as e:
+            if report.policy == "error":
+                raise  # as report.problem would, keeping its type (OutsideRootError)
             report.problem(str(e))
             continue
         yield rec

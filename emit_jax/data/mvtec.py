@@ -21,7 +21,7 @@ import unicodedata
 from typing import Iterator
 
 from emit_jax.errors import DataError, show_path
-from emit_jax.fileio import read_json
+from emit_jax.fileio import read_json, read_text
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GOOD_DIRS = ("good", "ok")
@@ -182,19 +182,6 @@ def _pairs_once(pairs: list) -> dict:
     return out
 
 
-def read_text(path: str) -> str:
-    """A small UTF-8 text file (a description, a corpus file); one :class:`DataError` line
-    naming it when it cannot be read or is not UTF-8."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{show_path(path)}: not UTF-8 text ({e.reason} at byte "
-                        f"{e.start})") from None
-    except OSError as e:
-        raise DataError(f"{show_path(path)}: cannot read ({e.strerror or e})") from None
-
-
 def _description(root: str, path: str, obj: str, split: str, sub: str,
                  report: Report) -> str | None:
     """An object description for text-as-query samples: ``<image>.txt`` beside the image, or
@@ -206,7 +193,7 @@ def _description(root: str, path: str, obj: str, split: str, sub: str,
                 os.path.join(root, "descriptions", obj, f"{split}_{sub}_{stem}.txt")):
         if os.path.isfile(txt):
             try:
-                return read_text(txt).strip()
+                return read_text(txt, error=DataError).strip()
             except DataError as e:
                 report.problem(f"{e}; the image's description is left out")
                 return None

@@ -174,8 +174,7 @@ def check_tokenizer_folder(path: str | os.PathLike) -> None:
     if not os.path.isdir(path):
         raise TokenizerError(f"{show_path(path)}: no such tokenizer folder")
     for name in TOKENIZER_FILES:  # there, but a folder or a pipe: transformers' text before
-        kind = not_a_file(os.path.join(path, name))
-        if kind:
+        if kind := not_a_file(os.path.join(path, name)):
             raise TokenizerError(f"{show_path(os.path.join(path, name))}: {kind}, not a "
                                  "tokenizer file")
     if not has_tokenizer_files(path):
@@ -190,7 +189,8 @@ def load_tokenizer(path: str | os.PathLike, *, require_comp: bool = False):
     folder must hold ``<|im_start|>``, ``<|im_end|>``, ``<img>``, ``</img>`` and
     ``<IMG_CONTEXT>`` as single ids (and ``<COMP_CONTEXT>`` with ``require_comp=True``); whether
     ``<COMP_CONTEXT>`` is present is logged. A missing folder, one without tokenizer files
-    (:func:`check_tokenizer_folder`), an unreadable tokenizer or a missing token raises :class:`TokenizerError` naming the folder (and the tokens).
+    (:func:`check_tokenizer_folder`), an unreadable tokenizer or a missing token raises
+    :class:`TokenizerError` naming the folder (and the tokens).
     """
     from transformers import AutoTokenizer
 

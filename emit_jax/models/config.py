@@ -392,8 +392,8 @@ def read_config_json(folder: str | os.PathLike) -> tuple[str, dict]:
     """``(path, raw dict)`` of ``folder/config.json``; a missing or malformed file raises
     ``ConfigError`` naming it."""
     path = os.path.join(os.fspath(folder), "config.json")
-    if not_a_file(path):  # before: "not found", for a pipe or a link loop that is there
-        raise ConfigError(f"{path}: {not_a_file(path)}, not a config file")
+    if kind := not_a_file(path):  # before: "not found", for a pipe or a link loop there
+        raise ConfigError(f"{path}: {kind}, not a config file")
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: not found (expected a Hugging Face model folder)")
     raw = read_json(path, error=ConfigError, what="valid JSON")

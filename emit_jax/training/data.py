@@ -42,9 +42,9 @@ from PIL import Image
 from emit_jax.data import jsonl, prompts, tasks
 from emit_jax.data.image import UNREADABLE
 from emit_jax.data.records import load_domain_knowledge
-from emit_jax.data.mvtec import Report, read_text, scan
+from emit_jax.data.mvtec import Report, scan
 from emit_jax.errors import DataError
-from emit_jax.fileio import read_json
+from emit_jax.fileio import read_json, read_text
 from emit_jax.models.emit import HINT_TEXT
 
 REGION_WORDS = {r: r for r in prompts.REGIONS}
@@ -69,7 +69,8 @@ def tokenizer_for(workdir: str, dataset_root: str | None):
         for dirpath, _, files in sorted(os.walk(desc_root)):
             texts = [os.path.join(dirpath, n) for n in sorted(files)]
             # regular files only (a pipe would block); one not UTF-8 is one line naming it
-            corpus.extend(read_text(t) for t in [t for t in texts if os.path.isfile(t)][:20])
+            corpus.extend(read_text(t, error=DataError)
+                          for t in [t for t in texts if os.path.isfile(t)][:20])
     train_tiny_tokenizer(corpus, tok_dir)
     return load_tokenizer(tok_dir, require_comp=True)
 
@@ -275,9 +276,7 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
         try:  # the run's own records: the dataset's symlinks were followed by its scan
             return {n: list(jsonl.read_jsonl(p, data_root=dataset_root, links=True))
                     for n, p in paths.items()}
-        except DataError as e:
-            if "resolves outside the data root" not in str(e):
-                raise
+        except jsonl.OutsideRootError as e:
             raise DataError(f"{e}: {out_dir} holds the records this workdir built, with the "
                             "paths of the dataset where it was then (moved since?); move it "
                             "back, or delete that data folder and the stages trained on it to "

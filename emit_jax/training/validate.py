@@ -11,6 +11,7 @@ line naming the key, not a traceback minutes into a run::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -68,30 +69,24 @@ class Settings:
         return out
 
 
+@functools.cache
 def known_keys() -> frozenset[str]:
     """Every key (dotted) of every shipped config (``emit_jax/configs``, each variant): the
     settings some part of the trainer reads."""
-    global _KNOWN
-    if _KNOWN is None:
-        import importlib
-        import pkgutil
+    import importlib
+    import pkgutil
 
-        from emit_jax import configs
+    from emit_jax import configs
 
-        keys: set[str] = set()
-        for mod in pkgutil.iter_modules(configs.__path__):
-            get = getattr(importlib.import_module(f"emit_jax.configs.{mod.name}"),
-                          "get_config", None)
-            for variant in (None, "smoke", "plain"):
-                try:
-                    keys |= set(_flat_keys(get(variant))) if get else set()
-                except (ValueError, ConfigError):  # a variant that config does not have
-                    pass
-        _KNOWN = frozenset(keys)
-    return _KNOWN
-
-
-_KNOWN: frozenset[str] | None = None
+    keys: set[str] = set()
+    for mod in pkgutil.iter_modules(configs.__path__):
+        get = getattr(importlib.import_module(f"emit_jax.configs.{mod.name}"), "get_config", None)
+        for variant in (None, "smoke", "plain"):
+            try:
+                keys |= set(_flat_keys(get(variant))) if get else set()
+            except (ValueError, ConfigError):  # a variant that config does not have
+                pass
+    return frozenset(keys)
 
 
 def _flat_keys(cfg, prefix: str = "") -> list[str]:
