@@ -98,8 +98,8 @@ import numpy as np
 
 from emit_jax import cli
 from emit_jax.errors import CheckpointError, ConfigError, ImageError, MMADError
-from emit_jax.fileio import (atomic_output, check_not_input, check_writable, name_max,
-                             nearest_existing)
+from emit_jax.fileio import (atomic_output, check_not_input, check_writable, missing_file,
+                             name_max, nearest_existing)
 from emit_jax.data.tasks import AD_ORDERS
 
 # jax and the models are imported where used: `python -m emit_jax.evaluate` handles SIGINT /
@@ -457,14 +457,16 @@ def _image_problem(path: str) -> str | None:
     PNG every chunk's checksum, without decoding the pixels); else the problem in words."""
     from PIL import Image, UnidentifiedImageError
 
-    if os.path.exists(path) and not os.path.isfile(path):  # a pipe would block the check
-        return "not a regular file (a folder, pipe or device)"
+    from emit_jax.data.image import not_regular
+
+    if problem := not_regular(path):  # a pipe would block the check
+        return problem
     try:
         with Image.open(path) as im:
             im.verify()
         return None
     except FileNotFoundError:
-        return "no such file"
+        return missing_file(path)
     except UnidentifiedImageError as e:
         return f"not a readable image ({e})"
     except OSError as e:
@@ -702,6 +704,11 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
     t0 = time.time()
     if todo:
         model, tokenizer = load_for_eval(checkpoint)
+        context = model.config.text.max_position_embeddings
+        if max_new_tokens >= context:  # before: hours of answers, then an allocation failure
+            raise ConfigError(f"--max-new-tokens {max_new_tokens}: does not fit the model's "
+                              f"context ({checkpoint} holds {context:,} positions, "
+                              "max_position_embeddings, the prompt included)")
         model.eval()
         runner = Runner(model, tokenizer, max_tiles=max_tiles, max_new_tokens=max_new_tokens,
                         min_new_tokens=min_new_tokens)

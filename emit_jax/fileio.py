@@ -562,6 +562,41 @@ def read_text(path: str | os.PathLike, *, error: type[Exception] = ValueError) -
 
 
 
+def normalisation_twin(path: str) -> str | None:
+    """For a ``path`` that does not exist: the existing path one of whose names differs from
+    ``path``'s only in Unicode normalisation (an NFD folder name, as macOS writes them, against
+    an NFC name in a file, or the reverse), up to the first such name; None when there is none.
+    Such names look the same in every message but are other bytes, so "no such file" alone
+    puzzles a reader."""
+    import unicodedata
+
+    path = os.fspath(path)
+    cur = os.sep if os.path.isabs(path) else os.curdir
+    for name in path.split(os.sep):
+        if not name:
+            continue
+        nxt = os.path.join(cur, name)
+        if os.path.lexists(nxt):
+            cur = nxt
+            continue
+        want = unicodedata.normalize("NFC", name)
+        try:
+            names = os.listdir(cur)
+        except OSError:
+            return None
+        same = [n for n in names if n != name and unicodedata.normalize("NFC", n) == want]
+        return os.path.normpath(os.path.join(cur, same[0])) if same else None
+    return None
+
+
+def missing_file(path: str) -> str:
+    """``"no such file"``, and when a name differs only in Unicode normalisation from one on
+    disk (:func:`normalisation_twin`), which one and what to do."""
+    twin = normalisation_twin(path)
+    return "no such file" + (f"; {twin} differs from it only in Unicode normalisation (NFD "
+                             "against NFC): rename so they match byte for byte" if twin else "")
+
+
 def read_json(path: str | os.PathLike, *, error: type[Exception] = ValueError,
               what: str | None = None,
               object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Any:
@@ -586,6 +621,30 @@ def read_json(path: str | os.PathLike, *, error: type[Exception] = ValueError,
             problem = json_problem(e)
     raise error(f"{path}: {problem}" if what is None else f"{path}: not {what} ({problem})"
                 ) from None
+
+
+class JSONObject(dict):
+    """A JSON object that remembers the keys it saw more than once (``json`` keeps the last
+    one): what :func:`pairs_noting_duplicates` builds, for readers that refuse a key given twice
+    (a split in ``splits.json``, a question's key in an MMAD file)."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+JSONObject.__name__ = "dict"  # messages say "got {type(x).__name__}": a JSON object reads "dict"
+
+
+def pairs_noting_duplicates(pairs: list[tuple[str, Any]]) -> JSONObject:
+    """``object_pairs_hook`` for :func:`read_json`: each object a :class:`JSONObject` whose
+    ``duplicates`` lists the keys given more than once, in order."""
+    obj = JSONObject()
+    dups = []
+    for k, v in pairs:
+        if k in obj and k not in dups:
+            dups.append(k)
+        obj[k] = v
+    obj.duplicates = tuple(dups)
+    return obj
 
 
 def json_problem(e: BaseException, *, one_line: bool = False) -> str:

@@ -714,6 +714,9 @@ def test_shipped_configs_pass():
     ("data.rationale", "long", "data.rationale: 'long' must be one of ('brief', 'restate')"),
     ("sft.fresh_datasets", -1, "sft.fresh_datasets: -1 is below 0"),
     ("grpo.bn", "running", "grpo.bn: 'running' must be 'train' or 'frozen'"),
+    ("grpo.max_new_tokens", 1 << 20, "grpo.max_new_tokens: 1048576 new tokens do not fit the "
+     "model's context: arch 'tiny' holds 8,192 positions"),
+    ("eval_max_new_tokens", 8192, "eval_max_new_tokens: 8192 new tokens do not fit"),
 ])
 def test_validate_config_names_key_and_problem(key, value, needle):
     from emit_jax.models.config import ConfigError

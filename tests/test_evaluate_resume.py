@@ -97,6 +97,18 @@ def interrupted(model, env, tmp_path_factory):
 
 
 # --------------------------------------------------------------------- checks before any answer
+def test_a_generation_longer_than_the_context_is_refused_before_any_answer(model, env, tmp_path):
+    """Before: ``--max-new-tokens`` beyond the model's context generated until its cache could
+    not be allocated. Now one line once the model is loaded, no partial-answers file."""
+    out = tmp_path / "res.json"
+    r = run(env, model, out, flags=("--max-tiles", "1", "--max-new-tokens", "100000"))
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert lines_of(r.stderr)[-1].startswith("emit_jax.evaluate: error: --max-new-tokens 100000: "
+                                             "does not fit the model's context"), r.stderr
+    assert "Traceback" not in r.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_bad_images_late_in_the_file_fail_before_any_model_work(model, env, tmp_path):
     """The last record's query image is missing and its reference unreadable: the run used to
     answer the 28 questions before them, then fail and drop those answers."""

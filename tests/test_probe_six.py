@@ -556,3 +556,44 @@ def test_a_splits_entry_differing_only_in_unicode_normalisation_is_said_so(tmp_p
         json.dump({"train": ["widget/train/good/\u00e9t\u00e9.png"]}, f)
     with pytest.raises(DataError, match="differs from it only in Unicode normalisation"):
         _items(src)
+
+
+@pytest.mark.parametrize("where", ["file", "folder"])
+def test_an_mmad_image_differing_only_in_unicode_normalisation_is_said_so(tmp_path, where):
+    """Before: evaluate's image check and the image loader said "no such file" for a name the
+    reader sees on disk (an NFD file or folder name, an NFC name in the MMAD file)."""
+    import unicodedata
+
+    from emit_jax.data.image import load_image
+    from emit_jax.errors import ImageError
+    from emit_jax.evaluate import check_images
+    from PIL import Image
+
+    nfc = "c\u00e2ble"
+    nfd = unicodedata.normalize("NFD", nfc)
+    assert nfd != nfc
+    folder = tmp_path / (nfd if where == "folder" else "cls")
+    folder.mkdir()
+    Image.new("RGB", (4, 4)).save(folder / (nfd + ".png" if where == "file" else "000.png"))
+    wanted = str(tmp_path / (nfc if where == "folder" else "cls")
+                 / (nfc + ".png" if where == "file" else "000.png"))
+    twin = str(folder / nfd) + ".png" if where == "file" else str(folder)
+    for check in (lambda: check_images([wanted]), lambda: load_image(wanted)):
+        with pytest.raises(ImageError) as e:
+            check()
+        assert "no such file" in str(e.value)
+        assert f"{twin} differs from it only in Unicode normalisation" in str(e.value)
+    with pytest.raises(ImageError) as e:  # a name truly missing says no more than that
+        check_images([str(tmp_path / "cls" / "nothing.png")])
+    assert str(e.value).endswith(": no such file")
+
+
+def test_a_generation_longer_than_the_context_is_refused_before_any_work(tmp_path):
+    """Before: ``train --config.grpo.max_new_tokens=1048576`` made the workdir, built the data and
+    printed progress before failing to allocate its cache (evaluate's twin:
+    tests/test_evaluate_resume.py)."""
+    r = _train("--config", "configs/grpo.py:smoke", "--workdir", str(tmp_path / "w"),
+               "--config.grpo.max_new_tokens=1048576")
+    assert_one_error(r.returncode, r.stderr, "grpo.max_new_tokens: 1048576 new tokens do not "
+                     "fit the model's context", prog="emit_jax.train")
+    assert not (tmp_path / "w").exists()

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from emit_jax.errors import ImageError, show_path
+from emit_jax.fileio import missing_file
 
 #: what Pillow raises for a file it will not read: not an image, truncated, damaged, or larger
 #: than ``Image.MAX_IMAGE_PIXELS`` x 2 (``DecompressionBombError``: a header declaring, say,
@@ -16,6 +17,15 @@ UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionB
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def not_regular(path: str) -> str | None:
+    """``"not a regular file (a folder, pipe or device)"`` when something other than a regular
+    file is at ``path`` (links followed): a pipe would block an image read forever, a device or a
+    folder is no image either; else None (a regular file, or nothing there)."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        return "not a regular file (a folder, pipe or device)"
+    return None
 
 
 def load_image_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
@@ -31,9 +41,8 @@ def load_image(path, *, name: str | None = None) -> Image.Image:
     if name is None:
         path = os.fspath(path)
         name = path
-    if isinstance(path, str) and os.path.exists(path) and not os.path.isfile(path):
-        # a pipe would block the read forever; a device or a folder is no image either
-        raise ImageError(f"{name}: not a regular file (a folder, pipe or device)")
+    if isinstance(path, str) and (problem := not_regular(path)):
+        raise ImageError(f"{name}: {problem}")
     try:
         with Image.open(path) as im:
             im.load()
@@ -44,7 +53,8 @@ def load_image(path, *, name: str | None = None) -> Image.Image:
                 im = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
             return im.convert("RGB")
     except FileNotFoundError:
-        raise ImageError(f"{show_path(name)}: no such file") from None
+        why = missing_file(path) if isinstance(path, str) else "no such file"
+        raise ImageError(f"{show_path(name)}: {why}") from None
     except UNREADABLE as e:
         raise ImageError(f"{name}: not a readable image ({e})") from None
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 
 from emit_jax.errors import MMADError
-from emit_jax.fileio import read_json
+from emit_jax.fileio import pairs_noting_duplicates, read_json
 from emit_jax.data import prompts
 from emit_jax.data.prompts import INSTR_DIRECT, INSTR_THINK
 
@@ -321,28 +321,8 @@ class _Bad(Exception):
     """Internal: one shape problem, message without the file / key prefix."""
 
 
-class _Obj(dict):
-    """A JSON object that remembers the keys it saw more than once (json keeps the last one)."""
-
-    duplicates: tuple[str, ...] = ()
-
-
-_Obj.__name__ = "dict"  # messages say "got {type(x).__name__}": a JSON object reads "dict"
-
-
-def _object_pairs(pairs: list[tuple[str, Any]]) -> _Obj:
-    obj = _Obj()
-    dups = []
-    for k, v in pairs:
-        if k in obj and k not in dups:
-            dups.append(k)
-        obj[k] = v
-    obj.duplicates = tuple(dups)
-    return obj
-
-
 def _read_json(path: str) -> Any:
-    return read_json(path, error=MMADError, object_pairs_hook=_object_pairs)
+    return read_json(path, error=MMADError, object_pairs_hook=pairs_noting_duplicates)
 
 
 def _no_duplicates(obj: Any, what: str) -> None:

@@ -21,7 +21,7 @@ import unicodedata
 from typing import Iterator
 
 from emit_jax.errors import DataError, show_path
-from emit_jax.fileio import read_json, read_text
+from emit_jax.fileio import pairs_noting_duplicates, read_json, read_text
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GOOD_DIRS = ("good", "ok")
@@ -152,10 +152,13 @@ def _read_splits(root: str) -> dict[str, str] | None:
     if not os.path.lexists(path):  # a link to nothing or a pipe there is refused, not ignored
         return None
     data = read_json(path, error=DataError, what="a valid splits file",
-                     object_pairs_hook=_pairs_once)
+                     object_pairs_hook=pairs_noting_duplicates)
     if not isinstance(data, dict):
         raise DataError(f"{path}: not a valid splits file (a JSON object of split -> list of "
                         f"image paths expected, got {type(data).__name__})")
+    if data.duplicates:  # json would keep the last list given for a split
+        raise DataError(f"{path}: not a valid splits file (the key {data.duplicates[0]!r} is "
+                        "given twice)")
     out: dict[str, str] = {}
     try:
         for split, paths in data.items():
@@ -168,17 +171,6 @@ def _read_splits(root: str) -> dict[str, str] | None:
                                     f"{split!r}); each image belongs to one")
     except (AttributeError, TypeError) as e:  # not {split: [path, ...]}
         raise DataError(f"{path}: not a valid splits file ({e})") from None
-    return out
-
-
-def _pairs_once(pairs: list) -> dict:
-    """A JSON object's pairs as a dict; a key given twice is refused (``ValueError``, which
-    :func:`read_json` reports as malformed)."""
-    out: dict = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"the key {k!r} is given twice")
-        out[k] = v
     return out
 
 

@@ -217,6 +217,39 @@ def _batch_fits_host(cfg, stages, image_size: int, memory: int | None = None) ->
                 "emit_jax.plan estimates a config's memory)")
 
 
+def _hf_context(folder: str) -> int | None:
+    """``max_position_embeddings`` of the language model in ``folder/config.json`` (a Hugging
+    Face InternVL folder); None when there is no such file or number (the load says why)."""
+    from emit_jax.models.config import read_config_json
+
+    try:
+        _, raw = read_config_json(folder)
+    except ConfigError:
+        return None
+    text = raw.get("llm_config") or raw.get("text_config") or {}
+    n = text.get("max_position_embeddings") if isinstance(text, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def _fits_context(cfg, stages, context: int, model: str) -> None:
+    """A generation longer than the model's context (``max_position_embeddings``: the positions
+    this port supports) is refused before the run starts (before:
+    ``grpo.max_new_tokens=1048576`` built the data, made the workdir, trained the stages before
+    GRPO, then failed allocating its cache). Counted: the new tokens alone, a floor (the prompt
+    comes on top)."""
+    asked = []
+    if "grpo" in stages:
+        asked.append(("grpo.max_new_tokens", cfg.grpo.get("max_new_tokens")))
+    if cfg.get("eval_adfm_tokens"):
+        asked.append(("eval_adfm_tokens", cfg.eval_adfm_tokens))
+    if cfg.get("eval_limit", 0) or cfg.get("eval_unseen", 0):
+        asked.append(("eval_max_new_tokens", cfg.get("eval_max_new_tokens")))
+    for key, n in asked:
+        if isinstance(n, int) and not isinstance(n, bool) and n >= context:
+            _fail(key, n, f"new tokens do not fit the model's context: {model} holds "
+                  f"{context:,} positions (max_position_embeddings), the prompt included")
+
+
 def _kernels(cfg) -> None:
     """``kernels.*``: the names ``emit_jax.ops.kernels`` knows, a positive decode bucket."""
     k = _get(cfg, "kernels", "kernels", None) or {}
@@ -277,6 +310,9 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     if init_from:
         if not os.path.isdir(init_from):
             _fail("init_from", init_from, "is not a folder (an HF folder or an emit_jax checkpoint)")
+        context = _hf_context(init_from)
+        if context:
+            _fits_context(cfg, stages, context, f"init_from {init_from}")
     else:
         arch = _get(cfg, "arch", "arch")
         if arch not in architectures.ARCHITECTURES:
@@ -286,6 +322,8 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
         if size and size % vision.patch_size:
             _fail("image_size", size, f"is not a multiple of the patch size {vision.patch_size}")
         image_size = size or vision.image_size
+        _fits_context(cfg, stages, architectures.ARCHITECTURES[arch]().text
+                      .max_position_embeddings, f"arch {arch!r}")
     tok = _get(cfg, "tokenizer", "tokenizer", "")
     if tok and not os.path.isdir(tok):
         _fail("tokenizer", tok, "is not a folder")
