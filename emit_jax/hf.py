@@ -462,8 +462,13 @@ _EMIT_KEYS = (
 _MAX_READOUT_KEY = (("projector", "max_proj"), "projector.max_proj.weight")  # emit.max_readout
 
 
+_PEAK_LOCATION_KEYS = ((("projector", "loc_embed"), "projector.loc_embed.weight"),  # emit.peak_location
+                       (("projector", "loc_temp"), "projector.loc_temp"))
+
+
 def _emit_keys(ecfg) -> tuple:
-    return _EMIT_KEYS + ((_MAX_READOUT_KEY,) if ecfg.max_readout else ())
+    return _EMIT_KEYS + ((_MAX_READOUT_KEY,) if ecfg.max_readout else ()) + \
+        (_PEAK_LOCATION_KEYS if ecfg.peak_location else ())
 
 
 def emit_tensors(model) -> dict[str, np.ndarray]:

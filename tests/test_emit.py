@@ -428,3 +428,48 @@ def test_max_readout_adds_the_maps_peak_to_every_token_and_round_trips(tmp_path)
     checkpoint.save_model(back, tmp_path / "ck")
     again, _ = checkpoint.load_model(tmp_path / "ck")
     np.testing.assert_array_equal(np.asarray(again.projector.max_proj[...]), u)
+
+
+def test_peak_location_adds_where_the_map_peaks_to_every_token_and_round_trips(tmp_path):
+    """``emit.peak_location`` (not in EMIT): starts as the official projector (e = 0); then every
+    token is conv(BN(map)) + sum_p softmax(t * BN(map))_p e_p (NumPy below), e and t get
+    gradients, and both go through the HF folder and an Orbax checkpoint."""
+    plain = EMIT.create(small_mllm(hidden=64), hint_ids=[1])
+    model = EMIT.create(small_mllm(hidden=64), dataclasses.replace(EMITConfig(), peak_location=True),
+                        hint_ids=[1])
+    g = model.mllm.config.vision.grid  # the heat map is the ViT's patch grid
+    heat = jnp.asarray(np.random.RandomState(4).rand(3, g, g).astype(np.float32))
+    for m in (plain, model):
+        m.eval()
+    model.projector.conv.kernel[...] = plain.projector.conv.kernel[...]
+    np.testing.assert_array_equal(np.asarray(model.projector(heat)),
+                                  np.asarray(plain.projector(heat)))
+    assert plain.projector.loc_embed is None
+    assert model.projector.loc_embed.shape == (g * g, 64)  # one row per map position
+
+    e = np.random.RandomState(5).randn(g * g, 64).astype(np.float32)
+    model.projector.loc_embed[...] = jnp.asarray(e)
+    grads = nnx.grad(lambda p: jnp.sum(jnp.square(p(heat))))(model.projector)
+    assert float(jnp.abs(grads["loc_embed"][...]).sum()) > 0
+    assert float(jnp.abs(grads["loc_temp"][...]).sum()) > 0
+    bn = model.projector.bn
+    normed = (np.asarray(heat) - np.asarray(bn.mean[...])) / np.sqrt(np.asarray(bn.var[...]) + 1e-5)
+    logits = 2.0 * normed.reshape(3, g * g)
+    w = np.exp(logits - logits.max(1, keepdims=True))
+    w /= w.sum(1, keepdims=True)
+    expected = np.asarray(plain.projector(heat)) + (w @ e)[:, None, :]
+    np.testing.assert_allclose(np.asarray(model.projector(heat)), expected, rtol=1e-5, atol=1e-5)
+    sharp = jnp.zeros((1, g, g)).at[0, 2, 1].set(50.0)  # one clear peak: its own embedding
+    np.testing.assert_allclose(np.asarray(model.projector.peak_location(sharp))[0], e[2 * g + 1],
+                               rtol=1e-5, atol=1e-5)
+
+    out = hf.save(model, tmp_path / "emit_hf")
+    with safe_open(os.path.join(out, hf.EMIT_EXTRAS), "numpy") as f:
+        np.testing.assert_array_equal(f.get_tensor("projector.loc_embed.weight"), e)
+    back = hf.load(out)
+    assert back.emit_config.peak_location
+    np.testing.assert_array_equal(np.asarray(back.projector.loc_embed[...]), e)
+    checkpoint.save_model(back, tmp_path / "ck")
+    again, _ = checkpoint.load_model(tmp_path / "ck")
+    np.testing.assert_array_equal(np.asarray(again.projector.loc_embed[...]), e)
+    np.testing.assert_array_equal(np.asarray(again.projector.loc_temp[...]), [2.0])

@@ -42,6 +42,9 @@ from emit_jax.ops.heatmap import anomaly_map
 OFFICIAL_LAYERS = (4, 8, 16, 20)  # of InternViT-300M's 24 blocks
 OFFICIAL_WINDOW = 6  # at the 32 x 32 patch grid of a 448 px tile
 OFFICIAL_SOFT_PROMPT = "soft_prompt_init_9x3584_float32.npy"
+#: ``peak_location``'s initial softmax sharpness over the normalised map (a peak of 3-4 standard
+#: deviations then outweighs the ~250 ordinary positions of a 16 x 16 map)
+PEAK_TEMPERATURE = 2.0
 
 
 def scaled_layers(depth: int, layers: Sequence[int] = OFFICIAL_LAYERS, ref_depth: int = 24):
@@ -74,6 +77,10 @@ class EMITConfig:
     # not in EMIT: every CE token also gets max(BN(heat map)) * u (u learned, zero at init), so a
     # frozen LLM that averages over the 64 tokens still sees the map's maximum (HeatmapProjector)
     max_readout: bool = False
+    # not in EMIT: every CE token also gets where the map peaks, sum_p softmax(t * BN(map))_p e_p
+    # (e [h*w, D] learned, zero at init; t learned), so a frozen LLM reading about the mean of
+    # the tokens can still tell where the defect is (HeatmapProjector)
+    peak_location: bool = False
     comp_token_id: int | None = None
 
     def validate(self) -> "EMITConfig":
@@ -162,10 +169,16 @@ class HeatmapProjector(nnx.Module):
     0.81-0.88 (docs/training.md)."""
 
     def __init__(self, hidden: int, *, momentum=0.1, eps=1e-5, dtype=jnp.float32,
-                 param_dtype=jnp.float32, max_readout: bool = False, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, max_readout: bool = False, peak_cells: int = 0,
+                 rngs: nnx.Rngs):
         self.bn = HeatmapBatchNorm(momentum, eps)
         self.max_proj = nnx.Param(jnp.zeros((hidden,), param_dtype), **axes_meta(("embed",))) \
             if max_readout else None
+        # peak_location: one embedding per map position, and the softmax's sharpness
+        self.loc_embed = nnx.Param(jnp.zeros((peak_cells, hidden), param_dtype),
+                                   **axes_meta((None, "embed"))) if peak_cells else None
+        self.loc_temp = nnx.Param(jnp.full((1,), PEAK_TEMPERATURE, jnp.float32),
+                                  **axes_meta(("norm",))) if peak_cells else None
         self.conv = nnx.Conv(
             1, hidden, kernel_size=(4, 4), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=dtype,
             param_dtype=param_dtype, rngs=rngs,
@@ -183,7 +196,20 @@ class HeatmapProjector(nnx.Module):
         if self.max_proj is not None:
             peak = jnp.max(y, axis=(1, 2)).astype(x.dtype)  # [B]
             x = x + peak[:, None, None] * self.max_proj[...].astype(x.dtype)[None, None, :]
+        if self.loc_embed is not None:
+            x = x + self.peak_location(y).astype(x.dtype)[:, None, :]
         return x
+
+    def peak_location(self, y: jax.Array) -> jax.Array:
+        """``y [B, h, w]`` (the normalised map) -> ``[B, D]``: the position embeddings weighted
+        by ``softmax(t * y)`` over the ``h * w`` positions (about the hottest one's when the map
+        has a clear peak)."""
+        b, h, w = y.shape
+        if h * w != self.loc_embed.shape[0]:
+            raise ValueError(f"peak_location: a {h} x {w} map, embeddings for "
+                             f"{self.loc_embed.shape[0]} positions")
+        p = jax.nn.softmax(self.loc_temp[...][0] * y.reshape(b, h * w).astype(jnp.float32), -1)
+        return p @ self.loc_embed[...].astype(jnp.float32)
 
 
 def ce_valid(num_ce, n: int) -> jax.Array | None:
@@ -303,7 +329,9 @@ class EMIT(nnx.Module):
                              f"{(cfg.num_soft_tokens, d)}")
         self.soft_prompt = nnx.Param(soft_prompt.astype(pdt), **axes_meta((None, "embed")))
         self.projector = HeatmapProjector(d, momentum=cfg.bn_momentum, eps=cfg.bn_eps, dtype=dt,
-                                          param_dtype=pdt, max_readout=cfg.max_readout, rngs=rngs)
+                                          param_dtype=pdt, max_readout=cfg.max_readout,
+                                          peak_cells=mc.vision.grid ** 2 if cfg.peak_location
+                                          else 0, rngs=rngs)
 
     @classmethod
     def create(cls, mllm: InternVL, cfg: EMITConfig = EMITConfig(), *, rngs: nnx.Rngs | None = None,

@@ -32,6 +32,7 @@ class Setup:
     train_vision: bool = True
     num_soft_tokens: int = 9
     max_readout: bool = False
+    peak_location: bool = False
     use_contrastive: bool = True
     rotations: int = 4
     ce_layers: int = 4
@@ -114,6 +115,7 @@ def stage_setup(cfg, stage: str, mesh: tuple, *, prompt_len: int | None = None,
                  train_vision=bool(sec.get("train_vision", True)),
                  num_soft_tokens=int(emit.get("num_soft_tokens", 9)),
                  max_readout=bool(emit.get("max_readout", False)),
+                 peak_location=bool(emit.get("peak_location", False)),
                  use_contrastive=bool(emit.get("use_contrastive", True)),
                  rotations=int(emit.get("rotations", 4)), **kw)
 
