@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from emit_jax.errors import interrupted
+from emit_jax.errors import STOP_SIGNALS, interrupted
 from emit_jax.fileio import atomic_folder, disk_full_error, not_a_file, read_json, where_written
 from emit_jax.hf import CheckpointError, copy_assets
 from emit_jax.models import scan
@@ -115,7 +115,7 @@ def _interrupts_deferred():
         got.append(signum)
 
     old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         if signal.getsignal(sig) is not signal.SIG_IGN:
             old[sig] = signal.signal(sig, later)
     try:

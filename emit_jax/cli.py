@@ -15,7 +15,7 @@ import time
 import warnings
 from typing import Callable, NoReturn
 
-from emit_jax.errors import USER_ERRORS, ConfigError, message  # noqa: F401 (re-exported)
+from emit_jax.errors import STOP_SIGNALS, USER_ERRORS, ConfigError, message  # noqa: F401 (re-exported)
 from emit_jax.limits import (INT_MAX, MAX_DEVICES, MAX_IMAGE_SIDE, MAX_MATRIX_SIDE,  # noqa: F401
                              MAX_REPEATS, MAX_TILES, MAX_TOKENS)  # (re-exported)
 
@@ -238,7 +238,7 @@ def interrupt_early(prog: str | None = None) -> None:
         argv = list(getattr(sys, "orig_argv", ()))
         prog = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else "emit_jax"
     _EARLY["prog"] = prog
-    for s in (signal.SIGINT, signal.SIGTERM):
+    for s in STOP_SIGNALS:
         old = signal.getsignal(s)
         if old is not signal.SIG_IGN and old is not _early_signal:  # ignored stays ignored
             _EARLY[s] = old
@@ -336,7 +336,7 @@ def interrupts():
             showwarning(*args, **kwargs)
 
     old = {}
-    for s in (signal.SIGINT, signal.SIGTERM):
+    for s in STOP_SIGNALS:
         if signal.getsignal(s) is not signal.SIG_IGN:
             old[s] = signal.signal(s, on_signal)
     sys.unraisablehook, threading.excepthook = quiet_unraisable, quiet_excepthook

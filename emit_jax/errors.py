@@ -8,6 +8,7 @@ wrong. This module imports nothing else of the project: every layer may raise th
 from __future__ import annotations
 
 import os
+import signal
 
 
 class ConfigError(ValueError):
@@ -85,6 +86,12 @@ def message(e: BaseException) -> str:
     else:
         text = str(e) or type(e).__name__
     return " ".join(text.split())
+
+
+#: the signals that stop a command cleanly (one line, exit 130, nothing half-written, a
+#: training's step saved): Ctrl-C, ``kill``, and SIGHUP, which a closed terminal or a dropped
+#: ssh session sends (before, it killed the process at once, the step in progress lost)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def interrupted(e: BaseException | None) -> bool:

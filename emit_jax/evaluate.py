@@ -97,7 +97,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from emit_jax import cli
-from emit_jax.errors import CheckpointError, ConfigError, ImageError, MMADError
+from emit_jax.errors import STOP_SIGNALS, CheckpointError, ConfigError, ImageError, MMADError
 from emit_jax.fileio import (atomic_output, check_not_input, check_writable, missing_file,
                              name_max, nearest_existing)
 from emit_jax.data.tasks import AD_ORDERS
@@ -429,7 +429,7 @@ class Signals:
         self.stopped = lambda: ("before the first question", "nothing to keep")
         self.old = {}
         if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
+            for s in STOP_SIGNALS:
                 if signal.getsignal(s) is not signal.SIG_IGN:
                     self.old[s] = signal.signal(s, self._on_signal)
 

@@ -103,10 +103,11 @@ def interruptible() -> None:
     child, as a terminal's Ctrl-C finds a command. A child inherits an *ignored* SIGINT (a
     suite started as a background job, ``pytest &``, runs with SIGINT ignored), and Python
     then never raises KeyboardInterrupt: such a child ran to completion with exit 0 while its
-    SIGTERM twin stopped as it should."""
+    SIGTERM twin stopped as it should. SIGHUP likewise (``nohup`` ignores it)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def subprocess_env(**extra) -> dict:

@@ -227,7 +227,7 @@ class TestInterrupts:
     """Ctrl-C / SIGTERM, every command (``emit_jax.cli``): one line, exit 130, whenever it
     lands (real signals, in subprocesses)."""
 
-    @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+    @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM", "SIGHUP"])
     def test_a_signal_while_the_modules_load(self, tmp_path, dataset, signame):
         """Half a second in, ``import jax`` runs. Before: Python's ``KeyboardInterrupt`` was
         swallowed by jax's gc callback ("Exception ignored in _xla_gc_callback") and the command

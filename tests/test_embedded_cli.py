@@ -82,7 +82,8 @@ def _no_temporaries(parent: str) -> None:
     assert [n for n in os.listdir(parent) if n.startswith((".tmp-", ".old-"))] == []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_interrupt_leaves_nothing_and_rerun_works(tmp_path, sig):
     out = str(tmp_path / "em")
     proc = _interrupt(out, sig)
@@ -293,3 +294,38 @@ def test_build_split_empty_or_unknown_names_the_choices(dataset, tmp_path, split
                            "--split", split, prog=BUILD), prog=BUILD)
     assert needle in line, line
     assert not out.exists()
+
+
+def test_leftovers_of_a_killed_run_are_removed_and_said(tmp_path):
+    """``kill -9`` leaves the temporary copy (no handler runs). Before: the rerun succeeded and
+    left the earlier run's 20 MB hidden folder beside the dataset without a word. Now the rerun
+    (holding the folder's lock, so no live run owns it) removes it with a ``note:`` line; a
+    folder of another name is left alone."""
+    out = str(tmp_path / "em")
+    proc = subprocess.Popen([sys.executable, "-m", PROG, "--out", out], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if _count_files(glob.glob(os.path.join(str(tmp_path), ".tmp-em-*"))) >= 20:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate(timeout=60)
+    left = [n for n in os.listdir(tmp_path) if n.startswith(".tmp-em-")]
+    assert len(left) == 1, os.listdir(tmp_path)
+    os.mkdir(tmp_path / ".tmp-emx-12345678")  # another dataset's: not this run's to remove
+    again = _cli("--out", out)
+    assert again.returncode == 0, again.stderr
+    assert f"note: removed 1 unfinished copy of {out}" in again.stderr and left[0] in again.stderr
+    assert sorted(os.listdir(tmp_path)) == [".tmp-emx-12345678", "em"]
+
+
+def test_two_generators_onto_one_folder_the_second_is_refused(tmp_path):
+    from emit_jax.fileio import _lock_name, hold_lock
+
+    out = str(tmp_path / "em")
+    with hold_lock(_lock_name(out), what="x", hint="y", remove=True):  # as a running one holds it
+        r = _cli("--out", out)
+    assert r.returncode == 2, r.stderr
+    assert "another data.embedded is writing it" in r.stderr
+    assert os.listdir(tmp_path) == []

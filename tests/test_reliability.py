@@ -148,6 +148,14 @@ def test_preemption_guard_turns_a_signal_into_a_stop_at_the_step_boundary():
                 assert preemption.stop_requested()
                 raise preemption.Preempted("stopped after step 1")
         assert not preemption.stop_requested()  # cleared for the next stage
+        # SIGHUP (a closed terminal, a dropped ssh session) too: before, it killed the run at
+        # once, the step in progress unsaved and no word
+        with pytest.raises(preemption.Preempted):
+            with preemption.guard():
+                os.kill(os.getpid(), signal.SIGHUP)
+                assert preemption.stop_requested()
+                raise preemption.Preempted("stopped after step 1")
+        assert not preemption.stop_requested()
         # a signal after the loop's last check still stops the run when the loop ends
         with pytest.raises(KeyboardInterrupt, match="during the last step"):
             with preemption.guard():

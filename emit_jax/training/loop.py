@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from emit_jax.errors import NonFiniteError
+from emit_jax.errors import STOP_SIGNALS, NonFiniteError
 from emit_jax.training.metrics import MetricWriter
 from emit_jax.training.state import StageCheckpoints
 
@@ -185,7 +185,7 @@ def guard():
         return
     _flag.clear()
     # a signal the process was started to ignore (SIGINT of a background job, nohup) stays ignored
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)
+    old = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS
            if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
