@@ -96,3 +96,44 @@ def test_an_image_path_that_is_a_pipe_or_folder_is_refused_not_read(tmp_path):
     for path in (fifo, tmp_path):
         with pytest.raises(ImageError, match="not a regular file"):
             load_image(str(path))
+
+
+def test_images_of_more_than_8_bits_keep_their_grey_levels(tmp_path):
+    """Seventh probe. Before: a float TIFF in [0, 1] (a normalised image) was rounded to 0 / 1,
+    all black; 32-bit integers beyond 16 bits were divided by 257 and clipped, nearly all white;
+    NaN pixels were cast to arbitrary values with two lines of ``RuntimeWarning``."""
+    ramp = np.linspace(0.0, 1.0, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(ramp, "F").save(tmp_path / "unit.tif")
+    got = np.asarray(load_image(str(tmp_path / "unit.tif")))[..., 0]
+    np.testing.assert_array_equal(got, np.rint(ramp * 255).astype(np.uint8))
+    Image.fromarray((ramp * 200).astype(np.float32), "F").save(tmp_path / "grey.tif")  # 0..200
+    got = np.asarray(load_image(str(tmp_path / "grey.tif")))[..., 0]
+    np.testing.assert_array_equal(got, np.rint(ramp * 200).astype(np.uint8))
+    big = (ramp * 25_500_000).astype(np.int32)
+    Image.fromarray(big, "I").save(tmp_path / "int32.tif")
+    got = np.asarray(load_image(str(tmp_path / "int32.tif")))[..., 0]
+    np.testing.assert_array_equal(got, np.rint(big * (255.0 / big.max())).astype(np.uint8))
+    nan = ramp.copy()
+    nan[2, 3] = np.nan
+    Image.fromarray(nan, "F").save(tmp_path / "nan.tif")
+    with pytest.raises(ImageError, match=r"nan.tif: not a usable image \(1 of its 64 pixels are "
+                                         r"NaN or infinite\)"):
+        load_image(str(tmp_path / "nan.tif"))
+
+
+def test_a_huge_image_is_one_warning_line_naming_it(tmp_path):
+    """Before: Pillow's ``DecompressionBombWarning`` as Python's two-line dump, no file name
+    (a 12,000 x 12,000 PNG; here the limit is lowered instead). In a fresh interpreter: pytest
+    resets the warning filters a module sets while it is collected."""
+    import subprocess
+    import sys
+
+    Image.new("RGB", (20, 10)).save(tmp_path / "big.png")
+    code = ("import sys; from PIL import Image; from emit_jax.data.image import load_image; "
+            "Image.MAX_IMAGE_PIXELS = 150; assert load_image(sys.argv[1]).size == (20, 10)")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big.png")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [
+        f"warning: {tmp_path / 'big.png'}: 20 x 10 = 200 pixels, over Pillow's 150-pixel "
+        "warning limit (read anyway; it refuses twice that)"]

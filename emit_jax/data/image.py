@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -15,6 +17,10 @@ from emit_jax.fileio import missing_file
 #: 20000 x 20000 pixels; it is no ``OSError``)
 UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError)
 
+# said by say_if_huge in one line naming the file (filtered once, here: a per-call
+# warnings.catch_warnings is not thread-safe, and evaluate checks images in threads)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -26,6 +32,40 @@ def not_regular(path: str) -> str | None:
     if os.path.exists(path) and not os.path.isfile(path):
         return "not a regular file (a folder, pipe or device)"
     return None
+
+
+def say_if_huge(im: Image.Image, name: str) -> None:
+    """One ``warning:`` line naming the file for an image of more pixels than Pillow's
+    ``Image.MAX_IMAGE_PIXELS`` (about 89 M; it refuses twice that), in place of Pillow's
+    ``DecompressionBombWarning``, which Python prints as a two-line dump without the file's name
+    (it is filtered out when this module loads)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = im.size[0] * im.size[1]
+    if limit and pixels > limit:
+        print(f"warning: {show_path(name)}: {im.size[0]:,} x {im.size[1]:,} = {pixels:,} pixels, "
+              f"over Pillow's {limit:,}-pixel warning limit (read anyway; it refuses twice that)",
+              file=sys.stderr)
+
+
+def _to_8_bits(arr: np.ndarray, mode: str, name: str) -> np.ndarray:
+    """A greyscale image of more than 8 bits (PIL's ``convert`` would clip it at 255) -> uint8:
+    16-bit divided by 257; 32-bit floats in [0, 1] (a normalised image) times 255; other floats
+    and 32-bit integers as they are up to 255, as 16-bit up to 65,535, beyond that scaled to the
+    image's own maximum. Pixels that are NaN or infinite raise :class:`ImageError` (they have no
+    grey level; before, they were cast to arbitrary values with a ``RuntimeWarning``)."""
+    if not np.isfinite(arr).all():
+        raise ImageError(f"{show_path(name)}: not a usable image ({int((~np.isfinite(arr)).sum()):,}"
+                         f" of its {arr.size:,} pixels are NaN or infinite)")
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if mode.startswith("I;16"):
+        arr = arr / 257.0
+    elif mode == "F" and lo >= 0.0 and hi <= 1.0:
+        arr = arr * 255.0
+    elif hi > 65535.0:
+        arr = arr * (255.0 / hi)
+    elif hi > 255.0:
+        arr = arr / 257.0
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
 
 
 def load_image_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
@@ -45,12 +85,10 @@ def load_image(path, *, name: str | None = None) -> Image.Image:
         raise ImageError(f"{name}: {problem}")
     try:
         with Image.open(path) as im:
+            say_if_huge(im, name)
             im.load()
             if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-                # 16/32-bit greyscale: scale to 8 bits (PIL's convert would clip at 255)
-                arr = np.asarray(im, np.float64)
-                arr = arr / 257.0 if im.mode.startswith("I;16") or arr.max() > 255 else arr
-                im = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+                im = Image.fromarray(_to_8_bits(np.asarray(im, np.float64), im.mode, name), "L")
             return im.convert("RGB")
     except FileNotFoundError:
         why = missing_file(path) if isinstance(path, str) else "no such file"
