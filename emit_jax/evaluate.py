@@ -214,6 +214,12 @@ class Runner:
         self.size, self.per_tile = cfg.vision.image_size, cfg.tokens_per_tile
         self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.context = cfg.text.max_position_embeddings
+        # transformers' "Token indices sequence length is longer than ..." (a second line beside
+        # answer()'s own error, naming a limit that is not the model's): the length is checked here
+        import logging
+
+        logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
 
     def encode(self, text: str, images: list[str], use_comp: bool):
         """``(prompt ids, [tiles [n_i, 3, s, s] per image], CE pair [1, 2, 3, s, s] or None)``
@@ -238,6 +244,12 @@ class Runner:
         from emit_jax.ops.sampling import generate
 
         ids, tiles, ce = self.encode(text, images, use_comp)
+        if len(ids) + self.max_new_tokens > self.context:  # before: an allocation failure
+            raise ConfigError(f"{images[0] if images else 'a question'}: its prompt is "
+                              f"{len(ids):,} tokens, which with --max-new-tokens "
+                              f"{self.max_new_tokens:,} passes the model's context of "
+                              f"{self.context:,} positions (max_position_embeddings); shorten "
+                              "the question")
         L = next((b for b in self.buckets if b >= len(ids)), len(ids))
         row = np.full((1, L), self.pad, np.int32)
         mask = np.zeros((1, L), np.int32)

@@ -109,6 +109,24 @@ def test_a_generation_longer_than_the_context_is_refused_before_any_answer(model
     assert os.listdir(tmp_path) == []
 
 
+def test_a_prompt_longer_than_the_context_is_one_line(model, env, tmp_path):
+    """Seventh probe. Before: transformers' "Token indices sequence length is longer than the
+    specified maximum" (naming the tokenizer's limit, not the model's), then an out-of-memory
+    line blaming the batch settings."""
+    root = tmp_path / "mmad"
+    shutil.copytree(MMAD, root)
+    data = json.loads((root / "mmad.json").read_text())
+    first = next(iter(data))
+    data[first]["conversation"][0]["Question"] = "Is there any defect? " + "look " * 9000
+    (root / "mmad.json").write_text(json.dumps(data))
+    r = run(env, model, tmp_path / "res.json", data=str(root))
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = lines_of(r.stderr)
+    assert re.match(r"emit_jax\.evaluate: error: \S+: its prompt is [\d,]+ tokens, which with "
+                    r"--max-new-tokens 4 passes the model's context of 8,192 positions", lines[-1]), lines
+    assert not any("Token indices" in line or "Traceback" in line for line in lines), lines
+
+
 def test_bad_images_late_in_the_file_fail_before_any_model_work(model, env, tmp_path):
     """The last record's query image is missing and its reference unreadable: the run used to
     answer the 28 questions before them, then fail and drop those answers."""

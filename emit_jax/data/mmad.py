@@ -39,6 +39,8 @@ from emit_jax.errors import MMADError
 from emit_jax.fileio import pairs_noting_duplicates, read_json
 from emit_jax.data import prompts
 from emit_jax.data.prompts import INSTR_DIRECT, INSTR_THINK
+from emit_jax.data.comp import COMP_TOKEN
+from emit_jax.data.tokenizer import IM_END, IM_START, IMAGE_TAG, IMG_CONTEXT, IMG_END, IMG_START
 
 log = logging.getLogger(__name__)
 
@@ -380,6 +382,12 @@ def _parse_shell(key: Any, value: Any, root: str | None, check_files: bool) -> d
                 root=root, extra={k: v for k, v in value.items() if k not in known})
 
 
+#: text the prompt builder writes itself: ``<image>`` (one per image, expanded to the image
+#: tokens), the image and ``<COMP_CONTEXT>`` tokens and the chat template's turn markers. In a
+#: question or option text they would break the image count or the turns.
+RESERVED_MARKERS = (IMAGE_TAG, IMG_START, IMG_END, IMG_CONTEXT, COMP_TOKEN, IM_START, IM_END)
+
+
 def _parse_question(image: str, index: int, q: Any) -> Question:
     if not isinstance(q, dict):
         raise _Bad(f"must be a JSON object, got {type(q).__name__}")
@@ -400,6 +408,13 @@ def _parse_question(image: str, index: int, q: Any) -> Question:
             raise _Bad(f"option key {letter!r} is not one of {''.join(OPTION_LETTERS)}")
         if not isinstance(opt, str):
             raise _Bad(f"option {letter!r} must be a string, got {type(opt).__name__}")
+    for where, t in [("'Question'", text)] + [(f"option {k!r}", v) for k, v in options.items()]:
+        if not t.strip():
+            raise _Bad(f"{where} is empty")
+        marker = next((m for m in RESERVED_MARKERS if m in t), None)
+        if marker:  # before: a traceback at that question, the model loaded and earlier ones asked
+            raise _Bad(f"{where} holds {marker!r}, a marker the prompt builder places itself "
+                       "(one <image> per image, the image and EMIT tokens); remove it")
     if not isinstance(answer, str) or answer not in options:
         raise _Bad(f"answer {answer!r} is not among the options {list(options)}")
     known = {"Question", "Options", "Answer", "type"}
