@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -526,7 +527,9 @@ def _not_regular(path: str) -> str | None:
         mode = os.lstat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except OSError as e:  # a path through a link loop...
+    except OSError as e:  # a path through a link loop, or too long to name
+        if e.errno == errno.ENAMETOOLONG:  # nothing is there: said when it is written
+            return None
         return f"cannot be looked at: {e.strerror or e}"
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         return None

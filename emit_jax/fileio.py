@@ -452,7 +452,7 @@ def hold_lock(path: str | os.PathLike, *, what: str, hint: str,
     with ENOLCK / EOPNOTSUPP) a warning is printed and the block runs unlocked."""
     path = os.fspath(path)
     for _ in range(100):  # a holder that removes the file as this one locks it: open it again
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        fd = _open_lock_file(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -485,6 +485,40 @@ def hold_lock(path: str | os.PathLike, *, what: str, hint: str,
         os.close(fd)  # releases the lock
 
 
+def _open_lock_file(path: str) -> int:
+    """Open (create) the lock file ``path`` for :func:`hold_lock`, which writes the holder into
+    it and may delete it. Refused (``FileExistsError`` naming it): a symbolic link there (the
+    write went through it: a link to a user's file replaced that file), anything but a regular
+    file, a file with other hard links (the same file under another name): a
+    :class:`LockPathError`."""
+    problem = None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK,
+                     0o666 & ~current_umask())
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        return _refuse_lock(path, "a symbolic link")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        problem = "not a regular file"
+    elif st.st_nlink > 1:
+        problem = f"a file with {st.st_nlink - 1} other name(s) (hard links)"
+    if problem:
+        os.close(fd)
+        return _refuse_lock(path, problem)
+    return fd
+
+
+class LockPathError(FileExistsError):
+    """Something other than a lock file of ours where a lock file goes (:func:`_open_lock_file`)."""
+
+
+def _refuse_lock(path: str, what: str):
+    raise LockPathError(f"{show_path(path)}: {what} where this command keeps its lock file, "
+                          "which it writes and removes; remove it (it is not this tool's)")
+
+
 @contextlib.contextmanager
 def output_lock(out: str | os.PathLike, *, what: str, hint: str) -> Iterator[None]:
     """``with output_lock(out, what=..., hint=...): ...``: one process at a time writes the file
@@ -502,7 +536,7 @@ def output_lock(out: str | os.PathLike, *, what: str, hint: str) -> Iterator[Non
                 os.makedirs(folder, exist_ok=True)
                 stack.enter_context(hold_lock(_lock_name(out), what=what, hint=hint,
                                               remove=True))
-            except LockedError:
+            except (LockedError, LockPathError):
                 raise
             except OSError as e:  # a full disk, a read-only folder: said of the output
                 raise OSError(e.errno, e.strerror or os.strerror(e.errno or 0), out) from None

@@ -41,7 +41,7 @@ from emit_jax.errors import (USER_ERRORS, ConfigError, NonFiniteError, has_contr
 from emit_jax.eval.scoring import format_table
 from emit_jax.evaluate import evaluate_adfm, evaluate_records
 from emit_jax.fileio import (atomic_output, check_folder_writable, check_free_space, check_not_input,
-                             check_utf8_path, nearest_existing, unambiguous)
+                             check_utf8_path, nearest_existing, not_a_file, unambiguous)
 from emit_jax.ops.kernels import kernel_options
 from emit_jax.models.memory import memory_options
 from emit_jax.training import data as stage_data
@@ -131,7 +131,8 @@ def check_workdir_name(workdir: str) -> None:
         raise ConfigError(f"--workdir {workdir!r}: the path holds a newline or another control "
                           "character (choose another)")
     if os.path.lexists(workdir) and not os.path.isdir(workdir):  # was "File exists"
-        raise ConfigError(f"--workdir {show_path(workdir)}: a file, not a folder (name the "
+        what = not_a_file(workdir) or "a file"  # a link to nothing is no file either
+        raise ConfigError(f"--workdir {show_path(workdir)}: {what}, not a folder (name the "
                           "run's folder)")
 
 

@@ -57,3 +57,74 @@ def test_a_question_holding_a_prompt_marker_or_an_empty_option_is_refused(tmp_pa
     assert needle in str(e.value)
     records, report = read_mmad(root, policy="skip")  # skipped and counted under --policy skip
     assert report.n_skipped == 1 and needle in report.skipped[0]
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "fifo"])
+def test_a_lock_file_that_is_a_link_or_no_file_is_refused_and_its_target_kept(tmp_path, kind):
+    """Before: ``ln -s ~/notes.txt WD/.lock`` then ``train --workdir WD`` (or a link as
+    ``data.build``'s ``.<out>.lock``): the lock was opened through the link, the user's file
+    truncated and the holder written into it, exit 0 (``data.build`` then removed the link)."""
+    from emit_jax.fileio import output_lock
+
+    victim = tmp_path / "notes.txt"
+    victim.write_text("my notes\n")
+    out = tmp_path / "o" / "b.jsonl"
+    out.parent.mkdir()
+    lock = out.parent / ".b.jsonl.lock"
+    if kind == "symlink":
+        os.symlink(victim, lock)
+    elif kind == "hardlink":
+        os.link(victim, lock)
+    else:
+        os.mkfifo(lock)
+    with pytest.raises(FileExistsError, match="where this command keeps its lock file"):
+        with output_lock(str(out), what="x", hint="y"):
+            pytest.fail("the block ran")
+    assert victim.read_text() == "my notes\n"
+    assert os.path.lexists(lock) and not out.exists()
+
+
+def test_train_on_a_folder_whose_lock_is_a_link_leaves_the_target(tmp_path):
+    import subprocess
+    import sys
+
+    victim = tmp_path / "notes.txt"
+    victim.write_text("my notes\n")
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    os.symlink(victim, wd / ".lock")
+    r = subprocess.run([sys.executable, "-m", "emit_jax.train", "--config",
+                        "configs/grpo.py:smoke", "--workdir", str(wd)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "where this command keeps its lock file" in lines[0], lines
+    assert victim.read_text() == "my notes\n"
+    assert sorted(os.listdir(wd)) == [".lock"]
+
+
+def test_plan_mesh_empty_and_a_dangling_workdir_link_are_said_as_they_are(tmp_path):
+    """Before: ``plan --mesh ''`` planned the default mesh without a word; ``train --workdir``
+    on a link to nothing said "a file"."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "emit_jax.plan", "--config", "configs/grpo.py",
+                        "--mesh", ""], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "emit_jax.plan: error: --mesh '': empty; name the sizes (e.g. fsdp=8) or leave --mesh "
+        "out"], r.stderr
+    from emit_jax.train import check_workdir_name
+
+    os.symlink(tmp_path / "nothing", tmp_path / "link")
+    with pytest.raises(Exception, match="a symbolic link to nothing .*, not a folder"):
+        check_workdir_name(str(tmp_path / "link"))
+
+
+def test_evaluate_out_past_path_max_says_the_name_is_too_long(tmp_path):
+    """Before: "exists and is not a regular file (cannot be looked at: File name too long)" for
+    a path where nothing exists."""
+    from emit_jax.evaluate import check_out_is_a_file
+
+    deep = os.path.join(str(tmp_path), *["d" * 200] * 23, "x.json")
+    check_out_is_a_file(deep)  # nothing there: the write says "File name too long"

@@ -17,6 +17,8 @@ def resolve_mesh(spec: str, devices: int | None = None) -> tuple[int, int, int]:
     count is the product of the sizes named; an axis left to -1 then needs ``devices``."""
     from emit_jax import parallel
 
+    if not spec.strip():  # before: planned the default mesh, as if --mesh were not given
+        raise PlanError("--mesh '': empty; name the sizes (e.g. fsdp=8) or leave --mesh out")
     try:
         axes = parallel.parse_mesh(spec)
     except ValueError as e:
