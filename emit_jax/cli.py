@@ -8,6 +8,7 @@ import contextlib
 import functools
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -174,6 +175,41 @@ def backend_error(e: BaseException) -> str | None:
         return (f"JAX_PLATFORMS={named}: JAX cannot start that platform on this host{why}; "
                 "unset JAX_PLATFORMS or name one this host has (e.g. cpu)")
     return f"JAX cannot start a platform on this host{why}"
+
+
+def jax_flag_error(e: BaseException) -> str | None:
+    """The one-line message when ``e`` is JAX refusing the value of one of its flags, read from
+    the environment when jax is imported (``JAX_DEFAULT_MATMUL_PRECISION=bogus``: a
+    ``ValueError`` traceback before), or None for any other error."""
+    text = " ".join(str(e).split())
+    found = re.fullmatch(r'Invalid value "(.*)" for JAX flag (\w+)', text) \
+        if isinstance(e, ValueError) else None
+    if found is None:
+        return None
+    env = found.group(2).upper()
+    where = f"{env}={found.group(1)}" if os.environ.get(env) == found.group(1) else \
+        f"JAX flag {found.group(2)}={found.group(1)}"
+    return f"{where}: JAX does not know that value; unset it or give one JAX accepts"
+
+
+def runtime_error(e: BaseException) -> str | None:
+    """The one-line message of an error the machine or its environment caused rather than the
+    code (:func:`out_of_memory`, :func:`backend_error`, :func:`jax_flag_error`), or None."""
+    return out_of_memory(e) or backend_error(e) or jax_flag_error(e)
+
+
+def no_x64(prog: str) -> None:
+    """``JAX_ENABLE_X64`` set (a shell profile kept for other work): one ``warning:`` line and
+    64-bit mode off. emit_jax computes in 32 bits, and under 64-bit defaults its index
+    arithmetic mixes int64 with int32 (a ``TypeError`` traceback in the sampler before)."""
+    value = os.environ.get("JAX_ENABLE_X64", "")
+    if value.strip().lower() not in ("1", "y", "yes", "t", "true", "on"):
+        return
+    print(f"{prog}: warning: JAX_ENABLE_X64={value}: ignored; emit_jax runs in 32-bit mode",
+          file=sys.stderr)
+    os.environ["JAX_ENABLE_X64"] = "0"
+    if "jax" in sys.modules:  # imported already (a test, a notebook): its flag too
+        sys.modules["jax"].config.update("jax_enable_x64", False)
 
 
 def fail(prog: str, e: BaseException) -> int:
@@ -435,6 +471,7 @@ def _run(main, argv, prog: str, final: bool = False) -> int:
     try:
         with interrupts() as received:
             try:
+                no_x64(prog)
                 skip_absent_tpu()
                 status = int(main(argv) or 0)
             except KeyboardInterrupt as e:
@@ -446,7 +483,7 @@ def _run(main, argv, prog: str, final: bool = False) -> int:
             except Exception as e:
                 if received:  # the KeyboardInterrupt, wrapped in a library's own error
                     return interrupted(received[0])
-                if (line := out_of_memory(e) or backend_error(e)) is not None:
+                if (line := runtime_error(e)) is not None:
                     print(f"{prog}: error: {line}", file=sys.stderr)
                     return 2
                 raise

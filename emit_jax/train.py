@@ -439,6 +439,7 @@ def main(argv) -> None:
         # SIGTERM stops like Ctrl-C (the last checkpoint is complete); neither is lost in an
         # import or a gc callback (cli.interrupts)
         with cli.interrupts():
+            cli.no_x64("emit_jax.train")
             cli.skip_absent_tpu()  # no libtpu start-up lines on a host without a TPU
             _compile_cache(cfg)  # before the workdir is made: a bad path is one line
             try:
@@ -462,7 +463,7 @@ def main(argv) -> None:
         stages.log(f"emit_jax.train: error: {message(e)}")
         sys.exit(3)
     except Exception as e:  # more memory than there is, a platform JAX cannot start: one line
-        if (line := cli.out_of_memory(e) or cli.backend_error(e)) is None:
+        if (line := cli.runtime_error(e)) is None:
             raise
         stages.log(f"emit_jax.train: error: {line}")
         sys.exit(2)

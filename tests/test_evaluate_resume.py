@@ -127,6 +127,25 @@ def test_a_prompt_longer_than_the_context_is_one_line(model, env, tmp_path):
     assert not any("Token indices" in line or "Traceback" in line for line in lines), lines
 
 
+def test_jax_environment_settings_are_one_line(model, env, tmp_path):
+    """Seventh probe. Before: ``JAX_ENABLE_X64=1`` (a shell profile kept for other work) was a
+    ``TypeError`` traceback in the sampler (int64 against int32 indices), and a value JAX does
+    not know (``JAX_DEFAULT_MATMUL_PRECISION=bogus``) a ``ValueError`` traceback at import."""
+    r = subprocess.run(command(model, tmp_path / "res.json", "--limit", "1"), cwd=ROOT,
+                       env={**env, "JAX_ENABLE_X64": "1"}, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert lines_of(r.stderr)[0] == ("emit_jax.evaluate: warning: JAX_ENABLE_X64=1: ignored; "
+                                     "emit_jax runs in 32-bit mode"), r.stderr
+    r = subprocess.run(command(model, tmp_path / "res2.json", "--limit", "1"), cwd=ROOT,
+                       env={**env, "JAX_DEFAULT_MATMUL_PRECISION": "bogus"},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and lines_of(r.stderr) == [
+        "emit_jax.evaluate: error: JAX_DEFAULT_MATMUL_PRECISION=bogus: JAX does not know that "
+        "value; unset it or give one JAX accepts"], r.stderr
+    assert not (tmp_path / "res2.json").exists()
+
+
 def test_bad_images_late_in_the_file_fail_before_any_model_work(model, env, tmp_path):
     """The last record's query image is missing and its reference unreadable: the run used to
     answer the 28 questions before them, then fail and drop those answers."""

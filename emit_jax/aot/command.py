@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 check_writable(args.json_out)
             except OSError as e:
-                raise ConfigError(f"--json_out {args.json_out}: {e.strerror}") from None
+                raise ConfigError(f"--json_out {args.json_out}: {e.strerror or e}") from None
             # before: --json_out onto the --config file replaced the config with the report
             check_not_input(args.json_out, {"--config": configs.resolve(args.config)[0]})
         cfg = configs.load(args.config, overrides + list(args.set))
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with atomic_output(args.json_out, "w") as f:
                 f.write(text + "\n")
         except OSError as e:
-            print(f"{PROG}: error: --json_out {args.json_out}: {e.strerror}", file=sys.stderr)
+            print(f"{PROG}: error: --json_out {args.json_out}: {e.strerror or e}", file=sys.stderr)
             return 2
     print(text if args.json else format_report(rep))
     return 1 if any(r.get("error") for r in rep["programs"]) else 0
