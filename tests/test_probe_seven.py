@@ -128,3 +128,45 @@ def test_evaluate_out_past_path_max_says_the_name_is_too_long(tmp_path):
 
     deep = os.path.join(str(tmp_path), *["d" * 200] * 23, "x.json")
     check_out_is_a_file(deep)  # nothing there: the write says "File name too long"
+
+
+def test_an_unwritable_cache_folder_is_named_as_the_user_set_it(tmp_path):
+    """Before: ``EMIT_JAX_CACHE`` naming a read-only folder ended with ``error:
+    <cache>/embedded-v2-seed0.tmp-czlrna1s: Operation not permitted``, a folder the user never
+    named. Run as an unprivileged user (root writes anywhere)."""
+    import stat
+    import subprocess
+    import sys
+    import tempfile
+
+    if os.geteuid() == 0:  # dropped to nobody, which must reach the interpreter and the code
+        for path in (os.path.realpath(sys.executable), ROOT):
+            while path != os.path.dirname(path):
+                path = os.path.dirname(path)
+                if not os.stat(path).st_mode & stat.S_IXOTH:
+                    pytest.skip(f"as root, and {path} is closed to other users")
+    base = tempfile.mkdtemp(prefix="emit-cache-")  # beside pytest's 0700 folders: reachable
+    try:
+        os.chmod(base, 0o755)
+        cache = os.path.join(base, "ro")
+        os.mkdir(cache)
+        os.chmod(cache, stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP
+                 | stat.S_IROTH | stat.S_IXOTH)
+
+        def unprivileged():
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+
+        code = ("from emit_jax.data.embedded.cache import ensure_cached\n"
+                "from emit_jax.errors import DataError\n"
+                "try:\n    ensure_cached()\nexcept DataError as e:\n    print(e)\n")
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120, preexec_fn=unprivileged,
+                           env={**os.environ, "EMIT_JAX_CACHE": cache, "HOME": base})
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.startswith(f"$EMIT_JAX_CACHE={cache}: cannot write there ("), r.stdout
+        assert os.listdir(cache) == []
+    finally:
+        os.chmod(os.path.join(base, "ro"), 0o755)
+        shutil.rmtree(base)

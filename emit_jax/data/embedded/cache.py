@@ -21,10 +21,10 @@ def cache_path(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> str
     return os.path.join(os.fspath(root), f"embedded-v{GENERATOR_VERSION}-seed{_check_seed(seed)}")
 
 
-def check_cache_root(cache_dir: str | os.PathLike | None = None) -> None:
+def check_cache_root(cache_dir: str | os.PathLike | None = None) -> str:
     """Raise ``DataError`` naming where the cache root came from (``$EMIT_JAX_CACHE``, or the
     ``cache_dir`` given) when it, or its nearest existing ancestor, is not a folder: before,
-    ``makedirs`` said ``File exists`` without naming the variable."""
+    ``makedirs`` said ``File exists`` without naming the variable. Returns that naming."""
     from emit_jax.errors import DataError
 
     if cache_dir is not None:
@@ -41,6 +41,7 @@ def check_cache_root(cache_dir: str | os.PathLike | None = None) -> None:
     if not os.path.isdir(folder):
         where = "is" if folder == os.path.abspath(root) else f"lies below {folder}, which is"
         raise DataError(f"{what}: {where} not a folder (the embedded dataset is cached there)")
+    return what
 
 
 def _manifest_matches(path: str, seed: int) -> bool:
@@ -64,9 +65,16 @@ def ensure_cached(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> 
     if _manifest_matches(target, seed):
         return target
     parent = os.path.dirname(target)
-    check_cache_root(cache_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(target) + ".tmp-", dir=parent)
+    what = check_cache_root(cache_dir)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(target) + ".tmp-", dir=parent)
+    except OSError as e:  # before: the error named a temporary folder the user never chose
+        from emit_jax.errors import DataError
+
+        raise DataError(f"{what}: cannot write there ({e.strerror or e}); the embedded dataset "
+                        "is built and cached there on first use: make it writable or set "
+                        "$EMIT_JAX_CACHE to a folder that is") from None
     try:
         generate(tmp, seed, overwrite=True)
         if os.path.isdir(target) and not _manifest_matches(target, seed):
