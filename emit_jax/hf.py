@@ -115,7 +115,11 @@ class SafetensorsReader:
         index = os.path.join(self.dir, SAFE_INDEX)
         single = os.path.join(self.dir, SAFE_SINGLE)
         self.key_file: dict[str, str] = {}
-        if os.path.isfile(index):
+        # transformers' order: the single file first, an index beside it is not read
+        if os.path.isfile(single):
+            for k in self._open(single).keys():
+                self.key_file[k] = single
+        elif os.path.isfile(index):
             data = read_json(index, error=CheckpointError, what="a valid safetensors index")
             weight_map = data.get("weight_map") if isinstance(data, dict) else None
             if not isinstance(weight_map, dict) or not all(
@@ -126,9 +130,6 @@ class SafetensorsReader:
                 if os.path.basename(fname) != fname:
                     raise CheckpointError(f"{index}: shard name {fname!r} leaves the folder")
                 self.key_file[k] = os.path.join(self.dir, fname)
-        elif os.path.isfile(single):
-            for k in self._open(single).keys():
-                self.key_file[k] = single
         else:
             for name in (index, single):  # there, but a link loop, a pipe, a folder
                 if kind := not_a_file(name):
@@ -292,6 +293,11 @@ def _read(reader: SafetensorsReader, path: tuple, want: tuple, dtype) -> np.ndar
         raise CheckpointError(
             f"{reader.key_file[reader.keys[key]]}: tensor {key} has shape {tuple(arr.shape)} "
             f"(in our layout), config.json implies {want}")
+    if arr.dtype.kind in "iubc":  # integers, booleans, complex (bfloat16 / float8: kind V)
+        # before: an int32 embedding table was loaded and run (and saved) as one
+        raise CheckpointError(f"{reader.key_file[reader.keys[key]]}: tensor {key} is stored as "
+                              f"{arr.dtype}; every weight of the model is a floating-point "
+                              "number (a damaged or mis-converted file)")
     if dtype is not None:
         arr = arr.astype(jnp.dtype(dtype))
     return arr

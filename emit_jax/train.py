@@ -184,6 +184,7 @@ def _run(cfg, workdir: str, settings) -> dict:
     for stage in cfg.stages:
         if stages.stage_done(workdir, stage, stages.stage_steps(cfg, stage)):
             model = stages.load_stage(workdir, stage, stages.scan_layers(cfg))
+            stages.check_stage_model(model, tokenizer, workdir, stage)
             stages.log(f"[{stage}] already finished; loaded {workdir}/{stage}/model")
             # its results as the run that trained it recorded them (done.json)
             results["stages"][stage] = stages.stored_results(workdir, stage)

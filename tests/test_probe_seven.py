@@ -17,6 +17,8 @@ import pytest
 
 from emit_jax.errors import MMADError
 
+from test_cli_errors import tiny_model  # noqa: F401 (a fixture)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MMAD = os.path.join(ROOT, "tests", "fixtures", "mmad")
 
@@ -170,3 +172,80 @@ def test_an_unwritable_cache_folder_is_named_as_the_user_set_it(tmp_path):
     finally:
         os.chmod(os.path.join(base, "ro"), 0o755)
         shutil.rmtree(base)
+
+
+def _hf_copy(tiny_model, tmp_path) -> str:
+    d = tmp_path / "hf"
+    shutil.copytree(tiny_model["hf"], d)
+    return str(d)
+
+
+def test_weights_stored_as_integers_or_an_unknown_dtype_are_refused(tmp_path, tiny_model):
+    """Before: an embedding table stored as int32 was loaded (and converted) as int32 without
+    a word; config.json's ``"dtype": "float8"`` ran as float32 without a word."""
+    from safetensors.numpy import load_file, save_file
+
+    from emit_jax import hf
+    from emit_jax.errors import CheckpointError, ConfigError
+
+    d = _hf_copy(tiny_model, tmp_path)
+    path = os.path.join(d, "model.safetensors")
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+    tensors[key] = tensors[key].astype("int32")
+    save_file(tensors, path)
+    with pytest.raises(CheckpointError, match="tensor .*embed_tokens.weight is stored as int32"):
+        hf.load(d)
+
+    d2 = _hf_copy(tiny_model, tmp_path / "b")
+    cfg = json.loads(open(os.path.join(d2, "config.json")).read())
+    cfg["dtype"] = "float8"
+    cfg.pop("torch_dtype", None)
+    open(os.path.join(d2, "config.json"), "w").write(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"dtype 'float8' is not one this port computes in"):
+        hf.load(d2)
+
+
+def test_a_single_weights_file_is_read_before_a_stale_index(tmp_path, tiny_model):
+    """transformers' order: ``model.safetensors`` first. Before: a stale index beside it was
+    preferred ("weights do not match config.json: 41 missing")."""
+    import numpy as np
+
+    from emit_jax import hf
+
+    d = _hf_copy(tiny_model, tmp_path)
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": {"x.weight": "model-00001-of-00002.safetensors"}}, f)
+    got = hf.load(d)
+    want = hf.load(tiny_model["hf"])
+    from flax import nnx
+
+    a, b = nnx.to_flat_state(nnx.state(got)), nnx.to_flat_state(nnx.state(want))
+    assert len(a) == len(b)
+    for (pa, va), (pb, vb) in zip(a, b):
+        assert pa == pb and np.array_equal(np.asarray(va.get_value()), np.asarray(vb.get_value()))
+
+
+def test_a_finished_stage_whose_model_or_tokenizer_was_replaced_is_refused(tmp_path):
+    """Before: ``rm -rf W/base/model; cp -r OTHER W/base/model`` (or another tokenizer copied
+    into ``W/tokenizer``), rerun: "[base] already finished; loaded ..." and the held-out table
+    computed with the foreign model, no word."""
+    from flax import nnx
+
+    from emit_jax.data.tokenizer import train_tiny_tokenizer
+    from emit_jax.errors import CheckpointError
+    from emit_jax.models.internvl import InternVL
+    from emit_jax.training.stages import check_stage_model
+    from test_evaluate import tiny_for
+
+    tok = train_tiny_tokenizer(None, tmp_path / "tok")
+    # the run's own models: the tokenizer's rows (without <COMP_CONTEXT> before stage 1) or all
+    for rows in (len(tok) - 1, len(tok)):
+        check_stage_model(InternVL(tiny_for(tok, rows), rngs=nnx.Rngs(0)), tok, "W", "base")
+    other = tiny_for(tok, 64).replace(image_token_id=63)  # another model altogether
+    with pytest.raises(CheckpointError, match=r"W/base/model: does not fit this workdir's "
+                                              r"tokenizer .* one of them was replaced"):
+        check_stage_model(InternVL(other, rngs=nnx.Rngs(0)), tok, "W", "base")
+    short = tiny_for(tok, len(tok) - 2)  # a tokenizer with tokens the model has no row for
+    with pytest.raises(CheckpointError, match="does not fit"):
+        check_stage_model(InternVL(short, rngs=nnx.Rngs(0)), tok, "W", "base")

@@ -292,8 +292,13 @@ class InternVLConfig:
         if isinstance(layer, (list, tuple)):
             raise ConfigError(f"{source}: a list vision_feature_layer {layer} is not supported")
         dtype = d.get("dtype") or d.get("torch_dtype") or t.get("dtype") or t.get("torch_dtype") or "float32"
-        if dtype not in _DTYPES:
+        if isinstance(dtype, str) and dtype.replace("torch.", "") in _DTYPES:
+            dtype = dtype.replace("torch.", "")
+        elif dtype in ("auto", "float64"):  # float64: computed in float32, as before
             dtype = "float32"
+        else:  # before: any other name ran as float32 without a word ("float8", a typo)
+            raise ConfigError(f"{source}: dtype {dtype!r} is not one this port computes in "
+                              f"({', '.join(_DTYPES)})")
         cfg = cls(
             vision=vision,
             text=text,

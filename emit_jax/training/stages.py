@@ -35,7 +35,7 @@ from emit_jax.data.adfm import with_rationales as adfm_rationales
 from emit_jax.data.embedded import ensure_cached
 from emit_jax.data.pipeline import PipelineConfig, RecordEncoder, collate
 from emit_jax.data.tokenizer import load_tokenizer
-from emit_jax.errors import ConfigError, LockedError
+from emit_jax.errors import CheckpointError, ConfigError, LockedError
 from emit_jax.fileio import atomic_output, check_free_space, hold_lock, read_json
 from emit_jax.models import architectures
 from emit_jax.models.emit import EMIT, EMITConfig, is_emit
@@ -593,6 +593,24 @@ def load_stage(workdir: str, stage: str, scan_layers: bool | None = None):
     model, _ = checkpoint.load_model(os.path.join(workdir, stage, "model"),
                                      scan_layers=scan_layers)
     return model
+
+
+def check_stage_model(model, tokenizer, workdir: str, stage: str) -> None:
+    """Raise ``CheckpointError`` when a finished stage's model cannot be the one this workdir
+    trained with its tokenizer (``<workdir>/tokenizer``): the image token's id differs, or the
+    tokenizer has tokens the model has no row for (but ``<COMP_CONTEXT>``, the last, which the
+    stages before stage 1 do not embed). Before, a model copied in from elsewhere, or a
+    replaced tokenizer, was loaded and evaluated without a word."""
+    mcfg = model.config
+    img = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    if img == mcfg.image_token_id and len(tokenizer) <= mcfg.text.vocab_size + 1:
+        return
+    raise CheckpointError(
+        f"{os.path.join(workdir, stage, 'model')}: does not fit this workdir's tokenizer "
+        f"({os.path.join(workdir, 'tokenizer')}: {len(tokenizer):,} tokens, <IMG_CONTEXT> id "
+        f"{img}; the model: {mcfg.text.vocab_size:,} rows, image token id "
+        f"{mcfg.image_token_id}): one of them was replaced; restore it, or remove "
+        f"{os.path.join(workdir, stage)} to train the stage again")
 
 
 def scan_layers(cfg) -> bool:
