@@ -89,9 +89,10 @@ def message(e: BaseException) -> str:
 
 
 #: the signals that stop a command cleanly (one line, exit 130, nothing half-written, a
-#: training's step saved): Ctrl-C, ``kill``, and SIGHUP, which a closed terminal or a dropped
-#: ssh session sends (before, it killed the process at once, the step in progress lost)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: training's step saved): Ctrl-C, ``kill``, SIGHUP, which a closed terminal or a dropped ssh
+#: session sends, and SIGUSR1, SLURM's warning before it pre-empts a job (``--signal=USR1@T``).
+#: Before, the last two killed the process at once, the step in progress lost.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 
 
 def interrupted(e: BaseException | None) -> bool:

@@ -447,6 +447,11 @@ def main(argv) -> None:
                 parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
             except ValueError as e:  # inconsistent multihost arguments
                 raise ConfigError(str(e)) from None
+            attention = (cfg.get("kernels") or {}).get("attention", "einsum")
+            if attention == "splash" and jax.default_backend() != "tpu":  # was a tracer error
+                raise ConfigError(f"config kernels.attention: 'splash' is a TPU kernel (Pallas) "
+                                  f"and this host runs {jax.default_backend()}; use 'auto' "
+                                  "(splash on a TPU, the best other kernel elsewhere)")
             # run() validates the config first: after initialize, so the mesh is checked
             # against every device
             with memory_options(**dict(cfg.get("memory") or {})), \

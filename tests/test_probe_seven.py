@@ -249,3 +249,33 @@ def test_a_finished_stage_whose_model_or_tokenizer_was_replaced_is_refused(tmp_p
     short = tiny_for(tok, len(tok) - 2)  # a tokenizer with tokens the model has no row for
     with pytest.raises(CheckpointError, match="does not fit"):
         check_stage_model(InternVL(short, rngs=nnx.Rngs(0)), tok, "W", "base")
+
+
+BASE_ONLY = ("--config", "configs/grpo.py:smoke", "--config.stages=('base',)",
+             "--config.base.steps=1", "--config.export_hf=False", "--config.eval_limit=0")
+
+
+@pytest.mark.parametrize("override, needle, workdir_made", [
+    ("kernels.decode_bucket=0", "config kernels.decode_bucket must be >= 1, got 0", False),
+    ("memory.attention_chunk=-1", "config memory.attention_chunk must be >= 0, got -1", False),
+    ("kernels.attention=splash", "config kernels.attention: 'splash' is a TPU kernel", False),
+    ("emit.bn_mode=bogus", "config emit: bn_mode must be 'standard' or 'official'", False),
+    ("data.length_buckets=(8,)", "config data.length_buckets: a sequence of", True),
+])
+def test_training_settings_that_fail_late_are_one_line(tmp_path, override, needle, workdir_made):
+    """Before: ValueError tracebacks (the kernel and memory options were built before the
+    config was checked; a bucket smaller than every prompt failed inside grain), a tracer
+    error for the TPU-only splash kernel on a CPU, and ``emit.bn_mode=bogus`` accepted when no
+    stage read it."""
+    import subprocess
+    import sys
+
+    wd = tmp_path / "wd"
+    r = subprocess.run([sys.executable, "-m", "emit_jax.train", *BASE_ONLY, "--workdir", str(wd),
+                        f"--config.{override}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"emit_jax.train: error: {needle}"), \
+        r.stderr[-2000:]
+    assert wd.exists() == workdir_made  # the bucket is met when the first batch is made

@@ -148,14 +148,15 @@ def test_preemption_guard_turns_a_signal_into_a_stop_at_the_step_boundary():
                 assert preemption.stop_requested()
                 raise preemption.Preempted("stopped after step 1")
         assert not preemption.stop_requested()  # cleared for the next stage
-        # SIGHUP (a closed terminal, a dropped ssh session) too: before, it killed the run at
-        # once, the step in progress unsaved and no word
-        with pytest.raises(preemption.Preempted):
-            with preemption.guard():
-                os.kill(os.getpid(), signal.SIGHUP)
-                assert preemption.stop_requested()
-                raise preemption.Preempted("stopped after step 1")
-        assert not preemption.stop_requested()
+        # SIGHUP (a closed terminal, a dropped ssh session) and SIGUSR1 (SLURM's pre-emption
+        # warning) too: before, they killed the run at once, the step in progress unsaved
+        for sig in (signal.SIGHUP, signal.SIGUSR1):
+            with pytest.raises(preemption.Preempted):
+                with preemption.guard():
+                    os.kill(os.getpid(), sig)
+                    assert preemption.stop_requested()
+                    raise preemption.Preempted("stopped after step 1")
+            assert not preemption.stop_requested()
         # a signal after the loop's last check still stops the run when the loop ends
         with pytest.raises(KeyboardInterrupt, match="during the last step"):
             with preemption.guard():

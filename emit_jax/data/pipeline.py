@@ -22,6 +22,7 @@ import grain
 import numpy as np
 
 from emit_jax.data.image import load_image, load_image_bytes, preprocess, to_tile
+from emit_jax.errors import ConfigError
 from emit_jax.data.comp import use_comp
 
 IGNORE = -100
@@ -98,7 +99,8 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
     for b in buckets:
         if n <= b:
             return b
-    raise ValueError(f"sequence of {n} tokens exceeds the largest length bucket {buckets[-1]}")
+    raise ConfigError(f"config data.length_buckets: a sequence of {n} tokens exceeds the "
+                      f"largest length bucket {buckets[-1]}; add a bucket of at least {n}")
 
 
 def collate(examples: Sequence[dict], cfg: PipelineConfig, pad_id: int = 0) -> dict[str, Any]:

@@ -37,6 +37,8 @@ import dataclasses
 
 import jax
 
+from emit_jax.errors import ConfigError
+
 #: ``remat_policy`` values (module docstring)
 REMAT_POLICIES = ("full", "minimal", "save_dot_except_mlp", "save_qkv_proj")
 _SAVED_NAMES = {"save_dot_except_mlp": ("qkv_proj", "out_proj"), "save_qkv_proj": ("qkv_proj",)}
@@ -51,12 +53,13 @@ class MemoryOptions:
 
     def __post_init__(self):
         if int(self.attention_chunk) < 0:
-            raise ValueError(f"memory.attention_chunk must be >= 0, got {self.attention_chunk}")
+            raise ConfigError(f"config memory.attention_chunk must be >= 0, got "
+                              f"{self.attention_chunk}")
         if int(self.vit_chunk) < 0:
-            raise ValueError(f"memory.vit_chunk must be >= 0, got {self.vit_chunk}")
+            raise ConfigError(f"config memory.vit_chunk must be >= 0, got {self.vit_chunk}")
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"memory.remat_policy must be one of {', '.join(REMAT_POLICIES)}, "
-                             f"got {self.remat_policy!r}")
+            raise ConfigError(f"config memory.remat_policy must be one of "
+                              f"{', '.join(REMAT_POLICIES)}, got {self.remat_policy!r}")
 
     def checkpoint_policy(self):
         """The ``jax.checkpoint`` policy of ``remat_policy`` (None: save nothing)."""

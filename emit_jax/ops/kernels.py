@@ -34,6 +34,8 @@ import dataclasses
 
 import jax
 
+from emit_jax.errors import ConfigError
+
 from emit_jax.parallel import active_mesh
 
 ATTENTION = ("einsum", "dot_product", "splash", "auto")
@@ -48,13 +50,14 @@ class KernelOptions:
 
     def __post_init__(self):
         if self.attention not in ATTENTION:
-            raise ValueError(f"kernels.attention must be one of {', '.join(ATTENTION)}, "
-                             f"got {self.attention!r}")
+            raise ConfigError(f"config kernels.attention must be one of {', '.join(ATTENTION)}, "
+                              f"got {self.attention!r}")
         if self.decode not in DECODE:
-            raise ValueError(f"kernels.decode must be one of {', '.join(DECODE)}, "
-                             f"got {self.decode!r}")
+            raise ConfigError(f"config kernels.decode must be one of {', '.join(DECODE)}, "
+                              f"got {self.decode!r}")
         if int(self.decode_bucket) < 1:
-            raise ValueError(f"kernels.decode_bucket must be >= 1, got {self.decode_bucket}")
+            raise ConfigError(f"config kernels.decode_bucket must be >= 1, got "
+                              f"{self.decode_bucket}")
 
     def attention_impl(self) -> str:
         """The implementation ``attention`` resolves to on the current backend."""

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from emit_jax import faults
+from emit_jax.errors import DataError
 from emit_jax.data.pipeline import IGNORE, PipelineConfig, label_positions, make_dataset
 from emit_jax.parallel import assemble_batch, process_rows, shard_module, sharded_jit
 from emit_jax.training import micro, optim
@@ -167,7 +168,8 @@ def run_sft(model, records, tokenizer, pcfg: PipelineConfig, ocfg: OptimConfig, 
     devices hold (``parallel.process_rows``) and the global batch is assembled from the pieces
     (``parallel.assemble_batch``). ``on_nonfinite``: the loop's non-finite policy."""
     if not records:
-        raise ValueError(f"{name}: no training records")
+        raise DataError(f"the {name} stage has no training records: the dataset gave none "
+                        "for it (an empty train split? see data.source and its splits.json)")
     model.train()
     optimizer = optim.make_train_state(model, ocfg, wrt)
     if mesh is not None:

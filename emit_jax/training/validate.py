@@ -296,7 +296,8 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
         if "grpo" not in cfg or "lora" not in cfg.grpo:
             raise ConfigError("config stages: 'sft2' uses grpo.lora, but the config has none")
         grpo = GRPOConfig.from_section(cfg.grpo)
-    if "sft" in stages or "sft2" in stages or "grpo" in stages:
+    if "emit" in cfg or "sft" in stages or "sft2" in stages or "grpo" in stages:
+        # checked even when no stage reads it (a typo waits for the run that adds stage 1)
         from emit_jax.models.emit import EMITConfig
 
         try:
