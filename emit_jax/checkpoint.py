@@ -25,6 +25,7 @@ import re
 import signal
 import sys
 import threading
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,46 @@ ASSETS_DIR = "assets"
 FORMAT_VERSION = 1
 
 
+class DiskFullLogs(logging.Filter):
+    """Drops Orbax's error logs (each with a traceback, from its writer threads) about a full
+    disk: the command reports it once, as an ``OSError`` (``StageCheckpoints._disk_full``,
+    :func:`save_model`). Once a
+    full disk was met, also the ``RuntimeError("Event loop is closed")`` that TensorStore's
+    late callbacks into Orbax's abandoned event loop raise (printed as "Exception ignored",
+    one traceback per array, through ``sys.unraisablehook``)."""
+
+    _installed = False
+    seen = False  # a full disk was met in this process
+
+    @classmethod
+    def install(cls) -> None:
+        if not cls._installed:
+            logging.getLogger("absl").addFilter(cls())
+            previous = sys.unraisablehook
+
+            def hook(args):
+                if not (cls.seen and isinstance(args.exc_value, RuntimeError)
+                        and str(args.exc_value) == "Event loop is closed"):
+                    previous(args)
+
+            sys.unraisablehook = hook
+            cls._installed = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if f"{os.sep}orbax{os.sep}" not in (record.pathname or ""):
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record: leave it to the handler
+            text = ""
+        if (exc is not None and disk_full_error(exc, "") is not None) or \
+                disk_full_error(OSError(text), "") is not None:
+            DiskFullLogs.seen = True
+            return False
+        return True
+
+
 def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | None = None,
                assets_from: str | os.PathLike | None = None,
                extra_meta: dict | None = None) -> str:
@@ -53,6 +94,8 @@ def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | No
     folder's config and BatchNorm counter, for an export back to that format)."""
     path = where_written(path)  # LINK/../NAME as the kernel reads it
     from emit_jax.parallel import barrier
+
+    DiskFullLogs.install()  # a full disk: one line, not Orbax's threads' logs
 
     multi = jax.process_count() > 1
     # several processes write their shards into one agreed folder; process 0 finishes it
@@ -78,6 +121,8 @@ def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | No
             err = disk_full_error(e, path)
             if err is None:
                 raise
+            DiskFullLogs.seen = True
+            quiet_abandoned_reads()  # the writes Orbax left running fail as its loop closes
             raise err from None
         except BaseException:  # a second Ctrl-C: close what can be closed
             with contextlib.suppress(Exception):
@@ -167,6 +212,16 @@ def quiet_abandoned_reads() -> None:
             previous(u)
 
     sys.unraisablehook = hook
+    # TensorStore's callbacks into the closed loop print through sys.excepthook (PyErr_Print)
+    previous_hook = sys.excepthook
+
+    def excepthook(kind, value, tb):
+        if not (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)):
+            previous_hook(kind, value, tb)
+
+    sys.excepthook = excepthook
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                            category=RuntimeWarning)
     gc.collect()
 
 

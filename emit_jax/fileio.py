@@ -224,9 +224,17 @@ def atomic_folder(path: str | os.PathLike, *, hint: str = "choose a new folder",
                 raise FileExistsError(
                     f"{path}: filled by another run while this one was writing it; this run's "
                     "copy is discarded and the folder holds the other's") from None
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_folders(created)
+        if isinstance(e, OSError) and e.errno is not None:
+            # name the user's path, not the temporary folder (a full disk, "File too large")
+            name = os.fsdecode(e.filename) if isinstance(e.filename, (str, bytes)) else None
+            if name is not None and (name == tmp or name.startswith(tmp + os.sep)):
+                raise OSError(e.errno, e.strerror or os.strerror(e.errno),
+                              os.path.join(path, name[len(tmp) + 1:]).rstrip(os.sep)) from None
+            if name is None and e.errno in _DISK_ERRNOS:
+                raise OSError(e.errno, e.strerror or os.strerror(e.errno), path) from None
         raise
 
 
@@ -431,6 +439,8 @@ def disk_full_error(e: BaseException, path: str | os.PathLike) -> OSError | None
             return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))
         if "Disk quota exceeded" in text or "os_error_code='122'" in text:
             return OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), os.fspath(path))
+        if "File too large" in text or "os_error_code='27'" in text:  # ulimit -f, a quota
+            return OSError(errno.EFBIG, os.strerror(errno.EFBIG), os.fspath(path))
         e = e.__cause__ or e.__context__
     return None
 

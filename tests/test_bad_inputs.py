@@ -479,6 +479,7 @@ def convert_index_names_missing_shard(tmp_path, a, request):
 @case
 def convert_index_shard_leaves_folder(tmp_path, a, request):
     folder = copy_hf(tmp_path, a)
+    os.remove(os.path.join(folder, "model.safetensors"))  # a single file is read first
     json.dump({"weight_map": {"x.weight": "../../outside.safetensors"}},
               open(os.path.join(folder, "model.safetensors.index.json"), "w"))
     return _convert(folder, tmp_path, "model.safetensors.index.json", "leaves the folder")

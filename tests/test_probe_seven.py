@@ -279,3 +279,64 @@ def test_training_settings_that_fail_late_are_one_line(tmp_path, override, needl
     assert r.stderr.strip().splitlines()[-1].startswith(f"emit_jax.train: error: {needle}"), \
         r.stderr[-2000:]
     assert wd.exists() == workdir_made  # the bucket is met when the first batch is made
+
+
+def _splits_dataset(tmp_path, splits) -> str:
+    from test_tasks import make_mvtec
+
+    src = make_mvtec(tmp_path / "ds", classes=("widget",))
+    with open(os.path.join(src, "splits.json"), "w") as f:
+        json.dump(splits(src) if callable(splits) else splits, f)
+    return src
+
+
+def test_splits_entries_outside_the_dataset_or_not_images_are_said(tmp_path):
+    """Before: absolute paths (even of the dataset's own images), a mask and a folder listed
+    in a split were dropped without a word; an empty split was "no such split"."""
+    from emit_jax.data.mvtec import Report, scan
+    from emit_jax.data.records import build
+    from emit_jax.errors import DataError
+
+    good = os.path.join("widget", "train", "good")
+    src = _splits_dataset(tmp_path / "a", lambda s: {"train": [os.path.join(s, good, "000.png")]})
+    with pytest.raises(DataError, match=r"splits.json: split 'train' lists /.*000.png, outside "
+                                        r"the dataset's own paths"):
+        scan(src, report=Report())
+    for entry, what in ((os.path.join("widget", "ground_truth"), "a folder"),
+                        (good, "a folder")):
+        src = _splits_dataset(tmp_path / what.replace(" ", "") / str(len(entry)),
+                              {"train": [os.path.join(good, "000.png"), entry]})
+        with pytest.raises(DataError, match=f"lists {entry} \\(train\\), which is {what}, not "
+                                            "one of the dataset's images"):
+            scan(src, report=Report())
+    mask = next(os.path.join(dp, f) for dp, _, fs in os.walk(tmp_path / "a" / "ds")
+                for f in fs if "ground_truth" in dp)
+    rel = os.path.relpath(mask, tmp_path / "a" / "ds")
+    src = _splits_dataset(tmp_path / "m", {"train": [os.path.join(good, "000.png"), rel]})
+    with pytest.raises(DataError, match="which is a mask, not one of the dataset's images"):
+        scan(src, report=Report())
+    src = _splits_dataset(tmp_path / "e", {"train": [], "test": []})
+    with pytest.raises(DataError, match=r"--split 'train': .*splits.json lists no image in that "
+                                        r"split"):
+        build(src, str(tmp_path / "out.jsonl"), stage=1)
+
+
+def test_a_file_size_limit_while_converting_is_one_line_naming_the_output(tmp_path, tiny_model):
+    """Before (``ulimit -f``, as a quota): a ValueError traceback from Orbax's writer, 270-320
+    lines of its threads' logs and "Event loop is closed" tracebacks, naming the temporary
+    folder; ``data.embedded`` said ``[Errno 27] File too large`` without a file."""
+    import resource
+    import subprocess
+    import sys
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 1024, 20 * 1024))
+
+    for args, out in ((["emit_jax.convert", "--hf", tiny_model["hf"]], tmp_path / "c"),
+                      (["emit_jax.data.embedded", "--seed", "4"], tmp_path / "e")):
+        r = subprocess.run([sys.executable, "-m", *args, "--out", str(out)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300, preexec_fn=limited)
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert r.stderr.splitlines() == [f"{args[0]}: error: {out}: File too large"], \
+            r.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == []

@@ -255,7 +255,7 @@ def test_a_full_disk_during_training_is_one_error_line(small_disk, cache):
 
 
 # TensorStore's late callbacks into the failed write's closed event loop: the trainer's hook
-# drops them (state._DiskFullLogs), pytest puts its own hook in place during a test
+# drops them (checkpoint.DiskFullLogs), pytest puts its own hook in place during a test
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_disk_that_fills_during_a_checkpoint_write_is_one_oserror(small_disk, monkeypatch,
                                                                     capfd, caplog):

@@ -147,6 +147,15 @@ def _find_mask(gt_dir: str, stem: str) -> str | None:
     return None
 
 
+def split_names(root: str) -> list[str]:
+    """The split names ``root/splits.json`` gives, in its order (none without the file)."""
+    splits = _read_splits(root)
+    if splits is None:
+        return []
+    data = read_json(os.path.join(root, "splits.json"), error=DataError)
+    return list(data) if isinstance(data, dict) else []
+
+
 def _read_splits(root: str) -> dict[str, str] | None:
     path = os.path.join(root, "splits.json")
     if not os.path.lexists(path):  # a link to nothing or a pipe there is refused, not ignored
@@ -165,6 +174,11 @@ def _read_splits(root: str) -> dict[str, str] | None:
             if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
                 raise DataError(f"{path}: split {split!r} is not a list of image paths")
             for p in paths:
+                if os.path.isabs(p) or os.path.normpath(p).split(os.sep)[0] == os.pardir:
+                    # before: dropped without a word (they matched no image found)
+                    raise DataError(f"{path}: split {split!r} lists {p}, outside the dataset's "
+                                    "own paths; name images relative to the dataset folder "
+                                    "(e.g. pill/train/good/000.png)")
                 p = os.path.normpath(p)
                 if out.setdefault(p, split) != split:  # a test image trained on, or the reverse
                     raise DataError(f"{path}: {p} is listed in two splits ({out[p]!r} and "
@@ -253,6 +267,16 @@ def scan(root: str | os.PathLike, *, dataset: str | None = None,
                         report.unlisted.append(rel)
     if splits is not None:  # a listed image that is not there (before: dropped without a word)
         found = {os.path.normpath(os.path.relpath(it.path, root)) for it in items}
+        for p in splits:  # there, but no image of the dataset: a mask, a folder, another file
+            full = os.path.join(root, p)
+            if p in found or not os.path.lexists(full):
+                continue
+            what = ("a folder" if os.path.isdir(full) else
+                    "a mask" if "ground_truth" in p.split(os.sep) else
+                    "not an image" if not p.lower().endswith(IMAGE_EXTS) else None)
+            if what:  # (an image the scan skipped was said when it was skipped)
+                report.problem(f"{os.path.join(root, 'splits.json')}: lists {p} ({splits[p]}), "
+                               f"which is {what}, not one of the dataset's images")
         listed = [p for p in splits if p not in found and not os.path.lexists(os.path.join(root, p))]
         nfc = {unicodedata.normalize("NFC", f): f for f in found}
         for p in listed[:1] if report.policy == "error" else listed:

@@ -14,7 +14,7 @@ import unicodedata
 from collections import Counter
 
 from emit_jax.data import adfm, jsonl, mmad, tasks
-from emit_jax.data.mvtec import DataError, Report, scan
+from emit_jax.data.mvtec import DataError, Report, scan, split_names
 from emit_jax.fileio import check_writable
 
 
@@ -77,6 +77,9 @@ def build(source: str, out: str, stage: int, *, seed: int = 0, split: str | None
     if split and split != "all":
         known = sorted({it.split for it in items})
         if split not in known:
+            if split in split_names(source):  # before: "no such split" for an empty one
+                raise DataError(f"--split {split!r}: {os.path.join(source, 'splits.json')} lists "
+                                "no image in that split")
             raise DataError(f"--split {split!r}: {source} has no such split; choose from "
                             f"{', '.join(known + ['all'])}")
         items = [it for it in items if it.split == split]

@@ -18,14 +18,13 @@ A full disk: before each write the free space is checked against the state's siz
 that cannot hold the next checkpoint stops the run with one ``OSError`` (ENOSPC) naming the
 checkpoint folder, the space needed and the space free. A disk that fills during a write (past
 that check) ends the same way: Orbax's error (raised from its writer threads) becomes that
-``OSError``, its error logs about it are dropped (:class:`_DiskFullLogs`) and the step's
+``OSError``, its error logs about it are dropped (:class:`DiskFullLogs`) and the step's
 temporary folder is removed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import sys
@@ -37,6 +36,7 @@ from etils import epath
 from flax import nnx
 
 from emit_jax import faults
+from emit_jax.checkpoint import DiskFullLogs
 from emit_jax.errors import CheckpointError, interrupted
 from emit_jax.fileio import check_free_space, disk_full_error, where_written
 from emit_jax.models import scan
@@ -54,7 +54,7 @@ class StageCheckpoints:
         self.filter = state_filter
         self.directory, self.name = where_written(directory), name
         self._bytes = 0  # the size of the last checkpoint written, for a full disk's message
-        _DiskFullLogs.install()
+        DiskFullLogs.install()
         os.makedirs(directory, exist_ok=True)
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=max(1, every),
                                             enable_async_checkpointing=async_save)
@@ -197,7 +197,7 @@ class StageCheckpoints:
             err = disk_full_error(e, self.directory)
             if err is None:
                 raise
-            _DiskFullLogs.seen = True
+            DiskFullLogs.seen = True
             with contextlib.suppress(Exception):
                 self.manager.close()
             if jax.process_index() == 0:
@@ -241,42 +241,3 @@ def _flat_shapes(tree) -> dict[str, tuple]:
                        for k in path)
         out[key] = tuple(int(d) for d in getattr(leaf, "shape", ()))
     return out
-
-
-class _DiskFullLogs(logging.Filter):
-    """Drops Orbax's error logs (each with a traceback, from its writer threads) about a full
-    disk: the run reports it once, as an ``OSError`` (``StageCheckpoints._disk_full``). Once a
-    full disk was met, also the ``RuntimeError("Event loop is closed")`` that TensorStore's
-    late callbacks into Orbax's abandoned event loop raise (printed as "Exception ignored",
-    one traceback per array, through ``sys.unraisablehook``)."""
-
-    _installed = False
-    seen = False  # a full disk was met in this process
-
-    @classmethod
-    def install(cls) -> None:
-        if not cls._installed:
-            logging.getLogger("absl").addFilter(cls())
-            previous = sys.unraisablehook
-
-            def hook(args):
-                if not (cls.seen and isinstance(args.exc_value, RuntimeError)
-                        and str(args.exc_value) == "Event loop is closed"):
-                    previous(args)
-
-            sys.unraisablehook = hook
-            cls._installed = True
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if f"{os.sep}orbax{os.sep}" not in (record.pathname or ""):
-            return True
-        exc = record.exc_info[1] if record.exc_info else None
-        try:
-            text = record.getMessage()
-        except Exception:  # noqa: BLE001 - a malformed record: leave it to the handler
-            text = ""
-        if (exc is not None and disk_full_error(exc, "") is not None) or \
-                disk_full_error(OSError(text), "") is not None:
-            _DiskFullLogs.seen = True
-            return False
-        return True
