@@ -468,8 +468,9 @@ _EMIT_KEYS = (
 _MAX_READOUT_KEY = (("projector", "max_proj"), "projector.max_proj.weight")  # emit.max_readout
 
 
-_PEAK_LOCATION_KEYS = ((("projector", "loc_embed"), "projector.loc_embed.weight"),  # emit.peak_location
-                       (("projector", "loc_temp"), "projector.loc_temp"))
+_PEAK_LOCATION_KEYS = (  # emit.peak_location
+    (("projector", "loc_embed"), "projector.loc_embed.weight"),
+    (("projector", "loc_temp"), "projector.loc_temp"))
 
 
 def _emit_keys(ecfg) -> tuple:

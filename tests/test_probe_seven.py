@@ -340,3 +340,29 @@ def test_a_file_size_limit_while_converting_is_one_line_naming_the_output(tmp_pa
         assert r.stderr.splitlines() == [f"{args[0]}: error: {out}: File too large"], \
             r.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_domain_knowledge_holding_a_prompt_marker_is_refused(tmp_path):
+    """Before: every entry ending in ``<image> <IMG_CONTEXT>`` was a ValueError traceback at the
+    first question, the model loaded."""
+    from emit_jax.data.mmad import load_domain_knowledge
+
+    (tmp_path / "domain_knowledge.json").write_text(json.dumps(
+        {"MVTec": {"pill": {"good": "A white pill. <image>", "crack": "A crack."}}}))
+    with pytest.raises(MMADError, match=r"'MVTec'/'pill'/'good': holds '<image>', a marker the "
+                                        r"prompt builder places itself"):
+        load_domain_knowledge(str(tmp_path))
+
+
+def test_a_home_folder_in_a_path_setting_is_expanded(tmp_path, monkeypatch):
+    """Before: ``--config.data.source=~/data`` (the shell leaves ``~`` after ``=``; the config
+    files' own examples use that form) was "'~/data' is not a folder"."""
+    from emit_jax import configs
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = configs.load(os.path.join(ROOT, "configs", "grpo.py") + ":smoke",
+                       ["data.source=~/ds", "init_from=~/runs/m", "tokenizer=~/tok"])
+    assert (cfg.data.source, cfg.init_from, cfg.tokenizer) == (
+        str(tmp_path / "ds"), str(tmp_path / "runs" / "m"), str(tmp_path / "tok"))
+    assert configs.load(os.path.join(ROOT, "configs", "grpo.py") + ":smoke").data.source == \
+        "embedded"

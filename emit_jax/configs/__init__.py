@@ -77,7 +77,29 @@ def load(spec: str, overrides: Sequence[str] | Mapping[str, Any] = (), *,
                           "expected an ml_collections.ConfigDict")
     if lock:
         cfg.lock()
-    return apply(cfg, overrides)
+    return expand_home(apply(cfg, overrides))
+
+
+#: the settings that name a file or folder: a leading ``~`` means the home folder, as a shell
+#: would read it (the shell leaves ``--config.data.source=~/data`` as it is: ``~`` only
+#: expands at a word's start)
+PATH_KEYS = ("data.source", "init_from", "tokenizer")
+
+
+def expand_home(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``cfg`` with a leading ``~`` of each :data:`PATH_KEYS` setting expanded (before:
+    "'~/data' is not a folder" for the README's own form)."""
+    for key in PATH_KEYS:
+        node, *rest = key.split(".")
+        section = cfg
+        for part in [node] + rest[:-1] if rest else []:
+            section = section.get(part) if isinstance(section, ml_collections.ConfigDict) else None
+        leaf = rest[-1] if rest else node
+        if isinstance(section, ml_collections.ConfigDict) and \
+                isinstance(section.get(leaf), str) and section[leaf].startswith("~"):
+            with section.unlocked():
+                section[leaf] = os.path.expanduser(section[leaf])
+    return cfg
 
 
 def apply(cfg: ml_collections.ConfigDict, overrides: Sequence[str] | Mapping[str, Any]):

@@ -54,8 +54,9 @@ def _to_8_bits(arr: np.ndarray, mode: str, name: str) -> np.ndarray:
     image's own maximum. Pixels that are NaN or infinite raise :class:`ImageError` (they have no
     grey level; before, they were cast to arbitrary values with a ``RuntimeWarning``)."""
     if not np.isfinite(arr).all():
-        raise ImageError(f"{show_path(name)}: not a usable image ({int((~np.isfinite(arr)).sum()):,}"
-                         f" of its {arr.size:,} pixels are NaN or infinite)")
+        bad = int((~np.isfinite(arr)).sum())
+        raise ImageError(f"{show_path(name)}: not a usable image ({bad:,} of its {arr.size:,} "
+                         "pixels are NaN or infinite)")
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
     if mode.startswith("I;16"):
         arr = arr / 257.0

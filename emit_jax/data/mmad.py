@@ -507,6 +507,10 @@ def load_domain_knowledge(root: str | os.PathLike, json_name: str = DOMAIN_KNOWL
                 if not isinstance(text, str):
                     raise MMADError(f"{path}: {ds!r}/{cls!r}/{name!r}: must be a string, "
                                     f"got {type(text).__name__}")
+                marker = next((m for m in RESERVED_MARKERS if m in text), None)
+                if marker:  # before: a traceback at the first question whose prompt held it
+                    raise MMADError(f"{path}: {ds!r}/{cls!r}/{name!r}: holds {marker!r}, a "
+                                    "marker the prompt builder places itself; remove it")
             out[ds][cls] = dict(entries)
     return out
 

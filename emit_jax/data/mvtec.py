@@ -281,12 +281,29 @@ def scan(root: str | os.PathLike, *, dataset: str | None = None,
         nfc = {unicodedata.normalize("NFC", f): f for f in found}
         for p in listed[:1] if report.policy == "error" else listed:
             twin = nfc.get(unicodedata.normalize("NFC", p))  # the same name, other bytes
+            closed = _closed_folder(root, p)
             report.problem(f"{os.path.join(root, 'splits.json')}: lists {p} ({splits[p]}), "
-                           f"which does not exist"
+                           + (f"which cannot be reached: {closed} cannot be read (permission "
+                              "denied)" if closed else "which does not exist")
                            + (f" ({len(listed)} such)" if len(listed) > 1 else "")
                            + (f"; {twin} differs from it only in Unicode normalisation (NFD "
                               "against NFC): rename so they match byte for byte" if twin else ""))
     return items
+
+
+def _closed_folder(root: str, rel: str) -> str | None:
+    """The first folder on the way from ``root`` to ``root/rel`` that exists but this process
+    may not list or enter (before: its images were said not to exist), or None."""
+    folder = root
+    for part in os.path.dirname(rel).split(os.sep):
+        if not part:
+            continue
+        folder = os.path.join(folder, part)
+        if not os.path.isdir(folder):
+            return None
+        if not os.access(folder, os.R_OK | os.X_OK):
+            return folder
+    return None
 
 
 def iter_classes(items: list[ImageItem]) -> Iterator[tuple[str, list[ImageItem]]]:
