@@ -24,6 +24,7 @@ trains nothing keeps the workdir's ``seconds`` (its own time: ``rerun_seconds``)
 from __future__ import annotations
 
 import json
+import errno
 import os
 import random
 import shutil
@@ -334,8 +335,21 @@ def _compile_cache(cfg) -> None:
     ``TypeError`` at the first compilation, after the workdir was made); a folder that cannot be
     made or written is one warning line, and the run compiles without a persistent cache (JAX's
     own two-line ``UserWarning`` said the same at each compilation)."""
+    env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if env:  # checked as the config's is (before: JAX's two-line warning at every compilation)
+        target = os.path.abspath(os.path.expanduser(env))
+        try:
+            folder = target if os.path.lexists(target) else nearest_existing(target)
+            if not os.path.isdir(folder):  # a file (/dev/null), or a file on the way
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder", folder)
+            check_folder_writable(folder, folder, full_disk_ok=False)
+        except OSError as e:
+            stages.log(f"warning: JAX_COMPILATION_CACHE_DIR={env}: {e.strerror or e}; compiling "
+                       "without a persistent cache")
+            jax.config.update("jax_compilation_cache_dir", None)
+        return
     path = cfg.get("compile_cache", "")
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or not path:
+    if not path:
         return
     if not isinstance(path, str):
         raise ConfigError(f"config compile_cache: {path!r} is not a folder path (or '' for none)")

@@ -366,3 +366,23 @@ def test_a_home_folder_in_a_path_setting_is_expanded(tmp_path, monkeypatch):
         str(tmp_path / "ds"), str(tmp_path / "runs" / "m"), str(tmp_path / "tok"))
     assert configs.load(os.path.join(ROOT, "configs", "grpo.py") + ":smoke").data.source == \
         "embedded"
+
+
+def test_an_unusable_jax_compilation_cache_dir_is_one_warning(monkeypatch, capsys):
+    """Before: ``JAX_COMPILATION_CACHE_DIR=/dev/null`` (or a read-only folder) gave JAX's
+    two-line ``UserWarning`` at every compilation of the run."""
+    import jax
+    import ml_collections
+
+    from emit_jax import train
+
+    before = jax.config.jax_compilation_cache_dir
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/dev/null")
+    try:
+        train._compile_cache(ml_collections.ConfigDict({"compile_cache": "~/x"}))
+        assert jax.config.jax_compilation_cache_dir is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+    err = capsys.readouterr()
+    assert "warning: JAX_COMPILATION_CACHE_DIR=/dev/null: not a folder; compiling without a " \
+           "persistent cache" in err.out + err.err
