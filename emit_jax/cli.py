@@ -139,7 +139,18 @@ unit_float = float_in(0.0, 1.0)
 percent = float_in(0.0, 100.0, high_open=True)
 
 
-def out_of_memory(e: BaseException) -> str | None:
+#: what to make smaller when a command runs out of memory, for the commands whose settings
+#: are flags (the default names the training config's)
+OOM_HINTS = {
+    "emit_jax.demo": "a smaller --arch or fewer --new-tokens",
+    "emit_jax.evaluate": "a smaller --max-tiles or --max-new-tokens, or a smaller model",
+    "emit_jax.visualize": "smaller images or a smaller model",
+}
+_TRAINING_HINT = ("a smaller batch, prompts_per_step, G, max_tiles or length; python -m "
+                  "emit_jax.plan estimates a config's memory")
+
+
+def out_of_memory(e: BaseException, prog: str | None = None) -> str | None:
     """The one-line message for an allocation that failed (host memory: ``MemoryError``, as
     NumPy raises for an array too large; a device: XLA's ``RESOURCE_EXHAUSTED``), or None for
     any other error. Settings that ask for too much (a batch, a length, a tile count) end this
@@ -154,8 +165,7 @@ def out_of_memory(e: BaseException) -> str | None:
     if len(text) > 300:
         text = text[:297] + "..."
     return (f"out of {where}: {text or type(e).__name__}; the settings ask for more than this "
-            "machine has (a smaller batch, prompts_per_step, G, max_tiles or length; "
-            "python -m emit_jax.plan estimates a config's memory)")
+            f"machine has ({OOM_HINTS.get(prog or '', _TRAINING_HINT)})")
 
 
 def backend_error(e: BaseException) -> str | None:
@@ -192,10 +202,10 @@ def jax_flag_error(e: BaseException) -> str | None:
     return f"{where}: JAX does not know that value; unset it or give one JAX accepts"
 
 
-def runtime_error(e: BaseException) -> str | None:
+def runtime_error(e: BaseException, prog: str | None = None) -> str | None:
     """The one-line message of an error the machine or its environment caused rather than the
     code (:func:`out_of_memory`, :func:`backend_error`, :func:`jax_flag_error`), or None."""
-    return out_of_memory(e) or backend_error(e) or jax_flag_error(e)
+    return out_of_memory(e, prog) or backend_error(e) or jax_flag_error(e)
 
 
 def no_x64(prog: str) -> None:
@@ -483,7 +493,7 @@ def _run(main, argv, prog: str, final: bool = False) -> int:
             except Exception as e:
                 if received:  # the KeyboardInterrupt, wrapped in a library's own error
                     return interrupted(received[0])
-                if (line := runtime_error(e)) is not None:
+                if (line := runtime_error(e, prog)) is not None:
                     print(f"{prog}: error: {line}", file=sys.stderr)
                     return 2
                 raise

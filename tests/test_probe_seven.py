@@ -386,3 +386,16 @@ def test_an_unusable_jax_compilation_cache_dir_is_one_warning(monkeypatch, capsy
     err = capsys.readouterr()
     assert "warning: JAX_COMPILATION_CACHE_DIR=/dev/null: not a folder; compiling without a " \
            "persistent cache" in err.out + err.err
+
+
+def test_out_of_memory_names_the_commands_own_settings():
+    """Before: ``demo`` and ``evaluate`` out of memory named training settings they do not
+    have (batch, prompts_per_step, G)."""
+    from emit_jax import cli
+
+    e = RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 3727540932 bytes.")
+    assert cli.out_of_memory(e, "emit_jax.demo").endswith(
+        "(a smaller --arch or fewer --new-tokens)")
+    assert "--max-new-tokens" in cli.out_of_memory(e, "emit_jax.evaluate")
+    assert "prompts_per_step" in cli.out_of_memory(e, "emit_jax.train")
+    assert cli.out_of_memory(ValueError("other"), "emit_jax.demo") is None
