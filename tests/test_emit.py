@@ -419,15 +419,23 @@ def test_max_readout_adds_the_maps_peak_to_every_token_and_round_trips(tmp_path)
     expected = np.asarray(plain.projector(heat)) + normed.max(axis=(1, 2))[:, None, None] * u
     np.testing.assert_allclose(np.asarray(model.projector(heat)), expected, rtol=1e-5, atol=1e-5)
 
+    _projector_extra_round_trips(model, tmp_path, "max_readout", "max_proj", u)
+
+
+def _projector_extra_round_trips(model, tmp_path, setting: str, name: str, value) -> None:
+    """``projector.<name>`` (an EMIT option's parameter, ``value``) goes through the HF folder
+    (``emit_extras.safetensors``, ``projector.<name>.weight``) and an Orbax checkpoint; the
+    option is set in both."""
     out = hf.save(model, tmp_path / "emit_hf")
     with safe_open(os.path.join(out, hf.EMIT_EXTRAS), "numpy") as f:
-        np.testing.assert_array_equal(f.get_tensor("projector.max_proj.weight"), u)
+        np.testing.assert_array_equal(f.get_tensor(f"projector.{name}.weight"), value)
     back = hf.load(out)
-    assert back.emit_config.max_readout
-    np.testing.assert_array_equal(np.asarray(back.projector.max_proj[...]), u)
+    assert getattr(back.emit_config, setting)
+    np.testing.assert_array_equal(np.asarray(getattr(back.projector, name)[...]), value)
     checkpoint.save_model(back, tmp_path / "ck")
     again, _ = checkpoint.load_model(tmp_path / "ck")
-    np.testing.assert_array_equal(np.asarray(again.projector.max_proj[...]), u)
+    assert getattr(again.emit_config, setting)
+    np.testing.assert_array_equal(np.asarray(getattr(again.projector, name)[...]), value)
 
 
 def test_peak_location_adds_where_the_map_peaks_to_every_token_and_round_trips(tmp_path):
@@ -463,13 +471,7 @@ def test_peak_location_adds_where_the_map_peaks_to_every_token_and_round_trips(t
     np.testing.assert_allclose(np.asarray(model.projector.peak_location(sharp))[0], e[2 * g + 1],
                                rtol=1e-5, atol=1e-5)
 
-    out = hf.save(model, tmp_path / "emit_hf")
-    with safe_open(os.path.join(out, hf.EMIT_EXTRAS), "numpy") as f:
-        np.testing.assert_array_equal(f.get_tensor("projector.loc_embed.weight"), e)
-    back = hf.load(out)
-    assert back.emit_config.peak_location
-    np.testing.assert_array_equal(np.asarray(back.projector.loc_embed[...]), e)
-    checkpoint.save_model(back, tmp_path / "ck")
-    again, _ = checkpoint.load_model(tmp_path / "ck")
-    np.testing.assert_array_equal(np.asarray(again.projector.loc_embed[...]), e)
-    np.testing.assert_array_equal(np.asarray(again.projector.loc_temp[...]), [2.0])
+    model.projector.loc_temp[...] = jnp.asarray([3.5])
+    _projector_extra_round_trips(model, tmp_path, "peak_location", "loc_embed", e)
+    back = hf.load(tmp_path / "emit_hf")
+    np.testing.assert_array_equal(np.asarray(back.projector.loc_temp[...]), [3.5])
