@@ -683,13 +683,27 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
 
         raise DataError(f"{data}: no questions to evaluate")
     total = len(queries)
-    fps = [partial.fingerprint(text, [os.path.relpath(p, data) for p in images], comp)
-           for text, images, comp, _, _ in queries]
+    digests: dict[str, str] = {}  # an image's contents, read once (references repeat)
+
+    def digest(p: str) -> str:
+        from emit_jax.data.image import not_regular
+
+        if p not in digests:
+            try:  # a pipe is never read (check_images below says what is wrong with it)
+                digests[p] = "" if not_regular(p) else partial.file_digest(p)
+            except OSError:  # missing or unreadable: check_images below says which
+                digests[p] = ""
+        return digests[p]
+
+    fps = [partial.fingerprint(text, [os.path.relpath(p, data) for p in images], comp,
+                               [digest(p) for p in images])
+           for text, images, comp, _, _ in queries] if answers_path else []
     run_settings = partial.settings(checkpoint=checkpoint, think=think,
                                     max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                     decoding="greedy", max_tiles=max_tiles)
     done, keep, seen, beyond = {}, 0, None, 0
     if answers_path:
+        partial.check_is_ours(answers_path)  # another file there: not ours to resume or restart
         partial.check_not_locked(answers_path)  # another run answering into it: refused now
         seen = partial.identity(answers_path)
     if answers_path and not restart:

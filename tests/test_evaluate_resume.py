@@ -146,6 +146,51 @@ def test_jax_environment_settings_are_one_line(model, env, tmp_path):
     assert not (tmp_path / "res2.json").exists()
 
 
+def test_an_image_replaced_under_its_name_is_not_answered_from_the_kept_file(
+        baseline, model, env, tmp_path):
+    """Seventh probe. Before: an answered question's image replaced by another under the same
+    name kept its old answer on resume (only the paths were fingerprinted). Now the kept
+    answers do not match the question any more: one line, as for a changed prompt."""
+    from PIL import Image
+
+    from emit_jax.evaluate import MMAD_MIN_NEW_TOKENS, mmad_queries
+
+    root = tmp_path / "mmad"
+    shutil.copytree(MMAD, root)
+    queries = mmad_queries(str(root), False, None)
+    fps = [partial.fingerprint(text, [os.path.relpath(p, root) for p in images], comp,
+                               [partial.file_digest(p) for p in images])
+           for text, images, comp, _, _ in queries]
+    settings = partial.settings(checkpoint=model, think=False, max_new_tokens=4,
+                                min_new_tokens=min(MMAD_MIN_NEW_TOKENS, 4), decoding="greedy",
+                                max_tiles=1)
+    out = tmp_path / "res.json"
+    with partial.Writer(partial.path_for(str(out)), partial.header(model, str(root), settings),
+                        0) as w:
+        for k in (0, 1):
+            row = baseline["answers"][k]
+            w.write(k, fps[k], row["response"], row)
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(queries[0][1][1])  # the query, replaced
+    r = run(env, model, out, "--limit", "2", data=str(root))
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "the answer to question 0 was made for another question (the data or the prompt " \
+           "changed)" in lines_of(r.stderr)[-1], r.stderr
+
+
+def test_restart_never_deletes_a_file_that_is_not_a_partial_answers_file(model, env, tmp_path):
+    """Seventh probe. Before: ``--out A.json`` beside another evaluation's results saved as
+    ``A.json.partial.jsonl`` said "rerun with --restart", and ``--restart`` deleted them."""
+    other = tmp_path / "A.json.partial.jsonl"
+    other.write_text('{"results": "of another evaluation"}\n')
+    for extra in ((), ("--restart",)):
+        r = run(env, model, tmp_path / "A.json", *extra)
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert lines_of(r.stderr)[-1].endswith("not an emit_jax.evaluate partial-answers file, "
+                                               "and this run keeps its answers there; move it, "
+                                               "or choose another --out"), r.stderr
+        assert other.read_text() == '{"results": "of another evaluation"}\n'
+
+
 def test_bad_images_late_in_the_file_fail_before_any_model_work(model, env, tmp_path):
     """The last record's query image is missing and its reference unreadable: the run used to
     answer the 28 questions before them, then fail and drop those answers."""
@@ -351,7 +396,8 @@ def _partial_file(path, model, baseline, ids):
     holding the baseline's answers to ``ids`` (in that order)."""
     from emit_jax.evaluate import MMAD_MIN_NEW_TOKENS, mmad_queries
 
-    fps = [partial.fingerprint(text, [os.path.relpath(p, MMAD) for p in images], comp)
+    fps = [partial.fingerprint(text, [os.path.relpath(p, MMAD) for p in images], comp,
+                               [partial.file_digest(p) for p in images])
            for text, images, comp, _, _ in mmad_queries(MMAD, False, None)]
     assert len(fps) == N_QUESTIONS
     settings = partial.settings(checkpoint=model, think=False, max_new_tokens=4,

@@ -36,7 +36,7 @@ from emit_jax.fileio import where_written
 
 SUFFIX = ".partial.jsonl"
 KIND = "partial answers"
-VERSION = 1
+VERSION = 2  # 2: the fingerprints hash the images' contents too
 RESTART_HINT = "rerun with --restart to start over, or choose another --out"
 
 
@@ -45,11 +45,45 @@ def path_for(out: str) -> str:
     return os.fspath(out) + SUFFIX
 
 
-def fingerprint(text: str, image_keys: Sequence[str], use_comp: bool) -> str:
+def fingerprint(text: str, image_keys: Sequence[str], use_comp: bool,
+                image_digests: Sequence[str] = ()) -> str:
     """A short hash of one query as the model sees it: the user text, the image paths (relative
-    to the data root, so a moved data folder still matches) and the CE flag."""
-    blob = json.dumps([text, list(image_keys), bool(use_comp)], ensure_ascii=False)
+    to the data root, so a moved data folder still matches), the images' contents
+    (:func:`file_digest`; before, an image replaced under its name kept its old answer) and the
+    CE flag."""
+    blob = json.dumps([text, list(image_keys), bool(use_comp), list(image_digests)],
+                      ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def file_digest(path: str) -> str:
+    """A short hash of the bytes of the file ``path``."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def check_is_ours(path: str) -> None:
+    """Raise :class:`DataError` when ``path`` exists, holds a complete first line and that line
+    is not a partial-answers header: another file (another evaluation's results named like
+    this one's answers file), which neither a resume nor ``--restart`` may replace (before,
+    ``--restart``, as the message advised, deleted it)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline()
+    except (FileNotFoundError, IsADirectoryError):
+        return
+    if not first.endswith(b"\n"):
+        return  # empty, or a header torn by a kill: this run's to rewrite
+    try:
+        head = json.loads(first.decode("utf-8"))
+    except (ValueError, RecursionError):
+        head = None
+    if not (isinstance(head, dict) and head.get("emit_jax.evaluate") == KIND):
+        raise DataError(f"{path}: not an emit_jax.evaluate partial-answers file, and this run "
+                        "keeps its answers there; move it, or choose another --out")
 
 
 def checkpoint_stamp(checkpoint: str) -> str | None:
