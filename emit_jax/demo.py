@@ -57,6 +57,11 @@ def main(argv=None) -> int:
                                   "did not write; give an empty folder or an earlier demo's")
 
     cfg = architectures.get_config(args.arch)
+    context = cfg.text.max_position_embeddings
+    if args.new_tokens + cfg.tokens_per_tile + 12 > context:  # before: decoded until killed
+        raise ConfigError(f"--new-tokens {args.new_tokens}: with the demo's prompt "
+                          f"({cfg.tokens_per_tile + 12} tokens) that passes {args.arch}'s "
+                          f"context of {context:,} positions")
     t0 = time.time()
     model = InternVL(cfg, rngs=nnx.Rngs(0))
     print(f"[1/4] built {args.arch}: {count_params(model):,} parameters "

@@ -399,3 +399,29 @@ def test_out_of_memory_names_the_commands_own_settings():
     assert "--max-new-tokens" in cli.out_of_memory(e, "emit_jax.evaluate")
     assert "prompts_per_step" in cli.out_of_memory(e, "emit_jax.train")
     assert cli.out_of_memory(ValueError("other"), "emit_jax.demo") is None
+
+
+def test_demo_beyond_the_context_table1_set_twice_and_an_empty_count_are_said(tmp_path):
+    """Before: ``demo --new-tokens 100000`` decoded until killed; ``table1 --set k=1 --set k=2``
+    used the last; ``restated_answers`` on results without a four-option answer printed a bare
+    table header."""
+    import subprocess
+    import sys
+
+    from emit_jax import configs
+    from emit_jax.errors import ConfigError
+
+    r = subprocess.run([sys.executable, "-m", "emit_jax.demo", "--new-tokens", "100000"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "emit_jax.demo: error: --new-tokens 100000: with the demo's prompt (76 tokens) that "
+        "passes tiny's context of 8,192 positions"], r.stderr
+    with pytest.raises(ConfigError, match=r"--set base.steps: given twice, as '1' and '2'"):
+        configs.parse_sets(["base.steps=1", "base.steps=2"])
+    assert configs.parse_sets(["base.steps=1", "base.steps=1"]) == {"base.steps": "1"}
+    res = tmp_path / "r.json"
+    res.write_text(json.dumps({"answers": [], "think": True}))
+    r = subprocess.run([sys.executable, "-m", "emit_jax.experiments.restated_answers", str(res)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0
+    assert r.stderr.strip() == f"note: {res} holds no four-option answer to count (DC, DL, OC)"

@@ -121,8 +121,13 @@ def apply(cfg: ml_collections.ConfigDict, overrides: Sequence[str] | Mapping[str
 
 
 def parse_sets(items: Sequence[str] | None) -> dict[str, str]:
-    """``["grpo.G=4", ...]`` (``--set`` arguments) -> ``{"grpo.G": "4"}`` (read by :func:`apply`)."""
-    return dict(_split(item) for item in items or ())
+    """``["grpo.G=4", ...]`` (``--set`` arguments) -> ``{"grpo.G": "4"}`` (read by :func:`apply`).
+    A key given twice with different values is refused (before: the last won without a word)."""
+    out: dict[str, str] = {}
+    for key, raw in (_split(item) for item in items or ()):
+        if out.setdefault(key, raw) != raw:
+            raise ConfigError(f"--set {key}: given twice, as {out[key]!r} and {raw!r}")
+    return out
 
 
 def _split(item: str) -> tuple[str, str]:

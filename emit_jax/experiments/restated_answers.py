@@ -99,6 +99,9 @@ def main(argv=None) -> int:
         print(f"note: {a.results} was asked without --think: its answers have no restated "
               "options, so every one counts as 'no conclusion'", file=sys.stderr)
     counts = count(rows)
+    if not counts:  # before: a table header and no row, without a word
+        print(f"note: {a.results} holds no four-option answer to count (DC, DL, OC)",
+              file=sys.stderr)
     if a.json:
         print(json.dumps(counts))
         return 0
