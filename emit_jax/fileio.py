@@ -445,6 +445,25 @@ def disk_full_error(e: BaseException, path: str | os.PathLike) -> OSError | None
     return None
 
 
+#: why a folder would not take a file (besides a full disk): no permission, a read-only or
+#: immutable file system
+_REFUSED_ERRNOS = (errno.EPERM, errno.EACCES, errno.EROFS)
+
+
+def write_refused_error(e: BaseException, path: str | os.PathLike) -> OSError | None:
+    """The ``OSError`` naming ``path`` that ``e`` amounts to when it (or an exception it was
+    raised from) is a write the file system refused (``Operation not permitted``, ``Permission
+    denied``, ``Read-only file system``: a folder made immutable, a permission change or a
+    read-only mount under a running job); else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _REFUSED_ERRNOS:
+            return OSError(e.errno, os.strerror(e.errno), os.fspath(path))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 # --------------------------------------------------------------------------------- locks
 @contextlib.contextmanager
 def hold_lock(path: str | os.PathLike, *, what: str, hint: str,

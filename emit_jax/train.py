@@ -24,6 +24,7 @@ trains nothing keeps the workdir's ``seconds`` (its own time: ``rerun_seconds``)
 from __future__ import annotations
 
 import json
+import contextlib
 import errno
 import os
 import random
@@ -427,6 +428,22 @@ def check_given_once(argv: list[str], overrides: list[str]) -> None:
         once(f"--{flag.name}", value)
 
 
+def _exit(status: int) -> None:
+    """End the process with ``status`` once the error line is out. Where a checkpoint write
+    failed, Orbax's background threads wait for signals that never come, and Python's exit
+    waited for them for ever (a folder made unwritable under a run): then the process ends at
+    once, as ``kill`` would after the line."""
+    import threading
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate()
+           if t is not threading.main_thread()):
+        for f in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                f.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 def main(argv) -> None:
     if len(argv) > 1:  # before: ignored, and the run trained as if they were not there
         print(f"emit_jax.train: error: unexpected argument(s) {' '.join(map(repr, argv[1:]))}: "
@@ -478,7 +495,7 @@ def main(argv) -> None:
         sys.exit(cli.INTERRUPTED)
     except USER_ERRORS as e:  # bad config, data, checkpoint or path: one line, exit 2
         stages.log(f"emit_jax.train: error: {message(e)}")
-        sys.exit(2)
+        _exit(2)
     except NonFiniteError as e:  # the non-finite policy stopped the run; its last good step is saved
         stages.log(f"emit_jax.train: error: {message(e)}")
         sys.exit(3)

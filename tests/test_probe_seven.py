@@ -425,3 +425,32 @@ def test_demo_beyond_the_context_table1_set_twice_and_an_empty_count_are_said(tm
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0
     assert r.stderr.strip() == f"note: {res} holds no four-option answer to count (DC, DL, OC)"
+
+
+def test_a_checkpoint_folder_that_stops_taking_files_is_one_line_and_no_hang(tmp_path):
+    """Before: a stage's ``ckpt/`` made immutable (a permission change or a read-only mount
+    under a running job): about 190 lines of Orbax's thread logs, the error line naming its
+    temporary folder, then the process never exited (Python's exit waited for Orbax's threads).
+    Needs ``chattr +i`` (root, a file system that has it)."""
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "wd" / "base" / "ckpt"
+    ckpt.mkdir(parents=True)
+    if subprocess.run(["chattr", "+i", str(ckpt)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        r = subprocess.run([sys.executable, "-m", "emit_jax.train", "--config",
+                            "configs/grpo.py:smoke", "--config.stages=('base',)",
+                            "--config.base.steps=4", "--config.checkpoint_every=2",
+                            "--config.export_hf=False", "--config.eval_limit=0",
+                            "--workdir", str(tmp_path / "wd")], cwd=ROOT, capture_output=True,
+                           text=True, timeout=400)
+    finally:
+        subprocess.run(["chattr", "-i", str(ckpt)])
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = [line for line in r.stderr.replace("\r", "\n").splitlines()
+             if line.strip() and not line.startswith(("[data]", "[base]"))]
+    assert lines == [f"emit_jax.train: error: {ckpt}: Operation not permitted: this folder no "
+                     "longer takes new base checkpoints (its permissions or the file system "
+                     "changed)"], r.stderr[-3000:]

@@ -38,7 +38,7 @@ from flax import nnx
 from emit_jax import faults
 from emit_jax.checkpoint import DiskFullLogs
 from emit_jax.errors import CheckpointError, interrupted
-from emit_jax.fileio import check_free_space, disk_full_error, where_written
+from emit_jax.fileio import check_free_space, disk_full_error, where_written, write_refused_error
 from emit_jax.models import scan
 
 #: free space asked for beyond the arrays' bytes (Orbax's metadata files)
@@ -195,6 +195,11 @@ class StageCheckpoints:
             yield
         except Exception as e:
             err = disk_full_error(e, self.directory)
+            if err is None and (refused := write_refused_error(e, self.directory)) is not None:
+                DiskFullLogs.seen = True  # Orbax's threads' logs of it are dropped too
+                raise OSError(refused.errno, f"{refused.strerror}: this folder no longer takes "
+                              f"new {self.name or 'stage'} checkpoints (its permissions or the "
+                              "file system changed)", self.directory) from None
             if err is None:
                 raise
             DiskFullLogs.seen = True
