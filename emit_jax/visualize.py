@@ -41,23 +41,27 @@ def compute_heatmap(query_path, reference_path, *, checkpoint=None, arch="tiny",
         from emit_jax.checkpoint import load_model
 
         model, _ = load_model(checkpoint)
+        ecfg = getattr(model, "emit_config", EMITConfig())
+        mllm = getattr(model, "mllm", model)
+        vcfg, vision = mllm.config.vision, mllm.vision_tower
     else:
         from emit_jax.models import architectures
-        from emit_jax.models.internvl import InternVL
+        from emit_jax.models.internvit import InternViT
 
         mcfg = architectures.get_config(arch)
         _check_layers(layers, mcfg.vision.num_hidden_layers)  # before the weights are made
-        model = InternVL(mcfg, rngs=nnx.Rngs(0))
-    ecfg = getattr(model, "emit_config", EMITConfig())
-    mllm = getattr(model, "mllm", model)
-    vcfg = mllm.config.vision
+        # the ViT alone, as InternVL(mcfg, rngs=Rngs(0)) draws it first (the same weights): the
+        # whole model of --arch internvl3_8b was built before and did not fit a 24 GB host
+        ecfg, vcfg = EMITConfig(), mcfg.vision
+        vision = InternViT(vcfg, dtype=mcfg.dtype, param_dtype=mcfg.param_dtype,
+                           rngs=nnx.Rngs(0), scan_layers=mcfg.scan_layers)
     size = vcfg.image_size
     q, r = (to_tile(im, size) for im in images)
     _check_layers(layers, vcfg.num_hidden_layers)
     layers = tuple(layers) if layers else ecfg.layers_for(vcfg.num_hidden_layers)
     window = ecfg.window_for(vcfg.grid) if window is None else window
     ce = jnp.asarray(np.stack([r, q])[None])
-    heat = np.asarray(contrastive_heatmap(mllm.vision_tower, ce, layers, window,
+    heat = np.asarray(contrastive_heatmap(vision, ce, layers, window,
                                           rotations=ecfg.rotations, zero_fill=ecfg.zero_fill))[0]
     return heat, q, r, {"layers": list(layers), "window": window, "grid": vcfg.grid,
                         "image_size": size, "query_size": list(images[0].size),

@@ -454,3 +454,24 @@ def test_a_checkpoint_folder_that_stops_taking_files_is_one_line_and_no_hang(tmp
     assert lines == [f"emit_jax.train: error: {ckpt}: Operation not permitted: this folder no "
                      "longer takes new base checkpoints (its permissions or the file system "
                      "changed)"], r.stderr[-3000:]
+
+
+def test_visualize_without_a_checkpoint_builds_the_vit_alone_with_the_same_weights():
+    """Before: ``visualize --arch internvl3_8b`` built the whole 8B model for its ViT and was
+    killed by the kernel (24 GB host). The ViT alone, drawn from ``Rngs(0)`` as InternVL draws
+    it first, has the same weights, so the heat maps are unchanged."""
+    import numpy as np
+    from flax import nnx
+
+    from emit_jax.models import architectures
+    from emit_jax.models.internvit import InternViT
+    from emit_jax.models.internvl import InternVL
+
+    m = architectures.get_config("tiny")
+    whole = nnx.to_flat_state(nnx.state(InternVL(m, rngs=nnx.Rngs(0)).vision_tower))
+    alone = nnx.to_flat_state(nnx.state(InternViT(m.vision, dtype=m.dtype,
+                                                  param_dtype=m.param_dtype, rngs=nnx.Rngs(0),
+                                                  scan_layers=m.scan_layers)))
+    assert [p for p, _ in whole] == [p for p, _ in alone]
+    for (_, a), (_, b) in zip(whole, alone):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
