@@ -768,7 +768,6 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
     table = format_table(summary, title=f"{os.path.basename(os.path.normpath(data))} "
                          f"({'MMAD' if is_mmad else 'MVTec-style'}, {len(rows)} questions, "
                          f"{parse.upper()}'s answer parsing)")
-    log(table)
     result = {"checkpoint": checkpoint, "data": data, "format": fmt, "think": think,
               "parse": parse, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
               "decoding": "greedy", "max_tiles": max_tiles,
@@ -786,6 +785,7 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(answers_path)
+    log(table)  # after the results are safe: a standard output that fails loses nothing
     return result
 
 
