@@ -1306,11 +1306,13 @@ def test_settings_asking_for_too_much_memory_are_one_line(where):
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying "
                                              "to allocate 80.00GiB.")
 
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        rc = cli.run(main, [], prog="emit_jax.evaluate")
-    assert_one_error(rc, err.getvalue(), f"out of {where} memory", "python -m emit_jax.plan",
-                     prog="emit_jax.evaluate")
+    # the hint names the command's own settings (evaluate's flags; train's config keys)
+    for prog, hint in (("emit_jax.evaluate", "a smaller --max-tiles or --max-new-tokens"),
+                       ("emit_jax.train", "python -m emit_jax.plan")):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = cli.run(main, [], prog=prog)
+        assert_one_error(rc, err.getvalue(), f"out of {where} memory", hint, prog=prog)
 
 
 def test_backend_start_writes_nothing_without_a_tpu():

@@ -53,12 +53,12 @@ class MemoryOptions:
 
     def __post_init__(self):
         if int(self.attention_chunk) < 0:
-            raise ConfigError(f"config memory.attention_chunk must be >= 0, got "
+            raise ConfigError(f"memory.attention_chunk must be >= 0, got "
                               f"{self.attention_chunk}")
         if int(self.vit_chunk) < 0:
-            raise ConfigError(f"config memory.vit_chunk must be >= 0, got {self.vit_chunk}")
+            raise ConfigError(f"memory.vit_chunk must be >= 0, got {self.vit_chunk}")
         if self.remat_policy not in REMAT_POLICIES:
-            raise ConfigError(f"config memory.remat_policy must be one of "
+            raise ConfigError(f"memory.remat_policy must be one of "
                               f"{', '.join(REMAT_POLICIES)}, got {self.remat_policy!r}")
 
     def checkpoint_policy(self):

@@ -50,13 +50,13 @@ class KernelOptions:
 
     def __post_init__(self):
         if self.attention not in ATTENTION:
-            raise ConfigError(f"config kernels.attention must be one of {', '.join(ATTENTION)}, "
+            raise ConfigError(f"kernels.attention must be one of {', '.join(ATTENTION)}, "
                               f"got {self.attention!r}")
         if self.decode not in DECODE:
-            raise ConfigError(f"config kernels.decode must be one of {', '.join(DECODE)}, "
+            raise ConfigError(f"kernels.decode must be one of {', '.join(DECODE)}, "
                               f"got {self.decode!r}")
         if int(self.decode_bucket) < 1:
-            raise ConfigError(f"config kernels.decode_bucket must be >= 1, got "
+            raise ConfigError(f"kernels.decode_bucket must be >= 1, got "
                               f"{self.decode_bucket}")
 
     def attention_impl(self) -> str:
