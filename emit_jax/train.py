@@ -230,6 +230,9 @@ def _run(cfg, workdir: str, settings) -> dict:
     if parallel.is_primary():
         if plot_curves(workdir, os.path.join(workdir, "curves.png")):
             stages.log(f"[plots] {workdir}/curves.png, {workdir}/results.png")
+        elif os.path.exists(os.path.join(workdir, "curves.png")):  # before: nothing said
+            stages.log(f"note: no training curves to draw (every stage's metrics.jsonl is "
+                       f"empty or torn); {workdir}/curves.png is left as an earlier run drew it")
         with atomic_output(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=1, default=str)
     parallel.barrier("run_done")

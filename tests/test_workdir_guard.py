@@ -313,6 +313,21 @@ def test_a_rerun_of_a_finished_workdir_keeps_its_results(finished_rerun):
         assert r.stderr.count(f"[{stage}] already finished") == 1, r.stderr[-3000:]
 
 
+def test_a_rerun_whose_metrics_are_torn_says_the_curves_stay(smoke_run, tmp_path):
+    """Seventh probe. Before: every stage's metrics.jsonl torn (a damaged copy), the rerun drew
+    no curves and said nothing (no ``[plots]`` line, curves.png as an earlier run drew it)."""
+    src, data_cache, _ = smoke_run
+    w = tmp_path / "w"
+    shutil.copytree(src, w, symlinks=True)
+    for stage in ("warmup", "base", "sft", "grpo"):
+        (w / stage / "metrics.jsonl").write_text('{"stage": "x", "st')
+    r = train("--config", "configs/grpo.py:smoke", "--workdir", str(w),
+              env={"EMIT_JAX_CACHE": str(data_cache)})
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert f"note: no training curves to draw (every stage's metrics.jsonl is empty or torn); " \
+           f"{w}/curves.png is left as an earlier run drew it" in r.stderr, r.stderr[-3000:]
+
+
 def test_a_finished_stage_with_changed_settings_says_it_is_kept_as_trained(finished_rerun):
     """Before: "[grpo] already finished" and exit 0, nothing said about grpo.lr / grpo.beta."""
     w, _, r = finished_rerun
