@@ -475,3 +475,15 @@ def test_visualize_without_a_checkpoint_builds_the_vit_alone_with_the_same_weigh
     assert [p for p, _ in whole] == [p for p, _ in alone]
     for (_, a), (_, b) in zip(whole, alone):
         np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
+
+
+def test_none_for_a_switch_is_refused():
+    """Before: ``--config.data.text_samples=None`` was accepted (ml_collections lets None into
+    any field) and read as off; ``restart=1`` and ``export_hf=yes`` were refused already."""
+    from emit_jax import configs
+    from emit_jax.errors import ConfigError
+
+    spec = os.path.join(ROOT, "configs", "grpo.py") + ":smoke"
+    with pytest.raises(ConfigError, match=r"config data.text_samples=None: expected a bool value"):
+        configs.load(spec, ["data.text_samples=None"])
+    assert configs.load(spec, ["data.text_samples=True"]).data.text_samples is True

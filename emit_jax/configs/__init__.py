@@ -166,6 +166,8 @@ def set_field(cfg: ml_collections.ConfigDict, key: str, value) -> None:
     if isinstance(current, ml_collections.ConfigDict):
         raise ConfigError(f"config {key}: a section; set its fields ({key}.NAME=...)")
     parsed = _parse(value, current) if isinstance(value, str) else value
+    if isinstance(current, bool) and parsed is None:  # ml_collections lets None into any field
+        raise ConfigError(f"config {key}={value}: expected a bool value (True or False)")
     try:  # a locked config refuses new keys only: an existing field can be set
         node[last] = parsed
     except (TypeError, ValueError):  # ml_collections keeps a field's type
