@@ -49,14 +49,14 @@ FORMAT_VERSION = 1
 
 class DiskFullLogs(logging.Filter):
     """Drops Orbax's error logs (each with a traceback, from its writer threads) about a full
-    disk: the command reports it once, as an ``OSError`` (``StageCheckpoints._disk_full``,
-    :func:`save_model`). Once a
-    full disk was met, also the ``RuntimeError("Event loop is closed")`` that TensorStore's
+    disk or a write the file system refused (``write_refused_error``): the command reports it
+    once, as an ``OSError`` (``StageCheckpoints._disk_full``, :func:`save_model`). Once such a
+    failure was met, also the ``RuntimeError("Event loop is closed")`` that TensorStore's
     late callbacks into Orbax's abandoned event loop raise (printed as "Exception ignored",
     one traceback per array, through ``sys.unraisablehook``)."""
 
     _installed = False
-    seen = False  # a full disk was met in this process
+    seen = False  # a full disk or a refused write was met in this process
 
     @classmethod
     def install(cls) -> None:

@@ -171,7 +171,12 @@ def _replaced_mode(path: str, default: int) -> int:
 
 
 # a failed write names no file: say which one (a full disk, a quota, a size limit)
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+#: the errnos of a disk or quota that takes no more, and how writers that raise them from their
+#: own threads (Orbax / TensorStore) say them in text
+_DISK_TEXTS = {errno.ENOSPC: ("No space left on device", "os_error_code='28'"),
+               errno.EDQUOT: ("Disk quota exceeded", "os_error_code='122'"),
+               errno.EFBIG: ("File too large", "os_error_code='27'")}  # ulimit -f, a quota
+_DISK_ERRNOS = tuple(_DISK_TEXTS)
 
 
 @contextlib.contextmanager
@@ -429,20 +434,23 @@ def disk_full_error(e: BaseException, path: str | os.PathLike) -> OSError | None
     was raised from) says the disk or the quota is full: an ``OSError`` with such an errno, or
     the text writers such as Orbax / TensorStore raise from their threads (``No space left on
     device``, ``os_error_code='28'``); else None."""
+    for x in _causes(e):
+        if isinstance(x, OSError) and x.errno in _DISK_ERRNOS:
+            return OSError(x.errno, os.strerror(x.errno), os.fspath(path))
+        text = str(x)
+        for code, marks in _DISK_TEXTS.items():
+            if any(m in text for m in marks):
+                return OSError(code, os.strerror(code), os.fspath(path))
+    return None
+
+
+def _causes(e: BaseException | None) -> Iterator[BaseException]:
+    """``e`` and the exceptions it was raised from or while handling, each once."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
-            return OSError(e.errno, os.strerror(e.errno), os.fspath(path))
-        text = str(e)
-        if "No space left on device" in text or "os_error_code='28'" in text:
-            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))
-        if "Disk quota exceeded" in text or "os_error_code='122'" in text:
-            return OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), os.fspath(path))
-        if "File too large" in text or "os_error_code='27'" in text:  # ulimit -f, a quota
-            return OSError(errno.EFBIG, os.strerror(errno.EFBIG), os.fspath(path))
+        yield e
         e = e.__cause__ or e.__context__
-    return None
 
 
 #: why a folder would not take a file (besides a full disk): no permission, a read-only or
@@ -455,12 +463,9 @@ def write_refused_error(e: BaseException, path: str | os.PathLike) -> OSError | 
     raised from) is a write the file system refused (``Operation not permitted``, ``Permission
     denied``, ``Read-only file system``: a folder made immutable, a permission change or a
     read-only mount under a running job); else None."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _REFUSED_ERRNOS:
-            return OSError(e.errno, os.strerror(e.errno), os.fspath(path))
-        e = e.__cause__ or e.__context__
+    for x in _causes(e):
+        if isinstance(x, OSError) and x.errno in _REFUSED_ERRNOS:
+            return OSError(x.errno, os.strerror(x.errno), os.fspath(path))
     return None
 
 
