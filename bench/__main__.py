@@ -68,6 +68,8 @@ from .steps import SAMPLERS, bench_grpo_step, bench_matmul, bench_rollout, bench
 
 
 PROG = "python -m bench"
+#: where ``compare`` looks for the peers' scripts unless ``--peers-dir`` says
+PEERS_DIR = "../shared/bench"
 ARCHS = sorted(ARCHITECTURES)
 
 
@@ -137,7 +139,8 @@ def main(argv=None) -> int:
     gp = sub.add_parser("gpu")
     gpucheck.add_arguments(gp)
     c = sub.add_parser("compare")
-    c.add_argument("--peers-dir", default="../shared/bench")
+    c.add_argument("--peers-dir", default=None,
+                   help=f"the peers' benchmark scripts (default {PEERS_DIR})")
     c.add_argument("--python-hf", type=_interpreter, default=None,
                    help="python of a virtualenv with torch, transformers, trl, datasets")
     c.add_argument("--python-tunix", type=_interpreter, default=None, help="python of a virtualenv with google-tunix")
@@ -216,6 +219,13 @@ def main(argv=None) -> int:
         unknown = [w for w in args.workloads.split(",") if w and w not in WORKLOADS]
         if unknown or not any(args.workloads.split(",")):
             _usage_error(f"--workloads {args.workloads!r}: choose from {', '.join(WORKLOADS)}")
+        if not (args.python_hf or args.python_tunix):  # before: --peers-dir silently unused
+            if args.peers_dir is not None:
+                _usage_error(f"--peers-dir {args.peers_dir}: the peers run only with "
+                             "--python-hf or --python-tunix (their interpreters); give one")
+            print("note: no --python-hf or --python-tunix: no peer runs, emit_jax's own figures "
+                  "only", file=sys.stderr)
+        args.peers_dir = args.peers_dir or PEERS_DIR
         if args.python_hf or args.python_tunix:  # the peers' scripts, before our own runs
             missing = [n for n in peer_scripts(args.python_hf, args.python_tunix)
                        if not os.path.isfile(os.path.join(args.peers_dir, n))]

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from emit_jax.errors import STOP_SIGNALS, interrupted
+from emit_jax.errors import STOP_SIGNALS, causes, interrupted
 from emit_jax.fileio import (atomic_folder, disk_full_error, not_a_file, read_json, where_written,
                              write_refused_error)
 from emit_jax.hf import CheckpointError, copy_assets
@@ -45,6 +45,12 @@ META_FILE = "emit_jax.json"
 PARAMS_DIR = "params"
 ASSETS_DIR = "assets"
 FORMAT_VERSION = 1
+
+
+def _loop_closed(e: BaseException | None) -> bool:
+    """Whether ``e`` is the ``RuntimeError("Event loop is closed")`` that TensorStore's late
+    callbacks raise into an event loop Orbax has abandoned."""
+    return isinstance(e, RuntimeError) and "Event loop is closed" in str(e)
 
 
 class DiskFullLogs(logging.Filter):
@@ -65,8 +71,7 @@ class DiskFullLogs(logging.Filter):
             previous = sys.unraisablehook
 
             def hook(args):
-                if not (cls.seen and isinstance(args.exc_value, RuntimeError)
-                        and str(args.exc_value) == "Event loop is closed"):
+                if not (cls.seen and _loop_closed(args.exc_value)):
                     previous(args)
 
             sys.unraisablehook = hook
@@ -206,9 +211,8 @@ def quiet_abandoned_reads() -> None:
     previous = sys.unraisablehook
 
     def hook(u):
-        abandoned = ("coroutine" in repr(u.object) or "Task" in repr(u.object) or
-                     (isinstance(u.exc_value, RuntimeError) and
-                      "Event loop is closed" in str(u.exc_value)))
+        abandoned = ("coroutine" in repr(u.object) or "Task" in repr(u.object)
+                     or _loop_closed(u.exc_value))
         if not abandoned:
             previous(u)
 
@@ -217,7 +221,7 @@ def quiet_abandoned_reads() -> None:
     previous_hook = sys.excepthook
 
     def excepthook(kind, value, tb):
-        if not (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)):
+        if not _loop_closed(value):
             previous_hook(kind, value, tb)
 
     sys.excepthook = excepthook
@@ -230,13 +234,7 @@ def restore_problem(e: BaseException, limit: int = 300) -> str:
     """The part of an Orbax restore failure a reader can use, on one short line: TensorStore's
     own message (which array, which file, what is wrong) when the chain holds one, else the
     exception's text without the store's spec Orbax appends (over a thousand characters)."""
-    seen, cause = set(), e
-    while cause is not None and id(cause) not in seen:
-        if _TS_STATUS.match(str(cause)):
-            e = cause
-            break
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
+    e = next((c for c in causes(e) if _TS_STATUS.match(str(c))), e)
     text = " ".join(str(e).split(" See full TensorStore details")[0].split())
     if len(text) > limit:
         text = text[:limit - 3] + "..."

@@ -432,11 +432,16 @@ def skip_absent_tpu() -> None:
     a command's one error line became six to eight. When the PCI bus shows no TPU chip (jax's
     own test, ``hardware_utils.num_available_tpu_chips_and_device_id``), jax's TPU backend
     factory is replaced by one that fails quietly, as a platform that cannot start does (the
-    platform stays known: flax and pallas register TPU lowerings when imported). Nothing changes when ``JAX_PLATFORMS`` (or
-    ``jax_platforms``) names the platforms, when ``JAX_FORCE_TPU_INIT`` is set, when libtpu is
-    not installed, or once a backend has started; compiling for an abstract TPU slice
+    platform stays known: flax and pallas register TPU lowerings when imported). When
+    ``JAX_PLATFORMS`` names tpu, it fails as that platform does (the command's one
+    ``JAX_PLATFORMS=tpu: JAX cannot start that platform`` line, without libtpu's five). Nothing
+    changes when ``JAX_PLATFORMS`` names other platforms only (or ``jax_platforms`` is set in
+    code), when ``JAX_FORCE_TPU_INIT`` is set, when libtpu is not installed, or once a backend
+    has started; compiling for an abstract TPU slice
     (``python -m emit_jax.aot``) does not go through the backend and is unaffected."""
-    if os.environ.get("JAX_PLATFORMS") or "JAX_FORCE_TPU_INIT" in os.environ:
+    named = os.environ.get("JAX_PLATFORMS", "")
+    if "JAX_FORCE_TPU_INIT" in os.environ or (
+            named and "tpu" not in [p.strip() for p in named.lower().split(",")]):
         return
     import importlib.util
 
@@ -446,7 +451,7 @@ def skip_absent_tpu() -> None:
         import jax
         from jax._src import hardware_utils, xla_bridge
 
-        if (jax.config.jax_platforms or xla_bridge._backends
+        if ((jax.config.jax_platforms and not named) or xla_bridge._backends
                 or hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0):
             return
         import dataclasses
@@ -455,18 +460,95 @@ def skip_absent_tpu() -> None:
         if reg is None:
             return
         # the platform stays known (flax and pallas register TPU lowerings when imported);
-        # only starting its backend is skipped, quietly, as for any platform that fails
+        # only starting its backend is skipped, quietly, as for any platform that fails; when
+        # JAX_PLATFORMS names tpu, it fails as that platform would, without libtpu's lines
         xla_bridge._backend_factories["tpu"] = dataclasses.replace(
-            reg, factory=_no_tpu_backend, fail_quietly=True)
+            reg, factory=_no_tpu_backend, fail_quietly=not named)
     except (ImportError, AttributeError, OSError, TypeError):  # another jax: its lines stay
         return
 
 
 def _no_tpu_backend():
-    raise RuntimeError("no TPU chip on this host's PCI bus (emit_jax.cli.skip_absent_tpu)")
+    raise RuntimeError("no TPU chip on this host's PCI bus")
+
+
+class _Stdout:
+    """``sys.stdout`` while a command runs: what it prints goes to the real stream until a write
+    or a flush fails (a full disk behind ``> file``, ``> /dev/full``, a reader gone from a pipe:
+    ``| head``); from then on printing stops and the command goes on, its files written, and
+    :attr:`failed` keeps the error for the one line it ends with. Before, the first ``print``
+    after the failure raised a bare ``[Errno 28] No space left on device`` that did not say
+    standard output was full, and the command stopped there: a training's results.json, an
+    evaluation's table never written, although the disk with the workdir had room."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.failed: OSError | None = None
+
+    def _fail(self, e: OSError) -> None:
+        if self.failed is None:
+            self.failed = e
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                # what is still buffered goes nowhere, so the exit's own flush is quiet
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, self._stream.fileno())
+                os.close(null)
+
+    def write(self, text):
+        if self.failed is None:
+            try:
+                return self._stream.write(text)
+            except OSError as e:
+                self._fail(e)
+        return len(text)
+
+    def flush(self):
+        if self.failed is None:
+            try:
+                self._stream.flush()
+            except OSError as e:
+                self._fail(e)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def stdout_line(e: OSError) -> str:
+    """The line a command whose standard output failed ends with (exit 2)."""
+    why = e.strerror or str(e) or type(e).__name__
+    gone = " (the reader of the pipe went away)" if isinstance(e, BrokenPipeError) else ""
+    return (f"standard output: {why}{gone}; printing stopped there, the command went on to the "
+            "end and its files are written")
+
+
+@contextlib.contextmanager
+def stdout_guard():
+    """While the block runs ``sys.stdout`` is a :class:`_Stdout` (unless it is closed or one
+    already); yields it, or None. After the block, ``guard.failed`` says whether printing
+    failed: the command then ends with :func:`stdout_line` and exit 2."""
+    out = sys.stdout
+    if out is None or isinstance(out, _Stdout):  # closed (>&-), or a command run by a command
+        yield None
+        return
+    sys.stdout = guard = _Stdout(out)
+    try:
+        yield guard
+        guard.flush()
+    finally:
+        if sys.stdout is guard:
+            sys.stdout = out
 
 
 def _run(main, argv, prog: str, final: bool = False) -> int:
+    with stdout_guard() as guard:
+        status = _run_main(main, argv, prog, final)
+    if guard is not None and guard.failed is not None and status == 0:
+        print(f"{prog}: error: {stdout_line(guard.failed)}", file=sys.stderr)
+        return 2
+    return status
+
+
+def _run_main(main, argv, prog: str, final: bool = False) -> int:
     def interrupted(name: str) -> int:
         line = interrupted_line(prog, f"({name or 'SIGINT'})")
         if final:

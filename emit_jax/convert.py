@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 from emit_jax import checkpoint, cli, hf
@@ -47,6 +48,22 @@ def _window(text: str) -> int:
     if w > cli.INT_MAX:
         raise argparse.ArgumentTypeError(f"must be <= {cli.INT_MAX}, got {w}")
     return w
+
+
+def _non_finite(model) -> tuple[list[str], int] | None:
+    """``([names of the float arrays holding NaN or inf], number of float arrays)``, or None
+    when every value is finite."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    names, total = [], 0
+    for path, value in nnx.to_flat_state(nnx.state(model)):
+        x = value.get_value() if hasattr(value, "get_value") else value
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
+            total += 1
+            if not bool(jnp.isfinite(x).all()):
+                names.append(".".join(map(str, path)))
+    return (names, total) if names else None
 
 
 def parse_args(argv=None):
@@ -109,6 +126,10 @@ def main(argv=None) -> int:
         extra["internvl_chat"] = info
     else:
         model = hf.load(args.hf, dtype=args.dtype)
+    if bad := _non_finite(model):  # a damaged file: before, converted without a word
+        print(f"emit_jax.convert: warning: {args.hf}: {len(bad[0])} of {bad[1]} weight arrays "
+              f"hold NaN or infinite values (first: {bad[0][0]}); converted as they are, but "
+              "such a model answers nothing useful", file=sys.stderr)
     check_free_space(args.out, hf.state_bytes(model) + 2**20)
     checkpoint.save_model(model, args.out, hf_config=raw, assets_from=args.hf, extra_meta=extra)
     from emit_jax.models.layers import count_params

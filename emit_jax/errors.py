@@ -100,10 +100,14 @@ def interrupted(e: BaseException | None) -> bool:
     or SIGTERM delivered while a library ran Python code for it (TensorStore's callbacks during
     an Orbax restore) comes back wrapped in that library's own ``Exception``, which must not be
     taken for a damaged file."""
+    return any(isinstance(x, KeyboardInterrupt) for x in causes(e))
+
+
+def causes(e: BaseException | None):
+    """``e`` and the exceptions it was raised from or while handling, each once, nearest
+    first."""
     seen = set()
     while e is not None and id(e) not in seen:
-        if isinstance(e, KeyboardInterrupt):
-            return True
         seen.add(id(e))
+        yield e
         e = e.__cause__ or e.__context__
-    return False

@@ -36,7 +36,8 @@ import tempfile
 import time
 from typing import IO, Any, Callable, Iterator
 
-from emit_jax.errors import ConfigError, InputOverwriteError, LockedError, has_control, show_path
+from emit_jax.errors import (ConfigError, InputOverwriteError, LockedError, causes, has_control,
+                             show_path)
 
 
 # --------------------------------------------------------------------------------- writing files
@@ -434,7 +435,7 @@ def disk_full_error(e: BaseException, path: str | os.PathLike) -> OSError | None
     was raised from) says the disk or the quota is full: an ``OSError`` with such an errno, or
     the text writers such as Orbax / TensorStore raise from their threads (``No space left on
     device``, ``os_error_code='28'``); else None."""
-    for x in _causes(e):
+    for x in causes(e):
         if isinstance(x, OSError) and x.errno in _DISK_ERRNOS:
             return OSError(x.errno, os.strerror(x.errno), os.fspath(path))
         text = str(x)
@@ -442,15 +443,6 @@ def disk_full_error(e: BaseException, path: str | os.PathLike) -> OSError | None
             if any(m in text for m in marks):
                 return OSError(code, os.strerror(code), os.fspath(path))
     return None
-
-
-def _causes(e: BaseException | None) -> Iterator[BaseException]:
-    """``e`` and the exceptions it was raised from or while handling, each once."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__
 
 
 #: why a folder would not take a file (besides a full disk): no permission, a read-only or
@@ -463,7 +455,7 @@ def write_refused_error(e: BaseException, path: str | os.PathLike) -> OSError | 
     raised from) is a write the file system refused (``Operation not permitted``, ``Permission
     denied``, ``Read-only file system``: a folder made immutable, a permission change or a
     read-only mount under a running job); else None."""
-    for x in _causes(e):
+    for x in causes(e):
         if isinstance(x, OSError) and x.errno in _REFUSED_ERRNOS:
             return OSError(x.errno, os.strerror(x.errno), os.fspath(path))
     return None
@@ -748,3 +740,30 @@ def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | N
                 yield lineno, None, json_problem(e, one_line=True)
                 continue
             yield lineno, value, None
+
+
+def matplotlib_agg():
+    """``matplotlib``, imported with the Agg backend, without its two warnings when the home
+    folder cannot be written (HOME unset or read-only, a service account): Matplotlib then
+    makes a temporary config folder itself and says so in two lines ("mkdir -p failed",
+    "it is highly recommended to set the MPLCONFIGDIR"). Here that folder is chosen before the
+    import (``$MPLCONFIGDIR``, removed at exit); a folder the user set is kept."""
+    if "matplotlib" not in sys.modules and not os.environ.get("MPLCONFIGDIR"):
+        base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"),
+                                                                 ".config")
+        target = os.path.join(base, "matplotlib")
+        try:
+            os.makedirs(target, exist_ok=True)
+            usable = os.access(target, os.W_OK)
+        except OSError:
+            usable = False
+        if not usable:
+            import atexit
+
+            folder = tempfile.mkdtemp(prefix="emit-jax-matplotlib-")
+            atexit.register(shutil.rmtree, folder, True)
+            os.environ["MPLCONFIGDIR"] = folder
+    import matplotlib
+
+    matplotlib.use("Agg")
+    return matplotlib

@@ -107,6 +107,15 @@ def from_hf_layout(path: tuple, x: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- reading
+def _check_readable(path: str) -> None:
+    """Raise ``CheckpointError`` with the real reason when ``path`` cannot be opened: safetensors
+    says "No such file or directory" for a file that is there but may not be read."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # a pipe does not block
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
 class SafetensorsReader:
     """Lazily reads tensors from a folder's ``model.safetensors`` or sharded index."""
 
@@ -145,6 +154,7 @@ class SafetensorsReader:
     def _open(self, path: str):
         if not os.path.isfile(path):
             raise CheckpointError(f"{path}: shard listed in the index is missing")
+        _check_readable(path)
         try:
             return safe_open(path, framework="numpy")
         except (SafetensorError, OSError, ValueError) as e:
@@ -497,6 +507,7 @@ def _save_emit_extras(model, path: str) -> None:
 def _load_emit_extras(mllm: InternVL, path: str, dtype, put):
     from emit_jax.models.emit import EMITConfig
 
+    _check_readable(path)
     try:
         with safe_open(path, framework="numpy") as f:
             meta = f.metadata() or {}

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import contextlib
-import errno
 import os
 import random
 import shutil
@@ -165,6 +164,7 @@ def check_init_from(path: str) -> None:
 def _run(cfg, workdir: str, settings) -> dict:
     # stored stages made with other settings: refused, or moved aside with --config.restart
     stages.check_settings(cfg, workdir)
+    stages.check_data_source(cfg, workdir)  # the records name the old dataset's images
     notice = stages.run_notice(cfg, workdir)  # the seed, the evaluation's settings...
     if notice and parallel.is_primary():
         stages.log(notice)
@@ -341,15 +341,9 @@ def _compile_cache(cfg) -> None:
     own two-line ``UserWarning`` said the same at each compilation)."""
     env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     if env:  # checked as the config's is (before: JAX's two-line warning at every compilation)
-        target = os.path.abspath(os.path.expanduser(env))
-        try:
-            folder = target if os.path.lexists(target) else nearest_existing(target)
-            if not os.path.isdir(folder):  # a file (/dev/null), or a file on the way
-                raise NotADirectoryError(errno.ENOTDIR, "not a folder", folder)
-            check_folder_writable(folder, folder, full_disk_ok=False)
-        except OSError as e:
-            stages.log(f"warning: JAX_COMPILATION_CACHE_DIR={env}: {e.strerror or e}; compiling "
-                       "without a persistent cache")
+        if why := _unusable_cache(os.path.expanduser(env)):
+            stages.log(f"warning: JAX_COMPILATION_CACHE_DIR={env}: {why}; compiling without a "
+                       "persistent cache")
             jax.config.update("jax_compilation_cache_dir", None)
         return
     path = cfg.get("compile_cache", "")
@@ -359,16 +353,25 @@ def _compile_cache(cfg) -> None:
         raise ConfigError(f"config compile_cache: {path!r} is not a folder path (or '' for none)")
     check_utf8_path(path, "config compile_cache", why="JAX's compilation cache cannot use it")
     path = os.path.expanduser(path)
-    folder = nearest_existing(path)  # nothing is made here: JAX makes it at its first write
-    try:  # a full disk too: the cache could write nothing
-        check_folder_writable(folder, folder, full_disk_ok=False)
-    except OSError as e:
-        why = (e.strerror or str(e)) + (f" ({folder})" if folder != os.path.abspath(path) else "")
+    if why := _unusable_cache(path):  # nothing is made here: JAX makes it at its first write
         stages.log(f"warning: config compile_cache {path}: {why}; compiling without "
                    "a persistent cache (--config.compile_cache= to say so, or choose a "
                    "writable folder)")
         return
     jax.config.update("jax_compilation_cache_dir", path)
+
+
+def _unusable_cache(path: str) -> str | None:
+    """Why the compilation cache folder ``path`` cannot be used (what is there, or on the way to
+    it, is not a folder, cannot be written, or a full disk), naming the existing ancestor
+    checked when it is not ``path``; None when it can."""
+    target = os.path.abspath(path)
+    folder = nearest_existing(target)
+    try:
+        check_folder_writable(folder, folder, full_disk_ok=False)
+    except OSError as e:
+        return (e.strerror or str(e)) + (f" ({folder})" if folder != target else "")
+    return None
 
 
 _OVERRIDES: list[str] = []
@@ -470,6 +473,15 @@ def main(argv) -> None:
     workdir = _WORKDIR.value or os.path.join(
         "runs", os.path.splitext(os.path.basename(_CONFIG.value.partition(":")[0]))[0])
 
+    with cli.stdout_guard() as guard:
+        _train(cfg, workdir)
+    if guard is not None and guard.failed is not None:
+        stages.log(f"emit_jax.train: error: {cli.stdout_line(guard.failed)}")
+        sys.exit(2)
+
+
+def _train(cfg, workdir: str) -> None:
+    """Train ``cfg`` in ``workdir``; every way it can fail ends the process with one line."""
     try:
         # SIGTERM stops like Ctrl-C (the last checkpoint is complete); neither is lost in an
         # import or a gc callback (cli.interrupts)

@@ -20,7 +20,8 @@ import numpy as np
 from emit_jax import cli
 from emit_jax.data.image import load_image, to_display, to_tile
 from emit_jax.errors import ConfigError, show_path
-from emit_jax.fileio import atomic_path, check_not_input, check_writable, output_lock
+from emit_jax.fileio import (atomic_path, check_not_input, check_writable, matplotlib_agg,
+                             output_lock)
 from emit_jax.models.emit import EMITConfig, contrastive_heatmap
 
 
@@ -69,9 +70,7 @@ def compute_heatmap(query_path, reference_path, *, checkpoint=None, arch="tiny",
 
 
 def render(heat, query_tile, reference_tile, out, title=""):
-    import matplotlib
-
-    matplotlib.use("Agg")
+    matplotlib_agg()
     import matplotlib.pyplot as plt
 
     size = query_tile.shape[-1]
@@ -100,6 +99,7 @@ def render(heat, query_tile, reference_tile, out, title=""):
 def image_format(out: str) -> str:
     """The image format matplotlib writes for ``out``'s extension (``png``, ``pdf``, ``svg``,
     ...); a missing or unknown one raises :class:`ConfigError` naming ``--out``."""
+    matplotlib_agg()
     from matplotlib.backend_bases import FigureCanvasBase
 
     known = FigureCanvasBase.get_supported_filetypes()

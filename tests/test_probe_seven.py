@@ -384,7 +384,7 @@ def test_an_unusable_jax_compilation_cache_dir_is_one_warning(monkeypatch, capsy
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
     err = capsys.readouterr()
-    assert "warning: JAX_COMPILATION_CACHE_DIR=/dev/null: not a folder; compiling without a " \
+    assert "warning: JAX_COMPILATION_CACHE_DIR=/dev/null: Not a directory; compiling without a " \
            "persistent cache" in err.out + err.err
 
 

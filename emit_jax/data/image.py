@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from emit_jax.errors import ImageError, show_path
-from emit_jax.fileio import missing_file
+from emit_jax.fileio import missing_file, not_a_file
 
 #: what Pillow raises for a file it will not read: not an image, truncated, damaged, or larger
 #: than ``Image.MAX_IMAGE_PIXELS`` x 2 (``DecompressionBombError``: a header declaring, say,
@@ -26,12 +26,14 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def not_regular(path: str) -> str | None:
-    """``"not a regular file (a folder, pipe or device)"`` when something other than a regular
-    file is at ``path`` (links followed): a pipe would block an image read forever, a device or a
-    folder is no image either; else None (a regular file, or nothing there)."""
-    if os.path.exists(path) and not os.path.isfile(path):
-        return "not a regular file (a folder, pipe or device)"
-    return None
+    """``"not a regular file (a pipe)"`` (a folder, a device...: :func:`emit_jax.fileio.
+    not_a_file`'s words) when something other than a regular file is at ``path``, links
+    followed: a pipe would block an image read forever, a device or a folder is no image either;
+    else None (a regular file, or nothing there: the read says so)."""
+    kind = not_a_file(path)
+    if kind is None or not os.path.exists(path):
+        return None
+    return f"not a regular file ({kind})"
 
 
 def say_if_huge(im: Image.Image, name: str) -> None:

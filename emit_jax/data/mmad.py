@@ -32,6 +32,7 @@ import logging
 import os
 import posixpath
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 
@@ -312,6 +313,8 @@ class LoadReport:
     n_records: int = 0
     n_questions: int = 0
     skipped: list[str] = field(default_factory=list)
+    #: one line per question that repeats an earlier one of its record (same text and options)
+    repeated: list[str] = field(default_factory=list)
 
     @property
     def n_skipped(self) -> int:
@@ -417,6 +420,12 @@ def _parse_question(image: str, index: int, q: Any) -> Question:
                        "(one <image> per image, the image and EMIT tokens); remove it")
     if not isinstance(answer, str) or answer not in options:
         raise _Bad(f"answer {answer!r} is not among the options {list(options)}")
+    twin = next((k for k, v in options.items()
+                 if k != answer and " ".join(v.split()).lower()
+                 == " ".join(options[answer].split()).lower()), None)
+    if twin is not None:  # before: asked, and an answer of the twin scored wrong
+        raise _Bad(f"options {answer!r} (the answer) and {twin!r} have the same text "
+                   f"{options[answer]!r}: no answer can be told right")
     known = {"Question", "Options", "Answer", "type"}
     return Question(image=image, index=index, text=text, options=dict(options), answer=answer,
                     type=qtype, extra={k: v for k, v in q.items() if k not in known})
@@ -459,12 +468,17 @@ def read_mmad(root: str | os.PathLike, json_name: str = MMAD_JSON, *, policy: Po
         except _Bad as e:
             problem(f"{where}: {e}")
             continue
-        questions = []
+        questions, seen = [], {}
         for i, q in enumerate(value["conversation"]):
             try:
                 questions.append(_parse_question(key, i, q))
             except _Bad as e:
                 problem(f"{where}: question {i}: {e}")
+                continue
+            asked = (questions[-1].text.strip(), tuple(sorted(questions[-1].options.items())))
+            if asked in seen:  # asked and scored once more: the record's accuracy counts it twice
+                report.repeated.append(f"{where}: question {i} repeats question {seen[asked]}")
+            seen.setdefault(asked, i)
         records.append(Record(conversation=tuple(questions), **shell))
         report.n_questions += len(questions)
     report.n_records = len(records)
@@ -479,6 +493,11 @@ def load_mmad(root: str | os.PathLike, json_name: str = MMAD_JSON, *, policy: Po
     if report.skipped:
         log.warning("%s: skipped %d malformed record(s)/question(s); first: %s", report.path,
                     report.n_skipped, " | ".join(report.skipped[:3]))
+    if report.repeated:
+        n = len(report.repeated)
+        print(f"note: {n} question{'s' if n > 1 else ''} repeat{'' if n > 1 else 's'} an earlier "
+              f"one of the same record (same text and options), e.g. {report.repeated[0]}; "
+              "each is asked and scored", file=sys.stderr)
     return records
 
 

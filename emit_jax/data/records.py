@@ -13,7 +13,7 @@ import sys
 import unicodedata
 from collections import Counter
 
-from emit_jax.data import adfm, jsonl, mmad, tasks
+from emit_jax.data import adfm, jsonl, mmad, prompts, tasks
 from emit_jax.data.mvtec import DataError, Report, scan, split_names
 from emit_jax.fileio import check_writable
 
@@ -34,11 +34,33 @@ def load_domain_knowledge(path: str | os.PathLike | None, dataset: str | None = 
         where = os.path.join(folder, name) + ": "
         detail = str(e)[len(where):] if str(e).startswith(where) else str(e)
         raise DataError(f"{path}: not a readable domain-knowledge JSON ({detail})") from None
-    out: dict = {}
+    out, first = {}, {}
     for ds in sorted(data, key=lambda k: k != dataset):
         for cls, entries in data[ds].items():
             out.setdefault(cls, entries)
+            first.setdefault(cls, ds)
+            if first[cls] != ds:  # before: the second taken for nothing, without a word
+                print(f"note: {path}: class {cls!r} is under {first[cls]!r} and {ds!r}; the "
+                      f"entry of {first[cls]!r} is used", file=sys.stderr)
     return out
+
+
+def note_missing_defects(dk: dict, items, dk_path: str) -> None:
+    """A ``note:`` line when the domain knowledge of an image's class has no entry for its
+    defect (a defect folder the file does not describe): those prompts describe the class
+    without it. Compared as the prompts name defects (``broken_large`` = ``broken large``)."""
+    missing: dict[str, set] = {}
+    for it in items:
+        entries = dk.get(it.object_type)
+        if it.defect and entries is not None:
+            known = {prompts.process_string(k) for k in entries}
+            if prompts.process_string(it.defect) not in known:
+                missing.setdefault(it.object_type, set()).add(it.defect)
+    if missing:
+        what = "; ".join(f"class {c!r}: {', '.join(map(repr, sorted(d)))}"
+                         for c, d in sorted(missing.items()))
+        print(f"note: {dk_path}: no entry for defect(s) of the images ({what}); their prompts "
+              "give the class's knowledge without them", file=sys.stderr)
 
 
 def subsample(items, max_per_type: int | None, seed: int):
@@ -104,6 +126,8 @@ def build(source: str, out: str, stage: int, *, seed: int = 0, split: str | None
                             f"{', '.join(map(repr, missing))} of {source} (it has "
                             f"{', '.join(map(repr, sorted(dk))) or 'none'}); add them, or give "
                             f"another --domain-knowledge file{why}")
+        if dk_path:
+            note_missing_defects(dk, items, dk_path)
     if embedding == "auto":
         embedding = "vit" if vit_model is not None else "pixels"
     if embedding == "vit":

@@ -27,6 +27,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from emit_jax.fileio import atomic_path
@@ -135,7 +136,13 @@ def load() -> str | None:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, _SYMBOL)), platform="cpu")
     except Exception as e:  # a failed build must not take the XLA strategies down with it
         _reason = f"{type(e).__name__}: {e}"
-        log.warning("native heat-map kernel unavailable, using the XLA strategies: %s", _reason)
+        if isinstance(e, OSError) and e.filename and e.strerror:  # its build folder
+            why = (f"{e.filename}: {e.strerror} (its build folder is {cache_dir()}: set "
+                   "$EMIT_JAX_NATIVE_CACHE to a writable folder, or EMIT_JAX_NATIVE=0)")
+        else:
+            why = " ".join(_reason.split())[:500]
+        print(f"warning: native heat-map kernel unavailable, using the XLA strategies: {why}",
+              file=sys.stderr)
         return None
     return TARGET
 

@@ -31,7 +31,7 @@ def _parser() -> cli.Parser:
     p.add_argument("--label_tokens", type=cli.int_in(1, cli.MAX_TOKENS), default=128,
                    help="SFT label positions per row")
     p.add_argument("--images_per_sample", type=cli.nonneg_int, default=2)
-    p.add_argument("--reference", choices=("copy", "shared"), default="shared",
+    p.add_argument("--reference", choices=("copy", "shared"), default=None,
                    help="grpo/sft2 on a mesh: arrays shared with the policy (the code) or a "
                         "separate copy of all weights")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -55,9 +55,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key in unknown_keys(cfg):  # as train says it (a typo inside a config file)
             print(unknown_key_line(key), file=sys.stderr)
         mesh = resolve_mesh(args.mesh, args.devices)
+        planned = [args.stage] if args.stage else list(cfg.get("stages", ()))
+        if args.reference is not None and not {"grpo", "sft2"} & set(planned):
+            raise PlanError(f"--reference {args.reference}: the reference model is stage 2's "
+                            f"(grpo, sft2); this plan covers {', '.join(planned) or 'no stage'}")
         rep = make_report(cfg, args.config, mesh, args.device, args.headroom, stage=args.stage,
                           prompt_len=args.prompt_len, label_tokens=args.label_tokens,
-                          images_per_sample=args.images_per_sample, reference=args.reference)
+                          images_per_sample=args.images_per_sample,
+                          reference=args.reference or "shared")
     except (PlanError, ConfigError) as e:
         return cli.fail(PROG, e)
     print(to_json(rep) if args.json else format_report(rep))

@@ -41,7 +41,7 @@ from PIL import Image
 
 from emit_jax.data import jsonl, prompts, tasks
 from emit_jax.data.image import UNREADABLE
-from emit_jax.data.records import load_domain_knowledge
+from emit_jax.data.records import load_domain_knowledge, note_missing_defects
 from emit_jax.data.mvtec import Report, scan
 from emit_jax.errors import DataError
 from emit_jax.fileio import read_json, read_text
@@ -291,6 +291,8 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
     dk_path = os.path.join(dataset_root, "domain_knowledge.json")
     dk = load_domain_knowledge(dk_path if os.path.lexists(dk_path) else None, items[0].dataset) \
         if domain_knowledge else None
+    if dk:
+        note_missing_defects(dk, items, dk_path)
     report = Report()  # errors raise; empty masks relabelled normal are counted
     kw = dict(seed=seed, references=refs, domain_knowledge=dk, dk_sentences=dk_sentences,
               ad_order=ad_order, report=report)

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from emit_jax.fileio import atomic_output
+from emit_jax.fileio import atomic_output, matplotlib_agg
 from emit_jax.training.config import STAGES
 
 STAGE_ORDER = STAGES
@@ -242,8 +242,7 @@ def plot_curves(workdir: str, out_path: str) -> str | None:
     if not panels:
         return None
 
-    import matplotlib
-    matplotlib.use("Agg")
+    matplotlib_agg()
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4.2 * len(panels), 3.4))
@@ -263,8 +262,7 @@ def plot_curves(workdir: str, out_path: str) -> str | None:
 def plot_table(summary_rows: list[list[str]], header: list[str], out_path: str,
                title: str = "") -> str:
     """Render ``summary_rows`` under ``header`` as a PNG table (``ax.table``); returns the path."""
-    import matplotlib
-    matplotlib.use("Agg")
+    matplotlib_agg()
     from matplotlib.figure import Figure
 
     rows = [[str(c) for c in r] for r in summary_rows]

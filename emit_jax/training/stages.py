@@ -455,6 +455,25 @@ def run_changes(cfg, workdir: str) -> list[tuple[str, Any, Any]]:
     return [(k, old[k], now[k]) for k in sorted(now) if k in old and old[k] != now[k]]
 
 
+def check_data_source(cfg, workdir: str) -> None:
+    """Refuse a rerun whose ``data.source`` differs from the workdir's last run while the
+    workdir keeps the records built from the old one (``WORKDIR/data``): they name the old
+    dataset's images. Before, the run-wide notice said the run continued with the new value,
+    then reading the records failed with a line asking whether the dataset had moved."""
+    data = os.path.join(workdir, "data")
+    if not os.path.isdir(data):
+        return
+    for key, old, now in run_changes(cfg, workdir):
+        same = isinstance(old, str) and isinstance(now, str) and \
+            os.path.realpath(old) == os.path.realpath(now)  # ./ds and ds
+        if key == "data.source" and not same:
+            raise ConfigError(
+                f"config data.source: {_show(now)}, but {data} holds the records built from "
+                f"{_show(old)} in this workdir's last run (and its stages were trained on "
+                f"them); choose another --workdir for another dataset, or rerun with "
+                f"--config.data.source={old} (a dataset that moved: move it back)")
+
+
 def run_notice(cfg, workdir: str) -> str | None:
     """The line a rerun prints when :func:`run_changes` finds settings changed since the
     workdir's last run: finished stages are kept as trained (they do not train again for
