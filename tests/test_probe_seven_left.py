@@ -315,3 +315,17 @@ def test_bench_compare_peers_dir_without_a_peer_and_plan_reference_without_stage
         "sft2); this plan covers base, sft"]
     assert main(["--config", os.path.join(ROOT, "configs", "grpo.py"), "--stage", "grpo",
                  "--reference", "copy"]) == 0
+
+
+@pytest.mark.parametrize("script", ["fresh_images", "heatmap_auroc", "adfm_compare",
+                                    "heatmap_parts"])
+def test_the_lab_scripts_say_a_bad_flag_in_one_line(script):
+    """Before: argparse's usage block then the error (two to four lines), and no handling of
+    signals or of a failing standard output (they did not run under ``cli``)."""
+    r = subprocess.run([sys.executable, "-m", f"emit_jax.experiments.{script}", "--bogus"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert _lines(r.stderr) == [f"python -m emit_jax.experiments.{script}: error: "
+                                + ("the following arguments are required: --workdir"
+                                   if script == "fresh_images" else
+                                   "unrecognized arguments: --bogus")], r.stderr

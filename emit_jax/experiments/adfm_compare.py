@@ -27,13 +27,13 @@ row. Finished runs are reused.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 import numpy as np
 
+from emit_jax import cli
 from emit_jax import configs
 from emit_jax.experiments.table1 import TASK_COLUMNS, mean_std_table
 from emit_jax.fileio import atomic_output
@@ -114,7 +114,7 @@ def summarize(results: list[dict]) -> tuple[str, dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m emit_jax.experiments.adfm_compare",
+    ap = cli.Parser(prog="python -m emit_jax.experiments.adfm_compare",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
     ap.add_argument("--workdir", default="runs/adfm_compare")
@@ -149,4 +149,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.command(main, prog="python -m emit_jax.experiments.adfm_compare")

@@ -30,13 +30,13 @@ accuracy) goes to stderr as in ``emit_jax.train``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import re
 import sys
 import time
 
+from emit_jax import cli
 from emit_jax.data.tasks import AD_ORDERS
 
 AD = "anomaly_discrimination"
@@ -72,7 +72,7 @@ def fixed_ad_order(record: dict) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m emit_jax.experiments.fresh_images",
+    ap = cli.Parser(prog="python -m emit_jax.experiments.fresh_images",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--config", default="configs/grpo.py")
@@ -165,4 +165,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.command(lambda argv: (main(argv), 0)[1], prog="python -m emit_jax.experiments.fresh_images")

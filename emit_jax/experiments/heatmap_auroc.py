@@ -13,12 +13,12 @@ the randomly initialised ``--arch`` (seed ``--seed``).
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
 
 import numpy as np
+
+from emit_jax import cli
 
 REDUCTIONS = ("max", "top8_mean", "mean")
 
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     from emit_jax.models.internvl import InternVL
     from emit_jax.training.data import stage_records
 
-    ap = argparse.ArgumentParser(prog="python -m emit_jax.experiments.heatmap_auroc",
+    ap = cli.Parser(prog="python -m emit_jax.experiments.heatmap_auroc",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default="", help="emit_jax or HF checkpoint (default: random)")
     ap.add_argument("--arch", default="tiny")
@@ -110,4 +110,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.command(main, prog="python -m emit_jax.experiments.heatmap_auroc")

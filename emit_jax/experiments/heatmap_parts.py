@@ -15,7 +15,6 @@ Times, each jitted on its own (best of ``--repeats``, milliseconds):
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from emit_jax import cli
 from emit_jax.ops import heatmap as H
 
 SHAPE = dict(L=4, B=1, R=4, h=32, w=32, D=1024, window=6)
@@ -39,7 +39,8 @@ def _best_ms(fn, *args, repeats: int) -> float:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.Parser(prog="python -m emit_jax.experiments.heatmap_parts",
+                   description=__doc__.splitlines()[0])
     p.add_argument("--chunk-rows", type=int, default=H.CHUNK_ROWS)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--grid", type=int, default=SHAPE["h"], help="patch grid side (tests: small)")
@@ -86,4 +87,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.command(lambda argv: (main(argv), 0)[1], prog="python -m emit_jax.experiments.heatmap_parts")
