@@ -47,9 +47,10 @@ import os
 import sys
 
 if __name__ == "__main__":  # before jax loads: a Ctrl-C meanwhile is one line too, exit 130
-    from emit_jax.cli import interrupt_early
+    from emit_jax.cli import check_jax_environment, interrupt_early
 
     interrupt_early("python -m bench")
+    check_jax_environment("python -m bench")  # a JAX_* value JAX refuses: one line
 
 import jax
 

@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 import sys as _sys
 
 if _sys.argv[:1] == ["-m"]:  # ``python -m emit_jax.<command>``: runpy imports this package first
+    from emit_jax.cli import check_jax_environment as _check_jax_environment
     from emit_jax.cli import interrupt_early as _interrupt_early
 
     _interrupt_early()  # a Ctrl-C while the command's modules load: one line, exit 130
+    _check_jax_environment()  # a JAX_* variable JAX refuses: one line, before any traceback

@@ -192,7 +192,8 @@ def jax_flag_error(e: BaseException) -> str | None:
     the environment when jax is imported (``JAX_DEFAULT_MATMUL_PRECISION=bogus``: a
     ``ValueError`` traceback before), or None for any other error."""
     text = " ".join(str(e).split())
-    found = re.fullmatch(r'Invalid value "(.*)" for JAX flag (\w+)', text) \
+    found = (re.fullmatch(r'Invalid value "(.*)" for JAX flag (\w+)', text)
+             or re.fullmatch(r"invalid truth value '(.*)' for environment '(\w+)'", text)) \
         if isinstance(e, ValueError) else None
     if found is None:
         return None
@@ -200,6 +201,26 @@ def jax_flag_error(e: BaseException) -> str | None:
     where = f"{env}={found.group(1)}" if os.environ.get(env) == found.group(1) else \
         f"JAX flag {found.group(2)}={found.group(1)}"
     return f"{where}: JAX does not know that value; unset it or give one JAX accepts"
+
+
+def check_jax_environment(prog: str | None = None) -> None:
+    """Under ``python -m emit_jax.<command>``, when a ``JAX_*`` variable is set: import jax
+    now, so that a value JAX refuses as it reads its flags at import
+    (``JAX_DEFAULT_MATMUL_PRECISION=bogus``, ``JAX_ENABLE_X64=abc``) ends the command with one
+    line, exit 2. Before, the commands that import jax at the top of their module (train, plan,
+    aot...) printed the import's traceback."""
+    if "jax" in sys.modules or not any(k.startswith("JAX_") for k in os.environ):
+        return
+    try:
+        import jax  # noqa: F401
+    except ValueError as e:
+        line = jax_flag_error(e)
+        if line is None:
+            raise
+        argv = list(getattr(sys, "orig_argv", []))
+        prog = prog or (argv[argv.index("-m") + 1] if "-m" in argv[:-1] else "emit_jax")
+        print(f"{prog}: error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def runtime_error(e: BaseException, prog: str | None = None) -> str | None:

@@ -747,7 +747,10 @@ def matplotlib_agg():
     folder cannot be written (HOME unset or read-only, a service account): Matplotlib then
     makes a temporary config folder itself and says so in two lines ("mkdir -p failed",
     "it is highly recommended to set the MPLCONFIGDIR"). Here that folder is chosen before the
-    import (``$MPLCONFIGDIR``, removed at exit); a folder the user set is kept."""
+    import (``$MPLCONFIGDIR``, removed at exit); a folder the user set is kept. ``$MPLBACKEND``
+    is not read (the backend is Agg whatever it says; a name Matplotlib does not know was a
+    ``ValueError`` traceback at the import)."""
+    backend = os.environ.pop("MPLBACKEND", None) if "matplotlib" not in sys.modules else None
     if "matplotlib" not in sys.modules and not os.environ.get("MPLCONFIGDIR"):
         base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"),
                                                                  ".config")
@@ -763,7 +766,10 @@ def matplotlib_agg():
             folder = tempfile.mkdtemp(prefix="emit-jax-matplotlib-")
             atexit.register(shutil.rmtree, folder, True)
             os.environ["MPLCONFIGDIR"] = folder
-    import matplotlib
-
+    try:
+        import matplotlib
+    finally:
+        if backend is not None:  # as the user set it, for anything else that reads it
+            os.environ["MPLBACKEND"] = backend
     matplotlib.use("Agg")
     return matplotlib

@@ -1,0 +1,51 @@
+"""The eighth reliability probe's cases (issue 30): each failed before its fix.
+
+* a ``JAX_*`` variable with a value JAX refuses as it is imported
+  (``JAX_DEFAULT_MATMUL_PRECISION=bogus``, ``JAX_ENABLE_X64=abc``): the import's traceback in
+  every command that imports jax at the top of its module (train, plan, aot, bench);
+* ``MPLBACKEND`` naming a backend Matplotlib does not know: a ``ValueError`` traceback where
+  a plot is drawn (visualize, train's curves).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("command,prog", [
+    (["-m", "emit_jax.train", "--config", "configs/grpo.py:smoke"], "emit_jax.train"),
+    (["-m", "emit_jax.plan", "--config", "configs/grpo.py"], "emit_jax.plan"),
+    (["-m", "emit_jax.aot", "--config", "configs/grpo.py:smoke"], "emit_jax.aot"),
+    (["-m", "bench", "rollout"], "python -m bench"),
+])
+@pytest.mark.parametrize("env,value", [("JAX_DEFAULT_MATMUL_PRECISION", "bogus"),
+                                       ("JAX_ENABLE_X64", "abc")])
+def test_a_jax_variable_jax_refuses_is_one_line(tmp_path, command, prog, env, value):
+    r = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, **{env: value}))
+    assert r.returncode == 2
+    assert _lines(r.stderr) == [f"{prog}: error: {env}={value}: JAX does not know that value; "
+                                "unset it or give one JAX accepts"], r.stderr
+
+
+def test_an_unknown_matplotlib_backend_is_not_read(tmp_path):
+    out = tmp_path / "t.png"
+    r = subprocess.run([sys.executable, "-c",
+                        "import os\nfrom emit_jax.training.metrics import plot_table\n"
+                        f"plot_table([['1', '2']], ['a', 'b'], {str(out)!r})\n"
+                        "print(os.environ['MPLBACKEND'])"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, MPLBACKEND="bogus"))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.strip() == "bogus"  # left as the user set it
+    assert out.stat().st_size > 0
