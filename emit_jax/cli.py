@@ -203,12 +203,29 @@ def jax_flag_error(e: BaseException) -> str | None:
     return f"{where}: JAX does not know that value; unset it or give one JAX accepts"
 
 
+def _module_run() -> str:
+    """The module ``python -m`` runs (``emit_jax.train``), from the interpreter's command
+    line; ``emit_jax`` when that cannot be told."""
+    argv = list(getattr(sys, "orig_argv", []))
+    return argv[argv.index("-m") + 1] if "-m" in argv[:-1] else "emit_jax"
+
+
 def check_jax_environment(prog: str | None = None) -> None:
     """Under ``python -m emit_jax.<command>``, when a ``JAX_*`` variable is set: import jax
     now, so that a value JAX refuses as it reads its flags at import
     (``JAX_DEFAULT_MATMUL_PRECISION=bogus``, ``JAX_ENABLE_X64=abc``) ends the command with one
     line, exit 2. Before, the commands that import jax at the top of their module (train, plan,
-    aot...) printed the import's traceback."""
+    aot...) printed the import's traceback. An ``XLA_FLAGS`` that XLA would read as a file name
+    (its first word not a ``--flag``) that is no file is one line too (before: XLA's fatal log
+    line, exit 1); an unknown ``--xla_...`` flag is left to XLA (one fatal line)."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    if flags and not flags[0].startswith("-") and not os.path.isfile(flags[0]):
+        # XLA reads such a value as a file of flags and aborts with its own fatal line
+        prog = prog or _module_run()
+        print(f"{prog}: error: XLA_FLAGS={os.environ['XLA_FLAGS']}: XLA reads a value that does "
+              f"not start with -- as the name of a file of flags, and {flags[0]} is no file; "
+              "give flags as --name=value", file=sys.stderr)
+        raise SystemExit(2)
     if "jax" in sys.modules or not any(k.startswith("JAX_") for k in os.environ):
         return
     try:
@@ -217,8 +234,7 @@ def check_jax_environment(prog: str | None = None) -> None:
         line = jax_flag_error(e)
         if line is None:
             raise
-        argv = list(getattr(sys, "orig_argv", []))
-        prog = prog or (argv[argv.index("-m") + 1] if "-m" in argv[:-1] else "emit_jax")
+        prog = prog or _module_run()
         print(f"{prog}: error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
 

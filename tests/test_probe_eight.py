@@ -49,3 +49,16 @@ def test_an_unknown_matplotlib_backend_is_not_read(tmp_path):
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert r.stdout.strip() == "bogus"  # left as the user set it
     assert out.stat().st_size > 0
+
+
+def test_xla_flags_read_as_a_missing_file_is_one_line():
+    """Before: XLA's fatal log line (``F1204 ... Could not open file "garbage" to read flags
+    ...``), exit 1."""
+    r = subprocess.run([sys.executable, "-m", "emit_jax.plan", "--config", "configs/grpo.py"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, XLA_FLAGS="garbage"))
+    assert r.returncode == 2
+    assert _lines(r.stderr) == [
+        "emit_jax.plan: error: XLA_FLAGS=garbage: XLA reads a value that does not start with "
+        "-- as the name of a file of flags, and garbage is no file; give flags as "
+        "--name=value"], r.stderr
