@@ -457,7 +457,26 @@ def command(main: Callable[[list[str] | None], int | None], prog: str) -> NoRetu
     outputs removed already, as the interrupt unwound): nothing library threads still shutting
     down report comes after the line (Orbax's "Event loop is closed"), and the exit does not
     wait for them."""
-    sys.exit(_run(main, None, prog, final=True))
+    status = _run(main, None, prog, final=True)
+    finishing(prog, status)
+    sys.exit(status)
+
+
+def finishing(prog: str, status: int) -> None:
+    """From the moment a command's work is over until its process is gone (library threads
+    shutting down, Python's exit), a stopping signal ends it with one line saying so, instead of
+    killing it silently (exit 143, 129, 138: a caller could not tell whether the outputs were
+    complete)."""
+    done = ("it had finished, and what it wrote is complete" if status == 0
+            else f"it was ending with exit status {status}")
+
+    def late(signum, frame):
+        exit_interrupted(interrupted_line(prog, f"({signal.Signals(signum).name}) as it ended",
+                                          done))
+    if threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                signal.signal(s, late)
 
 
 def skip_absent_tpu() -> None:

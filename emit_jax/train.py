@@ -475,7 +475,9 @@ def main(argv) -> None:
 
     with cli.stdout_guard() as guard:
         _train(cfg, workdir)
-    if guard is not None and guard.failed is not None:
+    failed = guard is not None and guard.failed is not None
+    cli.finishing("emit_jax.train", 2 if failed else 0)
+    if failed:
         stages.log(f"emit_jax.train: error: {cli.stdout_line(guard.failed)}")
         sys.exit(2)
 

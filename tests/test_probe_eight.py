@@ -62,3 +62,20 @@ def test_xla_flags_read_as_a_missing_file_is_one_line():
         "emit_jax.plan: error: XLA_FLAGS=garbage: XLA reads a value that does not start with "
         "-- as the name of a file of flags, and garbage is no file; give flags as "
         "--name=value"], r.stderr
+
+
+@pytest.mark.parametrize("signame,status,tail", [
+    ("SIGTERM", 0, "it had finished, and what it wrote is complete"),
+    ("SIGHUP", 2, "it was ending with exit status 2"),
+])
+def test_a_signal_as_a_command_ends_is_one_line(signame, status, tail):
+    """Before: a signal after the work (``data.build`` had printed its summary, ``evaluate``
+    its table) and before the process was gone killed it without a word: exit 143, 129 or 138,
+    and a caller could not tell whether the outputs were complete."""
+    code = ("import os, signal, time\nfrom emit_jax import cli\n"
+            f"cli.finishing('emit_jax.x', {status})\n"
+            f"os.kill(os.getpid(), signal.{signame})\ntime.sleep(30)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 130
+    assert _lines(r.stderr) == [f"emit_jax.x: interrupted ({signame}) as it ended; {tail}"]
