@@ -17,6 +17,7 @@ import warnings
 from typing import Callable, NoReturn
 
 from emit_jax.errors import STOP_SIGNALS, USER_ERRORS, ConfigError, message  # noqa: F401 (re-exported)
+from emit_jax.fileio import user_path
 from emit_jax.limits import (INT_MAX, MAX_DEVICES, MAX_IMAGE_SIDE, MAX_MATRIX_SIDE,  # noqa: F401
                              MAX_REPEATS, MAX_TILES, MAX_TOKENS)  # (re-exported)
 
@@ -38,7 +39,11 @@ class Parser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         self._given = set()  # the options seen in this parse (_StoreOnce)
-        return super().parse_known_args(args, namespace)
+        known, rest = super().parse_known_args(args, namespace)
+        for name, value in vars(known).items():  # quoted '~/x', LINK/../x: as the user meant
+            if isinstance(value, str):
+                setattr(known, name, user_path(value))
+        return known, rest
 
     def add_subparsers(self, **kwargs):
         """Sub-commands' parsers report their usage errors the same way (one line)."""
@@ -181,6 +186,10 @@ def backend_error(e: BaseException) -> str | None:
     if not (in_bridge or "Unable to initialize backend" in text):
         return None
     why = f" ({text[:200]})" if text else ""
+    xla = os.environ.get("XLA_FLAGS", "").strip()
+    if xla:  # read as the platform starts: a bad value fails it (a device count of 0...)
+        return (f"JAX cannot start {f'the platform JAX_PLATFORMS={named} names' if named else 'a platform'}"
+                f" on this host{why}; check XLA_FLAGS={xla}, which it reads as it starts")
     if named:
         return (f"JAX_PLATFORMS={named}: JAX cannot start that platform on this host{why}; "
                 "unset JAX_PLATFORMS or name one this host has (e.g. cpu)")

@@ -246,11 +246,13 @@ class Runner:
 
         ids, tiles, ce = self.encode(text, images, use_comp)
         if len(ids) + self.max_new_tokens > self.context:  # before: an allocation failure
-            raise ConfigError(f"{images[0] if images else 'a question'}: its prompt is "
-                              f"{len(ids):,} tokens, which with --max-new-tokens "
+            room = self.context - len(ids)
+            fix = (f"give --max-new-tokens {room:,} or fewer" if room > 0 else
+                   "shorten the question (or its domain knowledge: --domain-knowledge)")
+            raise ConfigError(f"the question on {images[-1] if images else 'no image'}: its "
+                              f"prompt is {len(ids):,} tokens, which with --max-new-tokens "
                               f"{self.max_new_tokens:,} passes the model's context of "
-                              f"{self.context:,} positions (max_position_embeddings); shorten "
-                              "the question")
+                              f"{self.context:,} positions (max_position_embeddings); {fix}")
         L = next((b for b in self.buckets if b >= len(ids)), len(ids))
         row = np.full((1, L), self.pad, np.int32)
         mask = np.zeros((1, L), np.int32)

@@ -69,6 +69,20 @@ def unambiguous(path: str | os.PathLike) -> str:
     return kernel
 
 
+def user_path(path: str) -> str:
+    """A path as the user meant it where no shell has read it (quoted, after ``=``, in a
+    config): a leading ``~`` expanded, and a ``LINK/../x`` read as the kernel reads it
+    (:func:`unambiguous`: before, ``os.path.abspath`` collapsed it beside the link, a folder
+    the user never named). Anything else is returned as it is."""
+    if not isinstance(path, str) or not path:
+        return path
+    if path.startswith("~"):
+        path = os.path.expanduser(path)
+    if os.pardir in path.split(os.sep):
+        path = unambiguous(path)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """``with atomic_path(path) as tmp: ...`` yields the name of a new empty temporary file beside
@@ -270,7 +284,8 @@ def not_a_file(path: str | os.PathLike) -> str | None:
         return "a symbolic link to nothing (or a link loop)"
     mode = os.stat(path).st_mode
     return ("a folder" if stat.S_ISDIR(mode) else "a pipe" if stat.S_ISFIFO(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a file")
 
 
 def check_regular(path: str | os.PathLike) -> None:
@@ -288,7 +303,8 @@ def check_regular(path: str | os.PathLike) -> None:
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         return
     what = ("a symbolic link" if stat.S_ISLNK(mode) else "a pipe" if stat.S_ISFIFO(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a file")
     raise FileExistsError(f"{path}: exists and is not a regular file ({what}), which writing it "
                           "would replace; choose another path")
 
@@ -522,9 +538,16 @@ def _open_lock_file(path: str) -> int:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK,
                      0o666 & ~current_umask())
     except OSError as e:
-        if e.errno != errno.ELOOP:
-            raise
-        return _refuse_lock(path, "a symbolic link")
+        if e.errno == errno.ELOOP:
+            return _refuse_lock(path, "a symbolic link")
+        kind = not_a_file(path)
+        if kind:  # a folder (EISDIR), a socket (ENXIO): before, said of the output
+            return _refuse_lock(path, kind)
+        if os.path.lexists(path):  # one left by a run that died, which cannot be reopened
+            raise LockPathError(f"{show_path(path)}: {e.strerror or e}: the lock file of an "
+                                "earlier run, which this command cannot reopen; remove it if no "
+                                "run is using it, or make it writable") from None
+        raise
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         problem = "not a regular file"

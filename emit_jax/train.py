@@ -42,7 +42,8 @@ from emit_jax.errors import (USER_ERRORS, ConfigError, NonFiniteError, has_contr
 from emit_jax.eval.scoring import format_table
 from emit_jax.evaluate import evaluate_adfm, evaluate_records
 from emit_jax.fileio import (atomic_output, check_folder_writable, check_free_space, check_not_input,
-                             check_utf8_path, nearest_existing, not_a_file, unambiguous)
+                             check_utf8_path, nearest_existing, not_a_file, unambiguous,
+                             user_path)
 from emit_jax.ops.kernels import kernel_options
 from emit_jax.models.memory import memory_options
 from emit_jax.training import data as stage_data
@@ -177,6 +178,7 @@ def _run(cfg, workdir: str, settings) -> dict:
     if parallel.is_primary():
         parallel.barrier("data")
     stages.check_vocabulary(cfg, tokenizer)  # before any stage trains
+    stages.check_prompt_room(cfg, tokenizer, records)
     run_ = stages.Run(cfg=cfg, settings=settings, workdir=workdir, source=source,
                       tokenizer=tokenizer, records=records, mesh=make_mesh(cfg))
     model = None
@@ -470,7 +472,7 @@ def main(argv) -> None:
         print("emit_jax.train: error: --workdir: empty path; name the run's folder (or leave "
               "the flag out for runs/<config name>)", file=sys.stderr)
         sys.exit(2)
-    workdir = _WORKDIR.value or os.path.join(
+    workdir = user_path(_WORKDIR.value) or os.path.join(
         "runs", os.path.splitext(os.path.basename(_CONFIG.value.partition(":")[0]))[0])
 
     with cli.stdout_guard() as guard:

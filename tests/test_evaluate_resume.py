@@ -122,9 +122,24 @@ def test_a_prompt_longer_than_the_context_is_one_line(model, env, tmp_path):
     r = run(env, model, tmp_path / "res.json", data=str(root))
     assert r.returncode == 2, r.stderr[-3000:]
     lines = lines_of(r.stderr)
-    assert re.match(r"emit_jax\.evaluate: error: \S+: its prompt is [\d,]+ tokens, which with "
-                    r"--max-new-tokens 4 passes the model's context of 8,192 positions", lines[-1]), lines
+    assert re.match(r"emit_jax\.evaluate: error: the question on \S+: its prompt is [\d,]+ "
+                    r"tokens, which with --max-new-tokens 4 passes the model's context of 8,192 "
+                    r"positions \(max_position_embeddings\); shorten the question", lines[-1]), lines
     assert not any("Token indices" in line or "Traceback" in line for line in lines), lines
+
+
+def test_new_tokens_past_the_context_name_the_query_and_the_flag(model, env, tmp_path):
+    """Eighth probe. Before: ``--max-new-tokens 8191`` named the reference image (the first
+    of the question's images) and advised shortening a twenty-word question."""
+    r = subprocess.run(command(model, tmp_path / "res.json", "--limit", "1",
+                               "--max-new-tokens", "8191", flags=("--max-tiles", "1")),
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = lines_of(r.stderr)
+    assert re.fullmatch(r"emit_jax\.evaluate: error: the question on \S+: its prompt "
+                        r"is [\d,]+ tokens, which with --max-new-tokens 8,191 passes the model's "
+                        r"context of 8,192 positions \(max_position_embeddings\); give "
+                        r"--max-new-tokens [\d,]+ or fewer", lines[-1]), lines
 
 
 def test_jax_environment_settings_are_one_line(model, env, tmp_path):

@@ -79,3 +79,101 @@ def test_a_signal_as_a_command_ends_is_one_line(signame, status, tail):
                        timeout=300)
     assert r.returncode == 130
     assert _lines(r.stderr) == [f"emit_jax.x: interrupted ({signame}) as it ended; {tail}"]
+
+
+def test_paths_no_shell_read_are_taken_as_the_user_meant(tmp_path, monkeypatch):
+    """Before: ``--workdir '~/wd'`` trained into ``./~/wd``; ``--config=~/my.py``,
+    ``--checkpoint '~/x'`` were not found; ``--source LINK/../ds`` was read beside the link
+    (``os.path.abspath``), a folder the user never named, where ``ls`` finds the dataset."""
+    from emit_jax import cli, configs
+    from emit_jax.fileio import user_path
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "target" / "ds").mkdir(parents=True)
+    (tmp_path / "target" / "sub").mkdir()
+    (tmp_path / "links").mkdir()
+    os.symlink(tmp_path / "target" / "sub", tmp_path / "links" / "L")
+    through = str(tmp_path / "links" / "L" / ".." / "ds")
+    assert os.path.isdir(through) and not os.path.isdir(os.path.abspath(through))
+    assert user_path("~/wd") == str(tmp_path / "home" / "wd")
+    assert user_path(through) == str(tmp_path / "target" / "ds")
+    assert user_path("runs/x") == "runs/x" and user_path("") == ""
+
+    p = cli.Parser(prog="x")
+    p.add_argument("--source")
+    p.add_argument("--rows", default="base model")
+    a = p.parse_args(["--source", through])
+    assert a.source == str(tmp_path / "target" / "ds") and a.rows == "base model"
+
+    cfg = tmp_path / "home" / "my.py"
+    cfg.write_text("from emit_jax.configs.grpo import get_config  # noqa: F401\n")
+    assert configs.resolve("~/my.py:smoke") == (str(cfg), "smoke")
+
+
+def test_train_workdir_with_a_quoted_home_is_the_home_folder(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    from emit_jax.data.embedded import ensure_cached
+
+    cache = os.path.dirname(ensure_cached())  # the dataset as built, not a new HOME's copy
+    r = subprocess.run([sys.executable, "-m", "emit_jax.train", "--config",
+                        os.path.join(ROOT, "configs", "grpo.py") + ":smoke",
+                        "--workdir", "~/wd", "--config.stages=('base',)", "--config.base.steps=1",
+                        "--config.eval_limit=0", "--config.eval_unseen=0",
+                        "--config.export_hf=False"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, HOME=str(home),
+                                                        PYTHONPATH=ROOT, EMIT_JAX_CACHE=cache))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (home / "wd" / "results.json").is_file()
+    assert not (tmp_path / "~").exists()
+
+
+def test_a_lock_file_that_is_a_folder_a_socket_or_cannot_be_reopened_is_named(tmp_path):
+    """Before: ``.<out>.lock`` a folder said ``<out>: Is a directory``, a socket ``No such
+    device or address`` (of the output, which did not exist, or of the lock), an immutable
+    one left by a dead run ``<out>: Operation not permitted``."""
+    import socket
+
+    from emit_jax.fileio import LockPathError, output_lock
+
+    (tmp_path / ".a.jsonl.lock").mkdir()
+    with pytest.raises(LockPathError, match=r"\.a\.jsonl\.lock: a folder where this command "
+                                            r"keeps its lock file"):
+        with output_lock(tmp_path / "a.jsonl", what="w", hint="h"):
+            pass
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.bind(str(tmp_path / ".b.jsonl.lock"))
+        with pytest.raises(LockPathError, match=r"\.b\.jsonl\.lock: a socket where"):
+            with output_lock(tmp_path / "b.jsonl", what="w", hint="h"):
+                pass
+    finally:
+        s.close()
+    lock = tmp_path / ".c.jsonl.lock"
+    lock.write_text("")
+    if subprocess.run(["chattr", "+i", str(lock)], capture_output=True).returncode != 0:
+        return  # no chattr here: the first two cases stand
+    try:
+        with pytest.raises(LockPathError, match=r"\.c\.jsonl\.lock: Operation not permitted: "
+                                                r"the lock file of an earlier run"):
+            with output_lock(tmp_path / "c.jsonl", what="w", hint="h"):
+                pass
+    finally:
+        subprocess.run(["chattr", "-i", str(lock)])
+
+
+def test_a_platform_xla_flags_stop_names_xla_flags():
+    """Before: ``XLA_FLAGS=--xla_force_host_platform_device_count=0`` failed the CPU platform
+    and the line blamed ``JAX_PLATFORMS=cpu``, advising cpu."""
+    r = subprocess.run([sys.executable, "-m", "emit_jax.demo", "--new-tokens", "1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                XLA_FLAGS="--xla_force_host_platform_device_count=0"))
+    assert r.returncode == 2
+    lines = _lines(r.stderr)
+    assert len(lines) == 1 and lines[0].startswith(
+        "emit_jax.demo: error: JAX cannot start the platform JAX_PLATFORMS=cpu names on this "
+        "host (") and lines[0].endswith(
+        "check XLA_FLAGS=--xla_force_host_platform_device_count=0, which it reads as it starts"), \
+        lines

@@ -71,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if key not in cfg:  # before: an AttributeError traceback from the model builder
                 what = "model" if key == "arch" else f"{key} stage"
                 raise ConfigError(f"config {key}: missing (the {what} to compile needs it)")
+        from emit_jax.training.validate import check_context  # noqa: PLC0415
+
+        check_context(cfg, wanted)  # a generation train would refuse, before minutes of compiling
         require_libtpu()
         only = tuple(x for x in (args.programs or "").replace(" ", "").split(",") if x)
         # before the topology and the model (seconds): the programs the config's stages have

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 
 from emit_jax.errors import ConfigError
+from emit_jax.fileio import user_path
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -27,6 +28,7 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 def resolve(spec: str) -> tuple[str, str | None]:
     """``"configs/grpo.py:smoke"`` / ``"grpo:smoke"`` -> (file path, arg or None)."""
     path, colon, arg = spec.partition(":")
+    path = user_path(path)  # '--config=~/my.py' (the shell leaves a ~ after =)
     if not spec.strip():
         raise ConfigError("config: empty; name a config file, e.g. configs/grpo.py:smoke")
     if not path:  # before: "not found: .../configs/.py", a path the user never named
@@ -96,9 +98,9 @@ def expand_home(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             section = section.get(part) if isinstance(section, ml_collections.ConfigDict) else None
         leaf = rest[-1] if rest else node
         if isinstance(section, ml_collections.ConfigDict) and \
-                isinstance(section.get(leaf), str) and section[leaf].startswith("~"):
+                isinstance(section.get(leaf), str) and user_path(section[leaf]) != section[leaf]:
             with section.unlocked():
-                section[leaf] = os.path.expanduser(section[leaf])
+                section[leaf] = user_path(section[leaf])
     return cfg
 
 

@@ -649,6 +649,43 @@ def check_vocabulary(cfg, tokenizer) -> None:
                           "tokenizer's vocabulary; use at most that, or 0 to sample from all")
 
 
+def check_prompt_room(cfg, tokenizer, records: dict) -> None:
+    """GRPO's prompts and ``grpo.max_new_tokens`` must fit the model's context together,
+    checked once the records are built and before any stage trains (before: only the new
+    tokens were compared, so ``max_new_tokens=8000`` beside 400-token prompts trained every
+    stage before GRPO, then failed allocating a cache the positions do not cover). Counted
+    per record: its text and one tile per image, a floor (more tiles only add); skipped for an
+    Orbax ``init_from`` (its context is read when it loads)."""
+    if "grpo" not in cfg.stages:
+        return
+    if cfg.get("init_from"):
+        if not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
+            return
+        mcfg, where = hf.read_config(cfg.init_from)[0], f"init_from {cfg.init_from}"
+    else:
+        mcfg, where = architectures.get_config(cfg.arch), f"arch {cfg.arch!r}"
+        if cfg.get("image_size"):
+            mcfg = mcfg.replace(vision=dataclasses.replace(mcfg.vision, image_size=cfg.image_size))
+    from emit_jax.data.tokenizer import encode_chat
+
+    context, new = mcfg.text.max_position_embeddings, int(cfg.grpo.max_new_tokens)
+    longest = 0
+    for rec in records.get(cfg.grpo.get("records", "grpo")) or ():
+        user = next((m["content"] for m in rec.get("messages", ()) if m.get("role") == "user"),
+                    None)
+        if isinstance(user, str):
+            n = len(encode_chat(tokenizer, user, tiles_per_image=[1] * len(rec.get("images", ())),
+                                tokens_per_tile=mcfg.tokens_per_tile)["input_ids"])
+            longest = max(longest, n)
+            if longest + new > context:
+                break
+    if longest + new > context:
+        raise ConfigError(f"config grpo.max_new_tokens: {new:,} new tokens after prompts of at "
+                          f"least {longest:,} tokens pass the model's context: {where} holds "
+                          f"{context:,} positions (max_position_embeddings); use at most "
+                          f"{max(context - longest, 0):,}")
+
+
 def build_initial_model(cfg, tokenizer):
     """The model a run starts from: ``init_from`` (HF folder or Orbax checkpoint), or the named
     architecture with random weights, its vocabulary fitted to the tokenizer; its layers

@@ -231,6 +231,23 @@ def _hf_context(folder: str) -> int | None:
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
+def check_context(cfg, stages) -> None:
+    """:func:`_fits_context` against the model ``cfg`` starts from: ``init_from``'s
+    ``config.json`` (an Orbax checkpoint's is read when it loads) or the architecture's; also
+    for the commands that plan or compile a config (``plan``, ``aot``: before, they planned a
+    generation train refuses)."""
+    from emit_jax.models import architectures
+
+    init_from = cfg.get("init_from") or ""
+    if init_from:
+        context = _hf_context(init_from) if os.path.isdir(init_from) else None
+        if context:
+            _fits_context(cfg, stages, context, f"init_from {init_from}")
+    elif cfg.get("arch") in architectures.ARCHITECTURES:
+        _fits_context(cfg, stages, architectures.ARCHITECTURES[cfg.arch]().text
+                      .max_position_embeddings, f"arch {cfg.arch!r}")
+
+
 def _fits_context(cfg, stages, context: int, model: str) -> None:
     """A generation longer than the model's context (``max_position_embeddings``: the positions
     this port supports) is refused before the run starts (before:
@@ -311,9 +328,7 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     if init_from:
         if not os.path.isdir(init_from):
             _fail("init_from", init_from, "is not a folder (an HF folder or an emit_jax checkpoint)")
-        context = _hf_context(init_from)
-        if context:
-            _fits_context(cfg, stages, context, f"init_from {init_from}")
+        check_context(cfg, stages)
     else:
         arch = _get(cfg, "arch", "arch")
         if arch not in architectures.ARCHITECTURES:
@@ -323,8 +338,7 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
         if size and size % vision.patch_size:
             _fail("image_size", size, f"is not a multiple of the patch size {vision.patch_size}")
         image_size = size or vision.image_size
-        _fits_context(cfg, stages, architectures.ARCHITECTURES[arch]().text
-                      .max_position_embeddings, f"arch {arch!r}")
+        check_context(cfg, stages)
     tok = _get(cfg, "tokenizer", "tokenizer", "")
     if tok and not os.path.isdir(tok):
         _fail("tokenizer", tok, "is not a folder")
