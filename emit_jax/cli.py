@@ -471,6 +471,53 @@ def command(main: Callable[[list[str] | None], int | None], prog: str) -> NoRetu
     sys.exit(status)
 
 
+@contextlib.contextmanager
+def stop_promptly(prog: str, grace: float = 2.0):
+    """While the block runs, a stopping signal ends the process within ``grace`` seconds even
+    when the main thread is inside a long call into C++ (an XLA compilation of minutes), where
+    Python's handler, and so :func:`interrupts`' ``KeyboardInterrupt``, waits for the call to
+    return (before: ``aot`` stopped 70 s after a SIGUSR1). For blocks that leave nothing
+    half-written (they write their outputs after the block). The C-level handler's wake-up byte
+    (``signal.set_wakeup_fd``) reaches a watcher thread at once; it gives the main thread
+    ``grace`` seconds to unwind as usual, then prints the one line and exits with 130."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    try:
+        old = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread of the main interpreter
+        os.close(read)
+        os.close(write)
+        yield
+        return
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            try:
+                data = os.read(read, 64)
+            except OSError:
+                return
+            names = [signal.Signals(b).name for b in data
+                     if b in {int(x) for x in STOP_SIGNALS}]
+            if names and not stop.wait(grace):
+                _STOPPING.set()
+                exit_interrupted(interrupted_line(prog, f"({names[0]})"))
+
+    watcher = threading.Thread(target=watch, daemon=True, name="emit-stop-promptly")
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        signal.set_wakeup_fd(old)
+        os.close(write)  # ends the watcher's read
+        watcher.join(timeout=1)
+        os.close(read)
+
+
 def finishing(prog: str, status: int) -> None:
     """From the moment a command's work is over until its process is gone (library threads
     shutting down, Python's exit), a stopping signal ends it with one line saying so, instead of

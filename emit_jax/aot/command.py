@@ -78,10 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         only = tuple(x for x in (args.programs or "").replace(" ", "").split(",") if x)
         # before the topology and the model (seconds): the programs the config's stages have
         check_program_names(only, wanted)
-        rep = make_report(cfg, args.config, args.topology, mesh_spec=args.mesh, stage=args.stage,
-                          prompt_len=args.prompt_len, label_tokens=args.label_tokens,
-                          headroom=args.headroom, hbm_gib=args.hbm, only=only,
-                          jobs=args.jobs)
+        with cli.stop_promptly(PROG):  # compilations of minutes; nothing written yet
+            rep = make_report(cfg, args.config, args.topology, mesh_spec=args.mesh,
+                              stage=args.stage, prompt_len=args.prompt_len,
+                              label_tokens=args.label_tokens, headroom=args.headroom,
+                              hbm_gib=args.hbm, only=only, jobs=args.jobs)
     except (AotError, PlanError, ConfigError, InputOverwriteError) as e:
         return cli.fail(PROG, e)
     text = to_json(rep)
