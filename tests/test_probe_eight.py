@@ -200,3 +200,43 @@ def test_aot_stops_within_seconds_of_a_signal_during_a_compilation():
     assert p.returncode == 130, err[-2000:]
     assert _lines(err) == ["emit_jax.aot: interrupted (SIGUSR1); nothing half-written is left"]
     assert waited < 15, waited
+
+
+def test_a_resume_whose_metrics_were_emptied_says_where_the_curves_start(tmp_path):
+    """Before: ``metrics.jsonl`` emptied in an interrupted workdir; the rerun resumed at step 8
+    and the curves lost steps 1-7 without a word."""
+    import io
+
+    from emit_jax.training.metrics import MetricWriter
+
+    (tmp_path / "metrics.jsonl").write_text("")
+    err = io.StringIO()
+    w = MetricWriter(str(tmp_path), stage="base", total_steps=10, start_step=7,
+                     tensorboard=False, progress=False, stream=err)
+    w.close()
+    assert err.getvalue().strip() == (
+        f"note: base resumes at step 8, and {tmp_path / 'metrics.jsonl'} holds no row of the "
+        "steps before it (emptied or removed since): its curves start there")
+    (tmp_path / "metrics.jsonl").write_text('{"stage": "base", "step": 5, "loss": 1.0}\n')
+    err = io.StringIO()
+    MetricWriter(str(tmp_path), stage="base", total_steps=10, start_step=7, tensorboard=False,
+                 progress=False, stream=err).close()
+    assert err.getvalue() == ""
+
+
+def test_adfm_records_in_a_frame_too_small_for_their_boxes_are_noted(tmp_path, capsys):
+    from emit_jax.data import records
+    from emit_jax.data.embedded import ensure_cached
+
+    summary = records.build(ensure_cached(), str(tmp_path / "a.jsonl"), 1, adfm_frame=1,
+                            max_per_type=3)
+    err = _lines(capsys.readouterr().err)
+    import json
+
+    recs = [json.loads(line) for line in open(tmp_path / "a.jsonl")]
+    lost = sum(r["solution"] == "A" and not r["bbox_answer"] for r in recs)
+    assert lost > 0 and err[-1] == (
+        f"note: {lost} of {summary['anomalous']} anomalous images have no box in a 1 x 1 frame "
+        "(their defects shrink to nothing there; the model's input size, e.g. 448, keeps them)")
+    records.build(ensure_cached(), str(tmp_path / "b.jsonl"), 1, adfm_frame=448, max_per_type=3)
+    assert "no box" not in capsys.readouterr().err

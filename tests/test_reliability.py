@@ -106,10 +106,31 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsy
     assert meta["step"] == 1 and _equal(_flat(model), saved[1])
     err = capsys.readouterr().err
     assert "warning: sft checkpoint step 2 is unreadable" in err and "trying the previous" in err
+    assert "See full TensorStore details" not in err and "bound method" not in err
     aside = os.listdir(tmp_path / "ckpt-unreadable")
     assert len(aside) == 1 and aside[0].startswith("2-")  # kept, not deleted
     assert ck.save(2, model, opt, {"step": 2, "data": {}})  # the step can be written again
     ck.close()
+    # the only step left unreadable too (eighth probe: "trying the previous step" when there
+    # was none, then the stage started over without a word)
+    _cut(d / "1")
+    _cut(d / "2")
+    ck = StageCheckpoints(str(d), every=1, async_save=False, name="sft")
+    assert ck.restore(model, opt) is None
+    ck.close()
+    err = capsys.readouterr().err
+    assert "warning: sft checkpoint step 2 is unreadable" in err
+    assert "warning: sft checkpoint step 1 is unreadable" in err and err.rstrip().endswith(
+        "no earlier checkpoint: the stage starts over from step 0"), err
+
+
+def _cut(step_dir):
+    """Truncate every data file of a saved step: present (complete rename) but unreadable."""
+    for root, _, files in os.walk(step_dir / "state"):
+        for f in files:
+            if f not in ("_METADATA", "_CHECKPOINT_METADATA", "_sharding"):
+                with open(os.path.join(root, f), "r+b") as fh:
+                    fh.truncate(max(os.path.getsize(os.path.join(root, f)) // 3, 1))
 
 
 def test_a_half_written_checkpoint_is_never_picked_up(tmp_path):

@@ -308,8 +308,10 @@ def test_stage_records_refuse_a_workdir_built_with_another_ad_order(tmp_path):
     ds = make_mvtec(tmp_path / "ds", classes=("widget",))
     work = tmp_path / "work"
     recs = stage_records(ds, str(work), text_samples=False, ad_order="yes_no")
-    assert json.loads((work / "data" / "options.json").read_text()) == {"ad_order": "yes_no",
-                                                                        "rationale": "brief"}
+    options = json.loads((work / "data" / "options.json").read_text())
+    assert {k: options[k] for k in ("ad_order", "rationale")} == {"ad_order": "yes_no",
+                                                                  "rationale": "brief"}
+    assert set(options["digests"]) == {"warmup", "base", "sft", "grpo", "validation", "test"}
     assert all(r["options"] == ["Yes.", "No."] for r in recs["test"]
                if r["task_type"] == "anomaly_discrimination")
     again = stage_records(ds, str(work), text_samples=False, ad_order="yes_no")  # the cache
@@ -319,3 +321,21 @@ def test_stage_records_refuse_a_workdir_built_with_another_ad_order(tmp_path):
         stage_records(ds, str(work), text_samples=False)
     (work / "data" / "options.json").unlink()  # record files of an older version: shuffled
     assert stage_records(ds, str(work), text_samples=False)["test"] == recs["test"]
+
+
+def test_records_changed_in_a_workdir_are_refused(tmp_path):
+    """Eighth probe. Before: ``data/base.jsonl`` replaced by another records file, or cut by a
+    record or ten, in an interrupted workdir: the rerun resumed on them (the checkpoint's data
+    position pointing into other records) without a word."""
+    from emit_jax.training.data import stage_records
+
+    ds = make_mvtec(tmp_path / "ds", classes=("widget",))
+    work = tmp_path / "work"
+    stage_records(ds, str(work), text_samples=False)
+    base = work / "data" / "base.jsonl"
+    lines = base.read_text().splitlines(keepends=True)
+    base.write_text("".join(lines[1:]))
+    with pytest.raises(DataError, match=r"base.jsonl: changed since this workdir built it"):
+        stage_records(ds, str(work), text_samples=False)
+    base.write_text("".join(lines))  # restored: read again
+    stage_records(ds, str(work), text_samples=False)

@@ -150,6 +150,12 @@ def build(source: str, out: str, stage: int, *, seed: int = 0, split: str | None
         if adfm_frame < 1:
             raise DataError(f"--adfm-frame must be a positive size, got {adfm_frame}")
         recs = adfm.records(items, references=refs, frame=(adfm_frame, adfm_frame), report=report)
+        boxless = sum(r["solution"] == "A" and not r["bbox_answer"] for r in recs)
+        if boxless:  # before: said only by the summary's count
+            print(f"note: {boxless} of {sum(r['solution'] == 'A' for r in recs)} anomalous images "
+                  f"have no box in a {adfm_frame} x {adfm_frame} frame (their defects shrink to "
+                  "nothing there; the model's input size, e.g. 448, keeps them)",
+                  file=sys.stderr)
         n = jsonl.write_jsonl(recs, out)
         return {"out": out, "records": n, "images": len(items),
                 "anomalous": sum(r["solution"] == "A" for r in recs),

@@ -273,6 +273,13 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
                 raise DataError(f"{out_dir}: the records were built with {key}={built[key]!r}, "
                                 f"the config asks for {want!r}; use another workdir (or delete "
                                 "its data folder and the stages trained on it)")
+        digests = built.get("digests")
+        for n, p in paths.items() if isinstance(digests, dict) else ():
+            if n in digests and _digest(p) != digests[n]:  # before: trained on, no word
+                raise DataError(f"{p}: changed since this workdir built it (the stages trained "
+                                "and resume on these records, a checkpoint's data position "
+                                "counts in them); restore it, or delete the data folder and "
+                                "the stages trained on it to build them again")
         try:  # the run's own records: the dataset's symlinks were followed by its scan
             return {n: list(jsonl.read_jsonl(p, data_root=dataset_root, links=True))
                     for n, p in paths.items()}
@@ -330,11 +337,25 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
     report.say_notes()
     from emit_jax.fileio import atomic_output
 
+    options = {"ad_order": ad_order, "rationale": rationale_style}
     with atomic_output(options_path) as f:  # first: complete record files always have it
-        json.dump({"ad_order": ad_order, "rationale": rationale_style}, f)
+        json.dump(options, f)
     for n in names:
         jsonl.write_jsonl(recs[n], paths[n])
+    with atomic_output(options_path) as f:  # then what they hold, checked by every rerun
+        json.dump(dict(options, digests={n: _digest(paths[n]) for n in names}), f)
     return recs
+
+
+def _digest(path: str) -> str:
+    """SHA-256 of the file ``path`` (a records file), hex."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def fresh_records(seeds, *, tasks_: tuple = ("anomaly_discrimination",),

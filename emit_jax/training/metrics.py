@@ -68,6 +68,13 @@ def _truncate_after(path: str, step: int) -> None:
             f.write("".join(line + "\n" for line in keep))
 
 
+def _has_rows(path: str) -> bool:
+    try:
+        return bool(read_metrics(path))
+    except (OSError, ValueError):
+        return False
+
+
 class MetricWriter:
     """Per-stage metric sink: ``STAGE_DIR/metrics.jsonl``, TensorBoard (``STAGE_DIR/tb``) and a
     progress display on ``stream`` (default ``sys.stderr``).
@@ -95,6 +102,10 @@ class MetricWriter:
         os.makedirs(stage_dir, exist_ok=True)
         self.path = os.path.join(stage_dir, "metrics.jsonl")
         _truncate_after(self.path, self.start)
+        if self.start > 0 and not _has_rows(self.path):  # emptied or removed since
+            print(f"note: {stage} resumes at step {self.start + 1}, and {self.path} holds no "
+                  f"row of the steps before it (emptied or removed since): its curves start "
+                  "there", file=self.stream, flush=True)
         self._log = open(self.path, "a", encoding="utf-8")
         self._t0 = self._t_last = time.time()
         self._tokens = 0

@@ -150,11 +150,14 @@ class StageCheckpoints:
             os.makedirs(aside, exist_ok=True)
             target = os.path.join(aside, f"{step}-{int(time.time())}")
             shutil.move(os.path.join(self.directory, str(step)), target)
-            from emit_jax.errors import message
+            from emit_jax.checkpoint import restore_problem
 
+            earlier = [s for s in saved_steps(self.directory) if s < step]
+            then = ("trying the previous step" if earlier else
+                    "no earlier checkpoint: the stage starts over from step 0")
             print(f"warning: {self.name or 'stage'} checkpoint step {step} is unreadable "
-                  f"({type(error).__name__}: {message(error)[:200]}); moved to {target}, trying "
-                  f"the previous step", file=sys.stderr, flush=True)
+                  f"({restore_problem(error, 200)}); moved to {target}, {then}",
+                  file=sys.stderr, flush=True)
         from emit_jax.parallel import barrier
 
         barrier(f"ckpt-aside:{self.directory}:{step}")
