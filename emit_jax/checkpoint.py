@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from emit_jax.errors import STOP_SIGNALS, causes, interrupted
+from emit_jax.errors import STOP_SIGNALS, causes, interrupted, show_path
 from emit_jax.fileio import (atomic_folder, disk_full_error, not_a_file, read_json, where_written,
                              write_refused_error)
 from emit_jax.hf import CheckpointError, copy_assets
@@ -182,6 +182,10 @@ def read_meta(path: str | os.PathLike) -> dict:
     meta_path = os.path.join(os.fspath(path), META_FILE)
     if kind := not_a_file(meta_path):  # before: "not found", for a folder or a pipe there
         raise CheckpointError(f"{meta_path}: {kind}, not a checkpoint's metadata file")
+    if not os.path.isdir(path):  # before: its metadata file "not found"
+        what = "a file, not a folder" if os.path.exists(path) else "no such folder"
+        raise CheckpointError(f"{show_path(path)}: {what} (an emit_jax model checkpoint is a "
+                              f"folder holding {META_FILE})")
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{meta_path}: not found; {path} is not an emit_jax model checkpoint")
     meta = read_json(meta_path, error=CheckpointError, what="valid JSON")

@@ -240,3 +240,15 @@ def test_adfm_records_in_a_frame_too_small_for_their_boxes_are_noted(tmp_path, c
         "(their defects shrink to nothing there; the model's input size, e.g. 448, keeps them)")
     records.build(ensure_cached(), str(tmp_path / "b.jsonl"), 1, adfm_frame=448, max_per_type=3)
     assert "no box" not in capsys.readouterr().err
+
+
+def test_a_checkpoint_folder_that_does_not_exist_is_said_so(tmp_path):
+    """Before: ``<path>/emit_jax.json: not found; <path> is not an emit_jax model checkpoint``
+    for a folder that is not there at all."""
+    from emit_jax import checkpoint
+    from emit_jax.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'nope'}: no such folder \(an "
+                                              r"emit_jax model checkpoint is a folder holding "
+                                              r"emit_jax.json\)$"):
+        checkpoint.read_meta(tmp_path / "nope")
