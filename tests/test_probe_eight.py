@@ -252,3 +252,23 @@ def test_a_checkpoint_folder_that_does_not_exist_is_said_so(tmp_path):
                                               r"emit_jax model checkpoint is a folder holding "
                                               r"emit_jax.json\)$"):
         checkpoint.read_meta(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("grpo.eps_low=1.5", "config grpo.eps_low: 1.5 must be < 1.0"),
+    ("grpo.reward_weights=(0.0,0.0,0.0,0.0)", "config grpo.reward_weights: (0.0, 0.0, 0.0, "
+     "0.0) are all zero: every completion would get the same reward"),
+    ("grpo.weight_decay=1e30", "config grpo.weight_decay: 1e+30 must be <= 1.0"),
+    ("base.weight_decay=2.0", "config base.weight_decay: 2.0 must be <= 1.0"),
+])
+def test_settings_that_make_training_meaningless_are_refused(override, needle):
+    """Before: accepted, and the run trained (a lower clip below zero, no advantage at all, or
+    every weight decayed to nothing in one step)."""
+    from emit_jax import configs
+    from emit_jax.errors import ConfigError
+    from emit_jax.training.validate import validate_config
+
+    cfg = configs.load(os.path.join(ROOT, "configs", "grpo.py") + ":smoke", [override])
+    with pytest.raises(ConfigError) as e:
+        validate_config(cfg)
+    assert str(e.value).startswith(needle), str(e.value)

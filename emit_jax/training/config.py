@@ -136,7 +136,8 @@ class OptimConfig:
         check_int(f"{n}.batch_size", self.batch_size, low=1)
         check_float(f"{n}.lr", self.lr, low=0.0, low_open=True)
         check_float(f"{n}.warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
-        check_float(f"{n}.weight_decay", self.weight_decay, low=0.0)
+        # decoupled decay: lr x weight_decay of every weight per step; past 1 it is a typo
+        check_float(f"{n}.weight_decay", self.weight_decay, low=0.0, high=1.0)
         check_float(f"{n}.b1", self.b1, low=0.0, high=1.0, high_open=True)
         check_float(f"{n}.b2", self.b2, low=0.0, high=1.0, high_open=True)
         check_float(f"{n}.eps", self.eps, low=0.0, low_open=True)
@@ -263,12 +264,13 @@ class GRPOConfig:
         check_int("grpo.top_k", self.top_k, low=0)
         check_float("grpo.top_p", self.top_p, low=0.0, low_open=True, high=1.0)
         check_float("grpo.beta", self.beta, low=0.0)
-        check_float("grpo.eps_low", self.eps_low, low=0.0)
+        # the ratio is clipped below at 1 - eps_low: 1 or more clips nothing, or below zero
+        check_float("grpo.eps_low", self.eps_low, low=0.0, high=1.0, high_open=True)
         check_float("grpo.eps_high", self.eps_high, low=0.0)
         check_int("grpo.max_resample_times", self.max_resample_times, low=0)
         check_float("grpo.lr", self.lr, low=0.0, low_open=True)
         check_float("grpo.warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
-        check_float("grpo.weight_decay", self.weight_decay, low=0.0)
+        check_float("grpo.weight_decay", self.weight_decay, low=0.0, high=1.0)
         for key, canon in (("kl", rl_grpo.canon_kl), ("agg", rl_grpo.canon_agg)):
             try:
                 canon(getattr(self, key))
@@ -288,6 +290,9 @@ class GRPOConfig:
             # bounded: the weighted sum of G rewards stays finite (1e308 made it -inf)
             check_float(f"grpo.reward_weights[{i}]", w, low=-MAX_REWARD_WEIGHT,
                         high=MAX_REWARD_WEIGHT)
+        if weights and not any(weights):  # every completion scored alike: no advantage
+            fail("grpo.reward_weights", weights, "are all zero: every completion would get the "
+                 "same reward, so no advantage and nothing to learn")
         if self.correct not in CORRECTNESS:
             fail("grpo.correct", self.correct, "must be 'accuracy' or 'adfm_cls'")
         if self.bn not in ("train", "frozen"):
