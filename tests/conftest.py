@@ -142,3 +142,16 @@ def smoke_run(tmp_path_factory):
               env={"EMIT_JAX_CACHE": str(cache)})
     assert r.returncode == 0, r.stderr[-4000:]
     return d, cache, r
+
+
+def drop_digests(workdir) -> None:
+    """Remove the records' digests from ``WORKDIR/data/options.json``: the workdir then reads
+    as one whose records were written before digests were kept (each record still checked)."""
+    import json
+
+    path = os.path.join(os.fspath(workdir), "data", "options.json")
+    with open(path, encoding="utf-8") as f:
+        options = json.load(f)
+    options.pop("digests", None)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(options, f)

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from conftest import subprocess_env
+from conftest import drop_digests, subprocess_env
 from test_tasks import make_mvtec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -601,10 +601,13 @@ def train_unwritable_workdir(tmp_path, a, request):
 
 
 def _train_on_workdir(tmp_path, a, stage, edit, *needles):
-    """Resume a prepared workdir whose cached ``data/<stage>.jsonl`` was edited."""
+    """Resume a prepared workdir whose cached ``data/<stage>.jsonl`` was edited, as records
+    written before their digests were kept (``data/options.json`` without ``digests``; with
+    them, any edit is refused first: tests/test_tasks.py) are read: each record checked."""
     work = tmp_path / "work"
     shutil.copytree(a["work"], work)
     edit_jsonl(work / "data" / f"{stage}.jsonl", edit)
+    drop_digests(work)
     return _train(work, f"--config.data.source={a['ds']}", needles=(f"{stage}.jsonl",) + needles)
 
 

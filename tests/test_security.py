@@ -21,6 +21,8 @@ import pytest
 from emit_jax.data import jsonl, mmad
 from emit_jax.data.mvtec import DataError
 
+from conftest import drop_digests
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "emit_jax")
 
@@ -235,6 +237,9 @@ def test_training_cache_records_are_checked_against_the_dataset(tmp_path):
     recs = [json.loads(l) for l in path.read_text().splitlines()]
     recs[0]["images"][-1] = "../../../../etc/hostname"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(DataError, match=r"test\.jsonl: changed since this workdir built it"):
+        stage_records(ds, str(work), text_samples=False)
+    drop_digests(work)  # records kept before their digests were: each record is checked
     with pytest.raises(DataError, match=r"test\.jsonl:1: record .*outside the data root"):
         stage_records(ds, str(work), text_samples=False)
 
