@@ -227,12 +227,14 @@ def check_jax_environment(prog: str | None = None) -> None:
     aot...) printed the import's traceback. An ``XLA_FLAGS`` that XLA would read as a file name
     (its first word not a ``--flag``) that is no file is one line too (before: XLA's fatal log
     line, exit 1); an unknown ``--xla_...`` flag is left to XLA (one fatal line)."""
-    flags = os.environ.get("XLA_FLAGS", "").split()
+    value = os.environ.get("XLA_FLAGS")
+    flags = (value or "").split() or ([value] if value else [])  # blank: read as a file name
     if flags and not flags[0].startswith("-") and not os.path.isfile(flags[0]):
         # XLA reads such a value as a file of flags and aborts with its own fatal line
         prog = prog or _module_run()
         print(f"{prog}: error: XLA_FLAGS={os.environ['XLA_FLAGS']}: XLA reads a value that does "
-              f"not start with -- as the name of a file of flags, and {flags[0]} is no file; "
+              f"not start with -- as the name of a file of flags, and "
+              f"{flags[0] if flags[0].strip() else repr(flags[0])} is no file; "
               "give flags as --name=value", file=sys.stderr)
         raise SystemExit(2)
     if "jax" in sys.modules or not any(k.startswith("JAX_") for k in os.environ):
@@ -629,8 +631,8 @@ def stdout_line(e: OSError) -> str:
     """The line a command whose standard output failed ends with (exit 2)."""
     why = e.strerror or str(e) or type(e).__name__
     gone = " (the reader of the pipe went away)" if isinstance(e, BrokenPipeError) else ""
-    return (f"standard output: {why}{gone}; printing stopped there, the command went on to the "
-            "end and its files are written")
+    return (f"standard output: {why}{gone}; what it printed from there on is lost, and the "
+            "command went on to the end (the files it writes are complete)")
 
 
 @contextlib.contextmanager

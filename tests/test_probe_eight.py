@@ -272,3 +272,28 @@ def test_settings_that_make_training_meaningless_are_refused(override, needle):
     with pytest.raises(ConfigError) as e:
         validate_config(cfg)
     assert str(e.value).startswith(needle), str(e.value)
+
+
+def test_the_prompt_room_advice_is_a_value_that_passes(tmp_path):
+    """Ninth probe. Before: the scan stopped at the first prompt too long, so the advised
+    ``grpo.max_new_tokens`` was refused in turn (8100 -> "at most 7,836" -> "at most 7,775")."""
+    import re
+
+    from emit_jax import configs
+    from emit_jax.data.tokenizer import train_tiny_tokenizer
+    from emit_jax.errors import ConfigError
+    from emit_jax.training import stages
+
+    cfg = configs.load(os.path.join(ROOT, "configs", "grpo.py") + ":smoke",
+                       ["grpo.max_new_tokens=8100"])
+    tok = train_tiny_tokenizer(None, tmp_path / "tok")
+    user = "Image-1: <image>\\nImage-2: <image>\\nQuestion: " + "a b " * 80
+    two = "Image-1: <image>\\nImage-2: <image>\\n"
+    recs = {"grpo": [{"images": ["a", "b"], "messages": [{"role": "user", "content": u}]}
+                     for u in (two + "Q?", user, two + "Q? " * 5)]}
+    with pytest.raises(ConfigError) as e:
+        stages.check_prompt_room(cfg, tok, recs)
+    most = int(re.search(r"use at most ([\d,]+)", str(e.value)).group(1).replace(",", ""))
+    cfg = configs.load(os.path.join(ROOT, "configs", "grpo.py") + ":smoke",
+                       [f"grpo.max_new_tokens={most}"])
+    stages.check_prompt_room(cfg, tok, recs)  # the advice passes

@@ -56,8 +56,9 @@ def test_a_failing_standard_output_lets_the_command_finish_and_ends_with_one_lin
     assert out.read_text() == "{}"
     assert sys.stdout is full  # restored
     assert _lines(capsys.readouterr().err) == [
-        "emit_jax.x: error: standard output: No space left on device; printing stopped there, "
-        "the command went on to the end and its files are written"]
+        "emit_jax.x: error: standard output: No space left on device; what it printed from "
+        "there on is lost, and the command went on to the end (the files it writes are "
+        "complete)"]
     full.close()
 
 
@@ -75,8 +76,9 @@ def test_data_build_into_a_full_standard_output_writes_its_file_whole(tmp_path):
                            stderr=subprocess.PIPE, text=True, timeout=300)
     assert r.returncode == 2
     assert _lines(r.stderr) == [
-        "emit_jax.data.build: error: standard output: No space left on device; printing "
-        "stopped there, the command went on to the end and its files are written"]
+        "emit_jax.data.build: error: standard output: No space left on device; what it printed "
+        "from there on is lost, and the command went on to the end (the files it writes are "
+        "complete)"]
     assert (tmp_path / "b.jsonl").read_bytes() == (tmp_path / "a.jsonl").read_bytes()
 
 
@@ -93,8 +95,9 @@ def test_train_with_a_full_standard_output_still_writes_its_results(tmp_path):
                            stderr=subprocess.PIPE, text=True, timeout=400)
     assert r.returncode == 2, r.stderr[-2000:]
     assert _lines(r.stderr)[-1] == (
-        "emit_jax.train: error: standard output: No space left on device; printing stopped "
-        "there, the command went on to the end and its files are written")
+        "emit_jax.train: error: standard output: No space left on device; what it printed from "
+        "there on is lost, and the command went on to the end (the files it writes are "
+        "complete)")
     results = json.loads((wd / "results.json").read_text())
     assert "test_average" in results
 

@@ -676,9 +676,7 @@ def check_prompt_room(cfg, tokenizer, records: dict) -> None:
         if isinstance(user, str):
             n = len(encode_chat(tokenizer, user, tiles_per_image=[1] * len(rec.get("images", ())),
                                 tokens_per_tile=mcfg.tokens_per_tile)["input_ids"])
-            longest = max(longest, n)
-            if longest + new > context:
-                break
+            longest = max(longest, n)  # every record: the advice must be a value that passes
     if longest + new > context:
         raise ConfigError(f"config grpo.max_new_tokens: {new:,} new tokens after prompts of at "
                           f"least {longest:,} tokens pass the model's context: {where} holds "
