@@ -494,7 +494,7 @@ def stop_promptly(prog: str, grace: float = 2.0):
         os.close(write)
         yield
         return
-    stop = threading.Event()
+    stop, stopping = threading.Event(), {int(x) for x in STOP_SIGNALS}
 
     def watch():
         while not stop.is_set():
@@ -502,8 +502,7 @@ def stop_promptly(prog: str, grace: float = 2.0):
                 data = os.read(read, 64)
             except OSError:
                 return
-            names = [signal.Signals(b).name for b in data
-                     if b in {int(x) for x in STOP_SIGNALS}]
+            names = [signal.Signals(b).name for b in data if b in stopping]
             if names and not stop.wait(grace):
                 _STOPPING.set()
                 exit_interrupted(interrupted_line(prog, f"({names[0]})"))

@@ -464,14 +464,14 @@ def check_data_source(cfg, workdir: str) -> None:
     if not os.path.isdir(data):
         return
     for key, old, now in run_changes(cfg, workdir):
-        same = isinstance(old, str) and isinstance(now, str) and \
-            os.path.realpath(old) == os.path.realpath(now)  # ./ds and ds
-        if key == "data.source" and not same:
-            raise ConfigError(
-                f"config data.source: {_show(now)}, but {data} holds the records built from "
-                f"{_show(old)} in this workdir's last run (and its stages were trained on "
-                f"them); choose another --workdir for another dataset, or rerun with "
-                f"--config.data.source={old} (a dataset that moved: move it back)")
+        if key != "data.source" or (isinstance(old, str) and isinstance(now, str) and
+                                    os.path.realpath(old) == os.path.realpath(now)):  # ./ds, ds
+            continue
+        raise ConfigError(
+            f"config data.source: {_show(now)}, but {data} holds the records built from "
+            f"{_show(old)} in this workdir's last run (and its stages were trained on "
+            f"them); choose another --workdir for another dataset, or rerun with "
+            f"--config.data.source={old} (a dataset that moved: move it back)")
 
 
 def run_notice(cfg, workdir: str) -> str | None:

@@ -328,7 +328,6 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     if init_from:
         if not os.path.isdir(init_from):
             _fail("init_from", init_from, "is not a folder (an HF folder or an emit_jax checkpoint)")
-        check_context(cfg, stages)
     else:
         arch = _get(cfg, "arch", "arch")
         if arch not in architectures.ARCHITECTURES:
@@ -338,7 +337,7 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
         if size and size % vision.patch_size:
             _fail("image_size", size, f"is not a multiple of the patch size {vision.patch_size}")
         image_size = size or vision.image_size
-        check_context(cfg, stages)
+    check_context(cfg, stages)  # the model's context, once init_from or arch is known good
     tok = _get(cfg, "tokenizer", "tokenizer", "")
     if tok and not os.path.isdir(tok):
         _fail("tokenizer", tok, "is not a folder")
