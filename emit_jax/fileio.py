@@ -273,19 +273,24 @@ def check_not_input(out: str | os.PathLike, inputs: dict) -> None:
                 f"{out}: the output {where} the input {flag} {path}; choose a path outside it")
 
 
+def _kind(mode: int) -> str:
+    """What a file of ``st_mode`` ``mode`` that is no regular file is, in words."""
+    return ("a folder" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode)
+            else "a pipe" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+
+
 def not_a_file(path: str | os.PathLike) -> str | None:
     """What ``path`` is when it exists (as a name) but is no regular file to read, in words
     (``a symbolic link to nothing (or a link loop)``, ``a folder``, ``a pipe``, ``a device``,
-    ``not a file``); None when it is a file (through links) or does not exist."""
+    ``a socket``, ``not a file``); None when it is a file (through links) or does not exist."""
     path = os.fspath(path)
     if os.path.isfile(path) or not os.path.lexists(path):
         return None
     if not os.path.exists(path):
         return "a symbolic link to nothing (or a link loop)"
-    mode = os.stat(path).st_mode
-    return ("a folder" if stat.S_ISDIR(mode) else "a pipe" if stat.S_ISFIFO(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    return _kind(os.stat(path).st_mode)
 
 
 def check_regular(path: str | os.PathLike) -> None:
@@ -302,9 +307,7 @@ def check_regular(path: str | os.PathLike) -> None:
         return
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         return
-    what = ("a symbolic link" if stat.S_ISLNK(mode) else "a pipe" if stat.S_ISFIFO(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    what = _kind(mode)
     raise FileExistsError(f"{path}: exists and is not a regular file ({what}), which writing it "
                           "would replace; choose another path")
 
