@@ -339,3 +339,24 @@ def test_records_changed_in_a_workdir_are_refused(tmp_path):
         stage_records(ds, str(work), text_samples=False)
     base.write_text("".join(lines))  # restored: read again
     stage_records(ds, str(work), text_samples=False)
+
+
+def test_the_same_dataset_in_another_folder_asks_the_same_questions(tmp_path):
+    """The draws of each question (option order, distractors, domain-knowledge sentences) are
+    keyed by the image's path inside the dataset: a copy elsewhere builds the same records, only
+    the image paths differ (before: keyed by the absolute path, so each folder asked others)."""
+    import shutil
+    a = make_mvtec(tmp_path / "a" / "ds")
+    b = str(tmp_path / "elsewhere" / "deeper" / "ds")
+    shutil.copytree(a, b)
+    outs = []
+    for root, name in ((a, "a.jsonl"), (b, "b.jsonl")):
+        build(root, str(tmp_path / name), 2)
+        with open(tmp_path / name) as f:
+            outs.append([json.loads(line) for line in f])
+    assert len(outs[0]) == len(outs[1]) > 20
+    strip = lambda r: json.loads(json.dumps(r).replace(b, "ROOT").replace(a, "ROOT"))
+    assert [strip(r) for r in outs[0]] == [strip(r) for r in outs[1]]
+    # and the draws do depend on the image: not every question has its answer at one letter
+    answers = {r["messages"][-1]["content"] for r in outs[0]}
+    assert len(answers) > 1

@@ -84,6 +84,7 @@ class ImageItem:
     is_anomalous: bool
     mask_path: str | None = None
     description: str | None = None  # object description text (text-as-query samples)
+    rel: str | None = None  # the path inside the dataset folder: what keys its questions' draws
 
 
 def utf8_name(name: str) -> bool:
@@ -261,7 +262,7 @@ def scan(root: str | os.PathLike, *, dataset: str | None = None,
                     items.append(ImageItem(
                         path=path, dataset=dataset, object_type=obj, split=item_split,
                         defect=None if good or sub.lower() in UNKNOWN_TYPE_DIRS else sub,
-                        is_anomalous=not good, mask_path=mask,
+                        is_anomalous=not good, mask_path=mask, rel=rel,
                         description=_description(root, path, obj, split, sub, report)))
                     if item_split == "unlisted":
                         report.unlisted.append(rel)

@@ -262,7 +262,9 @@ def _questions_for(it, tasks, think, seed, references, dk_all, defect_names, obj
         queries.append(("text", it.description))
     out = []
     for chat_type, description in queries:
-        key = (it.path, chat_type)
+        # keyed by the path inside the dataset: the same dataset copied elsewhere asks the
+        # same questions (an absolute path drew other options in each folder)
+        key = (it.rel or it.path, chat_type)
         dk = prompts.domain_knowledge_text(dk_all.get(it.object_type, {}), _rng(seed, *key, "dk"),
                                            dk_sentences) if dk_all else ""
 
