@@ -73,11 +73,20 @@ def user_path(path: str) -> str:
     """A path as the user meant it where no shell has read it (quoted, after ``=``, in a
     config): a leading ``~`` expanded, and a ``LINK/../x`` read as the kernel reads it
     (:func:`unambiguous`: before, ``os.path.abspath`` collapsed it beside the link, a folder
-    the user never named). Anything else is returned as it is."""
+    the user never named). Anything else is returned as it is. A ``~user`` that names no user
+    of this machine is a ``ConfigError`` (a shell leaves it as it is: the output went to a
+    folder ``./~user`` the user never meant)."""
     if not isinstance(path, str) or not path:
         return path
     if path.startswith("~"):
-        path = os.path.expanduser(path)
+        expanded = os.path.expanduser(path)
+        if expanded == path:
+            head = path.split(os.sep, 1)[0]
+            raise ConfigError(f"{path!r}: " + (f"{head} names no user of this machine (no home "
+                              "folder to put in its place)" if head != "~" else
+                              "no home folder to put in place of ~ (HOME is unset and this user "
+                              "has none)") + f"; write ./{path} for a folder of that name")
+        path = expanded
     if os.pardir in path.split(os.sep):
         path = unambiguous(path)
     return path
@@ -769,24 +778,25 @@ def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | N
 
 
 def matplotlib_agg():
-    """``matplotlib``, imported with the Agg backend, without its two warnings when the home
-    folder cannot be written (HOME unset or read-only, a service account): Matplotlib then
-    makes a temporary config folder itself and says so in two lines ("mkdir -p failed",
-    "it is highly recommended to set the MPLCONFIGDIR"). Here that folder is chosen before the
-    import (``$MPLCONFIGDIR``, removed at exit); a folder the user set is kept. ``$MPLBACKEND``
-    is not read (the backend is Agg whatever it says; a name Matplotlib does not know was a
-    ``ValueError`` traceback at the import)."""
+    """``matplotlib``, imported with the Agg backend, without its two warnings when its config
+    folder cannot be written (HOME unset or read-only, a service account, or ``$MPLCONFIGDIR``
+    naming a file or a closed folder): Matplotlib then makes a temporary config folder itself
+    and says so in two lines ("mkdir -p failed", "it is highly recommended to set the
+    MPLCONFIGDIR"). Here that folder is chosen before the import (a temporary ``$MPLCONFIGDIR``
+    for this process, removed at exit); a usable folder, the user's or the default, is kept.
+    ``$MPLBACKEND`` is not read (the backend is Agg whatever it says; a name Matplotlib does not
+    know was a ``ValueError`` traceback at the import)."""
     backend = os.environ.pop("MPLBACKEND", None) if "matplotlib" not in sys.modules else None
-    if "matplotlib" not in sys.modules and not os.environ.get("MPLCONFIGDIR"):
-        base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"),
-                                                                 ".config")
-        target = os.path.join(base, "matplotlib")
+    if "matplotlib" not in sys.modules:
+        target = os.environ.get("MPLCONFIGDIR") or os.path.join(
+            os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config"),
+            "matplotlib")
         try:
             os.makedirs(target, exist_ok=True)
-            usable = os.access(target, os.W_OK)
+            usable = os.path.isdir(target) and os.access(target, os.W_OK | os.X_OK)
         except OSError:
             usable = False
-        if not usable:
+        if not usable:  # (Matplotlib reads the variable again later: it stays set)
             import atexit
 
             folder = tempfile.mkdtemp(prefix="emit-jax-matplotlib-")

@@ -472,16 +472,18 @@ def main(argv) -> None:
         print("emit_jax.train: error: --workdir: empty path; name the run's folder (or leave "
               "the flag out for runs/<config name>)", file=sys.stderr)
         sys.exit(2)
-    workdir = user_path(_WORKDIR.value) or os.path.join(
-        "runs", os.path.splitext(os.path.basename(_CONFIG.value.partition(":")[0]))[0])
+    try:
+        workdir = user_path(_WORKDIR.value) or os.path.join(
+            "runs", os.path.splitext(os.path.basename(_CONFIG.value.partition(":")[0]))[0])
+    except ConfigError as e:
+        print(f"emit_jax.train: error: --workdir: {e}", file=sys.stderr)
+        sys.exit(2)
 
     with cli.stdout_guard() as guard:
         _train(cfg, workdir)
-    failed = guard is not None and guard.failed is not None
-    cli.finishing("emit_jax.train", 2 if failed else 0)
-    if failed:
-        stages.log(f"emit_jax.train: error: {cli.stdout_line(guard.failed)}")
-        sys.exit(2)
+    status = cli.stdout_ending(guard, 0, "emit_jax.train")
+    cli.finishing("emit_jax.train", status)
+    cli.end(status)
 
 
 def _train(cfg, workdir: str) -> None:

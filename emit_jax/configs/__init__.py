@@ -97,10 +97,14 @@ def expand_home(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         for part in [node] + rest[:-1] if rest else []:
             section = section.get(part) if isinstance(section, ml_collections.ConfigDict) else None
         leaf = rest[-1] if rest else node
-        if isinstance(section, ml_collections.ConfigDict) and \
-                isinstance(section.get(leaf), str) and user_path(section[leaf]) != section[leaf]:
-            with section.unlocked():
-                section[leaf] = user_path(section[leaf])
+        if isinstance(section, ml_collections.ConfigDict) and isinstance(section.get(leaf), str):
+            try:
+                path = user_path(section[leaf])
+            except ConfigError as e:
+                raise ConfigError(f"config {key}: {e}") from None
+            if path != section[leaf]:
+                with section.unlocked():
+                    section[leaf] = path
     return cfg
 
 

@@ -54,12 +54,15 @@ def resolve_inside(data_root: str | os.PathLike, path: str, where: str = "", *,
     path that leaves the root — by ``..``, by being absolute elsewhere, or through a symlink
     — raises :class:`OutsideRootError` (a :class:`DataError`) naming ``where`` and the path.
     ``links``: a symlink inside the root may point elsewhere (the dataset's own links, which
-    its scan followed)."""
+    its scan followed). Inside means where the path leads (a path written under the root's
+    other spelling, through a link to it, is inside); with ``links`` a path written under
+    either spelling of the root is inside too."""
     root = os.path.abspath(os.fspath(data_root))
     full = os.path.abspath(os.path.join(root, path))
     real_root, real = os.path.realpath(root), os.path.realpath(full)
-    if os.path.commonpath([root, full]) != root or (
-            not links and os.path.commonpath([real_root, real]) != real_root):
+    spelled = any(os.path.commonpath([r, full]) == r for r in {root, real_root})
+    inside = os.path.commonpath([real_root, real]) == real_root
+    if not (inside or (links and spelled)):
         raise OutsideRootError(f"{where + ': ' if where else ''}image path {path!r} resolves "
                                f"outside the data root {root}")
     return full

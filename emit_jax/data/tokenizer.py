@@ -182,6 +182,14 @@ def check_tokenizer_folder(path: str | os.PathLike) -> None:
                              f"({' / '.join(TOKENIZER_FILES)})")
 
 
+def _quiet_transformers() -> None:
+    """Before transformers is imported: without torch (the default install) its import says
+    "PyTorch was not found. Models won't be available ..." (an advisory line about its
+    PyTorch models, which emit_jax does not use; only its tokenizers). A user's own setting of
+    ``TRANSFORMERS_NO_ADVISORY_WARNINGS`` is kept."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def load_tokenizer(path: str | os.PathLike, *, require_comp: bool = False):
     """Load the tokenizer of a local Hugging Face folder and check EMIT's tokens.
 
@@ -192,6 +200,7 @@ def load_tokenizer(path: str | os.PathLike, *, require_comp: bool = False):
     (:func:`check_tokenizer_folder`), an unreadable tokenizer or a missing token raises
     :class:`TokenizerError` naming the folder (and the tokens).
     """
+    _quiet_transformers()
     from transformers import AutoTokenizer
 
     path = os.fspath(path)
@@ -263,6 +272,7 @@ def train_tiny_tokenizer(corpus: Iterable[str] | None, out_dir: str | os.PathLik
     ``<|im_end|>``, pad ``<|endoftext|>``, no bos, no space clean-up), ``special_tokens_map.json``
     and ``chat_template.jinja``. Returns the loaded ``PreTrainedTokenizerFast``.
     """
+    _quiet_transformers()
     from transformers import PreTrainedTokenizerFast
 
     n_added = len(TINY_ADDED_TOKENS)

@@ -46,7 +46,7 @@ from emit_jax.training.lora import apply_lora, merge_lora, trainable_filter
 from emit_jax.training.precision import to_storage
 from emit_jax.training.sft import run_sft
 from emit_jax.training.state import saved_steps
-from emit_jax.training.validate import Settings
+from emit_jax.training.validate import Settings, starting_config
 
 
 def log(msg: str) -> None:
@@ -452,7 +452,15 @@ def run_changes(cfg, workdir: str) -> list[tuple[str, Any, Any]]:
         for k, v in src.items():
             if k not in REGISTRY and k not in _NOT_RUN_WIDE:
                 _flat(k, v, dst)
-    return [(k, old[k], now[k]) for k in sorted(now) if k in old and old[k] != now[k]]
+    return [(k, old[k], now[k]) for k in sorted(now)
+            if k in old and old[k] != now[k] and not _same_folder(k, old[k], now[k])]
+
+
+def _same_folder(key: str, old, now) -> bool:
+    """Whether ``data.source`` names the same folder both times, spelled two ways (``./ds`` and
+    ``ds``, or through a link to it): not a change."""
+    return key == "data.source" and isinstance(old, str) and isinstance(now, str) and \
+        os.path.realpath(old) == os.path.realpath(now)
 
 
 def check_data_source(cfg, workdir: str) -> None:
@@ -463,9 +471,8 @@ def check_data_source(cfg, workdir: str) -> None:
     data = os.path.join(workdir, "data")
     if not os.path.isdir(data):
         return
-    for key, old, now in run_changes(cfg, workdir):
-        if key != "data.source" or (isinstance(old, str) and isinstance(now, str) and
-                                    os.path.realpath(old) == os.path.realpath(now)):  # ./ds, ds
+    for key, old, now in run_changes(cfg, workdir):  # (./ds and ds are one: _same_folder)
+        if key != "data.source":
             continue
         raise ConfigError(
             f"config data.source: {_show(now)}, but {data} holds the records built from "
@@ -656,16 +663,9 @@ def check_prompt_room(cfg, tokenizer, records: dict) -> None:
     stage before GRPO, then failed allocating a cache the positions do not cover). Counted
     per record: its text and one tile per image, a floor (more tiles only add); skipped for an
     Orbax ``init_from`` (its context is read when it loads)."""
-    if "grpo" not in cfg.stages:
+    mcfg, where = starting_config(cfg)
+    if "grpo" not in cfg.stages or mcfg is None:
         return
-    if cfg.get("init_from"):
-        if not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
-            return
-        mcfg, where = hf.read_config(cfg.init_from)[0], f"init_from {cfg.init_from}"
-    else:
-        mcfg, where = architectures.get_config(cfg.arch), f"arch {cfg.arch!r}"
-        if cfg.get("image_size"):
-            mcfg = mcfg.replace(vision=dataclasses.replace(mcfg.vision, image_size=cfg.image_size))
     from emit_jax.data.tokenizer import encode_chat
 
     context, new = mcfg.text.max_position_embeddings, int(cfg.grpo.max_new_tokens)
@@ -694,15 +694,12 @@ def build_initial_model(cfg, tokenizer):
             return hf.load(cfg.init_from, dtype=cfg.get("param_dtype") or None, scan_layers=scan)
         return checkpoint.load_model(cfg.init_from, dtype=cfg.get("param_dtype") or None,
                                      scan_layers=scan)[0]
-    mcfg = architectures.get_config(cfg.arch, **({"dtype": cfg.param_dtype}
-                                                  if cfg.get("param_dtype") else {}))
+    mcfg = starting_config(cfg)[0]
     img = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     # the tokenizer's last entry is <COMP_CONTEXT>, which EMIT appends to the model at stage 1
     vocab = len(tokenizer) - 1
     mcfg = mcfg.replace(text=dataclasses.replace(mcfg.text, vocab_size=vocab), image_token_id=img,
                         scan_layers=scan)
-    if cfg.get("image_size"):
-        mcfg = mcfg.replace(vision=dataclasses.replace(mcfg.vision, image_size=cfg.image_size))
     return InternVL(mcfg.validate(), rngs=nnx.Rngs(cfg.seed))
 
 
@@ -711,13 +708,9 @@ def adfm_frame(cfg) -> tuple[int, int]:
     """The model's input frame ``(W, H)`` for AD-FM boxes: ``image_size``, else the HF
     checkpoint's vision config, else the architecture's."""
     size = cfg.get("image_size") or 0
-    hf_config = os.path.join(cfg.init_from or "", "config.json")
-    if not size and cfg.init_from and os.path.isfile(hf_config):
-        with open(hf_config, encoding="utf-8") as f:
-            size = json.load(f).get("vision_config", {}).get("image_size", 0)
-            size = size[0] if isinstance(size, (list, tuple)) else size
     if not size:
-        size = architectures.get_config(cfg.arch).vision.image_size
+        mcfg = starting_config(cfg)[0] or architectures.get_config(cfg.arch)  # (Orbax: arch's)
+        size = mcfg.vision.image_size
     return int(size), int(size)
 
 

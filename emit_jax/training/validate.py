@@ -217,35 +217,45 @@ def _batch_fits_host(cfg, stages, image_size: int, memory: int | None = None) ->
                 "emit_jax.plan estimates a config's memory)")
 
 
-def _hf_context(folder: str) -> int | None:
-    """``max_position_embeddings`` of the language model in ``folder/config.json`` (a Hugging
-    Face InternVL folder); None when there is no such file or number (the load says why)."""
-    from emit_jax.models.config import read_config_json
-
-    try:
-        _, raw = read_config_json(folder)
-    except ConfigError:
-        return None
-    text = raw.get("llm_config") or raw.get("text_config") or {}
-    n = text.get("max_position_embeddings") if isinstance(text, dict) else None
-    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
-
-
-def check_context(cfg, stages) -> None:
-    """:func:`_fits_context` against the model ``cfg`` starts from: ``init_from``'s
-    ``config.json`` (an Orbax checkpoint's is read when it loads) or the architecture's; also
-    for the commands that plan or compile a config (``plan``, ``aot``: before, they planned a
-    generation train refuses)."""
+def starting_config(cfg):
+    """``(model config, where)``: the model a run of ``cfg`` starts from, before any weight is
+    read: ``init_from``'s Hugging Face ``config.json``, else the architecture's (``param_dtype``
+    and ``image_size`` applied). ``where`` names it for messages (``init_from DIR``,
+    ``arch 'tiny'``). The config is None for an Orbax ``init_from`` (its config is read when it
+    loads), for a ``config.json`` that cannot be read (the load says why) and for an unknown
+    architecture (refused by :func:`validate_config`). One reading for the checks of the
+    context (:func:`check_context`, ``stages.check_prompt_room``) and for
+    ``stages.build_initial_model``."""
+    from emit_jax import hf
+    from emit_jax.errors import USER_ERRORS
     from emit_jax.models import architectures
 
     init_from = cfg.get("init_from") or ""
     if init_from:
-        context = _hf_context(init_from) if os.path.isdir(init_from) else None
-        if context:
-            _fits_context(cfg, stages, context, f"init_from {init_from}")
-    elif cfg.get("arch") in architectures.ARCHITECTURES:
-        _fits_context(cfg, stages, architectures.ARCHITECTURES[cfg.arch]().text
-                      .max_position_embeddings, f"arch {cfg.arch!r}")
+        where = f"init_from {init_from}"
+        if not os.path.isfile(os.path.join(init_from, "config.json")):
+            return None, where
+        try:
+            return hf.read_config(init_from)[0], where
+        except USER_ERRORS:
+            return None, where
+    where = f"arch {cfg.get('arch')!r}"
+    if cfg.get("arch") not in architectures.ARCHITECTURES:
+        return None, where
+    mcfg = architectures.get_config(cfg.arch, **({"dtype": cfg.param_dtype}
+                                                 if cfg.get("param_dtype") else {}))
+    if cfg.get("image_size"):
+        mcfg = mcfg.replace(vision=dataclasses.replace(mcfg.vision, image_size=cfg.image_size))
+    return mcfg, where
+
+
+def check_context(cfg, stages) -> None:
+    """:func:`_fits_context` against the model ``cfg`` starts from (:func:`starting_config`);
+    also for the commands that plan or compile a config (``plan``, ``aot``: before, they
+    planned a generation train refuses)."""
+    mcfg, where = starting_config(cfg)
+    if mcfg is not None:
+        _fits_context(cfg, stages, mcfg.text.max_position_embeddings, where)
 
 
 def _fits_context(cfg, stages, context: int, model: str) -> None:
