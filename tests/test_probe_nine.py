@@ -97,7 +97,8 @@ def test_resolve_inside_reads_both_spellings_of_the_root(tmp_path):
             resolve_inside(link, str(tmp_path / "elsewhere.png"), links=links)
 
 
-def test_a_data_source_spelled_through_a_link_is_the_same_dataset(tmp_path):
+def test_a_data_source_spelled_through_a_link_is_the_same_dataset_and_old_records_get_digests(
+        tmp_path):
     """Before: ``data.source`` given through a link to the folder the workdir's records came
     from was refused: "image path ... resolves outside the data root ... (moved since?)"."""
     from emit_jax.data.embedded import ensure_cached
@@ -111,6 +112,24 @@ def test_a_data_source_spelled_through_a_link_is_the_same_dataset(tmp_path):
     r = train(*SMOKE_BASE, "--workdir", str(wd), f"--config.data.source={link}", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "data.source" not in r.stderr and "moved" not in r.stderr, r.stderr[-3000:]
+
+    # a workdir whose records were written before digests were kept gets them on its next run
+    # (before: it stayed unguarded, f04/f08), and from then on a changed record is refused
+    import json
+
+    from conftest import drop_digests
+
+    drop_digests(wd)
+    r = train(*SMOKE_BASE, "--workdir", str(wd), f"--config.data.source={real}", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"note: {wd / 'data'}: the records' digests are kept from now on" in r.stderr
+    options = json.loads((wd / "data" / "options.json").read_text())
+    assert set(options["digests"]) >= {"base", "grpo", "test"}
+    lines = (wd / "data" / "grpo.jsonl").read_text().splitlines(keepends=True)
+    (wd / "data" / "grpo.jsonl").write_text("".join(lines[:-1]))  # still valid records
+    r = train(*SMOKE_BASE, "--workdir", str(wd), f"--config.data.source={real}", timeout=600)
+    assert r.returncode == 2
+    assert "grpo.jsonl: changed since this workdir built it" in r.stderr, r.stderr[-2000:]
 
 
 def test_a_home_folder_of_no_user_is_one_line(tmp_path):

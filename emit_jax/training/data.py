@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 
 import numpy as np
 from PIL import Image
@@ -281,13 +282,15 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
                                 "counts in them); restore it, or delete the data folder and "
                                 "the stages trained on it to build them again")
         try:  # the run's own records: the dataset's symlinks were followed by its scan
-            return {n: list(jsonl.read_jsonl(p, data_root=dataset_root, links=True))
+            recs = {n: list(jsonl.read_jsonl(p, data_root=dataset_root, links=True))
                     for n, p in paths.items()}
         except jsonl.OutsideRootError as e:
             raise DataError(f"{e}: {out_dir} holds the records this workdir built, with the "
                             "paths of the dataset where it was then (moved since?); move it "
                             "back, or delete that data folder and the stages trained on it to "
                             "build them again") from None
+        _add_digests(options_path, built, paths)
+        return recs
     items = scan(dataset_root)
     has_splits = os.path.isfile(os.path.join(dataset_root, "splits.json"))
     split = (lambda it, s: it.split == s) if has_splits else \
@@ -345,6 +348,32 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
     with atomic_output(options_path) as f:  # then what they hold, checked by every rerun
         json.dump(dict(options, digests={n: _digest(paths[n]) for n in names}), f)
     return recs
+
+
+def _add_digests(options_path: str, built: dict, paths: dict[str, str]) -> None:
+    """Records a workdir wrote before digests were kept (checked record by record as they
+    were just read) get their digests now, so later reruns refuse them changed too (before:
+    such a workdir stayed unguarded). Only process 0 writes; a folder that cannot be written
+    keeps the options as they were (the records are still read and checked)."""
+    digests = built.get("digests") if isinstance(built.get("digests"), dict) else {}
+    missing = [n for n in paths if n not in digests]
+    if not missing:
+        return
+    import jax
+
+    from emit_jax.fileio import atomic_output
+
+    if jax.process_index() != 0:
+        return
+    try:
+        with atomic_output(options_path) as f:
+            json.dump(dict(built, digests={**digests, **{n: _digest(paths[n]) for n in missing}}),
+                      f)
+    except OSError:
+        return
+    print(f"note: {os.path.dirname(options_path)}: the records' digests are kept from now on "
+          f"({', '.join(missing)}: written before digests were; each record was checked as it "
+          "was read), and a rerun refuses them changed", file=sys.stderr)
 
 
 def _digest(path: str) -> str:
