@@ -364,6 +364,8 @@ def _early_signal(signum, frame):
 # ------------------------------------------------------------------------------ while main runs
 #: set when an interrupted command's process is ending: nothing more is reported
 _STOPPING = threading.Event()
+#: set while a command runs as its process's own (:func:`command`), not called in-process
+_COMMAND = threading.Event()
 #: after a swallowed KeyboardInterrupt, or a signal that arrived inside an import: the signal
 #: is handled again this many seconds later
 AGAIN_AFTER = 0.02
@@ -452,8 +454,9 @@ def interrupts():
     finally:
         with block.lock:
             block.active = False
-        for s, h in old.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        for s, h in old.items():  # (a finishing handler set in the block stays: the work is over)
+            if not getattr(signal.getsignal(s), "finishing", False):
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
         if sys.unraisablehook is quiet_unraisable:
             sys.unraisablehook = unraisable
         if threading.excepthook is quiet_excepthook:
@@ -480,6 +483,7 @@ def command(main: Callable[[list[str] | None], int | None], prog: str) -> NoRetu
     outputs removed already, as the interrupt unwound): nothing library threads still shutting
     down report comes after the line (Orbax's "Event loop is closed"), and the exit does not
     wait for them."""
+    _COMMAND.set()
     status = _run(main, None, prog, final=True)
     finishing(prog, status)
     end(status)
@@ -556,16 +560,32 @@ def finishing(prog: str, status: int) -> None:
     shutting down, Python's exit), a stopping signal ends it with one line saying so, instead of
     killing it silently (exit 143, 129, 138: a caller could not tell whether the outputs were
     complete)."""
-    done = ("it had finished, and what it wrote is complete" if status == 0
-            else f"it was ending with exit status {status}")
-
     def late(signum, frame):
-        exit_interrupted(interrupted_line(prog, f"({signal.Signals(signum).name}) as it ended",
-                                          done))
+        ended(prog, signal.Signals(signum).name, status)
+    late.finishing = True  # (an :func:`interrupts` block ending leaves it in place)
     if threading.current_thread() is threading.main_thread():
         for s in STOP_SIGNALS:
             if signal.getsignal(s) is not signal.SIG_IGN:
                 signal.signal(s, late)
+
+
+def finished(prog: str) -> None:
+    """Called by a command once its outputs are written, before its closing lines: a
+    stopping signal from here on says that the work was done (:func:`finishing`), where it
+    said "nothing half-written is left" of a complete output (a signal as the summary line was
+    printed, before the command returned). Only in a command's own process (:func:`command`):
+    a ``main`` called in-process (:func:`run`, the tests) leaves the signals as they were."""
+    if _COMMAND.is_set():
+        finishing(prog, 0)
+
+
+def ended(prog: str, signame: str, status: int) -> NoReturn:
+    """Exit 130 with the line of a signal that came once the command's work was over
+    (:func:`finishing`)."""
+    _STOPPING.set()
+    exit_interrupted(interrupted_line(
+        prog, f"({signame}) as it ended", "it had finished, and what it wrote is complete"
+        if status == 0 else f"it was ending with exit status {status}"))
 
 
 def skip_absent_tpu() -> None:
@@ -711,13 +731,18 @@ def _run_main(main, argv, prog: str, final: bool = False) -> int:
         return INTERRUPTED
 
     received: list[str] = []
+    status = None
     try:
         with interrupts() as received:
             try:
                 no_x64(prog)
                 skip_absent_tpu()
                 status = int(main(argv) or 0)
+                if final:  # from here a signal says that the work was done
+                    finishing(prog, status)
             except KeyboardInterrupt as e:
+                if final and status is not None:  # between main's return and finishing
+                    ended(prog, str(e) or "SIGINT", status)
                 return interrupted(str(e) or (received[0] if received else ""))
             except USER_ERRORS as e:
                 if received:  # a user error the interrupt caused (a read cut short)
@@ -731,6 +756,8 @@ def _run_main(main, argv, prog: str, final: bool = False) -> int:
                     return 2
                 raise
     except KeyboardInterrupt as e:  # a signal as the block ended
+        if final and status is not None:
+            ended(prog, str(e) or "SIGINT", status)
         return interrupted(str(e))
     if received:  # a KeyboardInterrupt main lost (swallowed where it was raised)
         return interrupted(received[0])

@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     check_free_space(args.out, hf.state_bytes(model) + 2**20)
     checkpoint.save_model(model, args.out, hf_config=raw, assets_from=args.hf, extra_meta=extra)
     from emit_jax.models.layers import count_params
+    cli.finished("emit_jax.convert")
     kind = "EMIT" if hasattr(model, "emit_config") else "InternVL"
     src = "internvl_chat" if chat else "transformers"
     print(f"converted {args.hf} ({src}) -> {args.out}: {kind}, {count_params(model):,} "

@@ -90,6 +90,7 @@ def main(argv=None) -> int:
                  "folder has no tokenizer files (copy them from the model it was made from)")
         hf.save(model, args.out, base_config=meta.get("hf_config"),
                 max_shard_size=args.max_shard_size, assets_from=assets)
+    cli.finished(PROG)
     print(f"exported {args.checkpoint} -> {args.out} ({args.format}) in {time.time() - t0:.1f}s")
     return 0
 

@@ -509,6 +509,7 @@ def _train(cfg, workdir: str) -> None:
             with memory_options(**dict(cfg.get("memory") or {})), \
                     kernel_options(**dict(cfg.get("kernels") or {})):
                 run(cfg, workdir)
+            cli.finishing("emit_jax.train", 0)  # from here a signal says the run was done
     except KeyboardInterrupt as e:
         stages.log(cli.interrupted_line("emit_jax.train", f"({str(e) or 'SIGINT'})",
                                         "rerun the same command to resume from the last "

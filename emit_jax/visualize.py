@@ -167,6 +167,7 @@ def main(argv=None) -> int:
     i, j = np.unravel_index(int(np.argmax(heat)), heat.shape)
     info.update(out=args.out, peak_cell=[int(i), int(j)], peak=float(heat.max()),
                 median=float(np.median(heat)))
+    cli.finished("emit_jax.visualize")
     print(json.dumps(info))
     return 0
 

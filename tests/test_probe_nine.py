@@ -196,3 +196,26 @@ def test_an_omp_num_threads_that_is_no_count_is_one_warning():
                        cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="4,2"))
     assert r.stdout.strip() == "4,2" and r.stderr == ""
+
+
+def test_a_signal_as_the_summary_line_is_printed_says_the_work_was_done(tmp_path):
+    """Tenth probe F1c: SIGTERM right after ``data.build``'s summary line ended it, in 2 of 6
+    tries, with "interrupted (SIGTERM); nothing half-written is left" although its records
+    were complete and kept: the signal came before ``main`` returned. Now a command says its
+    work is done once its outputs are written (``cli.finished``)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_tasks import make_mvtec
+
+    src = make_mvtec(tmp_path / "ds", classes=("widget",))
+    for i in range(8):
+        out = tmp_path / f"o{i}.jsonl"
+        p = subprocess.Popen([sys.executable, "-m", "emit_jax.data.build", "--source", src,
+                              "--out", str(out), "--stage", "2"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert p.stdout.readline().startswith("{")
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+        assert (p.returncode, _lines(err)) in [
+            (0, []), (130, ["emit_jax.data.build: interrupted (SIGTERM) as it ended; it had "
+                            "finished, and what it wrote is complete"])], (p.returncode, err)
+        assert len(out.read_text().splitlines()) > 10

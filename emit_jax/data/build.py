@@ -92,6 +92,7 @@ def main(argv=None) -> int:
                         vit_model=vit_model, official_reference=a.official_reference,
                         text_samples=a.text_samples, max_per_type=a.max_per_type,
                         policy=a.policy, adfm_frame=a.adfm_frame)
+    cli.finished("emit_jax.data.build")
     print(json.dumps(summary))
     return 0
 

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FileExistsError(str(e).replace("(use overwrite)", "(pass --overwrite)")) from None
         raise
     t = manifest["totals"]
+    cli.finished("emit_jax.data.embedded")
     print(f"wrote {t['images']} images ({t['masks']} masks, {len(manifest['classes'])} classes; "
           f"train {t['train']}, validation {t['validation']}, test {t['test']}) to {args.out} "
           f"in {time.perf_counter() - t0:.1f}s, {dataset_bytes(args.out) / 1e6:.1f} MB "
