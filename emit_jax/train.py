@@ -231,7 +231,9 @@ def _run(cfg, workdir: str, settings) -> dict:
         results["seconds"] = seconds
     if parallel.is_primary():
         if plot_curves(workdir, os.path.join(workdir, "curves.png")):
-            stages.log(f"[plots] {workdir}/curves.png, {workdir}/results.png")
+            drawn = [f"{workdir}/curves.png"] + ([f"{workdir}/results.png"]  # (eval_limit 0:
+                                                 if "test_table" in results else [])  # none)
+            stages.log(f"[plots] {', '.join(drawn)}")
         elif os.path.exists(os.path.join(workdir, "curves.png")):  # before: nothing said
             stages.log(f"note: no training curves to draw (every stage's metrics.jsonl is "
                        f"empty or torn); {workdir}/curves.png is left as an earlier run drew it")
@@ -343,10 +345,16 @@ def _compile_cache(cfg) -> None:
     own two-line ``UserWarning`` said the same at each compilation)."""
     env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     if env:  # checked as the config's is (before: JAX's two-line warning at every compilation)
-        if why := _unusable_cache(os.path.expanduser(env)):
+        try:  # '~/xla' quoted: the home folder (JAX itself made a folder '~' under ./)
+            path = user_path(env)
+        except ConfigError as e:
+            raise ConfigError(f"JAX_COMPILATION_CACHE_DIR: {e}") from None
+        if why := _unusable_cache(path):
             stages.log(f"warning: JAX_COMPILATION_CACHE_DIR={env}: {why}; compiling without a "
                        "persistent cache")
             jax.config.update("jax_compilation_cache_dir", None)
+        elif path != env:
+            jax.config.update("jax_compilation_cache_dir", path)
         return
     path = cfg.get("compile_cache", "")
     if not path:
@@ -354,7 +362,10 @@ def _compile_cache(cfg) -> None:
     if not isinstance(path, str):
         raise ConfigError(f"config compile_cache: {path!r} is not a folder path (or '' for none)")
     check_utf8_path(path, "config compile_cache", why="JAX's compilation cache cannot use it")
-    path = os.path.expanduser(path)
+    try:
+        path = user_path(path)
+    except ConfigError as e:
+        raise ConfigError(f"config compile_cache: {e}") from None
     if why := _unusable_cache(path):  # nothing is made here: JAX makes it at its first write
         stages.log(f"warning: config compile_cache {path}: {why}; compiling without "
                    "a persistent cache (--config.compile_cache= to say so, or choose a "

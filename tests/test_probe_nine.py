@@ -109,6 +109,8 @@ def test_a_data_source_spelled_through_a_link_is_the_same_dataset_and_old_record
     wd = tmp_path / "wd"
     r = train(*SMOKE_BASE, "--workdir", str(wd), f"--config.data.source={real}", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    # eval_limit=0 draws no results.png (tenth probe T1: the line named it all the same)
+    assert f"[plots] {wd}/curves.png\n" in r.stderr and "results.png" not in r.stderr
     r = train(*SMOKE_BASE, "--workdir", str(wd), f"--config.data.source={link}", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "data.source" not in r.stderr and "moved" not in r.stderr, r.stderr[-3000:]
@@ -219,3 +221,27 @@ def test_a_signal_as_the_summary_line_is_printed_says_the_work_was_done(tmp_path
             (0, []), (130, ["emit_jax.data.build: interrupted (SIGTERM) as it ended; it had "
                             "finished, and what it wrote is complete"])], (p.returncode, err)
         assert len(out.read_text().splitlines()) > 10
+
+
+@pytest.mark.parametrize("how", ["config", "env"])
+def test_a_compile_cache_under_no_users_home_is_one_line(tmp_path, how):
+    """Tenth probe F2h/F2i: ``compile_cache='~nosuchuser/xla'`` (or the same in
+    ``JAX_COMPILATION_CACHE_DIR``) made ``./~nosuchuser/xla`` and used it, without a word."""
+    env = dict(os.environ)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    args = [sys.executable, "-m", "emit_jax.train", "--workdir", str(tmp_path / "wd"),
+            *SMOKE_BASE[2:], "--config", os.path.join(ROOT, "configs", "grpo.py") + ":smoke"]
+    if how == "config":
+        args.append("--config.compile_cache=~nosuchuser/xla")
+        name = "config compile_cache"
+    else:
+        env["JAX_COMPILATION_CACHE_DIR"] = "~nosuchuser/xla"
+        name = "JAX_COMPILATION_CACHE_DIR"
+    r = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env=dict(env, PYTHONPATH=ROOT))
+    assert r.returncode == 2
+    assert _lines(r.stderr) == [
+        f"emit_jax.train: error: {name}: '~nosuchuser/xla': ~nosuchuser names no user of this "
+        "machine (no home folder to put in its place); write ./~nosuchuser/xla for a folder "
+        "of that name"], r.stderr
+    assert not (tmp_path / "~nosuchuser").exists() and not (tmp_path / "wd").exists()

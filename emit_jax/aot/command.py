@@ -93,5 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as e:
             print(f"{PROG}: error: --json_out {args.json_out}: {e.strerror or e}", file=sys.stderr)
             return 2
-    print(text if args.json else format_report(rep))
-    return 1 if any(r.get("error") for r in rep["programs"]) else 0
+    status = 1 if any(r.get("error") for r in rep["programs"]) else 0
+    text = text if args.json else format_report(rep)
+    if status == 0:
+        cli.finished(PROG)  # compiled and written: a signal as it prints says so
+    print(text)
+    return status

@@ -67,5 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           reference=args.reference or "shared")
     except (PlanError, ConfigError) as e:
         return cli.fail(PROG, e)
-    print(to_json(rep) if args.json else format_report(rep))
+    text = to_json(rep) if args.json else format_report(rep)
+    cli.finished(PROG)  # the plan is made: a signal as it prints says so
+    print(text)
     return 0
