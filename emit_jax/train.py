@@ -74,7 +74,13 @@ def run(cfg, workdir: str) -> dict:
         stages.log(line)
     # the run writes data/, tokenizer/, checkpoints: never into the data it reads
     source = cfg.data.get("source", "embedded")
-    check_not_input(workdir, {"config data.source": source if source != "embedded" else None,
+    if source == "embedded":  # its cached folder (before: a workdir inside it was accepted)
+        from emit_jax.data.embedded.cache import cache_path
+
+        shown, read = "config data.source (the embedded dataset, cached in)", cache_path()
+    else:
+        shown, read = "config data.source", source
+    check_not_input(workdir, {shown: read,
                               "config init_from": cfg.get("init_from") or None,
                               "config tokenizer": cfg.get("tokenizer") or None})
     # what a run reads before it writes: a damaged init_from or a cache that cannot be one is

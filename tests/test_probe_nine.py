@@ -245,3 +245,39 @@ def test_a_compile_cache_under_no_users_home_is_one_line(tmp_path, how):
         "machine (no home folder to put in its place); write ./~nosuchuser/xla for a folder "
         "of that name"], r.stderr
     assert not (tmp_path / "~nosuchuser").exists() and not (tmp_path / "wd").exists()
+
+
+def test_a_finished_stage_whose_model_was_removed_says_the_way_back(tmp_path):
+    """Tenth probe R01: only "WD/base/model: no such folder"; the stage's checkpoint was still
+    there. Now the line says how to get the model back, and that way works."""
+    import shutil
+
+    wd = tmp_path / "wd"
+    r = train(*SMOKE_BASE, "--workdir", str(wd), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shutil.rmtree(wd / "base" / "model")
+    r = train(*SMOKE_BASE, "--workdir", str(wd), timeout=600)
+    assert r.returncode == 2
+    d = wd / "base"
+    assert _lines(r.stderr)[-1] == (
+        f"emit_jax.train: error: {d}/model: no such folder, though {d}/done.json says base "
+        f"finished (its model was removed); move {d}/done.json away and rerun: the stage "
+        f"resumes from its last checkpoint in {d}/ckpt and saves its model again"), r.stderr
+    os.rename(d / "done.json", tmp_path / "done.json")
+    r = train(*SMOKE_BASE, "--workdir", str(wd), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (d / "model" / "emit_jax.json").is_file() and (d / "done.json").is_file()
+
+
+def test_a_workdir_inside_the_embedded_dataset_is_refused(tmp_path):
+    """Tenth probe W01: ``--workdir`` inside the embedded dataset's cached folder (the default
+    source) wrote the run into the dataset; an explicit ``data.source`` was refused."""
+    from emit_jax.data.embedded import ensure_cached
+
+    ds = ensure_cached()
+    r = train(*SMOKE_BASE, "--workdir", os.path.join(ds, "wd"), timeout=600)
+    assert r.returncode == 2
+    assert _lines(r.stderr) == [
+        f"emit_jax.train: error: {ds}/wd: the output lies inside the input config data.source "
+        f"(the embedded dataset, cached in) {ds}; choose a path outside it"], r.stderr
+    assert not os.path.exists(os.path.join(ds, "wd"))
