@@ -17,7 +17,7 @@ import time
 import warnings
 from typing import Callable, NoReturn
 
-from emit_jax.errors import STOP_SIGNALS, USER_ERRORS, ConfigError, message  # noqa: F401 (re-exported)
+from emit_jax.errors import STOP_SIGNALS, USER_ERRORS, ConfigError, message, program  # noqa: F401
 from emit_jax.fileio import user_path
 from emit_jax.limits import (INT_MAX, MAX_DEVICES, MAX_IMAGE_SIDE, MAX_MATRIX_SIDE,  # noqa: F401
                              MAX_REPEATS, MAX_TILES, MAX_TOKENS)  # (re-exported)
@@ -154,6 +154,8 @@ OOM_HINTS = {
     "emit_jax.demo": "a smaller --arch or fewer --new-tokens",
     "emit_jax.evaluate": "a smaller --max-tiles or --max-new-tokens, or a smaller model",
     "emit_jax.visualize": "smaller images or a smaller model",
+    "python -m bench": "a smaller --batch, --grid, --prompt-len or --new-tokens, or a smaller "
+                       "--arch",
 }
 _TRAINING_HINT = ("a smaller batch, prompts_per_step, G, max_tiles or length; python -m "
                   "emit_jax.plan estimates a config's memory")
@@ -216,13 +218,6 @@ def jax_flag_error(e: BaseException) -> str | None:
     return f"{where}: JAX does not know that value; unset it or give one JAX accepts"
 
 
-def _module_run() -> str:
-    """The module ``python -m`` runs (``emit_jax.train``), from the interpreter's command
-    line; ``emit_jax`` when that cannot be told."""
-    argv = list(getattr(sys, "orig_argv", []))
-    return argv[argv.index("-m") + 1] if "-m" in argv[:-1] else "emit_jax"
-
-
 def check_jax_environment(prog: str | None = None) -> None:
     """Under ``python -m emit_jax.<command>``, when a ``JAX_*`` variable is set: import jax
     now, so that a value JAX refuses as it reads its flags at import
@@ -243,7 +238,7 @@ def check_jax_environment(prog: str | None = None) -> None:
     flags = (value or "").split() or ([value] if value else [])  # blank: read as a file name
     if flags and not flags[0].startswith("-") and not os.path.isfile(flags[0]):
         # XLA reads such a value as a file of flags and aborts with its own fatal line
-        prog = prog or _module_run()
+        prog = prog or program()
         print(f"{prog}: error: XLA_FLAGS={os.environ['XLA_FLAGS']}: XLA reads a value that does "
               f"not start with -- as the name of a file of flags, and "
               f"{flags[0] if flags[0].strip() else repr(flags[0])} is no file; "
@@ -257,7 +252,7 @@ def check_jax_environment(prog: str | None = None) -> None:
         line = jax_flag_error(e)
         if line is None:
             raise
-        prog = prog or _module_run()
+        prog = prog or program()
         print(f"{prog}: error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -567,6 +562,17 @@ def finishing(prog: str, status: int) -> None:
         for s in STOP_SIGNALS:
             if signal.getsignal(s) is not signal.SIG_IGN:
                 signal.signal(s, late)
+
+
+def after_the_line() -> None:
+    """Once an interrupted command has printed its line and is on its way out (its exit steps:
+    library threads, ``atexit``): a further stopping signal ends it at once, without another
+    word (before: a second Ctrl-C there printed the traceback of whatever exit step it landed
+    in, jax's ``clean_up`` through :func:`_early_signal`)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                signal.signal(s, lambda signum, frame: os._exit(INTERRUPTED))
 
 
 def finished(prog: str) -> None:

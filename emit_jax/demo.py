@@ -82,8 +82,18 @@ def main(argv=None) -> int:
     print(f"[2/4] generated {args.new_tokens} tokens with the KV cache in {time.time() - t0:.1f}s "
           f"(incl. compile); equal to the full forward's greedy tokens: {agree}")
 
-    work = args.workdir or tempfile.mkdtemp(prefix="emit_jax_demo_")
-    os.makedirs(work, exist_ok=True)
+    if args.workdir is None:  # removed at the end (before: 231 MB left in /tmp by every run)
+        with tempfile.TemporaryDirectory(prefix="emit_jax_demo_") as work:
+            same = _round_trip(model, work, kept=False)
+    else:
+        os.makedirs(args.workdir, exist_ok=True)
+        same = _round_trip(model, args.workdir, kept=True)
+    return 0 if (agree and same) else 1
+
+
+def _round_trip(model, work: str, kept: bool) -> bool:
+    """Steps 3 and 4: ``model`` to an HF folder, an Orbax checkpoint and back, in ``work``;
+    whether every tensor came back bit for bit."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     hf_dir = os.path.join(work, f"hf-{stamp}")
     ckpt = os.path.join(work, f"ckpt-{stamp}")
@@ -94,14 +104,15 @@ def main(argv=None) -> int:
     checkpoint.save_model(loaded, ckpt, hf_config=None, assets_from=hf_dir)
     restored, _ = checkpoint.load_model(ckpt)
     hf.save(restored, back, max_shard_size="20MB")
-    print(f"[3/4] HF folder -> Orbax checkpoint -> HF folder in {time.time() - t0:.1f}s: {back}")
+    where = back if kept else "in a temporary folder, removed at the end (--workdir DIR keeps them)"
+    print(f"[3/4] HF folder -> Orbax checkpoint -> HF folder in {time.time() - t0:.1f}s: {where}")
 
     a = nnx.to_flat_state(nnx.state(model, nnx.Param))
     b = dict(nnx.to_flat_state(nnx.state(hf.load(back), nnx.Param)))
     same = all(np.asarray(v.get_value()).tobytes() == np.asarray(b[k].get_value()).tobytes()
                for k, v in a)
     print(f"[4/4] every tensor bit-identical after the round trip: {same}")
-    return 0 if (agree and same) else 1
+    return same
 
 
 if __name__ == "__main__":

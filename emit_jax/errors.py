@@ -69,6 +69,37 @@ def has_control(name: str) -> bool:
     return any(ord(c) < 32 or ord(c) == 127 for c in name)
 
 
+def program() -> str:
+    """The module ``python -m`` runs (``emit_jax.train``), from the interpreter's command
+    line; ``emit_jax`` when that cannot be told: the name a message starts with where the
+    command's own name is not at hand."""
+    import sys
+
+    argv = list(getattr(sys, "orig_argv", []))
+    return argv[argv.index("-m") + 1] if "-m" in argv[:-1] else "emit_jax"
+
+
+def not_utf8(raw: bytes, fix: str) -> str:
+    """The words for a name Python could not decode (``raw``: its bytes): ``is not valid UTF-8
+    (<fix>)``; or, where the bytes are UTF-8 but Python reads file names in another encoding
+    (``PYTHONUTF8=0`` with a C or Latin-1 locale), that this is the cause and how to run
+    instead (before: "not valid UTF-8 (rename it)" of a valid name such as ``écrou``)."""
+    import codecs
+    import sys
+
+    encoding = sys.getfilesystemencoding()
+    if codecs.lookup(encoding).name != "utf-8":
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            return (f"cannot be read here: it is UTF-8, and Python reads file names as "
+                    f"{encoding} in this environment (PYTHONUTF8=0, or the locale); run with "
+                    "PYTHONUTF8=1 or a UTF-8 locale")
+    return f"is not valid UTF-8 ({fix})"
+
+
 def show_path(path) -> str:
     """``path`` as a message names it: as is, or quoted (Python's ``repr``) when a reader could
     not see it exactly: white space at either end or doubled (a one-line message collapses it),

@@ -37,7 +37,7 @@ import time
 from typing import IO, Any, Callable, Iterator
 
 from emit_jax.errors import (ConfigError, InputOverwriteError, LockedError, causes, has_control,
-                             show_path)
+                             not_utf8, show_path)
 
 
 # --------------------------------------------------------------------------------- writing files
@@ -454,8 +454,10 @@ def check_utf8_path(path: str | os.PathLike, flag: str, *,
             return
         except UnicodeEncodeError:
             raw = os.fsencode(path)
-    raise ConfigError(f"{flag} {raw!r}: the path is not valid UTF-8 and {why}; "
-                     "choose a UTF-8 path")
+    said = not_utf8(raw, "choose a UTF-8 path")
+    if said.startswith("is not"):
+        said = f"is not valid UTF-8 and {why}; choose a UTF-8 path"
+    raise ConfigError(f"{flag} {raw!r}: the path {said}")
 
 
 def disk_full_error(e: BaseException, path: str | os.PathLike) -> OSError | None:

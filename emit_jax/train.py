@@ -38,7 +38,7 @@ from emit_jax import cli, configs, hf, parallel
 from emit_jax.data.mmad import paper_task_name
 from emit_jax.data.mvtec import utf8_name
 from emit_jax.errors import (USER_ERRORS, ConfigError, NonFiniteError, has_control, message,
-                             show_path)
+                             not_utf8, show_path)
 from emit_jax.eval.scoring import format_table
 from emit_jax.evaluate import evaluate_adfm, evaluate_records
 from emit_jax.fileio import (atomic_output, check_folder_writable, check_free_space, check_not_input,
@@ -133,8 +133,8 @@ def check_workdir_name(workdir: str) -> None:
     as lone surrogates, which the tokenizer files, results.json and the messages cannot encode),
     naming it by its bytes."""
     if not utf8_name(os.path.abspath(workdir)):
-        raise ConfigError(f"{os.fsencode(workdir)!r}: the workdir's path is not valid UTF-8 "
-                          "(choose another --workdir)")
+        raise ConfigError(f"{os.fsencode(workdir)!r}: the workdir's path "
+                          f"{not_utf8(os.fsencode(workdir), 'choose another --workdir')}")
     if has_control(workdir):
         raise ConfigError(f"--workdir {workdir!r}: the path holds a newline or another control "
                           "character (choose another)")
@@ -531,7 +531,8 @@ def _train(cfg, workdir: str) -> None:
         stages.log(cli.interrupted_line("emit_jax.train", f"({str(e) or 'SIGINT'})",
                                         "rerun the same command to resume from the last "
                                         "checkpoint"))
-        sys.exit(cli.INTERRUPTED)
+        cli.after_the_line()
+        cli.end(cli.INTERRUPTED)
     except USER_ERRORS as e:  # bad config, data, checkpoint or path: one line, exit 2
         stages.log(f"emit_jax.train: error: {message(e)}")
         _exit(2)

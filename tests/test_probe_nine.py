@@ -132,6 +132,15 @@ def test_a_data_source_spelled_through_a_link_is_the_same_dataset_and_old_record
     r = train(*SMOKE_BASE, "--workdir", str(wd), f"--config.data.source={real}", timeout=600)
     assert r.returncode == 2
     assert "grpo.jsonl: changed since this workdir built it" in r.stderr, r.stderr[-2000:]
+    # the way back the line gives (tenth probe L04: it said to delete the trained stages too)
+    assert f"restore it, or delete {wd / 'data'}: the next run builds the records again" \
+        in r.stderr
+    import shutil
+
+    shutil.rmtree(wd / "data")
+    r = train(*SMOKE_BASE, "--workdir", str(wd), f"--config.data.source={real}", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[base] already finished" in r.stderr
 
 
 def test_a_home_folder_of_no_user_is_one_line(tmp_path):

@@ -41,6 +41,12 @@ def _check_out(out: str) -> None:
         example = os.path.join(out, "train.jsonl")
         raise ConfigError(f"--out {out}: names a folder; data.build writes one JSONL file "
                           f"(e.g. {example})")
+    folder = os.path.dirname(os.path.realpath(out))
+    for workdir in (folder, os.path.dirname(folder)):  # WD/x.jsonl, WD/data/base.jsonl
+        if os.path.isfile(os.path.join(workdir, "data", "options.json")):  # a trainer's records
+            raise ConfigError(f"--out {out}: inside the training workdir {workdir}, whose "
+                              "records (data/) its stages train and resume on; write the "
+                              "records outside it")  # (before: replaced, with one note)
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,7 @@ import sys
 import unicodedata
 from typing import Iterator
 
-from emit_jax.errors import DataError, show_path
+from emit_jax.errors import DataError, not_utf8, show_path
 from emit_jax.fileio import pairs_noting_duplicates, read_json, read_text
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -105,8 +105,8 @@ def _named(folder: str, names, report: Report) -> list[str]:
         if utf8_name(name):
             good.append(name)
         else:
-            report.problem(f"{folder}: name {os.fsencode(name)!r} is not valid UTF-8 "
-                           "(rename it)")
+            report.problem(f"{folder}: name {os.fsencode(name)!r} "
+                           f"{not_utf8(os.fsencode(name), 'rename it')}")
     return good
 
 
@@ -221,8 +221,8 @@ def scan(root: str | os.PathLike, *, dataset: str | None = None,
                             "folders with train/ and test/)")
         raise DataError(f"{show_path(root)}: no such dataset folder")
     if not utf8_name(root):
-        raise DataError(f"{os.fsencode(root)!r}: the dataset folder's path is not valid UTF-8 "
-                        "(rename it)")
+        raise DataError(f"{os.fsencode(root)!r}: the dataset folder's path "
+                        f"{not_utf8(os.fsencode(root), 'rename it')}")
     dataset = dataset or os.path.basename(root.rstrip("/"))
     splits = _read_splits(root)
     items: list[ImageItem] = []

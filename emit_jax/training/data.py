@@ -279,16 +279,18 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
             if n in digests and _digest(p) != digests[n]:  # before: trained on, no word
                 raise DataError(f"{p}: changed since this workdir built it (the stages trained "
                                 "and resume on these records, a checkpoint's data position "
-                                "counts in them); restore it, or delete the data folder and "
-                                "the stages trained on it to build them again")
+                                f"counts in them); restore it, or delete {out_dir}: the next "
+                                "run builds the records again from the dataset (the same "
+                                "ones while the dataset is unchanged) and keeps the stages")
         try:  # the run's own records: the dataset's symlinks were followed by its scan
             recs = {n: list(jsonl.read_jsonl(p, data_root=dataset_root, links=True))
                     for n, p in paths.items()}
         except jsonl.OutsideRootError as e:
             raise DataError(f"{e}: {out_dir} holds the records this workdir built, with the "
                             "paths of the dataset where it was then (moved since?); move it "
-                            "back, or delete that data folder and the stages trained on it to "
-                            "build them again") from None
+                            f"back, or delete {out_dir}: the next run builds the records again "
+                            "from the dataset where it is now (the same questions) and keeps "
+                            "the stages") from None
         _add_digests(options_path, built, paths)
         return recs
     items = scan(dataset_root)

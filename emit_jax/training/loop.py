@@ -10,7 +10,10 @@ Preemption: inside :func:`guard` the first SIGTERM or SIGINT only sets a flag; t
 the step it is in, saves a checkpoint of that step (waiting for the write), and raises
 :class:`Preempted`. So the time from the signal to the exit is bounded by one step plus one
 checkpoint write, and a checkpoint is never cut in half by the signal. A second SIGINT (Ctrl-C
-twice) stops at once. Outside a guarded loop (data preparation, evaluation, export) the signals
+twice) stops at once: one line, exit 130, the process gone without unwinding (a checkpoint
+being written is left unfinished, and the next run removes it and resumes from the last
+complete one; before, the unwinding cut Orbax's write under its threads, which printed dozens
+of tracebacks). Outside a guarded loop (data preparation, evaluation, export) the signals
 raise ``KeyboardInterrupt`` immediately: nothing there needs saving. With several processes the
 flag is agreed every step (:func:`stop_requested` is a small all-gather), so all processes stop
 after the same step and save it together.
@@ -33,7 +36,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from emit_jax.errors import STOP_SIGNALS, NonFiniteError
+from emit_jax.errors import STOP_SIGNALS, NonFiniteError, program
 from emit_jax.training.metrics import MetricWriter
 from emit_jax.training.state import StageCheckpoints
 
@@ -171,8 +174,22 @@ _flag = threading.Event()
 
 def _on_signal(signum, frame):
     if signum == signal.SIGINT and _flag.is_set():
-        raise KeyboardInterrupt("second SIGINT")
+        stop_at_once()
     _flag.set()
+
+
+def stop_at_once() -> None:
+    """The second Ctrl-C: say so and end the process now (``os._exit(130)``)."""
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with contextlib.suppress(Exception):
+        os.write(2, (f"{program()}: interrupted (second SIGINT): stopped at once, without "
+                     "finishing the step or checkpoint in progress; rerun the same command to "
+                     "resume from the last complete checkpoint\n").encode("utf-8", "replace"))
+    os._exit(130)
 
 
 @contextlib.contextmanager

@@ -56,10 +56,24 @@ class StageCheckpoints:
         self._bytes = 0  # the size of the last checkpoint written, for a full disk's message
         DiskFullLogs.install()
         os.makedirs(directory, exist_ok=True)
+        self._remove_unfinished()
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=max(1, every),
                                             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=opts,
                                              item_names=("state", "meta"))
+
+    def _remove_unfinished(self) -> None:
+        """A step's write an earlier run did not finish (a second Ctrl-C, a kill) leaves a
+        temporary ``<step>.orbax-checkpoint-tmp...`` folder: removed here with a note (before:
+        Orbax's own ``W...atomicity.py`` log line as it removed it)."""
+        if jax.process_index() != 0:
+            return
+        for name in sorted(os.listdir(self.directory)):
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+                print(f"note: {os.path.join(self.directory, name)}: a checkpoint an earlier run "
+                      "did not finish writing; removed (the run resumes from the last complete "
+                      "one)", file=sys.stderr, flush=True)
 
     @property
     def latest_step(self) -> int | None:
