@@ -47,8 +47,9 @@ import os
 import sys
 
 if __name__ == "__main__":  # before jax loads: a Ctrl-C meanwhile is one line too, exit 130
-    from emit_jax.cli import check_jax_environment, interrupt_early
+    from emit_jax.cli import check_jax_environment, closed_stderr, interrupt_early
 
+    closed_stderr()  # 2>&-: its lines go nowhere, not to standard output
     interrupt_early("python -m bench")
     check_jax_environment("python -m bench")  # a JAX_* value JAX refuses: one line
 
@@ -170,6 +171,7 @@ def main(argv=None) -> int:
                        "decode=full' 'attention=dot_product,decode=bucketed'; each runs in turn, "
                        "--rounds times, alternating (default: the defaults, once)")
         q.add_argument("--rounds", type=cli.int_in(1, cli.MAX_REPEATS), default=1)
+    sub.metavar = "{" + ",".join(sub.choices) + "}"  # (a missing one: "required: what")
     try:
         args = p.parse_args(argv)
     except ConfigError as e:  # one line, exit 2

@@ -17,5 +17,8 @@ if _sys.argv[:1] == ["-m"]:  # ``python -m emit_jax.<command>``: runpy imports t
     from emit_jax.cli import check_jax_environment as _check_jax_environment
     from emit_jax.cli import interrupt_early as _interrupt_early
 
+    from emit_jax.cli import closed_stderr as _closed_stderr
+
+    _closed_stderr()  # 2>&-: its lines go nowhere (print(file=None) wrote them to stdout)
     _interrupt_early()  # a Ctrl-C while the command's modules load: one line, exit 130
     _check_jax_environment()  # a JAX_* variable JAX refuses: one line, before any traceback

@@ -6,6 +6,7 @@ import argparse
 import atexit
 import _thread
 import contextlib
+import errno
 import functools
 import math
 import os
@@ -684,6 +685,24 @@ class _Stdout:
         return getattr(self._stream, name)
 
 
+class _Closed:
+    """The standard output of a command started with it closed (``>&-``)."""
+
+    def write(self, text):
+        raise OSError(errno.EBADF, "closed (the command was started with >&-)")
+
+    def flush(self):
+        pass
+
+
+def closed_stderr() -> None:
+    """A command started with its standard error closed (``2>&-``): Python makes
+    ``sys.stderr`` None, and ``print(..., file=sys.stderr)`` then prints to standard output
+    (an error line in the file the user sent the output to). Its lines go nowhere instead."""
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the process
+
+
 def stdout_line(e: OSError) -> str:
     """The line a command whose standard output failed ends with (exit 2)."""
     why = e.strerror or str(e) or type(e).__name__
@@ -698,10 +717,11 @@ def stdout_guard():
     already); yields it, or None. After the block, ``guard.failed`` says whether printing
     failed: the command then ends with :func:`stdout_line` and exit 2."""
     out = sys.stdout
-    if out is None or isinstance(out, _Stdout):  # closed (>&-), or a command run by a command
+    if isinstance(out, _Stdout):  # a command run by a command
         yield None
         return
-    sys.stdout = guard = _Stdout(out)
+    # closed (>&-): Python makes it None and print() dropped every line without a word
+    sys.stdout = guard = _Stdout(out if out is not None else _Closed())
     try:
         yield guard
         guard.flush()

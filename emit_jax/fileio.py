@@ -92,6 +92,20 @@ def user_path(path: str) -> str:
     return path
 
 
+def env_path(name: str) -> str | None:
+    """The path the environment variable ``name`` holds, read as :func:`user_path` reads a
+    flag (a quoted ``~/x`` from a ``.env`` file or a service unit is the home folder's; before,
+    a folder named ``~`` was made under ./); None when unset or empty. A ``~user`` of no user
+    is a ``ConfigError`` naming the variable."""
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return user_path(value)
+    except ConfigError as e:
+        raise ConfigError(f"${name}: {e}") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """``with atomic_path(path) as tmp: ...`` yields the name of a new empty temporary file beside

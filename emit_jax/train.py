@@ -485,6 +485,9 @@ def main(argv) -> None:
     except ConfigError as e:
         print(f"emit_jax.train: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if cfg.get("init_from") and any(o.partition("=")[0].strip() == "arch" for o in _OVERRIDES):
+        print(f"warning: --config.arch={cfg.arch}: not used, the model (its architecture "  # I02
+              f"included) comes from init_from {cfg.init_from}", file=sys.stderr)
     if _WORKDIR.value == "":
         print("emit_jax.train: error: --workdir: empty path; name the run's folder (or leave "
               "the flag out for runs/<config name>)", file=sys.stderr)

@@ -140,7 +140,7 @@ def main(argv=None) -> int:
 
     p = cli.Parser(prog="python -m emit_jax.visualize", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter, error_type=ConfigError)
-    sub = p.add_subparsers(dest="what", required=True)
+    sub = p.add_subparsers(dest="what", required=True, metavar="{heatmap}")
     h = sub.add_parser("heatmap", help="reference | query | heat-map overlay")
     h.add_argument("--query", required=True)
     h.add_argument("--reference", required=True)

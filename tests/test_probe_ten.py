@@ -127,3 +127,113 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line_and_the_rerun_resumes(tmp_pat
     assert r.returncode == 0, r.stderr[-3000:]
     assert "atomicity.py" not in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not list((wd / "base" / "ckpt").glob("*orbax-checkpoint-tmp*"))
+
+
+def test_cache_variables_read_a_home_as_flags_do(tmp_path):
+    """T10/T11/T13: ``EMIT_JAX_CACHE='~nosuchuser/c'`` generated the dataset into
+    ``./~nosuchuser/c``, ``'~/c'`` into a folder named ``~`` under ./, and
+    ``EMIT_JAX_NATIVE_CACHE='~/nat'`` built the kernel there."""
+    from emit_jax.data.embedded.cache import cache_path
+    from emit_jax.ops import native
+
+    r = _run("-m", "emit_jax.train", "--config", os.path.join(ROOT, "configs", "grpo.py:smoke"),
+             "--workdir", str(tmp_path / "wd"), env={"EMIT_JAX_CACHE": "~nosuchuser/c"},
+             cwd=tmp_path)
+    assert r.returncode == 2
+    assert _lines(r.stderr) == [
+        "emit_jax.train: error: $EMIT_JAX_CACHE: '~nosuchuser/c': ~nosuchuser names no user of "
+        "this machine (no home folder to put in its place); write ./~nosuchuser/c for a folder "
+        "of that name"], r.stderr
+    assert not (tmp_path / "~nosuchuser").exists() and not (tmp_path / "wd").exists()
+    home = os.path.expanduser("~")
+    old = {k: os.environ.get(k) for k in ("EMIT_JAX_CACHE", "EMIT_JAX_NATIVE_CACHE")}
+    try:
+        os.environ["EMIT_JAX_CACHE"] = "~/c"
+        os.environ["EMIT_JAX_NATIVE_CACHE"] = "~/nat"
+        assert cache_path().startswith(os.path.join(home, "c") + os.sep)
+        assert str(native.cache_dir()) == os.path.join(home, "nat")
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_a_config_file_without_get_config_says_so(tmp_path):
+    """CF2: the line named an internal module (``_emit_config__tmp_..._py``)."""
+    cfg = tmp_path / "c.py"
+    cfg.write_text("x = 1\n")
+    r = _run("-m", "emit_jax.train", "--config", str(cfg))
+    assert r.returncode == 2
+    assert _lines(r.stderr) == [
+        f"emit_jax.train: error: config {cfg}: defines no get_config() (a recipe is a Python "
+        "file whose get_config(arg=None) returns its ConfigDict)"], r.stderr
+
+
+def test_closed_standard_streams(tmp_path):
+    """O01: ``plan >&-`` exited 0 having shown nothing; O02: with ``2>&-`` an error line went
+    to standard output."""
+    r = subprocess.run(f"{sys.executable} -m emit_jax.plan --config configs/grpo.py >&-",
+                       shell=True, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert _lines(r.stderr) == [
+        "emit_jax.plan: error: standard output: closed (the command was started with >&-); "
+        "what it printed from there on is lost, and the command went on to the end (the files "
+        "it writes are complete)"], r.stderr
+    for cmd in ("-m emit_jax.data.build --source /nonexistent --out x.jsonl --stage 1",
+                "-m bench heatmap --grid 0"):
+        r = subprocess.run(f"{sys.executable} {cmd} 2>&-", shell=True, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, PYTHONPATH=ROOT))
+        assert r.returncode == 2 and r.stdout == "", r.stdout
+
+
+def test_a_missing_subcommand_names_the_choices():
+    """Z04: "the following arguments are required: what"."""
+    r = _run("-m", "emit_jax.visualize")
+    assert _lines(r.stderr) == ["emit_jax.visualize: error: the following arguments are "
+                                "required: {heatmap}"]
+    r = _run("-m", "bench")
+    assert "required: {heatmap,rollout," in r.stderr and r.returncode == 2
+
+
+def test_a_compiler_in_cxx_that_is_missing_is_named(tmp_path):
+    """T15: ``CXX=/nonexistent/g++`` was reported with advice about the build folder."""
+    code = ("from emit_jax.ops import native\nprint(native.load())\n")
+    r = _run("-c", code, env={"CXX": "/nonexistent/g++",
+                              "EMIT_JAX_NATIVE_CACHE": str(tmp_path / "nat")})
+    assert r.stdout.strip() == "None"
+    assert _lines(r.stderr) == [
+        "warning: native heat-map kernel unavailable, using the XLA strategies: "
+        "$CXX=/nonexistent/g++: No such file or directory (set $CXX to a C++ compiler, or unset "
+        "it to use c++, g++ or clang++; EMIT_JAX_NATIVE=0 to build none)"], r.stderr
+
+
+def test_train_says_what_it_does_not_use(tmp_path):
+    """U03: a dataset without splits.json asked its validation and test questions of the same
+    images without a word; R04: a finished stage rerun with fewer steps was kept without a
+    word (a changed learning rate got a warning); I02: ``--config.arch`` beside ``init_from``
+    was ignored without a word."""
+    from conftest import train
+
+    src = make_mvtec(tmp_path / "ds")
+    base = ["--config", "configs/grpo.py:smoke", "--workdir", str(tmp_path / "wd"),
+            "--config.stages=('base',)", f"--config.data.source={src}",
+            "--config.eval_limit=0", "--config.eval_unseen=0", "--config.export_hf=False"]
+    r = train(*base, "--config.base.steps=2", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (f"note: {src} has no splits.json: the validation and the test questions are both "
+            "asked of its test/ images (a splits.json holds a validation split apart)"
+            in r.stderr), r.stderr
+    r = train(*base, "--config.base.steps=1", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("warning: base is already finished and kept as trained; this run's changed "
+            "settings are not used for it: base.steps 2 -> 1." in r.stderr), r.stderr
+    r = train("--config", "configs/grpo.py:smoke", "--workdir", str(tmp_path / "wd2"),
+              f"--config.init_from={tmp_path / 'wd' / 'base' / 'model'}", "--config.arch=small",
+              "--config.stages=('base',)", "--config.base.steps=1", "--config.eval_limit=0",
+              "--config.eval_unseen=0", "--config.export_hf=False", timeout=600)
+    assert (f"warning: --config.arch=small: not used, the model (its architecture included) "
+            f"comes from init_from {tmp_path / 'wd' / 'base' / 'model'}"
+            in r.stderr), r.stderr[-3000:]

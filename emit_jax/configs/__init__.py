@@ -65,7 +65,10 @@ def load(spec: str, overrides: Sequence[str] | Mapping[str, Any] = (), *,
     module = importlib.util.module_from_spec(mod_spec)
     try:
         mod_spec.loader.exec_module(module)
-        get_config = getattr(module, "get_config")
+        get_config = getattr(module, "get_config", None)
+        if not callable(get_config):  # before: AttributeError naming an internal module
+            raise ConfigError("defines no get_config() (a recipe is a Python file whose "
+                              "get_config(arg=None) returns its ConfigDict)")
         cfg = get_config(arg) if arg is not None else get_config()
     except ConfigError as e:  # the recipe's own check, e.g. an unknown variant
         raise ConfigError(f"config {spec}: {e}") from None

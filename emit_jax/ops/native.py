@@ -30,7 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from emit_jax.fileio import atomic_path
+from emit_jax.fileio import atomic_path, env_path
 
 SOURCE = Path(__file__).with_name("heatmap_cpu.cc")
 TARGET = "emit_jax_heatmap_cpu"
@@ -47,7 +47,7 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
-    d = os.environ.get("EMIT_JAX_NATIVE_CACHE")
+    d = env_path("EMIT_JAX_NATIVE_CACHE")
     return Path(d) if d else Path.home() / ".cache" / "emit_jax" / "native"
 
 
@@ -136,7 +136,10 @@ def load() -> str | None:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, _SYMBOL)), platform="cpu")
     except Exception as e:  # a failed build must not take the XLA strategies down with it
         _reason = f"{type(e).__name__}: {e}"
-        if isinstance(e, OSError) and e.filename and e.strerror:  # its build folder
+        if isinstance(e, OSError) and e.filename == cxx and os.environ.get("CXX"):
+            why = (f"$CXX={os.environ['CXX']}: {e.strerror or e} (set $CXX to a C++ compiler, "
+                   "or unset it to use c++, g++ or clang++; EMIT_JAX_NATIVE=0 to build none)")
+        elif isinstance(e, OSError) and e.filename and e.strerror:  # its build folder
             why = (f"{e.filename}: {e.strerror} (its build folder is {cache_dir()}: set "
                    "$EMIT_JAX_NATIVE_CACHE to a writable folder, or EMIT_JAX_NATIVE=0)")
         else:

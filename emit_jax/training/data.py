@@ -297,6 +297,10 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
     has_splits = os.path.isfile(os.path.join(dataset_root, "splits.json"))
     split = (lambda it, s: it.split == s) if has_splits else \
         (lambda it, s: (it.split == "train") == (s == "train"))
+    if not has_splits:  # before: the two held-out sets were the same images, without a word
+        print(f"note: {dataset_root} has no splits.json: the validation and the test questions "
+              "are both asked of its test/ images (a splits.json holds a validation split "
+              "apart)", file=sys.stderr)
     train = [it for it in items if split(it, "train")]
     refs = tasks.select_references(items, tasks.pixel_embedder(),
                                    pool=lambda it: split(it, "train"))

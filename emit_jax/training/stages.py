@@ -409,8 +409,15 @@ def settings_notice(cfg, workdir: str, stage: str, *, finished: bool) -> str | N
     (:func:`section_changes`) differ from those its stored output was made with: a finished
     stage is kept as trained (``--config.restart=True`` trains it again with these), an
     unfinished one resumes with them, mixing both in one stage. None when nothing changed.
-    Called before :func:`save_settings` records this run's settings."""
+    Called before :func:`save_settings` records this run's settings. A finished stage asked
+    for fewer steps than it trained is named too (more steps continue it)."""
     diff = section_changes(cfg, workdir, stage)
+    if finished:
+        done = read_json(os.path.join(workdir, stage, "done.json"), error=ConfigError,
+                         what="a stage's done.json")
+        trained, asked = (done or {}).get("steps"), stage_steps(cfg, stage)
+        if isinstance(trained, int) and asked < trained:  # before: kept without a word
+            diff = diff + [(f"{stage}.steps", trained, asked)]
     if not diff:
         return None
     if finished:

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 
 from emit_jax.data.embedded.catalogue import GENERATOR_VERSION
+from emit_jax.fileio import env_path
 from emit_jax.data.embedded.seeding import _check_seed
 from emit_jax.data.embedded.writer import generate
 
@@ -15,7 +16,7 @@ from emit_jax.data.embedded.writer import generate
 def cache_path(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> str:
     """Where :func:`ensure_cached` keeps the dataset: ``<root>/embedded-v<version>-seed<seed>``
     with ``root`` = ``cache_dir``, else ``$EMIT_JAX_CACHE``, else ``~/.cache/emit_jax``."""
-    root = cache_dir if cache_dir is not None else os.environ.get("EMIT_JAX_CACHE")
+    root = cache_dir if cache_dir is not None else env_path("EMIT_JAX_CACHE")
     if not root:
         root = os.path.join(os.path.expanduser("~"), ".cache", "emit_jax")
     return os.path.join(os.fspath(root), f"embedded-v{GENERATOR_VERSION}-seed{_check_seed(seed)}")
@@ -29,8 +30,8 @@ def check_cache_root(cache_dir: str | os.PathLike | None = None) -> str:
 
     if cache_dir is not None:
         root, what = os.fspath(cache_dir), f"cache folder {os.fspath(cache_dir)}"
-    elif os.environ.get("EMIT_JAX_CACHE"):
-        root = os.environ["EMIT_JAX_CACHE"]
+    elif env_path("EMIT_JAX_CACHE"):
+        root = env_path("EMIT_JAX_CACHE")
         what = f"$EMIT_JAX_CACHE={root}"
     else:
         root = os.path.join(os.path.expanduser("~"), ".cache", "emit_jax")
