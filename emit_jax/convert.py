@@ -22,9 +22,9 @@ import sys
 import time
 
 from emit_jax import checkpoint, cli, hf
-from emit_jax.errors import ConfigError
+from emit_jax.errors import ConfigError, show_path
 from emit_jax.fileio import (check_free_space, check_new_folder, check_not_input, check_utf8_path,
-                             read_json)
+                             output_lock, read_json, remove_leftovers)
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -114,35 +114,42 @@ def main(argv=None) -> int:
             except ConfigError as e:
                 raise ConfigError(f"{e}; the checkpoint would carry a tokenizer no command can "
                                   "load") from None
-    check_new_folder(args.out, hint="choose a new checkpoint path")  # before the model is loaded
-    extra = {}
-    if chat:
-        from emit_jax import internvl_chat
+    # one writer per --out; under its lock a .tmp-<name>-* beside it is a killed run's (before:
+    # kept for ever, GBs for a real model, without a word)
+    with output_lock(args.out, what=f"--out {show_path(args.out)}: another convert is writing "
+                     "it", hint="wait for it to end, or choose another --out"):
+        remove_leftovers(args.out, args.out)
+        # before the model is loaded
+        check_new_folder(args.out, hint="choose a new checkpoint path")
+        extra = {}
+        if chat:
+            from emit_jax import internvl_chat
 
-        model, info = internvl_chat.load(args.hf, dtype=args.dtype, window=args.window,
-                                         ce_layers=args.ce_layers,
-                                         bn_mode=args.bn_mode or "official")
-        raw = model.config.to_hf_dict()  # an EMIT model's config is its base model's
-        extra["internvl_chat"] = info
-    else:
-        model = hf.load(args.hf, dtype=args.dtype)
-    if bad := _non_finite(model):  # a damaged file: before, converted without a word
-        print(f"emit_jax.convert: warning: {args.hf}: {len(bad[0])} of {bad[1]} weight arrays "
-              f"hold NaN or infinite values (first: {bad[0][0]}); converted as they are, but "
-              "such a model answers nothing useful", file=sys.stderr)
-    check_free_space(args.out, hf.state_bytes(model) + 2**20)
-    checkpoint.save_model(model, args.out, hf_config=raw, assets_from=args.hf, extra_meta=extra)
-    from emit_jax.models.layers import count_params
-    cli.finished("emit_jax.convert")
-    kind = "EMIT" if hasattr(model, "emit_config") else "InternVL"
-    src = "internvl_chat" if chat else "transformers"
-    print(f"converted {args.hf} ({src}) -> {args.out}: {kind}, {count_params(model):,} "
-          f"parameters in {time.time() - t0:.1f}s")
-    if kind == "EMIT" and chat:
-        e = model.emit_config
-        print(f"EMIT: CE layers {list(e.ce_layers)}, window {e.window}, {e.num_soft_tokens} soft "
-              f"tokens, <COMP_CONTEXT> id {e.comp_token_id}, bn_mode {e.bn_mode}")
-    return 0
+            model, info = internvl_chat.load(args.hf, dtype=args.dtype, window=args.window,
+                                             ce_layers=args.ce_layers,
+                                             bn_mode=args.bn_mode or "official")
+            raw = model.config.to_hf_dict()  # an EMIT model's config is its base model's
+            extra["internvl_chat"] = info
+        else:
+            model = hf.load(args.hf, dtype=args.dtype)
+        if bad := _non_finite(model):  # a damaged file: before, converted without a word
+            print(f"emit_jax.convert: warning: {args.hf}: {len(bad[0])} of {bad[1]} weight arrays "
+                  f"hold NaN or infinite values (first: {bad[0][0]}); converted as they are, but "
+                  "such a model answers nothing useful", file=sys.stderr)
+        check_free_space(args.out, hf.state_bytes(model) + 2**20)
+        checkpoint.save_model(model, args.out, hf_config=raw, assets_from=args.hf, extra_meta=extra)
+        from emit_jax.models.layers import count_params
+        cli.finished("emit_jax.convert")
+        kind = "EMIT" if hasattr(model, "emit_config") else "InternVL"
+        src = "internvl_chat" if chat else "transformers"
+        print(f"converted {args.hf} ({src}) -> {args.out}: {kind}, {count_params(model):,} "
+              f"parameters in {time.time() - t0:.1f}s")
+        if kind == "EMIT" and chat:
+            e = model.emit_config
+            print(f"EMIT: CE layers {list(e.ce_layers)}, window {e.window}, "
+                  f"{e.num_soft_tokens} soft tokens, <COMP_CONTEXT> id {e.comp_token_id}, "
+                  f"bn_mode {e.bn_mode}")
+        return 0
 
 
 if __name__ == "__main__":

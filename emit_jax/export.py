@@ -30,8 +30,9 @@ import time
 
 from emit_jax import checkpoint, cli, hf
 from emit_jax.data.tokenizer import has_tokenizer_files
-from emit_jax.errors import ConfigError
-from emit_jax.fileio import check_free_space, check_new_folder, check_not_input
+from emit_jax.errors import ConfigError, show_path
+from emit_jax.fileio import (check_free_space, check_new_folder, check_not_input, output_lock,
+                             remove_leftovers)
 
 FORMATS = ("transformers", "internvl_chat")
 PROG = "emit_jax.export"
@@ -65,34 +66,38 @@ def main(argv=None) -> int:
     check_not_input(args.out, {"--checkpoint": args.checkpoint})
     t0 = time.time()
     meta = checkpoint.read_meta(args.checkpoint)
-    check_new_folder(args.out, hint="choose a new folder")  # before the model is loaded
-    assets = checkpoint.assets_dir(args.checkpoint)
+    with output_lock(args.out, what=f"--out {show_path(args.out)}: another export is writing "
+                     "it", hint="wait for it to end, or choose another --out"):
+        remove_leftovers(args.out, args.out)  # a killed run's .tmp-<name>-* (see convert)
+        check_new_folder(args.out, hint="choose a new folder")  # before the model is loaded
+        assets = checkpoint.assets_dir(args.checkpoint)
 
-    def warn(text: str) -> None:
-        print(f"{PROG}: {text}", file=sys.stderr)
+        def warn(text: str) -> None:
+            print(f"{PROG}: {text}", file=sys.stderr)
 
-    if args.format == "internvl_chat":
-        from emit_jax import internvl_chat
+        if args.format == "internvl_chat":
+            from emit_jax import internvl_chat
 
-        meta_chat = meta.get("internvl_chat") or {}
-        model, _ = checkpoint.load_model(args.checkpoint, dtype=args.dtype)
-        internvl_chat.check_exportable(model)  # before the disk is touched
-        check_free_space(args.out, hf.state_bytes(model) + 2**20)
-        internvl_chat.save(model, args.out, base_config=meta_chat.get("config"),
-                           max_shard_size=args.max_shard_size, tokenizer_from=assets,
-                           num_batches_tracked=meta_chat.get("num_batches_tracked") or 0,
-                           log=warn)
-    else:
-        model, meta = checkpoint.load_model(args.checkpoint, dtype=args.dtype)
-        check_free_space(args.out, hf.state_bytes(model) + 2**20)
-        if not has_tokenizer_files(assets):
-            warn(f"warning: {assets}: no tokenizer stored with the checkpoint; the exported "
-                 "folder has no tokenizer files (copy them from the model it was made from)")
-        hf.save(model, args.out, base_config=meta.get("hf_config"),
-                max_shard_size=args.max_shard_size, assets_from=assets)
-    cli.finished(PROG)
-    print(f"exported {args.checkpoint} -> {args.out} ({args.format}) in {time.time() - t0:.1f}s")
-    return 0
+            meta_chat = meta.get("internvl_chat") or {}
+            model, _ = checkpoint.load_model(args.checkpoint, dtype=args.dtype)
+            internvl_chat.check_exportable(model)  # before the disk is touched
+            check_free_space(args.out, hf.state_bytes(model) + 2**20)
+            internvl_chat.save(model, args.out, base_config=meta_chat.get("config"),
+                               max_shard_size=args.max_shard_size, tokenizer_from=assets,
+                               num_batches_tracked=meta_chat.get("num_batches_tracked") or 0,
+                               log=warn)
+        else:
+            model, meta = checkpoint.load_model(args.checkpoint, dtype=args.dtype)
+            check_free_space(args.out, hf.state_bytes(model) + 2**20)
+            if not has_tokenizer_files(assets):
+                warn(f"warning: {assets}: no tokenizer stored with the checkpoint; the exported "
+                     "folder has no tokenizer files (copy them from the model it was made from)")
+            hf.save(model, args.out, base_config=meta.get("hf_config"),
+                    max_shard_size=args.max_shard_size, assets_from=assets)
+        cli.finished(PROG)
+        print(f"exported {args.checkpoint} -> {args.out} ({args.format}) in "
+              f"{time.time() - t0:.1f}s")
+        return 0
 
 
 if __name__ == "__main__":

@@ -596,6 +596,30 @@ def _refuse_lock(path: str, what: str):
                           "which it writes and removes; remove it (it is not this tool's)")
 
 
+def remove_leftovers(target: str, shown: str) -> None:
+    """Remove the ``.tmp-<name>-*`` / ``.old-<name>-*`` folders beside ``target`` (a build or a
+    swap cut off by ``kill -9``, which no handler sees), saying so in a ``note:`` line. Called
+    with the folder's lock held, so no live run owns them."""
+    parent, base = os.path.split(target)
+    try:
+        names = os.listdir(parent or os.curdir)
+    except OSError:
+        return
+    # tempfile.mkdtemp's names: the prefix (atomic_folder's cuts the name at 64 characters)
+    # and 8 random characters
+    prefixes = {f"{kind}-{b}-" for kind in (".tmp", ".old") for b in (base, base[:64])}
+    stale = sorted(n for n in names if any(n.startswith(p) and len(n) == len(p) + 8
+                                           for p in prefixes)
+                   and os.path.isdir(os.path.join(parent, n))
+                   and not os.path.islink(os.path.join(parent, n)))
+    for n in stale:
+        shutil.rmtree(os.path.join(parent, n), ignore_errors=True)
+    if stale:
+        print(f"note: removed {len(stale)} unfinished cop{'y' if len(stale) == 1 else 'ies'} "
+              f"of {show_path(shown)} left beside it by an earlier run that was killed "
+              f"({', '.join(stale)})", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def output_lock(out: str | os.PathLike, *, what: str, hint: str) -> Iterator[None]:
     """``with output_lock(out, what=..., hint=...): ...``: one process at a time writes the file

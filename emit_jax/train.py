@@ -361,6 +361,9 @@ def _compile_cache(cfg) -> None:
             jax.config.update("jax_compilation_cache_dir", None)
         elif path != env:
             jax.config.update("jax_compilation_cache_dir", path)
+        if any(o.partition("=")[0].strip() == "compile_cache" for o in _OVERRIDES):
+            stages.log(f"note: --config.compile_cache not used: $JAX_COMPILATION_CACHE_DIR={env} "
+                       "chooses the compilation cache")  # before: ignored without a word
         return
     path = cfg.get("compile_cache", "")
     if not path:

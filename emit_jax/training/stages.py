@@ -354,6 +354,8 @@ def changed_settings(cfg, workdir: str, *,
         if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
             raise ConfigError(f"{path}: not a stage settings file (no config object)")
         old, new = stage_settings(stored["config"], stage), stage_settings(now, stage)
+        if old.get("init_from") and old.get("init_from") == new.get("init_from"):
+            old.pop("arch", None)  # the model came from init_from: arch was not used either time
         diff = [(k, old.get(k), new[k]) for k in new if k in old and old[k] != new[k]]
         if sections:
             diff += section_changes(cfg, workdir, stage)
@@ -496,7 +498,8 @@ def run_notice(cfg, workdir: str) -> str | None:
     diff = run_changes(cfg, workdir)
     if not diff:
         return None
-    done = [s for s in cfg.stages if os.path.isfile(os.path.join(workdir, s, "done.json"))]
+    # (a finished stage asked for more steps resumes: not kept as trained)
+    done = [s for s in cfg.stages if stage_done(workdir, s, stage_steps(cfg, s))]
     kept = (f"the finished stage{'s' if len(done) > 1 else ''} {', '.join(done)} "
             f"{'are' if len(done) > 1 else 'is'} kept as trained (not retrained for these); "
             if done else "")

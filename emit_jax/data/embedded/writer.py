@@ -24,7 +24,7 @@ from emit_jax.data.embedded.sample import render_sample
 from emit_jax.data.embedded.seeding import _check_seed, _rng
 from emit_jax.data.embedded.text import description, domain_knowledge
 from emit_jax.errors import STOP_SIGNALS, DataError, show_path
-from emit_jax.fileio import atomic_folder, output_lock, where_written
+from emit_jax.fileio import atomic_folder, output_lock, remove_leftovers, where_written
 
 _TOP_FILES = ("domain_knowledge.json", "splits.json", "manifest.json", "README.md",
               "LICENSE_NOTES.md")
@@ -133,7 +133,7 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bool = Fal
         # leftovers of a run that could not clean up (kill -9, a power cut)
         with output_lock(target, what=f"{show_path(out_dir)}: another data.embedded is writing "
                          "it", hint="wait for it to end, or choose another --out"):
-            _remove_leftovers(target, out_dir)
+            remove_leftovers(target, out_dir)
             if keep is None:
                 with atomic_folder(target, hint="pass overwrite") as tmp:
                     manifest = _write_dataset(tmp, seed)
@@ -142,30 +142,6 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bool = Fal
     except OSError as e:
         raise _named(e, target, out_dir) from None
     return manifest
-
-
-def _remove_leftovers(target: str, shown: str) -> None:
-    """Remove the ``.tmp-<name>-*`` / ``.old-<name>-*`` folders beside ``target`` (a build or a
-    swap cut off by ``kill -9``, which no handler sees), saying so in a ``note:`` line. Called
-    with the folder's lock held, so no live run owns them."""
-    parent, base = os.path.split(target)
-    try:
-        names = os.listdir(parent or os.curdir)
-    except OSError:
-        return
-    # tempfile.mkdtemp's names: the prefix (atomic_folder's cuts the name at 64 characters)
-    # and 8 random characters
-    prefixes = {f"{kind}-{b}-" for kind in (".tmp", ".old") for b in (base, base[:64])}
-    stale = sorted(n for n in names if any(n.startswith(p) and len(n) == len(p) + 8
-                                           for p in prefixes)
-                   and os.path.isdir(os.path.join(parent, n))
-                   and not os.path.islink(os.path.join(parent, n)))
-    for n in stale:
-        shutil.rmtree(os.path.join(parent, n), ignore_errors=True)
-    if stale:
-        print(f"note: removed {len(stale)} unfinished cop{'y' if len(stale) == 1 else 'ies'} "
-              f"of {show_path(shown)} left beside it by an earlier run that was killed "
-              f"({', '.join(stale)})", file=sys.stderr)
 
 
 # ------------------------------------------------------------------ what the generator owns
