@@ -74,3 +74,41 @@ def test_compile_cache_beside_the_variable_is_said_unused(tmp_path):
     assert ("note: --config.compile_cache not used: $JAX_COMPILATION_CACHE_DIR="
             in r.stderr), r.stderr[-2000:]
     assert not (tmp_path / "mine").exists()
+
+
+def test_a_native_cache_that_is_a_file_is_said_so(tmp_path):
+    """N2: "File exists" (mkdir's errno) for a path that is a file."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    f = tmp_path / "nf"
+    f.write_text("x")
+    r = subprocess.run([sys.executable, "-c", "from emit_jax.ops import native\n"
+                        "print(native.load())"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, EMIT_JAX_NATIVE_CACHE=str(f)))
+    assert r.stdout.strip() == "None"
+    assert _lines(r.stderr) == [
+        f"warning: native heat-map kernel unavailable, using the XLA strategies: {f}: a file, "
+        "where the kernel's build folder should be (set $EMIT_JAX_NATIVE_CACHE to a writable "
+        "folder, or EMIT_JAX_NATIVE=0)"], r.stderr
+
+
+def test_an_embedded_cache_folder_holding_another_dataset_is_replaced_with_a_note(tmp_path,
+                                                                                 capsys):
+    """O2: a seed-0 cache folder holding another seed's dataset was generated again (24 MB
+    rewritten) without a word."""
+    import json
+
+    from emit_jax.data.embedded.cache import cache_path, ensure_cached
+
+    target = cache_path(tmp_path, 0)
+    os.makedirs(target)
+    with open(os.path.join(target, "manifest.json"), "w") as f:
+        json.dump({"version": 2, "seed": 1}, f)
+    assert ensure_cached(tmp_path, 0) == target
+    err = _lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith(f"note: {target} did not hold the embedded "
+                                               "dataset of seed 0"), err
+    assert json.load(open(os.path.join(target, "manifest.json")))["seed"] == 0

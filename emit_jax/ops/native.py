@@ -139,6 +139,9 @@ def load() -> str | None:
         if isinstance(e, OSError) and e.filename == cxx and os.environ.get("CXX"):
             why = (f"$CXX={os.environ['CXX']}: {e.strerror or e} (set $CXX to a C++ compiler, "
                    "or unset it to use c++, g++ or clang++; EMIT_JAX_NATIVE=0 to build none)")
+        elif isinstance(e, OSError) and e.filename and os.path.isfile(e.filename):  # N2
+            why = (f"{e.filename}: a file, where the kernel's build folder should be (set "
+                   "$EMIT_JAX_NATIVE_CACHE to a writable folder, or EMIT_JAX_NATIVE=0)")
         elif isinstance(e, OSError) and e.filename and e.strerror:  # its build folder
             why = (f"{e.filename}: {e.strerror} (its build folder is {cache_dir()}: set "
                    "$EMIT_JAX_NATIVE_CACHE to a writable folder, or EMIT_JAX_NATIVE=0)")

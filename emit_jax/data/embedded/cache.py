@@ -79,6 +79,12 @@ def ensure_cached(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> 
     try:
         generate(tmp, seed, overwrite=True)
         if os.path.isdir(target) and not _manifest_matches(target, seed):
+            import sys
+
+            # (O2: before, 24 MB rewritten without a word)
+            print(f"note: {target} did not hold the embedded dataset of seed {seed}, generator "
+                  f"v{GENERATOR_VERSION} (its manifest.json says otherwise, or is missing); "
+                  "generated again in its place", file=sys.stderr)
             stale = tempfile.mkdtemp(prefix=os.path.basename(target) + ".stale-", dir=parent)
             os.replace(target, os.path.join(stale, "old"))
             shutil.rmtree(stale, ignore_errors=True)
