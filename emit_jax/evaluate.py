@@ -441,6 +441,7 @@ class Signals:
         self.prog = prog
         self.defer = False
         self.requested = False
+        self.done = False  # the results are written and shown: a signal says the run finished
         self.stopped = lambda: ("before the first question", "nothing to keep")
         self.old = {}
         if threading.current_thread() is threading.main_thread():
@@ -455,6 +456,8 @@ class Signals:
         return cli.interrupted_line(self.prog, when, left + again)
 
     def _on_signal(self, signum, frame):
+        if self.done:  # (SG3: before, "nothing half-written is left" of a complete results file)
+            cli.ended(self.prog, signal.Signals(signum).name, 0)
         if self.defer and not self.requested:
             self.requested = True
             return
@@ -465,6 +468,8 @@ class Signals:
         for s, h in self.old.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
         self.old = {}
+        if self.done:  # the command's own process: from here on too (cli.finished)
+            cli.finished(self.prog)
 
 
 def _image_problem(path: str) -> str | None:
@@ -788,6 +793,8 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
             with contextlib.suppress(FileNotFoundError):
                 os.remove(answers_path)
     log(table)  # after the results are safe: a standard output that fails loses nothing
+    if signals is not None:
+        signals.done = True
     return result
 
 

@@ -112,3 +112,20 @@ def test_an_embedded_cache_folder_holding_another_dataset_is_replaced_with_a_not
     assert len(err) == 1 and err[0].startswith(f"note: {target} did not hold the embedded "
                                                "dataset of seed 0"), err
     assert json.load(open(os.path.join(target, "manifest.json")))["seed"] == 0
+
+
+def test_a_signal_after_evaluate_showed_its_results_says_it_had_finished():
+    """SG3: a signal right after evaluate's last line (its results file complete) said
+    "interrupted (SIGHUP); nothing half-written is left"."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import os, signal, time\nfrom emit_jax.evaluate import Signals\n"
+            "s = Signals()\ns.done = True\nos.kill(os.getpid(), signal.SIGHUP)\ntime.sleep(30)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 130
+    assert _lines(r.stderr) == ["emit_jax.evaluate: interrupted (SIGHUP) as it ended; it had "
+                                "finished, and what it wrote is complete"], r.stderr

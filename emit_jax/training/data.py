@@ -290,7 +290,10 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
                             "paths of the dataset where it was then (moved since?); move it "
                             f"back, or delete {out_dir}: the next run builds the records again "
                             "from the dataset where it is now (the same questions) and keeps "
-                            "the stages") from None
+                            "the stages" + ("; the embedded dataset is cached where "
+                                            "$EMIT_JAX_CACHE says (was it another?)"
+                                            if os.path.basename(os.path.normpath(dataset_root))
+                                            .startswith("embedded-v") else "")) from None
         _add_digests(options_path, built, paths)
         return recs
     items = scan(dataset_root)
