@@ -114,6 +114,7 @@ def main(argv=None) -> int:
             except ConfigError as e:
                 raise ConfigError(f"{e}; the checkpoint would carry a tokenizer no command can "
                                   "load") from None
+    check_new_folder(args.out, hint="choose a new checkpoint path")  # (named before the lock)
     # one writer per --out; under its lock a .tmp-<name>-* beside it is a killed run's (before:
     # kept for ever, GBs for a real model, without a word)
     with output_lock(args.out, what=f"--out {show_path(args.out)}: another convert is writing "

@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     check_not_input(args.out, {"--checkpoint": args.checkpoint})
     t0 = time.time()
     meta = checkpoint.read_meta(args.checkpoint)
+    check_new_folder(args.out, hint="choose a new folder")  # (named before the lock)
     with output_lock(args.out, what=f"--out {show_path(args.out)}: another export is writing "
                      "it", hint="wait for it to end, or choose another --out"):
         remove_leftovers(args.out, args.out)  # a killed run's .tmp-<name>-* (see convert)
