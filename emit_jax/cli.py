@@ -18,7 +18,8 @@ import time
 import warnings
 from typing import Callable, NoReturn
 
-from emit_jax.errors import STOP_SIGNALS, USER_ERRORS, ConfigError, message, program  # noqa: F401
+from emit_jax.errors import (INTERRUPTED, STOP_SIGNALS, USER_ERRORS, ConfigError,  # noqa: F401
+                             exit_interrupted, message, program)  # (re-exported)
 from emit_jax.fileio import user_path
 from emit_jax.limits import (INT_MAX, MAX_DEVICES, MAX_IMAGE_SIDE, MAX_MATRIX_SIDE,  # noqa: F401
                              MAX_REPEATS, MAX_TILES, MAX_TOKENS)  # (re-exported)
@@ -284,8 +285,6 @@ def fail(prog: str, e: BaseException) -> int:
     return 2
 
 
-#: the exit status of a command stopped by SIGINT / SIGTERM (128 + SIGINT, as a shell reports it)
-INTERRUPTED = 130
 #: what an interrupted command that writes its outputs atomically leaves behind
 NOTHING_LEFT = "nothing half-written is left"
 
@@ -295,17 +294,6 @@ def interrupted_line(prog: str, when: str, left: str = NOTHING_LEFT) -> str:
     <left>``, ``when`` the signal (``(SIGINT)``) or how far the command got (``after 3 of 10
     questions``), ``left`` what it leaves behind."""
     return f"{prog}: interrupted {when}; {left}"
-
-
-def exit_interrupted(line: str) -> NoReturn:
-    """Flush stdout, print ``line`` on stderr and end the process at once with
-    :data:`INTERRUPTED` (``os._exit``: no unwinding, no waiting for library threads)."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    with contextlib.suppress(Exception):
-        os.write(2, (line + "\n").encode("utf-8", "replace"))
-    os._exit(INTERRUPTED)
 
 
 def _importing(frame) -> bool:
@@ -559,10 +547,15 @@ def finishing(prog: str, status: int) -> None:
     def late(signum, frame):
         ended(prog, signal.Signals(signum).name, status)
     late.finishing = True  # (an :func:`interrupts` block ending leaves it in place)
+    _on_stop_signals(late)
+
+
+def _on_stop_signals(handler) -> None:
+    """``handler`` for every stopping signal the process does not ignore (main thread only)."""
     if threading.current_thread() is threading.main_thread():
         for s in STOP_SIGNALS:
             if signal.getsignal(s) is not signal.SIG_IGN:
-                signal.signal(s, late)
+                signal.signal(s, handler)
 
 
 def after_the_line() -> None:
@@ -570,10 +563,7 @@ def after_the_line() -> None:
     library threads, ``atexit``): a further stopping signal ends it at once, without another
     word (before: a second Ctrl-C there printed the traceback of whatever exit step it landed
     in, jax's ``clean_up`` through :func:`_early_signal`)."""
-    if threading.current_thread() is threading.main_thread():
-        for s in STOP_SIGNALS:
-            if signal.getsignal(s) is not signal.SIG_IGN:
-                signal.signal(s, lambda signum, frame: os._exit(INTERRUPTED))
+    _on_stop_signals(lambda signum, frame: os._exit(INTERRUPTED))
 
 
 def finished(prog: str) -> None:

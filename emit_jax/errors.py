@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import NoReturn
 
 
 class ConfigError(ValueError):
@@ -67,6 +68,24 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 def has_control(name: str) -> bool:
     """Whether ``name`` holds a newline, tab or other control character."""
     return any(ord(c) < 32 or ord(c) == 127 for c in name)
+
+
+#: the exit status of a command stopped by SIGINT / SIGTERM (128 + SIGINT, as a shell reports it)
+INTERRUPTED = 130
+
+
+def exit_interrupted(line: str) -> NoReturn:
+    """Flush stdout, print ``line`` on stderr and end the process at once with
+    :data:`INTERRUPTED` (``os._exit``: no unwinding, no waiting for library threads)."""
+    import contextlib
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with contextlib.suppress(Exception):
+        os.write(2, (line + "\n").encode("utf-8", "replace"))
+    os._exit(INTERRUPTED)
 
 
 def program() -> str:

@@ -361,7 +361,7 @@ def _compile_cache(cfg) -> None:
             jax.config.update("jax_compilation_cache_dir", None)
         elif path != env:
             jax.config.update("jax_compilation_cache_dir", path)
-        if any(o.partition("=")[0].strip() == "compile_cache" for o in _OVERRIDES):
+        if _overridden("compile_cache"):
             stages.log(f"note: --config.compile_cache not used: $JAX_COMPILATION_CACHE_DIR={env} "
                        "chooses the compilation cache")  # before: ignored without a word
         return
@@ -397,6 +397,11 @@ def _unusable_cache(path: str) -> str | None:
 
 
 _OVERRIDES: list[str] = []
+
+
+def _overridden(key: str) -> bool:
+    """Whether ``--config.<key>=...`` was given on the command line."""
+    return any(o.partition("=")[0].strip() == key for o in _OVERRIDES)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -488,7 +493,7 @@ def main(argv) -> None:
     except ConfigError as e:
         print(f"emit_jax.train: error: {e}", file=sys.stderr)
         sys.exit(2)
-    if cfg.get("init_from") and any(o.partition("=")[0].strip() == "arch" for o in _OVERRIDES):
+    if cfg.get("init_from") and _overridden("arch"):
         print(f"warning: --config.arch={cfg.arch}: not used, the model (its architecture "  # I02
               f"included) comes from init_from {cfg.init_from}", file=sys.stderr)
     if _WORKDIR.value == "":

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from emit_jax.errors import STOP_SIGNALS, NonFiniteError, program
+from emit_jax.errors import STOP_SIGNALS, NonFiniteError, exit_interrupted, program
 from emit_jax.training.metrics import MetricWriter
 from emit_jax.training.state import StageCheckpoints
 
@@ -180,16 +180,9 @@ def _on_signal(signum, frame):
 
 def stop_at_once() -> None:
     """The second Ctrl-C: say so and end the process now (``os._exit(130)``)."""
-    import os
-
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    with contextlib.suppress(Exception):
-        os.write(2, (f"{program()}: interrupted (second SIGINT): stopped at once, without "
+    exit_interrupted(f"{program()}: interrupted (second SIGINT): stopped at once, without "
                      "finishing the step or checkpoint in progress; rerun the same command to "
-                     "resume from the last complete checkpoint\n").encode("utf-8", "replace"))
-    os._exit(130)
+                     "resume from the last complete checkpoint")
 
 
 @contextlib.contextmanager
