@@ -96,6 +96,9 @@ def run(cfg, workdir: str) -> dict:
         check_cache_root()
     check_is_workdir(workdir)
     made = not os.path.lexists(workdir)
+    if made and any(part != part.strip() for part in workdir.split(os.sep)):  # SP5
+        stages.log(f"note: --workdir {workdir!r}: a folder name in it begins or ends with a "
+                   "blank; the lines below show the path as it is")
     os.makedirs(workdir, exist_ok=True)
     try:
         with stages.workdir_lock(workdir):  # one writer per workdir
@@ -192,13 +195,15 @@ def _run(cfg, workdir: str, settings) -> dict:
     results: dict = {"workdir": workdir, "stages": {}, "config": stages.config_json(cfg)}
     trained = []  # the stages this run trained (or continued)
     for stage in cfg.stages:
-        if stages.stage_done(workdir, stage, stages.stage_steps(cfg, stage)):
+        done = stages.done_steps(workdir, stage)
+        if done is not None and done >= stages.stage_steps(cfg, stage):
             model = stages.load_stage(workdir, stage, stages.scan_layers(cfg))
             stages.check_stage_model(model, tokenizer, workdir, stage)
             stages.log(f"[{stage}] already finished; loaded {workdir}/{stage}/model")
             # its results as the run that trained it recorded them (done.json)
             results["stages"][stage] = stages.stored_results(workdir, stage)
-            notice = stages.settings_notice(cfg, workdir, stage, finished=True)
+            notice = stages.settings_notice(cfg, workdir, stage, finished=True,
+                                            trained=done)
             if notice and parallel.is_primary():
                 stages.log(notice)
             continue

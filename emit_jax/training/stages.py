@@ -204,18 +204,25 @@ def stage_steps(cfg, stage: str) -> int:
     return int((section or {}).get("steps", 0))
 
 
-def stage_done(workdir: str, stage: str, steps: int) -> bool:
-    """Finished with at least ``steps`` steps (a larger step count continues from the stage's
-    last checkpoint)."""
+def done_steps(workdir: str, stage: str) -> int | None:
+    """The step count ``stage`` finished with (its ``done.json``), None when it has not
+    finished; a ``done.json`` without one is a ``ConfigError``."""
     path = os.path.join(workdir, stage, "done.json")
     if not os.path.isfile(path):
-        return False
+        return None
     done = read_json(path, error=ConfigError, what="a stage's done.json")
     n = done.get("steps") if isinstance(done, dict) else None
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ConfigError(f"{path}: not a stage's done.json (no step count); restore it, "
                           "or move the stage's folder away to train the stage again")
-    return n >= steps
+    return n
+
+
+def stage_done(workdir: str, stage: str, steps: int) -> bool:
+    """Finished with at least ``steps`` steps (a larger step count continues from the stage's
+    last checkpoint)."""
+    n = done_steps(workdir, stage)
+    return n is not None and n >= steps
 
 
 def finish_stage(workdir: str, stage: str, model, info: dict) -> None:
@@ -406,19 +413,21 @@ def _changes(diff) -> str:
     return ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, a, b in diff)
 
 
-def settings_notice(cfg, workdir: str, stage: str, *, finished: bool) -> str | None:
+def settings_notice(cfg, workdir: str, stage: str, *, finished: bool,
+                    trained: int | None = None) -> str | None:
     """The line a rerun prints for ``stage`` when its own section's settings
     (:func:`section_changes`) differ from those its stored output was made with: a finished
     stage is kept as trained (``--config.restart=True`` trains it again with these), an
     unfinished one resumes with them, mixing both in one stage. None when nothing changed.
     Called before :func:`save_settings` records this run's settings. A finished stage asked
-    for fewer steps than it trained is named too (more steps continue it)."""
+    for fewer steps than it trained is named too (more steps continue it); ``trained``, its
+    step count when the caller read it already (:func:`done_steps`)."""
     diff = section_changes(cfg, workdir, stage)
     if finished:
-        done = read_json(os.path.join(workdir, stage, "done.json"), error=ConfigError,
-                         what="a stage's done.json")
-        trained, asked = (done or {}).get("steps"), stage_steps(cfg, stage)
-        if isinstance(trained, int) and asked < trained:  # before: kept without a word
+        if trained is None:
+            trained = done_steps(workdir, stage)
+        asked = stage_steps(cfg, stage)
+        if trained is not None and asked < trained:  # before: kept without a word
             diff = diff + [(f"{stage}.steps", trained, asked)]
     if not diff:
         return None
