@@ -439,8 +439,9 @@ def settings_notice(cfg, workdir: str, stage: str, *, finished: bool,
     return f"warning: {stage} resumes with settings changed since its checkpoint: {_changes(diff)}"
 
 
-#: top-level keys no run-wide notice names: compared per stage, or about this run alone
-_NOT_RUN_WIDE = ("stages", "restart", "emit") + MODEL_SETTINGS
+#: top-level keys no run-wide notice names: compared per stage, or about this run alone (where
+#: compiled code is cached changes nothing trained; before, a changed one was said used)
+_NOT_RUN_WIDE = ("stages", "restart", "emit", "compile_cache") + MODEL_SETTINGS
 
 
 def run_changes(cfg, workdir: str) -> list[tuple[str, Any, Any]]:
