@@ -413,7 +413,10 @@ def check_new_folder(path: str | os.PathLike, *, hint: str = "choose a new folde
     if os.path.islink(path):  # before: "exists and is not empty", for a link to nothing too
         raise FileExistsError(f"{path}: a symbolic link, which writing the folder would "
                               f"replace; {hint}")
-    if os.path.lexists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    if os.path.lexists(path) and not os.path.isdir(path):  # before: "not empty" of /dev/null
+        raise FileExistsError(f"{path}: exists and is {not_a_file(path) or 'a file'}, not a "
+                              f"folder; {hint}")
+    if os.path.lexists(path) and os.listdir(path):
         raise FileExistsError(f"{path}: exists and is not empty; {hint}")
     _check_parent(path)
 

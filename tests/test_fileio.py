@@ -73,8 +73,8 @@ def test_atomic_folder_refuses_an_existing_target_before_writing(tmp_path, kind)
     with pytest.raises(FileExistsError) as e:
         with atomic_folder(target, hint="choose a new checkpoint path"):
             entered.append(1)
-    assert _one_line(str(e.value)) == (f"{target}: exists and is not empty; "
-                                       "choose a new checkpoint path")
+    what = "is not empty" if kind == "folder" else "is a file, not a folder"
+    assert _one_line(str(e.value)) == f"{target}: exists and {what}; choose a new checkpoint path"
     assert not entered and sorted(os.listdir(tmp_path)) == ["out"]
     assert (target / "keep.txt" if kind == "folder" else target).read_text() == "keep me"
 

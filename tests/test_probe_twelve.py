@@ -3,6 +3,9 @@ before its fix."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 from conftest import train
 
 
@@ -41,3 +44,96 @@ def test_the_compile_cache_is_no_changed_setting(tmp_path):
     assert stages.run_changes(now, str(tmp_path)) == []
     seeded = configs.load("configs/grpo.py:smoke", ["compile_cache=/tmp/b", "seed=3"])
     assert stages.run_changes(seeded, str(tmp_path)) == [("seed", 0, 3)]
+
+
+@pytest.mark.parametrize("key", ["base.lr", "grpo.lr", "warmup.lr"])
+def test_a_learning_rate_infinite_in_float32_is_refused(key):
+    """TC26: ``base.lr=1e39`` (finite in Python) trained a NaN model with exit 0: infinite in the
+    float32 update, its first step counted finite; numpy's overflow line came with it."""
+    from emit_jax import configs
+    from emit_jax.errors import ConfigError
+    from emit_jax.training.validate import validate_config
+
+    with pytest.raises(ConfigError) as e:
+        validate_config(configs.load("configs/grpo.py:smoke", [f"{key}=1e39"]))
+    assert str(e.value) == (f"config {key}: 1e+39 is infinite in float32, the precision of the "
+                            "update (the largest float32 is 3.4e38)")
+    validate_config(configs.load("configs/grpo.py:smoke", [f"{key}=3e38"]))  # warned, not refused
+
+
+def test_a_non_finite_scalar_draws_no_tensorboard_line(tmp_path):
+    """TC26: each skipped non-finite step (already one warning of ours) drew tensorboardX's
+    ``NaN or Inf found in input tensor`` line through absl's logging."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import io, math\n"
+            "from emit_jax.training.metrics import MetricWriter\n"
+            f"w = MetricWriter({str(tmp_path)!r}, stage='base', total_steps=2, stream=io.StringIO())\n"
+            "w.write(1, {'loss': math.nan}); w.write(2, {'loss': 1.0}); w.close()\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "NaN or Inf" not in r.stderr and r.stderr.strip() == "", r.stderr
+
+
+@pytest.mark.parametrize("override, line", [
+    ("base.batch_size=-1", "config base.batch_size: -1 is below 1"),
+    ("grpo.lr=-0.5", "config grpo.lr: -0.5 must be > 0.0"),
+    ("sft.micro_batch_size=3", "config sft.micro_batch_size: 3 does not divide sft.batch_size "
+                               "(8 rows)"),
+])
+def test_plan_checks_the_stages_it_plans_as_train_does(override, line, capsys):
+    """PN10: ``plan --set base.batch_size=-1`` printed a plan (the stage planned as if it had no
+    activations), where train refuses the value."""
+    from emit_jax import cli
+    from emit_jax.plan.command import main
+
+    assert cli.run(main, ["--config", "configs/grpo.py", "--set", override],
+                   prog="emit_jax.plan") == 2
+    assert _lines(capsys.readouterr().err) == [f"emit_jax.plan: error: {line}"]
+
+
+def test_a_device_or_a_pipe_is_named_as_what_it_is(tmp_path):
+    """CN9: ``convert --out /dev/null`` said "exists and is not empty"; TC9: ``train --config``
+    naming a pipe said "config file not found"."""
+    from emit_jax import configs
+    from emit_jax.errors import ConfigError
+    from emit_jax.fileio import check_new_folder
+
+    with pytest.raises(FileExistsError) as e:
+        check_new_folder("/dev/null", hint="choose a new checkpoint path")
+    assert str(e.value) == ("/dev/null: exists and is a device, not a folder; choose a new "
+                            "checkpoint path")
+    fifo = tmp_path / "fifo.py"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError) as e:
+        configs.load(str(fifo))  # (no hang)
+    assert str(e.value) == (f"config file {fifo}: not a regular file (a pipe); name a config "
+                            "file such as configs/grpo.py")
+
+
+def test_a_lora_rank_no_adapted_layer_can_use_is_refused():
+    """TC22: ``grpo.lora.rank=100000`` on the tiny model (layers 32-256 wide) ran its first GRPO
+    step for minutes without a word."""
+    import re
+
+    from flax import nnx
+
+    from emit_jax.errors import ConfigError
+    from emit_jax.training.config import LoRAConfig
+    from emit_jax.training.lora import check_rank
+    from test_lora import TARGETS, small_emit
+
+    model = small_emit()
+    widest = max(min(m.kernel.shape[-2:]) for p, m in nnx.iter_modules(model)
+                 if isinstance(m, nnx.Linear) and re.fullmatch(TARGETS, "/".join(map(str, p))))
+    check_rank(model, LoRAConfig(rank=widest, alpha=16.0, dropout=0.0, targets=TARGETS))
+    with pytest.raises(ConfigError) as e:
+        check_rank(model, LoRAConfig(rank=100000, alpha=16.0, dropout=0.0, targets=TARGETS))
+    assert str(e.value).startswith("config grpo.lora.rank: 100000 is above every adapted "
+                                   "layer's width (the widest, "), e.value
+    assert str(e.value).endswith(f"choose a rank of at most {widest} (low-rank adapters are "
+                                 "usually 4-64)"), e.value

@@ -47,6 +47,11 @@ def resolve(spec: str) -> tuple[str, str | None]:
     if os.path.isdir(path):
         raise ConfigError(f"config file {path}: is a folder; name a config file such as "
                           "configs/grpo.py")
+    if os.path.exists(path) and not os.path.isfile(path):  # before: "not found" of a pipe
+        from emit_jax.fileio import not_a_file
+
+        raise ConfigError(f"config file {path}: not a regular file ({not_a_file(path)}); name "
+                          "a config file such as configs/grpo.py")
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     if not path.endswith(".py"):

@@ -91,6 +91,20 @@ def check_float(key: str, v, *, low: float | None = None, low_open: bool = False
     return float(v)
 
 
+#: the largest float32: a learning rate above it is infinite in the update (1e39 trained a NaN
+#: model with exit 0, its first step counted finite)
+F32_MAX = 3.4028234663852886e38
+
+
+def check_lr(key: str, v) -> float:
+    """A learning rate: a finite number above 0 that float32 holds."""
+    lr = check_float(key, v, low=0.0, low_open=True)
+    if lr > F32_MAX:
+        fail(key, v, "is infinite in float32, the precision of the update (the largest float32 "
+             "is 3.4e38)")
+    return lr
+
+
 def check_micro(key: str, mb: int, rows: int, what: str) -> None:
     """``micro_batch_size``: 0 (the whole batch) or a divisor of the step's rows."""
     check_int(key, mb, low=0)
@@ -134,7 +148,7 @@ class OptimConfig:
         n = self.name
         check_int(f"{n}.steps", self.steps, low=1)
         check_int(f"{n}.batch_size", self.batch_size, low=1)
-        check_float(f"{n}.lr", self.lr, low=0.0, low_open=True)
+        check_lr(f"{n}.lr", self.lr)
         check_float(f"{n}.warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
         # decoupled decay: lr x weight_decay of every weight per step; past 1 it is a typo
         check_float(f"{n}.weight_decay", self.weight_decay, low=0.0, high=1.0)
@@ -268,7 +282,7 @@ class GRPOConfig:
         check_float("grpo.eps_low", self.eps_low, low=0.0, high=1.0, high_open=True)
         check_float("grpo.eps_high", self.eps_high, low=0.0)
         check_int("grpo.max_resample_times", self.max_resample_times, low=0)
-        check_float("grpo.lr", self.lr, low=0.0, low_open=True)
+        check_lr("grpo.lr", self.lr)
         check_float("grpo.warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
         check_float("grpo.weight_decay", self.weight_decay, low=0.0, high=1.0)
         for key, canon in (("kl", rl_grpo.canon_kl), ("agg", rl_grpo.canon_agg)):

@@ -148,6 +148,28 @@ def merged_model(policy, reference, mesh=None):
     return placed_module(nnx.graphdef(reference), rest, mesh, compute=lora_update, inputs=inputs)
 
 
+def check_rank(model, cfg: LoRAConfig) -> None:
+    """Raise ``ConfigError`` when ``cfg.rank`` is above ``min(in, out)`` of every linear layer
+    ``cfg.targets`` matches in ``model``: no layer can use that rank (a kernel ``[in, out]``
+    changes in at most ``min(in, out)`` directions), and its factors (``rank x (in + out)``
+    per layer) outweigh the layer. Before, ``rank=100000`` on a 128-wide model ran its first
+    GRPO step for minutes without a word."""
+    widths = {}
+    for path, module in nnx.iter_modules(model):
+        name = "/".join(map(str, path))
+        if isinstance(module, nnx.Linear) and re.fullmatch(cfg.targets, name):
+            d_in, d_out = module.kernel.shape[-2:]
+            widths[name] = (int(d_in), int(d_out))
+    if not widths:
+        return  # (apply_lora names targets that match nothing)
+    name, (d_in, d_out) = max(widths.items(), key=lambda kv: min(kv[1]))
+    if int(cfg.rank) > min(d_in, d_out):
+        raise ConfigError(f"config grpo.lora.rank: {cfg.rank} is above every adapted layer's "
+                          f"width (the widest, {name}, is {d_in} x {d_out}): a kernel changes in "
+                          f"at most min(in, out) directions, so choose a rank of at most "
+                          f"{min(d_in, d_out)} (low-rank adapters are usually 4-64)")
+
+
 def apply_lora(model, sample: dict, lora_cfg: LoRAConfig, *, seed: int = 0):
     """The LoRA policy over ``model`` (which stays the reference: its modules are shared, not
     copied), traced once on the collated ``sample`` batch.
@@ -158,6 +180,7 @@ def apply_lora(model, sample: dict, lora_cfg: LoRAConfig, *, seed: int = 0):
     the sampler all ran without the adapters, and LoRA received no gradient."""
     import qwix  # noqa: PLC0415
 
+    check_rank(model, lora_cfg)
     model.eval()
     localize_module(model)  # qwix traces eagerly: per process, not over a multi-process mesh
     ce, _ = batch_ce(sample)

@@ -111,7 +111,13 @@ class MetricWriter:
         self._tokens = 0
         self._tb = None
         if tensorboard:
+            import logging
+
             from tensorboardX import SummaryWriter
+
+            # a skipped non-finite step's NaN loss (already a warning of ours) drew its
+            # "NaN or Inf found in input tensor" line from tensorboardX on every step
+            logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
             self._tb = SummaryWriter(logdir=os.path.join(stage_dir, "tb"))
         self._bar = None
         self._plain = progress

@@ -286,6 +286,20 @@ def _kernels(cfg) -> None:
     _int(k, "decode_bucket", "kernels.decode_bucket", low=1, default=64)
 
 
+def stage_settings(cfg, stages) -> tuple[dict[str, OptimConfig], GRPOConfig | None]:
+    """The typed settings of the stage sections ``stages`` name (each checked: a negative batch,
+    a learning rate that is no number raise :class:`ConfigError` naming the key): each SFT-type
+    stage's :class:`OptimConfig`, and the :class:`GRPOConfig` when ``grpo`` or ``sft2`` (its
+    LoRA) is among them. What ``plan`` checks of the stages it plans, as train does."""
+    optim = {s: OptimConfig.from_section(cfg[s], s) for s in stages if s in SFT_STAGES}
+    grpo = None
+    if "grpo" in stages or "sft2" in stages:
+        if "sft2" in stages and ("grpo" not in cfg or "lora" not in cfg.grpo):
+            raise ConfigError("config stages: 'sft2' uses grpo.lora, but the config has none")
+        grpo = GRPOConfig.from_section(cfg.grpo)
+    return optim, grpo
+
+
 def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     """Raise :class:`ConfigError` naming the first key of the training config ``cfg`` (an
     ``ml_collections.ConfigDict`` as in ``configs/``) that has a bad value; return None if all
@@ -307,8 +321,7 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     if list(stages) != sorted(stages, key=STAGES.index):
         _fail("stages", stages, f"is out of order: each stage builds on the one before, in the "
               f"order {', '.join(STAGES)}")
-    optim = {s: OptimConfig.from_section(cfg[s], s) for s in stages if s in SFT_STAGES}
-    grpo = GRPOConfig.from_section(cfg.grpo) if "grpo" in stages else None
+    optim, grpo = stage_settings(cfg, stages)
     from emit_jax.training.data import WARMUP_HINTS
 
     if "warmup" in cfg and cfg.warmup is not None and \
@@ -319,10 +332,6 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     if uses_adfm and not ("data" in cfg and cfg.data.get("adfm", False)):
         _fail("data.adfm", False, "must be True when grpo.records='adfm', base.adfm=True or "
               "eval_adfm > 0 (the AD-FM records are only built then)")
-    if "sft2" in stages:
-        if "grpo" not in cfg or "lora" not in cfg.grpo:
-            raise ConfigError("config stages: 'sft2' uses grpo.lora, but the config has none")
-        grpo = GRPOConfig.from_section(cfg.grpo)
     if "emit" in cfg or "sft" in stages or "sft2" in stages or "grpo" in stages:
         # checked even when no stage reads it (a typo waits for the run that adds stage 1)
         from emit_jax.models.emit import EMITConfig
