@@ -313,8 +313,12 @@ def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, 
     if split and split != "all":
         # queries from the split; references from the normal training images
         pool = (lambda it: it.split == "train") if has_splits else None
-    refs = tasks.select_references(items, tasks.pixel_embedder(), pool=pool)
     queries = [it for it in items if not split or split == "all" or it.split == split]
+    # every image the questions and their references read, checked at once: the first bad one
+    # named with how many are bad (before: the first the task builder met, alone)
+    check_images([it.path for it in queries] + [it.path for it in items
+                                                if pool is None or pool(it)])
+    refs = tasks.select_references(items, tasks.pixel_embedder(), pool=pool)
     if items and not queries:  # a --split the data does not have: name the ones it has
         from emit_jax.data.mvtec import DataError
 
@@ -707,7 +711,11 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
            for text, images, comp, _, _ in queries] if answers_path else []
     run_settings = partial.settings(checkpoint=checkpoint, think=think,
                                     max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                    decoding="greedy", max_tiles=max_tiles)
+                                    decoding="greedy", max_tiles=max_tiles,
+                                    questions=None if is_mmad else {
+                                        "split": split, "seed": seed or 0,
+                                        "domain_knowledge": domain_knowledge,
+                                        "ad_order": ad_order})
     done, keep, seen, beyond = {}, 0, None, 0
     if answers_path:
         partial.check_is_ours(answers_path)  # another file there: not ours to resume or restart

@@ -137,3 +137,54 @@ def test_a_lora_rank_no_adapted_layer_can_use_is_refused():
                                    "layer's width (the widest, "), e.value
     assert str(e.value).endswith(f"choose a rank of at most {widest} (low-rank adapters are "
                                  "usually 4-64)"), e.value
+
+
+def test_evaluate_names_how_many_images_of_an_mvtec_folder_are_bad(tmp_path):
+    """EV2: two bad test images of an MVTec-style folder: the line named the first the task
+    builder met, and not that there were more (the MMAD path said how many)."""
+    from emit_jax.errors import ImageError
+    from emit_jax.evaluate import mvtec_queries
+    from test_tasks import make_mvtec
+
+    data = make_mvtec(tmp_path / "ds")
+    tests = sorted(os.path.join(d, f) for d, _, fs in os.walk(data) for f in fs
+                   if f.endswith(".png") and f"{os.sep}test{os.sep}" in d
+                   and f"{os.sep}ground_truth" not in d)
+    for path in tests[:2]:
+        with open(path, "r+b") as f:
+            f.truncate(60)
+    with pytest.raises(ImageError) as e:
+        mvtec_queries(data, False, None, None, 0, "all")
+    assert str(e.value).startswith(f"{tests[0]}: ") and str(e.value).endswith(
+        " images are bad; this is the first)"), e.value
+    assert "(2 of the " in str(e.value), e.value
+
+
+def test_a_resumed_evaluation_names_a_changed_question_flag(tmp_path):
+    """EV6: ``--seed 3`` on a rerun of an MVTec-style folder's evaluation said the answers were
+    made "for another question (the data or the prompt changed)"; the flag is named now. A
+    file written before these flags were recorded is still read."""
+    import json
+
+    from emit_jax.errors import DataError
+    from emit_jax.eval import partial
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+
+    def run_settings(seed):
+        return partial.settings(checkpoint=str(ckpt), think=False, max_new_tokens=8,
+                                min_new_tokens=0, decoding="greedy", max_tiles=1,
+                                questions={"split": None, "seed": seed,
+                                           "domain_knowledge": "all", "ad_order": "shuffled"})
+
+    path = tmp_path / "r.json.partial.jsonl"
+    path.write_text(json.dumps(partial.header(str(ckpt), "ds", run_settings(0))) + "\n")
+    assert partial.read_all(str(path), run_settings(0), ["f"])[0] == {}
+    with pytest.raises(DataError) as e:
+        partial.read_all(str(path), run_settings(3), ["f"])
+    assert "its answers were made with other settings (seed 0, now 3)" in str(e.value)
+    old = {k: v for k, v in run_settings(0).items() if k in partial.BASE_SETTINGS}
+    path.write_text(json.dumps(partial.header(str(ckpt), "ds", old)) + "\n")
+    assert partial.read_all(str(path), run_settings(3), ["f"])[0] == {}

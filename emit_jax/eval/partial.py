@@ -108,12 +108,21 @@ def checkpoint_stamp(checkpoint: str) -> str | None:
     return hashlib.sha256(json.dumps(entries).encode("utf-8")).hexdigest()[:16]
 
 
+#: the settings every partial-answers file records; the others (an MVTec-style folder's
+#: question flags, recorded since the twelfth probe) are compared when the file records them
+BASE_SETTINGS = ("checkpoint_files", "think", "max_new_tokens", "min_new_tokens", "decoding",
+                 "max_tiles")
+
+
 def settings(*, checkpoint: str, think: bool, max_new_tokens: int, min_new_tokens: int,
-             decoding: str, max_tiles: int) -> dict[str, Any]:
-    """The settings a resumed run must share with the run that wrote the file."""
+             decoding: str, max_tiles: int, questions: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
+    """The settings a resumed run must share with the run that wrote the file; ``questions``:
+    the flags that made an MVTec-style folder's questions (``--seed``, ``--split``...), named
+    when they changed (before: "the data or the prompt changed" of a new ``--seed``)."""
     return {"checkpoint_files": checkpoint_stamp(checkpoint), "think": bool(think),
             "max_new_tokens": int(max_new_tokens), "min_new_tokens": int(min_new_tokens),
-            "decoding": decoding, "max_tiles": int(max_tiles)}
+            "decoding": decoding, "max_tiles": int(max_tiles), **(questions or {})}
 
 
 def header(checkpoint: str, data: str, run_settings: dict[str, Any]) -> dict[str, Any]:
@@ -173,7 +182,8 @@ def read_all(path: str, run_settings: dict[str, Any], fingerprints: Sequence[str
     old = head["settings"]
     diffs = [f"the checkpoint's files differ ({head.get('checkpoint')} then)"
              if k == "checkpoint_files" else f"{k} {_show(old.get(k))}, now {_show(v)}"
-             for k, v in run_settings.items() if old.get(k) != v]
+             for k, v in run_settings.items()
+             if (k in BASE_SETTINGS or k in old) and old.get(k) != v]
     if diffs:
         raise DataError(f"{path}: its answers were made with other settings ({'; '.join(diffs)})"
                         f"; {RESTART_HINT}")
