@@ -77,7 +77,7 @@ ARCHS = sorted(ARCHITECTURES)
 
 #: the largest ``heatmap --grid``: 8,192-pixel images in 14-pixel patches (585) and room above;
 #: before, ``--grid 100000`` compiled for 49 s and ended in JAX's warning and an out-of-memory line
-MAX_GRID = 1024
+from emit_jax.limits import MAX_GRID  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -21,5 +21,8 @@ MAX_DEVICES = 1 << 20
 MAX_IMAGE_SIDE = 8192
 #: the largest matrix side of ``python -m bench matmul`` (a 16 GiB float32 matrix)
 MAX_MATRIX_SIDE = 1 << 16
+#: the largest patch grid side of a heat-map benchmark (``bench heatmap --grid``,
+#: ``experiments.heatmap_parts --grid``): 1,024 x 1,024 patches, beyond any image
+MAX_GRID = 1024
 #: the largest reward weight (``grpo.reward_weights``): the weighted sum stays finite
 MAX_REWARD_WEIGHT = 1e6

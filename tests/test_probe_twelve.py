@@ -188,3 +188,30 @@ def test_a_resumed_evaluation_names_a_changed_question_flag(tmp_path):
     old = {k: v for k, v in run_settings(0).items() if k in partial.BASE_SETTINGS}
     path.write_text(json.dumps(partial.header(str(ckpt), "ds", old)) + "\n")
     assert partial.read_all(str(path), run_settings(3), ["f"])[0] == {}
+
+
+@pytest.mark.parametrize("module, args, line", [
+    ("fresh_images", ["--workdir", "w", "--steps", "-1"], "argument --steps: must be >= 1, got -1"),
+    ("fresh_images", ["--workdir", "w", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
+    ("fresh_images", ["--workdir", "w", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    ("heatmap_parts", ["--grid", "0"], "argument --grid: must be >= 1, got 0"),
+    ("heatmap_parts", ["--dim", "-1"], "argument --dim: must be >= 1, got -1"),
+    ("heatmap_parts", ["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+    ("heatmap_parts", ["--chunk-rows", "0"], "argument --chunk-rows: must be >= 1, got 0"),
+    ("heatmap_auroc", ["--window", "-2"], "argument --window: must be >= 0, got -2"),
+    ("heatmap_auroc", ["--arch", "nosuch"], "argument --arch: invalid choice: 'nosuch'"),
+    ("heatmap_auroc", ["--layers", "0,99"], "--layers 0,99: "),
+    ("adfm_compare", ["--seeds", "0"], "argument --seeds: must be >= 1, got 0"),
+])
+def test_the_experiments_check_their_numbers_where_they_are_read(module, args, line, capsys):
+    """XP5, XP11, XP14: ``fresh_images --steps -1`` (or ``--lr nan``) started a run;
+    ``heatmap_parts --grid 0`` and ``heatmap_auroc --layers 0,99`` were tracebacks."""
+    import importlib
+
+    from emit_jax import cli
+
+    main = importlib.import_module(f"emit_jax.experiments.{module}").main
+    prog = f"python -m emit_jax.experiments.{module}"
+    assert cli.run(main, args, prog=prog) == 2
+    err = _lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error: {line}"), err

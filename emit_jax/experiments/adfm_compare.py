@@ -116,7 +116,7 @@ def summarize(results: list[dict]) -> tuple[str, dict]:
 def main(argv=None) -> int:
     ap = cli.Parser(prog="python -m emit_jax.experiments.adfm_compare",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
+    ap.add_argument("--seeds", type=cli.positive_int, default=3, help="number of seeds (0, 1, ...)")
     ap.add_argument("--workdir", default="runs/adfm_compare")
     ap.add_argument("--configs", default=CONFIG_DIR, help="folder holding grpo.py / adfm.py / "
                     "adfm_emit.py")

@@ -77,16 +77,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--config", default="configs/grpo.py")
     ap.add_argument("--stage", choices=("base", "sft"), default="sft")
-    ap.add_argument("--seeds", type=int, default=12, help="extra embedded datasets 1..N")
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    # checked where read (before: --steps -1, --lr nan, --batch-size 0 started the run)
+    ap.add_argument("--seeds", type=cli.int_in(0, 1000), default=12,
+                    help="extra embedded datasets 1..N")
+    ap.add_argument("--steps", type=cli.positive_int, default=400)
+    ap.add_argument("--batch-size", type=cli.positive_int, default=8)
+    ap.add_argument("--lr", type=cli.positive_float, default=1e-3)
     ap.add_argument("--train", choices=("all", "stage"), default="all")
     ap.add_argument("--fixed-order", action="store_true",
                     help="every AD question as A. No. / B. Yes. (training and held-out)")
     ap.add_argument("--ad-order", choices=AD_ORDERS, default="shuffled",
                     help="data.ad_order of the run's own records and the fresh ones")
-    ap.add_argument("--unseen", type=int, default=0,
+    ap.add_argument("--unseen", type=cli.int_in(0, 1000), default=0,
                     help="also evaluate AD on every image of N embedded datasets no stage saw")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. emit.max_readout=True (repeatable)")

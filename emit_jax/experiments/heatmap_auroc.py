@@ -19,6 +19,7 @@ import tempfile
 import numpy as np
 
 from emit_jax import cli
+from emit_jax.errors import ConfigError
 
 REDUCTIONS = ("max", "top8_mean", "mean")
 
@@ -54,12 +55,12 @@ def main(argv=None) -> int:
     ap = cli.Parser(prog="python -m emit_jax.experiments.heatmap_auroc",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default="", help="emit_jax or HF checkpoint (default: random)")
-    ap.add_argument("--arch", default="tiny")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arch", default="tiny", choices=sorted(architectures.ARCHITECTURES))
+    ap.add_argument("--seed", type=cli.nonneg_int, default=0)
     ap.add_argument("--data", default="", help="MVTec-style folder (default: the embedded set)")
     ap.add_argument("--layers", default="", help="comma-separated ViT blocks (default: EMIT's, "
                     "scaled to the ViT depth)")
-    ap.add_argument("--window", type=int, default=None, help="window half-width in patches "
+    ap.add_argument("--window", type=cli.nonneg_int, default=None, help="window half-width in patches "
                     "(default: EMIT's, scaled to the patch grid)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
@@ -75,10 +76,13 @@ def main(argv=None) -> int:
     else:
         model = InternVL(architectures.get_config(args.arch), rngs=nnx.Rngs(args.seed))
     cfg = model.config
-    ecfg = EMITConfig(ce_layers=tuple(int(x) for x in args.layers.split(",")) if args.layers
-                      else None, window=args.window).validate()
-    layers = ecfg.layers_for(cfg.vision.num_hidden_layers)
-    window = ecfg.window_for(cfg.vision.grid)
+    try:  # before: ValueError tracebacks for --layers 0,99 or x
+        ecfg = EMITConfig(ce_layers=tuple(int(x) for x in args.layers.split(",")) if args.layers
+                          else None, window=args.window).validate()
+        layers = ecfg.layers_for(cfg.vision.num_hidden_layers)
+        window = ecfg.window_for(cfg.vision.grid)
+    except ValueError as e:
+        raise ConfigError(f"--layers {args.layers}: {e}" if args.layers else str(e)) from None
     root = args.data or ensure_cached()
     with tempfile.TemporaryDirectory() as work:
         records = stage_records(root, work, domain_knowledge=False)

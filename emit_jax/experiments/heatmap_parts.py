@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from emit_jax import cli
+from emit_jax.limits import MAX_GRID, MAX_MATRIX_SIDE, MAX_REPEATS
 from emit_jax.ops import heatmap as H
 
 SHAPE = dict(L=4, B=1, R=4, h=32, w=32, D=1024, window=6)
@@ -41,10 +42,13 @@ def _best_ms(fn, *args, repeats: int) -> float:
 def main(argv=None) -> dict:
     p = cli.Parser(prog="python -m emit_jax.experiments.heatmap_parts",
                    description=__doc__.splitlines()[0])
-    p.add_argument("--chunk-rows", type=int, default=H.CHUNK_ROWS)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--grid", type=int, default=SHAPE["h"], help="patch grid side (tests: small)")
-    p.add_argument("--dim", type=int, default=SHAPE["D"], help="feature width")
+    # bounded where read (before: 0 or -1 were tracebacks: ZeroDivisionError, ValueError)
+    p.add_argument("--chunk-rows", type=cli.int_in(1, MAX_GRID), default=H.CHUNK_ROWS)
+    p.add_argument("--repeats", type=cli.int_in(1, MAX_REPEATS), default=7)
+    p.add_argument("--grid", type=cli.int_in(1, MAX_GRID), default=SHAPE["h"],
+                   help=f"patch grid side, at most {MAX_GRID} (tests: small)")
+    p.add_argument("--dim", type=cli.int_in(1, MAX_MATRIX_SIDE), default=SHAPE["D"],
+                   help="feature width")
     a = p.parse_args(argv)
     shape = dict(SHAPE, h=a.grid, w=a.grid, D=a.dim)
     L, B, R, h, w, D, k = (shape[x] for x in ("L", "B", "R", "h", "w", "D", "window"))
