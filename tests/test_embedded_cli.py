@@ -247,13 +247,15 @@ def test_out_is_or_contains_the_cwd_is_refused(tmp_path, out, overwrite):
     _no_temporaries(str(cwd.parent))
 
 
+@pytest.mark.parametrize("overwrite", [True, False], ids=["overwrite", "plain"])
 @pytest.mark.parametrize("marker", ["results.json", "grpo/settings.json", "sft/metrics.jsonl"])
-def test_overwrite_refuses_a_training_workdir(tmp_path, marker):
+def test_overwrite_refuses_a_training_workdir(tmp_path, marker, overwrite):
+    """Without --overwrite too (twelfth probe EM1: "pass --overwrite", then refused with it)."""
     out = tmp_path / "run"
     os.makedirs((out / marker).parent, exist_ok=True)
     (out / marker).write_text("{}")
     before = _files(str(out))
-    msg = _one_error(_cli("--out", str(out), "--overwrite"))
+    msg = _one_error(_cli("--out", str(out), *(["--overwrite"] if overwrite else [])))
     assert msg == f"{out}: looks like a training workdir (it holds {marker}); choose a " \
                   "dataset folder"
     assert _files(str(out)) == before

@@ -121,9 +121,9 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bool = Fal
     target = os.path.realpath(out_dir) if os.path.islink(out_dir) else where_written(out_dir)
     keep: list[str] | None = None
     if os.path.isdir(target) and os.listdir(target):
-        if not overwrite:
+        marker = _workdir_marker(target)  # said first: overwrite would not be allowed either
+        if not overwrite and not marker:
             raise FileExistsError(f"{out_dir}: directory is not empty (use overwrite)")
-        marker = _workdir_marker(target)
         if marker:
             raise DataError(f"{out_dir}: looks like a training workdir (it holds {marker}); "
                             "choose a dataset folder")
