@@ -201,6 +201,10 @@ def test_a_resumed_evaluation_names_a_changed_question_flag(tmp_path):
     ("heatmap_auroc", ["--window", "-2"], "argument --window: must be >= 0, got -2"),
     ("heatmap_auroc", ["--arch", "nosuch"], "argument --arch: invalid choice: 'nosuch'"),
     ("heatmap_auroc", ["--layers", "0,99"], "--layers 0,99: "),
+    ("heatmap_auroc", ["--layers", "a"], "--layers a: expected comma-separated ViT block "
+                                         "numbers, e.g. 2,4,6"),
+    ("heatmap_parts", ["--grid", "8", "--chunk-rows", "5"], "--chunk-rows 5: must divide the "
+                                                            "8-row grid (--grid)"),
     ("adfm_compare", ["--seeds", "0"], "argument --seeds: must be >= 1, got 0"),
 ])
 def test_the_experiments_check_their_numbers_where_they_are_read(module, args, line, capsys):

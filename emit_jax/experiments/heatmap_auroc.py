@@ -77,6 +77,8 @@ def main(argv=None) -> int:
         model = InternVL(architectures.get_config(args.arch), rngs=nnx.Rngs(args.seed))
     cfg = model.config
     try:  # before: ValueError tracebacks for --layers 0,99 or x
+        if args.layers and not all(x.strip().isdigit() for x in args.layers.split(",")):
+            raise ValueError("expected comma-separated ViT block numbers, e.g. 2,4,6")
         ecfg = EMITConfig(ce_layers=tuple(int(x) for x in args.layers.split(",")) if args.layers
                           else None, window=args.window).validate()
         layers = ecfg.layers_for(cfg.vision.num_hidden_layers)

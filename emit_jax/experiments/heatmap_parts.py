@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from emit_jax import cli
+from emit_jax.errors import ConfigError
 from emit_jax.limits import MAX_GRID, MAX_MATRIX_SIDE, MAX_REPEATS
 from emit_jax.ops import heatmap as H
 
@@ -55,7 +56,7 @@ def main(argv=None) -> dict:
     c = a.chunk_rows
     n, nb = h // c, c + 2 * k
     if h % c:
-        raise SystemExit(f"--chunk-rows {c} must divide the {h}-row grid")
+        raise ConfigError(f"--chunk-rows {c}: must divide the {h}-row grid (--grid)")
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((L, B, h, w, D)), jnp.float32)
     r = jnp.asarray(rng.standard_normal((L, B, R, h, w, D)), jnp.float32)
