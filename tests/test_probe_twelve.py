@@ -205,6 +205,10 @@ def test_a_resumed_evaluation_names_a_changed_question_flag(tmp_path):
                                          "numbers, e.g. 2,4,6"),
     ("heatmap_parts", ["--grid", "8", "--chunk-rows", "5"], "--chunk-rows 5: must divide the "
                                                             "8-row grid (--grid)"),
+    ("fresh_images", ["--workdir", "w", "--set", "base.batch_size=-1"],
+     "config base.batch_size: -1 is below 1"),
+    ("fresh_images", ["--workdir", "w", "--batch-size", "6", "--set", "sft.micro_batch_size=4"],
+     "config sft.micro_batch_size: 4 does not divide sft.batch_size (6 rows)"),
     ("adfm_compare", ["--seeds", "0"], "argument --seeds: must be >= 1, got 0"),
 ])
 def test_the_experiments_check_their_numbers_where_they_are_read(module, args, line, capsys):

@@ -111,6 +111,14 @@ def main(argv=None) -> dict:
     sets = dict(configs.parse_sets(a.set), **{"data.ad_order": a.ad_order})
     cfg = configs.load(a.config, sets)
     cfg.export_hf = False
+    from emit_jax.training.validate import validate_config
+
+    # the recipe and its --set values checked as train checks them, before any image is drawn
+    # (before: --set base.batch_size=-1 was found after minutes of drawing the fresh datasets)
+    for line in validate_config(cfg).warnings():
+        print(line, file=sys.stderr, flush=True)
+    OptimConfig.from_section(dict(cfg.sft, steps=a.steps, lr=a.lr, batch_size=a.batch_size),
+                             "sft")  # the flags' own run, as it will be made
     source, tokenizer, records = stages.prepare_data(cfg, a.workdir)
     extra = fresh_records(range(1, a.seeds + 1), **stages.question_options(cfg))
     print(f"[fresh] {len(extra)} AD questions from {a.seeds} extra datasets "
