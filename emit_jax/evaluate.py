@@ -297,6 +297,12 @@ def parse_domain_knowledge(text: str) -> str:
     raise argparse.ArgumentTypeError(f"{text!r}: expected all, none or a number of sentences >= 1")
 
 
+def mvtec_split(root: str, split: str | None) -> str:
+    """The split ``--split`` names in the MVTec-style folder ``root``: as given, else ``test``
+    where the folder has a ``splits.json``, else ``all`` (what :func:`mvtec_queries` asks)."""
+    return split or ("test" if os.path.isfile(os.path.join(root, "splits.json")) else "all")
+
+
 def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, seed: int,
                   domain_knowledge: str = "all", ad_order: str = "shuffled"):
     """The questions of an MVTec-style folder, built now (every image and mask read), with its
@@ -713,7 +719,7 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
                                     max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                     decoding="greedy", max_tiles=max_tiles,
                                     questions=None if is_mmad else {
-                                        "split": split, "seed": seed or 0,
+                                        "split": mvtec_split(data, split), "seed": seed or 0,
                                         "domain_knowledge": domain_knowledge,
                                         "ad_order": ad_order})
     done, keep, seen, beyond = {}, 0, None, 0

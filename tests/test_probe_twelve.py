@@ -190,6 +190,18 @@ def test_a_resumed_evaluation_names_a_changed_question_flag(tmp_path):
     assert partial.read_all(str(path), run_settings(3), ["f"])[0] == {}
 
 
+def test_the_default_split_is_recorded_as_the_split_it_asks(tmp_path):
+    """Thirteenth probe R9c: ``--split test`` on a rerun of a run without ``--split`` (the same
+    questions: test is the default where the folder has splits.json) was refused as "split
+    null, now test"."""
+    from emit_jax.evaluate import mvtec_split
+
+    assert mvtec_split(str(tmp_path), None) == "all"
+    (tmp_path / "splits.json").write_text("{}")
+    assert mvtec_split(str(tmp_path), None) == "test" == mvtec_split(str(tmp_path), "test")
+    assert mvtec_split(str(tmp_path), "validation") == "validation"
+
+
 @pytest.mark.parametrize("module, args, line", [
     ("fresh_images", ["--workdir", "w", "--steps", "-1"], "argument --steps: must be >= 1, got -1"),
     ("fresh_images", ["--workdir", "w", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
