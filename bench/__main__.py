@@ -57,6 +57,7 @@ import jax
 
 from emit_jax import cli
 from emit_jax.errors import ConfigError
+from emit_jax.limits import MAX_BATCH, MAX_GRID, MAX_LAYERS
 from emit_jax.models.architectures import ARCHITECTURES
 from emit_jax.ops.heatmap import STRATEGIES as HEATMAP_STRATEGIES
 
@@ -75,10 +76,6 @@ PEERS_DIR = "../shared/bench"
 ARCHS = sorted(ARCHITECTURES)
 
 
-#: the largest ``heatmap --grid``: 8,192-pixel images in 14-pixel patches (585) and room above;
-#: before, ``--grid 100000`` compiled for 49 s and ended in JAX's warning and an out-of-memory line
-from emit_jax.limits import MAX_GRID  # noqa: E402
-
 
 def main(argv=None) -> int:
     p = cli.Parser(prog=PROG, description=__doc__, error_type=ConfigError,
@@ -92,14 +89,14 @@ def main(argv=None) -> int:
                    "InternVL3's 448-pixel tiles)")
     h.add_argument("--window", type=cli.nonneg_int, default=None,
                    help="half-window (default: EMIT's at that grid, 6 at 32)")
-    h.add_argument("--batch", type=cli.positive_int, default=1)
+    h.add_argument("--batch", type=cli.int_in(1, MAX_BATCH), default=1)
     h.add_argument("--repeats", type=cli.int_in(1, cli.MAX_REPEATS), default=5)
     h.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     h.add_argument("--json", action="store_true", help="one JSON object per line (default: also JSON)")
     r = sub.add_parser("rollout")
     r.add_argument("--arch", default="small", choices=ARCHS)
-    r.add_argument("--batch", type=cli.positive_int, default=16)
-    r.add_argument("--prompt-len", type=cli.positive_int, default=128)
+    r.add_argument("--batch", type=cli.int_in(1, MAX_BATCH), default=16)
+    r.add_argument("--prompt-len", type=cli.int_in(1, cli.MAX_TOKENS), default=128)
     r.add_argument("--new-tokens", type=cli.int_in(1, cli.MAX_TOKENS), default=128)
     r.add_argument("--repeats", type=cli.int_in(1, cli.MAX_REPEATS), default=5)
     r.add_argument("--lora", type=cli.nonneg_int, default=0, metavar="RANK",
@@ -111,9 +108,9 @@ def main(argv=None) -> int:
                    help="with --lora: alternate merge_lora 'never' (today) and --merge-lora")
     gs = sub.add_parser("grpo_step")
     gs.add_argument("--arch", default="small", choices=ARCHS)
-    gs.add_argument("--prompts", type=cli.positive_int, default=2)
-    gs.add_argument("--G", type=cli.int_at_least(2), default=8)
-    gs.add_argument("--prompt-len", type=cli.positive_int, default=128)
+    gs.add_argument("--prompts", type=cli.int_in(1, MAX_BATCH), default=2)
+    gs.add_argument("--G", type=cli.int_in(2, MAX_BATCH), default=8)
+    gs.add_argument("--prompt-len", type=cli.int_in(1, cli.MAX_TOKENS), default=128)
     gs.add_argument("--new-tokens", type=cli.int_in(1, cli.MAX_TOKENS), default=128)
     gs.add_argument("--steps", type=cli.positive_int, default=4,
                     help="timed steps after the compiling one")
@@ -134,8 +131,8 @@ def main(argv=None) -> int:
                     help="alternate --passes 'full' and 'shared', step by step")
     t = sub.add_parser("train_step")
     t.add_argument("--arch", default="small", choices=ARCHS)
-    t.add_argument("--batch", type=cli.positive_int, default=8)
-    t.add_argument("--seq-len", type=cli.positive_int, default=256)
+    t.add_argument("--batch", type=cli.int_in(1, MAX_BATCH), default=8)
+    t.add_argument("--seq-len", type=cli.int_in(1, cli.MAX_TOKENS), default=256)
     t.add_argument("--repeats", type=cli.int_in(1, cli.MAX_REPEATS), default=5)
     t.add_argument("--peak-gflops", type=cli.positive_float, default=None,
                    help="the matmul peak to divide by (default: measured now)")
@@ -156,10 +153,10 @@ def main(argv=None) -> int:
     c.add_argument("--workloads", default="rollout,grpo_step,heatmap")
     ct = sub.add_parser("compile_time")
     ct.add_argument("--arch", default="small", choices=ARCHS)
-    ct.add_argument("--text-layers", type=cli.positive_int, default=28)
-    ct.add_argument("--vit-layers", type=cli.positive_int, default=24)
-    ct.add_argument("--batch", type=cli.positive_int, default=2)
-    ct.add_argument("--seq-len", type=cli.positive_int, default=256)
+    ct.add_argument("--text-layers", type=cli.int_in(1, MAX_LAYERS), default=28)
+    ct.add_argument("--vit-layers", type=cli.int_in(1, MAX_LAYERS), default=24)
+    ct.add_argument("--batch", type=cli.int_in(1, MAX_BATCH), default=2)
+    ct.add_argument("--seq-len", type=cli.int_in(1, cli.MAX_TOKENS), default=256)
     ct.add_argument("--remat", action="store_true", help="under memory.remat")
     ct.add_argument("--remat-policy", default=None,
                     help="memory.remat_policy (with --remat; default full)")
@@ -223,6 +220,12 @@ def main(argv=None) -> int:
         if not jax.config.jax_compilation_cache_dir:  # the compiler's figures cost no 2nd compile
             jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="emit_gpu_xla"))
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        from emit_jax import configs
+
+        try:  # before the first compile: a bad --config is one line naming it
+            configs.load(args.config)
+        except ConfigError as e:
+            _usage_error(f"--config: {e}")
         rows = alternate(args, lambda: gpucheck.run(gpucheck.from_args(args)))
     else:
         unknown = [w for w in args.workloads.split(",") if w and w not in WORKLOADS]
@@ -258,6 +261,10 @@ def _usage_error(text: str):
     raise SystemExit(2)
 
 
+#: the keys ``--kernels`` takes: the trace-time switches of ``emit_jax.ops.kernels``
+KERNEL_KEYS = ("attention", "decode", "decode_bucket")
+
+
 def parse_kernels(text: str) -> dict:
     """``'attention=dot_product,decode=bucketed'`` -> keyword arguments of ``kernel_options``."""
     out = {}
@@ -267,6 +274,11 @@ def parse_kernels(text: str) -> dict:
             _usage_error(f"--kernels {text!r}: expected KEY=VALUE")
         if key.strip() in out:  # before: the last one silently won
             _usage_error(f"--kernels {text!r}: {key.strip()} given twice; give it once")
+        if key.strip() not in KERNEL_KEYS:  # before: ignored without a word
+            _usage_error(f"--kernels {text!r}: no kernel setting {key.strip()!r}; known: "
+                         f"{', '.join(KERNEL_KEYS)}")
+        if key.strip() == "decode_bucket" and not value.strip().isdigit():
+            _usage_error(f"--kernels {text!r}: decode_bucket must be a whole number")
         out[key.strip()] = int(value) if key.strip() == "decode_bucket" else value.strip()
     return out
 
@@ -293,14 +305,17 @@ def alternate(args, bench) -> list[dict]:
     from emit_jax.ops.kernels import kernel_options
 
     variants = [parse_kernels(k) for k in args.kernels]
+    for v in variants:  # each checked before any run (before: a bad --config inside the bench
+        try:            # was said as a --kernels error)
+            with kernel_options(**v):
+                pass
+        except ValueError as e:
+            _usage_error(f"--kernels: {e}")
     rows = []
     for rnd in range(args.rounds):
         for v in variants:
-            try:
-                with kernel_options(**v) as opts:
-                    row = bench()
-            except ValueError as e:
-                _usage_error(f"--kernels: {e}")
+            with kernel_options(**v) as opts:
+                row = bench()
             rows.append({**row, "kernels": dataclasses.asdict(opts), "round": rnd})
             print(json.dumps(rows[-1]), flush=True)
     return []

@@ -254,8 +254,10 @@ def add_arguments(p) -> None:
     from emit_jax import cli
     from emit_jax.models.architectures import ARCHITECTURES
 
-    types = {"text_layers": cli.nonneg_int, "vision_layers": cli.nonneg_int,
-             "micro": cli.nonneg_int, "seed": cli.nonneg_int, "G": cli.int_at_least(2),
+    from emit_jax.limits import MAX_BATCH, MAX_LAYERS
+
+    types = {"text_layers": cli.int_in(0, MAX_LAYERS), "vision_layers": cli.int_in(0, MAX_LAYERS),
+             "micro": cli.nonneg_int, "seed": cli.nonneg_int, "G": cli.int_in(2, MAX_BATCH),
              "peak_tflops": cli.positive_float}
     d = GpuCheck()
     for f in dataclasses.fields(GpuCheck):

@@ -22,7 +22,15 @@ MAX_IMAGE_SIDE = 8192
 #: the largest matrix side of ``python -m bench matmul`` (a 16 GiB float32 matrix)
 MAX_MATRIX_SIDE = 1 << 16
 #: the largest patch grid side of a heat-map benchmark (``bench heatmap --grid``,
-#: ``experiments.heatmap_parts --grid``): 1,024 x 1,024 patches, beyond any image
+#: ``experiments.heatmap_parts --grid``): 8,192-pixel images in 14-pixel patches are 585, and
+#: ``--grid 100000`` compiled for 49 s before JAX's warning and an out-of-memory line
 MAX_GRID = 1024
+#: the largest batch (rows, prompts, G) a benchmark or experiment flag may ask for
+#: (``bench rollout --batch``, ``experiments.pointer --batch``): 1e8 rows ran silently
+#: towards memory exhaustion
+MAX_BATCH = 1 << 16
+#: the most decoder or ViT layers a benchmark flag may build (``bench compile_time
+#: --vit-layers``, ``experiments.pointer --layers``): InternVL3-8B has 28 and 24
+MAX_LAYERS = 1024
 #: the largest reward weight (``grpo.reward_weights``): the weighted sum stays finite
 MAX_REWARD_WEIGHT = 1e6

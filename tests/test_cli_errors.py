@@ -988,6 +988,19 @@ class TestBench:
         (["rollout", "--arch", "tiny", "--kernels", "attention=bogus"],
          ("--kernels: kernels.attention must be one of",)),
         (["rollout", "--arch", "tiny", "--kernels", "attention"], ("--kernels 'attention'",)),
+        # thirteenth probe: an unknown key was ignored (BR7); a bad --config was said as a
+        # --kernels error (BU1); sizes without a bound ran silently towards memory (BK3, P2)
+        (["rollout", "--arch", "tiny", "--kernels", "nosuch=1"],
+         ("--kernels 'nosuch=1': no kernel setting 'nosuch'; known: attention, decode, "
+          "decode_bucket",)),
+        (["rollout", "--arch", "tiny", "--kernels", "decode_bucket=x"],
+         ("decode_bucket must be a whole number",)),
+        (["gpu", "--config", "/nonexistent/c.py"],
+         ("--config: config file not found: /nonexistent/c.py",)),
+        (["compile_time", "--vit-layers", "100000"], ("argument --vit-layers",
+                                                      "must be <= 1024, got 100000")),
+        (["rollout", "--batch", "100000000"], ("argument --batch", "must be <= 65536")),
+        (["gpu", "--text-layers", "5000"], ("argument --text-layers", "must be <= 1024")),
         # before: ignored, the plain model timed as if it were the asked-for LoRA variant
         (["rollout", "--arch", "tiny", "--merge-lora", "never"],
          ("--merge-lora: only with --lora RANK",)),

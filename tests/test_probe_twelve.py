@@ -221,6 +221,9 @@ def test_the_default_split_is_recorded_as_the_split_it_asks(tmp_path):
      "config base.batch_size: -1 is below 1"),
     ("fresh_images", ["--workdir", "w", "--batch-size", "6", "--set", "sft.micro_batch_size=4"],
      "config sft.micro_batch_size: 4 does not divide sft.batch_size (6 rows)"),
+    ("pointer", ["--batch", "100000000"], "argument --batch: must be <= 65536, got 100000000"),
+    ("pointer", ["--layers", "5000"], "argument --layers: must be <= 1024, got 5000"),
+    ("pointer", ["--tokenizer", "/dev/null"], "/dev/null: a device, not a tokenizer folder"),
     ("adfm_compare", ["--seeds", "0"], "argument --seeds: must be >= 1, got 0"),
 ])
 def test_the_experiments_check_their_numbers_where_they_are_read(module, args, line, capsys):
@@ -235,3 +238,23 @@ def test_the_experiments_check_their_numbers_where_they_are_read(module, args, l
     assert cli.run(main, args, prog=prog) == 2
     err = _lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith(f"{prog}: error: {line}"), err
+
+
+def test_adfm_compare_configs_and_their_keys(tmp_path, capsys):
+    """Thirteenth probe A2: ``--configs FILE`` said "config file not found: FILE/adfm.py"; A8:
+    every row warned "config eval_adfm_tokens: no such setting", a key it sets and train
+    reads."""
+    from emit_jax import cli
+    from emit_jax.experiments.adfm_compare import ROWS, main, row_config
+    from emit_jax.training.validate import unknown_keys
+
+    for row in ROWS:
+        assert unknown_keys(row_config(row, {}, 0)) == (), row
+    f = tmp_path / "afile"
+    f.write_text("")
+    prog = "python -m emit_jax.experiments.adfm_compare"
+    for path, what in ((f, "a file, not a folder"), (tmp_path / "none", "no such folder")):
+        assert cli.run(main, ["--configs", str(path)], prog=prog) == 2
+        assert _lines(capsys.readouterr().err) == [
+            f"{prog}: error: --configs {path}: {what}; name the folder holding grpo.py, "
+            "adfm.py and adfm_emit.py"]

@@ -36,4 +36,6 @@ def get_config(arg=None):
     # coordinates must lie inside the frame: tiny's 224 x 224 (AD-FM: < 505 for its 504 frame)
     g.reward_kwargs = dict(loc_variant="normalized", coord_limit=225, strict=False)
     c.eval_adfm = 100 if arg != "smoke" else 4  # AD-FM held-out questions evaluated
+    # their generation budget (0: grpo.max_new_tokens); adfm_compare sets it on the other rows
+    c.eval_adfm_tokens = 0
     return c

@@ -171,6 +171,9 @@ def check_tokenizer_folder(path: str | os.PathLike) -> None:
     from emit_jax.fileio import not_a_file
 
     path = os.fspath(path)
+    if os.path.lexists(path) and not os.path.isdir(path):  # (a file, /dev/null, a pipe)
+        raise TokenizerError(f"{show_path(path)}: {not_a_file(path) or 'a file'}, not a "
+                             "tokenizer folder")
     if not os.path.isdir(path):
         raise TokenizerError(f"{show_path(path)}: no such tokenizer folder")
     for name in TOKENIZER_FILES:  # there, but a folder or a pipe: transformers' text before

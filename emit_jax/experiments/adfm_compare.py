@@ -128,8 +128,18 @@ def main(argv=None) -> int:
         ap.error("--seeds must be >= 1")
     overrides = configs.parse_sets(args.set)
     config_dir = args.configs
-    for row in ROWS:  # fail early on a bad config or override
-        row_config(row, overrides, 0, config_dir, args.smoke)
+    if not os.path.isdir(config_dir):  # before: "config file not found: FILE/adfm.py"
+        from emit_jax.errors import ConfigError
+        from emit_jax.fileio import not_a_file
+
+        what = (f"{not_a_file(config_dir) or 'a file'}, not a folder"
+                if os.path.lexists(config_dir) else "no such folder")
+        raise ConfigError(f"--configs {config_dir}: {what}; name the folder holding grpo.py, "
+                          "adfm.py and adfm_emit.py")
+    from emit_jax.training.validate import validate_config
+
+    for row in ROWS:  # fail early on a bad config or override, as train would say it
+        validate_config(row_config(row, overrides, 0, config_dir, args.smoke))
     results = []
     first = ROWS[next(iter(ROWS))][0]
     for seed in range(args.seeds):

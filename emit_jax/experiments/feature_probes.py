@@ -27,7 +27,6 @@ initialised ``--arch`` (seed ``--seed``), as in the main job, whose ViT is not t
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import numpy as np
@@ -212,4 +211,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, prog="emit_jax.experiments.feature_probes"))
+    cli.command(main, prog="python -m emit_jax.experiments.feature_probes")

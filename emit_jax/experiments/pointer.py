@@ -33,13 +33,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import random
-import sys
 import tempfile
 import time
 
 import numpy as np
 
 from emit_jax import cli
+from emit_jax.limits import MAX_BATCH, MAX_LAYERS, MAX_MATRIX_SIDE
 
 
 def _tokenizer(path: str):
@@ -148,10 +148,10 @@ def main(argv=None) -> int:
                    formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=["lookup", "copy", "enumerate", "restate", "restate+copy"], default="enumerate")
     p.add_argument("--steps", type=cli.positive_int, default=800)
-    p.add_argument("--batch", type=cli.positive_int, default=32)
+    p.add_argument("--batch", type=cli.int_in(1, MAX_BATCH), default=32)
     p.add_argument("--lr", type=cli.positive_float, default=3e-3)
-    p.add_argument("--hidden", type=cli.positive_int, default=128)
-    p.add_argument("--layers", type=cli.positive_int, default=4)
+    p.add_argument("--hidden", type=cli.int_in(1, MAX_MATRIX_SIDE), default=128)
+    p.add_argument("--layers", type=cli.int_in(1, MAX_LAYERS), default=4)
     p.add_argument("--rope-theta", type=cli.positive_float, default=1e6)
     p.add_argument("--words", type=cli.int_at_least(4), default=30)
     p.add_argument("--tokenizer", default="", help="a tiny tokenizer folder (a workdir's "
@@ -232,4 +232,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, prog="emit_jax.experiments.pointer"))
+    cli.command(main, prog="python -m emit_jax.experiments.pointer")

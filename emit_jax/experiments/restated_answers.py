@@ -114,4 +114,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, prog="emit_jax.experiments.restated_answers"))
+    cli.command(main, prog="python -m emit_jax.experiments.restated_answers")
