@@ -221,6 +221,9 @@ def test_cli_user_errors():
         (("--config", "configs/sft.py", "--topology", TOPOLOGY, "--stage", "nope"),
          ("unknown stage",)),
         (("--config", "configs/sft.py"), ("--topology",)),
+        # thirteenth probe AO20: libtpu made the slice, then aborted compiling for it (SIGABRT)
+        (("--config", "configs/sft.py", "--topology", "v5e:32x32"),
+         ("libtpu cannot compile for this slice", "chip_bounds().x <= 16 (32 vs. 16)")),
     ]
     procs = [(_cli(*args), words) for args, words in cases]
     for proc, words in procs:

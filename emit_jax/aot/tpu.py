@@ -58,6 +58,8 @@ def topology(name: str):
     # libtpu takes /tmp/libtpu_lockfile so that two processes do not drive the same chips;
     # compiling drives none, so several compilations (and a test's children) may run at once
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if max(int(d) for d in name.split(":")[1].split("x")) > CHECKED_SIDE:
+        _check_compiles(name)
     from jax.experimental import topologies
 
     try:
@@ -67,6 +69,39 @@ def topology(name: str):
         msg = " ".join(str(e).split())
         what = "unknown topology" if msg.startswith("INVALID_ARGUMENT") else "topology"
         raise AotError(f"{what} {name!r}: {msg.removeprefix('INVALID_ARGUMENT: ')}") from None
+
+
+#: slices with a side above this are compiled for once in a child process first: libtpu makes
+#: the topology of any size but aborts the process when it compiles for one its generation does
+#: not have (``v5e:32x32``: ``Check failed: chip_bounds().x <= 16``, 39 lines and SIGABRT)
+CHECKED_SIDE = 16
+
+_PREFLIGHT = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental import topologies
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+devices = np.array(topologies.get_topology_desc(platform="tpu", topology_name=sys.argv[1]).devices)
+s = NamedSharding(Mesh(devices.reshape(-1), ("d",)), P("d"))
+jax.jit(lambda x: x * 2, in_shardings=s, out_shardings=s).lower(
+    jax.ShapeDtypeStruct((devices.size,), jnp.float32, sharding=s)).compile()
+"""
+
+
+def _check_compiles(name: str) -> None:
+    """Raise :class:`AotError` when libtpu aborts compiling a one-line program for the slice
+    ``name`` (run in a child: the abort ends the process), with libtpu's failed check."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", _PREFLIGHT, name], capture_output=True, text=True,
+                       env=dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1"))
+    if r.returncode == 0:
+        return
+    found = re.search(r"Check failed: (.*)", r.stderr)
+    why = " ".join(found.group(1).split()) if found else \
+        (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+    raise AotError(f"topology {name!r}: libtpu cannot compile for this slice ({why}); choose "
+                   "a slice this TPU generation has (the bound above is libtpu's)")
 
 
 def device_capacity(devices, hbm_gib: float | None = None) -> tuple[int, str]:
