@@ -258,3 +258,23 @@ def test_adfm_compare_configs_and_their_keys(tmp_path, capsys):
         assert _lines(capsys.readouterr().err) == [
             f"{prog}: error: --configs {path}: {what}; name the folder holding grpo.py, "
             "adfm.py and adfm_emit.py"]
+
+
+def test_a_class_with_masks_but_no_images_and_a_stopping_error_say_so(tmp_path):
+    """Thirteenth probe DS1: a class folder holding only ``ground_truth/`` was passed over
+    without a word ("skipped": 0); DS5: under ``--policy error`` a line ended in "; skipped"
+    while the run stopped."""
+    from emit_jax.data.mvtec import DataError, Report, scan
+    from test_tasks import make_mvtec
+
+    data = make_mvtec(tmp_path / "ds")
+    (tmp_path / "ds" / "nut" / "ground_truth" / "crack").mkdir(parents=True)
+    report = Report(policy="skip")
+    items = scan(data, report=report)
+    assert items and report.skipped == [
+        f"{tmp_path / 'ds' / 'nut'}: a class folder with ground_truth/ but no train/ or test/ "
+        "image folders; skipped"]
+    with pytest.raises(DataError) as e:
+        scan(data)
+    assert str(e.value) == (f"{tmp_path / 'ds' / 'nut'}: a class folder with ground_truth/ but "
+                            "no train/ or test/ image folders")

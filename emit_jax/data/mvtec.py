@@ -45,8 +45,8 @@ class Report:
 
     def problem(self, message: str) -> None:
         """Raise (policy 'error') or record and continue (policy 'skip')."""
-        if self.policy == "error":
-            raise DataError(message)
+        if self.policy == "error":  # (the run stops: not "skipped", as the message may say)
+            raise DataError(message.removesuffix("; skipped"))
         self.skipped.append(message)
 
     def relabelled_note(self) -> str | None:
@@ -123,7 +123,12 @@ def _class_dirs(root: str, report: Report | None = None) -> list[str]:
         return [root]  # a single class folder
     names = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, "test"))
              or os.path.isdir(os.path.join(root, d, "train"))]
-    return sorted(os.path.join(root, d) for d in _named(root, names, report or Report()))
+    report = report or Report()
+    for d in sorted(os.listdir(root)):  # a class's masks without its images: not passed over
+        if d not in names and os.path.isdir(os.path.join(root, d, "ground_truth")):
+            report.problem(f"{os.path.join(root, d)}: a class folder with ground_truth/ but no "
+                           "train/ or test/ image folders; skipped")
+    return sorted(os.path.join(root, d) for d in _named(root, names, report))
 
 
 def _find_mask(gt_dir: str, stem: str) -> str | None:
