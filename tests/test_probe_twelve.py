@@ -278,3 +278,17 @@ def test_a_class_with_masks_but_no_images_and_a_stopping_error_say_so(tmp_path):
         scan(data)
     assert str(e.value) == (f"{tmp_path / 'ds' / 'nut'}: a class folder with ground_truth/ but "
                             "no train/ or test/ image folders")
+
+
+def test_plan_refuses_a_lora_rank_train_refuses(capsys):
+    """Thirteenth probe Q8: ``plan --stage grpo --set grpo.lora.rank=100000`` planned 1.66 B
+    trainable parameters for a 20.6 M model, where train refuses the rank."""
+    from emit_jax import cli
+    from emit_jax.plan.command import main
+
+    assert cli.run(main, ["--config", "configs/grpo.py", "--stage", "grpo", "--set",
+                          "grpo.lora.rank=100000"], prog="emit_jax.plan") == 2
+    err = _lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith(
+        "emit_jax.plan: error: config grpo.lora.rank: 100000 is above every adapted layer's "
+        "width (the widest, "), err

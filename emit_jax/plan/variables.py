@@ -87,6 +87,9 @@ def lora_factors(variables: Sequence[Var], targets: str, rank: int, bits: int | 
                 (ax[0] if len(v.shape) == 2 else None, None), "LoRAParam")
         b = Var(v.path + "_lora_b", (rank, fan_out), bits or v.bits, (None, ax[-1]), "LoRAParam")
         out.append((v, a, b))
+    from emit_jax.training.config import check_lora_rank  # (train's check, said alike)
+
+    check_lora_rank(rank, {k.path.rpartition("/")[0]: (k.shape[-2], k.shape[-1]) for k, _, _ in out})
     return out
 
 

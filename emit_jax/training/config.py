@@ -105,6 +105,21 @@ def check_lr(key: str, v) -> float:
     return lr
 
 
+def check_lora_rank(rank: int, widths: dict[str, tuple[int, int]]) -> None:
+    """Raise ``ConfigError`` when ``rank`` is above ``min(in, out)`` of every adapted kernel
+    (``widths``: its path -> ``(in, out)``): no kernel can use it (one changes in at most
+    ``min(in, out)`` directions) and its factors outweigh the layers. ``train`` (where the
+    adapters are made) and ``plan`` say it alike."""
+    if not widths:
+        return
+    name, (d_in, d_out) = max(widths.items(), key=lambda kv: min(kv[1]))
+    if int(rank) > min(d_in, d_out):
+        raise ConfigError(f"config grpo.lora.rank: {rank} is above every adapted layer's width "
+                          f"(the widest, {name}, is {d_in} x {d_out}): a kernel changes in at most "
+                          f"min(in, out) directions, so choose a rank of at most "
+                          f"{min(d_in, d_out)} (low-rank adapters are usually 4-64)")
+
+
 def check_micro(key: str, mb: int, rows: int, what: str) -> None:
     """``micro_batch_size``: 0 (the whole batch) or a divisor of the step's rows."""
     check_int(key, mb, low=0)

@@ -20,7 +20,7 @@ from emit_jax.errors import ConfigError
 from emit_jax.models import scan
 from emit_jax.models.layers import axes_meta
 from emit_jax.parallel import localize_module, placed_module
-from emit_jax.training.config import LoRAConfig
+from emit_jax.training.config import LoRAConfig, check_lora_rank
 from emit_jax.training.precision import float32_initializer
 from emit_jax.models.emit import is_emit
 
@@ -160,14 +160,7 @@ def check_rank(model, cfg: LoRAConfig) -> None:
         if isinstance(module, nnx.Linear) and re.fullmatch(cfg.targets, name):
             d_in, d_out = module.kernel.shape[-2:]
             widths[name] = (int(d_in), int(d_out))
-    if not widths:
-        return  # (apply_lora names targets that match nothing)
-    name, (d_in, d_out) = max(widths.items(), key=lambda kv: min(kv[1]))
-    if int(cfg.rank) > min(d_in, d_out):
-        raise ConfigError(f"config grpo.lora.rank: {cfg.rank} is above every adapted layer's "
-                          f"width (the widest, {name}, is {d_in} x {d_out}): a kernel changes in "
-                          f"at most min(in, out) directions, so choose a rank of at most "
-                          f"{min(d_in, d_out)} (low-rank adapters are usually 4-64)")
+    check_lora_rank(cfg.rank, widths)  # (none matched: apply_lora names the targets)
 
 
 def apply_lora(model, sample: dict, lora_cfg: LoRAConfig, *, seed: int = 0):
