@@ -178,6 +178,23 @@ def _interrupts_deferred():
         raise KeyboardInterrupt(signal.Signals(got[0]).name)
 
 
+#: a training workdir's stage folders, last trained first (its newest model is the last one's)
+_STAGE_FOLDERS = ("grpo", "sft2", "sft", "base", "warmup")
+
+
+def _workdir_hint(path: str) -> str:
+    """For a training workdir given where a model is read: where its models are (before: only
+    "not an emit_jax model checkpoint")."""
+    models = [os.path.join(path, s, "model") for s in _STAGE_FOLDERS
+              if os.path.isfile(os.path.join(path, s, "model", META_FILE))]
+    if not models:
+        return ""
+    hf_dir = os.path.join(path, "hf")
+    return (f" but a training workdir: its stages' models are {', '.join(models)}"
+            + (f" (and the exported {hf_dir})" if os.path.isdir(hf_dir) else "")
+            + f"; the last trained is {models[0]}")
+
+
 def read_meta(path: str | os.PathLike) -> dict:
     meta_path = os.path.join(os.fspath(path), META_FILE)
     if kind := not_a_file(meta_path):  # before: "not found", for a folder or a pipe there
@@ -187,7 +204,8 @@ def read_meta(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{show_path(path)}: {what} (an emit_jax model checkpoint is a "
                               f"folder holding {META_FILE})")
     if not os.path.isfile(meta_path):
-        raise CheckpointError(f"{meta_path}: not found; {path} is not an emit_jax model checkpoint")
+        raise CheckpointError(f"{meta_path}: not found; {path} is not an emit_jax model "
+                              f"checkpoint{_workdir_hint(os.fspath(path))}")
     meta = read_json(meta_path, error=CheckpointError, what="valid JSON")
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_path}: not valid JSON (expected an object, got "

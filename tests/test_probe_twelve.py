@@ -292,3 +292,46 @@ def test_plan_refuses_a_lora_rank_train_refuses(capsys):
     assert len(err) == 1 and err[0].startswith(
         "emit_jax.plan: error: config grpo.lora.rank: 100000 is above every adapted layer's "
         "width (the widest, "), err
+
+
+def test_python_m_emit_jax_lists_the_commands(capsys):
+    """Thirteenth probe O1: ``python -m emit_jax --help`` was Python's "No module named
+    emit_jax.__main__"."""
+    import importlib
+
+    from emit_jax.__main__ import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name, _ in COMMANDS:
+        assert f"python -m {name} " in out
+        if "<" not in name and name != "bench":
+            assert importlib.util.find_spec(name) is not None, name
+    assert main(["train"]) == 2
+    assert _lines(capsys.readouterr().err) == [
+        "python -m emit_jax: error: 'train': python -m emit_jax takes no command; run python -m "
+        "emit_jax.train (python -m emit_jax --help lists the commands)"]
+
+
+def test_a_workdir_where_a_model_is_read_names_its_models(tmp_path, capsys):
+    """Thirteenth probe O2: a training workdir as ``--checkpoint`` was "not an emit_jax model
+    checkpoint", nothing said of WD/<stage>/model; H3: ``--arch`` / ``--seed`` beside
+    ``--checkpoint`` were ignored without a word."""
+    from emit_jax import checkpoint
+    from emit_jax.errors import CheckpointError
+    from emit_jax.experiments import warn_unused_with_checkpoint
+
+    for stage in ("base", "sft"):
+        (tmp_path / stage / "model").mkdir(parents=True)
+        (tmp_path / stage / "model" / checkpoint.META_FILE).write_text("{}")
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.read_meta(tmp_path)
+    assert str(e.value).endswith(
+        f"is not an emit_jax model checkpoint but a training workdir: its stages' models are "
+        f"{tmp_path}/sft/model, {tmp_path}/base/model; the last trained is {tmp_path}/sft/model")
+    warn_unused_with_checkpoint(["--checkpoint", "x", "--arch=small", "--seed", "3"],
+                                ("--arch", "--seed"))
+    warn_unused_with_checkpoint(["--checkpoint", "x"], ("--arch", "--seed"))
+    assert _lines(capsys.readouterr().err) == [
+        "warning: --arch, --seed: not used, the model (its architecture and weights) comes from "
+        "--checkpoint"]

@@ -68,6 +68,10 @@ def main(argv=None) -> int:
     if args.checkpoint:
         import os
 
+        from emit_jax.experiments import warn_unused_with_checkpoint
+
+        warn_unused_with_checkpoint(argv, ("--arch", "--seed"))
+
         from emit_jax import checkpoint, hf
 
         model = hf.load(args.checkpoint) if os.path.isfile(os.path.join(args.checkpoint, "config.json")) \
