@@ -221,13 +221,31 @@ def test_cli_user_errors():
         (("--config", "configs/sft.py", "--topology", TOPOLOGY, "--stage", "nope"),
          ("unknown stage",)),
         (("--config", "configs/sft.py"), ("--topology",)),
-        # thirteenth probe AO20: libtpu made the slice, then aborted compiling for it (SIGABRT)
+        # thirteenth probe AO20: libtpu made the slice, then aborted compiling for it (SIGABRT);
+        # fourteenth AO3/AO4: v6e:32x32 compiled (no such slice), v5p:64x64x64 sat for minutes
         (("--config", "configs/sft.py", "--topology", "v5e:32x32"),
-         ("libtpu cannot compile for this slice", "chip_bounds().x <= 16 (32 vs. 16)")),
+         ("a v5e slice is at most 16x16 chips",)),
+        (("--config", "configs/sft.py", "--topology", "v6e:32x32"),
+         ("a v6e slice is at most 16x16 chips",)),
+        (("--config", "configs/sft.py", "--topology", "v5p:64x64x64"),
+         ("262144 chips, more than any TPU pod (8960",)),
     ]
     procs = [(_cli(*args), words) for args, words in cases]
     for proc, words in procs:
         _one_line_error(proc, *words)
+
+
+@needs_libtpu
+def test_a_slice_libtpu_aborts_on_is_one_error():
+    """The child-process compile that guards slices with a side above 16: libtpu's abort
+    (SIGABRT, 39 lines) becomes its failed check in one ``AotError``."""
+    from emit_jax.aot import tpu
+    from emit_jax.errors import AotError
+
+    with pytest.raises(AotError) as e:
+        tpu._check_compiles("v5e:32x32")  # (the size check refuses it before, in the command)
+    assert "libtpu cannot compile for this slice" in str(e.value)
+    assert "chip_bounds().x <= 16 (32 vs. 16)" in str(e.value)
 
 
 def test_config_overrides_split():

@@ -335,3 +335,43 @@ def test_a_workdir_where_a_model_is_read_names_its_models(tmp_path, capsys):
     assert _lines(capsys.readouterr().err) == [
         "warning: --arch, --seed: not used, the model (its architecture and weights) comes from "
         "--checkpoint"]
+
+
+def test_a_stage_folder_names_its_model_and_an_empty_image_folder_is_noted(tmp_path, capsys):
+    """Fourteenth probe O2b: ``--checkpoint WD/base`` (the model is WD/base/model) was only
+    "not an emit_jax model checkpoint"; DS6: an empty defect folder (or a link up the tree,
+    DS5c) was dropped without a word."""
+    from emit_jax import checkpoint
+    from emit_jax.data.mvtec import Report, scan
+    from emit_jax.errors import CheckpointError
+    from test_tasks import make_mvtec
+
+    (tmp_path / "wd" / "base" / "model").mkdir(parents=True)
+    (tmp_path / "wd" / "base" / "model" / checkpoint.META_FILE).write_text("{}")
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.read_meta(tmp_path / "wd" / "base")
+    assert str(e.value).endswith("but a stage folder of a training workdir: its model is "
+                                 f"{tmp_path}/wd/base/model")
+    data = make_mvtec(tmp_path / "ds")
+    empty = tmp_path / "ds" / "bolt" / "test" / "emptydefect"
+    empty.mkdir()
+    report = Report()
+    scan(data, report=report)
+    report.say_notes()
+    assert _lines(capsys.readouterr().err) == [
+        f"note: 1 image folder(s) hold no image and ask no question (first: {empty})"]
+
+
+def test_fresh_images_notes_a_set_of_a_stage_it_never_runs(tmp_path, capsys):
+    """Fourteenth probe F2c: ``--set grpo.lora.rank=100000`` (no stage of fresh_images reads
+    grpo.*) was accepted without a word."""
+    from emit_jax import cli
+    from emit_jax.experiments.fresh_images import main
+
+    prog = "python -m emit_jax.experiments.fresh_images"
+    assert cli.run(lambda argv: (main(argv), 0)[1],
+                   ["--workdir", str(tmp_path / "w"), "--set", "grpo.lora.rank=100000",
+                    "--set", "base.batch_size=-1"], prog=prog) == 2
+    assert _lines(capsys.readouterr().err) == [
+        "note: --set grpo.lora.rank: not used, fresh_images trains only the base and sft "
+        "settings", f"{prog}: error: config base.batch_size: -1 is below 1"]

@@ -58,6 +58,7 @@ def topology(name: str):
     # libtpu takes /tmp/libtpu_lockfile so that two processes do not drive the same chips;
     # compiling drives none, so several compilations (and a test's children) may run at once
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    check_slice_size(name)
     if max(int(d) for d in name.split(":")[1].split("x")) > CHECKED_SIDE:
         _check_compiles(name)
     from jax.experimental import topologies
@@ -69,6 +70,31 @@ def topology(name: str):
         msg = " ".join(str(e).split())
         what = "unknown topology" if msg.startswith("INVALID_ARGUMENT") else "topology"
         raise AotError(f"{what} {name!r}: {msg.removeprefix('INVALID_ARGUMENT: ')}") from None
+
+
+#: the most chips of a slice: a v5p pod has 8,960 (before: v5p:64x64x64, 262,144 chips, sat
+#: in libtpu for minutes without a word)
+MAX_CHIPS = 8960
+#: the longest side of the 2-D generations' slices (v5e and v6e pods are 16 x 16 = 256 chips;
+#: libtpu made v6e:32x32 and compiled for it, a slice that does not exist)
+MAX_SIDE_2D = {"v5e": 16, "v5litepod": 16, "v6e": 16}
+
+
+def check_slice_size(name: str) -> None:
+    """Raise :class:`AotError` for a slice ``name`` (``GEN:AxB[xC]``) larger than any pod of its
+    generation (:data:`MAX_SIDE_2D`) or than :data:`MAX_CHIPS`, before libtpu is asked."""
+    gen, _, dims = name.partition(":")
+    sides = [int(d) for d in dims.split("x")]
+    chips = 1
+    for side in sides:
+        chips *= side
+    side = MAX_SIDE_2D.get(gen.lower())
+    if side is not None and max(sides) > side:
+        raise AotError(f"topology {name!r}: a {gen} slice is at most {side}x{side} chips (a whole "
+                       f"pod); choose a smaller slice")
+    if chips > MAX_CHIPS:
+        raise AotError(f"topology {name!r}: {chips} chips, more than any TPU pod ({MAX_CHIPS}, "
+                       "v5p's); choose a smaller slice")
 
 
 #: slices with a side above this are compiled for once in a child process first: libtpu makes

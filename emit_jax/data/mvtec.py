@@ -38,6 +38,8 @@ class Report:
     relabelled: list[str] = dataclasses.field(default_factory=list)
     # images a splits.json does not list (their split is "unlisted")
     unlisted: list[str] = dataclasses.field(default_factory=list)
+    # image folders (test/<defect>/, train/good/) holding no image
+    empty: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         if self.policy not in ("error", "skip"):
@@ -64,9 +66,18 @@ class Report:
         return (f"note: {len(self.unlisted)} image(s) are not listed in splits.json; they form "
                 f"the split 'unlisted', used by no stage (first: {sorted(self.unlisted)[0]})")
 
+    def empty_note(self) -> str | None:
+        """One ``note:`` line for the image folders that hold no image, or None (before: an
+        empty or misplaced defect folder was dropped without a word)."""
+        if not self.empty:
+            return None
+        return (f"note: {len(self.empty)} image folder(s) hold no image and ask no question "
+                f"(first: {sorted(self.empty)[0]})")
+
     def say_notes(self) -> None:
-        """Print :meth:`relabelled_note` and :meth:`unlisted_note` to stderr, those there are."""
-        for note in (self.relabelled_note(), self.unlisted_note()):
+        """Print :meth:`relabelled_note`, :meth:`unlisted_note` and :meth:`empty_note` to
+        stderr, those there are."""
+        for note in (self.relabelled_note(), self.unlisted_note(), self.empty_note()):
             if note:
                 print(note, file=sys.stderr)
 
@@ -254,7 +265,10 @@ def scan(root: str | os.PathLike, *, dataset: str | None = None,
                 if split == "train" and not good:
                     report.problem(f"{folder}: training folders must be normal ('good'); skipped")
                     continue
-                for path in _images(folder, report):
+                found = _images(folder, report)
+                if not found:
+                    report.empty.append(folder)
+                for path in found:
                     mask = None
                     if not good:
                         stem = os.path.splitext(os.path.basename(path))[0]

@@ -110,6 +110,12 @@ def main(argv=None) -> dict:
     t0 = time.time()
     sets = dict(configs.parse_sets(a.set), **{"data.ad_order": a.ad_order})
     cfg = configs.load(a.config, sets)
+    from emit_jax.training.config import STAGES
+
+    for key in sets:  # (before: a --set of a stage it never runs, accepted without a word)
+        if key.split(".")[0] in STAGES and key.split(".")[0] not in ("base", "sft"):
+            print(f"note: --set {key}: not used, fresh_images trains only the base and sft "
+                  "settings", file=sys.stderr, flush=True)
     cfg.export_hf = False
     from emit_jax.training.validate import validate_config
 
