@@ -375,3 +375,21 @@ def test_fresh_images_notes_a_set_of_a_stage_it_never_runs(tmp_path, capsys):
     assert _lines(capsys.readouterr().err) == [
         "note: --set grpo.lora.rank: not used, fresh_images trains only the base and sft "
         "settings", f"{prog}: error: config base.batch_size: -1 is below 1"]
+
+
+def test_the_main_job_script_never_deletes_a_folder_it_did_not_make(tmp_path):
+    """Fourteenth probe TL1: ``tools/main_job.sh DIR`` ran ``rm -rf DIR`` on any folder (a
+    user's results gone), and went on after a failed ``python3 -m venv``."""
+    import subprocess
+
+    from conftest import ROOT
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "results.json").write_text("keep")
+    r = subprocess.run(["bash", os.path.join(ROOT, "tools", "main_job.sh"), str(victim)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and _lines(r.stderr) == [
+        f"tools/main_job.sh: error: {victim}: exists and was not made by this script; choose a "
+        "new folder"], r.stderr
+    assert (victim / "results.json").read_text() == "keep" and r.stdout == ""
