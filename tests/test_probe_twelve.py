@@ -84,6 +84,8 @@ def test_a_non_finite_scalar_draws_no_tensorboard_line(tmp_path):
     ("grpo.lr=-0.5", "config grpo.lr: -0.5 must be > 0.0"),
     ("sft.micro_batch_size=3", "config sft.micro_batch_size: 3 does not divide sft.batch_size "
                                "(8 rows)"),
+    # fourteenth probe PL7: a 49-line ValueError traceback
+    ("emit.num_soft_tokens=-3", "config emit.num_soft_tokens: -3 is below 0"),
 ])
 def test_plan_checks_the_stages_it_plans_as_train_does(override, line, capsys):
     """PN10: ``plan --set base.batch_size=-1`` printed a plan (the stage planned as if it had no
@@ -393,3 +395,26 @@ def test_the_main_job_script_never_deletes_a_folder_it_did_not_make(tmp_path):
         f"tools/main_job.sh: error: {victim}: exists and was not made by this script; choose a "
         "new folder"], r.stderr
     assert (victim / "results.json").read_text() == "keep" and r.stdout == ""
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["emit.num_soft_tokens=-3"], "config emit.num_soft_tokens: -3 is below 0"),
+    (["emit.num_soft_tokens=0"], "config emit.num_soft_tokens: 0 with use_soft_prompt=True (a "
+                                 "soft prompt of no token); set use_soft_prompt=False for none"),
+    (["emit.num_soft_tokens=100000"], "config emit.num_soft_tokens: 100000 is longer than the "
+                                      "longest prompt (data.length_buckets ends at 4096 tokens)"),
+    (["grpo.reward_names=()", "grpo.reward_weights=()"],
+     "config grpo.reward_names: () is empty: no reward, so no advantage and nothing to learn"),
+])
+def test_emit_and_reward_settings_are_named_up_front(overrides, line):
+    """Fourteenth probe EM3 (a 14-field repr named no field), EM2 / EM4 (0 or 100000 soft
+    tokens ran warm-up and base first), RW5 (no reward at all was accepted)."""
+    from emit_jax import configs
+    from emit_jax.errors import ConfigError
+    from emit_jax.training.validate import validate_config
+
+    with pytest.raises(ConfigError) as e:
+        validate_config(configs.load("configs/grpo.py:smoke", overrides))
+    assert str(e.value) == line
+    validate_config(configs.load("configs/grpo.py:smoke", ["emit.num_soft_tokens=0",
+                                                           "emit.use_soft_prompt=False"]))

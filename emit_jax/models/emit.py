@@ -86,9 +86,14 @@ class EMITConfig:
     def validate(self) -> "EMITConfig":
         if self.bn_mode not in ("standard", "official"):
             raise ValueError(f"bn_mode must be 'standard' or 'official', got {self.bn_mode!r}")
-        if (self.window is not None and self.window < 0) or self.rotations < 1 \
-                or self.num_soft_tokens < 0:
-            raise ValueError(f"bad EMIT config {self}")
+        # each bad field named (before: "bad EMIT config EMITConfig(...)", 14 fields)
+        for name, value, low in (("window", self.window, 0), ("rotations", self.rotations, 1),
+                                 ("num_soft_tokens", self.num_soft_tokens, 0)):
+            if value is not None and value < low:
+                raise ValueError(f"{name}: {value} is below {low}")
+        if self.use_soft_prompt and self.num_soft_tokens == 0:
+            raise ValueError("num_soft_tokens: 0 with use_soft_prompt=True (a soft prompt of no "
+                             "token); set use_soft_prompt=False for none")
         return self
 
     def layers_for(self, depth: int) -> tuple[int, ...]:

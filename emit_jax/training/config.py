@@ -310,6 +310,9 @@ class GRPOConfig:
         if unknown:
             fail("grpo.reward_names", names, f"names unknown reward(s) {unknown}; "
                  f"registered: {sorted(rl_rewards.REWARDS)}")
+        if not names:  # (all-zero weights were refused; no reward at all was accepted)
+            fail("grpo.reward_names", names, "is empty: no reward, so no advantage and nothing "
+                 "to learn")
         if len(set(names)) != len(names):
             fail("grpo.reward_names", names, "repeats a reward")
         if len(weights) != len(names):

@@ -300,6 +300,22 @@ def stage_settings(cfg, stages) -> tuple[dict[str, OptimConfig], GRPOConfig | No
     return optim, grpo
 
 
+def check_emit(cfg, stages) -> None:
+    """The ``emit`` section, each bad field named (``config emit.num_soft_tokens: -3 is below
+    0``); checked even when no stage reads it (a typo waits for the run that adds stage 1)."""
+    if not ("emit" in cfg or "sft" in stages or "sft2" in stages or "grpo" in stages):
+        return
+    from emit_jax.models.emit import EMITConfig
+
+    try:
+        EMITConfig(**dict(_get(cfg, "emit", "emit"))).validate()
+    except (TypeError, ValueError) as e:
+        import re
+
+        raise ConfigError(f"config emit.{e}" if re.match(r"\w+: ", str(e))
+                          else f"config emit: {e}") from None
+
+
 def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     """Raise :class:`ConfigError` naming the first key of the training config ``cfg`` (an
     ``ml_collections.ConfigDict`` as in ``configs/``) that has a bad value; return None if all
@@ -332,14 +348,7 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     if uses_adfm and not ("data" in cfg and cfg.data.get("adfm", False)):
         _fail("data.adfm", False, "must be True when grpo.records='adfm', base.adfm=True or "
               "eval_adfm > 0 (the AD-FM records are only built then)")
-    if "emit" in cfg or "sft" in stages or "sft2" in stages or "grpo" in stages:
-        # checked even when no stage reads it (a typo waits for the run that adds stage 1)
-        from emit_jax.models.emit import EMITConfig
-
-        try:
-            EMITConfig(**dict(_get(cfg, "emit", "emit"))).validate()
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"config emit: {e}") from None
+    check_emit(cfg, stages)
 
     # model and data sources
     init_from = _get(cfg, "init_from", "init_from", "")
@@ -409,6 +418,11 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
         _fail("data.length_buckets", buckets, "must be increasing positive integers")
     if buckets[-1] > MAX_TOKENS:
         _fail("data.length_buckets", buckets, f"reaches above {MAX_TOKENS} tokens")
+    soft = cfg.emit.get("num_soft_tokens", 0) if "emit" in cfg and cfg.emit is not None else 0
+    if set(stages) & {"sft", "sft2", "grpo"} and isinstance(soft, int) and soft > buckets[-1]:
+        # (before: found minutes in, when stage 1 built its first batch)
+        _fail("emit.num_soft_tokens", soft, f"is longer than the longest prompt "
+              f"(data.length_buckets ends at {buckets[-1]} tokens)")
     _int(cfg, "seed", "seed", low=0)
     _int(cfg, "eval_adfm", "eval_adfm", low=0, default=0)
     if cfg.get("eval_adfm_tokens") is not None:  # 0 / None: grpo.max_new_tokens
