@@ -176,6 +176,12 @@ def main(argv=None) -> int:
     if getattr(args, "profile", False):  # per-op trace events; read when XLA:CPU starts
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_cpu_enable_xprof_traceme=true").strip()
+    if getattr(args, "lora", 0) and args.arch in ARCHITECTURES:  # (1e5 ran for minutes silently)
+        width = ARCHITECTURES[args.arch]().text.hidden_size
+        if args.lora > width:
+            _usage_error(f"--lora {args.lora}: above the {args.arch} LLM's width ({width}); a "
+                         f"kernel changes in at most min(in, out) directions, so choose a rank "
+                         f"of at most {width}")
     if args.what == "heatmap":
         strategies = ([s for s in HEATMAP_STRATEGIES if s != "auto"] if args.strategy == "all"
                       else [args.strategy])

@@ -1001,6 +1001,10 @@ class TestBench:
                                                       "must be <= 1024, got 100000")),
         (["rollout", "--batch", "100000000"], ("argument --batch", "must be <= 65536")),
         (["gpu", "--text-layers", "5000"], ("argument --text-layers", "must be <= 1024")),
+        # fourteenth probe BX6: ran for minutes with rank-100000 adapters on a 128-wide model
+        (["rollout", "--arch", "tiny", "--lora", "100000"],
+         ("--lora 100000: above the tiny LLM's width (128)",)),
+        (["grpo_step", "--arch", "tiny", "--lora", "129"], ("choose a rank of at most 128",)),
         # before: ignored, the plain model timed as if it were the asked-for LoRA variant
         (["rollout", "--arch", "tiny", "--merge-lora", "never"],
          ("--merge-lora: only with --lora RANK",)),

@@ -403,6 +403,7 @@ def test_the_main_job_script_never_deletes_a_folder_it_did_not_make(tmp_path):
                                  "soft prompt of no token); set use_soft_prompt=False for none"),
     (["emit.num_soft_tokens=100000"], "config emit.num_soft_tokens: 100000 is longer than the "
                                       "longest prompt (data.length_buckets ends at 4096 tokens)"),
+    (["grpo.G=100000000"], "config grpo.G: 100000000 is above 65536"),
     (["grpo.reward_names=()", "grpo.reward_weights=()"],
      "config grpo.reward_names: () is empty: no reward, so no advantage and nothing to learn"),
 ])

@@ -17,7 +17,7 @@ import re
 from typing import Any, Mapping
 
 from emit_jax.errors import ConfigError
-from emit_jax.limits import INT_MAX, MAX_REWARD_WEIGHT, MAX_TOKENS
+from emit_jax.limits import INT_MAX, MAX_BATCH, MAX_REWARD_WEIGHT, MAX_TOKENS
 from emit_jax.parallel.mesh import SAMPLER_MESHES
 from emit_jax.rl import grpo as rl_grpo
 from emit_jax.rl import rewards as rl_rewards
@@ -280,7 +280,7 @@ class GRPOConfig:
     def __post_init__(self):
         check_int("grpo.steps", self.steps, low=1)
         check_int("grpo.prompts_per_step", self.prompts_per_step, low=1)
-        check_int("grpo.G", self.G)
+        check_int("grpo.G", self.G, high=MAX_BATCH)  # (1e8 ran warm-up, base and sft first)
         if self.G < 2:
             fail("grpo.G", self.G, "is below 2 (GRPO compares G >= 2 completions per prompt)")
         check_int("grpo.iterations", self.iterations, low=1)
