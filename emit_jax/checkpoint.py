@@ -185,6 +185,10 @@ _STAGE_FOLDERS = ("grpo", "sft2", "sft", "base", "warmup")
 def _workdir_hint(path: str) -> str:
     """For a training workdir given where a model is read: where its models are (before: only
     "not an emit_jax model checkpoint")."""
+    if os.path.isfile(os.path.join(path, "config.json")) and any(
+            n.endswith(".safetensors") for n in os.listdir(path)):  # (before: not said)
+        return (" but a Hugging Face model folder; convert it first with python -m "
+                f"emit_jax.convert --hf {path} --out CKPT")
     if os.path.isfile(os.path.join(path, "model", META_FILE)):  # WD/<stage>: its model
         return f" but a stage folder of a training workdir: its model is {os.path.join(path, 'model')}"
     models = [os.path.join(path, s, "model") for s in _STAGE_FOLDERS

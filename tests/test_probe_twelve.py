@@ -419,3 +419,17 @@ def test_emit_and_reward_settings_are_named_up_front(overrides, line):
     assert str(e.value) == line
     validate_config(configs.load("configs/grpo.py:smoke", ["emit.num_soft_tokens=0",
                                                            "emit.use_soft_prompt=False"]))
+
+
+def test_a_hugging_face_folder_read_as_a_checkpoint_says_to_convert_it(tmp_path):
+    """Fourteenth probe CV4 / VZ3: ``export --checkpoint HF`` (or visualize's) said only "not an
+    emit_jax model checkpoint"."""
+    from emit_jax import checkpoint
+    from emit_jax.errors import CheckpointError
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.read_meta(tmp_path)
+    assert str(e.value).endswith(f"but a Hugging Face model folder; convert it first with python "
+                                 f"-m emit_jax.convert --hf {tmp_path} --out CKPT")
