@@ -84,8 +84,11 @@ def test_a_non_finite_scalar_draws_no_tensorboard_line(tmp_path):
     ("grpo.lr=-0.5", "config grpo.lr: -0.5 must be > 0.0"),
     ("sft.micro_batch_size=3", "config sft.micro_batch_size: 3 does not divide sft.batch_size "
                                "(8 rows)"),
-    # fourteenth probe PL7: a 49-line ValueError traceback
+    # fourteenth probe PL7: a 49-line ValueError traceback; PL4: planned without a word
     ("emit.num_soft_tokens=-3", "config emit.num_soft_tokens: -3 is below 0"),
+    ("kernels.attention=flash3", "config kernels.attention: 'flash3' must be one of einsum, "
+                                 "dot_product, splash, auto"),
+    ("mesh.fsdp=0", "config mesh: mesh axis fsdp=0: sizes are positive, or -1 for the rest"),
 ])
 def test_plan_checks_the_stages_it_plans_as_train_does(override, line, capsys):
     """PN10: ``plan --set base.batch_size=-1`` printed a plan (the stage planned as if it had no

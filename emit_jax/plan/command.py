@@ -50,8 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.device not in DEVICES:
             raise PlanError(f"unknown device {args.device!r}; known: {', '.join(DEVICES)}")
         cfg = configs.load(args.config, overrides + list(args.set))
-        from emit_jax.training.validate import (check_context, check_emit,  # noqa: PLC0415
-                                                stage_settings, unknown_key_line, unknown_keys)
+        from emit_jax.training.validate import (  # noqa: PLC0415
+            check_context, check_emit, check_kernels_and_mesh, stage_settings, unknown_key_line,
+            unknown_keys)
 
         for key in unknown_keys(cfg):  # as train says it (a typo inside a config file)
             print(unknown_key_line(key), file=sys.stderr)
@@ -61,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the planned stages' settings as train checks them (a negative batch was planned)
         stage_settings(cfg, [s for s in planned if s in cfg and cfg[s] is not None])
         check_emit(cfg, planned)  # (before: a ValueError traceback for emit.num_soft_tokens=-3)
+        check_kernels_and_mesh(cfg)
         if args.reference is not None and not {"grpo", "sft2"} & set(planned):
             raise PlanError(f"--reference {args.reference}: the reference model is stage 2's "
                             f"(grpo, sft2); this plan covers {', '.join(planned) or 'no stage'}")

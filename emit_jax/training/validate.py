@@ -130,6 +130,20 @@ def _typo_hint(lr: float) -> str:
     return f" (did you mean 1e-{e}?)" if e > 0 and math.isclose(lr, 10.0 ** e) else ""
 
 
+def check_kernels_and_mesh(cfg) -> None:
+    """``kernels.*`` and ``mesh.*`` as train reads them (the names, the sizes), without the
+    devices: what ``plan`` checks of them (before: ``plan --set kernels.attention=flash3`` or
+    ``mesh.fsdp=0`` planned without a word)."""
+    from emit_jax import parallel
+
+    _kernels(cfg)
+    spec = dict(cfg.mesh) if "mesh" in cfg and cfg.mesh is not None else None
+    try:
+        parallel.parse_mesh(spec)
+    except ValueError as e:
+        raise ConfigError(f"config mesh: {e}") from None
+
+
 def _mesh(cfg, stages, num_devices: int | None) -> None:
     """The mesh must parse and fit the devices; each stage's batch must split over its
     ``data x fsdp`` batch shards (``parallel.batch_spec`` shards the batch axis over them)."""
