@@ -436,3 +436,21 @@ def test_a_hugging_face_folder_read_as_a_checkpoint_says_to_convert_it(tmp_path)
         checkpoint.read_meta(tmp_path)
     assert str(e.value).endswith(f"but a Hugging Face model folder; convert it first with python "
                                  f"-m emit_jax.convert --hf {tmp_path} --out CKPT")
+
+
+@pytest.mark.parametrize("marker", ["model.safetensors", "emit_jax.json"])
+def test_the_embedded_dataset_is_never_written_into_a_model_folder(tmp_path, marker):
+    """Fourteenth probe DE5: ``data.embedded --out HF_EXPORT --overwrite`` wrote a dataset into
+    a model folder (a training workdir was refused, a model folder was not)."""
+    from emit_jax.data.embedded.writer import generate
+    from emit_jax.errors import DataError
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / marker).write_bytes(b"keep")
+    for overwrite in (False, True):
+        with pytest.raises(DataError) as e:
+            generate(str(out), 0, overwrite=overwrite)
+        assert str(e.value) == (f"{out}: looks like a model folder (it holds {marker}); choose a "
+                                "dataset folder")
+    assert sorted(os.listdir(out)) == [marker] and (out / marker).read_bytes() == b"keep"

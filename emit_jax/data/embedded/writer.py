@@ -121,11 +121,12 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bool = Fal
     target = os.path.realpath(out_dir) if os.path.islink(out_dir) else where_written(out_dir)
     keep: list[str] | None = None
     if os.path.isdir(target) and os.listdir(target):
-        marker = _workdir_marker(target)  # said first: overwrite would not be allowed either
+        marker = _workdir_marker(target) or _model_marker(target)  # said first (see below)
         if not overwrite and not marker:
             raise FileExistsError(f"{out_dir}: directory is not empty (use overwrite)")
         if marker:
-            raise DataError(f"{out_dir}: looks like a training workdir (it holds {marker}); "
+            what = "a model folder" if marker in _MODEL_FILES else "a training workdir"
+            raise DataError(f"{out_dir}: looks like {what} (it holds {marker}); "
                             "choose a dataset folder")
         keep = _user_entries(target, out_dir)
     try:
@@ -163,6 +164,16 @@ def _workdir_marker(root: str) -> str | None:
             if os.path.isfile(os.path.join(root, stage, name)):
                 return f"{stage}/{name}"
     return None
+
+
+#: files that mark a model folder (an emit_jax checkpoint, a Hugging Face export): before, a
+#: dataset was written into one with --overwrite
+_MODEL_FILES = ("emit_jax.json", "model.safetensors", "model.safetensors.index.json")
+
+
+def _model_marker(root: str) -> str | None:
+    """The first of :data:`_MODEL_FILES` in ``root``, or None."""
+    return next((n for n in _MODEL_FILES if os.path.isfile(os.path.join(root, n))), None)
 
 
 def _check_not_cwd(out_dir: str) -> None:
