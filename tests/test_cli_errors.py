@@ -1192,8 +1192,8 @@ class TestTrain:
         # before: a hang building the tile grids (data/image.py target_ratios)
         (SMOKE, "data.max_tiles", 10**12, "config data.max_tiles: 1000000000000 is above 40"),
         # products of settings each within its bound: before, an overflow or a 175 TiB array
-        (SMOKE, "grpo.G", 2**30, "config grpo.prompts_per_step x grpo.G: 2147483648 is above "
-         "2147483647"),
+        (SMOKE, "grpo.G", 2**30, "config grpo.G: 1073741824 is above 65536"),
+        (SMOKE, "grpo.prompts_per_step", 2**30, "config grpo.prompts_per_step x grpo.G: "),
         (SMOKE, "grpo.iterations", 2**30, "config grpo.steps x grpo.iterations: "),
         (SMOKE, "grpo.prompts_per_step", 3 * 10**8, "config grpo.prompts_per_step x grpo.G x 2 x "
          "data.max_tiles: "),
