@@ -182,9 +182,10 @@ def _interrupts_deferred():
 _STAGE_FOLDERS = ("grpo", "sft2", "sft", "base", "warmup")
 
 
-def _workdir_hint(path: str) -> str:
-    """For a training workdir given where a model is read: where its models are (before: only
-    "not an emit_jax model checkpoint")."""
+def _model_hint(path: str) -> str:
+    """What ``path``, given where an emit_jax model is read, is instead (before: only "not an
+    emit_jax model checkpoint"): a Hugging Face folder (convert it), a training workdir's stage
+    folder or the workdir (where their models are); "" when none of these."""
     if os.path.isfile(os.path.join(path, "config.json")) and any(
             n.endswith(".safetensors") for n in os.listdir(path)):  # (before: not said)
         return (" but a Hugging Face model folder; convert it first with python -m "
@@ -211,7 +212,7 @@ def read_meta(path: str | os.PathLike) -> dict:
                               f"folder holding {META_FILE})")
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{meta_path}: not found; {path} is not an emit_jax model "
-                              f"checkpoint{_workdir_hint(os.fspath(path))}")
+                              f"checkpoint{_model_hint(os.fspath(path))}")
     meta = read_json(meta_path, error=CheckpointError, what="valid JSON")
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_path}: not valid JSON (expected an object, got "

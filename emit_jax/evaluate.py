@@ -314,7 +314,7 @@ def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, 
 
     items = scan(root)
     has_splits = os.path.isfile(os.path.join(root, "splits.json"))
-    split = split or ("test" if has_splits else None)
+    split = mvtec_split(root, split)
     pool = None
     if split and split != "all":
         # queries from the split; references from the normal training images

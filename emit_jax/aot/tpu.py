@@ -58,8 +58,7 @@ def topology(name: str):
     # libtpu takes /tmp/libtpu_lockfile so that two processes do not drive the same chips;
     # compiling drives none, so several compilations (and a test's children) may run at once
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    check_slice_size(name)
-    if max(int(d) for d in name.split(":")[1].split("x")) > CHECKED_SIDE:
+    if max(check_slice_size(name)) > CHECKED_SIDE:
         _check_compiles(name)
     from jax.experimental import topologies
 
@@ -80,14 +79,15 @@ MAX_CHIPS = 8960
 MAX_SIDE_2D = {"v5e": 16, "v5litepod": 16, "v6e": 16}
 
 
-def check_slice_size(name: str) -> None:
-    """Raise :class:`AotError` for a slice ``name`` (``GEN:AxB[xC]``) larger than any pod of its
-    generation (:data:`MAX_SIDE_2D`) or than :data:`MAX_CHIPS`, before libtpu is asked."""
+def check_slice_size(name: str) -> list[int]:
+    """The sides of the slice ``name`` (``GEN:AxB[xC]``); :class:`AotError` when it is larger
+    than any pod of its generation (:data:`MAX_SIDE_2D`) or than :data:`MAX_CHIPS`, before
+    libtpu is asked."""
+    import math
+
     gen, _, dims = name.partition(":")
     sides = [int(d) for d in dims.split("x")]
-    chips = 1
-    for side in sides:
-        chips *= side
+    chips = math.prod(sides)
     side = MAX_SIDE_2D.get(gen.lower())
     if side is not None and max(sides) > side:
         raise AotError(f"topology {name!r}: a {gen} slice is at most {side}x{side} chips (a whole "
@@ -95,6 +95,7 @@ def check_slice_size(name: str) -> None:
     if chips > MAX_CHIPS:
         raise AotError(f"topology {name!r}: {chips} chips, more than any TPU pod ({MAX_CHIPS}, "
                        "v5p's); choose a smaller slice")
+    return sides
 
 
 #: slices with a side above this are compiled for once in a child process first: libtpu makes

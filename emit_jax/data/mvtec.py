@@ -132,10 +132,11 @@ def _images(folder: str, report: Report | None = None) -> list[str]:
 def _class_dirs(root: str, report: Report | None = None) -> list[str]:
     if any(os.path.isdir(os.path.join(root, d)) for d in ("train", "test")):
         return [root]  # a single class folder
-    names = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, "test"))
+    entries = sorted(os.listdir(root))
+    names = [d for d in entries if os.path.isdir(os.path.join(root, d, "test"))
              or os.path.isdir(os.path.join(root, d, "train"))]
     report = report or Report()
-    for d in sorted(os.listdir(root)):  # a class's masks without its images: not passed over
+    for d in entries:  # a class's masks without its images: not passed over
         if d not in names and os.path.isdir(os.path.join(root, d, "ground_truth")):
             report.problem(f"{os.path.join(root, d)}: a class folder with ground_truth/ but no "
                            "train/ or test/ image folders; skipped")

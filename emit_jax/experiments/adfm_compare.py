@@ -124,8 +124,6 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every row, e.g. --set grpo.steps=20")
     args = ap.parse_args(argv)
-    if args.seeds < 1:
-        ap.error("--seeds must be >= 1")
     overrides = configs.parse_sets(args.set)
     config_dir = args.configs
     if not os.path.isdir(config_dir):  # before: "config file not found: FILE/adfm.py"

@@ -123,8 +123,9 @@ def main(argv=None) -> dict:
     # (before: --set base.batch_size=-1 was found after minutes of drawing the fresh datasets)
     for line in validate_config(cfg).warnings():
         print(line, file=sys.stderr, flush=True)
-    OptimConfig.from_section(dict(cfg.sft, steps=a.steps, lr=a.lr, batch_size=a.batch_size),
-                             "sft")  # the flags' own run, as it will be made
+    # the flags' own run, made (and so checked) before any image is drawn
+    ocfg = OptimConfig.from_section(dict(cfg.sft, steps=a.steps, lr=a.lr, batch_size=a.batch_size),
+                                    "sft")
     source, tokenizer, records = stages.prepare_data(cfg, a.workdir)
     extra = fresh_records(range(1, a.seeds + 1), **stages.question_options(cfg))
     print(f"[fresh] {len(extra)} AD questions from {a.seeds} extra datasets "
@@ -153,8 +154,6 @@ def main(argv=None) -> dict:
         wrt = nnx.Param if a.train == "all" else stages.stage1_trainable()
     name = f"fresh_{a.stage}_{a.train}" + ("_fixed" if a.fixed_order else "") + \
         ("_yes_no" if a.ad_order == "yes_no" else "")
-    ocfg = OptimConfig.from_section(dict(cfg.sft, steps=a.steps, lr=a.lr, batch_size=a.batch_size),
-                                    "sft")
     info = run_sft(model, recs, tokenizer, stages.pipeline_config(cfg, model),
                    ocfg, os.path.join(a.workdir, name), wrt=wrt, name=name, seed=cfg.seed,
                    checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
