@@ -488,8 +488,10 @@ def test_build_without_references_is_refused_or_said(tmp_path):
                                                         "--stage", "1"])
     assert rc == 0, err
     notes = [l for l in err.splitlines() if l.startswith("note:")]
-    assert len(notes) == 1 and "class(es) 'bolt' of" in notes[0], err
+    # two notes: the class without a reference, and its emptied train/good folder
+    assert len(notes) == 2 and "class(es) 'bolt' of" in notes[0], err
     assert "two-image questions are left out" in notes[0]
+    assert "1 image folder(s) hold no image" in notes[1] and "bolt/train/good" in notes[1]
     assert json.loads(stdout)["records"] > 0
     _keep_one_normal(src, "widget")
     rc, err, _ = run_main("emit_jax.data.build", ["--source", src, "--out", str(tmp_path / "x.jsonl"),
