@@ -155,3 +155,12 @@ def drop_digests(workdir) -> None:
     options.pop("digests", None)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(options, f)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the session's compilation-cache folder (``subprocess_env``): each test session
+    (each xdist worker) made one under the temp folder and left it there, ~20 MB apiece."""
+    import shutil
+
+    while _XLA_CACHE:
+        shutil.rmtree(_XLA_CACHE.pop(), ignore_errors=True)
