@@ -151,12 +151,33 @@ def _split(item: str) -> tuple[str, str]:
     return key, raw
 
 
+_FLOAT_NAMES = {"nan": float("nan"), "inf": float("inf"), "infinity": float("inf")}
+
+
+def _with_float_names(raw: str):
+    """``raw`` parsed as a Python expression, with the bare names nan / inf / infinity (any
+    case) read as floats, so ``(1.0,nan)`` reaches the field's own range check (which names
+    the entry) rather than failing as "not a tuple"; a string ``raw`` when it is no
+    expression (``ast.literal_eval`` then refuses it)."""
+    try:
+        tree = ast.parse(raw.strip(), mode="eval")
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return raw
+
+    class _Floats(ast.NodeTransformer):
+        def visit_Name(self, node):
+            value = _FLOAT_NAMES.get(node.id.lower())
+            return node if value is None else ast.copy_location(ast.Constant(value), node)
+
+    return _Floats().visit(tree)
+
+
 def _parse(raw: str, current):
     if isinstance(current, str):
         return raw
     try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
+        value = ast.literal_eval(_with_float_names(raw))
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return raw
     if isinstance(current, tuple) and isinstance(value, list):
         return tuple(value)

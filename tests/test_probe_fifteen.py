@@ -1,0 +1,43 @@
+"""The fourteenth probe's leftovers and the fifteenth reliability probe's cases (issue 30):
+each failed before its fix."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.parametrize("raw, line", [
+    ("(1.0,nan,1.0,1.0)", "config grpo.reward_weights[1]: nan is not a finite number"),
+    ("(1.0,1.0,-inf,1.0)", "config grpo.reward_weights[2]: -inf is not a finite number"),
+    ("(1.0,1.0,1.0,Infinity)", "config grpo.reward_weights[3]: inf is not a finite number"),
+])
+def test_a_non_finite_tuple_entry_is_named_as_such(raw, line):
+    """RW (fourteenth probe): ``grpo.reward_weights=(1.0,nan,1.0,1.0)`` was refused as
+    "expected a tuple value": the bare name ``nan`` made the whole value no literal, so the
+    entry and its problem went unnamed."""
+    from emit_jax import configs
+    from emit_jax.errors import ConfigError
+    from emit_jax.training.validate import validate_config
+
+    with pytest.raises(ConfigError) as e:
+        validate_config(configs.load("configs/grpo.py:smoke", [f"grpo.reward_weights={raw}"]))
+    assert str(e.value) == line
+
+
+def test_nan_spelled_for_a_scalar_reaches_its_range_check_and_a_name_stays_refused():
+    from emit_jax import configs
+    from emit_jax.errors import ConfigError
+    from emit_jax.training.validate import validate_config
+
+    with pytest.raises(ConfigError) as e:
+        validate_config(configs.load("configs/grpo.py:smoke", ["base.lr=NaN"]))
+    assert str(e.value) == "config base.lr: nan is not a finite number"
+    with pytest.raises(ConfigError) as e:
+        configs.load("configs/grpo.py:smoke", ["grpo.reward_weights=(1.0,x,1.0,1.0)"])
+    assert "expected a tuple value" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        configs.load("configs/grpo.py:smoke", ["base.batch_size=nan"])
+    assert "expected an int value" in str(e.value)
+    # a string field keeps the text as it is
+    cfg = configs.load("configs/grpo.py:smoke", ["data.source=nan"])
+    assert cfg.data.source == "nan"
