@@ -41,3 +41,27 @@ def test_nan_spelled_for_a_scalar_reaches_its_range_check_and_a_name_stays_refus
     # a string field keeps the text as it is
     cfg = configs.load("configs/grpo.py:smoke", ["data.source=nan"])
     assert cfg.data.source == "nan"
+
+
+def test_the_decode_bucket_is_bounded_where_it_is_read(capsys):
+    """``kernels.decode_bucket`` took any positive size (2**40 accepted by train, plan and
+    bench): bounded by the longest generation a setting may ask (``limits.MAX_TOKENS``)."""
+    from emit_jax import cli, configs
+    from emit_jax.plan.command import main
+    from emit_jax.errors import ConfigError
+    from emit_jax.limits import MAX_TOKENS
+    from emit_jax.ops.kernels import KernelOptions
+    from emit_jax.training.validate import validate_config
+
+    big = MAX_TOKENS + 1
+    with pytest.raises(ConfigError) as e:
+        KernelOptions("einsum", "bucketed", big)
+    assert str(e.value) == f"kernels.decode_bucket must be in [1, {MAX_TOKENS}], got {big}"
+    KernelOptions("einsum", "bucketed", MAX_TOKENS)  # the bound itself is fine
+    with pytest.raises(ConfigError) as e:
+        validate_config(configs.load("configs/grpo.py:smoke", [f"kernels.decode_bucket={big}"]))
+    assert str(e.value) == f"config kernels.decode_bucket: {big} is above {MAX_TOKENS}"
+    assert cli.run(main, ["--config", "configs/grpo.py:smoke", "--set",
+                          f"kernels.decode_bucket={big}"], prog="emit_jax.plan") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"emit_jax.plan: error: config kernels.decode_bucket: {big} is above {MAX_TOKENS}")

@@ -256,7 +256,7 @@ BASE_ONLY = ("--config", "configs/grpo.py:smoke", "--config.stages=('base',)",
 
 
 @pytest.mark.parametrize("override, needle, workdir_made", [
-    ("kernels.decode_bucket=0", "kernels.decode_bucket must be >= 1, got 0", False),
+    ("kernels.decode_bucket=0", "kernels.decode_bucket must be in [1, 1048576], got 0", False),
     ("memory.attention_chunk=-1", "memory.attention_chunk must be >= 0, got -1", False),
     ("kernels.attention=splash", "config kernels.attention: 'splash' is a TPU kernel", False),
     ("emit.bn_mode=bogus", "config emit: bn_mode must be 'standard' or 'official'", False),

@@ -35,6 +35,7 @@ import dataclasses
 import jax
 
 from emit_jax.errors import ConfigError
+from emit_jax.limits import MAX_TOKENS
 
 from emit_jax.parallel import active_mesh
 
@@ -55,8 +56,8 @@ class KernelOptions:
         if self.decode not in DECODE:
             raise ConfigError(f"kernels.decode must be one of {', '.join(DECODE)}, "
                               f"got {self.decode!r}")
-        if int(self.decode_bucket) < 1:
-            raise ConfigError(f"kernels.decode_bucket must be >= 1, got "
+        if not 1 <= int(self.decode_bucket) <= MAX_TOKENS:
+            raise ConfigError(f"kernels.decode_bucket must be in [1, {MAX_TOKENS}], got "
                               f"{self.decode_bucket}")
 
     def attention_impl(self) -> str:

@@ -16,7 +16,7 @@ import math
 import os
 
 from emit_jax.errors import ConfigError
-from emit_jax.limits import MAX_TILES, MAX_TOKENS
+from emit_jax.limits import INT_MAX, MAX_TILES, MAX_TOKENS
 from emit_jax.ops import kernels
 from emit_jax.training.config import (SFT_STAGES, STAGES, GRPOConfig, OptimConfig, check_int,
                                       fail as _fail)
@@ -32,8 +32,9 @@ def _get(section, key: str, path: str, default=...):
     return default
 
 
-def _int(section, key: str, path: str, *, low: int | None = None, default=...):
-    return check_int(path, _get(section, key, path, default), low=low)
+def _int(section, key: str, path: str, *, low: int | None = None, high: int = INT_MAX,
+         default=...):
+    return check_int(path, _get(section, key, path, default), low=low, high=high)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,7 +298,7 @@ def _kernels(cfg) -> None:
     for key, allowed in (("attention", kernels.ATTENTION), ("decode", kernels.DECODE)):
         if key in k and k[key] not in allowed:
             _fail(f"kernels.{key}", k[key], f"must be one of {', '.join(allowed)}")
-    _int(k, "decode_bucket", "kernels.decode_bucket", low=1, default=64)
+    _int(k, "decode_bucket", "kernels.decode_bucket", low=1, high=MAX_TOKENS, default=64)
 
 
 def stage_settings(cfg, stages) -> tuple[dict[str, OptimConfig], GRPOConfig | None]:
