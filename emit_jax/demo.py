@@ -1,5 +1,5 @@
-"""``python -m emit_jax.demo [--arch tiny] [--workdir DIR]``: what the main command runs until the
-trainer lands.
+"""``python -m emit_jax.demo [--arch tiny] [--workdir DIR]``: a quick check of the model
+path, with no training (the main job is ``python -m emit_jax.train``; see the README).
 
 End to end on the CPU, with no downloads: build the named architecture with random weights, run
 an image + text prompt through it (greedy decoding with the KV cache, checked against the full
@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="tiny", choices=sorted(architectures.ARCHITECTURES))
     p.add_argument("--workdir", default=None, type=cli.nonempty,
                    help="where the HF folder and checkpoint go (default: a temporary folder)")
-    p.add_argument("--new-tokens", type=cli.int_in(1, cli.MAX_TOKENS), default=16)
+    p.add_argument("--new-tokens", type=cli.int_in(1, cli.MAX_TOKENS), default=16,
+                   help="how many tokens to generate greedily (default: 16)")
     args = p.parse_args(argv)
     if args.workdir is not None:  # refused before any work
         # Orbax (TensorStore) cannot write a checkpoint under a path that is not UTF-8
