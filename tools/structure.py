@@ -22,11 +22,11 @@ PKG = ROOT / "emit_jax"
 
 #: lowest first; a module belongs to the first prefix that matches (dotted names under emit_jax)
 LAYERS = [
-    ("errors", 0), ("fileio", 0), ("faults", 0), ("rl", 0), ("parallel", 0),
-    ("data", 1),
+    ("errors", 0), ("limits", 0), ("fileio", 0), ("faults", 0), ("rl", 0), ("parallel", 0),
+    ("data", 1), ("configs", 1),
     ("ops", 2),
     ("models", 3),
-    ("checkpoint", 4), ("hf", 4), ("eval", 4), ("interop", 4),
+    ("checkpoint", 4), ("hf", 4), ("internvl_chat", 4), ("eval", 4),
     ("training", 5),
     ("experiments", 6),
 ]
@@ -34,7 +34,12 @@ LAYERS = [
 CLIS = {"cli", "train", "evaluate", "convert", "export", "visualize", "demo", "data.build",
         "data.embedded.__main__", "experiments.table1", "experiments.adfm_compare",
         "experiments.fresh_images", "experiments.heatmap_auroc", "experiments.heatmap_parts",
-        "plan.command", "plan.__main__", "aot.command", "aot.__main__", "__main__"}
+        "experiments.feature_probes", "experiments.pointer", "experiments.restated_answers",
+        "plan.command", "plan.__main__", "aot.command", "aot.__main__", "__main__",
+        # the package's own __init__: its only code is the ``python -m emit_jax.<command>``
+        # start-up hook (cli's early interrupt, stderr and JAX-environment checks), run
+        # before any command's modules load
+        ""}
 
 
 def module_name(path: Path) -> str:
@@ -101,7 +106,15 @@ def imports(path: Path):
     return sorted({(t, ln, loc) for t, ln, loc in out if t}, key=lambda x: x[1])
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python tools/structure.py",
+                                description=__doc__.split("\n", 1)[0].strip("`"),
+                                epilog="Run from anywhere: it reads the tree it lies in.")
+    p.add_argument("--trace", action="store_true",
+                   help="also list the files whose code runs in one GRPO step (about a minute)")
+    args = p.parse_args(argv)
     files = sorted(p for p in PKG.rglob("*.py"))
     graph: dict[str, set[str]] = {}
     upward, local_n, top_n = [], set(), set()
@@ -114,7 +127,7 @@ def main() -> None:
             graph[me].add(t)
             (local_n if loc else top_n).add((me, ln))
             lt, lm = layer(t), layer(me)
-            if (lt == 9 and lm != 9) or (lt > lm and lt != 9) or (lt == 9 and lm == 9 and False):
+            if (lt == 9 and lm != 9) or (lt > lm and lt != 9):
                 upward.append(f"{p.relative_to(ROOT)}:{ln} -> {t}")
     # cycles: strongly connected components of size > 1
     index, low, stack, on, sccs, counter = {}, {}, [], set(), [], [0]
@@ -151,7 +164,7 @@ def main() -> None:
     print(f"project import statements: {len(top_n)} module-level, {len(local_n)} function-local")
     print("largest modules: " + ", ".join(f"{f} {n}" for n, f in sizes[:3]))
     print(f"README.md lines: {len((ROOT / 'README.md').read_text().splitlines())}")
-    if "--trace" in sys.argv:
+    if args.trace:
         trace()
 
 
