@@ -39,7 +39,8 @@ options (each also an environment variable):
   --version V       TPU_VERSION   runtime version (default from the type: v5p -> v2-alpha-tpuv5,
                                   v5litepod -> v2-alpha-tpuv5-lite, v6e -> v2-alpha-tpuv6e,
                                   v4 -> tpu-ubuntu2204-base)
-  --project P       TPU_PROJECT   Google Cloud project (default: gcloud's configured one)
+  --project P       TPU_PROJECT   Google Cloud project (default: gcloud's configured one;
+                                  with neither, it stops before any gcloud command)
   --dry-run         DRY_RUN=1     print the commands instead of running them
   -h, --help
 
@@ -111,6 +112,13 @@ if [[ -z ${TPU_VERSION:-} ]]; then
 fi
 project_flag=()
 if [[ -n ${TPU_PROJECT:-} ]]; then project_flag=(--project="$TPU_PROJECT"); fi
+if ((dry_run == 0)); then  # checked before the first gcloud command, not by its failure
+    command -v gcloud >/dev/null ||
+        die "gcloud not found on PATH: install the Google Cloud CLI, or see the commands with --dry-run"
+    if [[ -z ${TPU_PROJECT:-} && -z $(gcloud config get-value project 2>/dev/null) ]]; then
+        die "no Google Cloud project: pass --project P (or TPU_PROJECT=...), or run 'gcloud config set project P'"
+    fi
+fi
 read -r -a ssh_extra <<<"${SSH_ARGS:-}"
 
 remote_dir=${REMOTE_DIR:-emit_jax}

@@ -177,7 +177,7 @@ def test_tpu_run_passes_arguments_and_needs_a_zone(tmp_path):
     # a real run through a stub gcloud: every argument on its own line
     _stub(bin_dir, "gcloud", f'printf "%s\\n" "$@" > {out}\n')
     env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", TPU_NAME="pod", TPU_ZONE="z",
-               CONFIG="configs/grpo.py", EXTRA_ARGS="--config.log_every=1", MESH_DATA=2)
+               TPU_PROJECT="proj", CONFIG="configs/grpo.py", EXTRA_ARGS="--config.log_every=1", MESH_DATA=2)
     r = _run([LAUNCH / "tpu_pod.sh", "run", "--", "--config.data.source=/mnt/my data"], env)
     assert r.returncode == 0, r.stderr
     args = out.read_text().splitlines()
@@ -238,3 +238,29 @@ def test_sbatch_header():
     first_cmd = next(i for i, ln in enumerate(text.splitlines())
                      if ln.strip() and not ln.startswith("#"))
     assert all(text.splitlines().index(ln) < first_cmd for ln in header)
+
+
+def test_tpu_pod_needs_gcloud_and_a_project_before_its_first_command(tmp_path):
+    """Fifteenth-probe leftover: ``tpu_pod.sh --name N --zone Z create`` with no project went
+    straight to ``gcloud ... create`` (a real cloud call) and left the failure to gcloud; with
+    no gcloud at all it was bash's "command not found"."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "dirname", "basename", "cat"):  # a PATH with these and no gcloud
+        os.symlink(shutil.which(tool), bin_dir / tool)
+    env = _env(PATH=str(bin_dir), TPU_NAME="emit-v5p", TPU_ZONE="us-east5-a")
+    r = _run(["bash", LAUNCH / "tpu_pod.sh", "create"], env)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == ("tpu_pod.sh: gcloud not found on PATH: install the Google Cloud "
+                                "CLI, or see the commands with --dry-run")
+    calls = tmp_path / "calls"
+    _stub(bin_dir, "gcloud", f'echo "$*" >> {calls}\n'
+                             '[[ $1 == config ]] && echo "${STUB_PROJECT:-}"\nexit 0\n')
+    r = _run(["bash", LAUNCH / "tpu_pod.sh", "create"], env)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().endswith("no Google Cloud project: pass --project P (or "
+                                     "TPU_PROJECT=...), or run 'gcloud config set project P'")
+    assert calls.read_text().splitlines() == ["config get-value project"]  # nothing created
+    r = _run(["bash", LAUNCH / "tpu_pod.sh", "create"], dict(env, STUB_PROJECT="proj"))
+    assert r.returncode == 0, r.stderr
+    assert calls.read_text().splitlines()[-1].startswith("compute tpus tpu-vm create emit-v5p")
