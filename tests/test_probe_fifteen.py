@@ -65,3 +65,33 @@ def test_the_decode_bucket_is_bounded_where_it_is_read(capsys):
                           f"kernels.decode_bucket={big}"], prog="emit_jax.plan") == 2
     assert capsys.readouterr().err.strip() == (
         f"emit_jax.plan: error: config kernels.decode_bucket: {big} is above {MAX_TOKENS}")
+
+
+@pytest.mark.parametrize("module", ["emit_jax.train", "emit_jax.plan", "emit_jax.aot"])
+def test_a_param_dtype_no_model_takes_is_one_line(tmp_path, module):
+    """T11: ``--config.param_dtype=float64`` (or ``nosuch``) ended in a 30-line ValueError
+    traceback, exit 1, in train, plan and aot: the model's config was built (to check the
+    context) before the dtype was checked."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    args = {"emit_jax.train": ["--workdir", str(tmp_path / "w"), "--config.param_dtype=float64"],
+            "emit_jax.plan": ["--set", "param_dtype=float64"],
+            "emit_jax.aot": ["--topology", "v5e:2x2", "--set", "param_dtype=float64"]}[module]
+    r = subprocess.run([sys.executable, "-m", module, "--config", "configs/grpo.py:smoke", *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [
+        f"{module}: error: config param_dtype: 'float64' is not one of ('float32', 'bfloat16', "
+        "'float16') (or '' for the stored dtypes)"], r.stderr[-2000:]
+    assert not (tmp_path / "w").exists()
+
+
+def test_an_unsupported_dtype_name_is_a_config_error():
+    from emit_jax.errors import ConfigError
+    from emit_jax.models.config import dtype_from_name
+
+    with pytest.raises(ConfigError, match="unsupported dtype 'float64'"):
+        dtype_from_name("float64")

@@ -31,7 +31,7 @@ def dtype_from_name(name: str | Any | None):
     if isinstance(name, str):
         key = name.replace("torch.", "")
         if key not in _DTYPES:
-            raise ValueError(f"unsupported dtype {name!r}; expected one of {sorted(_DTYPES)}")
+            raise ConfigError(f"unsupported dtype {name!r}; expected one of {sorted(_DTYPES)}")
         return _DTYPES[key]
     return jnp.dtype(name).type
 

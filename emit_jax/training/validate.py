@@ -235,7 +235,7 @@ def _batch_fits_host(cfg, stages, image_size: int, memory: int | None = None) ->
 def starting_config(cfg):
     """``(model config, where)``: the model a run of ``cfg`` starts from, before any weight is
     read: ``init_from``'s Hugging Face ``config.json``, else the architecture's (``param_dtype``
-    and ``image_size`` applied). ``where`` names it for messages (``init_from DIR``,
+    and ``image_size`` applied; a ``param_dtype`` no model takes raises ``ConfigError``). ``where`` names it for messages (``init_from DIR``,
     ``arch 'tiny'``). The config is None for an Orbax ``init_from`` (its config is read when it
     loads), for a ``config.json`` that cannot be read (the load says why) and for an unknown
     architecture (refused by :func:`validate_config`). One reading for the checks of the
@@ -245,6 +245,9 @@ def starting_config(cfg):
     from emit_jax.errors import USER_ERRORS
     from emit_jax.models import architectures
 
+    dtype = cfg.get("param_dtype") or ""
+    if dtype not in DTYPES + ("",):  # train, plan and aot alike (before: a ValueError traceback)
+        _fail("param_dtype", dtype, f"is not one of {DTYPES} (or '' for the stored dtypes)")
     init_from = cfg.get("init_from") or ""
     if init_from:
         where = f"init_from {init_from}"
@@ -384,9 +387,6 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     tok = _get(cfg, "tokenizer", "tokenizer", "")
     if tok and not os.path.isdir(tok):
         _fail("tokenizer", tok, "is not a folder")
-    dtype = _get(cfg, "param_dtype", "param_dtype", "")
-    if dtype and dtype not in DTYPES:
-        _fail("param_dtype", dtype, f"is not one of {DTYPES} (or '' for the stored dtypes)")
     data = _get(cfg, "data", "data")
     source = _get(data, "source", "data.source")
     if not isinstance(source, str) or not source:
