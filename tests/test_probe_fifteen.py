@@ -95,3 +95,20 @@ def test_an_unsupported_dtype_name_is_a_config_error():
 
     with pytest.raises(ConfigError, match="unsupported dtype 'float64'"):
         dtype_from_name("float64")
+
+
+@pytest.mark.parametrize("raw, want", [
+    ("grpo", ("grpo",)), ("base,sft", ("base", "sft")), ("warmup, base,", ("warmup", "base")),
+    ("'grpo'", ("grpo",)), ("('base','sft')", ("base", "sft")),
+])
+def test_a_tuple_of_names_may_be_spelled_bare(raw, want):
+    """T2: ``--config.stages=grpo``, the spelling docs/reliability.md gives, was refused as
+    "expected a tuple value": a bare word is no Python literal. Tuples of names take bare
+    words, comma-separated; tuples of numbers keep the literal form."""
+    from emit_jax import configs
+    from emit_jax.errors import ConfigError
+
+    assert configs.load("configs/grpo.py:smoke", [f"stages={raw}"]).stages == want
+    for bad in ("data.length_buckets=8,x", "stages=(grpo", "stages=a b"):
+        with pytest.raises(ConfigError, match="expected a tuple value"):
+            configs.load("configs/grpo.py:smoke", [bad])

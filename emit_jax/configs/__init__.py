@@ -172,12 +172,19 @@ def _with_float_names(raw: str):
     return _Floats().visit(tree)
 
 
+#: a bare word, or words split by commas: ``grpo``, ``base,sft`` (names, paths, no quotes)
+_WORDS = re.compile(r"\s*[\w.\-/~]+(\s*,\s*[\w.\-/~]+)*\s*,?\s*")
+
+
 def _parse(raw: str, current):
     if isinstance(current, str):
         return raw
     try:
         value = ast.literal_eval(_with_float_names(raw))
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        if (isinstance(current, tuple) and all(isinstance(c, str) for c in current)
+                and _WORDS.fullmatch(raw)):  # a tuple of names spelled bare: stages=grpo
+            return tuple(w.strip() for w in raw.split(",") if w.strip())
         return raw
     if isinstance(current, tuple) and isinstance(value, list):
         return tuple(value)
