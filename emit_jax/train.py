@@ -6,7 +6,8 @@ order, each resumable and skipped when already finished. Each stage writes ``WOR
 ``tensorboard --logdir WORKDIR`` — and on completion ``model/``, an emit_jax model checkpoint). At
 the end the held-out tables are printed (and saved to ``WORKDIR/results.json`` and
 ``results.png``), the curves are drawn into ``WORKDIR/curves.png`` and the final model is exported
-to ``WORKDIR/hf`` (switch off with ``--config.export_hf=False``).
+to ``WORKDIR/hf`` (switch off with ``--config.export_hf=False``); a rerun that ends with another
+model (a stage continued with more steps, another last stage) replaces the export.
 
 The config is read by :func:`emit_jax.configs.load` (a file, ``file:arg``, or a packaged recipe's
 name) and checked by :func:`emit_jax.training.validate.validate_config` before anything is built.
@@ -42,8 +43,8 @@ from emit_jax.errors import (USER_ERRORS, ConfigError, NonFiniteError, has_contr
 from emit_jax.eval.scoring import format_table
 from emit_jax.evaluate import evaluate_adfm, evaluate_records
 from emit_jax.fileio import (atomic_output, check_folder_writable, check_free_space, check_not_input,
-                             check_utf8_path, nearest_existing, not_a_file, unambiguous,
-                             user_path)
+                             check_utf8_path, nearest_existing, not_a_file, remove_leftovers,
+                             unambiguous, user_path)
 from emit_jax.ops.kernels import kernel_options
 from emit_jax.models.memory import memory_options
 from emit_jax.training import data as stage_data
@@ -225,13 +226,10 @@ def _run(cfg, workdir: str, settings) -> dict:
     if model is not None:
         model.eval()
         results.update(evaluate_heldout(run_, model))
-        if cfg.export_hf and not os.path.isdir(os.path.join(workdir, "hf")):
-            parallel.replicate_module(model, run_.mesh)  # every process: a collective
-            if parallel.is_primary():
-                check_free_space(os.path.join(workdir, "hf"), hf.state_bytes(model) + 2**20)
-                hf.save(model, os.path.join(workdir, "hf"),
-                        assets_from=os.path.join(workdir, "tokenizer"))
-                stages.log(f"[export] {workdir}/hf")
+        if cfg.export_hf:
+            export = _export(run_, model, bool(trained), _read_results(workdir).get("export"))
+            if export is not None:
+                results["export"] = export
     seconds = time.time() - t_start
     previous = _read_results(workdir) if not trained else {}
     if isinstance(previous.get("seconds"), (int, float)):
@@ -252,6 +250,56 @@ def _run(cfg, workdir: str, settings) -> dict:
             json.dump(results, f, indent=1, default=str)
     parallel.barrier("run_done")
     return results
+
+
+def _export(run_, model, trained: bool, before) -> dict | None:
+    """Export the run's final model to ``WORKDIR/hf`` unless it holds that model already, and
+    return what it holds: ``{"stage": S, "steps": N}`` (kept in results.json, so the next run
+    can tell; None for an export whose source an older run did not record).
+
+    ``before``: the previous run's record. An ``hf/`` made from another stage or step count (a
+    stage continued with more steps, a run ending at another stage) is replaced: the new folder
+    is written beside it and swapped in, the old one removed after (before: it was kept as it
+    was, silently the model of the earlier run)."""
+    cfg, workdir = run_.cfg, run_.workdir
+    hf_dir = os.path.join(workdir, "hf")
+    last = cfg.stages[-1]
+    record = {"stage": last, "steps": stages.done_steps(workdir, last)}
+    exists = os.path.isdir(hf_dir)
+    if exists and (before == record or (before is None and not trained)):
+        return before
+    parallel.replicate_module(model, run_.mesh)  # every process: a collective
+    if parallel.is_primary():
+        check_free_space(hf_dir, hf.state_bytes(model) + 2**20)
+        tokenizer = os.path.join(workdir, "tokenizer")
+        if not exists:
+            hf.save(model, hf_dir, assets_from=tokenizer)
+            stages.log(f"[export] {workdir}/hf")
+        else:
+            _replace_export(model, hf_dir, tokenizer)
+            held = (f"{before['stage']} after {before['steps']} steps" if isinstance(before, dict)
+                    else "an earlier run's model")
+            stages.log(f"[export] {workdir}/hf ({last} after {record['steps']} steps; it held "
+                       f"{held})")
+    return record
+
+
+def _replace_export(model, hf_dir: str, tokenizer: str) -> None:
+    """Write ``model`` to ``.hf-export`` beside ``hf_dir``, then swap it in: ``hf_dir`` is the
+    old export or the new one at every moment but between two renames; what a killed swap
+    leaves (``.hf-export``, ``.old-hf-*``) goes at the next export."""
+    parent = os.path.dirname(hf_dir)
+    staging = os.path.join(parent, ".hf-export")
+    remove_leftovers(hf_dir, hf_dir)
+    remove_leftovers(staging, staging)
+    shutil.rmtree(staging, ignore_errors=True)
+    hf.save(model, staging, assets_from=tokenizer)
+    import tempfile  # noqa: PLC0415
+
+    aside = tempfile.mkdtemp(prefix=".old-hf-", dir=parent)
+    os.rename(hf_dir, os.path.join(aside, "hf"))
+    os.rename(staging, hf_dir)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _read_results(workdir: str) -> dict:

@@ -3,7 +3,10 @@ each failed before its fix."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from conftest import train
 
 
 @pytest.mark.parametrize("raw, line", [
@@ -112,3 +115,41 @@ def test_a_tuple_of_names_may_be_spelled_bare(raw, want):
     for bad in ("data.length_buckets=8,x", "stages=(grpo", "stages=a b"):
         with pytest.raises(ConfigError, match="expected a tuple value"):
             configs.load("configs/grpo.py:smoke", [bad])
+
+
+def test_a_continued_stage_replaces_the_stale_export(tmp_path):
+    """RR9: continuing a finished run with more steps trained them, wrote the new stage model
+    and results.json, and left ``WORKDIR/hf`` as the earlier run's model without a word (70
+    of 168 tensors differed from the model the run ended with)."""
+    import json
+
+    import numpy as np
+    from flax import nnx
+
+    from emit_jax import checkpoint, hf
+
+    cache = tmp_path / "cache"  # the embedded dataset, made once for the three runs
+    d = tmp_path / "w"
+    common = ["--config", "configs/grpo.py:smoke", "--workdir", str(d),
+              "--config.stages=('warmup',)", "--config.eval_limit=0"]
+    env = {"EMIT_JAX_CACHE": str(cache)}
+    r = train(*common, "--config.warmup.steps=2", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"[export] {d}/hf\n" in r.stderr
+    assert json.loads((d / "results.json").read_text())["export"] == {"stage": "warmup",
+                                                                     "steps": 2}
+    r = train(*common, "--config.warmup.steps=2", env=env)  # nothing new: the export stays
+    assert r.returncode == 0 and "[export]" not in r.stderr, r.stderr[-3000:]
+    r = train(*common, "--config.warmup.steps=3", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (f"[export] {d}/hf (warmup after 3 steps; it held warmup after 2 steps)"
+            in r.stderr), r.stderr[-3000:]
+    assert json.loads((d / "results.json").read_text())["export"] == {"stage": "warmup",
+                                                                     "steps": 3}
+    assert sorted(n for n in os.listdir(d) if n.startswith(".")) == [".lock"]  # no leftovers
+    got = nnx.to_flat_state(nnx.state(hf.load(d / "hf"), nnx.Param))
+    want = nnx.to_flat_state(nnx.state(checkpoint.load_model(d / "warmup" / "model")[0],
+                                       nnx.Param))
+    assert len(got) == len(want)
+    for (k, a), (k2, b) in zip(sorted(got, key=lambda kv: kv[0]), sorted(want, key=lambda kv: kv[0])):
+        assert k == k2 and np.array_equal(np.asarray(a.value), np.asarray(b.value)), k
