@@ -73,6 +73,7 @@ def cli_seed1(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
     os.makedirs(root / "pill" / "train" / "good")
     (root / "pill" / "train" / "good" / "999.png").write_bytes(b"stale")
     (root / "keep.txt").write_text("not ours")
+    (root / "manifest.json").write_text('{"dataset": "Embedded"}')  # an earlier output's
     return str(root), _cli("--out", str(root), "--seed", "1", "--overwrite")
 
 

@@ -104,7 +104,7 @@ def test_interrupted_overwrite_leaves_the_folder_unchanged(tmp_path):
     out = tmp_path / "em"
     os.makedirs(out / "pill")
     (out / "pill" / "keep.txt").write_text("mine")
-    (out / "manifest.json").write_text("{}")
+    (out / "manifest.json").write_text('{"dataset": "Embedded"}')  # an earlier output's
     before = _files(str(out))
     proc = _interrupt(str(out), signal.SIGTERM, "--overwrite")
     assert proc.returncode == 130, proc.stderr
@@ -149,7 +149,7 @@ def test_overwrite_keeps_user_files_and_replaces_generated_ones(tmp_path):
     (out / "mine" / "big.bin").write_bytes(b"\0" * 5_000_000)
     (out / "descriptions" / "pill" / "train_good_000.txt").write_text("old")
     (out / "README.md").write_text("old readme")
-    (out / "manifest.json").write_text("{}")
+    (out / "manifest.json").write_text('{"dataset": "Embedded"}')  # an earlier output's
     proc = _cli("--out", str(out), "--seed", "2", "--overwrite")
     assert proc.returncode == 0, proc.stderr
     # the size reported is the generated dataset's, not counting the user's kept files
@@ -175,11 +175,13 @@ def test_overwrite_refuses_a_file_where_the_dataset_has_a_folder(tmp_path):
     out = tmp_path / "em"
     os.makedirs(out)
     (out / "pill").write_text("a file, not a folder")
+    (out / "manifest.json").write_text('{"dataset": "Embedded"}')
     proc = _cli("--out", str(out), "--overwrite")
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1, proc.stderr
     assert err[0].startswith(f"{PROG}: error: {out / 'pill'}: "), err
-    assert os.listdir(out) == ["pill"] and (out / "pill").read_text() == "a file, not a folder"
+    assert sorted(os.listdir(out)) == ["manifest.json", "pill"]
+    assert (out / "pill").read_text() == "a file, not a folder"
     _no_temporaries(str(tmp_path))
 
 

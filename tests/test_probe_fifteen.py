@@ -153,3 +153,40 @@ def test_a_continued_stage_replaces_the_stale_export(tmp_path):
     assert len(got) == len(want)
     for (k, a), (k2, b) in zip(sorted(got, key=lambda kv: kv[0]), sorted(want, key=lambda kv: kv[0])):
         assert k == k2 and np.array_equal(np.asarray(a.value), np.asarray(b.value)), k
+
+
+@pytest.mark.parametrize("manifest", [None, "{}", '{"dataset": "MVTec AD"}', "not json"])
+def test_overwrite_never_replaces_a_users_own_dataset(tmp_path, manifest):
+    """X3 (data lost): ``data.embedded --out MY_MVTEC_DATASET --overwrite`` replaced the user's
+    real ``pill/train/good/000.png`` and ``pill/test/crack/000.png`` with synthetic images (the
+    generator's classes and numbering are MVTec AD's) and added a splits.json that then
+    governed the real classes, exit 0. Only a folder an earlier generation wrote (its
+    manifest.json) is overwritten."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    pills = os.path.join(os.path.dirname(ROOT), "shared", "data")
+    real = next((os.path.join(r, f) for r, _, fs in os.walk(pills) for f in sorted(fs)
+                 if f.endswith(".png")), None)
+    out = tmp_path / "mvtec"
+    for rel in ("pill/train/good/000.png", "pill/test/crack/000.png"):
+        os.makedirs(out / os.path.dirname(rel), exist_ok=True)
+        if real:
+            shutil.copy(real, out / rel)
+        else:
+            (out / rel).write_bytes(b"\x89PNG a real image")
+    if manifest is not None:
+        (out / "manifest.json").write_text(manifest)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    r = subprocess.run([sys.executable, "-m", "emit_jax.data.embedded", "--out", str(out),
+                        "--overwrite"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"emit_jax.data.embedded: error: {out}: not a dataset data.embedded wrote (no "
+        "manifest.json of its own); --overwrite replaces only an earlier embedded dataset's "
+        "files: choose an empty or new folder"]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(os.listdir(tmp_path)) == ["mvtec"]  # no temporaries

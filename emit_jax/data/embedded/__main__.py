@@ -3,7 +3,9 @@
 The dataset is built in a temporary folder beside ``DIR`` and renamed into place only when
 complete, so an error, Ctrl-C or SIGTERM leaves ``DIR`` as it was (exit 2 with one ``error:``
 line naming the path; exit 130 with one ``interrupted`` line) and a rerun starts afresh.
-``--overwrite`` replaces only the files this generation writes, by exact name (its top-level
+``--overwrite`` takes only a folder an earlier ``data.embedded`` wrote (its ``manifest.json``:
+a user's own MVTec-style dataset has the same file names) and replaces only the files this
+generation writes, by exact name (its top-level
 files and, in its image, mask and description folders, the ``NNN.png``, ``NNN_mask.png`` and
 ``<split>_<folder>_NNN.txt`` files it numbers); every other file or folder in ``DIR`` is kept,
 whatever its name (moved into the new dataset before it replaces the old one), and the size
@@ -35,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
                              "one containing it)")
     parser.add_argument("--seed", type=cli.nonneg_int, default=0, help="random seed (default 0)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="--out may be non-empty (not a training workdir): replace only "
+                        help="--out may be an earlier data.embedded output (its manifest.json; "
+                             "not your own dataset, a workdir or a model folder): replace only "
                              "the files this generation writes, by exact name (its top-level "
                              "files, and the NNN.png / NNN_mask.png / description .txt files it "
                              "numbers in its own folders); keep every other file, whatever its "

@@ -94,8 +94,8 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bool = Fal
     ``out_dir`` as it was and no temporary folder behind.
 
     ``out_dir`` must be missing or empty unless ``overwrite`` is true; else
-    :class:`FileExistsError` (``... directory is not empty (use overwrite)``). With
-    ``overwrite``, only the files this generation writes are replaced, matched by exact name:
+    :class:`FileExistsError` (``... directory is not empty (use overwrite)``). ``overwrite``
+    takes only a folder an earlier generation wrote (its ``manifest.json``); in it, only the files this generation writes are replaced, matched by exact name:
     the top-level files (:data:`_TOP_FILES`) and, in its own folders
     (``<class>/{train,test}/<folder>``, ``<class>/ground_truth/<defect>``,
     ``descriptions/<class>``), the ``NNN.png``, ``NNN_mask.png`` and
@@ -128,6 +128,10 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bool = Fal
             what = "a model folder" if marker in _MODEL_FILES else "a training workdir"
             raise DataError(f"{out_dir}: looks like {what} (it holds {marker}); "
                             "choose a dataset folder")
+        if not _embedded_manifest(target):  # a user's own MVTec-style data: MVTec's names
+            raise DataError(f"{out_dir}: not a dataset data.embedded wrote (no manifest.json of "
+                            f"its own); --overwrite replaces only an earlier embedded dataset's "
+                            "files: choose an empty or new folder")
         keep = _user_entries(target, out_dir)
     try:
         # one generator per folder; under the lock, temporaries named for this folder are the
@@ -169,6 +173,20 @@ def _workdir_marker(root: str) -> str | None:
 #: files that mark a model folder (an emit_jax checkpoint, a Hugging Face export): before, a
 #: dataset was written into one with --overwrite
 _MODEL_FILES = ("emit_jax.json", "model.safetensors", "model.safetensors.index.json")
+
+
+def _embedded_manifest(root: str) -> bool:
+    """Whether ``root/manifest.json`` is one a generation wrote (its ``dataset`` names the
+    embedded dataset): only such a folder may be overwritten. Before, any folder was, its
+    ``<class>/train/good/000.png`` and the like replaced: a user's own MVTec-style dataset has
+    MVTec's names (the generator's classes are MVTec AD's, numbered as MVTec numbers them), so
+    real images were swapped for synthetic ones."""
+    try:
+        with open(os.path.join(root, "manifest.json"), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("dataset") == DATASET_NAME
 
 
 def _model_marker(root: str) -> str | None:
