@@ -190,3 +190,17 @@ def test_overwrite_never_replaces_a_users_own_dataset(tmp_path, manifest):
         "files: choose an empty or new folder"]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(os.listdir(tmp_path)) == ["mvtec"]  # no temporaries
+
+
+def test_pointer_words_beyond_the_tokenizer_is_one_line(capsys):
+    """FP4: ``experiments.pointer --words 400`` ended in a 20-line ValueError traceback, exit 1
+    (its message right, its class not a user error)."""
+    from emit_jax import cli
+    from emit_jax.experiments.pointer import main
+
+    assert cli.run(main, ["--steps", "1", "--words", "100000"],
+                   prog="python -m emit_jax.experiments.pointer") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "python -m emit_jax.experiments.pointer: error: --words 100000: needs 200000 "
+        "single-token words; the tokenizer has "), err

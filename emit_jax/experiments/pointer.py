@@ -39,6 +39,7 @@ import time
 import numpy as np
 
 from emit_jax import cli
+from emit_jax.errors import ConfigError
 from emit_jax.limits import MAX_BATCH, MAX_LAYERS, MAX_MATRIX_SIDE
 
 
@@ -62,8 +63,9 @@ class Tasks:
                        and len(w) > 3)
         random.Random(seed).shuffle(words)
         if len(words) < 2 * n_words:
-            raise ValueError(f"the tokenizer has {len(words)} single-token words; "
-                             f"--words {n_words} needs {2 * n_words}")
+            raise ConfigError(f"--words {n_words}: needs {2 * n_words} single-token words; "
+                              f"the tokenizer has {len(words)} (at most --words "
+                              f"{len(words) // 2})")
         ids = [tok.convert_tokens_to_ids(w) for w in words]
         self.options, self.facts = ids[:n_words], ids[n_words:2 * n_words]
         if same_words:  # the fact names the option's own token (identity match, not a mapping)
