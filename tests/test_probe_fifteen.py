@@ -204,3 +204,70 @@ def test_pointer_words_beyond_the_tokenizer_is_one_line(capsys):
     assert len(err) == 1 and err[0].startswith(
         "python -m emit_jax.experiments.pointer: error: --words 100000: needs 200000 "
         "single-token words; the tokenizer has "), err
+
+
+def test_restart_trains_a_stage_asked_for_fewer_steps_as_the_warning_promises(tmp_path):
+    """RS1: on a workdir whose grpo finished 5 steps, ``--config.restart=True`` with
+    ``grpo.steps=2`` said "[restart] ... nothing to restart", then warned that the finished
+    stage kept its 5 steps and told the user to add ``--config.restart=True``, given already.
+    Under restart, fewer steps than a finished stage trained is a change that trains it again;
+    without restart it stays a warning (more steps continue a stage)."""
+    import json
+
+    from emit_jax import configs
+    from emit_jax.training import stages
+
+    cfg = configs.load("configs/grpo.py:smoke", ["grpo.steps=2"])
+    d = tmp_path / "w"
+    (d / "grpo").mkdir(parents=True)
+    stages.save_settings(cfg, str(d), "grpo")
+    (d / "grpo" / "done.json").write_text(json.dumps({"steps": 5}))
+    assert stages.changed_settings(cfg, str(d)) == {}
+    assert stages.changed_settings(cfg, str(d), sections=True) == {
+        "grpo": [("grpo.steps", 5, 2)]}
+    more = configs.load("configs/grpo.py:smoke", ["grpo.steps=7"])  # continues: no change
+    assert stages.changed_settings(more, str(d), sections=True) == {}
+    restart = configs.load("configs/grpo.py:smoke", ["grpo.steps=2", "restart=True"])
+    stages.check_settings(restart, str(d))
+    assert not (d / "grpo").exists()  # moved aside, to be trained again
+    (aside,) = [p for p in d.iterdir() if p.name.startswith("replaced-")]
+    assert json.loads((aside / "grpo" / "done.json").read_text()) == {"steps": 5}
+
+
+def test_a_tables_stored_row_answers_only_for_its_own_settings(tmp_path, capsys):
+    """TB2 / AC1: ``table1 --set base.steps=3 --set base.lr=0.5`` on a workdir holding the
+    1-step table ran nothing (2 s) and reported the 1-step results under the new overrides;
+    adfm_compare likewise (``--smoke`` or not). A stored row now answers only when it was made
+    with the same resolved config; otherwise a note names what changed and the row runs."""
+    import json
+
+    from emit_jax import configs
+    from emit_jax.experiments.table1 import cached_row, train_row
+    from emit_jax.errors import ConfigError
+    from emit_jax.training.stages import config_json
+
+    one = config_json(configs.load("configs/grpo.py:smoke", ["base.steps=1"]))
+    three = config_json(configs.load("configs/grpo.py:smoke", ["base.steps=3", "base.lr=0.5"]))
+    cached = tmp_path / "table1_warmup_base.json"
+    assert cached_row(str(cached), one) is None and capsys.readouterr().err == ""  # none yet
+    cached.write_text(json.dumps({"row": "base model", "average": 40.0, "config": one}))
+    assert cached_row(str(cached), one)["average"] == 40.0
+    assert cached_row(str(cached), three) is None
+    assert capsys.readouterr().err.strip() == (
+        f"note: {cached}: made with other settings: base.lr 0.002 -> 0.5, base.steps 1 -> 3; "
+        "running the row again")
+    cached.write_text(json.dumps({"row": "base model", "average": 40.0}))  # an older table's
+    assert cached_row(str(cached), one) is None
+    assert "no settings recorded; running the row again" in capsys.readouterr().err
+    # train's advice in the experiments' spelling (TB3)
+    wd = tmp_path / "w"
+    (wd / "base").mkdir(parents=True)
+    from emit_jax.training import stages
+
+    stages.save_settings(configs.load("configs/grpo.py:smoke", ["arch=tiny"]), str(wd), "base")
+    (wd / "base" / "done.json").write_text(json.dumps({"steps": 1}))
+    other = configs.load("configs/grpo.py:smoke", ["base.train_vision=True",
+                                                   "stages=('base',)"])
+    with pytest.raises(ConfigError) as e:
+        train_row(other, str(wd))
+    assert "add --set restart=True" in str(e.value) and "--config." not in str(e.value)

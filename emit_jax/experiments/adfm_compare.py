@@ -35,7 +35,7 @@ import numpy as np
 
 from emit_jax import cli
 from emit_jax import configs
-from emit_jax.experiments.table1 import TASK_COLUMNS, mean_std_table
+from emit_jax.experiments.table1 import TASK_COLUMNS, cached_row, mean_std_table, train_row
 from emit_jax.fileio import atomic_output
 
 CONFIG_DIR = "configs"
@@ -78,20 +78,22 @@ def _link_shared(seed_dir: str, first: str, run_dir: str) -> None:
 
 def run_row(row: str, overrides: dict, seed: int, seed_dir: str, first: str,
             config_dir: str = CONFIG_DIR, smoke: bool = False) -> dict:
-    from emit_jax import train
+    from emit_jax.training.stages import config_json
 
     sub = ROWS[row][0]
     run_dir = os.path.join(seed_dir, sub)
     cached = os.path.join(run_dir, "adfm_compare.json")
-    if os.path.isfile(cached):
-        with open(cached, encoding="utf-8") as f:
-            return json.load(f)
+    cfg = row_config(row, overrides, seed, config_dir, smoke)
+    config = config_json(cfg)
+    got = cached_row(cached, config)  # (before: reused whatever the settings, --smoke or not)
+    if got is not None:
+        return got
     if sub != first:
         _link_shared(seed_dir, first, run_dir)
-    res = train.run(row_config(row, overrides, seed, config_dir, smoke), run_dir)
+    res = train_row(cfg, run_dir)
     out = {"row": row, "seed": seed, "average": res.get("test_average"),
            "tasks": res.get("test_tasks", {}), "adfm": res.get("adfm_test", {}),
-           "seconds": res.get("seconds")}
+           "seconds": res.get("seconds"), "config": config}
     with atomic_output(cached) as f:
         json.dump(out, f, indent=1)
     return out
@@ -152,7 +154,8 @@ def main(argv=None) -> int:
     with atomic_output(os.path.join(args.workdir, "adfm_compare.md")) as f:
         f.write(table)
     with atomic_output(os.path.join(args.workdir, "adfm_compare.json")) as f:
-        json.dump({"rows": data, "runs": results, "overrides": overrides}, f, indent=1)
+        runs = [{k: v for k, v in r.items() if k != "config"} for r in results]
+        json.dump({"rows": data, "runs": runs, "overrides": overrides}, f, indent=1)
     return 0
 
 

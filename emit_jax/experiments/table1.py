@@ -76,8 +76,70 @@ def _link_shared(seed_dir: str, run_dir: str) -> None:
             os.symlink(os.path.relpath(src, run_dir), dst)
 
 
-def run_row(cfg_path: str, overrides: dict, seed: int, seed_dir: str, row: str) -> dict:
+#: settings that change nothing a row reports
+_NOT_COMPARED = ("compile_cache",)
+
+
+def _settings(config: dict) -> dict:
+    """``{dotted key: value}`` of a resolved config (JSON), less :data:`_NOT_COMPARED`."""
+    out: dict = {}
+
+    def flat(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flat(f"{prefix}.{k}" if prefix else k, v)
+        elif prefix not in _NOT_COMPARED:
+            out[prefix] = value
+    flat("", config)
+    return out
+
+
+def cached_row(cached: str, config: dict) -> dict | None:
+    """The stored result ``cached`` of a finished row when it was made with the resolved config
+    ``config`` (:func:`emit_jax.training.stages.config_json`); None when there is none, or when
+    it was made with other settings (or recorded none): a note names them and the row runs
+    again, where train continues, warns or refuses as for any rerun. Before, a stored result
+    answered whatever the settings (``--set base.steps=3`` after a 1-step table reported the
+    1-step results under the new overrides)."""
+    if not os.path.isfile(cached):
+        return None
+    try:
+        with open(cached, encoding="utf-8") as f:
+            got = json.load(f)
+    except (OSError, ValueError):
+        got = None
+    stored = got.get("config") if isinstance(got, dict) else None
+    if isinstance(stored, dict) and _settings(stored) == _settings(config):
+        return got
+    if not isinstance(stored, dict):
+        why = "unreadable" if got is None else "no settings recorded"
+    else:
+        old, now = _settings(stored), _settings(config)
+        diff = [k for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
+        why = ", ".join(f"{k} {old.get(k, '-')!r} -> {now.get(k, '-')!r}" for k in diff[:6])
+        why = "made with other settings: " + why + (f" and {len(diff) - 6} more"
+                                                    if len(diff) > 6 else "")
+    print(f"note: {show_path(cached)}: {why}; running the row again", file=sys.stderr,
+          flush=True)
+    return None
+
+
+def train_row(cfg, run_dir: str) -> dict:
+    """``train.run(cfg, run_dir)``, its advice spelt as the experiments take settings (``--set
+    restart=True``, not train's ``--config.restart=True``)."""
     from emit_jax import train
+
+    try:
+        return train.run(cfg, run_dir)
+    except ConfigError as e:
+        text = str(e).replace("--config.restart=True", "--set restart=True")
+        if text == str(e):
+            raise
+        raise ConfigError(text) from None
+
+
+def run_row(cfg_path: str, overrides: dict, seed: int, seed_dir: str, row: str) -> dict:
+    from emit_jax.training.stages import config_json
 
     sub, last, extra = ROWS[row]
     cfg = configs.load(cfg_path, {**overrides, **extra, "seed": seed, "export_hf": False})
@@ -85,19 +147,21 @@ def run_row(cfg_path: str, overrides: dict, seed: int, seed_dir: str, row: str) 
     run_dir = os.path.join(seed_dir, sub)
     tag = "_".join(stages)
     cached = os.path.join(run_dir, f"table1_{tag}.json")
-    if os.path.isfile(cached):
-        with open(cached, encoding="utf-8") as f:
-            return json.load(f)
+    config = config_json(cfg)
+    got = cached_row(cached, config)
+    if got is not None:
+        return got
     if sub != "common":
         _link_shared(seed_dir, run_dir)
-    res = train.run(cfg, run_dir)
+    res = train_row(cfg, run_dir)
     letters = dict(Counter(str(a.get("gpt_answer")) for a in res.get("answers", ())))
     out = {"row": row, "seed": seed, "average": res.get("test_average"),
            "tasks": res.get("test_tasks", {}), "seconds": res.get("seconds"),
            "letters": letters,  # how often each answer letter was given (collapse shows here)
            # AD on every image of the unseen embedded datasets (config eval_unseen), or None
            "unseen_ad": res.get("unseen_tasks", {}).get(TASK_COLUMNS[0]),
-           "unseen_questions": res.get("unseen_questions")}
+           "unseen_questions": res.get("unseen_questions"),
+           "config": config}  # what a rerun compares (cached_row)
     with atomic_output(cached) as f:
         json.dump(out, f, indent=1)
     return out
@@ -182,7 +246,8 @@ def main(argv=None) -> int:
     with atomic_output(os.path.join(args.workdir, "table1.md")) as f:
         f.write(table)
     with atomic_output(os.path.join(args.workdir, "table1.json")) as f:
-        json.dump({"rows": data, "runs": results, "overrides": overrides}, f, indent=1)
+        runs = [{k: v for k, v in r.items() if k != "config"} for r in results]
+        json.dump({"rows": data, "runs": runs, "overrides": overrides}, f, indent=1)
     return 0
 
 

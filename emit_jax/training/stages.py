@@ -351,7 +351,7 @@ def changed_settings(cfg, workdir: str, *,
     started, or written by an earlier version) or without output (:func:`has_output`: it
     stopped before its first checkpoint, e.g. on a config error) is not compared.
     ``sections``: the stage's own section's other settings too (:func:`section_changes`: what
-    ``restart`` trains again with)."""
+    ``restart`` trains again with), and a finished stage's step count when fewer are asked."""
     now, out = config_json(cfg), {}
     for stage in cfg.stages:
         path = os.path.join(workdir, stage, SETTINGS_FILE)
@@ -366,6 +366,9 @@ def changed_settings(cfg, workdir: str, *,
         diff = [(k, old.get(k), new[k]) for k in new if k in old and old[k] != new[k]]
         if sections:
             diff += section_changes(cfg, workdir, stage)
+            trained, asked = done_steps(workdir, stage), stage_steps(cfg, stage)
+            if trained is not None and asked < trained:  # fewer steps: what restart trains
+                diff.append((f"{stage}.steps", trained, asked))  # (before: "nothing to restart")
         if diff:
             out[stage] = diff
     return out
