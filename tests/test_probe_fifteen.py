@@ -271,3 +271,23 @@ def test_a_tables_stored_row_answers_only_for_its_own_settings(tmp_path, capsys)
     with pytest.raises(ConfigError) as e:
         train_row(other, str(wd))
     assert "add --set restart=True" in str(e.value) and "--config." not in str(e.value)
+
+
+def test_fresh_images_is_one_writer_of_its_workdir(tmp_path, capsys):
+    """FI2: with the workdir's lock held (a trainer running there), fresh_images ran to the end
+    and wrote its folders (and the workdir's data/ and tokenizer/) beside it, exit 0."""
+    from emit_jax import cli
+    from emit_jax.experiments.fresh_images import main
+    from emit_jax.training import stages
+
+    wd = tmp_path / "w"
+    wd.mkdir()
+    with stages.workdir_lock(str(wd)):
+        assert cli.run(lambda argv: (main(argv), 0)[1],
+                       ["--workdir", str(wd), "--config", "configs/grpo.py:smoke", "--stage",
+                        "base", "--seeds", "0", "--steps", "1", "--ad-order", "yes_no"],
+                       prog="python -m emit_jax.experiments.fresh_images") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"python -m emit_jax.experiments.fresh_images: error: {wd}: in use "
+                              f"by another trainer (pid {os.getpid()} on "), err
+    assert sorted(os.listdir(wd)) == [".lock"]  # nothing written

@@ -94,18 +94,9 @@ def main(argv=None) -> dict:
                     help="config override, e.g. emit.max_readout=True (repeatable)")
     a = ap.parse_args(argv)
 
-    from flax import nnx
-
-    from emit_jax import train
-    from emit_jax.data.mmad import paper_task_name
-    from emit_jax.eval.scoring import format_table
-    from emit_jax.evaluate import evaluate_records
-    from emit_jax import configs
+    from emit_jax import configs, train
     from emit_jax.training import stages
     from emit_jax.training.config import OptimConfig
-    from emit_jax.models.emit import EMIT, EMITConfig
-    from emit_jax.training.data import fresh_records, unseen_records
-    from emit_jax.training.sft import run_sft
 
     t0 = time.time()
     sets = dict(configs.parse_sets(a.set), **{"data.ad_order": a.ad_order})
@@ -126,6 +117,30 @@ def main(argv=None) -> dict:
     # the flags' own run, made (and so checked) before any image is drawn
     ocfg = OptimConfig.from_section(dict(cfg.sft, steps=a.steps, lr=a.lr, batch_size=a.batch_size),
                                     "sft")
+    if a.stage == "sft" and not os.path.isdir(os.path.join(a.workdir, "base", "model")):
+        base_cfg = configs.load(a.config, sets)
+        base_cfg.stages, base_cfg.eval_limit, base_cfg.export_hf = ("base",), 0, False
+        train.run(base_cfg, a.workdir)  # takes the workdir's lock itself, and lets it go
+    os.makedirs(a.workdir, exist_ok=True)
+    # one writer per workdir, as train (before: it ran beside a trainer on the same workdir,
+    # both writing its data/ and tokenizer/)
+    with stages.workdir_lock(a.workdir):
+        return _experiment(a, cfg, ocfg, t0)
+
+
+def _experiment(a, cfg, ocfg, t0: float) -> dict:
+    """The run itself, under the workdir's lock: the fresh datasets, the training, the
+    held-out evaluation."""
+    from flax import nnx
+
+    from emit_jax.data.mmad import paper_task_name
+    from emit_jax.eval.scoring import format_table
+    from emit_jax.evaluate import evaluate_records
+    from emit_jax.models.emit import EMIT, EMITConfig
+    from emit_jax.training import stages
+    from emit_jax.training.data import fresh_records, unseen_records
+    from emit_jax.training.sft import run_sft
+
     source, tokenizer, records = stages.prepare_data(cfg, a.workdir)
     extra = fresh_records(range(1, a.seeds + 1), **stages.question_options(cfg))
     print(f"[fresh] {len(extra)} AD questions from {a.seeds} extra datasets "
@@ -144,10 +159,6 @@ def main(argv=None) -> dict:
         model = stages.build_initial_model(cfg, tokenizer)
         wrt = nnx.Param
     else:
-        if not os.path.isdir(os.path.join(a.workdir, "base", "model")):
-            base_cfg = configs.load(a.config, sets)
-            base_cfg.stages, base_cfg.eval_limit, base_cfg.export_hf = ("base",), 0, False
-            train.run(base_cfg, a.workdir)
         model = stages.load_stage(a.workdir, "base")
         model = EMIT.create(model, EMITConfig(**dict(cfg.emit)), tokenizer=tokenizer,
                             rngs=nnx.Rngs(cfg.seed))
