@@ -99,8 +99,8 @@ import numpy as np
 
 from emit_jax import cli
 from emit_jax.errors import STOP_SIGNALS, CheckpointError, ConfigError, ImageError, MMADError
-from emit_jax.fileio import (atomic_output, check_not_input, check_writable, missing_file,
-                             name_max, nearest_existing)
+from emit_jax.fileio import (atomic_output, check_not_input, check_writable, finite_json,
+                             missing_file, name_max, nearest_existing)
 from emit_jax.data.tasks import AD_ORDERS
 
 # jax and the models are imported where used: `python -m emit_jax.evaluate` handles SIGINT /
@@ -798,7 +798,7 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
               "average": summary.average, "per_group": summary.accuracy, "answers": rows}
     if out:
         with atomic_output(out) as f:
-            json.dump(result, f, indent=1, default=str)
+            json.dump(finite_json(result), f, indent=1, default=str)
         if beyond:  # answers this run did not ask for: the file stays, for a later run
             note(f"emit_jax.evaluate: note: {beyond} answer{'' if beyond == 1 else 's'} beyond "
                  f"--limit {'is' if beyond == 1 else 'are'} kept in {answers_path} for a later "

@@ -761,6 +761,19 @@ def read_json(path: str | os.PathLike, *, error: type[Exception] = ValueError,
                 ) from None
 
 
+def finite_json(obj):
+    """``obj`` with every non-finite float (NaN, inf; Python's or NumPy's) as ``None``: what
+    ``json.dump`` writes is then JSON (``NaN`` is not: strict readers, ``jq`` and JavaScript
+    refuse the file). Dicts, lists and tuples are copied; anything else is returned as it is."""
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, float) or type(obj).__name__ in ("float32", "float64", "float16"):
+        return float(obj) if obj == obj and abs(float(obj)) != float("inf") else None
+    return obj
+
+
 class JSONObject(dict):
     """A JSON object that remembers the keys it saw more than once (``json`` keeps the last
     one): what :func:`pairs_noting_duplicates` builds, for readers that refuse a key given twice

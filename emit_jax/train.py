@@ -43,8 +43,8 @@ from emit_jax.errors import (USER_ERRORS, ConfigError, NonFiniteError, has_contr
 from emit_jax.eval.scoring import format_table
 from emit_jax.evaluate import evaluate_adfm, evaluate_records
 from emit_jax.fileio import (atomic_output, check_folder_writable, check_free_space, check_not_input,
-                             check_utf8_path, nearest_existing, not_a_file, remove_leftovers,
-                             unambiguous, user_path)
+                             check_utf8_path, finite_json, nearest_existing, not_a_file,
+                             remove_leftovers, unambiguous, user_path)
 from emit_jax.ops.kernels import kernel_options
 from emit_jax.models.memory import memory_options
 from emit_jax.training import data as stage_data
@@ -247,7 +247,7 @@ def _run(cfg, workdir: str, settings) -> dict:
             stages.log(f"note: no training curves to draw (every stage's metrics.jsonl is "
                        f"empty or torn); {workdir}/curves.png is left as an earlier run drew it")
         with atomic_output(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1, default=str)
+            json.dump(finite_json(results), f, indent=1, default=str)
     parallel.barrier("run_done")
     return results
 

@@ -291,3 +291,22 @@ def test_fresh_images_is_one_writer_of_its_workdir(tmp_path, capsys):
     assert err[-1].startswith(f"python -m emit_jax.experiments.fresh_images: error: {wd}: in use "
                               f"by another trainer (pid {os.getpid()} on "), err
     assert sorted(os.listdir(wd)) == [".lock"]  # nothing written
+
+
+def test_non_finite_figures_are_written_as_json_null(tmp_path):
+    """HA1 / NF1: an AUROC over a split with no anomalous image (heatmap_auroc --json), and a
+    skipped non-finite step's loss (results.json, done.json), were written as bare ``NaN``,
+    which is not JSON (strict readers, jq and JavaScript refuse the file)."""
+    import json
+
+    import numpy as np
+
+    from emit_jax.fileio import finite_json
+    from emit_jax.experiments.heatmap_auroc import auroc
+
+    out = {"auroc_max": auroc([0.1, 0.2], [0, 0]), "loss": float("inf"),
+           "x": [np.float32("nan"), np.float64(2.5), 3, "nan", None, (float("-inf"), 1.0)]}
+    assert out["auroc_max"] != out["auroc_max"]  # undefined: no anomalous image
+    text = json.dumps(finite_json(out), allow_nan=False)  # raises on any NaN left
+    assert json.loads(text) == {"auroc_max": None, "loss": None,
+                                "x": [None, 2.5, 3, "nan", None, [None, 1.0]]}

@@ -36,7 +36,7 @@ import numpy as np
 from emit_jax import cli
 from emit_jax import configs
 from emit_jax.experiments.table1 import TASK_COLUMNS, cached_row, mean_std_table, train_row
-from emit_jax.fileio import atomic_output
+from emit_jax.fileio import atomic_output, finite_json
 
 CONFIG_DIR = "configs"
 #: row -> (run directory under the seed's directory, config file, stages after the base stage)
@@ -95,7 +95,7 @@ def run_row(row: str, overrides: dict, seed: int, seed_dir: str, first: str,
            "tasks": res.get("test_tasks", {}), "adfm": res.get("adfm_test", {}),
            "seconds": res.get("seconds"), "config": config}
     with atomic_output(cached) as f:
-        json.dump(out, f, indent=1)
+        json.dump(finite_json(out), f, indent=1)
     return out
 
 
@@ -155,7 +155,8 @@ def main(argv=None) -> int:
         f.write(table)
     with atomic_output(os.path.join(args.workdir, "adfm_compare.json")) as f:
         runs = [{k: v for k, v in r.items() if k != "config"} for r in results]
-        json.dump({"rows": data, "runs": runs, "overrides": overrides}, f, indent=1)
+        json.dump(finite_json({"rows": data, "runs": runs, "overrides": overrides}), f,
+                  indent=1)
     return 0
 
 

@@ -32,6 +32,7 @@ import time
 import numpy as np
 
 from emit_jax import cli
+from emit_jax.fileio import finite_json
 
 #: the heat map's hottest patches whose features describe the defect
 TOP_PATCHES = 8
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
     res = measure(model, train, _items(0, ("test",)))
     res["seconds"] = round(time.time() - t0, 1)
     if args.json:
-        print(json.dumps(res))
+        print(json.dumps(finite_json(res)))
         return 0
     print(f"trained on {res['train_images']} images (seed 0 train + {args.fresh} fresh "
           f"datasets), tested on the {res['test_images']} test-split images "

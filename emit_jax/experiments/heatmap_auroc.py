@@ -19,6 +19,7 @@ import tempfile
 import numpy as np
 
 from emit_jax import cli
+from emit_jax.fileio import finite_json
 from emit_jax.errors import ConfigError
 
 REDUCTIONS = ("max", "top8_mean", "mean")
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
         out["splits"][split] = {"questions": len(labels), "anomalous": int(sum(labels)),
                                 **{f"auroc_{k}": auroc(scores[k], labels) for k in REDUCTIONS}}
     if args.json:
-        print(json.dumps(out))
+        print(json.dumps(finite_json(out)))
     else:
         print(f"CE layers {out['layers']}, window {out['window']}")
         for split, row in out["splits"].items():

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from emit_jax import cli
+from emit_jax.fileio import finite_json
 from emit_jax.errors import ConfigError
 from emit_jax.limits import MAX_GRID, MAX_MATRIX_SIDE, MAX_REPEATS
 from emit_jax.ops import heatmap as H
@@ -87,7 +88,7 @@ def main(argv=None) -> dict:
                             repeats=a.repeats),
         "device": f"{jax.default_backend()}",
     }
-    print(json.dumps(out))
+    print(json.dumps(finite_json(out)))
     return out
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from emit_jax import cli, configs
 from emit_jax.errors import ConfigError, show_path
-from emit_jax.fileio import atomic_output, check_no_control
+from emit_jax.fileio import atomic_output, check_no_control, finite_json
 
 TASK_COLUMNS = ("Anomaly Discrimination", "Defect Classification", "Defect Localization",
                 "Object Classification")
@@ -163,7 +163,7 @@ def run_row(cfg_path: str, overrides: dict, seed: int, seed_dir: str, row: str) 
            "unseen_questions": res.get("unseen_questions"),
            "config": config}  # what a rerun compares (cached_row)
     with atomic_output(cached) as f:
-        json.dump(out, f, indent=1)
+        json.dump(finite_json(out), f, indent=1)
     return out
 
 
@@ -247,7 +247,8 @@ def main(argv=None) -> int:
         f.write(table)
     with atomic_output(os.path.join(args.workdir, "table1.json")) as f:
         runs = [{k: v for k, v in r.items() if k != "config"} for r in results]
-        json.dump({"rows": data, "runs": runs, "overrides": overrides}, f, indent=1)
+        json.dump(finite_json({"rows": data, "runs": runs, "overrides": overrides}), f,
+                  indent=1)
     return 0
 
 

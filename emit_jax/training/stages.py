@@ -36,7 +36,7 @@ from emit_jax.data.embedded import ensure_cached
 from emit_jax.data.pipeline import PipelineConfig, RecordEncoder, collate
 from emit_jax.data.tokenizer import load_tokenizer
 from emit_jax.errors import CheckpointError, ConfigError, LockedError
-from emit_jax.fileio import atomic_output, check_free_space, hold_lock, read_json
+from emit_jax.fileio import atomic_output, check_free_space, finite_json, hold_lock, read_json
 from emit_jax.models import architectures
 from emit_jax.models.emit import EMIT, EMITConfig, is_emit
 from emit_jax.models.internvl import InternVL
@@ -237,7 +237,7 @@ def finish_stage(workdir: str, stage: str, model, info: dict) -> None:
     checkpoint.save_model(model, target, assets_from=os.path.join(workdir, "tokenizer"))
     if parallel.is_primary():
         with atomic_output(os.path.join(d, "done.json"), "w") as f:
-            json.dump(info, f, indent=1, default=str)
+            json.dump(finite_json(info), f, indent=1, default=str)
     parallel.barrier("finish:" + stage)
 
 
