@@ -184,12 +184,25 @@ _STAGE_FOLDERS = ("grpo", "sft2", "sft", "base", "warmup")
 
 def _model_hint(path: str) -> str:
     """What ``path``, given where an emit_jax model is read, is instead (before: only "not an
-    emit_jax model checkpoint"): a Hugging Face folder (convert it), a training workdir's stage
-    folder or the workdir (where their models are); "" when none of these."""
+    emit_jax model checkpoint"): a Hugging Face folder (convert it), a stage's training
+    checkpoint, a training workdir's stage folder or the workdir (where their models are); ""
+    when none of these."""
     if os.path.isfile(os.path.join(path, "config.json")) and any(
             n.endswith(".safetensors") for n in os.listdir(path)):  # (before: not said)
         return (" but a Hugging Face model folder; convert it first with python -m "
                 f"emit_jax.convert --hf {path} --out CKPT")
+    given = os.path.normpath(path)
+    ckpt = given if os.path.basename(given) == "ckpt" else os.path.dirname(given)
+    stage = os.path.basename(os.path.dirname(os.path.abspath(ckpt)))
+    if os.path.basename(ckpt) == "ckpt" and stage in _STAGE_FOLDERS:
+        # WD/<stage>/ckpt/<step> (or ckpt itself): a training state, not a model (before: not
+        # said, where the stage folder and the workdir were)
+        model = os.path.join(os.path.dirname(ckpt), "model")
+        step = "" if ckpt == given else f" (step {os.path.basename(given)})"
+        if os.path.isfile(os.path.join(model, META_FILE)):
+            return f" but a training checkpoint of stage {stage}{step}: its model is {model}"
+        return (f" but a training checkpoint of stage {stage}{step}, which has not finished: "
+                f"rerun the training command to finish it (its model is then {model})")
     if os.path.isfile(os.path.join(path, "model", META_FILE)):  # WD/<stage>: its model
         return f" but a stage folder of a training workdir: its model is {os.path.join(path, 'model')}"
     models = [os.path.join(path, s, "model") for s in _STAGE_FOLDERS

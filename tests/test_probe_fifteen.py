@@ -310,3 +310,31 @@ def test_non_finite_figures_are_written_as_json_null(tmp_path):
     text = json.dumps(finite_json(out), allow_nan=False)  # raises on any NaN left
     assert json.loads(text) == {"auroc_max": None, "loss": None,
                                 "x": [None, 2.5, 3, "nan", None, [None, 1.0]]}
+
+
+def test_a_training_checkpoint_read_as_a_model_names_the_stages_model(tmp_path):
+    """E8 / IF1: ``evaluate --checkpoint W/grpo/ckpt/5`` (or ``init_from``) said only "not an
+    emit_jax model checkpoint", where a stage folder and a workdir name their models."""
+    from emit_jax import checkpoint
+    from emit_jax.errors import CheckpointError
+
+    step = tmp_path / "w" / "grpo" / "ckpt" / "5"
+    step.mkdir(parents=True)
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.read_meta(step)
+    model = tmp_path / "w" / "grpo" / "model"
+    assert str(e.value).endswith(
+        f"{step} is not an emit_jax model checkpoint but a training checkpoint of stage grpo "
+        f"(step 5), which has not finished: rerun the training command to finish it (its model "
+        f"is then {model})")
+    model.mkdir()
+    (model / "emit_jax.json").write_text("{}")
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.read_meta(str(step) + "/")
+    assert str(e.value).endswith(
+        f"but a training checkpoint of stage grpo (step 5): its model is {model}")
+    other = tmp_path / "ckpt" / "5"  # a folder named ckpt outside a stage: no such hint
+    other.mkdir(parents=True)
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.read_meta(other)
+    assert str(e.value).endswith(f"{other} is not an emit_jax model checkpoint")
