@@ -238,6 +238,14 @@ def _run(cfg, workdir: str, settings) -> dict:
         results["rerun_seconds"] = seconds
     else:
         results["seconds"] = seconds
+    carried = [k for k in previous if k not in results and k not in _RUN_KEYS]
+    if carried and not set(results) - _RUN_KEYS:
+        # nothing trained and nothing evaluated (eval_limit 0): the earlier run's evaluation
+        # stays (before: results.json was rewritten without it, hours of an 8B evaluation lost)
+        results.update({k: previous[k] for k in carried})
+        if parallel.is_primary():
+            stages.log(f"note: this run evaluated nothing; {workdir}/results.json keeps the "
+                       "held-out results of the run before")
     if parallel.is_primary():
         if plot_curves(workdir, os.path.join(workdir, "curves.png")):
             drawn = [f"{workdir}/curves.png"] + ([f"{workdir}/results.png"]  # (eval_limit 0:
@@ -300,6 +308,10 @@ def _replace_export(model, hf_dir: str, tokenizer: str) -> None:
     os.rename(hf_dir, os.path.join(aside, "hf"))
     os.rename(staging, hf_dir)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+#: what results.json records of every run, evaluated or not (the rest is the evaluation's)
+_RUN_KEYS = frozenset({"workdir", "stages", "config", "seconds", "rerun_seconds", "export"})
 
 
 def _read_results(workdir: str) -> dict:

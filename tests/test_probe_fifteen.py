@@ -131,15 +131,22 @@ def test_a_continued_stage_replaces_the_stale_export(tmp_path):
     cache = tmp_path / "cache"  # the embedded dataset, made once for the three runs
     d = tmp_path / "w"
     common = ["--config", "configs/grpo.py:smoke", "--workdir", str(d),
-              "--config.stages=('warmup',)", "--config.eval_limit=0"]
+              "--config.stages=('warmup',)"]
     env = {"EMIT_JAX_CACHE": str(cache)}
-    r = train(*common, "--config.warmup.steps=2", env=env)
+    r = train(*common, "--config.warmup.steps=2", "--config.eval_limit=2", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"[export] {d}/hf\n" in r.stderr
-    assert json.loads((d / "results.json").read_text())["export"] == {"stage": "warmup",
-                                                                     "steps": 2}
-    r = train(*common, "--config.warmup.steps=2", env=env)  # nothing new: the export stays
+    first = json.loads((d / "results.json").read_text())
+    assert first["export"] == {"stage": "warmup", "steps": 2}
+    # nothing new: the export stays; and (EV0) a rerun that evaluates nothing keeps the
+    # earlier evaluation in results.json (before: rewritten without it)
+    common.append("--config.eval_limit=0")
+    r = train(*common, "--config.warmup.steps=2", env=env)
     assert r.returncode == 0 and "[export]" not in r.stderr, r.stderr[-3000:]
+    assert (f"note: this run evaluated nothing; {d}/results.json keeps the held-out results of "
+            "the run before") in r.stderr
+    kept = json.loads((d / "results.json").read_text())
+    assert kept["test_average"] == first["test_average"] and kept["answers"] == first["answers"]
     r = train(*common, "--config.warmup.steps=3", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (f"[export] {d}/hf (warmup after 3 steps; it held warmup after 2 steps)"
