@@ -345,3 +345,23 @@ def test_a_training_checkpoint_read_as_a_model_names_the_stages_model(tmp_path):
     with pytest.raises(CheckpointError) as e:
         checkpoint.read_meta(other)
     assert str(e.value).endswith(f"{other} is not an emit_jax model checkpoint")
+
+
+@pytest.mark.parametrize("module", ["emit_jax.plan", "emit_jax.aot"])
+@pytest.mark.parametrize("stages, line", [
+    ("('grpo','grpo')", "config stages: ('grpo', 'grpo') repeats a stage"),
+    ("('grpo','warmup')", "config stages: ('grpo', 'warmup') is out of order: each stage builds "
+                          "on the one before, in the order warmup, base, sft, sft2, grpo"),
+])
+def test_plan_and_aot_take_the_stage_lists_train_takes(module, stages, line, capsys):
+    """A stage list train refuses (a stage twice, out of order) was planned and compiled with
+    exit 0."""
+    import importlib
+
+    from emit_jax import cli
+
+    main = importlib.import_module(module + ".command").main
+    extra = ["--topology", "v5e:2x2"] if module == "emit_jax.aot" else []
+    assert cli.run(main, [*extra, "--config", "configs/grpo.py:smoke", "--set",
+                          f"stages={stages}"], prog=module) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"{module}: error: {line}"]

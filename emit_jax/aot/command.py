@@ -64,7 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # before: --json_out onto the --config file replaced the config with the report
             check_not_input(args.json_out, {"--config": configs.resolve(args.config)[0]})
         cfg = configs.load(args.config, overrides + list(args.set))
-        wanted = [args.stage] if args.stage else list(cfg.get("stages", None) or ())
+        from emit_jax.training.validate import check_stages  # noqa: PLC0415
+
+        # the config's stages as train takes them (before: ('base', 'base') was compiled)
+        wanted = [args.stage] if args.stage else list(check_stages(cfg))
         from emit_jax.training.config import STAGES  # noqa: PLC0415
 
         for key in ["arch"] + [s for s in wanted if s in STAGES]:  # others: "unknown stage"

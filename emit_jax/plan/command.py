@@ -51,13 +51,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise PlanError(f"unknown device {args.device!r}; known: {', '.join(DEVICES)}")
         cfg = configs.load(args.config, overrides + list(args.set))
         from emit_jax.training.validate import (  # noqa: PLC0415
-            check_context, check_emit, check_kernels_and_mesh, stage_settings, unknown_key_line,
-            unknown_keys)
+            check_context, check_emit, check_kernels_and_mesh, check_stages, stage_settings,
+            unknown_key_line, unknown_keys)
 
         for key in unknown_keys(cfg):  # as train says it (a typo inside a config file)
             print(unknown_key_line(key), file=sys.stderr)
         mesh = resolve_mesh(args.mesh, args.devices)
-        planned = [args.stage] if args.stage else list(cfg.get("stages", ()))
+        # the config's stages as train takes them (before: ('grpo', 'grpo') was planned)
+        planned = [args.stage] if args.stage else list(check_stages(cfg))
         check_context(cfg, planned)  # a generation train would refuse
         # the planned stages' settings as train checks them (a negative batch was planned)
         stage_settings(cfg, [s for s in planned if s in cfg and cfg[s] is not None])

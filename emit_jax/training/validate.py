@@ -334,13 +334,10 @@ def check_emit(cfg, stages) -> None:
                           else f"config emit: {e}") from None
 
 
-def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
-    """Raise :class:`ConfigError` naming the first key of the training config ``cfg`` (an
-    ``ml_collections.ConfigDict`` as in ``configs/``) that has a bad value; return None if all
-    is well. ``num_devices``: the device count the mesh is checked against (default
-    ``jax.device_count()``). Nothing is built, loaded or written."""
-    from emit_jax.models import architectures
-
+def check_stages(cfg) -> tuple[str, ...]:
+    """``cfg.stages`` as a tuple, checked: known stages, each with its section, none repeated,
+    in the order of :data:`STAGES` (else :class:`ConfigError` naming ``stages``). What train,
+    plan and aot refuse alike."""
     stages = _get(cfg, "stages", "stages")
     if isinstance(stages, str) or not stages:
         _fail("stages", stages, f"must be a non-empty tuple of stage names from {STAGES}")
@@ -355,6 +352,17 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     if list(stages) != sorted(stages, key=STAGES.index):
         _fail("stages", stages, f"is out of order: each stage builds on the one before, in the "
               f"order {', '.join(STAGES)}")
+    return stages
+
+
+def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
+    """Raise :class:`ConfigError` naming the first key of the training config ``cfg`` (an
+    ``ml_collections.ConfigDict`` as in ``configs/``) that has a bad value; return None if all
+    is well. ``num_devices``: the device count the mesh is checked against (default
+    ``jax.device_count()``). Nothing is built, loaded or written."""
+    from emit_jax.models import architectures
+
+    stages = check_stages(cfg)
     optim, grpo = stage_settings(cfg, stages)
     from emit_jax.training.data import WARMUP_HINTS
 
