@@ -95,6 +95,11 @@ def main(argv=None) -> int:
     if os.path.exists(args.hf) and not os.path.isdir(args.hf):
         raise ConfigError(f"{args.hf}: a file, not a folder; --hf takes the model folder "
                           "(config.json + safetensors)")
+    if not os.path.exists(os.path.join(args.hf, "config.json")) and \
+            os.path.isfile(os.path.join(args.hf, checkpoint.META_FILE)):  # (before: "not found")
+        raise ConfigError(f"{args.hf}: already an emit_jax model checkpoint, which evaluate, "
+                          "visualize and --config.init_from read as it is; for a Hugging Face "
+                          f"folder, python -m emit_jax.export --checkpoint {args.hf} --out DIR")
     t0 = time.time()
     chat = hf.is_internvl_chat(args.hf)
     # the input's config first (a missing folder or config.json is named as such), then the

@@ -365,3 +365,21 @@ def test_plan_and_aot_take_the_stage_lists_train_takes(module, stages, line, cap
     assert cli.run(main, [*extra, "--config", "configs/grpo.py:smoke", "--set",
                           f"stages={stages}"], prog=module) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"{module}: error: {line}"]
+
+
+def test_convert_of_an_emit_jax_checkpoint_says_it_is_one(tmp_path, capsys):
+    """C6: ``convert --hf W/grpo/model`` (already converted) said only that config.json was not
+    found, "expected a Hugging Face model folder"."""
+    from emit_jax import cli
+    from emit_jax.convert import main
+
+    ckpt = tmp_path / "model"
+    ckpt.mkdir()
+    (ckpt / "emit_jax.json").write_text("{}")
+    assert cli.run(main, ["--hf", str(ckpt), "--out", str(tmp_path / "out")],
+                   prog="emit_jax.convert") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"emit_jax.convert: error: {ckpt}: already an emit_jax model checkpoint, which evaluate, "
+        "visualize and --config.init_from read as it is; for a Hugging Face folder, python -m "
+        f"emit_jax.export --checkpoint {ckpt} --out DIR"]
+    assert not (tmp_path / "out").exists()
