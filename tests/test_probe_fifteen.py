@@ -383,3 +383,34 @@ def test_convert_of_an_emit_jax_checkpoint_says_it_is_one(tmp_path, capsys):
         "visualize and --config.init_from read as it is; for a Hugging Face folder, python -m "
         f"emit_jax.export --checkpoint {ckpt} --out DIR"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_mask_no_image_uses_is_noted(tmp_path):
+    """B12: a mask with no image (``ground_truth/dent/007_mask.png``, no ``test/dent/007.png``:
+    usually a missing or misnamed test image) was ignored without a word, exit 0."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from test_tasks import make_mvtec
+
+    from emit_jax.data import mvtec
+
+    src = make_mvtec(tmp_path / "ds")
+    report = mvtec.Report()
+    mvtec.scan(src, report=report)
+    assert report.stray_note() is None  # every mask has its image
+    stray = os.path.join(src, "widget", "ground_truth", "dent", "007_mask.png")
+    shutil.copy(os.path.join(src, "widget", "ground_truth", "dent", "000_mask.png"), stray)
+    os.rename(os.path.join(src, "bolt", "test", "smear", "001.png"),
+              os.path.join(src, "bolt", "test", "smear", "001.PNG.bak"))  # misnamed
+    r = subprocess.run([sys.executable, "-m", "emit_jax.data.build", "--source", src, "--out",
+                        str(tmp_path / "s1.jsonl"), "--stage", "1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    notes = [l for l in r.stderr.splitlines() if "belong to no image" in l]
+    assert notes == [
+        "note: 2 mask(s) in ground_truth/ belong to no image (a missing or misnamed test "
+        f"image?) and are not used (first: {os.path.join(src, 'bolt', 'ground_truth', 'smear', '001_mask.png')})"
+    ], r.stderr

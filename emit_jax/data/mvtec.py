@@ -40,6 +40,8 @@ class Report:
     unlisted: list[str] = dataclasses.field(default_factory=list)
     # image folders (test/<defect>/, train/good/) holding no image
     empty: list[str] = dataclasses.field(default_factory=list)
+    # mask files in ground_truth/ that belong to no image (a missing or misnamed test image)
+    stray_masks: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         if self.policy not in ("error", "skip"):
@@ -74,10 +76,20 @@ class Report:
         return (f"note: {len(self.empty)} image folder(s) hold no image and ask no question "
                 f"(first: {sorted(self.empty)[0]})")
 
+    def stray_note(self) -> str | None:
+        """One ``note:`` line for the masks no image uses, or None (before: a mask whose image
+        was missing or misnamed, ``007.PNG`` for ``007.png``'s mask, was ignored silently)."""
+        if not self.stray_masks:
+            return None
+        return (f"note: {len(self.stray_masks)} mask(s) in ground_truth/ belong to no image "
+                f"(a missing or misnamed test image?) and are not used (first: "
+                f"{sorted(self.stray_masks)[0]})")
+
     def say_notes(self) -> None:
-        """Print :meth:`relabelled_note`, :meth:`unlisted_note` and :meth:`empty_note` to
-        stderr, those there are."""
-        for note in (self.relabelled_note(), self.unlisted_note(), self.empty_note()):
+        """Print :meth:`relabelled_note`, :meth:`unlisted_note`, :meth:`empty_note` and
+        :meth:`stray_note` to stderr, those there are."""
+        for note in (self.relabelled_note(), self.unlisted_note(), self.empty_note(),
+                     self.stray_note()):
             if note:
                 print(note, file=sys.stderr)
 
@@ -141,6 +153,25 @@ def _class_dirs(root: str, report: Report | None = None) -> list[str]:
             report.problem(f"{os.path.join(root, d)}: a class folder with ground_truth/ but no "
                            "train/ or test/ image folders; skipped")
     return sorted(os.path.join(root, d) for d in _named(root, names, report))
+
+
+def _masks(cdir: str) -> list[str]:
+    """The mask files under ``cdir/ground_truth/<defect>/`` (absolute; none where a folder
+    cannot be listed)."""
+    out = []
+    gt = os.path.join(cdir, "ground_truth")
+    try:
+        subs = sorted(os.listdir(gt)) if os.path.isdir(gt) else []
+        for sub in subs:
+            folder = os.path.join(gt, sub)
+            for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+                path = os.path.abspath(os.path.join(folder, name))
+                if name.lower().endswith(IMAGE_EXTS) and not name.startswith(".") and \
+                        os.path.isfile(path):
+                    out.append(path)
+    except OSError:
+        pass
+    return out
 
 
 def _find_mask(gt_dir: str, stem: str) -> str | None:
@@ -286,6 +317,8 @@ def scan(root: str | os.PathLike, *, dataset: str | None = None,
                         description=_description(root, path, obj, split, sub, report)))
                     if item_split == "unlisted":
                         report.unlisted.append(rel)
+    used = {os.path.abspath(it.mask_path) for it in items if it.mask_path}
+    report.stray_masks += [p for cdir in classes for p in _masks(cdir) if p not in used]
     if splits is not None:  # a listed image that is not there (before: dropped without a word)
         found = {os.path.normpath(os.path.relpath(it.path, root)) for it in items}
         for p in splits:  # there, but no image of the dataset: a mask, a folder, another file
