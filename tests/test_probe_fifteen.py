@@ -414,3 +414,20 @@ def test_a_mask_no_image_uses_is_noted(tmp_path):
         "note: 2 mask(s) in ground_truth/ belong to no image (a missing or misnamed test "
         f"image?) and are not used (first: {os.path.join(src, 'bolt', 'ground_truth', 'smear', '001_mask.png')})"
     ], r.stderr
+
+
+def test_the_embedded_dataset_is_never_written_inside_another(tmp_path):
+    """X8: ``data.embedded --out DATASET/bottle`` wrote a whole dataset as one more class
+    folder of an existing embedded dataset, exit 0."""
+    from emit_jax.data.embedded.writer import generate
+    from emit_jax.errors import DataError
+
+    outer = tmp_path / "e1"
+    outer.mkdir()
+    (outer / "manifest.json").write_text('{"dataset": "Embedded"}')
+    for inner in (outer / "bottle", outer / "pill" / "x"):
+        with pytest.raises(DataError) as e:
+            generate(str(inner), 0)
+        assert str(e.value) == (f"{inner}: inside the embedded dataset {outer}; choose a folder "
+                                "outside it")
+        assert not inner.exists()

@@ -119,6 +119,7 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bool = Fal
         raise NotADirectoryError(f"{out_dir}: exists and is not a directory")
     # a link to a folder: its target; LINK/../NAME: as the kernel reads it (fileio.where_written)
     target = os.path.realpath(out_dir) if os.path.islink(out_dir) else where_written(out_dir)
+    _check_not_inside_a_dataset(out_dir, target)
     keep: list[str] | None = None
     if os.path.isdir(target) and os.listdir(target):
         marker = _workdir_marker(target) or _model_marker(target)  # said first (see below)
@@ -187,6 +188,20 @@ def _embedded_manifest(root: str) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(manifest, dict) and manifest.get("dataset") == DATASET_NAME
+
+
+def _check_not_inside_a_dataset(out_dir: str, target: str) -> None:
+    """Refuse ``target`` inside an embedded dataset (a folder above it holds its manifest):
+    before, ``--out DATASET/bottle`` wrote a whole dataset as one more "class" of it."""
+    parent = os.path.dirname(os.path.abspath(target))
+    while True:
+        if _embedded_manifest(parent):
+            raise DataError(f"{out_dir}: inside the embedded dataset {show_path(parent)}; "
+                            "choose a folder outside it")
+        up = os.path.dirname(parent)
+        if up == parent:
+            return
+        parent = up
 
 
 def _model_marker(root: str) -> str | None:
