@@ -431,3 +431,18 @@ def test_the_embedded_dataset_is_never_written_inside_another(tmp_path):
         assert str(e.value) == (f"{inner}: inside the embedded dataset {outer}; choose a folder "
                                 "outside it")
         assert not inner.exists()
+
+
+def test_plan_of_a_stage_the_config_does_not_run_is_noted(capsys):
+    """PL6: ``plan --stage sft2`` on a config without sft2 planned it without a word."""
+    from emit_jax import cli
+    from emit_jax.plan.command import main
+
+    assert cli.run(main, ["--config", "configs/grpo.py:smoke", "--stage", "sft2"],
+                   prog="emit_jax.plan") == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["note: --stage sft2: not among the config's stages (warmup, base, sft, grpo); "
+                   "planned as if it ran"]
+    assert cli.run(main, ["--config", "configs/grpo.py:smoke", "--stage", "grpo"],
+                   prog="emit_jax.plan") == 0
+    assert capsys.readouterr().err == ""

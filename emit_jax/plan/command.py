@@ -59,6 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         mesh = resolve_mesh(args.mesh, args.devices)
         # the config's stages as train takes them (before: ('grpo', 'grpo') was planned)
         planned = [args.stage] if args.stage else list(check_stages(cfg))
+        if args.stage and args.stage not in (cfg.get("stages") or ()):  # (before: not said)
+            print(f"note: --stage {args.stage}: not among the config's stages "
+                  f"({', '.join(cfg.get('stages') or ())}); planned as if it ran",
+                  file=sys.stderr)
         check_context(cfg, planned)  # a generation train would refuse
         # the planned stages' settings as train checks them (a negative batch was planned)
         stage_settings(cfg, [s for s in planned if s in cfg and cfg[s] is not None])
