@@ -96,6 +96,7 @@ def run(cfg, workdir: str) -> dict:
 
         check_cache_root()
     check_is_workdir(workdir)
+    check_workdir_outputs(workdir)
     made = not os.path.lexists(workdir)
     if made and any(part != part.strip() for part in workdir.split(os.sep)):  # SP5
         stages.log(f"note: --workdir {workdir!r}: a folder name in it begins or ends with a "
@@ -111,6 +112,32 @@ def run(cfg, workdir: str) -> dict:
                 os.path.lexists(os.path.join(workdir, s)) for s in stages.REGISTRY):
             shutil.rmtree(workdir, ignore_errors=True)
         raise
+
+
+#: the files a run writes at the workdir's top, replacing those there (``hf/``: a folder)
+WORKDIR_OUTPUTS = ("results.json", "curves.png", "results.png")
+
+
+def check_workdir_outputs(workdir: str) -> None:
+    """Refuse (``ConfigError``) a workdir whose output names (:data:`WORKDIR_OUTPUTS`, ``hf``)
+    are taken by something the run must not replace: a symbolic link, a folder where a file
+    goes, a pipe. Before, this was found only as the run ended, after its evaluation, and the
+    line said "choose another path", which no flag can."""
+    import stat  # noqa: PLC0415
+
+    for name in (*WORKDIR_OUTPUTS, "hf"):
+        path = os.path.join(workdir, name)
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            continue
+        if (stat.S_ISDIR(mode) if name == "hf" else stat.S_ISREG(mode)):
+            continue
+        what = ("a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode)
+                else "a file" if stat.S_ISREG(mode) else "not a regular file")
+        raise ConfigError(f"{path}: {what}, where the run writes its "
+                          f"{'export' if name == 'hf' else name} (replacing what is there); "
+                          "move it out of the workdir")
 
 
 #: what a training workdir holds once a run has prepared it (the stage folders too)

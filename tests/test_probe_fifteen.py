@@ -446,3 +446,30 @@ def test_plan_of_a_stage_the_config_does_not_run_is_noted(capsys):
     assert cli.run(main, ["--config", "configs/grpo.py:smoke", "--stage", "grpo"],
                    prog="emit_jax.plan") == 0
     assert capsys.readouterr().err == ""
+
+
+def test_the_workdirs_output_names_are_checked_before_the_run(tmp_path, capsys):
+    """WF1 / WF2: ``WORKDIR/results.json`` a link to a user's file (or ``curves.png`` a folder)
+    was found only as the run ended, after its evaluation, with "choose another path", which
+    no flag allows. Checked up front now, with what to do."""
+    from emit_jax import train
+    from emit_jax.errors import ConfigError
+
+    wd = tmp_path / "w"
+    wd.mkdir()
+    (tmp_path / "mine.txt").write_text("mine")
+    train.check_workdir_outputs(str(wd))  # nothing there: fine
+    os.symlink(tmp_path / "mine.txt", wd / "results.json")
+    with pytest.raises(ConfigError) as e:
+        train.check_workdir_outputs(str(wd))
+    assert str(e.value) == (f"{wd}/results.json: a symbolic link, where the run writes its "
+                            "results.json (replacing what is there); move it out of the workdir")
+    os.remove(wd / "results.json")
+    (wd / "curves.png").mkdir()
+    (wd / "hf").write_text("x")
+    with pytest.raises(ConfigError, match="curves.png: a folder, where the run writes"):
+        train.check_workdir_outputs(str(wd))
+    (wd / "curves.png").rmdir()
+    with pytest.raises(ConfigError, match="hf: a file, where the run writes its export"):
+        train.check_workdir_outputs(str(wd))
+    assert (tmp_path / "mine.txt").read_text() == "mine"
