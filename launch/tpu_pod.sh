@@ -128,6 +128,15 @@ workdir=${WORKDIR:-runs/$(basename "${config%%:*}" .py)}
 mesh_data=${MESH_DATA:-1}
 mesh_fsdp=${MESH_FSDP:--1}
 mesh_tensor=${MESH_TENSOR:-1}
+# checked here, not first on the rented workers (before: a dry run printed them as given)
+for axis in DATA:$mesh_data FSDP:$mesh_fsdp TENSOR:$mesh_tensor; do
+    [[ ${axis#*:} =~ ^(-1|[1-9][0-9]*)$ ]] ||
+        die "MESH_${axis%%:*}: '${axis#*:}' is no axis size (a positive whole number, or -1 for the rest)"
+done
+config_file=${config%%:*}
+if [[ $config_file == *.py && ! -f $config_file && ! -f $(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/$config_file ]]; then
+    die "CONFIG: no such config file: $config_file (relative to the repository root)"
+fi
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # a command line as it can be pasted into a shell

@@ -264,3 +264,20 @@ def test_tpu_pod_needs_gcloud_and_a_project_before_its_first_command(tmp_path):
     r = _run(["bash", LAUNCH / "tpu_pod.sh", "create"], dict(env, STUB_PROJECT="proj"))
     assert r.returncode == 0, r.stderr
     assert calls.read_text().splitlines()[-1].startswith("compute tpus tpu-vm create emit-v5p")
+
+
+@pytest.mark.parametrize("var, value, line", [
+    ("MESH_DATA", "abc", "tpu_pod.sh: MESH_DATA: 'abc' is no axis size (a positive whole number, "
+                         "or -1 for the rest)"),
+    ("MESH_FSDP", "0", "tpu_pod.sh: MESH_FSDP: '0' is no axis size (a positive whole number, or "
+                       "-1 for the rest)"),
+    ("CONFIG", "configs/nosuch.py", "tpu_pod.sh: CONFIG: no such config file: configs/nosuch.py "
+                                    "(relative to the repository root)"),
+])
+def test_tpu_pod_checks_the_mesh_and_config_here(tmp_path, var, value, line):
+    """Fifteenth probe L2 / L7: a dry run printed ``--config.mesh.data=abc`` and a missing
+    config as given, for the rented workers to refuse."""
+    env = _env(DRY_RUN=1, TPU_NAME="pod", TPU_ZONE="z", **{var: value})
+    r = _run([LAUNCH / "tpu_pod.sh", "run"], env, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == line, r.stderr
+    assert r.stdout == ""
