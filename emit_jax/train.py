@@ -228,6 +228,14 @@ def _run(cfg, workdir: str, settings) -> dict:
             model = stages.load_stage(workdir, stage, stages.scan_layers(cfg))
             stages.check_stage_model(model, tokenizer, workdir, stage)
             stages.log(f"[{stage}] already finished; loaded {workdir}/{stage}/model")
+            later = [n for n in stages.saved_steps(os.path.join(workdir, stage, "ckpt"))
+                     if n > done]
+            if later and parallel.is_primary():  # (before: not said)
+                stages.log(f"note: {stage} also holds checkpoints after its finished model "
+                           f"(step{'s' if len(later) > 1 else ''} "
+                           f"{', '.join(map(str, later))}, from a continuation that did not "
+                           f"finish); --config.{stage}.steps={later[-1]} or more continues "
+                           "from them")
             # its results as the run that trained it recorded them (done.json)
             results["stages"][stage] = stages.stored_results(workdir, stage)
             notice = stages.settings_notice(cfg, workdir, stage, finished=True,

@@ -154,6 +154,14 @@ def test_a_continued_stage_replaces_the_stale_export(tmp_path):
     assert json.loads((d / "results.json").read_text())["export"] == {"stage": "warmup",
                                                                      "steps": 3}
     assert sorted(n for n in os.listdir(d) if n.startswith(".")) == [".lock"]  # no leftovers
+    # RR7: checkpoints after the finished model (a continuation that did not finish) are said
+    (d / "warmup" / "ckpt" / "9").mkdir()
+    r = train(*common, "--config.warmup.steps=3", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("note: warmup also holds checkpoints after its finished model (step 9, from a "
+            "continuation that did not finish); --config.warmup.steps=9 or more continues from "
+            "them") in r.stderr, r.stderr[-3000:]
+    (d / "warmup" / "ckpt" / "9").rmdir()
     got = nnx.to_flat_state(nnx.state(hf.load(d / "hf"), nnx.Param))
     want = nnx.to_flat_state(nnx.state(checkpoint.load_model(d / "warmup" / "model")[0],
                                        nnx.Param))
