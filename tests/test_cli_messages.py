@@ -504,12 +504,22 @@ def test_build_without_references_is_refused_or_said(tmp_path):
 def test_build_onto_an_existing_output_says_so(tmp_path):
     src = make_mvtec(tmp_path / "ds")
     out = tmp_path / "s1.jsonl"
-    out.write_text("old\n")
+    old = '{"id": "x", "messages": []}\n'  # an earlier build's records
+    out.write_text(old)
     rc, err, _ = run_main("emit_jax.data.build", ["--source", src, "--out", str(out),
                                                    "--stage", "1"])
     assert rc == 0, err
     assert err.strip() == f"note: --out {out} exists; it is replaced when the build finishes"
-    assert out.read_text() != "old\n"
+    assert out.read_text() != old
+    # a file that is no records (fifteenth probe D1: replaced, with the note) is refused
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    rc, err, _ = run_main("emit_jax.data.build", ["--source", src, "--out", str(notes),
+                                                   "--stage", "1"])
+    assert_one_error(rc, err, f"--out {notes}: exists and is not a records file (its first line "
+                     "is no record); data.build replaces only its own output: choose another "
+                     "path, or move the file away")
+    assert notes.read_text() == "my notes\n"
 
 
 def test_two_builds_of_one_output_the_second_is_refused(tmp_path):

@@ -49,6 +49,27 @@ def _check_out(out: str) -> None:
                               "records outside it")  # (before: replaced, with one note)
 
 
+def _check_records_file(out: str) -> None:
+    """Refuse an existing ``--out`` that is not records this tool writes (its first line a JSON
+    object with ``messages``), nor empty: before, any file given as ``--out`` (notes, a
+    config, an image list) was replaced, with one note."""
+    try:
+        with open(out, "rb") as f:
+            first = f.readline(1 << 20).strip()
+    except OSError:
+        return  # the write says what is wrong
+    if not first:
+        return
+    try:
+        record = json.loads(first)
+    except ValueError:
+        record = None
+    if not (isinstance(record, dict) and "messages" in record):
+        raise ConfigError(f"--out {show_path(out)}: exists and is not a records file (its first "
+                          "line is no record); data.build replaces only its own output: "
+                          "choose another path, or move the file away")
+
+
 def main(argv=None) -> int:
     p = cli.Parser(prog="python -m emit_jax.data.build", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter, error_type=ConfigError)
@@ -90,6 +111,7 @@ def main(argv=None) -> int:
     with output_lock(a.out, what=f"--out {show_path(a.out)}: another data.build is writing it",
                      hint="wait for it to end, or choose another --out"):
         if os.path.lexists(a.out):  # replaced only once the new records are complete
+            _check_records_file(a.out)
             print(f"note: --out {show_path(a.out)} exists; it is replaced when the build "
                   "finishes", file=sys.stderr)
         vit_model = load_model(a.checkpoint)[0] if a.checkpoint else None
