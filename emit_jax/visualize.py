@@ -163,6 +163,9 @@ def main(argv=None) -> int:
     # finish, one figure silently lost)
     with output_lock(args.out, what=f"--out {show_path(args.out)}: another visualize is "
                      "writing it", hint="wait for it to end, or choose another --out"):
+        if os.path.lexists(args.out):  # (before: replaced without a word)
+            print(f"note: --out {show_path(args.out)} exists; it is replaced when the figure "
+                  "is drawn", file=sys.stderr, flush=True)
         heat, info = _figure(args)
     i, j = np.unravel_index(int(np.argmax(heat)), heat.shape)
     info.update(out=args.out, peak_cell=[int(i), int(j)], peak=float(heat.max()),

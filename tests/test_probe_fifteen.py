@@ -1,5 +1,5 @@
-"""The fourteenth probe's leftovers and the fifteenth reliability probe's cases (issue 30):
-each failed before its fix."""
+"""The fourteenth probe's leftovers and the fifteenth and sixteenth reliability probes' cases
+(issue 30): each failed before its fix."""
 
 from __future__ import annotations
 
@@ -481,3 +481,23 @@ def test_the_workdirs_output_names_are_checked_before_the_run(tmp_path, capsys):
     with pytest.raises(ConfigError, match="hf: a file, where the run writes its export"):
         train.check_workdir_outputs(str(wd))
     assert (tmp_path / "mine.txt").read_text() == "mine"
+
+
+def test_visualize_says_it_replaces_an_existing_figure(tmp_path, capsys):
+    """Sixteenth probe D2: ``visualize heatmap --out EXISTING.png`` replaced the file without
+    a word."""
+    from PIL import Image
+
+    from emit_jax import cli
+    from emit_jax.visualize import main
+
+    q, r, out = tmp_path / "q.png", tmp_path / "r.png", tmp_path / "old.png"
+    Image.new("RGB", (64, 64), (200, 180, 160)).save(q)
+    Image.new("RGB", (64, 64), (190, 180, 160)).save(r)
+    Image.new("RGB", (8, 8), (0, 0, 0)).save(out)
+    assert cli.run(main, ["heatmap", "--query", str(q), "--reference", str(r), "--out", str(out),
+                          "--arch", "tiny"], prog="emit_jax.visualize") == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"note: --out {out} exists; it is replaced when the figure is drawn" in err, err
+    with Image.open(out) as im:
+        assert im.size[0] > 8
