@@ -427,7 +427,7 @@ def test_a_mask_no_image_uses_is_noted(tmp_path):
 def test_the_embedded_dataset_is_never_written_inside_another(tmp_path):
     """X8: ``data.embedded --out DATASET/bottle`` wrote a whole dataset as one more class
     folder of an existing embedded dataset, exit 0."""
-    from emit_jax.data.embedded.writer import generate
+    from emit_jax.data.embedded.writer import check_not_inside_a_dataset
     from emit_jax.errors import DataError
 
     outer = tmp_path / "e1"
@@ -435,7 +435,7 @@ def test_the_embedded_dataset_is_never_written_inside_another(tmp_path):
     (outer / "manifest.json").write_text('{"dataset": "Embedded"}')
     for inner in (outer / "bottle", outer / "pill" / "x"):
         with pytest.raises(DataError) as e:
-            generate(str(inner), 0)
+            check_not_inside_a_dataset(str(inner))
         assert str(e.value) == (f"{inner}: inside the embedded dataset {outer}; choose a folder "
                                 "outside it")
         assert not inner.exists()
@@ -501,3 +501,19 @@ def test_visualize_says_it_replaces_an_existing_figure(tmp_path, capsys):
     assert f"note: --out {out} exists; it is replaced when the figure is drawn" in err, err
     with Image.open(out) as im:
         assert im.size[0] > 8
+
+
+def test_the_embedded_dataset_is_never_written_inside_a_workdir(tmp_path):
+    """Sixteenth probe U3: ``data.embedded --out WORKDIR/x`` wrote a dataset into a training
+    workdir (one a trainer was writing), exit 0."""
+    from emit_jax.data.embedded.writer import check_not_inside_a_dataset
+    from emit_jax.errors import DataError
+
+    wd = tmp_path / "w"
+    (wd / "base").mkdir(parents=True)
+    (wd / "base" / "done.json").write_text('{"steps": 1}')
+    with pytest.raises(DataError) as e:
+        check_not_inside_a_dataset(str(wd / "x"))
+    assert str(e.value) == (f"{wd / 'x'}: inside the training workdir {wd} (it holds "
+                            "base/done.json); choose a folder outside it")
+    assert not (wd / "x").exists()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 
 from emit_jax import cli
-from emit_jax.data.embedded.writer import dataset_bytes, generate
+from emit_jax.data.embedded.writer import check_not_inside_a_dataset, dataset_bytes, generate
 from emit_jax.errors import DataError
 from emit_jax.fileio import check_utf8_path
 
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(tokenizers and Orbax cannot use such names)")
     t0 = time.perf_counter()
     try:
+        check_not_inside_a_dataset(args.out)
         manifest = generate(args.out, args.seed, overwrite=args.overwrite)
     except FileExistsError as e:
         if e.strerror is None and "(use overwrite)" in str(e):

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 
@@ -119,7 +118,6 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bool = Fal
         raise NotADirectoryError(f"{out_dir}: exists and is not a directory")
     # a link to a folder: its target; LINK/../NAME: as the kernel reads it (fileio.where_written)
     target = os.path.realpath(out_dir) if os.path.islink(out_dir) else where_written(out_dir)
-    _check_not_inside_a_dataset(out_dir, target)
     keep: list[str] | None = None
     if os.path.isdir(target) and os.listdir(target):
         marker = _workdir_marker(target) or _model_marker(target)  # said first (see below)
@@ -190,14 +188,21 @@ def _embedded_manifest(root: str) -> bool:
     return isinstance(manifest, dict) and manifest.get("dataset") == DATASET_NAME
 
 
-def _check_not_inside_a_dataset(out_dir: str, target: str) -> None:
-    """Refuse ``target`` inside an embedded dataset (a folder above it holds its manifest):
-    before, ``--out DATASET/bottle`` wrote a whole dataset as one more "class" of it."""
+def check_not_inside_a_dataset(out_dir: str) -> None:
+    """Refuse ``target`` inside an embedded dataset (a folder above it holds its manifest) or a
+    training workdir: before, ``--out DATASET/bottle`` wrote a whole dataset as one more
+    "class" of it, and ``--out WORKDIR/x`` wrote 24 MB into a workdir a trainer was using.
+    The command line's check (the cache builds its datasets where it chooses)."""
+    target = os.path.realpath(out_dir) if os.path.islink(out_dir) else where_written(out_dir)
     parent = os.path.dirname(os.path.abspath(target))
     while True:
         if _embedded_manifest(parent):
             raise DataError(f"{out_dir}: inside the embedded dataset {show_path(parent)}; "
                             "choose a folder outside it")
+        marker = _workdir_marker(parent)
+        if marker:  # (sixteenth probe U3: written into a workdir a trainer was writing)
+            raise DataError(f"{out_dir}: inside the training workdir {show_path(parent)} (it "
+                            f"holds {marker}); choose a folder outside it")
         up = os.path.dirname(parent)
         if up == parent:
             return
