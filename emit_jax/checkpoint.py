@@ -182,7 +182,7 @@ def _interrupts_deferred():
 _STAGE_FOLDERS = ("grpo", "sft2", "sft", "base", "warmup")
 
 
-def _model_hint(path: str) -> str:
+def model_hint(path: str) -> str:
     """What ``path``, given where an emit_jax model is read, is instead (before: only "not an
     emit_jax model checkpoint"): a Hugging Face folder (convert it), a stage's training
     checkpoint, a training workdir's stage folder or the workdir (where their models are); ""
@@ -225,7 +225,7 @@ def read_meta(path: str | os.PathLike) -> dict:
                               f"folder holding {META_FILE})")
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{meta_path}: not found; {path} is not an emit_jax model "
-                              f"checkpoint{_model_hint(os.fspath(path))}")
+                              f"checkpoint{model_hint(os.fspath(path))}")
     meta = read_json(meta_path, error=CheckpointError, what="valid JSON")
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_path}: not valid JSON (expected an object, got "

@@ -95,11 +95,16 @@ def main(argv=None) -> int:
     if os.path.exists(args.hf) and not os.path.isdir(args.hf):
         raise ConfigError(f"{args.hf}: a file, not a folder; --hf takes the model folder "
                           "(config.json + safetensors)")
-    if not os.path.exists(os.path.join(args.hf, "config.json")) and \
-            os.path.isfile(os.path.join(args.hf, checkpoint.META_FILE)):  # (before: "not found")
-        raise ConfigError(f"{args.hf}: already an emit_jax model checkpoint, which evaluate, "
-                          "visualize and --config.init_from read as it is; for a Hugging Face "
-                          f"folder, python -m emit_jax.export --checkpoint {args.hf} --out DIR")
+    if not os.path.exists(os.path.join(args.hf, "config.json")):  # (before: "not found")
+        if os.path.isfile(os.path.join(args.hf, checkpoint.META_FILE)):
+            raise ConfigError(f"{args.hf}: already an emit_jax model checkpoint, which evaluate, "
+                              "visualize and --config.init_from read as it is; for a Hugging "
+                              f"Face folder, python -m emit_jax.export --checkpoint {args.hf} "
+                              "--out DIR")
+        hint = checkpoint.model_hint(args.hf) if os.path.isdir(args.hf) else ""
+        if hint:  # a training checkpoint, a stage folder, a workdir: where the models are
+            raise ConfigError(f"{args.hf}: not a Hugging Face model folder{hint} (an emit_jax "
+                              "checkpoint: no conversion needed)")
     t0 = time.time()
     chat = hf.is_internvl_chat(args.hf)
     # the input's config first (a missing folder or config.json is named as such), then the

@@ -517,3 +517,22 @@ def test_the_embedded_dataset_is_never_written_inside_a_workdir(tmp_path):
     assert str(e.value) == (f"{wd / 'x'}: inside the training workdir {wd} (it holds "
                             "base/done.json); choose a folder outside it")
     assert not (wd / "x").exists()
+
+
+def test_convert_of_a_training_checkpoint_names_the_stages_model(tmp_path, capsys):
+    """Sixteenth probe R12b: ``convert --hf W/grpo/ckpt/2`` said only that config.json was not
+    found, where evaluate and export name the stage's model."""
+    from emit_jax import cli
+    from emit_jax.convert import main
+
+    step = tmp_path / "w" / "grpo" / "ckpt" / "2"
+    step.mkdir(parents=True)
+    model = tmp_path / "w" / "grpo" / "model"
+    model.mkdir()
+    (model / "emit_jax.json").write_text("{}")
+    assert cli.run(main, ["--hf", str(step), "--out", str(tmp_path / "out")],
+                   prog="emit_jax.convert") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"emit_jax.convert: error: {step}: not a Hugging Face model folder but a training "
+        f"checkpoint of stage grpo (step 2): its model is {model} (an emit_jax checkpoint: no "
+        "conversion needed)"]
