@@ -536,3 +536,19 @@ def test_convert_of_a_training_checkpoint_names_the_stages_model(tmp_path, capsy
         f"emit_jax.convert: error: {step}: not a Hugging Face model folder but a training "
         f"checkpoint of stage grpo (step 2): its model is {model} (an emit_jax checkpoint: no "
         "conversion needed)"]
+
+
+def test_aot_replaces_only_its_own_report(tmp_path, capsys):
+    """Sixteenth probe D3: ``aot --json_out RESULTS.json`` (an evaluate result) replaced it with
+    the report without a word."""
+    from emit_jax import cli
+    from emit_jax.aot.command import main
+
+    mine = tmp_path / "results.json"
+    mine.write_text('{"results": 1}')
+    assert cli.run(main, ["--topology", "v5e:2x2", "--config", "configs/grpo.py:smoke",
+                          "--json_out", str(mine)], prog="emit_jax.aot") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"emit_jax.aot: error: --json_out {mine}: exists and is not an aot report; aot replaces "
+        "only its own report: choose another path, or move the file away"]
+    assert mine.read_text() == '{"results": 1}'

@@ -8,6 +8,8 @@ others, and the exit status is 1.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from typing import Sequence
 
@@ -15,7 +17,7 @@ from emit_jax import cli, configs
 from emit_jax.aot.programs import check_program_names
 from emit_jax.aot.report import format_report, make_report, to_json
 from emit_jax.aot.tpu import require_libtpu
-from emit_jax.errors import AotError, ConfigError, InputOverwriteError, PlanError
+from emit_jax.errors import AotError, ConfigError, InputOverwriteError, PlanError, show_path
 from emit_jax.fileio import atomic_output, check_not_input, check_writable
 
 PROG = "emit_jax.aot"
@@ -51,6 +53,25 @@ def _parser() -> cli.Parser:
     return p
 
 
+def _check_replaceable(path: str) -> None:
+    """An existing ``--json_out`` is replaced only when it is an earlier aot report (a JSON
+    object with ``programs``), said in a note; any other file is refused (sixteenth probe D3:
+    an evaluate result given as ``--json_out`` was replaced without a word)."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = None
+    if not (isinstance(old, dict) and "programs" in old):
+        raise ConfigError(f"--json_out {show_path(path)}: exists and is not an aot report; aot "
+                          "replaces only its own report: choose another path, or move the file "
+                          "away")
+    print(f"note: --json_out {show_path(path)} exists; it is replaced when the programs are "
+          "compiled", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -63,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"--json_out {args.json_out}: {e.strerror or e}") from None
             # before: --json_out onto the --config file replaced the config with the report
             check_not_input(args.json_out, {"--config": configs.resolve(args.config)[0]})
+            _check_replaceable(args.json_out)
         cfg = configs.load(args.config, overrides + list(args.set))
         from emit_jax.training.validate import check_stages  # noqa: PLC0415
 
