@@ -116,3 +116,39 @@ def test_the_training_paths_run_through_the_adapters():
     kw = dict(ce_pixels=ce, max_new_tokens=3, temperature=0.0)
     np.testing.assert_array_equal(np.asarray(generate(policy, ids, mask, pix, **kw).tokens[:, 0]),
                                   np.asarray(jnp.argmax(h_pol[:, -1], -1)))
+
+
+def test_the_vit_gets_its_adapters_under_vit_chunk():
+    """Sixteenth probe TB3: with ``memory.vit_chunk`` smaller than the tiles the ViT sees at once,
+    the trace that creates the factors ran the ViT in ``lax.map`` over a merged copy: qwix made
+    the ViT's factors on the copy, or found no rngs there (a traceback at GRPO's first step;
+    ``aot`` compiled without them and said the recipe fits; configs/internvl3_8b_grpo.py sets
+    ``vit_chunk=64`` with the ViT's linears targeted)."""
+    from emit_jax.models.memory import memory_options
+    from emit_jax.training.lora import apply_lora
+
+    model = small_emit()
+    ids = np.full((1, 30), 5, np.int32)
+    ids[0, 2:10] = 63  # two tiles' image tokens: the ViT's main path sees 2 tiles, above 1
+    ids[0, 12:12 + model.num_comp_slots] = model.emit_config.comp_token_id
+    rs = np.random.RandomState(0)
+    ids, pix = jnp.asarray(ids), jnp.asarray(rs.randn(2, 3, 56, 56), jnp.float32)
+    mask, ce = jnp.ones((1, 30), jnp.int32), jnp.asarray(rs.randn(1, 2, 3, 56, 56), jnp.float32)
+    sample = {"input_ids": ids, "pixel_values": pix, "attention_mask": mask, "ce_pixels": ce,
+              "num_ce": 1}
+    lcfg = LoRAConfig(rank=4, alpha=16.0, dropout=0.0, targets=TARGETS)
+
+    def factors(vit_chunk):
+        with memory_options(vit_chunk=vit_chunk):
+            policy = apply_lora(small_emit(), sample, lcfg, seed=1)
+            paths = sorted("/".join(map(str, p)) for p, _ in
+                           nnx.to_flat_state(nnx.state(policy, nnx.LoRAParam)))
+            b = {**sample, "num_ce": jnp.int32(1)}
+            out = policy(b["input_ids"], b["pixel_values"], b["attention_mask"], b["ce_pixels"])
+        return paths, np.asarray(out)
+
+    whole, out_whole = factors(0)
+    chunked, out_chunked = factors(1)
+    assert any("vision" in p for p in whole)
+    assert chunked == whole
+    np.testing.assert_allclose(out_chunked, out_whole, atol=1e-5)

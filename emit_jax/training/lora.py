@@ -9,6 +9,7 @@ the layer's first run, which under ``lax.scan`` is a per-layer copy (``ConfigErr
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -17,7 +18,7 @@ from flax import nnx
 
 from emit_jax.data.pipeline import batch_ce
 from emit_jax.errors import ConfigError
-from emit_jax.models import scan
+from emit_jax.models import memory, scan
 from emit_jax.models.layers import axes_meta
 from emit_jax.parallel import localize_module, placed_module
 from emit_jax.training.config import LoRAConfig, check_lora_rank
@@ -182,11 +183,16 @@ def apply_lora(model, sample: dict, lora_cfg: LoRAConfig, *, seed: int = 0):
     if getattr(model, "mllm", model).config.scan_layers:
         model = nnx.clone(model)  # the factors go on the policy only (the arrays are shared)
         stacked_adapters(model, lora_cfg, rngs)
-    policy = qwix.apply_lora_to_model(model, lora_provider(lora_cfg),
-                                      jnp.asarray(sample["input_ids"]),
-                                      jnp.asarray(sample["pixel_values"]),
-                                      jnp.asarray(sample["attention_mask"]), rngs=rngs,
-                                      methods=LORA_METHODS, **kw)
+    # the trace that creates the factors runs the ViT unchunked: under memory.vit_chunk its
+    # tiles run in lax.map over a merged copy of the ViT, where qwix made its factors on the
+    # copy (lost) or found no rngs (a traceback at GRPO's first step; aot compiled without them)
+    unchunked = {**dataclasses.asdict(memory.current()), "vit_chunk": 0}
+    with memory.memory_options(**unchunked):
+        policy = qwix.apply_lora_to_model(model, lora_provider(lora_cfg),
+                                          jnp.asarray(sample["input_ids"]),
+                                          jnp.asarray(sample["pixel_values"]),
+                                          jnp.asarray(sample["attention_mask"]), rngs=rngs,
+                                          methods=LORA_METHODS, **kw)
     if not nnx.to_flat_state(nnx.state(policy, nnx.LoRAParam)):
         # no adapter: the stage would silently train only the modules trained in full
         linears = ["/".join(map(str, p)) for p, m in nnx.iter_modules(model)
