@@ -232,7 +232,11 @@ def main(argv=None) -> int:
             configs.load(args.config)
         except ConfigError as e:
             _usage_error(f"--config: {e}")
-        rows = alternate(args, lambda: gpucheck.run(gpucheck.from_args(args)))
+        try:  # and the sizes, before the model is built
+            check = gpucheck.from_args(args)
+        except ConfigError as e:
+            _usage_error(str(e))
+        rows = alternate(args, lambda: gpucheck.run(check))
     else:
         unknown = [w for w in args.workloads.split(",") if w and w not in WORKLOADS]
         if unknown or not any(args.workloads.split(",")):

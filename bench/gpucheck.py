@@ -86,8 +86,10 @@ def _batch(model, rows: int, c: GpuCheck, *, labels: bool, seed: int = 0) -> dic
     k_img = 2 * c.tiles * mc.tokens_per_tile
     n_comp = model.num_comp_slots
     if k_img + n_comp + 24 > T:
-        raise ValueError(f"--prompt-len {T} is too short for {k_img} image tokens and {n_comp} "
-                         f"<COMP_CONTEXT> slots")
+        from emit_jax.errors import ConfigError
+
+        raise ConfigError(f"--prompt-len {T} is too short for {k_img} image tokens and {n_comp} "
+                          f"<COMP_CONTEXT> slots (and 24 text tokens)")
     ids = rs.randint(1, min(mc.text.vocab_size - 8, 100_000), size=(rows, T)).astype(np.int32)
     ids[:, 4:4 + k_img] = mc.image_token_id
     ids[:, 8 + k_img:8 + k_img + n_comp] = model.emit_config.comp_token_id
@@ -254,11 +256,12 @@ def add_arguments(p) -> None:
     from emit_jax import cli
     from emit_jax.models.architectures import ARCHITECTURES
 
-    from emit_jax.limits import MAX_BATCH, MAX_LAYERS
+    from emit_jax.limits import MAX_BATCH, MAX_LAYERS, MAX_TILES, MAX_TOKENS
 
     types = {"text_layers": cli.int_in(0, MAX_LAYERS), "vision_layers": cli.int_in(0, MAX_LAYERS),
              "micro": cli.nonneg_int, "seed": cli.nonneg_int, "G": cli.int_in(2, MAX_BATCH),
-             "peak_tflops": cli.positive_float}
+             "peak_tflops": cli.positive_float, "tiles": cli.int_in(1, MAX_TILES),
+             "prompt_len": cli.int_in(1, MAX_TOKENS), "new_tokens": cli.int_in(1, MAX_TOKENS)}
     d = GpuCheck()
     for f in dataclasses.fields(GpuCheck):
         flag = "--" + f.name.replace("_", "-")
@@ -269,5 +272,15 @@ def add_arguments(p) -> None:
 
 
 def from_args(args) -> GpuCheck:
-    return GpuCheck(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GpuCheck)})
+    """The check the flags ask for; a prompt too short for its images is refused here, before
+    the model is built (sixteenth probe: a ValueError traceback after 91 s)."""
+    from emit_jax.errors import ConfigError
+    from emit_jax.models import architectures
+
+    c = GpuCheck(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GpuCheck)})
+    k_img = 2 * c.tiles * architectures.get_config(c.arch).tokens_per_tile
+    if k_img + 24 > c.prompt_len:
+        raise ConfigError(f"--prompt-len {c.prompt_len} is too short for {k_img} image tokens "
+                          f"(two images of --tiles {c.tiles} tiles) and the text")
+    return c
 

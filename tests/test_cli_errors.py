@@ -997,6 +997,10 @@ class TestBench:
          ("decode_bucket must be a whole number",)),
         (["gpu", "--config", "/nonexistent/c.py"],
          ("--config: config file not found: /nonexistent/c.py",)),
+        # sixteenth probe TB1 / TB2: ValueError tracebacks after the model was built
+        (["gpu", "--arch", "tiny", "--tiles", "100000"], ("argument --tiles: must be <= 40",)),
+        (["gpu", "--arch", "tiny", "--prompt-len", "1"],
+         ("--prompt-len 1 is too short for 128 image tokens (two images of --tiles 1 tiles)",)),
         (["compile_time", "--vit-layers", "100000"], ("argument --vit-layers",
                                                       "must be <= 1024, got 100000")),
         (["rollout", "--batch", "100000000"], ("argument --batch", "must be <= 65536")),
