@@ -454,6 +454,11 @@ def test_plan_of_a_stage_the_config_does_not_run_is_noted(capsys):
     assert cli.run(main, ["--config", "configs/grpo.py:smoke", "--stage", "grpo"],
                    prog="emit_jax.plan") == 0
     assert capsys.readouterr().err == ""
+    # sixteenth probe U5: an unknown stage drew the note, then the error
+    assert cli.run(main, ["--config", "configs/grpo.py:smoke", "--stage", "nosuch"],
+                   prog="emit_jax.plan") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "emit_jax.plan: error: unknown stage 'nosuch'; known: warmup, base, sft, sft2, grpo"]
 
 
 def test_the_workdirs_output_names_are_checked_before_the_run(tmp_path, capsys):

@@ -59,7 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         mesh = resolve_mesh(args.mesh, args.devices)
         # the config's stages as train takes them (before: ('grpo', 'grpo') was planned)
         planned = [args.stage] if args.stage else list(check_stages(cfg))
-        if args.stage and args.stage not in (cfg.get("stages") or ()):  # (before: not said)
+        from emit_jax.training.config import STAGES  # noqa: PLC0415
+
+        if args.stage in STAGES and args.stage not in (cfg.get("stages") or ()):  # (not said)
             print(f"note: --stage {args.stage}: not among the config's stages "
                   f"({', '.join(cfg.get('stages') or ())}); planned as if it ran",
                   file=sys.stderr)
