@@ -251,6 +251,11 @@ def _m_question_not_object(d):
     d[BOTTLE]["conversation"][2] = "Where is the defect?"
 
 
+def _m_one_option(d):  # sixteenth probe S1: asked, and every answer scored right
+    d[BOTTLE]["conversation"][2]["Options"] = {"A": "only."}
+    d[BOTTLE]["conversation"][2]["Answer"] = "A"
+
+
 RECORD_PROBLEMS = [
     (_m_missing_conversation, "missing key 'conversation'"),
     (_m_conversation_not_list, "'conversation' must be a list"),
@@ -271,6 +276,8 @@ QUESTION_PROBLEMS = [
     (_m_bad_option_letter, "option key 'F'"),
     (_m_option_not_string, "option 'C' must be a string"),
     (_m_question_not_object, "must be a JSON object"),
+    (_m_one_option, "'Options' has one option ('A'): a question needs at least two, or every "
+                    "answer is right"),
 ]
 
 

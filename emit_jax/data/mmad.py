@@ -406,6 +406,9 @@ def _parse_question(image: str, index: int, q: Any) -> Question:
     if not isinstance(options, dict) or not options:
         raise _Bad("'Options' must be a non-empty object mapping letters to texts")
     _no_duplicates(options, "'Options'")
+    if len(options) < 2:  # (sixteenth probe S1: asked, and always scored right)
+        raise _Bad(f"'Options' has one option ({next(iter(options))!r}): a question needs at "
+                   "least two, or every answer is right")
     for letter, opt in options.items():
         if letter not in OPTION_LETTERS:
             raise _Bad(f"option key {letter!r} is not one of {''.join(OPTION_LETTERS)}")
