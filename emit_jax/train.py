@@ -131,7 +131,14 @@ def check_workdir_outputs(workdir: str) -> None:
             mode = os.lstat(path).st_mode
         except OSError:
             continue
-        if (stat.S_ISDIR(mode) if name == "hf" else stat.S_ISREG(mode)):
+        if name == "hf" and stat.S_ISDIR(mode):
+            if os.listdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+                # (sixteenth probe S2: kept silently, as if it were the export)
+                raise ConfigError(f"{path}: a folder that is not the run's export (no "
+                                  "config.json), where the run writes its export; move it out "
+                                  "of the workdir")
+            continue
+        if stat.S_ISREG(mode) and name != "hf":
             continue
         what = ("a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode)
                 else "a file" if stat.S_ISREG(mode) else "not a regular file")
@@ -308,7 +315,7 @@ def _export(run_, model, trained: bool, before) -> dict | None:
     hf_dir = os.path.join(workdir, "hf")
     last = cfg.stages[-1]
     record = {"stage": last, "steps": stages.done_steps(workdir, last)}
-    exists = os.path.isdir(hf_dir)
+    exists = os.path.isdir(hf_dir) and bool(os.listdir(hf_dir))  # an empty hf/: none
     if exists and (before == record or (before is None and not trained)):
         return before
     parallel.replicate_module(model, run_.mesh)  # every process: a collective

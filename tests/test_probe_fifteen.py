@@ -156,8 +156,13 @@ def test_a_continued_stage_replaces_the_stale_export(tmp_path):
     assert sorted(n for n in os.listdir(d) if n.startswith(".")) == [".lock"]  # no leftovers
     # RR7: checkpoints after the finished model (a continuation that did not finish) are said
     (d / "warmup" / "ckpt" / "9").mkdir()
+    import shutil
+
+    shutil.rmtree(d / "hf")  # (sixteenth probe S2: an emptied hf/ was left empty)
+    (d / "hf").mkdir()
     r = train(*common, "--config.warmup.steps=3", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"[export] {d}/hf\n" in r.stderr and (d / "hf" / "config.json").is_file()
     assert ("note: warmup also holds checkpoints after its finished model (step 9, from a "
             "continuation that did not finish); --config.warmup.steps=9 or more continues from "
             "them") in r.stderr, r.stderr[-3000:]
@@ -485,6 +490,15 @@ def test_the_workdirs_output_names_are_checked_before_the_run(tmp_path, capsys):
     (wd / "curves.png").rmdir()
     with pytest.raises(ConfigError, match="hf: a file, where the run writes its export"):
         train.check_workdir_outputs(str(wd))
+    # sixteenth probe S2: an hf/ that is not an export was kept silently as if it were
+    (wd / "hf").unlink()
+    (wd / "hf").mkdir()
+    train.check_workdir_outputs(str(wd))  # empty: the run exports into it
+    (wd / "hf" / "mine.txt").write_text("x")
+    with pytest.raises(ConfigError) as e:
+        train.check_workdir_outputs(str(wd))
+    assert str(e.value) == (f"{wd}/hf: a folder that is not the run's export (no config.json), "
+                            "where the run writes its export; move it out of the workdir")
     assert (tmp_path / "mine.txt").read_text() == "mine"
 
 
