@@ -571,3 +571,22 @@ def test_aot_replaces_only_its_own_report(tmp_path, capsys):
         f"emit_jax.aot: error: --json_out {mine}: exists and is not an aot report; aot replaces "
         "only its own report: choose another path, or move the file away"]
     assert mine.read_text() == '{"results": 1}'
+
+
+@pytest.mark.parametrize("module, name", [("table1", "table1"), ("adfm_compare", "adfm_compare")])
+def test_a_table_never_trains_into_a_users_folder(tmp_path, capsys, module, name):
+    """Sixteenth probe S3: ``table1 --workdir MY_DATASET`` trained inside the dataset for ten
+    minutes, leaving 49 MB of checkpoints in it (train refuses such a folder)."""
+    import importlib
+
+    from emit_jax import cli
+
+    ds = tmp_path / "pill1"
+    (ds / "pill" / "train" / "good").mkdir(parents=True)
+    main = importlib.import_module(f"emit_jax.experiments.{module}").main
+    prog = f"python -m emit_jax.experiments.{module}"
+    assert cli.run(main, ["--workdir", str(ds), "--seeds", "1"], prog=prog) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"{prog}: error: --workdir {ds}: not empty and holds no {name} run (no seed<N>/ or "
+        f"{name}.json in it); choose a new or empty folder"]
+    assert sorted(os.listdir(ds)) == ["pill"]

@@ -35,7 +35,8 @@ import numpy as np
 
 from emit_jax import cli
 from emit_jax import configs
-from emit_jax.experiments.table1 import TASK_COLUMNS, cached_row, mean_std_table, train_row
+from emit_jax.experiments.table1 import (TASK_COLUMNS, cached_row, check_table_folder,
+                                         mean_std_table, train_row)
 from emit_jax.fileio import atomic_output, finite_json
 
 CONFIG_DIR = "configs"
@@ -126,6 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every row, e.g. --set grpo.steps=20")
     args = ap.parse_args(argv)
+    check_table_folder(args.workdir, "adfm_compare")
     overrides = configs.parse_sets(args.set)
     config_dir = args.configs
     if not os.path.isdir(config_dir):  # before: "config file not found: FILE/adfm.py"

@@ -124,6 +124,20 @@ def cached_row(cached: str, config: dict) -> dict | None:
     return None
 
 
+def check_table_folder(workdir: str, name: str) -> None:
+    """Refuse a ``--workdir`` that exists, is not empty and holds nothing a table run makes
+    (``seed<N>/`` folders, ``<name>.json`` / ``.md``): a folder of the user's (sixteenth probe
+    S3: a dataset given as ``--workdir`` was trained into for ten minutes)."""
+    if not os.path.isdir(workdir):
+        return
+    entries = os.listdir(workdir)
+    ours = {f"{name}.json", f"{name}.md"}
+    if entries and not any(e in ours or (e.startswith("seed") and e[4:].isdigit())
+                           for e in entries):
+        raise ConfigError(f"--workdir {show_path(workdir)}: not empty and holds no {name} run "
+                          f"(no seed<N>/ or {name}.json in it); choose a new or empty folder")
+
+
 def train_row(cfg, run_dir: str) -> dict:
     """``train.run(cfg, run_dir)``, its advice spelt as the experiments take settings (``--set
     restart=True``, not train's ``--config.restart=True``)."""
@@ -233,6 +247,7 @@ def main(argv=None) -> int:
     if os.path.lexists(args.workdir) and not os.path.isdir(args.workdir):
         raise ConfigError(f"--workdir {show_path(args.workdir)}: a file, not a folder (name the "
                           "table's folder)")
+    check_table_folder(args.workdir, "table1")
     overrides = configs.parse_sets(args.set)
     configs.load(args.config, overrides)  # fail early on a bad config or override
     results = []
