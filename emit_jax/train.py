@@ -285,6 +285,8 @@ def _run(cfg, workdir: str, settings) -> dict:
         # nothing trained and nothing evaluated (eval_limit 0): the earlier run's evaluation
         # stays (before: results.json was rewritten without it, hours of an 8B evaluation lost)
         results.update({k: previous[k] for k in carried})
+        # the settings that evaluation ran with (this run's "config" says eval_limit 0)
+        results["evaluation_config"] = previous.get("evaluation_config") or previous.get("config")
         if parallel.is_primary():
             stages.log(f"note: this run evaluated nothing; {workdir}/results.json keeps the "
                        "held-out results of the run before")
@@ -353,7 +355,8 @@ def _replace_export(model, hf_dir: str, tokenizer: str) -> None:
 
 
 #: what results.json records of every run, evaluated or not (the rest is the evaluation's)
-_RUN_KEYS = frozenset({"workdir", "stages", "config", "seconds", "rerun_seconds", "export"})
+_RUN_KEYS = frozenset({"workdir", "stages", "config", "seconds", "rerun_seconds", "export",
+                       "evaluation_config"})
 
 
 def _read_results(workdir: str) -> dict:

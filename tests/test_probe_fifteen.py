@@ -147,6 +147,11 @@ def test_a_continued_stage_replaces_the_stale_export(tmp_path):
             "the run before") in r.stderr
     kept = json.loads((d / "results.json").read_text())
     assert kept["test_average"] == first["test_average"] and kept["answers"] == first["answers"]
+    # sixteenth probe U1: the warning said "its evaluation replaces results.json", the note
+    # that results.json keeps the earlier one; and the file named only this run's eval_limit 0
+    assert ("eval_limit 2 -> 0; the finished stage warmup is kept as trained (not retrained for "
+            "these); this run continues with the new values (it evaluates nothing)") in r.stderr
+    assert kept["config"]["eval_limit"] == 0 and kept["evaluation_config"]["eval_limit"] == 2
     r = train(*common, "--config.warmup.steps=3", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (f"[export] {d}/hf (warmup after 3 steps; it held warmup after 2 steps)"

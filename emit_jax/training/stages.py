@@ -516,9 +516,11 @@ def run_notice(cfg, workdir: str) -> str | None:
     kept = (f"the finished stage{'s' if len(done) > 1 else ''} {', '.join(done)} "
             f"{'are' if len(done) > 1 else 'is'} kept as trained (not retrained for these); "
             if done else "")
+    evaluates = bool(cfg.get("eval_limit", 0) or cfg.get("eval_unseen", 0))
     return (f"warning: settings changed since this workdir's last run: {_changes(diff)}; "
-            f"{kept}this run continues with the new values, and its evaluation replaces "
-            f"{os.path.join(workdir, 'results.json')}")
+            f"{kept}this run continues with the new values"
+            + (f", and its evaluation replaces {os.path.join(workdir, 'results.json')}"
+               if evaluates else " (it evaluates nothing)"))
 
 
 def _show(value) -> str:
