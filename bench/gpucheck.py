@@ -20,8 +20,10 @@ dense bf16 figure used by the issue), the device's peak memory in use (``memory_
 against the compiler's figure (arguments + outputs + temporaries of the program) and the
 memory plan's (``emit_jax.plan`` for the same shapes on one device). One JSON object.
 
-On the CPU (CI) it runs at ``--arch tiny`` in seconds so that it stays working; there the device
-reports no memory statistics and the FLOP rate means nothing.
+On the CPU (CI) it runs at ``--arch tiny`` so that it stays working: about a minute with
+``--text-layers 2 --vision-layers 2 --prompt-len 512 --new-tokens 8 --steps 1`` (the test's
+sizes), several minutes with the defaults (a 2048-token prompt, 256 new tokens) on a 2-core
+host; there the device reports no memory statistics and the FLOP rate means nothing.
 """
 
 from __future__ import annotations
