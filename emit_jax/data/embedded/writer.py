@@ -162,6 +162,13 @@ def _workdir_marker(root: str) -> str | None:
     for name in _WORKDIR_FILES:
         if os.path.isfile(os.path.join(root, name)):
             return name
+    return _stage_marker(root)
+
+
+def _stage_marker(root: str) -> str | None:
+    """The first stage file of ``root`` (``<stage>/settings.json`` and the like), or None: what
+    marks a folder above ``--out`` as a training workdir (a ``.lock`` there may be another
+    tool's)."""
     for stage in _WORKDIR_STAGES:
         for name in _WORKDIR_STAGE_FILES:
             if os.path.isfile(os.path.join(root, stage, name)):
@@ -199,7 +206,7 @@ def check_not_inside_a_dataset(out_dir: str) -> None:
         if _embedded_manifest(parent):
             raise DataError(f"{out_dir}: inside the embedded dataset {show_path(parent)}; "
                             "choose a folder outside it")
-        marker = _workdir_marker(parent)
+        marker = _stage_marker(parent)  # (a stray .lock or results.json above: no workdir)
         if marker:  # (sixteenth probe U3: written into a workdir a trainer was writing)
             raise DataError(f"{out_dir}: inside the training workdir {show_path(parent)} (it "
                             f"holds {marker}); choose a folder outside it")
