@@ -67,8 +67,14 @@ def _type_checking(node: ast.AST) -> bool:
 
 
 def imports(path: Path):
-    """(target module, lineno, local) for each project import in ``path``."""
-    tree = ast.parse(path.read_text())
+    """(target module, lineno, local) for each project import in ``path``; a file that cannot be
+    read or parsed exits with one line naming it."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError) as e:
+        what = (f"line {e.lineno}: {e.msg}" if isinstance(e, SyntaxError)
+                else getattr(e, "strerror", None) or str(e))
+        sys.exit(f"structure.py: error: {path}: cannot read it as Python ({what})")
     me = module_name(path)
     pkg_parts = me.split(".") if path.name == "__init__.py" else me.split(".")[:-1]
     out = []
@@ -115,7 +121,7 @@ def main(argv=None) -> None:
     p.add_argument("--trace", action="store_true",
                    help="also list the files whose code runs in one GRPO step (about a minute)")
     args = p.parse_args(argv)
-    files = sorted(p for p in PKG.rglob("*.py"))
+    files = sorted(p for p in PKG.rglob("*.py") if not p.is_dir())
     graph: dict[str, set[str]] = {}
     upward, local_n, top_n = [], set(), set()
     for p in files:
@@ -197,20 +203,29 @@ def trace() -> None:
             if writes[0] == 2:
                 step.add(f)
 
+    import shutil
+
     from emit_jax import train
-    work = tempfile.mkdtemp()
+    if not train.__file__.startswith(str(PKG)):  # (another emit_jax first on sys.path)
+        sys.exit(f"structure.py: error: --trace imports emit_jax from {train.__file__}, not "
+                 f"from this tree ({PKG}); run it with this tree's environment")
+    work = tempfile.mkdtemp(prefix="emit-jax-structure-")
     argv = ["train", "--config=" + str(ROOT / "configs/grpo.py:smoke"), "--workdir", work,
             "--config.stages=('grpo',)", "--config.grpo.steps=3", "--config.grpo.iterations=1",
             "--config.checkpoint_every=1", "--config.log_every=1", "--config.export_hf=False",
             "--config.eval_limit=0", "--config.eval_unseen=0"]
     train.parse_flags(argv)
     sys.setprofile(prof)
+    status = 0
     try:
         train.main(argv)
-    except SystemExit:
-        pass
+    except SystemExit as e:
+        status = e.code or 0
     finally:
         sys.setprofile(None)
+        shutil.rmtree(work, ignore_errors=True)  # (before: a smoke workdir left per run)
+    if status:  # the lists would be of a failed run
+        sys.exit(f"structure.py: error: the traced training run failed (exit {status})")
     print(f"files on one GRPO step's path (functions run in step 2 of 3): {len(step)}")
     for h in sorted(step):
         print("  ", h)
@@ -219,4 +234,8 @@ def trace() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:  # `... | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
