@@ -595,3 +595,34 @@ def test_a_table_never_trains_into_a_users_folder(tmp_path, capsys, module, name
         f"{prog}: error: --workdir {ds}: not empty and holds no {name} run (no seed<N>/ or "
         f"{name}.json in it); choose a new or empty folder"]
     assert sorted(os.listdir(ds)) == ["pill"]
+
+
+def test_the_structure_tool_names_a_file_it_cannot_parse(tmp_path):
+    """Seventeenth probe ST1-ST4: ``tools/structure.py`` on a tree holding a file with a syntax
+    error, one not UTF-8, a dangling link or a folder named ``*.py`` ended in a traceback (the
+    syntax error's naming ``<unknown>``)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    (tmp_path / "tools").mkdir()
+    shutil.copy(os.path.join(ROOT, "tools", "structure.py"), tmp_path / "tools")
+    (tmp_path / "README.md").write_text("x\n")
+    pkg = tmp_path / "emit_jax"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "weird.py").mkdir()  # a folder with a .py name: not a module, left out
+    run = lambda: subprocess.run([sys.executable, str(tmp_path / "tools" / "structure.py")],  # noqa: E731
+                                 capture_output=True, text=True, timeout=120)
+    r = run()
+    assert r.returncode == 0 and r.stdout.startswith("upward imports: 0"), r.stderr
+    for name, content, why in [("scratch.py", b"def f(:\n", "line 1: invalid syntax"),
+                               ("bad.py", b'x = "\xff"\n', "'utf-8' codec can't decode")]:
+        (pkg / name).write_bytes(content)
+        r = run()
+        assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+            f"structure.py: error: {pkg / name}: cannot read it as Python ({why}" +
+            r.stderr.strip().split(why, 1)[1]], r.stderr
+        (pkg / name).unlink()
