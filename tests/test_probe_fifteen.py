@@ -626,3 +626,21 @@ def test_the_structure_tool_names_a_file_it_cannot_parse(tmp_path):
             f"structure.py: error: {pkg / name}: cannot read it as Python ({why}" +
             r.stderr.strip().split(why, 1)[1]], r.stderr
         (pkg / name).unlink()
+
+
+def test_text_samples_without_descriptions_is_noted(tmp_path):
+    """Seventeenth probe DB7: ``data.build --text-samples`` on a dataset with no object
+    description added nothing, exit 0, without a word."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from test_tasks import make_mvtec
+
+    src = make_mvtec(tmp_path / "ds")
+    r = subprocess.run([sys.executable, "-m", "emit_jax.data.build", "--source", src, "--out",
+                        str(tmp_path / "s1.jsonl"), "--stage", "1", "--text-samples"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (f"note: --text-samples: no image of {src} has an object description (a .txt beside "
+            "it), so no text-as-query question was added") in r.stderr.splitlines(), r.stderr

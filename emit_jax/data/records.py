@@ -168,6 +168,9 @@ def build(source: str, out: str, stage: int, *, seed: int = 0, split: str | None
     n = jsonl.write_jsonl(jsonl.records(qs, stage), out)
     counts = Counter(q.task for q in qs)
     report.say_notes()
+    if text_samples and not any(it.description for it in items):  # (before: not said)
+        print(f"note: --text-samples: no image of {source} has an object description (a .txt "
+              "beside it), so no text-as-query question was added", file=sys.stderr)
     return {"out": out, "records": n, "images": len(items), "tasks": dict(sorted(counts.items())),
             "skipped": len(report.skipped), "relabelled_normal": len(set(report.relabelled)),
             "domain_knowledge": dk_path, "embedding": embedding}
