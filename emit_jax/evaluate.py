@@ -572,6 +572,9 @@ def check_out_is_a_file(out: str) -> None:
     if what:
         raise ConfigError(f"--out {out}: exists and is not a regular file ({what}); choose "
                           "another path")
+    if out.endswith(partial.SUFFIX):  # (seventeenth probe E12: it then blocked that --out)
+        raise ConfigError(f"--out {out}: the name of another --out's partial-answers file "
+                          f"(<out>{partial.SUFFIX}); choose a name that does not end so")
     answers_path = partial.path_for(out)
     longest = name_max(nearest_existing(os.path.dirname(os.path.abspath(out))))
     if len(os.fsencode(os.path.basename(answers_path))) > longest:  # before: "exists and is not

@@ -644,3 +644,17 @@ def test_text_samples_without_descriptions_is_noted(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (f"note: --text-samples: no image of {src} has an object description (a .txt beside "
             "it), so no text-as-query question was added") in r.stderr.splitlines(), r.stderr
+
+
+def test_evaluate_out_named_as_a_partial_answers_file_is_refused():
+    """Seventeenth probe E12: ``evaluate --out D/e1.json.partial.jsonl`` was accepted, and then
+    blocked ``--out D/e1.json`` (its partial-answers file no longer evaluate's)."""
+    from emit_jax.errors import ConfigError
+    from emit_jax.evaluate import check_out_is_a_file
+
+    with pytest.raises(ConfigError) as e:
+        check_out_is_a_file("d/e1.json.partial.jsonl")
+    assert str(e.value) == ("--out d/e1.json.partial.jsonl: the name of another --out's "
+                            "partial-answers file (<out>.partial.jsonl); choose a name that "
+                            "does not end so")
+    check_out_is_a_file("d/e1.json")  # fine
