@@ -576,6 +576,12 @@ def test_aot_replaces_only_its_own_report(tmp_path, capsys):
         f"emit_jax.aot: error: --json_out {mine}: exists and is not an aot report; aot replaces "
         "only its own report: choose another path, or move the file away"]
     assert mine.read_text() == '{"results": 1}'
+    # seventeenth probe AO3: an empty --json_out compiled, wrote nothing and said nothing
+    assert cli.run(main, ["--topology", "v5e:2x2", "--config", "configs/grpo.py:smoke",
+                          "--json_out", ""], prog="emit_jax.aot") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "emit_jax.aot: error: --json_out: empty path (an unset shell variable?); name the file "
+        "to write"]
 
 
 @pytest.mark.parametrize("module, name", [("table1", "table1"), ("adfm_compare", "adfm_compare")])

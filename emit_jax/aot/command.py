@@ -77,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rest, overrides = configs.split_overrides(argv)
         args = _parser().parse_args(rest)
+        if args.json_out == "":  # (seventeenth probe AO3: no report, no word, exit 0)
+            raise ConfigError("--json_out: empty path (an unset shell variable?); name the file "
+                              "to write")
         if args.json_out:  # before the programs compile (minutes), as it is written after
             try:
                 check_writable(args.json_out)
@@ -100,6 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         check_context(cfg, wanted)  # a generation train would refuse, before minutes of compiling
         require_libtpu()
+        import jax  # noqa: PLC0415
+
+        # programs for abstract TPU devices: a persistent cache (JAX_COMPILATION_CACHE_DIR) can
+        # neither keep nor load them, and JAX warned so in two raw lines (seventeenth probe AO3b)
+        jax.config.update("jax_enable_compilation_cache", False)
         only = tuple(x for x in (args.programs or "").replace(" ", "").split(",") if x)
         # before the topology and the model (seconds): the programs the config's stages have
         check_program_names(only, wanted)
