@@ -314,6 +314,10 @@ def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, 
 
     items = scan(root)
     has_splits = os.path.isfile(os.path.join(root, "splits.json"))
+    if split is None and not has_splits and any(it.split == "train" for it in items):
+        # (seventeenth probe S3: train/good images were scored without a word)
+        print(f"note: {root} has no splits.json: every image is asked, train/ included; "
+              "--split test asks only its test/ images", file=sys.stderr)
     split = mvtec_split(root, split)
     pool = None
     if split and split != "all":
@@ -850,7 +854,8 @@ def _main(argv, signals: Signals) -> int:
                    f"protocol, min {MMAD_MIN_NEW_TOKENS}), else {FAST_MAX_NEW_TOKENS[False]} "
                    f"({FAST_MAX_NEW_TOKENS[True]} with --think)")
     p.add_argument("--split", default=None, type=cli.nonempty,
-                   help="MVTec-style: split from splits.json (default test)")
+                   help="MVTec-style: split from splits.json (default test), or the folder's "
+                        "train / test without one (default: all images)")
     p.add_argument("--seed", type=cli.nonneg_int, default=None,
                    help="MVTec-style: the seed of the questions' option orders (default 0)")
     p.add_argument("--domain-knowledge", type=parse_domain_knowledge, default="all",
