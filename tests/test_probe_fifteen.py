@@ -681,3 +681,20 @@ def test_an_mvtec_folder_without_splits_says_every_image_is_asked(tmp_path, caps
         "asks only its test/ images")
     mvtec_queries(src, think=False, limit=None, split="test", seed=0)
     assert "no splits.json" not in capsys.readouterr().err
+
+
+def test_table1_checks_its_rows_and_settings_before_making_a_folder(tmp_path, capsys):
+    """Seventeenth probe EX6b: ``table1 --rows "+ GRPO,+ GRPO"`` was accepted, and ``--set
+    grpo.steps=0`` was refused only after ``seed0/grpo_plain/`` had been made."""
+    from emit_jax import cli
+    from emit_jax.experiments.table1 import main
+
+    prog = "python -m emit_jax.experiments.table1"
+    wd = tmp_path / "t1"
+    assert cli.run(main, ["--rows", "+ GRPO,+ GRPO", "--workdir", str(wd), "--seeds", "1"],
+                   prog=prog) == 2
+    assert capsys.readouterr().err.strip() == f"{prog}: error: --rows: '+ GRPO' named twice"
+    assert cli.run(main, ["--rows", "+ GRPO", "--workdir", str(wd), "--seeds", "1", "--set",
+                          "grpo.steps=0"], prog=prog) == 2
+    assert capsys.readouterr().err.strip() == f"{prog}: error: config grpo.steps: 0 is below 1"
+    assert not wd.exists()

@@ -243,13 +243,23 @@ def main(argv=None) -> int:
         raise ConfigError(f"--rows: unknown row(s) {unknown}; known: {list(ROWS)}")
     if not rows:  # before: nothing ran and table1.md / .json were replaced by an empty table
         raise ConfigError(f"--rows {args.rows!r}: no row named; known: {list(ROWS)}")
+    twice = sorted({r for r in rows if rows.count(r) > 1})
+    if twice:  # (seventeenth probe EX6b: accepted, the row run twice)
+        raise ConfigError(f"--rows: {', '.join(map(repr, twice))} named twice")
     check_no_control(args.workdir)
     if os.path.lexists(args.workdir) and not os.path.isdir(args.workdir):
         raise ConfigError(f"--workdir {show_path(args.workdir)}: a file, not a folder (name the "
                           "table's folder)")
     check_table_folder(args.workdir, "table1")
     overrides = configs.parse_sets(args.set)
-    configs.load(args.config, overrides)  # fail early on a bad config or override
+    from emit_jax.training.validate import validate_config
+
+    # fail early on a bad config or override, as train would say it, before any folder is made
+    # (seventeenth probe EX6b: --set grpo.steps=0 was refused after seed0/grpo_plain/ was made)
+    for row in rows:
+        cfg = configs.load(args.config, {**overrides, **ROWS[row][2]})
+        cfg.stages = row_stages(cfg.stages, ROWS[row][1])
+        validate_config(cfg)
     results = []
     for seed in range(args.seeds):
         seed_dir = os.path.join(args.workdir, f"seed{seed}")
