@@ -217,6 +217,14 @@ case "$action" in
     run)
         read -r -a extra <<<"${EXTRA_ARGS:-}"
         extra+=("${train_args[@]}")
+        for a in "${extra[@]}"; do  # what the script sets itself: train would refuse it twice
+            case "$a" in  # on the workers, after the slice was made (seventeenth probe TP1)
+                --config | --config=* | --workdir | --workdir=*)
+                    die "${a%%=*} in TRAIN_ARGS/EXTRA_ARGS: set CONFIG=... / WORKDIR=... instead (the script passes them)" ;;
+                --config.mesh.* | --config.mesh.*=*)
+                    die "${a%%=*} in TRAIN_ARGS/EXTRA_ARGS: set MESH_DATA / MESH_FSDP / MESH_TENSOR instead (the script passes them)" ;;
+            esac
+        done
         train=(python -m emit_jax.train --config="$config" --workdir="$workdir"
             --config.mesh.data="$mesh_data" --config.mesh.fsdp="$mesh_fsdp" --config.mesh.tensor="$mesh_tensor"
             "${extra[@]}")

@@ -281,3 +281,21 @@ def test_tpu_pod_checks_the_mesh_and_config_here(tmp_path, var, value, line):
     r = _run([LAUNCH / "tpu_pod.sh", "run"], env, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == line, r.stderr
     assert r.stdout == ""
+
+
+@pytest.mark.parametrize("arg, line", [
+    ("--config=configs/sft.py", "tpu_pod.sh: --config in TRAIN_ARGS/EXTRA_ARGS: set CONFIG=... / "
+                                "WORKDIR=... instead (the script passes them)"),
+    ("--workdir=runs/x", "tpu_pod.sh: --workdir in TRAIN_ARGS/EXTRA_ARGS: set CONFIG=... / "
+                         "WORKDIR=... instead (the script passes them)"),
+    ("--config.mesh.fsdp=4", "tpu_pod.sh: --config.mesh.fsdp in TRAIN_ARGS/EXTRA_ARGS: set "
+                             "MESH_DATA / MESH_FSDP / MESH_TENSOR instead (the script passes "
+                             "them)"),
+])
+def test_tpu_pod_refuses_train_args_it_sets_itself(tmp_path, arg, line):
+    """Seventeenth probe TP1 (and the MESH_FSDP case before it): a second --config, --workdir
+    or mesh size after ``--`` was printed for the workers, whose train refuses it only after
+    the slice was made and set up."""
+    env = _env(DRY_RUN=1, TPU_NAME="pod", TPU_ZONE="z")
+    r = _run([LAUNCH / "tpu_pod.sh", "run", "--", arg], env)
+    assert r.returncode == 2 and r.stderr.strip() == line, r.stderr
