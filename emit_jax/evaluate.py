@@ -314,10 +314,6 @@ def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, 
 
     items = scan(root)
     has_splits = os.path.isfile(os.path.join(root, "splits.json"))
-    if split is None and not has_splits and any(it.split == "train" for it in items):
-        # (seventeenth probe S3: train/good images were scored without a word)
-        print(f"note: {root} has no splits.json: every image is asked, train/ included; "
-              "--split test asks only its test/ images", file=sys.stderr)
     split = mvtec_split(root, split)
     pool = None
     if split and split != "all":
@@ -803,6 +799,11 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
               "questions": len(rows),
               "resumed": total - len(todo), "seconds": time.time() - t0,
               "average": summary.average, "per_group": summary.accuracy, "answers": rows}
+    if not is_mmad and split is None and mvtec_split(data, None) == "all" and any(
+            f"{os.sep}train{os.sep}" in f"{os.sep}{a.get('image', '')}" for a in rows):
+        # said once the answers are in (seventeenth probe S3: train/good scored without a word)
+        note(f"note: {data} has no splits.json: every image was asked, train/ included; "
+             "--split test asks only its test/ images")
     if out:
         with atomic_output(out) as f:
             json.dump(finite_json(result), f, indent=1, default=str)

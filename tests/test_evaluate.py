@@ -84,6 +84,15 @@ def test_mvtec_style_with_orbax_checkpoint_and_limit(folders, tmp_path):
     assert all(a["question_type"] in ("Anomaly Detection", "Defect Classification",
                                       "Defect Localization", "Object Classification")
                for a in res["answers"])
+    # seventeenth probe S3: a folder without splits.json asks every image, train/ included
+    # (scored without a word before); said once the answers are in
+    asked_train = any("/train/" in a["image"] for a in res["answers"])
+    note = (f"note: {data} has no splits.json: every image was asked, train/ included; --split "
+            "test asks only its test/ images")
+    assert asked_train and note in r.stderr.splitlines(), r.stderr[-2000:]
+    r = run("--checkpoint", folders["emit_ckpt"], "--data", data, "--limit", "7", "--split",
+            "test")
+    assert r.returncode == 0 and "no splits.json" not in r.stderr, r.stderr[-3000:]
 
 
 def test_plain_internvl_think_mode(folders, tmp_path):

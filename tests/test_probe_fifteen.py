@@ -666,23 +666,6 @@ def test_evaluate_out_named_as_a_partial_answers_file_is_refused():
     check_out_is_a_file("d/e1.json")  # fine
 
 
-def test_an_mvtec_folder_without_splits_says_every_image_is_asked(tmp_path, capsys):
-    """Seventeenth probe S3: ``evaluate --data MVTEC_FOLDER`` without a splits.json scored every
-    image, ``train/good`` included (6 of 13 questions there), with no word; --help said the
-    default split is test."""
-    from test_tasks import make_mvtec
-
-    from emit_jax.evaluate import mvtec_queries
-
-    src = make_mvtec(tmp_path / "ds")
-    mvtec_queries(src, think=False, limit=None, split=None, seed=0)
-    assert capsys.readouterr().err.strip().splitlines()[0] == (
-        f"note: {src} has no splits.json: every image is asked, train/ included; --split test "
-        "asks only its test/ images")
-    mvtec_queries(src, think=False, limit=None, split="test", seed=0)
-    assert "no splits.json" not in capsys.readouterr().err
-
-
 def test_table1_checks_its_rows_and_settings_before_making_a_folder(tmp_path, capsys):
     """Seventeenth probe EX6b: ``table1 --rows "+ GRPO,+ GRPO"`` was accepted, and ``--set
     grpo.steps=0`` was refused only after ``seed0/grpo_plain/`` had been made."""
