@@ -82,16 +82,9 @@ _NOT_COMPARED = ("compile_cache",)
 
 def _settings(config: dict) -> dict:
     """``{dotted key: value}`` of a resolved config (JSON), less :data:`_NOT_COMPARED`."""
-    out: dict = {}
+    from emit_jax.training.stages import flat_config
 
-    def flat(prefix, value):
-        if isinstance(value, dict):
-            for k, v in value.items():
-                flat(f"{prefix}.{k}" if prefix else k, v)
-        elif prefix not in _NOT_COMPARED:
-            out[prefix] = value
-    flat("", config)
-    return out
+    return {k: v for k, v in flat_config(config).items() if k not in _NOT_COMPARED}
 
 
 def cached_row(cached: str, config: dict) -> dict | None:

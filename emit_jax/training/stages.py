@@ -383,6 +383,14 @@ def _flat(prefix: str, value, out: dict) -> dict:
     return out
 
 
+def flat_config(config: dict) -> dict:
+    """``{dotted key: value}`` of a resolved config (:func:`config_json`)."""
+    out: dict = {}
+    for k, v in config.items():
+        _flat(k, v, out)
+    return out
+
+
 def stored_config(workdir: str, stage: str) -> dict | None:
     """The resolved config ``stage`` last started or resumed with
     (``WORKDIR/<stage>/settings.json``), None when there is none."""

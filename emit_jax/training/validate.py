@@ -235,8 +235,8 @@ def _batch_fits_host(cfg, stages, image_size: int, memory: int | None = None) ->
 def starting_config(cfg):
     """``(model config, where)``: the model a run of ``cfg`` starts from, before any weight is
     read: ``init_from``'s Hugging Face ``config.json``, else the architecture's (``param_dtype``
-    and ``image_size`` applied; a ``param_dtype`` no model takes raises ``ConfigError``). ``where`` names it for messages (``init_from DIR``,
-    ``arch 'tiny'``). The config is None for an Orbax ``init_from`` (its config is read when it
+    and ``image_size`` applied; a ``param_dtype`` no model takes raises ``ConfigError``).
+    ``where`` names it for messages (``init_from DIR``, ``arch 'tiny'``). The config is None for an Orbax ``init_from`` (its config is read when it
     loads), for a ``config.json`` that cannot be read (the load says why) and for an unknown
     architecture (refused by :func:`validate_config`). One reading for the checks of the
     context (:func:`check_context`, ``stages.check_prompt_room``) and for

@@ -94,7 +94,8 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bool = Fal
 
     ``out_dir`` must be missing or empty unless ``overwrite`` is true; else
     :class:`FileExistsError` (``... directory is not empty (use overwrite)``). ``overwrite``
-    takes only a folder an earlier generation wrote (its ``manifest.json``); in it, only the files this generation writes are replaced, matched by exact name:
+    takes only a folder an earlier generation wrote (its ``manifest.json``); in it, only the
+    files this generation writes are replaced, matched by exact name:
     the top-level files (:data:`_TOP_FILES`) and, in its own folders
     (``<class>/{train,test}/<folder>``, ``<class>/ground_truth/<defect>``,
     ``descriptions/<class>``), the ``NNN.png``, ``NNN_mask.png`` and
@@ -116,8 +117,7 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bool = Fal
     _check_not_cwd(out_dir)
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise NotADirectoryError(f"{out_dir}: exists and is not a directory")
-    # a link to a folder: its target; LINK/../NAME: as the kernel reads it (fileio.where_written)
-    target = os.path.realpath(out_dir) if os.path.islink(out_dir) else where_written(out_dir)
+    target = _target(out_dir)
     keep: list[str] | None = None
     if os.path.isdir(target) and os.listdir(target):
         marker = _workdir_marker(target) or _model_marker(target)  # said first (see below)
@@ -195,12 +195,18 @@ def _embedded_manifest(root: str) -> bool:
     return isinstance(manifest, dict) and manifest.get("dataset") == DATASET_NAME
 
 
+def _target(out_dir: str) -> str:
+    """The folder ``out_dir`` names: a link's target; ``LINK/../NAME`` as the kernel reads it
+    (:func:`emit_jax.fileio.where_written`)."""
+    return os.path.realpath(out_dir) if os.path.islink(out_dir) else where_written(out_dir)
+
+
 def check_not_inside_a_dataset(out_dir: str) -> None:
     """Refuse ``target`` inside an embedded dataset (a folder above it holds its manifest) or a
     training workdir: before, ``--out DATASET/bottle`` wrote a whole dataset as one more
     "class" of it, and ``--out WORKDIR/x`` wrote 24 MB into a workdir a trainer was using.
     The command line's check (the cache builds its datasets where it chooses)."""
-    target = os.path.realpath(out_dir) if os.path.islink(out_dir) else where_written(out_dir)
+    target = _target(out_dir)
     parent = os.path.dirname(os.path.abspath(target))
     while True:
         if _embedded_manifest(parent):
