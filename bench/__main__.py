@@ -221,10 +221,14 @@ def main(argv=None) -> int:
         rows = bench_compile_time(args.arch, args.text_layers, args.vit_layers, args.batch,
                                   args.seq_len, args.remat, args.remat_policy or "full")
     elif args.what == "gpu":
+        import atexit
+        import shutil
         import tempfile
 
         if not jax.config.jax_compilation_cache_dir:  # the compiler's figures cost no 2nd compile
-            jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="emit_gpu_xla"))
+            cache = tempfile.mkdtemp(prefix="emit_gpu_xla")
+            atexit.register(shutil.rmtree, cache, ignore_errors=True)  # was left in /tmp
+            jax.config.update("jax_compilation_cache_dir", cache)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         from emit_jax import configs
 

@@ -51,7 +51,8 @@ def _tokenizer(path: str):
         return load_tokenizer(path)
     from emit_jax.data.embedded import ensure_cached
 
-    return tokenizer_for(tempfile.mkdtemp(prefix="pointer-tok-"), ensure_cached(seed=0))
+    with tempfile.TemporaryDirectory(prefix="pointer-tok-") as work:  # loaded into memory: the
+        return tokenizer_for(work, ensure_cached(seed=0))  # folder goes (it was left in /tmp)
 
 
 class Tasks:
