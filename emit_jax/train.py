@@ -643,7 +643,10 @@ def _train(cfg, workdir: str) -> None:
                                   f"and this host runs {jax.default_backend()}; use 'auto' "
                                   "(splash on a TPU, the best other kernel elsewhere)")
             # run() validates the config first: after initialize, so the mesh is checked
-            # against every device
+            # against every device; the options' own keys now, in validate's words
+            from emit_jax.training.validate import check_options
+
+            check_options(cfg)
             with memory_options(**dict(cfg.get("memory") or {})), \
                     kernel_options(**dict(cfg.get("kernels") or {})):
                 run(cfg, workdir)

@@ -77,11 +77,14 @@ def _sane(rep, names):
 
 def _fsdp_sharded(w):
     """The executable's weights: split over the 4 fsdp devices but for the small replicated
-    arrays (norms, biases); the largest, the [V + 1, 128] embedding, as P(None, 'fsdp')."""
+    arrays (norms, biases); the largest, the [V + 1, 128] embedding, as P(None, 'fsdp'). V is
+    the vocabulary train fits to its tokenizer (at most 4,096 for the tiny one; before, the
+    architecture's 151,674 rows were compiled, and the replicated arrays' share was smaller:
+    per device below 0.27 of the whole, 0.29 now)."""
     assert w["used"] > 50 and w["sharded"] > w["used"] / 3
-    assert w["whole"] / 4 <= w["per_device"] < 0.27 * w["whole"]
+    assert w["whole"] / 4 <= w["per_device"] < 0.3 * w["whole"]
     big = w["largest"]
-    assert big["path"].endswith("embed_tokens/embedding") and big["shape"] == [151675, 128]
+    assert big["path"].endswith("embed_tokens/embedding") and big["shape"] == [4096, 128]
     assert big["spec"] == "P(None, 'fsdp')" and big["per_device"] * 4 == big["whole"]
 
 

@@ -35,3 +35,38 @@ def test_experiments_pointer_leaves_no_tokenizer_folder(tmp_path, monkeypatch):
     tok = pointer._tokenizer("")
     assert tok("a scratch on the pill")["input_ids"]  # usable once its folder is gone
     assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_plan_sizes_the_vocabulary_train_fits_to_the_tokenizer(tmp_path, monkeypatch):
+    """``plan`` sized ``tiny``'s full 151,674-row vocabulary where train fits the embedding to
+    its tokenizer (``stages.build_initial_model``): 20.6 M planned parameters against the
+    1.43 M the smoke run trains. With ``tokenizer`` set the plan is the trained model's count
+    exactly; without, the tiny tokenizer's bound (4,096 entries) is planned."""
+    import math
+
+    import jax
+    from flax import nnx
+
+    from emit_jax import configs
+    from emit_jax.data.embedded import ensure_cached
+    from emit_jax.plan.variables import TINY_VOCAB, abstract_variables, model_config
+    from emit_jax.training.data import tokenizer_for
+    from emit_jax.training.stages import build_initial_model
+
+    monkeypatch.setenv("EMIT_JAX_CACHE", str(tmp_path / "cache"))
+    tok = tokenizer_for(str(tmp_path), ensure_cached(seed=0))
+    cfg = configs.load("configs/grpo.py:smoke")
+    model = build_initial_model(cfg, tok)
+    trained = sum(math.prod(v.shape) for v in jax.tree_util.tree_leaves(nnx.state(model,
+                                                                                   nnx.Param)))
+
+    def planned(c):
+        return sum(math.prod(v.shape) for v in abstract_variables(model_config(c, False), False)
+                   if v.kind == "Param")
+
+    hidden = model_config(cfg, False).text.hidden_size  # tiny ties its embedding: one matrix
+    assert planned(cfg) - trained == (TINY_VOCAB - len(tok)) * hidden
+    assert planned(cfg) < 2_000_000  # was 20,607,680
+    with_tok = configs.load("configs/grpo.py:smoke", [f"tokenizer={tmp_path / 'tokenizer'}"])
+    assert planned(with_tok) == trained
+

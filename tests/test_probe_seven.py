@@ -256,8 +256,11 @@ BASE_ONLY = ("--config", "configs/grpo.py:smoke", "--config.stages=('base',)",
 
 
 @pytest.mark.parametrize("override, needle, workdir_made", [
-    ("kernels.decode_bucket=0", "kernels.decode_bucket must be in [1, 1048576], got 0", False),
-    ("memory.attention_chunk=-1", "memory.attention_chunk must be >= 0, got -1", False),
+    ("kernels.decode_bucket=0", "config kernels.decode_bucket: 0 is below 1", False),
+    ("memory.attention_chunk=-1", "config memory.attention_chunk: -1 is below 0", False),
+    # eighteenth probe B11: the options' own wording ("kernels.attention must be one of")
+    ("kernels.attention=AUTO", "config kernels.attention: 'AUTO' must be one of einsum, "
+                               "dot_product, splash, auto", False),
     ("kernels.attention=splash", "config kernels.attention: 'splash' is a TPU kernel", False),
     ("emit.bn_mode=bogus", "config emit: bn_mode must be 'standard' or 'official'", False),
     ("data.length_buckets=(8,)", "config data.length_buckets: a sequence of", True),

@@ -66,6 +66,8 @@ def format_report(rep: dict) -> str:
         + (f" (of {', '.join(rep['stages'])}: largest)" if len(rep["stages"]) > 1 else ""),
         f"model {info['arch']}{' + EMIT' if info['emit'] else ''}: {info['parameters'] / 1e9:.3f} B "
         f"parameters in {info['dtype']}, {info['trainable']:,} trainable"
+        + (f", vocabulary {info['vocab_from']}"
+           if info["vocab_from"] not in ("the checkpoint's", "the model's") else "")
         + (f" (LoRA r={s.lora_rank} on {info['lora_kernels']} kernels"
            + (f", QLoRA {s.qtype}" if s.qtype else "") + ")" if s.stage in LORA_STAGES else ""),
         f"mesh {mesh} ({rep['devices']} devices), {rep['device']}: {rep['device_note']}",

@@ -25,18 +25,60 @@ class Var:
     kind: str  # Param, BatchStat, ...
 
 
-def model_config(cfg, emit: bool):
-    """The InternVLConfig a run of ``cfg`` trains: ``arch`` in ``param_dtype`` (the preset's
-    vocabulary; +1 entry for ``<COMP_CONTEXT>`` when EMIT is on)."""
-    from emit_jax.models import architectures
+TINY_VOCAB = 4096  # the bound of the tiny tokenizer train makes without a tokenizer of its own
 
-    kw = {"dtype": cfg.param_dtype} if cfg.get("param_dtype") else {}
+
+def vocabulary(cfg) -> tuple[int | None, int | None, str]:
+    """``(rows, image token id, how)``: the embedding rows, before EMIT's ``<COMP_CONTEXT>``,
+    of a run that starts from random weights (``init_from`` empty): train fits the
+    architecture's vocabulary to the tokenizer (``stages.build_initial_model``), the config's
+    ``tokenizer`` when set, else the tiny tokenizer it trains on the data (at most
+    :data:`TINY_VOCAB` entries; the bound is planned, its ``<IMG_CONTEXT>`` at the id it would
+    then have). ``(None, None, ...)`` when the model comes from ``init_from`` (its own
+    vocabulary), and for the InternVL3 presets, whose runs start from the released checkpoint
+    (their configs require ``init_from``): the checkpoint's vocabulary is planned."""
+    if cfg.get("init_from") or str(cfg.get("arch", "")).startswith("internvl3_"):
+        return None, None, "the checkpoint's"
+    path = cfg.get("tokenizer") or ""
+    if not path:
+        from emit_jax.data.tokenizer import EMIT_TOKENS
+
+        img = TINY_VOCAB - len(EMIT_TOKENS) + EMIT_TOKENS.index("<IMG_CONTEXT>")
+        return TINY_VOCAB - 1, img, f"at most {TINY_VOCAB:,} entries (the tiny tokenizer train makes)"
+    from emit_jax.data.tokenizer import COMP_TOKEN, load_tokenizer, token_id
+    from emit_jax.errors import USER_ERRORS
+
     try:
-        mcfg = architectures.get_config(cfg.arch, **kw)
-    except KeyError as e:
-        raise PlanError(str(e).strip("\"'")) from None
-    if cfg.get("image_size"):
-        mcfg = mcfg.replace(vision=dataclasses.replace(mcfg.vision, image_size=int(cfg.image_size)))
+        tok = load_tokenizer(path)
+    except USER_ERRORS as e:
+        raise PlanError(f"config tokenizer: {e}") from None
+    return (len(tok) - (token_id(tok, COMP_TOKEN) is not None),
+            token_id(tok, "<IMG_CONTEXT>"), f"{len(tok):,} entries (tokenizer {path})")
+
+
+def model_config(cfg, emit: bool):
+    """The InternVLConfig a run of ``cfg`` trains, as train builds it: ``init_from``'s
+    ``config.json`` when it has one, else ``arch`` (``param_dtype``, ``image_size`` applied) with
+    the vocabulary of :func:`vocabulary` (before, the architecture's full 151,674 rows were
+    planned for a run that trains a 1,821-token tokenizer: 20.6 M planned parameters against
+    1.43 M); +1 entry for ``<COMP_CONTEXT>`` when EMIT is on."""
+    from emit_jax.models import architectures
+    from emit_jax.training.validate import starting_config
+
+    mcfg = starting_config(cfg)[0]  # (a param_dtype no model takes: ConfigError)
+    if mcfg is None:  # an Orbax init_from (its config is in the checkpoint) or no such arch
+        kw = {"dtype": cfg.param_dtype} if cfg.get("param_dtype") else {}
+        try:
+            mcfg = architectures.get_config(cfg.arch, **kw)
+        except KeyError as e:
+            raise PlanError(str(e).strip("\"'")) from None
+        if cfg.get("image_size"):
+            mcfg = mcfg.replace(vision=dataclasses.replace(mcfg.vision,
+                                                           image_size=int(cfg.image_size)))
+    rows, img, _ = vocabulary(cfg)
+    if rows is not None:
+        mcfg = mcfg.replace(text=dataclasses.replace(mcfg.text, vocab_size=rows),
+                            image_token_id=img)
     if emit:
         mcfg = mcfg.replace(text=dataclasses.replace(mcfg.text, vocab_size=mcfg.text.vocab_size + 1))
     return mcfg.validate()

@@ -295,6 +295,20 @@ def _fits_context(cfg, stages, context: int, model: str) -> None:
                   f"{context:,} positions (max_position_embeddings), the prompt included")
 
 
+def check_options(cfg) -> None:
+    """``memory.*`` and ``kernels.*``, as :func:`validate_config` words them: train checks them
+    before it builds the trace-time options from them (which raised in their own words)."""
+    mem = _get(cfg, "memory", "memory", None) or {}
+    _int(mem, "attention_chunk", "memory.attention_chunk", low=0, default=0)
+    _int(mem, "vit_chunk", "memory.vit_chunk", low=0, default=0)
+    from emit_jax.models.memory import REMAT_POLICIES
+
+    if mem.get("remat_policy", "full") not in REMAT_POLICIES:
+        _fail("memory.remat_policy", mem["remat_policy"],
+              f"must be one of {', '.join(REMAT_POLICIES)}")
+    _kernels(cfg)
+
+
 def _kernels(cfg) -> None:
     """``kernels.*``: the names ``emit_jax.ops.kernels`` knows, a positive decode bucket."""
     k = _get(cfg, "kernels", "kernels", None) or {}
@@ -468,14 +482,7 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
         if isinstance(asked, str) or any(t not in TASKS for t in asked):
             _fail("eval_unseen_tasks", asked, f"must be a tuple of task names from {TASKS}")
         _int(cfg, "eval_max_new_tokens", "eval_max_new_tokens", low=1)
-    mem = _get(cfg, "memory", "memory", None) or {}
-    _int(mem, "attention_chunk", "memory.attention_chunk", low=0, default=0)
-    _int(mem, "vit_chunk", "memory.vit_chunk", low=0, default=0)
-    from emit_jax.models.memory import REMAT_POLICIES
-
-    if mem.get("remat_policy", "full") not in REMAT_POLICIES:
-        _fail("memory.remat_policy", mem["remat_policy"],
-              f"must be one of {', '.join(REMAT_POLICIES)}")
+    check_options(cfg)
     scan_layers = (_get(cfg, "kernels", "kernels", None) or {}).get("scan_layers", False)
     if not isinstance(scan_layers, bool):
         _fail("kernels.scan_layers", scan_layers, "must be True or False")
@@ -483,7 +490,6 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
         _fail("grpo.lora.weight_qtype", grpo.lora.weight_qtype, "(QLoRA) does not work with "
               "kernels.scan_layers=True (qwix quantizes the kernels inside each layer's first "
               "run, a per-layer copy under lax.scan); use weight_qtype='' or scan_layers=False")
-    _kernels(cfg)
     _mesh(cfg, stages, num_devices)
     _batch_fits_host(cfg, stages, image_size)
     return Settings(stages=stages, optim=optim, grpo=grpo, unknown=unknown_keys(cfg))
