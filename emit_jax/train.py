@@ -268,10 +268,11 @@ def _run(cfg, workdir: str, settings) -> dict:
     if model is not None:
         model.eval()
         results.update(evaluate_heldout(run_, model))
-        if cfg.export_hf:
-            export = _export(run_, model, bool(trained), _read_results(workdir).get("export"))
-            if export is not None:
-                results["export"] = export
+        before = _read_results(workdir).get("export")
+        export = _export(run_, model, bool(trained), before) if cfg.export_hf \
+            else _export_kept(run_, before)
+        if export is not None:
+            results["export"] = export
     seconds = time.time() - t_start
     previous = _read_results(workdir) if not trained else {}
     if isinstance(previous.get("seconds"), (int, float)):
@@ -334,6 +335,26 @@ def _export(run_, model, trained: bool, before) -> dict | None:
             stages.log(f"[export] {workdir}/hf ({last} after {record['steps']} steps; it held "
                        f"{held})")
     return record
+
+
+def _export_kept(run_, before) -> dict | None:
+    """``export_hf=False``: what ``WORKDIR/hf`` still holds (``before``, kept in results.json;
+    before, the key was dropped and nothing recorded which model the folder held), and a note
+    when that is not the model this run ended with (eighteenth probe T2: a run ending at grpo
+    left the sft export in place without a word)."""
+    cfg, workdir = run_.cfg, run_.workdir
+    hf_dir = os.path.join(workdir, "hf")
+    if not (os.path.isdir(hf_dir) and os.listdir(hf_dir)):
+        return None
+    last = cfg.stages[-1]
+    record = {"stage": last, "steps": stages.done_steps(workdir, last)}
+    if before != record and parallel.is_primary():
+        held = (f"{before['stage']} after {before['steps']} steps" if isinstance(before, dict)
+                else "an earlier run's model")
+        stages.log(f"note: {hf_dir} holds {held}, not the model this run ended with ({last} "
+                   f"after {record['steps']} steps): export_hf is False; rerun with "
+                   "--config.export_hf=True to replace it")
+    return before if isinstance(before, dict) else None
 
 
 def _replace_export(model, hf_dir: str, tokenizer: str) -> None:

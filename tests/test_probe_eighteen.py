@@ -70,3 +70,33 @@ def test_plan_sizes_the_vocabulary_train_fits_to_the_tokenizer(tmp_path, monkeyp
     with_tok = configs.load("configs/grpo.py:smoke", [f"tokenizer={tmp_path / 'tokenizer'}"])
     assert planned(with_tok) == trained
 
+
+
+def test_a_run_without_export_says_the_export_is_older_and_keeps_its_record(tmp_path):
+    """T2: a run with ``export_hf=False`` that ended with another model than ``WORKDIR/hf``
+    holds left the old export without a word and wrote results.json without its ``export``
+    key, so nothing recorded which model the folder held."""
+    import json
+
+    from conftest import train
+
+    d = tmp_path / "w"
+    common = ["--config", "configs/grpo.py:smoke", "--workdir", str(d),
+              "--config.stages=('warmup',)", "--config.eval_limit=0"]
+    env = {"EMIT_JAX_CACHE": str(tmp_path / "cache")}
+    r = train(*common, "--config.warmup.steps=2", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((d / "results.json").read_text())["export"] == {"stage": "warmup",
+                                                                     "steps": 2}
+    r = train(*common, "--config.warmup.steps=3", "--config.export_hf=False", env=env)
+    assert r.returncode == 0 and "[export]" not in r.stderr, r.stderr[-3000:]
+    assert (f"note: {d}/hf holds warmup after 2 steps, not the model this run ended with "
+            "(warmup after 3 steps): export_hf is False; rerun with --config.export_hf=True to "
+            "replace it") in r.stderr, r.stderr[-3000:]
+    assert json.loads((d / "results.json").read_text())["export"] == {"stage": "warmup",
+                                                                     "steps": 2}
+    r = train(*common, "--config.warmup.steps=3", "--config.export_hf=False", env=env)
+    assert r.returncode == 0 and "note: " + str(d / "hf") in r.stderr  # said each time
+    r = train(*common, "--config.warmup.steps=3", env=env)
+    assert (f"[export] {d}/hf (warmup after 3 steps; it held warmup after 2 steps)"
+            in r.stderr), r.stderr[-3000:]
