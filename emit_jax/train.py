@@ -54,7 +54,8 @@ from emit_jax.training.validate import validate_config
 
 _CONFIG = flags.DEFINE_string("config", None, "config file (configs/grpo.py, configs/grpo.py:smoke) "
                               "or a packaged recipe's name (grpo); --config.KEY=VALUE overrides")
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>)")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>, "
+                                "runs/<config name>-<variant> for path:variant)")
 _COORDINATOR = flags.DEFINE_string("coordinator", "", "multihost: host:port of process 0 "
                                    "(default: EMIT_COORDINATOR, SLURM, or TPU auto-detection)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "multihost: number of processes "
@@ -335,6 +336,15 @@ def _export(run_, model, trained: bool, before) -> dict | None:
             stages.log(f"[export] {workdir}/hf ({last} after {record['steps']} steps; it held "
                        f"{held})")
     return record
+
+
+def default_workdir(config: str) -> str:
+    """``runs/<config name>``, ``runs/<config name>-<variant>`` for ``path:variant`` (before,
+    ``configs/grpo.py:plain`` ran in ``runs/grpo``, where the difficulty-aware run's finished
+    stages were loaded as its own)."""
+    path, _, variant = config.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join("runs", f"{name}-{variant}" if variant else name)
 
 
 def _export_kept(run_, before) -> dict | None:
@@ -629,11 +639,10 @@ def main(argv) -> None:
               f"included) comes from init_from {cfg.init_from}", file=sys.stderr)
     if _WORKDIR.value == "":
         print("emit_jax.train: error: --workdir: empty path; name the run's folder (or leave "
-              "the flag out for runs/<config name>)", file=sys.stderr)
+              "the flag out for runs/<config name>[-<variant>])", file=sys.stderr)
         sys.exit(2)
     try:
-        workdir = user_path(_WORKDIR.value) or os.path.join(
-            "runs", os.path.splitext(os.path.basename(_CONFIG.value.partition(":")[0]))[0])
+        workdir = user_path(_WORKDIR.value) or default_workdir(_CONFIG.value)
     except ConfigError as e:
         print(f"emit_jax.train: error: --workdir: {e}", file=sys.stderr)
         sys.exit(2)

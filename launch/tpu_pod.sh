@@ -46,7 +46,7 @@ options (each also an environment variable):
 
 environment for setup / run:
   CONFIG        config file (default configs/internvl3_8b_grpo.py)
-  WORKDIR       run directory on the workers (default runs/<config name>, relative to
+  WORKDIR       run directory on the workers (default runs/<config name>[-<variant>], relative to
                 REMOTE_DIR); with several hosts it must be a shared file system
   EXTRA_ARGS    more flags for emit_jax.train, split on spaces (TRAIN_ARGS after -- too)
   MESH_DATA     size of the mesh's data axis (default 1: fsdp=-1 spans the whole slice)
@@ -124,7 +124,8 @@ read -r -a ssh_extra <<<"${SSH_ARGS:-}"
 remote_dir=${REMOTE_DIR:-emit_jax}
 remote_venv=${REMOTE_VENV-.venv}
 config=${CONFIG:-configs/internvl3_8b_grpo.py}
-workdir=${WORKDIR:-runs/$(basename "${config%%:*}" .py)}
+variant=${config#"${config%%:*}"}  # ":smoke" or "" (runs/<name>-<variant>, as emit_jax.train)
+workdir=${WORKDIR:-runs/$(basename "${config%%:*}" .py)${variant:+-${variant#:}}}
 mesh_data=${MESH_DATA:-1}
 mesh_fsdp=${MESH_FSDP:--1}
 mesh_tensor=${MESH_TENSOR:-1}

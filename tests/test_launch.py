@@ -186,6 +186,13 @@ def test_tpu_run_passes_arguments_and_needs_a_zone(tmp_path):
     assert ("exec python -m emit_jax.train --config=configs/grpo.py --workdir=runs/grpo "
             "--config.mesh.data=2 --config.mesh.fsdp=-1 --config.mesh.tensor=1 "
             "--config.log_every=1 --config.data.source=/mnt/my\\ data") in command
+    # a config's variant gets its own default workdir, as emit_jax.train gives it (before:
+    # configs/grpo.py:plain ran in runs/grpo and loaded the difficulty-aware run's stages)
+    env.update(CONFIG="configs/grpo.py:plain")
+    r = _run([LAUNCH / "tpu_pod.sh", "run"], env)
+    assert r.returncode == 0, r.stderr
+    assert ("--config=configs/grpo.py:plain --workdir=runs/grpo-plain "
+            in [a for a in out.read_text().splitlines() if a.startswith("--command=")][0])
     r = _run([LAUNCH / "tpu_pod.sh", "run"], _env(DRY_RUN=1, TPU_NAME="pod"))
     assert r.returncode == 2 and "zone" in r.stderr
 
@@ -221,6 +228,10 @@ def test_slurm_batch_script_under_stubs(tmp_path):
     assert (f"--config=configs/grpo.py --workdir={tmp_path / 'run'} --config.mesh.data=1 "
             "--config.mesh.fsdp=-1 --config.mesh.tensor=1") in r.stdout
     assert "PORT=23456" in r.stdout
+    env.update(CONFIG="configs/grpo.py:smoke", WORKDIR="")  # the variant's own default
+    r = _run(["bash", LAUNCH / "slurm_a100.sbatch"], env)
+    assert r.returncode == 0, r.stderr
+    assert "--config=configs/grpo.py:smoke --workdir=runs/grpo-smoke " in r.stdout
 
 
 def test_slurm_batch_script_needs_an_allocation():

@@ -100,3 +100,29 @@ def test_a_run_without_export_says_the_export_is_older_and_keeps_its_record(tmp_
     r = train(*common, "--config.warmup.steps=3", env=env)
     assert (f"[export] {d}/hf (warmup after 3 steps; it held warmup after 2 steps)"
             in r.stderr), r.stderr[-3000:]
+
+
+def test_plan_says_when_the_images_asked_do_not_fit_the_prompt(capsys):
+    """``plan --images_per_sample 100`` planned as many tiles as the prompt holds (64 of the
+    100 asked) without a word."""
+    from emit_jax.plan.command import main
+
+    assert main(["--config", "configs/grpo.py:smoke", "--stage", "sft",
+                 "--images_per_sample", "100"]) == 0
+    err = capsys.readouterr().err
+    assert err == ("note: --images_per_sample 100: 100 image tiles of 64 tokens a sequence do "
+                   "not fit its 4,096-token prompt; planned with 64\n")
+    assert main(["--config", "configs/grpo.py:smoke", "--stage", "sft", "--images_per_sample",
+                 "64", "--json"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_each_config_variant_has_its_own_default_workdir():
+    """``configs/grpo.py:plain`` (the paper's plain-GRPO row) without ``--workdir`` ran in
+    ``runs/grpo``, the default difficulty-aware run's folder, and loaded its finished stages
+    (a settings warning, then the other variant's model)."""
+    from emit_jax.train import default_workdir
+
+    assert default_workdir("configs/grpo.py") == os.path.join("runs", "grpo")
+    assert default_workdir("configs/grpo.py:plain") == os.path.join("runs", "grpo-plain")
+    assert default_workdir("/x/configs/sft.py:smoke") == os.path.join("runs", "sft-smoke")

@@ -79,6 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                           reference=args.reference or "shared")
     except (PlanError, ConfigError) as e:
         return cli.fail(PROG, e)
+    info = rep["plan"].info
+    if info["tiles_per_seq"] < info["tiles_per_seq_asked"]:  # (before: capped without a word)
+        print(f"note: --images_per_sample {args.images_per_sample}: "
+              f"{info['tiles_per_seq_asked']} image tiles of {info['tokens_per_tile']} tokens a "
+              f"sequence do not fit its {info['prompt_len']:,}-token prompt; planned with "
+              f"{info['tiles_per_seq']}", file=sys.stderr)
     text = to_json(rep) if args.json else format_report(rep)
     cli.finished(PROG)  # the plan is made: a signal as it prints says so
     print(text)

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from emit_jax.plan.activations import _split, _Split, activation_terms
 from emit_jax.plan.mesh import abstract_mesh, array_bytes
-from emit_jax.plan.stage import Setup, _tiles
+from emit_jax.plan.stage import Setup, _tiles, tiles_per_sequence
 from emit_jax.plan.variables import (TRAIN_BITS, Var, _in_full, _master, abstract_variables,
                                      lora_factors, model_config, qlora_arrays, vocabulary)
 from emit_jax.training.config import EMIT_STAGES, LORA_STAGES
@@ -200,7 +200,9 @@ def plan_stage(cfg, s: Setup, *, mcfg=None, variables=None) -> StagePlan:
                     " positions per sequence" + micro_note))
     n_params = sum(math.prod(v.shape) for v in variables if v.kind == "Param")
     info = dict(arch=cfg.arch if cfg is not None else "", emit=emit, dtype=mcfg.param_dtype,
-                vocab=mcfg.text.vocab_size,
+                vocab=mcfg.text.vocab_size, tokens_per_tile=mcfg.tokens_per_tile,
+                tiles_per_seq_asked=tiles_per_sequence(mcfg, s)[0],
+                tiles_per_seq=tiles_per_sequence(mcfg, s)[1],
                 vocab_from=vocabulary(cfg)[2] if cfg is not None else "the model's",
                 compute_dtype=mcfg.dtype, parameters=n_params, trainable=sum(
                     math.prod(v.shape) for v in trainable), lora_kernels=len(lora),

@@ -124,12 +124,19 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def tiles_per_sequence(mcfg, s: Setup) -> tuple[int, int]:
+    """``(asked, planned)`` image tiles of one sequence: ``images_per_sample`` images of
+    ``max_tiles`` tiles (+ the thumbnail), and as many of them as the prompt holds."""
+    if s.stage == "warmup" or s.images_per_sample <= 0:
+        return 0, 0
+    per_image = s.max_tiles + 1 if s.max_tiles > 1 else 1  # + the thumbnail
+    asked = s.images_per_sample * per_image
+    return asked, min(asked, s.prompt_len // mcfg.tokens_per_tile)
+
+
 def _tiles(mcfg, s: Setup) -> int:
     """Image tiles of one step, padded as the pipeline pads them."""
-    if s.stage == "warmup" or s.images_per_sample <= 0:
-        return 0
-    per_image = s.max_tiles + 1 if s.max_tiles > 1 else 1  # + the thumbnail
-    per_seq = min(s.images_per_sample * per_image, s.prompt_len // mcfg.tokens_per_tile)
+    per_seq = tiles_per_sequence(mcfg, s)[1]
     n = s.batch * per_seq
     bucket = max(1, s.tile_bucket)
     return max(bucket, _ceil_div(n, bucket) * bucket) if n else 0
