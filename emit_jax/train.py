@@ -320,8 +320,8 @@ def _export(run_, model, trained: bool, before) -> dict | None:
     last = cfg.stages[-1]
     record = {"stage": last, "steps": stages.done_steps(workdir, last)}
     exists = os.path.isdir(hf_dir) and bool(os.listdir(hf_dir))  # an empty hf/: none
-    if exists and (before == record or (before is None and not trained)):
-        return before
+    if exists and before == record:  # (an unrecorded export is replaced: eighteenth probe T8
+        return before                 # found one kept that held another stage's model)
     parallel.replicate_module(model, run_.mesh)  # every process: a collective
     if parallel.is_primary():
         check_free_space(hf_dir, hf.state_bytes(model) + 2**20)

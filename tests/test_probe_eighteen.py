@@ -100,6 +100,16 @@ def test_a_run_without_export_says_the_export_is_older_and_keeps_its_record(tmp_
     r = train(*common, "--config.warmup.steps=3", env=env)
     assert (f"[export] {d}/hf (warmup after 3 steps; it held warmup after 2 steps)"
             in r.stderr), r.stderr[-3000:]
+    # T8: an export results.json does not record (an older run's, or a results.json lost) was
+    # kept as the run's when nothing trained; it is replaced
+    results = json.loads((d / "results.json").read_text())
+    del results["export"]
+    (d / "results.json").write_text(json.dumps(results))
+    r = train(*common, "--config.warmup.steps=3", env=env)
+    assert (f"[export] {d}/hf (warmup after 3 steps; it held an earlier run's model)"
+            in r.stderr), r.stderr[-3000:]
+    assert json.loads((d / "results.json").read_text())["export"] == {"stage": "warmup",
+                                                                     "steps": 3}
 
 
 def test_plan_says_when_the_images_asked_do_not_fit_the_prompt(capsys):
