@@ -640,6 +640,33 @@ def replaced_results(out: str, checkpoint: str, data: str, asked: Sequence[Mappi
             "as it is until then)")
 
 
+class Progress:
+    """A line every ``every`` seconds while questions are answered (eighteenth probe: an
+    hour-long evaluation said nothing until its table): ``N of M questions answered (R/s,
+    about T left)``. Quick runs (under ``every`` seconds) print none."""
+
+    def __init__(self, total: int, note, every: float = 30.0):
+        self.total, self.note, self.every = total, note, every
+        self.n, self.t0 = -1, time.monotonic()
+        self.last = self.t0
+
+    def tick(self) -> None:
+        """Called before each question; ``self.n`` questions are answered."""
+        self.n += 1
+        now = time.monotonic()
+        if self.n and now - self.last >= self.every:
+            self.last = now
+            rate = self.n / (now - self.t0)
+            left = (self.total - self.n) / rate
+            self.note(f"emit_jax.evaluate: {self.n} of {self.total} questions answered "
+                      f"({rate:.2f}/s, about {_duration(left)} left)")
+
+
+def _duration(seconds: float) -> str:
+    m = int(seconds // 60)
+    return f"{m // 60} h {m % 60} min" if m >= 60 else f"{m} min" if m else f"{int(seconds)} s"
+
+
 def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str | None = None,
              think: bool = False, max_tiles: int = 6, max_new_tokens: int | None = None,
              split: str | None = None, seed: int | None = None, parse: str = "emit",
@@ -770,7 +797,9 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
         with writer:
             if signals is not None:
                 signals.defer = True  # from here on a signal waits for the question in progress
+            progress = Progress(len(todo), note)
             for k in todo:
+                progress.tick()
                 if signals is not None and signals.requested:
                     raise EvaluationInterrupted(signals.message())
                 text, images, comp, make_row, options = queries[k]

@@ -136,3 +136,26 @@ def test_each_config_variant_has_its_own_default_workdir():
     assert default_workdir("configs/grpo.py") == os.path.join("runs", "grpo")
     assert default_workdir("configs/grpo.py:plain") == os.path.join("runs", "grpo-plain")
     assert default_workdir("/x/configs/sft.py:smoke") == os.path.join("runs", "sft-smoke")
+
+
+def test_evaluate_says_how_far_it_is_every_half_minute(monkeypatch):
+    """E-note: ``evaluate`` printed nothing between its start and its table (an 8B evaluation
+    runs for hours). A line every 30 s: questions answered, rate, time left."""
+    from emit_jax import evaluate
+
+    clock = iter([0.0] + [10.0 * k for k in range(1, 40)])
+    monkeypatch.setattr(evaluate.time, "monotonic", lambda: next(clock))
+    lines = []
+    progress = evaluate.Progress(1000, lines.append)
+    for _ in range(8):  # started at 0 s; question k begins at 10 k s, k - 1 answered by then
+        progress.tick()
+    # at 30 s: 2 answered, 2 / 30 s, 998 left = 14,970 s; at 60 s: 5 answered, 995 / (5 / 60)
+    assert lines == ["emit_jax.evaluate: 2 of 1000 questions answered (0.07/s, about 4 h 9 min "
+                     "left)", "emit_jax.evaluate: 5 of 1000 questions answered (0.08/s, about "
+                     "3 h 19 min left)"]
+    quick = []
+    fast = evaluate.Progress(5, quick.append)
+    monkeypatch.setattr(evaluate.time, "monotonic", lambda: 1.0)
+    for _ in range(5):
+        fast.tick()
+    assert quick == []
