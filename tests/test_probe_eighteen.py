@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -159,3 +161,40 @@ def test_evaluate_says_how_far_it_is_every_half_minute(monkeypatch):
     for _ in range(5):
         fast.tick()
     assert quick == []
+
+
+def test_a_config_json_whose_rope_or_eps_makes_nan_is_refused(tmp_path):
+    """X17: a config.json with ``rope_theta: -1`` converted without a word, and the model then
+    answered every question with token 0 (every logit NaN) in an evaluation that looked
+    normal. RoPE's base and factor must be > 0 and the norms' epsilon >= 0."""
+    import json
+
+    from conftest import hf_config
+
+    from emit_jax import hf
+    from emit_jax.errors import ConfigError
+
+    good = json.loads(hf_config().to_json_string())
+    for path, value, line in [
+        (("text_config", "rope_theta"), -1.0, "text rope_theta is -1.0, expected a number > 0"),
+        (("text_config", "rope_theta"), 0.0, "text rope_theta is 0.0, expected a number > 0"),
+        (("text_config", "rms_norm_eps"), -1e-6,
+         "text rms_norm_eps is -1e-06, expected a number >= 0"),
+        (("vision_config", "layer_norm_eps"), -0.5,
+         "vision layer_norm_eps is -0.5, expected a number >= 0"),
+    ]:
+        raw = json.loads(json.dumps(good))
+        raw[path[0]][path[1]] = value
+        raw[path[0]].pop("rope_parameters", None)
+        folder = tmp_path / f"{path[1]}{value}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(raw))
+        with pytest.raises(ConfigError) as e:
+            hf.read_config(folder)
+        assert line in str(e.value)
+    folder = tmp_path / "fine"
+    folder.mkdir()
+    raw = json.loads(json.dumps(good))
+    raw["text_config"]["rms_norm_eps"] = 0.0  # transformers takes 0; so does the port
+    (folder / "config.json").write_text(json.dumps(raw))
+    assert hf.read_config(folder)[0].text.rms_norm_eps == 0.0

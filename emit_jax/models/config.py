@@ -40,6 +40,12 @@ def dtype_name(dtype) -> str:
     return jnp.dtype(dtype).name
 
 
+#: float fields whose other values make every activation NaN: RoPE's base and scaling factor,
+#: the norms' epsilon (0 is taken, as transformers takes it)
+_POSITIVE = frozenset({"rope_theta", "rope_factor"})
+_NON_NEGATIVE = frozenset({"rms_norm_eps", "layer_norm_eps"})
+
+
 def _check_types(cfg, what: str) -> None:
     """Each field of the dataclass ``cfg`` has its annotated type (a config.json with
     ``"hidden_size": "64"`` or ``null`` is one line naming the field, not a TypeError where it
@@ -59,6 +65,11 @@ def _check_types(cfg, what: str) -> None:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v \
                     or v in (float("inf"), float("-inf")):
                 raise ConfigError(f"{what} {f.name} is {v!r}, expected a finite number")
+            # (eighteenth probe X17: rope_theta -1 converted and evaluated, every logit NaN)
+            if f.name in _POSITIVE and v <= 0:
+                raise ConfigError(f"{what} {f.name} is {v!r}, expected a number > 0")
+            if f.name in _NON_NEGATIVE and v < 0:
+                raise ConfigError(f"{what} {f.name} is {v!r}, expected a number >= 0")
         elif base == "bool":
             if not isinstance(v, bool):
                 raise ConfigError(f"{what} {f.name} is {v!r}, expected true or false")
