@@ -100,6 +100,10 @@ name=${TPU_NAME:-}
 zone=${TPU_ZONE:-}
 [[ -n $name ]] || die "no TPU name (--name NAME or TPU_NAME=...)"
 [[ -n $zone ]] || die "no zone (--zone ZONE or TPU_ZONE=...)"
+# Cloud TPU's own rules, checked before any command (before: a name of ' ' reached gcloud)
+[[ $name =~ ^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$ ]] ||
+    die "TPU name '$name': lowercase letters, digits and hyphens, starting with a letter (at most 63)"
+[[ $zone =~ ^[a-z]+-[a-z]+[0-9]+-[a-z]$ ]] || die "zone '$zone' is not a zone name (like us-central2-b)"
 tpu_type=${TPU_TYPE:-v5p-8}
 if [[ -z ${TPU_VERSION:-} ]]; then
     case "$tpu_type" in

@@ -176,7 +176,7 @@ def test_tpu_run_passes_arguments_and_needs_a_zone(tmp_path):
     out = tmp_path / "args"
     # a real run through a stub gcloud: every argument on its own line
     _stub(bin_dir, "gcloud", f'printf "%s\\n" "$@" > {out}\n')
-    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", TPU_NAME="pod", TPU_ZONE="z",
+    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", TPU_NAME="pod", TPU_ZONE="us-east5-a",
                TPU_PROJECT="proj", CONFIG="configs/grpo.py", EXTRA_ARGS="--config.log_every=1", MESH_DATA=2)
     r = _run([LAUNCH / "tpu_pod.sh", "run", "--", "--config.data.source=/mnt/my data"], env)
     assert r.returncode == 0, r.stderr
@@ -288,7 +288,7 @@ def test_tpu_pod_needs_gcloud_and_a_project_before_its_first_command(tmp_path):
 def test_tpu_pod_checks_the_mesh_and_config_here(tmp_path, var, value, line):
     """Fifteenth probe L2 / L7: a dry run printed ``--config.mesh.data=abc`` and a missing
     config as given, for the rented workers to refuse."""
-    env = _env(DRY_RUN=1, TPU_NAME="pod", TPU_ZONE="z", **{var: value})
+    env = _env(DRY_RUN=1, TPU_NAME="pod", TPU_ZONE="us-east5-a", **{var: value})
     r = _run([LAUNCH / "tpu_pod.sh", "run"], env, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == line, r.stderr
     assert r.stdout == ""
@@ -307,6 +307,23 @@ def test_tpu_pod_refuses_train_args_it_sets_itself(tmp_path, arg, line):
     """Seventeenth probe TP1 (and the MESH_FSDP case before it): a second --config, --workdir
     or mesh size after ``--`` was printed for the workers, whose train refuses it only after
     the slice was made and set up."""
-    env = _env(DRY_RUN=1, TPU_NAME="pod", TPU_ZONE="z")
+    env = _env(DRY_RUN=1, TPU_NAME="pod", TPU_ZONE="us-east5-a")
     r = _run([LAUNCH / "tpu_pod.sh", "run", "--", arg], env)
     assert r.returncode == 2 and r.stderr.strip() == line, r.stderr
+
+
+@pytest.mark.parametrize("name, zone, line", [
+    (" ", "us-east5-a", "tpu_pod.sh: TPU name ' ': lowercase letters, digits and hyphens, starting "
+                        "with a letter (at most 63)"),
+    ("Pod_1", "us-east5-a", "tpu_pod.sh: TPU name 'Pod_1': lowercase letters, digits and "
+                            "hyphens, starting with a letter (at most 63)"),
+    ("pod", "z", "tpu_pod.sh: zone 'z' is not a zone name (like us-central2-b)"),
+    ("pod", "us-east5-a --quiet", "tpu_pod.sh: zone 'us-east5-a --quiet' is not a zone name "
+                                  "(like us-central2-b)"),
+])
+def test_tpu_pod_checks_the_name_and_zone_here(name, zone, line):
+    """Eighteenth-session leftover: a name of ' ' (or any other) reached gcloud's create."""
+    r = _run([LAUNCH / "tpu_pod.sh", "--dry-run", "--name", name, "--zone", zone, "--project",
+              "proj", "create"], _env())
+    assert r.returncode == 2 and r.stderr.strip() == line, r.stderr
+    assert r.stdout == ""
