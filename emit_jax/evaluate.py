@@ -263,7 +263,14 @@ class Runner:
                        ce_pixels=None if ce is None else jnp.asarray(ce),
                        max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
                        eos_token_id=self.eos, pad_token_id=self.pad, mesh=self.mesh)
-        toks = np.asarray(out.tokens[0, :int(out.lengths[0])]).tolist()
+        n = int(out.lengths[0])
+        if not np.isfinite(np.asarray(out.logprobs[0, :n])).all():
+            # (eighteenth probe X12: a broken config.json answered every question with token 0,
+            # the NaN logits' argmax, in an evaluation that looked normal)
+            raise CheckpointError(f"the model's output is not a number (NaN logits) on the "
+                                  f"question on {images[-1] if images else 'no image'}: its "
+                                  "weights or config.json are broken")
+        toks = np.asarray(out.tokens[0, :n]).tolist()
         return self.tok.decode(toks, skip_special_tokens=True).strip()
 
 
@@ -807,6 +814,8 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
                     response = runner.answer(text, images, comp)
                 except ImageError as e:  # readable by verify(), not by a full decode
                     raise ImageError(f"{e}; {kept()}") from None
+                except CheckpointError as e:
+                    raise CheckpointError(f"{checkpoint}: {e}; {kept()}") from None
                 if answers_path:
                     writer.write(k, fps[k], response, make_row(
                         parse_response(response, options, parse=parse, think=think), response))

@@ -198,3 +198,29 @@ def test_a_config_json_whose_rope_or_eps_makes_nan_is_refused(tmp_path):
     raw["text_config"]["rms_norm_eps"] = 0.0  # transformers takes 0; so does the port
     (folder / "config.json").write_text(json.dumps(raw))
     assert hf.read_config(folder)[0].text.rms_norm_eps == 0.0
+
+
+def test_evaluate_refuses_nan_answers(tmp_path):
+    """X12: a model whose logits are NaN (a broken config.json; NaN weights alike) answered
+    every question with token 0, and the table looked like any other. ``Runner.answer`` now
+    stops on a non-finite log-probability, naming the question; a sound model answers."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from emit_jax import configs
+    from emit_jax.data import tokenizer as T
+    from emit_jax.errors import CheckpointError
+    from emit_jax.evaluate import Runner
+    from emit_jax.training.stages import build_initial_model
+
+    tok = T.train_tiny_tokenizer(T.default_corpus(), tmp_path / "tok")
+    model = build_initial_model(configs.load("configs/grpo.py:smoke"), tok)
+    model.eval()
+    runner = Runner(model, tok, max_tiles=1, max_new_tokens=3)
+    assert isinstance(runner.answer("Is there a defect?", [], False), str)
+    norm = model.language_model.norm
+    norm.weight.value = jnp.full_like(norm.weight.value, jnp.nan)
+    with pytest.raises(CheckpointError) as e:
+        runner.answer("Is there a defect?", [], False)
+    assert "the model's output is not a number (NaN logits) on the question on no image" \
+        in str(e.value)
