@@ -224,3 +224,32 @@ def test_evaluate_refuses_nan_answers(tmp_path):
         runner.answer("Is there a defect?", [], False)
     assert "the model's output is not a number (NaN logits) on the question on no image" \
         in str(e.value)
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--layers", "1,1"], "--layers 1,1: ce_layers (1, 1): a block is named twice"),
+    (["--layers", ""], "argument --layers: '' is empty; leave the flag out for EMIT's blocks"),
+])
+def test_heatmap_auroc_layers_as_visualize_takes_them(args, line, capsys):
+    """Q4 / Q5: ``heatmap_auroc --layers 1,1`` counted a block twice (visualize refuses it) and
+    ``--layers ''`` ran EMIT's blocks without a word."""
+    from emit_jax import cli
+    from emit_jax.experiments.heatmap_auroc import main
+
+    prog = "python -m emit_jax.experiments.heatmap_auroc"
+    assert cli.run(main, args, prog=prog) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert err == [f"{prog}: error: {line}"]
+
+
+def test_heatmap_auroc_says_a_window_past_the_grid(capsys, tmp_path):
+    """Q19: ``--window 100`` on the 16 x 16 grid ran without the note visualize gives."""
+    from emit_jax import cli
+    from emit_jax.experiments.heatmap_auroc import main
+
+    prog = "python -m emit_jax.experiments.heatmap_auroc"
+    assert cli.run(main, ["--window", "100", "--data", str(tmp_path / "none")], prog=prog) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("note: --window 100 reaches past the 16x16 heat-map grid: each patch "
+                          "is compared with every reference patch (the same map as --window 15)")
+

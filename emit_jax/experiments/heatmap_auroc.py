@@ -14,6 +14,7 @@ the randomly initialised ``--arch`` (seed ``--seed``).
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 
 import numpy as np
@@ -59,12 +60,15 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="tiny", choices=sorted(architectures.ARCHITECTURES))
     ap.add_argument("--seed", type=cli.nonneg_int, default=0)
     ap.add_argument("--data", default="", help="MVTec-style folder (default: the embedded set)")
-    ap.add_argument("--layers", default="", help="comma-separated ViT blocks (default: EMIT's, "
+    ap.add_argument("--layers", default=None, help="comma-separated ViT blocks (default: EMIT's, "
                     "scaled to the ViT depth)")
     ap.add_argument("--window", type=cli.nonneg_int, default=None, help="window half-width in patches "
                     "(default: EMIT's, scaled to the patch grid)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
+    if args.layers is not None and not args.layers.strip():  # (before: EMIT's, without a word)
+        ap.error(f"argument --layers: {args.layers!r} is empty; leave the flag out for EMIT's "
+                 "blocks")
 
     if args.checkpoint:
         import os
@@ -88,6 +92,10 @@ def main(argv=None) -> int:
                           else None, window=args.window).validate()
         layers = ecfg.layers_for(cfg.vision.num_hidden_layers)
         window = ecfg.window_for(cfg.vision.grid)
+        if window >= cfg.vision.grid:  # as visualize says it
+            print(f"note: --window {window} reaches past the {cfg.vision.grid}x{cfg.vision.grid} "
+                  "heat-map grid: each patch is compared with every reference patch (the same "
+                  f"map as --window {cfg.vision.grid - 1})", file=sys.stderr)
     except ValueError as e:
         raise ConfigError(f"--layers {args.layers}: {e}" if args.layers else str(e)) from None
     root = args.data or ensure_cached()

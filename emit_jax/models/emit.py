@@ -100,6 +100,8 @@ class EMITConfig:
         layers = tuple(self.ce_layers) if self.ce_layers else scaled_layers(depth)
         if any(not 1 <= l <= depth for l in layers):
             raise ValueError(f"ce_layers {layers} outside the ViT's 1..{depth} blocks")
+        if len(set(layers)) != len(layers):  # (before: a block's distance counted twice)
+            raise ValueError(f"ce_layers {layers}: a block is named twice")
         return layers
 
     def window_for(self, grid: int) -> int:
