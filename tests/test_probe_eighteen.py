@@ -253,3 +253,20 @@ def test_heatmap_auroc_says_a_window_past_the_grid(capsys, tmp_path):
     assert err.startswith("note: --window 100 reaches past the 16x16 heat-map grid: each patch "
                           "is compared with every reference patch (the same map as --window 15)")
 
+
+
+@pytest.mark.parametrize("name", ["new/", "existing"])
+def test_aot_json_out_naming_a_folder_is_refused(tmp_path, capsys, name):
+    """A7: ``aot --json_out DIR/`` compiled for 40 s and wrote the report as the file ``DIR``
+    (data.build and evaluate refuse an output that names a folder)."""
+    from emit_jax import cli
+    from emit_jax.aot.command import main
+
+    (tmp_path / "existing").mkdir()
+    out = os.path.join(str(tmp_path), name)  # (pathlib would drop the slash)
+    assert cli.run(main, ["--topology", "v5e:2x2", "--config", "configs/grpo.py:smoke",
+                          "--json_out", out], prog="emit_jax.aot") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"emit_jax.aot: error: --json_out {out}: names a folder; aot writes one JSON file (e.g. "
+        f"{os.path.join(out, 'aot.json')})"]
+    assert not (tmp_path / "new").exists()

@@ -81,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--json_out: empty path (an unset shell variable?); name the file "
                               "to write")
         if args.json_out:  # before the programs compile (minutes), as it is written after
+            seps = tuple(x for x in (os.sep, os.altsep) if x)
+            if args.json_out.endswith(seps) or os.path.isdir(args.json_out):
+                # (eighteenth probe A7: "DIR/" wrote the file DIR, without the slash)
+                raise ConfigError(f"--json_out {args.json_out}: names a folder; aot writes one "
+                                  f"JSON file (e.g. {os.path.join(args.json_out, 'aot.json')})")
             try:
                 check_writable(args.json_out)
             except OSError as e:
