@@ -270,3 +270,28 @@ def test_aot_json_out_naming_a_folder_is_refused(tmp_path, capsys, name):
         f"emit_jax.aot: error: --json_out {out}: names a folder; aot writes one JSON file (e.g. "
         f"{os.path.join(out, 'aot.json')})"]
     assert not (tmp_path / "new").exists()
+
+
+def test_the_run_wide_warning_names_a_stage_that_resumes_with_a_changed_seed(tmp_path):
+    """T11: a rerun with another seed resumed the unfinished stage from its checkpoint, said
+    only "this run continues with the new values", and the stage's settings.json then named
+    the new seed for steps the old one trained."""
+    from conftest import train
+
+    from emit_jax import configs
+    from emit_jax.training.stages import run_notice
+
+    d = tmp_path / "w"
+    common = ["--config.stages=('warmup',)", "--config.eval_limit=0", "--config.export_hf=False"]
+    r = train("--config", "configs/grpo.py:smoke", "--workdir", str(d), *common,
+              "--config.warmup.steps=2", env={"EMIT_JAX_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    more = [c.removeprefix("--config.") for c in common] + ["warmup.steps=4"]
+    assert run_notice(configs.load("configs/grpo.py:smoke", more), str(d)) is None
+    line = run_notice(configs.load("configs/grpo.py:smoke", more + ["seed=1"]), str(d))
+    assert line == ("warning: settings changed since this workdir's last run: seed 0 -> 1; this "
+                    "run continues with the new values (it evaluates nothing); the unfinished "
+                    "stage warmup resumes from its checkpoint with them, the steps trained so far "
+                    "having used the old ones")
+    line = run_notice(configs.load("configs/grpo.py:smoke", more[:-1] + ["seed=1"]), str(d))
+    assert "the finished stage warmup is kept as trained" in line and "unfinished" not in line

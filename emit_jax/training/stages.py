@@ -524,11 +524,18 @@ def run_notice(cfg, workdir: str) -> str | None:
     kept = (f"the finished stage{'s' if len(done) > 1 else ''} {', '.join(done)} "
             f"{'are' if len(done) > 1 else 'is'} kept as trained (not retrained for these); "
             if done else "")
+    # an unfinished stage with checkpoints mixes both (eighteenth probe T11: a changed seed
+    # resumed base at step 3 without a word that steps 1-2 ran with the old one)
+    mixed = [s for s in cfg.stages if s not in done and has_output(workdir, s)]
+    resumes = (f"; the unfinished stage{'s' if len(mixed) > 1 else ''} {', '.join(mixed)} "
+               f"resume{'' if len(mixed) > 1 else 's'} from {'their' if len(mixed) > 1 else 'its'}"
+               " checkpoint with them, the steps trained so far having used the old ones"
+               if mixed else "")
     evaluates = bool(cfg.get("eval_limit", 0) or cfg.get("eval_unseen", 0))
     return (f"warning: settings changed since this workdir's last run: {_changes(diff)}; "
             f"{kept}this run continues with the new values"
             + (f", and its evaluation replaces {os.path.join(workdir, 'results.json')}"
-               if evaluates else " (it evaluates nothing)"))
+               if evaluates else " (it evaluates nothing)") + resumes)
 
 
 def _show(value) -> str:
