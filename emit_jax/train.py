@@ -379,10 +379,31 @@ def _replace_export(model, hf_dir: str, tokenizer: str) -> None:
     hf.save(model, staging, assets_from=tokenizer)
     import tempfile  # noqa: PLC0415
 
+    # files the new export does not hold are not ours to delete (eighteenth probe T13: an
+    # evaluate --out written into hf/ went with the old export, without a word)
+    theirs = sorted(set(_files(hf_dir)) - set(_files(staging)))
     aside = tempfile.mkdtemp(prefix=".old-hf-", dir=parent)
     os.rename(hf_dir, os.path.join(aside, "hf"))
     os.rename(staging, hf_dir)
+    if theirs:
+        kept = os.path.join(parent, "replaced-" + time.strftime("%Y%m%d-%H%M%S"))
+        os.makedirs(kept, exist_ok=True)
+        target = os.path.join(kept, "hf")
+        if os.path.lexists(target):
+            target = tempfile.mkdtemp(prefix="hf-", dir=kept)
+            os.rmdir(target)
+        os.rename(os.path.join(aside, "hf"), target)
+        stages.log(f"note: the replaced export held {len(theirs)} file"
+                   f"{'' if len(theirs) == 1 else 's'} the export does not write "
+                   f"({', '.join(theirs[:3])}{', ...' if len(theirs) > 3 else ''}): it is "
+                   f"kept whole in {target}")
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _files(folder: str) -> list[str]:
+    """Every file under ``folder``, as paths relative to it."""
+    return [os.path.relpath(os.path.join(d, n), folder)
+            for d, _, names in os.walk(folder) for n in names]
 
 
 #: what results.json records of every run, evaluated or not (the rest is the evaluation's)

@@ -295,3 +295,54 @@ def test_the_run_wide_warning_names_a_stage_that_resumes_with_a_changed_seed(tmp
                     "having used the old ones")
     line = run_notice(configs.load("configs/grpo.py:smoke", more[:-1] + ["seed=1"]), str(d))
     assert "the finished stage warmup is kept as trained" in line and "unfinished" not in line
+
+
+@pytest.mark.parametrize("buckets", ["()", "(0,)", "(1024,512)", "(512,512)", "(512.5,)"])
+def test_plan_and_aot_take_the_length_buckets_train_takes(buckets, capsys):
+    """K2-K6: ``plan --set data.length_buckets=(1024,512)`` (or ``(512,512)``, ``(512.5,)``)
+    planned, and said it fits, a config train refuses; ``(0,)`` was said to have no buckets."""
+    from emit_jax import cli
+    from emit_jax.aot.command import main as aot
+    from emit_jax.plan.command import main as plan
+
+    line = (f"config data.length_buckets: {buckets.replace(',', ', ').replace(', )', ',)')} "
+            "must be increasing positive integers")
+    args = ["--config", "configs/grpo.py:smoke", f"--config.data.length_buckets={buckets}"]
+    for main, prog, more in ((plan, "emit_jax.plan", []),
+                             (aot, "emit_jax.aot", ["--topology", "v5e:2x2"])):
+        assert cli.run(main, args + more, prog=prog) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"{prog}: error: {line}"]
+
+
+def test_a_tuple_of_names_in_parentheses_needs_no_quotes():
+    """K7 / K8: ``grpo.reward_names=(accuracy,accuracy)`` was "expected a tuple value" where
+    the bare ``accuracy,accuracy`` reached the check that names the problem."""
+    from emit_jax import configs
+
+    cfg = configs.load("configs/grpo.py:smoke", ["grpo.reward_names=(accuracy, format)",
+                                                 "stages=(base,sft)"])
+    assert cfg.grpo.reward_names == ("accuracy", "format") and cfg.stages == ("base", "sft")
+
+
+def test_a_users_file_in_the_export_survives_its_replacement(tmp_path):
+    """T13 (data lost): ``evaluate --out WORKDIR/hf/myresults.json`` was accepted, and the next
+    run that replaced the export removed the old ``hf/`` whole, the user's file with it."""
+    import json
+
+    from conftest import train
+
+    d = tmp_path / "w"
+    common = ["--config", "configs/grpo.py:smoke", "--workdir", str(d),
+              "--config.stages=('warmup',)", "--config.eval_limit=0"]
+    env = {"EMIT_JAX_CACHE": str(tmp_path / "cache")}
+    r = train(*common, "--config.warmup.steps=2", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (d / "hf" / "myresults.json").write_text('{"mine": 1}')
+    r = train(*common, "--config.warmup.steps=3", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    kept = [p for p in d.glob("replaced-*/hf/myresults.json")]
+    assert len(kept) == 1 and json.loads(kept[0].read_text()) == {"mine": 1}
+    assert (f"note: the replaced export held 1 file the export does not write (myresults.json): "
+            f"it is kept whole in {kept[0].parent}") in r.stderr
+    assert not (d / "hf" / "myresults.json").exists() and (d / "hf" / "config.json").is_file()
+    assert sorted(n for n in os.listdir(d) if n.startswith(".")) == [".lock"]

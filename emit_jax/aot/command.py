@@ -104,8 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if key not in cfg:  # before: an AttributeError traceback from the model builder
                 what = "model" if key == "arch" else f"{key} stage"
                 raise ConfigError(f"config {key}: missing (the {what} to compile needs it)")
-        from emit_jax.training.validate import check_context  # noqa: PLC0415
+        from emit_jax.training.validate import check_context, check_length_buckets  # noqa
 
+        check_length_buckets(cfg)  # the prompt sizes, as train takes them
         check_context(cfg, wanted)  # a generation train would refuse, before minutes of compiling
         require_libtpu()
         import jax  # noqa: PLC0415

@@ -182,9 +182,12 @@ def _parse(raw: str, current):
     try:
         value = ast.literal_eval(_with_float_names(raw))
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        words = raw.strip()
+        if words.startswith("(") and words.endswith(")"):  # (accuracy,format): eighteenth
+            words = words[1:-1]                           # probe K7, refused as "no tuple"
         if (isinstance(current, tuple) and all(isinstance(c, str) for c in current)
-                and _WORDS.fullmatch(raw)):  # a tuple of names spelled bare: stages=grpo
-            return tuple(w.strip() for w in raw.split(",") if w.strip())
+                and _WORDS.fullmatch(words)):  # a tuple of names spelled bare: stages=grpo
+            return tuple(w.strip() for w in words.split(",") if w.strip())
         return raw
     if isinstance(current, tuple) and isinstance(value, list):
         return tuple(value)

@@ -51,8 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise PlanError(f"unknown device {args.device!r}; known: {', '.join(DEVICES)}")
         cfg = configs.load(args.config, overrides + list(args.set))
         from emit_jax.training.validate import (  # noqa: PLC0415
-            check_context, check_emit, check_kernels_and_mesh, check_stages, stage_settings,
-            unknown_key_line, unknown_keys)
+            check_context, check_emit, check_kernels_and_mesh, check_length_buckets,
+            check_stages, stage_settings, unknown_key_line, unknown_keys)
 
         for key in unknown_keys(cfg):  # as train says it (a typo inside a config file)
             print(unknown_key_line(key), file=sys.stderr)
@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"note: --stage {args.stage}: not among the config's stages "
                   f"({', '.join(cfg.get('stages') or ())}); planned as if it ran",
                   file=sys.stderr)
+        check_length_buckets(cfg)  # the prompt sizes, as train takes them (K3: (1024, 512))
         check_context(cfg, planned)  # a generation train would refuse
         # the planned stages' settings as train checks them (a negative batch was planned)
         stage_settings(cfg, [s for s in planned if s in cfg and cfg[s] is not None])

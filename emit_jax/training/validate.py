@@ -295,6 +295,20 @@ def _fits_context(cfg, stages, context: int, model: str) -> None:
                   f"{context:,} positions (max_position_embeddings), the prompt included")
 
 
+def check_length_buckets(cfg) -> tuple[int, ...]:
+    """``data.length_buckets``: increasing positive integers up to ``limits.MAX_TOKENS``; also
+    what ``plan`` and ``aot`` size prompts by (eighteenth probe K3: ``(1024, 512)`` was planned,
+    and fitted, where train refuses it)."""
+    data = _get(cfg, "data", "data", None) or {}
+    buckets = tuple(_get(data, "length_buckets", "data.length_buckets"))
+    if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets) \
+            or list(buckets) != sorted(set(buckets)):
+        _fail("data.length_buckets", buckets, "must be increasing positive integers")
+    if buckets[-1] > MAX_TOKENS:
+        _fail("data.length_buckets", buckets, f"reaches above {MAX_TOKENS} tokens")
+    return buckets
+
+
 def check_options(cfg) -> None:
     """``memory.*`` and ``kernels.*``, as :func:`validate_config` words them: train checks them
     before it builds the trace-time options from them (which raised in their own words)."""
@@ -449,12 +463,7 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
             picked = cfg[s].get(key, ()) or ()
             if isinstance(picked, str) or any(t not in TASKS for t in picked):
                 _fail(f"{s}.{key}", picked, f"must be a tuple of task names from {TASKS}")
-    buckets = tuple(_get(data, "length_buckets", "data.length_buckets"))
-    if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets) \
-            or list(buckets) != sorted(set(buckets)):
-        _fail("data.length_buckets", buckets, "must be increasing positive integers")
-    if buckets[-1] > MAX_TOKENS:
-        _fail("data.length_buckets", buckets, f"reaches above {MAX_TOKENS} tokens")
+    buckets = check_length_buckets(cfg)
     soft = cfg.emit.get("num_soft_tokens", 0) if "emit" in cfg and cfg.emit is not None else 0
     if set(stages) & {"sft", "sft2", "grpo"} and isinstance(soft, int) and soft > buckets[-1]:
         # (before: found minutes in, when stage 1 built its first batch)
