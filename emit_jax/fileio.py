@@ -284,7 +284,8 @@ def atomic_folder(path: str | os.PathLike, *, hint: str = "choose a new folder",
 def check_not_input(out: str | os.PathLike, inputs: dict) -> None:
     """Refuse an output path that is one of ``inputs`` or lies inside one (symlinks resolved):
     ``inputs`` maps a flag name (``"--data"``) to its path, or None when not given. Raises
-    ``ValueError`` naming the output, the flag and its path, before anything is written."""
+    ``ValueError`` naming the output, the flag and its path, before anything is written. An
+    output in a training workdir's ``hf/`` (:func:`training_export_above`) is refused too."""
     target = os.path.realpath(os.fspath(out))
     for flag, path in inputs.items():
         if not path:
@@ -294,6 +295,24 @@ def check_not_input(out: str | os.PathLike, inputs: dict) -> None:
             where = "is" if target == src else "lies inside"
             raise InputOverwriteError(
                 f"{out}: the output {where} the input {flag} {path}; choose a path outside it")
+    export = training_export_above(target)
+    if export:  # (eighteenth probe E15/F2/F3: written there, then gone with the next export)
+        raise InputOverwriteError(
+            f"{out}: the output {'is' if export == target else 'lies inside'} {export}, the "
+            f"model export of the training workdir {os.path.dirname(export)}, which its next "
+            "exporting run replaces; choose a path outside it")
+
+
+def training_export_above(path: str) -> str | None:
+    """The ``WORKDIR/hf`` folder ``path`` (resolved) is or lies inside, when ``WORKDIR`` is a
+    training workdir (its records' ``data/options.json``); else None."""
+    folder = path
+    while folder and folder != os.path.dirname(folder):
+        if os.path.basename(folder) == "hf" and os.path.isfile(
+                os.path.join(os.path.dirname(folder), "data", "options.json")):
+            return folder
+        folder = os.path.dirname(folder)
+    return None
 
 
 def _kind(mode: int) -> str:

@@ -932,8 +932,9 @@ class TestPlanAot:
         assert_one_error(rc, err, f"argument {flag}", needle, prog="emit_jax.aot")
 
 
-    @pytest.mark.parametrize("name,needle", [("adir", "Is a directory"),
-                                             ("a_file/aot.json", "Not a directory")])
+    @pytest.mark.parametrize("name,needle", [
+        ("adir", "names a folder; aot writes one JSON file"),
+        ("a_file/aot.json", "Not a directory")])
     def test_aot_json_out_is_checked_before_compiling(self, tmp_path, monkeypatch, name, needle):
         """Before: checked only after every program compiled (93 s), then ``open`` failed."""
         from emit_jax.aot import command

@@ -346,3 +346,39 @@ def test_a_users_file_in_the_export_survives_its_replacement(tmp_path):
             f"it is kept whole in {kept[0].parent}") in r.stderr
     assert not (d / "hf" / "myresults.json").exists() and (d / "hf" / "config.json").is_file()
     assert sorted(n for n in os.listdir(d) if n.startswith(".")) == [".lock"]
+
+
+@pytest.mark.parametrize("module, args", [
+    ("emit_jax.evaluate", ["--checkpoint", "{ck}", "--data", "{ds}", "--out", "{out}.json"]),
+    ("emit_jax.visualize", ["heatmap", "--query", "{img}", "--reference", "{img}", "--out",
+                            "{out}.png"]),
+    ("emit_jax.export", ["--checkpoint", "{ck}", "--out", "{out}"]),
+    ("emit_jax.convert", ["--hf", "{ck}", "--out", "{out}"]),
+])
+def test_an_output_inside_a_workdirs_export_is_refused(tmp_path, capsys, module, args):
+    """E15 / F2 / F3: ``evaluate --out``, ``visualize --out`` and ``export --out`` inside
+    ``WORKDIR/hf`` were written without a word, and the next run that exported removed them
+    with the old export (T19). One line now, before any work."""
+    import importlib
+
+    from PIL import Image
+
+    from emit_jax import cli
+
+    wd = tmp_path / "w"
+    (wd / "data").mkdir(parents=True)
+    (wd / "data" / "options.json").write_text("{}")
+    (wd / "hf").mkdir()
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ds").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    out = wd / "hf" / "mine"
+    argv = [a.format(ck=tmp_path / "ck", ds=tmp_path / "ds", img=tmp_path / "a.png", out=out)
+            for a in args]
+    prog = "python -m " + module
+    assert cli.run(importlib.import_module(module).main, argv, prog=prog) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(
+        f"the output lies inside {wd / 'hf'}, the model export of the training workdir {wd}, "
+        "which its next exporting run replaces; choose a path outside it"), err
+    assert os.listdir(wd / "hf") == []
