@@ -382,3 +382,40 @@ def test_an_output_inside_a_workdirs_export_is_refused(tmp_path, capsys, module,
         f"the output lies inside {wd / 'hf'}, the model export of the training workdir {wd}, "
         "which its next exporting run replaces; choose a path outside it"), err
     assert os.listdir(wd / "hf") == []
+
+
+def test_a_users_files_in_the_embedded_cache_folder_are_kept(tmp_path, capsys):
+    """Z1 (data lost): train regenerated ``EMIT_JAX_CACHE/embedded-v2-seed0`` over a folder of
+    the user's files (no manifest.json) and deleted them, with a note; ``data.embedded
+    --overwrite`` refuses such a folder. They are moved aside now; a folder an earlier
+    generation wrote (its manifest names the dataset) is still replaced."""
+    import json
+
+    from emit_jax.data.embedded.cache import cache_path, ensure_cached
+    from emit_jax.data.embedded.writer import DATASET_NAME
+
+    target = cache_path(tmp_path, 0)
+    os.makedirs(os.path.join(target, "sub"))
+    with open(os.path.join(target, "notes.txt"), "w") as f:
+        f.write("mine")
+    with open(os.path.join(target, "sub", "a.txt"), "w") as f:
+        f.write("x")
+    assert ensure_cached(tmp_path, 0) == target
+    err = capsys.readouterr().err.strip().splitlines()
+    kept = [n for n in os.listdir(tmp_path) if ".replaced-" in n]
+    assert len(kept) == 1 and err == [
+        f"note: {target} did not hold the embedded dataset of seed 0 (no manifest.json of the "
+        f"generator); it is moved to {tmp_path / kept[0]}, and the dataset generated in its place"]
+    assert (tmp_path / kept[0] / "notes.txt").read_text() == "mine"
+    assert (tmp_path / kept[0] / "sub" / "a.txt").read_text() == "x"
+    # an older generation's folder (its manifest names the dataset): replaced, nothing kept
+    other = cache_path(tmp_path, 1)
+    os.makedirs(other)
+    with open(os.path.join(other, "manifest.json"), "w") as f:
+        json.dump({"dataset": DATASET_NAME, "version": 1, "seed": 1}, f)
+    assert ensure_cached(tmp_path, 1) == other
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"note: {other} held the embedded dataset of another generator version or seed (its "
+        "manifest.json); generated again in its place"]
+    assert len([n for n in os.listdir(tmp_path) if ".replaced-" in n]) == 1
+    assert not [n for n in os.listdir(tmp_path) if ".stale-" in n or ".tmp-" in n]

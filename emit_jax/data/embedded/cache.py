@@ -10,7 +10,7 @@ import tempfile
 from emit_jax.data.embedded.catalogue import GENERATOR_VERSION
 from emit_jax.fileio import env_path
 from emit_jax.data.embedded.seeding import _check_seed
-from emit_jax.data.embedded.writer import generate
+from emit_jax.data.embedded.writer import _embedded_manifest, generate
 
 
 def cache_path(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> str:
@@ -78,16 +78,27 @@ def ensure_cached(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> 
                         "$EMIT_JAX_CACHE to a folder that is") from None
     try:
         generate(tmp, seed, overwrite=True)
-        if os.path.isdir(target) and not _manifest_matches(target, seed):
+        if os.path.lexists(target) and not _manifest_matches(target, seed):
             import sys
+            import time
 
-            # (O2: before, 24 MB rewritten without a word)
-            print(f"note: {target} did not hold the embedded dataset of seed {seed}, generator "
-                  f"v{GENERATOR_VERSION} (its manifest.json says otherwise, or is missing); "
-                  "generated again in its place", file=sys.stderr)
             stale = tempfile.mkdtemp(prefix=os.path.basename(target) + ".stale-", dir=parent)
             os.replace(target, os.path.join(stale, "old"))
-            shutil.rmtree(stale, ignore_errors=True)
+            if _embedded_manifest(os.path.join(stale, "old")):  # an older generation's: ours
+                # (O2: before, 24 MB rewritten without a word)
+                print(f"note: {target} held the embedded dataset of another generator version "
+                      f"or seed (its manifest.json); generated again in its place",
+                      file=sys.stderr)
+                shutil.rmtree(stale, ignore_errors=True)
+            else:  # no generation wrote it: a user's files are kept (eighteenth probe Z1: the
+                # folder's other files were deleted, with a note)
+                kept = f"{target}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+                kept = kept if not os.path.lexists(kept) else stale + ".kept"
+                os.replace(os.path.join(stale, "old"), kept)
+                os.rmdir(stale)
+                print(f"note: {target} did not hold the embedded dataset of seed {seed} (no "
+                      f"manifest.json of the generator); it is moved to {kept}, and the "
+                      "dataset generated in its place", file=sys.stderr)
         try:
             os.replace(tmp, target)
         except OSError:
