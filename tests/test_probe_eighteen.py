@@ -419,3 +419,38 @@ def test_a_users_files_in_the_embedded_cache_folder_are_kept(tmp_path, capsys):
         "manifest.json); generated again in its place"]
     assert len([n for n in os.listdir(tmp_path) if ".replaced-" in n]) == 1
     assert not [n for n in os.listdir(tmp_path) if ".stale-" in n or ".tmp-" in n]
+
+
+def test_the_embedded_cache_folder_named_as_the_source_is_said_as_such(tmp_path, monkeypatch):
+    """T14: a workdir built from ``data.source=embedded`` rerun with the cache folder itself
+    was told to choose another workdir "for another dataset" or move "a dataset that moved"
+    back: it is the same folder."""
+    from emit_jax import configs
+    from emit_jax.data.embedded.cache import cache_path
+    from emit_jax.errors import ConfigError
+    from emit_jax.training.stages import check_data_source
+
+    monkeypatch.setenv("EMIT_JAX_CACHE", str(tmp_path / "cache"))
+    wd = tmp_path / "w"
+    (wd / "data").mkdir(parents=True)
+    (wd / "results.json").write_text(json_config(configs.load("configs/grpo.py:smoke")))
+    folder = cache_path(None, 0)
+    with pytest.raises(ConfigError) as e:
+        check_data_source(configs.load("configs/grpo.py:smoke", [f"data.source={folder}"]),
+                          str(wd))
+    assert str(e.value) == (
+        f"config data.source: {folder!r} is the embedded dataset's cache folder, which this "
+        f"workdir's records ({wd / 'data'}) were built from as 'embedded'; rerun with "
+        "--config.data.source=embedded (named as a folder it is a dataset of its own: the "
+        "further datasets the embedded source draws are not drawn)")
+    with pytest.raises(ConfigError, match="choose another --workdir for another dataset"):
+        check_data_source(configs.load("configs/grpo.py:smoke", [f"data.source={tmp_path}"]),
+                          str(wd))
+
+
+def json_config(cfg) -> str:
+    import json
+
+    from emit_jax.training.stages import config_json
+
+    return json.dumps({"config": config_json(cfg)})

@@ -33,6 +33,7 @@ from flax import nnx
 from emit_jax import checkpoint, hf, parallel
 from emit_jax.data.adfm import with_rationales as adfm_rationales
 from emit_jax.data.embedded import ensure_cached
+from emit_jax.data.embedded.cache import cache_path
 from emit_jax.data.pipeline import PipelineConfig, RecordEncoder, collate
 from emit_jax.data.tokenizer import load_tokenizer
 from emit_jax.errors import CheckpointError, ConfigError, LockedError
@@ -504,6 +505,13 @@ def check_data_source(cfg, workdir: str) -> None:
     for key, old, now in run_changes(cfg, workdir):  # (./ds and ds are one: _same_folder)
         if key != "data.source":
             continue
+        if old == "embedded" and isinstance(now, str) and os.path.realpath(now) == \
+                os.path.realpath(cache_path(None, cfg.data.seed)):  # (eighteenth probe T14)
+            raise ConfigError(
+                f"config data.source: {_show(now)} is the embedded dataset's cache folder, which "
+                f"this workdir's records ({data}) were built from as 'embedded'; rerun with "
+                "--config.data.source=embedded (named as a folder it is a dataset of its own: "
+                "the further datasets the embedded source draws are not drawn)")
         raise ConfigError(
             f"config data.source: {_show(now)}, but {data} holds the records built from "
             f"{_show(old)} in this workdir's last run (and its stages were trained on "
