@@ -99,7 +99,10 @@ if ((cpu == 0)); then
 fi
 
 log_dir=${LOG_DIR:-launch_logs}
-mkdir -p "$log_dir"
+# one line naming LOG_DIR (before: mkdir's own "File exists" for a file there)
+mkdir -p -- "$log_dir" 2>/dev/null ||
+    die "LOG_DIR $log_dir: cannot make the log folder there (a file in its place, or not writable)"
+[[ -w $log_dir ]] || die "LOG_DIR $log_dir: the log folder is not writable"
 coordinator="127.0.0.1:$port"
 
 pids=()       # process i's pid

@@ -64,6 +64,17 @@ def test_local_usage():
     assert r.returncode == 2
 
 
+def test_local_log_dir_that_is_a_file_is_one_line(tmp_path):
+    """Eighteenth probe W5: ``LOG_DIR=FILE`` ended with mkdir's own "File exists"."""
+    (tmp_path / "afile").write_text("mine")
+    r = _run([LAUNCH / "local.sh", "-n", "1", "--cpu", "--", "true"],
+             _env(LOG_DIR=tmp_path / "afile"))
+    assert r.returncode == 2 and r.stderr.splitlines()[0] == (
+        f"local.sh: LOG_DIR {tmp_path / 'afile'}: cannot make the log folder there (a file in "
+        "its place, or not writable)")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_local_cpu_processes_get_their_ids(tmp_path):
     logs = tmp_path / "logs"
     r = _run([LAUNCH / "local.sh", "-n", 2, "-d", 1, "--cpu", "--", sys.executable, "-c",
