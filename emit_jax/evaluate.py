@@ -827,6 +827,11 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
         rows.append(make_row(parse_response(done[k], options, parse=parse, think=think),
                              done[k]))
     summary = summarize(rows)
+    empty = sum(1 for k in range(len(queries)) if not done[k].strip())
+    if empty:  # (eighteenth probe E22: a model that said nothing scored as "0 invalid")
+        note(f"note: {empty} of {len(queries)} responses are empty; {parse.upper()}'s answer "
+             "parsing picks an option for each (its fallback: option A), so the table counts "
+             "them as answers, not as invalid ones")
     table = format_table(summary, title=f"{os.path.basename(os.path.normpath(data))} "
                          f"({'MMAD' if is_mmad else 'MVTec-style'}, {len(rows)} questions, "
                          f"{parse.upper()}'s answer parsing)")

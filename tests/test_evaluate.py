@@ -271,3 +271,19 @@ def test_ad_order_yes_no_asks_as_mmad_does(tmp_path):
                         if "Is there any defect" in q[0]]
     assert ad("yes_no") and all("A. Yes.\nB. No." in q[0] for q in ad("yes_no"))
     assert any("A. No.\nB. Yes." in q[0] for q in ad("shuffled"))
+
+
+def test_empty_responses_are_said(folders, tmp_path, monkeypatch):
+    """Eighteenth probe E22: a model whose every response was empty scored 50 / 25 % under
+    "invalid answers: 0" (EMIT's parsing falls back to option A). The count is said. The
+    model's responses are replaced by empty strings here: what is tested is the note."""
+    from emit_jax import evaluate
+
+    data = make_mvtec(tmp_path / "ds")
+    notes = []
+    monkeypatch.setattr(evaluate.Runner, "answer", lambda self, text, images, comp: "")
+    res = evaluate.evaluate(folders["emit_ckpt"], data, limit=5, split="test", note=notes.append)
+    assert res["questions"] == 5 and all(a["response"] == "" for a in res["answers"])
+    assert ("note: 5 of 5 responses are empty; EMIT's answer parsing picks an option for each "
+            "(its fallback: option A), so the table counts them as answers, not as invalid ones"
+            in notes), notes
