@@ -106,7 +106,7 @@ def image_format(out: str) -> str:
     ext = os.path.splitext(os.fspath(out))[1][1:].lower()
     if ext not in known:
         what = f"unknown image file extension {'.' + ext!r}" if ext else "no image file extension"
-        raise ConfigError(f"--out {out}: {what}; use one of "
+        raise ConfigError(f"--out {show_path(out)}: {what}; use one of "
                           f"{', '.join('.' + k for k in sorted(known))} (e.g. heat.png)")
     return ext
 

@@ -454,3 +454,14 @@ def json_config(cfg) -> str:
     from emit_jax.training.stages import config_json
 
     return json.dumps({"config": config_json(cfg)})
+
+
+def test_visualize_quotes_an_out_with_a_blank_at_its_end():
+    """F5: ``--out 'trail .png '`` was shown as ``--out trail .png :``, the blank unseen."""
+    from emit_jax.errors import ConfigError
+    from emit_jax.visualize import image_format
+
+    with pytest.raises(ConfigError) as e:
+        image_format("/tmp/x/trail .png ")
+    assert str(e.value).startswith("--out '/tmp/x/trail .png ': unknown image file extension "
+                                   "'.png '")
