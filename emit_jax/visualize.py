@@ -127,9 +127,10 @@ def _figure(args) -> tuple[np.ndarray, dict]:
     for flag in ("query", "reference"):  # a heat-map cell would be less than one of its pixels
         w, hgt = info[f"{flag}_size"]
         if min(w, hgt) < info["grid"]:
-            print(f"note: --{flag} {getattr(args, flag)} is {w}x{hgt} pixels, fewer than the "
-                  f"heat map's {info['grid']}x{info['grid']} cells; it is upscaled to "
-                  f"{info['image_size']}x{info['image_size']} and its map says little",
+            side = "" if w == hgt else f" (its {'width' if w < hgt else 'height'})"
+            print(f"note: --{flag} {getattr(args, flag)} is {w}x{hgt} pixels, {min(w, hgt)}"
+                  f"{side} fewer than the heat map's {info['grid']} cells a side; it is "
+                  f"resized to {info['image_size']}x{info['image_size']} and its map says little",
                   file=sys.stderr)
     render(heat, q, r, args.out, title=os.path.basename(args.query))
     return heat, info

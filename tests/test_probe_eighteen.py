@@ -465,3 +465,21 @@ def test_visualize_quotes_an_out_with_a_blank_at_its_end():
         image_format("/tmp/x/trail .png ")
     assert str(e.value).startswith("--out '/tmp/x/trail .png ': unknown image file extension "
                                    "'.png '")
+
+
+def test_visualize_says_which_side_of_a_thin_image_is_short(tmp_path, capsys):
+    """V12: a 3 x 40000 image was "3x40000 pixels, fewer than the heat map's 16x16 cells"."""
+    from PIL import Image
+
+    from emit_jax import cli
+    from emit_jax.visualize import main
+
+    Image.new("RGB", (3, 400), (90, 90, 90)).save(tmp_path / "thin.png")
+    Image.new("RGB", (224, 224), (90, 90, 90)).save(tmp_path / "ref.png")
+    assert cli.run(main, ["heatmap", "--query", str(tmp_path / "thin.png"), "--reference",
+                          str(tmp_path / "ref.png"), "--out", str(tmp_path / "h.png")],
+                   prog="python -m emit_jax.visualize") == 0
+    err = capsys.readouterr().err
+    assert (f"note: --query {tmp_path / 'thin.png'} is 3x400 pixels, 3 (its width) fewer than "
+            "the heat map's 16 cells a side; it is resized to 224x224 and its map says little"
+            in err), err
