@@ -74,32 +74,39 @@ def test_plan_sizes_the_vocabulary_train_fits_to_the_tokenizer(tmp_path, monkeyp
 
 
 
-def test_a_run_without_export_says_the_export_is_older_and_keeps_its_record(tmp_path):
-    """T2: a run with ``export_hf=False`` that ended with another model than ``WORKDIR/hf``
-    holds left the old export without a word and wrote results.json without its ``export``
-    key, so nothing recorded which model the folder held."""
-    import json
-
+def _warmup_runs(tmp_path):
+    """``(workdir, run)``: ``run(*flags)`` trains the smoke config's warm-up alone in
+    ``tmp_path/w`` (nothing evaluated), the embedded dataset cached in ``tmp_path``."""
     from conftest import train
 
     d = tmp_path / "w"
     common = ["--config", "configs/grpo.py:smoke", "--workdir", str(d),
               "--config.stages=('warmup',)", "--config.eval_limit=0"]
     env = {"EMIT_JAX_CACHE": str(tmp_path / "cache")}
-    r = train(*common, "--config.warmup.steps=2", env=env)
+    return d, lambda *flags: train(*common, *flags, env=env)
+
+
+def test_a_run_without_export_says_the_export_is_older_and_keeps_its_record(tmp_path):
+    """T2: a run with ``export_hf=False`` that ended with another model than ``WORKDIR/hf``
+    holds left the old export without a word and wrote results.json without its ``export``
+    key, so nothing recorded which model the folder held."""
+    import json
+
+    d, warmup = _warmup_runs(tmp_path)
+    r = warmup("--config.warmup.steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((d / "results.json").read_text())["export"] == {"stage": "warmup",
                                                                      "steps": 2}
-    r = train(*common, "--config.warmup.steps=3", "--config.export_hf=False", env=env)
+    r = warmup("--config.warmup.steps=3", "--config.export_hf=False")
     assert r.returncode == 0 and "[export]" not in r.stderr, r.stderr[-3000:]
     assert (f"note: {d}/hf holds warmup after 2 steps, not the model this run ended with "
             "(warmup after 3 steps): export_hf is False; rerun with --config.export_hf=True to "
             "replace it") in r.stderr, r.stderr[-3000:]
     assert json.loads((d / "results.json").read_text())["export"] == {"stage": "warmup",
                                                                      "steps": 2}
-    r = train(*common, "--config.warmup.steps=3", "--config.export_hf=False", env=env)
+    r = warmup("--config.warmup.steps=3", "--config.export_hf=False")
     assert r.returncode == 0 and "note: " + str(d / "hf") in r.stderr  # said each time
-    r = train(*common, "--config.warmup.steps=3", env=env)
+    r = warmup("--config.warmup.steps=3")
     assert (f"[export] {d}/hf (warmup after 3 steps; it held warmup after 2 steps)"
             in r.stderr), r.stderr[-3000:]
     # T8: an export results.json does not record (an older run's, or a results.json lost) was
@@ -107,7 +114,7 @@ def test_a_run_without_export_says_the_export_is_older_and_keeps_its_record(tmp_
     results = json.loads((d / "results.json").read_text())
     del results["export"]
     (d / "results.json").write_text(json.dumps(results))
-    r = train(*common, "--config.warmup.steps=3", env=env)
+    r = warmup("--config.warmup.steps=3")
     assert (f"[export] {d}/hf (warmup after 3 steps; it held an earlier run's model)"
             in r.stderr), r.stderr[-3000:]
     assert json.loads((d / "results.json").read_text())["export"] == {"stage": "warmup",
@@ -205,7 +212,6 @@ def test_evaluate_refuses_nan_answers(tmp_path):
     every question with token 0, and the table looked like any other. ``Runner.answer`` now
     stops on a non-finite log-probability, naming the question; a sound model answers."""
     import jax.numpy as jnp
-    from flax import nnx
 
     from emit_jax import configs
     from emit_jax.data import tokenizer as T
@@ -329,16 +335,11 @@ def test_a_users_file_in_the_export_survives_its_replacement(tmp_path):
     run that replaced the export removed the old ``hf/`` whole, the user's file with it."""
     import json
 
-    from conftest import train
-
-    d = tmp_path / "w"
-    common = ["--config", "configs/grpo.py:smoke", "--workdir", str(d),
-              "--config.stages=('warmup',)", "--config.eval_limit=0"]
-    env = {"EMIT_JAX_CACHE": str(tmp_path / "cache")}
-    r = train(*common, "--config.warmup.steps=2", env=env)
+    d, warmup = _warmup_runs(tmp_path)
+    r = warmup("--config.warmup.steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
     (d / "hf" / "myresults.json").write_text('{"mine": 1}')
-    r = train(*common, "--config.warmup.steps=3", env=env)
+    r = warmup("--config.warmup.steps=3")
     assert r.returncode == 0, r.stderr[-3000:]
     kept = [p for p in d.glob("replaced-*/hf/myresults.json")]
     assert len(kept) == 1 and json.loads(kept[0].read_text()) == {"mine": 1}
