@@ -1,5 +1,5 @@
-"""Session 13's findings and the eighteenth reliability probe's cases (issue 30): each failed
-before its fix."""
+"""Session 13's findings and the eighteenth and nineteenth reliability probes' cases (issue
+30): each failed before its fix."""
 
 from __future__ import annotations
 
@@ -484,3 +484,35 @@ def test_visualize_says_which_side_of_a_thin_image_is_short(tmp_path, capsys):
     assert (f"note: --query {tmp_path / 'thin.png'} is 3x400 pixels, 3 (its width) fewer than "
             "the heat map's 16 cells a side; it is resized to 224x224 and its map says little"
             in err), err
+
+
+def test_a_stage_whose_settings_file_is_gone_is_not_compared_silently(tmp_path):
+    """Nineteenth probe D02: with ``sft/settings.json`` deleted, a rerun with a setting that
+    its model depends on (``emit.peak_location=True``) loaded every stage as finished and
+    recorded the new value in results.json; the intact workdir refuses it."""
+    import json
+
+    from emit_jax import configs
+    from emit_jax.errors import ConfigError
+    from emit_jax.training import stages
+
+    cfg = configs.load("configs/grpo.py:smoke")
+    d = tmp_path / "w"
+    (d / "sft").mkdir(parents=True)
+    stages.save_settings(cfg, str(d), "sft")
+    (d / "sft" / "done.json").write_text(json.dumps({"steps": 1}))
+    changed = configs.load("configs/grpo.py:smoke", ["emit.peak_location=True"])
+    assert stages.changed_settings(changed, str(d)) == {
+        "sft": [("emit.peak_location", False, True)]}
+    os.remove(d / "sft" / "settings.json")
+    with pytest.raises(ConfigError) as e:
+        stages.changed_settings(changed, str(d))
+    assert str(e.value) == (
+        f"{d / 'sft' / 'settings.json'}: missing, so the settings sft was trained with cannot be "
+        "compared with this run's (its checkpoints and model depend on them); restore the file, "
+        "or rerun with --config.restart=True to train sft again (its output is moved to "
+        f"{d / 'replaced-<time>'}/, not deleted)")
+    assert stages.changed_settings(changed, str(d), sections=True) == {
+        "sft": [("settings.json", "missing", "this run's")]}
+    (d / "base").mkdir()  # a stage that left no output yet (no checkpoint): not compared
+    assert "base" not in stages.changed_settings(changed, str(d), sections=True)

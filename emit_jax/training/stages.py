@@ -348,16 +348,26 @@ def has_output(workdir: str, stage: str) -> bool:
 def changed_settings(cfg, workdir: str, *,
                      sections: bool = False) -> dict[str, list[tuple[str, Any, Any]]]:
     """``{stage: [(setting, stored, now), ...]}`` for each stage of the run whose output in the
-    workdir was made with other :func:`stage_settings`. A stage without a settings file (not
-    started, or written by an earlier version) or without output (:func:`has_output`: it
-    stopped before its first checkpoint, e.g. on a config error) is not compared.
+    workdir was made with other :func:`stage_settings`. A stage without output
+    (:func:`has_output`: not started, or stopped before its first checkpoint, e.g. on a config
+    error) is not compared; one with output but no settings file (it is written before the
+    stage trains) raises ``ConfigError``, or with ``sections`` (restart) counts as changed.
     ``sections``: the stage's own section's other settings too (:func:`section_changes`: what
     ``restart`` trains again with), and a finished stage's step count when fewer are asked."""
     now, out = config_json(cfg), {}
     for stage in cfg.stages:
         path = os.path.join(workdir, stage, SETTINGS_FILE)
-        if not os.path.isfile(path) or not has_output(workdir, stage):
+        if not has_output(workdir, stage):
             continue
+        if not os.path.lexists(path):  # (nineteenth probe D02: the guard went with the file)
+            if sections:  # restart: trained again, as a stage whose settings changed
+                out[stage] = [(SETTINGS_FILE, "missing", "this run's")]
+                continue
+            raise ConfigError(
+                f"{path}: missing, so the settings {stage} was trained with cannot be compared "
+                "with this run's (its checkpoints and model depend on them); restore the file, "
+                f"or rerun with --config.restart=True to train {stage} again (its output is "
+                f"moved to {os.path.join(workdir, 'replaced-<time>')}/, not deleted)")
         stored = read_json(path, error=ConfigError, what="a stage settings file")
         if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
             raise ConfigError(f"{path}: not a stage settings file (no config object)")
