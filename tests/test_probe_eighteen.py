@@ -516,3 +516,21 @@ def test_a_stage_whose_settings_file_is_gone_is_not_compared_silently(tmp_path):
         "sft": [("settings.json", "missing", "this run's")]}
     (d / "base").mkdir()  # a stage that left no output yet (no checkpoint): not compared
     assert "base" not in stages.changed_settings(changed, str(d), sections=True)
+
+
+def test_records_without_their_options_file_are_said_once(tmp_path):
+    """Nineteenth probe D04: with ``data/options.json`` deleted the rerun printed, twice, that
+    the records "were built with ad_order='shuffled'" (the defaults of records older than the
+    file) and advised deleting the data and every stage trained on it."""
+    d, warmup = _warmup_runs(tmp_path)
+    r = warmup("--config.warmup.steps=1", "--config.export_hf=False")
+    assert r.returncode == 0, r.stderr[-3000:]
+    os.remove(d / "data" / "options.json")
+    r = warmup("--config.warmup.steps=1", "--config.export_hf=False")
+    assert r.returncode == 2
+    errors = [x for x in r.stderr.splitlines() if "error" in x]
+    assert errors == [
+        f"emit_jax.train: error: {d / 'data' / 'options.json'}: missing, so how the records "
+        "beside it were built (ad_order, rationale) cannot be told; restore the file, or move "
+        f"{d / 'data'} out of the workdir to build the records again (its stages are kept; a "
+        "rerun compares their settings)"], r.stderr[-3000:]

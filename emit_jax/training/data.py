@@ -260,15 +260,20 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
     paths = {n: os.path.join(out_dir, f"{n}.jsonl") for n in names}
     options_path = os.path.join(out_dir, "options.json")  # how the questions were built
     if all(os.path.isfile(p) for p in paths.values()):  # image paths must stay in the dataset
-        # record files written before options.json (or its rationale entry) existed
+        # (an options.json without a rationale entry: written before it existed)
         built = {"ad_order": "shuffled", "rationale": "brief"}
-        if os.path.isfile(options_path):
-            stored = read_json(options_path, error=DataError, what="the records' options file")
-            if not isinstance(stored, dict):
-                raise DataError(f"{options_path}: not the records' options file (a JSON object "
-                                f"expected, got {type(stored).__name__}); delete the workdir's "
-                                "data folder to build the records again")
-            built.update(stored)
+        if not os.path.lexists(options_path):  # (nineteenth probe D04: the old defaults were
+            # assumed, and the records refused as built "with ad_order='shuffled'")
+            raise DataError(f"{options_path}: missing, so how the records beside it were built "
+                            "(ad_order, rationale) cannot be told; restore the file, or move "
+                            f"{out_dir} out of the workdir to build the records again (its "
+                            "stages are kept; a rerun compares their settings)")
+        stored = read_json(options_path, error=DataError, what="the records' options file")
+        if not isinstance(stored, dict):
+            raise DataError(f"{options_path}: not the records' options file (a JSON object "
+                            f"expected, got {type(stored).__name__}); delete the workdir's "
+                            "data folder to build the records again")
+        built.update(stored)
         for key, want in (("ad_order", ad_order), ("rationale", rationale_style)):
             if built[key] != want:
                 raise DataError(f"{out_dir}: the records were built with {key}={built[key]!r}, "
