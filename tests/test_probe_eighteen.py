@@ -534,3 +534,19 @@ def test_records_without_their_options_file_are_said_once(tmp_path):
         "beside it were built (ad_order, rationale) cannot be told; restore the file, or move "
         f"{d / 'data'} out of the workdir to build the records again (its stages are kept; a "
         "rerun compares their settings)"], r.stderr[-3000:]
+
+
+def test_data_build_says_why_a_stage_2_task_has_no_question(tmp_path, capsys):
+    """Nineteenth probe B03: ``data.build --stage 2`` on one class with one defect type wrote
+    anomaly discrimination and localization questions only, without a word for the other two
+    of the four tasks."""
+    from test_tasks import make_mvtec
+
+    from emit_jax.data.records import build
+
+    src = make_mvtec(tmp_path / "ds", classes=("widget",))
+    summary = build(src, str(tmp_path / "r.jsonl"), 2)
+    assert "object_classification" not in summary["tasks"]
+    err = capsys.readouterr().err
+    assert (f"note: no object classification question: {src} has 1 class ('widget'), and its "
+            "questions pick among at least two") in err, err

@@ -168,6 +168,15 @@ def build(source: str, out: str, stage: int, *, seed: int = 0, split: str | None
     n = jsonl.write_jsonl(jsonl.records(qs, stage), out)
     counts = Counter(q.task for q in qs)
     report.say_notes()
+    if stage == 2:  # a task without questions is said (nineteenth probe B03: not said)
+        kinds = sorted({it.defect for it in items if it.defect})
+        for task, names, what in (("defect_classification", kinds, "defect type"),
+                                  ("object_classification", sorted(classes), "class")):
+            if not counts.get(task) and len(names) < 2:
+                print(f"note: no {task.replace('_', ' ')} question: {source} has "
+                      f"{len(names)} {what}{'' if len(names) == 1 else 's'}"
+                      f"{' (' + repr(names[0]) + ')' if names else ''}, and its questions pick "
+                      f"among at least two", file=sys.stderr)
     if text_samples and not any(it.description for it in items):  # (before: not said)
         print(f"note: --text-samples: no image of {source} has an object description (a .txt "
               "beside it), so no text-as-query question was added", file=sys.stderr)
