@@ -98,7 +98,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from emit_jax import cli
-from emit_jax.errors import STOP_SIGNALS, CheckpointError, ConfigError, ImageError, MMADError
+from emit_jax.errors import (STOP_SIGNALS, CheckpointError, ConfigError, DataError, ImageError,
+                             MMADError)
 from emit_jax.fileio import (atomic_output, check_not_input, check_writable, finite_json,
                              missing_file, name_max, nearest_existing)
 from emit_jax.data.tasks import AD_ORDERS
@@ -333,8 +334,6 @@ def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, 
                                                 if pool is None or pool(it)])
     refs = tasks.select_references(items, tasks.pixel_embedder(), pool=pool)
     if items and not queries:  # a --split the data does not have: name the ones it has
-        from emit_jax.data.mvtec import DataError
-
         have = ", ".join(sorted({it.split for it in items}))
         raise DataError(f"{root}: --split {split!r} matches no image; the data's splits are "
                         f"{have} (or 'all')")
@@ -730,11 +729,14 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
                               "MMAD folder: its questions, prompts and options are fixed)")
     max_new_tokens = max_new_tokens or default_max_new_tokens(fmt, think)
     min_new_tokens = min(MMAD_MIN_NEW_TOKENS, max_new_tokens) if is_mmad else 0
-    queries = mmad_queries(data, think, limit) if is_mmad else \
-        mvtec_queries(data, think, limit, split, seed or 0, domain_knowledge, ad_order)
+    try:
+        queries = mmad_queries(data, think, limit) if is_mmad else \
+            mvtec_queries(data, think, limit, split, seed or 0, domain_knowledge, ad_order)
+    except DataError as e:  # (nineteenth probe N11: an MMAD folder without its mmad.json was
+        if is_mmad or "no class folders" not in str(e):  # told only of MVTec's layout)
+            raise
+        raise DataError(f"{e}, nor an mmad.json (an MMAD folder has one at its top)") from None
     if not queries:
-        from emit_jax.data.mvtec import DataError
-
         raise DataError(f"{data}: no questions to evaluate")
     total = len(queries)
     digests: dict[str, str] = {}  # an image's contents, read once (references repeat)

@@ -550,3 +550,19 @@ def test_data_build_says_why_a_stage_2_task_has_no_question(tmp_path, capsys):
     err = capsys.readouterr().err
     assert (f"note: no object classification question: {src} has 1 class ('widget'), and its "
             "questions pick among at least two") in err, err
+
+
+def test_evaluate_on_a_folder_with_neither_layout_names_both(tmp_path, capsys):
+    """Nineteenth probe N11: an MMAD folder whose mmad.json was missing was told only of the
+    MVTec layout."""
+    from emit_jax import cli
+    from emit_jax.evaluate import main
+
+    (tmp_path / "d" / "images").mkdir(parents=True)
+    (tmp_path / "ck").mkdir()
+    prog = "python -m emit_jax.evaluate"
+    assert cli.run(main, ["--checkpoint", str(tmp_path / "ck"), "--data", str(tmp_path / "d")],
+                   prog=prog) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"{prog}: error: {tmp_path / 'd'}: no class folders with train/ or test/ (expected "
+        "MVTec AD layout), nor an mmad.json (an MMAD folder has one at its top)"]
