@@ -566,3 +566,19 @@ def test_evaluate_on_a_folder_with_neither_layout_names_both(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         f"{prog}: error: {tmp_path / 'd'}: no class folders with train/ or test/ (expected "
         "MVTec AD layout), nor an mmad.json (an MMAD folder has one at its top)"]
+
+
+def test_an_mmad_folder_given_for_training_data_is_named_as_such(tmp_path):
+    """Nineteenth probe TR: ``data.source`` (or ``data.build --source``) an MMAD folder was
+    told "no class folders with train/ or test/ (expected MVTec AD layout)"."""
+    from conftest import ROOT
+
+    from emit_jax.data.mvtec import scan
+    from emit_jax.errors import DataError
+
+    mmad = os.path.join(ROOT, "tests", "fixtures", "mmad")
+    with pytest.raises(DataError) as e:
+        scan(mmad)
+    assert str(e.value) == (f"{mmad}: an MMAD benchmark folder (mmad.json), which evaluate "
+                            "takes; training and data.build take an MVTec AD-style folder "
+                            "(CLASS/train/good/, CLASS/test/DEFECT/)")

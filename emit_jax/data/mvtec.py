@@ -276,6 +276,10 @@ def scan(root: str | os.PathLike, *, dataset: str | None = None,
     items: list[ImageItem] = []
     classes = _class_dirs(root, report)
     if not classes:
+        if os.path.isfile(os.path.join(root, "mmad.json")):  # (nineteenth probe TR: not said)
+            raise DataError(f"{root}: an MMAD benchmark folder (mmad.json), which evaluate "
+                            "takes; training and data.build take an MVTec AD-style folder "
+                            "(CLASS/train/good/, CLASS/test/DEFECT/)")
         raise DataError(f"{root}: no class folders with train/ or test/ (expected MVTec AD layout)")
     for cdir in classes:
         obj = os.path.basename(cdir)
