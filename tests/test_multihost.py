@@ -190,3 +190,26 @@ def test_sigterm_to_one_process_stops_both_after_the_same_saved_step(tmp_path):
                     if line.startswith("[sft] step ")]
     assert steps_logged[0] == stopped + 1 and steps_logged[-1] == 12, steps_logged
     assert [r["step"] for r in _metrics(str(w), "sft")] == list(range(1, 13))
+
+
+def test_stage_1_starts_with_its_embedding_sharded_over_processes(tmp_path):
+    """Nineteenth probe MP1: ``local.sh -n 2`` with the default mesh (fsdp over both processes)
+    crashed in stage 1's ``EMIT.create`` on both processes ("Fetching value for jax.Array that
+    spans non-addressable devices"): the soft prompt's initial rows were read from the whole
+    embedding table with ``np.asarray``. Only the hint's rows are gathered now. (A stage 1
+    started from random weights held the table on each process: the base stage's model, as
+    trained, is what is sharded.)"""
+    log_dir = tmp_path / "logs"
+    r = subprocess.run(
+        ["bash", os.path.join(ROOT, "launch", "local.sh"), "-n", "2", "--cpu", "--",
+         sys.executable, "-m", "emit_jax.train", "--config", "configs/grpo.py:smoke",
+         "--workdir", str(tmp_path / "w"), "--config.stages=('base','sft')",
+         "--config.base.steps=1", "--config.sft.steps=1",
+         "--config.sft.fresh_datasets=0", "--config.eval_limit=0", "--config.export_hf=False",
+         "--config.image_size=56", "--config.compile_cache="],
+        cwd=ROOT, env=_env(LOG_DIR=str(log_dir), EMIT_JAX_CACHE=str(tmp_path / "cache")),
+        capture_output=True, text=True, timeout=900)
+    logs = "".join(open(os.path.join(log_dir, f)).read() for f in sorted(os.listdir(log_dir)))
+    assert r.returncode == 0, r.stdout[-2000:] + logs[-4000:]
+    assert "[mesh] {'data': 1, 'fsdp': 2, 'tensor': 1} over 2 devices, 2 process(es)" in logs
+    assert os.path.isfile(tmp_path / "w" / "sft" / "done.json")

@@ -270,10 +270,14 @@ def soft_prompt_from_hint(embedding: np.ndarray, hint_ids: Sequence[int], n: int
     """Fit the embeddings of the hint text's tokens to ``n`` rows: row i copies the embedding
     of token ``hint_ids[i * len // n]``. In order; a hint shorter than ``n`` repeats its earliest
     tokens (8 tokens -> the first appears twice), a longer one is subsampled evenly."""
+    return np.asarray(embedding)[np.asarray(hint_rows(hint_ids, n))]
+
+
+def hint_rows(hint_ids: Sequence[int], n: int = 9) -> list[int]:
+    """The token ids :func:`soft_prompt_from_hint` copies, row by row."""
     if len(hint_ids) == 0:
         raise ValueError("hint_ids is empty")
-    idx = [hint_ids[i * len(hint_ids) // n] for i in range(n)]
-    return np.asarray(embedding)[np.asarray(idx)]
+    return [hint_ids[i * len(hint_ids) // n] for i in range(n)]
 
 
 def add_comp_token(mllm: InternVL) -> tuple[InternVL, int]:
@@ -361,8 +365,15 @@ class EMIT(nnx.Module):
         if d == 3584 and cfg.num_soft_tokens == 9:
             init = official_soft_prompt()
         elif hint_ids is not None:
-            table = np.asarray(mllm.language_model.embed_tokens.embedding[...], np.float32)
-            init = soft_prompt_from_hint(table, hint_ids, cfg.num_soft_tokens)
+            # the hint's rows only, gathered on every process (nineteenth probe MP1: the whole
+            # table read with np.asarray failed when it was sharded over several processes)
+            idx = hint_rows(hint_ids, cfg.num_soft_tokens)
+            rows = mllm.language_model.embed_tokens.embedding[...][jnp.asarray(idx)]
+            if not rows.is_fully_addressable:
+                from jax.experimental import multihost_utils
+
+                rows = multihost_utils.process_allgather(rows, tiled=True)
+            init = np.asarray(rows, np.float32)
         else:
             warnings.warn("EMIT.create: no hint_ids and hidden size != 3584; the soft prompt "
                           "starts from N(0, 0.02)")
