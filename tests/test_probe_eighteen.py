@@ -582,3 +582,22 @@ def test_an_mmad_folder_given_for_training_data_is_named_as_such(tmp_path):
     assert str(e.value) == (f"{mmad}: an MMAD benchmark folder (mmad.json), which evaluate "
                             "takes; training and data.build take an MVTec AD-style folder "
                             "(CLASS/train/good/, CLASS/test/DEFECT/)")
+
+
+def test_a_partial_answers_file_without_answers_does_not_block_other_settings(tmp_path):
+    """Nineteenth probe NA3: evaluate stopped before its first answer (NaN logits) said
+    "nothing to keep" but left the header of ``<out>.partial.jsonl``, and the corrected run
+    (another checkpoint) was refused: "its answers were made with other settings"."""
+    from emit_jax.errors import DataError
+    from emit_jax.eval import partial
+
+    path = str(tmp_path / "r.json.partial.jsonl")
+    before = {"checkpoint_files": "aaa", "max_new_tokens": 2}
+    now = {"checkpoint_files": "bbb", "max_new_tokens": 2}
+    with partial.Writer(path, partial.header("nan_ck", "d", before), 0):
+        pass
+    assert partial.read_all(path, now, ["f0"]) == ({}, 0, 0)
+    with partial.Writer(path, partial.header("nan_ck", "d", before), 0) as w:
+        w.write(0, "f0", "A", {"id": 0})
+    with pytest.raises(DataError, match="its answers were made with other settings"):
+        partial.read_all(path, now, ["f0"])  # an answer: kept, --restart to drop it

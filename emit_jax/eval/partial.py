@@ -185,6 +185,8 @@ def read_all(path: str, run_settings: dict[str, Any], fingerprints: Sequence[str
              for k, v in run_settings.items()
              if (k in BASE_SETTINGS or k in old) and old.get(k) != v]
     if diffs:
+        if len(lines) == 1:  # a header and no answer: nothing to keep (nineteenth probe NA3:
+            return {}, 0, 0  # a run stopped before its first answer blocked the next one)
         raise DataError(f"{path}: its answers were made with other settings ({'; '.join(diffs)})"
                         f"; {RESTART_HINT}")
     out: dict[int, str] = {}
