@@ -601,3 +601,16 @@ def test_a_partial_answers_file_without_answers_does_not_block_other_settings(tm
         w.write(0, "f0", "A", {"id": 0})
     with pytest.raises(DataError, match="its answers were made with other settings"):
         partial.read_all(path, now, ["f0"])  # an answer: kept, --restart to drop it
+
+
+def test_the_untrained_start_warning_gives_the_recipes_own_stages(tmp_path, capsys):
+    """Nineteenth probe AF09: ``configs/adfm.py --config.stages=grpo`` was advised
+    ``stages=('base', 'sft', 'grpo')``: EMIT's recipe, where AD-FM's is base then grpo."""
+    from emit_jax import configs
+    from emit_jax.training.stages import warn_untrained_start
+
+    for config, stages in (("configs/adfm.py:smoke", "('base', 'grpo')"),
+                           ("configs/grpo.py:smoke", "('base', 'sft', 'grpo')")):
+        warn_untrained_start(configs.load(config, ["stages=grpo"]), str(tmp_path), "grpo")
+        err = capsys.readouterr().err
+        assert f'or run the earlier stages too (--config.stages="{stages}")' in err, err

@@ -659,6 +659,8 @@ def warn_untrained_start(cfg, workdir: str, stage: str) -> None:
     ``init_from`` gives any: it starts from a random initialisation. Say so, and how to give it
     weights."""
     earlier = {"sft": ["base"], "sft2": ["base", "sft"], "grpo": ["base", "sft"]}.get(stage)
+    if stage == "grpo" and cfg.data.get("adfm", False):  # AD-FM's recipe: base, then grpo
+        earlier = ["base"]  # (nineteenth probe AF09: the advice added EMIT's sft)
     if not earlier or cfg.init_from or not parallel.is_primary():
         return
     found = [os.path.join(workdir, s, "model") for s in reversed(earlier)
