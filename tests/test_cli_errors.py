@@ -428,7 +428,9 @@ class TestDataBuild:
         ("--max-per-type", "0", "must be >= 1, got 0"),
         ("--max-per-type", "-2", "must be >= 1, got -2"),
         ("--max-per-type", "nan", "expected a whole number"),
-        ("--adfm-frame", "0", "must be >= 1, got 0"),
+        ("--adfm-frame", "0", "must be >= 14, got 0"),
+        # nineteenth probe BB08: a 3 x 3 frame made every box [[1, 1, 2, 2]] without a word
+        ("--adfm-frame", "3", "must be >= 14, got 3"),
         # before: a mask resized to 2**31-1 squared: killed for memory at 23 GB, no line
         ("--adfm-frame", "2147483647", "must be <= 8192"),
         ("--stage", "3", "invalid choice"),
