@@ -614,3 +614,28 @@ def test_the_untrained_start_warning_gives_the_recipes_own_stages(tmp_path, caps
         warn_untrained_start(configs.load(config, ["stages=grpo"]), str(tmp_path), "grpo")
         err = capsys.readouterr().err
         assert f'or run the earlier stages too (--config.stages="{stages}")' in err, err
+
+
+@pytest.mark.parametrize("sig, line", [
+    ("SIGINT", "interrupted (second SIGINT): stopped at once, without finishing the step or "
+               "checkpoint in progress"),
+    ("SIGTERM", "interrupted (SIGTERM while the stopping step's checkpoint was written): "
+                "stopped at once"),
+])
+def test_a_signal_while_the_stopping_checkpoint_is_written_ends_in_one_line(sig, line):
+    """Full suite, session 13 (a loaded host): the second Ctrl-C came while the stopping
+    step's checkpoint was awaited, after the loop's guard had given the signals back: it was
+    raised inside Orbax's wait, which logged its threads' tracebacks (``E1205 ...
+    Save Finalize thread failed``) before the line. That wait now stops at once."""
+    code = ("import os, signal, time\n"
+            "from emit_jax.training.loop import signals_stop_at_once\n"
+            "with signals_stop_at_once():\n"
+            f"    os.kill(os.getpid(), signal.{sig})\n"
+            "    time.sleep(30)\n"
+            "print('not reached')\n")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 130 and r.stdout == "", r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and line in lines[0], r.stderr

@@ -127,7 +127,9 @@ def run_loop(stage: Stage, ckpt: StageCheckpoints, stage_dir: str, *,
                     raise Preempted(f"{stage.name}: stopped after step {step}")
     except (KeyboardInterrupt, NonFiniteError):  # a signal, or the non-finite policy: save the
         progress.close()                          # last finished (good) step, then stop
-        ckpt.save_interrupted(done, start, stage.model, stage.optimizer, meta_at(done))
+        with signals_stop_at_once():  # (a second Ctrl-C while the save was awaited, outside the
+            # loop's guard, raised inside Orbax's wait: tracebacks of its threads, then the line)
+            ckpt.save_interrupted(done, start, stage.model, stage.optimizer, meta_at(done))
         raise
     ckpt.close()
     progress.close()
@@ -183,6 +185,31 @@ def stop_at_once() -> None:
     exit_interrupted(f"{program()}: interrupted (second SIGINT): stopped at once, without "
                      "finishing the step or checkpoint in progress; rerun the same command to "
                      "resume from the last complete checkpoint")
+
+
+@contextlib.contextmanager
+def signals_stop_at_once():
+    """While the stopping stage's last checkpoint is written: a further SIGINT / SIGTERM ends
+    the process at once in one line (:func:`stop_at_once`; the checkpoint before it is
+    complete). Main thread only; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def at_once(signum, frame):
+        if signum == signal.SIGINT:
+            stop_at_once()
+        exit_interrupted(f"{program()}: interrupted ({signal.Signals(signum).name} while the "
+                         "stopping step's checkpoint was written): stopped at once; rerun the "
+                         "same command to resume from the last complete checkpoint")
+
+    old = {s: signal.signal(s, at_once) for s in STOP_SIGNALS
+           if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 @contextlib.contextmanager
