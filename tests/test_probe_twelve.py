@@ -185,14 +185,16 @@ def test_a_resumed_evaluation_names_a_changed_question_flag(tmp_path):
                                            "domain_knowledge": "all", "ad_order": "shuffled"})
 
     path = tmp_path / "r.json.partial.jsonl"
-    path.write_text(json.dumps(partial.header(str(ckpt), "ds", run_settings(0))) + "\n")
-    assert partial.read_all(str(path), run_settings(0), ["f"])[0] == {}
+    # one answer (a file with none holds nothing to keep: any settings start it over)
+    answer = json.dumps({"id": 0, "fingerprint": "f", "response": "A"}) + "\n"
+    path.write_text(json.dumps(partial.header(str(ckpt), "ds", run_settings(0))) + "\n" + answer)
+    assert partial.read_all(str(path), run_settings(0), ["f"])[0] == {0: "A"}
     with pytest.raises(DataError) as e:
         partial.read_all(str(path), run_settings(3), ["f"])
     assert "its answers were made with other settings (seed 0, now 3)" in str(e.value)
     old = {k: v for k, v in run_settings(0).items() if k in partial.BASE_SETTINGS}
-    path.write_text(json.dumps(partial.header(str(ckpt), "ds", old)) + "\n")
-    assert partial.read_all(str(path), run_settings(3), ["f"])[0] == {}
+    path.write_text(json.dumps(partial.header(str(ckpt), "ds", old)) + "\n" + answer)
+    assert partial.read_all(str(path), run_settings(3), ["f"])[0] == {0: "A"}
 
 
 def test_the_default_split_is_recorded_as_the_split_it_asks(tmp_path):
