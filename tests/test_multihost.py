@@ -213,3 +213,36 @@ def test_stage_1_starts_with_its_embedding_sharded_over_processes(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + logs[-4000:]
     assert "[mesh] {'data': 1, 'fsdp': 2, 'tensor': 1} over 2 devices, 2 process(es)" in logs
     assert os.path.isfile(tmp_path / "w" / "sft" / "done.json")
+
+
+LATE_SIGNAL = """
+import sys
+from emit_jax import parallel
+parallel.initialize()
+import jax
+from emit_jax.training import loop
+try:
+    with loop.guard():
+        for step in range(3):
+            if loop.stop_requested():
+                raise loop.Preempted("stopped after step %d" % step)
+        if jax.process_index() == 1:  # a SIGTERM after the loop's last check, on one process
+            loop.request_stop()
+    print("went on", flush=True)
+except KeyboardInterrupt as e:
+    print("stopped:", e, flush=True)
+"""
+
+
+def test_a_stop_after_the_last_check_on_one_process_stops_every_process(tmp_path):
+    """Twentieth probe C54: SIGTERM to one of two processes in a stage's last step (after the
+    loop's last agreed check) stopped that process only; the other went on into the next
+    stage's collectives and both waited for ever. The loop's end agrees on it now."""
+    log_dir = tmp_path / "logs"
+    r = subprocess.run(
+        ["bash", os.path.join(ROOT, "launch", "local.sh"), "-n", "2", "--cpu", "--",
+         sys.executable, "-c", LATE_SIGNAL],
+        cwd=ROOT, env=_env(LOG_DIR=str(log_dir)), capture_output=True, text=True, timeout=300)
+    logs = [open(os.path.join(log_dir, f)).read() for f in sorted(os.listdir(log_dir))]
+    assert r.returncode == 0, r.stdout[-2000:] + "".join(logs)[-3000:]
+    assert all("stopped: signal during the last step" in log for log in logs), logs

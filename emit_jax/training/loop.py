@@ -220,21 +220,33 @@ def guard():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _flag.clear()
+    # (a request left pending by the last loop's end is kept: see below)
     # a signal the process was started to ignore (SIGINT of a background job, nohup) stays ignored
     old = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS
            if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
+        # a signal after the loop's last check, agreed by every process (they all end the loop
+        # here): before, one process stopped and the others went on into the next stage's
+        # collectives and waited there for ever (twentieth probe C54)
+        late = stop_requested()
     except BaseException:
         _flag.clear()
         raise
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    if _flag.is_set():  # a signal after the loop's last check: the stage is saved; stop now
+    if late or (_flag.is_set() and _single_process()):  # the stage is saved; stop now
         _flag.clear()
         raise KeyboardInterrupt("signal during the last step")
+    # several processes, a signal after the agreement: kept for the next guarded loop, whose
+    # first step agrees on it (guard() keeps a pending request; every other exit clears it)
+
+
+def _single_process() -> bool:
+    import jax  # noqa: PLC0415
+
+    return jax.process_count() == 1
 
 
 def stop_requested() -> bool:
