@@ -639,3 +639,36 @@ def test_a_signal_while_the_stopping_checkpoint_is_written_ends_in_one_line(sig,
     assert r.returncode == 130 and r.stdout == "", r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and line in lines[0], r.stderr
+
+
+def test_plan_reads_init_from_as_train_does(tmp_path, capsys):
+    """Twentieth probe C64 / C65: ``plan --set init_from=X`` planned the config's ``arch`` (its
+    full 151,674-row vocabulary) whatever X was: a training checkpoint, a broken config.json, a
+    missing folder (train refuses each). An HF folder's config.json is planned now."""
+    from conftest import hf_config
+
+    from emit_jax import cli
+    from emit_jax.plan.command import main
+    from emit_jax.plan.variables import model_config
+    from emit_jax import configs
+
+    good = tmp_path / "hf"
+    hf_config().save_pretrained(good)
+    assert model_config(configs.load("configs/grpo.py:smoke", [f"init_from={good}"]),
+                        False).text.vocab_size == 320
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    prog = "emit_jax.plan"
+    for init_from, line in [
+        (tmp_path / "nosuch", f"config init_from: '{tmp_path / 'nosuch'}' is not a folder (an HF "
+                              "folder or an emit_jax checkpoint)"),
+        (broken, f"config init_from: {broken / 'config.json'}: model_type is None, expected "
+                 "'internvl'"),
+        (tmp_path, f"config init_from: {tmp_path / 'emit_jax.json'}: not found; {tmp_path} is "
+                   "not an emit_jax model checkpoint"),
+    ]:
+        assert cli.run(main, ["--config", "configs/grpo.py:smoke", "--set",
+                              f"init_from={init_from}"], prog=prog) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"{prog}: error: {line}"), err

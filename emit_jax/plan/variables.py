@@ -56,6 +56,38 @@ def vocabulary(cfg) -> tuple[int | None, int | None, str]:
             token_id(tok, "<IMG_CONTEXT>"), f"{len(tok):,} entries (tokenizer {path})")
 
 
+def init_from_config(cfg):
+    """The model config of ``init_from`` as train reads it (an HF folder's ``config.json``, an
+    emit_jax model checkpoint's ``emit_jax.json``; ``param_dtype`` and ``image_size`` applied),
+    None without ``init_from``. One ``PlanError`` line where train would refuse it (before, a
+    training checkpoint, a broken ``config.json`` or a missing folder planned the config's
+    ``arch`` without a word: twentieth probe C64 / C65)."""
+    import os
+
+    from emit_jax import checkpoint, hf
+    from emit_jax.errors import USER_ERRORS
+    from emit_jax.models.config import InternVLConfig
+
+    init_from = cfg.get("init_from") or ""
+    if not init_from:
+        return None
+    if not os.path.isdir(init_from):
+        raise PlanError(f"config init_from: {init_from!r} is not a folder (an HF folder or an "
+                        "emit_jax checkpoint)")
+    try:
+        if os.path.isfile(os.path.join(init_from, "config.json")):
+            mcfg = hf.read_config(init_from)[0]
+        else:
+            mcfg = InternVLConfig.from_json_dict(checkpoint.read_meta(init_from)["config"])
+    except USER_ERRORS + (KeyError, TypeError) as e:
+        raise PlanError(f"config init_from: {e}") from None
+    if cfg.get("param_dtype"):
+        mcfg = mcfg.replace(param_dtype=cfg.param_dtype, dtype=cfg.param_dtype)
+    if cfg.get("image_size"):
+        mcfg = mcfg.replace(vision=dataclasses.replace(mcfg.vision, image_size=int(cfg.image_size)))
+    return mcfg
+
+
 def model_config(cfg, emit: bool):
     """The InternVLConfig a run of ``cfg`` trains, as train builds it: ``init_from``'s
     ``config.json`` when it has one, else ``arch`` (``param_dtype``, ``image_size`` applied) with
@@ -65,8 +97,8 @@ def model_config(cfg, emit: bool):
     from emit_jax.models import architectures
     from emit_jax.training.validate import starting_config
 
-    mcfg = starting_config(cfg)[0]  # (a param_dtype no model takes: ConfigError)
-    if mcfg is None:  # an Orbax init_from (its config is in the checkpoint) or no such arch
+    mcfg = init_from_config(cfg) or starting_config(cfg)[0]  # (a bad param_dtype: ConfigError)
+    if mcfg is None:  # no such arch
         kw = {"dtype": cfg.param_dtype} if cfg.get("param_dtype") else {}
         try:
             mcfg = architectures.get_config(cfg.arch, **kw)
