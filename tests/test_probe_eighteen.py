@@ -672,3 +672,20 @@ def test_plan_reads_init_from_as_train_does(tmp_path, capsys):
                               f"init_from={init_from}"], prog=prog) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"{prog}: error: {line}"), err
+
+
+def test_restart_with_another_seed_trains_again(tmp_path):
+    """Twentieth probe C81: ``--config.seed=1 --config.restart=True`` on a workdir trained with
+    seed 0 said "nothing to restart" and kept every stage (results.json then named seed 1)."""
+    import json
+
+    from emit_jax import configs
+    from emit_jax.training import stages
+
+    d = tmp_path / "w"
+    (d / "base").mkdir(parents=True)
+    stages.save_settings(configs.load("configs/grpo.py:smoke"), str(d), "base")
+    (d / "base" / "done.json").write_text(json.dumps({"steps": 2}))
+    other = configs.load("configs/grpo.py:smoke", ["seed=1", "base.steps=2"])
+    assert stages.changed_settings(other, str(d)) == {}  # a rerun: kept, with a warning
+    assert stages.changed_settings(other, str(d), sections=True) == {"base": [("seed", 0, 1)]}
