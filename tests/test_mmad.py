@@ -817,6 +817,8 @@ def test_format_table_full():
     assert body["Questions"] == ["8", "3", "4", "", "15"]
     assert len({len(ln) for ln in lines[:6]}) == 1  # aligned
     assert "balanced accuracy" in t and "15 of 15 questions scored" in t
+    # twentieth probe C74: "policy 'emit'" read as the answer parsing; it is the invalid-answer one
+    assert "(invalid answers: 0, invalid-answer policy 'emit': 0 dropped, 0 skipped)" in t
     raw = format_table(s, paper_names=False, digits=2)
     assert "Anomaly Detection" in raw.splitlines()[0] and "62.50" in raw
     assert "Anomaly Discrimination" not in raw

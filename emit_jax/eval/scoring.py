@@ -362,9 +362,10 @@ def format_table(summary: Summary, *, digits: int = 1, paper_names: bool = True,
     lines += [line(header), "|" + "|".join(":" + "-" * (w + 1) if i == 0 else "-" * (w + 1) + ":"
                                            for i, w in enumerate(widths)) + "|"]
     lines += [line(r) for r in body]
+    # "invalid-answer policy" (twentieth probe C74: "policy 'emit'" read as the parse mode)
     notes = [f"{summary.n_scored} of {summary.n_rows} questions scored (invalid answers: "
-             f"{summary.n_invalid}, policy {summary.invalid!r}: {summary.n_dropped} dropped, "
-             f"{summary.n_skipped} skipped)"]
+             f"{summary.n_invalid}, invalid-answer policy {summary.invalid!r}: "
+             f"{summary.n_dropped} dropped, {summary.n_skipped} skipped)"]
     if "Anomaly Detection" in summary.tasks:
         ad = PAPER_TASK_NAMES["Anomaly Detection"] if paper_names else "Anomaly Detection"
         notes.append(f"{ad} is balanced accuracy over normal and anomalous images")
