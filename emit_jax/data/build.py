@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     p.add_argument("--text-samples", action="store_true")
     p.add_argument("--max-per-type", type=cli.positive_int, default=None)
     p.add_argument("--policy", choices=["error", "skip"], default="error")
-    p.add_argument("--adfm-frame", type=cli.int_in(14, cli.MAX_IMAGE_SIDE), default=None, metavar="SIZE",
+    p.add_argument("--adfm-frame", type=cli.int_in(14, cli.MAX_IMAGE_SIDE), default=None,
+                   metavar="SIZE",
                    help="write AD-FM records (three-stage prompt, solution A/B, bbox_answer "
                         "boxes in a SIZE x SIZE model frame: the model's input size, e.g. 448; "
                         "at least one ViT patch, 14) instead of EMIT's")

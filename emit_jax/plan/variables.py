@@ -44,7 +44,8 @@ def vocabulary(cfg) -> tuple[int | None, int | None, str]:
         from emit_jax.data.tokenizer import EMIT_TOKENS
 
         img = TINY_VOCAB - len(EMIT_TOKENS) + EMIT_TOKENS.index("<IMG_CONTEXT>")
-        return TINY_VOCAB - 1, img, f"at most {TINY_VOCAB:,} entries (the tiny tokenizer train makes)"
+        return (TINY_VOCAB - 1, img,
+                f"at most {TINY_VOCAB:,} entries (the tiny tokenizer train makes)")
     from emit_jax.data.tokenizer import COMP_TOKEN, load_tokenizer, token_id
     from emit_jax.errors import USER_ERRORS
 
