@@ -199,10 +199,10 @@ def plan_stage(cfg, s: Setup, *, mcfg=None, variables=None) -> StagePlan:
                     f"float32, {s.new_tokens if s.stage == 'grpo' else min(s.label_tokens, s.prompt_len)}"
                     " positions per sequence" + micro_note))
     n_params = sum(math.prod(v.shape) for v in variables if v.kind == "Param")
+    tiles_asked, tiles_per_seq = tiles_per_sequence(mcfg, s)
     info = dict(arch=cfg.arch if cfg is not None else "", emit=emit, dtype=mcfg.param_dtype,
                 vocab=mcfg.text.vocab_size, tokens_per_tile=mcfg.tokens_per_tile,
-                tiles_per_seq_asked=tiles_per_sequence(mcfg, s)[0],
-                tiles_per_seq=tiles_per_sequence(mcfg, s)[1],
+                tiles_per_seq_asked=tiles_asked, tiles_per_seq=tiles_per_seq,
                 vocab_from=vocabulary(cfg)[2] if cfg is not None else "the model's",
                 compute_dtype=mcfg.dtype, parameters=n_params, trainable=sum(
                     math.prod(v.shape) for v in trainable), lora_kernels=len(lora),

@@ -46,6 +46,13 @@ def vocabulary(cfg) -> tuple[int | None, int | None, str]:
         img = TINY_VOCAB - len(EMIT_TOKENS) + EMIT_TOKENS.index("<IMG_CONTEXT>")
         return (TINY_VOCAB - 1, img,
                 f"at most {TINY_VOCAB:,} entries (the tiny tokenizer train makes)")
+    return _tokenizer_vocabulary(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_vocabulary(path: str) -> tuple[int, int | None, str]:
+    """:func:`vocabulary` of the tokenizer folder ``path``, read once (a plan asks it for every
+    stage and every suggestion it sizes)."""
     from emit_jax.data.tokenizer import COMP_TOKEN, load_tokenizer, token_id
     from emit_jax.errors import USER_ERRORS
 
@@ -99,15 +106,11 @@ def model_config(cfg, emit: bool):
     from emit_jax.training.validate import starting_config
 
     mcfg = init_from_config(cfg) or starting_config(cfg)[0]  # (a bad param_dtype: ConfigError)
-    if mcfg is None:  # no such arch
-        kw = {"dtype": cfg.param_dtype} if cfg.get("param_dtype") else {}
+    if mcfg is None:  # no such arch: get_config's KeyError names the known ones
         try:
-            mcfg = architectures.get_config(cfg.arch, **kw)
+            mcfg = architectures.get_config(cfg.arch)
         except KeyError as e:
             raise PlanError(str(e).strip("\"'")) from None
-        if cfg.get("image_size"):
-            mcfg = mcfg.replace(vision=dataclasses.replace(mcfg.vision,
-                                                           image_size=int(cfg.image_size)))
     rows, img, _ = vocabulary(cfg)
     if rows is not None:
         mcfg = mcfg.replace(text=dataclasses.replace(mcfg.text, vocab_size=rows),
