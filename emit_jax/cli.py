@@ -262,7 +262,26 @@ def check_jax_environment(prog: str | None = None) -> None:
 def runtime_error(e: BaseException, prog: str | None = None) -> str | None:
     """The one-line message of an error the machine or its environment caused rather than the
     code (:func:`out_of_memory`, :func:`backend_error`, :func:`jax_flag_error`), or None."""
-    return out_of_memory(e, prog) or backend_error(e) or jax_flag_error(e)
+    return out_of_memory(e, prog) or backend_error(e) or jax_flag_error(e) or peer_lost(e)
+
+
+#: how a collective or the coordination service reports a process of the run that is gone
+_PEER_LOST = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|"
+                        r"Gloo \w+ failed|coordination service|heartbeat|Socket closed",
+                        re.IGNORECASE)
+
+
+def peer_lost(e: BaseException) -> str | None:
+    """The one-line message when, in a multi-process run, ``e`` is a collective failing because
+    another process of the run ended (stopped by a signal or an error of its own, or killed):
+    a ``JaxRuntimeError`` traceback from deep inside a collective before. None otherwise."""
+    dist = sys.modules.get("emit_jax.parallel.distributed")
+    text = " ".join(str(e).split())
+    if dist is None or not dist.started() or not _PEER_LOST.search(text):
+        return None
+    return (f"another process of this multi-process run ended or cannot be reached ({text[:200]}); "
+            "its log says why; rerun the same command on every process to resume from the last "
+            "checkpoint")
 
 
 def no_x64(prog: str) -> None:
@@ -473,6 +492,23 @@ def command(main: Callable[[list[str] | None], int | None], prog: str) -> NoRetu
     end(status)
 
 
+def may_exit(status: int) -> bool:
+    """False when this process, one of a multi-process run, must end ``status`` at once rather
+    than through Python's exit, whose ``jax.distributed`` shutdown would wait for processes
+    that wait for it (``parallel.distributed.leave``). True in a single-process command."""
+    dist = sys.modules.get("emit_jax.parallel.distributed")  # loaded by a multi-process run
+    return dist is None or dist.leave(status)
+
+
+def flush_and_exit(status: int) -> NoReturn:
+    """Flush the standard streams and end the process with ``status`` (``os._exit``)."""
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            if f is not None:
+                f.flush()
+    os._exit(status)
+
+
 def end(status: int) -> NoReturn:
     """Leave the process with ``status`` the way Python's exit would (library threads joined,
     ``atexit`` functions run, the standard streams flushed), with :func:`finishing`'s handler
@@ -481,6 +517,8 @@ def end(status: int) -> NoReturn:
     signal there ended a finished command by its default action, without a line (exit 143, 129,
     138: the caller could not tell that the outputs were complete). Nothing of the command is
     left to that teardown: every file is written and closed through ``fileio`` before here."""
+    if not may_exit(status):  # one process of several ending alone: at once
+        flush_and_exit(status)
     shutdown = getattr(threading, "_shutdown", None)  # joins threads as Python's exit does
     if shutdown is None or threading.current_thread() is not threading.main_thread():
         sys.exit(status)

@@ -25,7 +25,6 @@ trains nothing keeps the workdir's ``seconds`` (its own time: ``rerun_seconds``)
 from __future__ import annotations
 
 import json
-import contextlib
 import os
 import random
 import shutil
@@ -630,12 +629,10 @@ def _exit(status: int) -> None:
     once, as ``kill`` would after the line."""
     import threading
 
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate()
-           if t is not threading.main_thread()):
-        for f in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                f.flush()
-        os._exit(status)
+    if not cli.may_exit(status) or any(t.is_alive() and not t.daemon
+                                       for t in threading.enumerate()
+                                       if t is not threading.main_thread()):
+        cli.flush_and_exit(status)
     sys.exit(status)
 
 
@@ -713,12 +710,12 @@ def _train(cfg, workdir: str) -> None:
         _exit(2)
     except NonFiniteError as e:  # the non-finite policy stopped the run; its last good step is saved
         stages.log(f"emit_jax.train: error: {message(e)}")
-        sys.exit(3)
+        _exit(3)
     except Exception as e:  # more memory than there is, a platform JAX cannot start: one line
         if (line := cli.runtime_error(e)) is None:
             raise
         stages.log(f"emit_jax.train: error: {line}")
-        sys.exit(2)
+        _exit(2)
 
 
 if __name__ == "__main__":

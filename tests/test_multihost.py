@@ -246,3 +246,117 @@ def test_a_stop_after_the_last_check_on_one_process_stops_every_process(tmp_path
     logs = [open(os.path.join(log_dir, f)).read() for f in sorted(os.listdir(log_dir))]
     assert r.returncode == 0, r.stdout[-2000:] + "".join(logs)[-3000:]
     assert all("stopped: signal during the last step" in log for log in logs), logs
+
+
+# a process of two that ends alone, the other waiting for it in a collective: process 1 stops
+# (a signal that came outside the training loop), process 0 ignores SIGTERM so that it ends on
+# its own, through the collective's failure
+ALONE = """
+import signal
+from emit_jax import cli, parallel
+parallel.initialize()
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+multihost_utils.process_allgather(jnp.ones(2))  # both connected
+if jax.process_index() == 1:
+    print("process 1 stops", flush=True)
+    cli.end(130)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+try:
+    multihost_utils.process_allgather(jnp.ones(2))  # process 1 never comes
+    print("went on", flush=True)
+except Exception as e:
+    print("error:", cli.runtime_error(e), flush=True)
+    cli.end(2)
+"""
+
+
+def test_a_process_that_ends_alone_does_not_wait_for_the_others(tmp_path):
+    """Twenty-first probe: SIGTERM to one of two processes after training (in the held-out
+    evaluation) printed its line, and the process then waited in jax's ``distributed.shutdown``
+    barrier (Python's exit) for process 0, which waited for it in its next collective: neither
+    ended, nor did ``launch/local.sh`` (the failed process never exited). A process that ends
+    with a failure gives the barrier 10 s (``parallel.distributed.leave``) and then ends; the
+    other's collective then fails, which is one line naming what happened."""
+    import time
+
+    log_dir = tmp_path / "logs"
+    t = time.time()
+    r = subprocess.run(
+        ["bash", os.path.join(ROOT, "launch", "local.sh"), "-n", "2", "--cpu", "--",
+         sys.executable, "-c", ALONE],
+        cwd=ROOT, env=_env(LOG_DIR=str(log_dir), KILL_GRACE="120"), capture_output=True,
+        text=True, timeout=280)
+    secs = time.time() - t
+    logs = [open(os.path.join(log_dir, f)).read() for f in sorted(os.listdir(log_dir))]
+    # local.sh's status is the first failure it saw: both may end within one of its polls
+    assert r.returncode in (2, 130), r.stderr[-2000:] + "".join(logs)[-3000:]
+    assert "exit statuses 0:2 1:130" in r.stderr, r.stderr
+    assert secs < 100, secs  # before: 300 s and more (the shutdown barrier's own timeout)
+    assert "process 1 stops" in logs[1] and "Traceback" not in logs[1], logs[1]
+    err = [line for line in logs[0].splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith(
+        "error: another process of this multi-process run ended or cannot be reached ("), logs[0]
+    assert "Traceback" not in logs[0], logs[0]
+
+
+def test_sigterm_to_one_process_after_training_ends_the_run_and_the_rerun_finishes(tmp_path):
+    """Twenty-first probe, as a user met it: ``launch/local.sh -n 2``, SIGTERM to process 1
+    once the stage has finished (held-out evaluation, export): local.sh ran on for ever. Now
+    process 1 prints its line and ends, process 0 one line (its collective lost its peer) or
+    local.sh's SIGTERM stops it; the same command again finds the stage done and finishes."""
+    import signal
+    import time
+
+    w, log_dir = tmp_path / "w", tmp_path / "logs"
+    cmd = ["bash", os.path.join(ROOT, "launch", "local.sh"), "-n", "2", "--cpu", "--",
+           sys.executable, "-m", "emit_jax.train", "--config", "configs/grpo.py:smoke",
+           "--workdir", str(w), "--config.stages=base", "--config.base.steps=1",
+           "--config.eval_limit=2", "--config.image_size=56", "--config.compile_cache="]
+    env = _env(LOG_DIR=str(log_dir), EMIT_JAX_CACHE=str(tmp_path / "cache"), KILL_GRACE="20")
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    pid1 = None
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and p.poll() is None:
+            if "[base] finished in" in (log_dir / "proc_0.log").read_text() \
+                    if (log_dir / "proc_0.log").exists() else False:
+                pid1 = _pid_of_process(1)
+                os.kill(pid1, signal.SIGTERM)
+                break
+            time.sleep(0.1)
+        t = time.time()
+        out, _ = p.communicate(timeout=200)
+        secs = time.time() - t
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    logs = [open(os.path.join(log_dir, f)).read() for f in sorted(os.listdir(log_dir))]
+    assert pid1 is not None, out[-2000:]
+    assert p.returncode == 130 and "first failure: process 1, status 130" in out, out[-2000:]
+    assert secs < 60, secs
+    assert logs[1].rstrip().splitlines()[-1] == (
+        "emit_jax.train: interrupted (SIGTERM); rerun the same command to resume from the last "
+        "checkpoint"), logs[1][-2000:]
+    assert "Traceback" not in logs[0] + logs[1], logs[0][-3000:]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[base] already finished" in open(log_dir / "proc_0.log").read()
+    assert (w / "hf" / "config.json").is_file()
+
+
+def _pid_of_process(i: int) -> int:
+    """The pid of the ``emit_jax.train`` process whose environment says EMIT_PROCESS_ID=i."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            cmdline = open(f"/proc/{name}/cmdline", "rb").read()
+            environ = open(f"/proc/{name}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"emit_jax.train" in cmdline and f"EMIT_PROCESS_ID={i}".encode() in environ:
+            return int(name)
+    raise AssertionError(f"no emit_jax.train process {i}")

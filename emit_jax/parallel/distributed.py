@@ -81,7 +81,7 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
         if not on_tpu:
             return False
         jax.distributed.initialize()
-        return jax.process_count() > 1
+        return _started(jax.process_count() > 1)
     if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
         raise ValueError(f"bad multihost arguments: process {args.process_id} of "
                          f"{args.num_processes} (coordinator {args.coordinator!r})")
@@ -92,7 +92,54 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=args.coordinator,
                                num_processes=args.num_processes, process_id=args.process_id)
-    return True
+    return _started(True)
+
+
+def _started(several: bool) -> bool:
+    global _STARTED
+    _STARTED = several
+    return several
+
+
+#: True once :func:`initialize` started ``jax.distributed`` with more than one process
+_STARTED = False
+
+
+def started() -> bool:
+    """True when this process is one of several of a ``jax.distributed`` run it started."""
+    return _STARTED
+
+
+def leave(status: int, timeout: float = 10.0) -> bool:
+    """Before a process of a multi-process run ends with ``status``: True when it may end the
+    way Python's exit does, False when it must end at once (``os._exit``).
+
+    Python's exit runs jax's ``clean_up``, whose ``jax.distributed.shutdown`` waits in a
+    barrier for every process. A process ending on its own (a signal that came outside the
+    training loop's agreed stop, an error only it met) waited there for ever while the others
+    waited for it in their next collective: neither ended, and the launcher, waiting for a
+    failed process, never stopped the rest. The shutdown runs here in a thread for at most
+    ``timeout`` seconds: processes that all end (an error they all meet, the loop's agreed
+    stop) pass the barrier together, as before; a process alone in it gives up, and ends at
+    once with its status, so that the launcher (``launch/local.sh``, ``srun``) sees the failure
+    and stops the others. Status 0 is every process's normal end: it changes nothing."""
+    if status == 0 or not _STARTED:
+        return True
+    import threading
+
+    over, passed = threading.Event(), []
+
+    def shut() -> None:
+        try:
+            jax.distributed.shutdown()
+            passed.append(True)
+        except Exception:  # noqa: BLE001 - a peer already gone: the process ends either way
+            pass
+        finally:
+            over.set()
+
+    threading.Thread(target=shut, name="emit_jax-distributed-leave", daemon=True).start()
+    return over.wait(timeout) and bool(passed)
 
 
 def is_primary() -> bool:
