@@ -191,6 +191,10 @@ def model_hint(path: str) -> str:
             n.endswith(".safetensors") for n in os.listdir(path)):  # (before: not said)
         return (" but a Hugging Face model folder; convert it first with python -m "
                 f"emit_jax.convert --hf {path} --out CKPT")
+    if any(n.endswith(".safetensors") for n in os.listdir(path)):  # (twenty-first probe #29)
+        return (" (it holds .safetensors files as a Hugging Face model folder does, but no "
+                "config.json: restore that file, then convert the folder with python -m "
+                "emit_jax.convert)")
     given = os.path.normpath(path)
     ckpt = given if os.path.basename(given) == "ckpt" else os.path.dirname(given)
     stage = os.path.basename(os.path.dirname(os.path.abspath(ckpt)))

@@ -63,10 +63,11 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "multihost: this process's 
                                    "(-1: auto-detected)", lower_bound=-1)
 
 
-def run(cfg, workdir: str) -> dict:
+def run(cfg, workdir: str, *, chosen: bool = False) -> dict:
     """Run the stages ``cfg`` lists into ``workdir`` (each resumed, or loaded when finished),
     then the held-out evaluation, the HF export and the plots. Returns the results
-    (also written to ``WORKDIR/results.json``)."""
+    (also written to ``WORKDIR/results.json``). ``chosen``: the workdir is the default one
+    (no ``--workdir``), named in a line once the settings are valid."""
     # a path no message, JSON file or tokenizer file can name: refused before anything is made
     check_workdir_name(workdir)
     workdir = unambiguous(workdir)  # LINK/../NAME: one folder (it split over two)
@@ -98,6 +99,9 @@ def run(cfg, workdir: str) -> dict:
     check_is_workdir(workdir)
     check_workdir_outputs(workdir)
     made = not os.path.lexists(workdir)
+    if chosen:  # (twenty-first probe: the folder a run without --workdir used was not said)
+        stages.log(f"[workdir] {workdir} ({'a new folder' if made else 'found'}; no --workdir "
+                   "given: runs/<config name>[-<variant>] under the current folder)")
     if made and any(part != part.strip() for part in workdir.split(os.sep)):  # SP5
         stages.log(f"note: --workdir {workdir!r}: a folder name in it begins or ends with a "
                    "blank; the lines below show the path as it is")
@@ -697,7 +701,7 @@ def _train(cfg, workdir: str) -> None:
             check_options(cfg)
             with memory_options(**dict(cfg.get("memory") or {})), \
                     kernel_options(**dict(cfg.get("kernels") or {})):
-                run(cfg, workdir)
+                run(cfg, workdir, chosen=not _WORKDIR.value)
             cli.finishing("emit_jax.train", 0)  # from here a signal says the run was done
     except KeyboardInterrupt as e:
         stages.log(cli.interrupted_line("emit_jax.train", f"({str(e) or 'SIGINT'})",

@@ -689,3 +689,46 @@ def test_restart_with_another_seed_trains_again(tmp_path):
     other = configs.load("configs/grpo.py:smoke", ["seed=1", "base.steps=2"])
     assert stages.changed_settings(other, str(d)) == {}  # a rerun: kept, with a warning
     assert stages.changed_settings(other, str(d), sections=True) == {"base": [("seed", 0, 1)]}
+
+
+def test_a_restart_that_only_adds_steps_says_the_stage_continues(tmp_path):
+    """Twenty-first probe #13: ``--config.restart=True --config.base.steps=2`` on a workdir
+    whose base finished with 1 step said "[restart] ... nothing to restart" and then trained
+    base step 2/2 without a word why."""
+    import json
+
+    from emit_jax import configs
+    from emit_jax.training.stages import restart_note
+
+    cfg = configs.load("configs/grpo.py:smoke")
+    cfg.stages = ("base", "sft")
+    cfg.base.steps, cfg.sft.steps = 2, 3
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "done.json").write_text(json.dumps({"steps": 1}))
+    assert restart_note(cfg, str(tmp_path)) == (
+        "[restart] the stored stages were trained with these settings: nothing to train again "
+        "(base continues from step 1 to 2: more steps resume a stage, fewer train it again)")
+    cfg.base.steps = 1
+    assert restart_note(cfg, str(tmp_path)) == (
+        "[restart] the stored stages were trained with these settings: nothing to train again")
+
+
+def test_a_run_without_workdir_names_the_folder_it_uses(tmp_path):
+    """Twenty-first probe: a run without ``--workdir`` trained into runs/<config>-<variant>
+    without naming it; the folder is said once the settings are valid (and a run that names
+    its workdir has no such line)."""
+    args = [sys.executable, "-m", "emit_jax.train", "--config",
+            os.path.join(ROOT, "configs", "grpo.py") + ":smoke", "--config.stages=base",
+            "--config.base.steps=1", "--config.eval_limit=0", "--config.eval_unseen=0",
+            "--config.export_hf=False", "--config.image_size=56", "--config.compile_cache="]
+    env = dict(os.environ, PYTHONPATH=ROOT, EMIT_JAX_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    folder = os.path.join("runs", "grpo-smoke")
+    assert f"[workdir] {folder} (a new folder; no --workdir given: runs/<config name>" \
+           "[-<variant>] under the current folder)" in r.stderr.splitlines()
+    assert (tmp_path / folder / "base" / "done.json").is_file()
+    r = subprocess.run(args + ["--workdir", folder], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "[workdir]" not in r.stderr, r.stderr[-2000:]

@@ -438,6 +438,12 @@ def test_a_hugging_face_folder_read_as_a_checkpoint_says_to_convert_it(tmp_path)
         checkpoint.read_meta(tmp_path)
     assert str(e.value).endswith(f"but a Hugging Face model folder; convert it first with python "
                                  f"-m emit_jax.convert --hf {tmp_path} --out CKPT")
+    (tmp_path / "config.json").unlink()  # twenty-first probe #29: an export without it
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.read_meta(tmp_path)
+    assert str(e.value).endswith("(it holds .safetensors files as a Hugging Face model folder "
+                                 "does, but no config.json: restore that file, then convert the "
+                                 "folder with python -m emit_jax.convert)")
 
 
 @pytest.mark.parametrize("marker", ["model.safetensors", "emit_jax.json"])

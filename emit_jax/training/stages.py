@@ -564,6 +564,17 @@ def _show(value) -> str:
     return "none" if value is None else repr(value)
 
 
+def restart_note(cfg, workdir: str) -> str:
+    """The ``[restart]`` line of a restart that trains nothing again: the stored stages match
+    the run's settings. A finished stage asked for more steps continues from its last step
+    (twenty-first probe: "nothing to restart", and then the stage trained on, unexplained)."""
+    more = [f"{s} continues from step {n} to {stage_steps(cfg, s)}" for s in cfg.stages
+            if (n := done_steps(workdir, s)) is not None and n < stage_steps(cfg, s)]
+    return ("[restart] the stored stages were trained with these settings: nothing to train "
+            "again" + (f" ({'; '.join(more)}: more steps resume a stage, fewer train it "
+                       "again)" if more else ""))
+
+
 def check_settings(cfg, workdir: str) -> None:
     """Refuse a rerun whose settings differ from those a stage's output in the workdir was made
     with (:func:`changed_settings`): one ``ConfigError`` naming each (stored -> now). With
@@ -576,7 +587,7 @@ def check_settings(cfg, workdir: str) -> None:
     changed = changed_settings(cfg, workdir, sections=restart)
     if not changed:
         if restart:
-            log("[restart] the stored stages were trained with these settings: nothing to restart")
+            log(restart_note(cfg, workdir))
         return
     first = next(s for s in cfg.stages if s in changed)
     later = [s for s in cfg.stages[list(cfg.stages).index(first):]
