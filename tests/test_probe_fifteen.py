@@ -681,3 +681,27 @@ def test_table1_checks_its_rows_and_settings_before_making_a_folder(tmp_path, ca
                           "grpo.steps=0"], prog=prog) == 2
     assert capsys.readouterr().err.strip() == f"{prog}: error: config grpo.steps: 0 is below 1"
     assert not wd.exists()
+
+
+def test_fresh_images_says_seeds_0_and_the_base_stage_it_trains_first(tmp_path, capsys):
+    """Twentieth probe C95: ``--seeds 0`` on a workdir without a base model started a base
+    training and then a run on no fresh data, neither said. (The workdir's lock, held here,
+    stops it once both notes are out.)"""
+    from emit_jax import cli
+    from emit_jax.experiments.fresh_images import main
+    from emit_jax.training import stages
+
+    wd = tmp_path / "w"
+    wd.mkdir()
+    prog = "python -m emit_jax.experiments.fresh_images"
+    with stages.workdir_lock(str(wd)):
+        assert cli.run(lambda argv: (main(argv), 0)[1],
+                       ["--workdir", str(wd), "--config", "configs/grpo.py:smoke", "--seeds",
+                        "0", "--steps", "1"], prog=prog) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[:2] == [
+        "note: --seeds 0: no fresh datasets; the run trains on the workdir's own AD questions "
+        "only (a control for the fresh-image runs)",
+        f"note: {wd} has no base model (base/model): a base stage is trained there first, as "
+        "train would"], err
+    assert err[-1].startswith(f"{prog}: error: {wd}: in use by another trainer"), err

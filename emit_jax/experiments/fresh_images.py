@@ -117,7 +117,12 @@ def main(argv=None) -> dict:
     # the flags' own run, made (and so checked) before any image is drawn
     ocfg = OptimConfig.from_section(dict(cfg.sft, steps=a.steps, lr=a.lr, batch_size=a.batch_size),
                                     "sft")
+    if a.seeds == 0:  # (twentieth probe C95: a control run, not said)
+        print("note: --seeds 0: no fresh datasets; the run trains on the workdir's own AD "
+              "questions only (a control for the fresh-image runs)", file=sys.stderr, flush=True)
     if a.stage == "sft" and not os.path.isdir(os.path.join(a.workdir, "base", "model")):
+        print(f"note: {a.workdir} has no base model (base/model): a base stage is trained there "
+              "first, as train would", file=sys.stderr, flush=True)
         base_cfg = configs.load(a.config, sets)
         base_cfg.stages, base_cfg.eval_limit, base_cfg.export_hf = ("base",), 0, False
         train.run(base_cfg, a.workdir)  # takes the workdir's lock itself, and lets it go
