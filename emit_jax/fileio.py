@@ -285,7 +285,8 @@ def check_not_input(out: str | os.PathLike, inputs: dict) -> None:
     """Refuse an output path that is one of ``inputs`` or lies inside one (symlinks resolved):
     ``inputs`` maps a flag name (``"--data"``) to its path, or None when not given. Raises
     ``ValueError`` naming the output, the flag and its path, before anything is written. An
-    output in a training workdir's ``hf/`` (:func:`training_export_above`) is refused too."""
+    output in what a training workdir's runs write (:func:`training_workdir_part`: its ``hf/``,
+    stage folders, ``results.json`` ...) is refused too."""
     target = os.path.realpath(os.fspath(out))
     for flag, path in inputs.items():
         if not path:
@@ -295,23 +296,42 @@ def check_not_input(out: str | os.PathLike, inputs: dict) -> None:
             where = "is" if target == src else "lies inside"
             raise InputOverwriteError(
                 f"{out}: the output {where} the input {flag} {path}; choose a path outside it")
-    export = training_export_above(target)
-    if export:  # (eighteenth probe E15/F2/F3: written there, then gone with the next export)
+    # (eighteenth probe E15/F2/F3: written in WORKDIR/hf, gone with the next export; the
+    # twenty-second's X34 / T03b: in a stage's checkpoint step, deleted as the stage went on,
+    # and over WORKDIR/results.json, replaced as the run ended)
+    if part := training_workdir_part(target):
+        workdir, entry, what = part
         raise InputOverwriteError(
-            f"{out}: the output {'is' if export == target else 'lies inside'} {export}, the "
-            f"model export of the training workdir {os.path.dirname(export)}, which its next "
-            "exporting run replaces; choose a path outside it")
+            f"{out}: the output {'is' if entry == target else 'lies inside'} {entry}, "
+            f"{what} of the training workdir {workdir}, which its runs replace or delete; "
+            "choose a path outside it (or a new name in the workdir itself)")
 
 
-def training_export_above(path: str) -> str | None:
-    """The ``WORKDIR/hf`` folder ``path`` (resolved) is or lies inside, when ``WORKDIR`` is a
-    training workdir (its records' ``data/options.json``); else None."""
-    folder = path
-    while folder and folder != os.path.dirname(folder):
-        if os.path.basename(folder) == "hf" and os.path.isfile(
-                os.path.join(os.path.dirname(folder), "data", "options.json")):
-            return folder
-        folder = os.path.dirname(folder)
+#: what a training workdir's runs write at its top level, and so replace or delete: the stage
+#: folders (their checkpoints rotate), the export, the records, the tokenizer, the results and
+#: plots, the lock; folders starting with these prefixes (restarts, fresh_images) too
+WORKDIR_OWN = {"warmup": "a stage folder", "base": "a stage folder", "sft": "a stage folder",
+               "sft2": "a stage folder", "grpo": "a stage folder",
+               "hf": "the model export", "data": "the records", "tokenizer": "the tokenizer",
+               "results.json": "the results", "curves.png": "the curves",
+               "results.png": "the results plot", ".lock": "the lock"}
+WORKDIR_OWN_PREFIXES = {"replaced-": "a restart's moved output",
+                        "fresh_": "a fresh_images run's folder"}
+
+
+def training_workdir_part(path: str) -> tuple[str, str, str] | None:
+    """``(workdir, entry, what)`` when ``path`` (resolved) is, or lies inside, an entry a
+    training workdir's runs write (:data:`WORKDIR_OWN`: ``WORKDIR/hf``, a stage folder and its
+    checkpoints, ``results.json`` ...); ``WORKDIR`` is known by its records'
+    ``data/options.json``. None elsewhere, a new name at the workdir's top level included."""
+    entry = path
+    while entry and entry != os.path.dirname(entry):
+        workdir, name = os.path.dirname(entry), os.path.basename(entry)
+        what = WORKDIR_OWN.get(name) or next(
+            (w for p, w in WORKDIR_OWN_PREFIXES.items() if name.startswith(p)), None)
+        if what and os.path.isfile(os.path.join(workdir, "data", "options.json")):
+            return workdir, entry, what
+        entry = workdir
     return None
 
 

@@ -381,7 +381,8 @@ def test_an_output_inside_a_workdirs_export_is_refused(tmp_path, capsys, module,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith(
         f"the output lies inside {wd / 'hf'}, the model export of the training workdir {wd}, "
-        "which its next exporting run replaces; choose a path outside it"), err
+        "which its runs replace or delete; choose a path outside it (or a new name in the "
+        "workdir itself)"), err
     assert os.listdir(wd / "hf") == []
 
 
@@ -732,3 +733,44 @@ def test_a_run_without_workdir_names_the_folder_it_uses(tmp_path):
     r = subprocess.run(args + ["--workdir", folder], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "[workdir]" not in r.stderr, r.stderr[-2000:]
+
+
+def test_an_output_in_what_a_training_workdir_writes_is_refused(tmp_path, capsys):
+    """Twenty-second probe X34 (data lost): ``export --out WORKDIR/base/ckpt/1/myexport`` and
+    ``evaluate --out WORKDIR/base/ckpt/1/myeval.json`` were written, and the next run of the
+    stage deleted checkpoint 1 with them; T03b: ``evaluate --out WORKDIR/results.json`` (the
+    workdir named through a link) was replaced by the run's results. Only ``hf/`` was guarded.
+    Every entry the workdir's runs write is now; a new name in the workdir itself is not."""
+    from emit_jax import cli, fileio
+    from emit_jax.evaluate import main as evaluate
+
+    wd = tmp_path / "w"
+    (wd / "data").mkdir(parents=True)
+    (wd / "data" / "options.json").write_text("{}")
+    (wd / "base" / "ckpt" / "1").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(wd)
+    for out, entry, what in [
+            (wd / "base" / "ckpt" / "1" / "myexport", wd / "base", "a stage folder"),
+            (tmp_path / "link" / "results.json", wd / "results.json", "the results"),
+            (wd / "tokenizer", wd / "tokenizer", "the tokenizer"),
+            (wd / "replaced-20261205" / "x.json", wd / "replaced-20261205",
+             "a restart's moved output"),
+            (wd / "fresh_sft_all" / "e.json", wd / "fresh_sft_all", "a fresh_images run's folder")]:
+        with pytest.raises(fileio.InputOverwriteError) as e:
+            fileio.check_not_input(out, {})
+        where = "is" if out.name == entry.name else "lies inside"
+        assert str(e.value) == (
+            f"{out}: the output {where} {entry}, {what} of the training workdir {wd}, which its "
+            "runs replace or delete; choose a path outside it (or a new name in the workdir "
+            "itself)")
+    fileio.check_not_input(wd / "myeval.json", {})  # the user's own name: theirs
+    fileio.check_not_input(tmp_path / "base" / "x", {})  # no workdir above: nothing to guard
+    (tmp_path / "ds").mkdir()
+    prog = "python -m emit_jax.evaluate"
+    assert cli.run(evaluate, ["--checkpoint", str(tmp_path / "ck"), "--data",
+                              str(tmp_path / "ds"), "--out", str(tmp_path / "link" /
+                                                                  "results.json")],
+                   prog=prog) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the output is " + str(wd / "results.json") in err[0], err
+    assert not (wd / "results.json").exists()
