@@ -556,13 +556,15 @@ def _get_flat(state, path):
 
 
 def copy_assets(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy tokenizer / processor / generation files from ``src`` to ``dst``."""
+    """Copy tokenizer / processor / generation files from ``src`` to ``dst``: their contents,
+    made with the umask's permissions as every other output (twenty-second probe U01: the
+    source's mode was copied, 644 under ``umask 077``)."""
     copied = []
     src = os.fspath(src)
     for name in ASSET_PATTERNS:
         p = os.path.join(src, name)
         if os.path.isfile(p):
-            shutil.copy2(p, os.path.join(os.fspath(dst), name))
+            shutil.copyfile(p, os.path.join(os.fspath(dst), name))
             copied.append(name)
     return copied
 

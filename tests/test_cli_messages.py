@@ -631,3 +631,27 @@ def test_convert_refuses_a_tokenizer_file_that_is_not_json(tmp_path, tiny_model)
     rc, err, _ = run_main("emit_jax.convert", ["--hf", str(src), "--out", str(tmp_path / "cv")])
     assert_one_error(rc, err, "tokenizer.json: not a readable tokenizer file (malformed JSON")
     assert not os.path.exists(tmp_path / "cv")
+
+
+def test_copied_tokenizer_files_follow_the_umask(umask, tmp_path, tiny_model):
+    """Twenty-second probe U01 / U03: under ``umask 077`` (or 027) ``export`` and ``convert``
+    wrote their weights 0600 but copied tokenizer.json, tokenizer_config.json and
+    chat_template.jinja with their source's mode (0644)."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model["hf"], src)
+    for name in ("tokenizer.json", "chat_template.jinja"):
+        (src / name).write_text("{}" if name.endswith(".json") else "{{ messages }}")
+        os.chmod(src / name, 0o644)
+    umask(0o077)
+    rc, err, _ = run_main("emit_jax.convert", ["--hf", str(src), "--out", str(tmp_path / "ck")])
+    assert rc == 0, err
+    rc, err, _ = run_main("emit_jax.export", ["--checkpoint", str(tmp_path / "ck"), "--out",
+                                              str(tmp_path / "ex")])
+    assert rc == 0, err
+    for top in (tmp_path / "ck", tmp_path / "ex"):
+        files = [os.path.join(d, f) for d, _, fs in os.walk(top) for f in fs]
+        assert any(f.endswith("chat_template.jinja") for f in files), files
+        for f in files:
+            assert _mode(f) == 0o600, (f, oct(_mode(f)))
