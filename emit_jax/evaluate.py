@@ -338,6 +338,10 @@ def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, 
         raise DataError(f"{root}: --split {split!r} matches no image; the data's splits are "
                         f"{have} (or 'all')")
     dk_path = os.path.join(root, "domain_knowledge.json")
+    if domain_knowledge not in ("all", "none") and not os.path.lexists(dk_path):
+        # (twenty-second probe E10: the flag had no effect, without a word)
+        print(f"note: --domain-knowledge {domain_knowledge}: {root} has no domain_knowledge.json; "
+              "the questions have no domain knowledge", file=sys.stderr)
     dk = load_domain_knowledge(dk_path if os.path.lexists(dk_path) else None, queries[0].dataset
                                if queries else None) if domain_knowledge != "none" else None
     report = Report()

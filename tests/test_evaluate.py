@@ -244,6 +244,21 @@ def test_domain_knowledge_is_asked_as_the_model_was_trained(tmp_path):
     assert sum(shorter) > len(shorter) // 2  # every question that has the block
 
 
+def test_a_number_of_sentences_without_domain_knowledge_is_said(tmp_path, capsys):
+    """Twenty-second probe E10: ``--domain-knowledge 3`` on a folder without
+    domain_knowledge.json had no effect, without a word."""
+    from emit_jax.evaluate import mvtec_queries
+
+    data = make_mvtec(tmp_path / "ds", classes=("widget",))
+    capsys.readouterr()
+    mvtec_queries(data, False, 2, None, 0, "all")
+    assert "domain" not in capsys.readouterr().err
+    mvtec_queries(data, False, 2, None, 0, "3")
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"note: --domain-knowledge 3: {data} has no domain_knowledge.json; the questions have "
+        "no domain knowledge")
+
+
 @pytest.mark.parametrize("value,needle", [
     ("0", "'0': expected all, none or a number of sentences >= 1"),
     ("some", "'some': expected all, none or a number"),
