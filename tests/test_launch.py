@@ -338,3 +338,25 @@ def test_tpu_pod_checks_the_name_and_zone_here(name, zone, line):
               "proj", "create"], _env())
     assert r.returncode == 2 and r.stderr.strip() == line, r.stderr
     assert r.stdout == ""
+
+
+@pytest.mark.parametrize("tpu_type, line", [
+    ("v5p-0", "tpu_pod.sh: TPU type 'v5p-0' is not an accelerator type (like v5p-8, "
+              "v5litepod-16, v6e-8)"),
+    ("v5p", "tpu_pod.sh: TPU type 'v5p' is not an accelerator type (like v5p-8, v5litepod-16, "
+            "v6e-8)"),
+    ("v5p-7", "tpu_pod.sh: TPU type 'v5p-7': v5p sizes count TensorCores, two per chip (an even "
+              "number, like v5p-8)"),
+    ("v4-8 --quiet", "tpu_pod.sh: TPU type 'v4-8 --quiet' is not an accelerator type (like "
+                     "v5p-8, v5litepod-16, v6e-8)"),
+])
+def test_tpu_pod_checks_the_accelerator_type_here(tpu_type, line):
+    """Twenty-second probe L07/L10: ``--type v5p-0`` (or v5p-7) reached gcloud's create."""
+    r = _run([LAUNCH / "tpu_pod.sh", "--dry-run", "--name", "pod", "--zone", "us-east5-a",
+              "--project", "proj", "--type", tpu_type, "create"], _env())
+    assert r.returncode == 2 and r.stderr.strip() == line, r.stderr
+    assert r.stdout == ""
+    for good in ("v5p-16", "v5litepod-1", "v6e-8"):
+        r = _run([LAUNCH / "tpu_pod.sh", "--dry-run", "--name", "pod", "--zone", "us-east5-a",
+                  "--project", "proj", "--type", good, "create"], _env())
+        assert r.returncode == 0 and f"--accelerator-type={good}" in r.stdout, r.stderr
