@@ -663,3 +663,32 @@ def test_a_micro_batch_larger_than_the_step_is_warned_about():
     lines = validate_config(configs.load("grpo:smoke", {"sft.micro_batch_size": 999})).warnings()
     assert lines == ["warning: config sft.micro_batch_size=999 is larger than a step's 8 rows "
                      "(sft.batch_size): the whole batch is one micro-batch, as with 0"]
+
+
+def test_a_stage_resumed_at_its_last_step_says_so_and_keeps_its_history(tmp_path, cache):
+    """Twenty-second probe W2b: ``done.json`` moved away (as the error on a missing model
+    advises) and rerun: the model was saved again from the last checkpoint, but only
+    "[warmup] finished in 1s" was said, and done.json / results.json held an empty history (the
+    curve of the stage lost); a stage resumed mid-way kept only the last run's steps."""
+    import json
+
+    w = tmp_path / "w"
+    args = [*WARMUP, "--workdir", str(w), "--config.log_every=1", "--config.checkpoint_every=1"]
+    r = train(*args, "--config.warmup.steps=2", env=cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = json.loads((w / "warmup" / "done.json").read_text())["history"]
+    assert [h["step"] for h in first] == [1, 2]
+    os.remove(w / "warmup" / "done.json")
+    shutil.rmtree(w / "warmup" / "model")
+    r = train(*args, "--config.warmup.steps=2", env=cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("[warmup] resumes from its checkpoint at step 2 of 2: no step is left to run, its "
+            "model is saved from that checkpoint") in r.stderr.splitlines(), r.stderr[-3000:]
+    assert json.loads((w / "warmup" / "done.json").read_text())["history"] == first
+    r = train(*args, "--config.warmup.steps=3", env=cache)  # continued: the whole history
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[warmup] resumes from its checkpoint at step 2 of 3" in r.stderr.splitlines()
+    history = json.loads((w / "warmup" / "done.json").read_text())["history"]
+    assert [h["step"] for h in history] == [1, 2, 3] and history[:2] == first
+    results = json.loads((w / "results.json").read_text())
+    assert [h["step"] for h in results["stages"]["warmup"]["history"]] == [1, 2, 3]

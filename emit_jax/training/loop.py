@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from emit_jax.errors import STOP_SIGNALS, NonFiniteError, exit_interrupted, program
-from emit_jax.training.metrics import MetricWriter
+from emit_jax.training.metrics import MetricWriter, read_metrics
 from emit_jax.training.state import StageCheckpoints
 
 POLICIES = ("skip", "stop")
@@ -97,6 +97,10 @@ def run_loop(stage: Stage, ckpt: StageCheckpoints, stage_dir: str, *,
                   f"{stage.name}.steps={stage.steps}: no step runs, and the stage is finished "
                   f"with the {start} steps it has (a new --workdir trains {stage.steps})",
                   file=sys.stderr, flush=True)
+        elif start > 0:  # (twenty-second probe W2b: not said, the stage seemed to train anew)
+            print(f"[{stage.name}] resumes from its checkpoint at step {start} of {stage.steps}"
+                  + (": no step is left to run, its model is saved from that checkpoint"
+                     if start == stage.steps else ""), file=sys.stderr, flush=True)
     progress = MetricWriter(stage_dir, stage=stage.name, total_steps=stage.steps, start_step=start)
     counter = NonFiniteCounter(stage.name, on_nonfinite,
                                skipped=(meta or {}).get("nonfinite_skipped", 0))
@@ -133,6 +137,17 @@ def run_loop(stage: Stage, ckpt: StageCheckpoints, stage_dir: str, *,
         raise
     ckpt.close()
     progress.close()
+    if start > 0 and progress.enabled:
+        # the whole stage's history, the runs before this one's included (before: a resumed
+        # stage's done.json and results.json held only the last run's steps, none when it
+        # resumed at its last step)
+        try:
+            history = [{"step": r["step"], **{k: v for k, v in r.items()
+                                              if k not in ("stage", "step", "time")}}
+                       for r in read_metrics(progress.path)
+                       if isinstance(r.get("step"), int) and r["step"] <= max(start, stage.steps)]
+        except (OSError, ValueError):
+            pass
     return history
 
 
