@@ -89,11 +89,29 @@ def render(heat, query_tile, reference_tile, out, title=""):
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 0.94) if title else None)
+    fmt = image_format(out)
+    key = _MARK_KEYS.get(fmt)  # the figure carries the command's name: what it may replace
     try:
         with atomic_path(out) as tmp:  # a failed or interrupted write leaves no half image
-            fig.savefig(tmp, dpi=100, format=image_format(out))
+            fig.savefig(tmp, dpi=100, format=fmt, **({"metadata": {key: MARK}} if key else {}))
     finally:
         plt.close(fig)
+
+
+#: the name a figure of this command carries (PNG Software, PDF / SVG / PS Creator): an
+#: existing ``--out`` is replaced only when it is such a figure
+MARK = "emit_jax.visualize"
+_MARK_KEYS = {"png": "Software", "pdf": "Creator", "svg": "Creator", "ps": "Creator",
+              "eps": "Creator"}
+
+
+def is_our_figure(path: str) -> bool:
+    """Whether the file at ``path`` is a figure this command wrote (its metadata names it)."""
+    try:
+        with open(path, "rb") as f:
+            return MARK.encode() in f.read(64 * 2**20)
+    except OSError:
+        return False
 
 
 def image_format(out: str) -> str:
@@ -165,6 +183,13 @@ def main(argv=None) -> int:
     with output_lock(args.out, what=f"--out {show_path(args.out)}: another visualize is "
                      "writing it", hint="wait for it to end, or choose another --out"):
         if os.path.lexists(args.out):  # (before: replaced without a word)
+            if not is_our_figure(args.out):  # (twenty-second probe V14: a user's photo, gone)
+                fmt = image_format(args.out)
+                why = "" if fmt in _MARK_KEYS else f", and a .{fmt} file cannot say it is one"
+                raise ConfigError(
+                    f"--out {show_path(args.out)}: exists and is not a figure of "
+                    f"emit_jax.visualize (it replaces only its own{why}); choose another "
+                    "--out, or remove the file first")
             print(f"note: --out {show_path(args.out)} exists; it is replaced when the figure "
                   "is drawn", file=sys.stderr, flush=True)
         heat, info = _figure(args)

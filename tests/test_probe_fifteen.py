@@ -507,24 +507,43 @@ def test_the_workdirs_output_names_are_checked_before_the_run(tmp_path, capsys):
     assert (tmp_path / "mine.txt").read_text() == "mine"
 
 
-def test_visualize_says_it_replaces_an_existing_figure(tmp_path, capsys):
+@pytest.mark.parametrize("ext", ["png", "pdf", "svg"])
+def test_visualize_replaces_only_its_own_figure(tmp_path, capsys, ext):
     """Sixteenth probe D2: ``visualize heatmap --out EXISTING.png`` replaced the file without
-    a word."""
+    a word; then (twenty-second probe V14) with a note, a user's photo too. A figure it wrote
+    (its metadata names the command) is replaced, with the note; any other file is refused."""
     from PIL import Image
 
     from emit_jax import cli
     from emit_jax.visualize import main
 
-    q, r, out = tmp_path / "q.png", tmp_path / "r.png", tmp_path / "old.png"
+    q, r, out = tmp_path / "q.png", tmp_path / "r.png", tmp_path / f"old.{ext}"
     Image.new("RGB", (64, 64), (200, 180, 160)).save(q)
     Image.new("RGB", (64, 64), (190, 180, 160)).save(r)
-    Image.new("RGB", (8, 8), (0, 0, 0)).save(out)
-    assert cli.run(main, ["heatmap", "--query", str(q), "--reference", str(r), "--out", str(out),
-                          "--arch", "tiny"], prog="emit_jax.visualize") == 0
+    if ext == "png":
+        Image.new("RGB", (8, 8), (0, 0, 0)).save(out)  # the user's photo
+    else:
+        out.write_bytes(b"%PDF-1.4 a user's document" if ext == "pdf" else b"<svg/>")
+    before = out.read_bytes()
+    args = ["heatmap", "--query", str(q), "--reference", str(r), "--out", str(out),
+            "--arch", "tiny"]
+    assert cli.run(main, args, prog="emit_jax.visualize") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"emit_jax.visualize: error: --out {out}: exists and is not a figure of "
+                   "emit_jax.visualize (it replaces only its own); choose another --out, or "
+                   "remove the file first"], err
+    assert out.read_bytes() == before
+    out.unlink()
+    assert cli.run(main, args, prog="emit_jax.visualize") == 0  # its own figure
+    first = out.read_bytes()
+    capsys.readouterr()
+    assert cli.run(main, args, prog="emit_jax.visualize") == 0  # ... is replaced
     err = capsys.readouterr().err.strip().splitlines()
     assert f"note: --out {out} exists; it is replaced when the figure is drawn" in err, err
-    with Image.open(out) as im:
-        assert im.size[0] > 8
+    assert out.stat().st_size > 1000 and len(first) > 1000
+    if ext == "png":
+        with Image.open(out) as im:
+            assert im.size[0] > 8
 
 
 def test_the_embedded_dataset_is_never_written_inside_a_workdir(tmp_path):
