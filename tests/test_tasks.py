@@ -362,3 +362,40 @@ def test_the_same_dataset_in_another_folder_asks_the_same_questions(tmp_path):
     # and the draws do depend on the image: not every question has its answer at one letter
     answers = {r["messages"][-1]["content"] for r in outs[0]}
     assert len(answers) > 1
+
+
+def test_a_dataset_changed_under_a_workdir_is_said(tmp_path, capsys):
+    """Twenty-second probe S04: an image added to the dataset and another rewritten in place
+    after a workdir built its records: the rerun went on with the old questions, reading the
+    rewritten image's new pixels, without a word."""
+    from PIL import Image
+
+    from emit_jax.training.data import SOURCE_FILES, stage_records
+
+    ds = make_mvtec(tmp_path / "ds", classes=("widget",))
+    work = tmp_path / "work"
+    recs = stage_records(ds, str(work), text_samples=False)
+    assert (work / "data" / SOURCE_FILES).is_file()
+    capsys.readouterr()
+    assert stage_records(ds, str(work), text_samples=False) == recs
+    assert "changed since" not in capsys.readouterr().err
+    good = os.path.join(ds, "widget", "train", "good")
+    first = sorted(os.listdir(good))[0]
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(os.path.join(good, "zz_new.png"))
+    with Image.open(os.path.join(good, first)) as im:
+        rotated = im.rotate(90)
+    rotated.save(os.path.join(good, first))
+    os.utime(os.path.join(good, first), ns=(1, 1))  # written since, whatever its size
+    assert stage_records(ds, str(work), text_samples=False) == recs  # the records are kept
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"note: {ds} changed since this workdir built its records from it (1 file(s) "
+                   "added, 1 written since, 0 removed; e.g. widget/train/good/zz_new.png): the "
+                   "stages go on with the questions built then, reading a changed image as it "
+                   f"is now; to build them from the dataset as it is, move {work / 'data'} out "
+                   "of the workdir (the stages are kept; --config.restart=True trains them "
+                   "again)"], err
+    (work / "data" / SOURCE_FILES).unlink()  # a workdir from before the listing: kept now
+    stage_records(ds, str(work), text_samples=False)
+    assert capsys.readouterr().err == "" and (work / "data" / SOURCE_FILES).is_file()
+    stage_records(ds, str(work), text_samples=False)
+    assert capsys.readouterr().err == ""

@@ -32,6 +32,7 @@ Stage data:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -300,6 +301,7 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
                                             if os.path.basename(os.path.normpath(dataset_root))
                                             .startswith("embedded-v") else "")) from None
         _add_digests(options_path, built, paths)
+        note_source_changes(dataset_root, out_dir)
         return recs
     items = scan(dataset_root)
     has_splits = os.path.isfile(os.path.join(dataset_root, "splits.json"))
@@ -359,9 +361,75 @@ def stage_records(dataset_root: str, workdir: str, *, seed: int = 0, text_sample
         json.dump(options, f)
     for n in names:
         jsonl.write_jsonl(recs[n], paths[n])
+    with atomic_output(os.path.join(out_dir, SOURCE_FILES)) as f:  # the dataset they come from
+        json.dump(source_listing(dataset_root), f)
     with atomic_output(options_path) as f:  # then what they hold, checked by every rerun
         json.dump(dict(options, digests={n: _digest(paths[n]) for n in names}), f)
     return recs
+
+
+#: ``WORKDIR/data/source_files.json``: the dataset's files as the records were built from them
+SOURCE_FILES = "source_files.json"
+
+
+def source_listing(root: str) -> dict[str, list[int]]:
+    """``{path relative to root: [size, mtime_ns]}`` of every file under the dataset folder
+    ``root`` (its links followed once, names starting with a dot left out)."""
+    out: dict[str, list[int]] = {}
+    seen: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree: walked once
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if name.startswith("."):
+                continue
+            path = os.path.join(folder, name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            out[os.path.relpath(path, root)] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def note_source_changes(root: str, out_dir: str) -> None:
+    """A ``note:`` line when the dataset ``root`` changed since the workdir built its records
+    from it (files added, removed, or written since: :data:`SOURCE_FILES`). The records are
+    kept (the stages trained, and resume, on them), so the run goes on with the questions of
+    the old dataset, reading any changed image as it is now (twenty-second probe S04: not
+    said). A workdir without the listing (written before it was kept) gets it now, quietly."""
+    import jax
+
+    path = os.path.join(out_dir, SOURCE_FILES)
+    now = source_listing(root)
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        if not isinstance(old, dict):
+            raise ValueError
+    except (OSError, ValueError):
+        if jax.process_index() == 0:
+            from emit_jax.fileio import atomic_output
+
+            with contextlib.suppress(OSError):
+                with atomic_output(path) as f:
+                    json.dump(now, f)
+        return
+    added = sorted(set(now) - set(old))
+    removed = sorted(set(old) - set(now))
+    changed = sorted(k for k in now if k in old and list(old[k]) != now[k])
+    if not (added or removed or changed):
+        return
+    first = (added or changed or removed)[0]
+    print(f"note: {root} changed since this workdir built its records from it ({len(added)} "
+          f"file(s) added, {len(changed)} written since, {len(removed)} removed; e.g. {first}): "
+          "the stages go on with the questions built then, reading a changed image as it is "
+          f"now; to build them from the dataset as it is, move {out_dir} out of the workdir "
+          "(the stages are kept; --config.restart=True trains them again)", file=sys.stderr)
 
 
 def _add_digests(options_path: str, built: dict, paths: dict[str, str]) -> None:
