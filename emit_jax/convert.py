@@ -116,6 +116,20 @@ def main(argv=None) -> int:
                           "internvl_chat folders only (a transformers folder's EMIT settings "
                           "are in its "
                           "emit_extras.safetensors)")
+    flags = [f for f, v in (("--window", args.window), ("--ce-layers", args.ce_layers),
+                            ("--bn-mode", args.bn_mode)) if v is not None]
+    if chat and flags:  # (twenty-second probe X52/X55: ignored on a plain InternVL, no word)
+        from emit_jax.internvl_chat import ChatReader
+
+        reader = ChatReader(args.hf)
+        try:
+            has_emit = bool(reader.emit)
+        finally:
+            reader.close()
+        if not has_emit:
+            raise ConfigError(f"{args.hf}: {' / '.join(flags)} set EMIT's heat map, and this "
+                              "internvl_chat folder holds no EMIT tensors (soft_prompt, "
+                              "projector): a plain InternVL; leave the flags out")
     for name in ("tokenizer.json", "tokenizer_config.json"):  # copied into the checkpoint as is
         path = os.path.join(args.hf, name)
         if os.path.lexists(path):  # a folder or a pipe there was left out without a word

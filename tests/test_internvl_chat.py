@@ -271,6 +271,15 @@ def test_import_plain_internvl_matches_transformers(vit, tokenizer_dir, tmp_path
     real = mask.astype(bool)
     assert np.abs(ref[real]).max() > 1.0
     assert np.abs(out - ref)[real].max() < 1e-4
+    if vit == "layer_norm":  # twenty-second probe X52/X55: EMIT's flags on a plain InternVL
+        for flags in (["--window", "3"], ["--ce-layers", "1,2", "--bn-mode", "standard"]):
+            _assert_cli_error(cli("emit_jax.convert", "--hf", src, "--out",
+                                  str(tmp_path / "out"), *flags),
+                              f"{src}: {' / '.join(f for f in flags if f.startswith('--'))} set "
+                              "EMIT's heat map, and this internvl_chat folder holds no EMIT "
+                              "tensors (soft_prompt, projector): a plain InternVL; leave the "
+                              "flags out")
+            assert not (tmp_path / "out").exists()
 
 
 def _numpy_projector(heat, t):
