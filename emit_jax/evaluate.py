@@ -402,7 +402,7 @@ def evaluate_adfm(model, tokenizer, records, *, limit: int | None = None, max_ti
     """Greedy AD-FM answers for AD-FM records (:mod:`emit_jax.data.adfm`) -> (summary, rows).
 
     summary: ``accuracy`` (% of records with R_cls = 1), ``balanced_accuracy`` (mean of the
-    anomalous and normal recalls, MMAD's AD metric), ``mean_iou`` (anomalous records with GT
+    anomalous and normal recalls, MMAD's AD metric; NaN unless both kinds are asked), ``mean_iou`` (anomalous records with GT
     boxes: :func:`emit_jax.rl.adfm.localization_iou` of the well-formed boxes in ``<think>``
     against the GT, one-to-one, over ``max(m, n)``; x 100), ``hit_rate`` (% of those records
     with a predicted box of IoU >= 0.1 to some GT box, docs/reference/adfm.md 5.5), ``boxes_per_answer``
@@ -428,7 +428,9 @@ def evaluate_adfm(model, tokenizer, records, *, limit: int | None = None, max_ti
     recalls = [pct([r["correct"] for r in part]) for part in (anomalous, normal) if part]
     summary = {"questions": len(rows), "anomalous": len(anomalous), "normal": len(normal),
                "accuracy": pct([r["correct"] for r in rows]),
-               "balanced_accuracy": float(np.mean(recalls)) if recalls else float("nan"),
+               # both recalls, or undefined (twenty-second probe AD1: 0.0 with no normal one)
+               "balanced_accuracy": float(np.mean(recalls)) if len(recalls) == 2
+               else float("nan"),
                "mean_iou": pct([r["iou"] for r in located]),
                "hit_rate": pct([r["hit"] for r in located]), "located": len(located),
                "boxes_per_answer": float(np.mean([len(r["pred_boxes"]) for r in rows]))

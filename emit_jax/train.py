@@ -25,6 +25,7 @@ trains nothing keeps the workdir's ``seconds`` (its own time: ``rerun_seconds``)
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -500,9 +501,9 @@ def evaluate_heldout(run_: stages.Run, model) -> dict:
             max_new_tokens=int(cfg.get("eval_adfm_tokens") or cfg.grpo.max_new_tokens))
         out.update(adfm_test=summary, adfm_answers=rows)
         if parallel.is_primary():
-            print("AD-FM held-out (" + ", ".join(
-                f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
-                for k, v in summary.items()) + ")", flush=True)
+            print(f"AD-FM held-out, eval_adfm={int(cfg.eval_adfm)} (" + ", ".join(
+                (f"{k} {v:.1f}" if math.isfinite(v) else f"{k} n/a") if isinstance(v, float)
+                else f"{k} {v}" for k, v in summary.items()) + ")", flush=True)
     return out
 
 

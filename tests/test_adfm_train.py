@@ -28,5 +28,9 @@ def test_adfm_emit_smoke_run_trains_and_evaluates(tmp_path):
     keys = set().union(*rows)
     assert {"reward_adfm_cls", "reward_adfm_loc", "reward_adfm_fmt"} <= keys, sorted(keys)
     assert any("resampled" in k for k in keys)
-    assert "AD-FM held-out" in r.stdout
+    assert "AD-FM held-out, eval_adfm=3 (questions 3, " in r.stdout
+    # balanced accuracy needs both kinds (twenty-second probe AD1: 0.0 with no normal question)
+    both = summary["anomalous"] and summary["normal"]
+    assert (summary["balanced_accuracy"] is None) == (not both), summary
+    assert both or "balanced_accuracy n/a" in r.stdout
     assert os.path.isdir(w / "base" / "model")
