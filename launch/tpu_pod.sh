@@ -107,7 +107,7 @@ zone=${TPU_ZONE:-}
 tpu_type=${TPU_TYPE:-v5p-8}
 # GENERATION-SIZE with a size of at least 1; v4 and v5p count TensorCores, two per chip
 # (twenty-second probe: v5p-0 and v5p-7 reached gcloud's create)
-[[ $tpu_type =~ ^(v[0-9]+[a-z]*|v5litepod)-([0-9]+)$ ]] && ((10#${BASH_REMATCH[2]} >= 1)) ||
+[[ $tpu_type =~ ^(v[0-9]+[a-z]*|v5litepod)-([1-9][0-9]*)$ ]] ||
     die "TPU type '$tpu_type' is not an accelerator type (like v5p-8, v5litepod-16, v6e-8)"
 if [[ $tpu_type =~ ^(v4|v5p)-([0-9]+)$ ]] && ((10#${BASH_REMATCH[2]} % 2)); then
     die "TPU type '$tpu_type': ${BASH_REMATCH[1]} sizes count TensorCores, two per chip (an even number, like ${BASH_REMATCH[1]}-8)"

@@ -345,6 +345,8 @@ def test_tpu_pod_checks_the_name_and_zone_here(name, zone, line):
               "v5litepod-16, v6e-8)"),
     ("v5p", "tpu_pod.sh: TPU type 'v5p' is not an accelerator type (like v5p-8, v5litepod-16, "
             "v6e-8)"),
+    ("v5p-08", "tpu_pod.sh: TPU type 'v5p-08' is not an accelerator type (like v5p-8, "
+               "v5litepod-16, v6e-8)"),
     ("v5p-7", "tpu_pod.sh: TPU type 'v5p-7': v5p sizes count TensorCores, two per chip (an even "
               "number, like v5p-8)"),
     ("v4-8 --quiet", "tpu_pod.sh: TPU type 'v4-8 --quiet' is not an accelerator type (like "
