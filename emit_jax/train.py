@@ -152,18 +152,39 @@ def check_workdir_outputs(workdir: str) -> None:
                           "move it out of the workdir")
 
 
-#: what a training workdir holds once a run has prepared it (the stage folders too)
-WORKDIR_MARKERS = (".lock", "tokenizer", "data")
+#: what a stage folder of a training workdir holds once its stage has started
+STAGE_MARKERS = (stages.SETTINGS_FILE, "done.json", "ckpt", "model", "metrics.jsonl")
+
+
+def is_training_workdir(workdir: str) -> bool:
+    """Whether ``workdir`` holds what a training run writes, not merely names it might use: its
+    own ``.lock`` (the holder recorded as JSON), records it built (``data/options.json``), or a
+    stage folder with a stage's files (:data:`STAGE_MARKERS`). Before, any entry named
+    ``data``, ``tokenizer`` or like a stage (an empty ``base/``) made a user's folder one, and
+    its ``hf/``, ``results.json`` and ``curves.png`` were replaced (twenty-third probe N05-N07)."""
+    lock = os.path.join(workdir, stages.LOCK_FILE)
+    if os.path.isfile(lock) and not os.path.islink(lock):
+        try:
+            with open(lock, encoding="utf-8") as f:
+                text = f.read(4096)
+            if not text.strip() or "pid" in json.loads(text):  # "": created, not yet written
+                return True
+        except (OSError, ValueError, TypeError, UnicodeDecodeError):
+            pass
+    if os.path.isfile(os.path.join(workdir, "data", "options.json")):
+        return True
+    return any(os.path.lexists(os.path.join(workdir, stage, name))
+               for stage in stages.REGISTRY for name in STAGE_MARKERS)
 
 
 def check_is_workdir(workdir: str) -> None:
-    """Refuse (``ConfigError``) a ``workdir`` that exists, is not empty and holds nothing a
-    training run makes (:data:`WORKDIR_MARKERS`, a stage folder): a folder of the user's, whose
-    files (a ``results.json``, ``curves.png``) the run would overwrite."""
+    """Refuse (``ConfigError``) a ``workdir`` that exists, is not empty and is not a training
+    workdir (:func:`is_training_workdir`): a folder of the user's, whose files (a
+    ``results.json``, ``curves.png``, an ``hf/``) the run would overwrite."""
     if not os.path.isdir(workdir):
         return
     names = os.listdir(workdir)
-    if not names or any(n in WORKDIR_MARKERS or n in stages.REGISTRY for n in names):
+    if not names or is_training_workdir(workdir):
         return
     shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
     raise ConfigError(f"{workdir}: not a training workdir and not empty (it holds {shown}); "

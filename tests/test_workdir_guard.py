@@ -692,3 +692,44 @@ def test_a_stage_resumed_at_its_last_step_says_so_and_keeps_its_history(tmp_path
     assert [h["step"] for h in history] == [1, 2, 3] and history[:2] == first
     results = json.loads((w / "results.json").read_text())
     assert [h["step"] for h in results["stages"]["warmup"]["history"]] == [1, 2, 3]
+
+
+def test_only_what_a_run_wrote_makes_a_folder_a_training_workdir(tmp_path):
+    """Twenty-third probe N05-N07 (data lost): a user's folder holding an empty ``base/`` (or a
+    ``data/`` or ``tokenizer/`` of their own notes) beside their ``hf/``, ``results.json`` and
+    ``curves.png`` was taken for a training workdir, and the run replaced all three. A folder
+    is one when it holds what a run writes: its lock, its records' options, a stage's files."""
+    import json
+
+    from emit_jax.errors import ConfigError
+    from emit_jax.train import check_is_workdir, is_training_workdir
+
+    def folder(name, **files):
+        w = tmp_path / name
+        w.mkdir()
+        (w / "results.json").write_text('{"my": "notes"}')
+        for rel, text in files.items():
+            path = w / rel.replace("__", "/").replace("X", ".")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if text is None:
+                path.mkdir()
+            else:
+                path.write_text(text)
+        return w
+
+    for w in (folder("empty_stage", base=None, hf__configXjson="{}"),
+              folder("notes_in_data", data__notesXtxt="user notes"),
+              folder("notes_in_tokenizer", tokenizer__notesXtxt="user notes"),
+              folder("another_lock", **{".lock": "not ours"})):
+        assert not is_training_workdir(str(w)), w
+        with pytest.raises(ConfigError, match="not a training workdir and not empty"):
+            check_is_workdir(str(w))
+        assert (w / "results.json").read_text() == '{"my": "notes"}'
+    lock = json.dumps({"pid": 1, "host": "h", "since": "t"})
+    for w in (folder("interrupted_first_run", **{".lock": lock}),
+              folder("just_locked", **{".lock": ""}),
+              folder("records", data__optionsXjson="{}"),
+              folder("a_stage", base__settingsXjson="{}"),
+              folder("old_checkpoints", warmup__ckpt=None)):
+        assert is_training_workdir(str(w)), w
+        check_is_workdir(str(w))
