@@ -35,7 +35,7 @@ import time
 import jax
 from absl import app, flags, logging
 
-from emit_jax import cli, configs, hf, parallel
+from emit_jax import checkpoint, cli, configs, hf, parallel
 from emit_jax.data.mmad import paper_task_name
 from emit_jax.data.mvtec import utf8_name
 from emit_jax.errors import (USER_ERRORS, ConfigError, NonFiniteError, has_control, message,
@@ -152,16 +152,26 @@ def check_workdir_outputs(workdir: str) -> None:
                           "move it out of the workdir")
 
 
-#: what a stage folder of a training workdir holds once its stage has started
-STAGE_MARKERS = (stages.SETTINGS_FILE, "done.json", "ckpt", "model", "metrics.jsonl")
+def _stage_started(folder: str) -> bool:
+    """Whether the stage folder ``folder`` holds a stage's own files: the settings it started
+    with, its ``done.json``, a checkpoint step (``ckpt/<number>``) or an emit_jax model
+    (``model/emit_jax.json``); a folder merely named like a stage (a user's model there, another
+    workdir) does not."""
+    if any(os.path.isfile(os.path.join(folder, n)) for n in (stages.SETTINGS_FILE, "done.json")):
+        return True
+    if os.path.isfile(os.path.join(folder, "model", checkpoint.META_FILE)):
+        return True
+    ckpt = os.path.join(folder, "ckpt")
+    return os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))
 
 
 def is_training_workdir(workdir: str) -> bool:
     """Whether ``workdir`` holds what a training run writes, not merely names it might use: its
     own ``.lock`` (the holder recorded as JSON), records it built (``data/options.json``), or a
-    stage folder with a stage's files (:data:`STAGE_MARKERS`). Before, any entry named
+    stage folder with a stage's files (:func:`_stage_started`). Before, any entry named
     ``data``, ``tokenizer`` or like a stage (an empty ``base/``) made a user's folder one, and
-    its ``hf/``, ``results.json`` and ``curves.png`` were replaced (twenty-third probe N05-N07)."""
+    its ``hf/``, ``results.json``, ``curves.png``, a model in ``base/model`` were replaced
+    (twenty-third probe N04-N11)."""
     lock = os.path.join(workdir, stages.LOCK_FILE)
     if os.path.isfile(lock) and not os.path.islink(lock):
         try:
@@ -173,8 +183,7 @@ def is_training_workdir(workdir: str) -> bool:
             pass
     if os.path.isfile(os.path.join(workdir, "data", "options.json")):
         return True
-    return any(os.path.lexists(os.path.join(workdir, stage, name))
-               for stage in stages.REGISTRY for name in STAGE_MARKERS)
+    return any(_stage_started(os.path.join(workdir, stage)) for stage in stages.REGISTRY)
 
 
 def check_is_workdir(workdir: str) -> None:

@@ -720,7 +720,11 @@ def test_only_what_a_run_wrote_makes_a_folder_a_training_workdir(tmp_path):
     for w in (folder("empty_stage", base=None, hf__configXjson="{}"),
               folder("notes_in_data", data__notesXtxt="user notes"),
               folder("notes_in_tokenizer", tokenizer__notesXtxt="user notes"),
-              folder("another_lock", **{".lock": "not ours"})):
+              folder("another_lock", **{".lock": "not ours"}),
+              # N11 / N10: a user's HF model in base/model, another workdir named base
+              folder("a_model_named_base", base__model__configXjson="{}", base__notesXtxt="n"),
+              folder("a_workdir_named_base", base__data__optionsXjson="{}",
+                     base__base__settingsXjson="{}", base__ckpt__notes=None)):
         assert not is_training_workdir(str(w)), w
         with pytest.raises(ConfigError, match="not a training workdir and not empty"):
             check_is_workdir(str(w))
@@ -730,6 +734,7 @@ def test_only_what_a_run_wrote_makes_a_folder_a_training_workdir(tmp_path):
               folder("just_locked", **{".lock": ""}),
               folder("records", data__optionsXjson="{}"),
               folder("a_stage", base__settingsXjson="{}"),
-              folder("old_checkpoints", warmup__ckpt=None)):
+              folder("old_checkpoints", warmup__ckpt__3=None),
+              folder("a_finished_stage", sft__model__emit_jaxXjson="{}")):
         assert is_training_workdir(str(w)), w
         check_is_workdir(str(w))
