@@ -774,3 +774,29 @@ def test_an_output_in_what_a_training_workdir_writes_is_refused(tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the output is " + str(wd / "results.json") in err[0], err
     assert not (wd / "results.json").exists()
+
+
+def test_a_setting_only_the_new_config_file_has_is_said(tmp_path):
+    """Twenty-third probe CS1/CS3: base trained with ``configs/grpo.py:smoke`` and continued
+    with ``configs/adfm.py:smoke`` (``base.adfm=True``, a key grpo.py's config does not have)
+    went on with AD-FM records without a word: a key one side lacks was skipped. The notices
+    name a key that is set on one side only; restart still compares only the keys both have."""
+    import json
+
+    from emit_jax import configs
+    from emit_jax.training import stages
+
+    old = configs.load("configs/grpo.py:smoke")
+    assert "adfm" not in old.base
+    (tmp_path / "base" / "ckpt" / "1").mkdir(parents=True)
+    (tmp_path / "base" / "settings.json").write_text(json.dumps(
+        {"stage": "base", "config": stages.config_json(old)}))
+    new = configs.load("configs/adfm.py:smoke")
+    new.stages = ("base",)
+    line = stages.settings_notice(new, str(tmp_path), "base", finished=False)
+    assert line is not None and line.startswith(
+        "warning: base resumes with settings changed since its checkpoint: ") and \
+        "base.adfm none -> True" in line, line
+    assert ("base.adfm", None, True) not in stages.section_changes(new, str(tmp_path), "base")
+    assert ("data.adfm", None, True) in stages.run_changes(new, str(tmp_path))
+    assert stages.settings_notice(old, str(tmp_path), "base", finished=False) is None

@@ -418,11 +418,27 @@ def stored_config(workdir: str, stage: str) -> dict | None:
     return stored["config"]
 
 
-def section_changes(cfg, workdir: str, stage: str) -> list[tuple[str, Any, Any]]:
+def _differ(old: dict, new: dict, skip=(), one_sided: bool = False) -> list[tuple[str, Any, Any]]:
+    """``[(key, old, new), ...]`` of two flat configs. A key one side lacks (a newer version's
+    setting) is not known to have changed, unless ``one_sided`` and its value there is set
+    (not None, False, 0 or empty): a config file that sets more (``configs/adfm.py``'s
+    ``base.adfm=True`` beside ``configs/grpo.py``, which has no such key; twenty-third probe
+    CS1/CS3: the stage went on with AD-FM records, unsaid). For notices only: restart, which
+    trains again, compares the keys both sides have."""
+    out = [(k, old[k], new[k]) for k in new if k in old and k not in skip and old[k] != new[k]]
+    if one_sided:
+        out += [(k, None, new[k]) for k in new if k not in old and k not in skip and new[k]]
+        out += [(k, old[k], None) for k in old if k not in new and k not in skip and old[k]]
+    return out
+
+
+def section_changes(cfg, workdir: str, stage: str, *,
+                    one_sided: bool = False) -> list[tuple[str, Any, Any]]:
     """``[(setting, stored, now), ...]``: the keys of ``stage``'s own config section (its
     learning rate, beta, batch size...) that differ from those its output in the workdir was
     made with, the step count and the structural settings (:func:`changed_settings`, refused
-    anyway) left out. Empty for a stage without output or without a settings file."""
+    anyway) left out. Empty for a stage without output or without a settings file.
+    ``one_sided``: as :func:`_differ`."""
     if stage not in REGISTRY or not has_output(workdir, stage):
         return []
     stored = stored_config(workdir, stage)
@@ -431,8 +447,7 @@ def section_changes(cfg, workdir: str, stage: str) -> list[tuple[str, Any, Any]]
         return []
     old, new = _flat(stage, stored.get(stage) or {}, {}), _flat(stage, now[stage], {})
     skip = {f"{stage}.steps"} | set(stage_settings(now, stage))
-    # a key one side lacks (a newer version's setting) is not known to have changed
-    return [(k, old[k], new[k]) for k in new if k in old and k not in skip and old[k] != new[k]]
+    return _differ(old, new, skip, one_sided)
 
 
 def _changes(diff) -> str:
@@ -448,7 +463,7 @@ def settings_notice(cfg, workdir: str, stage: str, *, finished: bool,
     Called before :func:`save_settings` records this run's settings. A finished stage asked
     for fewer steps than it trained is named too (more steps continue it); ``trained``, its
     step count when the caller read it already (:func:`done_steps`)."""
-    diff = section_changes(cfg, workdir, stage)
+    diff = section_changes(cfg, workdir, stage, one_sided=True)
     if finished:
         if trained is None:
             trained = done_steps(workdir, stage)
@@ -497,8 +512,8 @@ def run_changes(cfg, workdir: str) -> list[tuple[str, Any, Any]]:
         for k, v in src.items():
             if k not in REGISTRY and k not in _NOT_RUN_WIDE:
                 _flat(k, v, dst)
-    return [(k, old[k], now[k]) for k in sorted(now)
-            if k in old and old[k] != now[k] and not _same_folder(k, old[k], now[k])]
+    return [(k, a, b) for k, a, b in sorted(_differ(old, now, one_sided=True))
+            if not _same_folder(k, a, b)]
 
 
 def _same_folder(key: str, old, now) -> bool:
