@@ -724,3 +724,42 @@ def test_fresh_images_says_seeds_0_and_the_base_stage_it_trains_first(tmp_path, 
         f"note: {wd} has no base model (base/model): a base stage is trained there first, as "
         "train would"], err
     assert err[-1].startswith(f"{prog}: error: {wd}: in use by another trainer"), err
+
+
+def test_the_experiments_refuse_a_users_folder(tmp_path, capsys):
+    """Twenty-fourth probe FI1 / TB1 (data lost): ``fresh_images --stage base`` trained into a
+    user's folder (its data/test.jsonl replaced by the records), and ``table1`` took a folder
+    holding the user's own table1.md for a table run (the file replaced). Both refuse it now,
+    before any work; a real table run's folder is still theirs."""
+    import json
+
+    from emit_jax import cli
+    from emit_jax.experiments.fresh_images import main as fresh
+    from emit_jax.experiments.table1 import check_table_folder
+    from emit_jax.errors import ConfigError
+
+    uf = tmp_path / "uf"
+    (uf / "data").mkdir(parents=True)
+    (uf / "data" / "test.jsonl").write_text('{"mine": 1}\n')
+    prog = "python -m emit_jax.experiments.fresh_images"
+    assert cli.run(lambda argv: (fresh(argv), 0)[1],
+                   ["--workdir", str(uf), "--config", "configs/grpo.py:smoke", "--stage", "base",
+                    "--seeds", "0", "--steps", "1"], prog=prog) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"{prog}: error: {uf}: not a training workdir and not empty"), err
+    assert sorted(os.listdir(uf)) == ["data"] and \
+        (uf / "data" / "test.jsonl").read_text() == '{"mine": 1}\n'
+    tb = tmp_path / "tb"
+    tb.mkdir()
+    (tb / "table1.md").write_text("# my table\n")
+    with pytest.raises(ConfigError, match="not empty and holds no table1 run"):
+        check_table_folder(str(tb), "table1")
+    (tb / "seed0").mkdir()  # a folder named like a seed's, of nothing a run wrote
+    with pytest.raises(ConfigError, match="not empty and holds no table1 run"):
+        check_table_folder(str(tb), "table1")
+    (tb / "table1.json").write_text(json.dumps({"rows": {}, "runs": []}))
+    check_table_folder(str(tb), "table1")  # the table's own record
+    (tb / "table1.json").unlink()
+    (tb / "seed0" / "common" / "data").mkdir(parents=True)
+    (tb / "seed0" / "common" / "data" / "options.json").write_text("{}")
+    check_table_folder(str(tb), "table1")  # a seed folder holding a training workdir

@@ -117,6 +117,9 @@ def main(argv=None) -> dict:
     # the flags' own run, made (and so checked) before any image is drawn
     ocfg = OptimConfig.from_section(dict(cfg.sft, steps=a.steps, lr=a.lr, batch_size=a.batch_size),
                                     "sft")
+    # a user's folder is no workdir (twenty-fourth probe FI1: --stage base trained into one,
+    # its data/test.jsonl replaced by the records)
+    train.check_is_workdir(a.workdir)
     if a.seeds == 0:  # (twentieth probe C95: a control run, not said)
         print("note: --seeds 0: no fresh datasets; the run trains on the workdir's own AD "
               "questions only (a control for the fresh-image runs)", file=sys.stderr, flush=True)

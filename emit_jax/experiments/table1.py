@@ -124,11 +124,32 @@ def check_table_folder(workdir: str, name: str) -> None:
     if not os.path.isdir(workdir):
         return
     entries = os.listdir(workdir)
-    ours = {f"{name}.json", f"{name}.md"}
-    if entries and not any(e in ours or (e.startswith("seed") and e[4:].isdigit())
-                           for e in entries):
+    if entries and not _table_run(workdir, name, entries):
         raise ConfigError(f"--workdir {show_path(workdir)}: not empty and holds no {name} run "
                           f"(no seed<N>/ or {name}.json in it); choose a new or empty folder")
+
+
+def _table_run(workdir: str, name: str, entries: list[str]) -> bool:
+    """Whether ``workdir`` holds what a table run wrote: its ``<name>.json`` (a JSON object
+    with its rows) or a ``seed<N>/`` folder holding a training workdir. Names alone do not
+    count (twenty-fourth probe TB1: a user's own table1.md made the folder one, and was
+    replaced)."""
+    from emit_jax.train import is_training_workdir
+
+    try:
+        with open(os.path.join(workdir, f"{name}.json"), encoding="utf-8") as f:
+            if isinstance(data := json.load(f), dict) and "rows" in data:
+                return True
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    for e in entries:
+        seed_dir = os.path.join(workdir, e)
+        if e.startswith("seed") and e[4:].isdigit() and os.path.isdir(seed_dir):
+            if any(is_training_workdir(os.path.join(seed_dir, sub))
+                   for sub in os.listdir(seed_dir)
+                   if os.path.isdir(os.path.join(seed_dir, sub))):
+                return True
+    return False
 
 
 def train_row(cfg, run_dir: str) -> dict:
