@@ -99,7 +99,7 @@ import numpy as np
 
 from emit_jax import cli
 from emit_jax.errors import (STOP_SIGNALS, CheckpointError, ConfigError, DataError, ImageError,
-                             MMADError)
+                             MMADError, show_path)
 from emit_jax.fileio import (atomic_output, check_not_input, check_writable, finite_json,
                              missing_file, name_max, nearest_existing)
 from emit_jax.data.tasks import AD_ORDERS
@@ -723,6 +723,12 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
         for path in (out, answers_path):
             check_not_input(path, {"--data": data, "--checkpoint": checkpoint})
             check_writable(path)
+    if os.path.isfile(data) and os.path.basename(data) == "mmad.json":
+        # (twenty-fourth probe MM2: MMAD's own scripts take the file; the line named only the
+        # MVTec layout)
+        raise DataError(f"{show_path(data)}: a file; --data takes the MMAD folder that holds it "
+                        f"(--data {show_path(os.path.dirname(os.path.abspath(data)))}), whose "
+                        "image paths mmad.json names")
     is_mmad = os.path.lexists(os.path.join(data, "mmad.json"))  # a folder there: one line too
     fmt = "mmad" if is_mmad else "mvtec"
     # the flags that build an MVTec-style folder's questions (before: ignored on MMAD's)

@@ -302,3 +302,17 @@ def test_empty_responses_are_said(folders, tmp_path, monkeypatch):
     assert ("note: 5 of 5 responses are empty; EMIT's answer parsing picks an option for each "
             "(its fallback: option A), so the table counts them as answers, not as invalid ones"
             in notes), notes
+
+
+def test_mmad_json_given_as_data_names_its_folder(tmp_path, capsys):
+    """Twenty-fourth probe MM2: ``--data .../mmad.json`` (as MMAD's own scripts take it) was
+    refused as "a file, not a dataset folder (MVTec AD layout ...)", not naming the folder."""
+    from emit_jax import cli
+    from emit_jax.evaluate import main
+
+    path = os.path.join(MMAD, "mmad.json")
+    assert cli.run(main, ["--checkpoint", str(tmp_path), "--data", path],
+                   prog="emit_jax.evaluate") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"emit_jax.evaluate: error: {path}: a file; --data takes the MMAD folder that holds it "
+        f"(--data {MMAD}), whose image paths mmad.json names"]
