@@ -800,3 +800,24 @@ def test_a_setting_only_the_new_config_file_has_is_said(tmp_path):
     assert ("base.adfm", None, True) not in stages.section_changes(new, str(tmp_path), "base")
     assert ("data.adfm", None, True) in stages.run_changes(new, str(tmp_path))
     assert stages.settings_notice(old, str(tmp_path), "base", finished=False) is None
+
+
+def test_heatmap_auroc_without_anomalous_questions_says_n_a(tmp_path, capsys):
+    """Twenty-fourth probe EX1: a folder with no anomalous test image printed "AUROC max nan"
+    for every reduction; an AUROC needs both kinds."""
+    import shutil
+
+    from emit_jax import cli
+    from emit_jax.experiments.heatmap_auroc import main
+    from test_tasks import make_mvtec
+
+    ds = make_mvtec(tmp_path / "ds", classes=("widget",))
+    for name in os.listdir(os.path.join(ds, "widget", "test")):
+        if name != "good":
+            shutil.rmtree(os.path.join(ds, "widget", "test", name))
+    shutil.rmtree(os.path.join(ds, "widget", "ground_truth"), ignore_errors=True)
+    prog = "python -m emit_jax.experiments.heatmap_auroc"
+    assert cli.run(main, ["--data", ds], prog=prog) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if "questions" in x]
+    assert lines and all(x.endswith("(0 anomalous)  AUROC n/a (it needs normal and anomalous "
+                                    "questions)") for x in lines), lines
