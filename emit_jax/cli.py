@@ -517,12 +517,14 @@ def end(status: int) -> NoReturn:
     signal there ended a finished command by its default action, without a line (exit 143, 129,
     138: the caller could not tell that the outputs were complete). Nothing of the command is
     left to that teardown: every file is written and closed through ``fileio`` before here."""
-    if not may_exit(status):  # one process of several ending alone: at once
+    if status != 0 and not may_exit(status):  # one process of several ending alone: at once
         flush_and_exit(status)
     shutdown = getattr(threading, "_shutdown", None)  # joins threads as Python's exit does
     if shutdown is None or threading.current_thread() is not threading.main_thread():
         sys.exit(status)
     shutdown()
+    if status == 0 and not may_exit(status):  # the processes' end together, signals heard
+        flush_and_exit(status)
     atexit._run_exitfuncs()
     for f in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

@@ -360,3 +360,45 @@ def _pid_of_process(i: int) -> int:
         if b"emit_jax.train" in cmdline and f"EMIT_PROCESS_ID={i}".encode() in environ:
             return int(name)
     raise AssertionError(f"no emit_jax.train process {i}")
+
+
+# process 1 ends at once after the work (a signal as it ended: os._exit, no shutdown); process 0
+# ends normally and waits in jax's shutdown barrier for it
+FINISHED = """
+import os
+from emit_jax import cli, parallel
+parallel.initialize()
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+multihost_utils.process_allgather(jnp.ones(2))
+if jax.process_index() == 1:
+    print("process 1 gone", flush=True)
+    os._exit(130)
+cli.finishing("emit_jax.train", 0)
+print("process 0 done", flush=True)
+cli.end(0)
+"""
+
+
+def test_a_finished_process_waiting_for_a_gone_one_hears_the_launchers_signal(tmp_path):
+    """Twenty-fourth probe M3: SIGTERM to process 1 as the run ended (its work done): process 0,
+    finished too, waited in jax's shutdown barrier for it (inside C++, its signal handler never
+    ran), so local.sh's SIGTERM went unheard and it was killed after KILL_GRACE without a line.
+    It waits in Python now: the SIGTERM ends it at once with its line."""
+    import time
+
+    log_dir = tmp_path / "logs"
+    t = time.time()
+    r = subprocess.run(
+        ["bash", os.path.join(ROOT, "launch", "local.sh"), "-n", "2", "--cpu", "--",
+         sys.executable, "-c", FINISHED],
+        cwd=ROOT, env=_env(LOG_DIR=str(log_dir), KILL_GRACE="60"), capture_output=True,
+        text=True, timeout=280)
+    secs = time.time() - t
+    logs = [open(os.path.join(log_dir, f)).read() for f in sorted(os.listdir(log_dir))]
+    assert "exit statuses 0:130 1:130" in r.stderr, r.stderr + "".join(logs)[-3000:]
+    assert "did not stop" not in r.stderr and secs < 50, (secs, r.stderr)
+    assert logs[0].rstrip().splitlines()[-1] == (
+        "emit_jax.train: interrupted (SIGTERM) as it ended; it had finished, and what it wrote "
+        "is complete"), logs[0]

@@ -122,8 +122,14 @@ def leave(status: int, timeout: float = 10.0) -> bool:
     ``timeout`` seconds: processes that all end (an error they all meet, the loop's agreed
     stop) pass the barrier together, as before; a process alone in it gives up, and ends at
     once with its status, so that the launcher (``launch/local.sh``, ``srun``) sees the failure
-    and stops the others. Status 0 is every process's normal end: it changes nothing."""
-    if status == 0 or not _STARTED:
+    and stops the others.
+
+    Status 0 is every process's normal end: the barrier is waited for as long as it takes (a
+    process that gave up early would be taken for dead while process 0 still exports), but
+    here, in Python, so that a stopping signal (``launch/local.sh`` stopping the job) is
+    handled: before, a process in the barrier ignored it until killed (twenty-fourth probe
+    M3)."""
+    if not _STARTED:
         return True
     import threading
 
@@ -139,7 +145,11 @@ def leave(status: int, timeout: float = 10.0) -> bool:
             over.set()
 
     threading.Thread(target=shut, name="emit_jax-distributed-leave", daemon=True).start()
-    return over.wait(timeout) and bool(passed)
+    if status != 0:
+        return over.wait(timeout) and bool(passed)
+    while not over.wait(0.5):  # short waits: the signal handlers run between them
+        pass
+    return bool(passed)
 
 
 def is_primary() -> bool:
