@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from emit_jax.errors import STOP_SIGNALS, causes, interrupted, show_path
-from emit_jax.fileio import (atomic_folder, disk_full_error, not_a_file, read_json, where_written,
+from emit_jax.fileio import (atomic_folder, disk_full_error, folder_gone_error, not_a_file, read_json, where_written,
                              write_refused_error)
 from emit_jax.hf import CheckpointError, copy_assets
 from emit_jax.models import scan
@@ -85,8 +85,9 @@ class DiskFullLogs(logging.Filter):
             text = record.getMessage()
         except Exception:  # noqa: BLE001 - a malformed record: leave it to the handler
             text = ""
-        if (exc is not None and (disk_full_error(exc, "") or write_refused_error(exc, ""))
-                is not None) or disk_full_error(OSError(text), "") is not None:
+        if (exc is not None and (disk_full_error(exc, "") or write_refused_error(exc, "")
+                                 or folder_gone_error(exc)) is not None) \
+                or disk_full_error(OSError(text), "") is not None:
             DiskFullLogs.seen = True
             return False
         return True

@@ -547,6 +547,17 @@ def write_refused_error(e: BaseException, path: str | os.PathLike) -> OSError | 
     return None
 
 
+def folder_gone_error(e: BaseException) -> FileNotFoundError | None:
+    """The ``FileNotFoundError`` in ``e``'s chain whose file's folder no longer exists: the
+    folder a writer (Orbax's threads) was writing into was moved or deleted under it (a workdir
+    renamed while a run trains); else None."""
+    for x in causes(e):
+        if isinstance(x, FileNotFoundError) and isinstance(x.filename, str) and \
+                not os.path.isdir(os.path.dirname(x.filename)):
+            return x
+    return None
+
+
 # --------------------------------------------------------------------------------- locks
 @contextlib.contextmanager
 def hold_lock(path: str | os.PathLike, *, what: str, hint: str,

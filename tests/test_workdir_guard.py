@@ -738,3 +738,45 @@ def test_only_what_a_run_wrote_makes_a_folder_a_training_workdir(tmp_path):
               folder("a_finished_stage", sft__model__emit_jaxXjson="{}")):
         assert is_training_workdir(str(w)), w
         check_is_workdir(str(w))
+
+
+def test_a_workdir_renamed_while_it_trains_stops_in_one_line(tmp_path, cache):
+    """Twenty-fourth probe RN1: ``mv WORKDIR WORKDIR2`` while the run trained printed two
+    Orbax tracebacks (its writer threads' FileNotFoundError), an error line naming a missing
+    temporary file, and made WORKDIR/base/ckpt again at the old path. One line now, nothing
+    made at the old path, and the run resumes where the workdir is now."""
+    import subprocess
+    import sys
+    import time
+
+    w, moved = tmp_path / "w", tmp_path / "w2"
+    args = [*WARMUP, "--config.warmup.steps=6", "--config.log_every=1"]
+    p = subprocess.Popen([sys.executable, "-m", "emit_jax.train", *args, "--workdir", str(w)],
+                         cwd=ROOT, env=subprocess_env(**cache), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    err = []
+    for line in p.stderr:
+        err.append(line)
+        if line.startswith("[warmup] step 1/"):
+            os.rename(w, moved)
+            break
+    err.append(p.stderr.read())
+    p.wait(timeout=600)
+    text = "".join(err)
+    assert p.returncode == 2, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert _lines(text)[-1].startswith(
+        f"emit_jax.train: error: {w / 'warmup' / 'ckpt'}: moved or deleted while the run wrote "
+        "its checkpoints there; the run stops (rerun the same command on the workdir where it "
+        "is now: it resumes from its last complete checkpoint)"), text[-3000:]
+    time.sleep(1)  # Orbax's threads are gone with the process: nothing more comes
+    if w.exists():  # the step in flight as it moved, made again by Orbax's writer: said so
+        made = os.listdir(w / "warmup" / "ckpt")
+        assert os.listdir(w) == ["warmup"] and os.listdir(w / "warmup") == ["ckpt"], made
+        assert _lines(text)[-1].endswith(
+            f"; the step {max(int(n) for n in made)} checkpoint being written as it moved was "
+            "made at this path again: move it into the ckpt folder where the workdir is now to "
+            "resume from it"), text[-2000:]
+    r = train(*args, "--workdir", str(moved), env=cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (moved / "warmup" / "done.json").is_file()

@@ -25,6 +25,7 @@ temporary folder is removed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import sys
@@ -38,7 +39,8 @@ from flax import nnx
 from emit_jax import faults
 from emit_jax.checkpoint import DiskFullLogs
 from emit_jax.errors import CheckpointError, interrupted
-from emit_jax.fileio import check_free_space, disk_full_error, where_written, write_refused_error
+from emit_jax.fileio import (check_free_space, disk_full_error, folder_gone_error, where_written,
+                             write_refused_error)
 from emit_jax.models import scan
 
 #: free space asked for beyond the arrays' bytes (Orbax's metadata files)
@@ -56,6 +58,7 @@ class StageCheckpoints:
         self._bytes = 0  # the size of the last checkpoint written, for a full disk's message
         DiskFullLogs.install()
         os.makedirs(directory, exist_ok=True)
+        self._identity = _identity(self.directory)
         self._remove_unfinished()
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=max(1, every),
                                             enable_async_checkpointing=async_save)
@@ -80,6 +83,8 @@ class StageCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, model, optimizer, meta: dict, *, force: bool = False) -> bool:
+        if not self._still_there():  # (Orbax would write on into a folder made again)
+            raise self._gone()
         pure = self._pure(model, optimizer)
         if force or self.manager.should_save(step):  # a full disk: one line before writing
             self._bytes = _nbytes(pure) + SPACE_MARGIN
@@ -203,6 +208,27 @@ class StageCheckpoints:
             self.manager.wait_until_finished()
         self.manager.close()
 
+    def _still_there(self) -> bool:
+        """Whether the checkpoint folder is still the one this run made (not moved or deleted:
+        a folder made again at its path, by Orbax's threads, is another one)."""
+        return _identity(self.directory) == self._identity
+
+    def _gone(self) -> OSError:
+        """The error of a checkpoint folder moved or deleted while the run wrote into it (a
+        workdir renamed under a running job; twenty-fourth probe RN1: two Orbax tracebacks,
+        a line naming a missing temporary file, and the folder made again at the old path)."""
+        DiskFullLogs.seen = True  # Orbax's threads' logs of it are dropped too
+        with contextlib.suppress(Exception):  # the write in flight: ended, one way or another
+            self.manager.wait_until_finished()
+        made = saved_steps(self.directory) if os.path.isdir(self.directory) else []
+        again = (f"; the step {made[-1]} checkpoint being written as it moved was made at this "
+                 "path again: move it into the ckpt folder where the workdir is now to resume "
+                 "from it") if made else ""
+        return OSError(errno.ENOENT, "moved or deleted while the run wrote its checkpoints "
+                       "there; the run stops (rerun the same command on the workdir where it is "
+                       f"now: it resumes from its last complete checkpoint){again}",
+                       self.directory)
+
     @contextlib.contextmanager
     def _disk_full(self):
         """A full disk met by Orbax (raised here, or from its writer threads at the next call)
@@ -211,6 +237,8 @@ class StageCheckpoints:
         try:
             yield
         except Exception as e:
+            if folder_gone_error(e) is not None and not self._still_there():
+                raise self._gone() from None
             err = disk_full_error(e, self.directory)
             if err is None and (refused := write_refused_error(e, self.directory)) is not None:
                 DiskFullLogs.seen = True  # Orbax's threads' logs of it are dropped too
@@ -230,6 +258,15 @@ class StageCheckpoints:
             need = f"needs {self._bytes / 2**20:.1f} MiB, " if self._bytes else ""
             raise OSError(err.errno, f"{err.strerror} while writing a {self.name or 'stage'} "
                           f"checkpoint ({need}{free:.1f} MiB free)", self.directory) from None
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """``(device, inode)`` of the folder ``path``, None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def saved_steps(directory: str) -> list[int]:
