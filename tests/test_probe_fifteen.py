@@ -744,8 +744,10 @@ def test_the_experiments_refuse_a_users_folder(tmp_path, capsys):
     prog = "python -m emit_jax.experiments.fresh_images"
     assert cli.run(lambda argv: (fresh(argv), 0)[1],
                    ["--workdir", str(uf), "--config", "configs/grpo.py:smoke", "--stage", "base",
-                    "--seeds", "0", "--steps", "1"], prog=prog) == 2
+                    "--seeds", "0", "--steps", "1", "--set", "eval_limit=2"], prog=prog) == 2
     err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == ("note: --set eval_limit: not used, fresh_images asks every AD question of "
+                      "the test split (and --unseen N's) and exports nothing"), err
     assert err[-1].startswith(f"{prog}: error: {uf}: not a training workdir and not empty"), err
     assert sorted(os.listdir(uf)) == ["data"] and \
         (uf / "data" / "test.jsonl").read_text() == '{"mine": 1}\n'

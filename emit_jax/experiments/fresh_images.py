@@ -107,6 +107,11 @@ def main(argv=None) -> dict:
         if key.split(".")[0] in STAGES and key.split(".")[0] not in ("base", "sft"):
             print(f"note: --set {key}: not used, fresh_images trains only the base and sft "
                   "settings", file=sys.stderr, flush=True)
+        elif key in ("eval_limit", "eval_unseen_limit", "eval_think", "export_hf"):
+            # (twenty-fourth probe FI1: --set eval_limit=2, all questions asked, unsaid)
+            print(f"note: --set {key}: not used, fresh_images asks every AD question of the "
+                  "test split (and --unseen N's) and exports nothing", file=sys.stderr,
+                  flush=True)
     cfg.export_hf = False
     from emit_jax.training.validate import validate_config
 
