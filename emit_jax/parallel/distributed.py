@@ -95,14 +95,15 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
     return _started(True)
 
 
+#: True once :func:`initialize` started ``jax.distributed`` with more than one process
+_STARTED = False
+
+
 def _started(several: bool) -> bool:
     global _STARTED
     _STARTED = several
     return several
 
-
-#: True once :func:`initialize` started ``jax.distributed`` with more than one process
-_STARTED = False
 
 
 def started() -> bool:
