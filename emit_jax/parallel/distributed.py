@@ -105,7 +105,6 @@ def _started(several: bool) -> bool:
     return several
 
 
-
 def started() -> bool:
     """True when this process is one of several of a ``jax.distributed`` run it started."""
     return _STARTED
