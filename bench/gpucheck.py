@@ -64,9 +64,17 @@ def _model(c: GpuCheck):
     """A random bf16 EMIT model of ``c.arch`` (layers overridden)."""
     from flax import nnx
 
-    from emit_jax.models import architectures
     from emit_jax.models.emit import EMIT, EMITConfig
     from emit_jax.models.internvl import InternVL
+
+    base = InternVL(_model_config(c), rngs=nnx.Rngs(c.seed))
+    return EMIT.create(base, EMITConfig(bn_mode="official"), rngs=nnx.Rngs(c.seed),
+                       hint_ids=list(range(1, 10)))
+
+
+def _model_config(c: GpuCheck):
+    """The InternVL config of ``c.arch`` in bf16, its layer counts overridden."""
+    from emit_jax.models import architectures
 
     mcfg = architectures.get_config(c.arch, dtype="bfloat16")
     if c.text_layers:
@@ -74,9 +82,7 @@ def _model(c: GpuCheck):
     if c.vision_layers:
         mcfg = mcfg.replace(vision=dataclasses.replace(mcfg.vision,
                                                        num_hidden_layers=c.vision_layers))
-    base = InternVL(mcfg.validate(), rngs=nnx.Rngs(c.seed))
-    return EMIT.create(base, EMITConfig(bn_mode="official"), rngs=nnx.Rngs(c.seed),
-                       hint_ids=list(range(1, 10)))
+    return mcfg.validate()
 
 
 def _batch(model, rows: int, c: GpuCheck, *, labels: bool, seed: int = 0) -> dict:
@@ -284,5 +290,49 @@ def from_args(args) -> GpuCheck:
     if k_img + 24 > c.prompt_len:
         raise ConfigError(f"--prompt-len {c.prompt_len} is too short for {k_img} image tokens "
                           f"(two images of --tiles {c.tiles} tiles) and the text")
+    check_host_memory(c)
     return c
+
+
+def check_host_memory(c: GpuCheck, available: int | None = None) -> None:
+    """On a host whose jax runs on the CPU, a check whose model cannot fit in the memory
+    available is refused in one line before it is built (twenty-fifth probe B4: the 8B default
+    on a CPU host printed nothing for three minutes and was killed by the kernel's
+    out-of-memory killer). Counted: the bf16 weights twice (the model and the step's copies),
+    a floor of what the check holds."""
+    from emit_jax.errors import ConfigError
+
+    if jax.default_backend() != "cpu":
+        return
+    available = _available_memory() if available is None else available
+    if not available:
+        return
+    from flax import nnx
+
+    from emit_jax.models.internvl import InternVL
+
+    model = nnx.eval_shape(lambda: InternVL(_model_config(c), rngs=nnx.Rngs(0)))
+    weights = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    weights *= 2  # bf16 (EMIT's own modules: a few MB more)
+    if 2 * weights > available:
+        raise ConfigError(
+            f"--arch {c.arch}: its bf16 weights alone are {weights / 2**30:.1f} GiB, and this "
+            f"host, where jax runs on the CPU (no accelerator), has {available / 2**30:.1f} GiB "
+            "available; on a CPU run the check small (--arch tiny, as the tests do), or on a "
+            "GPU")
+
+
+def _available_memory() -> int | None:
+    """The host memory available now (``MemAvailable``), else its physical size; None where
+    the system says neither."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    from emit_jax.training.validate import host_memory_bytes
+
+    return host_memory_bytes()
 

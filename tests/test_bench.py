@@ -106,3 +106,22 @@ def test_gpu_check_runs_at_tiny_size():
         assert part["flops"] > 0 and part["temp_bytes"] > 0 and part["total_bytes"] > 0
     assert out["sft"]["plan_bytes"] > 0 and out["grpo"]["plan_bytes"] > 0
     assert set(out["grpo"]["phase_s"]) == {"generate", "ref_logprobs", "update"}
+
+
+def test_gpu_check_refuses_a_model_the_cpu_host_cannot_hold():
+    """Twenty-fifth probe B4: ``python -m bench gpu`` with its defaults (InternVL3-8B) on a
+    CPU-only host printed nothing for three minutes and was killed by the kernel's OOM killer.
+    Where jax runs on the CPU, a model whose weights (twice) exceed the memory available is
+    refused in one line before it is built."""
+    import pytest
+
+    from bench.gpucheck import GpuCheck, check_host_memory
+    from emit_jax.errors import ConfigError
+
+    c = GpuCheck(arch="tiny", text_layers=2, vision_layers=2)
+    check_host_memory(c, available=2**40)  # fits
+    with pytest.raises(ConfigError) as e:
+        check_host_memory(c, available=2**20)
+    assert str(e.value).startswith("--arch tiny: its bf16 weights alone are ") and \
+        str(e.value).endswith("GiB available; on a CPU run the check small (--arch tiny, as the "
+                              "tests do), or on a GPU"), str(e.value)
