@@ -289,14 +289,22 @@ def test_cli_other_seed_differs_and_overwrite_replaces_only_ours(ds, cli_seed1):
     assert len(differing) == len(pngs)  # every image and mask changes with the seed
 
 
-def test_cli_refuses_a_non_empty_folder(tmp_path):
+def test_cli_refuses_a_non_empty_folder(tmp_path, cli_seed1):
+    """A user's folder: refused without advising --overwrite (twenty-fifth probe DE1: advised,
+    then refused with it); an earlier embedded dataset: --overwrite is advised."""
     (tmp_path / "something.txt").write_text("x")
     proc = _cli("--out", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stdout == ""
     err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and "--overwrite" in err[0] and "Traceback" not in proc.stderr
+    assert len(err) == 1 and "Traceback" not in proc.stderr
+    assert err[0].endswith(f"{tmp_path}: directory is not empty, and not a dataset "
+                           "data.embedded wrote; choose an empty or new folder"), err
     assert os.listdir(tmp_path) == ["something.txt"]
+    root, _ = cli_seed1  # an earlier generation's folder
+    err = _cli("--out", root).stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(f"{root}: directory is not empty (pass "
+                                             "--overwrite)"), err
 
 
 def test_generate_refuses_a_non_empty_folder(tmp_path):

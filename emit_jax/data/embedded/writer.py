@@ -122,6 +122,10 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, *, overwrite: bool = Fal
     if os.path.isdir(target) and os.listdir(target):
         marker = _workdir_marker(target) or _model_marker(target)  # said first (see below)
         if not overwrite and not marker:
+            if not _embedded_manifest(target):  # (twenty-fifth probe DE1: overwrite was advised,
+                # then refused for this folder)
+                raise FileExistsError(f"{out_dir}: directory is not empty, and not a dataset "
+                                      "data.embedded wrote; choose an empty or new folder")
             raise FileExistsError(f"{out_dir}: directory is not empty (use overwrite)")
         if marker:
             what = "a model folder" if marker in _MODEL_FILES else "a training workdir"
