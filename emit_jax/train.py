@@ -173,7 +173,9 @@ def is_training_workdir(workdir: str) -> bool:
     its ``hf/``, ``results.json``, ``curves.png``, a model in ``base/model`` were replaced
     (twenty-third probe N04-N11)."""
     lock = os.path.join(workdir, stages.LOCK_FILE)
-    if os.path.isfile(lock) and not os.path.islink(lock):
+    if os.path.lexists(lock) and (os.path.islink(lock) or not os.path.isfile(lock)):
+        return True  # not the tool's own: the lock refuses it, naming it (not "not a workdir")
+    if os.path.isfile(lock):
         try:
             with open(lock, encoding="utf-8") as f:
                 text = f.read(4096)

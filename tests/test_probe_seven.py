@@ -440,6 +440,9 @@ def test_a_checkpoint_folder_that_stops_taking_files_is_one_line_and_no_hang(tmp
 
     ckpt = tmp_path / "wd" / "base" / "ckpt"
     ckpt.mkdir(parents=True)
+    # a workdir a run has started in (its lock's holder recorded): a folder holding only an
+    # empty base/ckpt is a user's, refused as such (twenty-third probe N05)
+    (tmp_path / "wd" / ".lock").write_text('{"pid": 1, "host": "h", "since": "t"}\n')
     if subprocess.run(["chattr", "+i", str(ckpt)], capture_output=True).returncode != 0:
         pytest.skip("chattr +i is not available here")
     try:

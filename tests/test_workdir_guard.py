@@ -720,7 +720,7 @@ def test_only_what_a_run_wrote_makes_a_folder_a_training_workdir(tmp_path):
     for w in (folder("empty_stage", base=None, hf__configXjson="{}"),
               folder("notes_in_data", data__notesXtxt="user notes"),
               folder("notes_in_tokenizer", tokenizer__notesXtxt="user notes"),
-              folder("another_lock", **{".lock": "not ours"}),
+              folder("another_lock", **{".lock": "not ours"}),  # a file: not the tool's
               # N11 / N10: a user's HF model in base/model, another workdir named base
               folder("a_model_named_base", base__model__configXjson="{}", base__notesXtxt="n"),
               folder("a_workdir_named_base", base__data__optionsXjson="{}",
