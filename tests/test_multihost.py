@@ -248,6 +248,21 @@ def test_a_stop_after_the_last_check_on_one_process_stops_every_process(tmp_path
     assert all("stopped: signal during the last step" in log for log in logs), logs
 
 
+def _two_of(script: str, log_dir, *, kill_grace: int):
+    """``launch/local.sh -n 2 --cpu -- python -c script``: (CompletedProcess, seconds, the
+    processes' logs)."""
+    import time
+
+    t = time.time()
+    r = subprocess.run(
+        ["bash", os.path.join(ROOT, "launch", "local.sh"), "-n", "2", "--cpu", "--",
+         sys.executable, "-c", script],
+        cwd=ROOT, env=_env(LOG_DIR=str(log_dir), KILL_GRACE=str(kill_grace)),
+        capture_output=True, text=True, timeout=280)
+    secs = time.time() - t
+    return r, secs, [open(os.path.join(log_dir, f)).read() for f in sorted(os.listdir(log_dir))]
+
+
 # a process of two that ends alone, the other waiting for it in a collective: process 1 stops
 # (a signal that came outside the training loop), process 0 ignores SIGTERM so that it ends on
 # its own, through the collective's failure
@@ -279,17 +294,7 @@ def test_a_process_that_ends_alone_does_not_wait_for_the_others(tmp_path):
     ended, nor did ``launch/local.sh`` (the failed process never exited). A process that ends
     with a failure gives the barrier 10 s (``parallel.distributed.leave``) and then ends; the
     other's collective then fails, which is one line naming what happened."""
-    import time
-
-    log_dir = tmp_path / "logs"
-    t = time.time()
-    r = subprocess.run(
-        ["bash", os.path.join(ROOT, "launch", "local.sh"), "-n", "2", "--cpu", "--",
-         sys.executable, "-c", ALONE],
-        cwd=ROOT, env=_env(LOG_DIR=str(log_dir), KILL_GRACE="120"), capture_output=True,
-        text=True, timeout=280)
-    secs = time.time() - t
-    logs = [open(os.path.join(log_dir, f)).read() for f in sorted(os.listdir(log_dir))]
+    r, secs, logs = _two_of(ALONE, tmp_path / "logs", kill_grace=120)
     # local.sh's status is the first failure it saw: both may end within one of its polls
     assert r.returncode in (2, 130), r.stderr[-2000:] + "".join(logs)[-3000:]
     assert "exit statuses 0:2 1:130" in r.stderr, r.stderr
@@ -386,17 +391,7 @@ def test_a_finished_process_waiting_for_a_gone_one_hears_the_launchers_signal(tm
     finished too, waited in jax's shutdown barrier for it (inside C++, its signal handler never
     ran), so local.sh's SIGTERM went unheard and it was killed after KILL_GRACE without a line.
     It waits in Python now: the SIGTERM ends it at once with its line."""
-    import time
-
-    log_dir = tmp_path / "logs"
-    t = time.time()
-    r = subprocess.run(
-        ["bash", os.path.join(ROOT, "launch", "local.sh"), "-n", "2", "--cpu", "--",
-         sys.executable, "-c", FINISHED],
-        cwd=ROOT, env=_env(LOG_DIR=str(log_dir), KILL_GRACE="60"), capture_output=True,
-        text=True, timeout=280)
-    secs = time.time() - t
-    logs = [open(os.path.join(log_dir, f)).read() for f in sorted(os.listdir(log_dir))]
+    r, secs, logs = _two_of(FINISHED, tmp_path / "logs", kill_grace=60)
     assert "exit statuses 0:130 1:130" in r.stderr, r.stderr + "".join(logs)[-3000:]
     assert "did not stop" not in r.stderr and secs < 50, (secs, r.stderr)
     assert logs[0].rstrip().splitlines()[-1] == (
