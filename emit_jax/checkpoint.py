@@ -33,8 +33,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from emit_jax.errors import STOP_SIGNALS, causes, interrupted, show_path
-from emit_jax.fileio import (atomic_folder, disk_full_error, folder_gone_error, not_a_file, read_json, where_written,
-                             write_refused_error)
+from emit_jax.fileio import (atomic_folder, disk_full_error, folder_gone_error, not_a_file,
+                             read_json, where_written, write_refused_error)
 from emit_jax.hf import CheckpointError, copy_assets
 from emit_jax.models import scan
 from emit_jax.models.config import ConfigError, InternVLConfig
@@ -188,11 +188,11 @@ def model_hint(path: str) -> str:
     emit_jax model checkpoint"): a Hugging Face folder (convert it), a stage's training
     checkpoint, a training workdir's stage folder or the workdir (where their models are); ""
     when none of these."""
-    if os.path.isfile(os.path.join(path, "config.json")) and any(
-            n.endswith(".safetensors") for n in os.listdir(path)):  # (before: not said)
+    weights = any(n.endswith(".safetensors") for n in os.listdir(path))
+    if weights and os.path.isfile(os.path.join(path, "config.json")):  # (before: not said)
         return (" but a Hugging Face model folder; convert it first with python -m "
                 f"emit_jax.convert --hf {path} --out CKPT")
-    if any(n.endswith(".safetensors") for n in os.listdir(path)):  # (twenty-first probe #29)
+    if weights:  # (twenty-first probe #29)
         return (" (it holds .safetensors files as a Hugging Face model folder does, but no "
                 "config.json: restore that file, then convert the folder with python -m "
                 "emit_jax.convert)")

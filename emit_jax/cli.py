@@ -526,11 +526,7 @@ def end(status: int) -> NoReturn:
     if status == 0 and not may_exit(status):  # the processes' end together, signals heard
         flush_and_exit(status)
     atexit._run_exitfuncs()
-    for f in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            if f is not None:
-                f.flush()
-    os._exit(status)
+    flush_and_exit(status)
 
 
 @contextlib.contextmanager

@@ -402,9 +402,10 @@ def evaluate_adfm(model, tokenizer, records, *, limit: int | None = None, max_ti
     """Greedy AD-FM answers for AD-FM records (:mod:`emit_jax.data.adfm`) -> (summary, rows).
 
     summary: ``accuracy`` (% of records with R_cls = 1), ``balanced_accuracy`` (mean of the
-    anomalous and normal recalls, MMAD's AD metric; NaN unless both kinds are asked), ``mean_iou`` (anomalous records with GT
-    boxes: :func:`emit_jax.rl.adfm.localization_iou` of the well-formed boxes in ``<think>``
-    against the GT, one-to-one, over ``max(m, n)``; x 100), ``hit_rate`` (% of those records
+    anomalous and normal recalls, MMAD's AD metric; NaN unless both kinds are asked),
+    ``mean_iou`` (anomalous records with GT boxes: :func:`emit_jax.rl.adfm.localization_iou`
+    of the well-formed boxes in ``<think>`` against the GT, one-to-one, over ``max(m, n)``;
+    x 100), ``hit_rate`` (% of those records
     with a predicted box of IoU >= 0.1 to some GT box, docs/reference/adfm.md 5.5), ``boxes_per_answer``
     and the counts."""
     from emit_jax.rl import adfm as A

@@ -179,9 +179,12 @@ def is_training_workdir(workdir: str) -> bool:
         try:
             with open(lock, encoding="utf-8") as f:
                 text = f.read(4096)
-            if not text.strip() or "pid" in json.loads(text):  # "": created, not yet written
+            if not text.strip():  # created, not yet written
                 return True
-        except (OSError, ValueError, TypeError, UnicodeDecodeError):
+            holder = json.loads(text)
+            if isinstance(holder, dict) and "pid" in holder:
+                return True
+        except (OSError, ValueError, UnicodeDecodeError):
             pass
     if os.path.isfile(os.path.join(workdir, "data", "options.json")):
         return True

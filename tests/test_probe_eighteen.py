@@ -821,3 +821,17 @@ def test_heatmap_auroc_without_anomalous_questions_says_n_a(tmp_path, capsys):
     lines = [x for x in capsys.readouterr().out.splitlines() if "questions" in x]
     assert lines and all(x.endswith("(0 anomalous)  AUROC n/a (it needs normal and anomalous "
                                     "questions)") for x in lines), lines
+
+
+def test_the_output_guard_knows_every_name_a_workdir_run_writes():
+    """``fileio`` sits below the trainer, so its list of what a workdir's runs write
+    (``WORKDIR_OWN``) restates the stage names, the lock and the result files: kept equal to
+    the trainer's own here."""
+    from emit_jax import fileio, train
+    from emit_jax.training import stages
+    from emit_jax.training.config import STAGES
+
+    own = fileio.WORKDIR_OWN
+    assert {n for n, what in own.items() if what == "a stage folder"} == set(STAGES)
+    assert set(STAGES) == set(stages.REGISTRY)
+    assert {stages.LOCK_FILE, "hf", "data", "tokenizer", *train.WORKDIR_OUTPUTS} <= set(own)

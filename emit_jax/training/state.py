@@ -220,7 +220,7 @@ class StageCheckpoints:
         DiskFullLogs.seen = True  # Orbax's threads' logs of it are dropped too
         with contextlib.suppress(Exception):  # the write in flight: ended, one way or another
             self.manager.wait_until_finished()
-        made = saved_steps(self.directory) if os.path.isdir(self.directory) else []
+        made = saved_steps(self.directory)  # (none when nothing was made again)
         again = (f"; the step {made[-1]} checkpoint being written as it moved was made at this "
                  "path again: move it into the ckpt folder where the workdir is now to resume "
                  "from it") if made else ""
