@@ -127,7 +127,6 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every row, e.g. --set grpo.steps=20")
     args = ap.parse_args(argv)
-    check_table_folder(args.workdir, "adfm_compare")
     overrides = configs.parse_sets(args.set)
     config_dir = args.configs
     if not os.path.isdir(config_dir):  # before: "config file not found: FILE/adfm.py"
@@ -142,6 +141,8 @@ def main(argv=None) -> int:
 
     for row in ROWS:  # fail early on a bad config or override, as train would say it
         validate_config(row_config(row, overrides, 0, config_dir, args.smoke))
+    # the folder last: a bad argument is named first, whatever the folder holds
+    check_table_folder(args.workdir, "adfm_compare")
     results = []
     first = ROWS[next(iter(ROWS))][0]
     for seed in range(args.seeds):

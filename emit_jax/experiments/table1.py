@@ -264,7 +264,6 @@ def main(argv=None) -> int:
     if os.path.lexists(args.workdir) and not os.path.isdir(args.workdir):
         raise ConfigError(f"--workdir {show_path(args.workdir)}: a file, not a folder (name the "
                           "table's folder)")
-    check_table_folder(args.workdir, "table1")
     overrides = configs.parse_sets(args.set)
     from emit_jax.training.validate import validate_config
 
@@ -274,6 +273,8 @@ def main(argv=None) -> int:
         cfg = configs.load(args.config, {**overrides, **ROWS[row][2]})
         cfg.stages = row_stages(cfg.stages, ROWS[row][1])
         validate_config(cfg)
+    # the folder last: a bad argument is named first, whatever the folder holds
+    check_table_folder(args.workdir, "table1")
     results = []
     for seed in range(args.seeds):
         seed_dir = os.path.join(args.workdir, f"seed{seed}")
