@@ -397,3 +397,36 @@ def test_a_finished_process_waiting_for_a_gone_one_hears_the_launchers_signal(tm
     assert logs[0].rstrip().splitlines()[-1] == (
         "emit_jax.train: interrupted (SIGTERM) as it ended; it had finished, and what it wrote "
         "is complete"), logs[0]
+
+
+# the process's own SIGTERM handler, installed before jax.distributed starts, is the one a
+# SIGTERM meets after it (not jax's preemption notifier)
+OWN_HANDLER = """
+import os, signal, time
+got = []
+signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+from emit_jax import cli, parallel
+parallel.initialize()
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+multihost_utils.process_allgather(jnp.ones(2))
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.5)
+print("handled" if got else "not handled", flush=True)
+multihost_utils.process_allgather(jnp.ones(2))
+cli.end(0)
+"""
+
+
+def test_a_sigterm_after_jax_distributed_starts_reaches_the_process_handler(tmp_path):
+    """Twenty-sixth probe MC1/MC2: jax's preemption service replaced the process's SIGTERM
+    handler when ``jax.distributed`` started, so a SIGTERM to one of two ``local.sh`` workers
+    outside the training loop (before its first step, or in the evaluation of a finished
+    workdir) was caught by jax (``preemption_notifier.cc: SIGTERM caught``) and ignored: the
+    worker trained, evaluated and exported to the end, exit 0, without a word."""
+    r, _, logs = _two_of(OWN_HANDLER, tmp_path / "logs", kill_grace=30)
+    assert r.returncode == 0, r.stderr[-2000:] + "".join(logs)[-3000:]
+    for log in logs:
+        assert "handled" in log and "not handled" not in log, log[-2000:]
+        assert "SIGTERM caught" not in log, log[-2000:]

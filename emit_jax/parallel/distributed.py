@@ -80,6 +80,7 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
                                                    or (env or os.environ).get("TPU_NAME"))
         if not on_tpu:
             return False
+        _without_preemption_service()
         jax.distributed.initialize()
         return _started(jax.process_count() > 1)
     if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
@@ -90,9 +91,20 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
     # CPU devices talk through gloo (harmless elsewhere; asking for the backend here would
     # start it before jax.distributed, which JAX forbids)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    _without_preemption_service()
     jax.distributed.initialize(coordinator_address=args.coordinator,
                                num_processes=args.num_processes, process_id=args.process_id)
     return _started(True)
+
+
+def _without_preemption_service() -> None:
+    """jax's preemption service (on by default) installs its own C++ SIGTERM handler when
+    ``jax.distributed`` starts, in place of this process's: a SIGTERM outside the training
+    loop (which installs its handlers again) was then taken by it and ignored; the process ran
+    on to the end (twenty-sixth probe MC1/MC2). The training loop's agreed stop
+    (``training.loop``) is this tool's preemption handling, and Orbax reads the service's
+    absence as no preemption."""
+    jax.config.update("jax_enable_preemption_service", False)
 
 
 #: True once :func:`initialize` started ``jax.distributed`` with more than one process
