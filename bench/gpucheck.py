@@ -316,10 +316,11 @@ def check_host_memory(c: GpuCheck, available: int | None = None) -> None:
     weights *= 2  # bf16 (EMIT's own modules: a few MB more)
     if 2 * weights > available:
         raise ConfigError(
-            f"--arch {c.arch}: its bf16 weights alone are {weights / 2**30:.1f} GiB, and this "
-            f"host, where jax runs on the CPU (no accelerator), has {available / 2**30:.1f} GiB "
-            "available; on a CPU run the check small (--arch tiny, as the tests do), or on a "
-            "GPU")
+            f"--arch {c.arch}: needs at least {2 * weights / 2**30:.1f} GiB of host memory "
+            f"(its bf16 weights, {weights / 2**30:.1f} GiB, twice: the model and the step's "
+            f"copies), and this host, where jax runs on the CPU (no accelerator), has "
+            f"{available / 2**30:.1f} GiB available; on a CPU run the check small (--arch tiny, "
+            "as the tests do), or on a GPU")
 
 
 def _available_memory() -> int | None:
