@@ -220,3 +220,44 @@ def test_feature_probe_parts():
     assert shape[3] == pytest.approx(8 / 16) and shape[4] == pytest.approx(heat.std())
     with pytest.raises(ValueError):
         cell_of(np.zeros((4, 4), bool))
+
+
+def test_pixel_heatmap_is_the_heat_map_of_raw_patches():
+    """``heatmap_auroc --features pixels``: each patch's raw pixels (channel-major, as the ViT's
+    patch embedding reads them) in the features' place, the reference in its four rotations;
+    checked against the literal NumPy definition (tests/test_heatmap.py) on patches cut here."""
+    from emit_jax.experiments.heatmap_auroc import pixel_heatmap
+    from test_heatmap import numpy_reference
+
+    rng = np.random.default_rng(0)
+    p, g, n = 4, 5, 2
+    ce = rng.normal(size=(n, 2, 3, g * p, g * p)).astype(np.float32)
+
+    def cut(img):  # [3, H, W] -> [g, g, 3 * p * p]
+        return np.stack([np.stack([img[:, i * p:(i + 1) * p, j * p:(j + 1) * p].reshape(-1)
+                                   for j in range(g)]) for i in range(g)])
+
+    q = np.stack([cut(ce[b, 1]) for b in range(n)])[None]
+    r = np.stack([np.stack([cut(np.rot90(ce[b, 0], k, axes=(1, 2))) for k in range(4)])
+                  for b in range(n)])[None]
+    want = numpy_reference(q, r, window=1, zero_fill=True)
+    got = np.asarray(pixel_heatmap(ce, p, 1))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    same = np.stack([ce[:, 0], ce[:, 0]], 1)  # the query is its reference: nothing anomalous
+    np.testing.assert_allclose(np.asarray(pixel_heatmap(same, p, 1)), 0.0, atol=1e-5)
+
+
+def test_heatmap_auroc_breakdown_by_class_and_defect():
+    from emit_jax.experiments.heatmap_auroc import breakdown
+
+    every = [("pill", "good", 0, 0.1), ("pill", "crack", 1, 0.9), ("pill", "good", 0, 0.5),
+             ("pill", "hole", 1, 0.4), ("nut", "good", 0, 0.3), ("nut", "crack", 1, 0.2)]
+    by_class, by_defect = breakdown(every)
+    assert by_class == {
+        "nut": {"questions": 2, "anomalous": 1, "auroc_max": 0.0},
+        "pill": {"questions": 4, "anomalous": 2, "auroc_max": auroc([0.1, 0.9, 0.5, 0.4],
+                                                                   [0, 1, 0, 1])}}
+    assert by_class["pill"]["auroc_max"] == 0.75
+    # each defect type against every normal query (0.1, 0.5, 0.3)
+    assert by_defect == {"crack": {"anomalous": 2, "auroc_max": 4 / 6},
+                         "hole": {"anomalous": 1, "auroc_max": 2 / 3}}

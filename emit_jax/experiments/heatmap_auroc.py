@@ -8,7 +8,10 @@ against its reference (``emit_jax.models.emit.contrastive_heatmap``: the model's
 layers scaled to its depth, the scaled window, four rotations) is reduced to a score — its
 maximum, the mean of its 8 largest cells, its mean — and the AUROC of each score against the
 labels is printed. ``--checkpoint`` takes an emit_jax or HF checkpoint; without it the ViT is
-the randomly initialised ``--arch`` (seed ``--seed``).
+the randomly initialised ``--arch`` (seed ``--seed``). ``--features pixels`` compares the raw
+pixels of each patch (the ViT's patch size) instead of the ViT's features: what the images
+themselves separate. The AUROC of the maximum within each object class and for each defect type
+(against every normal query), over the three splits together, follows.
 """
 
 from __future__ import annotations
@@ -64,6 +67,9 @@ def main(argv=None) -> int:
                     "scaled to the ViT depth)")
     ap.add_argument("--window", type=cli.nonneg_int, default=None, help="window half-width in patches "
                     "(default: EMIT's, scaled to the patch grid)")
+    ap.add_argument("--features", choices=("vit", "pixels"), default="vit",
+                    help="what the heat map compares: the ViT's features at --layers (default), "
+                    "or the raw pixels of each patch")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     if args.layers is not None and not args.layers.strip():  # (before: EMIT's, without a word)
@@ -102,8 +108,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as work:
         records = stage_records(root, work, domain_knowledge=False)
 
-    heat_fn = jax.jit(lambda ce: contrastive_heatmap(model.vision_tower, ce, layers, window))
-    out = {"layers": list(layers), "window": window, "splits": {}}
+    if args.features == "pixels":
+        heat_fn = jax.jit(lambda ce: pixel_heatmap(ce, cfg.vision.patch_size, window))
+    else:
+        heat_fn = jax.jit(lambda ce: contrastive_heatmap(model.vision_tower, ce, layers, window))
+    out = {"features": args.features, "layers": list(layers) if args.features == "vit" else None,
+           "window": window, "splits": {}}
+    every = []  # (object class, defect type or "good", label, max) of every question
     for split in ("grpo", "validation", "test"):
         recs = [r for r in records[split]
                 if r["task_type"] == "anomaly_discrimination" and len(r["images"]) == 2]
@@ -116,19 +127,66 @@ def main(argv=None) -> int:
                 for k, v in reduce_map(h).items():
                     scores[k].append(v)
                 labels.append(int(r["adlabel"]))
+                every.append((r.get("object_type", "?"), r.get("anomaly_type") or "good",
+                              int(r["adlabel"]), scores["max"][-1]))
         out["splits"][split] = {"questions": len(labels), "anomalous": int(sum(labels)),
                                 **{f"auroc_{k}": auroc(scores[k], labels) for k in REDUCTIONS}}
+    out["by_class"], out["by_defect"] = breakdown(every)
     if args.json:
         print(json.dumps(finite_json(out)))
     else:
-        print(f"CE layers {out['layers']}, window {out['window']}")
+        print(f"CE layers {out['layers']}, window {out['window']}" if args.features == "vit"
+              else f"raw pixels of each patch, window {out['window']}")
         for split, row in out["splits"].items():
             head = f"{split:10s} {row['questions']:4d} questions ({row['anomalous']} anomalous)  "
             if row["anomalous"] in (0, row["questions"]):  # (twenty-fourth probe EX1: "nan")
                 print(head + "AUROC n/a (it needs normal and anomalous questions)")
                 continue
             print(head + "  ".join(f"AUROC {k} {row[f'auroc_{k}']:.3f}" for k in REDUCTIONS))
+        print("AUROC of the max within each object class (all splits): " + ", ".join(
+            f"{c} {v['auroc_max']:.3f} ({v['anomalous']}/{v['questions']})"
+            for c, v in out["by_class"].items()))
+        print("AUROC of the max for each defect type against every normal query: " + ", ".join(
+            f"{t} {v['auroc_max']:.3f} ({v['anomalous']})" for t, v in out["by_defect"].items()))
     return 0
+
+
+def breakdown(every: list[tuple[str, str, int, float]]) -> tuple[dict, dict]:
+    """``[(object class, defect type, label, score)]`` -> the AUROC within each class, and of
+    each defect type's queries against every normal query."""
+    by_class = {}
+    for c in sorted({e[0] for e in every}):
+        rows = [e for e in every if e[0] == c]
+        by_class[c] = {"questions": len(rows), "anomalous": sum(e[2] for e in rows),
+                       "auroc_max": auroc([e[3] for e in rows], [e[2] for e in rows])}
+    normal = [e[3] for e in every if not e[2]]
+    by_defect = {}
+    for t in sorted({e[1] for e in every if e[2]}):
+        s = [e[3] for e in every if e[2] and e[1] == t]
+        by_defect[t] = {"anomalous": len(s),
+                        "auroc_max": auroc(s + normal, [1] * len(s) + [0] * len(normal))}
+    return by_class, by_defect
+
+
+def pixel_heatmap(ce_pixels, patch: int, window: int, rotations: int = 4):
+    """``contrastive_heatmap`` with the raw pixels of each ``patch`` x ``patch`` patch (its
+    3 * patch**2 values) in the ViT features' place: ``[n, 2, 3, H, W]`` -> ``[n, H/p, W/p]``."""
+    import jax.numpy as jnp
+
+    from emit_jax.models.emit import anomaly_map, rotations_of
+
+    n, _, c, hh, ww = ce_pixels.shape
+    g = hh // patch
+
+    def patches(x):  # [m, 3, H, W] -> [m, g, g, 3 * patch**2]
+        m = x.shape[0]
+        return x.reshape(m, c, g, patch, g, patch).transpose(0, 2, 4, 1, 3, 5).reshape(
+            m, g, g, c * patch * patch)
+
+    refs = rotations_of(ce_pixels[:, 0], rotations).reshape(n * rotations, c, hh, ww)
+    q = patches(ce_pixels[:, 1])[None]
+    r = patches(refs).reshape(1, n, rotations, g, g, -1)
+    return anomaly_map(jnp.asarray(q, jnp.float32), jnp.asarray(r, jnp.float32), window)
 
 
 if __name__ == "__main__":
