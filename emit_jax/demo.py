@@ -25,7 +25,7 @@ from flax import nnx
 
 from emit_jax import checkpoint, cli, hf
 from emit_jax.errors import ConfigError
-from emit_jax.fileio import check_utf8_path
+from emit_jax.fileio import check_no_control, check_utf8_path
 from emit_jax.models import architectures
 from emit_jax.models.internvl import InternVL
 from emit_jax.models.layers import count_params
@@ -46,6 +46,9 @@ def main(argv=None) -> int:
                    help="how many tokens to generate greedily (default: 16)")
     args = p.parse_args(argv)
     if args.workdir is not None:  # refused before any work
+        # (twenty-sixth probe DM5: a newline in the path was refused after the work, the
+        # folder made and left)
+        check_no_control(args.workdir)
         # Orbax (TensorStore) cannot write a checkpoint under a path that is not UTF-8
         check_utf8_path(args.workdir, "--workdir", why="Orbax cannot write a checkpoint there")
         if os.path.lexists(args.workdir) and not os.path.isdir(args.workdir):

@@ -197,6 +197,14 @@ def test_demo_refuses_a_non_utf8_workdir_before_any_work(tmp_path):
     assert out == "" and os.listdir(tmp_path) == []
 
 
+def test_demo_refuses_a_workdir_with_a_newline_before_any_work(tmp_path):
+    """Twenty-sixth probe DM5: refused only after 30 s of work, the folder made and left."""
+    work = str(tmp_path / "dm\nx")
+    rc, err, out = run_main("emit_jax.demo", ["--workdir", work])
+    assert_one_error(rc, err, repr(work), "a newline or another control character")
+    assert out == "" and os.listdir(tmp_path) == []
+
+
 def test_export_still_writes_a_non_utf8_out(tmp_path, tiny_model):
     """Plain Python (and safetensors) write such a name: export keeps accepting it."""
     out = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), NON_UTF8))
