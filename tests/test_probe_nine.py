@@ -279,6 +279,32 @@ def test_a_finished_stage_whose_model_was_removed_says_the_way_back(tmp_path):
     assert (d / "model" / "emit_jax.json").is_file() and (d / "done.json").is_file()
 
 
+def test_a_finished_stage_whose_model_is_damaged_says_the_way_back(tmp_path):
+    """Twenty-sixth probe WT1: a finished stage's model with a torn parameter file was only
+    "base/model/params: cannot restore (...)", and ``--config.restart=True`` (nothing changed)
+    did nothing. The line now says the way back, and that way works (the stage's model saved
+    again over the damaged one)."""
+    wd = tmp_path / "wd"
+    r = train(*SMOKE_BASE, "--workdir", str(wd), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = wd / "base"
+    files = [os.path.join(root, f) for root, _, fs in os.walk(d / "model" / "params") for f in fs]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 3)
+    r = train(*SMOKE_BASE, "--workdir", str(wd), timeout=600)
+    assert r.returncode == 2
+    last = _lines(r.stderr)[-1]
+    assert last.startswith(f"emit_jax.train: error: {d}/model/params: cannot restore ("), last
+    assert last.endswith(f"; move {d}/done.json away and rerun: the stage resumes from its last "
+                         f"checkpoint in {d}/ckpt and saves its model again"), last
+    os.rename(d / "done.json", tmp_path / "done.json")
+    r = train(*SMOKE_BASE, "--workdir", str(wd), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = train(*SMOKE_BASE, "--workdir", str(wd), timeout=600)  # the model restores again
+    assert r.returncode == 0 and "[base] already finished" in r.stderr, r.stderr[-3000:]
+
+
 def test_a_workdir_inside_the_embedded_dataset_is_refused(tmp_path):
     """Tenth probe W01: ``--workdir`` inside the embedded dataset's cached folder (the default
     source) wrote the run into the dataset; an explicit ``data.source`` was refused."""

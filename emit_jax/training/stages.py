@@ -708,13 +708,17 @@ def load_stage(workdir: str, stage: str, scan_layers: bool | None = None):
     saved). Its ``model`` folder gone while ``done.json`` says it finished: one line with the way
     back (before: only "no such folder")."""
     d = os.path.join(workdir, stage)
+    back = (f"move {d}/done.json away and rerun: the stage resumes from its last checkpoint "
+            f"in {d}/ckpt and saves its model again" if os.path.isdir(os.path.join(d, "ckpt"))
+            else f"restore it, or move {d} away to train the stage again")
     if not os.path.lexists(os.path.join(d, "model")):
-        back = (f"move {d}/done.json away and rerun: the stage resumes from its last checkpoint "
-                f"in {d}/ckpt and saves its model again" if os.path.isdir(os.path.join(d, "ckpt"))
-                else f"restore it, or move {d} away to train the stage again")
         raise CheckpointError(f"{d}/model: no such folder, though {d}/done.json says {stage} "
                               f"finished (its model was removed); {back}")
-    model, _ = checkpoint.load_model(os.path.join(d, "model"), scan_layers=scan_layers)
+    try:
+        model, _ = checkpoint.load_model(os.path.join(d, "model"), scan_layers=scan_layers)
+    except CheckpointError as e:  # (twenty-sixth probe WT1: a damaged model, no way back said)
+        raise CheckpointError(f"{e}; {back.replace('restore it', f'restore {d}/model')}") \
+            from None
     return model
 
 
