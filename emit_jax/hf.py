@@ -177,6 +177,26 @@ class SafetensorsReader:
         self._handles.clear()
 
 
+def export_problem(hf_dir: str | os.PathLike) -> str | None:
+    """Why the export ``hf_dir`` cannot be loaded as it is (its config.json not a JSON object,
+    a weights file missing, torn or unreadable: one short reason), or None. Reads the files'
+    headers only, not the tensors."""
+    hf_dir = os.fspath(hf_dir)
+    try:
+        cfg = read_json(os.path.join(hf_dir, "config.json"), error=CheckpointError,
+                        what="a model config")
+        if not isinstance(cfg, dict):
+            return f"{os.path.join(hf_dir, 'config.json')}: not a JSON object"
+        reader = SafetensorsReader(hf_dir)
+        for path in sorted(set(reader.key_file.values()) | {
+                os.path.join(hf_dir, f) for f in os.listdir(hf_dir)
+                if f.endswith(".safetensors")}):
+            reader._open(path)
+    except (CheckpointError, OSError) as e:
+        return str(e)
+    return None
+
+
 def is_internvl_chat(folder: str | os.PathLike) -> bool:
     """Whether ``folder/config.json`` is the original ``internvl_chat`` format."""
     path = os.path.join(os.fspath(folder), "config.json")

@@ -359,8 +359,9 @@ def _export(run_, model, trained: bool, before) -> dict | None:
     last = cfg.stages[-1]
     record = {"stage": last, "steps": stages.done_steps(workdir, last)}
     exists = os.path.isdir(hf_dir) and bool(os.listdir(hf_dir))  # an empty hf/: none
-    if exists and before == record:  # (an unrecorded export is replaced: eighteenth probe T8
-        return before                 # found one kept that held another stage's model)
+    damaged = hf.export_problem(hf_dir) if exists and before == record else None
+    if exists and before == record and not damaged:  # (an unrecorded export is replaced:
+        return before              # eighteenth probe T8 found one kept that held another's)
     parallel.replicate_module(model, run_.mesh)  # every process: a collective
     if parallel.is_primary():
         check_free_space(hf_dir, hf.state_bytes(model) + 2**20)
@@ -370,8 +371,11 @@ def _export(run_, model, trained: bool, before) -> dict | None:
             stages.log(f"[export] {workdir}/hf")
         else:
             _replace_export(model, hf_dir, tokenizer)
-            held = (f"{before['stage']} after {before['steps']} steps" if isinstance(before, dict)
-                    else "an earlier run's model")
+            # (twenty-sixth probe WT2: a torn model.safetensors was kept without a word; WE1:
+            # an export results.json does not describe was called an earlier run's model)
+            held = (f"this model, damaged: {damaged}" if damaged else
+                    f"{before['stage']} after {before['steps']} steps" if isinstance(before, dict)
+                    else "a model this workdir's results.json does not describe")
             stages.log(f"[export] {workdir}/hf ({last} after {record['steps']} steps; it held "
                        f"{held})")
     return record
@@ -399,7 +403,7 @@ def _export_kept(run_, before) -> dict | None:
     record = {"stage": last, "steps": stages.done_steps(workdir, last)}
     if before != record and parallel.is_primary():
         held = (f"{before['stage']} after {before['steps']} steps" if isinstance(before, dict)
-                else "an earlier run's model")
+                else "a model this workdir's results.json does not describe")
         stages.log(f"note: {hf_dir} holds {held}, not the model this run ended with ({last} "
                    f"after {record['steps']} steps): export_hf is False; rerun with "
                    "--config.export_hf=True to replace it")

@@ -115,10 +115,43 @@ def test_a_run_without_export_says_the_export_is_older_and_keeps_its_record(tmp_
     del results["export"]
     (d / "results.json").write_text(json.dumps(results))
     r = warmup("--config.warmup.steps=3")
-    assert (f"[export] {d}/hf (warmup after 3 steps; it held an earlier run's model)"
+    assert (f"[export] {d}/hf (warmup after 3 steps; it held a model this workdir's "
+            "results.json does not describe)"
             in r.stderr), r.stderr[-3000:]
     assert json.loads((d / "results.json").read_text())["export"] == {"stage": "warmup",
                                                                      "steps": 3}
+
+
+def test_a_torn_export_is_exported_again(tmp_path):
+    """Twenty-sixth probe WT2: with ``hf/model.safetensors`` cut short, the rerun of a finished
+    workdir said nothing and kept the torn file as the workdir's export. The export's headers
+    are read on each rerun; a damaged one is written again, and said so."""
+    import json
+
+    from emit_jax import hf
+
+    d, warmup = _warmup_runs(tmp_path)
+    r = warmup("--config.warmup.steps=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    weights = d / "hf" / "model.safetensors"
+    size = weights.stat().st_size
+    assert hf.export_problem(d / "hf") is None
+    os.truncate(weights, size // 2)
+    problem = hf.export_problem(d / "hf")
+    assert problem.startswith(f"{weights}: not a readable safetensors file ("), problem
+    r = warmup("--config.warmup.steps=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (f"[export] {d}/hf (warmup after 1 steps; it held this model, damaged: {problem})"
+            in r.stderr), r.stderr[-3000:]
+    assert weights.stat().st_size == size and hf.export_problem(d / "hf") is None
+    assert json.loads((d / "results.json").read_text())["export"] == {"stage": "warmup",
+                                                                     "steps": 1}
+    (d / "hf" / "config.json").write_text("[]")
+    assert hf.export_problem(d / "hf") == f"{d / 'hf' / 'config.json'}: not a JSON object"
+    r = warmup("--config.warmup.steps=1")
+    assert r.returncode == 0 and "config.json: not a JSON object)" in r.stderr, r.stderr[-3000:]
+    r = warmup("--config.warmup.steps=1")  # nothing said when the export is whole
+    assert r.returncode == 0 and "[export]" not in r.stderr, r.stderr[-3000:]
 
 
 def test_plan_says_when_the_images_asked_do_not_fit_the_prompt(capsys):
