@@ -317,3 +317,45 @@ def test_a_workdir_inside_the_embedded_dataset_is_refused(tmp_path):
         f"emit_jax.train: error: {ds}/wd: the output lies inside the input config data.source "
         f"(the embedded dataset, cached in) {ds}; choose a path outside it"], r.stderr
     assert not os.path.exists(os.path.join(ds, "wd"))
+
+
+# a SIGTERM that arrives as a finished stage's last checkpoint is awaited (after the loop)
+SIGNAL_IN_CLOSE = """
+import os, runpy, signal, sys
+from emit_jax.training import state
+close = state.StageCheckpoints.close
+def close_with_a_signal(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    close(self)
+state.StageCheckpoints.close = close_with_a_signal
+sys.argv = ["emit_jax.train", *sys.argv[1:]]
+runpy.run_module("emit_jax.train", run_name="__main__")
+"""
+
+
+def test_a_signal_as_the_last_checkpoint_is_awaited_keeps_it_and_says_one_line(tmp_path):
+    """Twenty-sixth probe ST8 / MB6: a SIGTERM 0.4 s after the last step began (its checkpoint
+    written by Orbax's threads, awaited after the loop) was raised inside Orbax's wait: three
+    tracebacks of its threads, and the step's checkpoint left unfinished (the rerun trained it
+    again). The write is now awaited, then the line; the rerun finds the stage complete."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    wd = tmp_path / "wd"
+    args = [*SMOKE_BASE[:-4], "--config.base.steps=2", "--config.checkpoint_every=1",
+            *SMOKE_BASE[-3:], "--workdir", str(wd)]
+    r = subprocess.run([sys.executable, "-c", SIGNAL_IN_CLOSE, *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(subprocess_env(), PYTHONPATH=ROOT))
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert _lines(r.stderr)[-1] == (
+        "emit_jax.train: interrupted (SIGTERM as the stage's last checkpoint was written; it is "
+        "complete); rerun the same command to resume from the last checkpoint"), r.stderr
+    assert sorted(os.listdir(wd / "base" / "ckpt")) == ["1", "2"]
+    r = train(*args, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("[base] resumes from its checkpoint at step 2 of 2: no step is left to run, its "
+            "model is saved from that checkpoint") in r.stderr, r.stderr[-3000:]

@@ -135,7 +135,8 @@ def run_loop(stage: Stage, ckpt: StageCheckpoints, stage_dir: str, *,
             # loop's guard, raised inside Orbax's wait: tracebacks of its threads, then the line)
             ckpt.save_interrupted(done, start, stage.model, stage.optimizer, meta_at(done))
         raise
-    ckpt.close()
+    with signals_after_the_write():  # the last step's checkpoint is still being written
+        ckpt.close()
     progress.close()
     if start > 0 and progress.enabled:
         # the whole stage's history, the runs before this one's included (before: a resumed
@@ -202,6 +203,14 @@ def stop_at_once() -> None:
                      "resume from the last complete checkpoint")
 
 
+def _at_once(signum, frame):
+    if signum == signal.SIGINT:
+        stop_at_once()
+    exit_interrupted(f"{program()}: interrupted ({signal.Signals(signum).name} while the "
+                     "stopping step's checkpoint was written): stopped at once; rerun the "
+                     "same command to resume from the last complete checkpoint")
+
+
 @contextlib.contextmanager
 def signals_stop_at_once():
     """While the stopping stage's last checkpoint is written: a further SIGINT / SIGTERM ends
@@ -210,21 +219,43 @@ def signals_stop_at_once():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def at_once(signum, frame):
-        if signum == signal.SIGINT:
-            stop_at_once()
-        exit_interrupted(f"{program()}: interrupted ({signal.Signals(signum).name} while the "
-                         "stopping step's checkpoint was written): stopped at once; rerun the "
-                         "same command to resume from the last complete checkpoint")
-
-    old = {s: signal.signal(s, at_once) for s in STOP_SIGNALS
+    old = {s: signal.signal(s, _at_once) for s in STOP_SIGNALS
            if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def signals_after_the_write():
+    """While a finished stage's last checkpoint is awaited (after the loop's guard): a SIGINT /
+    SIGTERM waits for the write to complete and is then raised as ``KeyboardInterrupt`` (the
+    stage is saved; a rerun finds it complete); a second one ends the process at once
+    (:func:`signals_stop_at_once`'s line). Before, it was raised inside Orbax's wait: three
+    tracebacks of its threads, and the step's checkpoint left unfinished (twenty-sixth probe
+    ST8 / MB6). Main thread only; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+
+    def later(signum, frame):
+        if got:  # the second: at once
+            _at_once(signum, frame)
+        got.append(signum)
+
+    old = {s: signal.signal(s, later) for s in STOP_SIGNALS
+           if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if got:
+        raise KeyboardInterrupt(f"{signal.Signals(got[0]).name} as the stage's last checkpoint "
+                                "was written; it is complete")
 
 
 @contextlib.contextmanager
