@@ -301,9 +301,12 @@ def check_not_input(out: str | os.PathLike, inputs: dict) -> None:
     # and over WORKDIR/results.json, replaced as the run ended)
     if part := training_workdir_part(target):
         workdir, entry, what = part
+        # (twenty-sixth probe OW4: a restart's moved outputs are kept, never deleted)
+        why = ("which the tool keeps as the restart left it" if what in KEPT_AS_LEFT
+               else "which its runs replace or delete")
         raise InputOverwriteError(
             f"{out}: the output {'is' if entry == target else 'lies inside'} {entry}, "
-            f"{what} of the training workdir {workdir}, which its runs replace or delete; "
+            f"{what} of the training workdir {workdir}, {why}; "
             "choose a path outside it (or a new name in the workdir itself)")
 
 
@@ -317,6 +320,8 @@ WORKDIR_OWN = {"warmup": "a stage folder", "base": "a stage folder", "sft": "a s
                "results.png": "the results plot", ".lock": "the lock"}
 WORKDIR_OWN_PREFIXES = {"replaced-": "a restart's moved output",
                         "fresh_": "a fresh_images run's folder"}
+#: of those, what a run never changes again (a restart's moved outputs, for the user to keep)
+KEPT_AS_LEFT = ("a restart's moved output",)
 
 
 def training_workdir_part(path: str) -> tuple[str, str, str] | None:

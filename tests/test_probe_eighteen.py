@@ -792,10 +792,12 @@ def test_an_output_in_what_a_training_workdir_writes_is_refused(tmp_path, capsys
         with pytest.raises(fileio.InputOverwriteError) as e:
             fileio.check_not_input(out, {})
         where = "is" if out.name == entry.name else "lies inside"
+        # (twenty-sixth probe OW4: a restart's moved outputs are never deleted)
+        why = ("which the tool keeps as the restart left it" if entry.name.startswith("replaced-")
+               else "which its runs replace or delete")
         assert str(e.value) == (
-            f"{out}: the output {where} {entry}, {what} of the training workdir {wd}, which its "
-            "runs replace or delete; choose a path outside it (or a new name in the workdir "
-            "itself)")
+            f"{out}: the output {where} {entry}, {what} of the training workdir {wd}, {why}; "
+            "choose a path outside it (or a new name in the workdir itself)")
     fileio.check_not_input(wd / "myeval.json", {})  # the user's own name: theirs
     fileio.check_not_input(tmp_path / "base" / "x", {})  # no workdir above: nothing to guard
     (tmp_path / "ds").mkdir()
