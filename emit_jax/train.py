@@ -31,6 +31,7 @@ import random
 import shutil
 import sys
 import time
+from typing import Callable
 
 import jax
 from absl import app, flags, logging
@@ -64,11 +65,13 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "multihost: this process's 
                                    "(-1: auto-detected)", lower_bound=-1)
 
 
-def run(cfg, workdir: str, *, chosen: bool = False) -> dict:
+def run(cfg, workdir: str, *, chosen: bool = False,
+        written: Callable[[], None] | None = None) -> dict:
     """Run the stages ``cfg`` lists into ``workdir`` (each resumed, or loaded when finished),
     then the held-out evaluation, the HF export and the plots. Returns the results
     (also written to ``WORKDIR/results.json``). ``chosen``: the workdir is the default one
-    (no ``--workdir``), named in a line once the settings are valid."""
+    (no ``--workdir``), named in a line once the settings are valid. ``written``: called once
+    every output is written (the train command: a signal from then on says the run was done)."""
     # a path no message, JSON file or tokenizer file can name: refused before anything is made
     check_workdir_name(workdir)
     workdir = unambiguous(workdir)  # LINK/../NAME: one folder (it split over two)
@@ -109,7 +112,7 @@ def run(cfg, workdir: str, *, chosen: bool = False) -> dict:
     os.makedirs(workdir, exist_ok=True)
     try:
         with stages.workdir_lock(workdir):  # one writer per workdir
-            return _run(cfg, workdir, settings)
+            return _run(cfg, workdir, settings, written)
     except USER_ERRORS:
         # bad data or settings found before any stage trained, in a workdir this run made: no
         # half-made workdir (its lock, tokenizer, data) is left behind
@@ -246,7 +249,7 @@ def check_init_from(path: str) -> None:
             raise CheckpointError(f"{params}: missing parameter folder")
 
 
-def _run(cfg, workdir: str, settings) -> dict:
+def _run(cfg, workdir: str, settings, written=None) -> dict:
     # stored stages made with other settings: refused, or moved aside with --config.restart
     stages.check_settings(cfg, workdir)
     stages.check_data_source(cfg, workdir)  # the records name the old dataset's images
@@ -341,6 +344,8 @@ def _run(cfg, workdir: str, settings) -> dict:
                        f"empty or torn); {workdir}/curves.png is left as an earlier run drew it")
         with atomic_output(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(finite_json(results), f, indent=1, default=str)
+    if written is not None:  # (twenty-sixth probe ST6: a SIGHUP after results.json was
+        written()            # written said "rerun to resume", of a complete run)
     parallel.barrier("run_done")
     return results
 
@@ -741,7 +746,8 @@ def _train(cfg, workdir: str) -> None:
             check_options(cfg)
             with memory_options(**dict(cfg.get("memory") or {})), \
                     kernel_options(**dict(cfg.get("kernels") or {})):
-                run(cfg, workdir, chosen=not _WORKDIR.value)
+                run(cfg, workdir, chosen=not _WORKDIR.value,
+                    written=lambda: cli.finishing("emit_jax.train", 0))
             cli.finishing("emit_jax.train", 0)  # from here a signal says the run was done
     except KeyboardInterrupt as e:
         stages.log(cli.interrupted_line("emit_jax.train", f"({str(e) or 'SIGINT'})",

@@ -359,3 +359,38 @@ def test_a_signal_as_the_last_checkpoint_is_awaited_keeps_it_and_says_one_line(t
     assert r.returncode == 0, r.stderr[-3000:]
     assert ("[base] resumes from its checkpoint at step 2 of 2: no step is left to run, its "
             "model is saved from that checkpoint") in r.stderr, r.stderr[-3000:]
+
+
+# a SIGHUP once results.json is written (in the run's last barrier)
+SIGNAL_AT_THE_END = """
+import os, runpy, signal, sys
+from emit_jax import parallel
+barrier = parallel.barrier
+def barrier_with_a_signal(name, *a, **k):
+    if name == "run_done":
+        os.kill(os.getpid(), signal.SIGHUP)
+    return barrier(name, *a, **k)
+parallel.barrier = barrier_with_a_signal
+sys.argv = ["emit_jax.train", *sys.argv[1:]]
+runpy.run_module("emit_jax.train", run_name="__main__")
+"""
+
+
+def test_a_signal_once_the_run_wrote_everything_says_it_had_finished(tmp_path):
+    """Twenty-sixth probe ST6: a SIGHUP after hf/, results.json and the plots were written said
+    "interrupted (SIGHUP); rerun the same command to resume from the last checkpoint", of a
+    complete run."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    wd = tmp_path / "wd"
+    r = subprocess.run([sys.executable, "-c", SIGNAL_AT_THE_END, *SMOKE_BASE, "--workdir",
+                        str(wd)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(subprocess_env(), PYTHONPATH=ROOT))
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert _lines(r.stderr)[-1] == (
+        "emit_jax.train: interrupted (SIGHUP) as it ended; it had finished, and what it wrote "
+        "is complete"), r.stderr[-3000:]
+    assert (wd / "results.json").is_file()
