@@ -383,6 +383,7 @@ def check_writable(path: str | os.PathLike) -> None:
     """Raise the ``OSError`` (naming ``path``) that writing ``path`` with :func:`atomic_output`
     would meet, before any work is done: ``path`` is a folder, or its nearest existing ancestor
     is not a writable folder. (A full disk still shows only when writing.)"""
+    note_blank_names(path)
     path = where_written(path)
     if os.path.isdir(path) and not os.path.islink(path):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
@@ -403,6 +404,23 @@ def _check_parent(path: str) -> None:
     if any(len(os.fsencode(n)) > longest for n in names) or len(os.fsencode(path)) >= whole:
         raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path)
     check_folder_writable(folder, path)
+
+
+_BLANK_NOTED: set[str] = set()
+
+
+def note_blank_names(path: str | os.PathLike) -> None:
+    """Once per path: a note on stderr when a name that does not exist yet in ``path`` begins or
+    ends with a blank (a stray space in a script: ``" /tmp/x"`` is a relative path, written
+    under the current folder; twenty-sixth probe TS3: without a word), naming where it goes."""
+    path = os.fsdecode(path)
+    if path in _BLANK_NOTED:
+        return
+    made = os.path.relpath(os.path.abspath(path), nearest_existing(path))
+    if made != os.curdir and any(n != n.strip() for n in made.split(os.sep)):
+        _BLANK_NOTED.add(path)
+        print(f"note: {path!r}: a name in it begins or ends with a blank; it is written as it "
+              f"is, at {os.path.abspath(path)!r}", file=sys.stderr)
 
 
 def name_max(folder: str) -> int:
@@ -453,6 +471,7 @@ def check_new_folder(path: str | os.PathLike, *, hint: str = "choose a new folde
     folder ``path``: it exists and is not an empty folder (``FileExistsError``, the same line),
     a name too long, or its nearest existing ancestor is not a writable folder (an ``OSError``
     naming ``path``)."""
+    note_blank_names(path)
     path = where_written(path)
     if os.path.islink(path):  # before: "exists and is not empty", for a link to nothing too
         raise FileExistsError(f"{path}: a symbolic link, which writing the folder would "

@@ -205,6 +205,27 @@ def test_demo_refuses_a_workdir_with_a_newline_before_any_work(tmp_path):
     assert out == "" and os.listdir(tmp_path) == []
 
 
+def test_an_output_named_with_a_stray_blank_is_said(tmp_path, tiny_model, monkeypatch, capsys):
+    """Twenty-sixth probe TS3: ``export --out " /tmp/x"`` (a stray space in a script) wrote the
+    model under the current folder, at ``./ /tmp/x``, without a word (train says it of its
+    --workdir). Every output checked before the work says it once, naming where it goes."""
+    from emit_jax import fileio
+
+    monkeypatch.chdir(tmp_path)
+    given = " " + str(tmp_path / "x")
+    rc, err, _ = run_main("emit_jax.export", ["--checkpoint", tiny_model["ckpt"], "--out", given])
+    assert rc == 0, err
+    where = os.path.join(str(tmp_path), given)
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert notes == [f"note: {given!r}: a name in it begins or ends with a blank; it is written "
+                     f"as it is, at {where!r}"], err
+    assert os.path.isfile(os.path.join(where, "config.json"))
+    capsys.readouterr()
+    for quiet in ("plain.json", "in between.json", given):  # a blank inside is fine; the
+        fileio.note_blank_names(quiet)                     # same path is said once
+    assert capsys.readouterr().err == ""
+
+
 def test_export_still_writes_a_non_utf8_out(tmp_path, tiny_model):
     """Plain Python (and safetensors) write such a name: export keeps accepting it."""
     out = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), NON_UTF8))
