@@ -261,3 +261,17 @@ def test_heatmap_auroc_breakdown_by_class_and_defect():
     # each defect type against every normal query (0.1, 0.5, 0.3)
     assert by_defect == {"crack": {"anomalous": 2, "auroc_max": 4 / 6},
                          "hole": {"anomalous": 1, "auroc_max": 2 / 3}}
+
+
+def test_the_pointer_experiment_says_a_diverged_run(capsys):
+    """Twenty-sixth probe PT4: ``experiments.pointer --lr 1e9`` printed "loss nan" as a result
+    and ended with exit 0, without a word about the learning rate."""
+    from emit_jax.experiments.pointer import main
+
+    prog = "python -m emit_jax.experiments.pointer"
+    rc = main(["--steps", "6", "--lr", "1e9", "--hidden", "16", "--layers", "1", "--batch", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3, err
+    assert err[0] == "warning: --lr 1e+09 is above 0.1: almost surely not meant (the default is 3e-3)"
+    assert err[-1].startswith(f"{prog}: error: step ") and err[-1].endswith(
+        ": the loss is nan; the run diverged (try a smaller --lr)"), err

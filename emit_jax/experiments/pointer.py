@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import random
+import sys
 import tempfile
 import time
 
@@ -163,6 +165,9 @@ def main(argv=None) -> int:
                    "the option's own word (an identity match) instead of a word mapped to it")
     p.add_argument("--seed", type=cli.nonneg_int, default=0)
     a = p.parse_args(argv)
+    if a.lr > 0.1:  # as train says it (twenty-sixth probe PT4: --lr 1e9 without a word)
+        print(f"warning: --lr {a.lr:g} is above 0.1: almost surely not meant (the default is "
+              "3e-3)", file=sys.stderr)
 
     import jax.numpy as jnp
     import optax
@@ -220,6 +225,10 @@ def main(argv=None) -> int:
         ts = time.time()
         loss = float(step(model, opt, jnp.asarray(ids), jnp.asarray(labels), jnp.asarray(mask)))
         times.append(time.time() - ts)
+        if not math.isfinite(loss):  # (PT4: "loss nan" was printed as a result, exit 0)
+            print(f"{p.prog}: error: step {s}: the loss is {loss}; the run diverged (try a "
+                  "smaller --lr)", file=sys.stderr)
+            return 3
         if s % 100 == 0 or s == a.steps:
             parts = []
             for name, e in evals.items():
