@@ -394,3 +394,32 @@ def test_a_signal_once_the_run_wrote_everything_says_it_had_finished(tmp_path):
         "emit_jax.train: interrupted (SIGHUP) as it ended; it had finished, and what it wrote "
         "is complete"), r.stderr[-3000:]
     assert (wd / "results.json").is_file()
+
+
+def test_a_failed_restore_prints_no_closed_loop_traceback(capsys):
+    """Twenty-sixth probe WT1 (1 run of 8): the callbacks of a failed restore that fired as
+    Orbax closed its event loop, before the failure reached the command, printed fragments of
+    three "Event loop is closed" tracebacks ahead of the error line. Such errors are not
+    printed while a restore runs; after a successful one, the hook is as it was."""
+    import sys
+
+    import pytest
+
+    from emit_jax.checkpoint import _loop_closed_unprinted
+
+    before = sys.excepthook
+    closed = RuntimeError("Event loop is closed")
+    with _loop_closed_unprinted():
+        sys.excepthook(RuntimeError, closed, None)
+        assert capsys.readouterr().err == ""
+        sys.excepthook(ValueError, ValueError("another"), None)
+        assert "ValueError: another" in capsys.readouterr().err
+    assert sys.excepthook is before
+    with pytest.raises(OSError):
+        with _loop_closed_unprinted():
+            raise OSError("the restore failed")
+    try:
+        sys.excepthook(RuntimeError, closed, None)  # the reads it left: still unprinted
+        assert capsys.readouterr().err == ""
+    finally:
+        sys.excepthook = before
