@@ -365,8 +365,10 @@ def _export(run_, model, trained: bool, before) -> dict | None:
     record = {"stage": last, "steps": stages.done_steps(workdir, last)}
     exists = os.path.isdir(hf_dir) and bool(os.listdir(hf_dir))  # an empty hf/: none
     damaged = hf.export_problem(hf_dir) if exists and before == record else None
-    if exists and before == record and not damaged:  # (an unrecorded export is replaced:
-        return before              # eighteenth probe T8 found one kept that held another's)
+    # (an unrecorded export is replaced: eighteenth probe T8 found one kept that held another
+    # stage's model); every process takes the same branch (the export is a collective)
+    if not parallel.any_process(not (exists and before == record and not damaged)):
+        return before
     parallel.replicate_module(model, run_.mesh)  # every process: a collective
     if parallel.is_primary():
         check_free_space(hf_dir, hf.state_bytes(model) + 2**20)

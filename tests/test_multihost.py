@@ -430,3 +430,21 @@ def test_a_sigterm_after_jax_distributed_starts_reaches_the_process_handler(tmp_
     for log in logs:
         assert "handled" in log and "not handled" not in log, log[-2000:]
         assert "SIGTERM caught" not in log, log[-2000:]
+
+
+ANY_PROCESS = """
+from emit_jax import cli, parallel
+parallel.initialize()
+import jax
+print("any", parallel.any_process(jax.process_index() == 1), parallel.any_process(False),
+      flush=True)
+cli.end(0)
+"""
+
+
+def test_any_process_agrees_on_one_branch(tmp_path):
+    """``parallel.any_process``: the flag of any process, on every process (a rerun's export
+    decision reads files each process could see differently; they must take one branch)."""
+    r, _, logs = _two_of(ANY_PROCESS, tmp_path / "logs", kill_grace=30)
+    assert r.returncode == 0, r.stderr[-2000:] + "".join(logs)[-3000:]
+    assert all("any True False" in log for log in logs), logs

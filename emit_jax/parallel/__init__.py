@@ -35,8 +35,8 @@ from emit_jax.parallel.mesh import (
 from emit_jax.parallel.batch import assemble_batch, global_batch, process_rows
 from emit_jax.parallel.jit import placed_module, shard_module, sharded_jit
 from emit_jax.parallel.distributed import (
-    DistributedArgs, barrier, distributed_args_from_env, initialize, is_primary, localize_module,
-    replicate_module, to_host)
+    DistributedArgs, any_process, barrier, distributed_args_from_env, initialize, is_primary,
+    localize_module, replicate_module, to_host)
 
 __all__ = ["MESH_AXES", "BATCH_AXES", "DEFAULT_RULES", "parse_mesh", "mesh_shape", "make_mesh",
            "SAMPLER_MESHES", "sampler_mesh", "placed_module",
@@ -44,4 +44,4 @@ __all__ = ["MESH_AXES", "BATCH_AXES", "DEFAULT_RULES", "parse_mesh", "mesh_shape
            "use_mesh", "active_mesh", "constrain", "constrain_hidden", "sharded_jit",
            "global_batch", "process_rows", "assemble_batch", "initialize",
            "DistributedArgs", "distributed_args_from_env", "to_host",
-           "is_primary", "barrier", "replicate_module", "localize_module"]
+           "is_primary", "any_process", "barrier", "replicate_module", "localize_module"]

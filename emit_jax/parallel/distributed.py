@@ -164,6 +164,16 @@ def leave(status: int, timeout: float = 10.0) -> bool:
     return bool(passed)
 
 
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` holds on any process (a collective with several processes: call it at
+    the same point on every process), so that they take the same branch."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
+
+
 def is_primary() -> bool:
     """True on process 0, the one that writes logs, metrics, plots and exports."""
     return jax.process_index() == 0
