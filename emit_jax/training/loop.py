@@ -212,20 +212,26 @@ def _at_once(signum, frame):
 
 
 @contextlib.contextmanager
-def signals_stop_at_once():
-    """While the stopping stage's last checkpoint is written: a further SIGINT / SIGTERM ends
-    the process at once in one line (:func:`stop_at_once`; the checkpoint before it is
-    complete). Main thread only; elsewhere a no-op."""
+def _stop_signals_to(handler):
+    """While the block runs, every stopping signal the process does not ignore goes to
+    ``handler`` (main thread only; elsewhere a no-op); the previous handlers come back after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = {s: signal.signal(s, _at_once) for s in STOP_SIGNALS
+    old = {s: signal.signal(s, handler) for s in STOP_SIGNALS
            if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def signals_stop_at_once():
+    """While the stopping stage's last checkpoint is written: a further SIGINT / SIGTERM ends
+    the process at once in one line (:func:`stop_at_once`; the checkpoint before it is
+    complete). Main thread only; elsewhere a no-op."""
+    return _stop_signals_to(_at_once)
 
 
 @contextlib.contextmanager
@@ -236,9 +242,6 @@ def signals_after_the_write():
     (:func:`signals_stop_at_once`'s line). Before, it was raised inside Orbax's wait: three
     tracebacks of its threads, and the step's checkpoint left unfinished (twenty-sixth probe
     ST8 / MB6). Main thread only; elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     got: list[int] = []
 
     def later(signum, frame):
@@ -246,13 +249,8 @@ def signals_after_the_write():
             _at_once(signum, frame)
         got.append(signum)
 
-    old = {s: signal.signal(s, later) for s in STOP_SIGNALS
-           if signal.getsignal(s) is not signal.SIG_IGN}
-    try:
+    with _stop_signals_to(later):
         yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
     if got:
         raise KeyboardInterrupt(f"{signal.Signals(got[0]).name} as the stage's last checkpoint "
                                 "was written; it is complete")
