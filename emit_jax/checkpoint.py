@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from emit_jax.errors import STOP_SIGNALS, causes, interrupted, show_path
+from emit_jax.errors import (STOP_SIGNALS, causes, exit_interrupted, interrupted, program,
+                             show_path)
 from emit_jax.fileio import (atomic_folder, disk_full_error, folder_gone_error, not_a_file,
                              read_json, where_written, write_refused_error)
 from emit_jax.hf import CheckpointError, copy_assets
@@ -155,15 +156,19 @@ def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | No
 @contextlib.contextmanager
 def _interrupts_deferred():
     """SIGINT / SIGTERM received while the block runs are raised as ``KeyboardInterrupt`` when
-    it ends (main thread only; a second one at once; an ignored signal stays ignored)."""
+    it ends (main thread only; a second one ends the process at once, in one line; an ignored
+    signal stays ignored)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     got = []
 
     def later(signum, frame):
-        if got:
-            raise KeyboardInterrupt(signal.Signals(signum).name)
+        if got:  # (twenty-seventh probe N1: raised into Orbax's wait, its threads' tracebacks
+            # followed the line) at once, in one line
+            exit_interrupted(f"{program()}: interrupted (second {signal.Signals(signum).name} "
+                             "while a model was written): stopped at once; rerun the same "
+                             "command (it removes the unfinished copy)")
         got.append(signum)
 
     old = {}

@@ -423,3 +423,49 @@ def test_a_failed_restore_prints_no_closed_loop_traceback(capsys):
         assert capsys.readouterr().err == ""
     finally:
         sys.excepthook = before
+
+
+# two SIGINTs as a finished stage's model is written (save_model)
+TWO_SIGNALS_IN_A_MODEL_SAVE = """
+import os, runpy, signal, sys
+import orbax.checkpoint as ocp
+save = ocp.StandardCheckpointer.save
+def save_with_two_signals(self, path, *a, **k):
+    out = save(self, path, *a, **k)
+    if "tmp-model" in str(path):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+    return out
+ocp.StandardCheckpointer.save = save_with_two_signals
+sys.argv = ["emit_jax.train", *sys.argv[1:]]
+runpy.run_module("emit_jax.train", run_name="__main__")
+"""
+
+
+def test_a_second_ctrl_c_while_a_model_is_written_is_one_line_and_the_rerun_cleans_up(tmp_path):
+    """Twenty-seventh probe N1: a second Ctrl-C while a finished stage's model was written was
+    raised inside Orbax's wait: the line, then two tracebacks of Orbax's threads, and the
+    unfinished copy (``base/.tmp-model-*``) stayed in the stage folder for good."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    wd = tmp_path / "wd"
+    args = [*SMOKE_BASE, "--workdir", str(wd)]
+    r = subprocess.run([sys.executable, "-c", TWO_SIGNALS_IN_A_MODEL_SAVE, *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(subprocess_env(), PYTHONPATH=ROOT))
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "E1" not in r.stderr, r.stderr[-3000:]
+    # (the program's name is "emit_jax" here: the command runs through python -c)
+    assert _lines(r.stderr)[-1] == (
+        "emit_jax: interrupted (second SIGINT while a model was written): stopped at "
+        "once; rerun the same command (it removes the unfinished copy)"), r.stderr
+    left = [n for n in os.listdir(wd / "base") if n.startswith(".tmp-model-")]
+    assert left, os.listdir(wd / "base")
+    r = train(*args, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"note: removed 1 unfinished copy of {wd / 'base' / 'model'}" in r.stderr, r.stderr
+    assert not [n for n in os.listdir(wd / "base") if n.startswith(".tmp-")]
+    assert (wd / "base" / "model" / "emit_jax.json").is_file()

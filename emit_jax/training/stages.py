@@ -37,7 +37,8 @@ from emit_jax.data.embedded.cache import cache_path
 from emit_jax.data.pipeline import PipelineConfig, RecordEncoder, collate
 from emit_jax.data.tokenizer import load_tokenizer
 from emit_jax.errors import CheckpointError, ConfigError, LockedError
-from emit_jax.fileio import atomic_output, check_free_space, finite_json, hold_lock, read_json
+from emit_jax.fileio import (atomic_output, check_free_space, finite_json, hold_lock, read_json,
+                             remove_leftovers)
 from emit_jax.models import architectures
 from emit_jax.models.emit import EMIT, EMITConfig, is_emit
 from emit_jax.models.internvl import InternVL
@@ -232,8 +233,10 @@ def finish_stage(workdir: str, stage: str, model, info: dict) -> None:
     d = os.path.join(workdir, stage)
     target = os.path.join(d, "model")
     check_free_space(target, hf.state_bytes(model) + 2**20)  # a full disk: one line, first
-    if os.path.isdir(target) and parallel.is_primary():  # an earlier, shorter run: replace it
-        shutil.rmtree(target)
+    if parallel.is_primary():
+        if os.path.isdir(target):  # an earlier, shorter run: replace it
+            shutil.rmtree(target)
+        remove_leftovers(target, target)  # a save cut off (kill -9, a second Ctrl-C)
     parallel.barrier("replace:" + stage)  # nobody checks the target before it is gone
     checkpoint.save_model(model, target, assets_from=os.path.join(workdir, "tokenizer"))
     if parallel.is_primary():
