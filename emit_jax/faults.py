@@ -5,7 +5,9 @@
 - ``nan@STAGE:STEP`` — the batch of that step gets NaN inputs (SFT stages: its pixel tiles;
   GRPO: its advantages), so the step's loss and gradients are non-finite;
 - ``kill_in_save@STAGE:STEP`` — the process kills itself with SIGKILL while the checkpoint of
-  that step is being written (after Orbax has started it, before it is committed).
+  that step is being written (after Orbax has started it, before it is committed);
+- ``kill_in_close@STAGE:STEP`` — the same as the stage's checkpoints are closed with ``STEP``
+  the last one saved (its write awaited, after the training loop).
 
 Each fault fires at most once per process. Nothing reads the variable outside these hooks.
 """

@@ -448,3 +448,38 @@ def test_any_process_agrees_on_one_branch(tmp_path):
     r, _, logs = _two_of(ANY_PROCESS, tmp_path / "logs", kill_grace=30)
     assert r.returncode == 0, r.stderr[-2000:] + "".join(logs)[-3000:]
     assert all("any True False" in log for log in logs), logs
+
+
+def test_a_worker_killed_as_the_last_checkpoint_is_awaited_ends_the_run_in_lines(tmp_path):
+    """Twenty-seventh probe MK2/MK3: ``kill -9`` of worker 1 while the stage's last checkpoint
+    was awaited (after the loop): worker 0 waited for its write, which waits for every process,
+    holding back local.sh's SIGTERM, until SIGKILL after ``KILL_GRACE`` (or jax's heartbeat
+    timeout: tracebacks and "Fatal Python error: Aborted"). It now stops ``PEER_WAIT`` seconds
+    after the signal, in one line; the rerun resumes."""
+    import time
+
+    w, log_dir = tmp_path / "w", tmp_path / "logs"
+    train = (f"{sys.executable} -m emit_jax.train --config configs/grpo.py:smoke --workdir {w} "
+             "--config.stages=base --config.base.steps=2 --config.checkpoint_every=1 "
+             "--config.eval_limit=0 --config.export_hf=False --config.image_size=56 "
+             "--config.compile_cache=")
+    script = ('if [ "$EMIT_PROCESS_ID" = 1 ]; then export EMIT_FAULTS=kill_in_close@base:2; '
+              f'fi; exec {train}')
+    env = _env(LOG_DIR=str(log_dir), EMIT_JAX_CACHE=str(tmp_path / "cache"), KILL_GRACE="40")
+    t = time.time()
+    r = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "-n", "2", "--cpu",
+                        "--", "bash", "-c", script], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    secs = time.time() - t
+    logs = [open(os.path.join(log_dir, f)).read() for f in sorted(os.listdir(log_dir))]
+    assert "process 1 exited with status 137" in r.stderr, r.stderr + logs[0][-2000:]
+    assert "did not stop" not in r.stderr, (secs, r.stderr)
+    last = logs[0].rstrip().splitlines()[-1]
+    assert last == ("emit_jax.train: interrupted (SIGTERM while the stopping step's checkpoint "
+                    "was written): stopped at once; rerun the same command to resume from the "
+                    "last complete checkpoint"), logs[0][-3000:]
+    assert "Traceback" not in logs[0] and "Fatal Python error" not in logs[0], logs[0][-3000:]
+    r = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "-n", "2", "--cpu",
+                        "--", "bash", "-c", f"exec {train}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]

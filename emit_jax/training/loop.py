@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import signal
 import sys
 import threading
@@ -234,6 +235,10 @@ def signals_stop_at_once():
     return _stop_signals_to(_at_once)
 
 
+#: seconds a multi-process run's stopping process waits for its last checkpoint's write
+PEER_WAIT = 10.0
+
+
 @contextlib.contextmanager
 def signals_after_the_write():
     """While a finished stage's last checkpoint is awaited (after the loop's guard): a SIGINT /
@@ -241,16 +246,30 @@ def signals_after_the_write():
     stage is saved; a rerun finds it complete); a second one ends the process at once
     (:func:`signals_stop_at_once`'s line). Before, it was raised inside Orbax's wait: three
     tracebacks of its threads, and the step's checkpoint left unfinished (twenty-sixth probe
-    ST8 / MB6). Main thread only; elsewhere a no-op."""
+    ST8 / MB6). Main thread only; elsewhere a no-op.
+
+    With several processes the write waits for every process, and one that died (``kill -9``)
+    never comes: the wait is given ``PEER_WAIT`` seconds after the signal, then the process
+    stops at once (twenty-seventh probe MK2/MK3: it waited for the coordination service's
+    heartbeat timeout, deaf to the launcher's SIGTERM, and aborted with jax's fatal error)."""
     got: list[int] = []
+    timers: list[threading.Timer] = []
 
     def later(signum, frame):
         if got:  # the second: at once
             _at_once(signum, frame)
         got.append(signum)
+        if not _single_process():
+            timers.append(threading.Timer(PEER_WAIT, os.kill, (os.getpid(), signum)))
+            timers[-1].daemon = True
+            timers[-1].start()
 
-    with _stop_signals_to(later):
-        yield
+    try:
+        with _stop_signals_to(later):
+            yield
+    finally:
+        for t in timers:
+            t.cancel()
     if got:
         raise KeyboardInterrupt(f"{signal.Signals(got[0]).name} as the stage's last checkpoint "
                                 "was written; it is complete")

@@ -56,6 +56,7 @@ class StageCheckpoints:
         self.filter = state_filter
         self.directory, self.name = where_written(directory), name
         self._bytes = 0  # the size of the last checkpoint written, for a full disk's message
+        self._saved = 0  # the last step saved (the reliability tests' kill_in_close)
         DiskFullLogs.install()
         os.makedirs(directory, exist_ok=True)
         self._identity = _identity(self.directory)
@@ -93,6 +94,8 @@ class StageCheckpoints:
         with self._disk_full():
             saved = self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+        if saved:
+            self._saved = step
         if saved and faults.fires("kill_in_save", self.name, step):
             faults.kill_now()  # the reliability tests: a kill while this step is being written
         return saved
@@ -204,6 +207,8 @@ class StageCheckpoints:
             self.manager.wait_until_finished()
 
     def close(self):
+        if faults.fires("kill_in_close", self.name, self._saved):
+            faults.kill_now()  # the reliability tests: a kill as the last write is awaited
         with self._disk_full():
             self.manager.wait_until_finished()
         self.manager.close()
