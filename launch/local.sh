@@ -34,8 +34,9 @@ Runs NUM_PROCESSES copies of COMMAND on this machine as one multihost JAX run.
   -h, --help              this text
 
 Each process gets EMIT_COORDINATOR=127.0.0.1:PORT, EMIT_NUM_PROCESSES=N, EMIT_PROCESS_ID=i.
-Logs: ${LOG_DIR:-launch_logs}/proc_i.log (process 0's also on the terminal). If one process
-fails the others are stopped; the exit status is the first non-zero one (0 if all succeed).
+Logs: ${LOG_DIR:-launch_logs}/proc_i.log (process 0's also on the terminal; an earlier run's
+are kept as proc_i.prev.log). If one process fails the others are stopped; the exit status is
+the first non-zero one (0 if all succeed).
 Environment: LOG_DIR (log folder), KILL_GRACE (seconds between SIGTERM and SIGKILL, default 30).
 
 example:
@@ -168,6 +169,18 @@ kind="GPUs (of $(IFS=,; echo "${gpus[*]:0:num*devices}"))"
 if ((cpu)); then kind="simulated CPU devices"; fi
 echo "local.sh: $num processes x $devices $kind, coordinator $coordinator, logs in $log_dir/proc_*.log" >&2
 
+# an earlier run's logs (the one that says why it failed) are kept one run back, as
+# proc_i.prev.log, not emptied (twenty-seventh probe LA10: a file of that name was truncated)
+kept=()
+for ((i = 0; i < num; i++)); do
+    log="$log_dir/proc_$i.log"
+    if [[ -s $log || -L $log ]]; then
+        mv -f -- "$log" "$log_dir/proc_$i.prev.log" && kept+=("proc_$i.log")
+    fi
+done
+if ((${#kept[@]})); then
+    echo "local.sh: the earlier ${kept[*]} in $log_dir kept as proc_*.prev.log" >&2
+fi
 for ((i = 0; i < num; i++)); do
     log="$log_dir/proc_$i.log"
     : >"$log"

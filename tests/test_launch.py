@@ -75,6 +75,29 @@ def test_local_log_dir_that_is_a_file_is_one_line(tmp_path):
     assert (tmp_path / "afile").read_text() == "mine"
 
 
+def test_local_keeps_an_earlier_runs_logs_one_run_back(tmp_path):
+    """Twenty-seventh probe LA10: a ``proc_0.log`` already in LOG_DIR (a user's file, or the
+    log of a failed run that "says why") was emptied by the next launch without a note; a link
+    of that name was written through. It is kept as ``proc_0.prev.log``, and said."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "proc_0.log").write_text("my precious log\n")
+    (tmp_path / "target").write_text("not a log\n")
+    (logs / "proc_1.log").symlink_to(tmp_path / "target")
+    r = _run([LAUNCH / "local.sh", "-n", 2, "--cpu", "--", "true"], _env(LOG_DIR=logs),
+             cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (f"local.sh: the earlier proc_0.log proc_1.log in {logs} kept as proc_*.prev.log"
+            in r.stderr), r.stderr
+    assert (logs / "proc_0.prev.log").read_text() == "my precious log\n"
+    assert (logs / "proc_1.prev.log").is_symlink()
+    assert (tmp_path / "target").read_text() == "not a log\n"
+    assert (logs / "proc_0.log").read_text() == "" and not (logs / "proc_1.log").is_symlink()
+    r = _run([LAUNCH / "local.sh", "-n", 2, "--cpu", "--", "true"], _env(LOG_DIR=logs),
+             cwd=tmp_path)  # empty logs: nothing to keep, nothing said
+    assert r.returncode == 0 and "kept as" not in r.stderr, r.stderr
+
+
 def test_local_cpu_processes_get_their_ids(tmp_path):
     logs = tmp_path / "logs"
     r = _run([LAUNCH / "local.sh", "-n", 2, "-d", 1, "--cpu", "--", sys.executable, "-c",
