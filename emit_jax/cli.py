@@ -279,6 +279,7 @@ def peer_lost(e: BaseException) -> str | None:
     text = " ".join(str(e).split())
     if dist is None or not dist.started() or not _PEER_LOST.search(text):
         return None
+    dist.note_peer_lost()  # its end: at once (parallel.distributed.leave)
     return (f"another process of this multi-process run ended or cannot be reached ({text[:200]}); "
             "its log says why; rerun the same command on every process to resume from the last "
             "checkpoint")

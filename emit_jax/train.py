@@ -24,6 +24,7 @@ trains nothing keeps the workdir's ``seconds`` (its own time: ``rerun_seconds``)
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import math
 import os
@@ -694,6 +695,12 @@ def main(argv) -> None:
               file=sys.stderr)
         sys.exit(2)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every write at INFO
+    if not os.environ.get("PYTHONFAULTHANDLER"):
+        # absl's app.run turns on Python's fault handler: an abort in C++ (jax's distributed
+        # client ends a process whose coordinator died) printed "Fatal Python error: Aborted"
+        # and every thread's Python stack, read as a traceback of the tool (twenty-seventh
+        # probe MB6); PYTHONFAULTHANDLER=1 keeps them, for a bug report
+        faulthandler.disable()
     if _CONFIG.value is None:
         print("emit_jax.train: error: --config is required (e.g. --config configs/grpo.py)",
               file=sys.stderr)

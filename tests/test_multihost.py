@@ -483,3 +483,23 @@ def test_a_worker_killed_as_the_last_checkpoint_is_awaited_ends_the_run_in_lines
                         "--", "bash", "-c", f"exec {train}"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+
+def test_a_process_whose_peer_is_gone_ends_at_once(monkeypatch):
+    """Twenty-seventh probe MB6: a process whose collective lost its peer printed its line and
+    then waited in jax's shutdown barrier, which cannot pass with a process gone (and where,
+    with the coordinator gone, jax's client aborts it). ``cli.peer_lost`` marks it, and
+    ``leave`` ends it at once; other failures still give the barrier its time."""
+    from emit_jax import cli
+    from emit_jax.parallel import distributed
+
+    monkeypatch.setattr(distributed, "_STARTED", True)
+    monkeypatch.setattr(distributed, "_PEER_LOST", False)
+    assert cli.peer_lost(RuntimeError("something else")) is None and not distributed._PEER_LOST
+    line = cli.peer_lost(RuntimeError("UNKNOWN: Gloo AllGather failed: Connection closed by peer"))
+    assert line and line.startswith("another process of this multi-process run ended"), line
+    assert distributed._PEER_LOST
+    started = []
+    monkeypatch.setattr(distributed.jax.distributed, "shutdown", lambda: started.append(1))
+    assert distributed.leave(2) is False and started == []  # at once, no shutdown
