@@ -381,6 +381,14 @@ def test_run_wide_changes_are_compared_with_the_last_run(tmp_path):
         json.dump({"config": stages.config_json(cfg(seed=2, eval_limit=5))}, f)
     assert stages.run_changes(cfg(seed=2, eval_limit=5), w) == []
     assert stages.run_changes(cfg(), w) == [("eval_limit", 5, 200), ("seed", 2, 0)]
+    # a run that ended before its results (interrupted) wrote a stage's settings after them:
+    # the next run is compared with that run (twenty-seventh probe RS1r)
+    t = os.path.getmtime(os.path.join(w, "results.json"))
+    os.utime(os.path.join(w, "results.json"), (t - 60, t - 60))
+    stages.save_settings(cfg(seed=3), w, "grpo")
+    assert stages.run_changes(cfg(seed=3), w) == []
+    assert stages.run_changes(cfg(seed=2, eval_limit=5), w) == [("eval_limit", 200, 5),
+                                                                ("seed", 3, 2)]
 
 
 def test_a_resumed_stage_names_the_settings_changed_since_its_checkpoint(tmp_path):

@@ -494,13 +494,16 @@ def run_changes(cfg, workdir: str) -> list[tuple[str, Any, Any]]:
     last run. The
     structural settings (:func:`check_settings`) and the stage sections
     (:func:`section_changes`) are left out: they have their own lines. The last run's settings
-    are those its ``results.json`` records (``config``), else the newest stage's."""
+    are those its ``results.json`` records (``config``), or a stage's written after it (a run
+    that ended before its results: twenty-seventh probe RS1r, an interrupted restart's rerun
+    was compared with the run before the restart)."""
     newest, stored = -1.0, None
+    path = os.path.join(workdir, "results.json")
     try:
-        with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             results = json.load(f)
         if isinstance(results, dict) and isinstance(results.get("config"), dict):
-            newest, stored = float("inf"), results["config"]
+            newest, stored = os.path.getmtime(path), results["config"]
     except (OSError, ValueError):
         pass
     for stage in cfg.stages:
