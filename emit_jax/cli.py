@@ -117,6 +117,16 @@ def nonempty(text: str) -> str:
     return text
 
 
+def output_folder(text: str) -> str:
+    """An argparse ``type`` for a new output folder: not the empty string (an unset shell
+    variable: ``export --out ""`` wrote the model into the current folder; twenty-seventh
+    probe N6)."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty path (an unset shell variable?); name the new "
+                                         "folder to write")
+    return text
+
+
 #: a whole number >= 1 (counts, sizes, lengths, repeats)
 positive_int = int_at_least(1)
 #: a whole number >= 0 (seeds, optional counts where 0 means none / off)

@@ -72,7 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--hf", required=True,
                    help="model folder: transformers InternVL or internvl_chat (config.json + "
                         "safetensors)")
-    p.add_argument("--out", required=True, help="new Orbax checkpoint folder")
+    p.add_argument("--out", required=True, type=cli.output_folder,
+                   help="new Orbax checkpoint folder")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="cast parameters (default: keep the stored dtypes)")
     g = p.add_argument_group("EMIT in an internvl_chat folder (the authors' constants by default)")

@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p = cli.Parser(prog="python -m emit_jax.export", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter, error_type=ConfigError)
     p.add_argument("--checkpoint", required=True, help="emit_jax Orbax model checkpoint folder")
-    p.add_argument("--out", required=True, help="new model folder")
+    p.add_argument("--out", required=True, type=cli.output_folder, help="new model folder")
     p.add_argument("--format", choices=FORMATS, default="transformers",
                    help="folder layout (default transformers; internvl_chat: the EMIT authors' "
                         "and OpenGVLab's original format)")

@@ -226,6 +226,20 @@ def test_an_output_named_with_a_stray_blank_is_said(tmp_path, tiny_model, monkey
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("module, src", [("emit_jax.export", "--checkpoint"),
+                                         ("emit_jax.convert", "--hf")])
+def test_an_empty_out_is_refused_not_the_current_folder(module, src, tmp_path, tiny_model,
+                                                         monkeypatch):
+    """Twenty-seventh probe N6: ``export --out ""`` / ``convert --out ""`` (an unset ``$OUT`` in
+    a script) wrote the model into the current folder, exit 0."""
+    monkeypatch.chdir(tmp_path)
+    source = tiny_model["ckpt"] if module == "emit_jax.export" else tiny_model["hf"]
+    rc, err, _ = run_main(module, [src, source, "--out", ""])
+    assert_one_error(rc, err, "argument --out: empty path (an unset shell variable?); name the "
+                     "new folder to write")
+    assert os.listdir(tmp_path) == []
+
+
 def test_export_still_writes_a_non_utf8_out(tmp_path, tiny_model):
     """Plain Python (and safetensors) write such a name: export keeps accepting it."""
     out = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), NON_UTF8))
