@@ -120,7 +120,7 @@ def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | No
             # a signal waits for the write: raised into Orbax's save, it leaves its writer threads
             # writing on into the temporary folder atomic_folder removes (which then stays, with
             # a screen of their errors); after it, the complete folder is removed instead
-            with (contextlib.nullcontext() if multi else _interrupts_deferred()):
+            with _interrupts_deferred():
                 ckptr.save(os.path.join(tmp, PARAMS_DIR), pure)
                 ckptr.wait_until_finished()
         except Exception as e:  # a full disk, raised by Orbax's writer threads: one line
@@ -153,23 +153,35 @@ def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | No
     return path
 
 
+#: seconds a process of a multi-process run, signalled while a model is written, waits for
+#: the write (which waits for every process) before it stops at once
+PEER_WAIT = 10.0
+
+
 @contextlib.contextmanager
 def _interrupts_deferred():
     """SIGINT / SIGTERM received while the block runs are raised as ``KeyboardInterrupt`` when
     it ends (main thread only; a second one ends the process at once, in one line; an ignored
-    signal stays ignored)."""
+    signal stays ignored). With several processes the write waits for every process, one of
+    which may be gone: after ``PEER_WAIT`` seconds the signal counts as the second (twenty-
+    seventh probe N7: raised into Orbax's save on one process, it removed the shared folder
+    the others were writing: a traceback through the tool's code, no line)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    got = []
+    got, timers = [], []
 
     def later(signum, frame):
         if got:  # (twenty-seventh probe N1: raised into Orbax's wait, its threads' tracebacks
             # followed the line) at once, in one line
-            exit_interrupted(f"{program()}: interrupted (second {signal.Signals(signum).name} "
-                             "while a model was written): stopped at once; rerun the same "
-                             "command (it removes the unfinished copy)")
+            exit_interrupted(f"{program()}: interrupted ({signal.Signals(signum).name} while a "
+                             "model was written): stopped at once; rerun the same command (it "
+                             "removes the unfinished copy)")
         got.append(signum)
+        if jax.process_count() > 1:
+            timers.append(threading.Timer(PEER_WAIT, os.kill, (os.getpid(), signum)))
+            timers[-1].daemon = True
+            timers[-1].start()
 
     old = {}
     for sig in STOP_SIGNALS:
@@ -178,6 +190,8 @@ def _interrupts_deferred():
     try:
         yield
     finally:
+        for t in timers:
+            t.cancel()
         for sig, handler in old.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     if got:

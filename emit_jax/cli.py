@@ -277,8 +277,8 @@ def runtime_error(e: BaseException, prog: str | None = None) -> str | None:
 
 #: how a collective or the coordination service reports a process of the run that is gone
 _PEER_LOST = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|"
-                        r"Gloo \w+ failed|coordination service|heartbeat|Socket closed",
-                        re.IGNORECASE)
+                        r"Gloo \w+ failed|coordination service|heartbeat|Socket closed|"
+                        r"Barrier failed|waiting for \S+ barrier", re.IGNORECASE)
 
 
 def peer_lost(e: BaseException) -> str | None:

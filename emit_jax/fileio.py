@@ -231,7 +231,9 @@ def atomic_folder(path: str | os.PathLike, *, hint: str = "choose a new folder",
     Several processes writing one folder (multi-host checkpoints) agree on a fixed ``tmp``
     instead: the ``owner`` empties and creates it on entry (the others must wait for that, e.g.
     at a barrier at the top of the block) and alone renames it into place on success; the
-    others leave it as it is. On failure every process removes it."""
+    others leave it as it is. On failure the owner removes it (before, every process did: one
+    process interrupted removed the folder the others were still writing, twenty-seventh probe
+    N7; the owner's next entry empties it anyway)."""
     path = where_written(path)
     if tmp is None and not owner:
         raise ValueError("atomic_folder: owner=False needs the shared tmp folder")
@@ -268,7 +270,8 @@ def atomic_folder(path: str | os.PathLike, *, hint: str = "choose a new folder",
                     f"{path}: filled by another run while this one was writing it; this run's "
                     "copy is discarded and the folder holds the other's") from None
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if owner:
+            shutil.rmtree(tmp, ignore_errors=True)
         _remove_folders(created)
         if isinstance(e, OSError) and e.errno is not None:
             # name the user's path, not the temporary folder (a full disk, "File too large")

@@ -503,3 +503,48 @@ def test_a_process_whose_peer_is_gone_ends_at_once(monkeypatch):
     started = []
     monkeypatch.setattr(distributed.jax.distributed, "shutdown", lambda: started.append(1))
     assert distributed.leave(2) is False and started == []  # at once, no shutdown
+
+
+# worker 1 gets SIGUSR1 (SLURM's pre-emption warning) as the finished stage's model is written
+SIGNAL_IN_A_SHARED_MODEL_SAVE = """
+import os, runpy, signal, sys
+import orbax.checkpoint as ocp
+save = ocp.StandardCheckpointer.save
+def save_with_a_signal(self, path, *a, **k):
+    out = save(self, path, *a, **k)
+    if "tmp-model" in str(path) and os.environ.get("EMIT_PROCESS_ID") == "1":
+        os.kill(os.getpid(), signal.SIGUSR1)
+    return out
+ocp.StandardCheckpointer.save = save_with_a_signal
+sys.argv = ["emit_jax.train", *sys.argv[1:]]
+runpy.run_module("emit_jax.train", run_name="__main__")
+"""
+
+
+def test_a_signal_to_one_worker_as_the_model_is_written_is_lines_and_the_rerun_finishes(tmp_path):
+    """Twenty-seventh probe N7: SIGUSR1 to worker 1 while the stage's model was written (the
+    write shared by both processes) was raised into Orbax's save; worker 1's cleanup removed
+    the shared folder worker 0 was still writing, and worker 0 ended in 25 tracebacks and an
+    uncaught one through the tool's code, without a line. Now the signalled worker finishes its
+    part first (or stops after ``PEER_WAIT``), the others end in their lines, and the rerun
+    saves the model from the stage's last checkpoint."""
+    w, log_dir = tmp_path / "w", tmp_path / "logs"
+    args = ["--config", "configs/grpo.py:smoke", "--workdir", str(w), "--config.stages=base",
+            "--config.base.steps=1", "--config.eval_limit=0", "--config.export_hf=False",
+            "--config.image_size=56", "--config.compile_cache="]
+    env = _env(LOG_DIR=str(log_dir), EMIT_JAX_CACHE=str(tmp_path / "cache"), KILL_GRACE="40")
+    r = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "-n", "2", "--cpu",
+                        "--", sys.executable, "-c", SIGNAL_IN_A_SHARED_MODEL_SAVE, *args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    logs = [open(os.path.join(log_dir, f)).read() for f in sorted(os.listdir(log_dir))]
+    assert r.returncode != 0 and "did not stop" not in r.stderr, r.stderr
+    assert logs[1].rstrip().splitlines()[-1].endswith(
+        "interrupted (SIGUSR1); rerun the same command to resume from the last checkpoint"), \
+        logs[1][-3000:]
+    for log in logs:
+        assert "Traceback" not in log and "Fatal Python error" not in log, log[-3000:]
+    r = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "-n", "2", "--cpu",
+                        "--", sys.executable, "-m", "emit_jax.train", *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (w / "base" / "model" / "emit_jax.json").is_file()

@@ -460,7 +460,7 @@ def test_a_second_ctrl_c_while_a_model_is_written_is_one_line_and_the_rerun_clea
     assert "Traceback" not in r.stderr and "E1" not in r.stderr, r.stderr[-3000:]
     # (the program's name is "emit_jax" here: the command runs through python -c)
     assert _lines(r.stderr)[-1] == (
-        "emit_jax: interrupted (second SIGINT while a model was written): stopped at "
+        "emit_jax: interrupted (SIGINT while a model was written): stopped at "
         "once; rerun the same command (it removes the unfinished copy)"), r.stderr
     left = [n for n in os.listdir(wd / "base") if n.startswith(".tmp-model-")]
     assert left, os.listdir(wd / "base")
