@@ -24,7 +24,6 @@ import os
 import re
 import signal
 import sys
-import threading
 import warnings
 
 import jax
@@ -32,8 +31,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from emit_jax.errors import (STOP_SIGNALS, causes, exit_interrupted, interrupted, program,
-                             show_path)
+from emit_jax.errors import (causes, exit_interrupted, interrupted, program, show_path,
+                             stop_signals_held)
 from emit_jax.fileio import (atomic_folder, disk_full_error, folder_gone_error, not_a_file,
                              read_json, where_written, write_refused_error)
 from emit_jax.hf import CheckpointError, copy_assets
@@ -153,11 +152,6 @@ def save_model(model: InternVL, path: str | os.PathLike, *, hf_config: dict | No
     return path
 
 
-#: seconds a process of a multi-process run, signalled while a model is written, waits for
-#: the write (which waits for every process) before it stops at once
-PEER_WAIT = 10.0
-
-
 @contextlib.contextmanager
 def _interrupts_deferred():
     """SIGINT / SIGTERM received while the block runs are raised as ``KeyboardInterrupt`` when
@@ -166,34 +160,14 @@ def _interrupts_deferred():
     which may be gone: after ``PEER_WAIT`` seconds the signal counts as the second (twenty-
     seventh probe N7: raised into Orbax's save on one process, it removed the shared folder
     the others were writing: a traceback through the tool's code, no line)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got, timers = [], []
+    def at_once(signum):  # (twenty-seventh probe N1: raised into Orbax's wait, its threads'
+        # tracebacks followed the line) at once, in one line
+        exit_interrupted(f"{program()}: interrupted ({signal.Signals(signum).name} while a "
+                         "model was written): stopped at once; rerun the same command (it "
+                         "removes the unfinished copy)")
 
-    def later(signum, frame):
-        if got:  # (twenty-seventh probe N1: raised into Orbax's wait, its threads' tracebacks
-            # followed the line) at once, in one line
-            exit_interrupted(f"{program()}: interrupted ({signal.Signals(signum).name} while a "
-                             "model was written): stopped at once; rerun the same command (it "
-                             "removes the unfinished copy)")
-        got.append(signum)
-        if jax.process_count() > 1:
-            timers.append(threading.Timer(PEER_WAIT, os.kill, (os.getpid(), signum)))
-            timers[-1].daemon = True
-            timers[-1].start()
-
-    old = {}
-    for sig in STOP_SIGNALS:
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            old[sig] = signal.signal(sig, later)
-    try:
+    with stop_signals_held(at_once, several=jax.process_count() > 1) as got:
         yield
-    finally:
-        for t in timers:
-            t.cancel()
-        for sig, handler in old.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     if got:
         raise KeyboardInterrupt(signal.Signals(got[0]).name)
 

@@ -7,9 +7,10 @@ wrong. This module imports nothing else of the project: every layer may raise th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-from typing import NoReturn
+from typing import Callable, Iterator, NoReturn
 
 
 class ConfigError(ValueError):
@@ -143,6 +144,45 @@ def message(e: BaseException) -> str:
 #: session sends, and SIGUSR1, SLURM's warning before it pre-empts a job (``--signal=USR1@T``).
 #: Before, the last two killed the process at once, the step in progress lost.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
+
+#: seconds a process of a multi-process run, signalled while a write that every process takes
+#: part in is awaited, waits for it before it stops at once (a process that died never comes)
+PEER_WAIT = 10.0
+
+
+@contextlib.contextmanager
+def stop_signals_held(at_once: Callable[[int], object], *, several: bool) -> Iterator[list]:
+    """While the block runs, a stopping signal the process does not ignore is held: the list
+    yielded gets its number, for the caller to act on once the block is over; a second one
+    calls ``at_once(signum)`` (which ends the process). With ``several`` processes the awaited
+    write may wait for one that is gone: ``PEER_WAIT`` seconds after the first signal, it
+    counts as the second. Main thread only; elsewhere a no-op (nothing is held)."""
+    import threading
+
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    timers: list[threading.Timer] = []
+
+    def later(signum, frame):
+        if got:
+            at_once(signum)
+        got.append(signum)
+        if several:
+            timers.append(threading.Timer(PEER_WAIT, os.kill, (os.getpid(), signum)))
+            timers[-1].daemon = True
+            timers[-1].start()
+
+    old = {s: signal.signal(s, later) for s in STOP_SIGNALS
+           if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield got
+    finally:
+        for t in timers:
+            t.cancel()
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def interrupted(e: BaseException | None) -> bool:

@@ -29,15 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import signal
 import sys
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
-
-from emit_jax.errors import STOP_SIGNALS, NonFiniteError, exit_interrupted, program
+from emit_jax.errors import (STOP_SIGNALS, NonFiniteError, exit_interrupted, program,
+                             stop_signals_held)
 from emit_jax.training.metrics import MetricWriter, read_metrics
 from emit_jax.training.state import StageCheckpoints
 
@@ -235,10 +233,6 @@ def signals_stop_at_once():
     return _stop_signals_to(_at_once)
 
 
-#: seconds a multi-process run's stopping process waits for its last checkpoint's write
-PEER_WAIT = 10.0
-
-
 @contextlib.contextmanager
 def signals_after_the_write():
     """While a finished stage's last checkpoint is awaited (after the loop's guard): a SIGINT /
@@ -252,24 +246,9 @@ def signals_after_the_write():
     never comes: the wait is given ``PEER_WAIT`` seconds after the signal, then the process
     stops at once (twenty-seventh probe MK2/MK3: it waited for the coordination service's
     heartbeat timeout, deaf to the launcher's SIGTERM, and aborted with jax's fatal error)."""
-    got: list[int] = []
-    timers: list[threading.Timer] = []
-
-    def later(signum, frame):
-        if got:  # the second: at once
-            _at_once(signum, frame)
-        got.append(signum)
-        if not _single_process():
-            timers.append(threading.Timer(PEER_WAIT, os.kill, (os.getpid(), signum)))
-            timers[-1].daemon = True
-            timers[-1].start()
-
-    try:
-        with _stop_signals_to(later):
-            yield
-    finally:
-        for t in timers:
-            t.cancel()
+    with stop_signals_held(lambda signum: _at_once(signum, None),
+                           several=not _single_process()) as got:
+        yield
     if got:
         raise KeyboardInterrupt(f"{signal.Signals(got[0]).name} as the stage's last checkpoint "
                                 "was written; it is complete")
@@ -315,14 +294,10 @@ def _single_process() -> bool:
 def stop_requested() -> bool:
     """Whether a stop was requested on any process (a collective with several processes: call
     it at the same point of every step on every process)."""
-    local = _flag.is_set()
-    import jax  # noqa: PLC0415 - only here: the loop module stays importable without a backend
+    # only here: the loop module stays importable without a backend
+    from emit_jax.parallel.distributed import any_process  # noqa: PLC0415
 
-    if jax.process_count() == 1:
-        return local
-    from jax.experimental import multihost_utils
-
-    return bool(np.asarray(multihost_utils.process_allgather(np.int32(local))).any())
+    return any_process(_flag.is_set())
 
 
 def request_stop() -> None:

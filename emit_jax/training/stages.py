@@ -266,15 +266,9 @@ def workdir_lock(workdir: str):
                     hint="wait for it to end or stop it, or choose another --workdir"))
             except LockedError as e:
                 error = str(e)
-        import jax  # noqa: PLC0415
-
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils  # noqa: PLC0415
-
-            refused = np.asarray(multihost_utils.process_allgather(np.int32(bool(error)))).any()
-            if refused and not error:
-                error = (f"{workdir}: in use by another trainer (process 0 of this job found "
-                         f"{os.path.join(workdir, LOCK_FILE)} held; see its error)")
+        if parallel.any_process(bool(error)) and not error:  # (a collective: every process)
+            error = (f"{workdir}: in use by another trainer (process 0 of this job found "
+                     f"{os.path.join(workdir, LOCK_FILE)} held; see its error)")
         if error:
             raise LockedError(error)
         yield
