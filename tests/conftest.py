@@ -122,6 +122,27 @@ def subprocess_env(**extra) -> dict:
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
 
 
+def train_script(patch: str) -> str:
+    """A ``python -c`` script that runs ``patch`` (Python that patches a library, with ``os``
+    and ``signal`` imported), then ``python -m emit_jax.train`` with the script's arguments."""
+    return ("import os, runpy, signal, sys\n" + patch.strip() + "\n"
+            "sys.argv = ['emit_jax.train', *sys.argv[1:]]\n"
+            "runpy.run_module('emit_jax.train', run_name='__main__')\n")
+
+
+def in_model_save(action: str) -> str:
+    """A :func:`train_script` patch: ``action`` runs once Orbax's ``StandardCheckpointer`` has
+    begun writing a finished stage's model (a ``.tmp-model`` folder)."""
+    return ("import orbax.checkpoint as ocp\n"
+            "save = ocp.StandardCheckpointer.save\n"
+            "def save_then_act(self, path, *a, **k):\n"
+            "    out = save(self, path, *a, **k)\n"
+            "    if 'tmp-model' in str(path):\n"
+            f"        {action}\n"
+            "    return out\n"
+            "ocp.StandardCheckpointer.save = save_then_act\n")
+
+
 def train(*args, env=None, timeout=1500):
     """``python -m emit_jax.train ARGS`` from the repository root; the CompletedProcess."""
     import subprocess

@@ -12,6 +12,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import in_model_save, train_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["-m", "emit_jax.train", "--config", "configs/grpo.py:smoke",
         "--config.mesh.data=2", "--config.mesh.tensor=2", "--config.stages=('sft','grpo')",
@@ -506,19 +508,8 @@ def test_a_process_whose_peer_is_gone_ends_at_once(monkeypatch):
 
 
 # worker 1 gets SIGUSR1 (SLURM's pre-emption warning) as the finished stage's model is written
-SIGNAL_IN_A_SHARED_MODEL_SAVE = """
-import os, runpy, signal, sys
-import orbax.checkpoint as ocp
-save = ocp.StandardCheckpointer.save
-def save_with_a_signal(self, path, *a, **k):
-    out = save(self, path, *a, **k)
-    if "tmp-model" in str(path) and os.environ.get("EMIT_PROCESS_ID") == "1":
-        os.kill(os.getpid(), signal.SIGUSR1)
-    return out
-ocp.StandardCheckpointer.save = save_with_a_signal
-sys.argv = ["emit_jax.train", *sys.argv[1:]]
-runpy.run_module("emit_jax.train", run_name="__main__")
-"""
+SIGNAL_IN_A_SHARED_MODEL_SAVE = train_script(in_model_save(
+    "os.environ.get('EMIT_PROCESS_ID') == '1' and os.kill(os.getpid(), signal.SIGUSR1)"))
 
 
 def test_a_signal_to_one_worker_as_the_model_is_written_is_lines_and_the_rerun_finishes(tmp_path):

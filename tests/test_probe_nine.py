@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, train
+from conftest import ROOT, in_model_save, train, train_script
 
 SMOKE_BASE = ["--config", "configs/grpo.py:smoke", "--config.stages=('base',)",
               "--config.base.steps=1", "--config.eval_limit=0", "--config.eval_unseen=0",
@@ -320,17 +320,14 @@ def test_a_workdir_inside_the_embedded_dataset_is_refused(tmp_path):
 
 
 # a SIGTERM that arrives as a finished stage's last checkpoint is awaited (after the loop)
-SIGNAL_IN_CLOSE = """
-import os, runpy, signal, sys
+SIGNAL_IN_CLOSE = train_script("""
 from emit_jax.training import state
 close = state.StageCheckpoints.close
 def close_with_a_signal(self):
     os.kill(os.getpid(), signal.SIGTERM)
     close(self)
 state.StageCheckpoints.close = close_with_a_signal
-sys.argv = ["emit_jax.train", *sys.argv[1:]]
-runpy.run_module("emit_jax.train", run_name="__main__")
-"""
+""")
 
 
 def test_a_signal_as_the_last_checkpoint_is_awaited_keeps_it_and_says_one_line(tmp_path):
@@ -362,8 +359,7 @@ def test_a_signal_as_the_last_checkpoint_is_awaited_keeps_it_and_says_one_line(t
 
 
 # a SIGHUP once results.json is written (in the run's last barrier)
-SIGNAL_AT_THE_END = """
-import os, runpy, signal, sys
+SIGNAL_AT_THE_END = train_script("""
 from emit_jax import parallel
 barrier = parallel.barrier
 def barrier_with_a_signal(name, *a, **k):
@@ -371,9 +367,7 @@ def barrier_with_a_signal(name, *a, **k):
         os.kill(os.getpid(), signal.SIGHUP)
     return barrier(name, *a, **k)
 parallel.barrier = barrier_with_a_signal
-sys.argv = ["emit_jax.train", *sys.argv[1:]]
-runpy.run_module("emit_jax.train", run_name="__main__")
-"""
+""")
 
 
 def test_a_signal_once_the_run_wrote_everything_says_it_had_finished(tmp_path):
@@ -426,20 +420,8 @@ def test_a_failed_restore_prints_no_closed_loop_traceback(capsys):
 
 
 # two SIGINTs as a finished stage's model is written (save_model)
-TWO_SIGNALS_IN_A_MODEL_SAVE = """
-import os, runpy, signal, sys
-import orbax.checkpoint as ocp
-save = ocp.StandardCheckpointer.save
-def save_with_two_signals(self, path, *a, **k):
-    out = save(self, path, *a, **k)
-    if "tmp-model" in str(path):
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGINT)
-    return out
-ocp.StandardCheckpointer.save = save_with_two_signals
-sys.argv = ["emit_jax.train", *sys.argv[1:]]
-runpy.run_module("emit_jax.train", run_name="__main__")
-"""
+TWO_SIGNALS_IN_A_MODEL_SAVE = train_script(in_model_save(
+    "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGINT)"))
 
 
 def test_a_second_ctrl_c_while_a_model_is_written_is_one_line_and_the_rerun_cleans_up(tmp_path):
