@@ -91,7 +91,8 @@ def test_atomic_folder_target_filled_meanwhile_is_kept(tmp_path):
 
 def test_atomic_folder_shared_tmp(tmp_path):
     """Multi-host: the owner empties and makes the agreed folder and publishes it; the others
-    write into it and leave it; a failure anywhere removes it."""
+    write into it and leave it; the owner's failure removes it, another's leaves it (the owner
+    may still be writing)."""
     shared = tmp_path / ".tmp-out-multihost"
     shared.mkdir()
     (shared / "stale").write_text("from an interrupted run")
@@ -105,10 +106,17 @@ def test_atomic_folder_shared_tmp(tmp_path):
     assert os.listdir(tmp_path) == ["out"]
 
     shared.mkdir()
+    (shared / "shard0").write_text("another process is still writing this")
     with pytest.raises(Boom):
         with atomic_folder(tmp_path / "out2", tmp=shared, owner=False):
             raise Boom
-    assert sorted(os.listdir(tmp_path)) == ["out"]
+    # a non-owner's failure leaves the folder the others may still be writing
+    assert sorted(os.listdir(tmp_path)) == [".tmp-out-multihost", "out"]
+    assert os.listdir(shared) == ["shard0"]
+    with pytest.raises(Boom):
+        with atomic_folder(tmp_path / "out2", tmp=shared, owner=True):
+            raise Boom
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # the owner's failure removes it
     with pytest.raises(ValueError, match="owner=False"):
         with atomic_folder(tmp_path / "out3", owner=False):
             pass
