@@ -1,5 +1,7 @@
 """Pure parts of the experiment scripts."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -275,3 +277,106 @@ def test_the_pointer_experiment_says_a_diverged_run(capsys):
     assert err[0] == "warning: --lr 1e+09 is above 0.1: almost surely not meant (the default is 3e-3)"
     assert err[-1].startswith(f"{prog}: error: step ") and err[-1].endswith(
         ": the loss is nan; the run diverged (try a smaller --lr)"), err
+
+
+# --------------------------------------------------------------------------- vit_pretrain
+def test_vit_pretrain_warp_and_correspondence_agree():
+    """``random_warp`` maps view pixels to source pixels; ``warp_image`` resamples through it;
+    ``correspondence`` finds in view B the source point of each of view A's patch centres."""
+    from emit_jax.experiments.vit_pretrain import correspondence, random_warp, warp_image
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(3, 28, 28)).astype(np.float32)
+    ident = random_warp(rng, 28, 0.0, 0.0, 0.0)
+    np.testing.assert_allclose(ident, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(warp_image(img, ident), img, atol=1e-6)
+    shift = np.array([[1.0, 0, 7], [0, 1, 0], [0, 0, 1]])  # view x -> source x + 7
+    np.testing.assert_allclose(warp_image(img, shift)[:, :, :21], img[:, :, 7:], atol=1e-6)
+    # view B = source shifted by one 7-pixel patch: view A's patch (r, c) is B's (r, c - 1)
+    pos, valid = correspondence(ident, shift, grid=4, patch=7)
+    r, c = np.divmod(np.arange(16), 4)
+    np.testing.assert_allclose(pos, np.stack([r, c - 1], -1), atol=1e-6)
+    np.testing.assert_array_equal(valid, c >= 1)
+    # random warps: both views' points go to the same source pixel
+    for _ in range(5):
+        ma, mb = (random_warp(rng, 224, 45.0, 14.0, 0.05) for _ in range(2))
+        assert abs(np.linalg.det(ma[:2, :2]) - 1) < 0.12
+        pos, valid = correspondence(ma, mb, grid=16, patch=14)
+        rr, cc = np.divmod(np.arange(256), 16)
+        xa = np.stack([(cc + 0.5) * 14 - 0.5, (rr + 0.5) * 14 - 0.5, np.ones(256)])
+        xb = np.stack([(pos[:, 1] + 0.5) * 14 - 0.5, (pos[:, 0] + 0.5) * 14 - 0.5, np.ones(256)])
+        np.testing.assert_allclose(ma @ xa, mb @ xb, atol=1e-3)
+        assert 0.3 < valid.mean() <= 1.0
+
+
+def test_vit_pretrain_bilinear_and_dense_infonce_match_numpy():
+    import jax.numpy as jnp
+
+    from emit_jax.experiments.vit_pretrain import bilinear, dense_infonce
+
+    rng = np.random.default_rng(1)
+    n, g, d = 2, 4, 5
+    feats = rng.normal(size=(n, g, g, d)).astype(np.float32)
+    pos = rng.uniform(-0.5, g - 0.5, size=(n, 6, 2)).astype(np.float32)
+    want = np.zeros((n, 6, d), np.float32)
+    for k in range(n):
+        for i, (r, c) in enumerate(np.clip(pos[k], 0, g - 1)):
+            r0, c0 = min(int(r), g - 2), min(int(c), g - 2)
+            fr, fc = r - r0, c - c0
+            want[k, i] = ((1 - fr) * (1 - fc) * feats[k, r0, c0] + (1 - fr) * fc * feats[k, r0, c0 + 1]
+                          + fr * (1 - fc) * feats[k, r0 + 1, c0] + fr * fc * feats[k, r0 + 1, c0 + 1])
+    np.testing.assert_allclose(bilinear(jnp.asarray(feats), jnp.asarray(pos)), want, atol=1e-5)
+    # at integer points it is the grid itself
+    ints = np.stack(np.divmod(np.arange(g * g), g), -1)[None].repeat(n, 0).astype(np.float32)
+    np.testing.assert_allclose(bilinear(jnp.asarray(feats), jnp.asarray(ints)),
+                               feats.reshape(n, g * g, d), atol=1e-6)
+
+    fa, fb = rng.normal(size=(2, n, 6, d)).astype(np.float32)
+    valid = np.array([[1, 1, 0, 1, 1, 1], [1, 0, 1, 1, 1, 1]], bool)
+    tau, terms = 0.2, []
+    for k in range(n):
+        a = fa[k] / np.linalg.norm(fa[k], axis=1, keepdims=True)
+        b = fb[k] / np.linalg.norm(fb[k], axis=1, keepdims=True)
+        for i in np.flatnonzero(valid[k]):
+            logits = a[i] @ b[valid[k]].T / tau
+            j = list(np.flatnonzero(valid[k])).index(i)
+            terms.append(-(logits[j] - np.log(np.exp(logits).sum())))
+    got = float(dense_infonce(jnp.asarray(fa), jnp.asarray(fb), jnp.asarray(valid), tau))
+    assert abs(got - np.mean(terms)) < 1e-4
+    # matching features: the loss falls toward 0 as the temperature does
+    assert float(dense_infonce(jnp.asarray(fa), jnp.asarray(fa), jnp.asarray(valid), 0.01)) < 0.05
+
+
+def test_vit_pretrain_trains_the_vit_only_and_writes_a_model(tmp_path, capsys):
+    """Two steps on the embedded default's training split: the ViT's weights move, the LLM's
+    do not, and the checkpoint loads; an existing non-empty --out is refused in one line."""
+    from flax import nnx, traverse_util
+
+    from emit_jax import checkpoint, cli
+    from emit_jax.experiments.vit_pretrain import main
+    from emit_jax.models import architectures
+    from emit_jax.models.internvl import InternVL
+
+    out = tmp_path / "vit"
+    assert main(["--out", str(out), "--steps", "2", "--batch", "2", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["images"] > 50 and row["layers"] == [1, 2, 4, 5] and np.isfinite(row["loss_last"])
+    model = checkpoint.load_model(str(out))[0]
+    init = InternVL(architectures.get_config("tiny"), rngs=nnx.Rngs(0))
+    got, ref = ({"/".join(map(str, k)): v for k, v in
+                 traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(m))).items()}
+                for m in (model, init))
+    assert got.keys() == ref.keys()
+    moved = {k for k in got if not np.array_equal(got[k], ref[k])}
+    assert moved and all(k.startswith("vision_tower/") for k in moved)
+    assert any("embeddings" in k for k in moved) and any("layers" in k for k in moved)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    prog = "python -m emit_jax.experiments.vit_pretrain"
+    assert cli.run(main, ["--out", str(tmp_path / "full"), "--steps", "1"], prog=prog) == 2
+    assert [x for x in capsys.readouterr().err.splitlines() if x.strip()] == [
+        f"{prog}: error: argument --out: {tmp_path / 'full'}: exists and is not empty; choose a "
+        "new checkpoint path"]
+    assert cli.run(main, ["--out", "", "--steps", "1"], prog=prog) == 2
+    assert "argument --out: empty path" in capsys.readouterr().err
+    assert (tmp_path / "full" / "x").read_text() == "keep"
