@@ -143,7 +143,6 @@ def training_images(root: str, size: int) -> tuple[list[str], np.ndarray]:
 
 
 def main(argv=None) -> int:
-    import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
