@@ -167,3 +167,28 @@ def test_plot_table(tmp_path):
     assert plot_table(rows, ["task", "accuracy"], out, title="held-out") == out
     with open(out, "rb") as f:
         assert f.read(8) == PNG_SIG
+
+
+def test_metrics_bytes_that_are_not_utf8_are_a_corrupt_line(tmp_path, capsys):
+    """Twenty-eighth probe C5: ``garbage\\x00\\xff`` appended to a finished stage's metrics.jsonl
+    ended the rerun in a UnicodeDecodeError traceback after its evaluation, results.json
+    unwritten. Now such a tail is a torn line (skipped), and a damaged line inside costs that
+    stage's curves only, with a note."""
+    good = [json.dumps({"stage": "base", "step": i, "time": 0.0, "loss": 1.0 / i}) for i in (1, 2)]
+    p = tmp_path / "metrics.jsonl"
+    p.write_bytes(("\n".join(good) + "\n").encode() + b"garbage\x00\xff\n")
+    assert [r["step"] for r in read_metrics(p)] == [1, 2]
+    p.write_bytes(good[0].encode() + b"\n\xff\xfe\n" + good[1].encode() + b"\n")
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: corrupt metrics line"):
+        read_metrics(p)
+
+    wd = tmp_path / "wd"
+    for stage in ("base", "sft"):
+        (wd / stage).mkdir(parents=True)
+        (wd / stage / "metrics.jsonl").write_text("\n".join(good) + "\n")
+    (wd / "sft" / "metrics.jsonl").write_bytes(p.read_bytes())
+    assert plot_curves(str(wd), str(tmp_path / "c.png")) == str(tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 0
+    err = capsys.readouterr().err
+    assert f"note: {wd}/sft/metrics.jsonl:2: corrupt metrics line" in err
+    assert err.rstrip().endswith("the sft stage's curves are not drawn")

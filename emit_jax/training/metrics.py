@@ -192,14 +192,16 @@ class MetricWriter:
 
 def read_metrics(path) -> list[dict]:
     """The records of a metrics.jsonl. A truncated last line (a killed writer) is skipped; a
-    corrupt line elsewhere raises ``ValueError`` naming the file and the line number."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    corrupt line elsewhere (not JSON, or not UTF-8) raises ``ValueError`` naming the file and
+    the line number."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
     numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln.strip()]
     out = []
     for j, (lineno, ln) in enumerate(numbered):
-        try:
-            rec = json.loads(ln)
+        try:  # line by line: bytes that are not UTF-8 are one corrupt line (twenty-eighth
+            # probe C5: a UnicodeDecodeError traceback after the evaluation, results.json unwritten)
+            rec = json.loads(ln.decode("utf-8"))
             if not isinstance(rec, dict):
                 raise ValueError("not a JSON object")
         except ValueError as e:
@@ -245,7 +247,12 @@ def plot_curves(workdir: str, out_path: str) -> str | None:
         return None
     panels = []  # (title, [(label, steps, values)])
     for stage in _stages(workdir):
-        recs = read_metrics(os.path.join(workdir, stage, "metrics.jsonl"))
+        try:
+            recs = read_metrics(os.path.join(workdir, stage, "metrics.jsonl"))
+        except ValueError as e:  # a damaged log costs its panel, not the run's results.json
+            print(f"note: {e}; the {stage} stage's curves are not drawn", file=sys.stderr,
+                  flush=True)
+            continue
         keys = list(dict.fromkeys(k for r in recs for k in r if k not in ("stage", "step", "time")))
         if "loss" in keys:
             panels.append((f"{stage}: loss", [("loss", *_series(recs, "loss"))]))
