@@ -11,7 +11,8 @@
 #
 # Process i writes stdout and stderr to ${LOG_DIR:-launch_logs}/proc_i.log; process 0's log is
 # also shown here. When one process fails the others are stopped (SIGTERM, then SIGKILL after
-# KILL_GRACE seconds, default 30); Ctrl-C stops them all. The exit status is the first non-zero
+# KILL_GRACE seconds, default 30); Ctrl-C, SIGTERM, SIGHUP or SIGUSR1 stops them all (a second
+# signal is passed on as a second SIGTERM). The exit status is the first non-zero
 # status of a process (0 when all succeed).
 #
 # Example: two processes with four simulated CPU devices each (a mesh over 8 devices):
@@ -112,10 +113,13 @@ tail_pid=""
 
 alive() { [[ -z ${finished[$1]:-} ]] && kill -0 "${pids[$1]}" 2>/dev/null; }
 
+hurry=0       # a second signal arrived while the processes were being stopped
+
 # SIGTERM to every running process, then SIGKILL to those still there after KILL_GRACE seconds
-# (a process blocked in a collective may not get to run its SIGTERM handler).
+# (a process blocked in a collective may not get to run its SIGTERM handler). A second signal to
+# local.sh meanwhile is passed on as a second SIGTERM (the trainer's "stop at once").
 stop_children() {
-    local i t any
+    local i t any passed=0
     for i in "${!pids[@]}"; do
         if alive "$i"; then kill -TERM "${pids[$i]}" 2>/dev/null || true; fi
     done
@@ -125,6 +129,12 @@ stop_children() {
             if alive "$i"; then any=1; fi
         done
         ((any)) || break
+        if ((hurry && !passed)); then
+            passed=1
+            for i in "${!pids[@]}"; do
+                if alive "$i"; then kill -TERM "${pids[$i]}" 2>/dev/null || true; fi
+            done
+        fi
         sleep 0.1
     done
     for i in "${!pids[@]}"; do
@@ -149,21 +159,49 @@ stop_tail() {
 
 # shellcheck disable=SC2329  # called by the traps below
 on_exit() {
-    trap - EXIT INT TERM
+    trap - EXIT INT TERM HUP USR1
     stop_children
     stop_tail
 }
 # shellcheck disable=SC2329
+on_second_signal() {
+    if ((!hurry)); then
+        hurry=1
+        echo "local.sh: $1 again; telling the processes to stop at once" >&2
+    fi
+}
+# shellcheck disable=SC2329
 on_signal() {
-    trap - EXIT INT TERM
+    # a second signal while the processes stop: passed on, and the summary still comes (before,
+    # local.sh ended at once without it, its processes still running; 28th probe P3)
+    trap 'on_second_signal interrupted' INT
+    trap 'on_second_signal terminated' TERM
+    trap 'on_second_signal "hung up"' HUP
+    trap 'on_second_signal SIGUSR1' USR1
+    trap - EXIT
     echo "local.sh: $1; stopping all $num processes" >&2
     stop_children
     stop_tail
+    local i status summary=""
+    for i in "${!pids[@]}"; do
+        if [[ -z ${finished[i]:-} ]]; then
+            status=0
+            wait "${pids[i]}" 2>/dev/null || status=$?
+            finished[i]=$status
+        fi
+        summary+=" $i:${finished[i]}"
+    done
+    trap - INT TERM HUP USR1
+    echo "local.sh: stopped (exit statuses$summary)" >&2
     exit "$2"
 }
 trap on_exit EXIT
 trap 'on_signal interrupted 130' INT
 trap 'on_signal terminated 143' TERM
+# a closed terminal, and SLURM's pre-emption warning (sbatch --signal=B:USR1): the processes
+# are stopped as for SIGTERM, with the same lines (before: no line; 28th probe P2)
+trap 'on_signal "hung up" 129' HUP
+trap 'on_signal "SIGUSR1 (a pre-emption warning)" 138' USR1
 
 kind="GPUs (of $(IFS=,; echo "${gpus[*]:0:num*devices}"))"
 if ((cpu)); then kind="simulated CPU devices"; fi
@@ -237,7 +275,7 @@ for ((t = 0; t < 30; t++)); do
     sleep 0.1
 done
 stop_tail
-trap - EXIT INT TERM
+trap - EXIT INT TERM HUP USR1
 
 summary=""
 for ((i = 0; i < num; i++)); do summary+=" $i:${finished[i]}"; done

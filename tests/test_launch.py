@@ -385,3 +385,68 @@ def test_tpu_pod_checks_the_accelerator_type_here(tpu_type, line):
         r = _run([LAUNCH / "tpu_pod.sh", "--dry-run", "--name", "pod", "--zone", "us-east5-a",
                   "--project", "proj", "--type", good, "create"], _env())
         assert r.returncode == 0 and f"--accelerator-type={good}" in r.stdout, r.stderr
+
+
+_SLOW_STOP = ("import os, signal, sys, time\n"
+              "i = os.environ['EMIT_PROCESS_ID']\n"
+              "terms = []\n"
+              "def on_term(signum, frame):\n"
+              "    terms.append(signum)\n"
+              "    if len(terms) > 1:\n"
+              "        print(f'process {i}: stopped at once', flush=True); os._exit(130)\n"
+              "signal.signal(signal.SIGTERM, on_term)\n"
+              "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+              "open(os.path.join(sys.argv[1], i), 'w').write(str(os.getpid()))\n"
+              "while not terms: time.sleep(0.05)\n"
+              "time.sleep(4)  # a checkpoint being finished\n"
+              "print(f'process {i}: stopped after the write', flush=True); sys.exit(130)\n")
+
+
+def _launch_and_signal(tmp_path, signals):
+    """local.sh -n 2 over :data:`_SLOW_STOP`; once both processes run, ``signals`` ([(signal,
+    delay before it)]) go to local.sh. -> (the finished process, seconds from the first signal)."""
+    import signal as _signal
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    p = subprocess.Popen([str(LAUNCH / "local.sh"), "-n", "2", "-d", "1", "--cpu", "--",
+                          sys.executable, "-c", _SLOW_STOP, str(pids)], cwd=tmp_path,
+                         env=_env(LOG_DIR=str(tmp_path / "logs"), KILL_GRACE="20"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while len(os.listdir(pids)) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    t0 = time.time()
+    for sig, delay in signals:
+        time.sleep(delay)
+        p.send_signal(getattr(_signal, sig))
+    out, err = p.communicate(timeout=60)
+    children = [int((pids / i).read_text()) for i in ("0", "1")]
+    assert all(not Path(f"/proc/{c}").exists() or _is_zombie(c) for c in children), err
+    return p.returncode, err, time.time() - t0, (tmp_path / "logs" / "proc_1.log").read_text()
+
+
+@pytest.mark.parametrize("sig, status, said", [("SIGHUP", 129, "hung up"),
+                                               ("SIGUSR1", 138, "SIGUSR1 (a pre-emption warning)")])
+def test_local_hangup_and_sigusr1_stop_the_processes_with_lines(tmp_path, sig, status, said):
+    """28th probe P2: SIGHUP (a closed terminal) or SIGUSR1 (SLURM's --signal=B:USR1) ended
+    local.sh without a line or a summary."""
+    rc, err, _, log1 = _launch_and_signal(tmp_path, [(sig, 0)])
+    assert rc == status, err
+    assert f"local.sh: {said}; stopping all 2 processes" in err
+    assert "local.sh: stopped (exit statuses 0:130 1:130)" in err
+    assert "process 1: stopped after the write" in log1
+
+
+def test_local_second_signal_is_passed_on_and_the_summary_still_comes(tmp_path):
+    """28th probe P3: a second signal while the processes were stopping ended local.sh at once,
+    without its summary, the processes still running. Now it is passed on (a second SIGTERM,
+    the trainer's "stop at once"), and local.sh waits for them."""
+    rc, err, seconds, log1 = _launch_and_signal(tmp_path, [("SIGINT", 0), ("SIGTERM", 0.5)])
+    assert rc == 130, err
+    lines = [x for x in err.splitlines() if x.startswith("local.sh:")][1:]
+    assert lines == ["local.sh: interrupted; stopping all 2 processes",
+                     "local.sh: terminated again; telling the processes to stop at once",
+                     "local.sh: stopped (exit statuses 0:130 1:130)"], err
+    assert "process 1: stopped at once" in log1 and seconds < 3.5
