@@ -247,6 +247,24 @@ tail_pid=$!
 
 first_status=0
 first_failed=""
+failed=()     # processes found failed before one was named the first failure
+looked=0      # looks taken since the first of them
+
+# Name the first failure among ``failed``: a process killed by a signal (status > 128) before
+# one that ended because it lost that peer (status 2), which can end, or be found, a moment
+# sooner (before: a kill -9 of process 1 was reported as "first failure: process 0, status 2",
+# pointing at the wrong log; 28th probe P1).
+name_first_failure() {
+    local i pick=""
+    for i in "${failed[@]}"; do
+        if [[ -z $pick ]] || ((finished[i] > 128 && finished[pick] <= 128)); then pick=$i; fi
+    done
+    first_status=${finished[pick]}
+    first_failed=$pick
+    echo "local.sh: process $first_failed exited with status $first_status; stopping the others" >&2
+    stop_children
+}
+
 while :; do
     remaining=0
     for ((i = 0; i < num; i++)); do
@@ -258,13 +276,18 @@ while :; do
         status=0
         wait "${pids[i]}" 2>/dev/null || status=$?
         finished[i]=$status
-        if ((status != 0 && first_status == 0)); then
-            first_status=$status
-            first_failed=$i
-            echo "local.sh: process $i exited with status $status; stopping the others" >&2
-            stop_children
-        fi
+        if ((status != 0)); then failed+=("$i"); fi
     done
+    if ((first_status == 0 && ${#failed[@]} > 0)); then
+        # one look more (0.2 s) for a peer killed by a signal, unless one is among them
+        signalled=0
+        for i in "${failed[@]}"; do ((finished[i] <= 128)) || signalled=1; done
+        if ((signalled || looked >= 1 || remaining == 0)); then
+            name_first_failure
+        else
+            looked=$((looked + 1))
+        fi
+    fi
     ((remaining > 0)) || break
     sleep 0.2
 done

@@ -4,6 +4,7 @@ the SLURM batch script under stub ``srun`` / ``scontrol``. No JAX, no multi-proc
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -450,3 +451,28 @@ def test_local_second_signal_is_passed_on_and_the_summary_still_comes(tmp_path):
                      "local.sh: terminated again; telling the processes to stop at once",
                      "local.sh: stopped (exit statuses 0:130 1:130)"], err
     assert "process 1: stopped at once" in log1 and seconds < 3.5
+
+
+def test_local_names_the_killed_process_not_the_one_that_lost_it(tmp_path):
+    """28th probe P1: process 1 killed (kill -9) and process 0 ending at once because it lost
+    that peer (status 2) were found in one look, and local.sh said "first failure: process 0,
+    status 2" and pointed at process 0's log."""
+    code = ("import os, signal, sys, time\n"
+            "i, d = os.environ['EMIT_PROCESS_ID'], sys.argv[1]\n"
+            "open(os.path.join(d, i), 'w').write(str(os.getpid()))\n"
+            "while len(os.listdir(d)) < 2: time.sleep(0.01)\n"
+            "time.sleep(0.5)\n"
+            "if i == '1': os.kill(os.getpid(), signal.SIGKILL)\n"
+            "peer = int(open(os.path.join(d, '1')).read())\n"
+            "while os.path.exists(f'/proc/{peer}') and open(f'/proc/{peer}/stat').read()"
+            ".split(')')[-1].split()[0] != 'Z': time.sleep(0.005)\n"
+            "print('another process ended', flush=True); sys.exit(2)\n")
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    r = _run([LAUNCH / "local.sh", "-n", 2, "--cpu", "--", sys.executable, "-c", code, pids],
+             _env(LOG_DIR=tmp_path / "logs", KILL_GRACE=5), cwd=tmp_path, timeout=60)
+    assert r.returncode == 137, r.stderr
+    assert "local.sh: process 1 exited with status 137; stopping the others" in r.stderr
+    # process 0 ended by itself (2), or by local.sh's SIGTERM when process 1 was found first
+    assert re.search(r"first failure: process 1, status 137\); exit statuses 0:(2|143) 1:137; "
+                     r"see \S+/proc_1\.log", r.stderr), r.stderr
