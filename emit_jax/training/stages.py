@@ -363,12 +363,15 @@ def changed_settings(cfg, workdir: str, *,
             raise ConfigError(
                 f"{path}: missing, so the settings {stage} was trained with cannot be compared "
                 "with this run's (its checkpoints and model depend on them); restore the file, "
-                f"or rerun with --config.restart=True to train {stage} again (its output is "
-                f"moved to {os.path.join(workdir, 'replaced-<time>')}/, not deleted)")
-        stored = read_json(path, error=ConfigError, what="a stage settings file")
-        if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
-            raise ConfigError(f"{path}: not a stage settings file (no config object)")
-        old, new = stage_settings(stored["config"], stage), stage_settings(now, stage)
+                f"or {_train_again(workdir, stage)}")
+        try:
+            stored = stored_config(workdir, stage)
+        except ConfigError:
+            if sections:  # damaged: as missing (28th probe P6: restart was refused too)
+                out[stage] = [(SETTINGS_FILE, "unreadable", "this run's")]
+                continue
+            raise
+        old, new = stage_settings(stored, stage), stage_settings(now, stage)
         if old.get("init_from") and old.get("init_from") == new.get("init_from"):
             old.pop("arch", None)  # the model came from init_from: arch was not used either time
         diff = [(k, old.get(k), new[k]) for k in new if k in old and old[k] != new[k]]
@@ -409,10 +412,19 @@ def stored_config(workdir: str, stage: str) -> dict | None:
     path = os.path.join(workdir, stage, SETTINGS_FILE)
     if not os.path.isfile(path):
         return None
-    stored = read_json(path, error=ConfigError, what="a stage settings file")
+    way = f"restore it, or {_train_again(workdir, stage)}"  # (28th probe P6: no way out said)
+    try:
+        stored = read_json(path, error=ConfigError, what="a stage settings file")
+    except ConfigError as e:
+        raise ConfigError(f"{e}; {way}") from None
     if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
-        raise ConfigError(f"{path}: not a stage settings file (no config object)")
+        raise ConfigError(f"{path}: not a stage settings file (no config object); {way}")
     return stored["config"]
+
+
+def _train_again(workdir: str, stage: str) -> str:
+    return (f"rerun with --config.restart=True to train {stage} again (its output is moved to "
+            f"{os.path.join(workdir, 'replaced-<time>')}/, not deleted)")
 
 
 def _differ(old: dict, new: dict, skip=(), one_sided: bool = False) -> list[tuple[str, Any, Any]]:

@@ -1,0 +1,41 @@
+"""Findings of the twenty-eighth reliability probe (docs/reliability.md) not covered where their
+code's own tests live (test_metrics, test_launch)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import train
+
+
+def test_a_damaged_stage_settings_file_says_the_way_out_and_restart_takes_it(tmp_path):
+    """P6: a damaged ``base/settings.json`` was refused ("not a stage settings file (malformed
+    JSON ...)") without a word on what to do, and ``--config.restart=True`` got the same
+    refusal. Now the line names both ways out, and restart trains the stage again, the old
+    output moved to replaced-<time>/."""
+    w = tmp_path / "w"
+    args = ("--config", "configs/grpo.py:smoke", "--workdir", str(w), "--config.stages=base",
+            "--config.base.steps=1", "--config.eval_limit=0", "--config.export_hf=False")
+    r = train(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    settings = w / "base" / "settings.json"
+    settings.write_text("xx{not json")
+    r = train(*args)
+    assert r.returncode == 2
+    errors = [x for x in r.stderr.splitlines() if "error" in x]
+    assert errors == [
+        f"emit_jax.train: error: {settings}: not a stage settings file (malformed JSON: "
+        "Expecting value at line 1 column 1); restore it, or rerun with --config.restart=True "
+        f"to train base again (its output is moved to {w / 'replaced-<time>'}/, not deleted)"
+    ], r.stderr[-3000:]
+    assert settings.read_text() == "xx{not json"
+    r = train(*args, "--config.restart=True")
+    assert r.returncode == 0, r.stderr[-3000:]
+    replaced = [n for n in os.listdir(w) if n.startswith("replaced-")]
+    assert len(replaced) == 1
+    assert (w / replaced[0] / "base" / "settings.json").read_text() == "xx{not json"
+    assert json.loads(settings.read_text())["config"]["base"]["steps"] == 1
+    assert json.loads((w / "base" / "done.json").read_text())["steps"] == 1
