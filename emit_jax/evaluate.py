@@ -782,6 +782,9 @@ def evaluate(checkpoint: str, data: str, *, limit: int | None = None, out: str |
     if answers_path and not restart:
         # beyond: answers to questions past this run's (a smaller --limit), kept in the file
         done, keep, beyond = partial.read_all(answers_path, run_settings, fps)
+        if keep and os.path.getsize(answers_path) > keep:  # (28th probe: dropped without a word)
+            log(f"note: {answers_path}: its last line was cut off (an interrupted write); that "
+                "answer is asked again")
     todo = [k for k in range(total) if k not in done]
     check_images(p for k in todo for p in queries[k][1])
     if done:

@@ -279,6 +279,9 @@ def test_rerun_resumes_drops_a_torn_line_and_equals_an_uninterrupted_run(
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming from {part}: {n} of {N_QUESTIONS} questions answered already, " \
            f"{N_QUESTIONS - n} to go" in r.stdout
+    # said (28th probe: the torn answer was dropped without a word)
+    assert f"note: {part}: its last line was cut off (an interrupted write); that answer is " \
+           "asked again" in r.stdout
     res = json.loads(out.read_text())
     assert res["resumed"] == n
     assert without_timing(res) == without_timing(baseline)
