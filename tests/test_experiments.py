@@ -1,6 +1,7 @@
 """Pure parts of the experiment scripts."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -358,7 +359,8 @@ def test_vit_pretrain_trains_the_vit_only_and_writes_a_model(tmp_path, capsys):
     from emit_jax.models.internvl import InternVL
 
     out = tmp_path / "vit"
-    assert main(["--out", str(out), "--steps", "2", "--batch", "2", "--json"]) == 0
+    # one step (twenty-ninth probe V12: --steps 1 left the cosine schedule no step, a traceback)
+    assert main(["--out", str(out), "--steps", "1", "--batch", "2", "--json"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["images"] > 50 and row["layers"] == [1, 2, 4, 5] and np.isfinite(row["loss_last"])
     model = checkpoint.load_model(str(out))[0]
@@ -379,4 +381,12 @@ def test_vit_pretrain_trains_the_vit_only_and_writes_a_model(tmp_path, capsys):
         "new checkpoint path"]
     assert cli.run(main, ["--out", "", "--steps", "1"], prog=prog) == 2
     assert "argument --out: empty path" in capsys.readouterr().err
+    # a training workdir's stage folder, which its runs replace (twenty-ninth probe V22)
+    w = tmp_path / "w"
+    (w / "data").mkdir(parents=True)
+    (w / "data" / "options.json").write_text("{}")
+    assert cli.run(main, ["--out", str(w / "sft" / "model"), "--steps", "1"], prog=prog) == 2
+    [line] = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert line.startswith(f"{prog}: error: {w / 'sft' / 'model'}: ") and "workdir" in line, line
+    assert os.listdir(w) == ["data"]
     assert (tmp_path / "full" / "x").read_text() == "keep"

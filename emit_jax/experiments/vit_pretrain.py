@@ -149,7 +149,7 @@ def main(argv=None) -> int:
 
     from emit_jax import checkpoint
     from emit_jax.data.embedded import ensure_cached
-    from emit_jax.fileio import check_new_folder
+    from emit_jax.fileio import check_new_folder, check_not_input
     from emit_jax.models import architectures
     from emit_jax.models.emit import EMITConfig
     from emit_jax.models.internvl import InternVL
@@ -177,6 +177,9 @@ def main(argv=None) -> int:
         check_new_folder(out, hint="choose a new checkpoint path")
     except FileExistsError as e:
         ap.error(f"argument --out: {e}")
+    # not into the data, nor a training workdir's stage folders, which its runs replace
+    # (twenty-ninth probe V22: written as WORKDIR/sft/model, then replaced by train silently)
+    check_not_input(out, {"--data": args.data or None})
 
     cfg = architectures.get_config(args.arch)
     model = InternVL(cfg, rngs=nnx.Rngs(args.seed))
@@ -187,7 +190,9 @@ def main(argv=None) -> int:
     print(f"{len(paths)} images of the stage-2 training split; CE blocks {list(layers)}; "
           f"{args.steps} steps of {args.batch}", file=sys.stderr)
 
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(50, args.steps // 10 + 1),
+    # a tenth of the steps (50 at most) of warm-up; none for fewer than 10 steps (twenty-ninth
+    # probe V12: --steps 1 left the cosine no step, optax's ValueError traceback)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(50, args.steps // 10),
                                                   args.steps)
     opt = nnx.Optimizer(vit, optax.adamw(schedule, weight_decay=0.01), wrt=nnx.Param)
 
