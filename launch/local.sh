@@ -302,7 +302,10 @@ trap - EXIT INT TERM HUP USR1
 
 summary=""
 for ((i = 0; i < num; i++)); do summary+=" $i:${finished[i]}"; done
-if ((first_status != 0)); then
+if ((first_status == 130 || first_status == 143)); then
+    # an interrupted process (a signal it handled): a stop, not a failure (29th probe U1)
+    echo "local.sh: stopped (process $first_failed was interrupted first, status $first_status); exit statuses$summary; see $log_dir/proc_$first_failed.log" >&2
+elif ((first_status != 0)); then
     echo "local.sh: failed (first failure: process $first_failed, status $first_status); exit statuses$summary; see $log_dir/proc_$first_failed.log" >&2
 else
     echo "local.sh: all $num processes finished (exit statuses$summary)" >&2

@@ -399,11 +399,11 @@ _SLOW_STOP = ("import os, signal, sys, time\n"
               "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
               "open(os.path.join(sys.argv[1], i), 'w').write(str(os.getpid()))\n"
               "while not terms: time.sleep(0.05)\n"
-              "time.sleep(4)  # a checkpoint being finished\n"
+              "time.sleep(float(os.environ.get('SLOW', '4')))  # a checkpoint being finished\n"
               "print(f'process {i}: stopped after the write', flush=True); sys.exit(130)\n")
 
 
-def _launch_and_signal(tmp_path, signals):
+def _launch_and_signal(tmp_path, signals, slow=4):
     """local.sh -n 2 over :data:`_SLOW_STOP`; once both processes run, ``signals`` ([(signal,
     delay before it)]) go to local.sh. -> (the finished process, seconds from the first signal)."""
     import signal as _signal
@@ -412,7 +412,7 @@ def _launch_and_signal(tmp_path, signals):
     pids.mkdir()
     p = subprocess.Popen([str(LAUNCH / "local.sh"), "-n", "2", "-d", "1", "--cpu", "--",
                           sys.executable, "-c", _SLOW_STOP, str(pids)], cwd=tmp_path,
-                         env=_env(LOG_DIR=str(tmp_path / "logs"), KILL_GRACE="20"),
+                         env=_env(LOG_DIR=str(tmp_path / "logs"), KILL_GRACE="40", SLOW=str(slow)),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 30
     while len(os.listdir(pids)) < 2 and time.time() < deadline:
@@ -444,13 +444,14 @@ def test_local_second_signal_is_passed_on_and_the_summary_still_comes(tmp_path):
     """28th probe P3: a second signal while the processes were stopping ended local.sh at once,
     without its summary, the processes still running. Now it is passed on (a second SIGTERM,
     the trainer's "stop at once"), and local.sh waits for them."""
-    rc, err, seconds, log1 = _launch_and_signal(tmp_path, [("SIGINT", 0), ("SIGTERM", 0.5)])
+    rc, err, seconds, log1 = _launch_and_signal(tmp_path, [("SIGINT", 0), ("SIGTERM", 0.5)],
+                                                slow=20)
     assert rc == 130, err
     lines = [x for x in err.splitlines() if x.startswith("local.sh:")][1:]
     assert lines == ["local.sh: interrupted; stopping all 2 processes",
                      "local.sh: terminated again; telling the processes to stop at once",
                      "local.sh: stopped (exit statuses 0:130 1:130)"], err
-    assert "process 1: stopped at once" in log1 and seconds < 3.5
+    assert "process 1: stopped at once" in log1 and seconds < 12  # not the 20 s write
 
 
 def test_local_names_the_killed_process_not_the_one_that_lost_it(tmp_path):
@@ -476,3 +477,15 @@ def test_local_names_the_killed_process_not_the_one_that_lost_it(tmp_path):
     # process 0 ended by itself (2), or by local.sh's SIGTERM when process 1 was found first
     assert re.search(r"first failure: process 1, status 137\); exit statuses 0:(2|143) 1:137; "
                      r"see \S+/proc_1\.log", r.stderr), r.stderr
+
+
+def test_local_an_agreed_stop_is_said_as_a_stop_not_a_failure(tmp_path):
+    """29th probe U1: a signal to one trainer stops all of them after the same step (each exits
+    130), and local.sh said "failed (first failure: process 0, status 130)"."""
+    code = "import time, sys; time.sleep(0.5); sys.exit(130)"
+    r = _run([LAUNCH / "local.sh", "-n", 2, "--cpu", "--", sys.executable, "-c", code],
+             _env(LOG_DIR=tmp_path / "logs"), cwd=tmp_path)
+    assert r.returncode == 130, r.stderr
+    assert re.search(r"local\.sh: stopped \(process [01] was interrupted first, status 130\); "
+                     r"exit statuses 0:130 1:130; see \S+/proc_[01]\.log", r.stderr), r.stderr
+    assert "failed" not in r.stderr
