@@ -390,3 +390,22 @@ def test_vit_pretrain_trains_the_vit_only_and_writes_a_model(tmp_path, capsys):
     assert line.startswith(f"{prog}: error: {w / 'sft' / 'model'}: ") and "workdir" in line, line
     assert os.listdir(w) == ["data"]
     assert (tmp_path / "full" / "x").read_text() == "keep"
+
+
+def test_vit_pretrain_refuses_an_out_another_run_is_writing(tmp_path, capsys):
+    """29th probe U4: a second vit_pretrain on the same --out trained all its steps, then was
+    refused at the write; export, convert and data.build refuse a second writer at once."""
+    from emit_jax import cli
+    from emit_jax.experiments import vit_pretrain
+    from emit_jax.fileio import output_lock
+
+    out = tmp_path / "vit"
+    prog = "python -m emit_jax.experiments.vit_pretrain"
+    with output_lock(str(out), what=f"--out {out}: another vit_pretrain is writing it",
+                     hint="wait for it to end, or choose another --out"):
+        assert cli.run(vit_pretrain.main, ["--out", str(out), "--steps", "1", "--batch", "1"],
+                       prog=prog) == 2
+    [line] = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+    assert line.startswith(f"{prog}: error: --out {out}: another vit_pretrain is writing it ("), line
+    assert line.endswith("; wait for it to end, or choose another --out"), line
+    assert not out.exists()

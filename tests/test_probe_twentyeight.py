@@ -37,3 +37,24 @@ def test_a_damaged_stage_settings_file_says_the_way_out_and_restart_takes_it(tmp
     assert (w / replaced[0] / "base" / "settings.json").read_text() == "xx{not json"
     assert json.loads(settings.read_text())["config"]["base"]["steps"] == 1
     assert json.loads((w / "base" / "done.json").read_text())["steps"] == 1
+
+
+def test_a_damaged_workdir_tokenizer_names_the_way_forward(tmp_path):
+    """29th probe U3: a damaged WORKDIR/tokenizer/tokenizer.json was refused ("cannot load a
+    tokenizer (JSONDecodeError ...)") without a word on what to do; moving the folder away is
+    enough (the run trains it again from the dataset's texts)."""
+    import pytest
+
+    from emit_jax.data.tokenizer import TokenizerError
+    from emit_jax.training.data import tokenizer_for
+
+    tok = tmp_path / "w" / "tokenizer"
+    tok.mkdir(parents=True)
+    (tok / "tokenizer.json").write_text('{"garbage')
+    with pytest.raises(TokenizerError) as e:
+        tokenizer_for(str(tmp_path / "w"), None)
+    assert str(e.value).startswith(f"{tok}: cannot load a tokenizer (")
+    assert str(e.value).endswith(f"; move {tok} out of the workdir and rerun: it is trained "
+                                 "again from the dataset's texts, as the first run did")
+    os.rename(tok, tmp_path / "old")
+    assert tokenizer_for(str(tmp_path / "w"), None).pad_token_id is not None

@@ -147,16 +147,16 @@ def main(argv=None) -> int:
     import optax
     from flax import nnx
 
-    from emit_jax import checkpoint
     from emit_jax.data.embedded import ensure_cached
-    from emit_jax.fileio import check_new_folder, check_not_input
+    from emit_jax.fileio import check_new_folder, check_not_input, output_lock
     from emit_jax.models import architectures
     from emit_jax.models.emit import EMITConfig
     from emit_jax.models.internvl import InternVL
 
     ap = cli.Parser(prog="python -m emit_jax.experiments.vit_pretrain",
                     description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, type=cli.output_folder, help="model checkpoint to write (a new folder)")
+    ap.add_argument("--out", required=True, type=cli.output_folder,
+                    help="model checkpoint to write (a new folder)")
     ap.add_argument("--arch", default="tiny", choices=sorted(architectures.ARCHITECTURES))
     ap.add_argument("--data", default="", help="MVTec-style folder (default: the embedded set)")
     ap.add_argument("--seed", type=cli.nonneg_int, default=0)
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     model = InternVL(cfg, rngs=nnx.Rngs(args.seed))
     vit = model.vision_tower
     layers = EMITConfig().layers_for(cfg.vision.num_hidden_layers)
-    size, patch, g = cfg.vision.image_size, cfg.vision.patch_size, cfg.vision.grid
+    size, g = cfg.vision.image_size, cfg.vision.grid
     paths, tiles = training_images(args.data or ensure_cached(), size)
     print(f"{len(paths)} images of the stage-2 training split; CE blocks {list(layers)}; "
           f"{args.steps} steps of {args.batch}", file=sys.stderr)
@@ -213,6 +213,21 @@ def main(argv=None) -> int:
         opt.update(vit, grads)
         return loss
 
+    with output_lock(out, what=f"--out {out}: another vit_pretrain is writing it",
+                     hint="wait for it to end, or choose another --out"):
+        # (twenty-ninth probe U4: a second run on the same --out trained to the end, then was
+        # refused at the write)
+        return _train(args, model, vit, opt, step, tiles, paths, layers, out)
+
+
+def _train(args, model, vit, opt, step, tiles, paths, layers, out) -> int:
+    import jax.numpy as jnp
+
+    from emit_jax import checkpoint
+    from emit_jax.fileio import check_new_folder
+
+    check_new_folder(out, hint="choose a new checkpoint path")  # (filled while this one loaded)
+    size, patch, g = tiles.shape[-1], model.config.vision.patch_size, model.config.vision.grid
     rng = np.random.default_rng(args.seed)
     curve, t0 = [], time.time()
     for i in range(args.steps):

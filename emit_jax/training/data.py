@@ -56,11 +56,17 @@ WARMUP_HINTS = ("statement", "map")  # warmup.hint: a sentence, or a defect map 
 
 def tokenizer_for(workdir: str, dataset_root: str | None):
     """Load ``workdir/tokenizer`` or train the tiny tokenizer there."""
-    from emit_jax.data.tokenizer import default_corpus, load_tokenizer, train_tiny_tokenizer
+    from emit_jax.data.tokenizer import (TokenizerError, default_corpus, load_tokenizer,
+                                         train_tiny_tokenizer)
 
     tok_dir = os.path.join(workdir, "tokenizer")
     if os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
-        return load_tokenizer(tok_dir, require_comp=True)
+        try:
+            return load_tokenizer(tok_dir, require_comp=True)
+        except TokenizerError as e:  # (twenty-ninth probe U3: no way forward said)
+            raise TokenizerError(f"{e}; move {tok_dir} out of the workdir and rerun: it is "
+                                 "trained again from the dataset's texts, as the first run "
+                                 "did") from None
     corpus = list(default_corpus())
     if dataset_root:
         dk = os.path.join(dataset_root, "domain_knowledge.json")
