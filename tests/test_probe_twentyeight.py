@@ -58,3 +58,17 @@ def test_a_damaged_workdir_tokenizer_names_the_way_forward(tmp_path):
                                  "again from the dataset's texts, as the first run did")
     os.rename(tok, tmp_path / "old")
     assert tokenizer_for(str(tmp_path / "w"), None).pad_token_id is not None
+
+
+def test_plan_refuses_a_mesh_the_batch_does_not_split_over(capsys):
+    """29th probe S1: ``plan --mesh data=3`` on a 32-row batch planned "32 per device" and each
+    device's memory as the whole, without a word; the trainer refuses that mesh."""
+    from emit_jax.plan.command import main
+
+    assert main(["--config", "configs/grpo.py:smoke", "--mesh", "data=3"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert err == ["emit_jax.plan: error: config warmup.batch_size: 32 rows do not split over "
+                   "the mesh's 3 batch shards (data 3 x fsdp 1 of 3 devices); use a multiple of "
+                   "3 or change config.mesh"], err
+    assert main(["--config", "configs/grpo.py:smoke", "--mesh", "data=2"]) == 0
+    assert "step: 32 sequences (16 per device)" in capsys.readouterr().out

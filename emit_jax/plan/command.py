@@ -3,6 +3,7 @@ input)."""
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Sequence
 
@@ -51,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise PlanError(f"unknown device {args.device!r}; known: {', '.join(DEVICES)}")
         cfg = configs.load(args.config, overrides + list(args.set))
         from emit_jax.training.validate import (  # noqa: PLC0415
-            check_context, check_emit, check_kernels_and_mesh, check_length_buckets,
+            check_batch_split, check_context, check_emit, check_kernels_and_mesh,
+            check_length_buckets,
             check_stages, stage_settings, unknown_key_line, unknown_keys)
 
         for key in unknown_keys(cfg):  # as train says it (a typo inside a config file)
@@ -71,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         stage_settings(cfg, [s for s in planned if s in cfg and cfg[s] is not None])
         check_emit(cfg, planned)  # (before: a ValueError traceback for emit.num_soft_tokens=-3)
         check_kernels_and_mesh(cfg)
+        from emit_jax import parallel  # noqa: PLC0415
+
+        check_batch_split(cfg, [s for s in planned if s in cfg and cfg[s] is not None],
+                          dict(zip(parallel.MESH_AXES, mesh)), math.prod(mesh))
         if args.reference is not None and not {"grpo", "sft2"} & set(planned):
             raise PlanError(f"--reference {args.reference}: the reference model is stage 2's "
                             f"(grpo, sft2); this plan covers {', '.join(planned) or 'no stage'}")

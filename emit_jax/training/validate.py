@@ -162,6 +162,16 @@ def _mesh(cfg, stages, num_devices: int | None) -> None:
         raise ConfigError(f"config mesh: {e}") from None
     if "grpo" in stages:
         _sampler_mesh(cfg.grpo, num_devices)
+    check_batch_split(cfg, stages, shape, num_devices)
+
+
+def check_batch_split(cfg, stages, shape: dict, num_devices: int) -> None:
+    """Each of ``stages``' batches (and micro-batches) must split over the ``data x fsdp``
+    batch shards of the mesh ``shape`` (``{axis: size}``): a one-line ``ConfigError`` if not.
+    ``emit_jax.plan`` checks its ``--mesh`` with it too (twenty-ninth probe S1: it planned each
+    of 3 devices as holding the whole 32-row batch)."""
+    from emit_jax import parallel
+
     shards = math.prod(shape[a] for a in parallel.BATCH_AXES)
     if shards == 1:
         return
