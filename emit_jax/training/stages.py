@@ -410,7 +410,7 @@ def stored_config(workdir: str, stage: str) -> dict | None:
     """The resolved config ``stage`` last started or resumed with
     (``WORKDIR/<stage>/settings.json``), None when there is none."""
     path = os.path.join(workdir, stage, SETTINGS_FILE)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):  # (a link to nothing or a folder there: read_json's line)
         return None
     way = f"restore it, or {_train_again(workdir, stage)}"  # (28th probe P6: no way out said)
     try:
