@@ -377,10 +377,10 @@ def changed_settings(cfg, workdir: str, *,
         diff = [(k, old.get(k), new[k]) for k in new if k in old and old[k] != new[k]]
         if sections:
             diff += section_changes(cfg, workdir, stage)
-            if stored["config"].get("seed") != now.get("seed"):
+            if stored.get("seed") != now.get("seed"):
                 # the weights' draw: restart trains again with another one (twentieth probe
                 # C81: "nothing to restart", the stages kept with the old seed)
-                diff.append(("seed", stored["config"].get("seed"), now.get("seed")))
+                diff.append(("seed", stored.get("seed"), now.get("seed")))
             trained, asked = done_steps(workdir, stage), stage_steps(cfg, stage)
             if trained is not None and asked < trained:  # fewer steps: what restart trains
                 diff.append((f"{stage}.steps", trained, asked))  # (before: "nothing to restart")
