@@ -143,15 +143,8 @@ def training_images(root: str, size: int) -> tuple[list[str], np.ndarray]:
 
 
 def main(argv=None) -> int:
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-
-    from emit_jax.data.embedded import ensure_cached
     from emit_jax.fileio import check_new_folder, check_not_input, output_lock
     from emit_jax.models import architectures
-    from emit_jax.models.emit import EMITConfig
-    from emit_jax.models.internvl import InternVL
 
     ap = cli.Parser(prog="python -m emit_jax.experiments.vit_pretrain",
                     description=__doc__.split("\n\n")[0])
@@ -181,11 +174,31 @@ def main(argv=None) -> int:
     # (twenty-ninth probe V22: written as WORKDIR/sft/model, then replaced by train silently)
     check_not_input(out, {"--data": args.data or None})
 
+    # held from here (twenty-ninth probe U4: a second run on the same --out trained to the end,
+    # then was refused at the write)
+    with output_lock(out, what=f"--out {out}: another vit_pretrain is writing it",
+                     hint="wait for it to end, or choose another --out"):
+        check_new_folder(out, hint="choose a new checkpoint path")  # (filled meanwhile)
+        return _train(args, out)
+
+
+def _train(args, out: str) -> int:
+    """The training and the write of ``main``, its arguments checked and ``--out`` locked."""
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from emit_jax import checkpoint
+    from emit_jax.data.embedded import ensure_cached
+    from emit_jax.models import architectures
+    from emit_jax.models.emit import EMITConfig
+    from emit_jax.models.internvl import InternVL
+
     cfg = architectures.get_config(args.arch)
     model = InternVL(cfg, rngs=nnx.Rngs(args.seed))
     vit = model.vision_tower
     layers = EMITConfig().layers_for(cfg.vision.num_hidden_layers)
-    size, g = cfg.vision.image_size, cfg.vision.grid
+    size, patch, g = cfg.vision.image_size, cfg.vision.patch_size, cfg.vision.grid
     paths, tiles = training_images(args.data or ensure_cached(), size)
     print(f"{len(paths)} images of the stage-2 training split; CE blocks {list(layers)}; "
           f"{args.steps} steps of {args.batch}", file=sys.stderr)
@@ -213,21 +226,6 @@ def main(argv=None) -> int:
         opt.update(vit, grads)
         return loss
 
-    with output_lock(out, what=f"--out {out}: another vit_pretrain is writing it",
-                     hint="wait for it to end, or choose another --out"):
-        # (twenty-ninth probe U4: a second run on the same --out trained to the end, then was
-        # refused at the write)
-        return _train(args, model, vit, opt, step, tiles, paths, layers, out)
-
-
-def _train(args, model, vit, opt, step, tiles, paths, layers, out) -> int:
-    import jax.numpy as jnp
-
-    from emit_jax import checkpoint
-    from emit_jax.fileio import check_new_folder
-
-    check_new_folder(out, hint="choose a new checkpoint path")  # (filled while this one loaded)
-    size, patch, g = tiles.shape[-1], model.config.vision.patch_size, model.config.vision.grid
     rng = np.random.default_rng(args.seed)
     curve, t0 = [], time.time()
     for i in range(args.steps):
