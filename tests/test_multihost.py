@@ -539,3 +539,53 @@ def test_a_signal_to_one_worker_as_the_model_is_written_is_lines_and_the_rerun_f
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (w / "base" / "model" / "emit_jax.json").is_file()
+
+
+# local.sh stopping a job while process 1 waits in a barrier and process 0 is still in Python
+# work before it (process 0 has more of it: the finished stage's old model removed, logs)
+IN_A_BARRIER = """
+import os, signal, threading, time
+from emit_jax import cli, parallel
+parallel.initialize()
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+multihost_utils.process_allgather(jnp.ones(2))  # both connected
+sent = []
+
+
+def stop():  # as local.sh stops the job: a SIGTERM to every process
+    sent.append(time.time())
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main(argv):
+    threading.Timer(3.0, stop).start()
+    if jax.process_index() == 0:
+        time.sleep(60)
+    parallel.barrier("after process 0's work")
+    print("went on", flush=True)
+
+
+status = cli.run(main, prog="probe")
+together = cli.may_exit(status)
+print(f"ended {status} after {time.time() - sent[0]:.1f} s, together {together}", flush=True)
+cli.flush_and_exit(status)
+"""
+
+
+def test_a_process_in_a_barrier_hears_the_launchers_signal(tmp_path):
+    """Twenty-ninth probe U2: three processes, Ctrl-C to local.sh just after a stage's last
+    step: the stop took 10.5 s and local.sh SIGKILLed two processes. Processes 1 and 2 were in
+    the barrier before the stage's model is written, deaf to the SIGTERM inside C++, while
+    process 0, still before it, stopped and waited 10 s for them in jax's shutdown (then ended
+    alone). A barrier now waits with the signal handlers running: every process stops at once,
+    and they end together."""
+    r, secs, logs = _two_of(IN_A_BARRIER, tmp_path / "logs", kill_grace=60)
+    assert "exit statuses 0:130 1:130" in r.stderr, r.stderr + "".join(logs)[-3000:]
+    for log in logs:
+        ended = [line for line in log.splitlines() if line.startswith("ended ")]
+        assert len(ended) == 1, log[-2000:]
+        assert ended[0].endswith("together True"), log[-2000:]
+        assert float(ended[0].split()[3]) < 5.0, log[-2000:]  # before: 10 s, then killed
+        assert "went on" not in log and "Traceback" not in log, log[-2000:]

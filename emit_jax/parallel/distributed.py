@@ -185,7 +185,8 @@ def any_process(flag: bool) -> bool:
         return bool(flag)
     from jax.experimental import multihost_utils
 
-    return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
+    return bool(np.asarray(_heard_while_waiting(
+        multihost_utils.process_allgather, np.int32(bool(flag)))).any())
 
 
 def is_primary() -> bool:
@@ -198,7 +199,43 @@ def barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(name)
+        _heard_while_waiting(multihost_utils.sync_global_devices, name)
+
+
+def _heard_while_waiting(collective, *args):
+    """``collective(*args)`` with the main thread's signal handlers running while it waits.
+
+    A collective blocks inside C++, where Python runs no signal handler. When ``launch/local.sh``
+    stops a job, the processes already in a collective (a barrier before the finished stage's
+    model is written) did not hear its SIGTERM, while a process still in Python work before that
+    barrier (process 0 has more of it) stopped: the others waited for it, and it waited 10 s for
+    them (:func:`leave`) before ending alone (twenty-ninth probe U2: a Ctrl-C to a three-process run
+    just after a stage's last step took 10.5 s, and local.sh then SIGKILLed two processes). The
+    collective now runs in a helper thread while the main thread waits in short steps: a stopping
+    signal raises there as anywhere else (every process stops together), and a signal held by the
+    caller (a checkpoint's write) stays held. Off the main thread: called directly."""
+    import threading  # noqa: PLC0415
+
+    if threading.current_thread() is not threading.main_thread():
+        return collective(*args)
+    out: list = []
+    over = threading.Event()
+
+    def run() -> None:
+        try:
+            out.append((True, collective(*args)))
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread below
+            out.append((False, e))
+        finally:
+            over.set()
+
+    threading.Thread(target=run, name="emit_jax-collective", daemon=True).start()
+    while not over.wait(0.25):  # short waits: the signal handlers run between them
+        pass
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
 
 
 def replicate_module(node, mesh: Mesh | None):
