@@ -330,7 +330,7 @@ def test_sigterm_to_one_process_after_training_ends_the_run_and_the_rerun_finish
         while time.time() < deadline and p.poll() is None:
             if "[base] finished in" in (log_dir / "proc_0.log").read_text() \
                     if (log_dir / "proc_0.log").exists() else False:
-                pid1 = _pid_of_process(1)
+                pid1 = _pid_of_process(1, log_dir)
                 os.kill(pid1, signal.SIGTERM)
                 break
             time.sleep(0.1)
@@ -354,8 +354,10 @@ def test_sigterm_to_one_process_after_training_ends_the_run_and_the_rerun_finish
     assert (w / "hf" / "config.json").is_file()
 
 
-def _pid_of_process(i: int) -> int:
-    """The pid of the ``emit_jax.train`` process whose environment says EMIT_PROCESS_ID=i."""
+def _pid_of_process(i: int, log_dir) -> int:
+    """The pid of the ``emit_jax.train`` process whose environment says EMIT_PROCESS_ID=i and
+    LOG_DIR=log_dir: this test's, not one of another run on the host (before, a SIGTERM meant
+    for this test's process 1 could reach another job's)."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -364,7 +366,8 @@ def _pid_of_process(i: int) -> int:
             environ = open(f"/proc/{name}/environ", "rb").read().split(b"\0")
         except OSError:
             continue
-        if b"emit_jax.train" in cmdline and f"EMIT_PROCESS_ID={i}".encode() in environ:
+        if (b"emit_jax.train" in cmdline and f"EMIT_PROCESS_ID={i}".encode() in environ
+                and f"LOG_DIR={log_dir}".encode() in environ):
             return int(name)
     raise AssertionError(f"no emit_jax.train process {i}")
 
