@@ -28,12 +28,15 @@ the same under that normal variation and differ between the parts of an image:
 The ViT's weights are trained (Adam, cosine schedule); the LLM stays as initialised. ``--out``
 is a model checkpoint (``emit_jax.checkpoint.save_model``) that ``heatmap_auroc --checkpoint``
 and ``train --config.init_from`` read. ``--json`` prints the loss curve as one JSON object.
+Ctrl-C (or SIGTERM) stops after the step in progress and writes the ViT of the steps done (its
+meta's ``steps_done`` says how many); a second one stops at once, nothing written.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import tempfile
 import time
@@ -41,6 +44,9 @@ import time
 import numpy as np
 
 from emit_jax import cli
+from emit_jax.errors import exit_interrupted, stop_signals_held
+
+PROG = "python -m emit_jax.experiments.vit_pretrain"
 
 IMAGE_SPLIT = "grpo"  # the stage-2 training split: the only images this experiment reads
 
@@ -146,7 +152,7 @@ def main(argv=None) -> int:
     from emit_jax.fileio import check_new_folder, check_not_input, output_lock
     from emit_jax.models import architectures
 
-    ap = cli.Parser(prog="python -m emit_jax.experiments.vit_pretrain",
+    ap = cli.Parser(prog=PROG,
                     description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=cli.output_folder,
                     help="model checkpoint to write (a new folder)")
@@ -228,6 +234,46 @@ def _train(args, out: str) -> int:
 
     rng = np.random.default_rng(args.seed)
     curve, t0 = [], time.time()
+    with stop_signals_held(lambda signum: _stopped_at_once(signum, len(curve), args.steps),
+                           several=False) as got:
+        status = _steps(args, rng, tiles, (size, g, patch), (step, vit, opt), curve, t0, got)
+    if status:
+        return status
+    done = len(curve)
+    checkpoint.save_model(model, out, extra_meta={"vit_pretrain": {
+        **{k: v for k, v in vars(args).items() if k not in ("out", "json")},
+        "steps_done": done}})
+    if done < args.steps:  # a signal: the steps done are kept (thirtieth probe V22: before,
+        # Ctrl-C after 25 minutes of steps left nothing)
+        print(cli.interrupted_line(
+            PROG, f"({signal.Signals(got[0]).name}) after step {done} of {args.steps}",
+            f"wrote {out}, the ViT of step {done} (a new --out trains all {args.steps} steps "
+            "from the start)"), file=sys.stderr)
+        return cli.INTERRUPTED
+    print(f"wrote {out}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"out": out, "images": len(paths), "layers": list(layers),
+                          "loss_first": curve[0], "loss_last": curve[-1],
+                          "seconds": round(time.time() - t0, 1)}))
+    return 0
+
+
+def _stopped_at_once(signum: int, done: int, steps: int):
+    """A second stopping signal during the steps: the process ends at once, nothing written."""
+    exit_interrupted(cli.interrupted_line(
+        PROG, f"({signal.Signals(signum).name}, a second signal) after step {done} of {steps}",
+        "stopped at once; nothing is written"))
+
+
+def _steps(args, rng, tiles, geometry, train, curve: list, t0: float, got: list) -> int:
+    """The training steps of :func:`_train` (``geometry``: image size, patch grid, patch size;
+    ``train``: the jitted step, the ViT, its optimizer), each loss appended to ``curve``; they
+    stop after the step in progress once ``got`` (a stopping signal) is set. 0, or 3 when a loss
+    is not finite."""
+    import jax.numpy as jnp
+
+    size, g, patch = geometry
+    step, vit, opt = train
     for i in range(args.steps):
         idx = rng.choice(len(tiles), args.batch, replace=len(tiles) < args.batch)
         views, pos, valid = [[], []], [], []
@@ -248,15 +294,10 @@ def _train(args, out: str) -> int:
         if (i + 1) % max(1, args.steps // 10) == 0 or i == 0:
             print(f"step {i + 1}/{args.steps} loss {loss:.4f} ({time.time() - t0:.0f} s)",
                   file=sys.stderr)
-    checkpoint.save_model(model, out, extra_meta={"vit_pretrain": {
-        k: v for k, v in vars(args).items() if k not in ("out", "json")}})
-    print(f"wrote {out}", file=sys.stderr)
-    if args.json:
-        print(json.dumps({"out": out, "images": len(paths), "layers": list(layers),
-                          "loss_first": curve[0], "loss_last": curve[-1],
-                          "seconds": round(time.time() - t0, 1)}))
+        if got:
+            break
     return 0
 
 
 if __name__ == "__main__":
-    cli.command(main, prog="python -m emit_jax.experiments.vit_pretrain")
+    cli.command(main, prog=PROG)
