@@ -123,8 +123,12 @@ def not_utf8(raw: bytes, fix: str) -> str:
 def show_path(path) -> str:
     """``path`` as a message names it: as is, or quoted (Python's ``repr``) when a reader could
     not see it exactly: white space at either end or doubled (a one-line message collapses it),
-    a newline or another control character."""
+    a newline or another control character; a name that is not valid UTF-8 (Python hands its
+    bytes over as lone surrogates, which no terminal, figure or file can show) as its bytes,
+    ``b'q\\xff.png'`` (thirtieth probe: ``q\\udcff.png``, Python's escape)."""
     text = os.fsdecode(path) if isinstance(path, (bytes, os.PathLike)) else str(path)
+    if any("\udc80" <= c <= "\udcff" for c in text):
+        return repr(os.fsencode(text))
     if text != text.strip() or "  " in text or has_control(text):
         return repr(text)
     return text

@@ -884,7 +884,8 @@ def json_problem(e: BaseException, *, one_line: bool = False) -> str:
         return f"not UTF-8 text ({e.reason} at byte {e.start})"
     if isinstance(e, json.JSONDecodeError):
         where = f"column {e.colno}" if one_line else f"line {e.lineno} column {e.colno}"
-        return f"malformed JSON: {e.msg} at {where}"
+        # (json's "Unterminated string starting at" already ends in "at")
+        return f"malformed JSON: {e.msg.removesuffix(' at')} at {where}"
     return f"malformed JSON: {e}"  # a number of over 4300 digits, nesting too deep
 
 

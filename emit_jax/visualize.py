@@ -150,7 +150,9 @@ def _figure(args) -> tuple[np.ndarray, dict]:
                   f"{side} fewer than the heat map's {info['grid']} cells a side; it is "
                   f"resized to {info['image_size']}x{info['image_size']} and its map says little",
                   file=sys.stderr)
-    render(heat, q, r, args.out, title=os.path.basename(args.query))
+    # (a name that is not UTF-8 as its bytes: thirtieth probe V-NU1, matplotlib's font could not
+    # encode Python's lone surrogates, a traceback)
+    render(heat, q, r, args.out, title=show_path(os.path.basename(args.query)))
     return heat, info
 
 

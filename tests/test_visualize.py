@@ -81,3 +81,29 @@ def test_a_query_smaller_than_the_heat_map_is_said(tmp_path):
     notes = [l for l in r.stderr.splitlines() if l.startswith("note:")]
     assert len(notes) == 1 and f"--query {q} is 1x1 pixels" in notes[0], r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["query_size"] == [1, 1]
+
+
+def test_names_that_are_not_utf8_are_drawn_and_said_as_bytes(tmp_path):
+    """Thirtieth probe V-NU1: a --query named with a byte that is not UTF-8 ended in matplotlib's
+    TypeError traceback (the figure's title, Python's lone surrogate); a missing one was said as
+    ``q\\udcff.png``. The title and the messages show the name's bytes."""
+    d = os.fsencode(str(tmp_path))
+    q, ref = d + b"/q\xff.png", d + b"/r.png"
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(os.fsdecode(ref))
+    img = Image.new("RGB", (64, 64), (90, 90, 90))
+    ImageDraw.Draw(img).ellipse((20, 20, 40, 40), fill=(200, 20, 20))
+    img.save(os.fsdecode(q))
+    for out in (d + b"/heat.png", d + b"/o\xfe.png"):
+        r = subprocess.run([sys.executable, "-m", "emit_jax.visualize", "heatmap", "--query", q,
+                            "--reference", ref, "--out", out], cwd=ROOT, capture_output=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr.decode(errors="replace")[-3000:]
+        assert b"Traceback" not in r.stderr, r.stderr
+        with Image.open(os.fsdecode(out)) as im:
+            assert im.size[0] > 100
+    r = subprocess.run([sys.executable, "-m", "emit_jax.visualize", "heatmap", "--query",
+                        d + b"/gone\xff.png", "--reference", ref, "--out", d + b"/x.png"],
+                       cwd=ROOT, capture_output=True, timeout=600)
+    assert r.returncode == 2
+    [line] = r.stderr.decode().strip().splitlines()
+    assert line == f"emit_jax.visualize: error: b'{tmp_path}/gone\\xff.png': no such file", line

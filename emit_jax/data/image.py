@@ -85,7 +85,7 @@ def load_image(path, *, name: str | None = None) -> Image.Image:
         path = os.fspath(path)
         name = path
     if isinstance(path, str) and (problem := not_regular(path)):
-        raise ImageError(f"{name}: {problem}")
+        raise ImageError(f"{show_path(name)}: {problem}")
     try:
         with Image.open(path) as im:
             say_if_huge(im, name)
@@ -97,7 +97,7 @@ def load_image(path, *, name: str | None = None) -> Image.Image:
         why = missing_file(path) if isinstance(path, str) else "no such file"
         raise ImageError(f"{show_path(name)}: {why}") from None
     except UNREADABLE as e:
-        raise ImageError(f"{name}: not a readable image ({e})") from None
+        raise ImageError(f"{show_path(name)}: not a readable image ({e})") from None
 
 
 def to_tile(image: Image.Image, size: int) -> np.ndarray:

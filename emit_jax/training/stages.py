@@ -212,11 +212,17 @@ def done_steps(workdir: str, stage: str) -> int | None:
     path = os.path.join(workdir, stage, "done.json")
     if not os.path.isfile(path):
         return None
-    done = read_json(path, error=ConfigError, what="a stage's done.json")
+    # the way forward (thirtieth probe D2: a torn one was refused without it): without the
+    # file the stage is unfinished, and the next run finishes it from its last checkpoint
+    way = ("restore it, or remove it: the next run finishes the stage from its last checkpoint "
+           "(or trains it again when it has none)")
+    try:
+        done = read_json(path, error=ConfigError, what="a stage's done.json")
+    except ConfigError as e:
+        raise ConfigError(f"{e}; {way}") from None
     n = done.get("steps") if isinstance(done, dict) else None
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ConfigError(f"{path}: not a stage's done.json (no step count); restore it, "
-                          "or move the stage's folder away to train the stage again")
+        raise ConfigError(f"{path}: not a stage's done.json (no step count); {way}")
     return n
 
 
