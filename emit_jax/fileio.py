@@ -298,7 +298,8 @@ def check_not_input(out: str | os.PathLike, inputs: dict) -> None:
         if target == src or target.startswith(src.rstrip(os.sep) + os.sep):
             where = "is" if target == src else "lies inside"
             raise InputOverwriteError(
-                f"{out}: the output {where} the input {flag} {path}; choose a path outside it")
+                f"{show_path(out)}: the output {where} the input {flag} {show_path(path)}; "
+                "choose a path outside it")
     # (eighteenth probe E15/F2/F3: written in WORKDIR/hf, gone with the next export; the
     # twenty-second's X34 / T03b: in a stage's checkpoint step, deleted as the stage went on,
     # and over WORKDIR/results.json, replaced as the run ended)
@@ -308,8 +309,8 @@ def check_not_input(out: str | os.PathLike, inputs: dict) -> None:
         why = ("which the tool keeps as the restart left it" if what in KEPT_AS_LEFT
                else "which its runs replace or delete")
         raise InputOverwriteError(
-            f"{out}: the output {'is' if entry == target else 'lies inside'} {entry}, "
-            f"{what} of the training workdir {workdir}, {why}; "
+            f"{show_path(out)}: the output {'is' if entry == target else 'lies inside'} "
+            f"{show_path(entry)}, {what} of the training workdir {show_path(workdir)}, {why}; "
             "choose a path outside it (or a new name in the workdir itself)")
 
 

@@ -107,3 +107,25 @@ def test_names_that_are_not_utf8_are_drawn_and_said_as_bytes(tmp_path):
     assert r.returncode == 2
     [line] = r.stderr.decode().strip().splitlines()
     assert line == f"emit_jax.visualize: error: b'{tmp_path}/gone\\xff.png': no such file", line
+
+
+def test_every_message_names_a_non_utf8_path_by_its_bytes(tmp_path):
+    """Thirty-first probe VZ2 / VZ4: the output-is-the-input refusal and an unreadable image
+    still showed a non-UTF-8 name as Python's ``\\udcff`` escape."""
+    d = os.fsencode(str(tmp_path))
+    q, bad = d + b"/q\xff.png", d + b"/bad\xff.png"
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(os.fsdecode(q))
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    for query, out, want in (
+            (q, q, f"b'{tmp_path}/q\\xff.png': the output is the input --query "
+                   f"b'{tmp_path}/q\\xff.png'; choose a path outside it"),
+            (bad, d + b"/o.png", f"b'{tmp_path}/bad\\xff.png': not a readable image (cannot "
+                                 f"identify image file b'{tmp_path}/bad\\xff.png')")):
+        r = subprocess.run([sys.executable, "-m", "emit_jax.visualize", "heatmap", "--query",
+                            query, "--reference", q, "--out", out], cwd=ROOT,
+                           capture_output=True, timeout=600)
+        assert r.returncode == 2, r.stderr
+        [line] = r.stderr.decode().strip().splitlines()
+        assert line == f"emit_jax.visualize: error: {want}", line
+        assert "udc" not in line

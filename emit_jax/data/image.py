@@ -97,7 +97,12 @@ def load_image(path, *, name: str | None = None) -> Image.Image:
         why = missing_file(path) if isinstance(path, str) else "no such file"
         raise ImageError(f"{show_path(name)}: {why}") from None
     except UNREADABLE as e:
-        raise ImageError(f"{show_path(name)}: not a readable image ({e})") from None
+        # (PIL's words name the file as Python holds it: a name that is not UTF-8 as lone
+        # surrogates, which the line showed beside its bytes; thirty-first probe VZ4)
+        why = str(e)
+        if isinstance(name, str) and show_path(name) != name:
+            why = why.replace(repr(name), show_path(name)).replace(f"'{name}'", show_path(name))
+        raise ImageError(f"{show_path(name)}: not a readable image ({why})") from None
 
 
 def to_tile(image: Image.Image, size: int) -> np.ndarray:
