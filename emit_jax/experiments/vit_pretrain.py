@@ -234,11 +234,34 @@ def _train(args, out: str) -> int:
 
     rng = np.random.default_rng(args.seed)
     curve, t0 = [], time.time()
+    # a first signal stops after the step in progress (the steps done are written below), a
+    # second one at once
     with stop_signals_held(lambda signum: _stopped_at_once(signum, len(curve), args.steps),
                            several=False) as got:
-        status = _steps(args, rng, tiles, (size, g, patch), (step, vit, opt), curve, t0, got)
-    if status:
-        return status
+        for i in range(args.steps):
+            idx = rng.choice(len(tiles), args.batch, replace=len(tiles) < args.batch)
+            views, pos, valid = [[], []], [], []
+            for k in idx:
+                ms = [random_warp(rng, size, args.rotate, args.shift, args.scale) for _ in range(2)]
+                for v, m in zip(views, ms):
+                    x = warp_image(tiles[k], m) * rng.normal(1.0, args.gain)
+                    v.append(x + rng.normal(0.0, args.grain, x.shape).astype(np.float32))
+                p, ok = correspondence(ms[0], ms[1], g, patch)
+                pos.append(p)
+                valid.append(ok)
+            loss = float(step(vit, opt, jnp.asarray(np.stack(views[0])),
+                              jnp.asarray(np.stack(views[1])), jnp.asarray(np.stack(pos)),
+                              jnp.asarray(np.stack(valid))))
+            if not math.isfinite(loss):
+                print(f"error: the loss is {loss} at step {i + 1}; try a smaller --lr",
+                      file=sys.stderr)
+                return 3
+            curve.append(loss)
+            if (i + 1) % max(1, args.steps // 10) == 0 or i == 0:
+                print(f"step {i + 1}/{args.steps} loss {loss:.4f} ({time.time() - t0:.0f} s)",
+                      file=sys.stderr)
+            if got:
+                break
     done = len(curve)
     checkpoint.save_model(model, out, extra_meta={"vit_pretrain": {
         **{k: v for k, v in vars(args).items() if k not in ("out", "json")},
@@ -263,40 +286,6 @@ def _stopped_at_once(signum: int, done: int, steps: int):
     exit_interrupted(cli.interrupted_line(
         PROG, f"({signal.Signals(signum).name}, a second signal) after step {done} of {steps}",
         "stopped at once; nothing is written"))
-
-
-def _steps(args, rng, tiles, geometry, train, curve: list, t0: float, got: list) -> int:
-    """The training steps of :func:`_train` (``geometry``: image size, patch grid, patch size;
-    ``train``: the jitted step, the ViT, its optimizer), each loss appended to ``curve``; they
-    stop after the step in progress once ``got`` (a stopping signal) is set. 0, or 3 when a loss
-    is not finite."""
-    import jax.numpy as jnp
-
-    size, g, patch = geometry
-    step, vit, opt = train
-    for i in range(args.steps):
-        idx = rng.choice(len(tiles), args.batch, replace=len(tiles) < args.batch)
-        views, pos, valid = [[], []], [], []
-        for k in idx:
-            ms = [random_warp(rng, size, args.rotate, args.shift, args.scale) for _ in range(2)]
-            for v, m in zip(views, ms):
-                x = warp_image(tiles[k], m) * rng.normal(1.0, args.gain)
-                v.append(x + rng.normal(0.0, args.grain, x.shape).astype(np.float32))
-            p, ok = correspondence(ms[0], ms[1], g, patch)
-            pos.append(p)
-            valid.append(ok)
-        loss = float(step(vit, opt, jnp.asarray(np.stack(views[0])), jnp.asarray(np.stack(views[1])),
-                          jnp.asarray(np.stack(pos)), jnp.asarray(np.stack(valid))))
-        if not math.isfinite(loss):
-            print(f"error: the loss is {loss} at step {i + 1}; try a smaller --lr", file=sys.stderr)
-            return 3
-        curve.append(loss)
-        if (i + 1) % max(1, args.steps // 10) == 0 or i == 0:
-            print(f"step {i + 1}/{args.steps} loss {loss:.4f} ({time.time() - t0:.0f} s)",
-                  file=sys.stderr)
-        if got:
-            break
-    return 0
 
 
 if __name__ == "__main__":
