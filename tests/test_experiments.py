@@ -374,6 +374,14 @@ def test_vit_pretrain_trains_the_vit_only_and_writes_a_model(tmp_path, capsys):
     moved = {k for k in got if not np.array_equal(got[k], ref[k])}
     assert moved and all(k.startswith("vision_tower/") for k in moved)
     assert any("embeddings" in k for k in moved) and any("layers" in k for k in moved)
+    # the dataset's tokenizer rides along, so train --config.init_from reads the checkpoint as it
+    # is (before: "OUT/assets: no tokenizer files", a tokenizer had to be given beside it)
+    from emit_jax.data.embedded import ensure_cached
+    from emit_jax.data.tokenizer import load_tokenizer
+    from emit_jax.training.data import tokenizer_for
+
+    built = tokenizer_for(str(tmp_path / "tok"), ensure_cached())
+    assert load_tokenizer(checkpoint.assets_dir(str(out))).get_vocab() == built.get_vocab()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep")
     prog = "python -m emit_jax.experiments.vit_pretrain"

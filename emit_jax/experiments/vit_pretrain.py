@@ -26,8 +26,9 @@ the same under that normal variation and differ between the parts of an image:
   out.
 
 The ViT's weights are trained (Adam, cosine schedule); the LLM stays as initialised. ``--out``
-is a model checkpoint (``emit_jax.checkpoint.save_model``) that ``heatmap_auroc --checkpoint``
-and ``train --config.init_from`` read. ``--json`` prints the loss curve as one JSON object.
+is a model checkpoint (``emit_jax.checkpoint.save_model``), with the dataset's tokenizer (the
+one a training run on it builds) in its assets, that ``heatmap_auroc --checkpoint`` and ``train
+--config.init_from`` read. ``--json`` prints the loss curve as one JSON object.
 Ctrl-C (or SIGTERM) stops after the step in progress and writes the ViT of the steps done (its
 meta's ``steps_done`` says how many); a second one stops at once, nothing written.
 """
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import tempfile
@@ -199,13 +201,15 @@ def _train(args, out: str) -> int:
     from emit_jax.models import architectures
     from emit_jax.models.emit import EMITConfig
     from emit_jax.models.internvl import InternVL
+    from emit_jax.training.data import tokenizer_for
 
     cfg = architectures.get_config(args.arch)
     model = InternVL(cfg, rngs=nnx.Rngs(args.seed))
     vit = model.vision_tower
     layers = EMITConfig().layers_for(cfg.vision.num_hidden_layers)
     size, patch, g = cfg.vision.image_size, cfg.vision.patch_size, cfg.vision.grid
-    paths, tiles = training_images(args.data or ensure_cached(), size)
+    root = args.data or ensure_cached()
+    paths, tiles = training_images(root, size)
     print(f"{len(paths)} images of the stage-2 training split; CE blocks {list(layers)}; "
           f"{args.steps} steps of {args.batch}", file=sys.stderr)
 
@@ -263,9 +267,14 @@ def _train(args, out: str) -> int:
             if got:
                 break
     done = len(curve)
-    checkpoint.save_model(model, out, extra_meta={"vit_pretrain": {
-        **{k: v for k, v in vars(args).items() if k not in ("out", "json")},
-        "steps_done": done}})
+    with tempfile.TemporaryDirectory() as work:
+        # the dataset's tokenizer (the one a training run on it builds) goes into the assets, so
+        # that train --config.init_from reads this checkpoint as it is
+        tokenizer_for(work, root)
+        checkpoint.save_model(model, out, assets_from=os.path.join(work, "tokenizer"),
+                              extra_meta={"vit_pretrain": {
+                                  **{k: v for k, v in vars(args).items()
+                                     if k not in ("out", "json")}, "steps_done": done}})
     if done < args.steps:  # a signal: the steps done are kept (thirtieth probe V22: before,
         # Ctrl-C after 25 minutes of steps left nothing)
         print(cli.interrupted_line(
