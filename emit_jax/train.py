@@ -296,6 +296,7 @@ def _run(cfg, workdir: str, settings, written=None) -> dict:
             continue
         if model is None:
             model = stages.build_initial_model(cfg, tokenizer)
+            stages.check_initial_model(cfg, model, tokenizer)
             stages.warn_untrained_start(cfg, workdir, stage)
         if parallel.is_primary():  # what a later run compares its settings with
             notice = stages.settings_notice(cfg, workdir, stage, finished=False)

@@ -358,7 +358,6 @@ def test_vit_pretrain_trains_the_vit_only_and_writes_a_model(tmp_path, capsys):
     from emit_jax import checkpoint, cli
     from emit_jax.experiments.vit_pretrain import main
     from emit_jax.models import architectures
-    from emit_jax.models.internvl import InternVL
 
     out = tmp_path / "vit"
     # one step (twenty-ninth probe V12: --steps 1 left the cosine schedule no step, a traceback)
@@ -366,7 +365,19 @@ def test_vit_pretrain_trains_the_vit_only_and_writes_a_model(tmp_path, capsys):
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["images"] > 50 and row["layers"] == [1, 2, 4, 5] and np.isfinite(row["loss_last"])
     model = checkpoint.load_model(str(out))[0]
-    init = InternVL(architectures.get_config("tiny"), rngs=nnx.Rngs(0))
+    # the model a training run on the dataset builds, its vocabulary fitted to the tokenizer
+    # that rides along in the assets (before: the architecture's 151k-row vocabulary and no
+    # tokenizer, so train --config.init_from trained its base stage with the image tokens never
+    # replaced, then failed at stage 1)
+    from emit_jax.data.embedded import ensure_cached
+    from emit_jax.data.tokenizer import load_tokenizer
+    from emit_jax.training.data import tokenizer_for
+    from emit_jax.training.stages import fits_tokenizer, fitted_model
+
+    built = tokenizer_for(str(tmp_path / "tok"), ensure_cached())
+    assert load_tokenizer(checkpoint.assets_dir(str(out))).get_vocab() == built.get_vocab()
+    assert fits_tokenizer(model.config, built)
+    init = fitted_model(architectures.get_config("tiny"), built, 0)
     got, ref = ({"/".join(map(str, k)): v for k, v in
                  traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(m))).items()}
                 for m in (model, init))
@@ -374,14 +385,6 @@ def test_vit_pretrain_trains_the_vit_only_and_writes_a_model(tmp_path, capsys):
     moved = {k for k in got if not np.array_equal(got[k], ref[k])}
     assert moved and all(k.startswith("vision_tower/") for k in moved)
     assert any("embeddings" in k for k in moved) and any("layers" in k for k in moved)
-    # the dataset's tokenizer rides along, so train --config.init_from reads the checkpoint as it
-    # is (before: "OUT/assets: no tokenizer files", a tokenizer had to be given beside it)
-    from emit_jax.data.embedded import ensure_cached
-    from emit_jax.data.tokenizer import load_tokenizer
-    from emit_jax.training.data import tokenizer_for
-
-    built = tokenizer_for(str(tmp_path / "tok"), ensure_cached())
-    assert load_tokenizer(checkpoint.assets_dir(str(out))).get_vocab() == built.get_vocab()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep")
     prog = "python -m emit_jax.experiments.vit_pretrain"
@@ -400,6 +403,36 @@ def test_vit_pretrain_trains_the_vit_only_and_writes_a_model(tmp_path, capsys):
     assert line.startswith(f"{prog}: error: {w / 'sft' / 'model'}: ") and "workdir" in line, line
     assert os.listdir(w) == ["data"]
     assert (tmp_path / "full" / "x").read_text() == "keep"
+
+
+def test_train_refuses_an_init_from_that_does_not_read_the_tokenizer(tmp_path):
+    """An Orbax init_from of another vocabulary (the architecture's 151k rows, image token id
+    151667) beside the embedded tokenizer: before, the base stage trained for minutes with the
+    image tokens never replaced by the image, then stage 1 failed with a traceback; now one line
+    before any stage trains, naming both and the way forward, and no stage folder."""
+    from flax import nnx
+
+    from conftest import train
+    from emit_jax import checkpoint
+    from emit_jax.data.embedded import ensure_cached
+    from emit_jax.models import architectures
+    from emit_jax.models.internvl import InternVL
+    from emit_jax.training.data import tokenizer_for
+
+    tokenizer_for(str(tmp_path / "tok"), ensure_cached())
+    init = str(tmp_path / "init")
+    checkpoint.save_model(InternVL(architectures.get_config("tiny"), rngs=nnx.Rngs(0)), init,
+                          assets_from=str(tmp_path / "tok" / "tokenizer"))
+    w = tmp_path / "w"
+    r = train("--config", "configs/grpo.py:smoke", "--workdir", str(w), "--config.base.steps=1",
+              f"--config.init_from={init}", "--config.eval_limit=0", "--config.eval_unseen=0",
+              "--config.export_hf=False", timeout=600)
+    assert r.returncode == 2, r.stderr[-3000:]
+    [line] = [x for x in r.stderr.splitlines() if "error" in x]
+    assert line.startswith(f"emit_jax.train: error: config init_from {init}: the model does not "
+                           "read the tokenizer ("), line
+    assert "image token id 151667" in line and "--config.tokenizer=DIR" in line, line
+    assert not (w / "base").exists()
 
 
 def test_vit_pretrain_refuses_an_out_another_run_is_writing(tmp_path, capsys):

@@ -187,11 +187,13 @@ def main(argv=None) -> int:
     with output_lock(out, what=f"--out {out}: another vit_pretrain is writing it",
                      hint="wait for it to end, or choose another --out"):
         check_new_folder(out, hint="choose a new checkpoint path")  # (filled meanwhile)
-        return _train(args, out)
+        with tempfile.TemporaryDirectory() as work:
+            return _train(args, out, work)
 
 
-def _train(args, out: str) -> int:
-    """The training and the write of ``main``, its arguments checked and ``--out`` locked."""
+def _train(args, out: str, work: str) -> int:
+    """The training and the write of ``main``, its arguments checked and ``--out`` locked;
+    ``work``: a scratch folder (the tokenizer is built there)."""
     import jax.numpy as jnp
     import optax
     from flax import nnx
@@ -200,15 +202,19 @@ def _train(args, out: str) -> int:
     from emit_jax.data.embedded import ensure_cached
     from emit_jax.models import architectures
     from emit_jax.models.emit import EMITConfig
-    from emit_jax.models.internvl import InternVL
     from emit_jax.training.data import tokenizer_for
+    from emit_jax.training.stages import fitted_model
 
     cfg = architectures.get_config(args.arch)
-    model = InternVL(cfg, rngs=nnx.Rngs(args.seed))
+    root = args.data or ensure_cached()
+    # the model a training run on this dataset builds (stages.build_initial_model): its
+    # vocabulary fitted to the dataset's tokenizer, which goes into the checkpoint's assets, so
+    # train --config.init_from reads the checkpoint as it is
+    tokenizer = tokenizer_for(work, root)
+    model = fitted_model(cfg, tokenizer, args.seed)
     vit = model.vision_tower
     layers = EMITConfig().layers_for(cfg.vision.num_hidden_layers)
     size, patch, g = cfg.vision.image_size, cfg.vision.patch_size, cfg.vision.grid
-    root = args.data or ensure_cached()
     paths, tiles = training_images(root, size)
     print(f"{len(paths)} images of the stage-2 training split; CE blocks {list(layers)}; "
           f"{args.steps} steps of {args.batch}", file=sys.stderr)
@@ -267,14 +273,10 @@ def _train(args, out: str) -> int:
             if got:
                 break
     done = len(curve)
-    with tempfile.TemporaryDirectory() as work:
-        # the dataset's tokenizer (the one a training run on it builds) goes into the assets, so
-        # that train --config.init_from reads this checkpoint as it is
-        tokenizer_for(work, root)
-        checkpoint.save_model(model, out, assets_from=os.path.join(work, "tokenizer"),
-                              extra_meta={"vit_pretrain": {
-                                  **{k: v for k, v in vars(args).items()
-                                     if k not in ("out", "json")}, "steps_done": done}})
+    checkpoint.save_model(model, out, assets_from=os.path.join(work, "tokenizer"),
+                          extra_meta={"vit_pretrain": {
+                              **{k: v for k, v in vars(args).items()
+                                 if k not in ("out", "json")}, "steps_done": done}})
     if done < args.steps:  # a signal: the steps done are kept (thirtieth probe V22: before,
         # Ctrl-C after 25 minutes of steps left nothing)
         print(cli.interrupted_line(

@@ -748,7 +748,7 @@ def check_stage_model(model, tokenizer, workdir: str, stage: str) -> None:
     replaced tokenizer, was loaded and evaluated without a word."""
     mcfg = model.config
     img = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
-    if img == mcfg.image_token_id and len(tokenizer) <= mcfg.text.vocab_size + 1:
+    if fits_tokenizer(mcfg, tokenizer):
         return
     raise CheckpointError(
         f"{os.path.join(workdir, stage, 'model')}: does not fit this workdir's tokenizer "
@@ -756,6 +756,30 @@ def check_stage_model(model, tokenizer, workdir: str, stage: str) -> None:
         f"{img}; the model: {mcfg.text.vocab_size:,} rows, image token id "
         f"{mcfg.image_token_id}): one of them was replaced; restore it, or remove "
         f"{os.path.join(workdir, stage)} to train the stage again")
+
+
+def fits_tokenizer(mcfg, tokenizer) -> bool:
+    """Whether a model of config ``mcfg`` reads ``tokenizer``'s ids: the same ``<IMG_CONTEXT>``
+    id, and a row for every token but ``<COMP_CONTEXT>`` (the last, which stage 1 adds)."""
+    img = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    return img == mcfg.image_token_id and len(tokenizer) <= mcfg.text.vocab_size + 1
+
+
+def check_initial_model(cfg, model, tokenizer) -> None:
+    """Raise ``ConfigError`` when the ``init_from`` model does not read this run's tokenizer,
+    before any stage trains (before: a checkpoint of another vocabulary trained the base stage
+    with its image tokens never replaced by the image, then stage 1 failed with a traceback)."""
+    if not cfg.init_from or fits_tokenizer(model.config, tokenizer):
+        return
+    mcfg = model.config
+    src = cfg.get("tokenizer") or (cfg.init_from if os.path.isfile(
+        os.path.join(cfg.init_from, "config.json")) else checkpoint.assets_dir(cfg.init_from))
+    raise ConfigError(
+        f"config init_from {cfg.init_from}: the model does not read the tokenizer "
+        f"({src}: {len(tokenizer):,} tokens, <IMG_CONTEXT> id "
+        f"{tokenizer.convert_tokens_to_ids('<IMG_CONTEXT>')}; the model: "
+        f"{mcfg.text.vocab_size:,} rows, image token id {mcfg.image_token_id}); give the "
+        "tokenizer it was trained with (--config.tokenizer=DIR)")
 
 
 def scan_layers(cfg) -> bool:
@@ -813,13 +837,18 @@ def build_initial_model(cfg, tokenizer):
             return hf.load(cfg.init_from, dtype=cfg.get("param_dtype") or None, scan_layers=scan)
         return checkpoint.load_model(cfg.init_from, dtype=cfg.get("param_dtype") or None,
                                      scan_layers=scan)[0]
-    mcfg = starting_config(cfg)[0]
+    return fitted_model(starting_config(cfg)[0], tokenizer, cfg.seed, scan=scan)
+
+
+def fitted_model(mcfg, tokenizer, seed: int, *, scan: bool = False) -> InternVL:
+    """A randomly initialised InternVL of config ``mcfg`` with its vocabulary fitted to
+    ``tokenizer`` (the image token's id and a row per token but the last, ``<COMP_CONTEXT>``,
+    which EMIT appends to the model at stage 1), ``nnx.Rngs(seed)``."""
     img = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
-    # the tokenizer's last entry is <COMP_CONTEXT>, which EMIT appends to the model at stage 1
     vocab = len(tokenizer) - 1
     mcfg = mcfg.replace(text=dataclasses.replace(mcfg.text, vocab_size=vocab), image_token_id=img,
                         scan_layers=scan)
-    return InternVL(mcfg.validate(), rngs=nnx.Rngs(cfg.seed))
+    return InternVL(mcfg.validate(), rngs=nnx.Rngs(seed))
 
 
 # ------------------------------------------------------------------------------ the run's data
