@@ -356,24 +356,28 @@ def test_vit_pretrain_trains_the_vit_only_and_writes_a_model(tmp_path, capsys):
     from flax import nnx, traverse_util
 
     from emit_jax import checkpoint, cli
-    from emit_jax.experiments.vit_pretrain import main
+    from emit_jax.data.embedded import ensure_cached
+    from emit_jax.data.tokenizer import load_tokenizer
+    from emit_jax.experiments.vit_pretrain import main, training_images
     from emit_jax.models import architectures
+    from emit_jax.training.data import fresh_records, tokenizer_for
+    from emit_jax.training.stages import fits_tokenizer, fitted_model
 
     out = tmp_path / "vit"
     # one step (twenty-ninth probe V12: --steps 1 left the cosine schedule no step, a traceback)
     assert main(["--out", str(out), "--steps", "1", "--batch", "2", "--json"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["images"] > 50 and row["layers"] == [1, 2, 4, 5] and np.isfinite(row["loss_last"])
+    # --fresh 1 adds every image of the fresh dataset of seed 1 (stage 1's first), not another
+    paths = training_images(ensure_cached(), fresh=1)
+    extra = {p for r in fresh_records([1]) for p in r["images"]}
+    assert len(paths) == row["images"] + len(extra) and set(paths[row["images"]:]) == extra
+    assert all("seed1" in p and "seed0" not in p for p in extra), sorted(extra)[:2]
     model = checkpoint.load_model(str(out))[0]
     # the model a training run on the dataset builds, its vocabulary fitted to the tokenizer
     # that rides along in the assets (before: the architecture's 151k-row vocabulary and no
     # tokenizer, so train --config.init_from trained its base stage with the image tokens never
     # replaced, then failed at stage 1)
-    from emit_jax.data.embedded import ensure_cached
-    from emit_jax.data.tokenizer import load_tokenizer
-    from emit_jax.training.data import tokenizer_for
-    from emit_jax.training.stages import fits_tokenizer, fitted_model
-
     built = tokenizer_for(str(tmp_path / "tok"), ensure_cached())
     assert load_tokenizer(checkpoint.assets_dir(str(out))).get_vocab() == built.get_vocab()
     assert fits_tokenizer(model.config, built)
@@ -394,6 +398,12 @@ def test_vit_pretrain_trains_the_vit_only_and_writes_a_model(tmp_path, capsys):
         "new checkpoint path"]
     assert cli.run(main, ["--out", "", "--steps", "1"], prog=prog) == 2
     assert "argument --out: empty path" in capsys.readouterr().err
+    assert cli.run(main, ["--out", str(tmp_path / "new"), "--data", ensure_cached(), "--fresh",
+                          "1"], prog=prog) == 2
+    assert [x for x in capsys.readouterr().err.splitlines() if x.strip()] == [
+        f"{prog}: error: argument --fresh: fresh datasets are drawn by the embedded generator; "
+        "not used with --data"]
+    assert not (tmp_path / "new").exists()
     # a training workdir's stage folder, which its runs replace (twenty-ninth probe V22)
     w = tmp_path / "w"
     (w / "data").mkdir(parents=True)

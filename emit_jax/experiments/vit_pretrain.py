@@ -138,16 +138,32 @@ def dense_infonce(fa, fb_at, valid, temperature: float):
 
 
 # ------------------------------------------------------------------------------ the experiment
-def training_images(root: str, size: int) -> tuple[list[str], np.ndarray]:
+def training_images(root: str, fresh: int = 0) -> list[str]:
     """The distinct images (queries and references) of the stage-2 training split's
-    anomaly-discrimination questions, as CE tiles ``[m, 3, size, size]``."""
-    from emit_jax.data.image import load_image, to_tile
-    from emit_jax.training.data import stage_records
+    anomaly-discrimination questions, then every image of the ``fresh`` embedded datasets
+    drawn with seeds 1 .. ``fresh`` (the ones stage 1 adds with ``sft.fresh_datasets``; never
+    the validation, test or unseen images)."""
+    from emit_jax.training.data import fresh_records, stage_records
 
     with tempfile.TemporaryDirectory() as work:
         records = stage_records(root, work, domain_knowledge=False)
     paths = sorted({p for r in records[IMAGE_SPLIT] for p in r["images"]})
-    return paths, np.stack([to_tile(load_image(p), size) for p in paths])
+    if fresh:
+        paths += sorted({p for r in fresh_records(range(1, fresh + 1)) for p in r["images"]})
+    return paths
+
+
+def tile_loader(paths: list[str], size: int):
+    """``k -> paths[k]`` as a CE tile ``[3, size, size]`` (float32), the 512 last used kept."""
+    import functools
+
+    from emit_jax.data.image import load_image, to_tile
+
+    @functools.lru_cache(maxsize=512)
+    def tile(k: int) -> np.ndarray:
+        return to_tile(load_image(paths[k]), size)
+
+    return tile
 
 
 def main(argv=None) -> int:
@@ -160,6 +176,9 @@ def main(argv=None) -> int:
                     help="model checkpoint to write (a new folder)")
     ap.add_argument("--arch", default="tiny", choices=sorted(architectures.ARCHITECTURES))
     ap.add_argument("--data", default="", help="MVTec-style folder (default: the embedded set)")
+    ap.add_argument("--fresh", type=cli.nonneg_int, default=0,
+                    help="also every image of this many fresh embedded datasets (seeds 1..N, "
+                         "as stage 1's sft.fresh_datasets); embedded default only")
     ap.add_argument("--seed", type=cli.nonneg_int, default=0)
     ap.add_argument("--steps", type=cli.positive_int, default=600)
     ap.add_argument("--batch", type=cli.positive_int, default=16, help="images per step")
@@ -181,6 +200,9 @@ def main(argv=None) -> int:
     # not into the data, nor a training workdir's stage folders, which its runs replace
     # (twenty-ninth probe V22: written as WORKDIR/sft/model, then replaced by train silently)
     check_not_input(out, {"--data": args.data or None})
+    if args.fresh and args.data:
+        ap.error("argument --fresh: fresh datasets are drawn by the embedded generator; not "
+                 "used with --data")
 
     # held from here (twenty-ninth probe U4: a second run on the same --out trained to the end,
     # then was refused at the write)
@@ -215,8 +237,11 @@ def _train(args, out: str, work: str) -> int:
     vit = model.vision_tower
     layers = EMITConfig().layers_for(cfg.vision.num_hidden_layers)
     size, patch, g = cfg.vision.image_size, cfg.vision.patch_size, cfg.vision.grid
-    paths, tiles = training_images(root, size)
-    print(f"{len(paths)} images of the stage-2 training split; CE blocks {list(layers)}; "
+    paths = training_images(root, args.fresh)
+    tile = tile_loader(paths, size)
+    where = "the stage-2 training split" + (f" and {args.fresh} fresh embedded dataset"
+                                           f"{'s' if args.fresh > 1 else ''}" if args.fresh else "")
+    print(f"{len(paths)} images of {where}; CE blocks {list(layers)}; "
           f"{args.steps} steps of {args.batch}", file=sys.stderr)
 
     # a tenth of the steps (50 at most) of warm-up; none for fewer than 10 steps (twenty-ninth
@@ -249,12 +274,12 @@ def _train(args, out: str, work: str) -> int:
     with stop_signals_held(lambda signum: _stopped_at_once(signum, len(curve), args.steps),
                            several=False) as got:
         for i in range(args.steps):
-            idx = rng.choice(len(tiles), args.batch, replace=len(tiles) < args.batch)
+            idx = rng.choice(len(paths), args.batch, replace=len(paths) < args.batch)
             views, pos, valid = [[], []], [], []
             for k in idx:
                 ms = [random_warp(rng, size, args.rotate, args.shift, args.scale) for _ in range(2)]
                 for v, m in zip(views, ms):
-                    x = warp_image(tiles[k], m) * rng.normal(1.0, args.gain)
+                    x = warp_image(tile(int(k)), m) * rng.normal(1.0, args.gain)
                     v.append(x + rng.normal(0.0, args.grain, x.shape).astype(np.float32))
                 p, ok = correspondence(ms[0], ms[1], g, patch)
                 pos.append(p)
