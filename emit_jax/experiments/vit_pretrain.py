@@ -13,7 +13,8 @@ as much as a defect differs from them. This experiment asks the ViT for patch fe
 the same under that normal variation and differ between the parts of an image:
 
 - every step draws ``--batch`` images of the stage-2 training split (its questions' queries and
-  references; no label is read, no validation or test image is used) and warps each twice
+  references; with ``--fresh N`` also every image of the fresh embedded datasets of seeds 1..N,
+  stage 1's; no label is read, no validation, test or unseen image is used) and warps each twice
   (:func:`random_warp`: rotation within +-``--rotate`` degrees, shift within +-``--shift``
   pixels, scale within +-``--scale``, exposure gain and pixel grain), the normal variation of
   the embedded generator;
