@@ -772,11 +772,9 @@ def check_initial_model(cfg, model, tokenizer) -> None:
     if not cfg.init_from or fits_tokenizer(model.config, tokenizer):
         return
     mcfg = model.config
-    src = cfg.get("tokenizer") or (cfg.init_from if os.path.isfile(
-        os.path.join(cfg.init_from, "config.json")) else checkpoint.assets_dir(cfg.init_from))
     raise ConfigError(
         f"config init_from {cfg.init_from}: the model does not read the tokenizer "
-        f"({src}: {len(tokenizer):,} tokens, <IMG_CONTEXT> id "
+        f"({tokenizer_source(cfg)}: {len(tokenizer):,} tokens, <IMG_CONTEXT> id "
         f"{tokenizer.convert_tokens_to_ids('<IMG_CONTEXT>')}; the model: "
         f"{mcfg.text.vocab_size:,} rows, image token id {mcfg.image_token_id}); give the "
         "tokenizer it was trained with (--config.tokenizer=DIR)")
@@ -897,14 +895,21 @@ def embedded_only(cfg, option: str, value) -> bool:
     return bool(value)
 
 
+def tokenizer_source(cfg) -> str:
+    """Where a run's tokenizer files are: ``tokenizer``, else ``init_from``'s (a real checkpoint
+    brings its own: the HF folder, or an Orbax checkpoint's ``assets/``), else "" (the run
+    trains the tiny tokenizer in its workdir)."""
+    if cfg.get("tokenizer") or not cfg.init_from:
+        return cfg.get("tokenizer") or ""
+    return cfg.init_from if os.path.isfile(os.path.join(cfg.init_from, "config.json")) \
+        else checkpoint.assets_dir(cfg.init_from)
+
+
 def prepare_data(cfg, workdir: str, *, write: bool = True):
     """(dataset root, tokenizer, stage records); ``write=False`` keeps the record files out of
     the workdir (a secondary process of a multi-process run)."""
     source = ensure_cached(seed=cfg.data.seed) if cfg.data.source == "embedded" else cfg.data.source
-    tok_src = cfg.get("tokenizer") or ""
-    if not tok_src and cfg.init_from:  # a real checkpoint brings its own tokenizer files
-        tok_src = cfg.init_from if os.path.isfile(os.path.join(cfg.init_from, "config.json")) \
-            else checkpoint.assets_dir(cfg.init_from)
+    tok_src = tokenizer_source(cfg)
     tokenizer = load_tokenizer(tok_src) if tok_src else stage_data.tokenizer_for(workdir, source)
     if write and not os.path.isdir(os.path.join(workdir, "tokenizer")):
         tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
