@@ -718,6 +718,7 @@ def test_shipped_configs_pass():
     ("data.rationale", "long", "data.rationale: 'long' must be one of ('brief', 'restate')"),
     ("sft.fresh_datasets", -1, "sft.fresh_datasets: -1 is below 0"),
     ("grpo.bn", "running", "grpo.bn: 'running' must be 'train' or 'frozen'"),
+    ("grpo.instruction", "loud", "grpo.instruction: 'loud' must be 'think' or 'direct'"),
     ("grpo.max_new_tokens", 1 << 20, "grpo.max_new_tokens: 1048576 new tokens do not fit the "
      "model's context: arch 'tiny' holds 8,192 positions"),
     ("eval_max_new_tokens", 8192, "eval_max_new_tokens: 8192 new tokens do not fit"),
@@ -770,3 +771,21 @@ def test_hf_save_filling_the_disk_mid_write_leaves_nothing(full_disk, assets):
         hf.save(hf.load(assets["hf"]), os.path.join(full_disk, "out"))
     assert e.value.filename and e.value.filename.startswith(full_disk)
     assert os.listdir(full_disk) == ["filler"]
+
+
+def test_direct_rollouts_are_refused_for_adfm_records():
+    """grpo.instruction='direct' swaps the think instruction for the direct one; AD-FM's prompts
+    ask for staged reasoning and a box, so the pair is one config error, not a traceback at
+    stage 2."""
+    from emit_jax.models.config import ConfigError
+    from emit_jax.training.validate import validate_config
+
+    cfg = smoke_config()
+    with cfg.unlocked():
+        cfg.grpo.records, cfg.data.adfm, cfg.grpo.instruction = "adfm", True, "direct"
+    with pytest.raises(ConfigError, match=r"^config grpo.instruction: 'direct' must be 'think' "
+                                          r"when grpo.records='adfm'"):
+        validate_config(cfg, num_devices=1)
+    with cfg.unlocked():
+        cfg.grpo.instruction = "think"
+    validate_config(cfg, num_devices=1)

@@ -263,7 +263,7 @@ def test_held_out_records_asked_to_think_keep_everything_but_the_instruction():
 
     from emit_jax.configs import common
     from emit_jax.errors import ConfigError
-    from emit_jax.training.data import asked_to_think
+    from emit_jax.training.data import asked_to_think, asked_with
     from emit_jax.training.validate import validate_config
 
     user = f"Select ... {prompts.INSTR_DIRECT}\n\nQuestion: Q?\nA. x\nB. y\n"
@@ -276,6 +276,11 @@ def test_held_out_records_asked_to_think_keep_everything_but_the_instruction():
     assert out["messages"][1] == rec["messages"][1] and rec["messages"][0]["content"] == user
     with pytest.raises(ValueError, match="no direct instruction"):
         asked_to_think([out])
+    # and back: stage 2's rollouts asked as the evaluation asks (grpo.instruction='direct')
+    (back,) = asked_with([out], "direct")
+    assert back == rec
+    with pytest.raises(ValueError, match="no think instruction"):
+        asked_with([rec], "direct")
     cfg = common.base_config()
     cfg.eval_instruction = "loud"
     with pytest.raises(ConfigError, match="^config eval_instruction: "):

@@ -33,6 +33,9 @@ def grpo_section() -> ml_collections.ConfigDict:
         # The tiny default freezes it: 40 steps of 2 images x G drift the running statistics
         # enough to undo stage 1 (held-out AD 61.0 -> 50.0; docs/training.md)
         bn="frozen",
+        # how the rollouts are asked: "think" (EMIT's think instruction) or "direct" (the
+        # instruction the held-out evaluation asks with)
+        instruction="think",
         reward_names=("accuracy", "cosine", "format", "repetition"),
         reward_weights=(3.0, 1.0, 1.0, 1.0),
         lr=5e-4, warmup_ratio=0.01, weight_decay=0.1,

@@ -271,6 +271,9 @@ class GRPOConfig:
     reward_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     correct: str = "accuracy"  # what "correct" means: CORRECTNESS
     records: str = "grpo"  # "grpo" (EMIT's four tasks) or "adfm"
+    # how the rollouts are asked: "think" (EMIT: the think instruction, <think>/<answer>
+    # completions) or "direct" (the direct instruction the held-out evaluation asks with)
+    instruction: str = "think"
     lr: float = 5e-4
     warmup_ratio: float = 0.01
     weight_decay: float = 0.1
@@ -329,6 +332,8 @@ class GRPOConfig:
             fail("grpo.correct", self.correct, "must be 'accuracy' or 'adfm_cls'")
         if self.bn not in ("train", "frozen"):
             fail("grpo.bn", self.bn, "must be 'train' or 'frozen'")
+        if self.instruction not in ("think", "direct"):
+            fail("grpo.instruction", self.instruction, "must be 'think' or 'direct'")
         if self.records not in ("grpo", "adfm"):
             fail("grpo.records", self.records, "must be 'grpo' (EMIT's four tasks) or 'adfm'")
         object.__setattr__(self, "reward_names", names)

@@ -216,14 +216,24 @@ def asked_to_think(records: list[dict]) -> list[dict]:
     """Held-out records (the direct instruction in the user turn) asked with the think
     instruction instead (``eval_instruction='think'``); their answers stay as they were (the
     evaluation compares the parsed letter with ``solution``)."""
+    return asked_with(records, "think")
+
+
+def asked_with(records: list[dict], instruction: str) -> list[dict]:
+    """``records`` with ``instruction`` (``"think"``: ``prompts.INSTR_THINK``, ``"direct"``:
+    ``prompts.INSTR_DIRECT``) in the user turn in place of the other one, other turns unchanged;
+    a user turn without the other instruction raises."""
+    new, old = ((prompts.INSTR_THINK, prompts.INSTR_DIRECT) if instruction == "think"
+                else (prompts.INSTR_DIRECT, prompts.INSTR_THINK))
     out = []
     for r in records:
         user = r["messages"][0]["content"]
-        if user.count(prompts.INSTR_DIRECT) != 1:
-            raise ValueError(f"record {r.get('id')!r}: no direct instruction in the user turn "
-                             "to replace by the think instruction")
-        out.append(dict(r, messages=[dict(r["messages"][0], content=user.replace(
-            prompts.INSTR_DIRECT, prompts.INSTR_THINK))] + list(r["messages"][1:])))
+        if user.count(old) != 1:
+            other = "direct" if instruction == "think" else "think"
+            raise ValueError(f"record {r.get('id')!r}: no {other} instruction in the user turn "
+                             f"to replace by the {instruction} instruction")
+        out.append(dict(r, messages=[dict(r["messages"][0], content=user.replace(old, new))]
+                        + list(r["messages"][1:])))
     return out
 
 

@@ -188,7 +188,10 @@ def run_sft2(run: Run, model, stage: str = "sft2"):
 def run_stage2(run: Run, model, stage: str = "grpo"):
     """EMIT stage 2: difficulty-aware GRPO with LoRA; returns the merged model."""
     cfg, g = run.cfg, run.settings.grpo
-    return run_grpo(model, run.records[g.records], run.tokenizer, g,
+    records = run.records[g.records]
+    if g.instruction == "direct":  # asked as the held-out evaluation asks
+        records = stage_data.asked_with(records, "direct")
+    return run_grpo(model, records, run.tokenizer, g,
                     os.path.join(run.workdir, "grpo"), mesh=run.mesh, seed=cfg.seed,
                     max_tiles=cfg.data.max_tiles, length_buckets=cfg.data.length_buckets,
                     checkpoint_every=cfg.checkpoint_every,

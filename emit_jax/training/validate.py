@@ -412,6 +412,10 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     if uses_adfm and not ("data" in cfg and cfg.data.get("adfm", False)):
         _fail("data.adfm", False, "must be True when grpo.records='adfm', base.adfm=True or "
               "eval_adfm > 0 (the AD-FM records are only built then)")
+    if "grpo" in stages and cfg.grpo.get("records", "grpo") == "adfm" and \
+            cfg.grpo.get("instruction", "think") == "direct":
+        _fail("grpo.instruction", "direct", "must be 'think' when grpo.records='adfm' (AD-FM's "
+              "prompts ask for staged reasoning and a box, not a letter alone)")
     check_emit(cfg, stages)
 
     # model and data sources
