@@ -714,6 +714,9 @@ def main(argv) -> None:
     if cfg.get("init_from") and _overridden("arch"):
         print(f"warning: --config.arch={cfg.arch}: not used, the model (its architecture "  # I02
               f"included) comes from init_from {cfg.init_from}", file=sys.stderr)
+    if cfg.get("init_from") and cfg.get("vision_init") and _overridden("vision_init"):
+        print(f"warning: --config.vision_init={cfg.vision_init}: not used, the model (its ViT "
+              f"included) comes from init_from {cfg.init_from}", file=sys.stderr)
     if _WORKDIR.value == "":
         print("emit_jax.train: error: --workdir: empty path; name the run's folder (or leave "
               "the flag out for runs/<config name>[-<variant>])", file=sys.stderr)

@@ -334,13 +334,13 @@ def test_a_finished_stage_with_changed_settings_says_it_is_kept_as_trained(finis
     notes = [line for line in r.stderr.splitlines() if line.startswith("warning: grpo")]
     assert notes == [
         "warning: grpo is already finished and kept as trained; this run's changed settings are "
-        "not used for it: grpo.beta 0.005 -> 3.0, grpo.lr 0.0005 -> 0.5. To train grpo again "
+        "not used for it: grpo.beta 0.005 -> 3.0, grpo.lr 0.0001 -> 0.5. To train grpo again "
         f"with them, add --config.restart=True (its output is moved to {w}/replaced-<time>/, "
         "not deleted)"], r.stderr[-3000:]
     assert not [line for line in r.stderr.splitlines()
                 if line.startswith(("warning: warmup", "warning: base", "warning: sft"))]
     stored = json.loads((w / "grpo" / "settings.json").read_text())
-    assert stored["config"]["grpo"]["lr"] == 0.0005  # what it was trained with, still
+    assert stored["config"]["grpo"]["lr"] == 0.0001  # what it was trained with, still
 
 
 def test_a_rerun_with_changed_run_wide_settings_says_so(finished_rerun):
@@ -408,14 +408,14 @@ def test_a_resumed_stage_names_the_settings_changed_since_its_checkpoint(tmp_pat
     now = cfg(**{"grpo.lr": 0.5, "grpo.beta": 3.0, "grpo.steps": 400})
     assert stages.settings_notice(now, w, "grpo", finished=False) == (
         "warning: grpo resumes with settings changed since its checkpoint: grpo.beta 0.005 -> "
-        "3.0, grpo.lr 0.0005 -> 0.5")
+        "3.0, grpo.lr 0.0001 -> 0.5")
     assert stages.settings_notice(now, w, "sft", finished=False) is None
     assert stages.settings_notice(cfg(**{"grpo.steps": 400}), w, "grpo", finished=False) is None
     # the structural settings are refused (check_settings), not warned about twice
     assert stages.settings_notice(cfg(**{"grpo.lora.rank": 4}), w, "grpo", finished=False) is None
     assert stages.changed_settings(now, w) == {}
     assert stages.changed_settings(now, w, sections=True) == {
-        "grpo": [("grpo.beta", 0.005, 3.0), ("grpo.lr", 0.0005, 0.5)]}
+        "grpo": [("grpo.beta", 0.005, 3.0), ("grpo.lr", 0.0001, 0.5)]}
 
 
 def test_restart_refuses_to_move_the_init_from_it_reads(smoke_run, tmp_path):

@@ -8,7 +8,8 @@ against its reference (``emit_jax.models.emit.contrastive_heatmap``: the model's
 layers scaled to its depth, the scaled window, four rotations) is reduced to a score — its
 maximum, the mean of its 8 largest cells, its mean — and the AUROC of each score against the
 labels is printed. ``--checkpoint`` takes an emit_jax or HF checkpoint; without it the ViT is
-the randomly initialised ``--arch`` (seed ``--seed``). ``--features pixels`` compares the raw
+the randomly initialised ``--arch`` (seed ``--seed``), or ``--vision-init``'s (``embedded``: the
+packaged label-free ViT of ``tiny``). ``--features pixels`` compares the raw
 pixels of each patch (the ViT's patch size) instead of the ViT's features: what the images
 themselves separate. The AUROC of the maximum within each object class and for each defect type
 (against every normal query), over the three splits together, follows.
@@ -62,6 +63,9 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default="", help="emit_jax or HF checkpoint (default: random)")
     ap.add_argument("--arch", default="tiny", choices=sorted(architectures.ARCHITECTURES))
     ap.add_argument("--seed", type=cli.nonneg_int, default=0)
+    ap.add_argument("--vision-init", default="", help="without --checkpoint: the ViT's weights "
+                    "from here, as train's vision_init ('embedded': the packaged label-free ViT "
+                    "of tiny, a .safetensors file of a vision tower, or a model folder)")
     ap.add_argument("--data", default="", help="MVTec-style folder (default: the embedded set)")
     ap.add_argument("--layers", default=None, help="comma-separated ViT blocks (default: EMIT's, "
                     "scaled to the ViT depth)")
@@ -81,7 +85,7 @@ def main(argv=None) -> int:
 
         from emit_jax.experiments import warn_unused_with_checkpoint
 
-        warn_unused_with_checkpoint(argv, ("--arch", "--seed"))
+        warn_unused_with_checkpoint(argv, ("--arch", "--seed", "--vision-init"))
 
         from emit_jax import checkpoint, hf
 
@@ -90,6 +94,10 @@ def main(argv=None) -> int:
         model = getattr(model, "mllm", model)
     else:
         model = InternVL(architectures.get_config(args.arch), rngs=nnx.Rngs(args.seed))
+        if args.vision_init:
+            from emit_jax.training import vision_init
+
+            vision_init.apply_vision(model, *vision_init.read_vision(args.vision_init))
     cfg = model.config
     try:  # before: ValueError tracebacks for --layers 0,99 or x
         if args.layers and not all(x.strip().isdigit() for x in args.layers.split(",")):

@@ -43,6 +43,7 @@ from emit_jax.models import architectures
 from emit_jax.models.emit import EMIT, EMITConfig, is_emit
 from emit_jax.models.internvl import InternVL
 from emit_jax.training import data as stage_data
+from emit_jax.training import vision_init
 from emit_jax.training.grpo import run_grpo
 from emit_jax.training.lora import apply_lora, merge_lora, trainable_filter
 from emit_jax.training.precision import to_storage
@@ -290,7 +291,7 @@ def workdir_lock(workdir: str):
 #: (:func:`check_settings`) unless ``restart`` is set; every other setting (step counts,
 #: learning rates, batch sizes, evaluation, logging, checkpointing, the compile cache, the
 #: data's options, ``kernels.scan_layers``) may change between runs.
-MODEL_SETTINGS = ("arch", "init_from", "tokenizer", "param_dtype", "image_size")
+MODEL_SETTINGS = ("arch", "init_from", "vision_init", "tokenizer", "param_dtype", "image_size")
 LORA_SETTINGS = ("grpo.lora.rank", "grpo.lora.alpha", "grpo.lora.targets",
                  "grpo.lora.weight_qtype")
 STAGE_SETTINGS = {"warmup": ("warmup.train_vision",), "base": ("base.train_vision",),
@@ -382,7 +383,9 @@ def changed_settings(cfg, workdir: str, *,
             raise
         old, new = stage_settings(stored, stage), stage_settings(now, stage)
         if old.get("init_from") and old.get("init_from") == new.get("init_from"):
-            old.pop("arch", None)  # the model came from init_from: arch was not used either time
+            # the model came from init_from: arch and vision_init were not used either time
+            old.pop("arch", None)
+            old.pop("vision_init", None)
         diff = [(k, old.get(k), new[k]) for k in new if k in old and old[k] != new[k]]
         if sections:
             diff += section_changes(cfg, workdir, stage)
@@ -838,7 +841,12 @@ def build_initial_model(cfg, tokenizer):
             return hf.load(cfg.init_from, dtype=cfg.get("param_dtype") or None, scan_layers=scan)
         return checkpoint.load_model(cfg.init_from, dtype=cfg.get("param_dtype") or None,
                                      scan_layers=scan)[0]
-    return fitted_model(starting_config(cfg)[0], tokenizer, cfg.seed, scan=scan)
+    model = fitted_model(starting_config(cfg)[0], tokenizer, cfg.seed, scan=scan)
+    if cfg.get("vision_init"):  # the ViT from trained weights, the rest random
+        tensors, where = vision_init.read_vision(cfg.vision_init)
+        vision_init.apply_vision(model, tensors, where)
+        log(f"[model] the ViT from {where} (vision_init)")
+    return model
 
 
 def fitted_model(mcfg, tokenizer, seed: int, *, scan: bool = False) -> InternVL:

@@ -393,6 +393,23 @@ def check_stages(cfg) -> tuple[str, ...]:
     return stages
 
 
+def check_vision_init(cfg, arch: str) -> None:
+    """``vision_init`` (``training.vision_init``; read only without ``init_from``): ``""``,
+    ``"embedded"`` (an architecture with ``tiny``'s ViT) or an existing file or folder."""
+    from emit_jax.models import architectures
+
+    source = cfg.get("vision_init") or ""
+    if not isinstance(source, str):
+        _fail("vision_init", source, "must be '', 'embedded' or a path")
+    if source == "embedded" and \
+            architectures.ARCHITECTURES[arch]().vision != architectures.get_config("tiny").vision:
+        _fail("vision_init", source, f"is the packaged ViT of architecture 'tiny'; arch {arch!r} "
+              "has another ViT (give a .safetensors file or model folder of its ViT, or '')")
+    if source and source != "embedded" and not os.path.exists(source):
+        _fail("vision_init", source, "is not a file or folder (give 'embedded', a "
+              ".safetensors file of a vision tower or a model folder)")
+
+
 def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     """Raise :class:`ConfigError` naming the first key of the training config ``cfg`` (an
     ``ml_collections.ConfigDict`` as in ``configs/``) that has a bad value; return None if all
@@ -433,6 +450,7 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
         if size and size % vision.patch_size:
             _fail("image_size", size, f"is not a multiple of the patch size {vision.patch_size}")
         image_size = size or vision.image_size
+        check_vision_init(cfg, arch)
     check_context(cfg, stages)  # the model's context, once init_from or arch is known good
     tok = _get(cfg, "tokenizer", "tokenizer", "")
     if tok and not os.path.isdir(tok):
