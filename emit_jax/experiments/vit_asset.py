@@ -4,9 +4,8 @@
 
 ``--checkpoint`` is a model folder (``vit_pretrain``'s ``--out``, a stage's ``model``, or a
 Hugging Face folder); ``--out`` gets its ``vision_tower.*`` tensors (transformers' keys and
-layouts, float32) with the checkpoint's ``vit_pretrain`` settings, the architectures whose
-ViT it fits and
-``--note`` in the file's metadata (``emit_jax.training.vision_init``). The ViT the package ships
+layouts, float32) with the checkpoint's ``vit_pretrain`` settings, the architectures whose ViT
+it fits and ``--note`` in the file's metadata (``emit_jax.training.vision_init``). The ViT the package ships
 for the embedded default (``vision_init='embedded'``) was written so::
 
     python -m emit_jax.experiments.vit_pretrain --out VIT --steps 600 --temperature 0.05 --rotate 180
