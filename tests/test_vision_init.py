@@ -138,3 +138,23 @@ def test_vit_asset_writes_the_file_train_reads(tmp_path, capsys):
     assert cli.run(main, ["--checkpoint", str(tmp_path / "vit"), "--out", str(tmp_path / "x.npz")],
                    prog=PROG) == 2
     assert "does not end in .safetensors" in capsys.readouterr().err
+
+
+def test_another_image_size_gets_the_position_grid_resized():
+    """A run at another ``image_size`` (the tests' 56) reads the packaged 224-pixel ViT: its
+    16 x 16 position grid is resized bilinearly to the run's (4 x 4), the class token's kept."""
+    cfg = architectures.get_config("tiny")
+    model = InternVL(cfg.replace(vision=cfg.vision.replace(image_size=56)
+                                 if hasattr(cfg.vision, "replace") else
+                                 __import__("dataclasses").replace(cfg.vision, image_size=56)),
+                     rngs=nnx.Rngs(0))
+    tensors, where = V.read_vision("embedded")
+    V.apply_vision(model, tensors, where)
+    got = V.vision_tensors(model)["vision_tower.embeddings.position_embeddings"]
+    src = tensors["vision_tower.embeddings.position_embeddings"]
+    assert got.shape == (1, 17, src.shape[2])
+    np.testing.assert_array_equal(got[:, 0], src[:, 0])
+    # a constant grid stays constant; the resize is jax.image.resize's bilinear
+    flat = np.concatenate([src[:, :1], np.ones_like(src[:, 1:])], axis=1)
+    np.testing.assert_allclose(V.resize_positions(flat, (1, 17, src.shape[2]))[:, 1:], 1.0,
+                               rtol=1e-6)

@@ -120,6 +120,8 @@ def apply_vision(model, tensors: dict[str, np.ndarray], where: str) -> int:
         for u in _unrolled(path, var):
             arr = hf.from_hf_layout(u, np.asarray(tensors[hf.hf_key(u)]))
             shape = tuple(var.shape[1:]) if scan.is_stacked(path) else tuple(var.shape)
+            if path[-1] == "position_embeddings" and arr.shape != shape:
+                arr = resize_positions(arr, shape)
             if tuple(arr.shape) != shape:
                 raise ConfigError(f"config vision_init {where}: {hf.hf_key(u)} has shape "
                                   f"{tuple(arr.shape)}, the model's is {shape}")
@@ -129,6 +131,22 @@ def apply_vision(model, tensors: dict[str, np.ndarray], where: str) -> int:
         n += 1
     nnx.update(model, state)
     return n
+
+
+def resize_positions(pos: np.ndarray, shape: tuple) -> np.ndarray:
+    """ViT position embeddings ``[1, 1 + g*g, D]`` (the class token's, then the patch grid's)
+    resized to ``shape`` ``[1, 1 + h*h, D]`` (another ``image_size``): the grid bilinearly,
+    the class token's kept. Other shapes are returned as they are (the caller's check names
+    them)."""
+    import jax  # noqa: PLC0415
+
+    g, h = int(round((pos.shape[1] - 1) ** 0.5)), int(round((shape[1] - 1) ** 0.5))
+    if len(shape) != 3 or pos.shape[0] != 1 or shape[0] != 1 or pos.shape[2] != shape[2] or \
+            g * g + 1 != pos.shape[1] or h * h + 1 != shape[1]:
+        return pos
+    grid = pos[0, 1:].reshape(g, g, -1)
+    grid = np.asarray(jax.image.resize(grid, (h, h, grid.shape[-1]), "bilinear"), pos.dtype)
+    return np.concatenate([pos[:, :1], grid.reshape(1, h * h, -1)], axis=1)
 
 
 def _unrolled(path: tuple, var) -> list[tuple]:
