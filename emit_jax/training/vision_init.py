@@ -107,7 +107,7 @@ def apply_vision(model, tensors: dict[str, np.ndarray], where: str) -> int:
     other. Returns the number of values set. Raises ``ConfigError`` naming ``where``."""
     state = nnx.state(model, nnx.Param)
     flat = [(p, v) for p, v in nnx.to_flat_state(state) if p[0] == "vision_tower"]
-    want = {hf.hf_key(u): (p, v) for p, v in flat for u in _unrolled(p, v)}
+    want = {hf.hf_key(u) for p, v in flat for u in hf._unstacked_paths(p, v)}
     have = {k for k in tensors if k.startswith(PREFIX)}
     missing, extra = sorted(set(want) - have), sorted(have - set(want))
     if missing or extra:
@@ -117,7 +117,7 @@ def apply_vision(model, tensors: dict[str, np.ndarray], where: str) -> int:
     n = 0
     for path, var in flat:
         parts = []
-        for u in _unrolled(path, var):
+        for u in hf._unstacked_paths(path, var):
             arr = hf.from_hf_layout(u, np.asarray(tensors[hf.hf_key(u)]))
             shape = tuple(var.shape[1:]) if scan.is_stacked(path) else tuple(var.shape)
             if path[-1] == "position_embeddings" and arr.shape != shape:
@@ -147,9 +147,3 @@ def resize_positions(pos: np.ndarray, shape: tuple) -> np.ndarray:
     grid = pos[0, 1:].reshape(g, g, -1)
     grid = np.asarray(jax.image.resize(grid, (h, h, grid.shape[-1]), "bilinear"), pos.dtype)
     return np.concatenate([pos[:, :1], grid.reshape(1, h * h, -1)], axis=1)
-
-
-def _unrolled(path: tuple, var) -> list[tuple]:
-    if scan.is_stacked(path):
-        return [scan.layer_path(path, i) for i in range(var.shape[0])]
-    return [path]
