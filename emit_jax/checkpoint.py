@@ -379,5 +379,18 @@ def load_model(path: str | os.PathLike, dtype: str | None = None, *,
     return nnx.merge(graphdef, state), meta
 
 
+def load_model_folder(path: str | os.PathLike, dtype: str | None = None, *,
+                      scan_layers: bool | None = None) -> tuple[InternVL, dict]:
+    """``(model, meta)`` of a model folder of either kind: a Hugging Face folder (it holds
+    ``config.json``; :func:`emit_jax.hf.load`, ``meta`` empty) or an Orbax model checkpoint
+    (:func:`load_model`). ``dtype`` and ``scan_layers`` as :func:`load_model`'s (``None`` layers:
+    unrolled for a Hugging Face folder, as saved for a checkpoint)."""
+    from emit_jax import hf  # noqa: PLC0415
+
+    if os.path.isfile(os.path.join(os.fspath(path), "config.json")):
+        return hf.load(path, dtype, scan_layers=bool(scan_layers)), {}
+    return load_model(path, dtype, scan_layers=scan_layers)
+
+
 def assets_dir(path: str | os.PathLike) -> str:
     return os.path.join(os.fspath(path), ASSETS_DIR)

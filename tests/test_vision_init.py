@@ -43,13 +43,16 @@ def test_a_vision_tower_file_moves_the_vit_and_nothing_else(tmp_path, scan):
     after = _flat(target)
     moved = {k for k in after if not np.array_equal(after[k], before[k])}
     assert moved and all(k.startswith("vision_tower/") for k in moved)
-    # a model folder is read the same way (its vision tower)
-    from emit_jax import checkpoint
+    # a model folder is read the same way (its vision tower), an Orbax checkpoint or a Hugging
+    # Face folder (checkpoint.load_model_folder tells them apart)
+    from emit_jax import checkpoint, hf
 
     checkpoint.save_model(src, str(tmp_path / "model"))
-    folder, _ = V.read_vision(str(tmp_path / "model"))
-    assert folder.keys() == tensors.keys() and all(np.array_equal(folder[k], tensors[k])
-                                                   for k in tensors)
+    hf.save(src, str(tmp_path / "hf"))
+    for name in ("model", "hf"):
+        folder, _ = V.read_vision(str(tmp_path / name))
+        assert folder.keys() == tensors.keys() and all(np.array_equal(folder[k], tensors[k])
+                                                       for k in tensors), name
 
 
 def test_the_packaged_vit_is_the_label_free_one_its_metadata_names():

@@ -186,16 +186,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     t0 = time.time()
     if args.checkpoint:
-        import os
-
         from emit_jax.experiments import warn_unused_with_checkpoint
 
         warn_unused_with_checkpoint(argv, ("--arch", "--seed"))
 
-        from emit_jax import checkpoint, hf
+        from emit_jax import checkpoint
 
-        model = hf.load(args.checkpoint) if os.path.isfile(
-            os.path.join(args.checkpoint, "config.json")) else checkpoint.load_model(args.checkpoint)[0]
+        model = checkpoint.load_model_folder(args.checkpoint)[0]
         model = getattr(model, "mllm", model)
     else:
         model = InternVL(architectures.get_config(args.arch), rngs=nnx.Rngs(args.seed))

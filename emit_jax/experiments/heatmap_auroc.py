@@ -81,16 +81,13 @@ def main(argv=None) -> int:
                  "blocks")
 
     if args.checkpoint:
-        import os
-
         from emit_jax.experiments import warn_unused_with_checkpoint
 
         warn_unused_with_checkpoint(argv, ("--arch", "--seed", "--vision-init"))
 
-        from emit_jax import checkpoint, hf
+        from emit_jax import checkpoint
 
-        model = hf.load(args.checkpoint) if os.path.isfile(os.path.join(args.checkpoint, "config.json")) \
-            else checkpoint.load_model(args.checkpoint)[0]
+        model = checkpoint.load_model_folder(args.checkpoint)[0]
         model = getattr(model, "mllm", model)
     else:
         model = InternVL(architectures.get_config(args.arch), rngs=nnx.Rngs(args.seed))

@@ -24,7 +24,7 @@ PROG = "python -m emit_jax.experiments.vit_asset"
 
 
 def main(argv=None) -> int:
-    from emit_jax import checkpoint, hf
+    from emit_jax import checkpoint
     from emit_jax.models import architectures
     from emit_jax.training import vision_init
 
@@ -39,10 +39,7 @@ def main(argv=None) -> int:
     src = args.checkpoint
     if not os.path.isdir(src):
         ap.error(f"argument --checkpoint: {src!r} is not a folder")
-    if os.path.isfile(os.path.join(src, "config.json")):
-        model, meta = hf.load(src), {}
-    else:
-        model, meta = checkpoint.load_model(src)
+    model, meta = checkpoint.load_model_folder(src)
     model = getattr(model, "mllm", model)
     vision = model.config.vision
     archs = [name for name, make in sorted(architectures.ARCHITECTURES.items())

@@ -837,10 +837,8 @@ def build_initial_model(cfg, tokenizer):
     stacked when ``kernels.scan_layers`` is set."""
     scan = scan_layers(cfg)
     if cfg.init_from:
-        if os.path.isfile(os.path.join(cfg.init_from, "config.json")):
-            return hf.load(cfg.init_from, dtype=cfg.get("param_dtype") or None, scan_layers=scan)
-        return checkpoint.load_model(cfg.init_from, dtype=cfg.get("param_dtype") or None,
-                                     scan_layers=scan)[0]
+        return checkpoint.load_model_folder(cfg.init_from, cfg.get("param_dtype") or None,
+                                            scan_layers=scan)[0]
     model = fitted_model(starting_config(cfg)[0], tokenizer, cfg.seed, scan=scan)
     if cfg.get("vision_init"):  # the ViT from trained weights, the rest random
         tensors, where = vision_init.read_vision(cfg.vision_init)

@@ -83,10 +83,7 @@ def read_vision(source: str) -> tuple[dict[str, np.ndarray], str]:
     path = packaged_path() if source == "embedded" else source
     try:
         if os.path.isdir(path):
-            if os.path.isfile(os.path.join(path, "config.json")):
-                model = hf.load(path)
-            else:
-                model = checkpoint.load_model(path)[0]
+            model = checkpoint.load_model_folder(path)[0]
             model = getattr(model, "mllm", model)  # an EMIT checkpoint: its InternVL
             return vision_tensors(model), path
         if not os.path.isfile(path):
