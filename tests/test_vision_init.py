@@ -161,3 +161,23 @@ def test_another_image_size_gets_the_position_grid_resized():
     flat = np.concatenate([src[:, :1], np.ones_like(src[:, 1:])], axis=1)
     np.testing.assert_allclose(V.resize_positions(flat, (1, 17, src.shape[2]))[:, 1:], 1.0,
                                rtol=1e-6)
+
+
+def test_the_packaged_vit_beside_a_users_dataset_is_said(tmp_path, capsys):
+    """The packaged ViT saw the embedded default's images only: a run on another data.source
+    still starts from it (it is the recipe's), and says so with the way out."""
+    from emit_jax import configs
+    from emit_jax.data import tokenizer as T
+    from emit_jax.training.stages import build_initial_model
+
+    tok = T.train_tiny_tokenizer(T.default_corpus(), tmp_path / "tok")
+    for source, said in (("embedded", False), (str(tmp_path / "mvtec"), True)):
+        cfg = configs.load("configs/grpo.py:smoke", [f"data.source={source}"])
+        model = build_initial_model(cfg, tok)
+        err = capsys.readouterr().err
+        assert "[model] the ViT from" in err and err.count("\n") == 1 + said, err
+        assert ("not on data.source " + source in err) is said, err
+        assert ("--config.vision_init=''" in err) is said, err
+        got = V.vision_tensors(model)
+        want, _ = V.read_vision("embedded")
+        assert all(np.array_equal(got[k], want[k]) for k in want)
