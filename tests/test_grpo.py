@@ -681,3 +681,29 @@ def test_resample_then_advantages_end_to_end():
     adv = np.asarray(GR.compute_advantages(rewards, correct, 2)).reshape(4, 2)
     assert np.all(adv[2] == 0.0)
     np.testing.assert_allclose(adv[0], np_advantages(rewards[:2], 2) * 1.5, rtol=1e-5)
+
+
+def test_advantage_mass_moves_to_hard_groups_with_the_difficulty_weights():
+    """``advantage_mass`` against NumPy: five groups of G = 4 with 0..4 correct (reward = the
+    accuracy), advantages ``(r - mean) / (unbiased std + eps)``; plain GRPO's mass is symmetric
+    in k <-> G - k, the difficulty weights (1.75, 1.5, 1.25 for k = 1, 2, 3) move it to the hard
+    groups (k = 1, 2)."""
+    from emit_jax.rl.grpo import ADV_EPS, advantage_mass, compute_advantages
+
+    G = 4
+    correct = np.array([[j < k for j in range(G)] for k in range(G + 1)], np.float32).reshape(-1)
+    r = correct.reshape(-1, G)
+    ref = (r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + ADV_EPS)
+    per_group = np.abs(ref).sum(1)  # k = 0..4
+    assert per_group[0] == per_group[4] == 0 and np.isclose(per_group[1], per_group[3])
+    w = np.array([1, 1.75, 1.5, 1.25, 1])  # 1 + n_wrong / G; all wrong: 1 (the code's exception)
+    for reweight, scale in ((False, np.ones(G + 1)), (True, w)):
+        adv = compute_advantages(jnp.asarray(correct), jnp.asarray(correct), G, reweight=reweight)
+        got = advantage_mass(adv, correct, G)
+        mass = per_group * scale
+        assert got["groups_k"] == [1, 1, 1, 1, 1]
+        np.testing.assert_allclose(got["adv_abs"], mass.sum(), rtol=1e-5)
+        np.testing.assert_allclose(got["adv_abs_hard"], mass[1] + mass[2], rtol=1e-5)
+    plain = (per_group[1] + per_group[2]) / per_group.sum()
+    aware = (mass[1] + mass[2]) / mass.sum()
+    assert 0.68 < plain < 0.69 and 0.73 < aware < 0.74  # 2 sqrt(3)/4 vs 1: the shares by hand

@@ -34,6 +34,11 @@ def test_all_stages_run_and_export(run_dir):
     # mu = 2: the second update of a batch sees a policy that moved since sampling
     assert all(h["ratio_mean"] != 1.0 for h in hist)
     assert any(k.startswith("acc/") for k in hist[0])
+    # where the advantage mass lies (rl.grpo.advantage_mass): groups by correct count
+    for h in hist:
+        by_k = [h[k] for k in sorted(h) if k.startswith("groups_correct_")]
+        assert len(by_k) >= 3 and sum(by_k) >= 1, h
+        assert 0.0 <= h["adv_abs_hard"] <= h["adv_abs"], h
     # what a user sees: TensorBoard events per stage, curves and the results table as PNG
     for stage in ("warmup", "base", "sft", "grpo"):
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(d / stage / "tb")), stage

@@ -71,6 +71,7 @@ Public API::
     apply_difficulty(advantages [N], correct [N], G, enabled=True, *, all_wrong_exception=True)
     compute_advantages(rewards [N], correct [N], G, *, reweight=True, eps=1e-4, scale="std",
                        all_wrong_exception=True) -> [N]
+    advantage_mass(advantages [N], correct [N], G) -> {adv_abs, adv_abs_hard, groups_k [G+1]}
     resample_groups(generate_fn, prompts, G, is_correct_fn, max_resample_times=3,
                     on_failure="keep", *, enabled=True, score_last_round=True, initial=None,
                     pass_round=False) -> ResampleResult
@@ -94,6 +95,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # ------------------------------------------------------------------------------------------
 # Constants (docs/reference/emit.md section in brackets)
@@ -235,6 +237,21 @@ def compute_advantages(rewards: jax.Array, correct: jax.Array, G: int, *, reweig
     adv = group_advantages(rewards, G, eps=eps, scale=scale)
     return apply_difficulty(adv, correct, G, enabled=reweight,
                             all_wrong_exception=all_wrong_exception)
+
+
+def advantage_mass(advantages, correct, G: int) -> dict:
+    """Where a batch's advantage mass lies: ``|A|`` summed over all completions (``adv_abs``)
+    and over those of the **hard** groups (``adv_abs_hard``: at most half of the group's G
+    completions correct, at least one, i.e. the groups difficulty-aware GRPO weights by
+    ``w >= 1.5`` and that still carry a signal), and the number of groups by correct count
+    (``groups_k`` [G + 1]: index k = k correct). advantages, correct: [N] (N = groups x G),
+    host arrays or jax arrays. Plain GRPO's mass is symmetric in k <-> G - k; the difficulty
+    weights move it to the hard groups: the share ``adv_abs_hard / adv_abs`` says by how much."""
+    a = np.abs(np.asarray(advantages, np.float64)).reshape(-1, G)
+    k = (np.asarray(correct).reshape(-1, G) > 0).sum(axis=1)
+    hard = (k >= 1) & (2 * k <= G)
+    return {"adv_abs": float(a.sum()), "adv_abs_hard": float(a[hard].sum()),
+            "groups_k": np.bincount(k, minlength=G + 1).tolist()}
 
 
 # ------------------------------------------------------------------------------------------

@@ -465,11 +465,16 @@ def run_grpo(model, records, tokenizer, g: GRPOConfig, stage_dir: str, *, mesh=N
         tasks_ = [r.get("task_type", "") for r in rows]
         per_task = {f"acc/{t}": float(np.mean([c for c, tt in zip(correct, tasks_) if tt == t]))
                     for t in sorted(set(tasks_)) if t}
+        # where the step's advantage mass lies (hard groups: 1 to G/2 correct), for comparing
+        # plain and difficulty-aware GRPO (experiments.table1's diagnostics)
+        mass = G_.advantage_mass(sc["adv"], correct, G)
+        by_k = {f"groups_correct_{k}": n for k, n in enumerate(mass["groups_k"])}
         m = {"loss": float(loss), "reward": float(np.mean(sc["total"])),
              "acc": float(correct.mean()), "resampled": result.groups_resampled,
              "no_correct_groups": result.groups_without_correct,
              "difficulty_weight": float(jnp.mean(sc["weight"])) if g.reweight else 1.0,
              "completion_len": float(np.mean(sc["lengths"])),
+             "adv_abs": mass["adv_abs"], "adv_abs_hard": mass["adv_abs_hard"], **by_k,
              **{f"reward_{k}": float(np.mean(v)) for k, v in sc["parts"].items()},
              **{k: float(v) for k, v in metrics.items()}, **per_task,
              # where the step's time goes: the sampler's rounds (prefill with the heat map,
@@ -478,7 +483,8 @@ def run_grpo(model, records, tokenizer, g: GRPOConfig, stage_dir: str, *, mesh=N
              "sample_s": t_sampled - t0, "rewards_s": t_scored - t_sampled,
              "reference_s": t_ref - t_scored, "update_s": time.time() - t_ref,
              "step_s": time.time() - t0}
-        totals.update({**{k: int(v) for k, v in result.counts().items()}, "groups": len(recs)})
+        totals.update({**{k: int(v) for k, v in result.counts().items()}, "groups": len(recs),
+                       **by_k})
         return StepResult(finite, m, tokens=int(comp_mask.sum()))
 
     def summarize(results, skipped: int) -> dict:  # a line every step
