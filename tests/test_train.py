@@ -128,6 +128,38 @@ def test_table1_summary_is_mean_and_std_over_seeds():
     assert "| 60.0 ± 4.1 |" in table and "392 questions" in table
 
 
+def test_table1_stage2_diagnostics(tmp_path):
+    """What each GRPO row's stage 2 did, read from its done.json: the first round's groups
+    with no correct completion (resampled ones for difficulty-aware GRPO, kept ones for plain
+    GRPO), rescued groups, the hard groups' share of |A|, training accuracy early and late."""
+    from emit_jax.experiments.table1 import diagnostics, stage2_diagnostics
+
+    hist = [{"acc": a, "adv_abs": 4.0, "adv_abs_hard": h} for a, h in
+            [(0.25, 3.0)] * 10 + [(0.5, 1.0)] * 10]
+    emit = {"counts": {"groups": 80, "groups_resampled": 20, "groups_recovered": 15,
+                       "groups_without_correct": 5, "rounds_made": 30}, "history": hist}
+    d = stage2_diagnostics(emit)
+    assert d["no_correct_first"] == 25.0 and d["rescued"] == 15 and d["no_correct_trained"] == 5
+    assert d["hard_share"] == 50.0 and d["acc_first"] == 25.0 and d["acc_last"] == 50.0
+    plain = {"counts": {"groups": 80, "groups_without_correct": 12}, "history": hist[:1]}
+    d = stage2_diagnostics(plain)
+    assert d["no_correct_first"] == 15.0 and d["resampled"] == d["rescued"] == 0
+    assert d["hard_share"] == 75.0
+    old = {"counts": {"groups": 80}, "history": [{"acc": 0.5}]}  # before |A| was logged
+    assert stage2_diagnostics(old)["hard_share"] is None
+    for seed, done in ((0, emit), (1, plain)):
+        os.makedirs(tmp_path / f"seed{seed}" / "grpo_emit" / "grpo")
+        (tmp_path / f"seed{seed}" / "grpo_emit" / "grpo" / "done.json").write_text(
+            json.dumps(done))
+    results = [{"row": "+ difficulty-aware GRPO", "seed": s} for s in (0, 1)] + [
+        {"row": "+ GRPO", "seed": 0}]  # its folder is missing: left out
+    text = diagnostics(str(tmp_path), results)
+    line = next(x for x in text.splitlines() if x.startswith("| + difficulty-aware GRPO |"))
+    assert "| 20.0 ± 5.0 | 10.0 ± 10.0 | 7.5 ± 7.5 |" in line and "| 62.5 ± 12.5 |" in line
+    assert "| + GRPO |" not in text
+    assert diagnostics(str(tmp_path), [{"row": "base model", "seed": 0}]) == ""
+
+
 def test_table1_row_stages():
     from emit_jax.experiments.table1 import row_stages
 

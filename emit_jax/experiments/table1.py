@@ -19,7 +19,10 @@ base model                     base (the tiny MLLM, no soft prompt, no CE)
 and evaluates each on the held-out test split (``emit_jax.train``'s evaluation: rows with a
 stage 2 answer in the think format, the others directly). It prints accuracy per task as
 mean ± std over seeds (population std, ``numpy.std``) and writes ``WORKDIR/table1.md`` and
-``WORKDIR/table1.json``. Finished runs are reused: rerunning the command after an interruption
+``WORKDIR/table1.json``. Below the table, for the GRPO rows, what stage 2 did (from each run's
+``grpo/done.json``: groups with no correct completion in the first round, how many resampling
+rescued, the share of the advantage mass on hard groups, training accuracy early and late:
+:func:`stage2_diagnostics`), so a missing difficulty-aware gap can be explained. Finished runs are reused: rerunning the command after an interruption
 continues where it stopped.
 """
 
@@ -240,6 +243,57 @@ def summarize(results: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines) + f"\n\n{note}\n", data
 
 
+def stage2_diagnostics(done: dict) -> dict:
+    """What a GRPO row's stage 2 did, from its ``grpo/done.json`` (``counts``, ``history``):
+    the share of sampled groups with no correct completion in their first round
+    (``no_correct_first``), how many of those resampling rescued (``rescued``, of
+    ``resampled``), the groups still without one (``no_correct_trained``: no signal), the
+    resampling rounds run, the share of the advantage mass ``|A|`` on hard groups (1 to G/2 of
+    G correct; ``rl.grpo.advantage_mass``; None for runs before it was logged) and the training
+    accuracy of the first and the last ten steps (does the policy learn?)."""
+    c, hist = done.get("counts") or {}, done.get("history") or []
+    groups = max(int(c.get("groups", 0)), 1)
+    first = max(int(c.get("groups_resampled", 0)), int(c.get("groups_without_correct", 0)))
+    mass = [(h["adv_abs_hard"], h["adv_abs"]) for h in hist if "adv_abs" in h]
+    total = sum(m[1] for m in mass)
+    acc = [float(h["acc"]) for h in hist if "acc" in h]
+    return {"groups": int(c.get("groups", 0)),
+            "no_correct_first": 100.0 * first / groups,
+            "resampled": int(c.get("groups_resampled", 0)),
+            "rescued": int(c.get("groups_recovered", 0)),
+            "no_correct_trained": int(c.get("groups_without_correct", 0)),
+            "rounds": int(c.get("rounds_made", 0)),
+            "hard_share": 100.0 * sum(m[0] for m in mass) / total if total > 0 else None,
+            "acc_first": 100.0 * float(np.mean(acc[:10])) if acc else None,
+            "acc_last": 100.0 * float(np.mean(acc[-10:])) if acc else None}
+
+
+DIAG_COLUMNS = {"no_correct_first": "no correct in round 1 (% of groups)",
+                "resampled": "groups resampled", "rescued": "rescued by resampling",
+                "no_correct_trained": "trained with no correct", "rounds": "resampling rounds",
+                "hard_share": "|A| on hard groups (%)", "acc_first": "train acc, first 10 steps",
+                "acc_last": "train acc, last 10 steps"}
+
+
+def diagnostics(workdir: str, results: list[dict]) -> str:
+    """Markdown: stage 2 of each GRPO row, mean ± std over seeds (:func:`stage2_diagnostics`);
+    empty when no GRPO row ran."""
+    runs = []
+    for r in results:
+        sub, last, _ = ROWS[r["row"]]
+        path = os.path.join(workdir, f"seed{r['seed']}", sub, last, "done.json")
+        if last == "grpo" and os.path.isfile(path):
+            with open(path) as f:
+                runs.append({"row": r["row"], "d": stage2_diagnostics(json.load(f))})
+    if not runs:
+        return ""
+    lines, _ = mean_std_table(runs, ROWS, list(DIAG_COLUMNS.values()),
+                              lambda run, col: run["d"][next(k for k, v in DIAG_COLUMNS.items()
+                                                             if v == col)])
+    return ("\nStage 2, per GRPO row (mean ± std over seeds; hard groups: 1 to G/2 of G "
+            "completions correct):\n\n" + "\n".join(lines) + "\n")
+
+
 def main(argv=None) -> int:
     ap = cli.Parser(prog="python -m emit_jax.experiments.table1",
                     description=__doc__.split("\n\n")[0], error_type=ConfigError)
@@ -282,6 +336,7 @@ def main(argv=None) -> int:
             print(f"[table1] seed {seed}: {row}", file=sys.stderr, flush=True)
             results.append(run_row(args.config, overrides, seed, seed_dir, row))
     table, data = summarize(results)
+    table += diagnostics(args.workdir, results)
     print(table)
     with atomic_output(os.path.join(args.workdir, "table1.md")) as f:
         f.write(table)
