@@ -271,8 +271,8 @@ def stage2_diagnostics(done: dict) -> dict:
 DIAG_COLUMNS = {"no_correct_first": "no correct in round 1 (% of groups)",
                 "resampled": "groups resampled", "rescued": "rescued by resampling",
                 "no_correct_trained": "trained with no correct", "rounds": "resampling rounds",
-                "hard_share": "advantage mass on hard groups (%)", "acc_first": "train acc, first 10 steps",
-                "acc_last": "train acc, last 10 steps"}
+                "hard_share": "advantage mass on hard groups (%)",
+                "acc_first": "train acc, first 10 steps", "acc_last": "train acc, last 10 steps"}
 
 
 def diagnostics(workdir: str, results: list[dict]) -> str:
