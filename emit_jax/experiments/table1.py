@@ -22,8 +22,8 @@ mean ± std over seeds (population std, ``numpy.std``) and writes ``WORKDIR/tabl
 ``WORKDIR/table1.json``. Below the table, for the GRPO rows, what stage 2 did (from each run's
 ``grpo/done.json``: groups with no correct completion in the first round, how many resampling
 rescued, the share of the advantage mass on hard groups, training accuracy early and late:
-:func:`stage2_diagnostics`), so a missing difficulty-aware gap can be explained. Finished runs are reused: rerunning the command after an interruption
-continues where it stopped.
+:func:`stage2_diagnostics`), so a missing difficulty-aware gap can be explained. Finished runs
+are reused: rerunning the command after an interruption continues where it stopped.
 """
 
 from __future__ import annotations
