@@ -2,6 +2,7 @@
 vision-tower file ``vit_asset`` writes, and the label-free ViT the package ships for the
 embedded default."""
 
+import dataclasses
 import json
 import os
 
@@ -147,9 +148,7 @@ def test_another_image_size_gets_the_position_grid_resized():
     """A run at another ``image_size`` (the tests' 56) reads the packaged 224-pixel ViT: its
     16 x 16 position grid is resized bilinearly to the run's (4 x 4), the class token's kept."""
     cfg = architectures.get_config("tiny")
-    model = InternVL(cfg.replace(vision=cfg.vision.replace(image_size=56)
-                                 if hasattr(cfg.vision, "replace") else
-                                 __import__("dataclasses").replace(cfg.vision, image_size=56)),
+    model = InternVL(cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=56)),
                      rngs=nnx.Rngs(0))
     tensors, where = V.read_vision("embedded")
     V.apply_vision(model, tensors, where)

@@ -287,9 +287,8 @@ def diagnostics(workdir: str, results: list[dict]) -> str:
                 runs.append({"row": r["row"], "d": stage2_diagnostics(json.load(f))})
     if not runs:
         return ""
-    lines, _ = mean_std_table(runs, ROWS, list(DIAG_COLUMNS.values()),
-                              lambda run, col: run["d"][next(k for k, v in DIAG_COLUMNS.items()
-                                                             if v == col)])
+    key = {label: k for k, label in DIAG_COLUMNS.items()}
+    lines, _ = mean_std_table(runs, ROWS, list(key), lambda run, col: run["d"][key[col]])
     return ("\nStage 2, per GRPO row (mean ± std over seeds; hard groups: 1 to G/2 of G "
             "completions correct):\n\n" + "\n".join(lines) + "\n")
 

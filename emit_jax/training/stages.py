@@ -844,7 +844,7 @@ def build_initial_model(cfg, tokenizer):
         tensors, where = vision_init.read_vision(cfg.vision_init)
         vision_init.apply_vision(model, tensors, where)
         log(f"[model] the ViT from {where} (vision_init)")
-        if cfg.vision_init == "embedded" and cfg.data.get("source", "embedded") != "embedded":
+        if cfg.vision_init == "embedded" and cfg.data.source != "embedded":
             log(f"[model] note: that ViT was trained on the embedded default's images, not on "
                 f"data.source {cfg.data.source}'s; --config.vision_init='' starts it random, a "
                 f"file or folder of your own ViT starts it there")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -135,8 +136,6 @@ def resize_positions(pos: np.ndarray, shape: tuple) -> np.ndarray:
     resized to ``shape`` ``[1, 1 + h*h, D]`` (another ``image_size``): the grid bilinearly,
     the class token's kept. Other shapes are returned as they are (the caller's check names
     them)."""
-    import jax  # noqa: PLC0415
-
     g, h = int(round((pos.shape[1] - 1) ** 0.5)), int(round((shape[1] - 1) ** 0.5))
     if len(shape) != 3 or pos.shape[0] != 1 or shape[0] != 1 or pos.shape[2] != shape[2] or \
             g * g + 1 != pos.shape[1] or h * h + 1 != shape[1]:
