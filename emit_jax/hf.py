@@ -279,7 +279,7 @@ def _load(cfg: InternVLConfig, reader: SafetensorsReader, dtype, put) -> InternV
         cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
     graphdef, state = _abstract_model(cfg)
     flat = nnx.to_flat_state(state)
-    expected = {hf_key(p) for path, var in flat for p in _unstacked_paths(path, var)}
+    expected = {hf_key(p) for path, var in flat for p in unstacked_paths(path, var)}
     have = set(reader.keys)
     ignorable = {head_key} if cfg.tie_word_embeddings else set()
     missing = sorted(set(expected) - have)
@@ -294,7 +294,7 @@ def _load(cfg: InternVLConfig, reader: SafetensorsReader, dtype, put) -> InternV
     for path, var in flat:
         if scan.is_stacked(path):  # [L, ...]: each layer's tensor into its slot
             arr = None
-            for i, p in enumerate(_unstacked_paths(path, var)):
+            for i, p in enumerate(unstacked_paths(path, var)):
                 one = _read(reader, p, tuple(var.shape[1:]), dtype)
                 if arr is None:
                     arr = np.empty(tuple(var.shape), one.dtype)
@@ -308,8 +308,9 @@ def _load(cfg: InternVLConfig, reader: SafetensorsReader, dtype, put) -> InternV
     return nnx.merge(graphdef, state)
 
 
-def _unstacked_paths(path: tuple, var) -> list[tuple]:
-    """The unrolled paths a Variable stands for: its own, or each layer's when stacked."""
+def unstacked_paths(path: tuple, var) -> list[tuple]:
+    """The unrolled paths (each a key of ``hf_key``) a Variable at ``path`` stands for: its own,
+    or each layer's when stacked (``emit_jax.models.scan``)."""
     if scan.is_stacked(path):
         return [scan.layer_path(path, i) for i in range(var.shape[0])]
     return [path]

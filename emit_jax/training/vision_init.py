@@ -105,7 +105,7 @@ def apply_vision(model, tensors: dict[str, np.ndarray], where: str) -> int:
     other. Returns the number of values set. Raises ``ConfigError`` naming ``where``."""
     state = nnx.state(model, nnx.Param)
     flat = [(p, v) for p, v in nnx.to_flat_state(state) if p[0] == "vision_tower"]
-    want = {hf.hf_key(u) for p, v in flat for u in hf._unstacked_paths(p, v)}
+    want = {hf.hf_key(u) for p, v in flat for u in hf.unstacked_paths(p, v)}
     have = {k for k in tensors if k.startswith(PREFIX)}
     missing, extra = sorted(set(want) - have), sorted(have - set(want))
     if missing or extra:
@@ -115,7 +115,7 @@ def apply_vision(model, tensors: dict[str, np.ndarray], where: str) -> int:
     n = 0
     for path, var in flat:
         parts = []
-        for u in hf._unstacked_paths(path, var):
+        for u in hf.unstacked_paths(path, var):
             arr = hf.from_hf_layout(u, np.asarray(tensors[hf.hf_key(u)]))
             shape = tuple(var.shape[1:]) if scan.is_stacked(path) else tuple(var.shape)
             if path[-1] == "position_embeddings" and arr.shape != shape:
