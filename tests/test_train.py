@@ -48,6 +48,36 @@ def test_all_stages_run_and_export(run_dir):
     assert os.path.isfile(d / "hf" / "tokenizer.json")
 
 
+def test_the_recipes_length_buckets_fit_the_embedded_sequences(run_dir):
+    """The embedded recipe pads to 392 tokens the sequences stage 1 trains on and the held-out
+    questions (``embedded_recipe``; 512 before, a third more LLM work for them), and to 464 most
+    of stage 2's think prompts: the smoke run's records, encoded as its stages encode them, fit
+    those buckets and not much smaller ones (a prompt change that outgrows them shows here, not
+    as a silent slowdown)."""
+    from emit_jax import configs
+    from emit_jax.data.pipeline import RecordEncoder
+    from emit_jax.data.tokenizer import load_tokenizer
+    from emit_jax.training.stages import load_stage, pipeline_config
+
+    d, _, _ = run_dir
+    cfg = configs.load(os.path.join(ROOT, "configs", "grpo.py"), {})
+    direct, think = cfg.data.length_buckets[:2]
+    assert (direct, think) == (392, 464) and cfg.data.length_buckets[2:] == (512, 768, 1024,
+                                                                            1536, 2048, 4096)
+    model, tok = load_stage(str(d), "sft"), load_tokenizer(str(d / "tokenizer"))
+    rng = np.random.default_rng(0)
+
+    def lengths(name, with_answer):
+        recs = [json.loads(x) for x in (d / "data" / f"{name}.jsonl").read_text().splitlines()]
+        enc = RecordEncoder(tok, pipeline_config(cfg, model, with_answer=with_answer))
+        return np.array([len(enc(r, rng)["input_ids"]) for r in recs])
+
+    for name, with_answer in (("sft", True), ("validation", False), ("test", False)):
+        n = lengths(name, with_answer).max()
+        assert direct - 32 < n <= direct, (name, n)
+    assert direct < np.median(lengths("grpo", False)) <= think
+
+
 def test_rerun_resumes_and_skips_finished_stages(run_dir):
     d, cache, _ = run_dir
     r = train("--config", "configs/grpo.py:smoke", "--workdir", str(d),
