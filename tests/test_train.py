@@ -53,8 +53,7 @@ def test_the_recipes_length_buckets_fit_the_embedded_sequences(run_dir):
     392 tokens (``embedded_recipe``; 512 before, a third more LLM work for them), and leaves
     the base stage's and stage 2's longer ones at 512: the smoke run's records, encoded as its
     stages encode them, fit 392 and not much less (a prompt change that outgrows it shows
-    here, not as a silent slowdown), and nearly every base batch of 8 holds a longer one (so
-    392 adds no compile to the base stage)."""
+    here, not as a silent slowdown), and the base stage's and stage 2's do not, mostly."""
     from emit_jax import configs
     from emit_jax.data.pipeline import RecordEncoder
     from emit_jax.data.tokenizer import load_tokenizer
@@ -75,8 +74,7 @@ def test_the_recipes_length_buckets_fit_the_embedded_sequences(run_dir):
     for name, with_answer in (("sft", True), ("validation", False), ("test", False)):
         n = lengths(name, with_answer).max()
         assert short - 32 < n <= short, (name, n)
-    base = lengths("base", True)
-    assert np.mean(base <= short) ** cfg.base.batch_size < 0.01
+    assert np.median(lengths("base", True)) > short
     assert np.median(lengths("grpo", False)) > short
 
 
