@@ -95,6 +95,36 @@ def test_rotations_match_torch_rot90():
     assert ours[0, 1, 0, 1, 3] == x[0, 0, 3, 5 - 1 - 1]
 
 
+def test_turned_references_match_scipy_and_rot90():
+    """``emit.reference_turns`` (not in EMIT): the reference also turned between the rot90s."""
+    from scipy import ndimage
+
+    from emit_jax.models.emit import contrastive_heatmap, reference_bank, turned
+
+    x = np.random.RandomState(1).randn(2, 3, 16, 16).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(turned(jnp.asarray(x), 90)),
+                               np.rot90(x, 1, axes=(2, 3)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(turned(jnp.asarray(x), 30)),
+                               ndimage.rotate(x, 30, axes=(2, 3), reshape=False, order=1,
+                                              mode="nearest"), atol=1e-4)
+    bank = np.asarray(reference_bank(jnp.asarray(x), 4, 2))  # [n, 2 turns x 4 rot90s, ...]
+    assert bank.shape == (2, 8, 3, 16, 16)
+    np.testing.assert_array_equal(bank[:, :4], np.asarray(rotations_of(jnp.asarray(x), 4)))
+    np.testing.assert_allclose(bank[:, 5], np.rot90(np.asarray(turned(jnp.asarray(x), 45)), 1,
+                                                    axes=(2, 3)), atol=1e-5)
+    # more references can only bring each query patch nearer: the map does not rise, and a
+    # query that is the reference turned by 45 degrees is matched better
+    mllm = small_mllm(image_size=56)
+    ref = np.random.RandomState(2).rand(1, 3, 56, 56).astype(np.float32)
+    query = np.asarray(turned(jnp.asarray(ref), 45))
+    ce = jnp.asarray(np.stack([ref, query], 1))
+    one, two = (np.asarray(contrastive_heatmap(mllm.vision_tower, ce, (1, 2), 1, turns=t))
+                for t in (1, 2))
+    assert (two <= one + 1e-6).all() and two.mean() < one.mean()
+    with pytest.raises(ValueError, match="reference_turns: 0 is below 1"):
+        EMITConfig(reference_turns=0).validate()
+
+
 def test_soft_prompt_inits():
     sp = official_soft_prompt()
     assert sp.shape == (9, 3584) and sp.dtype == np.float32

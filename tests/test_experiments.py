@@ -28,6 +28,37 @@ def test_auroc_equals_the_mann_whitney_statistic():
     assert np.isnan(auroc([1, 2], [1, 1]))
 
 
+def test_threshold_balanced_accuracy_matches_a_brute_force_search():
+    from emit_jax.experiments.heatmap_auroc import balanced_accuracy, best_threshold
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, size=50)
+    s = np.round(rng.normal(size=50) + 1.2 * y, 1)  # rounded: ties happen
+    brute = max(0.5 * ((s[y == 1] >= t).mean() + (s[y == 0] < t).mean())
+                for t in np.concatenate([s, [np.inf]]))
+    t, acc = best_threshold(s, y)
+    assert acc == pytest.approx(brute) and balanced_accuracy(s, y, t) == pytest.approx(acc)
+    # recall of anomalous 2/3, of normal 1/2; a separable split reaches 1.0
+    assert balanced_accuracy([0, 2, 3, 1, 0.5], [1, 1, 1, 0, 0], 1.5) == pytest.approx(
+        0.5 * (2 / 3 + 1.0))
+    assert best_threshold([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == (pytest.approx(0.5), 1.0)
+    assert np.isnan(best_threshold([1, 2], [1, 1])[1]) and np.isnan(balanced_accuracy([1], [0], 0))
+
+
+def test_class_thresholds_judge_each_class_by_its_own():
+    from emit_jax.experiments.heatmap_auroc import best_threshold, class_accuracy, class_thresholds
+
+    # class a's anomalies score above 1, class b's above 5: one threshold cannot separate both
+    c = ["a"] * 4 + ["b"] * 4 + ["z"] * 2
+    s = [0.0, 0.5, 1.5, 2.0, 4.0, 4.5, 5.5, 6.0, 0.2, 9.0]
+    y = [0, 0, 1, 1, 0, 0, 1, 1, 0, 1]
+    per = class_thresholds(c[:8], s[:8], y[:8])  # "z" unseen: it falls back
+    assert per == {"a": pytest.approx(1.0), "b": pytest.approx(5.0)}
+    assert class_accuracy(c, s, y, per, fallback=3.0) == 1.0
+    assert best_threshold(s, y)[1] < 1.0
+    assert class_thresholds(["a", "a"], [1, 2], [1, 1]) == {}  # one label: none
+
+
 def test_reduce_map():
     h = np.arange(256, dtype=np.float32).reshape(16, 16)
     r = reduce_map(h)

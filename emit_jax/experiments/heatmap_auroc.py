@@ -7,7 +7,12 @@ For every anomaly-discrimination question of the stage-2 training, validation an
 against its reference (``emit_jax.models.emit.contrastive_heatmap``: the model's ViT, EMIT's CE
 layers scaled to its depth, the scaled window, four rotations) is reduced to a score — its
 maximum, the mean of its 8 largest cells, its mean — and the AUROC of each score against the
-labels is printed. ``--checkpoint`` takes an emit_jax or HF checkpoint; without it the ViT is
+labels is printed, with the balanced accuracy of a threshold on the maximum, one for all
+questions and one per object class: fitted on the stage-2 training split, and each split's best
+(the ceiling of any reading of the maximum alone, or of the maximum and the object). ``--unseen
+N`` adds the questions of the N embedded datasets the main job's ``eval_unseen`` holds out;
+``--fresh N`` those of stage 1's N fresh datasets (``sft.fresh_datasets``), and the thresholds
+are fitted on them. ``--checkpoint`` takes an emit_jax or HF checkpoint; without it the ViT is
 the randomly initialised ``--arch`` (seed ``--seed``), or ``--vision-init``'s (``embedded``: the
 packaged label-free ViT of ``tiny``). ``--features pixels`` compares the raw
 pixels of each patch (the ViT's patch size) instead of the ViT's features: what the images
@@ -39,6 +44,54 @@ def auroc(scores, labels) -> float:
     greater = (pos[:, None] > neg[None, :]).mean()
     ties = (pos[:, None] == neg[None, :]).mean()
     return float(greater + 0.5 * ties)
+
+
+def balanced_accuracy(scores, labels, threshold: float) -> float:
+    """Mean of the two recalls when a score >= ``threshold`` is called anomalous (label 1)."""
+    s, y = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+    if y.all() or not y.any():
+        return float("nan")
+    pred = s >= threshold
+    return float(0.5 * (pred[y].mean() + (~pred[~y]).mean()))
+
+
+def best_threshold(scores, labels) -> tuple[float, float]:
+    """The threshold on ``scores`` with the highest balanced accuracy on ``labels``, and that
+    accuracy. Candidates are the midpoints between consecutive distinct scores and one beyond
+    each end; of equals, the lowest. On the split it is fitted to, an upper bound for any
+    reading that is a monotone function of the score."""
+    s, y = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+    if y.all() or not y.any():
+        return float("nan"), float("nan")
+    u = np.unique(s)
+    cands = np.concatenate([[u[0] - 1.0], (u[1:] + u[:-1]) / 2, [u[-1] + 1.0]])
+    pred = s[None, :] >= cands[:, None]  # [candidates, n]
+    acc = 0.5 * (pred[:, y].mean(1) + (~pred[:, ~y]).mean(1))
+    i = int(np.argmax(acc))
+    return float(cands[i]), float(acc[i])
+
+
+def class_thresholds(classes, scores, labels) -> dict:
+    """``best_threshold`` within each class (object) of ``classes``; a class with one label only
+    gets none (``class_accuracy`` falls back to the threshold it is given for it)."""
+    c, s, y = np.asarray(classes), np.asarray(scores, np.float64), np.asarray(labels)
+    out = {}
+    for k in np.unique(c):
+        t = best_threshold(s[c == k], y[c == k])[0]
+        if not np.isnan(t):
+            out[str(k)] = t
+    return out
+
+
+def class_accuracy(classes, scores, labels, thresholds: dict, fallback: float) -> float:
+    """Balanced accuracy when each question is judged by its class's threshold (``fallback``
+    for a class ``thresholds`` lacks)."""
+    t = np.array([thresholds.get(str(k), fallback) for k in classes], np.float64)
+    s, y = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+    if y.all() or not y.any():
+        return float("nan")
+    pred = s >= t
+    return float(0.5 * (pred[y].mean() + (~pred[~y]).mean()))
 
 
 def reduce_map(heat: np.ndarray) -> dict[str, float]:
@@ -74,8 +127,26 @@ def main(argv=None) -> int:
     ap.add_argument("--features", choices=("vit", "pixels"), default="vit",
                     help="what the heat map compares: the ViT's features at --layers (default), "
                     "or the raw pixels of each patch")
+    ap.add_argument("--reference-turns", type=cli.positive_int, default=1,
+                    help="emit.reference_turns: the reference also turned by 90/N degrees "
+                    "between its rot90s (1: EMIT's four references; not with --features pixels)")
+    ap.add_argument("--unseen", type=cli.nonneg_int, default=0,
+                    help="add the AD questions of this many embedded datasets no stage sees "
+                    "(the main job's eval_unseen; embedded default only)")
+    ap.add_argument("--fresh", type=cli.nonneg_int, default=0,
+                    help="add the AD questions of stage 1's fresh embedded datasets (seeds 1..N, "
+                    "sft.fresh_datasets) and fit the thresholds on them instead of the stage-2 "
+                    "training split (embedded default only)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
+    if args.reference_turns > 1 and args.features == "pixels":
+        ap.error("argument --reference-turns: the pixel map compares the four rot90s only")
+    if args.fresh and args.data:
+        ap.error("argument --fresh: the fresh datasets are the embedded generator's; "
+                 "leave it out with --data")
+    if args.unseen and args.data:
+        ap.error("argument --unseen: the unseen datasets are the embedded generator's; "
+                 "leave it out with --data")
     if args.layers is not None and not args.layers.strip():  # (before: EMIT's, without a word)
         ap.error(f"argument --layers: {args.layers!r} is empty; leave the flag out for EMIT's "
                  "blocks")
@@ -112,18 +183,29 @@ def main(argv=None) -> int:
     root = args.data or ensure_cached()
     with tempfile.TemporaryDirectory() as work:
         records = stage_records(root, work, domain_knowledge=False)
+    if args.unseen:
+        from emit_jax.training.data import unseen_records
+
+        records["unseen"] = unseen_records(args.unseen)
+    if args.fresh:
+        from emit_jax.training.data import fresh_records
+
+        records["fresh"] = fresh_records(range(1, args.fresh + 1))
 
     if args.features == "pixels":
         heat_fn = jax.jit(lambda ce: pixel_heatmap(ce, cfg.vision.patch_size, window))
     else:
-        heat_fn = jax.jit(lambda ce: contrastive_heatmap(model.vision_tower, ce, layers, window))
+        heat_fn = jax.jit(lambda ce: contrastive_heatmap(model.vision_tower, ce, layers, window,
+                                                         turns=args.reference_turns))
     out = {"features": args.features, "layers": list(layers) if args.features == "vit" else None,
            "window": window, "splits": {}}
-    every = []  # (object class, defect type or "good", label, max) of every question
-    for split in ("grpo", "validation", "test"):
+    every = {}  # split -> [(object class, defect type or "good", label, max)] of its questions
+    maxes = {}  # split -> (the map's max per question, labels, object classes)
+    for split in (("fresh",) if args.fresh else ()) + ("grpo", "validation", "test") + (
+            ("unseen",) if args.unseen else ()):
         recs = [r for r in records[split]
                 if r["task_type"] == "anomaly_discrimination" and len(r["images"]) == 2]
-        scores, labels = {k: [] for k in REDUCTIONS}, []
+        scores, labels, rows = {k: [] for k in REDUCTIONS}, [], every.setdefault(split, [])
         for i in range(0, len(recs), 8):
             chunk = recs[i:i + 8]
             ce = np.stack([np.stack([to_tile(load_image(p), cfg.vision.image_size)
@@ -132,11 +214,27 @@ def main(argv=None) -> int:
                 for k, v in reduce_map(h).items():
                     scores[k].append(v)
                 labels.append(int(r["adlabel"]))
-                every.append((r.get("object_type", "?"), r.get("anomaly_type") or "good",
+                rows.append((r.get("object_type", "?"), r.get("anomaly_type") or "good",
                               int(r["adlabel"]), scores["max"][-1]))
         out["splits"][split] = {"questions": len(labels), "anomalous": int(sum(labels)),
                                 **{f"auroc_{k}": auroc(scores[k], labels) for k in REDUCTIONS}}
-    out["by_class"], out["by_defect"] = breakdown(every)
+        maxes[split] = (scores["max"], labels, [e[0] for e in rows])
+    # balanced accuracy of a threshold on the max, one for all and one per object class: fitted
+    # on the stage-2 training split (or stage 1's fresh questions), and each split's own best
+    # (what no reading of the max alone, or of the max and the object, beats on that split)
+    fit = "fresh" if args.fresh else "grpo"
+    fitted = best_threshold(*maxes[fit][:2])[0]
+    per_class = class_thresholds(maxes[fit][2], *maxes[fit][:2])
+    for split, (s, y, c) in maxes.items():
+        own = class_thresholds(c, s, y)
+        out["splits"][split].update(
+            balanced_max_fitted=balanced_accuracy(s, y, fitted),
+            balanced_max_best=best_threshold(s, y)[1],
+            balanced_max_class_fitted=class_accuracy(c, s, y, per_class, fitted),
+            balanced_max_class_best=class_accuracy(c, s, y, own, best_threshold(s, y)[0]))
+    out["thresholds_fitted_on"] = fit
+    out["by_class"], out["by_defect"] = breakdown(  # the embedded default's three splits
+        [e for split in ("grpo", "validation", "test") for e in every[split]])
     if args.json:
         print(json.dumps(finite_json(out)))
     else:
@@ -147,11 +245,16 @@ def main(argv=None) -> int:
             if row["anomalous"] in (0, row["questions"]):  # (twenty-fourth probe EX1: "nan")
                 print(head + "AUROC n/a (it needs normal and anomalous questions)")
                 continue
-            print(head + "  ".join(f"AUROC {k} {row[f'auroc_{k}']:.3f}" for k in REDUCTIONS))
-        print("AUROC of the max within each object class (all splits): " + ", ".join(
+            print(head + "  ".join(f"AUROC {k} {row[f'auroc_{k}']:.3f}" for k in REDUCTIONS)
+                  + "  balanced accuracy of a threshold on the max (one / per object class): "
+                  f"fitted on {out['thresholds_fitted_on']} {100 * row['balanced_max_fitted']:.1f}"
+                  f" / {100 * row['balanced_max_class_fitted']:.1f}, the split's best "
+                  f"{100 * row['balanced_max_best']:.1f} / "
+                  f"{100 * row['balanced_max_class_best']:.1f}")
+        print("AUROC of the max within each object class (grpo, validation, test): " + ", ".join(
             f"{c} {v['auroc_max']:.3f} ({v['anomalous']}/{v['questions']})"
             for c, v in out["by_class"].items()))
-        print("AUROC of the max for each defect type against every normal query: " + ", ".join(
+        print("AUROC of the max for each defect type against every normal query (the same): " + ", ".join(
             f"{t} {v['auroc_max']:.3f} ({v['anomalous']})" for t, v in out["by_defect"].items()))
     return 0
 

@@ -66,6 +66,10 @@ class EMITConfig:
     # grid, scaled to the model's grid (3 for the tiny 16x16)
     window: int | None = None
     rotations: int = 4  # rot90 copies of the reference (k = 0..rotations-1)
+    # not in EMIT: each of those copies also turned by 90 * j / reference_turns degrees,
+    # j = 1..reference_turns-1 (bilinear): 1 is EMIT's four references, 4 sixteen, 22.5 degrees
+    # apart (objects whose normal images turn freely, docs/training.md)
+    reference_turns: int = 1
     zero_fill: bool = True  # official: masked similarities count as 0 (docs/reference/emit.md 5.2)
     heatmap_strategy: str = "auto"
     num_soft_tokens: int = 9
@@ -88,6 +92,7 @@ class EMITConfig:
             raise ValueError(f"bn_mode must be 'standard' or 'official', got {self.bn_mode!r}")
         # each bad field named (before: "bad EMIT config EMITConfig(...)", 14 fields)
         for name, value, low in (("window", self.window, 0), ("rotations", self.rotations, 1),
+                                 ("reference_turns", self.reference_turns, 1),
                                  ("num_soft_tokens", self.num_soft_tokens, 0)):
             if value is not None and value < low:
                 raise ValueError(f"{name}: {value} is below {low}")
@@ -236,18 +241,49 @@ def rotations_of(images: jax.Array, n: int = 4) -> jax.Array:
     return jnp.stack([jnp.rot90(images, k, axes=(2, 3)) for k in range(n)], axis=1)
 
 
+def turned(images: jax.Array, degrees: float) -> jax.Array:
+    """``[B, C, H, W]`` turned ``degrees`` about the image's centre in ``jnp.rot90``'s sense
+    (``turned(x, 90) == rot90(x, 1)`` for a square x), bilinear, the edge's values continued
+    outside (``scipy.ndimage.rotate(x, degrees, axes=(2, 3), order=1, mode="nearest")``)."""
+    b, c, h, w = images.shape
+    th = np.deg2rad(degrees)
+    yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
+                          indexing="ij")
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    # out[y, x] = in[R^-1 (y, x)]; rot90 (k = 1): out[i][j] = in[j][W-1-i]
+    src_y = cy + np.sin(th) * (xx - cx) + np.cos(th) * (yy - cy)
+    src_x = cx + np.cos(th) * (xx - cx) - np.sin(th) * (yy - cy)
+    flat = images.reshape(b * c, h, w)
+    out = jax.vmap(lambda im: jax.scipy.ndimage.map_coordinates(
+        im, [src_y, src_x], order=1, mode="nearest"))(flat)
+    return out.reshape(b, c, h, w).astype(images.dtype)
+
+
+def reference_bank(ref: jax.Array, rotations: int = 4, turns: int = 1) -> jax.Array:
+    """``[n, C, H, W]`` -> ``[n, turns * rotations, C, H, W]``: each turn of the reference
+    (0, 90 / turns, ... degrees, :func:`turned`) in its ``rotations`` rot90 copies."""
+    n, c, hh, ww = ref.shape
+    if turns == 1:
+        return rotations_of(ref, rotations)
+    base = jnp.stack([ref] + [turned(ref, 90.0 * j / turns) for j in range(1, turns)], axis=1)
+    return rotations_of(base.reshape(n * turns, c, hh, ww), rotations).reshape(
+        n, turns * rotations, c, hh, ww)
+
+
 def contrastive_heatmap(vit, ce_pixels: jax.Array, layers: Sequence[int], window: int, *,
                         rotations: int = 4, zero_fill: bool = True,
-                        strategy: str = "auto") -> jax.Array:
+                        strategy: str = "auto", turns: int = 1) -> jax.Array:
     """``ce_pixels [n, 2, 3, H, W]`` (slot 0 the normal reference, slot 1 the query) ->
-    heat map ``[n, H/p, W/p]`` float32. No gradient reaches the ViT."""
+    heat map ``[n, H/p, W/p]`` float32. No gradient reaches the ViT. ``turns`` > 1 adds the
+    reference turned between the rot90s (:func:`reference_bank`; not in EMIT)."""
     n, two, c, hh, ww = ce_pixels.shape
     if two != 2:
         raise ValueError(f"ce_pixels must be [n, 2, 3, H, W] (reference, query); got {ce_pixels.shape}")
-    if hh != ww and rotations > 1:
+    if hh != ww and (rotations > 1 or turns > 1):
         raise ValueError(f"CE images must be square to rotate; got {hh}x{ww}")
     ref, query = ce_pixels[:, 0], ce_pixels[:, 1]
-    refs = rotations_of(ref, rotations).reshape(n * rotations, c, hh, ww)
+    rotations = rotations * turns  # reference copies in all
+    refs = reference_bank(ref, rotations // turns, turns).reshape(n * rotations, c, hh, ww)
     _, hidden = vit(jnp.concatenate([query, refs], 0), output_hidden_states=True,
                     num_layers=max(layers), hidden_layers=tuple(layers))
     feats = jax.lax.stop_gradient(jnp.stack([hidden[l][:, 1:] for l in layers]))  # [L, N, P, D]
@@ -401,7 +437,7 @@ class EMIT(nnx.Module):
         window = c.window_for(self.mllm.config.vision.grid)
         return contrastive_heatmap(self.mllm.vision_tower, ce_pixels, self.ce_layers, window,
                                    rotations=c.rotations, zero_fill=c.zero_fill,
-                                   strategy=c.heatmap_strategy)
+                                   strategy=c.heatmap_strategy, turns=c.reference_turns)
 
     def ref_tokens(self, ce_pixels: jax.Array, num_ce: jax.Array | None = None) -> jax.Array:
         """``[n_ce, num_comp_slots, D]``: soft prompt rows first, then the CE tokens. ``num_ce``
