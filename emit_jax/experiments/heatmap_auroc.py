@@ -46,8 +46,9 @@ def auroc(scores, labels) -> float:
     return float(greater + 0.5 * ties)
 
 
-def balanced_accuracy(scores, labels, threshold: float) -> float:
-    """Mean of the two recalls when a score >= ``threshold`` is called anomalous (label 1)."""
+def balanced_accuracy(scores, labels, threshold) -> float:
+    """Mean of the two recalls when a score >= ``threshold`` (a number, or one per score) is
+    called anomalous (label 1)."""
     s, y = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
     if y.all() or not y.any():
         return float("nan")
@@ -86,12 +87,8 @@ def class_thresholds(classes, scores, labels) -> dict:
 def class_accuracy(classes, scores, labels, thresholds: dict, fallback: float) -> float:
     """Balanced accuracy when each question is judged by its class's threshold (``fallback``
     for a class ``thresholds`` lacks)."""
-    t = np.array([thresholds.get(str(k), fallback) for k in classes], np.float64)
-    s, y = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
-    if y.all() or not y.any():
-        return float("nan")
-    pred = s >= t
-    return float(0.5 * (pred[y].mean() + (~pred[~y]).mean()))
+    return balanced_accuracy(scores, labels, np.array(
+        [thresholds.get(str(k), fallback) for k in classes], np.float64))
 
 
 def reduce_map(heat: np.ndarray) -> dict[str, float]:
@@ -226,12 +223,12 @@ def main(argv=None) -> int:
     fitted = best_threshold(*maxes[fit][:2])[0]
     per_class = class_thresholds(maxes[fit][2], *maxes[fit][:2])
     for split, (s, y, c) in maxes.items():
-        own = class_thresholds(c, s, y)
+        best_t, best_acc = best_threshold(s, y)
         out["splits"][split].update(
             balanced_max_fitted=balanced_accuracy(s, y, fitted),
-            balanced_max_best=best_threshold(s, y)[1],
+            balanced_max_best=best_acc,
             balanced_max_class_fitted=class_accuracy(c, s, y, per_class, fitted),
-            balanced_max_class_best=class_accuracy(c, s, y, own, best_threshold(s, y)[0]))
+            balanced_max_class_best=class_accuracy(c, s, y, class_thresholds(c, s, y), best_t))
     out["thresholds_fitted_on"] = fit
     out["by_class"], out["by_defect"] = breakdown(  # the embedded default's three splits
         [e for split in ("grpo", "validation", "test") for e in every[split]])

@@ -263,8 +263,6 @@ def reference_bank(ref: jax.Array, rotations: int = 4, turns: int = 1) -> jax.Ar
     """``[n, C, H, W]`` -> ``[n, turns * rotations, C, H, W]``: each turn of the reference
     (0, 90 / turns, ... degrees, :func:`turned`) in its ``rotations`` rot90 copies."""
     n, c, hh, ww = ref.shape
-    if turns == 1:
-        return rotations_of(ref, rotations)
     base = jnp.stack([ref] + [turned(ref, 90.0 * j / turns) for j in range(1, turns)], axis=1)
     return rotations_of(base.reshape(n * turns, c, hh, ww), rotations).reshape(
         n, turns * rotations, c, hh, ww)
@@ -282,15 +280,15 @@ def contrastive_heatmap(vit, ce_pixels: jax.Array, layers: Sequence[int], window
     if hh != ww and (rotations > 1 or turns > 1):
         raise ValueError(f"CE images must be square to rotate; got {hh}x{ww}")
     ref, query = ce_pixels[:, 0], ce_pixels[:, 1]
-    rotations = rotations * turns  # reference copies in all
-    refs = reference_bank(ref, rotations // turns, turns).reshape(n * rotations, c, hh, ww)
+    copies = rotations * turns
+    refs = reference_bank(ref, rotations, turns).reshape(n * copies, c, hh, ww)
     _, hidden = vit(jnp.concatenate([query, refs], 0), output_hidden_states=True,
                     num_layers=max(layers), hidden_layers=tuple(layers))
     feats = jax.lax.stop_gradient(jnp.stack([hidden[l][:, 1:] for l in layers]))  # [L, N, P, D]
     L, _, p, d = feats.shape
     g = int(round(p ** 0.5))
     q = feats[:, :n].reshape(L, n, g, g, d)
-    r = feats[:, n:].reshape(L, n, rotations, g, g, d)
+    r = feats[:, n:].reshape(L, n, copies, g, g, d)
     return anomaly_map(q, r, window, zero_fill, strategy)
 
 
