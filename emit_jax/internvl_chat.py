@@ -433,6 +433,9 @@ def check_exportable(model) -> list[str]:
         if e.reference_turns != 1:
             problems.append(f"reference_turns {e.reference_turns}; theirs turn the reference "
                             "by rot90 only")
+        if e.feature_turns != 1:
+            problems.append(f"feature_turns {e.feature_turns}; theirs turn the reference by "
+                            "rot90 only")
         if not e.zero_fill:
             problems.append("zero_fill=false; their window mask fills with 0")
         if not (e.use_soft_prompt and e.use_contrastive):

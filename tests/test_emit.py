@@ -125,6 +125,50 @@ def test_turned_references_match_scipy_and_rot90():
         EMITConfig(reference_turns=0).validate()
 
 
+def test_turned_features_match_scipy_and_the_pixel_bank():
+    """``emit.feature_turns`` (not in EMIT): the copies' feature grids turned, zeros outside;
+    the copies in :func:`reference_bank`'s order; the map from a ViT's turned features is the
+    map ``contrastive_heatmap`` computes with ``feature_turns``."""
+    from scipy import ndimage
+
+    from emit_jax.models.emit import contrastive_heatmap, reference_bank, turned_features
+    from emit_jax.ops.heatmap import anomaly_map
+
+    f = np.random.RandomState(3).randn(2, 3, 4, 8, 8, 5).astype(np.float32)  # [L, n, R, g, g, D]
+    out = np.asarray(turned_features(jnp.asarray(f), 4))
+    assert out.shape == (2, 3, 16, 8, 8, 5)
+    np.testing.assert_array_equal(out[:, :, :4], f)
+    for j in (1, 2, 3):
+        want = ndimage.rotate(f, 90 * j / 4, axes=(3, 4), reshape=False, order=1,
+                              mode="grid-constant", cval=0.0)
+        np.testing.assert_allclose(out[:, :, 4 * j:4 * j + 4], want, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(turned_features(jnp.asarray(f), 1)), f)
+    # through the ViT: the same as turning its rot90 references' features by hand
+    mllm = small_mllm(image_size=56)
+    rng = np.random.RandomState(4)
+    ce = jnp.asarray(rng.rand(2, 2, 3, 56, 56).astype(np.float32))
+    # two turns in pixels (0 and 45 degrees), each copy's features turned by 22.5 more
+    got = np.asarray(contrastive_heatmap(mllm.vision_tower, ce, (1, 2), 1, turns=2,
+                                         feature_turns=2))
+    refs = reference_bank(ce[:, 0], 4, 2).reshape(16, 3, 56, 56)
+    _, hid = mllm.vision_tower(jnp.concatenate([ce[:, 1], refs]), output_hidden_states=True,
+                               num_layers=2, hidden_layers=(1, 2))
+    feats = jnp.stack([hid[l][:, 1:] for l in (1, 2)])  # [L, 2 + 16, P, D]
+    d = feats.shape[-1]
+    q = feats[:, :2].reshape(2, 2, 4, 4, d)
+    r = feats[:, 2:].reshape(2, 2, 8, 4, 4, d)
+    turned_r = np.asarray(turned_features(r, 2, 45.0))
+    np.testing.assert_allclose(turned_r[:, :, 8:], ndimage.rotate(
+        np.asarray(r), 22.5, axes=(3, 4), reshape=False, order=1, mode="grid-constant"),
+        atol=1e-4)
+    np.testing.assert_allclose(got, np.asarray(anomaly_map(q, jnp.asarray(turned_r), 1)),
+                               atol=1e-5)
+    eight = np.asarray(contrastive_heatmap(mllm.vision_tower, ce, (1, 2), 1, turns=2))
+    assert (got <= eight + 1e-6).all()  # more copies never raise the map
+    with pytest.raises(ValueError, match="feature_turns: 0 is below 1"):
+        EMITConfig(feature_turns=0).validate()
+
+
 def test_soft_prompt_inits():
     sp = official_soft_prompt()
     assert sp.shape == (9, 3584) and sp.dtype == np.float32

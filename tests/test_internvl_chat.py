@@ -480,6 +480,11 @@ def test_export_refuses_what_their_code_cannot_represent(tokenizer_dir, tmp_path
     with pytest.raises(internvl_chat.ConfigError, match="reference_turns 4; theirs turn the "
                        "reference by rot90 only"):
         internvl_chat.check_exportable(turning)
+    turning = EMIT(InternVL(cfg24, rngs=nnx.Rngs(0)),
+                   EMITConfig(comp_token_id=comp, ce_layers=(4, 8, 16, 20), feature_turns=2),
+                   rngs=nnx.Rngs(0))
+    with pytest.raises(internvl_chat.ConfigError, match="feature_turns 2; theirs"):
+        internvl_chat.check_exportable(turning)
     soft = EMIT(InternVL(cfg24, rngs=nnx.Rngs(0)),
                 EMITConfig(comp_token_id=comp, ce_layers=(4, 8, 16, 20), num_soft_tokens=4),
                 rngs=nnx.Rngs(0))

@@ -127,6 +127,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reference-turns", type=cli.positive_int, default=1,
                     help="emit.reference_turns: the reference also turned by 90/N degrees "
                     "between its rot90s (1: EMIT's four references; not with --features pixels)")
+    ap.add_argument("--feature-turns", type=cli.positive_int, default=1,
+                    help="emit.feature_turns: each reference copy's ViT features also turned "
+                    "between it and the next turn, N copies (no ViT pass; 1: none)")
     ap.add_argument("--unseen", type=cli.nonneg_int, default=0,
                     help="add the AD questions of this many embedded datasets no stage sees "
                     "(the main job's eval_unseen; embedded default only)")
@@ -138,6 +141,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.reference_turns > 1 and args.features == "pixels":
         ap.error("argument --reference-turns: the pixel map compares the four rot90s only")
+    if args.feature_turns > 1 and args.features == "pixels":
+        ap.error("argument --feature-turns: the pixel map compares the four rot90s only")
     if args.fresh and args.data:
         ap.error("argument --fresh: the fresh datasets are the embedded generator's; "
                  "leave it out with --data")
@@ -193,7 +198,8 @@ def main(argv=None) -> int:
         heat_fn = jax.jit(lambda ce: pixel_heatmap(ce, cfg.vision.patch_size, window))
     else:
         heat_fn = jax.jit(lambda ce: contrastive_heatmap(model.vision_tower, ce, layers, window,
-                                                         turns=args.reference_turns))
+                                                         turns=args.reference_turns,
+                                                         feature_turns=args.feature_turns))
     out = {"features": args.features, "layers": list(layers) if args.features == "vit" else None,
            "window": window, "splits": {}}
     every = {}  # split -> [(object class, defect type or "good", label, max)] of its questions

@@ -70,6 +70,10 @@ class EMITConfig:
     # j = 1..reference_turns-1 (bilinear): 1 is EMIT's four references, 4 sixteen, 22.5 degrees
     # apart (objects whose normal images turn freely, docs/training.md)
     reference_turns: int = 1
+    # not in EMIT: each of those copies' ViT feature grids also turned by 90 / reference_turns *
+    # j / feature_turns degrees, j = 1..feature_turns-1 (bilinear, no ViT pass): 4 is sixteen
+    # references from EMIT's four ViT passes
+    feature_turns: int = 1
     zero_fill: bool = True  # official: masked similarities count as 0 (docs/reference/emit.md 5.2)
     heatmap_strategy: str = "auto"
     num_soft_tokens: int = 9
@@ -93,6 +97,7 @@ class EMITConfig:
         # each bad field named (before: "bad EMIT config EMITConfig(...)", 14 fields)
         for name, value, low in (("window", self.window, 0), ("rotations", self.rotations, 1),
                                  ("reference_turns", self.reference_turns, 1),
+                                 ("feature_turns", self.feature_turns, 1),
                                  ("num_soft_tokens", self.num_soft_tokens, 0)):
             if value is not None and value < low:
                 raise ValueError(f"{name}: {value} is below {low}")
@@ -241,10 +246,11 @@ def rotations_of(images: jax.Array, n: int = 4) -> jax.Array:
     return jnp.stack([jnp.rot90(images, k, axes=(2, 3)) for k in range(n)], axis=1)
 
 
-def turned(images: jax.Array, degrees: float) -> jax.Array:
+def turned(images: jax.Array, degrees: float, mode: str = "nearest") -> jax.Array:
     """``[B, C, H, W]`` turned ``degrees`` about the image's centre in ``jnp.rot90``'s sense
     (``turned(x, 90) == rot90(x, 1)`` for a square x), bilinear, the edge's values continued
-    outside (``scipy.ndimage.rotate(x, degrees, axes=(2, 3), order=1, mode="nearest")``)."""
+    outside (``scipy.ndimage.rotate(x, degrees, axes=(2, 3), order=1, mode="nearest")``);
+    ``mode="constant"``: zeros outside."""
     b, c, h, w = images.shape
     th = np.deg2rad(degrees)
     yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
@@ -255,7 +261,7 @@ def turned(images: jax.Array, degrees: float) -> jax.Array:
     src_x = cx + np.cos(th) * (xx - cx) - np.sin(th) * (yy - cy)
     flat = images.reshape(b * c, h, w)
     out = jax.vmap(lambda im: jax.scipy.ndimage.map_coordinates(
-        im, [src_y, src_x], order=1, mode="nearest"))(flat)
+        im, [src_y, src_x], order=1, mode=mode, cval=0.0))(flat)
     return out.reshape(b, c, h, w).astype(images.dtype)
 
 
@@ -268,12 +274,30 @@ def reference_bank(ref: jax.Array, rotations: int = 4, turns: int = 1) -> jax.Ar
         n, turns * rotations, c, hh, ww)
 
 
+def turned_features(feats: jax.Array, turns: int, span: float = 90.0) -> jax.Array:
+    """``[..., R, g, g, D]`` patch features of R reference copies -> ``[..., turns * R, g, g, D]``:
+    the copies as they are, then each copy's feature grid turned by ``span * j / turns`` degrees
+    (j = 1..turns-1; bilinear, :func:`turned` about the grid's centre, the grid padded with
+    zeros: ``scipy.ndimage.rotate``'s ``mode="grid-constant"``), turn-major as
+    :func:`reference_bank` orders its copies."""
+    *lead, r, g, g2, d = feats.shape
+    flat = jnp.moveaxis(feats.reshape(-1, g, g2, d), -1, 1)  # [N, D, g, g]
+    out = [flat] + [turned(flat, span * j / turns, mode="constant") for j in range(1, turns)]
+    out = jnp.moveaxis(jnp.stack(out, 0), 2, -1)  # [turns, N, g, g, D]
+    out = out.reshape(turns, -1, r, g, g2, d)  # [turns, prod(lead), R, g, g, D]
+    return jnp.moveaxis(out, 0, 1).reshape(*lead, turns * r, g, g2, d)
+
+
 def contrastive_heatmap(vit, ce_pixels: jax.Array, layers: Sequence[int], window: int, *,
                         rotations: int = 4, zero_fill: bool = True,
-                        strategy: str = "auto", turns: int = 1) -> jax.Array:
+                        strategy: str = "auto", turns: int = 1,
+                        feature_turns: int = 1) -> jax.Array:
     """``ce_pixels [n, 2, 3, H, W]`` (slot 0 the normal reference, slot 1 the query) ->
     heat map ``[n, H/p, W/p]`` float32. No gradient reaches the ViT. ``turns`` > 1 adds the
-    reference turned between the rot90s (:func:`reference_bank`; not in EMIT)."""
+    reference turned between the rot90s (:func:`reference_bank`; not in EMIT), one ViT pass per
+    copy; ``feature_turns`` > 1 turns each copy's ViT feature grid between it and the next turn
+    (:func:`turned_features`, by ``90 / turns * j / feature_turns`` degrees; no ViT pass):
+    ``rotations * turns * feature_turns`` copies in all (not in EMIT)."""
     n, two, c, hh, ww = ce_pixels.shape
     if two != 2:
         raise ValueError(f"ce_pixels must be [n, 2, 3, H, W] (reference, query); got {ce_pixels.shape}")
@@ -289,6 +313,8 @@ def contrastive_heatmap(vit, ce_pixels: jax.Array, layers: Sequence[int], window
     g = int(round(p ** 0.5))
     q = feats[:, :n].reshape(L, n, g, g, d)
     r = feats[:, n:].reshape(L, n, copies, g, g, d)
+    if feature_turns > 1:
+        r = turned_features(r, feature_turns, 90.0 / turns)
     return anomaly_map(q, r, window, zero_fill, strategy)
 
 
@@ -435,7 +461,8 @@ class EMIT(nnx.Module):
         window = c.window_for(self.mllm.config.vision.grid)
         return contrastive_heatmap(self.mllm.vision_tower, ce_pixels, self.ce_layers, window,
                                    rotations=c.rotations, zero_fill=c.zero_fill,
-                                   strategy=c.heatmap_strategy, turns=c.reference_turns)
+                                   strategy=c.heatmap_strategy, turns=c.reference_turns,
+                                   feature_turns=c.feature_turns)
 
     def ref_tokens(self, ce_pixels: jax.Array, num_ce: jax.Array | None = None) -> jax.Array:
         """``[n_ce, num_comp_slots, D]``: soft prompt rows first, then the CE tokens. ``num_ce``
