@@ -250,7 +250,8 @@ def turned(images: jax.Array, degrees: float, mode: str = "nearest") -> jax.Arra
     """``[B, C, H, W]`` turned ``degrees`` about the image's centre in ``jnp.rot90``'s sense
     (``turned(x, 90) == rot90(x, 1)`` for a square x), bilinear, the edge's values continued
     outside (``scipy.ndimage.rotate(x, degrees, axes=(2, 3), order=1, mode="nearest")``);
-    ``mode="constant"``: zeros outside."""
+    ``mode="constant"``: the image padded with zeros, blended in at the edge (scipy's
+    ``mode="grid-constant"``)."""
     b, c, h, w = images.shape
     th = np.deg2rad(degrees)
     yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
