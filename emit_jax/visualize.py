@@ -65,7 +65,8 @@ def compute_heatmap(query_path, reference_path, *, checkpoint=None, arch="tiny",
     heat = np.asarray(contrastive_heatmap(vision, ce, layers, window,
                                           rotations=ecfg.rotations, zero_fill=ecfg.zero_fill,
                                           turns=ecfg.reference_turns,
-                                          feature_turns=ecfg.feature_turns))[0]
+                                          feature_turns=ecfg.feature_turns,
+                                          align_turn=ecfg.align_turn))[0]
     return heat, q, r, {"layers": list(layers), "window": window, "grid": vcfg.grid,
                         "image_size": size, "query_size": list(images[0].size),
                         "reference_size": list(images[1].size)}

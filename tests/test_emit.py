@@ -169,6 +169,29 @@ def test_turned_features_match_scipy_and_the_pixel_bank():
         EMITConfig(feature_turns=0).validate()
 
 
+def test_align_turn_keeps_the_turn_nearest_the_query():
+    """``emit.align_turn`` (not in EMIT): of the reference's turns, the one nearest the query in
+    pixels, in its rot90s; the map is EMIT's four-reference map of that turn."""
+    from emit_jax.models.emit import contrastive_heatmap, nearest_turn, reference_bank, turned
+
+    rng = np.random.RandomState(5)
+    # a smooth image, so that a turned copy is near its turn and far from the others
+    base = np.kron(rng.rand(2, 3, 7, 7), np.ones((8, 8))).astype(np.float32)  # [2, 3, 56, 56]
+    ref = jnp.asarray(base)
+    query = jnp.stack([turned(ref[:1], 45)[0], jnp.rot90(turned(ref[1:], 22.5), 1, (2, 3))[0]])
+    bank = reference_bank(ref, 4, 4)  # turns of 0, 22.5, 45, 67.5 degrees
+    assert np.asarray(nearest_turn(query, bank, 4)).tolist() == [2, 1]
+    assert np.asarray(nearest_turn(ref, bank, 4)).tolist() == [0, 0]
+    mllm = small_mllm(image_size=56)
+    ce = jnp.stack([ref, query], 1)
+    got = np.asarray(contrastive_heatmap(mllm.vision_tower, ce, (1, 2), 1, turns=4,
+                                         align_turn=True))
+    for i, j in enumerate((2, 1)):  # each sample: EMIT's map with the reference at its turn
+        one = jnp.stack([turned(ref[i:i + 1], 22.5 * j), query[i:i + 1]], 1)
+        np.testing.assert_allclose(got[i], np.asarray(contrastive_heatmap(
+            mllm.vision_tower, one, (1, 2), 1))[0], atol=1e-5)
+
+
 def test_soft_prompt_inits():
     sp = official_soft_prompt()
     assert sp.shape == (9, 3584) and sp.dtype == np.float32

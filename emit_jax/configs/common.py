@@ -85,7 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.emit = ml_collections.ConfigDict(dict(bn_mode="standard", use_soft_prompt=True,
                                             use_contrastive=True, num_soft_tokens=9,
                                             max_readout=False, peak_location=False,
-                                            reference_turns=1, feature_turns=1))
+                                            reference_turns=1, feature_turns=1,
+                                            align_turn=False))
     # device mesh (emit_jax.parallel) when more than one device is present: the batch goes over
     # data x fsdp, parameters over fsdp (width) and tensor (heads / MLP / vocabulary); -1 = the rest
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))

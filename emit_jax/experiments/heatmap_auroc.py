@@ -130,6 +130,9 @@ def main(argv=None) -> int:
     ap.add_argument("--feature-turns", type=cli.positive_int, default=1,
                     help="emit.feature_turns: each reference copy's ViT features also turned "
                     "between it and the next turn, N copies (no ViT pass; 1: none)")
+    ap.add_argument("--align-turn", action="store_true",
+                    help="emit.align_turn: of the --reference-turns, only the one nearest the "
+                    "query in pixels, in its four rot90s (four ViT passes per reference)")
     ap.add_argument("--unseen", type=cli.nonneg_int, default=0,
                     help="add the AD questions of this many embedded datasets no stage sees "
                     "(the main job's eval_unseen; embedded default only)")
@@ -199,7 +202,8 @@ def main(argv=None) -> int:
     else:
         heat_fn = jax.jit(lambda ce: contrastive_heatmap(model.vision_tower, ce, layers, window,
                                                          turns=args.reference_turns,
-                                                         feature_turns=args.feature_turns))
+                                                         feature_turns=args.feature_turns,
+                                                         align_turn=args.align_turn))
     out = {"features": args.features, "layers": list(layers) if args.features == "vit" else None,
            "window": window, "splits": {}}
     every = {}  # split -> [(object class, defect type or "good", label, max)] of its questions

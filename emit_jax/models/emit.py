@@ -74,6 +74,9 @@ class EMITConfig:
     # j / feature_turns degrees, j = 1..feature_turns-1 (bilinear, no ViT pass): 4 is sixteen
     # references from EMIT's four ViT passes
     feature_turns: int = 1
+    # not in EMIT: of the reference_turns, only the one nearest the query in pixels goes through
+    # the ViT, in its rot90 copies (nearest_turn): EMIT's four ViT passes
+    align_turn: bool = False
     zero_fill: bool = True  # official: masked similarities count as 0 (docs/reference/emit.md 5.2)
     heatmap_strategy: str = "auto"
     num_soft_tokens: int = 9
@@ -289,24 +292,48 @@ def turned_features(feats: jax.Array, turns: int, span: float = 90.0) -> jax.Arr
     return jnp.moveaxis(out, 0, 1).reshape(*lead, turns * r, g, g2, d)
 
 
+def nearest_turn(query: jax.Array, bank: jax.Array, rotations: int, pool: int = 4) -> jax.Array:
+    """``query [n, C, H, W]``, ``bank [n, turns * rotations, C, H, W]`` (:func:`reference_bank`)
+    -> ``[n]`` int32: the turn whose copy is nearest the query in pixels (the mean squared
+    difference of ``pool`` x ``pool`` averages, each image's mean removed)."""
+    n, k, c, hh, ww = bank.shape
+    h, w = hh // pool, ww // pool
+
+    def small(x):  # [..., C, H, W] -> [..., C*h*w], mean removed
+        x = x[..., :h * pool, :w * pool].astype(jnp.float32)
+        x = x.reshape(*x.shape[:-2], h, pool, w, pool).mean((-3, -1)).reshape(*x.shape[:-3], -1)
+        return x - x.mean(-1, keepdims=True)
+
+    d = jnp.mean((small(bank) - small(query)[:, None]) ** 2, axis=-1)  # [n, K]
+    return (jnp.argmin(d, axis=-1) // rotations).astype(jnp.int32)
+
+
 def contrastive_heatmap(vit, ce_pixels: jax.Array, layers: Sequence[int], window: int, *,
                         rotations: int = 4, zero_fill: bool = True,
                         strategy: str = "auto", turns: int = 1,
-                        feature_turns: int = 1) -> jax.Array:
+                        feature_turns: int = 1, align_turn: bool = False) -> jax.Array:
     """``ce_pixels [n, 2, 3, H, W]`` (slot 0 the normal reference, slot 1 the query) ->
     heat map ``[n, H/p, W/p]`` float32. No gradient reaches the ViT. ``turns`` > 1 adds the
     reference turned between the rot90s (:func:`reference_bank`; not in EMIT), one ViT pass per
     copy; ``feature_turns`` > 1 turns each copy's ViT feature grid between it and the next turn
     (:func:`turned_features`, by ``90 / turns * j / feature_turns`` degrees; no ViT pass):
-    ``rotations * turns * feature_turns`` copies in all (not in EMIT)."""
+    ``rotations * turns * feature_turns`` copies in all (not in EMIT). ``align_turn`` keeps
+    only the turn whose copy is nearest the query in pixels (:func:`nearest_turn`), in its
+    ``rotations`` rot90s: ``rotations`` ViT passes (not in EMIT)."""
     n, two, c, hh, ww = ce_pixels.shape
     if two != 2:
         raise ValueError(f"ce_pixels must be [n, 2, 3, H, W] (reference, query); got {ce_pixels.shape}")
     if hh != ww and (rotations > 1 or turns > 1):
         raise ValueError(f"CE images must be square to rotate; got {hh}x{ww}")
     ref, query = ce_pixels[:, 0], ce_pixels[:, 1]
-    copies = rotations * turns
-    refs = reference_bank(ref, rotations, turns).reshape(n * copies, c, hh, ww)
+    bank = reference_bank(ref, rotations, turns)  # [n, turns * rotations, C, H, W]
+    kept = turns  # the turns the ViT sees
+    if align_turn and turns > 1:
+        j = nearest_turn(query, bank, rotations)
+        bank = bank.reshape(n, turns, rotations, c, hh, ww)[jnp.arange(n), j]
+        kept = 1
+    copies = rotations * kept
+    refs = bank.reshape(n * copies, c, hh, ww)
     _, hidden = vit(jnp.concatenate([query, refs], 0), output_hidden_states=True,
                     num_layers=max(layers), hidden_layers=tuple(layers))
     feats = jax.lax.stop_gradient(jnp.stack([hidden[l][:, 1:] for l in layers]))  # [L, N, P, D]
@@ -315,7 +342,7 @@ def contrastive_heatmap(vit, ce_pixels: jax.Array, layers: Sequence[int], window
     q = feats[:, :n].reshape(L, n, g, g, d)
     r = feats[:, n:].reshape(L, n, copies, g, g, d)
     if feature_turns > 1:
-        r = turned_features(r, feature_turns, 90.0 / turns)
+        r = turned_features(r, feature_turns, 90.0 / turns)  # between one turn and the next
     return anomaly_map(q, r, window, zero_fill, strategy)
 
 
@@ -463,7 +490,7 @@ class EMIT(nnx.Module):
         return contrastive_heatmap(self.mllm.vision_tower, ce_pixels, self.ce_layers, window,
                                    rotations=c.rotations, zero_fill=c.zero_fill,
                                    strategy=c.heatmap_strategy, turns=c.reference_turns,
-                                   feature_turns=c.feature_turns)
+                                   feature_turns=c.feature_turns, align_turn=c.align_turn)
 
     def ref_tokens(self, ce_pixels: jax.Array, num_ce: jax.Array | None = None) -> jax.Array:
         """``[n_ce, num_comp_slots, D]``: soft prompt rows first, then the CE tokens. ``num_ce``

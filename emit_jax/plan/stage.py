@@ -118,8 +118,9 @@ def stage_setup(cfg, stage: str, mesh: tuple, *, prompt_len: int | None = None,
                  peak_location=bool(emit.get("peak_location", False)),
                  use_contrastive=bool(emit.get("use_contrastive", True)),
                  # reference ViT passes: the rot90 copies of each turn (emit.reference_turns;
-                 # emit.feature_turns turns their features, no ViT pass)
-                 rotations=int(emit.get("rotations", 4)) * int(emit.get("reference_turns", 1)),
+                 # of one with emit.align_turn; emit.feature_turns turns features, no ViT pass)
+                 rotations=int(emit.get("rotations", 4)) * (
+                     1 if emit.get("align_turn", False) else int(emit.get("reference_turns", 1))),
                  **kw)
 
 
