@@ -190,6 +190,9 @@ def test_align_turn_keeps_the_turn_nearest_the_query():
         one = jnp.stack([turned(ref[i:i + 1], 22.5 * j), query[i:i + 1]], 1)
         np.testing.assert_allclose(got[i], np.asarray(contrastive_heatmap(
             mllm.vision_tower, one, (1, 2), 1))[0], atol=1e-5)
+    with pytest.raises(ValueError, match="align_turn: true with reference_turns 1"):
+        EMITConfig(align_turn=True).validate()
+    EMITConfig(align_turn=True, reference_turns=4).validate()
 
 
 def test_soft_prompt_inits():

@@ -104,6 +104,9 @@ class EMITConfig:
                                  ("num_soft_tokens", self.num_soft_tokens, 0)):
             if value is not None and value < low:
                 raise ValueError(f"{name}: {value} is below {low}")
+        if self.align_turn and self.reference_turns == 1:
+            raise ValueError("align_turn: true with reference_turns 1 (one turn, nothing to "
+                             "choose from); set reference_turns above 1")
         if self.use_soft_prompt and self.num_soft_tokens == 0:
             raise ValueError("num_soft_tokens: 0 with use_soft_prompt=True (a soft prompt of no "
                              "token); set use_soft_prompt=False for none")
