@@ -484,9 +484,16 @@ def test_local_an_agreed_stop_is_said_as_a_stop_not_a_failure(tmp_path):
     130), and local.sh said "failed (first failure: process 0, status 130)"."""
     # each is in the same agreed stop: the one that ends a moment later gets local.sh's SIGTERM
     # while stopping, and ends with the same 130 (before, on a loaded host it died of the
-    # SIGTERM, 143, and the exact summary below did not match)
-    code = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(130)); "
-            "time.sleep(0.5); sys.exit(130)")
+    # SIGTERM, 143, and the exact summary below did not match). Neither ends before both have
+    # their handler (before, a process that started 0.5 s later under load met the SIGTERM
+    # before its handler was set: 143 again)
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    code = ("import os, signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(130)); "
+            f"d = {str(ready)!r}; open(os.path.join(d, str(os.getpid())), 'w').close(); "
+            "t = time.time() + 120\n"
+            "while len(os.listdir(d)) < 2 and time.time() < t: time.sleep(0.02)\n"
+            "time.sleep(0.2); sys.exit(130)")
     r = _run([LAUNCH / "local.sh", "-n", 2, "--cpu", "--", sys.executable, "-c", code],
              _env(LOG_DIR=tmp_path / "logs"), cwd=tmp_path)
     assert r.returncode == 130, r.stderr
