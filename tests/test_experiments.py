@@ -538,3 +538,22 @@ def test_vit_pretrain_interrupted_writes_the_steps_done(tmp_path):
     assert "Traceback" not in err, err[-2000:]
     _, meta = checkpoint.load_model(str(out))
     assert meta["vit_pretrain"]["steps_done"] == done and meta["vit_pretrain"]["steps"] == 1000
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--align-turn"], "argument --align-turn: align_turn: true with reference_turns 1 (one "
+     "turn, nothing to choose from); set reference_turns above 1"),
+    (["--features", "pixels", "--feature-turns", "2"],
+     "argument --feature-turns: the pixel map compares the four rot90s only"),
+    (["--features", "pixels", "--align-turn", "--reference-turns", "2"],
+     "argument --reference-turns: the pixel map compares the four rot90s only"),
+])
+def test_heatmap_auroc_refuses_turns_it_cannot_use(args, line, capsys):
+    """``--align-turn`` with one turn ran EMIT's map without a word; the pixel map has no turns."""
+    from emit_jax import cli
+    from emit_jax.experiments.heatmap_auroc import main
+
+    prog = "python -m emit_jax.experiments.heatmap_auroc"
+    assert cli.run(main, args, prog=prog) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert err == [f"{prog}: error: {line}"]

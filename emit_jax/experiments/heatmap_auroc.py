@@ -142,10 +142,15 @@ def main(argv=None) -> int:
                     "training split (embedded default only)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
-    if args.reference_turns > 1 and args.features == "pixels":
-        ap.error("argument --reference-turns: the pixel map compares the four rot90s only")
-    if args.feature_turns > 1 and args.features == "pixels":
-        ap.error("argument --feature-turns: the pixel map compares the four rot90s only")
+    for flag, on in (("--reference-turns", args.reference_turns > 1),
+                     ("--feature-turns", args.feature_turns > 1), ("--align-turn", args.align_turn)):
+        if on and args.features == "pixels":
+            ap.error(f"argument {flag}: the pixel map compares the four rot90s only")
+    try:  # the config's own check (before: --align-turn alone ran EMIT's map without a word)
+        EMITConfig(reference_turns=args.reference_turns, feature_turns=args.feature_turns,
+                   align_turn=args.align_turn).validate()
+    except ValueError as e:
+        ap.error(f"argument --align-turn: {e}")
     if args.fresh and args.data:
         ap.error("argument --fresh: the fresh datasets are the embedded generator's; "
                  "leave it out with --data")

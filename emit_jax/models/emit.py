@@ -299,8 +299,7 @@ def nearest_turn(query: jax.Array, bank: jax.Array, rotations: int, pool: int = 
     """``query [n, C, H, W]``, ``bank [n, turns * rotations, C, H, W]`` (:func:`reference_bank`)
     -> ``[n]`` int32: the turn whose copy is nearest the query in pixels (the mean squared
     difference of ``pool`` x ``pool`` averages, each image's mean removed)."""
-    n, k, c, hh, ww = bank.shape
-    h, w = hh // pool, ww // pool
+    h, w = bank.shape[-2] // pool, bank.shape[-1] // pool
 
     def small(x):  # [..., C, H, W] -> [..., C*h*w], mean removed
         x = x[..., :h * pool, :w * pool].astype(jnp.float32)
