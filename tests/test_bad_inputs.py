@@ -716,6 +716,7 @@ def test_shipped_configs_pass():
     ("warmup.hint", "picture", "warmup.hint: 'picture' must be 'statement' or 'map'"),
     ("data.ad_order", "no_yes", "data.ad_order: 'no_yes' must be one of ('shuffled', 'yes_no')"),
     ("data.rationale", "long", "data.rationale: 'long' must be one of ('brief', 'restate')"),
+    ("data.answers", "letters", "data.answers: 'letters' must be one of ('letter', 'words')"),
     ("sft.fresh_datasets", -1, "sft.fresh_datasets: -1 is below 0"),
     ("grpo.bn", "running", "grpo.bn: 'running' must be 'train' or 'frozen'"),
     ("grpo.instruction", "loud", "grpo.instruction: 'loud' must be 'think' or 'direct'"),

@@ -868,3 +868,16 @@ def test_write_accuracy_csv(tmp_path):
     assert mv == pytest.approx([62.5, 50.0, 200 / 3, (62.5 + 50 + 200 / 3) / 3, 0.5, 0.75])
     avg = [float(x) for x in lines[3].split(",")[1:]]
     assert avg[-2:] == pytest.approx([0.75, 0.375]) and avg[3] == pytest.approx(s.score)
+
+
+def test_lettered_puts_the_parsers_letter_in_the_answer_tag():
+    from emit_jax.eval.scoring import lettered
+
+    opts = list(FOUR.values())
+    text = f"<think>I see a {opts[1].lower()}</think><answer>{opts[1]}</answer>"
+    assert lettered(text, opts) == f"<think>I see a {opts[1].lower()}</think><answer>B</answer>"
+    # a letter already there stays; the last answer tag is the one read (as parse_answer's)
+    assert lettered("<answer>x</answer> <answer>C</answer>", opts) == \
+        "<answer>x</answer> <answer>C</answer>"
+    assert lettered("no tags here", opts) == "no tags here"
+    assert lettered("<answer>Hole.</answer>", None) == "<answer>Hole.</answer>"

@@ -288,3 +288,45 @@ def test_held_out_records_asked_to_think_keep_everything_but_the_instruction():
     cfg.eval_instruction, cfg.eval_unseen, cfg.eval_unseen_tasks = "think", 1, ("nope",)
     with pytest.raises(ConfigError, match="^config eval_unseen_tasks: "):
         validate_config(cfg, num_devices=1)
+
+
+def test_in_words_names_the_option_and_the_parser_reads_it_back():
+    """``data.answers='words'``: the four-option tasks' letter becomes the option's words, direct
+    and think answers alike; anomaly discrimination keeps its letter; and EMIT's parser reads
+    every embedded option text back to its own letter (no standalone A-E in it, and the closest
+    option text of an exact option is itself), in any company of other options."""
+    import random
+
+    import pytest
+
+    from emit_jax.data import jsonl
+    from emit_jax.data.embedded.catalogue import CLASSES, DEFECTS
+    from emit_jax.eval.scoring import parse_answer
+    from emit_jax.training.data import in_words
+
+    opts = ["Crack.", "Color stain.", "Hole.", "Scratch."]
+    q = _q("defect_classification", opts, "B")
+    direct = jsonl.question_to_record(q, 1, 0)
+    think = dict(direct, messages=[direct["messages"][0], {"role": "assistant", "content": (
+        "<think>The product is a metal nut. Compared with the reference there is a color stain "
+        "at the top left.</think><answer>B</answer>")}])
+    ad = jsonl.question_to_record(_q("anomaly_discrimination", ["Yes.", "No."], "A"), 1, 1)
+    out = in_words([direct, think, ad])
+    assert out[0]["messages"][1]["content"] == "Color stain."
+    assert out[1]["messages"][1]["content"] == think["messages"][1]["content"].replace(
+        "<answer>B</answer>", "<answer>Color stain.</answer>")
+    assert out[2] is ad and direct["messages"][1]["content"] == "B"  # inputs kept
+    with pytest.raises(ValueError, match="names no option letter"):
+        in_words([dict(direct, messages=[direct["messages"][0],
+                                         {"role": "assistant", "content": "maybe"}])])
+    names = [prompts.process_string(n) for n in DEFECTS + tuple(CLASSES)]
+    cells = [s for syns in prompts.REGION_SYNONYMS.values() for s in syns]
+    rng = random.Random(0)
+    for pool in (names, cells):
+        for _ in range(400):
+            four = rng.sample(pool, 4)
+            k = rng.randrange(4)
+            options = dict(zip(prompts.LETTERS, four))
+            assert parse_answer(four[k], options) == prompts.LETTERS[k]
+            assert parse_answer(f"<think>x</think><answer>{four[k]}</answer>", options,
+                                think=True) == prompts.LETTERS[k]

@@ -92,6 +92,22 @@ def parse_answer(text: str, options: Mapping[str, str] | None = None, *, think: 
     return None  # unreachable: the match is one of the values
 
 
+def lettered(text: str, options: Sequence[str] | None) -> str:
+    """``text`` (a think completion) with the content of its last ``<answer>...</answer>``
+    replaced by the letter :func:`parse_answer` reads from it (EMIT's parser: the first standalone
+    ``A``-``E``, else the option whose text is closest): how a completion that answers with the
+    option's words (``data.answers='words'``) is rewarded by EMIT's letter rewards, as the
+    evaluation scores it. Without an answer tag, options, or a letter read, ``text`` as is."""
+    found = list(_ANSWER_TAG_RE.finditer(text))
+    if not found or not options:
+        return text
+    span = found[-1]
+    letter = parse_answer(span.group(1), dict(zip(VALID_LETTERS, options)))
+    if letter is None:
+        return text
+    return text[:span.start()] + f"<answer>{letter}</answer>" + text[span.end():]
+
+
 def parse_response(text: str, options: Mapping[str, str] | None = None, *,
                    parse: ParseMode = "emit", think: bool = False) -> str | None:
     """The option letter of a response under one paper's parsing (docs/reference/mmad.md 6).

@@ -36,6 +36,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import sys
 
 import numpy as np
@@ -176,6 +177,43 @@ def with_rationales(records: list[dict], style: str = "brief") -> list[dict]:
     (the SFT-instead-of-GRPO ablation trains on these)."""
     return jsonl.with_answers(records, lambda r: rationale(r, r["solution"], r.get("options"),
                                                            style))
+
+
+#: how the four-option tasks' answers read (``data.answers``): ``letter`` (EMIT's: the option's
+#: letter) or ``words`` (the option's own words, "Nut.": what EMIT's parser maps to the option
+#: whose text is closest when a response holds no letter, ``eval.scoring.parse_answer``)
+ANSWER_FORMS = ("letter", "words")
+#: the tasks ``words`` applies to (anomaly discrimination keeps its letter)
+WORD_TASKS = RESTATED_TASKS
+_ANSWER_LETTER = re.compile(r"<answer>([A-E])</answer>")
+
+
+def in_words(records: list[dict]) -> list[dict]:
+    """``records`` (stage 1's or the base stage's: an assistant turn that is a letter, or a think
+    answer ending in ``<answer>X</answer>``) with the four-option tasks' letter replaced by the
+    chosen option's words ("B" -> "Nut."; ``data.answers='words'``). The tiny LLM names what it
+    sees instead of pointing at a letter, which it does not learn within the budget
+    (docs/training.md, "Answering with the option's words"); EMIT's parser maps a response
+    without a letter to the closest option text, so the evaluation scores it as that letter.
+    Other records are returned as they are."""
+    out = []
+    for r in records:
+        if r.get("task_type") not in WORD_TASKS or r["messages"][-1]["role"] != "assistant":
+            out.append(r)
+            continue
+        answer, opts = r["messages"][-1]["content"], r.get("options") or []
+        found = _ANSWER_LETTER.findall(answer)
+        letter = answer.strip() if answer.strip() in prompts.LETTERS else \
+            (found[-1] if found else None)
+        if letter is None or prompts.LETTERS.index(letter) >= len(opts):
+            raise ValueError(f"record {r.get('id')!r}: its answer {answer[-40:]!r} names no "
+                             "option letter to put in words")
+        words = str(opts[prompts.LETTERS.index(letter)]).strip()
+        new = words if answer.strip() == letter else \
+            answer[:answer.rindex(f"<answer>{letter}</answer>")] + f"<answer>{words}</answer>"
+        out.append(dict(r, messages=list(r["messages"][:-1]) +
+                        [dict(r["messages"][-1], content=new)]))
+    return out
 
 
 def warmup_records(questions, *, seed: int = 0, shuffles: int = 4,

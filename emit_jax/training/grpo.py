@@ -44,6 +44,7 @@ from emit_jax import faults
 from emit_jax.data.pipeline import (PipelineConfig, RecordEncoder, batch_ce, collate,
                                     repeat_rows)
 from emit_jax.ops.sampling import generate
+from emit_jax.eval.scoring import lettered
 from emit_jax.parallel import placed_module, sampler_mesh, shard_module, sharded_jit
 from emit_jax.rl import grpo as G_
 from emit_jax.rl import rewards as R_
@@ -391,11 +392,14 @@ def score_groups(g: GRPOConfig, texts: Sequence[str], toks: np.ndarray, lens: np
 
 def run_grpo(model, records, tokenizer, g: GRPOConfig, stage_dir: str, *, mesh=None, seed: int = 0,
              max_tiles: int = 1, length_buckets=(512, 768, 1024, 1536, 2048, 4096),
-             checkpoint_every: int = 50, on_nonfinite: str = "skip"):
+             checkpoint_every: int = 50, on_nonfinite: str = "skip", answers: str = "letter"):
     """Train ``model`` (an EMIT model after stage 1) with difficulty-aware GRPO through
     :func:`emit_jax.training.loop.run_loop`: per step, the :class:`Rollout` samples (resampling
     groups with no correct answer), :func:`score_groups` scores, ``score`` takes the reference
-    log-probs and ``train_step`` updates (``make_grpo_fns``). Returns (merged model, info)."""
+    log-probs and ``train_step`` updates (``make_grpo_fns``). ``answers='words'``: a completion
+    whose answer is an option's words is read as that option's letter before the rewards and
+    the correctness (``eval.scoring.lettered``, EMIT's parser), as the evaluation reads it.
+    Returns (merged model, info)."""
     G = g.G
     pcfg = prompt_pipeline(model, g, max_tiles, length_buckets)
     reference = model
@@ -434,11 +438,15 @@ def run_grpo(model, records, tokenizer, g: GRPOConfig, stage_dir: str, *, mesh=N
         with rollout.sampling():  # the sampler's copy of the policy lives for these rounds
             result = G_.resample_groups(
                 rollout_groups(rollout, recs, n, first_batch), recs, G,
-                lambda r, c: is_correct(c[0], r.get("solution", "")),
+                lambda r, c: is_correct(lettered(c[0], r.get("options")) if answers == "words"
+                                        else c[0], r.get("solution", "")),
                 max_resample_times=g.max_resample_times, on_failure="keep", enabled=g.resample,
                 pass_round=True)
         t_sampled = time.time()
         flat = result.flat_completions()
+        if answers == "words":  # the rewards read letters: the parser's letter of the words
+            flat = [(lettered(c[0], recs[i].get("options")),) + tuple(c[1:])
+                    for i, c in zip((i for i in result.prompt_indices for _ in range(G)), flat)]
         toks = np.stack([c[1] for c in flat])
         lens = np.array([c[2] for c in flat])
         correct = np.array(result.flat_correct())

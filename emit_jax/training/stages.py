@@ -111,7 +111,7 @@ def text_stage_records(cfg, records: dict, stage: str) -> list[dict]:
     source = "warmup_map" if map_grid(cfg) else "warmup"
     statements = [r for r in records[source] if not tasks or r["task_type"] in tasks]
     if stage == "warmup":
-        return statements
+        return answered(cfg, statements)
     extra = adfm_rationales(records["adfm"]) if cfg.base.get("adfm", False) else []
     fresh = int(cfg.base.get("fresh_datasets", 0))
     if embedded_only(cfg, "[base] base.fresh_datasets", fresh):
@@ -128,7 +128,8 @@ def text_stage_records(cfg, records: dict, stage: str) -> list[dict]:
         log(f"[base] {len(more)} think questions ({', '.join(tasks_)}) of {fresh} fresh "
             f"embedded datasets (seeds {cfg.data.seed + 1}-{cfg.data.seed + fresh}, "
             f"{time.time() - t0:.0f} s)")
-    return records["base"] + (statements if cfg.base.get("statements", False) else []) + extra
+    return answered(cfg, records["base"] + (statements if cfg.base.get("statements", False)
+                                            else []) + extra)
 
 
 #: ``base.fresh_tasks`` when empty: the three four-option tasks (their options the pointer the
@@ -169,13 +170,15 @@ def run_stage1(run: Run, model, stage: str = "sft"):
             f"{cfg.data.seed + fresh}, {time.time() - t0:.0f} s)")
     if cfg.sft.get("think", False):
         records = stage_data.think_records(records, rationale_style(cfg))
+    records = answered(cfg, records)
     return model, run.sft(model, records, "sft",
                           wrt=stage1_trainable(bool(cfg.sft.get("train_llm", False))))
 
 
 def run_sft2(run: Run, model, stage: str = "sft2"):
     """The ablation: stage 2 by SFT (same LoRA and trainable set as GRPO), merged after."""
-    records = stage_data.with_rationales(run.records["grpo"], rationale_style(run.cfg))
+    records = answered(run.cfg, stage_data.with_rationales(run.records["grpo"],
+                                                           rationale_style(run.cfg)))
     pcfg = run.pipeline(model)
     sample = collate([RecordEncoder(run.tokenizer, pcfg)(records[0], np.random.default_rng(0))],
                      pcfg, run.pad)
@@ -196,7 +199,7 @@ def run_stage2(run: Run, model, stage: str = "grpo"):
                     os.path.join(run.workdir, "grpo"), mesh=run.mesh, seed=cfg.seed,
                     max_tiles=cfg.data.max_tiles, length_buckets=cfg.data.length_buckets,
                     checkpoint_every=cfg.checkpoint_every,
-                    on_nonfinite=cfg.get("nonfinite", "skip"))
+                    on_nonfinite=cfg.get("nonfinite", "skip"), answers=answer_form(cfg))
 
 
 #: stage name -> ``fn(run, model, stage) -> (model, info)``
@@ -896,6 +899,16 @@ def question_options(cfg) -> dict:
 def rationale_style(cfg) -> str:
     """How templated think answers read (``data.rationale``; ``training.data.RATIONALES``)."""
     return cfg.data.get("rationale", "brief")
+
+
+def answer_form(cfg) -> str:
+    """How the four-option tasks' answers read (``data.answers``; ``training.data.ANSWER_FORMS``)."""
+    return cfg.data.get("answers", "letter")
+
+
+def answered(cfg, records: list[dict]) -> list[dict]:
+    """``records`` with their answers in the config's form (:func:`answer_form`)."""
+    return stage_data.in_words(records) if answer_form(cfg) == "words" else records
 
 
 def embedded_only(cfg, option: str, value) -> bool:

@@ -470,12 +470,14 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     _int(data, "seed", "data.seed", low=0, default=0)  # the embedded dataset's seeds are >= 0
     _int(data, "dk_sentences", "data.dk_sentences", low=0, default=0)  # 0: the whole text
     from emit_jax.data.tasks import AD_ORDERS
-    from emit_jax.training.data import RATIONALES
+    from emit_jax.training.data import ANSWER_FORMS, RATIONALES
 
     if data.get("ad_order", "shuffled") not in AD_ORDERS:
         _fail("data.ad_order", data.ad_order, f"must be one of {AD_ORDERS}")
     if data.get("rationale", "brief") not in RATIONALES:
         _fail("data.rationale", data.rationale, f"must be one of {RATIONALES}")
+    if data.get("answers", "letter") not in ANSWER_FORMS:
+        _fail("data.answers", data.answers, f"must be one of {ANSWER_FORMS}")
     for s in ("sft", "base"):
         if s not in cfg or s not in stages:
             continue
