@@ -356,3 +356,54 @@ def test_embedded_only_options_are_logged_and_dropped_for_a_dataset_folder(capsy
     cfg.data.source = str(tmp_path)
     assert _embedded_only(cfg, "[sft] sft.fresh_datasets", 12) is False
     assert "[sft] sft.fresh_datasets=12 not used" in capsys.readouterr().err
+
+
+COUNT_LETTERED = """
+from emit_jax.eval import scoring
+lettered = scoring.lettered
+def counted(text, options):
+    out = lettered(text, options)
+    with open(os.environ["LETTERED_LOG"], "a") as f:
+        f.write(repr((text, out)) + "\\n")
+    return out
+scoring.lettered = counted
+"""
+
+
+def test_words_answers_run_stage_2_through_the_parser(tmp_path, run_dir):
+    """``data.answers='words'``: stage 2 of the smoke run again, with the four-option answers in
+    words. Every completion goes through ``lettered`` (the evaluation's parser) before the
+    letter rewards, for the correctness and for the rewards; the stage runs to its end."""
+    import shutil
+
+    from conftest import subprocess_env, train_script
+
+    src, cache, _ = run_dir
+    d = tmp_path / "w"
+    d.mkdir()
+    for part in ("warmup", "base", "sft", "data", "tokenizer"):
+        shutil.copytree(src / part, d / part, symlinks=True)
+    log = tmp_path / "lettered.log"
+    r = subprocess.run([sys.executable, "-c", train_script(COUNT_LETTERED), "--config",
+                        "configs/grpo.py:smoke", "--workdir", str(d),
+                        "--config.data.answers=words", "--config.eval_limit=0",
+                        "--config.export_hf=False"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900, env=dict(subprocess_env(EMIT_JAX_CACHE=str(cache),
+                                                            LETTERED_LOG=str(log)),
+                                             PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[base] already finished" in r.stderr and "[grpo] finished" in r.stderr, r.stderr[-3000:]
+    calls = [eval(line) for line in log.read_text().splitlines()]
+    # 2 steps x 2 prompts x G completions, each read once for the correctness and once for the
+    # rewards (more with resampling rounds)
+    assert len(calls) >= 2 * 2 * 2 * 2, len(calls)
+    import re
+
+    for text, out in calls:  # only the last answer span changes, to the parser's letter
+        spans = list(re.finditer(r"<\s*answer\s*>(.*?)<\s*/\s*answer\s*>", text, re.S))
+        if not spans:
+            assert out == text
+            continue
+        a, b = spans[-1].start(), spans[-1].end()
+        assert out[:a] == text[:a] and out[len(out) - (len(text) - b):] == text[b:], (text, out)
+        assert re.fullmatch(r"<answer>[A-E]</answer>", out[a:len(out) - (len(text) - b)]), out
