@@ -372,8 +372,8 @@ scoring.lettered = counted
 
 def test_words_answers_run_stage_2_through_the_parser(tmp_path, run_dir):
     """``data.answers='words'``: stage 2 of the smoke run again, with the four-option answers in
-    words. Every completion goes through ``lettered`` (the evaluation's parser) before the
-    letter rewards, for the correctness and for the rewards; the stage runs to its end."""
+    words. Every completion goes through ``lettered`` (the evaluation's parser) once before the
+    letter rewards and the correctness; the stage runs to its end."""
     import shutil
 
     from conftest import subprocess_env, train_script
@@ -394,9 +394,11 @@ def test_words_answers_run_stage_2_through_the_parser(tmp_path, run_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[base] already finished" in r.stderr and "[grpo] finished" in r.stderr, r.stderr[-3000:]
     calls = [eval(line) for line in log.read_text().splitlines()]
-    # 2 steps x 2 prompts x G completions, each read once for the correctness and once for the
-    # rewards (more with resampling rounds)
-    assert len(calls) >= 2 * 2 * 2 * 2, len(calls)
+    # each generated completion read once (all rounds; the padding rows of a round not at all),
+    # its letter then serving the correctness and the rewards alike
+    counts = json.loads((d / "results.json").read_text())["stages"]["grpo"]["counts"]
+    assert counts["generated_groups"] >= 2 * 2  # 2 steps x 2 prompts, more with resampling
+    assert len(calls) == counts["generated_groups"] * 4, (len(calls), counts)  # G 4
     import re
 
     for text, out in calls:  # only the last answer span changes, to the parser's letter

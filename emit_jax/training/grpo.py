@@ -350,9 +350,12 @@ class Rollout:
         return batch, toks, lens, texts
 
 
-def rollout_groups(rollout, recs: Sequence[dict], step: int, first_batch: dict):
+def rollout_groups(rollout, recs: Sequence[dict], step: int, first_batch: dict,
+                   answers: str = "letter"):
     """``generate_fn(indices, round_)`` for ``emit_jax.rl.grpo.resample_groups``: ``G`` (text,
-    tokens, length) completions for each prompt ``recs[i]``. A round pads ``indices`` with
+    tokens, length) completions for each prompt ``recs[i]``; with ``answers='words'`` each text's
+    answer is read as the letter EMIT's parser takes from it (``eval.scoring.lettered``), once,
+    for the correctness and the rewards alike. A round pads ``indices`` with
     copies of its last prompt up to :func:`round_size` (``grpo.sampler.resample_pad``), so the
     sampler compiles one shape per size and a round of 1 failed group makes ``G`` rows with
     ``pow2``; the padding rows come last, so the real rows are encoded and drawn as with any
@@ -366,6 +369,9 @@ def rollout_groups(rollout, recs: Sequence[dict], step: int, first_batch: dict):
         batch, toks, lens, texts = rollout([recs[i] for i in padded], step, round_)
         if round_ == 0:
             first_batch["b"] = batch
+        if answers == "words":  # the rewards read letters: the parser's letter of the words
+            texts = [lettered(t, recs[indices[r // G]].get("options"))
+                     for r, t in enumerate(texts[:len(indices) * G])]
         return [[(texts[k * G + j], toks[k * G + j], int(lens[k * G + j])) for j in range(G)]
                 for k in range(len(indices))]
     return generate_fn
@@ -437,16 +443,12 @@ def run_grpo(model, records, tokenizer, g: GRPOConfig, stage_dir: str, *, mesh=N
 
         with rollout.sampling():  # the sampler's copy of the policy lives for these rounds
             result = G_.resample_groups(
-                rollout_groups(rollout, recs, n, first_batch), recs, G,
-                lambda r, c: is_correct(lettered(c[0], r.get("options")) if answers == "words"
-                                        else c[0], r.get("solution", "")),
+                rollout_groups(rollout, recs, n, first_batch, answers), recs, G,
+                lambda r, c: is_correct(c[0], r.get("solution", "")),
                 max_resample_times=g.max_resample_times, on_failure="keep", enabled=g.resample,
                 pass_round=True)
         t_sampled = time.time()
         flat = result.flat_completions()
-        if answers == "words":  # the rewards read letters: the parser's letter of the words
-            flat = [(lettered(c[0], recs[i].get("options")),) + tuple(c[1:])
-                    for i, c in zip((i for i in result.prompt_indices for _ in range(G)), flat)]
         toks = np.stack([c[1] for c in flat])
         lens = np.array([c[2] for c in flat])
         correct = np.array(result.flat_correct())
