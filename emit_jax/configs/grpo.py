@@ -69,6 +69,7 @@ def get_config(arg=None):
         c.stages = ("warmup", "base", "sft", "grpo")  # CI covers the optional warm-up too
         c.warmup.steps, c.base.steps, c.sft.steps, c.grpo.steps, c.sft2.steps = 2, 3, 2, 2, 2
         c.sft.fresh_datasets = 1  # CI covers the path with one fresh dataset
+        c.base.fresh_datasets = 0  # (tests/test_training_data.py covers the base's)
         c.eval_unseen = 0  # tests/test_train.py turns it on with a limit
         c.grpo.max_new_tokens, c.eval_limit, c.log_every, c.eval_max_new_tokens = 8, 4, 1, 8
         c.grpo.iterations = 2  # CI covers the mu > 1 path (stored old log-probs)

@@ -18,5 +18,5 @@ def get_config(arg=None):
     c.eval_max_new_tokens = 8
     if arg == "smoke":  # a few steps of each stage (CI)
         c.base.steps, c.sft.steps, c.eval_limit, c.log_every = 3, 2, 4, 1
-        c.sft.fresh_datasets, c.eval_unseen = 0, 0
+        c.sft.fresh_datasets, c.base.fresh_datasets, c.eval_unseen = 0, 0, 0
     return c
