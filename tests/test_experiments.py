@@ -91,6 +91,33 @@ def test_adfm_compare_summary_and_row_configs():
     assert "| AD-FM | 55.0 ± 5.0 |" in table and "–" in table
 
 
+def test_table1_reports_every_task_asked_on_the_unseen_images():
+    """``eval_unseen_tasks=()`` (the embedded recipe): the table adds the unseen images' four
+    tasks per row, mean ± std (population) over seeds, with their average; a run that asked
+    AD alone there adds nothing but the main table's unseen column."""
+    from emit_jax.experiments import table1 as T
+
+    four = dict(zip(T.TASK_COLUMNS, (80.0, 30.0, 25.0, 100.0)))
+    runs = [{"row": "+ stage 1 (SP + CE)", "seed": s, "average": 50.0, "letters": {"A": 1, "B": 1},
+             "tasks": dict(four), "unseen_ad": four["Anomaly Discrimination"] + d,
+             "unseen_questions": 1008,
+             "unseen_tasks": {**four, "Anomaly Discrimination": four["Anomaly Discrimination"] + d}}
+            for s, d in ((0, -2.0), (1, 2.0))]
+    table, data = T.summarize(runs)
+    rows = data[T.UNSEEN_TABLE]["+ stage 1 (SP + CE)"]
+    assert rows["Anomaly Discrimination"] == {"mean": 80.0, "std": 2.0, "values": [78.0, 82.0]}
+    assert rows["Object Classification"]["mean"] == 100.0
+    assert rows["Average"]["values"] == [np.mean([78.0, 30.0, 25.0, 100.0]),
+                                         np.mean([82.0, 30.0, 25.0, 100.0])]
+    assert "1008 questions" in table
+    assert "| + stage 1 (SP + CE) | 80.0 ± 2.0 | 30.0 ± 0.0 | 25.0 ± 0.0 | 100.0 ± 0.0 | 58.8 ± 0.5 |" \
+        in table.split("Unseen images")[1]
+    ad_only = [dict(r, unseen_tasks={"Anomaly Discrimination": r["unseen_ad"]}) for r in runs]
+    table, data = T.summarize(ad_only)
+    assert T.UNSEEN_TABLE not in data and "Unseen images" not in table
+    assert data["+ stage 1 (SP + CE)"][T.UNSEEN_COLUMN]["mean"] == 80.0
+
+
 def test_fresh_images_records_and_fixed_option_order(tmp_path):
     """The extra datasets' AD questions: one per image, each with its own reference; with the
     options fixed to No / Yes the answer letter is the label (B exactly for anomalous images),

@@ -192,6 +192,8 @@ def run_row(cfg_path: str, overrides: dict, seed: int, seed_dir: str, row: str) 
            # AD on every image of the unseen embedded datasets (config eval_unseen), or None
            "unseen_ad": res.get("unseen_tasks", {}).get(TASK_COLUMNS[0]),
            "unseen_questions": res.get("unseen_questions"),
+           # every task asked on those images (config eval_unseen_tasks), or None
+           "unseen_tasks": res.get("unseen_tasks"),
            "config": config}  # what a rerun compares (cached_row)
     with atomic_output(cached) as f:
         json.dump(finite_json(out), f, indent=1)
@@ -240,7 +242,37 @@ def summarize(results: list[dict]) -> tuple[str, dict]:
     if constant:  # a model that gives one letter to every question scores by the data alone
         note += ("\nthe same answer letter for every question (a collapsed model): "
                  + "; ".join(constant))
-    return "\n".join(lines) + f"\n\n{note}\n", data
+    out = "\n".join(lines) + f"\n\n{note}\n"
+    more = unseen_table(results)
+    if more:
+        out += more[0]
+        data = {**data, UNSEEN_TABLE: more[1]}
+    return out, data
+
+
+#: the JSON key of :func:`unseen_table`'s rows in ``table1.json``'s ``rows``
+UNSEEN_TABLE = "unseen images, every task asked"
+
+
+def unseen_table(results: list[dict]) -> tuple[str, dict] | None:
+    """Markdown and JSON of every task asked on the unseen images (config
+    ``eval_unseen_tasks``), mean ± std per row, with the average of those tasks; None when the
+    runs asked anomaly discrimination alone there (the main table's unseen column has it)."""
+    asked = [r for r in results if len(r.get("unseen_tasks") or {}) > 1]
+    if not asked:
+        return None
+    cols = [c for c in TASK_COLUMNS if any(c in r["unseen_tasks"] for r in asked)]
+
+    def value(r, col):
+        t = r.get("unseen_tasks") or {}
+        if col == "Average":
+            vals = [t[c] for c in cols if t.get(c) is not None]
+            return float(np.mean(vals)) if len(vals) == len(cols) else None
+        return t.get(col)
+    lines, data = mean_std_table(asked, ROWS, (*cols, "Average"), value)
+    n = max(int(r.get("unseen_questions") or 0) for r in asked)
+    return (f"\nUnseen images (config eval_unseen: embedded datasets no stage saw, {n} questions; "
+            f"Average: of these {len(cols)} tasks):\n\n" + "\n".join(lines) + "\n", data)
 
 
 def stage2_diagnostics(done: dict) -> dict:
