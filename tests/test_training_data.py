@@ -316,6 +316,17 @@ def test_in_words_names_the_option_and_the_parser_reads_it_back():
     assert out[1]["messages"][1]["content"] == think["messages"][1]["content"].replace(
         "<answer>B</answer>", "<answer>Color stain.</answer>")
     assert out[2] is ad and direct["messages"][1]["content"] == "B"  # inputs kept
+    # data.answers='all_words': anomaly discrimination's letter too, direct and think
+    from emit_jax.training.data import ALL_WORD_TASKS
+
+    ad_think = dict(ad, messages=[ad["messages"][0], {"role": "assistant", "content":
+                                                      "<think>A crack.</think><answer>A</answer>"}])
+    both = in_words([direct, ad, ad_think], ALL_WORD_TASKS)
+    assert [m["messages"][1]["content"] for m in both] == [
+        "Color stain.", "Yes.", "<think>A crack.</think><answer>Yes.</answer>"]
+    for text, letter in (("Yes.", "A"), ("No.", "B")):  # the parser reads them back
+        assert parse_answer(text, {"A": "Yes.", "B": "No."}) == letter
+        assert parse_answer(text, {"A": "No.", "B": "Yes."}) == "AB"[letter == "A"]
     with pytest.raises(ValueError, match="names no option letter"):
         in_words([dict(direct, messages=[direct["messages"][0],
                                          {"role": "assistant", "content": "maybe"}])])

@@ -39,8 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
         # and the defect, then the letter) or "restate" (the four-option tasks restate their
         # options word then letter, so the answer's letter is a copy; emit_jax.training.data)
         rationale="brief",
-        # the four-option tasks' trained answers: "letter" (EMIT's) or "words" (the option's own
+        # the four-option tasks' trained answers: "letter" (EMIT's), "words" (the option's own
         # words, which EMIT's parser maps to the closest option; emit_jax.training.data.in_words)
+        # or "all_words" (anomaly discrimination's too: "Yes." / "No.", no bare letter trained)
         answers="letter",
         length_buckets=(512, 768, 1024, 1536, 2048, 4096)))
     # optional text-only warm-up stage (add "warmup" to stages): short text versions of the tasks,

@@ -182,23 +182,26 @@ def with_rationales(records: list[dict], style: str = "brief") -> list[dict]:
 #: how the four-option tasks' answers read (``data.answers``): ``letter`` (EMIT's: the option's
 #: letter) or ``words`` (the option's own words, "Nut.": what EMIT's parser maps to the option
 #: whose text is closest when a response holds no letter, ``eval.scoring.parse_answer``)
-ANSWER_FORMS = ("letter", "words")
-#: the tasks ``words`` applies to (anomaly discrimination keeps its letter)
+ANSWER_FORMS = ("letter", "words", "all_words")
+#: the tasks ``words`` applies to (anomaly discrimination keeps its letter); ``all_words`` adds
+#: anomaly discrimination (``Yes.`` / ``No.``), so no trained answer is a bare letter
 WORD_TASKS = RESTATED_TASKS
+ALL_WORD_TASKS = ("anomaly_discrimination", *RESTATED_TASKS)
 _ANSWER_LETTER = re.compile(r"<answer>([A-E])</answer>")
 
 
-def in_words(records: list[dict]) -> list[dict]:
+def in_words(records: list[dict], tasks_: tuple = WORD_TASKS) -> list[dict]:
     """``records`` (stage 1's or the base stage's: an assistant turn that is a letter, or a think
     answer ending in ``<answer>X</answer>``) with the four-option tasks' letter replaced by the
     chosen option's words ("B" -> "Nut."; ``data.answers='words'``). The tiny LLM names what it
     sees instead of pointing at a letter, which it does not learn within the budget
     (docs/training.md, "Answering with the option's words"); EMIT's parser maps a response
     without a letter to the closest option text, so the evaluation scores it as that letter.
-    Other records are returned as they are."""
+    ``tasks_``: the tasks whose answers change (:data:`ALL_WORD_TASKS` for
+    ``data.answers='all_words'``). Other records are returned as they are."""
     out = []
     for r in records:
-        if r.get("task_type") not in WORD_TASKS or r["messages"][-1]["role"] != "assistant":
+        if r.get("task_type") not in tasks_ or r["messages"][-1]["role"] != "assistant":
             out.append(r)
             continue
         answer, opts = r["messages"][-1]["content"], r.get("options") or []

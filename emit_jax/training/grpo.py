@@ -353,7 +353,8 @@ class Rollout:
 def rollout_groups(rollout, recs: Sequence[dict], step: int, first_batch: dict,
                    answers: str = "letter"):
     """``generate_fn(indices, round_)`` for ``emit_jax.rl.grpo.resample_groups``: ``G`` (text,
-    tokens, length) completions for each prompt ``recs[i]``; with ``answers='words'`` each text's
+    tokens, length) completions for each prompt ``recs[i]``; with ``answers`` ``'words'`` or
+    ``'all_words'`` each text's
     answer is read as the letter EMIT's parser takes from it (``eval.scoring.lettered``), once,
     for the correctness and the rewards alike. A round pads ``indices`` with
     copies of its last prompt up to :func:`round_size` (``grpo.sampler.resample_pad``), so the
@@ -369,7 +370,7 @@ def rollout_groups(rollout, recs: Sequence[dict], step: int, first_batch: dict,
         batch, toks, lens, texts = rollout([recs[i] for i in padded], step, round_)
         if round_ == 0:
             first_batch["b"] = batch
-        if answers == "words":  # the rewards read letters: the parser's letter of the words
+        if answers != "letter":  # the rewards read letters: the parser's letter of the words
             texts = [lettered(t, recs[indices[r // G]].get("options"))
                      for r, t in enumerate(texts[:len(indices) * G])]
         return [[(texts[k * G + j], toks[k * G + j], int(lens[k * G + j])) for j in range(G)]

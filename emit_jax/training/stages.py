@@ -908,7 +908,11 @@ def answer_form(cfg) -> str:
 
 def answered(cfg, records: list[dict]) -> list[dict]:
     """``records`` with their answers in the config's form (:func:`answer_form`)."""
-    return stage_data.in_words(records) if answer_form(cfg) == "words" else records
+    form = answer_form(cfg)
+    if form == "letter":
+        return records
+    return stage_data.in_words(records, stage_data.ALL_WORD_TASKS if form == "all_words"
+                               else stage_data.WORD_TASKS)
 
 
 def embedded_only(cfg, option: str, value) -> bool:
