@@ -179,14 +179,17 @@ def with_rationales(records: list[dict], style: str = "brief") -> list[dict]:
                                                            style))
 
 
-#: how the four-option tasks' answers read (``data.answers``): ``letter`` (EMIT's: the option's
-#: letter) or ``words`` (the option's own words, "Nut.": what EMIT's parser maps to the option
-#: whose text is closest when a response holds no letter, ``eval.scoring.parse_answer``)
-ANSWER_FORMS = ("letter", "words", "all_words")
 #: the tasks ``words`` applies to (anomaly discrimination keeps its letter); ``all_words`` adds
 #: anomaly discrimination (``Yes.`` / ``No.``), so no trained answer is a bare letter
 WORD_TASKS = RESTATED_TASKS
 ALL_WORD_TASKS = ("anomaly_discrimination", *RESTATED_TASKS)
+#: the answer forms in words (``data.answers``) -> the tasks whose answers they put in words
+WORDED_TASKS = {"words": WORD_TASKS, "all_words": ALL_WORD_TASKS}
+#: how the trained answers read (``data.answers``): ``letter`` (EMIT's: the option's letter),
+#: ``words`` (the four-option tasks' option's own words, "Nut.": what EMIT's parser maps to the
+#: option whose text is closest when a response holds no letter, ``eval.scoring.parse_answer``)
+#: or ``all_words`` (anomaly discrimination's too)
+ANSWER_FORMS = ("letter", *WORDED_TASKS)
 _ANSWER_LETTER = re.compile(r"<answer>([A-E])</answer>")
 
 

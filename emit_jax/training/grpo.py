@@ -354,9 +354,9 @@ def rollout_groups(rollout, recs: Sequence[dict], step: int, first_batch: dict,
                    answers: str = "letter"):
     """``generate_fn(indices, round_)`` for ``emit_jax.rl.grpo.resample_groups``: ``G`` (text,
     tokens, length) completions for each prompt ``recs[i]``; with ``answers`` ``'words'`` or
-    ``'all_words'`` each text's
-    answer is read as the letter EMIT's parser takes from it (``eval.scoring.lettered``), once,
-    for the correctness and the rewards alike. A round pads ``indices`` with
+    ``'all_words'`` each text's answer is read as the letter EMIT's parser takes from it
+    (``eval.scoring.lettered``), once, for the correctness and the rewards alike. A round pads
+    ``indices`` with
     copies of its last prompt up to :func:`round_size` (``grpo.sampler.resample_pad``), so the
     sampler compiles one shape per size and a round of 1 failed group makes ``G`` rows with
     ``pow2``; the padding rows come last, so the real rows are encoded and drawn as with any

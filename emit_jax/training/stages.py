@@ -908,11 +908,8 @@ def answer_form(cfg) -> str:
 
 def answered(cfg, records: list[dict]) -> list[dict]:
     """``records`` with their answers in the config's form (:func:`answer_form`)."""
-    form = answer_form(cfg)
-    if form == "letter":
-        return records
-    return stage_data.in_words(records, stage_data.ALL_WORD_TASKS if form == "all_words"
-                               else stage_data.WORD_TASKS)
+    tasks_ = stage_data.WORDED_TASKS.get(answer_form(cfg))
+    return stage_data.in_words(records, tasks_) if tasks_ else records
 
 
 def embedded_only(cfg, option: str, value) -> bool:
