@@ -719,6 +719,8 @@ def test_shipped_configs_pass():
     ("data.answers", "letters",
      "data.answers: 'letters' must be one of ('letter', 'words', 'all_words')"),
     ("sft.fresh_datasets", -1, "sft.fresh_datasets: -1 is below 0"),
+    ("base.fresh_direct", 1.5, "base.fresh_direct: 1.5 must be <= 1.0"),
+    ("base.fresh_direct", -0.5, "base.fresh_direct: -0.5 must be >= 0.0"),
     ("grpo.bn", "running", "grpo.bn: 'running' must be 'train' or 'frozen'"),
     ("grpo.instruction", "loud", "grpo.instruction: 'loud' must be 'think' or 'direct'"),
     ("grpo.max_new_tokens", 1 << 20, "grpo.max_new_tokens: 1048576 new tokens do not fit the "

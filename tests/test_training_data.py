@@ -258,6 +258,47 @@ def test_base_fresh_datasets_add_think_questions_on_every_image(tmp_path, monkey
         {"object_classification"}
 
 
+def test_base_fresh_direct_asks_that_share_with_the_direct_instruction(tmp_path, monkeypatch):
+    """``base.fresh_direct``: that share of the fresh questions keeps the direct instruction and
+    the bare answer (the held-out questions' form); the rest are the think records they were,
+    the same questions either way, and the same draw for the same seed."""
+    from emit_jax.configs import common
+    from emit_jax.training.stages import text_stage_records
+
+    monkeypatch.setenv("EMIT_JAX_CACHE", str(tmp_path))
+    cfg = common.base_config()
+    cfg.base.fresh_datasets = 1
+    recs = {"warmup": [], "base": []}
+    think = text_stage_records(cfg, recs, "base")
+    cfg.base.fresh_direct = 0.5
+    mixed = text_stage_records(cfg, recs, "base")
+    assert mixed == text_stage_records(cfg, recs, "base")  # the same draw again
+    by_id = {r["id"]: r for r in think}
+    assert len(mixed) == len(think) == len(by_id) == 616 and set(by_id) == \
+        {r["id"] for r in mixed}
+    direct = [r for r in mixed if prompts.INSTR_DIRECT in r["messages"][0]["content"]]
+    assert 0.4 < len(direct) / len(mixed) < 0.6  # 616 draws of p = 0.5
+    for r in mixed:
+        t = by_id[r["id"]]
+        if r in direct:
+            # the think record's question with the direct instruction, its answer the letter
+            # the think answer ends with
+            assert r["messages"][0]["content"] == t["messages"][0]["content"].replace(
+                prompts.INSTR_THINK, prompts.INSTR_DIRECT)
+            assert t["messages"][1]["content"].endswith(
+                f"<answer>{r['messages'][1]['content']}</answer>")
+            assert r["messages"][1]["content"] in prompts.LETTERS
+        else:
+            assert r == t
+    cfg.data.answers = "words"  # the direct ones are answered with the option's words too
+    for r in text_stage_records(cfg, recs, "base"):
+        if prompts.INSTR_DIRECT in r["messages"][0]["content"]:
+            assert r["messages"][1]["content"] in r["options"]
+    cfg.base.fresh_direct = 1.0
+    assert all(prompts.INSTR_DIRECT in r["messages"][0]["content"]
+               for r in text_stage_records(cfg, {"warmup": [], "base": []}, "base"))
+
+
 def test_held_out_records_asked_to_think_keep_everything_but_the_instruction():
     import pytest
 

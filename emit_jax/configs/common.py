@@ -65,8 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
                                             train_vision=True,  # False: the ViT stays as built
                                             # N > 0: also think questions on every image of N
                                             # further embedded datasets (seeds data.seed+1..+N)
-                                            # for fresh_tasks (() = DC, DL and OC)
-                                            fresh_datasets=0, fresh_tasks=()))
+                                            # for fresh_tasks (() = DC, DL and OC);
+                                            # fresh_direct: the share of them asked with the
+                                            # direct instruction instead (as the held-out ones)
+                                            fresh_datasets=0, fresh_tasks=(), fresh_direct=0.0))
     # EMIT stage 1: soft prompt + projector only (the paper's lr 1e-5 is for 8B; tiny needs more)
     c.sft = ml_collections.ConfigDict(dict(steps=60, batch_size=8, lr=1e-3, warmup_ratio=0.03,
                                            weight_decay=1e-4, b1=0.9, b2=0.95, clip_norm=1.0,

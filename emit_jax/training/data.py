@@ -543,17 +543,27 @@ def fresh_records(seeds, *, tasks_: tuple = ("anomaly_discrimination",),
                                   dk_sentences=dk_sentences)
 
 
-def fresh_think_records(seeds, tasks_: tuple, *, style: str = "brief",
-                        cache_dir: str | None = None, ad_order: str = "shuffled",
-                        domain_knowledge: bool = False, dk_sentences: int = 0) -> list[dict]:
+def fresh_think_records(seeds, tasks_: tuple, *, style: str = "brief", direct: float = 0.0,
+                        pick_seed: int = 0, cache_dir: str | None = None,
+                        ad_order: str = "shuffled", domain_knowledge: bool = False,
+                        dk_sentences: int = 0) -> list[dict]:
     """The questions of ``tasks_`` on every image of the embedded datasets drawn with ``seeds``
     (as :func:`fresh_records`), each with the think instruction and its templated think answer
     (:func:`think_records`, ``style``): the base stage's extra image questions
-    (``base.fresh_datasets``). Ids are ``basefresh<seed>-...``."""
+    (``base.fresh_datasets``). Ids are ``basefresh<seed>-...``.
+
+    ``direct`` in [0, 1]: that share of the questions (drawn with ``pick_seed``, the same draw
+    for the same records) keeps the direct instruction and answer instead (``base.fresh_direct``:
+    the held-out questions are asked with the direct instruction)."""
     recs = _whole_dataset_records(seeds, "basefresh", stage=1, think=False, tasks_=tasks_,
                                   cache_dir=cache_dir, ad_order=ad_order,
                                   domain_knowledge=domain_knowledge, dk_sentences=dk_sentences)
-    return think_records(recs, style)
+    if not 0.0 <= direct <= 1.0:
+        raise ValueError(f"direct={direct!r}: a share in [0, 1]")
+    rng = random.Random(pick_seed)
+    keep = [rng.random() < direct for _ in recs]
+    think = iter(think_records([r for r, k in zip(recs, keep) if not k], style))
+    return [r if k else next(think) for r, k in zip(recs, keep)]
 
 
 #: the first seed of the unseen evaluation datasets (``unseen_records``): far above any

@@ -120,12 +120,15 @@ def text_stage_records(cfg, records: dict, stage: str) -> list[dict]:
 
         t0 = time.time()
         tasks_ = tuple(cfg.base.get("fresh_tasks", ()) or BASE_FRESH_TASKS)
+        direct = float(cfg.base.get("fresh_direct", 0.0))
         more = stage_data.fresh_think_records(
             range(cfg.data.seed + 1, cfg.data.seed + 1 + fresh), tasks_,
-            style=rationale_style(cfg), **question_options(cfg))
+            style=rationale_style(cfg), direct=direct, pick_seed=cfg.seed,
+            **question_options(cfg))
         random.Random(cfg.seed).shuffle(more)
         extra = extra + more
-        log(f"[base] {len(more)} think questions ({', '.join(tasks_)}) of {fresh} fresh "
+        asked = "think" if not direct else f"think and direct ({direct:.0%} direct)"
+        log(f"[base] {len(more)} {asked} questions ({', '.join(tasks_)}) of {fresh} fresh "
             f"embedded datasets (seeds {cfg.data.seed + 1}-{cfg.data.seed + fresh}, "
             f"{time.time() - t0:.0f} s)")
     return answered(cfg, records["base"] + (statements if cfg.base.get("statements", False)

@@ -18,8 +18,8 @@ import os
 from emit_jax.errors import ConfigError
 from emit_jax.limits import INT_MAX, MAX_TILES, MAX_TOKENS
 from emit_jax.ops import kernels
-from emit_jax.training.config import (SFT_STAGES, STAGES, GRPOConfig, OptimConfig, check_int,
-                                      fail as _fail)
+from emit_jax.training.config import (SFT_STAGES, STAGES, GRPOConfig, OptimConfig, check_float,
+                                      check_int, fail as _fail)
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -487,6 +487,9 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
                 default=0) >= UNSEEN_SEED0 - int(data.get("seed", 0)):
             _fail(f"{s}.fresh_datasets", cfg[s].fresh_datasets, "would reach the seeds of the "
                   f"unseen evaluation datasets ({UNSEEN_SEED0} on, eval_unseen)")
+    if "base" in cfg and "base" in stages:
+        check_float("base.fresh_direct", _get(cfg.base, "fresh_direct", "base.fresh_direct", 0.0),
+                    low=0.0, high=1.0)
     from emit_jax.data.prompts import TASKS
 
     # task filters of the stages (before: an unknown name left a stage with no records, a
