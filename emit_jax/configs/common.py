@@ -86,8 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
                                            # the log says so)
                                            fresh_datasets=0, fresh_tasks=(),
                                            # True: the language model is trained too (not
-                                           # EMIT's stage 1), to learn to read the CE tokens
-                                           train_llm=False))
+                                           # EMIT's stage 1), to learn to read the CE tokens;
+                                           # its learning rate lr x llm_lr_scale (<= 1)
+                                           train_llm=False, llm_lr_scale=1.0))
     c.emit = ml_collections.ConfigDict(dict(bn_mode="standard", use_soft_prompt=True,
                                             use_contrastive=True, num_soft_tokens=9,
                                             max_readout=False, peak_location=False,

@@ -157,6 +157,10 @@ class OptimConfig:
     clip_norm: float = 1.0
     # rows per micro-batch (gradient accumulation, emit_jax.training.micro); 0 = the whole batch
     micro_batch_size: int = 0
+    # the language model's parameters' learning rate is lr x this (its updates scaled; 1 = one
+    # rate for all): a stage that trains the LLM beside a new part (sft.train_llm) can move the
+    # LLM slower than the projector
+    llm_lr_scale: float = 1.0
     name: str = dataclasses.field(default="optim", compare=False)
 
     def __post_init__(self):
@@ -173,6 +177,7 @@ class OptimConfig:
         check_float(f"{n}.clip_norm", self.clip_norm, low=0.0, low_open=True)
         check_micro(f"{n}.micro_batch_size", self.micro_batch_size, self.batch_size,
                     f"{n}.batch_size")
+        check_float(f"{n}.llm_lr_scale", self.llm_lr_scale, low=0.0, high=1.0)
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any], name: str) -> "OptimConfig":

@@ -33,9 +33,35 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     warm = max(0, int(round(cfg.warmup_ratio * cfg.steps)))
     sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warm, 1), max(cfg.steps, warm + 1), 0.0) \
         if warm else optax.cosine_decay_schedule(cfg.lr, max(cfg.steps, 1))
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                       optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                                   weight_decay=cfg.weight_decay, mu_dtype=jnp.float32))
+    parts = [optax.clip_by_global_norm(cfg.clip_norm),
+             optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                         weight_decay=cfg.weight_decay, mu_dtype=jnp.float32)]
+    if cfg.llm_lr_scale != 1.0:
+        parts.append(scale_under(LLM_PATH, cfg.llm_lr_scale))
+    return optax.chain(*parts)
+
+
+#: the path entry of the language model's parameters (``InternVL.language_model``)
+LLM_PATH = "language_model"
+
+
+def _named(entry) -> str | None:
+    """A pytree path entry's name (a dict key or an attribute), else None."""
+    name = getattr(entry, "key", getattr(entry, "name", None))
+    return name if isinstance(name, str) else None
+
+
+def scale_under(name: str, factor: float) -> optax.GradientTransformation:
+    """Multiplies the updates of the leaves whose pytree path passes through ``name`` by
+    ``factor`` (after AdamW: their learning rate and weight decay scaled), the others unchanged."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(
+            lambda path, u: u * factor if any(_named(e) == name for e in path) else u,
+            updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def make_train_state(model, ocfg: OptimConfig, wrt) -> nnx.Optimizer:
