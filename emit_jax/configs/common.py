@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
                                             micro_batch_size=0,
                                             statements=False,  # mix the warm-up's records in
                                             train_vision=True,  # False: the ViT stays as built
-                                            # N > 0: also think questions on every image of N
+                                            # N > 0: also questions on every image of N
                                             # further embedded datasets (seeds data.seed+1..+N)
                                             # for fresh_tasks (() = DC, DL and OC);
                                             # fresh_direct: the share of them asked with the

@@ -543,14 +543,14 @@ def fresh_records(seeds, *, tasks_: tuple = ("anomaly_discrimination",),
                                   dk_sentences=dk_sentences)
 
 
-def fresh_think_records(seeds, tasks_: tuple, *, style: str = "brief", direct: float = 0.0,
-                        pick_seed: int = 0, cache_dir: str | None = None,
-                        ad_order: str = "shuffled", domain_knowledge: bool = False,
-                        dk_sentences: int = 0) -> list[dict]:
+def fresh_base_records(seeds, tasks_: tuple, *, style: str = "brief", direct: float = 0.0,
+                       pick_seed: int = 0, cache_dir: str | None = None,
+                       ad_order: str = "shuffled", domain_knowledge: bool = False,
+                       dk_sentences: int = 0) -> list[dict]:
     """The questions of ``tasks_`` on every image of the embedded datasets drawn with ``seeds``
     (as :func:`fresh_records`), each with the think instruction and its templated think answer
-    (:func:`think_records`, ``style``): the base stage's extra image questions
-    (``base.fresh_datasets``). Ids are ``basefresh<seed>-...``.
+    (:func:`think_records`, ``style``) unless ``direct`` says otherwise: the base stage's extra
+    image questions (``base.fresh_datasets``). Ids are ``basefresh<seed>-...``.
 
     ``direct`` in [0, 1]: that share of the questions (drawn with ``pick_seed``, the same draw
     for the same records) keeps the direct instruction and answer instead (``base.fresh_direct``:

@@ -121,7 +121,7 @@ def text_stage_records(cfg, records: dict, stage: str) -> list[dict]:
         t0 = time.time()
         tasks_ = tuple(cfg.base.get("fresh_tasks", ()) or BASE_FRESH_TASKS)
         direct = float(cfg.base.get("fresh_direct", 0.0))
-        more = stage_data.fresh_think_records(
+        more = stage_data.fresh_base_records(
             range(cfg.data.seed + 1, cfg.data.seed + 1 + fresh), tasks_,
             style=rationale_style(cfg), direct=direct, pick_seed=cfg.seed,
             **question_options(cfg))
