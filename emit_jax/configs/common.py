@@ -200,7 +200,7 @@ def embedded_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # closest option; EMIT trains the letter): the tiny model then names the object on every
     # held-out image (OC 100.0 on the test split and the unseen dataset with seed 0, 71.4 / 69.0
     # with seed 1, against 23.8 with letters) when its base stage also reads the three tasks'
-    # think questions on every image of the twelve datasets stage 1 draws anyway, for 300 steps
+    # questions on every image of the twelve datasets stage 1 draws anyway, for 300 steps
     # (150: it answers one word to all)
     c.data.answers = "words"
     # half of those asked with the direct instruction, as the held-out questions are: with think

@@ -555,15 +555,14 @@ def fresh_base_records(seeds, tasks_: tuple, *, style: str = "brief", direct: fl
     ``direct`` in [0, 1]: that share of the questions (drawn with ``pick_seed``, the same draw
     for the same records) keeps the direct instruction and answer instead (``base.fresh_direct``:
     the held-out questions are asked with the direct instruction)."""
+    if not 0.0 <= direct <= 1.0:  # before the datasets are drawn
+        raise ValueError(f"direct={direct!r}: a share in [0, 1]")
     recs = _whole_dataset_records(seeds, "basefresh", stage=1, think=False, tasks_=tasks_,
                                   cache_dir=cache_dir, ad_order=ad_order,
                                   domain_knowledge=domain_knowledge, dk_sentences=dk_sentences)
-    if not 0.0 <= direct <= 1.0:
-        raise ValueError(f"direct={direct!r}: a share in [0, 1]")
     rng = random.Random(pick_seed)
-    keep = [rng.random() < direct for _ in recs]
-    think = iter(think_records([r for r, k in zip(recs, keep) if not k], style))
-    return [r if k else next(think) for r, k in zip(recs, keep)]
+    return [r if rng.random() < direct else t
+            for r, t in zip(recs, think_records(recs, style))]
 
 
 #: the first seed of the unseen evaluation datasets (``unseen_records``): far above any
