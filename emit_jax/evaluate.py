@@ -86,7 +86,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import itertools
 import json
+import math
 import os
 import signal
 import stat
@@ -241,11 +243,59 @@ class Runner:
         return enc["input_ids"], tiles, ce
 
     def answer(self, text: str, images: list[str], use_comp: bool) -> str:
+        return self.answer_batch([(text, images, use_comp)])[0]
+
+    def answer_batch(self, queries, rows: int | None = None) -> list[str]:
+        """The responses to ``queries`` (``(text, image paths, use_comp)`` each), in order, from
+        one ``generate`` call: the prompts left-padded to the longest one's length bucket, the
+        tiles and CE pairs concatenated in order (questions with and without the contrastive
+        pair may share a batch: the pairs fill the ``<COMP_CONTEXT>`` slots in order). ``rows`` > ``len(queries)`` pads the batch with
+        copies of the last query (answers dropped), so every batch of a run has one shape.
+        Greedy answers equal :meth:`answer`'s one by one (the padding is masked; up to the
+        float rounding of a batched matmul, which can flip a near tie)."""
         import jax.numpy as jnp
 
         from emit_jax.ops.sampling import generate
 
-        ids, tiles, ce = self.encode(text, images, use_comp)
+        if not queries:
+            return []
+        encoded = []
+        for text, images, use_comp in queries:
+            ids, tiles, ce = self.encode(text, images, use_comp)
+            self._check_length(ids, images)
+            encoded.append((ids, tiles, ce))
+        n = len(encoded)
+        encoded += [encoded[-1]] * max(0, (rows or n) - n)
+        L = max(next((b for b in self.buckets if b >= len(ids)), len(ids))
+                for ids, _, _ in encoded)
+        ids_ = np.full((len(encoded), L), self.pad, np.int32)
+        mask = np.zeros((len(encoded), L), np.int32)
+        for i, (ids, _, _) in enumerate(encoded):
+            ids_[i, L - len(ids):] = ids
+            mask[i, L - len(ids):] = 1
+        tiles = [t for _, ts, _ in encoded for t in ts]
+        pix = jnp.asarray(np.concatenate(tiles)) if tiles else None
+        ces = [ce for _, _, ce in encoded if ce is not None]
+        out = generate(self.model, ids_, mask, pix,
+                       ce_pixels=jnp.asarray(np.concatenate(ces)) if ces else None,
+                       max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
+                       eos_token_id=self.eos, pad_token_id=self.pad, mesh=self.mesh)
+        lengths = np.asarray(out.lengths)
+        logprobs, tokens = np.asarray(out.logprobs), np.asarray(out.tokens)
+        answers = []
+        for i, (_, images, _) in enumerate(queries):
+            k = int(lengths[i])
+            if not np.isfinite(logprobs[i, :k]).all():
+                # (eighteenth probe X12: a broken config.json answered every question with
+                # token 0, the NaN logits' argmax, in an evaluation that looked normal)
+                raise CheckpointError(f"the model's output is not a number (NaN logits) on the "
+                                      f"question on {images[-1] if images else 'no image'}: its "
+                                      "weights or config.json are broken")
+            answers.append(self.tok.decode(tokens[i, :k].tolist(),
+                                           skip_special_tokens=True).strip())
+        return answers
+
+    def _check_length(self, ids, images) -> None:
         if len(ids) + self.max_new_tokens > self.context:  # before: an allocation failure
             room = self.context - len(ids)
             fix = (f"give --max-new-tokens {room:,} or fewer" if room > 0 else
@@ -254,25 +304,6 @@ class Runner:
                               f"prompt is {len(ids):,} tokens, which with --max-new-tokens "
                               f"{self.max_new_tokens:,} passes the model's context of "
                               f"{self.context:,} positions (max_position_embeddings); {fix}")
-        L = next((b for b in self.buckets if b >= len(ids)), len(ids))
-        row = np.full((1, L), self.pad, np.int32)
-        mask = np.zeros((1, L), np.int32)
-        row[0, L - len(ids):] = ids
-        mask[0, L - len(ids):] = 1
-        pix = jnp.asarray(np.concatenate(tiles)) if tiles else None
-        out = generate(self.model, row, mask, pix,
-                       ce_pixels=None if ce is None else jnp.asarray(ce),
-                       max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
-                       eos_token_id=self.eos, pad_token_id=self.pad, mesh=self.mesh)
-        n = int(out.lengths[0])
-        if not np.isfinite(np.asarray(out.logprobs[0, :n])).all():
-            # (eighteenth probe X12: a broken config.json answered every question with token 0,
-            # the NaN logits' argmax, in an evaluation that looked normal)
-            raise CheckpointError(f"the model's output is not a number (NaN logits) on the "
-                                  f"question on {images[-1] if images else 'no image'}: its "
-                                  "weights or config.json are broken")
-        toks = np.asarray(out.tokens[0, :n]).tolist()
-        return self.tok.decode(toks, skip_special_tokens=True).strip()
 
 
 def mmad_queries(root: str, think: bool, limit: int | None):
@@ -366,27 +397,58 @@ def mvtec_queries(root: str, think: bool, limit: int | None, split: str | None, 
     return out
 
 
-def _record_answers(runner: Runner, records, limit: int | None):
-    """``(record, greedy response)`` for the first ``limit`` JSONL records (all when None)."""
+def _record_answers(runner: Runner, records, limit: int | None, batch: int = 1):
+    """``(record, greedy response)`` for the first ``limit`` JSONL records (all when None), in
+    order. ``batch`` > 1: the records grouped by their shape (with or without the contrastive
+    pair, how many images), ``batch`` questions of a group per ``generate`` call
+    (:meth:`Runner.answer_batch`), each group's last batch padded to ``batch`` rows (to a
+    multiple of the mesh's batch shards with ``runner.mesh``), so a run compiles one program per
+    shape; the answers come when every batch is done."""
     from emit_jax.models.emit import use_comp
 
-    for k, rec in enumerate(records):
-        if limit is not None and k >= limit:
-            return
+    if batch < 1:
+        raise ValueError(f"batch {batch}: must be >= 1")
+    records = records if limit is None else itertools.islice(records, limit)
+
+    def query(rec):
         text = rec["messages"][0]["content"]
-        yield rec, runner.answer(text, rec["images"], use_comp(len(rec["images"]), text))
+        return text, rec["images"], use_comp(len(rec["images"]), text)
+
+    if batch == 1:  # one at a time, as they come
+        for rec in records:
+            yield rec, runner.answer(*query(rec))
+        return
+    records = list(records)
+    queries = [query(rec) for rec in records]
+    rows = batch
+    if runner.mesh is not None:  # whole batch shards
+        from emit_jax.parallel import BATCH_AXES
+
+        shards = math.prod(runner.mesh.shape[a] for a in BATCH_AXES)
+        rows = -(-batch // shards) * shards
+    groups: dict = {}
+    for i, (_, images, comp) in enumerate(queries):
+        groups.setdefault((comp, len(images)), []).append(i)
+    answers: list = [None] * len(records)
+    for idx in groups.values():
+        for k in range(0, len(idx), batch):
+            chunk = idx[k:k + batch]
+            for i, a in zip(chunk, runner.answer_batch([queries[i] for i in chunk], rows=rows)):
+                answers[i] = a
+    yield from zip(records, answers)
 
 
 def evaluate_records(model, tokenizer, records, *, limit: int | None = None, max_tiles: int = 1,
                      max_new_tokens: int = 8, think: bool = False, root: str | None = None,
-                     mesh=None):
+                     mesh=None, batch: int = 1):
     """Greedy answers for EMIT JSONL records (``solution``, ``options``, ``task_type``) ->
-    (Summary, rows). Used for held-out accuracy during training."""
+    (Summary, rows), ``batch`` questions per generation (:func:`_record_answers`). Used for
+    held-out accuracy during training."""
     from emit_jax.eval.scoring import parse_answer, summarize
 
     runner = Runner(model, tokenizer, max_tiles=max_tiles, max_new_tokens=max_new_tokens, mesh=mesh)
     rows = []
-    for rec, response in _record_answers(runner, records, limit):
+    for rec, response in _record_answers(runner, records, limit, batch):
         options = {chr(65 + i): o for i, o in enumerate(rec.get("options", []))}
         query = rec.get("query") or rec["images"][-1]
         key = f"{rec.get('dataset', 'data')}/{os.path.relpath(query, root) if root else query}"
@@ -398,7 +460,7 @@ def evaluate_records(model, tokenizer, records, *, limit: int | None = None, max
 
 
 def evaluate_adfm(model, tokenizer, records, *, limit: int | None = None, max_tiles: int = 1,
-                  max_new_tokens: int = 64, mesh=None) -> tuple[dict, list[dict]]:
+                  max_new_tokens: int = 64, mesh=None, batch: int = 1) -> tuple[dict, list[dict]]:
     """Greedy AD-FM answers for AD-FM records (:mod:`emit_jax.data.adfm`) -> (summary, rows).
 
     summary: ``accuracy`` (% of records with R_cls = 1), ``balanced_accuracy`` (mean of the
@@ -412,7 +474,7 @@ def evaluate_adfm(model, tokenizer, records, *, limit: int | None = None, max_ti
 
     runner = Runner(model, tokenizer, max_tiles=max_tiles, max_new_tokens=max_new_tokens, mesh=mesh)
     rows = []
-    for rec, response in _record_answers(runner, records, limit):
+    for rec, response in _record_answers(runner, records, limit, batch):
         pred = A.parse_boxes(A.think_content(response) or "", ordered_only=True)
         gt = [list(b) for b in rec.get("bbox_answer") or []]
         rows.append({"query": rec.get("query") or rec["images"][-1], "solution": rec["solution"],

@@ -504,9 +504,13 @@ _PEAK_LOCATION_KEYS = (  # emit.peak_location
     (("projector", "loc_temp"), "projector.loc_temp"))
 
 
+_HOT_PATCHES_KEY = (("projector", "hot_proj"), "projector.hot_proj.weight")  # emit.hot_patches
+
+
 def _emit_keys(ecfg) -> tuple:
     return _EMIT_KEYS + ((_MAX_READOUT_KEY,) if ecfg.max_readout else ()) + \
-        (_PEAK_LOCATION_KEYS if ecfg.peak_location else ())
+        (_PEAK_LOCATION_KEYS if ecfg.peak_location else ()) + \
+        ((_HOT_PATCHES_KEY,) if ecfg.hot_patches else ())
 
 
 def emit_tensors(model) -> dict[str, np.ndarray]:

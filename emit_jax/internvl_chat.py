@@ -445,6 +445,8 @@ def check_exportable(model) -> list[str]:
             problems.append("max_readout (projector.max_proj) is not part of their projector")
         if e.peak_location:
             problems.append("peak_location (projector.loc_embed) is not part of their projector")
+        if e.hot_patches:
+            problems.append("hot_patches (projector.hot_proj) is not part of their projector")
         if cfg.vision.patch_size != AUTHORS_PATCH:
             problems.append(f"patch size {cfg.vision.patch_size}; their projector assumes "
                             f"{AUTHORS_PATCH}")

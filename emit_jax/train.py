@@ -499,7 +499,8 @@ def evaluate_heldout(run_: stages.Run, model) -> dict:
     cfg, out = run_.cfg, {}
     asked = cfg.get("eval_instruction", "direct") == "think"
     kw = dict(max_tiles=cfg.data.max_tiles, think=eval_think(cfg) or asked,
-              max_new_tokens=cfg.eval_max_new_tokens, mesh=run_.mesh)
+              max_new_tokens=cfg.eval_max_new_tokens, mesh=run_.mesh,
+              batch=int(cfg.get("eval_batch", 1)))
 
     def ask(records):  # the think instruction in place of the direct one, when asked for
         return stage_data.asked_to_think(records) if asked else records
@@ -545,7 +546,7 @@ def evaluate_heldout(run_: stages.Run, model) -> dict:
     if cfg.get("eval_adfm", 0) and "adfm_test" in run_.records:
         summary, rows = evaluate_adfm(
             model, run_.tokenizer, run_.records["adfm_test"], limit=int(cfg.eval_adfm),
-            max_tiles=cfg.data.max_tiles, mesh=run_.mesh,
+            max_tiles=cfg.data.max_tiles, mesh=run_.mesh, batch=int(cfg.get("eval_batch", 1)),
             max_new_tokens=int(cfg.get("eval_adfm_tokens") or cfg.grpo.max_new_tokens))
         out.update(adfm_test=summary, adfm_answers=rows)
         if parallel.is_primary():

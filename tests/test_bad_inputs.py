@@ -726,6 +726,9 @@ def test_shipped_configs_pass():
     ("grpo.max_new_tokens", 1 << 20, "grpo.max_new_tokens: 1048576 new tokens do not fit the "
      "model's context: arch 'tiny' holds 8,192 positions"),
     ("eval_max_new_tokens", 8192, "eval_max_new_tokens: 8192 new tokens do not fit"),
+    ("eval_batch", 0, "eval_batch: 0 is below 1"),
+    ("sft.fresh_shares", (0.5, 0.5), "sft.fresh_shares: (0.5, 0.5) must be a tuple of 1 shares"),
+    ("sft.fresh_shares", (1.5,), "sft.fresh_shares: 1.5 must be <= 1.0"),
 ])
 def test_validate_config_names_key_and_problem(key, value, needle):
     from emit_jax.models.config import ConfigError

@@ -575,3 +575,64 @@ def test_peak_location_adds_where_the_map_peaks_to_every_token_and_round_trips(t
     _projector_extra_round_trips(model, tmp_path, "peak_location", "loc_embed", e)
     back = hf.load(tmp_path / "emit_hf")
     np.testing.assert_array_equal(np.asarray(back.projector.loc_temp[...]), [3.5])
+
+
+def test_hot_patches_add_the_hottest_patches_features_to_every_token_and_round_trip(tmp_path):
+    """``emit.hot_patches`` (not in EMIT): the query's CE-layer features at the map's k hottest
+    patches minus the references' mean, per layer over the query's feature RMS (NumPy below);
+    W starts at zero (the official tokens), then every CE token gets W f; W gets a gradient
+    through the whole EMIT model and goes through the HF folder and an Orbax checkpoint."""
+    from emit_jax.models.emit import hot_features
+
+    rs = np.random.RandomState(6)
+    L, n, g, d, R, k = 2, 3, 4, 5, 2, 3
+    heat = rs.rand(n, g, g).astype(np.float32)
+    q = rs.randn(L, n, g, g, d).astype(np.float32)
+    r = rs.randn(L, n, R, g, g, d).astype(np.float32)
+    expect = []
+    for i in range(n):
+        top = np.argsort(heat[i].ravel())[-k:]
+        rows = []
+        for layer in range(L):
+            qf = q[layer, i].reshape(g * g, d)
+            rms = np.sqrt(np.mean(qf ** 2))
+            rows.append((qf[top].mean(0) - r[layer, i].reshape(-1, d).mean(0)) / rms)
+        expect.append(np.concatenate(rows))
+    np.testing.assert_allclose(np.asarray(hot_features(jnp.asarray(heat), jnp.asarray(q),
+                                                       jnp.asarray(r), k)),
+                               np.stack(expect), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="hot_patches 17: a 4 x 4 map has 16 patches"):
+        hot_features(jnp.asarray(heat), jnp.asarray(q), jnp.asarray(r), 17)
+    with pytest.raises(ValueError, match="hot_patches: -1 is below 0"):
+        EMITConfig(hot_patches=-1).validate()
+
+    plain = EMIT.create(small_mllm(hidden=64), hint_ids=[1])
+    model = EMIT.create(small_mllm(hidden=64), dataclasses.replace(EMITConfig(), hot_patches=4),
+                        hint_ids=[1])
+    for m in (plain, model):
+        m.eval()
+    vcfg = model.mllm.config.vision
+    assert model.projector.hot_proj.shape == (len(model.ce_layers) * vcfg.hidden_size, 64)
+    assert plain.projector.hot_proj is None
+    model.projector.conv.kernel[...] = plain.projector.conv.kernel[...]
+    model.mllm.vision_tower = plain.mllm.vision_tower
+    ce = jnp.asarray(rs.rand(2, 2, 3, vcfg.image_size, vcfg.image_size).astype(np.float32))
+    np.testing.assert_allclose(np.asarray(model.ref_tokens(ce)), np.asarray(plain.ref_tokens(ce)),
+                               rtol=1e-6, atol=1e-6)  # W = 0: the official tokens
+
+    heat_map, hot = model.heatmap(ce, with_hot=True)
+    np.testing.assert_array_equal(np.asarray(heat_map), np.asarray(plain.heatmap(ce)))
+    w = rs.randn(*model.projector.hot_proj.shape).astype(np.float32) * 0.1
+    model.projector.hot_proj[...] = jnp.asarray(w)
+    tokens = np.asarray(model.ref_tokens(ce))
+    base = np.asarray(plain.ref_tokens(ce))
+    nsoft = model.emit_config.num_soft_tokens
+    np.testing.assert_allclose(tokens[:, nsoft:], base[:, nsoft:] + (np.asarray(hot) @ w)[:, None],
+                               rtol=1e-4, atol=1e-4)
+    model.train()
+    grads = nnx.grad(lambda p: jnp.sum(jnp.square(p(heat_map, None, hot))))(model.projector)
+    assert float(jnp.abs(grads["hot_proj"][...]).sum()) > 0
+    with pytest.raises(ValueError, match="no hot patches' features"):
+        model.projector(heat_map)
+    model.eval()
+    _projector_extra_round_trips(model, tmp_path, "hot_patches", "hot_proj", w)

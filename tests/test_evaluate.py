@@ -316,3 +316,32 @@ def test_mmad_json_given_as_data_names_its_folder(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         f"emit_jax.evaluate: error: {path}: a file; --data takes the MMAD folder that holds it "
         f"(--data {MMAD}), whose image paths mmad.json names"]
+
+
+def test_batched_answers_equal_one_by_one(emit_runner):
+    """``Runner.answer_batch`` (several questions per generation, left-padded to the longest
+    one's bucket, the last batch padded with copies) gives each question the answer it gets
+    alone, in order, with and without the contrastive pair in one batch; ``_record_answers``
+    batches the records by shape and gives them back in their order, within their limit."""
+    from emit_jax.evaluate import _record_answers, mmad_queries
+
+    runner, root = emit_runner
+    queries = [(t, im, c) for t, im, c, _, _ in mmad_queries(root, False, None)]
+    comp = [q for q in queries if q[2]]
+    plain = [q for q in queries if not q[2]]
+    assert len(comp) >= 2 and len(plain) >= 2
+    alone = {id(q): runner.answer(*q) for q in queries}
+    assert len(set(alone.values())) > 1  # the order is seen in the answers
+    assert runner.answer_batch(comp, rows=len(comp) + 2) == [alone[id(q)] for q in comp]
+    assert runner.answer_batch(plain) == [alone[id(q)] for q in plain]
+    assert runner.answer_batch(queries) == [alone[id(q)] for q in queries]  # mixed shapes
+    assert runner.answer_batch([]) == []
+
+    records = [{"messages": [{"content": t}], "images": im} for t, im, _ in queries]
+    one = list(_record_answers(runner, records, None, batch=1))
+    three = list(_record_answers(runner, records, None, batch=3))
+    assert [a for _, a in three] == [a for _, a in one]
+    assert [r for r, _ in three] == records
+    assert [r for r, _ in _record_answers(runner, records, 2, batch=3)] == records[:2]
+    with pytest.raises(ValueError, match="batch 0"):
+        list(_record_answers(runner, records, None, batch=0))

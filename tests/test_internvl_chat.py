@@ -474,6 +474,10 @@ def test_export_refuses_what_their_code_cannot_represent(tokenizer_dir, tmp_path
                    EMITConfig(comp_token_id=comp, peak_location=True), rngs=nnx.Rngs(0))
     with pytest.raises(internvl_chat.ConfigError, match="peak_location"):
         internvl_chat.check_exportable(located)
+    hot = EMIT(InternVL(cfg24, rngs=nnx.Rngs(0)),
+               EMITConfig(comp_token_id=comp, hot_patches=8), rngs=nnx.Rngs(0))
+    with pytest.raises(internvl_chat.ConfigError, match="hot_patches"):
+        internvl_chat.check_exportable(hot)
     turning = EMIT(InternVL(cfg24, rngs=nnx.Rngs(0)),
                    EMITConfig(comp_token_id=comp, ce_layers=(4, 8, 16, 20), reference_turns=4),
                    rngs=nnx.Rngs(0))

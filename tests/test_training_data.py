@@ -2,6 +2,7 @@
 records (emit_jax.training.data)."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from emit_jax.data import prompts
@@ -382,3 +383,25 @@ def test_in_words_names_the_option_and_the_parser_reads_it_back():
             assert parse_answer(four[k], options) == prompts.LETTERS[k]
             assert parse_answer(f"<think>x</think><answer>{four[k]}</answer>", options,
                                 think=True) == prompts.LETTERS[k]
+
+
+def test_task_shares_keep_that_share_of_each_named_task_in_order():
+    """``sft.fresh_shares``: of each named task, round(share * n) of its n records are kept
+    (the same draw for the same seed), the other tasks' all, in their order."""
+    from emit_jax.training.data import task_shares
+
+    recs = [{"id": i, "task_type": t} for i, t in enumerate(
+        ["anomaly_discrimination", "defect_classification", "object_classification"] * 10)]
+    kept = task_shares(recs, {"defect_classification": 0.2, "object_classification": 0.5}, seed=3)
+    count = lambda rs, t: sum(r["task_type"] == t for r in rs)  # noqa: E731
+    assert (count(kept, "anomaly_discrimination"), count(kept, "defect_classification"),
+            count(kept, "object_classification")) == (10, 2, 5)
+    assert [r["id"] for r in kept] == sorted(r["id"] for r in kept)
+    assert kept == task_shares(recs, {"defect_classification": 0.2,
+                                      "object_classification": 0.5}, seed=3)
+    assert kept != task_shares(recs, {"defect_classification": 0.2,
+                                      "object_classification": 0.5}, seed=4)
+    assert task_shares(recs, {"defect_classification": 1.0}) == recs
+    assert count(task_shares(recs, {"defect_classification": 0.0}), "defect_classification") == 0
+    with pytest.raises(ValueError, match="defect_classification: 1.5 is not in"):
+        task_shares(recs, {"defect_classification": 1.5})

@@ -85,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
                                            # with another data.source it is not used, and
                                            # the log says so)
                                            fresh_datasets=0, fresh_tasks=(),
+                                           # () or one share in [0, 1] per fresh task: that
+                                           # share of its questions is kept (drawn with seed)
+                                           fresh_shares=(),
                                            # True: the language model is trained too (not
                                            # EMIT's stage 1), to learn to read the CE tokens;
                                            # its learning rate lr x llm_lr_scale (<= 1)
@@ -92,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.emit = ml_collections.ConfigDict(dict(bn_mode="standard", use_soft_prompt=True,
                                             use_contrastive=True, num_soft_tokens=9,
                                             max_readout=False, peak_location=False,
+                                            hot_patches=0,
                                             reference_turns=1, feature_turns=1,
                                             align_turn=False))
     # device mesh (emit_jax.parallel) when more than one device is present: the batch goes over
@@ -144,6 +148,11 @@ def base_config() -> ml_collections.ConfigDict:
     # eval_think only chooses how the answer is parsed
     c.eval_instruction = "direct"
     c.eval_max_new_tokens = 48
+    # held-out questions per generation (emit_jax.evaluate.Runner.answer_batch), grouped by
+    # shape: the same greedy answers as one at a time. 1 on a CPU, where a question's prefill
+    # already fills the cores (8: 1.5x slower on the 2-core host, docs/training.md); more on
+    # an accelerator, where one question's decode steps leave it idle
+    c.eval_batch = 1
     c.export_hf = True
     return c
 

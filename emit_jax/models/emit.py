@@ -92,6 +92,11 @@ class EMITConfig:
     # (e [h*w, D] learned, zero at init; t learned), so a frozen LLM reading about the mean of
     # the tokens can still tell where the defect is (HeatmapProjector)
     peak_location: bool = False
+    # not in EMIT: every CE token also gets W f, f the query's CE-layer features averaged over
+    # the heat map's ``hot_patches`` hottest patches minus the references' mean feature (each
+    # layer scaled by the query's feature RMS), W learned and zero at init; 0 = off. The defect's
+    # kind is in those features (a linear probe reads it, docs/training.md), not in the map
+    hot_patches: int = 0
     comp_token_id: int | None = None
 
     def validate(self) -> "EMITConfig":
@@ -101,7 +106,8 @@ class EMITConfig:
         for name, value, low in (("window", self.window, 0), ("rotations", self.rotations, 1),
                                  ("reference_turns", self.reference_turns, 1),
                                  ("feature_turns", self.feature_turns, 1),
-                                 ("num_soft_tokens", self.num_soft_tokens, 0)):
+                                 ("num_soft_tokens", self.num_soft_tokens, 0),
+                                 ("hot_patches", self.hot_patches, 0)):
             if value is not None and value < low:
                 raise ValueError(f"{name}: {value} is below {low}")
         if self.align_turn and self.reference_turns == 1:
@@ -193,8 +199,11 @@ class HeatmapProjector(nnx.Module):
 
     def __init__(self, hidden: int, *, momentum=0.1, eps=1e-5, dtype=jnp.float32,
                  param_dtype=jnp.float32, max_readout: bool = False, peak_cells: int = 0,
-                 rngs: nnx.Rngs):
+                 hot_dim: int = 0, rngs: nnx.Rngs):
         self.bn = HeatmapBatchNorm(momentum, eps)
+        # hot_patches: the hot patches' features [hot_dim] -> [D], zero at init
+        self.hot_proj = nnx.Param(jnp.zeros((hot_dim, hidden), param_dtype),
+                                  **axes_meta((None, "embed"))) if hot_dim else None
         self.max_proj = nnx.Param(jnp.zeros((hidden,), param_dtype), **axes_meta(("embed",))) \
             if max_readout else None
         # peak_location: one embedding per map position, and the softmax's sharpness
@@ -211,7 +220,10 @@ class HeatmapProjector(nnx.Module):
             kernel_metadata=axes_meta(("conv_h", "conv_w", "conv_in", "embed")),
             bias_metadata=axes_meta(("embed",)))
 
-    def __call__(self, heat: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    def __call__(self, heat: jax.Array, valid: jax.Array | None = None,
+                 hot: jax.Array | None = None) -> jax.Array:
+        """``heat [B, h, w]`` (and, with ``hot_proj``, ``hot [B, hot_dim]``: the hot patches'
+        features, :func:`hot_features`) -> ``[B, (h/2)(w/2), D]``."""
         y = self.bn(heat, valid)  # [B, h, w]
         x = self.conv(y[..., None])  # [B, h/2, w/2, D]
         b, h2, w2, d = x.shape
@@ -221,6 +233,12 @@ class HeatmapProjector(nnx.Module):
             x = x + peak[:, None, None] * self.max_proj[...].astype(x.dtype)[None, None, :]
         if self.loc_embed is not None:
             x = x + self.peak_location(y).astype(x.dtype)[:, None, :]
+        if self.hot_proj is not None:
+            if hot is None:
+                raise ValueError("the projector has hot_proj (emit.hot_patches) but no hot "
+                                 "patches' features were given")
+            w = self.hot_proj[...]
+            x = x + (hot.astype(jnp.float32) @ w.astype(jnp.float32)).astype(x.dtype)[:, None, :]
         return x
 
     def peak_location(self, y: jax.Array) -> jax.Array:
@@ -313,7 +331,8 @@ def nearest_turn(query: jax.Array, bank: jax.Array, rotations: int, pool: int = 
 def contrastive_heatmap(vit, ce_pixels: jax.Array, layers: Sequence[int], window: int, *,
                         rotations: int = 4, zero_fill: bool = True,
                         strategy: str = "auto", turns: int = 1,
-                        feature_turns: int = 1, align_turn: bool = False) -> jax.Array:
+                        feature_turns: int = 1, align_turn: bool = False,
+                        hot_patches: int = 0):
     """``ce_pixels [n, 2, 3, H, W]`` (slot 0 the normal reference, slot 1 the query) ->
     heat map ``[n, H/p, W/p]`` float32. No gradient reaches the ViT. ``turns`` > 1 adds the
     reference turned between the rot90s (:func:`reference_bank`; not in EMIT), one ViT pass per
@@ -345,7 +364,28 @@ def contrastive_heatmap(vit, ce_pixels: jax.Array, layers: Sequence[int], window
     r = feats[:, n:].reshape(L, n, copies, g, g, d)
     if feature_turns > 1:
         r = turned_features(r, feature_turns, 90.0 / turns)  # between one turn and the next
-    return anomaly_map(q, r, window, zero_fill, strategy)
+    heat = anomaly_map(q, r, window, zero_fill, strategy)
+    if hot_patches:
+        return heat, hot_features(heat, q, r, hot_patches)
+    return heat
+
+
+def hot_features(heat: jax.Array, q: jax.Array, r: jax.Array, k: int) -> jax.Array:
+    """``heat [n, g, g]``, query features ``q [L, n, g, g, D]``, reference features
+    ``r [L, n, R, g, g, D]`` -> ``[n, L * D]`` float32: per layer, the mean of the query's
+    features at the ``k`` hottest patches minus the mean of every reference patch, divided by
+    the RMS of the query's features at that layer (so layers of different scale weigh alike),
+    the layers concatenated. Not in EMIT (``emit.hot_patches``)."""
+    L, n, g, g2, d = q.shape
+    if not 1 <= k <= g * g2:
+        raise ValueError(f"hot_patches {k}: a {g} x {g2} map has {g * g2} patches")
+    qf = q.reshape(L, n, g * g2, d).astype(jnp.float32)
+    _, top = jax.lax.top_k(heat.reshape(n, g * g2).astype(jnp.float32), k)  # [n, k]
+    at = jnp.take_along_axis(qf, top[None, :, :, None], axis=2).mean(2)  # [L, n, D]
+    ref = r.astype(jnp.float32).mean(axis=(2, 3, 4))  # [L, n, D]
+    rms = jnp.sqrt(jnp.mean(jnp.square(qf), axis=(2, 3)) + 1e-12)  # [L, n]
+    out = (at - ref) / rms[..., None]
+    return jnp.moveaxis(out, 0, 1).reshape(n, L * d)
 
 
 # ------------------------------------------------------------------------------ soft prompt
@@ -432,7 +472,9 @@ class EMIT(nnx.Module):
         self.projector = HeatmapProjector(d, momentum=cfg.bn_momentum, eps=cfg.bn_eps, dtype=dt,
                                           param_dtype=pdt, max_readout=cfg.max_readout,
                                           peak_cells=mc.vision.grid ** 2 if cfg.peak_location
-                                          else 0, rngs=rngs)
+                                          else 0,
+                                          hot_dim=len(self.ce_layers) * mc.vision.hidden_size
+                                          if cfg.hot_patches else 0, rngs=rngs)
 
     @classmethod
     def create(cls, mllm: InternVL, cfg: EMITConfig = EMITConfig(), *, rngs: nnx.Rngs | None = None,
@@ -486,13 +528,15 @@ class EMIT(nnx.Module):
         return (c.num_soft_tokens if c.use_soft_prompt else 0) + \
             (self.num_ce_tokens if c.use_contrastive else 0)
 
-    def heatmap(self, ce_pixels: jax.Array) -> jax.Array:
+    def heatmap(self, ce_pixels: jax.Array, with_hot: bool = False):
+        """``[n, g, g]``; with ``with_hot`` (and ``emit.hot_patches``) ``(heat, hot)``."""
         c = self.emit_config
         window = c.window_for(self.mllm.config.vision.grid)
         return contrastive_heatmap(self.mllm.vision_tower, ce_pixels, self.ce_layers, window,
                                    rotations=c.rotations, zero_fill=c.zero_fill,
                                    strategy=c.heatmap_strategy, turns=c.reference_turns,
-                                   feature_turns=c.feature_turns, align_turn=c.align_turn)
+                                   feature_turns=c.feature_turns, align_turn=c.align_turn,
+                                   hot_patches=c.hot_patches if with_hot else 0)
 
     def ref_tokens(self, ce_pixels: jax.Array, num_ce: jax.Array | None = None) -> jax.Array:
         """``[n_ce, num_comp_slots, D]``: soft prompt rows first, then the CE tokens. ``num_ce``
@@ -505,7 +549,10 @@ class EMIT(nnx.Module):
         parts = []
         if c.use_soft_prompt:
             parts.append(jnp.broadcast_to(self.soft_prompt[...], (n, c.num_soft_tokens, d)))
-        if c.use_contrastive:
+        if c.use_contrastive and c.hot_patches:
+            heat, hot = self.heatmap(ce_pixels, with_hot=True)
+            parts.append(self.projector(heat, valid, hot))
+        elif c.use_contrastive:
             parts.append(self.projector(self.heatmap(ce_pixels), valid))
         if not parts:
             return jnp.zeros((n, 0, d), self.soft_prompt[...].dtype)

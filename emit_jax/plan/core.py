@@ -104,7 +104,8 @@ def plan_stage(cfg, s: Setup, *, mcfg=None, variables=None) -> StagePlan:
         mcfg = model_config(cfg, emit)
     if variables is None:
         variables = abstract_variables(mcfg, emit, s.num_soft_tokens if emit else 9,
-                                       s.max_readout and emit, s.peak_location and emit)
+                                       s.max_readout and emit, s.peak_location and emit,
+                                       s.hot_patches if emit else 0)
     mesh = abstract_mesh(s.mesh)
     n_dev = math.prod(s.mesh)
     rows: list[Row] = []

@@ -33,6 +33,7 @@ class Setup:
     num_soft_tokens: int = 9
     max_readout: bool = False
     peak_location: bool = False
+    hot_patches: int = 0
     use_contrastive: bool = True
     rotations: int = 4
     ce_layers: int = 4
@@ -116,6 +117,7 @@ def stage_setup(cfg, stage: str, mesh: tuple, *, prompt_len: int | None = None,
                  num_soft_tokens=int(emit.get("num_soft_tokens", 9)),
                  max_readout=bool(emit.get("max_readout", False)),
                  peak_location=bool(emit.get("peak_location", False)),
+                 hot_patches=int(emit.get("hot_patches", 0)),
                  use_contrastive=bool(emit.get("use_contrastive", True)),
                  # reference ViT passes: the rot90 copies of each turn (emit.reference_turns;
                  # of one with emit.align_turn; emit.feature_turns turns features, no ViT pass)

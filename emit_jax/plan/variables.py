@@ -122,7 +122,8 @@ def model_config(cfg, emit: bool):
 
 @functools.lru_cache(maxsize=8)
 def abstract_variables(mcfg, emit: bool, num_soft_tokens: int = 9,
-                       max_readout: bool = False, peak_location: bool = False) -> tuple[Var, ...]:
+                       max_readout: bool = False, peak_location: bool = False,
+                       hot_patches: int = 0) -> tuple[Var, ...]:
     """Every variable of ``InternVL(mcfg)`` (wrapped in ``EMIT`` when ``emit``; ``mcfg`` then
     already has the ``<COMP_CONTEXT>`` row) from ``nnx.eval_shape``: nothing is allocated."""
     import jax.numpy as jnp
@@ -134,7 +135,8 @@ def abstract_variables(mcfg, emit: bool, num_soft_tokens: int = 9,
         from emit_jax.models.emit import EMIT, EMITConfig
 
         ecfg = EMITConfig(num_soft_tokens=num_soft_tokens, comp_token_id=mcfg.text.vocab_size - 1,
-                          max_readout=max_readout, peak_location=peak_location)
+                          max_readout=max_readout, peak_location=peak_location,
+                          hot_patches=hot_patches)
         build = lambda: EMIT(InternVL(mcfg, rngs=nnx.Rngs(0)), ecfg, rngs=nnx.Rngs(0))  # noqa: E731
     else:
         build = lambda: InternVL(mcfg, rngs=nnx.Rngs(0))  # noqa: E731

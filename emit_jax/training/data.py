@@ -543,6 +543,21 @@ def fresh_records(seeds, *, tasks_: tuple = ("anomaly_discrimination",),
                                   dk_sentences=dk_sentences)
 
 
+def task_shares(records: list[dict], shares: dict, seed: int = 0) -> list[dict]:
+    """``records`` with, of each task named in ``shares``, that share of its records kept
+    (``round(share * n)`` of its ``n``, drawn with ``seed``; a task not named keeps all), in
+    their order (``sft.fresh_shares``)."""
+    for task, share in shares.items():
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"the share of {task}: {share!r} is not in [0, 1]")
+    rng = random.Random(seed)
+    drop: set = set()
+    for task, share in sorted(shares.items()):
+        idx = [i for i, r in enumerate(records) if r["task_type"] == task]
+        drop.update(rng.sample(idx, len(idx) - int(round(share * len(idx)))))
+    return [r for i, r in enumerate(records) if i not in drop]
+
+
 def fresh_base_records(seeds, tasks_: tuple, *, style: str = "brief", direct: float = 0.0,
                        pick_seed: int = 0, cache_dir: str | None = None,
                        ad_order: str = "shuffled", domain_knowledge: bool = False,

@@ -164,9 +164,14 @@ def run_stage1(run: Run, model, stage: str = "sft"):
 
         t0 = time.time()
         fresh_tasks = tuple(cfg.sft.get("fresh_tasks", ()) or ("anomaly_discrimination",))
-        records = records + stage_data.fresh_records(
+        drawn = stage_data.fresh_records(
             range(cfg.data.seed + 1, cfg.data.seed + 1 + fresh), tasks_=fresh_tasks,
             **question_options(cfg))
+        shares = tuple(cfg.sft.get("fresh_shares", ()) or ())
+        if shares:  # a share of some tasks' questions (validated: one per fresh task)
+            drawn = stage_data.task_shares(drawn, dict(zip(fresh_tasks, map(float, shares))),
+                                           seed=cfg.seed)
+        records = records + drawn
         random.Random(cfg.seed).shuffle(records)
         log(f"[sft] {len(records)} records with the {', '.join(fresh_tasks)} questions of "
             f"{fresh} fresh embedded datasets (seeds {cfg.data.seed + 1}-"

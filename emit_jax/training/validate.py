@@ -500,6 +500,14 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
             picked = cfg[s].get(key, ()) or ()
             if isinstance(picked, str) or any(t not in TASKS for t in picked):
                 _fail(f"{s}.{key}", picked, f"must be a tuple of task names from {TASKS}")
+    if "sft" in stages and cfg.sft.get("fresh_shares", ()):
+        shares = cfg.sft.fresh_shares
+        asked = tuple(cfg.sft.get("fresh_tasks", ()) or ("anomaly_discrimination",))
+        if isinstance(shares, str) or len(shares) != len(asked):
+            _fail("sft.fresh_shares", shares, f"must be a tuple of {len(asked)} shares, one per "
+                  f"task of sft.fresh_tasks {asked}")
+        for share in shares:
+            check_float("sft.fresh_shares", share, low=0.0, high=1.0)
     buckets = check_length_buckets(cfg)
     soft = cfg.emit.get("num_soft_tokens", 0) if "emit" in cfg and cfg.emit is not None else 0
     if set(stages) & {"sft", "sft2", "grpo"} and isinstance(soft, int) and soft > buckets[-1]:
@@ -528,6 +536,7 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
         if isinstance(asked, str) or any(t not in TASKS for t in asked):
             _fail("eval_unseen_tasks", asked, f"must be a tuple of task names from {TASKS}")
         _int(cfg, "eval_max_new_tokens", "eval_max_new_tokens", low=1)
+        _int(cfg, "eval_batch", "eval_batch", low=1, default=1)
     check_options(cfg)
     scan_layers = (_get(cfg, "kernels", "kernels", None) or {}).get("scan_layers", False)
     if not isinstance(scan_layers, bool):
