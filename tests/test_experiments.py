@@ -584,3 +584,17 @@ def test_heatmap_auroc_refuses_turns_it_cannot_use(args, line, capsys):
     assert cli.run(main, args, prog=prog) == 2
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert err == [f"{prog}: error: {line}"]
+
+
+def test_eval_batch_names_what_the_workdir_lacks(tmp_path):
+    """``python -m emit_jax.experiments.eval_batch`` needs a finished run's ``hf/`` and
+    ``data/test.jsonl``, and says which is missing (the batched answers themselves:
+    tests/test_evaluate.py::test_batched_answers_equal_one_by_one)."""
+    from emit_jax.errors import ConfigError
+    from emit_jax.experiments.eval_batch import main
+
+    with pytest.raises(ConfigError, match="no hf "):
+        main(["--workdir", str(tmp_path)])
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(ConfigError, match="no data/test.jsonl"):
+        main(["--workdir", str(tmp_path)])
