@@ -249,8 +249,9 @@ class Runner:
         """The responses to ``queries`` (``(text, image paths, use_comp)`` each), in order, from
         one ``generate`` call: the prompts left-padded to the longest one's length bucket, the
         tiles and CE pairs concatenated in order (questions with and without the contrastive
-        pair may share a batch: the pairs fill the ``<COMP_CONTEXT>`` slots in order). ``rows`` > ``len(queries)`` pads the batch with
-        copies of the last query (answers dropped), so every batch of a run has one shape.
+        pair may share a batch: the pairs fill the ``<COMP_CONTEXT>`` slots in order).
+        ``rows`` > ``len(queries)`` pads the batch with copies of the last query (answers
+        dropped), so every batch of a run has one shape.
         Greedy answers equal :meth:`answer`'s one by one (the padding is masked; up to the
         float rounding of a batched matmul, which can flip a near tie)."""
         import jax.numpy as jnp

@@ -1,7 +1,7 @@
 """Held-out evaluation one question at a time against several per generation, on a trained run.
 
     python -m emit_jax.experiments.eval_batch --workdir W [--batch 8] [--repeats 2]
-        [--unseen 1] [--json]
+        [--unseen 1] [--config configs/grpo.py] [--json]
 
 On the run's exported model (``W/hf``), ``evaluate_records`` answers the run's test split (its
 ``W/data/test.jsonl``, the first 200, as the trainer's ``eval_limit``) with batch 1 and with
@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=cli.int_in(1, 100), default=2)
     p.add_argument("--unseen", type=cli.int_in(0, 10), default=1)
     p.add_argument("--max-new-tokens", type=cli.int_in(1, 4096), default=48)
+    p.add_argument("--config", default="configs/grpo.py",
+                   help="the run's config, for how the unseen questions are asked")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
 
@@ -39,13 +41,13 @@ def main(argv=None) -> int:
     for need in ("hf", os.path.join("data", "test.jsonl")):
         if not os.path.exists(os.path.join(args.workdir, need)):
             raise ConfigError(f"--workdir {args.workdir}: no {need} (a finished run's "
-                                 "workdir has both)")
+                              "workdir has both)")
     model, tok = load_for_eval(os.path.join(args.workdir, "hf"))
     model.eval()
     with open(os.path.join(args.workdir, "data", "test.jsonl")) as f:
         splits = {"test": [json.loads(line) for line in f][:200]}
     if args.unseen:
-        cfg = configs.load("configs/grpo.py")
+        cfg = configs.load(args.config)
         splits["unseen"] = stage_data.unseen_records(args.unseen, tasks_=TASKS,
                                                      **stages.question_options(cfg))
     out: dict = {}
