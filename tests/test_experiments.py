@@ -598,3 +598,23 @@ def test_eval_batch_names_what_the_workdir_lacks(tmp_path):
     (tmp_path / "hf").mkdir()
     with pytest.raises(ConfigError, match="no data/test.jsonl"):
         main(["--workdir", str(tmp_path)])
+
+
+def test_dl_ceiling_regions_and_scores():
+    """The map's region is the 3 x 3 cell of its maximum (row-major, as prompts.REGIONS); a
+    region's plain name is scored through EMIT's parser (the closest offered synonym), its
+    offered synonym by identity."""
+    from emit_jax.data.prompts import REGIONS
+    from emit_jax.experiments.dl_ceiling import region_of, score
+
+    for cell, region in enumerate(REGIONS):
+        heat = np.zeros((16, 16))
+        heat[(cell // 3) * 5 + 2, (cell % 3) * 5 + 2] = 1.0
+        assert region_of(heat) == region
+    options = {"A": "Bottom center.", "B": "Rightward.", "C": "Leftward.", "D": "Top."}
+    assert score("left", options, "C") == (True, True)  # "Left." is closest to "Leftward."
+    assert score("bottom", options, "A") == (True, True)  # "Bottom." -> "Bottom center."
+    # "Top left." lands on "Top." (D); no synonym of top left is offered
+    assert score("top left", options, "D") == (True, False)
+    options = {"A": "Left upper.", "B": "Summit.", "C": "Right.", "D": "Middle."}
+    assert score("top", options, "B") == (False, True)  # "Top." lands elsewhere, not on "Summit."

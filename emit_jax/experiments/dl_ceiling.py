@@ -1,0 +1,132 @@
+"""How far defect localization could go on the embedded default, answered in words or letters.
+
+    python -m emit_jax.experiments.dl_ceiling --checkpoint DIR [--workdir W] [--unseen 1]
+        [--config configs/grpo.py] [--json]
+
+Defect localization asks which of four options names the defect's place; the options are
+synonyms of nine regions (``emit_jax.data.prompts.REGION_SYNONYMS``: ``Left.``, ``Leftward.``,
+``Left-hand.`` for the left cell). A model answering in words is scored by EMIT's parser, which
+maps a response without a letter to the closest option text (``difflib``), so naming the right
+region is not enough: its words have to land on the offered synonym. For every DL question of
+the test split (``W/data/test.jsonl``) and of ``--unseen`` embedded datasets no stage saw,
+this scores, with no model answering:
+
+- **truth, in words**: the first synonym of the question's first true region (what a model
+  that always knows the region and says its plain name gets);
+- **truth, as the offered option**: 100 by construction (the letter, or the offered synonym);
+- **map, in words**: the first synonym of the region of the contrastive heat map's maximum
+  (query against the record's reference, the checkpoint's ViT, EMIT's CE layers and window
+  scaled to it): what a perfect reader of EMIT's map, naming the region, gets;
+- **map, as the offered option**: the option that is a synonym of the map's region, when one is
+  offered (else a miss): what a perfect reader that also matches the synonyms gets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from emit_jax import cli
+
+
+def region_of(heat: np.ndarray) -> str:
+    """The region (``prompts.REGIONS``, the 3 x 3 grid row-major) of a heat map's maximum."""
+    from emit_jax.data.prompts import REGIONS
+
+    y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    h, w = heat.shape
+    return REGIONS[min(2, y * 3 // h) * 3 + min(2, x * 3 // w)]
+
+
+def score(region: str, options: dict, answer: str) -> tuple[bool, bool]:
+    """(in words, as the offered option): whether the region's first synonym is parsed to
+    ``answer``, and whether the option that is one of the region's synonyms is ``answer``."""
+    from emit_jax.data.prompts import REGION_SYNONYMS
+    from emit_jax.eval.scoring import parse_answer
+
+    words = parse_answer(REGION_SYNONYMS[region][0], options) == answer
+    offered = [k for k, v in options.items() if v in REGION_SYNONYMS[region]]
+    return words, bool(offered) and offered[0] == answer
+
+
+def measure(model, records: list[dict], *, batch: int = 8) -> dict:
+    """The four figures (module docstring) in % over the DL records, and their count."""
+    import jax
+    import jax.numpy as jnp
+
+    from emit_jax.data.image import load_image, to_tile
+    from emit_jax.data.prompts import REGIONS
+    from emit_jax.models.emit import EMITConfig, contrastive_heatmap
+
+    cfg = model.config
+    size = cfg.vision.image_size
+    ecfg = EMITConfig().validate()
+    layers = tuple(ecfg.layers_for(cfg.vision.num_hidden_layers))
+    window = ecfg.window_for(cfg.vision.grid)
+    heat_fn = jax.jit(lambda ce: contrastive_heatmap(model.vision_tower, ce, layers, window))
+    hits = {k: [] for k in ("truth_words", "map_words", "map_offered")}
+    for i in range(0, len(records), batch):
+        chunk = records[i:i + batch]
+        ce = np.stack([np.stack([to_tile(load_image(p), size) for p in r["images"][:2]])
+                       for r in chunk])
+        heat = np.asarray(heat_fn(jnp.asarray(ce)))
+        for r, h in zip(chunk, heat):
+            options = {chr(65 + k): o for k, o in enumerate(r["options"])}
+            true = r["defect_location"][0]
+            if true not in REGIONS:
+                raise ValueError(f"record {r.get('id')}: defect_location {true!r} is not a region")
+            hits["truth_words"].append(score(true, options, r["solution"])[0])
+            words, offered = score(region_of(h), options, r["solution"])
+            hits["map_words"].append(words)
+            hits["map_offered"].append(offered)
+    out = {k: 100.0 * float(np.mean(v)) for k, v in hits.items()}
+    out["questions"] = len(records)
+    return out
+
+
+def main(argv=None) -> int:
+    p = cli.Parser(prog="python -m emit_jax.experiments.dl_ceiling",
+                   description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="emit_jax or HF checkpoint (its ViT)")
+    p.add_argument("--workdir", default="", help="a run's workdir: its data/test.jsonl")
+    p.add_argument("--unseen", type=cli.int_in(0, 10), default=1)
+    p.add_argument("--config", default="configs/grpo.py",
+                   help="the run's config, for how the unseen questions are asked")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+
+    from emit_jax import checkpoint, configs
+    from emit_jax.errors import ConfigError
+    from emit_jax.training import data as stage_data, stages
+
+    splits: dict = {}
+    if args.workdir:
+        path = os.path.join(args.workdir, "data", "test.jsonl")
+        if not os.path.isfile(path):
+            raise ConfigError(f"--workdir {args.workdir}: no data/test.jsonl")
+        with open(path) as f:
+            splits["test"] = [r for r in map(json.loads, f)
+                              if r["task_type"] == "defect_localization"]
+    if args.unseen:
+        cfg = configs.load(args.config)
+        splits["unseen"] = stage_data.unseen_records(
+            args.unseen, tasks_=("defect_localization",), **stages.question_options(cfg))
+    if not splits:
+        raise ConfigError("nothing to measure: give --workdir or --unseen 1 or more")
+    model = checkpoint.load_model_folder(args.checkpoint)[0]
+    model = getattr(model, "mllm", model)
+    res = {name: measure(model, recs) for name, recs in splits.items()}
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    for name, r in res.items():
+        print(f"{name} ({r['questions']} DL questions): truth in words {r['truth_words']:.1f}, "
+              f"map in words {r['map_words']:.1f}, map as the offered option "
+              f"{r['map_offered']:.1f} (truth as the offered option: 100)")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.command(main, prog="python -m emit_jax.experiments.dl_ceiling")
