@@ -18,7 +18,11 @@ features (:func:`softmax_probe`):
   and window scaled to the ViT) against the cell of the mask's centroid, anomalous test images;
 - **defect, hottest patches**: the CE layers' query features at the heat map's 8 hottest
   patches minus the reference's mean feature, with five numbers of the map's shape;
-- **defect, map shape**: those five numbers alone.
+- **defect, map shape**: those five numbers alone;
+- **defect, pooled image tokens**: the query's pooled visual tokens (what the LLM reads), and
+  the same of a crop of the query centred on the heat map's maximum (:func:`hot_crop`, a
+  ``CROP_SHARE`` of the side, resized to the tile): whether zooming in on the defect would put
+  its type in what the LLM reads (and, an oracle, of a crop centred on the true mask).
 
 ``--checkpoint`` takes an emit_jax or HF checkpoint; without it the ViT is the randomly
 initialised ``--arch`` (seed ``--seed``), as in the main job, whose ViT is not trained.
@@ -36,6 +40,8 @@ from emit_jax.fileio import finite_json
 
 #: the heat map's hottest patches whose features describe the defect
 TOP_PATCHES = 8
+#: the side of the crop around the map's maximum, a share of the image's
+CROP_SHARE = 0.35
 
 
 def softmax_probe(x_train: np.ndarray, y_train, x_test: np.ndarray, y_test, *,
@@ -75,6 +81,24 @@ def hottest_cell(heat: np.ndarray) -> int:
     y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
     h, w = heat.shape
     return int(min(2, y * 3 // h) * 3 + min(2, x * 3 // w))
+
+
+def hot_crop(image, heat: np.ndarray, share: float = CROP_SHARE):
+    """The square of ``share`` of ``image``'s side centred on the heat map's maximum (moved
+    inside the image where it would leave it), as a PIL image."""
+    y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    return crop_at(image, (y + 0.5) / heat.shape[0], (x + 0.5) / heat.shape[1], share)
+
+
+def crop_at(image, fy: float, fx: float, share: float = CROP_SHARE):
+    """The square of ``share`` of ``image``'s side centred at ``(fy, fx)`` (fractions of the
+    height and width), moved inside the image where it would leave it."""
+    w, h = image.size
+    side = max(1, int(round(share * min(w, h))))
+    cx, cy = fx * w, fy * h
+    left = int(round(min(max(cx - side / 2, 0), w - side)))
+    top = int(round(min(max(cy - side / 2, 0), h - side)))
+    return image.crop((left, top, left + side, top + side))
 
 
 def map_shape(heat: np.ndarray) -> np.ndarray:
@@ -121,10 +145,12 @@ def measure(model, train, test, *, batch: int = 8) -> dict:
         return jnp.concatenate([hidden[layer][:, 1:] for layer in layers], -1)  # [B, P, L*D]
 
     def features(pairs):
-        out = {k: [] for k in ("pooled", "thumb", "defect", "cell_pred", "cell_true")}
+        out = {k: [] for k in ("pooled", "thumb", "defect", "cell_pred", "cell_true",
+                               "defect_pooled", "defect_crop", "defect_crop_mask")}
         for i in range(0, len(pairs), batch):
             chunk = pairs[i:i + batch]
-            q = np.stack([to_tile(load_image(it.path), size) for it, _ in chunk])
+            pil = [load_image(it.path) for it, _ in chunk]
+            q = np.stack([to_tile(im, size) for im in pil])
             r = np.stack([to_tile(load_image(ref), size) for _, ref in chunk])
             out["pooled"] += list(np.asarray(pooled_fn(jnp.asarray(q))))
             n = len(chunk)
@@ -132,6 +158,9 @@ def measure(model, train, test, *, batch: int = 8) -> dict:
                                  .reshape(n, -1))
             heat = np.asarray(heat_fn(jnp.asarray(np.stack([r, q], 1))))
             tq, tr = np.asarray(ce_tokens(jnp.asarray(q))), np.asarray(ce_tokens(jnp.asarray(r)))
+            pooled = out["pooled"][-n:]
+            crops = np.asarray(pooled_fn(jnp.asarray(np.stack(
+                [to_tile(hot_crop(im, h), size) for im, h in zip(pil, heat)]))))
             for k, (it, _) in enumerate(chunk):
                 if not it.is_anomalous:
                     continue
@@ -140,6 +169,13 @@ def measure(model, train, test, *, batch: int = 8) -> dict:
                                                       map_shape(heat[k])]), it.defect))
                 mask = np.asarray(load_image(it.mask_path).convert("L")) > 127
                 out["cell_pred"].append(hottest_cell(heat[k]))
+                out["defect_pooled"].append((pooled[k], it.defect))
+                out["defect_crop"].append((crops[k], it.defect))
+                yy, xx = np.nonzero(mask)
+                true_crop = crop_at(pil[k], (yy.mean() + 0.5) / mask.shape[0],
+                                    (xx.mean() + 0.5) / mask.shape[1])
+                out["defect_crop_mask"].append((np.asarray(pooled_fn(jnp.asarray(
+                    to_tile(true_crop, size)[None])))[0], it.defect))
                 out["cell_true"].append(cell_of(mask))
         return out
 
@@ -159,6 +195,12 @@ def measure(model, train, test, *, batch: int = 8) -> dict:
     for name, cols in (("defect_hottest_patches", slice(None)), ("defect_map_shape", slice(-5, None))):
         acc, chance = softmax_probe(xtr[:, cols], ytr, xte[:, cols], yte)
         res[name] = {"accuracy": acc, "chance": chance}
+    for name in ("defect_pooled", "defect_crop", "defect_crop_mask"):  # what the LLM would read
+        acc, chance = softmax_probe(np.stack([f for f, _ in ftr[name]]),
+                                    [d for _, d in ftr[name]],
+                                    np.stack([f for f, _ in fte[name]]),
+                                    [d for _, d in fte[name]])
+        res[name] = {"accuracy": acc, "chance": chance}
     return res
 
 
@@ -166,7 +208,10 @@ LABELS = {"object_pooled": "object, pooled image tokens (what the LLM reads)",
           "object_thumb": "object, 8x8 thumbnail of the image",
           "cell_heatmap_argmax": "defect cell, heat-map argmax (no training)",
           "defect_hottest_patches": "defect type, CE features at the 8 hottest patches + map shape",
-          "defect_map_shape": "defect type, the map's shape alone"}
+          "defect_map_shape": "defect type, the map's shape alone",
+          "defect_pooled": "defect type, pooled image tokens of the query",
+          "defect_crop": "defect type, pooled image tokens of a crop at the map's maximum",
+          "defect_crop_mask": "defect type, the same of a crop at the mask's centre (an oracle)"}
 
 
 def main(argv=None) -> int:
