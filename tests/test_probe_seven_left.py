@@ -322,7 +322,7 @@ def test_bench_compare_peers_dir_without_a_peer_and_plan_reference_without_stage
 
 
 @pytest.mark.parametrize("script", ["fresh_images", "heatmap_auroc", "adfm_compare",
-                                    "heatmap_parts"])
+                                    "heatmap_parts", "eval_batch", "dl_ceiling"])
 def test_the_lab_scripts_say_a_bad_flag_in_one_line(script):
     """Before: argparse's usage block then the error (two to four lines), and no handling of
     signals or of a failing standard output (they did not run under ``cli``)."""
@@ -331,5 +331,7 @@ def test_the_lab_scripts_say_a_bad_flag_in_one_line(script):
     assert r.returncode == 2
     assert _lines(r.stderr) == [f"python -m emit_jax.experiments.{script}: error: "
                                 + ("the following arguments are required: --workdir"
-                                   if script == "fresh_images" else
+                                   if script in ("fresh_images", "eval_batch") else
+                                   "the following arguments are required: --checkpoint"
+                                   if script == "dl_ceiling" else
                                    "unrecognized arguments: --bogus")], r.stderr

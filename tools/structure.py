@@ -35,7 +35,8 @@ CLIS = {"cli", "train", "evaluate", "convert", "export", "visualize", "demo", "d
         "data.embedded.__main__", "experiments.table1", "experiments.adfm_compare",
         "experiments.fresh_images", "experiments.heatmap_auroc", "experiments.heatmap_parts",
         "experiments.feature_probes", "experiments.pointer", "experiments.restated_answers",
-        "experiments.vit_pretrain", "experiments.vit_asset",
+        "experiments.vit_pretrain", "experiments.vit_asset", "experiments.eval_batch",
+        "experiments.dl_ceiling",
         "plan.command", "plan.__main__", "aot.command", "aot.__main__", "__main__",
         # the package's own __init__: its only code is the ``python -m emit_jax.<command>``
         # start-up hook (cli's early interrupt, stderr and JAX-environment checks), run
