@@ -34,10 +34,9 @@ from emit_jax import cli
 def region_of(heat: np.ndarray) -> str:
     """The region (``prompts.REGIONS``, the 3 x 3 grid row-major) of a heat map's maximum."""
     from emit_jax.data.prompts import REGIONS
+    from emit_jax.experiments.feature_probes import hottest_cell
 
-    y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    h, w = heat.shape
-    return REGIONS[min(2, y * 3 // h) * 3 + min(2, x * 3 // w)]
+    return REGIONS[hottest_cell(heat)]
 
 
 def score(region: str, options: dict, answer: str) -> tuple[bool, bool]:
@@ -53,19 +52,14 @@ def score(region: str, options: dict, answer: str) -> tuple[bool, bool]:
 
 def measure(model, records: list[dict], *, batch: int = 8) -> dict:
     """The four figures (module docstring) in % over the DL records, and their count."""
-    import jax
     import jax.numpy as jnp
 
     from emit_jax.data.image import load_image, to_tile
     from emit_jax.data.prompts import REGIONS
-    from emit_jax.models.emit import EMITConfig, contrastive_heatmap
+    from emit_jax.experiments.feature_probes import official_heatmap
 
-    cfg = model.config
-    size = cfg.vision.image_size
-    ecfg = EMITConfig().validate()
-    layers = tuple(ecfg.layers_for(cfg.vision.num_hidden_layers))
-    window = ecfg.window_for(cfg.vision.grid)
-    heat_fn = jax.jit(lambda ce: contrastive_heatmap(model.vision_tower, ce, layers, window))
+    size = model.config.vision.image_size
+    heat_fn, _ = official_heatmap(model)
     hits = {k: [] for k in ("truth_words", "map_words", "map_offered")}
     for i in range(0, len(records), batch):
         chunk = records[i:i + batch]

@@ -121,21 +121,29 @@ def _items(seed: int, splits: tuple[str, ...]):
     return [(it, refs[it.object_type]) for it in items if it.split in splits]
 
 
+def official_heatmap(model):
+    """``(jitted ce_pixels [n, 2, 3, H, W] -> heat [n, g, g], CE layers)``: EMIT's heat map
+    with its CE layers and window scaled to ``model``'s ViT (an InternVL)."""
+    import jax
+
+    from emit_jax.models.emit import EMITConfig, contrastive_heatmap
+
+    cfg = model.config
+    ecfg = EMITConfig().validate()
+    layers = tuple(ecfg.layers_for(cfg.vision.num_hidden_layers))
+    window = ecfg.window_for(cfg.vision.grid)
+    return jax.jit(lambda ce: contrastive_heatmap(model.vision_tower, ce, layers, window)), layers
+
+
 def measure(model, train, test, *, batch: int = 8) -> dict:
     """The probes' figures (module docstring) for lists of (item, reference path)."""
     import jax
     import jax.numpy as jnp
 
     from emit_jax.data.image import load_image, to_tile
-    from emit_jax.models.emit import EMITConfig, contrastive_heatmap
 
-    cfg = model.config
-    size = cfg.vision.image_size
-    ecfg = EMITConfig().validate()
-    layers = tuple(ecfg.layers_for(cfg.vision.num_hidden_layers))
-    window = ecfg.window_for(cfg.vision.grid)
-
-    heat_fn = jax.jit(lambda ce: contrastive_heatmap(model.vision_tower, ce, layers, window))
+    size = model.config.vision.image_size
+    heat_fn, layers = official_heatmap(model)
     pooled_fn = jax.jit(lambda x: model.get_image_features(x).mean(1))
 
     @jax.jit
