@@ -266,9 +266,15 @@ def _run(cfg, workdir: str, settings, written=None) -> dict:
     if parallel.is_primary():
         parallel.barrier("data")
     stages.check_vocabulary(cfg, tokenizer)  # before any stage trains
+    zoom = stages.make_zoomer(cfg, tokenizer, workdir)  # data.zoom: the crops, once
+    if zoom is not None:
+        t0 = time.time()
+        records = {k: zoom(v) for k, v in records.items()}
+        stages.log(f"[data] zoom: {sum(len(r['images']) == 3 for v in records.values() for r in v)}"
+                   f" questions with the crop at the heat map's maximum ({time.time() - t0:.0f} s)")
     stages.check_prompt_room(cfg, tokenizer, records)
     run_ = stages.Run(cfg=cfg, settings=settings, workdir=workdir, source=source,
-                      tokenizer=tokenizer, records=records, mesh=make_mesh(cfg))
+                      tokenizer=tokenizer, records=records, mesh=make_mesh(cfg), zoom=zoom)
     model = None
     # the settings this run used: what the next run's notice compares (stages.run_changes)
     results: dict = {"workdir": workdir, "stages": {}, "config": stages.config_json(cfg)}
@@ -529,8 +535,9 @@ def evaluate_heldout(run_: stages.Run, model) -> dict:
         t0 = time.time()
         from emit_jax.data.prompts import TASKS
 
-        recs = stage_data.unseen_records(unseen, tasks_=tuple(cfg.get("eval_unseen_tasks", (
-            "anomaly_discrimination",)) or TASKS), **stages.question_options(cfg))
+        recs = run_.zoomed(stage_data.unseen_records(unseen, tasks_=tuple(cfg.get(
+            "eval_unseen_tasks", ("anomaly_discrimination",)) or TASKS),
+            **stages.question_options(cfg)))
         limit = int(cfg.get("eval_unseen_limit", 0))
         subset = 0 < limit < len(recs)
         if subset:  # a fixed random subset (all classes, both labels)

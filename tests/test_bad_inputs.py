@@ -729,6 +729,8 @@ def test_shipped_configs_pass():
     ("eval_batch", 0, "eval_batch: 0 is below 1"),
     ("sft.fresh_shares", (0.5, 0.5), "sft.fresh_shares: (0.5, 0.5) must be a tuple of 1 shares"),
     ("sft.fresh_shares", (1.5,), "sft.fresh_shares: 1.5 must be <= 1.0"),
+    ("data.zoom", -0.1, "data.zoom: -0.1 must be >= 0.0"),
+    ("data.zoom", 1.5, "data.zoom: 1.5 must be <= 1.0"),
 ])
 def test_validate_config_names_key_and_problem(key, value, needle):
     from emit_jax.models.config import ConfigError

@@ -283,19 +283,6 @@ def test_feature_probe_parts():
     assert shape[3] == pytest.approx(8 / 16) and shape[4] == pytest.approx(heat.std())
     with pytest.raises(ValueError):
         cell_of(np.zeros((4, 4), bool))
-    from PIL import Image
-
-    from emit_jax.experiments.feature_probes import crop_at, hot_crop
-
-    im = Image.fromarray(np.arange(100 * 100, dtype=np.uint32).reshape(100, 100).astype(np.int32),
-                         mode="I")
-    heat = np.zeros((4, 4))
-    heat[1, 2] = 1.0  # the patch centred at (37.5, 62.5) px
-    crop = hot_crop(im, heat, share=0.2)  # a 20 px square centred there
-    assert crop.size == (20, 20)
-    assert np.asarray(crop)[0, 0] == 28 * 100 + 52  # its top left pixel: row 28, column 52
-    corner = crop_at(im, 0.0, 1.0, share=0.3)  # moved inside at the top right corner
-    assert np.asarray(corner)[0, 0] == 70 and corner.size == (30, 30)
 
 
 def test_pixel_heatmap_is_the_heat_map_of_raw_patches():

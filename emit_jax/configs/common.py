@@ -43,6 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
         # words, which EMIT's parser maps to the closest option; emit_jax.training.data.in_words)
         # or "all_words" (anomaly discrimination's too: "Yes." / "No.", no bare letter trained)
         answers="letter",
+        # not in EMIT: > 0 gives each defect-classification question a third image, the query
+        # cropped to that share of its side around the heat map's maximum (cut once with the
+        # ViT the run starts from; emit_jax.training.zoom); 0 = off
+        zoom=0.0,
         length_buckets=(512, 768, 1024, 1536, 2048, 4096)))
     # optional text-only warm-up stage (add "warmup" to stages): short text versions of the tasks,
     # the images replaced by a sentence at the end of the user turn. Measured 2026-11-22 (2-core

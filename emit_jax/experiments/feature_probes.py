@@ -37,6 +37,7 @@ import numpy as np
 
 from emit_jax import cli
 from emit_jax.fileio import finite_json
+from emit_jax.training.zoom import crop_at, hot_crop
 
 #: the heat map's hottest patches whose features describe the defect
 TOP_PATCHES = 8
@@ -81,24 +82,6 @@ def hottest_cell(heat: np.ndarray) -> int:
     y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
     h, w = heat.shape
     return int(min(2, y * 3 // h) * 3 + min(2, x * 3 // w))
-
-
-def hot_crop(image, heat: np.ndarray, share: float = CROP_SHARE):
-    """The square of ``share`` of ``image``'s side centred on the heat map's maximum (moved
-    inside the image where it would leave it), as a PIL image."""
-    y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    return crop_at(image, (y + 0.5) / heat.shape[0], (x + 0.5) / heat.shape[1], share)
-
-
-def crop_at(image, fy: float, fx: float, share: float = CROP_SHARE):
-    """The square of ``share`` of ``image``'s side centred at ``(fy, fx)`` (fractions of the
-    height and width), moved inside the image where it would leave it."""
-    w, h = image.size
-    side = max(1, int(round(share * min(w, h))))
-    cx, cy = fx * w, fy * h
-    left = int(round(min(max(cx - side / 2, 0), w - side)))
-    top = int(round(min(max(cy - side / 2, 0), h - side)))
-    return image.crop((left, top, left + side, top + side))
 
 
 def map_shape(heat: np.ndarray) -> np.ndarray:
@@ -168,7 +151,7 @@ def measure(model, train, test, *, batch: int = 8) -> dict:
             tq, tr = np.asarray(ce_tokens(jnp.asarray(q))), np.asarray(ce_tokens(jnp.asarray(r)))
             pooled = out["pooled"][-n:]
             crops = np.asarray(pooled_fn(jnp.asarray(np.stack(
-                [to_tile(hot_crop(im, h), size) for im, h in zip(pil, heat)]))))
+                [to_tile(hot_crop(im, h, CROP_SHARE), size) for im, h in zip(pil, heat)]))))
             for k, (it, _) in enumerate(chunk):
                 if not it.is_anomalous:
                     continue
@@ -181,7 +164,7 @@ def measure(model, train, test, *, batch: int = 8) -> dict:
                 out["defect_crop"].append((crops[k], it.defect))
                 yy, xx = np.nonzero(mask)
                 true_crop = crop_at(pil[k], (yy.mean() + 0.5) / mask.shape[0],
-                                    (xx.mean() + 0.5) / mask.shape[1])
+                                    (xx.mean() + 0.5) / mask.shape[1], CROP_SHARE)
                 out["defect_crop_mask"].append((np.asarray(pooled_fn(jnp.asarray(
                     to_tile(true_crop, size)[None])))[0], it.defect))
                 out["cell_true"].append(cell_of(mask))

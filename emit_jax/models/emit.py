@@ -370,6 +370,20 @@ def contrastive_heatmap(vit, ce_pixels: jax.Array, layers: Sequence[int], window
     return heat
 
 
+def config_heatmap(vit, ce_pixels: jax.Array, c: EMITConfig, *, with_hot: bool = False):
+    """:func:`contrastive_heatmap` as the EMIT config ``c`` sets it up for the ViT ``vit`` (an
+    InternViT): its CE layers and window scaled to the ViT's depth and patch grid. ``ce_pixels
+    [n, 2, 3, H, W]`` -> ``[n, g, g]``; with ``with_hot`` (and ``c.hot_patches``) ``(heat,
+    hot)``."""
+    vc = vit.cfg
+    return contrastive_heatmap(vit, ce_pixels, c.layers_for(vc.num_hidden_layers),
+                               c.window_for(vc.grid), rotations=c.rotations,
+                               zero_fill=c.zero_fill, strategy=c.heatmap_strategy,
+                               turns=c.reference_turns, feature_turns=c.feature_turns,
+                               align_turn=c.align_turn,
+                               hot_patches=c.hot_patches if with_hot else 0)
+
+
 def hot_features(heat: jax.Array, q: jax.Array, r: jax.Array, k: int) -> jax.Array:
     """``heat [n, g, g]``, query features ``q [L, n, g, g, D]``, reference features
     ``r [L, n, R, g, g, D]`` -> ``[n, L * D]`` float32: per layer, the mean of the query's
@@ -530,13 +544,8 @@ class EMIT(nnx.Module):
 
     def heatmap(self, ce_pixels: jax.Array, with_hot: bool = False):
         """``[n, g, g]``; with ``with_hot`` (and ``emit.hot_patches``) ``(heat, hot)``."""
-        c = self.emit_config
-        window = c.window_for(self.mllm.config.vision.grid)
-        return contrastive_heatmap(self.mllm.vision_tower, ce_pixels, self.ce_layers, window,
-                                   rotations=c.rotations, zero_fill=c.zero_fill,
-                                   strategy=c.heatmap_strategy, turns=c.reference_turns,
-                                   feature_turns=c.feature_turns, align_turn=c.align_turn,
-                                   hot_patches=c.hot_patches if with_hot else 0)
+        return config_heatmap(self.mllm.vision_tower, ce_pixels, self.emit_config,
+                              with_hot=with_hot)
 
     def ref_tokens(self, ce_pixels: jax.Array, num_ce: jax.Array | None = None) -> jax.Array:
         """``[n_ce, num_comp_slots, D]``: soft prompt rows first, then the CE tokens. ``num_ce``

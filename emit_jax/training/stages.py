@@ -66,10 +66,16 @@ class Run:
     tokenizer: Any
     records: dict[str, list[dict]]
     mesh: Any = None
+    zoom: Any = None  # a training.zoom.Zoomer (data.zoom), or None
 
     @property
     def pad(self) -> int:
         return self.tokenizer.pad_token_id or 0
+
+    def zoomed(self, records: list[dict]) -> list[dict]:
+        """``records`` with the zoom image added to the questions that take it (``data.zoom``;
+        :mod:`emit_jax.training.zoom`), or as they are."""
+        return self.zoom(records) if self.zoom is not None else records
 
     def pipeline(self, model, *, train: bool = True, with_answer: bool = True) -> PipelineConfig:
         return pipeline_config(self.cfg, model, train=train, with_answer=with_answer)
@@ -102,11 +108,12 @@ def stage1_trainable(train_llm: bool = False):
     return nnx.All(nnx.Param, nnx.Any(*parts))
 
 
-def text_stage_records(cfg, records: dict, stage: str) -> list[dict]:
+def text_stage_records(cfg, records: dict, stage: str, zoomed=lambda r: r) -> list[dict]:
     """The records of the ``warmup`` / ``base`` stage. ``warmup.tasks`` picks the statement
     tasks; ``base.statements`` mixes those statement records into the base stage too, so what the
     warm-up taught (statement at the end of the user turn -> answer letter) is kept while the
-    base stage learns the image tasks."""
+    base stage learns the image tasks. ``zoomed``: applied to the fresh datasets' questions
+    (:meth:`Run.zoomed`)."""
     tasks = tuple(cfg.warmup.get("tasks", ())) if "warmup" in cfg else ()
     source = "warmup_map" if map_grid(cfg) else "warmup"
     statements = [r for r in records[source] if not tasks or r["task_type"] in tasks]
@@ -125,6 +132,7 @@ def text_stage_records(cfg, records: dict, stage: str) -> list[dict]:
             range(cfg.data.seed + 1, cfg.data.seed + 1 + fresh), tasks_,
             style=rationale_style(cfg), direct=direct, pick_seed=cfg.seed,
             **question_options(cfg))
+        more = zoomed(more)
         random.Random(cfg.seed).shuffle(more)
         extra = extra + more
         asked = "think" if not direct else f"think and direct ({direct:.0%} direct)"
@@ -145,7 +153,8 @@ def run_text_stage(run: Run, model, stage: str):
     cfg = run.cfg
     wrt = nnx.Param if cfg[stage].get("train_vision", True) else \
         nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision_tower")))
-    return model, run.sft(model, text_stage_records(cfg, run.records, stage), stage, wrt=wrt)
+    return model, run.sft(model, text_stage_records(cfg, run.records, stage, run.zoomed), stage,
+                          wrt=wrt)
 
 
 def run_stage1(run: Run, model, stage: str = "sft"):
@@ -171,7 +180,7 @@ def run_stage1(run: Run, model, stage: str = "sft"):
         if shares:  # a share of some tasks' questions (validated: one per fresh task)
             drawn = stage_data.task_shares(drawn, dict(zip(fresh_tasks, map(float, shares))),
                                            seed=cfg.seed)
-        records = records + drawn
+        records = records + run.zoomed(drawn)
         random.Random(cfg.seed).shuffle(records)
         log(f"[sft] {len(records)} records with the {', '.join(fresh_tasks)} questions of "
             f"{fresh} fresh embedded datasets (seeds {cfg.data.seed + 1}-"
@@ -860,6 +869,21 @@ def build_initial_model(cfg, tokenizer):
                 f"data.source {cfg.data.source}'s; --config.vision_init='' starts it random, a "
                 f"file or folder of your own ViT starts it there")
     return model
+
+
+def make_zoomer(cfg, tokenizer, workdir: str):
+    """The :class:`emit_jax.training.zoom.Zoomer` of ``data.zoom`` (None when 0): its crops
+    placed by the heat map (the run's ``emit`` settings) of the ViT the run starts from (the
+    initial model's, :func:`build_initial_model`, whatever stage is loaded), written to
+    ``WORKDIR/zoom``."""
+    share = float(cfg.data.get("zoom", 0.0) or 0.0)
+    if not share:
+        return None
+    from emit_jax.training.zoom import Zoomer
+
+    vit = build_initial_model(cfg, tokenizer).vision_tower
+    return Zoomer(vit, EMITConfig(**dict(cfg.emit.items())).validate(),
+                  os.path.join(workdir, "zoom"), share)
 
 
 def fitted_model(mcfg, tokenizer, seed: int, *, scan: bool = False) -> InternVL:

@@ -478,6 +478,7 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
         _fail("data.rationale", data.rationale, f"must be one of {RATIONALES}")
     if data.get("answers", "letter") not in ANSWER_FORMS:
         _fail("data.answers", data.answers, f"must be one of {ANSWER_FORMS}")
+    check_float("data.zoom", _get(data, "zoom", "data.zoom", 0.0), low=0.0, high=1.0)
     for s in ("sft", "base"):
         if s not in cfg or s not in stages:
             continue

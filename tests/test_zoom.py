@@ -1,0 +1,125 @@
+"""The zoom image (``data.zoom``, emit_jax.training.zoom): the crop's geometry, the prompt's
+third image, and crops cut where EMIT's heat map (recomputed here from its definition's pieces)
+peaks, on real embedded images, encoded by the real pipeline."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from emit_jax.training.zoom import (QUERY_LINE, ZOOM_LINE, Zoomer, crop_at, hot_crop,
+                                    wants_zoom, zoom_text)
+
+
+def test_crop_geometry():
+    im = Image.fromarray(np.arange(100 * 100, dtype=np.uint32).reshape(100, 100).astype(np.int32),
+                         mode="I")
+    heat = np.zeros((4, 4))
+    heat[1, 2] = 1.0  # the patch centred at (37.5, 62.5) px
+    crop = hot_crop(im, heat, share=0.2)  # a 20 px square centred there
+    assert crop.size == (20, 20)
+    assert np.asarray(crop)[0, 0] == 28 * 100 + 52  # its top left pixel: row 28, column 52
+    corner = crop_at(im, 0.0, 1.0, share=0.3)  # moved inside at the top right corner
+    assert np.asarray(corner)[0, 0] == 70 and corner.size == (30, 30)
+    wide = Image.new("RGB", (200, 100))
+    assert crop_at(wide, 0.5, 0.5, 0.5).size == (50, 50)  # a share of the shorter side
+
+
+def test_zoom_text_names_the_third_image_after_the_query():
+    from emit_jax.data.prompts import render
+
+    two = render("defect_classification", ["A", "B", "C", "D"], think=False)
+    out = zoom_text(two)
+    assert out.startswith("Image-1: <image>\n" + QUERY_LINE + ZOOM_LINE)
+    assert out.count("<image>") == 3 and out.replace(ZOOM_LINE, "") == two
+    with pytest.raises(ValueError, match="Image-2"):
+        zoom_text(render("object_classification", ["A", "B", "C", "D"], think=False))
+    rec = {"task_type": "defect_classification", "images": ["r.png", "q.png"],
+           "messages": [{"role": "user", "content": two}]}
+    assert wants_zoom(rec)
+    assert not wants_zoom(dict(rec, task_type="anomaly_discrimination"))  # keeps EMIT's pair
+    assert not wants_zoom(dict(rec, images=["r.png", "q.png", "z.png"]))  # already zoomed
+
+
+@pytest.fixture(scope="module")
+def records():
+    """Real questions of every task on an embedded dataset (seed 1)."""
+    from emit_jax.data.prompts import TASKS
+    from emit_jax.training.data import fresh_records
+
+    recs = fresh_records([1], tasks_=TASKS)
+    picked = []
+    for task, n in (("defect_classification", 3), ("anomaly_discrimination", 1),
+                    ("defect_localization", 1), ("object_classification", 1)):
+        picked += [r for r in recs if r["task_type"] == task][:n]
+    return picked
+
+
+def test_zoomer_crops_where_the_heat_map_peaks(tmp_path, records):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from emit_jax.data.image import load_image, to_tile
+    from emit_jax.models import architectures
+    from emit_jax.models.emit import EMITConfig, contrastive_heatmap
+    from emit_jax.models.internvl import InternVL
+
+    model = InternVL(architectures.get_config("tiny"), rngs=nnx.Rngs(0))
+    vit = model.vision_tower
+    folder = tmp_path / "zoom"
+    zoomer = Zoomer(vit, EMITConfig().validate(), str(folder), 0.35, batch=2)
+    out = zoomer(records)
+    assert len(out) == len(records)
+    for rec, new in zip(records, out):
+        if rec["task_type"] != "defect_classification":
+            assert new is rec
+            continue
+        ref, query = rec["images"]
+        assert new["images"][:2] == [ref, query] and new["query"] == query
+        assert new["messages"][0]["content"] == zoom_text(rec["messages"][0]["content"])
+        assert new["messages"][1:] == rec["messages"][1:] and rec["images"] == [ref, query]
+        # EMIT's map for the 6-block tiny ViT: blocks (1, 2, 4, 5), window 3, four rotations
+        ce = np.stack([to_tile(load_image(ref), 224), to_tile(load_image(query), 224)])[None]
+        heat = np.asarray(contrastive_heatmap(vit, jnp.asarray(ce), (1, 2, 4, 5), 3))[0]
+        want = np.asarray(hot_crop(load_image(query), heat, 0.35))
+        got = np.asarray(load_image(new["images"][2]))
+        assert got.shape == want.shape == (78, 78, 3) and (got == want).all()
+    made = sorted(os.listdir(folder))
+    assert len(made) == 3
+    stamps = {p: os.stat(folder / p).st_mtime_ns for p in made}
+    again = zoomer(records)  # cut once: the files are reused
+    assert again == out and {p: os.stat(folder / p).st_mtime_ns for p in made} == stamps
+    other = Zoomer(vit, EMITConfig().validate(), str(folder), 0.5, batch=2)(records[:1])
+    assert other[0]["images"][2] not in {r["images"][-1] for r in out}  # another share, another file
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="zoom share"):
+            Zoomer(vit, EMITConfig().validate(), str(folder), bad)
+
+
+def test_a_zoomed_question_encodes_three_images_without_the_contrastive_pair(tmp_path, records):
+    from flax import nnx
+
+    from emit_jax.data import jsonl
+    from emit_jax.data.pipeline import PipelineConfig, RecordEncoder
+    from emit_jax.data.tokenizer import train_tiny_tokenizer
+    from emit_jax.models import architectures
+    from emit_jax.models.emit import EMITConfig
+    from emit_jax.models.internvl import InternVL
+
+    model = InternVL(architectures.get_config("tiny"), rngs=nnx.Rngs(0))
+    zoomed = Zoomer(model.vision_tower, EMITConfig().validate(), str(tmp_path), 0.35)(records)
+    path = tmp_path / "z.jsonl"
+    jsonl.write_jsonl(zoomed, path)
+    back = list(jsonl.read_jsonl(path))  # the record checks pass: three tags, three images
+    dc = back[0]
+    tok = train_tiny_tokenizer(None, tmp_path / "tok")
+    img = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    enc = RecordEncoder(tok, PipelineConfig(image_size=224, max_tiles=1, tokens_per_tile=64,
+                                            comp_slots=73, comp_token_id=len(tok), train=False))
+    ex = enc(dc)
+    assert ex["pixel_values"].shape == (3, 3, 224, 224)
+    assert int((ex["input_ids"] == img).sum()) == 3 * 64
+    assert not ex["use_comp"] and "ce_pixels" not in ex  # DC never had EMIT's pair
+    ad = enc(back[3])  # anomaly discrimination: EMIT's two images and its contrastive tokens
+    assert ad["use_comp"] and ad["pixel_values"].shape[0] == 2
