@@ -266,13 +266,9 @@ def _run(cfg, workdir: str, settings, written=None) -> dict:
     if parallel.is_primary():
         parallel.barrier("data")
     stages.check_vocabulary(cfg, tokenizer)  # before any stage trains
-    zoom = stages.make_zoomer(cfg, tokenizer, workdir)  # data.zoom: the crops, once
-    if zoom is not None:
-        t0 = time.time()
-        records = {k: zoom(v) for k, v in records.items()}
-        stages.log(f"[data] zoom: {sum(len(r['images']) == 3 for v in records.values() for r in v)}"
-                   f" questions with the crop at the heat map's maximum ({time.time() - t0:.0f} s)")
-    stages.check_prompt_room(cfg, tokenizer, records)
+    zoom = stages.make_zoomer(cfg, tokenizer, workdir)  # data.zoom: crops cut as they are read
+    stages.check_prompt_room(cfg, tokenizer, records if zoom is None else
+                             {k: [zoom.plan(r) for r in v] for k, v in records.items()})
     run_ = stages.Run(cfg=cfg, settings=settings, workdir=workdir, source=source,
                       tokenizer=tokenizer, records=records, mesh=make_mesh(cfg), zoom=zoom)
     model = None
@@ -509,7 +505,7 @@ def evaluate_heldout(run_: stages.Run, model) -> dict:
               batch=int(cfg.get("eval_batch", 1)))
 
     def ask(records):  # the think instruction in place of the direct one, when asked for
-        return stage_data.asked_to_think(records) if asked else records
+        return run_.zoomed(stage_data.asked_to_think(records) if asked else records)
 
     def show(summary, rows, title: str) -> dict:
         table = format_table(summary, title=title)
@@ -535,9 +531,8 @@ def evaluate_heldout(run_: stages.Run, model) -> dict:
         t0 = time.time()
         from emit_jax.data.prompts import TASKS
 
-        recs = run_.zoomed(stage_data.unseen_records(unseen, tasks_=tuple(cfg.get(
-            "eval_unseen_tasks", ("anomaly_discrimination",)) or TASKS),
-            **stages.question_options(cfg)))
+        recs = stage_data.unseen_records(unseen, tasks_=tuple(cfg.get("eval_unseen_tasks", (
+            "anomaly_discrimination",)) or TASKS), **stages.question_options(cfg))
         limit = int(cfg.get("eval_unseen_limit", 0))
         subset = 0 < limit < len(recs)
         if subset:  # a fixed random subset (all classes, both labels)

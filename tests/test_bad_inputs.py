@@ -731,6 +731,7 @@ def test_shipped_configs_pass():
     ("sft.fresh_shares", (1.5,), "sft.fresh_shares: 1.5 must be <= 1.0"),
     ("data.zoom", -0.1, "data.zoom: -0.1 must be >= 0.0"),
     ("data.zoom", 1.5, "data.zoom: 1.5 must be <= 1.0"),
+    ("data.zoom_layers", (0, 2), "data.zoom_layers: (0, 2) must be a tuple of ViT block numbers"),
 ])
 def test_validate_config_names_key_and_problem(key, value, needle):
     from emit_jax.models.config import ConfigError

@@ -261,6 +261,27 @@ def test_same_seed_is_byte_identical_and_cache_is_reused(ds, cached):
     assert os.stat(os.path.join(cached, "manifest.json")).st_mtime_ns == stamp
 
 
+def test_many_seeds_built_side_by_side_are_the_same_datasets(ds, cached, tmp_path):
+    """``ensure_cached_many``: the missing seeds built in child processes, byte for byte what
+    ``generate`` writes, in the seeds' order, the cached ones reused; a cache root that is a
+    file is the one-line error before any child starts."""
+    from emit_jax.data.embedded.cache import ensure_cached_many
+    from emit_jax.errors import DataError
+
+    root, _ = ds
+    cache = os.path.dirname(cached)  # seed 0 is there already
+    stamp = os.stat(os.path.join(cached, "manifest.json")).st_mtime_ns
+    paths = ensure_cached_many([2, 0, 1], cache, workers=2)
+    assert paths == [E.cache_path(cache, s) for s in (2, 0, 1)]
+    assert os.stat(os.path.join(cached, "manifest.json")).st_mtime_ns == stamp  # reused
+    one = E.generate(str(tmp_path / "seed1"), seed=1)
+    assert _files(paths[2]) == _files(str(tmp_path / "seed1")) and one["seed"] == 1
+    assert sorted(os.listdir(cache)) == sorted(os.path.basename(p) for p in paths)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="not a folder"):
+        ensure_cached_many([5, 6], str(tmp_path / "file"), workers=2)
+
+
 def test_cache_location(monkeypatch, tmp_path):
     monkeypatch.setenv("EMIT_JAX_CACHE", str(tmp_path))
     assert E.cache_path(seed=3) == os.path.join(str(tmp_path),

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from emit_jax.training.zoom import (QUERY_LINE, ZOOM_LINE, Zoomer, crop_at, hot_crop,
-                                    wants_zoom, zoom_text)
+                                    vit_digest, wants_zoom, zoom_text)
 
 
 def test_crop_geometry():
@@ -123,3 +123,62 @@ def test_a_zoomed_question_encodes_three_images_without_the_contrastive_pair(tmp
     assert not ex["use_comp"] and "ce_pixels" not in ex  # DC never had EMIT's pair
     ad = enc(back[3])  # anomaly discrimination: EMIT's two images and its contrastive tokens
     assert ad["use_comp"] and ad["pixel_values"].shape[0] == 2
+
+
+def test_a_lazy_sequence_cuts_only_the_crops_of_the_records_read(tmp_path, records):
+    """What the trainer hands a stage (``Run.zoomed``): the records planned as they are read,
+    each crop cut then, the same files as the eager cut; a grain pipeline reads it."""
+    from flax import nnx
+
+    from emit_jax.data.pipeline import PipelineConfig, make_dataset
+    from emit_jax.data.tokenizer import train_tiny_tokenizer
+    from emit_jax.models import architectures
+    from emit_jax.models.emit import EMITConfig
+    from emit_jax.models.internvl import InternVL
+
+    model = InternVL(architectures.get_config("tiny"), rngs=nnx.Rngs(0))
+    zoomer = Zoomer(model.vision_tower, EMITConfig().validate(), str(tmp_path / "z"), 0.35)
+    lazy = zoomer.lazy(records)
+    assert len(lazy) == len(records) and not (tmp_path / "z").exists()  # nothing cut yet
+    assert lazy[5] is records[5]  # object classification: as it was
+    first = lazy[1]
+    assert os.listdir(tmp_path / "z") == [os.path.basename(first["images"][2])]  # that one only
+    assert first == zoomer.plan(records[1])
+    eager = Zoomer(model.vision_tower, EMITConfig().validate(), str(tmp_path / "e"), 0.35)(records)
+    for a, b in zip(lazy[:3], eager[:3]):  # a batch of one cuts what a batch of sixteen cuts
+        assert np.array_equal(np.asarray(Image.open(a["images"][2])),
+                              np.asarray(Image.open(b["images"][2])))
+    tok = train_tiny_tokenizer(None, tmp_path / "tok")
+    cfg = PipelineConfig(image_size=224, max_tiles=1, tokens_per_tile=64, train=False,
+                         length_buckets=(1024,))
+    batch = next(iter(make_dataset(zoomer.lazy(records[:3]), tok, cfg, batch_size=3,
+                                   shuffle=False)))
+    assert batch["pixel_values"].shape[0] >= 9  # three images a question
+
+
+def test_the_trainers_zoomer_uses_the_vit_the_run_starts_from(tmp_path):
+    """``stages.make_zoomer``: off at ``data.zoom`` 0; else the initial model's ViT (the
+    embedded recipe's: the packaged one, tensor for tensor), ``data.zoom_layers`` in the map's
+    CE layers, a block past the ViT's depth one clear error."""
+    from emit_jax.configs import grpo
+    from emit_jax.data.tokenizer import train_tiny_tokenizer
+    from emit_jax.errors import ConfigError
+    from emit_jax.training import stages, vision_init
+
+    cfg = grpo.get_config("smoke")
+    tok = train_tiny_tokenizer(None, tmp_path / "tok")
+    assert stages.make_zoomer(cfg, tok, str(tmp_path)) is None
+    cfg.data.zoom, cfg.data.zoom_layers = 0.35, (1, 2)
+    zoomer = stages.make_zoomer(cfg, tok, str(tmp_path))
+    assert zoomer.folder == str(tmp_path / "zoom") and zoomer.share == 0.35
+    assert "'ce_layers': [1, 2]" in zoomer.tag
+    start = stages.build_initial_model(cfg, tok)  # the packaged ViT (vision_init), the rest new
+    packaged, _ = vision_init.read_vision("embedded")
+    assert all(np.array_equal(packaged[k], v) for k, v in vision_init.vision_tensors(start).items())
+    assert vit_digest(zoomer.vit) == vit_digest(start.vision_tower)
+    with cfg.unlocked():
+        cfg.vision_init = ""
+    assert stages.make_zoomer(cfg, tok, str(tmp_path)).tag != zoomer.tag  # another ViT's crops
+    cfg.data.zoom_layers = (9,)
+    with pytest.raises(ConfigError, match=r"data.zoom_layers: \(9,\) outside the ViT's 1..6"):
+        stages.make_zoomer(cfg, tok, str(tmp_path))

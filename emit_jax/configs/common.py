@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
         # cropped to that share of its side around the heat map's maximum (cut once with the
         # ViT the run starts from; emit_jax.training.zoom); 0 = off
         zoom=0.0,
+        zoom_layers=(),  # the ViT blocks of the map that places the crop; () = emit's CE layers
         length_buckets=(512, 768, 1024, 1536, 2048, 4096)))
     # optional text-only warm-up stage (add "warmup" to stages): short text versions of the tasks,
     # the images replaced by a sentence at the end of the user turn. Measured 2026-11-22 (2-core

@@ -603,14 +603,14 @@ def _whole_dataset_records(seeds, prefix: str, *, stage: int, think: bool | None
                            tasks_: tuple = ("anomaly_discrimination",),
                            cache_dir: str | None = None, ad_order: str = "shuffled",
                            domain_knowledge: bool = False, dk_sentences: int = 0) -> list[dict]:
-    from emit_jax.data.embedded import ensure_cached
+    from emit_jax.data.embedded.cache import ensure_cached_many
 
+    seeds = list(seeds)
+    if 0 in seeds:
+        raise ValueError(f"{prefix} datasets: seed 0 is the embedded default itself (its test "
+                         "split is held out)")
     out: list[dict] = []
-    for s in seeds:
-        if s == 0:
-            raise ValueError(f"{prefix} datasets: seed 0 is the embedded default itself (its test "
-                             "split is held out)")
-        root = ensure_cached(cache_dir, seed=s)
+    for s, root in zip(seeds, ensure_cached_many(seeds, cache_dir)):  # built side by side
         items = scan(root)
         refs = tasks.select_references(items, tasks.pixel_embedder(),
                                        pool=lambda it: not it.is_anomalous)

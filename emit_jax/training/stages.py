@@ -72,10 +72,11 @@ class Run:
     def pad(self) -> int:
         return self.tokenizer.pad_token_id or 0
 
-    def zoomed(self, records: list[dict]) -> list[dict]:
-        """``records`` with the zoom image added to the questions that take it (``data.zoom``;
-        :mod:`emit_jax.training.zoom`), or as they are."""
-        return self.zoom(records) if self.zoom is not None else records
+    def zoomed(self, records):
+        """``records`` with the zoom image added to the questions that take it, each crop cut
+        when a stage first reads its record (``data.zoom``; :mod:`emit_jax.training.zoom`), or
+        as they are."""
+        return self.zoom.lazy(records) if self.zoom is not None else records
 
     def pipeline(self, model, *, train: bool = True, with_answer: bool = True) -> PipelineConfig:
         return pipeline_config(self.cfg, model, train=train, with_answer=with_answer)
@@ -83,7 +84,7 @@ class Run:
     def sft(self, model, records, name: str, *, wrt=nnx.Param, pcfg=None) -> dict:
         """Run the SFT-type stage ``name`` on ``records`` (its settings from ``settings``)."""
         cfg = self.cfg
-        return run_sft(model, records, self.tokenizer, pcfg or self.pipeline(model),
+        return run_sft(model, self.zoomed(records), self.tokenizer, pcfg or self.pipeline(model),
                        self.settings.optim[name], os.path.join(self.workdir, name), wrt=wrt,
                        name=name, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
                        log_every=cfg.log_every, pad_id=self.pad, mesh=self.mesh,
@@ -108,12 +109,11 @@ def stage1_trainable(train_llm: bool = False):
     return nnx.All(nnx.Param, nnx.Any(*parts))
 
 
-def text_stage_records(cfg, records: dict, stage: str, zoomed=lambda r: r) -> list[dict]:
+def text_stage_records(cfg, records: dict, stage: str) -> list[dict]:
     """The records of the ``warmup`` / ``base`` stage. ``warmup.tasks`` picks the statement
     tasks; ``base.statements`` mixes those statement records into the base stage too, so what the
     warm-up taught (statement at the end of the user turn -> answer letter) is kept while the
-    base stage learns the image tasks. ``zoomed``: applied to the fresh datasets' questions
-    (:meth:`Run.zoomed`)."""
+    base stage learns the image tasks."""
     tasks = tuple(cfg.warmup.get("tasks", ())) if "warmup" in cfg else ()
     source = "warmup_map" if map_grid(cfg) else "warmup"
     statements = [r for r in records[source] if not tasks or r["task_type"] in tasks]
@@ -132,7 +132,6 @@ def text_stage_records(cfg, records: dict, stage: str, zoomed=lambda r: r) -> li
             range(cfg.data.seed + 1, cfg.data.seed + 1 + fresh), tasks_,
             style=rationale_style(cfg), direct=direct, pick_seed=cfg.seed,
             **question_options(cfg))
-        more = zoomed(more)
         random.Random(cfg.seed).shuffle(more)
         extra = extra + more
         asked = "think" if not direct else f"think and direct ({direct:.0%} direct)"
@@ -153,8 +152,7 @@ def run_text_stage(run: Run, model, stage: str):
     cfg = run.cfg
     wrt = nnx.Param if cfg[stage].get("train_vision", True) else \
         nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision_tower")))
-    return model, run.sft(model, text_stage_records(cfg, run.records, stage, run.zoomed), stage,
-                          wrt=wrt)
+    return model, run.sft(model, text_stage_records(cfg, run.records, stage), stage, wrt=wrt)
 
 
 def run_stage1(run: Run, model, stage: str = "sft"):
@@ -180,7 +178,7 @@ def run_stage1(run: Run, model, stage: str = "sft"):
         if shares:  # a share of some tasks' questions (validated: one per fresh task)
             drawn = stage_data.task_shares(drawn, dict(zip(fresh_tasks, map(float, shares))),
                                            seed=cfg.seed)
-        records = records + run.zoomed(drawn)
+        records = records + drawn
         random.Random(cfg.seed).shuffle(records)
         log(f"[sft] {len(records)} records with the {', '.join(fresh_tasks)} questions of "
             f"{fresh} fresh embedded datasets (seeds {cfg.data.seed + 1}-"
@@ -212,7 +210,7 @@ def run_stage2(run: Run, model, stage: str = "grpo"):
     records = run.records[g.records]
     if g.instruction == "direct":  # asked as the held-out evaluation asks
         records = stage_data.asked_with(records, "direct")
-    return run_grpo(model, records, run.tokenizer, g,
+    return run_grpo(model, run.zoomed(records), run.tokenizer, g,
                     os.path.join(run.workdir, "grpo"), mesh=run.mesh, seed=cfg.seed,
                     max_tiles=cfg.data.max_tiles, length_buckets=cfg.data.length_buckets,
                     checkpoint_every=cfg.checkpoint_every,
@@ -873,17 +871,25 @@ def build_initial_model(cfg, tokenizer):
 
 def make_zoomer(cfg, tokenizer, workdir: str):
     """The :class:`emit_jax.training.zoom.Zoomer` of ``data.zoom`` (None when 0): its crops
-    placed by the heat map (the run's ``emit`` settings) of the ViT the run starts from (the
+    placed by the heat map (the run's ``emit`` settings, at the ViT blocks ``data.zoom_layers``
+    when given) of the ViT the run starts from (the
     initial model's, :func:`build_initial_model`, whatever stage is loaded), written to
-    ``WORKDIR/zoom``."""
+    ``WORKDIR/zoom`` as the stages read them (:meth:`Run.zoomed`)."""
     share = float(cfg.data.get("zoom", 0.0) or 0.0)
     if not share:
         return None
     from emit_jax.training.zoom import Zoomer
 
     vit = build_initial_model(cfg, tokenizer).vision_tower
-    return Zoomer(vit, EMITConfig(**dict(cfg.emit.items())).validate(),
-                  os.path.join(workdir, "zoom"), share)
+    ecfg = EMITConfig(**dict(cfg.emit.items())).validate()
+    layers = tuple(cfg.data.get("zoom_layers", ()) or ())
+    if layers:  # the map that places the crop from the first blocks only (a cheaper ViT pass)
+        ecfg = dataclasses.replace(ecfg, ce_layers=layers)
+        try:
+            ecfg.layers_for(vit.cfg.num_hidden_layers)
+        except ValueError as e:
+            raise ConfigError(f"config data.zoom_layers: {e}".replace("ce_layers ", "")) from None
+    return Zoomer(vit, ecfg, os.path.join(workdir, "zoom"), share)
 
 
 def fitted_model(mcfg, tokenizer, seed: int, *, scan: bool = False) -> InternVL:

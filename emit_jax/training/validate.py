@@ -479,6 +479,10 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     if data.get("answers", "letter") not in ANSWER_FORMS:
         _fail("data.answers", data.answers, f"must be one of {ANSWER_FORMS}")
     check_float("data.zoom", _get(data, "zoom", "data.zoom", 0.0), low=0.0, high=1.0)
+    layers = data.get("zoom_layers", ()) or ()
+    if isinstance(layers, (str, int)) or not all(isinstance(b, int) and not isinstance(b, bool)
+                                                 and b >= 1 for b in layers):
+        _fail("data.zoom_layers", layers, "must be a tuple of ViT block numbers (1 = the first)")
     for s in ("sft", "base"):
         if s not in cfg or s not in stages:
             continue

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -80,16 +81,21 @@ def vit_digest(vit) -> str:
 
 
 class Zoomer:
-    """``zoomer(records) -> records``: :func:`wants_zoom` questions with the crop added as a
-    third image (the PNG cut once into ``folder``), the rest as they were, in order.
+    """Adds the crop to the :func:`wants_zoom` questions: :meth:`plan` one record (its crop's
+    path named, not cut), :meth:`lazy` a sequence whose crops are cut as its records are read
+    (the trainer's: a stage cuts only the questions it reads), ``zoomer(records)`` a list with
+    every crop cut (a batch at a time). Each crop is a PNG written once into ``folder``.
 
     ``vit``: the InternViT whose heat map places the crops (kept as given: pass one no stage
-    trains); ``emit_cfg``: the :class:`emit_jax.models.emit.EMITConfig` the map follows;
-    ``share`` in (0, 1]: the crop's side as a share of the query's shorter side."""
+    trains); ``emit_cfg``: the :class:`emit_jax.models.emit.EMITConfig` the map follows (its
+    CE layers, window and rotations); ``share`` in (0, 1]: the crop's side as a share of the
+    query's shorter side."""
 
     def __init__(self, vit, emit_cfg, folder: str, share: float, *, batch: int = 16):
         if not 0.0 < share <= 1.0:
             raise ValueError(f"zoom share {share!r}: must be in (0, 1]")
+        import threading
+
         from flax import nnx
 
         from emit_jax.models.emit import config_heatmap
@@ -98,44 +104,72 @@ class Zoomer:
         self.size = vit.cfg.image_size
         self.tag = f"{vit_digest(vit)}:{self.share}:{emit_cfg.to_json_dict()}"
         self._heat = nnx.jit(lambda v, ce: config_heatmap(v, ce, emit_cfg))
+        self._lock = threading.Lock()  # a lazy sequence is read from the pipeline's threads
 
     def path(self, reference: str, query: str) -> str:
         key = hashlib.sha1(f"{self.tag}|{reference}|{query}".encode()).hexdigest()[:24]
         return os.path.join(self.folder, f"{key}.png")
 
-    def _cut(self, pairs: list[tuple[str, str, str]]) -> None:
-        """Write the crops of ``(reference, query, out path)`` triples, a batch at a time."""
+    def plan(self, rec: dict) -> dict:
+        """``rec`` zoomed: the crop's path as its third image, :func:`zoom_text`, ``query``
+        (a new dict; the crop not cut); ``rec`` itself when it does not take the zoom."""
+        if not wants_zoom(rec):
+            return rec
+        ref, query = rec["images"]
+        msgs = [dict(m) for m in rec["messages"]]
+        msgs[0]["content"] = zoom_text(msgs[0]["content"])
+        return dict(rec, images=[ref, query, self.path(ref, query)], messages=msgs, query=query)
+
+    def cut(self, planned: list[dict]) -> None:
+        """Write the missing crops of planned records (:meth:`plan`), a batch at a time."""
         import jax.numpy as jnp
 
         from emit_jax.data.image import load_image, to_tile
         from emit_jax.fileio import atomic_output
 
-        os.makedirs(self.folder, exist_ok=True)
-        for i in range(0, len(pairs), self.batch):
-            chunk = pairs[i:i + self.batch]
-            query = [load_image(q) for _, q, _ in chunk]
-            ce = np.stack([np.stack([to_tile(load_image(r), self.size), to_tile(im, self.size)])
-                           for (r, _, _), im in zip(chunk, query)])
-            rows = len(chunk)
-            if rows < self.batch:  # one compiled shape
-                ce = np.concatenate([ce, np.repeat(ce[-1:], self.batch - rows, 0)])
-            heat = np.asarray(self._heat(self.vit, jnp.asarray(ce)))[:rows]
-            for (_, _, out), im, h in zip(chunk, query, heat):
-                with atomic_output(out, "wb") as f:
-                    hot_crop(im, h, self.share).save(f, format="PNG")
+        with self._lock:
+            todo = sorted({r["images"][2]: r["images"] for r in planned if len(r["images"]) == 3
+                           and not os.path.isfile(r["images"][2])}.values(), key=lambda t: t[2])
+            if todo:
+                os.makedirs(self.folder, exist_ok=True)
+            rows = min(self.batch, len(todo))  # one compiled shape per zoomer (and a lone one)
+            for i in range(0, len(todo), rows or 1):
+                chunk = todo[i:i + rows]
+                query = [load_image(q) for _, q, _ in chunk]
+                ce = np.stack([np.stack([to_tile(load_image(r), self.size),
+                                         to_tile(im, self.size)])
+                               for (r, _, _), im in zip(chunk, query)])
+                if len(chunk) < rows:
+                    ce = np.concatenate([ce, np.repeat(ce[-1:], rows - len(chunk), 0)])
+                heat = np.asarray(self._heat(self.vit, jnp.asarray(ce)))[:len(chunk)]
+                for (_, _, out), im, h in zip(chunk, query, heat):
+                    with atomic_output(out, "wb") as f:
+                        hot_crop(im, h, self.share).save(f, format="PNG")
 
-    def __call__(self, records: list[dict]) -> list[dict]:
-        out, todo = [], {}
-        for rec in records:
-            if not wants_zoom(rec):
-                out.append(rec)
-                continue
-            ref, query = rec["images"]
-            crop = self.path(ref, query)
-            if not os.path.isfile(crop):
-                todo[crop] = (ref, query, crop)
-            msgs = [dict(m) for m in rec["messages"]]
-            msgs[0]["content"] = zoom_text(msgs[0]["content"])
-            out.append(dict(rec, images=[ref, query, crop], messages=msgs, query=query))
-        self._cut(sorted(todo.values(), key=lambda t: t[2]))
+    def __call__(self, records) -> list[dict]:
+        out = [self.plan(r) for r in records]
+        self.cut(out)
         return out
+
+    def lazy(self, records) -> "Zoomed":
+        return Zoomed(self, records)
+
+
+class Zoomed(Sequence):
+    """``records`` (a sequence) as :meth:`Zoomer.plan` gives them, each crop cut when its
+    record is first read (one at a time): what a stage hands its data pipeline."""
+
+    def __init__(self, zoomer: Zoomer, records):
+        self.zoomer, self.records = zoomer, records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        rec = self.zoomer.plan(self.records[i])
+        if len(rec["images"]) == 3 and rec is not self.records[i] and \
+                not os.path.isfile(rec["images"][2]):
+            self.zoomer.cut([rec])
+        return rec
