@@ -618,3 +618,37 @@ def test_dl_ceiling_regions_and_scores():
     assert score("top left", options, "D") == (True, False)
     options = {"A": "Left upper.", "B": "Summit.", "C": "Right.", "D": "Middle."}
     assert score("top", options, "B") == (False, True)  # "Top." lands elsewhere, not on "Summit."
+
+
+def test_zoom_crops_touch_and_measure(tmp_path):
+    """``zoom_crops``: a crop touches the mask when the map's maximum sits on the defect and
+    not when it sits far from it; ``measure`` scores real embedded pairs for each map, and a
+    block past the ViT is refused."""
+    from flax import nnx
+
+    from emit_jax.data.embedded import ensure_cached
+    from emit_jax.data.mvtec import scan
+    from emit_jax.experiments.zoom_crops import measure, touches
+    from emit_jax.models import architectures
+    from emit_jax.models.emit import EMITConfig
+    from emit_jax.models.internvl import InternVL
+
+    mask = np.zeros((100, 100), bool)
+    mask[10:20, 70:80] = True  # top right
+    heat = np.zeros((4, 4))
+    heat[0, 3] = 1.0
+    assert touches(mask, heat, 0.35)
+    heat = np.zeros((4, 4))
+    heat[3, 0] = 1.0  # bottom left: a 35 px crop there misses it
+    assert not touches(mask, heat, 0.35)
+    assert touches(mask, heat, 1.0)  # the whole image
+    items = [it for it in scan(ensure_cached(seed=0)) if it.split == "test"]
+    ref = next(it.path for it in items if not it.is_anomalous and it.object_type == "pill")
+    pairs = [(it.path, ref, it.mask_path) for it in items
+             if it.is_anomalous and it.object_type == "pill"][:3]
+    vit = InternVL(architectures.get_config("tiny"), rngs=nnx.Rngs(0)).vision_tower
+    rows = measure(vit, pairs, EMITConfig().validate(), [((1, 2), 1), ((1,), 2)], 1.0, batch=2)
+    assert [(r["layers"], r["rotations"]) for r in rows] == [([1, 2], 1), ([1], 2)]
+    assert all(r["touch"] == 100.0 and r["ms_per_pair"] > 0 for r in rows)  # share 1: always
+    with pytest.raises(ValueError, match="outside the ViT's 1..6"):
+        measure(vit, pairs, EMITConfig().validate(), [((7,), 1)], 0.35, batch=2)

@@ -322,7 +322,8 @@ def test_bench_compare_peers_dir_without_a_peer_and_plan_reference_without_stage
 
 
 @pytest.mark.parametrize("script", ["fresh_images", "heatmap_auroc", "adfm_compare",
-                                    "heatmap_parts", "eval_batch", "dl_ceiling"])
+                                    "heatmap_parts", "eval_batch", "dl_ceiling",
+                                    "zoom_crops"])
 def test_the_lab_scripts_say_a_bad_flag_in_one_line(script):
     """Before: argparse's usage block then the error (two to four lines), and no handling of
     signals or of a failing standard output (they did not run under ``cli``)."""

@@ -36,7 +36,7 @@ CLIS = {"cli", "train", "evaluate", "convert", "export", "visualize", "demo", "d
         "experiments.fresh_images", "experiments.heatmap_auroc", "experiments.heatmap_parts",
         "experiments.feature_probes", "experiments.pointer", "experiments.restated_answers",
         "experiments.vit_pretrain", "experiments.vit_asset", "experiments.eval_batch",
-        "experiments.dl_ceiling",
+        "experiments.dl_ceiling", "experiments.zoom_crops",
         "plan.command", "plan.__main__", "aot.command", "aot.__main__", "__main__",
         # the package's own __init__: its only code is the ``python -m emit_jax.<command>``
         # start-up hook (cli's early interrupt, stderr and JAX-environment checks), run
