@@ -52,6 +52,7 @@ from emit_jax.models.memory import memory_options
 from emit_jax.training import data as stage_data
 from emit_jax.training import stages
 from emit_jax.training.metrics import plot_curves, plot_table
+from emit_jax.training.zoom import LONGEST_CELL
 from emit_jax.training.validate import validate_config
 
 _CONFIG = flags.DEFINE_string("config", None, "config file (configs/grpo.py, configs/grpo.py:smoke) "
@@ -266,9 +267,12 @@ def _run(cfg, workdir: str, settings, written=None) -> dict:
     if parallel.is_primary():
         parallel.barrier("data")
     stages.check_vocabulary(cfg, tokenizer)  # before any stage trains
-    zoom = stages.make_zoomer(cfg, tokenizer, workdir)  # data.zoom: crops cut as they are read
+    # data.zoom / data.peak_region: the pairs cut as the stages read them (their lengths
+    # checked here with the longest region's name)
+    zoom = stages.make_zoomer(cfg, tokenizer, workdir)
     stages.check_prompt_room(cfg, tokenizer, records if zoom is None else
-                             {k: [zoom.plan(r) for r in v] for k, v in records.items()})
+                             {k: [zoom.plan(r, cell=LONGEST_CELL) for r in v]
+                              for k, v in records.items()})
     run_ = stages.Run(cfg=cfg, settings=settings, workdir=workdir, source=source,
                       tokenizer=tokenizer, records=records, mesh=make_mesh(cfg), zoom=zoom)
     model = None

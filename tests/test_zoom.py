@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emit_jax.training.zoom import (QUERY_LINE, ZOOM_LINE, Zoomer, crop_at, hot_crop,
-                                    vit_digest, wants_zoom, zoom_text)
+from emit_jax.training.zoom import (QUERY_LINE, REGION_LINE, ZOOM_LINE, Zoomer, crop_at,
+                                    hot_crop, hottest_cell, region_text, vit_digest,
+                                    wants_region, wants_zoom, zoom_text)
 
 
 def test_crop_geometry():
@@ -85,8 +86,9 @@ def test_zoomer_crops_where_the_heat_map_peaks(tmp_path, records):
         want = np.asarray(hot_crop(load_image(query), heat, 0.35))
         got = np.asarray(load_image(new["images"][2]))
         assert got.shape == want.shape == (78, 78, 3) and (got == want).all()
+        assert zoomer.cell(ref, query) == hottest_cell(heat)
     made = sorted(os.listdir(folder))
-    assert len(made) == 3
+    assert len(made) == 6 and sum(p.endswith(".json") for p in made) == 3  # crop + cell a pair
     stamps = {p: os.stat(folder / p).st_mtime_ns for p in made}
     again = zoomer(records)  # cut once: the files are reused
     assert again == out and {p: os.stat(folder / p).st_mtime_ns for p in made} == stamps
@@ -95,6 +97,43 @@ def test_zoomer_crops_where_the_heat_map_peaks(tmp_path, records):
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="zoom share"):
             Zoomer(vit, EMITConfig().validate(), str(folder), bad)
+
+
+def test_the_peak_region_names_the_maps_cell_in_the_localization_questions(tmp_path, records):
+    """``data.peak_region``: each defect-localization question gets the line naming the region
+    of its pair's map maximum, its two images (and so EMIT's contrastive tokens) kept; with no
+    zoom share the DC questions stay as they were."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from emit_jax.data.comp import use_comp
+    from emit_jax.data.image import load_image, to_tile
+    from emit_jax.data.prompts import REGIONS
+    from emit_jax.models import architectures
+    from emit_jax.models.emit import EMITConfig, contrastive_heatmap
+    from emit_jax.models.internvl import InternVL
+
+    vit = InternVL(architectures.get_config("tiny"), rngs=nnx.Rngs(0)).vision_tower
+    zoomer = Zoomer(vit, EMITConfig().validate(), str(tmp_path), 0.0, region=True)
+    out = zoomer(records)
+    for rec, new in zip(records, out):
+        if not wants_region(rec):
+            assert new is rec  # DC too: no share, no crop
+            continue
+        ref, query = rec["images"]
+        ce = np.stack([to_tile(load_image(ref), 224), to_tile(load_image(query), 224)])[None]
+        heat = np.asarray(contrastive_heatmap(vit, jnp.asarray(ce), (1, 2, 4, 5), 3))[0]
+        line = REGION_LINE.format(region=REGIONS[hottest_cell(heat)])
+        text = new["messages"][0]["content"]
+        assert text == rec["messages"][0]["content"].replace(QUERY_LINE, QUERY_LINE + line)
+        assert new["images"] == [ref, query] and use_comp(2, text)
+    assert not any(p.endswith(".png") for p in os.listdir(tmp_path))  # cells only
+    assert region_text(QUERY_LINE, 8) == QUERY_LINE + REGION_LINE.format(region="bottom right")
+    heat = np.zeros((16, 16))
+    for cell in range(9):
+        heat[:] = 0.0
+        heat[(cell // 3) * 5 + 2, (cell % 3) * 5 + 2] = 1.0
+        assert hottest_cell(heat) == cell
 
 
 def test_a_zoomed_question_encodes_three_images_without_the_contrastive_pair(tmp_path, records):
@@ -142,7 +181,8 @@ def test_a_lazy_sequence_cuts_only_the_crops_of_the_records_read(tmp_path, recor
     assert len(lazy) == len(records) and not (tmp_path / "z").exists()  # nothing cut yet
     assert lazy[5] is records[5]  # object classification: as it was
     first = lazy[1]
-    assert os.listdir(tmp_path / "z") == [os.path.basename(first["images"][2])]  # that one only
+    crop = os.path.basename(first["images"][2])  # that pair only: its crop and its cell
+    assert sorted(os.listdir(tmp_path / "z")) == sorted([crop, crop.replace(".png", ".json")])
     assert first == zoomer.plan(records[1])
     eager = Zoomer(model.vision_tower, EMITConfig().validate(), str(tmp_path / "e"), 0.35)(records)
     for a, b in zip(lazy[:3], eager[:3]):  # a batch of one cuts what a batch of sixteen cuts
@@ -167,7 +207,10 @@ def test_the_trainers_zoomer_uses_the_vit_the_run_starts_from(tmp_path):
 
     cfg = grpo.get_config("smoke")
     tok = train_tiny_tokenizer(None, tmp_path / "tok")
+    cfg.data.zoom, cfg.data.peak_region = 0.0, False
     assert stages.make_zoomer(cfg, tok, str(tmp_path)) is None
+    cfg.data.peak_region = True
+    assert stages.make_zoomer(cfg, tok, str(tmp_path)).region
     cfg.data.zoom, cfg.data.zoom_layers = 0.35, (1, 2)
     zoomer = stages.make_zoomer(cfg, tok, str(tmp_path))
     assert zoomer.folder == str(tmp_path / "zoom") and zoomer.share == 0.35

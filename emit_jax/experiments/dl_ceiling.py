@@ -34,7 +34,7 @@ from emit_jax import cli
 def region_of(heat: np.ndarray) -> str:
     """The region (``prompts.REGIONS``, the 3 x 3 grid row-major) of a heat map's maximum."""
     from emit_jax.data.prompts import REGIONS
-    from emit_jax.experiments.feature_probes import hottest_cell
+    from emit_jax.training.zoom import hottest_cell
 
     return REGIONS[hottest_cell(heat)]
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from emit_jax import cli
 from emit_jax.fileio import finite_json
-from emit_jax.training.zoom import crop_at, hot_crop
+from emit_jax.training.zoom import crop_at, hot_crop, hottest_cell
 
 #: the heat map's hottest patches whose features describe the defect
 TOP_PATCHES = 8
@@ -75,13 +75,6 @@ def cell_of(mask: np.ndarray) -> int:
         raise ValueError("empty mask")
     h, w = mask.shape
     return int(min(2, int(ys.mean() * 3 // h)) * 3 + min(2, int(xs.mean() * 3 // w)))
-
-
-def hottest_cell(heat: np.ndarray) -> int:
-    """The 3 x 3 grid cell of a heat map's maximum (the same convention as :func:`cell_of`)."""
-    y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    h, w = heat.shape
-    return int(min(2, y * 3 // h) * 3 + min(2, x * 3 // w))
 
 
 def map_shape(heat: np.ndarray) -> np.ndarray:

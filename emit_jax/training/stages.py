@@ -870,13 +870,15 @@ def build_initial_model(cfg, tokenizer):
 
 
 def make_zoomer(cfg, tokenizer, workdir: str):
-    """The :class:`emit_jax.training.zoom.Zoomer` of ``data.zoom`` (None when 0): its crops
+    """The :class:`emit_jax.training.zoom.Zoomer` of ``data.zoom`` and ``data.peak_region``
+    (None when both are off): its crops and regions
     placed by the heat map (the run's ``emit`` settings, at the ViT blocks ``data.zoom_layers``
     when given) of the ViT the run starts from (the
     initial model's, :func:`build_initial_model`, whatever stage is loaded), written to
     ``WORKDIR/zoom`` as the stages read them (:meth:`Run.zoomed`)."""
     share = float(cfg.data.get("zoom", 0.0) or 0.0)
-    if not share:
+    region = bool(cfg.data.get("peak_region", False))
+    if not share and not region:
         return None
     from emit_jax.training.zoom import Zoomer
 
@@ -889,7 +891,7 @@ def make_zoomer(cfg, tokenizer, workdir: str):
             ecfg.layers_for(vit.cfg.num_hidden_layers)
         except ValueError as e:
             raise ConfigError(f"config data.zoom_layers: {e}".replace("ce_layers ", "")) from None
-    return Zoomer(vit, ecfg, os.path.join(workdir, "zoom"), share)
+    return Zoomer(vit, ecfg, os.path.join(workdir, "zoom"), share, region=region)
 
 
 def fitted_model(mcfg, tokenizer, seed: int, *, scan: bool = False) -> InternVL:

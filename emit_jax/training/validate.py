@@ -483,6 +483,8 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     if isinstance(layers, (str, int)) or not all(isinstance(b, int) and not isinstance(b, bool)
                                                  and b >= 1 for b in layers):
         _fail("data.zoom_layers", layers, "must be a tuple of ViT block numbers (1 = the first)")
+    if not isinstance(data.get("peak_region", False), bool):
+        _fail("data.peak_region", data.peak_region, "must be True or False")
     for s in ("sft", "base"):
         if s not in cfg or s not in stages:
             continue
