@@ -128,6 +128,7 @@ def test_the_peak_region_names_the_maps_cell_in_the_localization_questions(tmp_p
         assert text == rec["messages"][0]["content"].replace(QUERY_LINE, QUERY_LINE + line)
         assert new["images"] == [ref, query] and use_comp(2, text)
     assert not any(p.endswith(".png") for p in os.listdir(tmp_path))  # cells only
+    assert zoomer(out) == out  # a question that has its line takes no second one
     assert region_text(QUERY_LINE, 8) == QUERY_LINE + REGION_LINE.format(region="bottom right")
     heat = np.zeros((16, 16))
     for cell in range(9):

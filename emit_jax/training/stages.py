@@ -66,16 +66,16 @@ class Run:
     tokenizer: Any
     records: dict[str, list[dict]]
     mesh: Any = None
-    zoom: Any = None  # a training.zoom.Zoomer (data.zoom), or None
+    zoom: Any = None  # a training.zoom.Zoomer (data.zoom, data.peak_region), or None
 
     @property
     def pad(self) -> int:
         return self.tokenizer.pad_token_id or 0
 
     def zoomed(self, records):
-        """``records`` with the zoom image added to the questions that take it, each crop cut
-        when a stage first reads its record (``data.zoom``; :mod:`emit_jax.training.zoom`), or
-        as they are."""
+        """``records`` with the zoom image or the peak's region added to the questions that
+        take them, each pair cut when a stage first reads its record (``data.zoom``,
+        ``data.peak_region``; :mod:`emit_jax.training.zoom`), or as they are."""
         return self.zoom.lazy(records) if self.zoom is not None else records
 
     def pipeline(self, model, *, train: bool = True, with_answer: bool = True) -> PipelineConfig:
@@ -871,10 +871,9 @@ def build_initial_model(cfg, tokenizer):
 
 def make_zoomer(cfg, tokenizer, workdir: str):
     """The :class:`emit_jax.training.zoom.Zoomer` of ``data.zoom`` and ``data.peak_region``
-    (None when both are off): its crops and regions
-    placed by the heat map (the run's ``emit`` settings, at the ViT blocks ``data.zoom_layers``
-    when given) of the ViT the run starts from (the
-    initial model's, :func:`build_initial_model`, whatever stage is loaded), written to
+    (None when both are off): crops and regions placed by the heat map (the run's ``emit``
+    settings, at the ViT blocks ``data.zoom_layers`` when given) of the ViT the run starts from
+    (the initial model's, :func:`build_initial_model`, whatever stage a rerun loads), cut into
     ``WORKDIR/zoom`` as the stages read them (:meth:`Run.zoomed`)."""
     share = float(cfg.data.get("zoom", 0.0) or 0.0)
     region = bool(cfg.data.get("peak_region", False))

@@ -90,8 +90,11 @@ def hottest_cell(heat: np.ndarray) -> int:
 
 
 def _two_image(record: dict, task: str) -> bool:
+    """``task`` asked in the two-image template, with neither line added yet."""
+    user = record["messages"][0]["content"] if record.get("messages") else ""
     return (record.get("task_type") == task and len(record.get("images", ())) == 2
-            and record["messages"][0]["content"].count(QUERY_LINE) == 1)
+            and user.count(QUERY_LINE) == 1 and ZOOM_LINE not in user
+            and REGION_LINE.split("{")[0] not in user)
 
 
 def wants_zoom(record: dict) -> bool:
