@@ -190,10 +190,10 @@ def embedded_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       100.0 on the test split with seeds 0 and 1, 100.0 / 88.1 on the unseen dataset, where the
       letter answers stayed at chance (docs/training.md, "Answering with the option's words"
       and "Asking half the base stage's fresh questions directly");
-    - each defect-classification question also shows the query cropped around the heat map's
-      maximum (``data.zoom``, not EMIT's; ``emit_jax.training.zoom``), which lifts DC from
-      30.2 / 33.5 to 45.3 / 41.5 on the test split / the unseen dataset (seed 0;
-      docs/training.md, "The zoom image").
+    - not here: ``data.zoom`` (the query cropped at the heat map's maximum as a third image of
+      the defect-classification questions) lifted seed 0's DC from 30.2 / 33.5 to 45.3 / 41.1
+      (test / unseen) but not seed 1's, and AD fell in both (docs/training.md, "The zoom
+      image"), so it stays off.
 
     ``--config.emit.reference_turns=4`` (16 references, not in EMIT) lifts the map's ceiling
     on the unseen images (82.7 -> 85.3) and the main job's test AD (80.1 -> 90.1), not its unseen
@@ -231,12 +231,4 @@ def embedded_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # "Asking half the base stage's fresh questions directly")
     c.base.update(dict(steps=300, fresh_datasets=12, fresh_direct=0.5))
     c.eval_unseen_tasks = ()  # the unseen dataset asks all four tasks (1,008 questions)
-    # each defect-classification question also shows the query cropped to 0.35 of its side
-    # around the heat map's maximum (not EMIT's; emit_jax.training.zoom): the crop's pooled
-    # visual tokens carry the defect type (linear probe 62.5 %, the whole query's 41.1), and
-    # the main job's DC rose from 30.2 / 33.5 to 45.3 / 41.5 (test / unseen; docs/training.md,
-    # "The zoom image"); the map that places it reads ViT blocks 1-2 only (the crop touches
-    # the defect in 88.9 % of the held-out anomalous images, 88.6 with EMIT's four CE layers,
-    # at half the ViT work)
-    c.data.zoom, c.data.zoom_layers = 0.35, (1, 2)
     return c
