@@ -413,3 +413,30 @@ def test_words_answers_run_stage_2_through_the_parser(tmp_path, run_dir):
         a, b = spans[-1].start(), spans[-1].end()
         assert out[:a] == text[:a] and out[len(out) - (len(text) - b):] == text[b:], (text, out)
         assert re.fullmatch(r"<answer>[A-E]</answer>", out[a:len(out) - (len(text) - b)]), out
+
+
+def test_the_zoom_and_the_peak_region_reach_stage_2_and_the_evaluation(tmp_path, run_dir):
+    """``data.zoom`` and ``data.peak_region`` (off in the recipe): stage 2 of the smoke run
+    again, and its evaluation, with both on. The pairs are cut into ``WORKDIR/zoom`` as GRPO
+    and the evaluation read them (a PNG crop and a JSON cell each), and the run finishes."""
+    import shutil
+
+    src, cache, _ = run_dir
+    d = tmp_path / "w"
+    d.mkdir()
+    for part in ("warmup", "base", "sft", "data", "tokenizer"):
+        shutil.copytree(src / part, d / part, symlinks=True)
+    r = train("--config", "configs/grpo.py:smoke", "--workdir", str(d),
+              "--config.data.zoom=0.35", "--config.data.zoom_layers=(1,2)",
+              "--config.data.peak_region=True", "--config.eval_limit=12",
+              "--config.export_hf=False", env={"EMIT_JAX_CACHE": str(cache)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[sft] already finished" in r.stderr and "[grpo] finished" in r.stderr, r.stderr[-3000:]
+    made = os.listdir(d / "zoom")
+    crops = [n for n in made if n.endswith(".png")]
+    cells = [n for n in made if n.endswith(".json")]
+    assert crops and len(cells) >= len(crops)  # the DL pairs have a cell and no crop of their own
+    for n in cells:
+        assert 0 <= json.loads((d / "zoom" / n).read_text())["cell"] <= 8
+    answers = json.loads((d / "results.json").read_text())["answers"]
+    assert len(answers) == 12
