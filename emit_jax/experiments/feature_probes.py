@@ -102,13 +102,11 @@ def official_heatmap(model):
     with its CE layers and window scaled to ``model``'s ViT (an InternVL)."""
     import jax
 
-    from emit_jax.models.emit import EMITConfig, contrastive_heatmap
+    from emit_jax.models.emit import EMITConfig, config_heatmap
 
-    cfg = model.config
     ecfg = EMITConfig().validate()
-    layers = tuple(ecfg.layers_for(cfg.vision.num_hidden_layers))
-    window = ecfg.window_for(cfg.vision.grid)
-    return jax.jit(lambda ce: contrastive_heatmap(model.vision_tower, ce, layers, window)), layers
+    layers = tuple(ecfg.layers_for(model.config.vision.num_hidden_layers))
+    return jax.jit(lambda ce: config_heatmap(model.vision_tower, ce, ecfg)), layers
 
 
 def measure(model, train, test, *, batch: int = 8) -> dict:
