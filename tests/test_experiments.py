@@ -620,6 +620,27 @@ def test_dl_ceiling_regions_and_scores():
     assert score("top", options, "B") == (False, True)  # "Top." lands elsewhere, not on "Summit."
 
 
+def test_dl_ceiling_among_the_options_compares_the_offered_cells():
+    """``among_options`` picks the offered region whose cell holds the map's highest value,
+    though the overall maximum sits in a cell no option offers; ``cell_maxima`` cuts the grid
+    as ``region_of`` does."""
+    from emit_jax.data.prompts import REGIONS
+    from emit_jax.experiments.dl_ceiling import among_options, cell_maxima, region_of
+
+    rng = np.random.default_rng(0)
+    heat = rng.random((16, 16)) * 0.1
+    heat[2, 2] = 1.0  # top left: the maximum, not offered
+    heat[8, 13] = 0.5  # right
+    heat[14, 1] = 0.3  # bottom left
+    cells = cell_maxima(heat)
+    assert cells.shape == (9,) and REGIONS[int(np.argmax(cells))] == region_of(heat)
+    assert cells[REGIONS.index("right")] == 0.5
+    options = {"A": "Bottom center.", "B": "Rightward.", "C": "Lower left.", "D": "Summit."}
+    assert among_options(heat, options) == "B"
+    heat[8, 13] = 0.0
+    assert among_options(heat, options) == "C"
+
+
 def test_zoom_crops_touch_and_measure(tmp_path):
     """``zoom_crops``: a crop touches the mask when the map's maximum sits on the defect and
     not when it sits far from it; ``measure`` scores real embedded pairs for each map, and a

@@ -76,7 +76,12 @@ def base_config() -> ml_collections.ConfigDict:
                                             # for fresh_tasks (() = DC, DL and OC);
                                             # fresh_direct: the share of them asked with the
                                             # direct instruction instead (as the held-out ones)
-                                            fresh_datasets=0, fresh_tasks=(), fresh_direct=0.0))
+                                            fresh_datasets=0, fresh_tasks=(), fresh_direct=0.0,
+                                            # True: the base stage trains an EMIT model (the
+                                            # contrastive tokens and soft prompt added before
+                                            # it, not after; not EMIT's recipe), so the LLM
+                                            # learns to read them on every task's questions
+                                            emit=False))
     # EMIT stage 1: soft prompt + projector only (the paper's lr 1e-5 is for 8B; tiny needs more)
     c.sft = ml_collections.ConfigDict(dict(steps=60, batch_size=8, lr=1e-3, warmup_ratio=0.03,
                                            weight_decay=1e-4, b1=0.9, b2=0.95, clip_norm=1.0,

@@ -150,18 +150,27 @@ BASE_FRESH_TASKS = ("defect_classification", "defect_localization", "object_clas
 def run_text_stage(run: Run, model, stage: str):
     """``warmup`` / ``base``: the whole tiny MLLM, cross-entropy on the answers."""
     cfg = run.cfg
+    if stage == "base" and cfg.base.get("emit", False):
+        model = as_emit(cfg, model, run.tokenizer)
     wrt = nnx.Param if cfg[stage].get("train_vision", True) else \
         nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vision_tower")))
     return model, run.sft(model, text_stage_records(cfg, run.records, stage), stage, wrt=wrt)
+
+
+def as_emit(cfg, model, tokenizer):
+    """``model`` with EMIT's contrastive tokens and soft prompt added (``cfg.emit``), or as it
+    is when it has them."""
+    if is_emit(model):
+        return model
+    return EMIT.create(model, EMITConfig(**dict(cfg.emit.items())), tokenizer=tokenizer,
+                       rngs=nnx.Rngs(cfg.seed))
 
 
 def run_stage1(run: Run, model, stage: str = "sft"):
     """EMIT stage 1: ``<COMP_CONTEXT>`` added (an EMIT model over the MLLM), soft prompt and
     projector trained."""
     cfg = run.cfg
-    if not is_emit(model):
-        model = EMIT.create(model, EMITConfig(**dict(cfg.emit.items())),
-                            tokenizer=run.tokenizer, rngs=nnx.Rngs(cfg.seed))
+    model = as_emit(cfg, model, run.tokenizer)
     tasks = tuple(cfg.sft.get("tasks", ()))
     records = [r for r in run.records["sft"] if not tasks or r["task_type"] in tasks]
     fresh = int(cfg.sft.get("fresh_datasets", 0))

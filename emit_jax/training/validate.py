@@ -497,6 +497,8 @@ def validate_config(cfg, *, num_devices: int | None = None) -> Settings:
     if "base" in cfg and "base" in stages:
         check_float("base.fresh_direct", _get(cfg.base, "fresh_direct", "base.fresh_direct", 0.0),
                     low=0.0, high=1.0)
+        if not isinstance(cfg.base.get("emit", False), bool):
+            _fail("base.emit", cfg.base.emit, "must be True or False")
     from emit_jax.data.prompts import TASKS
 
     # task filters of the stages (before: an unknown name left a stage with no records, a
