@@ -415,6 +415,49 @@ def test_words_answers_run_stage_2_through_the_parser(tmp_path, run_dir):
         assert re.fullmatch(r"<answer>[A-E]</answer>", out[a:len(out) - (len(text) - b)]), out
 
 
+def test_the_base_stage_on_an_emit_model_hands_stage_1_its_contrastive_tokens(tmp_path, run_dir):
+    """``base.emit`` (off in the recipe): the base stage trains an EMIT model, its heat-map
+    projector and soft prompt among its parameters, and stage 1 goes on from that model (not a
+    fresh projector)."""
+    import shutil
+
+    import numpy as np
+    from flax import nnx
+
+    from emit_jax.models.emit import is_emit
+    from emit_jax.training import stages
+
+    src, cache, _ = run_dir
+    d = tmp_path / "w"
+    d.mkdir()
+    for part in ("warmup", "data", "tokenizer"):
+        shutil.copytree(src / part, d / part, symlinks=True)
+    r = train("--config", "configs/grpo.py:smoke", "--workdir", str(d),
+              "--config.base.emit=True", "--config.stages=(warmup,base,sft)",
+              "--config.eval_limit=4", "--config.export_hf=False",
+              env={"EMIT_JAX_CACHE": str(cache)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    base = stages.load_stage(str(d), "base")
+    first = stages.load_stage(str(src), "base")
+    assert is_emit(base) and not is_emit(first)
+    sft = stages.load_stage(str(d), "sft")
+
+    def projector(m):
+        return {k: np.asarray(v) for k, v in
+                nnx.to_flat_state(nnx.state(m, nnx.All(nnx.Param, nnx.PathContains("projector"))))}
+    # the base stage trained the projector from its initialisation (the same seed's, on the
+    # plain base model); stage 1 went on from it
+    from emit_jax import configs
+    from emit_jax.data.tokenizer import load_tokenizer
+
+    fresh = stages.as_emit(configs.load("configs/grpo.py:smoke"), first,
+                           load_tokenizer(d / "tokenizer"))
+    b, s0, f = projector(base), projector(sft), projector(fresh)
+    assert b.keys() == f.keys() == s0.keys() and b
+    assert any(not np.array_equal(b[k], f[k]) for k in b)
+    assert any(not np.array_equal(b[k], s0[k]) for k in b)
+
+
 def test_the_zoom_and_the_peak_region_reach_stage_2_and_the_evaluation(tmp_path, run_dir):
     """``data.zoom`` and ``data.peak_region`` (off in the recipe): stage 2 of the smoke run
     again, and its evaluation, with both on. The pairs are cut into ``WORKDIR/zoom`` as GRPO
