@@ -641,6 +641,35 @@ def test_dl_ceiling_among_the_options_compares_the_offered_cells():
     assert among_options(heat, options) == "C"
 
 
+def test_dl_ceiling_follow_table_counts_answer_columns_against_the_maps(tmp_path):
+    """``follow_table``: each record's DL answer (matched by its query image) lands in the row
+    of the map's column and the column of the region it names (``none`` for a non-region);
+    unanswered records are left out, answers of another split refused; the CLI reads
+    ``--answers`` files and names a bad one in one line."""
+    from emit_jax.errors import ConfigError
+    from emit_jax.experiments.dl_ceiling import follow_table, main
+
+    recs = [{"id": f"r{i}", "query": f"/data/embedded-v2-seed0/pill/test/crack/00{i}.png"}
+            for i in range(4)]
+    answers = [{"image": f"embedded-v2-seed0/pill/test/crack/00{i}.png",
+                "question_type": "Defect Localization", "response": resp}
+               for i, resp in enumerate(("Leftward.", "Right-hand.", "Crack."))]
+    answers.append({"image": "embedded-v2-seed0/pill/test/crack/000.png",
+                    "question_type": "Anomaly Detection", "response": "A"})
+    table = follow_table(recs, [3, 0, 8, 4], answers)  # map: left, left, right, centre
+    assert table.tolist() == [[1, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
+    stray = answers + [{"image": "embedded-v2-seed0/pill/test/crack/009.png",
+                        "question_type": "Defect Localization", "response": "Top."}]
+    with pytest.raises(ValueError, match="1 of the 4 DL answers match no record"):
+        follow_table(recs, [3, 0, 8, 4], stray)
+    bad = tmp_path / "results.json"
+    bad.write_text("{}")
+    with pytest.raises(ConfigError, match="give --workdir too"):
+        main(["--checkpoint", str(tmp_path), "--unseen", "1", "--answers", str(bad)])
+    with pytest.raises(ConfigError, match=f"--answers {bad}: not a run's results.json"):
+        main(["--checkpoint", str(tmp_path), "--workdir", str(tmp_path), "--answers", str(bad)])
+
+
 def test_zoom_crops_touch_and_measure(tmp_path):
     """``zoom_crops``: a crop touches the mask when the map's maximum sits on the defect and
     not when it sits far from it; ``measure`` scores real embedded pairs for each map, and a

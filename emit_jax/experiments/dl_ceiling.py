@@ -24,6 +24,10 @@ this scores, with no model answering:
   the map at their places gets. The distractors are cells without defect pixels, so this can
   beat the map's overall maximum, which lands on a cell the options do not offer when the
   defect spans cells.
+
+``--answers W2/results.json`` (repeatable): a run's test-split DL answers (its ``answers``)
+counted by the column (left / centre / right) of the map's maximum against the column of the
+region the answer names: whether a model's localization answers follow the map at all.
 """
 
 from __future__ import annotations
@@ -86,7 +90,10 @@ def measure(model, records: list[dict], *, batch: int = 8) -> dict:
 
     size = model.config.vision.image_size
     heat_fn, _ = official_heatmap(model)
+    from emit_jax.training.zoom import hottest_cell
+
     hits = {k: [] for k in ("truth_words", "map_words", "map_offered", "map_among")}
+    cells, column = [], []
     for i in range(0, len(records), batch):
         chunk = records[i:i + batch]
         ce = np.stack([np.stack([to_tile(load_image(p), size) for p in r["images"][:2]])
@@ -102,9 +109,51 @@ def measure(model, records: list[dict], *, batch: int = 8) -> dict:
             hits["map_words"].append(words)
             hits["map_offered"].append(offered)
             hits["map_among"].append(among_options(h, options) == r["solution"])
+            cells.append(hottest_cell(h))
+            column.append(cells[-1] % 3 == REGIONS.index(true) % 3)
     out = {k: 100.0 * float(np.mean(v)) for k, v in hits.items()}
     out["questions"] = len(records)
+    out["map_cells"] = cells
+    out["map_column_true"] = 100.0 * float(np.mean(column))  # the column the answers are read by
     return out
+
+
+#: the columns of the 3 x 3 grid, and an answer that names no region
+COLUMNS = ("left", "centre", "right", "none")
+
+
+def answer_region(text: str) -> str | None:
+    """The region (``prompts.REGIONS``) whose synonym ``text`` is, or None."""
+    from emit_jax.data.prompts import REGION_SYNONYMS
+
+    return next((r for r, syn in REGION_SYNONYMS.items() if text.strip() in syn), None)
+
+
+def follow_table(records: list[dict], cells: list[int], answers: list[dict]) -> np.ndarray:
+    """(3, 4) counts: rows the column of the map's maximum (``cells``, one per record), columns
+    the column of the region each record's answer names (:data:`COLUMNS`). ``answers``: a
+    results.json's ``answers``; each record's is the DL answer whose ``image`` ends its
+    ``query``. Records with no answer are left out (the evaluation's ``eval_limit``); answers
+    that match no record, or two answers for one record, are refused (another split)."""
+    from emit_jax.data.prompts import REGIONS
+
+    dl = [a for a in answers if a.get("question_type") == "Defect Localization"]
+    table = np.zeros((3, 4), int)
+    used = 0
+    for r, cell in zip(records, cells):
+        hit = [a for a in dl if r["query"].endswith("/" + a["image"]) or r["query"] == a["image"]]
+        if len(hit) > 1:
+            raise ValueError(f"record {r.get('id')}: {len(hit)} DL answers for its query "
+                             f"{r['query']} (answers of another split?)")
+        if not hit:
+            continue
+        used += 1
+        region = answer_region(hit[0]["response"])
+        table[cell % 3, 3 if region is None else REGIONS.index(region) % 3] += 1
+    if used != len(dl):
+        raise ValueError(f"{len(dl) - used} of the {len(dl)} DL answers match no record "
+                         "(answers of another split?)")
+    return table
 
 
 def main(argv=None) -> int:
@@ -115,6 +164,9 @@ def main(argv=None) -> int:
     p.add_argument("--unseen", type=cli.int_in(0, 10), default=1)
     p.add_argument("--config", default="configs/grpo.py",
                    help="the run's config, for how the unseen questions are asked")
+    p.add_argument("--answers", action="append", default=[],
+                   help="a run's results.json: its test-split DL answers against the map's "
+                        "column (needs --workdir; repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
 
@@ -122,6 +174,16 @@ def main(argv=None) -> int:
     from emit_jax.errors import ConfigError
     from emit_jax.training import data as stage_data, stages
 
+    if args.answers and not args.workdir:
+        raise ConfigError("--answers: give --workdir too (the answers are the test split's)")
+    answers = {}
+    for path in args.answers:
+        try:
+            with open(path) as f:
+                answers[path] = json.load(f)["answers"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--answers {path}: not a run's results.json with answers "
+                              f"({type(e).__name__}: {e})") from None
     splits: dict = {}
     if args.workdir:
         path = os.path.join(args.workdir, "data", "test.jsonl")
@@ -136,10 +198,18 @@ def main(argv=None) -> int:
             args.unseen, tasks_=("defect_localization",), **stages.question_options(cfg))
     if not splits:
         raise ConfigError("nothing to measure: give --workdir or --unseen 1 or more")
+
     model = checkpoint.load_model_folder(args.checkpoint)[0]
     model = getattr(model, "mllm", model)
     res = {name: measure(model, recs) for name, recs in splits.items()}
+    try:
+        follows = {path: follow_table(splits["test"], res["test"]["map_cells"], a).tolist()
+                   for path, a in answers.items()}
+    except ValueError as e:
+        raise ConfigError(f"--answers: {e}") from None
     if args.json:
+        if follows:
+            res["follow"] = follows
         print(json.dumps(res))
         return 0
     for name, r in res.items():
@@ -147,6 +217,14 @@ def main(argv=None) -> int:
               f"map in words {r['map_words']:.1f}, map as the offered option "
               f"{r['map_offered']:.1f}, map among the options {r['map_among']:.1f} (truth as "
               f"the offered option: 100)")
+    if follows:
+        print(f"the map's maximum is in the true region's column for "
+              f"{res['test']['map_column_true']:.1f} % of the test split's DL questions")
+    for path, table in follows.items():
+        print(f"{path}: test-split DL answers by the map's column (rows) against the answer's "
+              f"column ({' / '.join(COLUMNS)})")
+        for name, row in zip(COLUMNS, table):
+            print(f"  map {name}: {' / '.join(map(str, row))}")
     return 0
 
 
