@@ -74,8 +74,12 @@ def among_options(heat: np.ndarray, options: dict) -> str:
     from emit_jax.data.prompts import REGION_SYNONYMS, REGIONS
 
     cells = cell_maxima(heat)
+
     def value(text):
-        region = next(r for r, syn in REGION_SYNONYMS.items() if text in syn)
+        region = answer_region(text)
+        if region is None:
+            raise ValueError(f"option {text!r} is not a region's synonym "
+                             f"({sorted(REGION_SYNONYMS)})")
         return cells[REGIONS.index(region)]
     return max(options, key=lambda k: (value(options[k]), -ord(k)))
 
@@ -87,11 +91,10 @@ def measure(model, records: list[dict], *, batch: int = 8) -> dict:
     from emit_jax.data.image import load_image, to_tile
     from emit_jax.data.prompts import REGIONS
     from emit_jax.experiments.feature_probes import official_heatmap
+    from emit_jax.training.zoom import hottest_cell
 
     size = model.config.vision.image_size
     heat_fn, _ = official_heatmap(model)
-    from emit_jax.training.zoom import hottest_cell
-
     hits = {k: [] for k in ("truth_words", "map_words", "map_offered", "map_among")}
     cells, column = [], []
     for i in range(0, len(records), batch):
