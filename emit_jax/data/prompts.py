@@ -75,6 +75,8 @@ REGION_SYNONYMS: Mapping[str, tuple[str, ...]] = {
     "bottom": ("Bottom.", "Bottom center.", "Below."),
     "bottom right": ("Bottom right.", "Right bottom.", "Lower right.", "Right lower."),
 }
+#: each synonym's region (``"Left-hand."`` -> ``"left"``)
+REGION_OF = {syn: region for region, syns in REGION_SYNONYMS.items() for syn in syns}
 
 
 def process_string(name: str) -> str:

@@ -127,9 +127,9 @@ COLUMNS = ("left", "centre", "right", "none")
 
 def answer_region(text: str) -> str | None:
     """The region (``prompts.REGIONS``) whose synonym ``text`` is, or None."""
-    from emit_jax.data.prompts import REGION_SYNONYMS
+    from emit_jax.data.prompts import REGION_OF
 
-    return next((r for r, syn in REGION_SYNONYMS.items() if text.strip() in syn), None)
+    return REGION_OF.get(text.strip())
 
 
 def follow_table(records: list[dict], cells: list[int], answers: list[dict]) -> np.ndarray:
@@ -201,7 +201,6 @@ def main(argv=None) -> int:
             args.unseen, tasks_=("defect_localization",), **stages.question_options(cfg))
     if not splits:
         raise ConfigError("nothing to measure: give --workdir or --unseen 1 or more")
-
     model = checkpoint.load_model_folder(args.checkpoint)[0]
     model = getattr(model, "mllm", model)
     res = {name: measure(model, recs) for name, recs in splits.items()}

@@ -98,7 +98,6 @@ def _facts(meta: dict) -> tuple[str, str | None, str]:
 #: letter and names the answer's option, so the letter is a copy (:func:`restated`)
 RATIONALES = ("brief", "restate")
 RESTATED_TASKS = ("defect_classification", "defect_localization", "object_classification")
-_REGION_OF = {syn: region for region, syns in prompts.REGION_SYNONYMS.items() for syn in syns}
 
 
 def rationale(meta: dict, letter: str, options=None, style: str = "brief") -> str:
@@ -133,7 +132,7 @@ def restated(task: str, options, letter: str) -> str:
     idx = prompts.LETTERS.index(letter)
     words = [str(o).strip().rstrip(".") for o in options]
     if task == "defect_localization":
-        cells = [_REGION_OF.get(str(o).strip(), w.lower()) for o, w in zip(options, words)]
+        cells = [prompts.REGION_OF.get(str(o).strip(), w.lower()) for o, w in zip(options, words)]
         lines = [f"{L} {w}, {c} {L}" for L, w, c in zip(prompts.LETTERS, words, cells)]
         fact = f"The defect is at the {cells[idx]} {letter}"
     else:
